@@ -1,0 +1,217 @@
+//! Opening what an export serves: a raw image file or a host block device, with the flags its
+//! cache mode asks for, and learning its size and block sizes.
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use crate::blk::SECTOR_SIZE;
+
+/// The cache modes of DESIGN.md, with the names QEMU and libvirt use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheMode {
+    /// O_DIRECT; the guest sees a write cache; FLUSH = fdatasync.
+    None,
+    /// O_DIRECT | O_DSYNC; no write cache; FLUSH has nothing to do.
+    DirectSync,
+    /// Page cache; the guest sees a write cache; FLUSH = fdatasync.
+    Writeback,
+    /// Page cache with O_DSYNC; no write cache; FLUSH has nothing to do.
+    Writethrough,
+    /// Page cache; FLUSH is ignored: a host crash may lose acknowledged data.
+    Unsafe,
+}
+
+impl CacheMode {
+    pub const NAMES: &'static str = "none, directsync, writeback, writethrough, unsafe";
+
+    pub fn direct(self) -> bool {
+        matches!(self, CacheMode::None | CacheMode::DirectSync)
+    }
+
+    pub fn dsync(self) -> bool {
+        matches!(self, CacheMode::DirectSync | CacheMode::Writethrough)
+    }
+
+    /// Whether the guest sees a volatile write cache (the WCE bit).
+    pub fn write_cache(self) -> bool {
+        !self.dsync()
+    }
+
+    /// Whether FLUSH must reach the backing (fdatasync) before it is acknowledged.
+    pub fn flush_syncs(self) -> bool {
+        matches!(self, CacheMode::None | CacheMode::Writeback)
+    }
+}
+
+impl FromStr for CacheMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "none" => CacheMode::None,
+            "directsync" => CacheMode::DirectSync,
+            "writeback" => CacheMode::Writeback,
+            "writethrough" => CacheMode::Writethrough,
+            "unsafe" => CacheMode::Unsafe,
+            other => return Err(format!("unknown cache mode '{other}' (one of {})", Self::NAMES)),
+        })
+    }
+}
+
+impl fmt::Display for CacheMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CacheMode::None => "none",
+            CacheMode::DirectSync => "directsync",
+            CacheMode::Writeback => "writeback",
+            CacheMode::Writethrough => "writethrough",
+            CacheMode::Unsafe => "unsafe",
+        })
+    }
+}
+
+/// Why an image could not be opened. Each names the path and the problem in one line.
+#[derive(Debug)]
+pub enum OpenError {
+    Missing(PathBuf),
+    NotFileOrDevice(PathBuf),
+    Empty(PathBuf),
+    NotSectorMultiple(PathBuf, u64),
+    NoDirectIo(PathBuf),
+    Io(PathBuf, io::Error),
+}
+
+impl fmt::Display for OpenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OpenError::Missing(p) => write!(f, "image {} does not exist", p.display()),
+            OpenError::NotFileOrDevice(p) => {
+                write!(f, "image {} is neither a regular file nor a block device", p.display())
+            }
+            OpenError::Empty(p) => write!(f, "image {} is empty", p.display()),
+            OpenError::NotSectorMultiple(p, size) => write!(
+                f,
+                "image {} is {size} bytes, not a multiple of 512",
+                p.display()
+            ),
+            OpenError::NoDirectIo(p) => write!(
+                f,
+                "image {} is on a filesystem without O_DIRECT; use cache=writeback or cache=writethrough",
+                p.display()
+            ),
+            OpenError::Io(p, e) => write!(f, "cannot open image {}: {e}", p.display()),
+        }
+    }
+}
+
+impl std::error::Error for OpenError {}
+
+/// An opened image or block device.
+pub struct Backing {
+    pub file: File,
+    pub capacity_bytes: u64,
+    pub logical_block_bytes: u32,
+    pub physical_block_bytes: u32,
+    pub is_block_device: bool,
+}
+
+// Block-device ioctls (linux/fs.h).
+const BLKSSZGET: libc::c_ulong = 0x1268;
+const BLKPBSZGET: libc::c_ulong = 0x127b;
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+
+fn ioctl_value<T: Default>(file: &File, request: libc::c_ulong) -> io::Result<T> {
+    let mut value = T::default();
+    // SAFETY: each request used here writes exactly one value of the type its caller names
+    // (int for BLKSSZGET/BLKPBSZGET, u64 for BLKGETSIZE64) through the pointer.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), request, &mut value as *mut T) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
+}
+
+/// The alignment O_DIRECT needs for file offsets on this file, from statx(STATX_DIOALIGN).
+fn dio_offset_align(file: &File) -> Option<u32> {
+    // SAFETY: statx only writes into the buffer we pass; all-zero is a valid statx value.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid fd, an empty path with AT_EMPTY_PATH, and a buffer of the right type.
+    let rc = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    (rc == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0 && stx.stx_dio_offset_align != 0)
+        .then_some(stx.stx_dio_offset_align)
+}
+
+fn clamp_block(bytes: u32) -> u32 {
+    bytes.clamp(SECTOR_SIZE as u32, 4096).next_power_of_two()
+}
+
+impl Backing {
+    /// Opens `path` for an export. Never creates or truncates anything.
+    pub fn open(path: &Path, readonly: bool, cache: CacheMode) -> Result<Backing, OpenError> {
+        let meta = match std::fs::metadata(path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(OpenError::Missing(path.into()))
+            }
+            Err(e) => return Err(OpenError::Io(path.into(), e)),
+        };
+        let is_block_device = meta.file_type().is_block_device();
+        if !meta.is_file() && !is_block_device {
+            return Err(OpenError::NotFileOrDevice(path.into()));
+        }
+        let mut flags = libc::O_CLOEXEC;
+        if cache.direct() {
+            flags |= libc::O_DIRECT;
+        }
+        if cache.dsync() {
+            flags |= libc::O_DSYNC;
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!readonly)
+            .custom_flags(flags)
+            .open(path)
+            .map_err(|e| {
+                if e.raw_os_error() == Some(libc::EINVAL) && cache.direct() {
+                    OpenError::NoDirectIo(path.into())
+                } else {
+                    OpenError::Io(path.into(), e)
+                }
+            })?;
+        let (capacity_bytes, logical, physical) = if is_block_device {
+            let size: u64 = ioctl_value(&file, BLKGETSIZE64).map_err(|e| OpenError::Io(path.into(), e))?;
+            let logical: libc::c_int = ioctl_value(&file, BLKSSZGET).unwrap_or(512);
+            let physical: libc::c_int = ioctl_value(&file, BLKPBSZGET).unwrap_or(logical);
+            (size, logical as u32, physical as u32)
+        } else {
+            let logical = if cache.direct() { dio_offset_align(&file).unwrap_or(512) } else { 512 };
+            (meta.len(), logical, 4096)
+        };
+        if capacity_bytes == 0 {
+            return Err(OpenError::Empty(path.into()));
+        }
+        if capacity_bytes % SECTOR_SIZE != 0 {
+            return Err(OpenError::NotSectorMultiple(path.into(), capacity_bytes));
+        }
+        let logical_block_bytes = clamp_block(logical);
+        Ok(Backing {
+            file,
+            capacity_bytes,
+            logical_block_bytes,
+            physical_block_bytes: clamp_block(physical).max(logical_block_bytes),
+            is_block_device,
+        })
+    }
+}

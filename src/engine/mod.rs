@@ -1,0 +1,47 @@
+//! [engine] I/O engines behind one small trait, the backing file they work on, and the cache
+//! modes that decide how it is opened and what FLUSH does.
+
+pub mod backing;
+pub mod null;
+pub mod uring;
+
+use std::io;
+use std::os::fd::RawFd;
+
+use crate::virtq::GuestIov;
+
+pub use backing::{Backing, CacheMode, OpenError};
+
+/// One operation for an engine, built from a validated request.
+#[derive(Clone, Copy)]
+pub enum IoOp<'a> {
+    Read { offset: u64, iov: &'a [GuestIov] },
+    /// `dsync`: make this write durable before completing (the guest turned its write
+    /// cache off on a cache mode that otherwise has one).
+    Write { offset: u64, iov: &'a [GuestIov], dsync: bool },
+    Flush,
+    Discard { offset: u64, bytes: u64 },
+    WriteZeroes { offset: u64, bytes: u64, unmap: bool },
+}
+
+/// An I/O engine as an I/O thread drives it: queue a batch, submit it with one call, reap
+/// what completed. One engine per I/O thread; nothing is shared between threads.
+pub trait Engine {
+    /// Queues `op`; its completion will carry `tag`. May submit earlier work to make room.
+    ///
+    /// # Safety
+    /// The iovec array in `op` and the guest memory it points to must stay valid and
+    /// unmoved until the completion for `tag` has been reaped.
+    unsafe fn queue(&mut self, tag: u16, op: IoOp<'_>) -> io::Result<()>;
+
+    /// Submits everything queued since the last call, in one system call at most.
+    fn submit(&mut self) -> io::Result<()>;
+
+    /// Calls `on_complete(tag, result)` for every finished operation, where `result` is the
+    /// byte count (or 0) on success and a negative errno on failure. Never blocks.
+    fn reap(&mut self, on_complete: impl FnMut(u16, i32));
+
+    /// A descriptor that becomes readable when completions are waiting, for sleeping in
+    /// poll(2); `None` if completions are always ready at once.
+    fn completion_fd(&self) -> Option<RawFd>;
+}

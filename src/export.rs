@@ -1,0 +1,363 @@
+//! An export: what one `--export` asks for ([`ExportConfig`]) and the disk it serves
+//! ([`Disk`]), shared read-mostly between its control thread and its I/O threads.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use crate::blk::config::{config_space, ConfigInputs, CONFIG_SPACE_BYTES};
+use crate::blk::request::DiskLimits;
+use crate::blk::{feature, ID_BYTES, SECTOR_SIZE};
+use crate::engine::{Backing, CacheMode, OpenError};
+
+/// Which engine moves the data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EngineKind {
+    /// io_uring on the backing file (the default).
+    IoUring,
+    /// No backing: reads return zeroes, writes are dropped.
+    Null,
+}
+
+/// What is served.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BackendSpec {
+    Image(PathBuf),
+    Null { size_bytes: u64 },
+}
+
+/// One `--export` specification, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExportConfig {
+    pub socket: PathBuf,
+    pub backend: BackendSpec,
+    pub queues: u16,
+    pub queue_size: u16,
+    pub cache: CacheMode,
+    pub readonly: bool,
+    pub serial: String,
+}
+
+pub const DEFAULT_QUEUES: u16 = 1;
+pub const DEFAULT_QUEUE_SIZE: u16 = 256;
+pub const MAX_QUEUES: u16 = 64;
+pub const MAX_QUEUE_SIZE: u16 = 1024;
+
+/// The keys `--export` understands, for help text and error messages.
+pub const EXPORT_KEYS: &str =
+    "socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial";
+
+/// A bad `--export` value: one line naming the problem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError(msg.into()))
+}
+
+/// Parses a byte count with an optional binary suffix: 4096, 64K, 1M, 10G, 1T.
+pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
+    let (digits, shift) = match s.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&s[..i], 10),
+        Some((i, 'm' | 'M')) => (&s[..i], 20),
+        Some((i, 'g' | 'G')) => (&s[..i], 30),
+        Some((i, 't' | 'T')) => (&s[..i], 40),
+        _ => (s, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| ConfigError(format!("'{s}' is not a size (e.g. 1048576, 64K, 1G)")))?;
+    n.checked_mul(1 << shift).ok_or_else(|| ConfigError(format!("size '{s}' is too large")))
+}
+
+fn parse_bool(key: &str, v: &str) -> Result<bool, ConfigError> {
+    match v {
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
+        _ => err(format!("{key}={v}: expected on or off")),
+    }
+}
+
+fn parse_num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, ConfigError> {
+    v.parse().map_err(|_| ConfigError(format!("{key}={v}: not a number")))
+}
+
+/// Splits `k=v,k=v` into pairs; `,,` stands for a literal comma inside a value.
+fn split_pairs(spec: &str) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut items = Vec::new();
+    let mut cur = String::new();
+    let mut chars = spec.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                cur.push(',');
+            } else {
+                items.push(std::mem::take(&mut cur));
+            }
+        } else {
+            cur.push(c);
+        }
+    }
+    items.push(cur);
+    items
+        .into_iter()
+        .filter(|item| !item.is_empty())
+        .map(|item| match item.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+            _ => err(format!("'{item}' is not key=value (keys: {EXPORT_KEYS})")),
+        })
+        .collect()
+}
+
+impl ExportConfig {
+    /// Parses `socket=PATH,image=PATH[,queues=N]...`.
+    pub fn parse(spec: &str) -> Result<ExportConfig, ConfigError> {
+        let mut socket = None;
+        let mut image = None;
+        let mut engine = None;
+        let mut size = None;
+        let mut queues = DEFAULT_QUEUES;
+        let mut queue_size = DEFAULT_QUEUE_SIZE;
+        let mut cache = CacheMode::None;
+        let mut readonly = false;
+        let mut serial = String::new();
+        let mut seen = Vec::new();
+        for (key, value) in split_pairs(spec)? {
+            if seen.contains(&key) {
+                return err(format!("key '{key}' given twice"));
+            }
+            seen.push(key.clone());
+            match key.as_str() {
+                "socket" => socket = Some(PathBuf::from(&value)),
+                "image" => image = Some(PathBuf::from(&value)),
+                "engine" => match value.as_str() {
+                    "null" => engine = Some(EngineKind::Null),
+                    other => return err(format!("engine={other}: the only engine= value is null")),
+                },
+                "size" => size = Some(parse_size(&value)?),
+                "queues" => {
+                    queues = parse_num(&key, &value)?;
+                    if queues == 0 || queues > MAX_QUEUES {
+                        return err(format!("queues={value}: must be 1 to {MAX_QUEUES}"));
+                    }
+                }
+                "queue-size" => {
+                    queue_size = parse_num(&key, &value)?;
+                    if !queue_size.is_power_of_two() || !(4..=MAX_QUEUE_SIZE).contains(&queue_size) {
+                        return err(format!(
+                            "queue-size={value}: must be a power of two from 4 to {MAX_QUEUE_SIZE}"
+                        ));
+                    }
+                }
+                "cache" => cache = value.parse().map_err(ConfigError)?,
+                "aio" => match value.as_str() {
+                    "io_uring" => {}
+                    other => return err(format!("aio={other}: supported engines: io_uring")),
+                },
+                "readonly" => readonly = parse_bool(&key, &value)?,
+                "serial" => {
+                    if value.len() > ID_BYTES {
+                        return err(format!("serial={value}: at most {ID_BYTES} bytes"));
+                    }
+                    serial = value;
+                }
+                other => return err(format!("unknown key '{other}' (keys: {EXPORT_KEYS})")),
+            }
+        }
+        let socket = match socket {
+            Some(s) if !s.as_os_str().is_empty() => s,
+            _ => return err("missing socket=PATH"),
+        };
+        let backend = match (image, engine, size) {
+            (Some(_), Some(_), _) => return err("image= and engine=null exclude each other"),
+            (Some(_), None, Some(_)) => {
+                return err("size= goes with engine=null; an image's size is its file size")
+            }
+            (Some(p), None, None) if p.as_os_str().is_empty() => return err("image= is empty"),
+            (Some(p), None, None) => BackendSpec::Image(p),
+            (None, Some(EngineKind::Null), Some(bytes)) => {
+                if bytes == 0 || bytes % SECTOR_SIZE != 0 {
+                    return err(format!("size={bytes}: must be a non-zero multiple of 512"));
+                }
+                BackendSpec::Null { size_bytes: bytes }
+            }
+            (None, Some(_), None) => return err("engine=null needs size=BYTES"),
+            (None, _, _) => return err("missing image=PATH (or engine=null,size=BYTES)"),
+        };
+        Ok(ExportConfig { socket, backend, queues, queue_size, cache, readonly, serial })
+    }
+}
+
+/// The disk behind an export, as its threads share it.
+pub struct Disk {
+    /// For log lines: the export's socket path.
+    pub name: String,
+    pub backing: Option<Backing>,
+    pub engine: EngineKind,
+    pub cache: CacheMode,
+    pub readonly: bool,
+    pub serial: [u8; ID_BYTES],
+    pub num_queues: u16,
+    pub max_queue_size: u16,
+    pub logical_block_bytes: u32,
+    pub physical_block_bytes: u32,
+    capacity_bytes: AtomicU64,
+    /// The write-cache-enable bit as the guest sees it; the guest may turn it off (CONFIG_WCE).
+    writeback: AtomicBool,
+}
+
+impl Disk {
+    /// Opens the backing of `config`. Creates and truncates nothing.
+    pub fn open(config: &ExportConfig) -> Result<Disk, OpenError> {
+        let (backing, engine, capacity, logical, physical) = match &config.backend {
+            BackendSpec::Image(path) => {
+                let b = Backing::open(path, config.readonly, config.cache)?;
+                let (c, l, p) = (b.capacity_bytes, b.logical_block_bytes, b.physical_block_bytes);
+                (Some(b), EngineKind::IoUring, c, l, p)
+            }
+            BackendSpec::Null { size_bytes } => (None, EngineKind::Null, *size_bytes, 512, 4096),
+        };
+        let mut serial = [0u8; ID_BYTES];
+        serial[..config.serial.len()].copy_from_slice(config.serial.as_bytes());
+        Ok(Disk {
+            name: config.socket.display().to_string(),
+            backing,
+            engine,
+            cache: config.cache,
+            readonly: config.readonly,
+            serial,
+            num_queues: config.queues,
+            max_queue_size: config.queue_size,
+            logical_block_bytes: logical,
+            physical_block_bytes: physical,
+            capacity_bytes: AtomicU64::new(capacity),
+            writeback: AtomicBool::new(config.cache.write_cache()),
+        })
+    }
+
+    pub fn capacity_bytes(&self) -> u64 {
+        self.capacity_bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn limits(&self) -> DiskLimits {
+        DiskLimits { capacity_bytes: self.capacity_bytes(), readonly: self.readonly }
+    }
+
+    pub fn writeback(&self) -> bool {
+        self.writeback.load(Ordering::Relaxed)
+    }
+
+    /// The guest wrote the WCE bit. Modes without a write cache stay write-through.
+    pub fn set_writeback(&self, on: bool) {
+        self.writeback.store(on && self.cache.write_cache(), Ordering::Relaxed);
+    }
+
+    /// Back to the cache mode's default, for a new client.
+    pub fn reset_writeback(&self) {
+        self.writeback.store(self.cache.write_cache(), Ordering::Relaxed);
+    }
+
+    /// Whether a write must carry RWF_DSYNC: the guest switched a write cache off.
+    pub fn write_needs_dsync(&self) -> bool {
+        self.cache.write_cache() && self.cache != CacheMode::Unsafe && !self.writeback()
+    }
+
+    /// The virtio feature bits this export offers.
+    pub fn features(&self) -> u64 {
+        let mut f = feature::VERSION_1
+            | feature::RING_INDIRECT_DESC
+            | feature::RING_EVENT_IDX
+            | feature::VHOST_USER_PROTOCOL_FEATURES
+            | feature::SEG_MAX
+            | feature::SIZE_MAX
+            | feature::BLK_SIZE
+            | feature::TOPOLOGY
+            | feature::FLUSH
+            | feature::CONFIG_WCE
+            | feature::MQ;
+        if self.readonly {
+            f |= feature::RO;
+        } else {
+            f |= feature::DISCARD | feature::WRITE_ZEROES;
+        }
+        f
+    }
+
+    pub fn config_space(&self) -> [u8; CONFIG_SPACE_BYTES] {
+        config_space(&ConfigInputs {
+            capacity_bytes: self.capacity_bytes(),
+            logical_block_bytes: self.logical_block_bytes,
+            physical_block_bytes: self.physical_block_bytes,
+            num_queues: self.num_queues,
+            writeback: self.writeback(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_key() {
+        let c = ExportConfig::parse(
+            "socket=/s,image=/i,,x,queues=4,queue-size=128,cache=writeback,aio=io_uring,readonly=on,serial=abc",
+        )
+        .unwrap();
+        assert_eq!(c.socket, PathBuf::from("/s"));
+        assert_eq!(c.backend, BackendSpec::Image(PathBuf::from("/i,x")));
+        assert_eq!((c.queues, c.queue_size), (4, 128));
+        assert_eq!(c.cache, CacheMode::Writeback);
+        assert!(c.readonly);
+        assert_eq!(c.serial, "abc");
+    }
+
+    #[test]
+    fn null_engine_needs_size() {
+        let c = ExportConfig::parse("socket=/s,engine=null,size=1G").unwrap();
+        assert_eq!(c.backend, BackendSpec::Null { size_bytes: 1 << 30 });
+        assert_eq!(
+            ExportConfig::parse("socket=/s,engine=null").unwrap_err().0,
+            "engine=null needs size=BYTES"
+        );
+    }
+
+    #[test]
+    fn bad_specs_name_the_problem() {
+        let cases = [
+            ("image=/i", "missing socket=PATH"),
+            ("socket=/s", "missing image=PATH (or engine=null,size=BYTES)"),
+            ("socket=/s,image=/i,colour=red", "unknown key 'colour' (keys: socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial)"),
+            ("socket=/s,image=/i,queues=0", "queues=0: must be 1 to 64"),
+            ("socket=/s,image=/i,queue-size=100", "queue-size=100: must be a power of two from 4 to 1024"),
+            ("socket=/s,image=/i,cache=fast", "unknown cache mode 'fast' (one of none, directsync, writeback, writethrough, unsafe)"),
+            ("socket=/s,image=/i,readonly=maybe", "readonly=maybe: expected on or off"),
+            ("socket=/s,image=/i,serial=012345678901234567890", "serial=012345678901234567890: at most 20 bytes"),
+            ("socket=/s,image=/i,socket=/t", "key 'socket' given twice"),
+            ("socket=/s,engine=null,size=1000", "size=1000: must be a non-zero multiple of 512"),
+            ("socket=/s,image=/i,aio=posix", "aio=posix: supported engines: io_uring"),
+            ("socket=/s,image", "'image' is not key=value (keys: socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial)"),
+        ];
+        for (spec, want) in cases {
+            assert_eq!(ExportConfig::parse(spec).unwrap_err().0, want, "spec {spec}");
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("64K").unwrap(), 65536);
+        assert_eq!(parse_size("2g").unwrap(), 2 << 30);
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+}

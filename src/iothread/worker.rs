@@ -1,0 +1,415 @@
+//! The I/O thread's event loop over one queue and one engine.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::mpsc::SyncSender;
+use std::sync::Arc;
+
+use tracing::{debug, error};
+
+use super::{QueueSetup, StopSignal};
+use crate::blk::request::{self, ChainBuf, Request, RequestError};
+use crate::blk::{status, SEG_MAX};
+use crate::engine::null::NullEngine;
+use crate::engine::uring::UringEngine;
+use crate::engine::{Engine, IoOp};
+use crate::export::{Disk, EngineKind};
+use crate::ratelimit::RateLimiter;
+use crate::virtq::{copy_to_guest, GuestIov, GuestMemory, QueueError, SplitQueue};
+use crate::warn_limited;
+
+/// Buffers one slot can hold: header + seg_max data segments + status, plus slack for
+/// segments that cross a memory-region boundary and so become two host ranges.
+const SLOT_IOVS: usize = SEG_MAX as usize + 2 + 8;
+
+/// Sleep bound when the frontend gave no kick fd and we must poll the ring.
+const KICKLESS_POLL_MS: i32 = 1;
+
+/// An in-flight request. The slot index is the engine tag (io_uring user_data).
+struct Slot {
+    head: u16,
+    chain: ChainBuf,
+    status: Option<GuestIov>,
+    request: Option<Request>,
+}
+
+/// Runs the queue until stopped. Sends the start-up result on `ready` first.
+pub(super) fn run(
+    disk: Arc<Disk>,
+    setup: QueueSetup,
+    stop: Arc<StopSignal>,
+    ready: SyncSender<io::Result<()>>,
+) -> u16 {
+    let queue = SplitQueue::new(
+        &setup.memory,
+        setup.addrs,
+        setup.size,
+        setup.next_avail,
+        setup.event_idx,
+        setup.indirect,
+        SLOT_IOVS,
+    );
+    let queue = match queue {
+        Ok(q) => q,
+        Err(e) => {
+            let _ = ready.send(Err(io::Error::new(io::ErrorKind::InvalidInput, e.to_string())));
+            return setup.next_avail;
+        }
+    };
+    // The engine is created on this thread: an io_uring set up with SINGLE_ISSUER accepts
+    // submissions only from the thread that made it.
+    match disk.engine {
+        EngineKind::IoUring => {
+            let Some(backing) = disk.backing.as_ref() else {
+                let _ = ready.send(Err(io::Error::other("io_uring export without a backing file")));
+                return setup.next_avail;
+            };
+            match UringEngine::new(backing.file.as_raw_fd(), setup.size) {
+                Ok(engine) => Worker::new(disk.clone(), setup, queue, engine, stop).run(ready),
+                Err(e) => {
+                    let _ = ready.send(Err(e));
+                    setup.next_avail
+                }
+            }
+        }
+        EngineKind::Null => {
+            let engine = NullEngine::new(setup.size);
+            Worker::new(disk.clone(), setup, queue, engine, stop).run(ready)
+        }
+    }
+}
+
+struct Worker<E: Engine> {
+    engine: E,
+    core: Core,
+}
+
+/// Everything but the engine, so that the engine's completion callback can borrow it.
+struct Core {
+    disk: Arc<Disk>,
+    /// Held for the thread's whole life: every GuestIov in `slots` points into it.
+    memory: Arc<GuestMemory>,
+    queue: SplitQueue,
+    index: u16,
+    slots: Box<[Slot]>,
+    free: Vec<u16>,
+    in_flight: usize,
+    /// Used entries pushed since the last publish.
+    unpublished: u16,
+    kick: Option<File>,
+    call: Option<File>,
+    err: Option<File>,
+    stop: Arc<StopSignal>,
+    broken: bool,
+    /// Cleared once the backing refuses FALLOC_FL_ZERO_RANGE; write-zeroes then punch holes.
+    zero_range_supported: bool,
+    /// Write-zeroes to resubmit as hole punches after a refusal (tags; preallocated).
+    retry_punch: Vec<u16>,
+    log: RateLimiter,
+}
+
+impl<E: Engine> Worker<E> {
+    fn new(disk: Arc<Disk>, setup: QueueSetup, queue: SplitQueue, engine: E, stop: Arc<StopSignal>) -> Self {
+        let size = usize::from(setup.size);
+        let slots = (0..size)
+            .map(|_| Slot { head: 0, chain: ChainBuf::with_capacity(SLOT_IOVS), status: None, request: None })
+            .collect();
+        let core = Core {
+            disk,
+            memory: setup.memory,
+            queue,
+            index: setup.index,
+            slots,
+            free: (0..setup.size).rev().collect(),
+            in_flight: 0,
+            unpublished: 0,
+            kick: setup.kick,
+            call: setup.call,
+            err: setup.err,
+            stop,
+            broken: false,
+            zero_range_supported: true,
+            retry_punch: Vec::with_capacity(size),
+            log: RateLimiter::default(),
+        };
+        Worker { engine, core }
+    }
+
+    fn run(mut self, ready: SyncSender<io::Result<()>>) -> u16 {
+        let _ = ready.send(Ok(()));
+        let core = &mut self.core;
+        let engine = &mut self.engine;
+        debug!(export = %core.disk.name, queue = core.index, "queue started");
+        core.queue.disable_notifications();
+        loop {
+            let stopping = core.stop.requested();
+            let mut progress = 0;
+            if !stopping && !core.broken {
+                progress += core.fetch(engine);
+            }
+            if let Err(e) = engine.submit() {
+                warn_limited!(core.log, export = %core.disk.name, queue = core.index, "engine submit: {e}");
+            }
+            let before = core.in_flight;
+            engine.reap(|tag, result| core.complete(tag, result));
+            progress += before - core.in_flight.min(before);
+            // Resubmitted work counts as progress: the next round submits it before sleeping.
+            progress += core.resubmit_refused_zeroes(engine);
+            core.publish();
+            if progress > 0 {
+                continue;
+            }
+            if stopping && core.in_flight == 0 {
+                break;
+            }
+            core.sleep(stopping, engine.completion_fd());
+        }
+        debug!(export = %core.disk.name, queue = core.index, "queue stopped");
+        core.queue.next_avail()
+    }
+}
+
+impl Core {
+    /// Takes new requests from the avail ring, as many as there are free slots.
+    fn fetch(&mut self, engine: &mut impl Engine) -> usize {
+        let pending = match self.queue.avail_count() {
+            Ok(n) => usize::from(n),
+            Err(e) => {
+                self.break_queue(e);
+                return 0;
+            }
+        };
+        let batch = pending.min(self.free.len());
+        for _ in 0..batch {
+            let head = match self.queue.pop_head() {
+                Ok(Some(head)) => head,
+                Ok(None) => break,
+                Err(e) => {
+                    self.break_queue(e);
+                    break;
+                }
+            };
+            let Some(tag) = self.free.pop() else { break };
+            self.in_flight += 1;
+            let limits = self.disk.limits();
+            let slot = &mut self.slots[usize::from(tag)];
+            slot.head = head;
+            slot.chain.clear();
+            let outcome = match self.queue.walk_chain(&self.memory, head, &mut slot.chain) {
+                Ok(outcome) => outcome,
+                Err(e) => {
+                    // The chain is not a chain: we cannot even find its status byte.
+                    self.free.push(tag);
+                    self.in_flight -= 1;
+                    self.break_queue(QueueError::Chain(e));
+                    break;
+                }
+            };
+            let parsed = request::parse(&mut slot.chain, outcome, &limits);
+            slot.status = parsed.status;
+            match parsed.result {
+                Ok(req) => self.start(engine, tag, req),
+                Err(e) => self.finish(tag, Err(e)),
+            }
+        }
+        batch
+    }
+
+    /// Hands a parsed request to the engine, or answers it at once if there is nothing to do.
+    fn start(&mut self, engine: &mut impl Engine, tag: u16, req: Request) {
+        let slot = &mut self.slots[usize::from(tag)];
+        let op = match &req {
+            Request::Read { offset, data, bytes } => {
+                if *bytes == 0 {
+                    return self.finish(tag, Ok(0));
+                }
+                IoOp::Read { offset: *offset, iov: slot.chain.iovs(data.clone()) }
+            }
+            Request::Write { offset, data, bytes } => {
+                if *bytes == 0 {
+                    return self.finish(tag, Ok(0));
+                }
+                let dsync = self.disk.write_needs_dsync();
+                IoOp::Write { offset: *offset, iov: slot.chain.iovs(data.clone()), dsync }
+            }
+            Request::Flush => {
+                if !self.disk.cache.flush_syncs() {
+                    return self.finish(tag, Ok(0));
+                }
+                IoOp::Flush
+            }
+            Request::GetId { data, bytes } => {
+                let id = &self.disk.serial[..*bytes as usize];
+                let written = copy_to_guest(slot.chain.iovs(data.clone()), id);
+                return self.finish(tag, Ok(written as u32));
+            }
+            Request::Discard { offset, bytes } => IoOp::Discard { offset: *offset, bytes: *bytes },
+            Request::WriteZeroes { offset, bytes, unmap } => IoOp::WriteZeroes {
+                offset: *offset,
+                bytes: *bytes,
+                unmap: *unmap || !self.zero_range_supported,
+            },
+        };
+        // SAFETY: the iovecs live in this slot's ChainBuf, which is neither touched nor
+        // reused until the tag is reaped (the slot is off the free list until then), and the
+        // guest memory they point into is held by self.memory for the thread's whole life.
+        let queued = unsafe { engine.queue(tag, op) };
+        self.slots[usize::from(tag)].request = Some(req);
+        if let Err(e) = queued {
+            self.finish(tag, Err(RequestError::Host(e.raw_os_error().unwrap_or(libc::EIO))));
+        }
+    }
+
+    /// One engine completion.
+    fn complete(&mut self, tag: u16, result: i32) {
+        let Some(slot) = self.slots.get(usize::from(tag)) else { return };
+        if result == -libc::EOPNOTSUPP {
+            if let Some(Request::WriteZeroes { unmap: false, .. }) = slot.request {
+                // This filesystem (tmpfs, for one) cannot ZERO_RANGE; a punched hole reads
+                // back as zeroes too. Remember, and send this one again.
+                self.zero_range_supported = false;
+                self.retry_punch.push(tag);
+                return;
+            }
+        }
+        let outcome = self.outcome(tag, result);
+        self.finish(tag, outcome);
+    }
+
+    fn resubmit_refused_zeroes(&mut self, engine: &mut impl Engine) -> usize {
+        let count = self.retry_punch.len();
+        while let Some(tag) = self.retry_punch.pop() {
+            if let Some(Request::WriteZeroes { offset, bytes, .. }) = self.slots[usize::from(tag)].request {
+                let op = IoOp::WriteZeroes { offset, bytes, unmap: true };
+                // SAFETY: the operation carries no buffers; the tag stays reserved until reaped.
+                if let Err(e) = unsafe { engine.queue(tag, op) } {
+                    self.finish(tag, Err(RequestError::Host(e.raw_os_error().unwrap_or(libc::EIO))));
+                }
+            }
+        }
+        count
+    }
+
+    /// Turns an engine result into the request's outcome: bytes written into guest buffers.
+    fn outcome(&self, tag: u16, result: i32) -> Result<u32, RequestError> {
+        let req = self.slots[usize::from(tag)].request.as_ref();
+        if result < 0 {
+            let errno = -result;
+            // A backing that cannot discard has discarded nothing, which a hint allows.
+            if errno == libc::EOPNOTSUPP && matches!(req, Some(Request::Discard { .. })) {
+                return Ok(0);
+            }
+            return Err(RequestError::Host(errno));
+        }
+        match req {
+            Some(Request::Read { bytes, .. }) if result as u64 == *bytes => Ok(result as u32),
+            Some(Request::Write { bytes, .. }) if result as u64 == *bytes => Ok(0),
+            Some(Request::Read { .. } | Request::Write { .. }) => Err(RequestError::ShortTransfer),
+            _ => Ok(0),
+        }
+    }
+
+    /// Writes the status byte, puts the chain in the used ring and frees the slot.
+    /// `Ok(n)`: n bytes of data were written into the guest's buffers.
+    fn finish(&mut self, tag: u16, result: Result<u32, RequestError>) {
+        let slot = &mut self.slots[usize::from(tag)];
+        slot.request = None;
+        let used_len = match (&result, slot.status) {
+            (Ok(n), Some(status_byte)) => {
+                status_byte.write_u8(status::OK);
+                n.saturating_add(1)
+            }
+            (Err(e), Some(status_byte)) => {
+                status_byte.write_u8(e.status());
+                warn_limited!(self.log, export = %self.disk.name, queue = self.index, head = slot.head, "request failed: {e}");
+                1
+            }
+            (_, None) => {
+                warn_limited!(self.log, export = %self.disk.name, queue = self.index, head = slot.head, "request without a status byte returned unanswered");
+                0
+            }
+        };
+        self.queue.push_used(slot.head, used_len);
+        self.unpublished += 1;
+        self.free.push(tag);
+        self.in_flight -= 1;
+    }
+
+    /// Publishes the used entries of this round and interrupts the guest if it wants that.
+    fn publish(&mut self) {
+        if self.unpublished == 0 {
+            return;
+        }
+        self.unpublished = 0;
+        self.queue.publish_used();
+        if self.queue.needs_notification() {
+            if let Some(call) = self.call.as_mut() {
+                // An eventfd write of 1 only fails if the counter would overflow, which
+                // means the guest already has a pending interrupt.
+                let _ = call.write(&1u64.to_ne_bytes());
+            }
+        }
+    }
+
+    fn break_queue(&mut self, e: QueueError) {
+        if !self.broken {
+            error!(export = %self.disk.name, queue = self.index, "queue broken by the guest: {e}; it serves nothing more until reset");
+        }
+        self.broken = true;
+        if let Some(err) = self.err.as_mut() {
+            let _ = err.write(&1u64.to_ne_bytes());
+        }
+    }
+
+    /// Sleeps until the guest kicks, an I/O completes, or the control thread asks us to stop.
+    fn sleep(&mut self, stopping: bool, completion_fd: Option<RawFd>) {
+        let accepting = !stopping && !self.broken;
+        if accepting && self.queue.enable_notifications() {
+            // Requests arrived while we were deciding to sleep.
+            self.queue.disable_notifications();
+            return;
+        }
+        let mut fds = [pollfd(self.stop.wake.as_raw_fd()), pollfd(-1), pollfd(-1)];
+        if accepting {
+            if let Some(kick) = &self.kick {
+                fds[1] = pollfd(kick.as_raw_fd());
+            }
+        }
+        if self.in_flight > 0 {
+            if let Some(fd) = completion_fd {
+                fds[2] = pollfd(fd);
+            }
+        }
+        let timeout_ms = if accepting && self.kick.is_none() { KICKLESS_POLL_MS } else { -1 };
+        // SAFETY: fds is a valid array of pollfd for the duration of the call; negative fds
+        // are ignored by poll.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+        if rc > 0 {
+            if fds[0].revents != 0 {
+                drain_eventfd(fds[0].fd);
+            }
+            if fds[1].revents != 0 {
+                if let Some(kick) = self.kick.as_mut() {
+                    let mut buf = [0u8; 8];
+                    let _ = kick.read(&mut buf);
+                }
+            }
+        }
+        if accepting {
+            self.queue.disable_notifications();
+        }
+    }
+}
+
+fn pollfd(fd: RawFd) -> libc::pollfd {
+    libc::pollfd { fd, events: libc::POLLIN, revents: 0 }
+}
+
+fn drain_eventfd(fd: RawFd) {
+    let mut buf = [0u8; 8];
+    // SAFETY: reading 8 bytes into an 8-byte buffer from a non-blocking eventfd we own.
+    unsafe {
+        libc::read(fd, buf.as_mut_ptr().cast(), buf.len());
+    }
+}

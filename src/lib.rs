@@ -1,0 +1,16 @@
+//! blkplane: a userspace virtio-blk data plane for KVM guests over vhost-user-blk.
+//!
+//! The layers follow the request path (see ARCHITECTURE.md):
+//! [`vhost_user`] (control thread) → [`virtq`] (rings on guest memory) → [`blk`] (request
+//! parsing) → [`engine`] (io_uring, null) → [`iothread`] (one event loop per queue).
+
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod blk;
+pub mod daemon;
+pub mod engine;
+pub mod export;
+pub mod iothread;
+pub mod ratelimit;
+pub mod vhost_user;
+pub mod virtq;

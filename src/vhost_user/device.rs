@@ -1,0 +1,412 @@
+//! The vhost-user-blk device as the control thread sees it: negotiated features, the memory
+//! table, and per-queue vring state. The rust-vmm `vhost` crate parses and validates every
+//! wire message and calls in here; we own what the messages mean.
+
+use std::fs::File;
+use std::io;
+use std::sync::Arc;
+
+use tracing::{debug, warn};
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
+    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
+    VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVringAddrFlags, VhostUserVringState,
+};
+use vhost::vhost_user::{Backend, Error, GpuBackend, Result, VhostUserBackendReqHandlerMut};
+use vhost::VhostUserMemoryRegionBase;
+
+use crate::blk::config::offset::WRITEBACK;
+use crate::blk::feature;
+use crate::export::Disk;
+use crate::iothread::{IoThread, QueueSetup};
+use crate::virtq::memory::MAX_MEM_REGIONS;
+use crate::virtq::{GuestMemory, MappedRegion, MemoryError, RingAddrs};
+
+#[derive(Default)]
+struct Vring {
+    size: u16,
+    addrs: Option<RingAddrs>,
+    /// Where the next request will be taken from; updated whenever the I/O thread stops.
+    next_avail: u16,
+    /// SET_VRING_KICK arrived since the last stop (with an fd, or "poll instead").
+    kick_set: bool,
+    kick: Option<File>,
+    call: Option<File>,
+    err: Option<File>,
+    enabled: bool,
+    thread: Option<IoThread>,
+}
+
+/// One connected frontend's view of an export.
+pub struct BlkDevice {
+    disk: Arc<Disk>,
+    acked_features: u64,
+    acked_protocol_features: u64,
+    memory: Arc<GuestMemory>,
+    vrings: Vec<Vring>,
+}
+
+fn handler_error(e: impl std::fmt::Display) -> Error {
+    Error::ReqHandlerError(io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))
+}
+
+fn memory_error(e: MemoryError) -> Error {
+    warn!("refused a memory region: {e}");
+    handler_error(e)
+}
+
+impl BlkDevice {
+    pub fn new(disk: Arc<Disk>) -> BlkDevice {
+        let vrings = (0..disk.num_queues).map(|_| Vring::default()).collect();
+        disk.reset_writeback();
+        BlkDevice {
+            disk,
+            acked_features: 0,
+            acked_protocol_features: 0,
+            memory: Arc::new(GuestMemory::default()),
+            vrings,
+        }
+    }
+
+    fn vring(&mut self, index: u32) -> Result<&mut Vring> {
+        self.vrings.get_mut(index as usize).ok_or(Error::InvalidParam)
+    }
+
+    /// A ring runs once it has a size, addresses, a kick (or "poll"), memory, and is enabled
+    /// (rings start disabled when protocol features are negotiated, enabled otherwise).
+    fn startable(&self, index: usize) -> bool {
+        let v = &self.vrings[index];
+        let enabled =
+            v.enabled || self.acked_features & feature::VHOST_USER_PROTOCOL_FEATURES == 0;
+        v.size > 0 && v.addrs.is_some() && v.kick_set && enabled && !self.memory.is_empty()
+    }
+
+    fn stop_thread(&mut self, index: usize) {
+        let v = &mut self.vrings[index];
+        if let Some(thread) = v.thread.take() {
+            v.next_avail = thread.stop();
+        }
+    }
+
+    /// Brings ring `index` to the state its settings call for: stopped, or running with
+    /// exactly the current settings (restarted if it was running with older ones).
+    fn apply(&mut self, index: usize) -> Result<()> {
+        self.stop_thread(index);
+        if !self.startable(index) {
+            return Ok(());
+        }
+        let clone = |f: &Option<File>| f.as_ref().map(File::try_clone).transpose();
+        let v = &self.vrings[index];
+        let setup = QueueSetup {
+            index: index as u16,
+            memory: Arc::clone(&self.memory),
+            addrs: v.addrs.unwrap_or_default(),
+            size: v.size,
+            next_avail: v.next_avail,
+            event_idx: self.acked_features & feature::RING_EVENT_IDX != 0,
+            indirect: self.acked_features & feature::RING_INDIRECT_DESC != 0,
+            kick: clone(&v.kick).map_err(Error::ReqHandlerError)?,
+            call: clone(&v.call).map_err(Error::ReqHandlerError)?,
+            err: clone(&v.err).map_err(Error::ReqHandlerError)?,
+        };
+        match IoThread::spawn(Arc::clone(&self.disk), setup) {
+            Ok(thread) => {
+                self.vrings[index].thread = Some(thread);
+                Ok(())
+            }
+            Err(e) => {
+                warn!(export = %self.disk.name, queue = index, "cannot start queue: {e}");
+                Err(Error::ReqHandlerError(e))
+            }
+        }
+    }
+
+    /// Re-applies every ring that is running (after a change that affects them all).
+    fn apply_running(&mut self) -> Result<()> {
+        let mut result = Ok(());
+        for i in 0..self.vrings.len() {
+            if self.vrings[i].thread.is_some() {
+                if let Err(e) = self.apply(i) {
+                    result = Err(e);
+                }
+            }
+        }
+        result
+    }
+
+    fn set_memory(&mut self, memory: GuestMemory) -> Result<()> {
+        // A running thread keeps the table it started with (its pointers came from it), so
+        // swapping first is safe; apply() then restarts each ring on the new table.
+        self.memory = Arc::new(memory);
+        let mut result = Ok(());
+        for i in 0..self.vrings.len() {
+            if self.vrings[i].thread.is_some() || self.startable(i) {
+                if let Err(e) = self.apply(i) {
+                    result = Err(e);
+                }
+            }
+        }
+        result
+    }
+
+    /// Stops every queue; in-flight requests complete first. Called on disconnect.
+    pub fn stop_all(&mut self) {
+        for i in 0..self.vrings.len() {
+            self.stop_thread(i);
+        }
+    }
+
+    fn reset(&mut self) {
+        self.stop_all();
+        for v in &mut self.vrings {
+            *v = Vring::default();
+        }
+        self.acked_features = 0;
+        self.memory = Arc::new(GuestMemory::default());
+        self.disk.reset_writeback();
+    }
+}
+
+impl Drop for BlkDevice {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
+
+impl VhostUserBackendReqHandlerMut for BlkDevice {
+    fn set_owner(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    fn reset_owner(&mut self) -> Result<()> {
+        self.reset();
+        Ok(())
+    }
+
+    fn reset_device(&mut self) -> Result<()> {
+        self.reset();
+        Ok(())
+    }
+
+    fn get_features(&mut self) -> Result<u64> {
+        Ok(self.disk.features())
+    }
+
+    fn set_features(&mut self, features: u64) -> Result<()> {
+        let unknown = features & !self.disk.features();
+        if unknown != 0 {
+            warn!(export = %self.disk.name, "frontend acked features we did not offer: {unknown:#x}");
+            return Err(Error::InvalidParam);
+        }
+        self.acked_features = features;
+        self.apply_running()
+    }
+
+    fn set_mem_table(
+        &mut self,
+        regions: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+        _postcopy_listening: Option<bool>,
+    ) -> Result<Option<Vec<VhostUserMemoryRegionBase>>> {
+        let mut mapped = Vec::with_capacity(regions.len());
+        for (r, file) in regions.iter().zip(files.iter()) {
+            mapped.push(
+                MappedRegion::map(file, r.mmap_offset, r.guest_phys_addr, r.memory_size, r.user_addr)
+                    .map_err(memory_error)?,
+            );
+        }
+        let memory = GuestMemory::from_regions(mapped).map_err(memory_error)?;
+        self.set_memory(memory)?;
+        Ok(None)
+    }
+
+    fn set_vring_num(&mut self, index: u32, num: u32) -> Result<()> {
+        let max = u32::from(self.disk.max_queue_size);
+        if num == 0 || num > max || !num.is_power_of_two() {
+            warn!(export = %self.disk.name, "vring size {num} refused (power of two up to {max})");
+            return Err(Error::InvalidParam);
+        }
+        self.vring(index)?;
+        self.stop_thread(index as usize);
+        self.vrings[index as usize].size = num as u16;
+        Ok(())
+    }
+
+    fn set_vring_addr(
+        &mut self,
+        index: u32,
+        _flags: VhostUserVringAddrFlags,
+        descriptor: u64,
+        used: u64,
+        available: u64,
+        _log: u64,
+    ) -> Result<()> {
+        // Dirty-page logging (the LOG flag) is for migration, which we do not offer.
+        self.vring(index)?.addrs = Some(RingAddrs {
+            desc_user_addr: descriptor,
+            avail_user_addr: available,
+            used_user_addr: used,
+        });
+        if self.vrings[index as usize].thread.is_some() {
+            return self.apply(index as usize);
+        }
+        Ok(())
+    }
+
+    fn set_vring_base(&mut self, index: u32, base: u32) -> Result<()> {
+        let base = u16::try_from(base).map_err(|_| Error::InvalidParam)?;
+        self.vring(index)?;
+        self.stop_thread(index as usize);
+        self.vrings[index as usize].next_avail = base;
+        Ok(())
+    }
+
+    fn get_vring_base(&mut self, index: u32) -> Result<VhostUserVringState> {
+        self.vring(index)?;
+        self.stop_thread(index as usize);
+        let v = &mut self.vrings[index as usize];
+        // The ring is stopped until the frontend sends a new kick.
+        v.kick_set = false;
+        v.kick = None;
+        debug!(export = %self.disk.name, queue = index, base = v.next_avail, "ring stopped");
+        Ok(VhostUserVringState::new(index, u32::from(v.next_avail)))
+    }
+
+    fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> Result<()> {
+        let v = self.vring(u32::from(index))?;
+        v.kick = fd;
+        v.kick_set = true;
+        self.apply(usize::from(index))
+    }
+
+    fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> Result<()> {
+        self.vring(u32::from(index))?.call = fd;
+        if self.vrings[usize::from(index)].thread.is_some() {
+            return self.apply(usize::from(index));
+        }
+        Ok(())
+    }
+
+    fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> Result<()> {
+        self.vring(u32::from(index))?.err = fd;
+        if self.vrings[usize::from(index)].thread.is_some() {
+            return self.apply(usize::from(index));
+        }
+        Ok(())
+    }
+
+    fn get_protocol_features(&mut self) -> Result<VhostUserProtocolFeatures> {
+        Ok(VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::RESET_DEVICE)
+    }
+
+    fn set_protocol_features(&mut self, features: u64) -> Result<()> {
+        self.acked_protocol_features = features;
+        Ok(())
+    }
+
+    fn get_queue_num(&mut self) -> Result<u64> {
+        Ok(u64::from(self.disk.num_queues))
+    }
+
+    fn set_vring_enable(&mut self, index: u32, enable: bool) -> Result<()> {
+        let v = self.vring(index)?;
+        if v.enabled == enable {
+            return Ok(());
+        }
+        v.enabled = enable;
+        self.apply(index as usize)
+    }
+
+    fn get_config(&mut self, offset: u32, size: u32, _flags: VhostUserConfigFlags) -> Result<Vec<u8>> {
+        let space = self.disk.config_space();
+        let start = offset as usize;
+        let end = start.checked_add(size as usize).ok_or(Error::InvalidParam)?;
+        space.get(start..end).map(<[u8]>::to_vec).ok_or(Error::InvalidParam)
+    }
+
+    fn set_config(&mut self, offset: u32, buf: &[u8], _flags: VhostUserConfigFlags) -> Result<()> {
+        // The only writable field is the write-cache bit, and only with CONFIG_WCE.
+        if offset as usize == WRITEBACK
+            && buf.len() == 1
+            && self.acked_features & feature::CONFIG_WCE != 0
+        {
+            self.disk.set_writeback(buf[0] != 0);
+            return Ok(());
+        }
+        Err(Error::InvalidParam)
+    }
+
+    fn set_backend_req_fd(&mut self, _backend: Backend) {}
+
+    fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> Result<()> {
+        Err(Error::InvalidOperation("not a GPU device"))
+    }
+
+    fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> Result<File> {
+        Err(Error::InvalidOperation("shared objects are not supported"))
+    }
+
+    fn get_inflight_fd(&mut self, _inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        Err(Error::InvalidOperation("inflight tracking is not supported"))
+    }
+
+    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> Result<()> {
+        Err(Error::InvalidOperation("inflight tracking is not supported"))
+    }
+
+    fn get_max_mem_slots(&mut self) -> Result<u64> {
+        Ok(MAX_MEM_REGIONS as u64)
+    }
+
+    fn add_mem_region(
+        &mut self,
+        region: &VhostUserSingleMemoryRegion,
+        fd: File,
+        _postcopy_listening: Option<bool>,
+    ) -> Result<Option<VhostUserMemoryRegionBase>> {
+        let mapped = MappedRegion::map(
+            &fd,
+            region.mmap_offset,
+            region.guest_phys_addr,
+            region.memory_size,
+            region.user_addr,
+        )
+        .map_err(memory_error)?;
+        let memory = self.memory.with_region(mapped).map_err(memory_error)?;
+        self.set_memory(memory)?;
+        Ok(None)
+    }
+
+    fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> Result<()> {
+        let memory = self
+            .memory
+            .without_region(region.guest_phys_addr, region.memory_size)
+            .map_err(memory_error)?;
+        self.set_memory(memory)
+    }
+
+    fn set_device_state_fd(
+        &mut self,
+        _direction: VhostTransferStateDirection,
+        _phase: VhostTransferStatePhase,
+        _fd: File,
+    ) -> Result<Option<File>> {
+        Err(Error::InvalidOperation("device state transfer is not supported"))
+    }
+
+    fn check_device_state(&mut self) -> Result<()> {
+        Err(Error::InvalidOperation("device state transfer is not supported"))
+    }
+
+    fn get_shmem_config(&mut self) -> Result<VhostUserShMemConfig> {
+        Err(Error::InvalidOperation("shared memory regions are not supported"))
+    }
+
+    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> Result<()> {
+        Err(Error::InvalidOperation("dirty logging is not supported"))
+    }
+}

@@ -1,0 +1,9 @@
+//! [vhost-user] The control plane: the socket, feature and protocol negotiation, the memory
+//! table, vring setup, config space, reconnects. It talks to I/O threads only by starting and
+//! stopping them, never through a shared lock.
+
+pub mod device;
+pub mod server;
+
+pub use device::BlkDevice;
+pub use server::{bind_socket, ExportServer};

@@ -1,0 +1,406 @@
+//! Guest memory as the daemon sees it: the regions a frontend shared with us, each mapped once.
+//!
+//! This file and `split.rs` are the only places that turn guest addresses into host pointers
+//! or dereference them. Everything a guest names (a buffer address, a length) is translated
+//! here, checked against the regions, and handed out as a [`GuestIov`]: a host range that is
+//! known to lie inside one mapping. Code downstream never sees a raw guest address.
+
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::ptr;
+use std::sync::Arc;
+
+/// One region of guest memory, mapped into this process with `MAP_SHARED`.
+///
+/// The mapping lives as long as the `Arc<MappedRegion>` that holds it: a memory table that
+/// drops a region keeps it mapped until every I/O thread that may still use it has let go.
+pub struct MappedRegion {
+    guest_phys_addr: u64,
+    size: u64,
+    /// The frontend's own virtual address of the region; vring addresses are given in it.
+    user_addr: u64,
+    /// Host address of the region's first byte (inside the mapping, past any page offset).
+    host: *mut u8,
+    mmap_base: *mut libc::c_void,
+    mmap_len: usize,
+}
+
+// SAFETY: the region is plain shared memory; the pointer is only an address and every access
+// through it goes through the checked helpers below, which any thread may call.
+unsafe impl Send for MappedRegion {}
+// SAFETY: as above; the struct itself is immutable after construction.
+unsafe impl Sync for MappedRegion {}
+
+/// Why a memory region or table was refused.
+#[derive(Debug)]
+pub enum MemoryError {
+    /// Size zero, or an address range that wraps around.
+    BadRange { guest_phys_addr: u64, size: u64 },
+    /// The file behind the region is shorter than offset + size (touching it would SIGBUS).
+    FileTooShort { needed: u64, actual: u64 },
+    /// The region overlaps one already in the table.
+    Overlap { guest_phys_addr: u64 },
+    /// REM_MEM_REG named a region that is not in the table.
+    NotFound { guest_phys_addr: u64, size: u64 },
+    /// More regions than we said we support.
+    TooManyRegions { max: usize },
+    /// mmap or fstat failed.
+    Io(io::Error),
+}
+
+impl fmt::Display for MemoryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MemoryError::BadRange { guest_phys_addr, size } => {
+                write!(f, "bad memory region at {guest_phys_addr:#x} size {size:#x}")
+            }
+            MemoryError::FileTooShort { needed, actual } => {
+                write!(f, "memory region file has {actual} bytes, needs {needed}")
+            }
+            MemoryError::Overlap { guest_phys_addr } => {
+                write!(f, "memory region at {guest_phys_addr:#x} overlaps another")
+            }
+            MemoryError::NotFound { guest_phys_addr, size } => {
+                write!(f, "no memory region at {guest_phys_addr:#x} size {size:#x}")
+            }
+            MemoryError::TooManyRegions { max } => write!(f, "more than {max} memory regions"),
+            MemoryError::Io(e) => write!(f, "mapping guest memory: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for MemoryError {}
+
+impl MappedRegion {
+    /// Maps `size` bytes of `file` from `mmap_offset`, to be found at `guest_phys_addr` in the
+    /// guest and at `user_addr` in the frontend's address space.
+    pub fn map(
+        file: &File,
+        mmap_offset: u64,
+        guest_phys_addr: u64,
+        size: u64,
+        user_addr: u64,
+    ) -> Result<MappedRegion, MemoryError> {
+        let bad = MemoryError::BadRange { guest_phys_addr, size };
+        if size == 0
+            || guest_phys_addr.checked_add(size).is_none()
+            || user_addr.checked_add(size).is_none()
+        {
+            return Err(bad);
+        }
+        let end_in_file = mmap_offset.checked_add(size).ok_or(bad)?;
+        let meta = file.metadata().map_err(MemoryError::Io)?;
+        // Regular files and memfds have a length; touching a page past it raises SIGBUS, so a
+        // frontend must not be able to make us map one. (hugetlbfs and memfd both report it.)
+        if meta.is_file() && meta.len() < end_in_file {
+            return Err(MemoryError::FileTooShort { needed: end_in_file, actual: meta.len() });
+        }
+        let page = page_size();
+        let aligned_offset = mmap_offset & !(page - 1);
+        let delta = (mmap_offset - aligned_offset) as usize;
+        let mmap_len = usize::try_from(size)
+            .ok()
+            .and_then(|s| s.checked_add(delta))
+            .ok_or(MemoryError::BadRange { guest_phys_addr, size })?;
+        // SAFETY: a fresh shared mapping of a file descriptor we own for the duration of the
+        // call; the kernel picks the address, so no existing mapping is replaced.
+        let base = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                mmap_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                aligned_offset as libc::off_t,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(MemoryError::Io(io::Error::last_os_error()));
+        }
+        Ok(MappedRegion {
+            guest_phys_addr,
+            size,
+            user_addr,
+            // SAFETY: delta < page size <= mmap_len, so the result stays inside the mapping.
+            host: unsafe { (base as *mut u8).add(delta) },
+            mmap_base: base,
+            mmap_len,
+        })
+    }
+
+    pub fn guest_phys_addr(&self) -> u64 {
+        self.guest_phys_addr
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn user_addr(&self) -> u64 {
+        self.user_addr
+    }
+
+    fn contains_gpa(&self, gpa: u64) -> bool {
+        gpa >= self.guest_phys_addr && gpa - self.guest_phys_addr < self.size
+    }
+}
+
+impl Drop for MappedRegion {
+    fn drop(&mut self) {
+        // SAFETY: base and len are exactly what mmap returned; nothing references the mapping
+        // any more because every user holds the Arc that is being dropped now.
+        unsafe {
+            libc::munmap(self.mmap_base, self.mmap_len);
+        }
+    }
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if size > 0 {
+        size as u64
+    } else {
+        4096
+    }
+}
+
+/// Most regions a frontend may register (GET_MAX_MEM_SLOTS). Translation searches them
+/// linearly, which is the fastest choice for the handful a VM really has.
+pub const MAX_MEM_REGIONS: usize = 64;
+
+/// An immutable snapshot of the guest's memory table. The control thread builds a new one for
+/// every change and hands it to I/O threads; an I/O thread keeps the one it started with for
+/// its whole life, so every pointer it translated stays mapped while it may use it.
+#[derive(Clone, Default)]
+pub struct GuestMemory {
+    regions: Vec<Arc<MappedRegion>>,
+}
+
+impl GuestMemory {
+    pub fn is_empty(&self) -> bool {
+        self.regions.is_empty()
+    }
+
+    pub fn regions(&self) -> &[Arc<MappedRegion>] {
+        &self.regions
+    }
+
+    /// A table of exactly these regions (SET_MEM_TABLE).
+    pub fn from_regions(regions: Vec<MappedRegion>) -> Result<GuestMemory, MemoryError> {
+        let mut mem = GuestMemory::default();
+        for region in regions {
+            mem = mem.with_region(region)?;
+        }
+        Ok(mem)
+    }
+
+    /// This table plus one region (ADD_MEM_REG).
+    pub fn with_region(&self, region: MappedRegion) -> Result<GuestMemory, MemoryError> {
+        if self.regions.len() >= MAX_MEM_REGIONS {
+            return Err(MemoryError::TooManyRegions { max: MAX_MEM_REGIONS });
+        }
+        let start = region.guest_phys_addr;
+        let end = start + region.size;
+        for r in &self.regions {
+            let r_end = r.guest_phys_addr + r.size;
+            if start < r_end && r.guest_phys_addr < end {
+                return Err(MemoryError::Overlap { guest_phys_addr: start });
+            }
+        }
+        let mut regions = self.regions.clone();
+        regions.push(Arc::new(region));
+        Ok(GuestMemory { regions })
+    }
+
+    /// This table minus the region at `guest_phys_addr` of `size` bytes (REM_MEM_REG).
+    pub fn without_region(&self, guest_phys_addr: u64, size: u64) -> Result<GuestMemory, MemoryError> {
+        let pos = self
+            .regions
+            .iter()
+            .position(|r| r.guest_phys_addr == guest_phys_addr && r.size == size)
+            .ok_or(MemoryError::NotFound { guest_phys_addr, size })?;
+        let mut regions = self.regions.clone();
+        regions.remove(pos);
+        Ok(GuestMemory { regions })
+    }
+
+    /// Host pointer to `len` bytes at frontend virtual address `uva` (how vring addresses are
+    /// given), if they lie inside one region.
+    pub fn translate_user(&self, uva: u64, len: u64) -> Option<*mut u8> {
+        let end = uva.checked_add(len)?;
+        self.regions.iter().find_map(|r| {
+            if uva >= r.user_addr && end <= r.user_addr + r.size {
+                // SAFETY: uva - user_addr + len <= size, inside the mapping.
+                Some(unsafe { r.host.add((uva - r.user_addr) as usize) })
+            } else {
+                None
+            }
+        })
+    }
+
+    /// Host pointer to `len` bytes at guest physical address `gpa`, if they lie inside one
+    /// region.
+    pub fn translate_contiguous(&self, gpa: u64, len: u64) -> Option<*mut u8> {
+        let end = gpa.checked_add(len)?;
+        let r = self.regions.iter().find(|r| r.contains_gpa(gpa))?;
+        if end > r.guest_phys_addr + r.size {
+            return None;
+        }
+        // SAFETY: gpa - guest_phys_addr + len <= size, inside the mapping.
+        Some(unsafe { r.host.add((gpa - r.guest_phys_addr) as usize) })
+    }
+
+    /// Translates the guest range `[gpa, gpa + len)` into host ranges, one per region it
+    /// crosses, passing each to `push`. Returns false (having pushed a prefix) if any byte of
+    /// the range lies outside guest memory, or if `push` refuses a range.
+    ///
+    /// The loop is bounded: each step consumes the rest of one region, and regions do not
+    /// overlap, so it runs at most once per region.
+    pub fn translate(&self, gpa: u64, len: u32, mut push: impl FnMut(GuestIov) -> bool) -> bool {
+        let mut addr = gpa;
+        let mut left = u64::from(len);
+        for _ in 0..=self.regions.len() {
+            if left == 0 {
+                return true;
+            }
+            let Some(r) = self.regions.iter().find(|r| r.contains_gpa(addr)) else {
+                return false;
+            };
+            let offset = addr - r.guest_phys_addr;
+            let chunk = left.min(r.size - offset);
+            // SAFETY: offset < size and offset + chunk <= size: inside the mapping.
+            let base = unsafe { r.host.add(offset as usize) };
+            if !push(GuestIov(libc::iovec { iov_base: base.cast(), iov_len: chunk as usize })) {
+                return false;
+            }
+            addr += chunk;
+            left -= chunk;
+        }
+        left == 0
+    }
+}
+
+/// A host range inside guest memory, produced only by [`GuestMemory::translate`].
+///
+/// Layout is that of `libc::iovec`, so a slice of them can be handed to the kernel as an
+/// iovec array. Holding one is only meaningful while the `GuestMemory` it came from is alive;
+/// I/O threads guarantee that by keeping their memory snapshot for their whole life.
+#[repr(transparent)]
+#[derive(Clone, Copy)]
+pub struct GuestIov(libc::iovec);
+
+// SAFETY: an address and a length; see the type's documentation for its lifetime contract.
+unsafe impl Send for GuestIov {}
+
+impl fmt::Debug for GuestIov {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "GuestIov({:#x}+{})", self.addr(), self.len())
+    }
+}
+
+impl GuestIov {
+    pub const EMPTY: GuestIov = GuestIov(libc::iovec { iov_base: ptr::null_mut(), iov_len: 0 });
+
+    pub fn len(&self) -> usize {
+        self.0.iov_len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.iov_len == 0
+    }
+
+    pub fn addr(&self) -> usize {
+        self.0.iov_base as usize
+    }
+
+    /// Drops the first `n` bytes (n <= len).
+    pub fn advance(&mut self, n: usize) {
+        debug_assert!(n <= self.0.iov_len);
+        let n = n.min(self.0.iov_len);
+        // SAFETY: n <= len, so the new base stays inside (or one past) the same range.
+        self.0.iov_base = unsafe { self.0.iov_base.cast::<u8>().add(n) }.cast();
+        self.0.iov_len -= n;
+    }
+
+    /// Drops the last `n` bytes (n <= len).
+    pub fn truncate_end(&mut self, n: usize) {
+        self.0.iov_len -= n.min(self.0.iov_len);
+    }
+
+    /// The range made of the last byte of this one.
+    pub fn last_byte(&self) -> Option<GuestIov> {
+        if self.0.iov_len == 0 {
+            return None;
+        }
+        let mut b = *self;
+        b.advance(self.0.iov_len - 1);
+        Some(b)
+    }
+
+    /// Writes one byte at the start of the range (the status byte of a request).
+    pub fn write_u8(&self, value: u8) {
+        if self.0.iov_len >= 1 {
+            // SAFETY: the range lies inside a live guest mapping (type invariant) and is at
+            // least one byte long. The guest may race with us; a volatile write is what a
+            // DMA-ing device does.
+            unsafe { ptr::write_volatile(self.0.iov_base.cast::<u8>(), value) }
+        }
+    }
+
+    pub fn as_iovec_ptr(slice: &[GuestIov]) -> *const libc::iovec {
+        slice.as_ptr().cast()
+    }
+}
+
+/// Copies bytes out of a list of guest ranges, skipping the first `skip` bytes. Returns how
+/// many bytes were copied (less than `dst.len()` if the ranges were too short).
+pub fn copy_from_guest(iovs: &[GuestIov], mut skip: usize, dst: &mut [u8]) -> usize {
+    let mut done = 0;
+    for iov in iovs {
+        if done == dst.len() {
+            break;
+        }
+        if skip >= iov.len() {
+            skip -= iov.len();
+            continue;
+        }
+        let n = (iov.len() - skip).min(dst.len() - done);
+        for (i, byte) in dst[done..done + n].iter_mut().enumerate() {
+            // SAFETY: skip + i < iov.len(): inside a live guest mapping (type invariant).
+            // Volatile, because the guest may change the bytes under us; we read each once.
+            *byte = unsafe { ptr::read_volatile(iov.0.iov_base.cast::<u8>().add(skip + i)) };
+        }
+        done += n;
+        skip = 0;
+    }
+    done
+}
+
+/// Copies `src` into a list of guest ranges from their start. Returns the bytes written.
+pub fn copy_to_guest(iovs: &[GuestIov], src: &[u8]) -> usize {
+    let mut done = 0;
+    for iov in iovs {
+        if done == src.len() {
+            break;
+        }
+        let n = iov.len().min(src.len() - done);
+        // SAFETY: n <= iov.len(): inside a live guest mapping (type invariant); src is ours
+        // and cannot overlap guest memory.
+        unsafe {
+            ptr::copy_nonoverlapping(src[done..].as_ptr(), iov.0.iov_base.cast::<u8>(), n);
+        }
+        done += n;
+    }
+    done
+}
+
+/// Fills a list of guest ranges with zero bytes (reads from a disk with no backing).
+pub fn zero_guest(iovs: &[GuestIov]) {
+    for iov in iovs {
+        // SAFETY: the range lies inside a live guest mapping (type invariant).
+        unsafe { ptr::write_bytes(iov.0.iov_base.cast::<u8>(), 0, iov.len()) }
+    }
+}

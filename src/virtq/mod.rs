@@ -1,0 +1,10 @@
+//! [virtq] The virtqueue engine on guest memory: the only layer that turns guest addresses
+//! into host pointers and reads or writes the rings.
+
+pub mod memory;
+pub mod split;
+
+pub use memory::{
+    copy_from_guest, copy_to_guest, zero_guest, GuestIov, GuestMemory, MappedRegion, MemoryError,
+};
+pub use split::{ChainError, ChainOutcome, ChainSink, QueueError, RingAddrs, SplitQueue};

@@ -1,0 +1,329 @@
+//! A small vhost-user frontend with its own virtqueue writer, for sending the daemon what no
+//! well-behaved driver would: broken chains, wild addresses, jumping indices. It plays the
+//! part of QEMU (the vhost-user messages, through rust-vmm's `vhost` frontend) and of the
+//! guest driver (descriptors and rings it writes itself into shared memory).
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::Path;
+use std::sync::atomic::{fence, Ordering};
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vmm_sys_util::eventfd::EventFd;
+
+pub const DESC_F_NEXT: u16 = 1;
+pub const DESC_F_WRITE: u16 = 2;
+pub const DESC_F_INDIRECT: u16 = 4;
+
+pub const T_IN: u32 = 0;
+pub const T_OUT: u32 = 1;
+pub const T_FLUSH: u32 = 4;
+pub const T_GET_ID: u32 = 8;
+pub const T_DISCARD: u32 = 11;
+pub const T_WRITE_ZEROES: u32 = 13;
+
+pub const S_OK: u8 = 0;
+pub const S_IOERR: u8 = 1;
+pub const S_UNSUPP: u8 = 2;
+
+pub const F_RING_INDIRECT_DESC: u64 = 1 << 28;
+pub const F_RING_EVENT_IDX: u64 = 1 << 29;
+pub const F_PROTOCOL_FEATURES: u64 = 1 << 30;
+pub const F_VERSION_1: u64 = 1 << 32;
+
+/// Guest RAM: one memfd, guest physical address 0 at its start.
+pub const RAM_BYTES: usize = 16 << 20;
+const RING_AREA: u64 = 0;
+const RING_STRIDE: u64 = 0x10000;
+pub const INDIRECT_AREA: u64 = 0x10_0000;
+pub const HEADER_AREA: u64 = 0x20_0000;
+pub const DATA_AREA: u64 = 0x40_0000;
+
+pub struct GuestRam {
+    file: File,
+    ptr: *mut u8,
+}
+
+impl GuestRam {
+    fn new() -> GuestRam {
+        // SAFETY: memfd_create with a valid C string.
+        let fd = unsafe { libc::memfd_create(c"guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a fresh fd we own.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(RAM_BYTES as u64).unwrap();
+        // SAFETY: a new shared mapping of our memfd.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                RAM_BYTES,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED);
+        GuestRam { file, ptr: ptr.cast() }
+    }
+
+    pub fn hva(&self, gpa: u64) -> u64 {
+        self.ptr as u64 + gpa
+    }
+
+    pub fn write(&self, gpa: u64, data: &[u8]) {
+        assert!(gpa as usize + data.len() <= RAM_BYTES);
+        // SAFETY: inside our mapping.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(gpa as usize), data.len()) }
+    }
+
+    pub fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
+        assert!(gpa as usize + len <= RAM_BYTES);
+        let mut v = vec![0u8; len];
+        // SAFETY: inside our mapping.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(gpa as usize), v.as_mut_ptr(), len) }
+        v
+    }
+
+    fn write_u16(&self, gpa: u64, v: u16) {
+        self.write(gpa, &v.to_le_bytes());
+    }
+
+    fn read_u16(&self, gpa: u64) -> u16 {
+        let b = self.read(gpa, 2);
+        u16::from_le_bytes([b[0], b[1]])
+    }
+}
+
+impl Drop for GuestRam {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in new().
+        unsafe { libc::munmap(self.ptr.cast(), RAM_BYTES) };
+    }
+}
+
+pub struct TestQueue {
+    pub size: u16,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+    pub avail_idx: u16,
+    pub last_used: u16,
+    pub kick: EventFd,
+    pub call: EventFd,
+}
+
+/// One buffer of a chain to build.
+#[derive(Clone, Copy, Debug)]
+pub struct Buf {
+    pub gpa: u64,
+    pub len: u32,
+    pub writable: bool,
+}
+
+/// What came back for a request.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Completed {
+    pub id: u32,
+    pub used_len: u32,
+    pub status: u8,
+}
+
+pub struct TestFrontend {
+    pub fe: Frontend,
+    pub ram: GuestRam,
+    pub queues: Vec<TestQueue>,
+    pub features: u64,
+}
+
+impl TestFrontend {
+    /// Connects and sets up `num_queues` queues of `size`, acking `want` of what is offered.
+    pub fn connect(sock: &Path, num_queues: usize, size: u16, want: u64) -> TestFrontend {
+        let mut fe = Frontend::connect(sock, num_queues as u64).expect("vhost-user connect");
+        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        fe.set_owner().unwrap();
+        let offered = fe.get_features().unwrap();
+        let features = offered & (want | F_PROTOCOL_FEATURES | F_VERSION_1);
+        fe.set_features(features).unwrap();
+        let proto = fe.get_protocol_features().unwrap();
+        let need = VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+        assert!(proto.contains(need), "protocol features {proto:?}");
+        fe.set_protocol_features(need).unwrap();
+        assert!(fe.get_queue_num().unwrap() >= num_queues as u64);
+        let ram = GuestRam::new();
+        fe.set_mem_table(&[VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: RAM_BYTES as u64,
+            userspace_addr: ram.hva(0),
+            mmap_offset: 0,
+            mmap_handle: ram.file.as_raw_fd(),
+        }])
+        .unwrap();
+        let mut t = TestFrontend { fe, ram, queues: Vec::new(), features };
+        for i in 0..num_queues {
+            let base = RING_AREA + i as u64 * RING_STRIDE;
+            let q = TestQueue {
+                size,
+                desc: base,
+                avail: base + 16 * u64::from(size),
+                used: base + 0x8000,
+                avail_idx: 0,
+                last_used: 0,
+                kick: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+                call: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            };
+            t.fe.set_vring_num(i, size).unwrap();
+            t.fe.set_vring_addr(
+                i,
+                &VringConfigData {
+                    queue_max_size: size,
+                    queue_size: size,
+                    flags: 0,
+                    desc_table_addr: t.ram.hva(q.desc),
+                    used_ring_addr: t.ram.hva(q.used),
+                    avail_ring_addr: t.ram.hva(q.avail),
+                    log_addr: None,
+                },
+            )
+            .unwrap();
+            t.fe.set_vring_base(i, 0).unwrap();
+            t.fe.set_vring_call(i, &q.call).unwrap();
+            t.fe.set_vring_kick(i, &q.kick).unwrap();
+            t.fe.set_vring_enable(i, true).unwrap();
+            t.queues.push(q);
+        }
+        t
+    }
+
+    pub fn config(&mut self, len: u32) -> Vec<u8> {
+        let (_, buf) = self
+            .fe
+            .get_config(0, len, VhostUserConfigFlags::WRITABLE, &vec![0u8; len as usize])
+            .unwrap();
+        buf
+    }
+
+    /// Writes descriptor `idx` of queue `q`'s table.
+    pub fn set_desc(&self, q: usize, idx: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let at = self.queues[q].desc + 16 * u64::from(idx);
+        write_desc(&self.ram, at, addr, len, flags, next);
+    }
+
+    /// Puts `head` in the avail ring and publishes it.
+    pub fn push_avail(&mut self, q: usize, head: u16) {
+        let (avail, idx, size) = (self.queues[q].avail, self.queues[q].avail_idx, self.queues[q].size);
+        self.ram.write_u16(avail + 4 + 2 * u64::from(idx % size), head);
+        fence(Ordering::SeqCst);
+        self.set_avail_idx(q, idx.wrapping_add(1));
+    }
+
+    pub fn set_avail_idx(&mut self, q: usize, idx: u16) {
+        self.queues[q].avail_idx = idx;
+        self.ram.write_u16(self.queues[q].avail + 2, idx);
+        fence(Ordering::SeqCst);
+    }
+
+    pub fn kick(&self, q: usize) {
+        self.queues[q].kick.write(1).unwrap();
+    }
+
+    /// Waits up to `timeout` for the next used entry of queue `q`.
+    pub fn wait_used(&mut self, q: usize, timeout: Duration) -> Option<(u32, u32)> {
+        let deadline = Instant::now() + timeout;
+        let used = self.queues[q].used;
+        loop {
+            let idx = self.ram.read_u16(used + 2);
+            if idx != self.queues[q].last_used {
+                fence(Ordering::SeqCst);
+                let slot = u64::from(self.queues[q].last_used % self.queues[q].size);
+                let e = self.ram.read(used + 4 + 8 * slot, 8);
+                self.queues[q].last_used = self.queues[q].last_used.wrapping_add(1);
+                return Some((
+                    u32::from_le_bytes(e[0..4].try_into().unwrap()),
+                    u32::from_le_bytes(e[4..8].try_into().unwrap()),
+                ));
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Lays out `bufs` as a chain in descriptors 0.. of queue `q`, submits it, and waits for
+    /// the answer. The status byte is read from the last buffer's last byte.
+    pub fn submit_chain(&mut self, q: usize, bufs: &[Buf]) -> Option<Completed> {
+        for (i, b) in bufs.iter().enumerate() {
+            let last = i + 1 == bufs.len();
+            let flags = if b.writable { DESC_F_WRITE } else { 0 } | if last { 0 } else { DESC_F_NEXT };
+            self.set_desc(q, i as u16, b.gpa, b.len, flags, i as u16 + 1);
+        }
+        self.submit_head(q, 0, bufs.last().map(|b| b.gpa + u64::from(b.len) - 1))
+    }
+
+    /// Same, with the chain in an indirect table referenced by descriptor 0.
+    pub fn submit_indirect(&mut self, q: usize, bufs: &[Buf]) -> Option<Completed> {
+        for (i, b) in bufs.iter().enumerate() {
+            let last = i + 1 == bufs.len();
+            let flags = if b.writable { DESC_F_WRITE } else { 0 } | if last { 0 } else { DESC_F_NEXT };
+            write_desc(&self.ram, INDIRECT_AREA + 16 * i as u64, b.gpa, b.len, flags, i as u16 + 1);
+        }
+        self.set_desc(q, 0, INDIRECT_AREA, 16 * bufs.len() as u32, DESC_F_INDIRECT, 0);
+        self.submit_head(q, 0, bufs.last().map(|b| b.gpa + u64::from(b.len) - 1))
+    }
+
+    /// Publishes `head`, kicks, waits 5 s at most; reads the status at `status_gpa`.
+    pub fn submit_head(&mut self, q: usize, head: u16, status_gpa: Option<u64>) -> Option<Completed> {
+        if let Some(s) = status_gpa {
+            self.ram.write(s, &[0xAA]);
+        }
+        self.push_avail(q, head);
+        self.kick(q);
+        let (id, used_len) = self.wait_used(q, Duration::from_secs(5))?;
+        let status = status_gpa.map(|s| self.ram.read(s, 1)[0]).unwrap_or(0xAA);
+        Some(Completed { id, used_len, status })
+    }
+
+    /// A well-formed request: header, optional data, status. Returns (completion, data read).
+    pub fn request(&mut self, q: usize, kind: u32, sector: u64, out: &[u8], in_len: u32) -> (Completed, Vec<u8>) {
+        let hdr = HEADER_AREA;
+        let status = HEADER_AREA + 64;
+        let data = DATA_AREA;
+        self.ram.write(hdr, &header(kind, sector));
+        let mut bufs = vec![Buf { gpa: hdr, len: 16, writable: false }];
+        if !out.is_empty() {
+            self.ram.write(data, out);
+            bufs.push(Buf { gpa: data, len: out.len() as u32, writable: false });
+        }
+        if in_len > 0 {
+            self.ram.write(data, &vec![0xEE; in_len as usize]);
+            bufs.push(Buf { gpa: data, len: in_len, writable: true });
+        }
+        bufs.push(Buf { gpa: status, len: 1, writable: true });
+        let c = self.submit_chain(q, &bufs).expect("no answer from the daemon within 5 s");
+        let read = self.ram.read(data, in_len as usize);
+        (c, read)
+    }
+}
+
+pub fn header(kind: u32, sector: u64) -> [u8; 16] {
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&kind.to_le_bytes());
+    h[8..16].copy_from_slice(&sector.to_le_bytes());
+    h
+}
+
+fn write_desc(ram: &GuestRam, at: u64, addr: u64, len: u32, flags: u16, next: u16) {
+    let mut d = [0u8; 16];
+    d[0..8].copy_from_slice(&addr.to_le_bytes());
+    d[8..12].copy_from_slice(&len.to_le_bytes());
+    d[12..14].copy_from_slice(&flags.to_le_bytes());
+    d[14..16].copy_from_slice(&next.to_le_bytes());
+    ram.write(at, &d);
+}

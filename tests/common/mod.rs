@@ -1,0 +1,238 @@
+//! Test support: a real blkplane daemon process, images, and a libblkio client.
+#![allow(dead_code)]
+
+pub mod frontend;
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_blkplane");
+
+/// A running `blkplane serve`, stopped (SIGTERM) when dropped.
+pub struct Daemon {
+    child: Option<Child>,
+    pub log_path: PathBuf,
+}
+
+impl Daemon {
+    /// Starts the daemon with `--export` for each spec and waits until every socket answers.
+    pub fn start(dir: &Path, exports: &[String]) -> Daemon {
+        let log_path = dir.join(format!("daemon-{}.log", std::process::id() as u64 * 1000 + rand_u16() as u64));
+        let log = fs::File::create(&log_path).unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve").arg("--log-level").arg("debug");
+        for e in exports {
+            cmd.arg("--export").arg(e);
+        }
+        let child = cmd.stdout(Stdio::null()).stderr(log).spawn().expect("spawn blkplane");
+        let mut d = Daemon { child: Some(child), log_path };
+        for e in exports {
+            let sock = e
+                .split(',')
+                .find_map(|kv| kv.strip_prefix("socket="))
+                .expect("export has a socket");
+            d.wait_for_socket(Path::new(sock));
+        }
+        d
+    }
+
+    fn wait_for_socket(&mut self, sock: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if UnixStream::connect(sock).is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("daemon exited ({status}) before listening:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("socket {} never appeared:\n{}", sock.display(), self.log());
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// Sends SIGTERM and waits (at most 20 s) for the exit status.
+    pub fn stop(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("daemon running");
+        // SAFETY-free: kill(2) through libc on a child we own.
+        unsafe_kill(child.id() as i32, libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("daemon did not stop on SIGTERM:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            unsafe_kill(child.id() as i32, libc::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn unsafe_kill(pid: i32, sig: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+pub fn rand_u16() -> u16 {
+    let mut b = [0u8; 2];
+    fs::File::open("/dev/urandom").unwrap().read_exact(&mut b).unwrap();
+    u16::from_le_bytes(b)
+}
+
+/// A temporary directory, on tmpfs when /dev/shm is there (O_DIRECT works on it).
+pub fn tmpdir() -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        tempfile::Builder::new().prefix("blkplane-test").tempdir_in(shm).unwrap()
+    } else {
+        tempfile::Builder::new().prefix("blkplane-test").tempdir().unwrap()
+    }
+}
+
+/// The byte a deterministic pattern has at `offset`, for a given `seed`.
+pub fn pattern_byte(seed: u64, offset: u64) -> u8 {
+    let x = offset.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    (x >> 29) as u8 ^ (offset as u8)
+}
+
+pub fn pattern(seed: u64, offset: u64, len: usize) -> Vec<u8> {
+    (0..len as u64).map(|i| pattern_byte(seed, offset + i)).collect()
+}
+
+/// Creates an image of `size` bytes filled with pattern `seed`.
+pub fn make_image(path: &Path, size: u64, seed: u64) {
+    let mut data = Vec::with_capacity(size as usize);
+    let mut off = 0;
+    while off < size {
+        let chunk = (size - off).min(1 << 20) as usize;
+        data.extend(pattern(seed, off, chunk));
+        off += chunk as u64;
+    }
+    fs::write(path, data).unwrap();
+}
+
+/// A libblkio virtio-blk-vhost-user client with one buffer region shared with the daemon.
+pub struct Client {
+    pub queues: Vec<Blkioq>,
+    pub buf: MemoryRegion,
+    pub blkio: Blkio,
+}
+
+pub const CLIENT_BUF_BYTES: usize = 8 << 20;
+
+impl Client {
+    pub fn connect(sock: &Path, num_queues: i32) -> Client {
+        Self::try_connect(sock, num_queues, false).unwrap_or_else(|e| panic!("connect: {e}"))
+    }
+
+    pub fn try_connect(sock: &Path, num_queues: i32, read_only: bool) -> Result<Client, blkio::Error> {
+        let mut b = Blkio::new("virtio-blk-vhost-user")?;
+        b.set_str("path", sock.to_str().unwrap())?;
+        b.set_bool("read-only", read_only)?;
+        b.connect()?;
+        b.set_i32("num-queues", num_queues)?;
+        let started = b.start()?;
+        let buf = b.alloc_mem_region(CLIENT_BUF_BYTES)?;
+        b.map_mem_region(&buf)?;
+        Ok(Client { queues: started.queues, buf, blkio: b })
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.blkio.get_u64("capacity").unwrap()
+    }
+
+    /// Pointer into the shared buffer region.
+    pub fn buf_ptr(&self, at: usize) -> *mut u8 {
+        assert!(at < self.buf.len);
+        (self.buf.addr + at) as *mut u8
+    }
+
+    pub fn buf_slice(&self, at: usize, len: usize) -> &mut [u8] {
+        assert!(at + len <= self.buf.len);
+        // SAFETY: inside the region libblkio allocated for us and keeps mapped.
+        unsafe { std::slice::from_raw_parts_mut(self.buf_ptr(at), len) }
+    }
+
+    /// Waits for exactly one completion on queue `q` and returns its `ret`.
+    pub fn wait_one(&mut self, q: usize) -> i32 {
+        let mut c = [std::mem::MaybeUninit::<Completion>::uninit()];
+        let mut timeout = Duration::from_secs(20);
+        let n = self.queues[q].do_io(&mut c, 1, Some(&mut timeout), None).expect("do_io");
+        assert_eq!(n, 1, "no completion within 20 s");
+        // SAFETY: do_io initialised n = 1 entries.
+        unsafe { c[0].assume_init_read() }.ret
+    }
+
+    /// Writes `data` at `offset` through queue `q` (data staged at buffer offset `at`).
+    pub fn write_at(&mut self, q: usize, offset: u64, data: &[u8], at: usize) -> i32 {
+        self.buf_slice(at, data.len()).copy_from_slice(data);
+        let ptr = self.buf_ptr(at);
+        self.queues[q].write(offset, ptr, data.len(), 0, ReqFlags::empty());
+        self.wait_one(q)
+    }
+
+    /// Reads `len` bytes at `offset` through queue `q` into buffer offset `at`.
+    pub fn read_at(&mut self, q: usize, offset: u64, len: usize, at: usize) -> Result<Vec<u8>, i32> {
+        self.buf_slice(at, len).fill(0xEE);
+        let ptr = self.buf_ptr(at);
+        self.queues[q].read(offset, ptr, len, 0, ReqFlags::empty());
+        match self.wait_one(q) {
+            0 => Ok(self.buf_slice(at, len).to_vec()),
+            err => Err(err),
+        }
+    }
+
+    pub fn flush(&mut self, q: usize) -> i32 {
+        self.queues[q].flush(0, ReqFlags::empty());
+        self.wait_one(q)
+    }
+
+    pub fn discard(&mut self, q: usize, offset: u64, len: u64) -> i32 {
+        self.queues[q].discard(offset, len, 0, ReqFlags::empty());
+        self.wait_one(q)
+    }
+
+    pub fn write_zeroes(&mut self, q: usize, offset: u64, len: u64, flags: ReqFlags) -> i32 {
+        self.queues[q].write_zeroes(offset, len, 0, flags);
+        self.wait_one(q)
+    }
+}
