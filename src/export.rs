@@ -152,7 +152,8 @@ impl ExportConfig {
                 }
                 "queue-size" => {
                     queue_size = parse_num(&key, &value)?;
-                    if !queue_size.is_power_of_two() || !(4..=MAX_QUEUE_SIZE).contains(&queue_size) {
+                    if !queue_size.is_power_of_two() || !(4..=MAX_QUEUE_SIZE).contains(&queue_size)
+                    {
                         return err(format!(
                             "queue-size={value}: must be a power of two from 4 to {MAX_QUEUE_SIZE}"
                         ));

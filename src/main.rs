@@ -47,7 +47,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve one or more exports until SIGTERM or SIGINT.
-    #[command(after_help = "Example:\n  blkplane serve --export socket=/run/vm1.sock,image=/var/lib/vm1.raw,queues=2")]
+    #[command(
+        after_help = "Example:\n  blkplane serve --export socket=/run/vm1.sock,image=/var/lib/vm1.raw,queues=2"
+    )]
     Serve {
         /// An export: socket=PATH,image=PATH[,queues=N][,queue-size=N][,cache=MODE][,aio=ENGINE][,readonly=on][,serial=STR], or socket=PATH,engine=null,size=BYTES.
         #[arg(long = "export", value_name = "SPEC", required = true, long_help = EXPORT_HELP)]

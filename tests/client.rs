@@ -23,7 +23,8 @@ fn patterns_round_trip(cache: &str) {
     let image = dir.path().join("disk.raw");
     let sock = dir.path().join("blk.sock");
     make_image(&image, IMAGE_BYTES, 1);
-    let mut daemon = Daemon::start(dir.path(), &[export(&sock, &image, &format!(",cache={cache}"))]);
+    let mut daemon =
+        Daemon::start(dir.path(), &[export(&sock, &image, &format!(",cache={cache}"))]);
     let mut expected = fs::read(&image).unwrap();
     {
         let mut c = Client::connect(&sock, 1);
@@ -176,7 +177,8 @@ fn many_requests_in_flight_at_once() {
         let p = c.buf_ptr(i * 4096);
         c.queues[0].write(i as u64 * 8192, p, 4096, i, ReqFlags::empty());
     }
-    let mut done: Vec<_> = (0..64).map(|_| std::mem::MaybeUninit::<blkio::Completion>::uninit()).collect();
+    let mut done: Vec<_> =
+        (0..64).map(|_| std::mem::MaybeUninit::<blkio::Completion>::uninit()).collect();
     let mut got = 0;
     while got < 64 {
         let mut timeout = std::time::Duration::from_secs(20);
@@ -210,17 +212,29 @@ fn discard_and_write_zeroes_read_back_zeroes() {
         // Discard 1 MiB at 4 MiB (hole punch): zeroes; the bytes around it keep the pattern.
         assert_eq!(c.discard(0, 4 << 20, 1 << 20), 0, "discard");
         assert!(c.read_at(0, 4 << 20, 1 << 20, 0).unwrap() == zeroes, "after discard");
-        assert!(c.read_at(0, (4 << 20) - 4096, 4096, 0).unwrap() == pattern(4, (4 << 20) - 4096, 4096));
+        assert!(
+            c.read_at(0, (4 << 20) - 4096, 4096, 0).unwrap() == pattern(4, (4 << 20) - 4096, 4096)
+        );
         assert!(c.read_at(0, 5 << 20, 4096, 0).unwrap() == pattern(4, 5 << 20, 4096));
         // Write zeroes without unmap (libblkio's NO_UNMAP), then with unmap allowed.
         assert_eq!(c.write_zeroes(0, 8 << 20, 1 << 20, ReqFlags::NO_UNMAP), 0, "write-zeroes");
         assert!(c.read_at(0, 8 << 20, 1 << 20, 0).unwrap() == zeroes, "after write-zeroes");
-        assert_eq!(c.write_zeroes(0, 12 << 20, 64 << 10, ReqFlags::empty()), 0, "write-zeroes unmap");
+        assert_eq!(
+            c.write_zeroes(0, 12 << 20, 64 << 10, ReqFlags::empty()),
+            0,
+            "write-zeroes unmap"
+        );
         assert!(c.read_at(0, 12 << 20, 64 << 10, 0).unwrap() == zeroes[..64 << 10]);
-        assert!(c.read_at(0, (12 << 20) + (64 << 10), 4096, 0).unwrap() == pattern(4, (12 << 20) + (64 << 10), 4096));
+        assert!(
+            c.read_at(0, (12 << 20) + (64 << 10), 4096, 0).unwrap()
+                == pattern(4, (12 << 20) + (64 << 10), 4096)
+        );
         // Past the end: refused, nothing changes.
         assert_eq!(c.discard(0, IMAGE_BYTES - 4096, 8192), EIO, "discard past the end");
-        assert!(c.read_at(0, IMAGE_BYTES - 4096, 4096, 0).unwrap() == pattern(4, IMAGE_BYTES - 4096, 4096));
+        assert!(
+            c.read_at(0, IMAGE_BYTES - 4096, 4096, 0).unwrap()
+                == pattern(4, IMAGE_BYTES - 4096, 4096)
+        );
     }
     assert!(daemon.stop().success());
     let img = fs::read(&image).unwrap();
@@ -244,7 +258,10 @@ fn out_of_range_io_fails_and_changes_nothing() {
         let data = pattern(9, 0, 8192);
         assert_eq!(c.write_at(0, IMAGE_BYTES - 4096, &data, 0), EIO, "write across the end");
         // The queue still works after the errors.
-        assert!(c.read_at(0, IMAGE_BYTES - 4096, 4096, 0).unwrap() == pattern(5, IMAGE_BYTES - 4096, 4096));
+        assert!(
+            c.read_at(0, IMAGE_BYTES - 4096, 4096, 0).unwrap()
+                == pattern(5, IMAGE_BYTES - 4096, 4096)
+        );
     }
     assert!(daemon.stop().success());
     let img = fs::read(&image).unwrap();
@@ -278,7 +295,10 @@ fn disconnect_and_reconnect_keeps_data() {
         let mut c = Client::connect(&sock, 2);
         if round > 0 {
             let prev = c.read_at(1, (round - 1) * (1 << 20), 65536, 0).unwrap();
-            assert!(prev == pattern(200 + round - 1, (round - 1) * (1 << 20), 65536), "round {round}");
+            assert!(
+                prev == pattern(200 + round - 1, (round - 1) * (1 << 20), 65536),
+                "round {round}"
+            );
         }
         let data = pattern(200 + round, round * (1 << 20), 65536);
         assert_eq!(c.write_at(0, round * (1 << 20), &data, 0), 0);
@@ -297,7 +317,8 @@ fn disconnect_and_reconnect_keeps_data() {
 fn null_engine_reads_zeroes_and_drops_writes() {
     let dir = tmpdir();
     let sock = dir.path().join("null.sock");
-    let _daemon = Daemon::start(dir.path(), &[format!("socket={},engine=null,size=1G", sock.display())]);
+    let _daemon =
+        Daemon::start(dir.path(), &[format!("socket={},engine=null,size=1G", sock.display())]);
     let mut c = Client::connect(&sock, 1);
     assert_eq!(c.capacity(), 1 << 30);
     let data = pattern(1, 0, 65536);
@@ -314,7 +335,8 @@ fn one_daemon_serves_several_exports() {
     make_image(&a, 16 << 20, 10);
     make_image(&b, 32 << 20, 11);
     let (sa, sb) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
-    let _daemon = Daemon::start(dir.path(), &[export(&sa, &a, ""), export(&sb, &b, ",cache=writeback")]);
+    let _daemon =
+        Daemon::start(dir.path(), &[export(&sa, &a, ""), export(&sb, &b, ",cache=writeback")]);
     let mut ca = Client::connect(&sa, 1);
     let mut cb = Client::connect(&sb, 1);
     assert_eq!(ca.capacity(), 16 << 20);

@@ -8,7 +8,9 @@
 use std::fmt;
 use std::ops::Range;
 
-use super::{req_type, status, HEADER_BYTES, ID_BYTES, MAX_DISCARD_SECTORS, SECTOR_SIZE, SEGMENT_BYTES};
+use super::{
+    req_type, status, HEADER_BYTES, ID_BYTES, MAX_DISCARD_SECTORS, SECTOR_SIZE, SEGMENT_BYTES,
+};
 use crate::virtq::{copy_from_guest, ChainOutcome, ChainSink, GuestIov};
 
 /// The buffers of one descriptor chain, in chain order. Preallocated per slot.
@@ -21,7 +23,11 @@ pub struct ChainBuf {
 
 impl ChainBuf {
     pub fn with_capacity(capacity: usize) -> ChainBuf {
-        ChainBuf { iov: vec![GuestIov::EMPTY; capacity].into_boxed_slice(), len: 0, writable_from: 0 }
+        ChainBuf {
+            iov: vec![GuestIov::EMPTY; capacity].into_boxed_slice(),
+            len: 0,
+            writable_from: 0,
+        }
     }
 
     pub fn clear(&mut self) {
@@ -58,14 +64,32 @@ impl ChainSink for ChainBuf {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     /// Read `bytes` at `offset` into the chain's buffers `data`.
-    Read { offset: u64, data: Range<usize>, bytes: u64 },
+    Read {
+        offset: u64,
+        data: Range<usize>,
+        bytes: u64,
+    },
     /// Write `bytes` at `offset` from the chain's buffers `data`.
-    Write { offset: u64, data: Range<usize>, bytes: u64 },
+    Write {
+        offset: u64,
+        data: Range<usize>,
+        bytes: u64,
+    },
     Flush,
     /// Write the serial into the chain's buffers `data` (at most `bytes` of them).
-    GetId { data: Range<usize>, bytes: u64 },
-    Discard { offset: u64, bytes: u64 },
-    WriteZeroes { offset: u64, bytes: u64, unmap: bool },
+    GetId {
+        data: Range<usize>,
+        bytes: u64,
+    },
+    Discard {
+        offset: u64,
+        bytes: u64,
+    },
+    WriteZeroes {
+        offset: u64,
+        bytes: u64,
+        unmap: bool,
+    },
 }
 
 /// Why a request fails. The guest sees only `status()`; the operator sees the Display text.
@@ -118,7 +142,9 @@ impl fmt::Display for RequestError {
         match self {
             RequestError::HeaderTooShort => write!(f, "request header shorter than 16 bytes"),
             RequestError::NoStatusByte => write!(f, "chain has no writable status byte"),
-            RequestError::BadBuffers => write!(f, "buffer outside guest memory or too many segments"),
+            RequestError::BadBuffers => {
+                write!(f, "buffer outside guest memory or too many segments")
+            }
             RequestError::UnsupportedType(t) => write!(f, "unsupported request type {t}"),
             RequestError::NotSectorMultiple => write!(f, "data length not a multiple of 512"),
             RequestError::OutOfRange => write!(f, "request beyond the end of the disk"),
@@ -209,7 +235,7 @@ fn parse_usable(chain: &mut ChainBuf, limits: &DiskLimits) -> Result<Request, Re
     match kind {
         req_type::IN => {
             let bytes = total_len(&chain.iov[writable_data.clone()]);
-            if bytes % SECTOR_SIZE != 0 {
+            if !bytes.is_multiple_of(SECTOR_SIZE) {
                 return Err(RequestError::NotSectorMultiple);
             }
             let offset = checked_offset(sector, bytes, limits)?;
@@ -220,7 +246,7 @@ fn parse_usable(chain: &mut ChainBuf, limits: &DiskLimits) -> Result<Request, Re
                 return Err(RequestError::ReadOnly);
             }
             let bytes = total_len(&chain.iov[readable_payload.clone()]);
-            if bytes % SECTOR_SIZE != 0 {
+            if !bytes.is_multiple_of(SECTOR_SIZE) {
                 return Err(RequestError::NotSectorMultiple);
             }
             let offset = checked_offset(sector, bytes, limits)?;

@@ -178,20 +178,19 @@ impl Backing {
         if cache.dsync() {
             flags |= libc::O_DSYNC;
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!readonly)
-            .custom_flags(flags)
-            .open(path)
-            .map_err(|e| {
-                if e.raw_os_error() == Some(libc::EINVAL) && cache.direct() {
-                    OpenError::NoDirectIo(path.into())
-                } else {
-                    OpenError::Io(path.into(), e)
-                }
-            })?;
+        let file =
+            OpenOptions::new().read(true).write(!readonly).custom_flags(flags).open(path).map_err(
+                |e| {
+                    if e.raw_os_error() == Some(libc::EINVAL) && cache.direct() {
+                        OpenError::NoDirectIo(path.into())
+                    } else {
+                        OpenError::Io(path.into(), e)
+                    }
+                },
+            )?;
         let (capacity_bytes, logical, physical) = if is_block_device {
-            let size: u64 = ioctl_value(&file, BLKGETSIZE64).map_err(|e| OpenError::Io(path.into(), e))?;
+            let size: u64 =
+                ioctl_value(&file, BLKGETSIZE64).map_err(|e| OpenError::Io(path.into(), e))?;
             let logical: libc::c_int = ioctl_value(&file, BLKSSZGET).unwrap_or(512);
             let physical: libc::c_int = ioctl_value(&file, BLKPBSZGET).unwrap_or(logical);
             (size, logical as u32, physical as u32)

@@ -15,13 +15,27 @@ pub use backing::{Backing, CacheMode, OpenError};
 /// One operation for an engine, built from a validated request.
 #[derive(Clone, Copy)]
 pub enum IoOp<'a> {
-    Read { offset: u64, iov: &'a [GuestIov] },
+    Read {
+        offset: u64,
+        iov: &'a [GuestIov],
+    },
     /// `dsync`: make this write durable before completing (the guest turned its write
     /// cache off on a cache mode that otherwise has one).
-    Write { offset: u64, iov: &'a [GuestIov], dsync: bool },
+    Write {
+        offset: u64,
+        iov: &'a [GuestIov],
+        dsync: bool,
+    },
     Flush,
-    Discard { offset: u64, bytes: u64 },
-    WriteZeroes { offset: u64, bytes: u64, unmap: bool },
+    Discard {
+        offset: u64,
+        bytes: u64,
+    },
+    WriteZeroes {
+        offset: u64,
+        bytes: u64,
+        unmap: bool,
+    },
 }
 
 /// An I/O engine as an I/O thread drives it: queue a batch, submit it with one call, reap

@@ -66,9 +66,9 @@ impl IoThread {
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
         let thread_stop = Arc::clone(&stop);
         let name = format!("blkplane-q{}", setup.index);
-        let join = std::thread::Builder::new().name(name).spawn(move || {
-            worker::run(disk, setup, thread_stop, ready_tx)
-        })?;
+        let join = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || worker::run(disk, setup, thread_stop, ready_tx))?;
         match ready_rx.recv() {
             Ok(Ok(())) => Ok(IoThread { stop, join }),
             Ok(Err(e)) => {

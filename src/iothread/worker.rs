@@ -110,10 +110,21 @@ struct Core {
 }
 
 impl<E: Engine> Worker<E> {
-    fn new(disk: Arc<Disk>, setup: QueueSetup, queue: SplitQueue, engine: E, stop: Arc<StopSignal>) -> Self {
+    fn new(
+        disk: Arc<Disk>,
+        setup: QueueSetup,
+        queue: SplitQueue,
+        engine: E,
+        stop: Arc<StopSignal>,
+    ) -> Self {
         let size = usize::from(setup.size);
         let slots = (0..size)
-            .map(|_| Slot { head: 0, chain: ChainBuf::with_capacity(SLOT_IOVS), status: None, request: None })
+            .map(|_| Slot {
+                head: 0,
+                chain: ChainBuf::with_capacity(SLOT_IOVS),
+                status: None,
+                request: None,
+            })
             .collect();
         let core = Core {
             disk,
@@ -280,11 +291,16 @@ impl Core {
     fn resubmit_refused_zeroes(&mut self, engine: &mut impl Engine) -> usize {
         let count = self.retry_punch.len();
         while let Some(tag) = self.retry_punch.pop() {
-            if let Some(Request::WriteZeroes { offset, bytes, .. }) = self.slots[usize::from(tag)].request {
+            if let Some(Request::WriteZeroes { offset, bytes, .. }) =
+                self.slots[usize::from(tag)].request
+            {
                 let op = IoOp::WriteZeroes { offset, bytes, unmap: true };
                 // SAFETY: the operation carries no buffers; the tag stays reserved until reaped.
                 if let Err(e) = unsafe { engine.queue(tag, op) } {
-                    self.finish(tag, Err(RequestError::Host(e.raw_os_error().unwrap_or(libc::EIO))));
+                    self.finish(
+                        tag,
+                        Err(RequestError::Host(e.raw_os_error().unwrap_or(libc::EIO))),
+                    );
                 }
             }
         }

@@ -76,8 +76,7 @@ impl BlkDevice {
     /// (rings start disabled when protocol features are negotiated, enabled otherwise).
     fn startable(&self, index: usize) -> bool {
         let v = &self.vrings[index];
-        let enabled =
-            v.enabled || self.acked_features & feature::VHOST_USER_PROTOCOL_FEATURES == 0;
+        let enabled = v.enabled || self.acked_features & feature::VHOST_USER_PROTOCOL_FEATURES == 0;
         v.size > 0 && v.addrs.is_some() && v.kick_set && enabled && !self.memory.is_empty()
     }
 
@@ -211,8 +210,14 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         let mut mapped = Vec::with_capacity(regions.len());
         for (r, file) in regions.iter().zip(files.iter()) {
             mapped.push(
-                MappedRegion::map(file, r.mmap_offset, r.guest_phys_addr, r.memory_size, r.user_addr)
-                    .map_err(memory_error)?,
+                MappedRegion::map(
+                    file,
+                    r.mmap_offset,
+                    r.guest_phys_addr,
+                    r.memory_size,
+                    r.user_addr,
+                )
+                .map_err(memory_error)?,
             );
         }
         let memory = GuestMemory::from_regions(mapped).map_err(memory_error)?;
@@ -321,7 +326,12 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         self.apply(index as usize)
     }
 
-    fn get_config(&mut self, offset: u32, size: u32, _flags: VhostUserConfigFlags) -> Result<Vec<u8>> {
+    fn get_config(
+        &mut self,
+        offset: u32,
+        size: u32,
+        _flags: VhostUserConfigFlags,
+    ) -> Result<Vec<u8>> {
         let space = self.disk.config_space();
         let start = offset as usize;
         let end = start.checked_add(size as usize).ok_or(Error::InvalidParam)?;
@@ -350,7 +360,10 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         Err(Error::InvalidOperation("shared objects are not supported"))
     }
 
-    fn get_inflight_fd(&mut self, _inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+    fn get_inflight_fd(
+        &mut self,
+        _inflight: &VhostUserInflight,
+    ) -> Result<(VhostUserInflight, File)> {
         Err(Error::InvalidOperation("inflight tracking is not supported"))
     }
 

@@ -37,17 +37,14 @@ pub fn bind_socket(path: &Path) -> Result<UnixListener, String> {
     UnixListener::bind(path).map_err(|e| format!("cannot bind socket {}: {e}", path.display()))
 }
 
-/// The vhost-user errors after which the connection is gone or out of step.
+/// Whether the connection must end after this error. Errors of our handler were answered
+/// (a REPLY_ACK failure) and the frontend may go on; a message the vhost crate refused got
+/// no answer at all, so a frontend waiting for one would hang: hanging up tells it.
 fn ends_connection(e: &VhostError) -> bool {
     !matches!(
         e,
         VhostError::InvalidParam
             | VhostError::InvalidOperation(_)
-            | VhostError::InactiveFeature(_)
-            | VhostError::InactiveOperation(_)
-            | VhostError::InvalidMessage
-            | VhostError::IncorrectFds
-            | VhostError::FeatureMismatch
             | VhostError::ReqHandlerError(_)
             | VhostError::BackendInternalError
     )
@@ -64,7 +61,11 @@ pub struct ExportServer {
 }
 
 impl ExportServer {
-    pub fn new(disk: Arc<Disk>, socket_path: PathBuf, listener: UnixListener) -> io::Result<ExportServer> {
+    pub fn new(
+        disk: Arc<Disk>,
+        socket_path: PathBuf,
+        listener: UnixListener,
+    ) -> io::Result<ExportServer> {
         Ok(ExportServer {
             disk,
             socket_path,
@@ -93,7 +94,11 @@ impl ExportServer {
         loop {
             let mut fds = [
                 libc::pollfd { fd: self.listener.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-                libc::pollfd { fd: self.shutdown_event.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd {
+                    fd: self.shutdown_event.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
             ];
             // SAFETY: a valid pollfd array for the duration of the call.
             unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };

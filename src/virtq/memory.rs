@@ -216,7 +216,11 @@ impl GuestMemory {
     }
 
     /// This table minus the region at `guest_phys_addr` of `size` bytes (REM_MEM_REG).
-    pub fn without_region(&self, guest_phys_addr: u64, size: u64) -> Result<GuestMemory, MemoryError> {
+    pub fn without_region(
+        &self,
+        guest_phys_addr: u64,
+        size: u64,
+    ) -> Result<GuestMemory, MemoryError> {
         let pos = self
             .regions
             .iter()

@@ -70,10 +70,9 @@ impl fmt::Display for QueueError {
         match self {
             QueueError::RingOutsideMemory(which) => write!(f, "{which} ring outside guest memory"),
             QueueError::RingMisaligned(which) => write!(f, "{which} ring misaligned"),
-            QueueError::AvailIdxJump { avail_idx, next_avail, size } => write!(
-                f,
-                "avail index {avail_idx} is more than {size} ahead of {next_avail}"
-            ),
+            QueueError::AvailIdxJump { avail_idx, next_avail, size } => {
+                write!(f, "avail index {avail_idx} is more than {size} ahead of {next_avail}")
+            }
             QueueError::HeadOutOfRange { head, size } => {
                 write!(f, "avail head {head} out of range for queue size {size}")
             }
@@ -169,13 +168,13 @@ impl SplitQueue {
         let used = mem
             .translate_user(addrs.used_user_addr, 6 + 8 * n)
             .ok_or(QueueError::RingOutsideMemory("used"))?;
-        if desc as usize % 16 != 0 {
+        if !(desc as usize).is_multiple_of(16) {
             return Err(QueueError::RingMisaligned("descriptor"));
         }
-        if avail as usize % 2 != 0 {
+        if !(avail as usize).is_multiple_of(2) {
             return Err(QueueError::RingMisaligned("avail"));
         }
-        if used as usize % 4 != 0 {
+        if !(used as usize).is_multiple_of(4) {
             return Err(QueueError::RingMisaligned("used"));
         }
         let mut q = SplitQueue {
@@ -262,9 +261,8 @@ impl SplitQueue {
         }
         let slot = usize::from(self.next_avail % self.size);
         // SAFETY: slot < size; the avail ring holds `size` u16 entries from offset 4.
-        let head = u16::from_le(unsafe {
-            ptr::read_volatile(self.avail.add(4 + 2 * slot).cast::<u16>())
-        });
+        let head =
+            u16::from_le(unsafe { ptr::read_volatile(self.avail.add(4 + 2 * slot).cast::<u16>()) });
         self.next_avail = self.next_avail.wrapping_add(1);
         if head >= self.size {
             return Err(QueueError::HeadOutOfRange { head, size: self.size });
@@ -404,5 +402,169 @@ impl SplitQueue {
         // Without it a request could slip in unseen with no kick coming: a lost wake-up.
         fence(Ordering::SeqCst);
         self.avail_idx().load(Ordering::Acquire) != self.next_avail
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs::File;
+    use std::os::fd::FromRawFd;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::blk::request::{parse, ChainBuf, DiskLimits, Request};
+    use crate::virtq::MappedRegion;
+
+    const RAM: u64 = 1 << 20;
+    const USER_BASE: u64 = 0x7000_0000;
+    const QSIZE: u16 = 16;
+
+    fn guest_ram() -> (File, GuestMemory) {
+        // SAFETY: memfd_create with a valid name; the fd is ours.
+        let file = unsafe { File::from_raw_fd(libc::memfd_create(c"t".as_ptr(), 0)) };
+        file.set_len(RAM).unwrap();
+        let region = MappedRegion::map(&file, 0, 0, RAM, USER_BASE).unwrap();
+        let mem = GuestMemory::default().with_region(region).unwrap();
+        (file, mem)
+    }
+
+    fn write(mem: &GuestMemory, gpa: u64, bytes: &[u8]) {
+        mem.translate(gpa, bytes.len() as u32, |iov| {
+            crate::virtq::copy_to_guest(&[iov], bytes);
+            true
+        });
+    }
+
+    #[derive(Debug, Clone)]
+    struct RawDesc {
+        addr: u64,
+        len: u32,
+        flags: u16,
+        next: u16,
+    }
+
+    fn desc_strategy() -> impl Strategy<Value = RawDesc> {
+        let addr = prop_oneof![
+            8 => 0x4000u64..RAM,            // inside guest memory
+            1 => RAM - 64..RAM + 64,        // straddling its end
+            1 => any::<u64>(),              // anywhere
+        ];
+        (addr, 0u32..70_000, 0u16..8, 0u16..(QSIZE + 4))
+            .prop_map(|(addr, len, flags, next)| RawDesc { addr, len, flags, next })
+    }
+
+    fn header(kind: u32, sector: u64) -> [u8; 16] {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        h
+    }
+
+    proptest! {
+        /// Whatever the guest writes into the descriptor table, the walk ends, never panics,
+        /// and hands out only ranges inside guest memory.
+        #[test]
+        fn chain_walk_is_bounded_and_stays_in_guest_memory(
+            descs in proptest::collection::vec(desc_strategy(), QSIZE as usize),
+            indirect_table in proptest::collection::vec(desc_strategy(), 0..8),
+            head in 0u16..QSIZE,
+            indirect in any::<bool>(),
+            hdr_kind in prop_oneof![Just(0u32), Just(1), Just(4), Just(8), Just(11), Just(13), any::<u32>()],
+            hdr_sector in prop_oneof![0u64..4096, any::<u64>()],
+        ) {
+            let (_file, mem) = guest_ram();
+            for (i, d) in descs.iter().enumerate() {
+                let mut raw = [0u8; 16];
+                raw[0..8].copy_from_slice(&d.addr.to_le_bytes());
+                raw[8..12].copy_from_slice(&d.len.to_le_bytes());
+                raw[12..14].copy_from_slice(&d.flags.to_le_bytes());
+                raw[14..16].copy_from_slice(&d.next.to_le_bytes());
+                write(&mem, 16 * i as u64, &raw);
+            }
+            for (i, d) in indirect_table.iter().enumerate() {
+                let mut raw = [0u8; 16];
+                raw[0..8].copy_from_slice(&d.addr.to_le_bytes());
+                raw[8..12].copy_from_slice(&d.len.to_le_bytes());
+                raw[12..14].copy_from_slice(&(d.flags & !DESC_F_INDIRECT).to_le_bytes());
+                raw[14..16].copy_from_slice(&d.next.to_le_bytes());
+                write(&mem, 0x3000 + 16 * i as u64, &raw);
+            }
+            // Headers at every plausible data address, so parsing gets past the header often.
+            for gpa in (0x4000..RAM).step_by(0x10000) {
+                write(&mem, gpa, &header(hdr_kind, hdr_sector));
+            }
+            let addrs = RingAddrs {
+                desc_user_addr: USER_BASE,
+                avail_user_addr: USER_BASE + 0x1000,
+                used_user_addr: USER_BASE + 0x2000,
+            };
+            let q = SplitQueue::new(&mem, addrs, QSIZE, 0, false, indirect, 32).unwrap();
+            let mut chain = ChainBuf::with_capacity(32);
+            let host_base = mem.translate_contiguous(0, 1).unwrap() as usize;
+            let in_ram = |iov: &GuestIov| iov.addr() >= host_base && iov.addr() + iov.len() <= host_base + RAM as usize;
+            if let Ok(outcome) = q.walk_chain(&mem, head, &mut chain) {
+                if let Some(t) = outcome.tail {
+                    prop_assert!(in_ram(&t) && t.len() == 1);
+                }
+                let limits = DiskLimits { capacity_bytes: 1 << 30, readonly: false };
+                let parsed = parse(&mut chain, outcome, &limits);
+                match parsed.result {
+                    Ok(Request::Read { offset, bytes, data } | Request::Write { offset, bytes, data }) => {
+                        prop_assert!(offset + bytes <= limits.capacity_bytes);
+                        prop_assert_eq!(bytes % 512, 0);
+                        for iov in chain.iovs(data) {
+                            prop_assert!(in_ram(iov));
+                        }
+                    }
+                    Ok(Request::Discard { offset, bytes } | Request::WriteZeroes { offset, bytes, .. }) => {
+                        prop_assert!(offset + bytes <= limits.capacity_bytes);
+                    }
+                    Ok(Request::GetId { bytes, .. }) => prop_assert!(bytes <= 20),
+                    Ok(Request::Flush) | Err(_) => {}
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_looping_chain_is_refused() {
+        let (_file, mem) = guest_ram();
+        let mut raw = [0u8; 32];
+        raw[0..8].copy_from_slice(&0x4000u64.to_le_bytes());
+        raw[8..12].copy_from_slice(&16u32.to_le_bytes());
+        raw[12..14].copy_from_slice(&DESC_F_NEXT.to_le_bytes());
+        raw[14..16].copy_from_slice(&1u16.to_le_bytes());
+        raw.copy_within(0..16, 16);
+        raw[30..32].copy_from_slice(&0u16.to_le_bytes());
+        write(&mem, 0, &raw);
+        let addrs = RingAddrs {
+            desc_user_addr: USER_BASE,
+            avail_user_addr: USER_BASE + 0x1000,
+            used_user_addr: USER_BASE + 0x2000,
+        };
+        let q = SplitQueue::new(&mem, addrs, QSIZE, 0, false, false, 32).unwrap();
+        let mut chain = ChainBuf::with_capacity(64);
+        assert_eq!(q.walk_chain(&mem, 0, &mut chain).unwrap_err(), ChainError::TooLong);
+    }
+
+    #[test]
+    fn rings_outside_memory_or_misaligned_are_refused() {
+        let (_file, mem) = guest_ram();
+        let good = RingAddrs {
+            desc_user_addr: USER_BASE,
+            avail_user_addr: USER_BASE + 0x1000,
+            used_user_addr: USER_BASE + 0x2000,
+        };
+        let outside = RingAddrs { used_user_addr: USER_BASE + RAM - 8, ..good };
+        assert_eq!(
+            SplitQueue::new(&mem, outside, QSIZE, 0, false, false, 32).err(),
+            Some(QueueError::RingOutsideMemory("used"))
+        );
+        let misaligned = RingAddrs { desc_user_addr: USER_BASE + 8, ..good };
+        assert_eq!(
+            SplitQueue::new(&mem, misaligned, QSIZE, 0, false, false, 32).err(),
+            Some(QueueError::RingMisaligned("descriptor"))
+        );
     }
 }

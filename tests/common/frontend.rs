@@ -9,7 +9,9 @@ use std::path::Path;
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
@@ -77,7 +79,9 @@ impl GuestRam {
     pub fn write(&self, gpa: u64, data: &[u8]) {
         assert!(gpa as usize + data.len() <= RAM_BYTES);
         // SAFETY: inside our mapping.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(gpa as usize), data.len()) }
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(gpa as usize), data.len())
+        }
     }
 
     pub fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
@@ -217,7 +221,8 @@ impl TestFrontend {
 
     /// Puts `head` in the avail ring and publishes it.
     pub fn push_avail(&mut self, q: usize, head: u16) {
-        let (avail, idx, size) = (self.queues[q].avail, self.queues[q].avail_idx, self.queues[q].size);
+        let (avail, idx, size) =
+            (self.queues[q].avail, self.queues[q].avail_idx, self.queues[q].size);
         self.ram.write_u16(avail + 4 + 2 * u64::from(idx % size), head);
         fence(Ordering::SeqCst);
         self.set_avail_idx(q, idx.wrapping_add(1));
@@ -261,7 +266,8 @@ impl TestFrontend {
     pub fn submit_chain(&mut self, q: usize, bufs: &[Buf]) -> Option<Completed> {
         for (i, b) in bufs.iter().enumerate() {
             let last = i + 1 == bufs.len();
-            let flags = if b.writable { DESC_F_WRITE } else { 0 } | if last { 0 } else { DESC_F_NEXT };
+            let flags =
+                if b.writable { DESC_F_WRITE } else { 0 } | if last { 0 } else { DESC_F_NEXT };
             self.set_desc(q, i as u16, b.gpa, b.len, flags, i as u16 + 1);
         }
         self.submit_head(q, 0, bufs.last().map(|b| b.gpa + u64::from(b.len) - 1))
@@ -271,7 +277,8 @@ impl TestFrontend {
     pub fn submit_indirect(&mut self, q: usize, bufs: &[Buf]) -> Option<Completed> {
         for (i, b) in bufs.iter().enumerate() {
             let last = i + 1 == bufs.len();
-            let flags = if b.writable { DESC_F_WRITE } else { 0 } | if last { 0 } else { DESC_F_NEXT };
+            let flags =
+                if b.writable { DESC_F_WRITE } else { 0 } | if last { 0 } else { DESC_F_NEXT };
             write_desc(&self.ram, INDIRECT_AREA + 16 * i as u64, b.gpa, b.len, flags, i as u16 + 1);
         }
         self.set_desc(q, 0, INDIRECT_AREA, 16 * bufs.len() as u32, DESC_F_INDIRECT, 0);
@@ -279,7 +286,12 @@ impl TestFrontend {
     }
 
     /// Publishes `head`, kicks, waits 5 s at most; reads the status at `status_gpa`.
-    pub fn submit_head(&mut self, q: usize, head: u16, status_gpa: Option<u64>) -> Option<Completed> {
+    pub fn submit_head(
+        &mut self,
+        q: usize,
+        head: u16,
+        status_gpa: Option<u64>,
+    ) -> Option<Completed> {
         if let Some(s) = status_gpa {
             self.ram.write(s, &[0xAA]);
         }
@@ -291,7 +303,14 @@ impl TestFrontend {
     }
 
     /// A well-formed request: header, optional data, status. Returns (completion, data read).
-    pub fn request(&mut self, q: usize, kind: u32, sector: u64, out: &[u8], in_len: u32) -> (Completed, Vec<u8>) {
+    pub fn request(
+        &mut self,
+        q: usize,
+        kind: u32,
+        sector: u64,
+        out: &[u8],
+        in_len: u32,
+    ) -> (Completed, Vec<u8>) {
         let hdr = HEADER_AREA;
         let status = HEADER_AREA + 64;
         let data = DATA_AREA;

@@ -23,7 +23,8 @@ pub struct Daemon {
 impl Daemon {
     /// Starts the daemon with `--export` for each spec and waits until every socket answers.
     pub fn start(dir: &Path, exports: &[String]) -> Daemon {
-        let log_path = dir.join(format!("daemon-{}.log", std::process::id() as u64 * 1000 + rand_u16() as u64));
+        let log_path = dir
+            .join(format!("daemon-{}.log", std::process::id() as u64 * 1000 + rand_u16() as u64));
         let log = fs::File::create(&log_path).unwrap();
         let mut cmd = Command::new(BIN);
         cmd.arg("serve").arg("--log-level").arg("debug");
@@ -66,9 +67,13 @@ impl Daemon {
 
     /// Sends SIGTERM and waits (at most 20 s) for the exit status.
     pub fn stop(&mut self) -> ExitStatus {
+        unsafe_kill(self.pid(), libc::SIGTERM);
+        self.stop_after_signal()
+    }
+
+    /// Waits (at most 20 s) for the exit status after a signal was sent.
+    pub fn stop_after_signal(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("daemon running");
-        // SAFETY-free: kill(2) through libc on a child we own.
-        unsafe_kill(child.id() as i32, libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
@@ -164,7 +169,11 @@ impl Client {
         Self::try_connect(sock, num_queues, false).unwrap_or_else(|e| panic!("connect: {e}"))
     }
 
-    pub fn try_connect(sock: &Path, num_queues: i32, read_only: bool) -> Result<Client, blkio::Error> {
+    pub fn try_connect(
+        sock: &Path,
+        num_queues: i32,
+        read_only: bool,
+    ) -> Result<Client, blkio::Error> {
         let mut b = Blkio::new("virtio-blk-vhost-user")?;
         b.set_str("path", sock.to_str().unwrap())?;
         b.set_bool("read-only", read_only)?;
@@ -186,6 +195,7 @@ impl Client {
         (self.buf.addr + at) as *mut u8
     }
 
+    #[allow(clippy::mut_from_ref)] // the region is shared memory, not owned by self
     pub fn buf_slice(&self, at: usize, len: usize) -> &mut [u8] {
         assert!(at + len <= self.buf.len);
         // SAFETY: inside the region libblkio allocated for us and keeps mapped.
@@ -211,7 +221,13 @@ impl Client {
     }
 
     /// Reads `len` bytes at `offset` through queue `q` into buffer offset `at`.
-    pub fn read_at(&mut self, q: usize, offset: u64, len: usize, at: usize) -> Result<Vec<u8>, i32> {
+    pub fn read_at(
+        &mut self,
+        q: usize,
+        offset: u64,
+        len: usize,
+        at: usize,
+    ) -> Result<Vec<u8>, i32> {
         self.buf_slice(at, len).fill(0xEE);
         let ptr = self.buf_ptr(at);
         self.queues[q].read(offset, ptr, len, 0, ReqFlags::empty());

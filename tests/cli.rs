@@ -1,0 +1,186 @@
+//! The command line: bad input gets one clear line and exit status 2, and nothing is created,
+//! truncated or left behind; signals end the daemon cleanly.
+
+mod common;
+
+use std::fs;
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::{make_image, tmpdir, Client, Daemon, BIN};
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().expect("run blkplane")
+}
+
+fn serve(exports: &[String]) -> Output {
+    let mut args = vec!["serve".to_string()];
+    for e in exports {
+        args.push("--export".into());
+        args.push(e.clone());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run(&args)
+}
+
+/// Exit status 2 and exactly one line on stderr, which says `want`.
+fn assert_usage_error(out: &Output, want: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line, got: {stderr}");
+    assert!(stderr.contains(want), "wanted {want:?} in: {stderr}");
+}
+
+#[test]
+fn help_explains_every_option() {
+    let out = run(&["--help"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("serve"));
+    let out = run(&["serve", "--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for key in [
+        "socket=",
+        "image=",
+        "engine=null",
+        "size=",
+        "queues=",
+        "queue-size=",
+        "cache=",
+        "aio=",
+        "readonly=",
+        "serial=",
+    ] {
+        assert!(help.contains(key), "serve --help lacks {key}");
+    }
+    for mode in ["none", "directsync", "writeback", "writethrough", "unsafe"] {
+        assert!(help.contains(mode), "serve --help lacks cache mode {mode}");
+    }
+    assert!(help.contains("may lose data"), "--help must say unsafe loses data");
+}
+
+#[test]
+fn bad_export_specs_exit_2_and_create_nothing() {
+    let dir = tmpdir();
+    let d = dir.path();
+    let sock = d.join("s.sock");
+    let missing = d.join("missing.raw");
+    let out = serve(&[format!("socket={},image={}", sock.display(), missing.display())]);
+    assert_usage_error(&out, &format!("image {} does not exist", missing.display()));
+    assert!(!missing.exists(), "the missing image was created");
+    assert!(!sock.exists(), "a socket was left behind");
+
+    let image = d.join("disk.raw");
+    make_image(&image, 1 << 20, 1);
+    let out = serve(&[format!("socket={},image={},colour=red", sock.display(), image.display())]);
+    assert_usage_error(&out, "unknown key 'colour'");
+
+    let out = serve(&[format!("image={}", image.display())]);
+    assert_usage_error(&out, "missing socket=PATH");
+
+    let odd = d.join("odd.raw");
+    fs::write(&odd, vec![7u8; 1000]).unwrap();
+    let out = serve(&[format!("socket={},image={}", sock.display(), odd.display())]);
+    assert_usage_error(&out, "is 1000 bytes, not a multiple of 512");
+    assert_eq!(fs::read(&odd).unwrap(), vec![7u8; 1000], "the image was changed");
+
+    let empty = d.join("empty.raw");
+    fs::write(&empty, b"").unwrap();
+    let out = serve(&[format!("socket={},image={}", sock.display(), empty.display())]);
+    assert_usage_error(&out, "is empty");
+
+    let out = serve(&[format!("socket={},image={}", sock.display(), d.display())]);
+    assert_usage_error(&out, "is neither a regular file nor a block device");
+
+    // A path that exists and is not a socket is never replaced.
+    let not_sock = d.join("precious.txt");
+    fs::write(&not_sock, b"keep me").unwrap();
+    let out = serve(&[format!("socket={},image={}", not_sock.display(), image.display())]);
+    assert_usage_error(&out, "exists and is not a socket");
+    assert_eq!(fs::read(&not_sock).unwrap(), b"keep me");
+
+    // The second export fails: the first one's socket must not be left behind.
+    let good_sock = d.join("good.sock");
+    let out = serve(&[
+        format!("socket={},image={}", good_sock.display(), image.display()),
+        format!("socket={},image={}", sock.display(), missing.display()),
+    ]);
+    assert_usage_error(&out, "does not exist");
+    assert!(!good_sock.exists());
+
+    let out = serve(&[
+        format!("socket={},image={}", sock.display(), image.display()),
+        format!("socket={},image={}", sock.display(), image.display()),
+    ]);
+    assert_usage_error(&out, "is given to two exports");
+
+    let out = run(&["serve"]);
+    assert_eq!(out.status.code(), Some(2), "no --export at all");
+    let out = run(&["serve", "--export", "x", "--frobnicate"]);
+    assert_eq!(out.status.code(), Some(2), "unknown flag");
+}
+
+#[test]
+fn a_socket_in_use_is_refused_and_the_owner_keeps_serving() {
+    let dir = tmpdir();
+    let image = dir.path().join("disk.raw");
+    let sock = dir.path().join("blk.sock");
+    make_image(&image, 4 << 20, 3);
+    let _first = Daemon::start(
+        dir.path(),
+        &[format!("socket={},image={}", sock.display(), image.display())],
+    );
+    let out = serve(&[format!("socket={},image={}", sock.display(), image.display())]);
+    assert_usage_error(&out, &format!("socket {} is in use by another server", sock.display()));
+    // The first daemon's socket is still there and still serves.
+    let mut c = Client::connect(&sock, 1);
+    assert!(c.read_at(0, 0, 4096, 0).unwrap() == common::pattern(3, 0, 4096));
+}
+
+#[test]
+fn a_stale_socket_file_is_replaced() {
+    let dir = tmpdir();
+    let image = dir.path().join("disk.raw");
+    let sock = dir.path().join("blk.sock");
+    make_image(&image, 4 << 20, 4);
+    drop(UnixListener::bind(&sock).unwrap()); // leaves the file, with nobody listening
+    assert!(sock.exists());
+    let _d = Daemon::start(
+        dir.path(),
+        &[format!("socket={},image={}", sock.display(), image.display())],
+    );
+    let mut c = Client::connect(&sock, 1);
+    assert!(c.read_at(0, 0, 4096, 0).unwrap() == common::pattern(4, 0, 4096));
+}
+
+fn stops_on(signal: i32) {
+    let dir = tmpdir();
+    let image = dir.path().join("disk.raw");
+    let sock = dir.path().join("blk.sock");
+    make_image(&image, 4 << 20, 5);
+    let mut d = Daemon::start(
+        dir.path(),
+        &[format!("socket={},image={}", sock.display(), image.display())],
+    );
+    // With a client connected and queues running.
+    let mut c = Client::connect(&sock, 1);
+    assert_eq!(c.write_at(0, 0, &[9u8; 4096], 0), 0);
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(d.pid(), signal) };
+    let status = d.stop_after_signal();
+    assert!(status.success(), "exit status {status}:\n{}", d.log());
+    assert!(!Path::new(&sock).exists(), "socket left behind");
+    assert_eq!(fs::read(&image).unwrap()[..4096], [9u8; 4096]);
+    drop(c);
+}
+
+#[test]
+fn sigterm_stops_cleanly() {
+    stops_on(libc::SIGTERM);
+}
+
+#[test]
+fn sigint_stops_cleanly() {
+    stops_on(libc::SIGINT);
+}

@@ -1,0 +1,382 @@
+//! A hostile guest: the project's own frontend sends malformed requests and broken rings to a
+//! running daemon and checks the exact answer, that nothing outside the disk changed, and
+//! that the daemon keeps serving its other queues and the next connection.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::frontend::*;
+use common::{make_image, pattern, tmpdir, Daemon};
+use vhost::vhost_user::VhostUserFrontend;
+use vhost::VhostBackend;
+
+const IMAGE_BYTES: u64 = 8 << 20;
+const SECTORS: u64 = IMAGE_BYTES / 512;
+const QSIZE: u16 = 64;
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    image: PathBuf,
+    sock: PathBuf,
+    daemon: Daemon,
+}
+
+fn setup(extra: &str) -> Setup {
+    let dir = tmpdir();
+    let image = dir.path().join("disk.raw");
+    let sock = dir.path().join("blk.sock");
+    make_image(&image, IMAGE_BYTES, 42);
+    let spec = format!("socket={},image={},queues=2{extra}", sock.display(), image.display());
+    let daemon = Daemon::start(dir.path(), &[spec]);
+    Setup { image, sock, daemon, _dir: dir }
+}
+
+fn connect(sock: &Path) -> TestFrontend {
+    TestFrontend::connect(sock, 2, QSIZE, F_RING_INDIRECT_DESC | F_RING_EVENT_IDX)
+}
+
+/// The queue still answers a good read with the image's bytes.
+fn assert_queue_serves(fe: &mut TestFrontend, q: usize) {
+    let (c, data) = fe.request(q, T_IN, 8, &[], 4096);
+    assert_eq!(c.status, S_OK, "queue {q} read");
+    assert_eq!(data, pattern(42, 8 * 512, 4096), "queue {q} data");
+}
+
+/// The image is exactly as made, apart from `changed` ranges.
+fn assert_image_intact(image: &Path) {
+    let img = fs::read(image).unwrap();
+    assert_eq!(img.len() as u64, IMAGE_BYTES);
+    assert!(img == pattern(42, 0, IMAGE_BYTES as usize), "image changed");
+}
+
+#[test]
+fn well_formed_requests_get_exact_answers() {
+    let mut s = setup(",serial=blkplane-serial-1");
+    let mut fe = connect(&s.sock);
+    assert_eq!(fe.features & F_RING_EVENT_IDX, F_RING_EVENT_IDX);
+
+    // Config space: capacity, num_queues, writeback on for cache=none.
+    let cfg = fe.config(60);
+    assert_eq!(u64::from_le_bytes(cfg[0..8].try_into().unwrap()), SECTORS);
+    assert_eq!(u16::from_le_bytes([cfg[34], cfg[35]]), 2);
+    assert_eq!(cfg[32], 1, "write cache on for cache=none");
+
+    // GET_ID: the serial, zero-padded to 20 bytes; used length counts the id and status.
+    let (c, id) = fe.request(0, T_GET_ID, 0, &[], 20);
+    assert_eq!((c.status, c.used_len), (S_OK, 21));
+    assert_eq!(&id[..], b"blkplane-serial-1\0\0\0");
+
+    // Read: used length = data + status.
+    let (c, data) = fe.request(0, T_IN, 16, &[], 8192);
+    assert_eq!((c.status, c.used_len), (S_OK, 8193));
+    assert_eq!(data, pattern(42, 16 * 512, 8192));
+    // The guest was interrupted (the call eventfd counts).
+    assert!(fe.queues[0].call.read().unwrap() >= 1, "no interrupt after completion");
+
+    // Write then flush: used length is just the status.
+    let payload = pattern(7, 0, 4096);
+    let (c, _) = fe.request(1, T_OUT, 100, &payload, 0);
+    assert_eq!((c.status, c.used_len), (S_OK, 1));
+    let (c, _) = fe.request(1, T_FLUSH, 0, &[], 0);
+    assert_eq!((c.status, c.used_len), (S_OK, 1));
+
+    // Through an indirect table: header, two data buffers, status.
+    let hdr = HEADER_AREA;
+    fe.ram.write(hdr, &header(T_IN, 100));
+    let c = fe
+        .submit_indirect(
+            0,
+            &[
+                Buf { gpa: hdr, len: 16, writable: false },
+                Buf { gpa: DATA_AREA, len: 1024, writable: true },
+                Buf { gpa: DATA_AREA + 0x10000, len: 3072, writable: true },
+                Buf { gpa: hdr + 64, len: 1, writable: true },
+            ],
+        )
+        .expect("indirect answered");
+    assert_eq!((c.status, c.used_len), (S_OK, 4097));
+    let mut back = fe.ram.read(DATA_AREA, 1024);
+    back.extend(fe.ram.read(DATA_AREA + 0x10000, 3072));
+    assert_eq!(back, payload, "indirect read returns what was written");
+
+    drop(fe);
+    assert!(s.daemon.stop().success());
+    let img = fs::read(&s.image).unwrap();
+    assert_eq!(img[100 * 512..100 * 512 + 4096], payload[..]);
+}
+
+#[test]
+#[allow(clippy::type_complexity)]
+fn bad_requests_get_the_right_status_and_change_nothing() {
+    let mut s = setup("");
+    let mut fe = connect(&s.sock);
+    let cases: Vec<(&str, u32, u64, Vec<u8>, u32, u8)> = vec![
+        ("unknown type", 99, 0, vec![], 512, S_UNSUPP),
+        ("GET_LIFETIME", 10, 0, vec![], 16, S_UNSUPP),
+        ("read at the end", T_IN, SECTORS, vec![], 512, S_IOERR),
+        ("read across the end", T_IN, SECTORS - 1, vec![], 1024, S_IOERR),
+        ("sector overflow", T_IN, u64::MAX / 256, vec![], 512, S_IOERR),
+        ("write across the end", T_OUT, SECTORS - 1, pattern(1, 0, 1024), 0, S_IOERR),
+        ("read not a sector multiple", T_IN, 0, vec![], 100, S_IOERR),
+        ("write not a sector multiple", T_OUT, 0, pattern(1, 0, 700), 0, S_IOERR),
+    ];
+    for (what, kind, sector, out, in_len, want) in cases {
+        let (c, _) = fe.request(0, kind, sector, &out, in_len);
+        assert_eq!(c.status, want, "{what}");
+        assert_eq!(c.used_len, 1, "{what}: only the status byte was written");
+    }
+    // Discard: the unmap flag is not allowed (UNSUPP); a range past the end is IOERR; two
+    // segments when we advertise one is IOERR.
+    let seg = |sector: u64, n: u32, flags: u32| {
+        let mut v = sector.to_le_bytes().to_vec();
+        v.extend(n.to_le_bytes());
+        v.extend(flags.to_le_bytes());
+        v
+    };
+    assert_eq!(fe.request(0, T_DISCARD, 0, &seg(0, 8, 1), 0).0.status, S_UNSUPP);
+    assert_eq!(fe.request(0, T_WRITE_ZEROES, 0, &seg(0, 8, 2), 0).0.status, S_UNSUPP);
+    assert_eq!(fe.request(0, T_DISCARD, 0, &seg(SECTORS - 4, 8, 0), 0).0.status, S_IOERR);
+    let mut two = seg(0, 8, 0);
+    two.extend(seg(16, 8, 0));
+    assert_eq!(fe.request(0, T_WRITE_ZEROES, 0, &two, 0).0.status, S_IOERR);
+
+    // A header shorter than 16 bytes.
+    fe.ram.write(HEADER_AREA, &header(T_IN, 0));
+    let c = fe
+        .submit_chain(
+            0,
+            &[
+                Buf { gpa: HEADER_AREA, len: 8, writable: false },
+                Buf { gpa: HEADER_AREA + 64, len: 1, writable: true },
+            ],
+        )
+        .unwrap();
+    assert_eq!((c.status, c.used_len), (S_IOERR, 1), "short header");
+
+    // Data buffers outside guest memory, with a good status byte: IOERR, no crash.
+    fe.ram.write(HEADER_AREA, &header(T_IN, 0));
+    for (what, gpa) in [
+        ("far away", 1u64 << 40),
+        ("straddling the end", RAM_BYTES as u64 - 256),
+        ("wrapping", u64::MAX - 100),
+    ] {
+        let c = fe
+            .submit_chain(
+                0,
+                &[
+                    Buf { gpa: HEADER_AREA, len: 16, writable: false },
+                    Buf { gpa, len: 512, writable: true },
+                    Buf { gpa: HEADER_AREA + 64, len: 1, writable: true },
+                ],
+            )
+            .unwrap();
+        assert_eq!((c.status, c.used_len), (S_IOERR, 1), "data {what}");
+    }
+    // A write whose payload lies outside guest memory.
+    fe.ram.write(HEADER_AREA, &header(T_OUT, 0));
+    let c = fe
+        .submit_chain(
+            0,
+            &[
+                Buf { gpa: HEADER_AREA, len: 16, writable: false },
+                Buf { gpa: 1 << 40, len: 4096, writable: false },
+                Buf { gpa: HEADER_AREA + 64, len: 1, writable: true },
+            ],
+        )
+        .unwrap();
+    assert_eq!(c.status, S_IOERR, "write from outside guest memory");
+    // No writable status byte at all: the chain comes back with used length 0.
+    fe.ram.write(HEADER_AREA, &header(T_IN, 0));
+    let c = fe.submit_chain(0, &[Buf { gpa: HEADER_AREA, len: 16, writable: false }]).unwrap();
+    assert_eq!(c.used_len, 0, "no status byte");
+
+    assert_queue_serves(&mut fe, 0);
+    assert_queue_serves(&mut fe, 1);
+    drop(fe);
+    assert!(s.daemon.stop().success());
+    assert_image_intact(&s.image);
+}
+
+#[test]
+fn readonly_export_refuses_writes_from_the_guest() {
+    let mut s = setup(",readonly=on");
+    let mut fe = connect(&s.sock);
+    let offered = fe.fe.get_features().unwrap();
+    assert_ne!(offered & (1 << 5), 0, "VIRTIO_BLK_F_RO offered");
+    assert_eq!(offered & (1 << 13 | 1 << 14), 0, "no discard / write-zeroes on a read-only export");
+    let (c, _) = fe.request(0, T_OUT, 0, &pattern(1, 0, 4096), 0);
+    assert_eq!((c.status, c.used_len), (S_IOERR, 1));
+    let mut seg = 0u64.to_le_bytes().to_vec();
+    seg.extend(8u32.to_le_bytes());
+    seg.extend(0u32.to_le_bytes());
+    assert_eq!(fe.request(0, T_DISCARD, 0, &seg, 0).0.status, S_IOERR);
+    assert_eq!(fe.request(0, T_WRITE_ZEROES, 0, &seg, 0).0.status, S_IOERR);
+    assert_queue_serves(&mut fe, 0);
+    drop(fe);
+    assert!(s.daemon.stop().success());
+    assert_image_intact(&s.image);
+}
+
+/// Sends a structurally broken chain on queue 0 and checks the queue goes quiet while queue 1,
+/// the daemon, and the next connection keep working.
+fn assert_breaks_only_its_queue(
+    s: &mut Setup,
+    what: &str,
+    break_it: impl FnOnce(&mut TestFrontend),
+) {
+    let broken_before = s.daemon.log().matches("queue broken by the guest").count();
+    let mut fe = connect(&s.sock);
+    break_it(&mut fe);
+    fe.kick(0);
+    assert_eq!(fe.wait_used(0, Duration::from_millis(500)), None, "{what}: broken queue answered");
+    assert_queue_serves(&mut fe, 1);
+    assert!(s.daemon.alive(), "{what}: daemon died:\n{}", s.daemon.log());
+    drop(fe);
+    // A new connection starts from a clean slate.
+    let mut fe = connect(&s.sock);
+    assert_queue_serves(&mut fe, 0);
+    assert_queue_serves(&mut fe, 1);
+    let broken_after = s.daemon.log().matches("queue broken by the guest").count();
+    assert_eq!(
+        broken_after,
+        broken_before + 1,
+        "{what}: the daemon did not report one broken queue"
+    );
+}
+
+#[test]
+fn broken_rings_break_only_their_queue() {
+    let mut s = setup("");
+    assert_breaks_only_its_queue(&mut s, "loop", |fe| {
+        fe.ram.write(HEADER_AREA, &header(T_IN, 0));
+        fe.set_desc(0, 0, HEADER_AREA, 16, DESC_F_NEXT, 1);
+        fe.set_desc(0, 1, DATA_AREA, 512, DESC_F_NEXT | DESC_F_WRITE, 0);
+        fe.push_avail(0, 0);
+    });
+    assert_breaks_only_its_queue(&mut s, "chain longer than the queue", |fe| {
+        for i in 0..QSIZE {
+            fe.set_desc(0, i, DATA_AREA, 512, DESC_F_NEXT | DESC_F_WRITE, (i + 1) % QSIZE);
+        }
+        fe.set_desc(0, 0, HEADER_AREA, 16, DESC_F_NEXT, 1);
+        fe.push_avail(0, 0);
+    });
+    assert_breaks_only_its_queue(&mut s, "next index out of range", |fe| {
+        fe.set_desc(0, 0, HEADER_AREA, 16, DESC_F_NEXT, QSIZE + 5);
+        fe.push_avail(0, 0);
+    });
+    assert_breaks_only_its_queue(&mut s, "head out of range", |fe| {
+        fe.push_avail(0, QSIZE);
+    });
+    assert_breaks_only_its_queue(&mut s, "avail index jumps ahead", |fe| {
+        fe.set_avail_idx(0, QSIZE + 1);
+    });
+    assert_breaks_only_its_queue(&mut s, "readable after writable", |fe| {
+        fe.set_desc(0, 0, HEADER_AREA, 16, DESC_F_NEXT, 1);
+        fe.set_desc(0, 1, DATA_AREA, 512, DESC_F_NEXT | DESC_F_WRITE, 2);
+        fe.set_desc(0, 2, DATA_AREA, 512, DESC_F_NEXT, 3);
+        fe.set_desc(0, 3, HEADER_AREA + 64, 1, DESC_F_WRITE, 0);
+        fe.push_avail(0, 0);
+    });
+    assert_breaks_only_its_queue(&mut s, "nested indirect", |fe| {
+        fe.set_desc(0, 0, INDIRECT_AREA, 32, DESC_F_INDIRECT, 0);
+        let mut d = INDIRECT_AREA.to_le_bytes().to_vec();
+        d.extend(32u32.to_le_bytes());
+        d.extend(DESC_F_INDIRECT.to_le_bytes());
+        d.extend(0u16.to_le_bytes());
+        fe.ram.write(INDIRECT_AREA, &d);
+        fe.push_avail(0, 0);
+    });
+    assert_breaks_only_its_queue(&mut s, "indirect table outside memory", |fe| {
+        fe.set_desc(0, 0, 1 << 40, 64, DESC_F_INDIRECT, 0);
+        fe.push_avail(0, 0);
+    });
+    assert_breaks_only_its_queue(&mut s, "indirect length not a multiple of 16", |fe| {
+        fe.set_desc(0, 0, INDIRECT_AREA, 40, DESC_F_INDIRECT, 0);
+        fe.push_avail(0, 0);
+    });
+    assert!(s.daemon.stop().success());
+    assert_image_intact(&s.image);
+}
+
+#[test]
+fn indirect_without_negotiation_breaks_the_queue() {
+    let mut s = setup("");
+    let mut fe = TestFrontend::connect(&s.sock, 2, QSIZE, 0);
+    assert_eq!(fe.features & F_RING_INDIRECT_DESC, 0);
+    fe.ram.write(HEADER_AREA, &header(T_IN, 0));
+    let r = fe.submit_indirect(
+        0,
+        &[
+            Buf { gpa: HEADER_AREA, len: 16, writable: false },
+            Buf { gpa: HEADER_AREA + 64, len: 1, writable: true },
+        ],
+    );
+    assert_eq!(r, None);
+    // Without EVENT_IDX, queue 1 still works through flags-based notification.
+    assert_queue_serves(&mut fe, 1);
+    drop(fe);
+    assert!(s.daemon.stop().success());
+}
+
+#[test]
+fn bad_control_messages_are_refused_and_the_connection_lives() {
+    use vhost::VringConfigData;
+    let mut s = setup("");
+    let mut fe = connect(&s.sock);
+    // A vring address outside guest memory: the kick that would start it is refused.
+    fe.fe
+        .set_vring_addr(
+            0,
+            &VringConfigData {
+                queue_max_size: QSIZE,
+                queue_size: QSIZE,
+                flags: 0,
+                desc_table_addr: 0xdead_0000_0000,
+                used_ring_addr: 0xdead_0001_0000,
+                avail_ring_addr: 0xdead_0002_0000,
+                log_addr: None,
+            },
+        )
+        .expect_err("running queue restarted on bad addresses");
+    let kick = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+    fe.fe.set_vring_kick(0, &kick).expect_err("ring outside memory refused");
+    // Queue sizes that are not powers of two or too large, and queue indexes out of range.
+    fe.fe.set_vring_num(1, 100).expect_err("size 100 refused");
+    fe.fe.set_vring_num(1, 4096).expect_err("size 4096 refused");
+    fe.fe.set_vring_num(7, 64).expect_err("queue 7 refused");
+    // The connection still works: queue 1 was never touched by the failures above.
+    assert_queue_serves(&mut fe, 1);
+    assert!(s.daemon.alive());
+    drop(fe);
+    let mut fe = connect(&s.sock);
+    assert_queue_serves(&mut fe, 0);
+    drop(fe);
+    assert!(s.daemon.stop().success());
+}
+
+#[test]
+fn guest_can_turn_the_write_cache_off() {
+    use vhost::vhost_user::message::VhostUserConfigFlags;
+    let s = setup(",cache=writeback");
+    let mut fe = TestFrontend::connect(&s.sock, 2, QSIZE, 1 << 11);
+    assert_eq!(fe.config(60)[32], 1);
+    fe.fe.set_config(32, VhostUserConfigFlags::WRITABLE, &[0]).unwrap();
+    assert_eq!(fe.config(60)[32], 0, "WCE off after the guest cleared it");
+    let (c, _) = fe.request(0, T_OUT, 0, &pattern(3, 0, 4096), 0);
+    assert_eq!(c.status, S_OK);
+    drop(fe);
+    // A new client starts with the cache mode's default again.
+    let mut fe = connect(&s.sock);
+    assert_eq!(fe.config(60)[32], 1);
+    // A write-through mode stays write-through whatever the guest writes.
+    drop(fe);
+    drop(s);
+    let s = setup(",cache=writethrough");
+    let mut fe = TestFrontend::connect(&s.sock, 2, QSIZE, 1 << 11);
+    assert_eq!(fe.config(60)[32], 0);
+    fe.fe.set_config(32, VhostUserConfigFlags::WRITABLE, &[1]).unwrap();
+    assert_eq!(fe.config(60)[32], 0);
+}
