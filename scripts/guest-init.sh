@@ -1,0 +1,111 @@
+#!/bin/busybox sh
+# /init of the guest test's initramfs. It checks the disk blkplane serves as /dev/vda and
+# reports on the console: BLKPLANE-CHECK lines as it goes, BLKPLANE-MD5 for the host to
+# compare with the image, then BLKPLANE-PASS or BLKPLANE-FAIL. Parameters come from the
+# kernel command line: blkplane.mode=rw|ro, blkplane.runid, blkplane.sectors,
+# blkplane.serial, blkplane.queues, blkplane.wce (1 = write back).
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs tmp /tmp
+
+fail() {
+    echo "BLKPLANE-FAIL: $*"
+    poweroff -f
+    exit 1
+}
+check() { echo "BLKPLANE-CHECK: $*"; }
+
+param() {
+    for word in $(cat /proc/cmdline); do
+        case "$word" in "blkplane.$1="*) echo "${word#*=}"; return ;; esac
+    done
+}
+MODE=$(param mode)
+RUNID=$(param runid)
+SECTORS=$(param sectors)
+SERIAL=$(param serial)
+QUEUES=$(param queues)
+WCE=$(param wce)
+
+for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do
+    insmod "/lib/modules/$m.ko" || fail "insmod $m"
+done
+i=0
+while [ ! -b /dev/vda ]; do
+    i=$((i + 1))
+    [ $i -gt 100 ] && fail "no /dev/vda"
+    sleep 0.1
+done
+
+# What the guest sees must match the export.
+[ "$(cat /sys/block/vda/size)" = "$SECTORS" ] || fail "size $(cat /sys/block/vda/size) != $SECTORS"
+check "size $SECTORS sectors"
+[ "$(cat /sys/block/vda/serial)" = "$SERIAL" ] || fail "serial '$(cat /sys/block/vda/serial)' != '$SERIAL'"
+check "serial $SERIAL"
+nq=$(ls /sys/block/vda/mq | wc -l)
+[ "$nq" = "$QUEUES" ] || fail "queues $nq != $QUEUES"
+check "queues $nq"
+wc=$(cat /sys/block/vda/queue/write_cache)
+if [ "$WCE" = 1 ]; then want="write back"; else want="write through"; fi
+[ "$wc" = "$want" ] || fail "write cache '$wc' != '$want'"
+check "write cache $wc"
+
+if [ "$MODE" = ro ]; then
+    [ "$(cat /sys/block/vda/ro)" = 1 ] || fail "not read-only"
+    check "read-only flag set"
+    if dd if=/dev/zero of=/dev/vda bs=4096 count=1 oflag=direct 2>/dev/null; then
+        fail "a write to the read-only disk succeeded"
+    fi
+    check "write refused"
+    dd if=/dev/vda of=/tmp/head bs=4096 count=16 iflag=direct 2>/dev/null || fail "read from the read-only disk"
+    echo "BLKPLANE-MD5 0 65536 $(md5sum < /tmp/head | cut -d' ' -f1)"
+    echo "BLKPLANE-PASS"
+    poweroff -f
+fi
+
+[ "$(cat /sys/block/vda/ro)" = 0 ] || fail "read-only, expected read-write"
+
+# The run id at offset 0, then 4 MiB of random data at 1 MiB, written and read with O_DIRECT.
+printf 'BLKPLANE-RUN-%s' "$RUNID" > /tmp/id
+dd if=/tmp/id of=/dev/vda bs=512 count=1 conv=sync oflag=direct 2>/dev/null || fail "write run id"
+dd if=/dev/urandom of=/tmp/pat bs=1M count=4 2>/dev/null
+dd if=/tmp/pat of=/dev/vda bs=1M seek=1 oflag=direct 2>/dev/null || fail "O_DIRECT write"
+dd if=/dev/vda of=/tmp/back bs=1M skip=1 count=4 iflag=direct 2>/dev/null || fail "O_DIRECT read"
+cmp /tmp/pat /tmp/back || fail "O_DIRECT read-back differs"
+check "4 MiB O_DIRECT write and read-back"
+echo "BLKPLANE-MD5 1048576 4194304 $(md5sum < /tmp/pat | cut -d' ' -f1)"
+rm -f /tmp/back
+
+# fio with verification: random writes then verifying reads, at depth 1 and 16.
+fio --name=qd1 --filename=/dev/vda --eta=never --direct=1 --ioengine=psync --rw=randwrite --bs=4k \
+    --offset=8M --size=8M --verify=crc32c --verify_fatal=1 --do_verify=1 \
+    --output=/tmp/fio1 || { cat /tmp/fio1; fail "fio QD1"; }
+check "fio randwrite+verify QD1"
+fio --name=qd16 --filename=/dev/vda --eta=never --direct=1 --ioengine=libaio --iodepth=16 --rw=randwrite \
+    --bs=4k --offset=16M --size=8M --numjobs="$QUEUES" --offset_increment=8M \
+    --verify=crc32c --verify_fatal=1 --do_verify=1 --output=/tmp/fio16 || { cat /tmp/fio16; fail "fio QD16"; }
+check "fio randwrite+verify QD16 x $QUEUES jobs"
+fio --name=reread --filename=/dev/vda --eta=never --direct=1 --ioengine=libaio --iodepth=16 --rw=randwrite \
+    --bs=4k --offset=8M --size=8M --verify=crc32c --verify_only --verify_fatal=1 \
+    --output=/tmp/fio3 || { cat /tmp/fio3; fail "fio verify-only randread QD16"; }
+check "fio random re-read and verify QD16"
+
+# Flush.
+sync || fail "sync"
+blockdev --flushbufs /dev/vda || fail "flushbufs"
+check "flush"
+
+# Discard: data first, then the range must read back as zeroes.
+[ "$(cat /sys/block/vda/queue/discard_max_bytes)" != 0 ] || fail "discard not offered"
+dd if=/dev/urandom of=/dev/vda bs=1M seek=48 count=1 oflag=direct 2>/dev/null || fail "write before discard"
+blkdiscard -o $((48 << 20)) -l $((1 << 20)) /dev/vda || fail "blkdiscard"
+zero=$(dd if=/dev/zero bs=1M count=1 2>/dev/null | md5sum | cut -d' ' -f1)
+got=$(dd if=/dev/vda bs=1M skip=48 count=1 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
+[ "$got" = "$zero" ] || fail "discarded range does not read back as zeroes"
+check "discard reads back zeroes"
+
+sync
+echo "BLKPLANE-PASS"
+poweroff -f

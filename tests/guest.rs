@@ -1,0 +1,192 @@
+//! An unmodified Linux guest under QEMU (TCG) uses blkplane as its disk.
+//!
+//! `scripts/guest-assets.sh` fetches and caches QEMU, a Debian kernel, busybox and fio;
+//! `scripts/guest-init.sh` is the guest's /init, which checks the disk and prints its verdict
+//! on the serial console. Here we serve an image with the real daemon, boot the guest, and
+//! afterwards check on the host that the guest's bytes are in the image file.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+use common::{make_image, rand_u16, tmpdir, Daemon};
+
+const IMAGE_BYTES: u64 = 64 << 20;
+/// A hung guest or daemon fails the test after this long.
+const GUEST_TIMEOUT_S: u32 = 240;
+
+fn assets() -> &'static Path {
+    static CACHE: OnceLock<PathBuf> = OnceLock::new();
+    CACHE.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/guest-assets.sh");
+        let out = Command::new(&script)
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run scripts/guest-assets.sh");
+        assert!(out.status.success(), "fetching the guest assets failed");
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        PathBuf::from(stdout.lines().last().expect("cache path").trim())
+    })
+}
+
+struct Scenario {
+    name: &'static str,
+    vcpus: u16,
+    queues: u16,
+    readonly: bool,
+    cache: &'static str,
+    serial: &'static str,
+}
+
+fn md5_of(bytes: &[u8], dir: &Path) -> String {
+    let p = dir.join("md5-input");
+    fs::write(&p, bytes).unwrap();
+    let out = Command::new("md5sum").arg(&p).output().unwrap();
+    String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_string()
+}
+
+fn run(s: &Scenario) {
+    let cache = assets();
+    let dir = tmpdir();
+    let image = dir.path().join("disk.raw");
+    let sock = dir.path().join("blk.sock");
+    make_image(&image, IMAGE_BYTES, 77);
+    let original = fs::read(&image).unwrap();
+    let spec = format!(
+        "socket={},image={},queues={},cache={},serial={},readonly={}",
+        sock.display(),
+        image.display(),
+        s.queues,
+        s.cache,
+        s.serial,
+        if s.readonly { "on" } else { "off" }
+    );
+    let mut daemon = Daemon::start(dir.path(), &[spec]);
+    let runid = format!("{:04x}{:04x}{}", rand_u16(), rand_u16(), std::process::id());
+    let wce = u8::from(matches!(s.cache, "none" | "writeback" | "unsafe"));
+    let append = format!(
+        "console=ttyS0 panic=-1 quiet loglevel=4 blkplane.mode={} blkplane.runid={runid} \
+         blkplane.sectors={} blkplane.serial={} blkplane.queues={} blkplane.wce={wce}",
+        if s.readonly { "ro" } else { "rw" },
+        IMAGE_BYTES / 512,
+        s.serial,
+        s.queues
+    );
+    let qemu = cache.join("qemu/usr/bin/qemu-system-x86_64");
+    let console_path = dir.path().join("console.log");
+    let console = fs::File::create(&console_path).unwrap();
+    let status = Command::new("timeout")
+        .arg(GUEST_TIMEOUT_S.to_string())
+        .arg(&qemu)
+        .env("QEMU_MODULE_DIR", cache.join("qemu/usr/lib/x86_64-linux-gnu/qemu"))
+        .args(["-L", &cache.join("qemu/usr/share/qemu").display().to_string()])
+        .args(["-L", &cache.join("qemu/usr/share/seabios").display().to_string()])
+        .args(["-accel", "tcg,thread=multi", "-cpu", "max", "-m", "512M"])
+        .args(["-smp", &s.vcpus.to_string()])
+        .args([
+            "-object",
+            "memory-backend-memfd,id=mem,size=512M,share=on",
+            "-numa",
+            "node,memdev=mem",
+        ])
+        .args(["-chardev", &format!("socket,id=char0,path={}", sock.display())])
+        .args(["-device", &format!("vhost-user-blk-pci,chardev=char0,num-queues={}", s.queues)])
+        .args(["-kernel", &cache.join("vmlinux").display().to_string()])
+        .args(["-initrd", &cache.join("initramfs.cpio").display().to_string()])
+        .args(["-append", &append])
+        .args(["-display", "none", "-nodefaults", "-serial", "stdio", "-no-reboot"])
+        .stdin(Stdio::null())
+        .stdout(console.try_clone().unwrap())
+        .stderr(console)
+        .status()
+        .expect("start QEMU");
+    let console = fs::read_to_string(&console_path).unwrap_or_default();
+    let daemon_alive = daemon.alive();
+    let stopped = daemon.stop();
+    let report = || format!("--- console ---\n{console}\n--- daemon log ---\n{}", daemon.log());
+    assert!(
+        status.code() != Some(124),
+        "{}: guest timed out after {GUEST_TIMEOUT_S} s\n{}",
+        s.name,
+        report()
+    );
+    assert!(daemon_alive, "{}: daemon died while the guest ran\n{}", s.name, report());
+    assert!(stopped.success(), "{}: daemon exit {stopped}\n{}", s.name, report());
+    assert!(
+        !console.contains("BLKPLANE-FAIL"),
+        "{}: the guest reported a failure\n{}",
+        s.name,
+        report()
+    );
+    assert!(
+        console.contains("BLKPLANE-PASS"),
+        "{}: no verdict from the guest\n{}",
+        s.name,
+        report()
+    );
+
+    // The guest's bytes are in the image file.
+    let img = fs::read(&image).unwrap();
+    let md5_lines: Vec<&str> = console.lines().filter(|l| l.starts_with("BLKPLANE-MD5 ")).collect();
+    assert!(!md5_lines.is_empty(), "{}: no checksums from the guest", s.name);
+    for line in md5_lines {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (off, len): (usize, usize) = (f[1].parse().unwrap(), f[2].parse().unwrap());
+        assert_eq!(
+            md5_of(&img[off..off + len], dir.path()),
+            f[3],
+            "{}: image bytes at {off}+{len}",
+            s.name
+        );
+    }
+    if s.readonly {
+        assert!(img == original, "{}: the read-only image changed", s.name);
+    } else {
+        let id = format!("BLKPLANE-RUN-{runid}");
+        assert_eq!(&img[..id.len()], id.as_bytes(), "{}: run id not in the image", s.name);
+    }
+    eprintln!(
+        "{}: guest passed\n{}",
+        s.name,
+        console.lines().filter(|l| l.starts_with("BLKPLANE")).collect::<Vec<_>>().join("\n")
+    );
+}
+
+#[test]
+fn linux_guest_one_vcpu_one_queue() {
+    run(&Scenario {
+        name: "1 vCPU, 1 queue",
+        vcpus: 1,
+        queues: 1,
+        readonly: false,
+        cache: "none",
+        serial: "guest-disk-1",
+    });
+}
+
+#[test]
+fn linux_guest_two_vcpus_two_queues() {
+    run(&Scenario {
+        name: "2 vCPUs, 2 queues",
+        vcpus: 2,
+        queues: 2,
+        readonly: false,
+        cache: "writethrough",
+        serial: "guest-disk-2",
+    });
+}
+
+#[test]
+fn linux_guest_readonly() {
+    run(&Scenario {
+        name: "read-only",
+        vcpus: 1,
+        queues: 1,
+        readonly: true,
+        cache: "none",
+        serial: "guest-disk-ro",
+    });
+}
