@@ -58,6 +58,15 @@ enum Command {
         #[arg(long, value_name = "LEVEL", default_value = "info")]
         log_level: LevelFilter,
     },
+    /// Compare blkplane with the host and with qemu-storage-daemon, side by side in one run.
+    #[command(
+        after_help = "Workloads: randread-4k-qd1, randwrite-4k-qd1, randread-4k-qd32, seqread-128k-qd8; \
+each with a client that sleeps on the completion eventfd (block) and one that busy-polls (poll).\n\
+Targets: host (io_uring with O_DIRECT on the image, no daemon), qsd (qemu-storage-daemon, \
+aio=io_uring, cache.direct=on, an iothread), blkplane (defaults), and the null backends \
+qsd-null and blkplane-null (pure software cost)."
+    )]
+    Bench(Box<blkplane::bench::BenchArgs>),
 }
 
 /// Exit status for bad input on the command line.
@@ -91,5 +100,22 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Command::Bench(args) => match blkplane::bench::run(*args) {
+            Ok(report) => {
+                print!("{}", report.table());
+                println!();
+                for line in report.verdicts() {
+                    println!("{line}");
+                }
+                for note in &report.notes {
+                    println!("{note}");
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("blkplane: bench: {e}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }

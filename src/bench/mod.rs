@@ -1,0 +1,463 @@
+//! `blkplane bench`: the same workloads, in one process run, against the host (io_uring on
+//! the image, no daemon), qemu-storage-daemon and blkplane, each with a real virtio-blk driver
+//! in userspace (libblkio). Every performance figure of the project comes from here.
+
+pub mod cpu;
+pub mod report;
+pub mod target;
+pub mod workload;
+
+use std::fmt;
+use std::fs::{self, OpenOptions};
+use std::io::{IsTerminal, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::export::parse_size;
+use report::{Machine, Report, RunResult};
+use target::{start_daemon, DaemonProcess, DaemonSpec, TargetKind};
+use workload::{ClientMode, Workload, WORKLOADS};
+
+/// A benchmark failure: one line saying what went wrong.
+#[derive(Debug)]
+pub struct BenchError(pub String);
+
+impl fmt::Display for BenchError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BenchError {}
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Benchmark this image or block device instead of a temporary one. The write workload
+    /// overwrites data in it.
+    #[arg(long, value_name = "PATH", conflicts_with = "dir")]
+    pub image: Option<PathBuf>,
+    /// Directory for the temporary image (default /dev/shm, a tmpfs, where software overhead
+    /// shows). Its filesystem must support O_DIRECT.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// Bytes the workloads spread over (suffixes K, M, G); the size of a temporary image.
+    #[arg(long, value_name = "BYTES", default_value = "1G", value_parser = parse_size_arg)]
+    pub size: u64,
+    /// Seconds measured per workload, client mode and target.
+    #[arg(long, value_name = "SECONDS", default_value_t = 4.0)]
+    pub runtime: f64,
+    /// Seconds of warm-up before each measurement.
+    #[arg(long, value_name = "SECONDS", default_value_t = 0.5)]
+    pub warmup: f64,
+    /// Workloads to run (comma-separated).
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "randread-4k-qd1,randwrite-4k-qd1,randread-4k-qd32,seqread-128k-qd8"
+    )]
+    pub workloads: Vec<Workload>,
+    /// Client modes: block (sleep on the completion eventfd) and/or poll (busy-poll).
+    #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "block,poll")]
+    pub modes: Vec<ClientMode>,
+    /// Targets: host, qsd, blkplane, qsd-null, blkplane-null.
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "host,qsd,blkplane,qsd-null,blkplane-null"
+    )]
+    pub targets: Vec<TargetKind>,
+    /// Queues per export, each driven by its own client thread at the workload's depth.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub queues: u16,
+    /// Write every figure as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Draw IOPS and latency percentiles side by side as SVG to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub plot: Option<PathBuf>,
+    /// Pin the client and the daemons: CLIENT_CPUS:DAEMON_CPUS, e.g. 0:1 or 0,1:2-3.
+    #[arg(long, value_name = "CLIENT:DAEMON", value_parser = parse_cpu_split)]
+    pub cpus: Option<(Vec<usize>, Vec<usize>)>,
+    /// Extra export keys for the blkplane targets (e.g. cache=none,queue-size=128).
+    #[arg(long, value_name = "KEYS", default_value = "")]
+    pub blkplane_opts: String,
+    /// The qemu-storage-daemon binary (default: from PATH).
+    #[arg(long, value_name = "PATH", default_value = "qemu-storage-daemon")]
+    pub qsd: PathBuf,
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.0)
+}
+
+fn parse_cpu_list(s: &str) -> Result<Vec<usize>, String> {
+    let mut cpus = Vec::new();
+    for part in s.split(',').filter(|p| !p.is_empty()) {
+        let bad = || format!("'{part}' is not a CPU number or range");
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) =
+                    (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+                if a > b {
+                    return Err(bad());
+                }
+                cpus.extend(a..=b);
+            }
+            None => cpus.push(part.parse().map_err(|_| bad())?),
+        }
+    }
+    let online = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    if let Some(&c) =
+        cpus.iter().find(|&&c| c >= 1024 || c >= online.max(libc::CPU_SETSIZE as usize))
+    {
+        return Err(format!("CPU {c} does not exist"));
+    }
+    if cpus.is_empty() {
+        return Err("empty CPU list".into());
+    }
+    Ok(cpus)
+}
+
+fn parse_cpu_split(s: &str) -> Result<(Vec<usize>, Vec<usize>), String> {
+    let (client, daemon) = s.split_once(':').ok_or("expected CLIENT_CPUS:DAEMON_CPUS, e.g. 0:1")?;
+    Ok((parse_cpu_list(client)?, parse_cpu_list(daemon)?))
+}
+
+fn pin_self(cpus: &[usize]) -> Result<(), BenchError> {
+    // SAFETY: an all-zero cpu_set_t is valid; CPU_SET only writes inside it; numbers were
+    // checked below CPU_SETSIZE.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &c in cpus {
+            libc::CPU_SET(c, &mut set);
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc != 0 {
+        return Err(BenchError(format!("pinning the client: {}", std::io::Error::last_os_error())));
+    }
+    Ok(())
+}
+
+/// Whether `dir`'s filesystem accepts O_DIRECT (tmpfs does since Linux 6.6).
+fn check_direct_io(dir: &Path) -> Result<(), BenchError> {
+    let probe = dir.join(".blkplane-odirect-probe");
+    let result = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&probe);
+    let _ = fs::remove_file(&probe);
+    match result {
+        Ok(_) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Err(BenchError(format!(
+            "--dir {}: its filesystem does not support O_DIRECT",
+            dir.display()
+        ))),
+        Err(e) => Err(BenchError(format!("--dir {}: {e}", dir.display()))),
+    }
+}
+
+/// Fills a new image with non-zero data (a sparse or zero image would flatter reads).
+fn make_image(path: &Path, size: u64) -> Result<(), BenchError> {
+    let err = |e: std::io::Error| BenchError(format!("creating {}: {e}", path.display()));
+    let mut f = OpenOptions::new().create_new(true).write(true).open(path).map_err(err)?;
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let mut written = 0;
+    while written < size {
+        for b in chunk.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = (x as u8) | 1;
+        }
+        let n = (size - written).min(chunk.len() as u64) as usize;
+        f.write_all(&chunk[..n]).map_err(err)?;
+        written += n as u64;
+    }
+    f.sync_all().map_err(err)
+}
+
+fn image_size(path: &Path) -> Result<u64, BenchError> {
+    let f =
+        fs::File::open(path).map_err(|e| BenchError(format!("image {}: {e}", path.display())))?;
+    let meta = f.metadata().map_err(|e| BenchError(e.to_string()))?;
+    if meta.is_file() {
+        return Ok(meta.len());
+    }
+    use std::io::{Seek, SeekFrom};
+    let mut f = f;
+    f.seek(SeekFrom::End(0)).map_err(|e| BenchError(format!("image {}: {e}", path.display())))
+}
+
+fn find_in_path(program: &Path) -> Option<PathBuf> {
+    if program.components().count() > 1 {
+        return program.is_file().then(|| program.to_path_buf());
+    }
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).map(|d| d.join(program)).find(|c| c.is_file()))
+        .unwrap_or(None)
+}
+
+fn machine(qsd: Option<&Path>) -> Machine {
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu_model = cpuinfo
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let kernel =
+        fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
+    let qsd_version =
+        qsd.and_then(|q| std::process::Command::new(q).arg("--version").output().ok()).and_then(
+            |o| String::from_utf8(o.stdout).ok().and_then(|s| s.lines().next().map(str::to_string)),
+        );
+    Machine {
+        cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        cpu_model,
+        kernel,
+        qsd_version,
+    }
+}
+
+struct Progress {
+    total: usize,
+    done: usize,
+    tty: bool,
+}
+
+impl Progress {
+    fn show(&mut self, what: &str) {
+        let mut err = std::io::stderr();
+        if self.tty {
+            let width = 30;
+            let filled = width * self.done / self.total.max(1);
+            let _ = write!(
+                err,
+                "\r\x1b[2K[{}{}] {}/{} {what}",
+                "#".repeat(filled),
+                ".".repeat(width - filled),
+                self.done,
+                self.total
+            );
+        } else {
+            let _ = writeln!(err, "[{}/{}] {what}", self.done + 1, self.total);
+        }
+        let _ = err.flush();
+    }
+
+    fn finish(&self) {
+        if self.tty {
+            eprint!("\r\x1b[2K");
+        }
+    }
+}
+
+/// Runs the benchmark and prints its report.
+pub fn run(args: BenchArgs) -> Result<Report, BenchError> {
+    let valid_times = args.runtime > 0.0
+        && args.runtime.is_finite()
+        && args.warmup >= 0.0
+        && args.warmup.is_finite();
+    if !valid_times {
+        return Err(BenchError("--runtime must be > 0 and --warmup >= 0".into()));
+    }
+    let mut notes = Vec::new();
+    let mut targets = args.targets.clone();
+    targets.dedup();
+    let qsd = find_in_path(&args.qsd);
+    if qsd.is_none() && targets.iter().any(|t| t.is_qsd()) {
+        notes.push(format!("{} not found: the qsd targets are skipped", args.qsd.display()));
+        targets.retain(|t| !t.is_qsd());
+    }
+    if targets.is_empty() {
+        return Err(BenchError("no target left to benchmark".into()));
+    }
+    let max_block = args.workloads.iter().map(|w| w.block_bytes).max().unwrap_or(4096);
+    let max_depth = args.workloads.iter().map(|w| w.depth).max().unwrap_or(1);
+
+    // The image: the user's, or a temporary one filled with non-zero data.
+    let base_dir = match &args.dir {
+        Some(d) => d.clone(),
+        None if Path::new("/dev/shm").is_dir() => PathBuf::from("/dev/shm"),
+        None => std::env::temp_dir(),
+    };
+    let work = tempfile::Builder::new()
+        .prefix("blkplane-bench")
+        .tempdir_in(if args.image.is_some() { std::env::temp_dir() } else { base_dir.clone() })
+        .map_err(|e| BenchError(format!("creating a directory in {}: {e}", base_dir.display())))?;
+    let (image, span) = match &args.image {
+        Some(img) => {
+            let size = image_size(img)?;
+            if size < args.size {
+                return Err(BenchError(format!(
+                    "image {} is {size} bytes, smaller than the workload span --size {}",
+                    img.display(),
+                    args.size
+                )));
+            }
+            (img.clone(), args.size)
+        }
+        None => {
+            check_direct_io(work.path())?;
+            if args.size < max_block as u64 * max_depth as u64 || !args.size.is_multiple_of(4096) {
+                return Err(BenchError(format!(
+                    "--size {} is too small or not a multiple of 4096 for these workloads",
+                    args.size
+                )));
+            }
+            let img = work.path().join("bench.img");
+            eprintln!("creating a {} MiB image in {}", args.size >> 20, work.path().display());
+            make_image(&img, args.size)?;
+            (img, args.size)
+        }
+    };
+
+    let idle = cpu::LoadWindow::start(&[]);
+    std::thread::sleep(Duration::from_millis(500));
+    let foreign = idle.foreign_cpus();
+    if foreign > cpu::FOREIGN_LOAD_WARN_CPUS {
+        let line = format!(
+            "warning: other processes use {foreign:.2} CPUs before the run; figures will not be comparable"
+        );
+        eprintln!("{line}");
+        notes.push(line);
+    }
+
+    let (client_cpus, daemon_cpus) = match &args.cpus {
+        Some((c, d)) => (Some(c.clone()), Some(d.clone())),
+        None => (None, None),
+    };
+    let mut daemons: Vec<(TargetKind, DaemonProcess)> = Vec::new();
+    for &t in targets.iter().filter(|t| **t != TargetKind::Host) {
+        let d = start_daemon(DaemonSpec {
+            kind: t,
+            image: &image,
+            size_bytes: span,
+            queues: args.queues,
+            dir: work.path(),
+            cpus: daemon_cpus.clone(),
+            qsd_path: qsd.as_deref().unwrap_or(&args.qsd),
+            blkplane_opts: &args.blkplane_opts,
+        })?;
+        daemons.push((t, d));
+    }
+    if let Some(c) = &client_cpus {
+        pin_self(c)?;
+    }
+
+    let mut progress = Progress {
+        total: args.workloads.len() * args.modes.len() * targets.len(),
+        done: 0,
+        tty: std::io::stderr().is_terminal(),
+    };
+    let mut results = Vec::new();
+    let warmup = Duration::from_secs_f64(args.warmup);
+    let runtime = Duration::from_secs_f64(args.runtime);
+    let daemon_pids: Vec<u32> = daemons.iter().map(|(_, d)| d.pid()).collect();
+    for &w in &args.workloads {
+        for &mode in &args.modes {
+            for &t in &targets {
+                progress.show(&format!("{t} {} {mode}", w.name));
+                let daemon = daemons.iter().find(|(k, _)| *k == t).map(|(_, d)| d);
+                let path = daemon.map(|d| d.socket.as_path()).unwrap_or(&image);
+                let mut client =
+                    workload::connect(t, path, usize::from(args.queues), w.depth, w.block_bytes)?;
+                let load = cpu::LoadWindow::start(&daemon_pids);
+                let cpu_before = daemon.map(|d| cpu::process_cpu_ns(d.pid()));
+                let m = workload::run(&mut client, w, mode, span, warmup, runtime)?;
+                let cpu_after = daemon.map(|d| cpu::process_cpu_ns(d.pid()));
+                // After the disconnect, so that the client's io_uring workers have exited
+                // and been counted as ours.
+                drop(client);
+                let foreign_cpus = load.foreign_cpus();
+                let secs = m.window.as_secs_f64();
+                let iops = m.ios as f64 / secs;
+                let pct = |q: f64| m.latency_ns.value_at_quantile(q) as f64 / 1000.0;
+                let daemon_cpu_us_per_io = match (cpu_before, cpu_after) {
+                    (Some(a), Some(b)) if m.total_ios > 0 => {
+                        Some(b.saturating_sub(a) as f64 / 1000.0 / m.total_ios as f64)
+                    }
+                    _ => None,
+                };
+                if foreign_cpus > cpu::FOREIGN_LOAD_WARN_CPUS {
+                    notes.push(format!(
+                        "warning: other processes used {foreign_cpus:.2} CPUs during {t} {} {mode}",
+                        w.name
+                    ));
+                }
+                if m.ios == 0 {
+                    return Err(BenchError(format!("{t} completed no I/O in {} {mode}", w.name)));
+                }
+                results.push(RunResult {
+                    workload: w.name.to_string(),
+                    mode,
+                    target: t,
+                    iops,
+                    mb_per_s: iops * w.block_bytes as f64 / 1e6,
+                    p50_us: pct(0.5),
+                    p99_us: pct(0.99),
+                    p999_us: pct(0.999),
+                    mean_us: m.latency_ns.mean() / 1000.0,
+                    ios: m.ios,
+                    errors: m.errors,
+                    daemon_cpu_us_per_io,
+                    foreign_cpus,
+                });
+                progress.done += 1;
+            }
+        }
+    }
+    progress.finish();
+    drop(daemons);
+    let report = Report {
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        machine: machine(qsd.as_deref()),
+        image: if args.image.is_some() {
+            image.display().to_string()
+        } else {
+            format!("temporary, in {}", base_dir.display())
+        },
+        span_bytes: span,
+        runtime_s: args.runtime,
+        warmup_s: args.warmup,
+        queues: usize::from(args.queues),
+        results,
+        notes,
+    };
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&report).map_err(|e| BenchError(e.to_string()))?;
+        fs::write(path, text)
+            .map_err(|e| BenchError(format!("writing {}: {e}", path.display())))?;
+    }
+    if let Some(path) = &args.plot {
+        fs::write(path, report.svg())
+            .map_err(|e| BenchError(format!("writing {}: {e}", path.display())))?;
+    }
+    Ok(report)
+}
+
+/// The workloads `blkplane bench` knows, for help text.
+pub fn workload_names() -> String {
+    WORKLOADS.iter().map(|w| w.name).collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(parse_cpu_split("0:1").unwrap(), (vec![0], vec![1]));
+        assert!(parse_cpu_split("0").is_err());
+        assert!(parse_cpu_split("0:x").is_err());
+        assert!(parse_cpu_split("0:5000").is_err());
+        assert!(parse_cpu_list("1-0").is_err());
+    }
+}

@@ -1,0 +1,237 @@
+//! What the benchmark measures against: the host itself (io_uring on the image, no daemon),
+//! qemu-storage-daemon, and blkplane, each also with a null backend.
+
+use std::fmt;
+use std::fs;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use super::BenchError;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TargetKind {
+    /// io_uring with O_DIRECT on the image, no daemon: the physical limit for a daemon.
+    Host,
+    /// qemu-storage-daemon, aio=io_uring, cache.direct=on, an iothread.
+    Qsd,
+    /// blkplane with its defaults.
+    Blkplane,
+    /// qemu-storage-daemon's null-co backend.
+    QsdNull,
+    /// blkplane's engine=null.
+    BlkplaneNull,
+}
+
+impl TargetKind {
+    pub const ALL: [TargetKind; 5] = [
+        TargetKind::Host,
+        TargetKind::Qsd,
+        TargetKind::Blkplane,
+        TargetKind::QsdNull,
+        TargetKind::BlkplaneNull,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TargetKind::Host => "host",
+            TargetKind::Qsd => "qsd",
+            TargetKind::Blkplane => "blkplane",
+            TargetKind::QsdNull => "qsd-null",
+            TargetKind::BlkplaneNull => "blkplane-null",
+        }
+    }
+
+    pub fn is_qsd(self) -> bool {
+        matches!(self, TargetKind::Qsd | TargetKind::QsdNull)
+    }
+
+    pub fn is_null(self) -> bool {
+        matches!(self, TargetKind::QsdNull | TargetKind::BlkplaneNull)
+    }
+
+    /// The target a ratio is taken against: the host for real backends; for null backends
+    /// there is no host equivalent, so qsd's null export.
+    pub fn baseline(self) -> TargetKind {
+        if self.is_null() {
+            TargetKind::QsdNull
+        } else {
+            TargetKind::Host
+        }
+    }
+}
+
+impl fmt::Display for TargetKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for TargetKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        TargetKind::ALL.into_iter().find(|t| t.name() == s).ok_or_else(|| {
+            format!("unknown target '{s}' (one of host, qsd, blkplane, qsd-null, blkplane-null)")
+        })
+    }
+}
+
+/// A daemon the benchmark started; killed and reaped when dropped.
+pub struct DaemonProcess {
+    child: Child,
+    pub socket: PathBuf,
+    pub log_path: PathBuf,
+}
+
+impl DaemonProcess {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn wait_for_socket(&mut self, what: &str) -> Result<(), BenchError> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if UnixStream::connect(&self.socket).is_ok() {
+                return Ok(());
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(BenchError(format!(
+                    "{what} exited ({status}) before its socket appeared: {}",
+                    last_line(&self.log_path)
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(BenchError(format!(
+            "the socket {} of {what} never appeared within 15 s: {}",
+            self.socket.display(),
+            last_line(&self.log_path)
+        )))
+    }
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn last_line(log: &Path) -> String {
+    fs::read_to_string(log)
+        .ok()
+        .and_then(|s| s.lines().rev().find(|l| !l.trim().is_empty()).map(str::to_string))
+        .unwrap_or_else(|| "(no output)".into())
+}
+
+/// Pins the child to `cpus` (if any) and makes it die with us, before it runs.
+fn prepare_child(cmd: &mut Command, cpus: Option<Vec<usize>>) {
+    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
+    // system calls (prctl, sched_setaffinity) on its own stack data.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            if let Some(cpus) = &cpus {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                for &c in cpus {
+                    libc::CPU_SET(c, &mut set);
+                }
+                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+            }
+            Ok(())
+        });
+    }
+}
+
+pub struct DaemonSpec<'a> {
+    pub kind: TargetKind,
+    pub image: &'a Path,
+    pub size_bytes: u64,
+    pub queues: u16,
+    pub dir: &'a Path,
+    pub cpus: Option<Vec<usize>>,
+    pub qsd_path: &'a Path,
+    pub blkplane_opts: &'a str,
+}
+
+/// Starts the daemon for a daemon target and waits for its socket.
+pub fn start_daemon(spec: DaemonSpec<'_>) -> Result<DaemonProcess, BenchError> {
+    let name = spec.kind.name();
+    let socket = spec.dir.join(format!("{name}.sock"));
+    let log_path = spec.dir.join(format!("{name}.log"));
+    let log = fs::File::create(&log_path)
+        .map_err(|e| BenchError(format!("creating {}: {e}", log_path.display())))?;
+    let mut cmd = match spec.kind {
+        TargetKind::Blkplane | TargetKind::BlkplaneNull => {
+            let exe = std::env::current_exe()
+                .map_err(|e| BenchError(format!("finding blkplane itself: {e}")))?;
+            let backing = if spec.kind == TargetKind::Blkplane {
+                format!("image={}", spec.image.display())
+            } else {
+                format!("engine=null,size={}", spec.size_bytes)
+            };
+            let mut export =
+                format!("socket={},{backing},queues={}", socket.display(), spec.queues);
+            if !spec.blkplane_opts.is_empty() {
+                export.push(',');
+                export.push_str(spec.blkplane_opts);
+            }
+            let mut cmd = Command::new(exe);
+            cmd.args(["serve", "--log-level", "warn", "--export", &export]);
+            cmd
+        }
+        TargetKind::Qsd | TargetKind::QsdNull => {
+            let mut cmd = Command::new(spec.qsd_path);
+            cmd.args(["--object", "iothread,id=iot0"]);
+            if spec.kind == TargetKind::Qsd {
+                cmd.args([
+                    "--blockdev",
+                    &format!(
+                        "driver=file,node-name=file0,filename={},cache.direct=on,aio=io_uring",
+                        spec.image.display()
+                    ),
+                    "--blockdev",
+                    "driver=raw,node-name=disk0,file=file0",
+                ]);
+            } else {
+                cmd.args([
+                    "--blockdev",
+                    &format!(
+                        "driver=null-co,node-name=disk0,size={},read-zeroes=on",
+                        spec.size_bytes
+                    ),
+                ]);
+            }
+            cmd.args([
+                "--export",
+                &format!(
+                    "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable=on,num-queues={},iothread=iot0",
+                    socket.display(),
+                    spec.queues
+                ),
+            ]);
+            cmd
+        }
+        TargetKind::Host => return Err(BenchError("the host target has no daemon".into())),
+    };
+    let err_log = log.try_clone().map_err(|e| BenchError(e.to_string()))?;
+    cmd.stdin(Stdio::null()).stdout(log).stderr(err_log);
+    prepare_child(&mut cmd, spec.cpus);
+    let child = cmd.spawn().map_err(|e| BenchError(format!("starting {name}: {e}")))?;
+    let mut daemon = DaemonProcess { child, socket, log_path };
+    daemon.wait_for_socket(name)?;
+    Ok(daemon)
+}

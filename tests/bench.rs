@@ -1,0 +1,126 @@
+//! Smoke test of `blkplane bench`: a tiny run in which every target must produce numbers. No
+//! performance assertions: timings on shared machines are noisy (BENCHMARKS.md has figures).
+
+mod common;
+
+use std::process::Command;
+
+use common::{tmpdir, BIN};
+
+fn have_qsd() -> bool {
+    Command::new("qemu-storage-daemon")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+#[test]
+fn every_target_produces_numbers() {
+    let dir = tmpdir();
+    let json = dir.path().join("bench.json");
+    let svg = dir.path().join("bench.svg");
+    let out = Command::new(BIN)
+        .args(["bench", "--size", "64M", "--runtime", "0.3", "--warmup", "0.05"])
+        .arg("--dir")
+        .arg(dir.path())
+        .arg("--json")
+        .arg(&json)
+        .arg("--plot")
+        .arg(&svg)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed:\n{stdout}\n{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let results = report["results"].as_array().unwrap();
+    let mut targets = vec!["host", "blkplane", "blkplane-null"];
+    if have_qsd() {
+        targets.extend(["qsd", "qsd-null"]);
+    } else {
+        assert!(stdout.contains("not found: the qsd targets are skipped"), "{stdout}");
+    }
+    let workloads = ["randread-4k-qd1", "randwrite-4k-qd1", "randread-4k-qd32", "seqread-128k-qd8"];
+    for t in &targets {
+        for w in workloads {
+            for mode in ["block", "poll"] {
+                let r = results
+                    .iter()
+                    .find(|r| r["target"] == *t && r["workload"] == w && r["mode"] == mode)
+                    .unwrap_or_else(|| panic!("no result for {t} {w} {mode}"));
+                assert!(r["ios"].as_u64().unwrap() > 0, "{t} {w} {mode}: no I/O");
+                assert_eq!(r["errors"].as_u64().unwrap(), 0, "{t} {w} {mode}: errors");
+                assert!(r["iops"].as_f64().unwrap() > 0.0);
+                assert!(r["p50_us"].as_f64().unwrap() > 0.0);
+                assert!(r["p99_us"].as_f64().unwrap() >= r["p50_us"].as_f64().unwrap());
+                if *t != "host" {
+                    assert!(
+                        r["daemon_cpu_us_per_io"].as_f64().is_some(),
+                        "{t}: no daemon CPU figure"
+                    );
+                }
+            }
+        }
+    }
+    assert_eq!(results.len(), targets.len() * workloads.len() * 2);
+    // The table and the verdicts are printed; the plot is an SVG.
+    assert!(stdout.contains("IOPS/ref"), "{stdout}");
+    assert!(stdout.contains("randread-4k-qd1 poll, blkplane:"), "{stdout}");
+    let plot = std::fs::read_to_string(&svg).unwrap();
+    assert!(plot.starts_with("<svg") && plot.contains("blkplane-null"));
+    // Everything it created is gone: only our own files remain in the directory.
+    let mut left: Vec<_> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    left.sort();
+    assert_eq!(left, ["bench.json", "bench.svg"]);
+}
+
+#[test]
+fn bad_input_fails_cleanly() {
+    let dir = tmpdir();
+    // An image smaller than the span.
+    let small = dir.path().join("small.img");
+    std::fs::write(&small, vec![1u8; 1 << 20]).unwrap();
+    let out =
+        Command::new(BIN).args(["bench", "--size", "64M", "--image"]).arg(&small).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is 1048576 bytes, smaller than the workload span --size 67108864"),
+        "{err}"
+    );
+
+    // A "qemu-storage-daemon" that exits at once: a clear error, and nothing left behind.
+    let out = Command::new(BIN)
+        .args([
+            "bench",
+            "--size",
+            "16M",
+            "--runtime",
+            "0.1",
+            "--targets",
+            "qsd,blkplane",
+            "--qsd",
+            "/bin/true",
+        ])
+        .arg("--dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("qsd exited (exit status: 0) before its socket appeared"), "{err}");
+    let left: Vec<_> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, ["small.img"], "files left behind");
+
+    // Unknown names.
+    let out = Command::new(BIN).args(["bench", "--targets", "nvme"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = Command::new(BIN).args(["bench", "--workloads", "randread-1m"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = Command::new(BIN).args(["bench", "--cpus", "0"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
