@@ -9,6 +9,7 @@ use crate::blk::config::{config_space, ConfigInputs, CONFIG_SPACE_BYTES};
 use crate::blk::request::DiskLimits;
 use crate::blk::{feature, ID_BYTES, SECTOR_SIZE};
 use crate::engine::{Backing, CacheMode, OpenError};
+use crate::iothread::poll::{PollPolicy, MAX_POLL_MAX_US};
 
 /// Which engine moves the data.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,6 +37,9 @@ pub struct ExportConfig {
     pub cache: CacheMode,
     pub readonly: bool,
     pub serial: String,
+    pub poll: PollPolicy,
+    /// CPUs the I/O threads are pinned to, queue i on cpus[i % len]; empty: not pinned.
+    pub cpus: Vec<usize>,
 }
 
 pub const DEFAULT_QUEUES: u16 = 1;
@@ -44,8 +48,8 @@ pub const MAX_QUEUES: u16 = 64;
 pub const MAX_QUEUE_SIZE: u16 = 1024;
 
 /// The keys `--export` understands, for help text and error messages.
-pub const EXPORT_KEYS: &str =
-    "socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial";
+pub const EXPORT_KEYS: &str = "socket, image, engine, size, queues, queue-size, cache, aio, \
+readonly, serial, poll, poll-max-us, cpus";
 
 /// A bad `--export` value: one line naming the problem.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,6 +88,32 @@ fn parse_bool(key: &str, v: &str) -> Result<bool, ConfigError> {
         "off" | "false" | "no" | "0" => Ok(false),
         _ => err(format!("{key}={v}: expected on or off")),
     }
+}
+
+/// Parses a CPU list: `0`, `0,2`, `0-3`, `0-1,4`. Every CPU must exist on this machine.
+pub fn parse_cpu_list(s: &str) -> Result<Vec<usize>, ConfigError> {
+    let online = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let mut cpus = Vec::new();
+    for part in s.split(',') {
+        let bad = || ConfigError(format!("'{part}' is not a CPU number or range"));
+        let (a, b) = match part.split_once('-') {
+            Some((a, b)) => {
+                (a.parse::<usize>().map_err(|_| bad())?, b.parse::<usize>().map_err(|_| bad())?)
+            }
+            None => {
+                let c = part.parse::<usize>().map_err(|_| bad())?;
+                (c, c)
+            }
+        };
+        if a > b {
+            return Err(bad());
+        }
+        if b >= online {
+            return Err(ConfigError(format!("CPU {b} does not exist (this machine has {online})")));
+        }
+        cpus.extend(a..=b);
+    }
+    Ok(cpus)
 }
 
 fn parse_num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, ConfigError> {
@@ -130,6 +160,8 @@ impl ExportConfig {
         let mut cache = CacheMode::None;
         let mut readonly = false;
         let mut serial = String::new();
+        let mut poll = PollPolicy::default();
+        let mut cpus = Vec::new();
         let mut seen = Vec::new();
         for (key, value) in split_pairs(spec)? {
             if seen.contains(&key) {
@@ -171,6 +203,17 @@ impl ExportConfig {
                     }
                     serial = value;
                 }
+                "poll" => poll.mode = value.parse().map_err(ConfigError)?,
+                "poll-max-us" => {
+                    poll.max_us = parse_num(&key, &value)?;
+                    if poll.max_us > MAX_POLL_MAX_US {
+                        return err(format!("poll-max-us={value}: at most {MAX_POLL_MAX_US}"));
+                    }
+                }
+                "cpus" => {
+                    cpus = parse_cpu_list(&value)
+                        .map_err(|e| ConfigError(format!("cpus={value}: {e}")))?
+                }
                 other => return err(format!("unknown key '{other}' (keys: {EXPORT_KEYS})")),
             }
         }
@@ -194,7 +237,17 @@ impl ExportConfig {
             (None, Some(_), None) => return err("engine=null needs size=BYTES"),
             (None, _, _) => return err("missing image=PATH (or engine=null,size=BYTES)"),
         };
-        Ok(ExportConfig { socket, backend, queues, queue_size, cache, readonly, serial })
+        Ok(ExportConfig {
+            socket,
+            backend,
+            queues,
+            queue_size,
+            cache,
+            readonly,
+            serial,
+            poll,
+            cpus,
+        })
     }
 }
 
@@ -211,6 +264,8 @@ pub struct Disk {
     pub max_queue_size: u16,
     pub logical_block_bytes: u32,
     pub physical_block_bytes: u32,
+    pub poll: PollPolicy,
+    pub cpus: Vec<usize>,
     capacity_bytes: AtomicU64,
     /// The write-cache-enable bit as the guest sees it; the guest may turn it off (CONFIG_WCE).
     writeback: AtomicBool,
@@ -240,6 +295,8 @@ impl Disk {
             max_queue_size: config.queue_size,
             logical_block_bytes: logical,
             physical_block_bytes: physical,
+            poll: config.poll,
+            cpus: config.cpus.clone(),
             capacity_bytes: AtomicU64::new(capacity),
             writeback: AtomicBool::new(config.cache.write_cache()),
         })
@@ -337,7 +394,9 @@ mod tests {
         let cases = [
             ("image=/i", "missing socket=PATH"),
             ("socket=/s", "missing image=PATH (or engine=null,size=BYTES)"),
-            ("socket=/s,image=/i,colour=red", "unknown key 'colour' (keys: socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial)"),
+            ("socket=/s,image=/i,colour=red", "unknown key 'colour' (keys: socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, poll, poll-max-us, cpus)"),
+            ("socket=/s,image=/i,poll=sometimes", "poll=sometimes: one of adaptive, always, never"),
+            ("socket=/s,image=/i,poll-max-us=1000000", "poll-max-us=1000000: at most 100000"),
             ("socket=/s,image=/i,queues=0", "queues=0: must be 1 to 64"),
             ("socket=/s,image=/i,queue-size=100", "queue-size=100: must be a power of two from 4 to 1024"),
             ("socket=/s,image=/i,cache=fast", "unknown cache mode 'fast' (one of none, directsync, writeback, writethrough, unsafe)"),
@@ -346,11 +405,14 @@ mod tests {
             ("socket=/s,image=/i,socket=/t", "key 'socket' given twice"),
             ("socket=/s,engine=null,size=1000", "size=1000: must be a non-zero multiple of 512"),
             ("socket=/s,image=/i,aio=posix", "aio=posix: supported engines: io_uring"),
-            ("socket=/s,image", "'image' is not key=value (keys: socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial)"),
+            ("socket=/s,image", "'image' is not key=value (keys: socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, poll, poll-max-us, cpus)"),
         ];
         for (spec, want) in cases {
             assert_eq!(ExportConfig::parse(spec).unwrap_err().0, want, "spec {spec}");
         }
+        let e = ExportConfig::parse("socket=/s,image=/i,cpus=9999").unwrap_err().0;
+        assert!(e.starts_with("cpus=9999: CPU 9999 does not exist (this machine has "), "{e}");
+        assert_eq!(ExportConfig::parse("socket=/s,image=/i,cpus=0").unwrap().cpus, vec![0]);
     }
 
     #[test]

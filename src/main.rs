@@ -28,7 +28,12 @@ inside a value.
                      may lose data the guest was told is on disk. For scratch disks only.
   aio=ENGINE         I/O engine for an image: io_uring (default).
   readonly=on|off    refuse writes, discards and write-zeroes (default off).
-  serial=STR         serial number the guest reads with GET_ID (up to 20 bytes).";
+  serial=STR         serial number the guest reads with GET_ID (up to 20 bytes).
+  poll=MODE          adaptive (default): after work, poll the rings for a self-tuning window
+                     (up to poll-max-us) before sleeping; an idle export costs no CPU.
+                     always: never sleep (for dedicated cores). never: sleep at once.
+  poll-max-us=N      bound of the adaptive polling window in µs (default 64).
+  cpus=LIST          pin the I/O threads: queue i runs on the i-th CPU of LIST (e.g. 1 or 2-3).";
 
 #[derive(Parser)]
 #[command(

@@ -14,7 +14,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::export::parse_size;
+use crate::export::{parse_cpu_list, parse_size};
 use report::{Machine, Report, RunResult};
 use target::{start_daemon, DaemonProcess, DaemonSpec, TargetKind};
 use workload::{ClientMode, Workload, WORKLOADS};
@@ -93,37 +93,9 @@ fn parse_size_arg(s: &str) -> Result<u64, String> {
     parse_size(s).map_err(|e| e.0)
 }
 
-fn parse_cpu_list(s: &str) -> Result<Vec<usize>, String> {
-    let mut cpus = Vec::new();
-    for part in s.split(',').filter(|p| !p.is_empty()) {
-        let bad = || format!("'{part}' is not a CPU number or range");
-        match part.split_once('-') {
-            Some((a, b)) => {
-                let (a, b): (usize, usize) =
-                    (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
-                if a > b {
-                    return Err(bad());
-                }
-                cpus.extend(a..=b);
-            }
-            None => cpus.push(part.parse().map_err(|_| bad())?),
-        }
-    }
-    let online = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    if let Some(&c) =
-        cpus.iter().find(|&&c| c >= 1024 || c >= online.max(libc::CPU_SETSIZE as usize))
-    {
-        return Err(format!("CPU {c} does not exist"));
-    }
-    if cpus.is_empty() {
-        return Err("empty CPU list".into());
-    }
-    Ok(cpus)
-}
-
 fn parse_cpu_split(s: &str) -> Result<(Vec<usize>, Vec<usize>), String> {
     let (client, daemon) = s.split_once(':').ok_or("expected CLIENT_CPUS:DAEMON_CPUS, e.g. 0:1")?;
-    Ok((parse_cpu_list(client)?, parse_cpu_list(daemon)?))
+    Ok((parse_cpu_list(client).map_err(|e| e.0)?, parse_cpu_list(daemon).map_err(|e| e.0)?))
 }
 
 fn pin_self(cpus: &[usize]) -> Result<(), BenchError> {
@@ -459,5 +431,6 @@ mod tests {
         assert!(parse_cpu_split("0:x").is_err());
         assert!(parse_cpu_split("0:5000").is_err());
         assert!(parse_cpu_list("1-0").is_err());
+        assert_eq!(parse_cpu_list("0-1").unwrap(), vec![0, 1]);
     }
 }

@@ -25,7 +25,8 @@ impl UringEngine {
             // The CQ must hold a completion for every slot even if we reap late.
             .setup_cqsize(entries * 2)
             .setup_single_issuer()
-            .setup_coop_taskrun()
+            // No COOP_TASKRUN: completions that finish in the kernel's workers then interrupt
+            // us to post their CQE, so a polling I/O thread sees them without a system call.
             .build(entries)?;
         Ok(UringEngine { ring, fd, unsubmitted: 0 })
     }

@@ -7,6 +7,7 @@
 //! stopped. Any change to a running queue (memory table, call fd, features) is a stop and a
 //! fresh start, so the thread never needs a lock.
 
+pub mod poll;
 mod worker;
 
 use std::fs::File;

@@ -5,9 +5,11 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
+use std::time::Instant;
 
 use tracing::{debug, error};
 
+use super::poll::Poller;
 use super::{QueueSetup, StopSignal};
 use crate::blk::request::{self, ChainBuf, Request, RequestError};
 use crate::blk::{status, SEG_MAX};
@@ -151,7 +153,10 @@ impl<E: Engine> Worker<E> {
         let _ = ready.send(Ok(()));
         let core = &mut self.core;
         let engine = &mut self.engine;
+        let mut poller = Poller::new(core.disk.poll);
         debug!(export = %core.disk.name, queue = core.index, "queue started");
+        pin_to(&core.disk.cpus, core.index);
+        // Kicks stay off while we are awake: we look at the ring ourselves.
         core.queue.disable_notifications();
         loop {
             let stopping = core.stop.requested();
@@ -169,12 +174,26 @@ impl<E: Engine> Worker<E> {
             progress += core.resubmit_refused_zeroes(engine);
             core.publish();
             if progress > 0 {
+                poller.work_found();
                 continue;
             }
             if stopping && core.in_flight == 0 {
                 break;
             }
+            if !stopping && !core.broken && poller.keep_polling() {
+                if core.in_flight > 0 {
+                    // Let a kernel worker finishing our I/O (io_uring punts writes that cannot
+                    // be issued without blocking) have this CPU while we wait for it.
+                    // SAFETY: sched_yield has no preconditions.
+                    unsafe { libc::sched_yield() };
+                } else {
+                    std::hint::spin_loop();
+                }
+                continue;
+            }
+            let went_to_sleep = Instant::now();
             core.sleep(stopping, engine.completion_fd());
+            poller.slept(went_to_sleep.elapsed());
         }
         debug!(export = %core.disk.name, queue = core.index, "queue stopped");
         core.queue.next_avail()
@@ -415,6 +434,21 @@ impl Core {
         if accepting {
             self.queue.disable_notifications();
         }
+    }
+}
+
+/// Pins the calling thread to `cpus[queue % len]` (no-op for an empty list).
+fn pin_to(cpus: &[usize], queue: u16) {
+    let Some(&cpu) = cpus.get(usize::from(queue) % cpus.len().max(1)) else { return };
+    // SAFETY: an all-zero cpu_set_t is valid; CPU_SET writes inside it (cpu was checked to
+    // exist, so it is below CPU_SETSIZE); sched_setaffinity reads it.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc != 0 {
+        tracing::warn!(queue, cpu, "cannot pin the I/O thread: {}", io::Error::last_os_error());
     }
 }
 

@@ -1,0 +1,191 @@
+//! Adaptive polling: after a round of work, keep looking at the avail ring and the engine's
+//! completions for a while before going to sleep, because a wake-up through an eventfd costs
+//! tens of microseconds and a guest that just got an answer often sends the next request soon.
+//!
+//! The window tunes itself from how long each sleep turned out to be: a sleep shorter than
+//! `poll_max` means the next event came soon after we gave up, so polling a little longer
+//! would have caught it — the window doubles (from 4 µs up to `poll_max`). A sleep longer than
+//! `poll_max` means no window we allow would have helped — the window halves, down to zero,
+//! which is how an idle export ends up costing nothing.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PollMode {
+    /// Poll for a self-tuning window after work, then sleep (the default).
+    Adaptive,
+    /// Never sleep while the queue runs: for dedicated cores.
+    Always,
+    /// Sleep as soon as a round finds nothing (for comparison).
+    Never,
+}
+
+impl FromStr for PollMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "adaptive" => Ok(PollMode::Adaptive),
+            "always" => Ok(PollMode::Always),
+            "never" => Ok(PollMode::Never),
+            other => Err(format!("poll={other}: one of adaptive, always, never")),
+        }
+    }
+}
+
+impl fmt::Display for PollMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PollMode::Adaptive => "adaptive",
+            PollMode::Always => "always",
+            PollMode::Never => "never",
+        })
+    }
+}
+
+/// An export's polling settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PollPolicy {
+    pub mode: PollMode,
+    /// Upper bound of the adaptive window.
+    pub max_us: u32,
+}
+
+/// Default bound of the adaptive window. A client that sleeps on its completion eventfd
+/// needs about 25 µs on these machines to wake and send the next request; the window must
+/// cover that to save our own wake-up. (QEMU's default is 32 µs.)
+pub const DEFAULT_POLL_MAX_US: u32 = 64;
+/// Largest accepted `poll-max-us`.
+pub const MAX_POLL_MAX_US: u32 = 100_000;
+/// Where a growing window starts.
+const FIRST_WINDOW: Duration = Duration::from_micros(4);
+/// Windows shorter than this are not worth the clock reads: treat as zero.
+const MIN_WINDOW: Duration = Duration::from_micros(1);
+
+impl Default for PollPolicy {
+    fn default() -> Self {
+        PollPolicy { mode: PollMode::Adaptive, max_us: DEFAULT_POLL_MAX_US }
+    }
+}
+
+/// One I/O thread's polling state.
+pub struct Poller {
+    mode: PollMode,
+    max: Duration,
+    window: Duration,
+    /// When the current run of empty rounds began.
+    idle_since: Option<Instant>,
+}
+
+impl Poller {
+    pub fn new(policy: PollPolicy) -> Poller {
+        Poller {
+            mode: policy.mode,
+            max: Duration::from_micros(u64::from(policy.max_us)),
+            window: Duration::ZERO,
+            idle_since: None,
+        }
+    }
+
+    /// A round found work.
+    pub fn work_found(&mut self) {
+        self.idle_since = None;
+    }
+
+    /// A round found nothing: keep polling (true) or sleep (false)?
+    pub fn keep_polling(&mut self) -> bool {
+        match self.mode {
+            PollMode::Never => false,
+            PollMode::Always => true,
+            PollMode::Adaptive => {
+                if self.window.is_zero() {
+                    return false;
+                }
+                let now = Instant::now();
+                let since = *self.idle_since.get_or_insert(now);
+                now.duration_since(since) < self.window
+            }
+        }
+    }
+
+    /// We slept for `slept` after polling gave up: tune the window.
+    pub fn slept(&mut self, slept: Duration) {
+        self.idle_since = None;
+        if self.mode != PollMode::Adaptive {
+            return;
+        }
+        if slept <= self.max {
+            self.window = (self.window * 2).max(FIRST_WINDOW).min(self.max);
+        } else {
+            self.window /= 2;
+            if self.window < MIN_WINDOW {
+                self.window = Duration::ZERO;
+            }
+        }
+    }
+
+    pub fn window(&self) -> Duration {
+        self.window
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn adaptive(max_us: u32) -> Poller {
+        Poller::new(PollPolicy { mode: PollMode::Adaptive, max_us })
+    }
+
+    #[test]
+    fn short_sleeps_grow_the_window_up_to_the_bound() {
+        let mut p = adaptive(64);
+        assert!(!p.keep_polling(), "no window before the first sleep");
+        let mut seen = Vec::new();
+        for _ in 0..6 {
+            p.slept(Duration::from_micros(20));
+            seen.push(p.window().as_micros());
+        }
+        assert_eq!(seen, [4, 8, 16, 32, 64, 64]);
+        assert!(p.keep_polling());
+    }
+
+    #[test]
+    fn long_sleeps_shrink_it_to_zero() {
+        let mut p = adaptive(64);
+        for _ in 0..5 {
+            p.slept(Duration::from_micros(10));
+        }
+        let mut seen = Vec::new();
+        for _ in 0..8 {
+            p.slept(Duration::from_millis(5));
+            seen.push(p.window().as_micros());
+        }
+        assert_eq!(seen, [32, 16, 8, 4, 2, 1, 0, 0]);
+        assert!(!p.keep_polling(), "an idle export sleeps at once");
+    }
+
+    #[test]
+    fn the_window_ends() {
+        let mut p = adaptive(64);
+        p.slept(Duration::from_micros(1));
+        assert!(p.keep_polling());
+        std::thread::sleep(Duration::from_micros(200));
+        assert!(!p.keep_polling(), "4 µs window long over");
+        p.work_found();
+        assert!(p.keep_polling(), "a new idle run starts a new window");
+    }
+
+    #[test]
+    fn fixed_modes() {
+        let mut always = Poller::new(PollPolicy { mode: PollMode::Always, max_us: 0 });
+        let mut never = Poller::new(PollPolicy { mode: PollMode::Never, max_us: 1000 });
+        for _ in 0..3 {
+            always.slept(Duration::from_micros(1));
+            never.slept(Duration::from_micros(1));
+        }
+        assert!(always.keep_polling());
+        assert!(!never.keep_polling());
+    }
+}
