@@ -21,7 +21,7 @@ fn every_target_produces_numbers() {
     let json = dir.path().join("bench.json");
     let svg = dir.path().join("bench.svg");
     let out = Command::new(BIN)
-        .args(["bench", "--size", "64M", "--runtime", "0.3", "--warmup", "0.05"])
+        .args(["bench", "--size", "64M", "--runtime", "0.3", "--warmup", "0.05", "--idle", "0.5"])
         .arg("--dir")
         .arg(dir.path())
         .arg("--json")
@@ -65,6 +65,8 @@ fn every_target_produces_numbers() {
         }
     }
     assert_eq!(results.len(), targets.len() * workloads.len() * 2);
+    let idle = report["idle"].as_array().unwrap();
+    assert!(idle.iter().any(|i| i["target"] == "blkplane" && i["cpu_percent"].as_f64().is_some()));
     // The table and the verdicts are printed; the plot is an SVG.
     assert!(stdout.contains("IOPS/ref"), "{stdout}");
     assert!(stdout.contains("randread-4k-qd1 poll, blkplane:"), "{stdout}");

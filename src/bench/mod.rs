@@ -81,6 +81,9 @@ pub struct BenchArgs {
     /// Pin the client and the daemons: CLIENT_CPUS:DAEMON_CPUS, e.g. 0:1 or 0,1:2-3.
     #[arg(long, value_name = "CLIENT:DAEMON", value_parser = parse_cpu_split)]
     pub cpus: Option<(Vec<usize>, Vec<usize>)>,
+    /// Seconds to measure the daemons' CPU with a client connected and no I/O (0: skip).
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    pub idle: f64,
     /// Extra export keys for the blkplane targets (e.g. cache=none,queue-size=128).
     #[arg(long, value_name = "KEYS", default_value = "")]
     pub blkplane_opts: String,
@@ -229,6 +232,36 @@ impl Progress {
             eprint!("\r\x1b[2K");
         }
     }
+}
+
+/// CPU a daemon spends with a client connected that does no I/O, after one request woke
+/// its queue up (so that any polling would have started).
+fn measure_idle(
+    kind: TargetKind,
+    daemon: &DaemonProcess,
+    queues: u16,
+    period: Duration,
+) -> Result<report::IdleResult, BenchError> {
+    let one =
+        Workload { name: "idle", write: false, sequential: false, block_bytes: 4096, depth: 1 };
+    let mut client = workload::connect(kind, &daemon.socket, usize::from(queues), 1, 4096)?;
+    workload::run(
+        &mut client,
+        one,
+        ClientMode::Block,
+        1 << 20,
+        Duration::ZERO,
+        Duration::from_millis(10),
+    )?;
+    let before = cpu::process_cpu_ns(daemon.pid());
+    std::thread::sleep(period);
+    let used = cpu::process_cpu_ns(daemon.pid()).saturating_sub(before);
+    drop(client);
+    Ok(report::IdleResult {
+        target: kind,
+        seconds: period.as_secs_f64(),
+        cpu_percent: 100.0 * used as f64 / period.as_nanos() as f64,
+    })
 }
 
 /// Runs the benchmark and prints its report.
@@ -387,6 +420,15 @@ pub fn run(args: BenchArgs) -> Result<Report, BenchError> {
         }
     }
     progress.finish();
+    let mut idle = Vec::new();
+    if args.idle > 0.0 {
+        for (t, d) in
+            daemons.iter().filter(|(t, _)| matches!(t, TargetKind::Blkplane | TargetKind::Qsd))
+        {
+            eprintln!("measuring {t} idle for {} s with a client connected", args.idle);
+            idle.push(measure_idle(*t, d, args.queues, Duration::from_secs_f64(args.idle))?);
+        }
+    }
     drop(daemons);
     let report = Report {
         command: std::env::args().collect::<Vec<_>>().join(" "),
@@ -401,6 +443,7 @@ pub fn run(args: BenchArgs) -> Result<Report, BenchError> {
         warmup_s: args.warmup,
         queues: usize::from(args.queues),
         results,
+        idle,
         notes,
     };
     if let Some(path) = &args.json {

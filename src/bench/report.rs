@@ -28,6 +28,15 @@ pub struct RunResult {
     pub foreign_cpus: f64,
 }
 
+/// CPU a daemon used while a client was connected and idle.
+#[derive(Clone, Debug, Serialize)]
+pub struct IdleResult {
+    pub target: TargetKind,
+    pub seconds: f64,
+    /// Percent of one CPU.
+    pub cpu_percent: f64,
+}
+
 #[derive(Debug, Serialize)]
 pub struct Machine {
     pub cpus: usize,
@@ -46,6 +55,7 @@ pub struct Report {
     pub warmup_s: f64,
     pub queues: usize,
     pub results: Vec<RunResult>,
+    pub idle: Vec<IdleResult>,
     pub notes: Vec<String>,
 }
 
@@ -159,6 +169,12 @@ impl Report {
                 }
                 lines.push(line);
             }
+        }
+        for i in &self.idle {
+            lines.push(format!(
+                "idle: {} used {:.2}% of one CPU over {:.0} s with a client connected and no I/O",
+                i.target, i.cpu_percent, i.seconds
+            ));
         }
         lines
     }

@@ -1,0 +1,138 @@
+//! Hot-path discipline, counted: strace follows every thread of a running daemon while a
+//! libblkio client sends N requests, and the daemon may make no more system calls than the
+//! I/O itself needs (one io_uring_enter) plus the guest's interrupt (one eventfd write).
+//! Not a timing test: it counts calls, which noise does not change.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{make_image, tmpdir, Client, Daemon};
+
+const REQUESTS: u64 = 2000;
+
+/// Runs `REQUESTS` 4 KiB reads at depth 1 under strace; returns calls per syscall name.
+fn count_syscalls(dir: &Path, spec: &str) -> HashMap<String, u64> {
+    let sock = dir.join("blk.sock");
+    let daemon = Daemon::start(dir, &[format!("socket={},{spec}", sock.display())]);
+    let mut c = Client::connect(&sock, 1);
+    for i in 0..50 {
+        c.read_at(0, i * 4096, 4096, 0).unwrap();
+    }
+    let out = dir.join("strace.out");
+    let mut strace = Command::new("strace")
+        .args(["-f", "-c", "-o"])
+        .arg(&out)
+        .args(["-p", &daemon.pid().to_string()])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("strace must be installed (scripts/test installs it)");
+    // strace attaches every thread, then says so; give it a moment to be in place.
+    std::thread::sleep(Duration::from_millis(1500));
+    let started = Instant::now();
+    for i in 0..REQUESTS {
+        assert!(c.read_at(0, (i % 1000) * 4096, 4096, 0).is_ok());
+    }
+    eprintln!("{REQUESTS} requests under strace took {:?}", started.elapsed());
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(strace.id() as i32, libc::SIGINT) };
+    strace.wait().unwrap();
+    let table = std::fs::read_to_string(&out).unwrap();
+    eprintln!("{table}");
+    let mut calls = HashMap::new();
+    for line in table.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        // % time, seconds, usecs/call, calls, [errors,] syscall
+        if f.len() >= 5 && f[0].parse::<f64>().is_ok() {
+            let name = f[f.len() - 1].to_string();
+            if name != "total" {
+                calls.insert(name, f[3].parse().unwrap());
+            }
+        }
+    }
+    drop(c);
+    drop(daemon);
+    calls
+}
+
+/// sched_yield is what a polling I/O thread does instead of spinning while the kernel still
+/// works on its I/O (so a kernel worker may use the CPU): it is waiting, not per-request work.
+const WAITING: &[&str] = &["sched_yield"];
+
+fn assert_per_request(calls: &HashMap<String, u64>, allowed: &[(&str, f64)]) {
+    for name in calls.keys() {
+        assert!(
+            allowed.iter().any(|(a, _)| a == name) || WAITING.contains(&name.as_str()),
+            "unexpected system call {name} on the data path: {calls:?}"
+        );
+    }
+    let total: u64 =
+        calls.iter().filter(|(name, _)| !WAITING.contains(&name.as_str())).map(|(_, n)| n).sum();
+    let budget: f64 = allowed.iter().map(|(_, per)| per).sum();
+    for (name, per) in allowed {
+        let n = calls.get(*name).copied().unwrap_or(0) as f64;
+        assert!(
+            n <= per * REQUESTS as f64 * 1.05 + 20.0,
+            "{name}: {n} calls for {REQUESTS} requests: {calls:?}"
+        );
+    }
+    assert!(
+        total as f64 <= budget * REQUESTS as f64 * 1.05 + 40.0,
+        "{total} system calls for {REQUESTS} requests, budget {budget}/request: {calls:?}"
+    );
+    for alloc in ["mmap", "munmap", "brk", "mremap"] {
+        assert_eq!(
+            calls.get(alloc).copied().unwrap_or(0),
+            0,
+            "{alloc} on the data path: {calls:?}"
+        );
+    }
+}
+
+#[test]
+fn null_engine_makes_one_syscall_per_request_the_interrupt() {
+    let dir = tmpdir();
+    let calls = count_syscalls(dir.path(), "engine=null,size=64M,poll=always");
+    assert_per_request(&calls, &[("write", 1.0)]);
+}
+
+#[test]
+fn io_uring_engine_adds_one_io_uring_enter_per_request() {
+    let dir = tmpdir();
+    let image = dir.path().join("disk.raw");
+    make_image(&image, 8 << 20, 1);
+    let calls = count_syscalls(dir.path(), &format!("image={},poll=always", image.display()));
+    assert_per_request(&calls, &[("io_uring_enter", 1.0), ("write", 1.0)]);
+}
+
+/// CPU time of all live threads of `pid`, in ns.
+fn cpu_ns(pid: i32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// With default (adaptive) polling, an export whose client went quiet stops polling: its
+/// threads sleep. A daemon that kept spinning would show a whole CPU here.
+#[test]
+fn an_idle_export_sleeps() {
+    let dir = tmpdir();
+    let sock = dir.path().join("blk.sock");
+    let daemon =
+        Daemon::start(dir.path(), &[format!("socket={},engine=null,size=64M", sock.display())]);
+    let mut c = Client::connect(&sock, 1);
+    for i in 0..2000 {
+        c.read_at(0, (i % 100) * 4096, 4096, 0).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let before = cpu_ns(daemon.pid());
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_ns(daemon.pid()) - before;
+    assert!(used < 50_000_000, "the idle daemon used {} ms of CPU in 1 s", used / 1_000_000);
+}
