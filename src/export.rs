@@ -4,12 +4,14 @@
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use crate::blk::config::{config_space, ConfigInputs, CONFIG_SPACE_BYTES};
 use crate::blk::request::DiskLimits;
 use crate::blk::{feature, ID_BYTES, SECTOR_SIZE};
 use crate::engine::{Backing, CacheMode, OpenError};
 use crate::iothread::poll::{PollPolicy, MAX_POLL_MAX_US};
+use crate::trace::QueueStats;
 
 /// Which engine moves the data.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,6 +42,8 @@ pub struct ExportConfig {
     pub poll: PollPolicy,
     /// CPUs the I/O threads are pinned to, queue i on cpus[i % len]; empty: not pinned.
     pub cpus: Vec<usize>,
+    /// Counters and sampled per-layer timestamps (default on).
+    pub stats: bool,
 }
 
 pub const DEFAULT_QUEUES: u16 = 1;
@@ -49,7 +53,7 @@ pub const MAX_QUEUE_SIZE: u16 = 1024;
 
 /// The keys `--export` understands, for help text and error messages.
 pub const EXPORT_KEYS: &str = "socket, image, engine, size, queues, queue-size, cache, aio, \
-readonly, serial, poll, poll-max-us, cpus";
+readonly, serial, poll, poll-max-us, cpus, stats";
 
 /// A bad `--export` value: one line naming the problem.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -162,6 +166,7 @@ impl ExportConfig {
         let mut serial = String::new();
         let mut poll = PollPolicy::default();
         let mut cpus = Vec::new();
+        let mut stats = true;
         let mut seen = Vec::new();
         for (key, value) in split_pairs(spec)? {
             if seen.contains(&key) {
@@ -197,6 +202,7 @@ impl ExportConfig {
                     other => return err(format!("aio={other}: supported engines: io_uring")),
                 },
                 "readonly" => readonly = parse_bool(&key, &value)?,
+                "stats" => stats = parse_bool(&key, &value)?,
                 "serial" => {
                     if value.len() > ID_BYTES {
                         return err(format!("serial={value}: at most {ID_BYTES} bytes"));
@@ -247,6 +253,7 @@ impl ExportConfig {
             serial,
             poll,
             cpus,
+            stats,
         })
     }
 }
@@ -266,6 +273,9 @@ pub struct Disk {
     pub physical_block_bytes: u32,
     pub poll: PollPolicy,
     pub cpus: Vec<usize>,
+    pub stats_on: bool,
+    /// Per-queue statistics; they outlive the I/O threads (which restart on reconfiguration).
+    pub stats: Vec<Arc<QueueStats>>,
     capacity_bytes: AtomicU64,
     /// The write-cache-enable bit as the guest sees it; the guest may turn it off (CONFIG_WCE).
     writeback: AtomicBool,
@@ -297,6 +307,8 @@ impl Disk {
             physical_block_bytes: physical,
             poll: config.poll,
             cpus: config.cpus.clone(),
+            stats_on: config.stats,
+            stats: (0..config.queues).map(|_| Arc::new(QueueStats::default())).collect(),
             capacity_bytes: AtomicU64::new(capacity),
             writeback: AtomicBool::new(config.cache.write_cache()),
         })
@@ -394,7 +406,7 @@ mod tests {
         let cases = [
             ("image=/i", "missing socket=PATH"),
             ("socket=/s", "missing image=PATH (or engine=null,size=BYTES)"),
-            ("socket=/s,image=/i,colour=red", "unknown key 'colour' (keys: socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, poll, poll-max-us, cpus)"),
+            ("socket=/s,image=/i,colour=red", "unknown key 'colour' (keys: socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, poll, poll-max-us, cpus, stats)"),
             ("socket=/s,image=/i,poll=sometimes", "poll=sometimes: one of adaptive, always, never"),
             ("socket=/s,image=/i,poll-max-us=1000000", "poll-max-us=1000000: at most 100000"),
             ("socket=/s,image=/i,queues=0", "queues=0: must be 1 to 64"),
@@ -405,7 +417,7 @@ mod tests {
             ("socket=/s,image=/i,socket=/t", "key 'socket' given twice"),
             ("socket=/s,engine=null,size=1000", "size=1000: must be a non-zero multiple of 512"),
             ("socket=/s,image=/i,aio=posix", "aio=posix: supported engines: io_uring"),
-            ("socket=/s,image", "'image' is not key=value (keys: socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, poll, poll-max-us, cpus)"),
+            ("socket=/s,image", "'image' is not key=value (keys: socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, poll, poll-max-us, cpus, stats)"),
         ];
         for (spec, want) in cases {
             assert_eq!(ExportConfig::parse(spec).unwrap_err().0, want, "spec {spec}");

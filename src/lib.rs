@@ -13,5 +13,6 @@ pub mod engine;
 pub mod export;
 pub mod iothread;
 pub mod ratelimit;
+pub mod trace;
 pub mod vhost_user;
 pub mod virtq;

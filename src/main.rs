@@ -33,7 +33,8 @@ inside a value.
                      (up to poll-max-us) before sleeping; an idle export costs no CPU.
                      always: never sleep (for dedicated cores). never: sleep at once.
   poll-max-us=N      bound of the adaptive polling window in µs (default 64).
-  cpus=LIST          pin the I/O threads: queue i runs on the i-th CPU of LIST (e.g. 1 or 2-3).";
+  cpus=LIST          pin the I/O threads: queue i runs on the i-th CPU of LIST (e.g. 1 or 2-3).
+  stats=on|off       per-queue counters and sampled per-layer latency (default on).";
 
 #[derive(Parser)]
 #[command(

@@ -88,9 +88,14 @@ impl Poller {
         }
     }
 
-    /// A round found work.
-    pub fn work_found(&mut self) {
-        self.idle_since = None;
+    /// A round found work. Returns how long we had been polling, if we were.
+    pub fn work_found(&mut self) -> Option<Duration> {
+        self.idle_since.take().map(|since| since.elapsed())
+    }
+
+    /// How long the current run of empty rounds has lasted (the polling before a sleep).
+    pub fn polled_for(&self) -> Duration {
+        self.idle_since.map(|since| since.elapsed()).unwrap_or_default()
     }
 
     /// A round found nothing: keep polling (true) or sleep (false)?

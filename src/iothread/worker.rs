@@ -18,6 +18,7 @@ use crate::engine::uring::UringEngine;
 use crate::engine::{Engine, IoOp};
 use crate::export::{Disk, EngineKind};
 use crate::ratelimit::RateLimiter;
+use crate::trace::{Kind, QueueStats, Stage, StageHistograms, MERGE_EVERY, SAMPLE_EVERY};
 use crate::virtq::{copy_to_guest, GuestIov, GuestMemory, QueueError, SplitQueue};
 use crate::warn_limited;
 
@@ -34,6 +35,38 @@ struct Slot {
     chain: ChainBuf,
     status: Option<GuestIov>,
     request: Option<Request>,
+    kind: Kind,
+    /// Data bytes the request moves (reads and writes).
+    bytes: u64,
+    /// Timestamps, for the sampled requests only.
+    sampled: bool,
+    stamps: Stamps,
+}
+
+/// Layer-boundary timestamps of a sampled request (see crate::trace).
+#[derive(Clone, Copy)]
+struct Stamps {
+    seen: Instant,
+    parsed: Instant,
+    submitted: Instant,
+    completed: Instant,
+}
+
+impl Stamps {
+    fn new(now: Instant) -> Stamps {
+        Stamps { seen: now, parsed: now, submitted: now, completed: now }
+    }
+}
+
+fn kind_of(req: &Request) -> (Kind, u64) {
+    match req {
+        Request::Read { bytes, .. } => (Kind::Read, *bytes),
+        Request::Write { bytes, .. } => (Kind::Write, *bytes),
+        Request::Flush => (Kind::Flush, 0),
+        Request::GetId { .. } => (Kind::GetId, 0),
+        Request::Discard { bytes, .. } => (Kind::Discard, *bytes),
+        Request::WriteZeroes { bytes, .. } => (Kind::WriteZeroes, *bytes),
+    }
 }
 
 /// Runs the queue until stopped. Sends the start-up result on `ready` first.
@@ -109,6 +142,16 @@ struct Core {
     /// Write-zeroes to resubmit as hole punches after a refusal (tags; preallocated).
     retry_punch: Vec<u16>,
     log: RateLimiter,
+    stats: Arc<QueueStats>,
+    stats_on: bool,
+    /// Counts down to the next sampled request.
+    sample_countdown: u32,
+    /// Sampled requests handed to the engine this round, waiting for their submit time.
+    sampled_submitting: Vec<u16>,
+    /// Sampled requests finished this round, waiting for their publish and notify times.
+    sampled_done: Vec<Stamps>,
+    histograms: StageHistograms,
+    last_merge: Instant,
 }
 
 impl<E: Engine> Worker<E> {
@@ -126,8 +169,14 @@ impl<E: Engine> Worker<E> {
                 chain: ChainBuf::with_capacity(SLOT_IOVS),
                 status: None,
                 request: None,
+                kind: Kind::Other,
+                bytes: 0,
+                sampled: false,
+                stamps: Stamps::new(Instant::now()),
             })
             .collect();
+        let stats = disk.stats.get(usize::from(setup.index)).cloned().unwrap_or_default();
+        let disk_stats_on = disk.stats_on;
         let core = Core {
             disk,
             memory: setup.memory,
@@ -145,6 +194,13 @@ impl<E: Engine> Worker<E> {
             zero_range_supported: true,
             retry_punch: Vec::with_capacity(size),
             log: RateLimiter::default(),
+            stats_on: disk_stats_on,
+            stats,
+            sample_countdown: 1,
+            sampled_submitting: Vec::with_capacity(size),
+            sampled_done: Vec::with_capacity(size),
+            histograms: StageHistograms::default(),
+            last_merge: Instant::now(),
         };
         Worker { engine, core }
     }
@@ -167,6 +223,7 @@ impl<E: Engine> Worker<E> {
             if let Err(e) = engine.submit() {
                 warn_limited!(core.log, export = %core.disk.name, queue = core.index, "engine submit: {e}");
             }
+            core.stamp_submitted();
             let before = core.in_flight;
             engine.reap(|tag, result| core.complete(tag, result));
             progress += before - core.in_flight.min(before);
@@ -174,7 +231,10 @@ impl<E: Engine> Worker<E> {
             progress += core.resubmit_refused_zeroes(engine);
             core.publish();
             if progress > 0 {
-                poller.work_found();
+                if let Some(polled) = poller.work_found() {
+                    core.stats.counters.poll_ns.add(polled.as_nanos() as u64);
+                    core.stats.counters.poll_hits.add(1);
+                }
                 continue;
             }
             if stopping && core.in_flight == 0 {
@@ -191,10 +251,14 @@ impl<E: Engine> Worker<E> {
                 }
                 continue;
             }
+            core.stats.counters.poll_ns.add(poller.polled_for().as_nanos() as u64);
+            core.stats.counters.sleeps.add(1);
             let went_to_sleep = Instant::now();
             core.sleep(stopping, engine.completion_fd());
             poller.slept(went_to_sleep.elapsed());
         }
+        core.merge_stats();
+        core.stats.counters.in_flight.set(0);
         debug!(export = %core.disk.name, queue = core.index, "queue stopped");
         core.queue.next_avail()
     }
@@ -223,9 +287,20 @@ impl Core {
             let Some(tag) = self.free.pop() else { break };
             self.in_flight += 1;
             let limits = self.disk.limits();
+            let sampled = self.stats_on && {
+                self.sample_countdown -= 1;
+                if self.sample_countdown == 0 {
+                    self.sample_countdown = SAMPLE_EVERY;
+                }
+                self.sample_countdown == SAMPLE_EVERY
+            };
             let slot = &mut self.slots[usize::from(tag)];
             slot.head = head;
             slot.chain.clear();
+            slot.sampled = sampled;
+            if sampled {
+                slot.stamps = Stamps::new(Instant::now());
+            }
             let outcome = match self.queue.walk_chain(&self.memory, head, &mut slot.chain) {
                 Ok(outcome) => outcome,
                 Err(e) => {
@@ -238,6 +313,12 @@ impl Core {
             };
             let parsed = request::parse(&mut slot.chain, outcome, &limits);
             slot.status = parsed.status;
+            (slot.kind, slot.bytes) = parsed.result.as_ref().map(kind_of).unwrap_or((Kind::Other, 0));
+            if sampled {
+                let now = Instant::now();
+                slot.stamps.parsed = now;
+                slot.stamps.submitted = now;
+            }
             match parsed.result {
                 Ok(req) => self.start(engine, tag, req),
                 Err(e) => self.finish(tag, Err(e)),
@@ -285,10 +366,26 @@ impl Core {
         // reused until the tag is reaped (the slot is off the free list until then), and the
         // guest memory they point into is held by self.memory for the thread's whole life.
         let queued = unsafe { engine.queue(tag, op) };
-        self.slots[usize::from(tag)].request = Some(req);
+        let slot = &mut self.slots[usize::from(tag)];
+        slot.request = Some(req);
+        if slot.sampled && queued.is_ok() {
+            self.sampled_submitting.push(tag);
+        }
         if let Err(e) = queued {
             self.finish(tag, Err(RequestError::Host(e.raw_os_error().unwrap_or(libc::EIO))));
         }
+    }
+
+    /// Stamps the sampled requests of this round as submitted (after the engine's submit).
+    fn stamp_submitted(&mut self) {
+        if self.sampled_submitting.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        for &tag in &self.sampled_submitting {
+            self.slots[usize::from(tag)].stamps.submitted = now;
+        }
+        self.sampled_submitting.clear();
     }
 
     /// One engine completion.
@@ -369,6 +466,20 @@ impl Core {
         self.unpublished += 1;
         self.free.push(tag);
         self.in_flight -= 1;
+        if self.stats_on {
+            let c = &self.stats.counters;
+            let kind = if result.is_ok() { slot.kind } else { Kind::Other };
+            c.requests[kind as usize].add(1);
+            match &result {
+                Ok(_) => c.bytes[kind as usize].add(slot.bytes),
+                Err(e) if e.status() == status::UNSUPP => c.errors_unsupp.add(1),
+                Err(_) => c.errors_ioerr.add(1),
+            }
+            if slot.sampled {
+                slot.stamps.completed = Instant::now();
+                self.sampled_done.push(slot.stamps);
+            }
+        }
     }
 
     /// Publishes the used entries of this round and interrupts the guest if it wants that.
@@ -378,13 +489,50 @@ impl Core {
         }
         self.unpublished = 0;
         self.queue.publish_used();
+        let published = (!self.sampled_done.is_empty()).then(Instant::now);
         if self.queue.needs_notification() {
             if let Some(call) = self.call.as_mut() {
                 // An eventfd write of 1 only fails if the counter would overflow, which
                 // means the guest already has a pending interrupt.
                 let _ = call.write(&1u64.to_ne_bytes());
             }
+            if self.stats_on {
+                self.stats.counters.notifications_sent.add(1);
+            }
+        } else if self.stats_on {
+            self.stats.counters.notifications_suppressed.add(1);
         }
+        if self.stats_on {
+            self.stats.counters.in_flight.set(self.in_flight as u64);
+        }
+        if let Some(published) = published {
+            self.record_stages(published, Instant::now());
+        }
+    }
+
+    /// Records the stage times of the sampled requests finished this round, and now and then
+    /// hands the histograms to the readers.
+    fn record_stages(&mut self, published: Instant, notified: Instant) {
+        let ns = |a: Instant, b: Instant| b.saturating_duration_since(a).as_nanos() as u64;
+        for s in &self.sampled_done {
+            let h = &mut self.histograms;
+            h.record(Stage::Parse, ns(s.seen, s.parsed));
+            h.record(Stage::Submit, ns(s.parsed, s.submitted));
+            h.record(Stage::Backend, ns(s.submitted, s.completed));
+            h.record(Stage::Publish, ns(s.completed, published));
+            h.record(Stage::Notify, ns(published, notified));
+            h.record(Stage::Total, ns(s.seen, notified));
+        }
+        self.sampled_done.clear();
+        if notified.duration_since(self.last_merge) >= MERGE_EVERY {
+            self.merge_stats();
+            self.last_merge = notified;
+        }
+    }
+
+    fn merge_stats(&mut self) {
+        let mut shared = self.stats.histograms.lock().unwrap_or_else(|p| p.into_inner());
+        self.histograms.merge_into(&mut shared);
     }
 
     fn break_queue(&mut self, e: QueueError) {
