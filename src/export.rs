@@ -10,7 +10,7 @@ use crate::blk::config::{config_space, ConfigInputs, CONFIG_SPACE_BYTES};
 use crate::blk::request::DiskLimits;
 use crate::blk::{feature, ID_BYTES, SECTOR_SIZE};
 use crate::engine::{Backing, CacheMode, OpenError};
-use crate::iothread::poll::{PollPolicy, MAX_POLL_MAX_US};
+use crate::iothread::poll::{PollPolicy, PollSettings, MAX_POLL_MAX_US};
 use crate::trace::QueueStats;
 
 /// Which engine moves the data.
@@ -32,6 +32,8 @@ pub enum BackendSpec {
 /// One `--export` specification, validated.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ExportConfig {
+    /// Name used by the control socket and in statistics (default: export0, export1, ...).
+    pub id: Option<String>,
     pub socket: PathBuf,
     pub backend: BackendSpec,
     pub queues: u16,
@@ -50,9 +52,11 @@ pub const DEFAULT_QUEUES: u16 = 1;
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
 pub const MAX_QUEUES: u16 = 64;
 pub const MAX_QUEUE_SIZE: u16 = 1024;
+/// Largest size of an engine=null export (and of a resize of one).
+pub const MAX_NULL_BYTES: u64 = 1 << 60;
 
 /// The keys `--export` understands, for help text and error messages.
-pub const EXPORT_KEYS: &str = "socket, image, engine, size, queues, queue-size, cache, aio, \
+pub const EXPORT_KEYS: &str = "id, socket, image, engine, size, queues, queue-size, cache, aio, \
 readonly, serial, poll, poll-max-us, cpus, stats";
 
 /// A bad `--export` value: one line naming the problem.
@@ -155,6 +159,7 @@ fn split_pairs(spec: &str) -> Result<Vec<(String, String)>, ConfigError> {
 impl ExportConfig {
     /// Parses `socket=PATH,image=PATH[,queues=N]...`.
     pub fn parse(spec: &str) -> Result<ExportConfig, ConfigError> {
+        let mut id = None;
         let mut socket = None;
         let mut image = None;
         let mut engine = None;
@@ -174,6 +179,17 @@ impl ExportConfig {
             }
             seen.push(key.clone());
             match key.as_str() {
+                "id" => {
+                    let ok = !value.is_empty()
+                        && value.len() <= 64
+                        && value.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+                    if !ok {
+                        return err(format!(
+                            "id={value}: 1 to 64 letters, digits, '-', '_' or '.'"
+                        ));
+                    }
+                    id = Some(value);
+                }
                 "socket" => socket = Some(PathBuf::from(&value)),
                 "image" => image = Some(PathBuf::from(&value)),
                 "engine" => match value.as_str() {
@@ -235,8 +251,10 @@ impl ExportConfig {
             (Some(p), None, None) if p.as_os_str().is_empty() => return err("image= is empty"),
             (Some(p), None, None) => BackendSpec::Image(p),
             (None, Some(EngineKind::Null), Some(bytes)) => {
-                if bytes == 0 || bytes % SECTOR_SIZE != 0 {
-                    return err(format!("size={bytes}: must be a non-zero multiple of 512"));
+                if bytes == 0 || bytes % SECTOR_SIZE != 0 || bytes > MAX_NULL_BYTES {
+                    return err(format!(
+                        "size={bytes}: must be a non-zero multiple of 512, at most 2^60"
+                    ));
                 }
                 BackendSpec::Null { size_bytes: bytes }
             }
@@ -244,6 +262,7 @@ impl ExportConfig {
             (None, _, _) => return err("missing image=PATH (or engine=null,size=BYTES)"),
         };
         Ok(ExportConfig {
+            id,
             socket,
             backend,
             queues,
@@ -271,7 +290,7 @@ pub struct Disk {
     pub max_queue_size: u16,
     pub logical_block_bytes: u32,
     pub physical_block_bytes: u32,
-    pub poll: PollPolicy,
+    pub poll: PollSettings,
     pub cpus: Vec<usize>,
     pub stats_on: bool,
     /// Per-queue statistics; they outlive the I/O threads (which restart on reconfiguration).
@@ -305,7 +324,7 @@ impl Disk {
             max_queue_size: config.queue_size,
             logical_block_bytes: logical,
             physical_block_bytes: physical,
-            poll: config.poll,
+            poll: PollSettings::new(config.poll),
             cpus: config.cpus.clone(),
             stats_on: config.stats,
             stats: (0..config.queues).map(|_| Arc::new(QueueStats::default())).collect(),
@@ -324,6 +343,41 @@ impl Disk {
 
     pub fn writeback(&self) -> bool {
         self.writeback.load(Ordering::Relaxed)
+    }
+
+    /// Changes the size the guest sees. A regular file is truncated or extended to the new
+    /// size (as qemu-storage-daemon's block_resize does); a block device cannot grow beyond
+    /// itself; a null export takes any size.
+    pub fn resize(&self, new_bytes: u64) -> Result<(), String> {
+        if new_bytes == 0 || !new_bytes.is_multiple_of(SECTOR_SIZE) {
+            return Err(format!("size {new_bytes} is not a non-zero multiple of 512"));
+        }
+        match &self.backing {
+            None => {
+                if new_bytes > MAX_NULL_BYTES {
+                    return Err(format!(
+                        "size {new_bytes} is beyond the null engine's {MAX_NULL_BYTES}"
+                    ));
+                }
+            }
+            Some(b) if b.is_block_device => {
+                let device =
+                    b.device_size().map_err(|e| format!("reading the device size: {e}"))?;
+                if new_bytes > device {
+                    return Err(format!(
+                        "size {new_bytes} is beyond the block device's {device} bytes"
+                    ));
+                }
+            }
+            Some(_) if self.readonly => {
+                return Err("a read-only image file cannot be resized".into());
+            }
+            Some(b) => {
+                b.file.set_len(new_bytes).map_err(|e| format!("resizing the image file: {e}"))?;
+            }
+        }
+        self.capacity_bytes.store(new_bytes, Ordering::Relaxed);
+        Ok(())
     }
 
     /// The guest wrote the WCE bit. Modes without a write cache stay write-through.
@@ -406,7 +460,7 @@ mod tests {
         let cases = [
             ("image=/i", "missing socket=PATH"),
             ("socket=/s", "missing image=PATH (or engine=null,size=BYTES)"),
-            ("socket=/s,image=/i,colour=red", "unknown key 'colour' (keys: socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, poll, poll-max-us, cpus, stats)"),
+            ("socket=/s,image=/i,colour=red", "unknown key 'colour' (keys: id, socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, poll, poll-max-us, cpus, stats)"),
             ("socket=/s,image=/i,poll=sometimes", "poll=sometimes: one of adaptive, always, never"),
             ("socket=/s,image=/i,poll-max-us=1000000", "poll-max-us=1000000: at most 100000"),
             ("socket=/s,image=/i,queues=0", "queues=0: must be 1 to 64"),
@@ -415,9 +469,10 @@ mod tests {
             ("socket=/s,image=/i,readonly=maybe", "readonly=maybe: expected on or off"),
             ("socket=/s,image=/i,serial=012345678901234567890", "serial=012345678901234567890: at most 20 bytes"),
             ("socket=/s,image=/i,socket=/t", "key 'socket' given twice"),
-            ("socket=/s,engine=null,size=1000", "size=1000: must be a non-zero multiple of 512"),
+            ("socket=/s,engine=null,size=1000", "size=1000: must be a non-zero multiple of 512, at most 2^60"),
+            ("socket=/s,image=/i,id=a b", "id=a b: 1 to 64 letters, digits, '-', '_' or '.'"),
             ("socket=/s,image=/i,aio=posix", "aio=posix: supported engines: io_uring"),
-            ("socket=/s,image", "'image' is not key=value (keys: socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, poll, poll-max-us, cpus, stats)"),
+            ("socket=/s,image", "'image' is not key=value (keys: id, socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, poll, poll-max-us, cpus, stats)"),
         ];
         for (spec, want) in cases {
             assert_eq!(ExportConfig::parse(spec).unwrap_err().0, want, "spec {spec}");

@@ -8,11 +8,14 @@
 
 pub mod bench;
 pub mod blk;
+pub mod config_file;
+pub mod control;
 pub mod daemon;
 pub mod engine;
 pub mod export;
 pub mod iothread;
 pub mod ratelimit;
+pub mod stat;
 pub mod trace;
 pub mod vhost_user;
 pub mod virtq;

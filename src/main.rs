@@ -1,16 +1,24 @@
 //! The `blkplane` command line.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use serde_json::{Map, Value};
 use tracing::level_filters::LevelFilter;
 
+use blkplane::config_file;
+use blkplane::control::{metrics, ControlClient, ControlServer, COMMANDS};
+use blkplane::daemon::{self, Daemon};
 use blkplane::export::ExportConfig;
 
 const EXPORT_HELP: &str = "\
 One export (repeat the option for more). Comma-separated key=value pairs; write ,, for a comma \
 inside a value.
 
+  id=NAME            name of the export on the control socket (default export0, export1, ...).
   socket=PATH        vhost-user socket to listen on (required). A stale socket file is
                      replaced; a socket another server listens on is refused.
   image=PATH         raw image file or host block device to serve. Never created or
@@ -52,17 +60,58 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve one or more exports until SIGTERM or SIGINT.
+    /// Serve exports until SIGTERM or SIGINT.
     #[command(
-        after_help = "Example:\n  blkplane serve --export socket=/run/vm1.sock,image=/var/lib/vm1.raw,queues=2"
+        after_help = "Example:\n  blkplane serve --export socket=/run/vm1.sock,image=/var/lib/vm1.raw,queues=2 --control /run/blkplane.ctl"
     )]
     Serve {
         /// An export: socket=PATH,image=PATH[,queues=N][,queue-size=N][,cache=MODE][,aio=ENGINE][,readonly=on][,serial=STR], or socket=PATH,engine=null,size=BYTES.
-        #[arg(long = "export", value_name = "SPEC", required = true, long_help = EXPORT_HELP)]
+        #[arg(long = "export", value_name = "SPEC", long_help = EXPORT_HELP)]
         exports: Vec<String>,
+        /// A TOML file describing exports, the control socket and the metrics address (see the
+        /// README); --export and the other options add to it.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Check the configuration (exports parse, images open, sockets free) and exit.
+        #[arg(long)]
+        check_config: bool,
+        /// Open a control socket (JSON, one request per line; mode 0600) at PATH.
+        #[arg(long, value_name = "PATH")]
+        control: Option<PathBuf>,
+        /// Serve Prometheus metrics at http://ADDR:PORT/metrics.
+        #[arg(long, value_name = "ADDR:PORT")]
+        metrics: Option<String>,
         /// Log level: error, warn, info, debug or trace.
-        #[arg(long, value_name = "LEVEL", default_value = "info")]
-        log_level: LevelFilter,
+        #[arg(long, value_name = "LEVEL")]
+        log_level: Option<LevelFilter>,
+    },
+    /// Send one command to a running daemon's control socket and print the reply.
+    #[command(
+        after_help = "Commands: list-exports, add-export KEY=VALUE..., remove-export id=ID [force=true], \
+resize id=ID size=BYTES, query-stats [id=ID], set-polling [id=ID] [mode=adaptive|always|never] [max-us=N].\n\
+Values true/false and whole numbers are sent as JSON booleans and numbers, the rest as strings."
+    )]
+    Ctl {
+        /// The daemon's control socket.
+        #[arg(long, value_name = "PATH")]
+        control: PathBuf,
+        /// The command.
+        command: String,
+        /// Its arguments.
+        #[arg(value_name = "KEY=VALUE")]
+        args: Vec<String>,
+    },
+    /// A live view of every export: IOPS, MB/s, latency, and where each microsecond goes.
+    Stat {
+        /// The daemon's control socket.
+        #[arg(long, value_name = "PATH")]
+        control: PathBuf,
+        /// Seconds between views.
+        #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
+        interval: f64,
+        /// Views to print (default: until interrupted).
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
     },
     /// Compare blkplane with the host and with qemu-storage-daemon, side by side in one run.
     #[command(
@@ -78,33 +127,188 @@ qsd-null and blkplane-null (pure software cost)."
 /// Exit status for bad input on the command line.
 const EXIT_USAGE: u8 = 2;
 
+fn usage_error(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("blkplane: error: {message}");
+    ExitCode::from(EXIT_USAGE)
+}
+
+struct ServeOptions {
+    exports: Vec<String>,
+    config: Option<PathBuf>,
+    check_config: bool,
+    control: Option<PathBuf>,
+    metrics: Option<String>,
+    log_level: Option<LevelFilter>,
+}
+
+fn serve(o: ServeOptions) -> ExitCode {
+    let mut file = match &o.config {
+        Some(path) => match config_file::load(path) {
+            Ok(f) => f,
+            Err(e) => return usage_error(e),
+        },
+        None => config_file::ConfigFile::default(),
+    };
+    let level = match (o.log_level, file.log_level.as_deref()) {
+        (Some(l), _) => l,
+        (None, Some(text)) => match text.parse() {
+            Ok(l) => l,
+            Err(_) => {
+                return usage_error(format!(
+                    "log-level '{text}': one of error, warn, info, debug, trace"
+                ))
+            }
+        },
+        (None, None) => LevelFilter::INFO,
+    };
+    tracing_subscriber::fmt().with_max_level(level).with_writer(std::io::stderr).init();
+    for spec in &o.exports {
+        match ExportConfig::parse(spec) {
+            Ok(c) => file.exports.push(c),
+            Err(e) => return usage_error(format!("--export {spec}: {e}")),
+        }
+    }
+    let control_path = o.control.or(file.control.take());
+    let metrics_addr = o.metrics.or(file.metrics.take());
+    if file.exports.is_empty() && control_path.is_none() {
+        return usage_error("nothing to serve: give --export, a --config with exports, or --control to add them later");
+    }
+    let daemon = Arc::new(Daemon::default());
+    if o.check_config {
+        // Open and bind everything as serving would, then let it all go again.
+        return match daemon.add_exports(file.exports) {
+            Ok(infos) => {
+                daemon.shutdown();
+                println!("configuration OK: {} export(s)", infos.len());
+                ExitCode::SUCCESS
+            }
+            Err(e) => usage_error(e),
+        };
+    }
+    if let Err(e) = daemon::block_shutdown_signals() {
+        eprintln!("blkplane: error: {e}");
+        return ExitCode::FAILURE;
+    }
+    let control = match &control_path {
+        Some(p) => match ControlServer::bind(p) {
+            Ok(c) => Some(Arc::new(c)),
+            Err(e) => return usage_error(e),
+        },
+        None => None,
+    };
+    let metrics_listener = match &metrics_addr {
+        Some(a) => match metrics::bind(a) {
+            Ok(l) => Some(l),
+            Err(e) => return usage_error(e),
+        },
+        None => None,
+    };
+    if let Err(e) = daemon.add_exports(file.exports) {
+        return usage_error(e);
+    }
+    let control_thread = control.as_ref().map(|c| {
+        let (c, d) = (Arc::clone(c), Arc::clone(&daemon));
+        std::thread::Builder::new().name("blkplane-control".into()).spawn(move || c.run(d))
+    });
+    if let Some(l) = metrics_listener {
+        let d = Arc::clone(&daemon);
+        // The metrics thread ends with the process.
+        let _ = std::thread::Builder::new()
+            .name("blkplane-metrics".into())
+            .spawn(move || metrics::run(l, d));
+    }
+    tracing::info!(exports = daemon.list().len(), "serving");
+    let signal = match daemon::wait_for_shutdown_signal() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("blkplane: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(signal, "shutting down after in-flight I/O");
+    if let Some(c) = &control {
+        c.shutdown();
+    }
+    if let Some(Ok(t)) = control_thread {
+        let _ = t.join();
+    }
+    daemon.shutdown();
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}
+
+/// key=value arguments as a JSON object: true/false become booleans, whole numbers numbers.
+fn args_to_json(args: &[String]) -> Result<Value, String> {
+    let mut map = Map::new();
+    for a in args {
+        let (k, v) = a.split_once('=').ok_or_else(|| format!("'{a}' is not KEY=VALUE"))?;
+        let value = match v {
+            "true" => Value::Bool(true),
+            "false" => Value::Bool(false),
+            _ => match v.parse::<u64>() {
+                Ok(n) => Value::from(n),
+                Err(_) => Value::String(v.to_string()),
+            },
+        };
+        map.insert(k.to_string(), value);
+    }
+    Ok(Value::Object(map))
+}
+
+fn ctl(control: PathBuf, command: String, args: Vec<String>) -> ExitCode {
+    let args = match args_to_json(&args) {
+        Ok(a) => a,
+        Err(e) => return usage_error(e),
+    };
+    let mut client = match ControlClient::connect(&control) {
+        Ok(c) => c,
+        Err(e) => return usage_error(format!("cannot connect to {}: {e}", control.display())),
+    };
+    match client.call(&command, args) {
+        Ok(reply) => match (reply.get("result"), reply.get("error")) {
+            (Some(result), _) => {
+                println!("{}", serde_json::to_string_pretty(result).unwrap_or_default());
+                ExitCode::SUCCESS
+            }
+            (_, Some(err)) => {
+                let code = err.get("code").and_then(Value::as_str).unwrap_or("error");
+                let message = err.get("message").and_then(Value::as_str).unwrap_or("");
+                eprintln!("blkplane: {command}: {message} ({code})");
+                if code == "unknown-command" {
+                    eprintln!("commands: {COMMANDS}");
+                }
+                ExitCode::FAILURE
+            }
+            _ => {
+                eprintln!("blkplane: a reply with neither result nor error: {reply}");
+                ExitCode::FAILURE
+            }
+        },
+        Err(e) => {
+            eprintln!("blkplane: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { exports, log_level } => {
-            tracing_subscriber::fmt().with_max_level(log_level).with_writer(std::io::stderr).init();
-            let mut configs = Vec::with_capacity(exports.len());
-            for spec in &exports {
-                match ExportConfig::parse(spec) {
-                    Ok(c) => configs.push(c),
-                    Err(e) => {
-                        eprintln!("blkplane: error: --export {spec}: {e}");
-                        return ExitCode::from(EXIT_USAGE);
-                    }
-                }
+        Command::Serve { exports, config, check_config, control, metrics, log_level } => {
+            serve(ServeOptions { exports, config, check_config, control, metrics, log_level })
+        }
+        Command::Ctl { control, command, args } => ctl(control, command, args),
+        Command::Stat { control, interval, count } => {
+            if !(interval > 0.0 && interval.is_finite()) {
+                return usage_error("--interval must be a positive number of seconds");
             }
-            let servers = match blkplane::daemon::prepare(&configs) {
-                Ok(s) => s,
+            match blkplane::stat::run(&control, Duration::from_secs_f64(interval), count) {
+                Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("blkplane: error: {e}");
-                    return ExitCode::from(EXIT_USAGE);
+                    eprintln!("blkplane: stat: {e}");
+                    ExitCode::FAILURE
                 }
-            };
-            if let Err(e) = blkplane::daemon::serve(servers) {
-                eprintln!("blkplane: error: {e}");
-                return ExitCode::FAILURE;
             }
-            ExitCode::SUCCESS
         }
         Command::Bench(args) => match blkplane::bench::run(*args) {
             Ok(report) => {

@@ -158,6 +158,11 @@ fn clamp_block(bytes: u32) -> u32 {
 }
 
 impl Backing {
+    /// The current size of a block device.
+    pub fn device_size(&self) -> io::Result<u64> {
+        ioctl_value(&self.file, BLKGETSIZE64)
+    }
+
     /// Opens `path` for an export. Never creates or truncates anything.
     pub fn open(path: &Path, readonly: bool, cache: CacheMode) -> Result<Backing, OpenError> {
         let meta = match std::fs::metadata(path) {

@@ -10,6 +10,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,6 +70,40 @@ impl Default for PollPolicy {
     }
 }
 
+/// An export's polling settings as its I/O threads read them: changeable at run time
+/// (`set-polling`); a thread picks a change up at the start of its next idle period.
+pub struct PollSettings {
+    mode: AtomicU8,
+    max_us: AtomicU32,
+}
+
+impl PollSettings {
+    pub fn new(policy: PollPolicy) -> PollSettings {
+        let s = PollSettings { mode: AtomicU8::new(0), max_us: AtomicU32::new(0) };
+        s.set(policy);
+        s
+    }
+
+    pub fn set(&self, policy: PollPolicy) {
+        let mode = match policy.mode {
+            PollMode::Adaptive => 0,
+            PollMode::Always => 1,
+            PollMode::Never => 2,
+        };
+        self.max_us.store(policy.max_us, Ordering::Relaxed);
+        self.mode.store(mode, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> PollPolicy {
+        let mode = match self.mode.load(Ordering::Relaxed) {
+            1 => PollMode::Always,
+            2 => PollMode::Never,
+            _ => PollMode::Adaptive,
+        };
+        PollPolicy { mode, max_us: self.max_us.load(Ordering::Relaxed) }
+    }
+}
+
 /// One I/O thread's polling state.
 pub struct Poller {
     mode: PollMode,
@@ -98,11 +133,21 @@ impl Poller {
         self.idle_since.map(|since| since.elapsed()).unwrap_or_default()
     }
 
-    /// A round found nothing: keep polling (true) or sleep (false)?
-    pub fn keep_polling(&mut self) -> bool {
+    /// A round found nothing: keep polling (true) or sleep (false)? At the start of an idle
+    /// period the thread picks up changed `settings`.
+    pub fn keep_polling(&mut self, settings: &PollSettings) -> bool {
+        if self.idle_since.is_none() {
+            let policy = settings.get();
+            self.mode = policy.mode;
+            self.max = Duration::from_micros(u64::from(policy.max_us));
+            self.window = self.window.min(self.max);
+        }
         match self.mode {
             PollMode::Never => false,
-            PollMode::Always => true,
+            PollMode::Always => {
+                self.idle_since.get_or_insert_with(Instant::now);
+                true
+            }
             PollMode::Adaptive => {
                 if self.window.is_zero() {
                     return false;
@@ -139,26 +184,27 @@ impl Poller {
 mod tests {
     use super::*;
 
-    fn adaptive(max_us: u32) -> Poller {
-        Poller::new(PollPolicy { mode: PollMode::Adaptive, max_us })
+    fn adaptive(max_us: u32) -> (Poller, PollSettings) {
+        let policy = PollPolicy { mode: PollMode::Adaptive, max_us };
+        (Poller::new(policy), PollSettings::new(policy))
     }
 
     #[test]
     fn short_sleeps_grow_the_window_up_to_the_bound() {
-        let mut p = adaptive(64);
-        assert!(!p.keep_polling(), "no window before the first sleep");
+        let (mut p, s) = adaptive(64);
+        assert!(!p.keep_polling(&s), "no window before the first sleep");
         let mut seen = Vec::new();
         for _ in 0..6 {
             p.slept(Duration::from_micros(20));
             seen.push(p.window().as_micros());
         }
         assert_eq!(seen, [4, 8, 16, 32, 64, 64]);
-        assert!(p.keep_polling());
+        assert!(p.keep_polling(&s));
     }
 
     #[test]
     fn long_sleeps_shrink_it_to_zero() {
-        let mut p = adaptive(64);
+        let (mut p, s) = adaptive(64);
         for _ in 0..5 {
             p.slept(Duration::from_micros(10));
         }
@@ -168,29 +214,32 @@ mod tests {
             seen.push(p.window().as_micros());
         }
         assert_eq!(seen, [32, 16, 8, 4, 2, 1, 0, 0]);
-        assert!(!p.keep_polling(), "an idle export sleeps at once");
+        assert!(!p.keep_polling(&s), "an idle export sleeps at once");
     }
 
     #[test]
     fn the_window_ends() {
-        let mut p = adaptive(64);
+        let (mut p, s) = adaptive(64);
         p.slept(Duration::from_micros(1));
-        assert!(p.keep_polling());
+        assert!(p.keep_polling(&s));
         std::thread::sleep(Duration::from_micros(200));
-        assert!(!p.keep_polling(), "4 µs window long over");
+        assert!(!p.keep_polling(&s), "4 µs window long over");
         p.work_found();
-        assert!(p.keep_polling(), "a new idle run starts a new window");
+        assert!(p.keep_polling(&s), "a new idle run starts a new window");
     }
 
     #[test]
-    fn fixed_modes() {
-        let mut always = Poller::new(PollPolicy { mode: PollMode::Always, max_us: 0 });
-        let mut never = Poller::new(PollPolicy { mode: PollMode::Never, max_us: 1000 });
-        for _ in 0..3 {
-            always.slept(Duration::from_micros(1));
-            never.slept(Duration::from_micros(1));
-        }
-        assert!(always.keep_polling());
-        assert!(!never.keep_polling());
+    fn fixed_modes_and_changes_at_run_time() {
+        let always = PollPolicy { mode: PollMode::Always, max_us: 0 };
+        let never = PollPolicy { mode: PollMode::Never, max_us: 1000 };
+        let settings = PollSettings::new(always);
+        let mut p = Poller::new(always);
+        p.slept(Duration::from_micros(1));
+        assert!(p.keep_polling(&settings));
+        settings.set(never);
+        assert!(p.keep_polling(&settings), "a change waits for the next idle period");
+        p.work_found();
+        assert!(!p.keep_polling(&settings), "picked up at the next idle period");
+        assert_eq!(settings.get(), never);
     }
 }

@@ -209,7 +209,7 @@ impl<E: Engine> Worker<E> {
         let _ = ready.send(Ok(()));
         let core = &mut self.core;
         let engine = &mut self.engine;
-        let mut poller = Poller::new(core.disk.poll);
+        let mut poller = Poller::new(core.disk.poll.get());
         debug!(export = %core.disk.name, queue = core.index, "queue started");
         pin_to(&core.disk.cpus, core.index);
         // Kicks stay off while we are awake: we look at the ring ourselves.
@@ -240,7 +240,7 @@ impl<E: Engine> Worker<E> {
             if stopping && core.in_flight == 0 {
                 break;
             }
-            if !stopping && !core.broken && poller.keep_polling() {
+            if !stopping && !core.broken && poller.keep_polling(&core.disk.poll) {
                 if core.in_flight > 0 {
                     // Let a kernel worker finishing our I/O (io_uring punts writes that cannot
                     // be issued without blocking) have this CPU while we wait for it.
@@ -313,7 +313,8 @@ impl Core {
             };
             let parsed = request::parse(&mut slot.chain, outcome, &limits);
             slot.status = parsed.status;
-            (slot.kind, slot.bytes) = parsed.result.as_ref().map(kind_of).unwrap_or((Kind::Other, 0));
+            (slot.kind, slot.bytes) =
+                parsed.result.as_ref().map(kind_of).unwrap_or((Kind::Other, 0));
             if sampled {
                 let now = Instant::now();
                 slot.stamps.parsed = now;

@@ -70,8 +70,15 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] =
-        [Kind::Read, Kind::Write, Kind::Flush, Kind::GetId, Kind::Discard, Kind::WriteZeroes, Kind::Other];
+    pub const ALL: [Kind; 7] = [
+        Kind::Read,
+        Kind::Write,
+        Kind::Flush,
+        Kind::GetId,
+        Kind::Discard,
+        Kind::WriteZeroes,
+        Kind::Other,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {

@@ -148,6 +148,12 @@ impl BlkDevice {
         result
     }
 
+    /// Whether replies to NEED_REPLY messages are on: REPLY_ACK acked among the protocol
+    /// features (which we always offer), as the vhost crate decides it.
+    pub fn reply_ack(&self) -> bool {
+        self.acked_protocol_features & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0
+    }
+
     /// Stops every queue; in-flight requests complete first. Called on disconnect.
     pub fn stop_all(&mut self) {
         for i in 0..self.vrings.len() {
@@ -305,7 +311,8 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::RESET_DEVICE)
+            | VhostUserProtocolFeatures::RESET_DEVICE
+            | VhostUserProtocolFeatures::BACKEND_REQ)
     }
 
     fn set_protocol_features(&mut self, features: u64) -> Result<()> {

@@ -2,6 +2,7 @@
 //! table, vring setup, config space, reconnects. It talks to I/O threads only by starting and
 //! stopping them, never through a shared lock.
 
+pub mod backend_channel;
 pub mod device;
 pub mod server;
 

@@ -14,6 +14,7 @@ use tracing::info;
 use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::backend_channel::{self, BackendChannel};
 use super::device::BlkDevice;
 use crate::export::Disk;
 use crate::ratelimit::RateLimiter;
@@ -58,6 +59,8 @@ pub struct ExportServer {
     shutdown: AtomicBool,
     shutdown_event: EventFd,
     connection: Mutex<Option<UnixStream>>,
+    /// The connected frontend's backend channel, if it set one up.
+    backend_channel: Mutex<Option<BackendChannel>>,
 }
 
 impl ExportServer {
@@ -73,11 +76,39 @@ impl ExportServer {
             shutdown: AtomicBool::new(false),
             shutdown_event: EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK)?,
             connection: Mutex::new(None),
+            backend_channel: Mutex::new(None),
         })
     }
 
     pub fn socket_path(&self) -> &Path {
         &self.socket_path
+    }
+
+    pub fn disk(&self) -> &Arc<Disk> {
+        &self.disk
+    }
+
+    /// Whether a frontend is connected.
+    pub fn has_client(&self) -> bool {
+        self.connection.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
+    /// Hangs up on the connected frontend (its queues stop after in-flight I/O); the export
+    /// goes on accepting.
+    pub fn disconnect_client(&self) {
+        if let Some(conn) = self.connection.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Tells the connected frontend that the config space changed (after a resize). Returns
+    /// false if there is no frontend with a backend channel to tell.
+    pub fn notify_config_change(&self) -> io::Result<bool> {
+        let mut channel = self.backend_channel.lock().unwrap_or_else(|p| p.into_inner());
+        match channel.as_mut() {
+            Some(c) => c.config_changed().map(|()| true),
+            None => Ok(false),
+        }
     }
 
     /// Serves frontends one after another until `shutdown`.
@@ -125,8 +156,28 @@ impl ExportServer {
         }
         info!(export = %self.disk.name, "frontend connected");
         let device = Arc::new(Mutex::new(BlkDevice::new(Arc::clone(&self.disk))));
+        let Ok(peek) = stream.try_clone() else { return };
         let mut handler = BackendReqHandler::from_stream(stream, Arc::clone(&device));
         loop {
+            // SET_BACKEND_REQ_FD is ours (see backend_channel.rs); the rest goes to the crate.
+            match backend_channel::peek_header(&peek) {
+                Ok(None) | Err(_) => break,
+                Ok(Some(h)) if h.request == backend_channel::SET_BACKEND_REQ_FD => {
+                    let reply_ack = device.lock().unwrap_or_else(|p| p.into_inner()).reply_ack();
+                    match backend_channel::take_channel(&peek, h, reply_ack) {
+                        Ok(channel) => {
+                            *self.backend_channel.lock().unwrap_or_else(|p| p.into_inner()) =
+                                Some(channel);
+                        }
+                        Err(e) => {
+                            warn_limited!(log, export = %self.disk.name, "closing the connection: bad SET_BACKEND_REQ_FD: {e}");
+                            break;
+                        }
+                    }
+                    continue;
+                }
+                Ok(Some(_)) => {}
+            }
             match handler.handle_request() {
                 Ok(()) => {}
                 Err(e) if ends_connection(&e) => {
@@ -142,6 +193,7 @@ impl ExportServer {
         }
         // Queues stop after their in-flight requests complete.
         device.lock().unwrap_or_else(|p| p.into_inner()).stop_all();
+        *self.backend_channel.lock().unwrap_or_else(|p| p.into_inner()) = None;
         *self.connection.lock().unwrap_or_else(|p| p.into_inner()) = None;
         info!(export = %self.disk.name, "frontend disconnected");
     }

@@ -1,0 +1,342 @@
+//! The control socket: JSON, one request and one reply per line, over a Unix socket that only
+//! the daemon's user may open (mode 0600).
+//!
+//! ```text
+//! {"id": 1, "command": "list-exports", "args": {}}
+//! {"id": 1, "result": [...]}            or   {"id": 1, "error": {"code": "...", "message": "..."}}
+//! ```
+//!
+//! Commands: list-exports, add-export (the keys of --export), remove-export (id, force),
+//! resize (id, size), query-stats (id), set-polling (id, mode, max-us). A bad request gets an
+//! error reply naming the problem; the connection stays open and nothing changes.
+
+pub mod metrics;
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use serde_json::{json, Map, Value};
+use tracing::{info, warn};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::daemon::{ControlError, Daemon};
+use crate::export::{parse_size, ExportConfig};
+use crate::vhost_user::bind_socket;
+
+/// Longest request line accepted.
+const MAX_LINE_BYTES: u64 = 1 << 20;
+
+pub const COMMANDS: &str =
+    "list-exports, add-export, remove-export, resize, query-stats, set-polling";
+
+/// The control socket's listener.
+pub struct ControlServer {
+    path: PathBuf,
+    listener: UnixListener,
+    shutdown: AtomicBool,
+    shutdown_event: EventFd,
+}
+
+impl ControlServer {
+    /// Binds `path` with mode 0600.
+    pub fn bind(path: &Path) -> Result<ControlServer, String> {
+        let listener = bind_socket(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| format!("cannot set the mode of {}: {e}", path.display()))?;
+        Ok(ControlServer {
+            path: path.to_path_buf(),
+            listener,
+            shutdown: AtomicBool::new(false),
+            shutdown_event: EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK)
+                .map_err(|e| format!("eventfd: {e}"))?,
+        })
+    }
+
+    /// Accepts clients until `shutdown`, one thread per client.
+    pub fn run(&self, daemon: Arc<Daemon>) {
+        info!(path = %self.path.display(), "control socket listening");
+        loop {
+            let mut fds = [
+                libc::pollfd { fd: self.listener.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd {
+                    fd: self.shutdown_event.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: a valid pollfd array for the duration of the call.
+            unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if self.shutdown.load(Ordering::Acquire) {
+                return;
+            }
+            if fds[0].revents == 0 {
+                continue;
+            }
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    let d = Arc::clone(&daemon);
+                    let _ = std::thread::Builder::new()
+                        .name("blkplane-control".into())
+                        .spawn(move || serve_client(stream, &d));
+                }
+                Err(e) => warn!("control socket accept: {e}"),
+            }
+        }
+    }
+
+    pub fn shutdown(&self) {
+        self.shutdown.store(true, Ordering::Release);
+        let _ = self.shutdown_event.write(1);
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn serve_client(stream: UnixStream, daemon: &Daemon) {
+    let Ok(mut out) = stream.try_clone() else { return };
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut line = Vec::new();
+        match (&mut reader).take(MAX_LINE_BYTES + 1).read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let reply = if line.len() as u64 > MAX_LINE_BYTES {
+            // Skip the rest of the over-long line.
+            let mut rest = Vec::new();
+            let _ = reader.read_until(b'\n', &mut rest);
+            error_reply(Value::Null, ControlError::new("too-long", "request longer than 1 MiB"))
+        } else if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        } else {
+            handle_line(&line, daemon)
+        };
+        let mut text = reply.to_string();
+        text.push('\n');
+        if out.write_all(text.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+fn error_reply(id: Value, e: ControlError) -> Value {
+    json!({"id": id, "error": {"code": e.code, "message": e.message}})
+}
+
+/// Parses and runs one request line; returns the reply.
+pub fn handle_line(line: &[u8], daemon: &Daemon) -> Value {
+    let request: Value = match serde_json::from_slice(line) {
+        Ok(v) => v,
+        Err(e) => {
+            return error_reply(
+                Value::Null,
+                ControlError::new("invalid-json", format!("malformed JSON: {e}")),
+            )
+        }
+    };
+    let Some(obj) = request.as_object() else {
+        return error_reply(
+            Value::Null,
+            ControlError::new("invalid-request", "a request is a JSON object"),
+        );
+    };
+    let id = obj.get("id").cloned().unwrap_or(Value::Null);
+    let Some(command) = obj.get("command").and_then(Value::as_str) else {
+        return error_reply(
+            id,
+            ControlError::new("invalid-request", "missing \"command\" (a string)"),
+        );
+    };
+    let empty = Map::new();
+    let args = match obj.get("args") {
+        None | Some(Value::Null) => &empty,
+        Some(Value::Object(m)) => m,
+        Some(_) => {
+            return error_reply(
+                id,
+                ControlError::new("invalid-request", "\"args\" must be an object"),
+            )
+        }
+    };
+    match run_command(command, args, daemon) {
+        Ok(result) => json!({"id": id, "result": result}),
+        Err(e) => error_reply(id, e),
+    }
+}
+
+fn bad_arg(message: String) -> ControlError {
+    ControlError::new("invalid-argument", message)
+}
+
+/// Checks that `args` has only `allowed` keys.
+fn only_keys(
+    command: &str,
+    args: &Map<String, Value>,
+    allowed: &[&str],
+) -> Result<(), ControlError> {
+    match args.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(bad_arg(format!(
+            "{command} takes no argument '{k}' (it takes: {})",
+            allowed.join(", ")
+        ))),
+        None => Ok(()),
+    }
+}
+
+fn opt_str<'a>(args: &'a Map<String, Value>, key: &str) -> Result<Option<&'a str>, ControlError> {
+    match args.get(key) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(v) => Err(bad_arg(format!("'{key}' must be a string, not {v}"))),
+    }
+}
+
+fn req_str<'a>(args: &'a Map<String, Value>, key: &str) -> Result<&'a str, ControlError> {
+    opt_str(args, key)?.ok_or_else(|| bad_arg(format!("missing '{key}'")))
+}
+
+fn opt_bool(args: &Map<String, Value>, key: &str) -> Result<Option<bool>, ControlError> {
+    match args.get(key) {
+        None => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(v) => Err(bad_arg(format!("'{key}' must be true or false, not {v}"))),
+    }
+}
+
+/// A size as a number of bytes, or a string with a suffix ("10G").
+fn req_size(args: &Map<String, Value>, key: &str) -> Result<u64, ControlError> {
+    match args.get(key) {
+        None => Err(bad_arg(format!("missing '{key}'"))),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .ok_or_else(|| bad_arg(format!("'{key}' must be a whole number of bytes, not {n}"))),
+        Some(Value::String(s)) => parse_size(s).map_err(|e| bad_arg(format!("'{key}': {e}"))),
+        Some(v) => Err(bad_arg(format!("'{key}' must be a number of bytes, not {v}"))),
+    }
+}
+
+fn to_json<T: serde::Serialize>(v: T) -> Result<Value, ControlError> {
+    serde_json::to_value(v).map_err(|e| ControlError::new("failed", e.to_string()))
+}
+
+fn run_command(
+    command: &str,
+    args: &Map<String, Value>,
+    daemon: &Daemon,
+) -> Result<Value, ControlError> {
+    match command {
+        "list-exports" => {
+            only_keys(command, args, &[])?;
+            to_json(daemon.list())
+        }
+        "add-export" => {
+            let spec = spec_from_args(args)?;
+            let config = ExportConfig::parse(&spec).map_err(|e| bad_arg(e.0))?;
+            let mut infos = daemon.add_exports(vec![config])?;
+            to_json(infos.pop())
+        }
+        "remove-export" => {
+            only_keys(command, args, &["id", "force"])?;
+            let id = req_str(args, "id")?;
+            daemon.remove(id, opt_bool(args, "force")?.unwrap_or(false))?;
+            Ok(json!({"removed": id}))
+        }
+        "resize" => {
+            only_keys(command, args, &["id", "size"])?;
+            let id = req_str(args, "id")?;
+            let size = req_size(args, "size")?;
+            to_json(daemon.resize(id, size)?)
+        }
+        "query-stats" => {
+            only_keys(command, args, &["id"])?;
+            to_json(daemon.stats(opt_str(args, "id")?)?)
+        }
+        "set-polling" => {
+            only_keys(command, args, &["id", "mode", "max-us"])?;
+            let mode = match opt_str(args, "mode")? {
+                Some(m) => Some(m.parse().map_err(bad_arg)?),
+                None => None,
+            };
+            let max_us = match args.get("max-us") {
+                None => None,
+                Some(v) => {
+                    Some(v.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| {
+                        bad_arg(format!("'max-us' must be a number of microseconds, not {v}"))
+                    })?)
+                }
+            };
+            if mode.is_none() && max_us.is_none() {
+                return Err(bad_arg("set-polling needs 'mode' or 'max-us'".into()));
+            }
+            to_json(daemon.set_polling(opt_str(args, "id")?, mode, max_us)?)
+        }
+        other => Err(ControlError::new(
+            "unknown-command",
+            format!("unknown command '{other}' (commands: {COMMANDS})"),
+        )),
+    }
+}
+
+/// Turns add-export's arguments into an --export spec, so both are parsed by the same code.
+/// Values may be strings, numbers or booleans (true/false become on/off).
+fn spec_from_args(args: &Map<String, Value>) -> Result<String, ControlError> {
+    let mut parts = Vec::with_capacity(args.len());
+    for (k, v) in args {
+        let value = match v {
+            Value::String(s) => s.clone(),
+            Value::Number(n) => n.to_string(),
+            Value::Bool(b) => if *b { "on" } else { "off" }.to_string(),
+            other => {
+                return Err(bad_arg(format!(
+                    "'{k}' must be a string, number or boolean, not {other}"
+                )))
+            }
+        };
+        if k.contains([',', '=']) {
+            return Err(bad_arg(format!("'{k}' is not an export key")));
+        }
+        parts.push(format!("{k}={}", value.replace(',', ",,")));
+    }
+    Ok(parts.join(","))
+}
+
+/// A client of the control socket (for `blkplane ctl` and `blkplane stat`).
+pub struct ControlClient {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    next_id: u64,
+}
+
+impl ControlClient {
+    pub fn connect(path: &Path) -> io::Result<ControlClient> {
+        let stream = UnixStream::connect(path)?;
+        let writer = stream.try_clone()?;
+        Ok(ControlClient { reader: BufReader::new(stream), writer, next_id: 1 })
+    }
+
+    /// Sends one request and returns the whole reply object.
+    pub fn call(&mut self, command: &str, args: Value) -> io::Result<Value> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut line = json!({"id": id, "command": command, "args": args}).to_string();
+        line.push('\n');
+        self.writer.write_all(line.as_bytes())?;
+        let mut reply = String::new();
+        if self.reader.read_line(&mut reply)? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the daemon closed the control connection",
+            ));
+        }
+        serde_json::from_str(&reply).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+}

@@ -1,0 +1,141 @@
+//! The backend-to-frontend channel (protocol feature BACKEND_REQ), for the one message we
+//! send on it: CONFIG_CHANGE_MSG, after an export was resized, so the VMM re-reads the config
+//! space and tells the guest. The vhost crate (0.18) accepts the channel but has no way to send
+//! this message, so we take SET_BACKEND_REQ_FD off the socket ourselves before the crate sees
+//! the next message, and speak the few bytes of this exchange here.
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+/// FrontendReq::SET_BACKEND_REQ_FD.
+pub const SET_BACKEND_REQ_FD: u32 = 21;
+/// BackendReq::CONFIG_CHANGE_MSG.
+const CONFIG_CHANGE_MSG: u32 = 2;
+const FLAG_VERSION: u32 = 0x1;
+const FLAG_REPLY: u32 = 0x4;
+pub const FLAG_NEED_REPLY: u32 = 0x8;
+const HEADER_BYTES: usize = 12;
+/// How long we wait for the frontend to acknowledge a config change.
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A vhost-user message header: request, flags, payload size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub request: u32,
+    pub flags: u32,
+    pub size: u32,
+}
+
+fn encode(h: Header) -> [u8; HEADER_BYTES] {
+    let mut b = [0u8; HEADER_BYTES];
+    b[0..4].copy_from_slice(&h.request.to_le_bytes());
+    b[4..8].copy_from_slice(&h.flags.to_le_bytes());
+    b[8..12].copy_from_slice(&h.size.to_le_bytes());
+    b
+}
+
+fn decode(b: &[u8; HEADER_BYTES]) -> Header {
+    let word = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    Header { request: word(0), flags: word(4), size: word(8) }
+}
+
+/// Looks at the next message's header without taking it. `None`: the frontend hung up.
+pub fn peek_header(stream: &UnixStream) -> io::Result<Option<Header>> {
+    let mut b = [0u8; HEADER_BYTES];
+    loop {
+        // SAFETY: recv writes at most b.len() bytes into b, which we own.
+        let n = unsafe {
+            libc::recv(
+                std::os::fd::AsRawFd::as_raw_fd(stream),
+                b.as_mut_ptr().cast(),
+                b.len(),
+                libc::MSG_PEEK | libc::MSG_WAITALL,
+            )
+        };
+        match n {
+            0 => return Ok(None),
+            n if n as usize == HEADER_BYTES => return Ok(Some(decode(&b))),
+            n if n > 0 => continue,
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// Takes a SET_BACKEND_REQ_FD message (whose header `peek_header` returned) off `stream`,
+/// acknowledges it if asked to, and returns the channel.
+pub fn take_channel(
+    stream: &UnixStream,
+    header: Header,
+    reply_ack: bool,
+) -> io::Result<BackendChannel> {
+    if header.size > 64 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "SET_BACKEND_REQ_FD with a payload",
+        ));
+    }
+    let mut buf = vec![0u8; HEADER_BYTES + header.size as usize];
+    let (n, file) = stream.recv_with_fd(&mut buf)?;
+    let mut got = n;
+    while got < buf.len() {
+        let m = (&*stream).read(&mut buf[got..])?;
+        if m == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        got += m;
+    }
+    let file = file.ok_or_else(|| {
+        io::Error::new(io::ErrorKind::InvalidData, "SET_BACKEND_REQ_FD without a file descriptor")
+    })?;
+    if reply_ack && header.flags & FLAG_NEED_REPLY != 0 {
+        let reply = encode(Header {
+            request: SET_BACKEND_REQ_FD,
+            flags: FLAG_VERSION | FLAG_REPLY,
+            size: 8,
+        });
+        let mut msg = reply.to_vec();
+        msg.extend_from_slice(&0u64.to_le_bytes());
+        (&*stream).write_all(&msg)?;
+    }
+    let channel = UnixStream::from(std::os::fd::OwnedFd::from(file));
+    channel.set_read_timeout(Some(ACK_TIMEOUT))?;
+    Ok(BackendChannel { stream: channel, reply_ack })
+}
+
+/// Our end of the backend channel.
+pub struct BackendChannel {
+    stream: UnixStream,
+    reply_ack: bool,
+}
+
+impl BackendChannel {
+    /// Tells the frontend the config space changed; waits for its acknowledgement if the
+    /// connection uses REPLY_ACK. The frontend then reads the config space on the main
+    /// channel, so the caller must not hold anything the main channel's thread needs.
+    pub fn config_changed(&mut self) -> io::Result<()> {
+        let flags = FLAG_VERSION | if self.reply_ack { FLAG_NEED_REPLY } else { 0 };
+        self.stream.write_all(&encode(Header { request: CONFIG_CHANGE_MSG, flags, size: 0 }))?;
+        if !self.reply_ack {
+            return Ok(());
+        }
+        let mut reply = [0u8; HEADER_BYTES + 8];
+        self.stream.read_exact(&mut reply)?;
+        let header = decode(reply[..HEADER_BYTES].try_into().unwrap_or(&[0; HEADER_BYTES]));
+        let value = u64::from_le_bytes(reply[HEADER_BYTES..].try_into().unwrap_or_default());
+        if header.request != CONFIG_CHANGE_MSG || header.flags & FLAG_REPLY == 0 || value != 0 {
+            return Err(io::Error::other(format!(
+                "the frontend refused the config change (reply {header:?}, status {value})"
+            )));
+        }
+        Ok(())
+    }
+}
