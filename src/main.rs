@@ -161,7 +161,11 @@ fn serve(o: ServeOptions) -> ExitCode {
         },
         (None, None) => LevelFilter::INFO,
     };
-    tracing_subscriber::fmt().with_max_level(level).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
     for spec in &o.exports {
         match ExportConfig::parse(spec) {
             Ok(c) => file.exports.push(c),

@@ -151,6 +151,8 @@ struct Core {
     /// Sampled requests finished this round, waiting for their publish and notify times.
     sampled_done: Vec<Stamps>,
     histograms: StageHistograms,
+    /// Samples recorded since the last merge.
+    unmerged: bool,
     last_merge: Instant,
 }
 
@@ -200,6 +202,7 @@ impl<E: Engine> Worker<E> {
             sampled_submitting: Vec::with_capacity(size),
             sampled_done: Vec::with_capacity(size),
             histograms: StageHistograms::default(),
+            unmerged: false,
             last_merge: Instant::now(),
         };
         Worker { engine, core }
@@ -525,6 +528,7 @@ impl Core {
             h.record(Stage::Total, ns(s.seen, notified));
         }
         self.sampled_done.clear();
+        self.unmerged = true;
         if notified.duration_since(self.last_merge) >= MERGE_EVERY {
             self.merge_stats();
             self.last_merge = notified;
@@ -532,8 +536,12 @@ impl Core {
     }
 
     fn merge_stats(&mut self) {
+        if !self.unmerged {
+            return;
+        }
         let mut shared = self.stats.histograms.lock().unwrap_or_else(|p| p.into_inner());
         self.histograms.merge_into(&mut shared);
+        self.unmerged = false;
     }
 
     fn break_queue(&mut self, e: QueueError) {
@@ -548,6 +556,18 @@ impl Core {
 
     /// Sleeps until the guest kicks, an I/O completes, or the control thread asks us to stop.
     fn sleep(&mut self, stopping: bool, completion_fd: Option<RawFd>) {
+        // Going idle with samples not yet handed over: hand them over now if the last merge
+        // is old enough, or wake up when it will be, so an idle export's figures are fresh.
+        let mut merge_in = None;
+        if self.unmerged {
+            let since = self.last_merge.elapsed();
+            if since >= MERGE_EVERY {
+                self.merge_stats();
+                self.last_merge = Instant::now();
+            } else {
+                merge_in = Some(MERGE_EVERY - since);
+            }
+        }
         let accepting = !stopping && !self.broken;
         if accepting && self.queue.enable_notifications() {
             // Requests arrived while we were deciding to sleep.
@@ -565,7 +585,11 @@ impl Core {
                 fds[2] = pollfd(fd);
             }
         }
-        let timeout_ms = if accepting && self.kick.is_none() { KICKLESS_POLL_MS } else { -1 };
+        let mut timeout_ms = if accepting && self.kick.is_none() { KICKLESS_POLL_MS } else { -1 };
+        if let Some(d) = merge_in {
+            let ms = d.as_millis().clamp(1, i32::MAX as u128) as i32;
+            timeout_ms = if timeout_ms < 0 { ms } else { timeout_ms.min(ms) };
+        }
         // SAFETY: fds is a valid array of pollfd for the duration of the call; negative fds
         // are ignored by poll.
         let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };

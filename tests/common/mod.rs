@@ -23,22 +23,31 @@ pub struct Daemon {
 impl Daemon {
     /// Starts the daemon with `--export` for each spec and waits until every socket answers.
     pub fn start(dir: &Path, exports: &[String]) -> Daemon {
-        let log_path = dir
-            .join(format!("daemon-{}.log", std::process::id() as u64 * 1000 + rand_u16() as u64));
-        let log = fs::File::create(&log_path).unwrap();
-        let mut cmd = Command::new(BIN);
-        cmd.arg("serve").arg("--log-level").arg("debug");
+        let mut args = Vec::new();
+        let mut sockets = Vec::new();
         for e in exports {
-            cmd.arg("--export").arg(e);
-        }
-        let child = cmd.stdout(Stdio::null()).stderr(log).spawn().expect("spawn blkplane");
-        let mut d = Daemon { child: Some(child), log_path };
-        for e in exports {
+            args.push("--export".to_string());
+            args.push(e.clone());
             let sock = e
                 .split(',')
                 .find_map(|kv| kv.strip_prefix("socket="))
                 .expect("export has a socket");
-            d.wait_for_socket(Path::new(sock));
+            sockets.push(PathBuf::from(sock));
+        }
+        Self::start_with(dir, &args, &sockets)
+    }
+
+    /// Starts `blkplane serve ARGS` and waits until every socket of `wait_for` answers.
+    pub fn start_with(dir: &Path, args: &[String], wait_for: &[PathBuf]) -> Daemon {
+        let log_path = dir
+            .join(format!("daemon-{}.log", std::process::id() as u64 * 1000 + rand_u16() as u64));
+        let log = fs::File::create(&log_path).unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve").arg("--log-level").arg("debug").args(args);
+        let child = cmd.stdout(Stdio::null()).stderr(log).spawn().expect("spawn blkplane");
+        let mut d = Daemon { child: Some(child), log_path };
+        for sock in wait_for {
+            d.wait_for_socket(sock);
         }
         d
     }

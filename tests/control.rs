@@ -1,0 +1,418 @@
+//! The control socket, `blkplane ctl`, `blkplane stat`, the Prometheus endpoint and the
+//! config file, against a running daemon while a libblkio client does I/O.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use common::{make_image, pattern, tmpdir, Client, Daemon, BIN};
+
+const EIO: i32 = -libc::EIO;
+
+/// A raw line-oriented connection to the control socket.
+struct Ctl {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Ctl {
+    fn connect(path: &Path) -> Ctl {
+        let s = UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        Ctl { writer: s.try_clone().unwrap(), reader: BufReader::new(s) }
+    }
+
+    fn raw(&mut self, line: &str) -> Value {
+        self.writer.write_all(line.as_bytes()).unwrap();
+        self.writer.write_all(b"\n").unwrap();
+        let mut reply = String::new();
+        self.reader.read_line(&mut reply).unwrap();
+        serde_json::from_str(&reply).unwrap_or_else(|e| panic!("reply {reply:?}: {e}"))
+    }
+
+    fn call(&mut self, command: &str, args: Value) -> Value {
+        self.raw(&json!({"id": 7, "command": command, "args": args}).to_string())
+    }
+
+    fn ok(&mut self, command: &str, args: Value) -> Value {
+        let r = self.call(command, args.clone());
+        assert_eq!(r["id"], 7);
+        r.get("result").cloned().unwrap_or_else(|| panic!("{command} {args}: {r}"))
+    }
+
+    fn err(&mut self, command: &str, args: Value) -> (String, String) {
+        let r = self.call(command, args.clone());
+        let e = r.get("error").unwrap_or_else(|| panic!("{command} {args} should fail: {r}"));
+        (e["code"].as_str().unwrap().to_string(), e["message"].as_str().unwrap().to_string())
+    }
+}
+
+/// Reads and writes through a libblkio client until stopped; returns (requests, failures).
+fn background_io(sock: PathBuf, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(u64, u64)> {
+    std::thread::spawn(move || {
+        let mut c = Client::connect(&sock, 1);
+        let (mut n, mut failed) = (0u64, 0u64);
+        while !stop.load(Ordering::Relaxed) {
+            let off = (n % 256) * 4096;
+            if n % 2 == 0 {
+                failed += u64::from(c.write_at(0, off, &[0x33; 4096], 0) != 0);
+            } else {
+                failed += u64::from(c.read_at(0, off, 4096, 0).is_err());
+            }
+            n += 1;
+        }
+        (n, failed)
+    })
+}
+
+#[test]
+fn every_command_with_io_running() {
+    let dir = tmpdir();
+    let d = dir.path();
+    let image = d.join("a.raw");
+    make_image(&image, 16 << 20, 1);
+    let (ctl_path, sock_a) = (d.join("ctl.sock"), d.join("a.sock"));
+    let daemon = Daemon::start_with(
+        d,
+        &[
+            "--control".into(),
+            ctl_path.display().to_string(),
+            "--export".into(),
+            format!("id=a,socket={},image={}", sock_a.display(), image.display()),
+        ],
+        &[ctl_path.clone(), sock_a.clone()],
+    );
+    let mode = std::fs::metadata(&ctl_path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "control socket mode");
+    let stop = Arc::new(AtomicBool::new(false));
+    let io = background_io(sock_a.clone(), Arc::clone(&stop));
+    std::thread::sleep(Duration::from_millis(500));
+    let mut ctl = Ctl::connect(&ctl_path);
+
+    // list-exports
+    let list = ctl.ok("list-exports", json!({}));
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    let a = &list[0];
+    assert_eq!(a["id"], "a");
+    assert_eq!(a["size_bytes"], 16 << 20);
+    assert_eq!(a["client_connected"], true);
+    assert_eq!(a["poll"], "adaptive");
+
+    // add-export: a null export, then a client on it.
+    let sock_b = d.join("b.sock");
+    let b = ctl.ok("add-export", json!({"id": "b", "socket": sock_b.to_str().unwrap(), "engine": "null", "size": "64M", "queues": 2}));
+    assert_eq!(b["id"], "b");
+    assert_eq!(b["queues"], 2);
+    let mut cb = Client::connect(&sock_b, 2);
+    assert_eq!(cb.capacity(), 64 << 20);
+    assert!(cb.read_at(1, 4096, 4096, 0).unwrap() == vec![0u8; 4096]);
+    let (code, msg) = ctl.err("add-export", json!({"id": "b", "socket": d.join("c.sock").to_str().unwrap(), "engine": "null", "size": "1M"}));
+    assert_eq!((code.as_str(), msg.as_str()), ("exists", "an export with id 'b' exists already"));
+    let (code, msg) = ctl.err("add-export", json!({"socket": d.join("c.sock").to_str().unwrap(), "image": d.join("nope.raw").to_str().unwrap()}));
+    assert_eq!(code, "open-failed");
+    assert!(msg.ends_with("nope.raw does not exist"), "{msg}");
+    assert!(
+        !d.join("c.sock").exists() && !d.join("nope.raw").exists(),
+        "a failed add left something behind"
+    );
+    let (code, msg) = ctl.err("add-export", json!({"socket": "/x", "queues": "many"}));
+    assert_eq!((code.as_str(), msg.as_str()), ("invalid-argument", "queues=many: not a number"));
+
+    // query-stats: the background I/O shows in the counters and the stage histograms.
+    std::thread::sleep(Duration::from_millis(600));
+    let stats = ctl.ok("query-stats", json!({"id": "a"}));
+    let q = &stats[0]["queues"][0];
+    assert!(q["requests"]["read"].as_u64().unwrap() > 50, "{q}");
+    assert!(q["requests"]["write"].as_u64().unwrap() > 50, "{q}");
+    assert_eq!(q["bytes"]["read"].as_u64().unwrap() % 4096, 0);
+    let stages: Vec<&str> =
+        q["stages"].as_array().unwrap().iter().map(|s| s["stage"].as_str().unwrap()).collect();
+    assert_eq!(stages, ["parse", "submit", "backend", "publish", "notify", "total"]);
+    let total = &q["stages"][5];
+    assert!(total["samples"].as_u64().unwrap() > 0, "no sampled requests: {q}");
+    assert!(total["p50_us"].as_f64().unwrap() > 0.0);
+    assert!((total["share"].as_f64().unwrap() - 1.0).abs() < 1e-9);
+    assert_eq!(ctl.ok("query-stats", json!({})).as_array().unwrap().len(), 2);
+
+    // set-polling
+    let changed = ctl.ok("set-polling", json!({"id": "a", "mode": "never", "max-us": 10}));
+    assert_eq!(changed[0]["poll"], "never");
+    assert_eq!(changed[0]["poll_max_us"], 10);
+    assert_eq!(ctl.ok("list-exports", json!({}))[0]["poll"], "never");
+    assert_eq!(
+        ctl.err("set-polling", json!({"id": "a", "mode": "sometimes"})).0,
+        "invalid-argument"
+    );
+    assert_eq!(ctl.err("set-polling", json!({"id": "a"})).0, "invalid-argument");
+    assert_eq!(ctl.err("set-polling", json!({"id": "zz", "mode": "always"})).0, "not-found");
+    ctl.ok("set-polling", json!({"mode": "adaptive", "max-us": 64}));
+
+    // The background client was doing I/O through all of the above without a failure.
+    stop.store(true, Ordering::Relaxed);
+    let (n, failed) = io.join().unwrap();
+    assert!(n > 100, "background I/O made {n} requests");
+    assert_eq!(failed, 0, "background I/O failures");
+
+    // resize: the file grows, a connected libblkio client sees the new capacity. (A
+    // vhost-user socket serves one frontend at a time, so this client comes after the first.)
+    let mut ca = Client::connect(&sock_a, 1);
+    let r = ctl.ok("resize", json!({"id": "a", "size": "32M"}));
+    assert_eq!(r["size_bytes"], 32 << 20);
+    assert_eq!(ca.capacity(), 32 << 20);
+    assert_eq!(std::fs::metadata(&image).unwrap().len(), 32 << 20);
+    assert!(
+        ca.read_at(0, (32 << 20) - 4096, 4096, 0).unwrap() == vec![0u8; 4096],
+        "the new space reads zeroes"
+    );
+    assert_eq!(ca.read_at(0, 32 << 20, 4096, 0), Err(EIO), "the new end is the end");
+    for (args, code) in [
+        (json!({"id": "a", "size": -1}), "invalid-argument"),
+        (json!({"id": "a", "size": 1000}), "invalid-size"),
+        (json!({"id": "a", "size": 0}), "invalid-size"),
+        (json!({"id": "a", "size": "lots"}), "invalid-argument"),
+        (json!({"id": "a", "size": true}), "invalid-argument"),
+        (json!({"id": "a"}), "invalid-argument"),
+        (json!({"id": "nope", "size": 4096}), "not-found"),
+        (json!({"id": "b", "size": "2E"}), "invalid-argument"),
+    ] {
+        assert_eq!(ctl.err("resize", args.clone()).0, code, "resize {args}");
+    }
+    assert_eq!(ca.capacity(), 32 << 20, "failed resizes changed nothing");
+    assert_eq!(std::fs::metadata(&image).unwrap().len(), 32 << 20);
+
+    // Bad requests: the connection stays open and answers the next one.
+    let r = ctl.raw("{not json");
+    assert_eq!(r["error"]["code"], "invalid-json");
+    assert_eq!(r["id"], Value::Null);
+    let r = ctl.raw(r#"{"id": 3, "command": "frobnicate"}"#);
+    assert_eq!(r["id"], 3);
+    assert_eq!(r["error"]["code"], "unknown-command");
+    assert!(r["error"]["message"].as_str().unwrap().starts_with("unknown command 'frobnicate'"));
+    assert_eq!(ctl.raw(r#"{"id": 4}"#)["error"]["code"], "invalid-request");
+    assert_eq!(ctl.raw(r#"[1, 2]"#)["error"]["code"], "invalid-request");
+    assert_eq!(
+        ctl.raw(r#"{"id": 5, "command": "list-exports", "args": 3}"#)["error"]["code"],
+        "invalid-request"
+    );
+    assert_eq!(ctl.err("remove-export", json!({"id": 5})).0, "invalid-argument");
+    assert_eq!(ctl.err("remove-export", json!({"id": "a", "force": "yes"})).0, "invalid-argument");
+    assert_eq!(ctl.err("list-exports", json!({"verbose": true})).0, "invalid-argument");
+    assert_eq!(ctl.ok("list-exports", json!({})).as_array().unwrap().len(), 2);
+
+    // remove-export: refused while a client is connected, done with force.
+    let (code, _) = ctl.err("remove-export", json!({"id": "b"}));
+    assert_eq!(code, "busy");
+    assert!(sock_b.exists());
+    assert_eq!(ctl.ok("remove-export", json!({"id": "b", "force": true})), json!({"removed": "b"}));
+    assert!(!sock_b.exists(), "the removed export's socket is gone");
+    let hung_up = format!("frontend disconnected export={}", sock_b.display());
+    assert!(daemon.log().contains(&hung_up), "the client was not disconnected:\n{}", daemon.log());
+    drop(cb);
+    assert_eq!(ctl.err("remove-export", json!({"id": "b"})).0, "not-found");
+
+    // The export that stayed keeps serving.
+    assert!(ca.read_at(0, 0, 4096, 0).is_ok());
+}
+
+#[test]
+fn ctl_and_stat_commands() {
+    let dir = tmpdir();
+    let d = dir.path();
+    let (ctl_path, sock) = (d.join("ctl.sock"), d.join("n.sock"));
+    let _daemon = Daemon::start_with(
+        d,
+        &[
+            "--control".into(),
+            ctl_path.display().to_string(),
+            "--export".into(),
+            format!("id=n,socket={},engine=null,size=1G", sock.display()),
+        ],
+        &[ctl_path.clone(), sock.clone()],
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let io = background_io(sock.clone(), Arc::clone(&stop));
+    let out = Command::new(BIN)
+        .args(["ctl", "--control"])
+        .arg(&ctl_path)
+        .arg("list-exports")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[0]["id"], "n");
+    let out = Command::new(BIN)
+        .args(["ctl", "--control"])
+        .arg(&ctl_path)
+        .args(["set-polling", "id=n", "max-us=32"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(BIN)
+        .args(["ctl", "--control"])
+        .arg(&ctl_path)
+        .args(["resize", "id=n", "size=nope"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("(invalid-argument)"));
+    let out =
+        Command::new(BIN).args(["ctl", "--control"]).arg(&ctl_path).arg("bogus").output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let out = Command::new(BIN)
+        .args(["ctl", "--control"])
+        .arg(&ctl_path)
+        .args(["list-exports", "oops"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+
+    let out = Command::new(BIN)
+        .args(["stat", "--control"])
+        .arg(&ctl_path)
+        .args(["--interval", "0.5", "--count", "2"])
+        .output()
+        .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    io.join().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(text.matches("IOPS").count(), 2, "two views:\n{text}");
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("n "))
+        .unwrap_or_else(|| panic!("no row for n:\n{text}"));
+    let iops: f64 = row.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(iops > 10.0, "IOPS {iops} while I/O ran:\n{text}");
+    for stage in ["parse", "submit", "backend", "publish", "notify", "total"] {
+        assert!(text.contains(&format!("  {stage}")), "no {stage} layer:\n{text}");
+    }
+}
+
+#[test]
+fn prometheus_metrics_parse() {
+    let dir = tmpdir();
+    let d = dir.path();
+    let sock = d.join("m.sock");
+    let port = 20000 + (common::rand_u16() % 20000);
+    let addr = format!("127.0.0.1:{port}");
+    let _daemon = Daemon::start_with(
+        d,
+        &[
+            "--metrics".into(),
+            addr.clone(),
+            "--export".into(),
+            format!("id=m-1,socket={},engine=null,size=64M", sock.display()),
+        ],
+        std::slice::from_ref(&sock),
+    );
+    let mut c = Client::connect(&sock, 1);
+    for i in 0..300 {
+        c.read_at(0, i * 4096, 4096, 0).unwrap();
+    }
+    // The I/O thread hands its histograms over when it goes idle.
+    std::thread::sleep(Duration::from_millis(400));
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.0 200"), "{head}");
+    assert!(head.contains("text/plain; version=0.0.4"));
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap();
+    let find = |name: &str, kind: &str| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && s.labels.get("kind").is_none_or(|k| k == kind))
+            .unwrap_or_else(|| panic!("no {name} in:\n{body}"))
+    };
+    match find("blkplane_requests_total", "read").value {
+        prometheus_parse::Value::Counter(v) => assert!(v >= 300.0, "{v}"),
+        ref v => panic!("requests_total is {v:?}"),
+    }
+    match find("blkplane_capacity_bytes", "").value {
+        prometheus_parse::Value::Gauge(v) => assert_eq!(v, (64u64 << 20) as f64),
+        ref v => panic!("capacity is {v:?}"),
+    }
+    let total = scrape
+        .samples
+        .iter()
+        .find(|s| {
+            s.metric == "blkplane_stage_latency_seconds" && s.labels.get("stage") == Some("total")
+        })
+        .unwrap_or_else(|| panic!("no stage summary:\n{body}"));
+    match &total.value {
+        prometheus_parse::Value::Summary(q) => {
+            assert!(q.iter().any(|x| x.quantile == 0.5 && x.count > 0.0))
+        }
+        v => panic!("stage latency is {v:?}"),
+    }
+    assert_eq!(total.labels.get("export"), Some("m-1"));
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.write_all(b"GET /other HTTP/1.0\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.0 404"));
+}
+
+#[test]
+fn config_file_and_check_config() {
+    let dir = tmpdir();
+    let d = dir.path();
+    let image = d.join("disk.raw");
+    make_image(&image, 8 << 20, 5);
+    let (ctl_path, sock) = (d.join("ctl.sock"), d.join("vm.sock"));
+    let cfg = d.join("blkplane.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "control = \"{}\"\nlog-level = \"debug\"\n\n[[export]]\nid = \"vm\"\nsocket = \"{}\"\nimage = \"{}\"\nqueues = 2\nserial = \"from-toml\"\npoll = \"never\"\n",
+            ctl_path.display(),
+            sock.display(),
+            image.display()
+        ),
+    )
+    .unwrap();
+    let out =
+        Command::new(BIN).args(["serve", "--check-config", "--config"]).arg(&cfg).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "configuration OK: 1 export(s)");
+    assert!(!sock.exists() && !ctl_path.exists(), "--check-config left sockets behind");
+
+    let _daemon = Daemon::start_with(
+        d,
+        &["--config".into(), cfg.display().to_string()],
+        &[ctl_path.clone(), sock.clone()],
+    );
+    let mut ctl = Ctl::connect(&ctl_path);
+    let list = ctl.ok("list-exports", json!({}));
+    assert_eq!(list[0]["id"], "vm");
+    assert_eq!(list[0]["queues"], 2);
+    assert_eq!(list[0]["serial"], "from-toml");
+    assert_eq!(list[0]["poll"], "never");
+    let mut c = Client::connect(&sock, 2);
+    assert!(c.read_at(1, 0, 4096, 0).unwrap() == pattern(5, 0, 4096));
+
+    let bad = d.join("bad.toml");
+    std::fs::write(&bad, "[[export]]\nsocket = \"/tmp/x.sock\"\nimage = \"/nonexistent.raw\"\n")
+        .unwrap();
+    let out =
+        Command::new(BIN).args(["serve", "--check-config", "--config"]).arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("image /nonexistent.raw does not exist"));
+    std::fs::write(&bad, "colour = \"red\"\n").unwrap();
+    let out =
+        Command::new(BIN).args(["serve", "--check-config", "--config"]).arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml: unknown key 'colour'"), "{err}");
+}
