@@ -52,6 +52,27 @@ if [ "$WCE" = 1 ]; then want="write back"; else want="write through"; fi
 [ "$wc" = "$want" ] || fail "write cache '$wc' != '$want'"
 check "write cache $wc"
 
+if [ "$MODE" = resize ]; then
+    # The host resizes the export through the control socket once it sees this line; the
+    # VMM gets a config-change message and the guest must see the new size without a reboot.
+    NEWSECTORS=$(param newsectors)
+    echo "BLKPLANE-WAIT-RESIZE"
+    i=0
+    while [ "$(cat /sys/block/vda/size)" != "$NEWSECTORS" ]; do
+        i=$((i + 1))
+        [ $i -gt 600 ] && fail "size still $(cat /sys/block/vda/size), expected $NEWSECTORS after the resize"
+        sleep 0.1
+    done
+    check "resized to $NEWSECTORS sectors"
+    last=$((NEWSECTORS - 8))
+    dd if=/dev/urandom of=/tmp/tail bs=4096 count=1 2>/dev/null
+    dd if=/tmp/tail of=/dev/vda bs=512 seek=$last count=8 oflag=direct 2>/dev/null || fail "write at the new end"
+    echo "BLKPLANE-MD5 $((last * 512)) 4096 $(md5sum < /tmp/tail | cut -d' ' -f1)"
+    check "wrote the last 4 KiB of the grown disk"
+    echo "BLKPLANE-PASS"
+    poweroff -f
+fi
+
 if [ "$MODE" = ro ]; then
     [ "$(cat /sys/block/vda/ro)" = 1 ] || fail "not read-only"
     check "read-only flag set"

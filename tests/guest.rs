@@ -34,6 +34,8 @@ fn assets() -> &'static Path {
 
 struct Scenario {
     name: &'static str,
+    /// Grow the export to this size through the control socket while the guest runs.
+    resize_to: Option<u64>,
     vcpus: u16,
     queues: u16,
     readonly: bool,
@@ -64,21 +66,37 @@ fn run(s: &Scenario) {
         s.serial,
         if s.readonly { "on" } else { "off" }
     );
-    let mut daemon = Daemon::start(dir.path(), &[spec]);
+    let ctl = dir.path().join("ctl.sock");
+    let mut daemon = Daemon::start_with(
+        dir.path(),
+        &[
+            "--control".into(),
+            ctl.display().to_string(),
+            "--export".into(),
+            format!("id=disk,{spec}"),
+        ],
+        &[ctl.clone(), sock.clone()],
+    );
     let runid = format!("{:04x}{:04x}{}", rand_u16(), rand_u16(), std::process::id());
     let wce = u8::from(matches!(s.cache, "none" | "writeback" | "unsafe"));
+    let mode = match (s.resize_to, s.readonly) {
+        (Some(_), _) => "resize",
+        (None, true) => "ro",
+        (None, false) => "rw",
+    };
     let append = format!(
-        "console=ttyS0 panic=-1 quiet loglevel=4 blkplane.mode={} blkplane.runid={runid} \
-         blkplane.sectors={} blkplane.serial={} blkplane.queues={} blkplane.wce={wce}",
-        if s.readonly { "ro" } else { "rw" },
+        "console=ttyS0 panic=-1 quiet loglevel=4 blkplane.mode={mode} blkplane.runid={runid} \
+         blkplane.sectors={} blkplane.serial={} blkplane.queues={} blkplane.wce={wce} \
+         blkplane.newsectors={}",
         IMAGE_BYTES / 512,
         s.serial,
-        s.queues
+        s.queues,
+        s.resize_to.unwrap_or(0) / 512,
     );
     let qemu = cache.join("qemu/usr/bin/qemu-system-x86_64");
     let console_path = dir.path().join("console.log");
     let console = fs::File::create(&console_path).unwrap();
-    let status = Command::new("timeout")
+    let mut guest = Command::new("timeout")
         .arg(GUEST_TIMEOUT_S.to_string())
         .arg(&qemu)
         .env("QEMU_MODULE_DIR", cache.join("qemu/usr/lib/x86_64-linux-gnu/qemu"))
@@ -101,8 +119,30 @@ fn run(s: &Scenario) {
         .stdin(Stdio::null())
         .stdout(console.try_clone().unwrap())
         .stderr(console)
-        .status()
+        .spawn()
         .expect("start QEMU");
+    if let Some(new_size) = s.resize_to {
+        // Wait for the guest to be ready, then resize through the control socket.
+        let deadline =
+            std::time::Instant::now() + std::time::Duration::from_secs(u64::from(GUEST_TIMEOUT_S));
+        while !fs::read_to_string(&console_path)
+            .unwrap_or_default()
+            .contains("BLKPLANE-WAIT-RESIZE")
+        {
+            if guest.try_wait().unwrap().is_some() || std::time::Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let out = Command::new(common::BIN)
+            .args(["ctl", "--control"])
+            .arg(&ctl)
+            .args(["resize", "id=disk", &format!("size={new_size}")])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "resize failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let status = guest.wait().expect("wait for QEMU");
     let console = fs::read_to_string(&console_path).unwrap_or_default();
     let daemon_alive = daemon.alive();
     let stopped = daemon.stop();
@@ -142,7 +182,9 @@ fn run(s: &Scenario) {
             s.name
         );
     }
-    if s.readonly {
+    if let Some(new_size) = s.resize_to {
+        assert_eq!(img.len() as u64, new_size, "{}: image file size after the resize", s.name);
+    } else if s.readonly {
         assert!(img == original, "{}: the read-only image changed", s.name);
     } else {
         let id = format!("BLKPLANE-RUN-{runid}");
@@ -159,6 +201,7 @@ fn run(s: &Scenario) {
 fn linux_guest_one_vcpu_one_queue() {
     run(&Scenario {
         name: "1 vCPU, 1 queue",
+        resize_to: None,
         vcpus: 1,
         queues: 1,
         readonly: false,
@@ -171,6 +214,7 @@ fn linux_guest_one_vcpu_one_queue() {
 fn linux_guest_two_vcpus_two_queues() {
     run(&Scenario {
         name: "2 vCPUs, 2 queues",
+        resize_to: None,
         vcpus: 2,
         queues: 2,
         readonly: false,
@@ -183,10 +227,24 @@ fn linux_guest_two_vcpus_two_queues() {
 fn linux_guest_readonly() {
     run(&Scenario {
         name: "read-only",
+        resize_to: None,
         vcpus: 1,
         queues: 1,
         readonly: true,
         cache: "none",
         serial: "guest-disk-ro",
+    });
+}
+
+#[test]
+fn linux_guest_sees_a_resize_without_reboot() {
+    run(&Scenario {
+        name: "resize",
+        resize_to: Some(IMAGE_BYTES * 2),
+        vcpus: 1,
+        queues: 1,
+        readonly: false,
+        cache: "none",
+        serial: "guest-disk-rs",
     });
 }
