@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod engine;
 pub mod export;
 pub mod iothread;
+pub mod listener;
 pub mod ratelimit;
 pub mod stat;
 pub mod trace;

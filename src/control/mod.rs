@@ -13,19 +13,17 @@
 pub mod metrics;
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
 use tracing::{info, warn};
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::daemon::{ControlError, Daemon};
 use crate::export::{parse_size, ExportConfig};
+use crate::listener::StoppableListener;
 use crate::vhost_user::bind_socket;
 
 /// Longest request line accepted.
@@ -37,9 +35,7 @@ pub const COMMANDS: &str =
 /// The control socket's listener.
 pub struct ControlServer {
     path: PathBuf,
-    listener: UnixListener,
-    shutdown: AtomicBool,
-    shutdown_event: EventFd,
+    listener: StoppableListener,
 }
 
 impl ControlServer {
@@ -50,35 +46,16 @@ impl ControlServer {
             .map_err(|e| format!("cannot set the mode of {}: {e}", path.display()))?;
         Ok(ControlServer {
             path: path.to_path_buf(),
-            listener,
-            shutdown: AtomicBool::new(false),
-            shutdown_event: EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK)
-                .map_err(|e| format!("eventfd: {e}"))?,
+            listener: StoppableListener::new(listener).map_err(|e| format!("eventfd: {e}"))?,
         })
     }
 
     /// Accepts clients until `shutdown`, one thread per client.
     pub fn run(&self, daemon: Arc<Daemon>) {
         info!(path = %self.path.display(), "control socket listening");
-        loop {
-            let mut fds = [
-                libc::pollfd { fd: self.listener.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-                libc::pollfd {
-                    fd: self.shutdown_event.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: a valid pollfd array for the duration of the call.
-            unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-            if self.shutdown.load(Ordering::Acquire) {
-                return;
-            }
-            if fds[0].revents == 0 {
-                continue;
-            }
-            match self.listener.accept() {
-                Ok((stream, _)) => {
+        while let Some(accepted) = self.listener.accept() {
+            match accepted {
+                Ok(stream) => {
                     let d = Arc::clone(&daemon);
                     let _ = std::thread::Builder::new()
                         .name("blkplane-control".into())
@@ -90,8 +67,7 @@ impl ControlServer {
     }
 
     pub fn shutdown(&self) {
-        self.shutdown.store(true, Ordering::Release);
-        let _ = self.shutdown_event.write(1);
+        self.listener.stop();
     }
 }
 

@@ -3,20 +3,18 @@
 //! next one. The image stays open across connections.
 
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tracing::info;
 use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::backend_channel::{self, BackendChannel};
 use super::device::BlkDevice;
 use crate::export::Disk;
+use crate::listener::StoppableListener;
 use crate::ratelimit::RateLimiter;
 use crate::warn_limited;
 
@@ -55,9 +53,7 @@ fn ends_connection(e: &VhostError) -> bool {
 pub struct ExportServer {
     disk: Arc<Disk>,
     socket_path: PathBuf,
-    listener: UnixListener,
-    shutdown: AtomicBool,
-    shutdown_event: EventFd,
+    listener: StoppableListener,
     connection: Mutex<Option<UnixStream>>,
     /// The connected frontend's backend channel, if it set one up.
     backend_channel: Mutex<Option<BackendChannel>>,
@@ -72,9 +68,7 @@ impl ExportServer {
         Ok(ExportServer {
             disk,
             socket_path,
-            listener,
-            shutdown: AtomicBool::new(false),
-            shutdown_event: EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK)?,
+            listener: StoppableListener::new(listener)?,
             connection: Mutex::new(None),
             backend_channel: Mutex::new(None),
         })
@@ -123,27 +117,9 @@ impl ExportServer {
     /// Waits for a frontend, or returns None on shutdown.
     fn accept(&self, log: &mut RateLimiter) -> Option<UnixStream> {
         loop {
-            let mut fds = [
-                libc::pollfd { fd: self.listener.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-                libc::pollfd {
-                    fd: self.shutdown_event.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: a valid pollfd array for the duration of the call.
-            unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-            if self.shutdown.load(Ordering::Acquire) {
-                return None;
-            }
-            if fds[0].revents == 0 {
-                continue;
-            }
-            match self.listener.accept() {
-                Ok((stream, _)) => return Some(stream),
-                Err(e) => {
-                    warn_limited!(log, export = %self.disk.name, "accept: {e}");
-                }
+            match self.listener.accept()? {
+                Ok(stream) => return Some(stream),
+                Err(e) => warn_limited!(log, export = %self.disk.name, "accept: {e}"),
             }
         }
     }
@@ -151,7 +127,7 @@ impl ExportServer {
     fn serve(&self, stream: UnixStream, log: &mut RateLimiter) {
         let Ok(handle) = stream.try_clone() else { return };
         *self.connection.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
-        if self.shutdown.load(Ordering::Acquire) {
+        if self.listener.is_stopped() {
             return;
         }
         info!(export = %self.disk.name, "frontend connected");
@@ -200,8 +176,7 @@ impl ExportServer {
 
     /// Asks `run` to return: wakes the accept loop and hangs up on the frontend.
     pub fn shutdown(&self) {
-        self.shutdown.store(true, Ordering::Release);
-        let _ = self.shutdown_event.write(1);
+        self.listener.stop();
         if let Some(conn) = self.connection.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
             let _ = conn.shutdown(std::net::Shutdown::Both);
         }

@@ -1,0 +1,54 @@
+//! A Unix-socket listener whose accept loop another thread can stop: the export servers and
+//! the control socket both wait in it.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use vmm_sys_util::eventfd::EventFd;
+
+pub struct StoppableListener {
+    listener: UnixListener,
+    stopped: AtomicBool,
+    wake: EventFd,
+}
+
+impl StoppableListener {
+    pub fn new(listener: UnixListener) -> io::Result<StoppableListener> {
+        Ok(StoppableListener {
+            listener,
+            stopped: AtomicBool::new(false),
+            wake: EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK)?,
+        })
+    }
+
+    /// Waits for the next connection. `None` once `stop` was called; an accept error is
+    /// returned for the caller to log, and the listener stays usable.
+    pub fn accept(&self) -> Option<io::Result<UnixStream>> {
+        loop {
+            let mut fds = [
+                libc::pollfd { fd: self.listener.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: self.wake.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            ];
+            // SAFETY: a valid pollfd array for the duration of the call.
+            unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if self.is_stopped() {
+                return None;
+            }
+            if fds[0].revents != 0 {
+                return Some(self.listener.accept().map(|(stream, _)| stream));
+            }
+        }
+    }
+
+    /// Makes `accept` return `None`, now and from then on.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        let _ = self.wake.write(1);
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+    }
+}
