@@ -46,6 +46,8 @@ pub struct ExportConfig {
     pub cpus: Vec<usize>,
     /// Counters and sampled per-layer timestamps (default on).
     pub stats: bool,
+    /// Serve the image even if another process locks it, and let others use it too.
+    pub force_share: bool,
 }
 
 pub const DEFAULT_QUEUES: u16 = 1;
@@ -57,7 +59,7 @@ pub const MAX_NULL_BYTES: u64 = 1 << 60;
 
 /// The keys `--export` understands, for help text and error messages.
 pub const EXPORT_KEYS: &str = "id, socket, image, engine, size, queues, queue-size, cache, aio, \
-readonly, serial, poll, poll-max-us, cpus, stats";
+readonly, serial, poll, poll-max-us, cpus, stats, force-share";
 
 /// A bad `--export` value: one line naming the problem.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -172,6 +174,7 @@ impl ExportConfig {
         let mut poll = PollPolicy::default();
         let mut cpus = Vec::new();
         let mut stats = true;
+        let mut force_share = false;
         let mut seen = Vec::new();
         for (key, value) in split_pairs(spec)? {
             if seen.contains(&key) {
@@ -219,6 +222,7 @@ impl ExportConfig {
                 },
                 "readonly" => readonly = parse_bool(&key, &value)?,
                 "stats" => stats = parse_bool(&key, &value)?,
+                "force-share" => force_share = parse_bool(&key, &value)?,
                 "serial" => {
                     if value.len() > ID_BYTES {
                         return err(format!("serial={value}: at most {ID_BYTES} bytes"));
@@ -273,6 +277,7 @@ impl ExportConfig {
             poll,
             cpus,
             stats,
+            force_share,
         })
     }
 }
@@ -305,7 +310,7 @@ impl Disk {
     pub fn open(config: &ExportConfig) -> Result<Disk, OpenError> {
         let (backing, engine, capacity, logical, physical) = match &config.backend {
             BackendSpec::Image(path) => {
-                let b = Backing::open(path, config.readonly, config.cache)?;
+                let b = Backing::open(path, config.readonly, config.cache, config.force_share)?;
                 let (c, l, p) = (b.capacity_bytes, b.logical_block_bytes, b.physical_block_bytes);
                 (Some(b), EngineKind::IoUring, c, l, p)
             }
@@ -460,7 +465,7 @@ mod tests {
         let cases = [
             ("image=/i", "missing socket=PATH"),
             ("socket=/s", "missing image=PATH (or engine=null,size=BYTES)"),
-            ("socket=/s,image=/i,colour=red", "unknown key 'colour' (keys: id, socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, poll, poll-max-us, cpus, stats)"),
+            ("socket=/s,image=/i,colour=red", "unknown key 'colour' (keys: id, socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, poll, poll-max-us, cpus, stats, force-share)"),
             ("socket=/s,image=/i,poll=sometimes", "poll=sometimes: one of adaptive, always, never"),
             ("socket=/s,image=/i,poll-max-us=1000000", "poll-max-us=1000000: at most 100000"),
             ("socket=/s,image=/i,queues=0", "queues=0: must be 1 to 64"),
@@ -472,7 +477,7 @@ mod tests {
             ("socket=/s,engine=null,size=1000", "size=1000: must be a non-zero multiple of 512, at most 2^60"),
             ("socket=/s,image=/i,id=a b", "id=a b: 1 to 64 letters, digits, '-', '_' or '.'"),
             ("socket=/s,image=/i,aio=posix", "aio=posix: supported engines: io_uring"),
-            ("socket=/s,image", "'image' is not key=value (keys: id, socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, poll, poll-max-us, cpus, stats)"),
+            ("socket=/s,image", "'image' is not key=value (keys: id, socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, poll, poll-max-us, cpus, stats, force-share)"),
         ];
         for (spec, want) in cases {
             assert_eq!(ExportConfig::parse(spec).unwrap_err().0, want, "spec {spec}");

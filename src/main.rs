@@ -42,7 +42,10 @@ inside a value.
                      always: never sleep (for dedicated cores). never: sleep at once.
   poll-max-us=N      bound of the adaptive polling window in µs (default 64).
   cpus=LIST          pin the I/O threads: queue i runs on the i-th CPU of LIST (e.g. 1 or 2-3).
-  stats=on|off       per-queue counters and sampled per-layer latency (default on).";
+  stats=on|off       per-queue counters and sampled per-layer latency (default on).
+  force-share=on     serve an image that another process (QEMU, qemu-storage-daemon, another
+                     blkplane) has locked, and let others use it too. blkplane takes
+                     QEMU-compatible locks, so by default two of them cannot write one image.";
 
 #[derive(Parser)]
 #[command(

@@ -131,7 +131,10 @@ fn a_socket_in_use_is_refused_and_the_owner_keeps_serving() {
         dir.path(),
         &[format!("socket={},image={}", sock.display(), image.display())],
     );
-    let out = serve(&[format!("socket={},image={}", sock.display(), image.display())]);
+    // Another image, so that the socket is what collides.
+    let other = dir.path().join("other.raw");
+    make_image(&other, 4 << 20, 9);
+    let out = serve(&[format!("socket={},image={}", sock.display(), other.display())]);
     assert_usage_error(&out, &format!("socket {} is in use by another server", sock.display()));
     // The first daemon's socket is still there and still serves.
     let mut c = Client::connect(&sock, 1);
@@ -183,4 +186,46 @@ fn sigterm_stops_cleanly() {
 #[test]
 fn sigint_stops_cleanly() {
     stops_on(libc::SIGINT);
+}
+
+/// blkplane takes QEMU's image locks: a second writer is refused (exit 2, the reason named)
+/// unless force-share=on, and qemu-storage-daemon refuses an image blkplane writes.
+#[test]
+fn images_are_locked_like_qemu_locks_them() {
+    let dir = tmpdir();
+    let image = dir.path().join("disk.raw");
+    make_image(&image, 4 << 20, 6);
+    let a = dir.path().join("a.sock");
+    let _first =
+        Daemon::start(dir.path(), &[format!("socket={},image={}", a.display(), image.display())]);
+    let b = dir.path().join("b.sock");
+    let out = serve(&[format!("socket={},image={}", b.display(), image.display())]);
+    assert_usage_error(
+        &out,
+        "does not share the \"write\" permission (use force-share=on to serve it anyway)",
+    );
+    assert!(!b.exists());
+    let out = serve(&[format!("socket={},image={},readonly=on", b.display(), image.display())]);
+    assert_usage_error(&out, "another process holds the \"write\" permission on the image");
+    let forced = Daemon::start(
+        dir.path(),
+        &[format!("socket={},image={},force-share=on", b.display(), image.display())],
+    );
+    drop(forced);
+    if let Ok(out) = Command::new("qemu-storage-daemon")
+        .arg("--blockdev")
+        .arg(format!("driver=file,node-name=f,filename={}", image.display()))
+        .args(["--blockdev", "driver=raw,node-name=d,file=f", "--export"])
+        .arg(format!(
+            "type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path={},writable=on",
+            dir.path().join("q.sock").display()
+        ))
+        .output()
+    {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("Failed to get \"write\" lock"),
+            "qsd: {err}"
+        );
+    }
 }

@@ -197,10 +197,12 @@ pub fn start_daemon(spec: DaemonSpec<'_>) -> Result<DaemonProcess, BenchError> {
             let mut cmd = Command::new(spec.qsd_path);
             cmd.args(["--object", "iothread,id=iot0"]);
             if spec.kind == TargetKind::Qsd {
+                // locking=off: blkplane has the same image open (their clients take turns),
+                // and both take QEMU's image locks, which would stop the second one.
                 cmd.args([
                     "--blockdev",
                     &format!(
-                        "driver=file,node-name=file0,filename={},cache.direct=on,aio=io_uring",
+                        "driver=file,node-name=file0,filename={},cache.direct=on,aio=io_uring,locking=off",
                         spec.image.display()
                     ),
                     "--blockdev",

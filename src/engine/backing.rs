@@ -82,6 +82,7 @@ pub enum OpenError {
     Empty(PathBuf),
     NotSectorMultiple(PathBuf, u64),
     NoDirectIo(PathBuf),
+    Locked(PathBuf, String),
     Io(PathBuf, io::Error),
 }
 
@@ -103,6 +104,7 @@ impl fmt::Display for OpenError {
                 "image {} is on a filesystem without O_DIRECT; use cache=writeback or cache=writethrough",
                 p.display()
             ),
+            OpenError::Locked(p, why) => write!(f, "image {}: {why}", p.display()),
             OpenError::Io(p, e) => write!(f, "cannot open image {}: {e}", p.display()),
         }
     }
@@ -164,7 +166,12 @@ impl Backing {
     }
 
     /// Opens `path` for an export. Never creates or truncates anything.
-    pub fn open(path: &Path, readonly: bool, cache: CacheMode) -> Result<Backing, OpenError> {
+    pub fn open(
+        path: &Path,
+        readonly: bool,
+        cache: CacheMode,
+        force_share: bool,
+    ) -> Result<Backing, OpenError> {
         let meta = match std::fs::metadata(path) {
             Ok(m) => m,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -193,6 +200,8 @@ impl Backing {
                     }
                 },
             )?;
+        super::lock::lock_image(&file, readonly, force_share)
+            .map_err(|why| OpenError::Locked(path.into(), why))?;
         let (capacity_bytes, logical, physical) = if is_block_device {
             let size: u64 =
                 ioctl_value(&file, BLKGETSIZE64).map_err(|e| OpenError::Io(path.into(), e))?;

@@ -2,6 +2,7 @@
 //! modes that decide how it is opened and what FLUSH does.
 
 pub mod backing;
+pub mod lock;
 pub mod null;
 pub mod uring;
 
