@@ -18,6 +18,8 @@ use crate::trace::QueueStats;
 pub enum EngineKind {
     /// io_uring on the backing file (the default).
     IoUring,
+    /// A pool of worker threads doing preadv/pwritev on the backing file.
+    Threads,
     /// No backing: reads return zeroes, writes are dropped.
     Null,
 }
@@ -48,6 +50,8 @@ pub struct ExportConfig {
     pub stats: bool,
     /// Serve the image even if another process locks it, and let others use it too.
     pub force_share: bool,
+    /// The engine for an image (io_uring or threads).
+    pub aio: EngineKind,
 }
 
 pub const DEFAULT_QUEUES: u16 = 1;
@@ -175,6 +179,7 @@ impl ExportConfig {
         let mut cpus = Vec::new();
         let mut stats = true;
         let mut force_share = false;
+        let mut aio = EngineKind::IoUring;
         let mut seen = Vec::new();
         for (key, value) in split_pairs(spec)? {
             if seen.contains(&key) {
@@ -217,8 +222,11 @@ impl ExportConfig {
                 }
                 "cache" => cache = value.parse().map_err(ConfigError)?,
                 "aio" => match value.as_str() {
-                    "io_uring" => {}
-                    other => return err(format!("aio={other}: supported engines: io_uring")),
+                    "io_uring" => aio = EngineKind::IoUring,
+                    "threads" => aio = EngineKind::Threads,
+                    other => {
+                        return err(format!("aio={other}: supported engines: io_uring, threads"))
+                    }
                 },
                 "readonly" => readonly = parse_bool(&key, &value)?,
                 "stats" => stats = parse_bool(&key, &value)?,
@@ -278,6 +286,7 @@ impl ExportConfig {
             cpus,
             stats,
             force_share,
+            aio,
         })
     }
 }
@@ -312,7 +321,7 @@ impl Disk {
             BackendSpec::Image(path) => {
                 let b = Backing::open(path, config.readonly, config.cache, config.force_share)?;
                 let (c, l, p) = (b.capacity_bytes, b.logical_block_bytes, b.physical_block_bytes);
-                (Some(b), EngineKind::IoUring, c, l, p)
+                (Some(b), config.aio, c, l, p)
             }
             BackendSpec::Null { size_bytes } => (None, EngineKind::Null, *size_bytes, 512, 4096),
         };
@@ -476,7 +485,7 @@ mod tests {
             ("socket=/s,image=/i,socket=/t", "key 'socket' given twice"),
             ("socket=/s,engine=null,size=1000", "size=1000: must be a non-zero multiple of 512, at most 2^60"),
             ("socket=/s,image=/i,id=a b", "id=a b: 1 to 64 letters, digits, '-', '_' or '.'"),
-            ("socket=/s,image=/i,aio=posix", "aio=posix: supported engines: io_uring"),
+            ("socket=/s,image=/i,aio=posix", "aio=posix: supported engines: io_uring, threads"),
             ("socket=/s,image", "'image' is not key=value (keys: id, socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, poll, poll-max-us, cpus, stats, force-share)"),
         ];
         for (spec, want) in cases {

@@ -18,13 +18,13 @@ fn export(sock: &Path, image: &Path, extra: &str) -> String {
 
 /// Writes at many offsets and sizes, reads them back through the client, and after the daemon
 /// stops checks the image file byte for byte, including that nothing else changed.
-fn patterns_round_trip(cache: &str) {
+fn patterns_round_trip(cache: &str, aio: &str) {
     let dir = tmpdir();
     let image = dir.path().join("disk.raw");
     let sock = dir.path().join("blk.sock");
     make_image(&image, IMAGE_BYTES, 1);
     let mut daemon =
-        Daemon::start(dir.path(), &[export(&sock, &image, &format!(",cache={cache}"))]);
+        Daemon::start(dir.path(), &[export(&sock, &image, &format!(",cache={cache},aio={aio}"))]);
     let mut expected = fs::read(&image).unwrap();
     {
         let mut c = Client::connect(&sock, 1);
@@ -84,27 +84,37 @@ fn patterns_round_trip(cache: &str) {
 
 #[test]
 fn patterns_round_trip_cache_none() {
-    patterns_round_trip("none");
+    patterns_round_trip("none", "io_uring");
 }
 
 #[test]
 fn patterns_round_trip_cache_directsync() {
-    patterns_round_trip("directsync");
+    patterns_round_trip("directsync", "io_uring");
 }
 
 #[test]
 fn patterns_round_trip_cache_writeback() {
-    patterns_round_trip("writeback");
+    patterns_round_trip("writeback", "io_uring");
 }
 
 #[test]
 fn patterns_round_trip_cache_writethrough() {
-    patterns_round_trip("writethrough");
+    patterns_round_trip("writethrough", "io_uring");
 }
 
 #[test]
 fn patterns_round_trip_cache_unsafe() {
-    patterns_round_trip("unsafe");
+    patterns_round_trip("unsafe", "io_uring");
+}
+
+#[test]
+fn patterns_round_trip_threads_engine_cache_none() {
+    patterns_round_trip("none", "threads");
+}
+
+#[test]
+fn patterns_round_trip_threads_engine_cache_writeback() {
+    patterns_round_trip("writeback", "threads");
 }
 
 #[test]
@@ -200,12 +210,21 @@ fn many_requests_in_flight_at_once() {
 }
 
 #[test]
-fn discard_and_write_zeroes_read_back_zeroes() {
+fn discard_and_write_zeroes_read_back_zeroes_io_uring() {
+    discard_and_write_zeroes_read_back_zeroes("io_uring");
+}
+
+#[test]
+fn discard_and_write_zeroes_read_back_zeroes_threads() {
+    discard_and_write_zeroes_read_back_zeroes("threads");
+}
+
+fn discard_and_write_zeroes_read_back_zeroes(aio: &str) {
     let dir = tmpdir();
     let image = dir.path().join("disk.raw");
     let sock = dir.path().join("blk.sock");
     make_image(&image, IMAGE_BYTES, 4);
-    let mut daemon = Daemon::start(dir.path(), &[export(&sock, &image, "")]);
+    let mut daemon = Daemon::start(dir.path(), &[export(&sock, &image, &format!(",aio={aio}"))]);
     {
         let mut c = Client::connect(&sock, 1);
         let zeroes = vec![0u8; 1 << 20];

@@ -4,6 +4,7 @@
 pub mod backing;
 pub mod lock;
 pub mod null;
+pub mod threads;
 pub mod uring;
 
 use std::io;

@@ -14,6 +14,7 @@ use super::{QueueSetup, StopSignal};
 use crate::blk::request::{self, ChainBuf, Request, RequestError};
 use crate::blk::{status, SEG_MAX};
 use crate::engine::null::NullEngine;
+use crate::engine::threads::ThreadsEngine;
 use crate::engine::uring::UringEngine;
 use crate::engine::{Engine, IoOp};
 use crate::export::{Disk, EngineKind};
@@ -94,23 +95,30 @@ pub(super) fn run(
     };
     // The engine is created on this thread: an io_uring set up with SINGLE_ISSUER accepts
     // submissions only from the thread that made it.
-    match disk.engine {
-        EngineKind::IoUring => {
-            let Some(backing) = disk.backing.as_ref() else {
-                let _ = ready.send(Err(io::Error::other("io_uring export without a backing file")));
-                return setup.next_avail;
-            };
-            match UringEngine::new(backing.file.as_raw_fd(), setup.size) {
-                Ok(engine) => Worker::new(disk.clone(), setup, queue, engine, stop).run(ready),
-                Err(e) => {
-                    let _ = ready.send(Err(e));
-                    setup.next_avail
-                }
-            }
-        }
-        EngineKind::Null => {
+    let fd = disk.backing.as_ref().map(|b| b.file.as_raw_fd());
+    match (disk.engine, fd) {
+        (EngineKind::Null, _) => {
             let engine = NullEngine::new(setup.size);
             Worker::new(disk.clone(), setup, queue, engine, stop).run(ready)
+        }
+        (EngineKind::IoUring, Some(fd)) => match UringEngine::new(fd, setup.size) {
+            Ok(engine) => Worker::new(disk.clone(), setup, queue, engine, stop).run(ready),
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                setup.next_avail
+            }
+        },
+        (EngineKind::Threads, Some(fd)) => match ThreadsEngine::new(fd, setup.size) {
+            Ok(engine) => Worker::new(disk.clone(), setup, queue, engine, stop).run(ready),
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                setup.next_avail
+            }
+        },
+        (_, None) => {
+            let _ = ready
+                .send(Err(io::Error::other("an export without a backing file needs engine=null")));
+            setup.next_avail
         }
     }
 }
