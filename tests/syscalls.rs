@@ -10,6 +10,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use blkplane::bench::cpu::process_cpu_ns;
 use common::{make_image, tmpdir, Client, Daemon};
 
 const REQUESTS: u64 = 2000;
@@ -108,16 +109,6 @@ fn io_uring_engine_adds_one_io_uring_enter_per_request() {
     assert_per_request(&calls, &[("io_uring_enter", 1.0), ("write", 1.0)]);
 }
 
-/// CPU time of all live threads of `pid`, in ns.
-fn cpu_ns(pid: i32) -> u64 {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .sum()
-}
-
 /// With default (adaptive) polling, an export whose client went quiet stops polling: its
 /// threads sleep. A daemon that kept spinning would show a whole CPU here.
 #[test]
@@ -131,8 +122,8 @@ fn an_idle_export_sleeps() {
         c.read_at(0, (i % 100) * 4096, 4096, 0).unwrap();
     }
     std::thread::sleep(Duration::from_millis(200));
-    let before = cpu_ns(daemon.pid());
+    let before = process_cpu_ns(daemon.pid() as u32);
     std::thread::sleep(Duration::from_secs(1));
-    let used = cpu_ns(daemon.pid()) - before;
+    let used = process_cpu_ns(daemon.pid() as u32) - before;
     assert!(used < 50_000_000, "the idle daemon used {} ms of CPU in 1 s", used / 1_000_000);
 }
