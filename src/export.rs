@@ -18,6 +18,8 @@ use crate::trace::QueueStats;
 pub enum EngineKind {
     /// io_uring on the backing file (the default).
     IoUring,
+    /// Linux AIO (io_submit) on the backing file.
+    Native,
     /// A pool of worker threads doing preadv/pwritev on the backing file.
     Threads,
     /// No backing: reads return zeroes, writes are dropped.
@@ -223,9 +225,12 @@ impl ExportConfig {
                 "cache" => cache = value.parse().map_err(ConfigError)?,
                 "aio" => match value.as_str() {
                     "io_uring" => aio = EngineKind::IoUring,
+                    "native" => aio = EngineKind::Native,
                     "threads" => aio = EngineKind::Threads,
                     other => {
-                        return err(format!("aio={other}: supported engines: io_uring, threads"))
+                        return err(format!(
+                            "aio={other}: supported engines: io_uring, native, threads"
+                        ))
                     }
                 },
                 "readonly" => readonly = parse_bool(&key, &value)?,
@@ -485,7 +490,7 @@ mod tests {
             ("socket=/s,image=/i,socket=/t", "key 'socket' given twice"),
             ("socket=/s,engine=null,size=1000", "size=1000: must be a non-zero multiple of 512, at most 2^60"),
             ("socket=/s,image=/i,id=a b", "id=a b: 1 to 64 letters, digits, '-', '_' or '.'"),
-            ("socket=/s,image=/i,aio=posix", "aio=posix: supported engines: io_uring, threads"),
+            ("socket=/s,image=/i,aio=posix", "aio=posix: supported engines: io_uring, native, threads"),
             ("socket=/s,image", "'image' is not key=value (keys: id, socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, poll, poll-max-us, cpus, stats, force-share)"),
         ];
         for (spec, want) in cases {

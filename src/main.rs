@@ -34,8 +34,9 @@ inside a value.
                      writethrough: host page cache with O_DSYNC, write cache off.
                      unsafe: host page cache, FLUSH ignored: a host crash or power loss
                      may lose data the guest was told is on disk. For scratch disks only.
-  aio=ENGINE         I/O engine for an image: io_uring (default), or threads (a pool of
-                     worker threads doing preadv/pwritev, for filesystems where io_uring blocks).
+  aio=ENGINE         I/O engine for an image: io_uring (default); native (Linux AIO, for
+                     O_DIRECT on block devices); threads (a pool of worker threads doing
+                     preadv/pwritev, for filesystems where the others block).
   readonly=on|off    refuse writes, discards and write-zeroes (default off).
   serial=STR         serial number the guest reads with GET_ID (up to 20 bytes).
   poll=MODE          adaptive (default): after work, poll the rings for a self-tuning window

@@ -118,6 +118,16 @@ fn patterns_round_trip_threads_engine_cache_writeback() {
 }
 
 #[test]
+fn patterns_round_trip_native_engine_cache_none() {
+    patterns_round_trip("none", "native");
+}
+
+#[test]
+fn patterns_round_trip_native_engine_cache_directsync() {
+    patterns_round_trip("directsync", "native");
+}
+
+#[test]
 fn several_queues_from_several_threads() {
     let dir = tmpdir();
     let image = dir.path().join("disk.raw");
@@ -217,6 +227,11 @@ fn discard_and_write_zeroes_read_back_zeroes_io_uring() {
 #[test]
 fn discard_and_write_zeroes_read_back_zeroes_threads() {
     discard_and_write_zeroes_read_back_zeroes("threads");
+}
+
+#[test]
+fn discard_and_write_zeroes_read_back_zeroes_native() {
+    discard_and_write_zeroes_read_back_zeroes("native");
 }
 
 fn discard_and_write_zeroes_read_back_zeroes(aio: &str) {

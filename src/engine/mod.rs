@@ -1,6 +1,7 @@
 //! [engine] I/O engines behind one small trait, the backing file they work on, and the cache
 //! modes that decide how it is opened and what FLUSH does.
 
+pub mod aio;
 pub mod backing;
 pub mod lock;
 pub mod null;

@@ -13,6 +13,7 @@ use super::poll::Poller;
 use super::{QueueSetup, StopSignal};
 use crate::blk::request::{self, ChainBuf, Request, RequestError};
 use crate::blk::{status, SEG_MAX};
+use crate::engine::aio::AioEngine;
 use crate::engine::null::NullEngine;
 use crate::engine::threads::ThreadsEngine;
 use crate::engine::uring::UringEngine;
@@ -102,6 +103,13 @@ pub(super) fn run(
             Worker::new(disk.clone(), setup, queue, engine, stop).run(ready)
         }
         (EngineKind::IoUring, Some(fd)) => match UringEngine::new(fd, setup.size) {
+            Ok(engine) => Worker::new(disk.clone(), setup, queue, engine, stop).run(ready),
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                setup.next_avail
+            }
+        },
+        (EngineKind::Native, Some(fd)) => match AioEngine::new(fd, setup.size) {
             Ok(engine) => Worker::new(disk.clone(), setup, queue, engine, stop).run(ready),
             Err(e) => {
                 let _ = ready.send(Err(e));
