@@ -52,8 +52,11 @@ pub struct ExportConfig {
     pub stats: bool,
     /// Serve the image even if another process locks it, and let others use it too.
     pub force_share: bool,
-    /// The engine for an image (io_uring or threads).
+    /// The engine for an image (io_uring, native or threads).
     pub aio: EngineKind,
+    /// Block sizes the guest sees (512 or 4096); default: what the backing needs.
+    pub logical_block_bytes: Option<u32>,
+    pub physical_block_bytes: Option<u32>,
 }
 
 pub const DEFAULT_QUEUES: u16 = 1;
@@ -65,7 +68,8 @@ pub const MAX_NULL_BYTES: u64 = 1 << 60;
 
 /// The keys `--export` understands, for help text and error messages.
 pub const EXPORT_KEYS: &str = "id, socket, image, engine, size, queues, queue-size, cache, aio, \
-readonly, serial, poll, poll-max-us, cpus, stats, force-share";
+readonly, serial, poll, poll-max-us, cpus, stats, force-share, logical-block-size, \
+physical-block-size";
 
 /// A bad `--export` value: one line naming the problem.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -182,6 +186,8 @@ impl ExportConfig {
         let mut stats = true;
         let mut force_share = false;
         let mut aio = EngineKind::IoUring;
+        let mut logical_block_bytes = None;
+        let mut physical_block_bytes = None;
         let mut seen = Vec::new();
         for (key, value) in split_pairs(spec)? {
             if seen.contains(&key) {
@@ -236,6 +242,18 @@ impl ExportConfig {
                 "readonly" => readonly = parse_bool(&key, &value)?,
                 "stats" => stats = parse_bool(&key, &value)?,
                 "force-share" => force_share = parse_bool(&key, &value)?,
+                "logical-block-size" | "physical-block-size" => {
+                    let size = match value.as_str() {
+                        "512" => 512,
+                        "4096" | "4K" | "4k" => 4096,
+                        _ => return err(format!("{key}={value}: 512 or 4096")),
+                    };
+                    if key == "logical-block-size" {
+                        logical_block_bytes = Some(size);
+                    } else {
+                        physical_block_bytes = Some(size);
+                    }
+                }
                 "serial" => {
                     if value.len() > ID_BYTES {
                         return err(format!("serial={value}: at most {ID_BYTES} bytes"));
@@ -292,6 +310,8 @@ impl ExportConfig {
             stats,
             force_share,
             aio,
+            logical_block_bytes,
+            physical_block_bytes,
         })
     }
 }
@@ -330,6 +350,37 @@ impl Disk {
             }
             BackendSpec::Null { size_bytes } => (None, EngineKind::Null, *size_bytes, 512, 4096),
         };
+        let name = || match &config.backend {
+            BackendSpec::Image(p) => p.clone(),
+            BackendSpec::Null { .. } => "engine=null".into(),
+        };
+        // The guest may be given larger blocks than the backing needs, never smaller ones:
+        // with O_DIRECT it would then send I/O the backing refuses.
+        let logical = match config.logical_block_bytes {
+            Some(l) if l < logical => {
+                return Err(OpenError::BlockSize(
+                    name(),
+                    format!("logical-block-size={l} is below the {logical} bytes its I/O needs"),
+                ))
+            }
+            Some(l) => l,
+            None => logical,
+        };
+        let physical = config.physical_block_bytes.unwrap_or(physical.max(logical));
+        if physical < logical {
+            return Err(OpenError::BlockSize(
+                name(),
+                format!("physical-block-size={physical} is below logical-block-size={logical}"),
+            ));
+        }
+        if capacity % u64::from(logical) != 0 {
+            return Err(OpenError::BlockSize(
+                name(),
+                format!(
+                    "its size {capacity} is not a multiple of the {logical}-byte logical block"
+                ),
+            ));
+        }
         let mut serial = [0u8; ID_BYTES];
         serial[..config.serial.len()].copy_from_slice(config.serial.as_bytes());
         Ok(Disk {
@@ -357,7 +408,11 @@ impl Disk {
     }
 
     pub fn limits(&self) -> DiskLimits {
-        DiskLimits { capacity_bytes: self.capacity_bytes(), readonly: self.readonly }
+        DiskLimits {
+            capacity_bytes: self.capacity_bytes(),
+            readonly: self.readonly,
+            logical_block_bytes: u64::from(self.logical_block_bytes),
+        }
     }
 
     pub fn writeback(&self) -> bool {
@@ -479,7 +534,7 @@ mod tests {
         let cases = [
             ("image=/i", "missing socket=PATH"),
             ("socket=/s", "missing image=PATH (or engine=null,size=BYTES)"),
-            ("socket=/s,image=/i,colour=red", "unknown key 'colour' (keys: id, socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, poll, poll-max-us, cpus, stats, force-share)"),
+            ("socket=/s,image=/i,colour=red", "unknown key 'colour' (keys: id, socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, poll, poll-max-us, cpus, stats, force-share, logical-block-size, physical-block-size)"),
             ("socket=/s,image=/i,poll=sometimes", "poll=sometimes: one of adaptive, always, never"),
             ("socket=/s,image=/i,poll-max-us=1000000", "poll-max-us=1000000: at most 100000"),
             ("socket=/s,image=/i,queues=0", "queues=0: must be 1 to 64"),
@@ -489,9 +544,10 @@ mod tests {
             ("socket=/s,image=/i,serial=012345678901234567890", "serial=012345678901234567890: at most 20 bytes"),
             ("socket=/s,image=/i,socket=/t", "key 'socket' given twice"),
             ("socket=/s,engine=null,size=1000", "size=1000: must be a non-zero multiple of 512, at most 2^60"),
+            ("socket=/s,image=/i,logical-block-size=1024", "logical-block-size=1024: 512 or 4096"),
             ("socket=/s,image=/i,id=a b", "id=a b: 1 to 64 letters, digits, '-', '_' or '.'"),
             ("socket=/s,image=/i,aio=posix", "aio=posix: supported engines: io_uring, native, threads"),
-            ("socket=/s,image", "'image' is not key=value (keys: id, socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, poll, poll-max-us, cpus, stats, force-share)"),
+            ("socket=/s,image", "'image' is not key=value (keys: id, socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, poll, poll-max-us, cpus, stats, force-share, logical-block-size, physical-block-size)"),
         ];
         for (spec, want) in cases {
             assert_eq!(ExportConfig::parse(spec).unwrap_err().0, want, "spec {spec}");

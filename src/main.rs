@@ -45,6 +45,9 @@ inside a value.
   poll-max-us=N      bound of the adaptive polling window in µs (default 64).
   cpus=LIST          pin the I/O threads: queue i runs on the i-th CPU of LIST (e.g. 1 or 2-3).
   stats=on|off       per-queue counters and sampled per-layer latency (default on).
+  logical-block-size=512|4096, physical-block-size=512|4096
+                     block sizes the guest sees (default: what the backing needs; never
+                     smaller than that). Reads and writes not on a logical block fail.
   force-share=on     serve an image that another process (QEMU, qemu-storage-daemon, another
                      blkplane) has locked, and let others use it too. blkplane takes
                      QEMU-compatible locks, so by default two of them cannot write one image.";

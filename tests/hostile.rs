@@ -380,3 +380,25 @@ fn guest_can_turn_the_write_cache_off() {
     fe.fe.set_config(32, VhostUserConfigFlags::WRITABLE, &[1]).unwrap();
     assert_eq!(fe.config(60)[32], 0);
 }
+
+#[test]
+fn a_4k_logical_block_export_refuses_unaligned_io() {
+    let mut s = setup(",logical-block-size=4096");
+    let mut fe = connect(&s.sock);
+    let cfg = fe.config(60);
+    assert_eq!(u32::from_le_bytes(cfg[20..24].try_into().unwrap()), 4096, "blk_size");
+    assert_eq!(cfg[24], 0, "physical = logical: exponent 0");
+    let (c, data) = fe.request(0, T_IN, 8, &[], 4096);
+    assert_eq!(c.status, S_OK);
+    assert_eq!(data, pattern(42, 8 * 512, 4096));
+    assert_eq!(fe.request(0, T_IN, 1, &[], 4096).0.status, S_IOERR, "offset not on a 4 KiB block");
+    assert_eq!(fe.request(0, T_IN, 8, &[], 512).0.status, S_IOERR, "length not a 4 KiB multiple");
+    assert_eq!(
+        fe.request(0, T_OUT, 9, &pattern(1, 0, 4096), 0).0.status,
+        S_IOERR,
+        "unaligned write"
+    );
+    drop(fe);
+    assert!(s.daemon.stop().success());
+    assert_image_intact(&s.image);
+}

@@ -107,6 +107,8 @@ pub enum RequestError {
     NotSectorMultiple,
     /// Reaches past the end of the disk.
     OutOfRange,
+    /// A read or write not aligned to the logical block size the guest was given.
+    Misaligned,
     /// A write, discard or write-zeroes on a read-only export.
     ReadOnly,
     /// Discard / write-zeroes payload not one well-formed segment.
@@ -129,6 +131,7 @@ impl RequestError {
             | RequestError::BadBuffers
             | RequestError::NotSectorMultiple
             | RequestError::OutOfRange
+            | RequestError::Misaligned
             | RequestError::ReadOnly
             | RequestError::BadSegments
             | RequestError::Host(_)
@@ -148,6 +151,9 @@ impl fmt::Display for RequestError {
             RequestError::UnsupportedType(t) => write!(f, "unsupported request type {t}"),
             RequestError::NotSectorMultiple => write!(f, "data length not a multiple of 512"),
             RequestError::OutOfRange => write!(f, "request beyond the end of the disk"),
+            RequestError::Misaligned => {
+                write!(f, "read or write not aligned to the logical block size")
+            }
             RequestError::ReadOnly => write!(f, "write to a read-only export"),
             RequestError::BadSegments => write!(f, "malformed discard/write-zeroes segment"),
             RequestError::UnsupportedFlags => write!(f, "unsupported segment flags"),
@@ -164,6 +170,8 @@ impl fmt::Display for RequestError {
 pub struct DiskLimits {
     pub capacity_bytes: u64,
     pub readonly: bool,
+    /// Reads and writes must start and end on this boundary (the blk_size the guest sees).
+    pub logical_block_bytes: u64,
 }
 
 /// The parse result: the request, or an error, with the status byte to answer through.
@@ -183,6 +191,16 @@ fn checked_offset(sector: u64, bytes: u64, limits: &DiskLimits) -> Result<u64, R
     let end = offset.checked_add(bytes).ok_or(RequestError::OutOfRange)?;
     if end > limits.capacity_bytes {
         return Err(RequestError::OutOfRange);
+    }
+    Ok(offset)
+}
+
+/// Like `checked_offset`, for reads and writes, which must also fall on logical blocks.
+fn checked_data_offset(sector: u64, bytes: u64, limits: &DiskLimits) -> Result<u64, RequestError> {
+    let offset = checked_offset(sector, bytes, limits)?;
+    let block = limits.logical_block_bytes.max(1);
+    if offset % block != 0 || bytes % block != 0 {
+        return Err(RequestError::Misaligned);
     }
     Ok(offset)
 }
@@ -238,7 +256,7 @@ fn parse_usable(chain: &mut ChainBuf, limits: &DiskLimits) -> Result<Request, Re
             if !bytes.is_multiple_of(SECTOR_SIZE) {
                 return Err(RequestError::NotSectorMultiple);
             }
-            let offset = checked_offset(sector, bytes, limits)?;
+            let offset = checked_data_offset(sector, bytes, limits)?;
             Ok(Request::Read { offset, data: writable_data, bytes })
         }
         req_type::OUT => {
@@ -249,7 +267,7 @@ fn parse_usable(chain: &mut ChainBuf, limits: &DiskLimits) -> Result<Request, Re
             if !bytes.is_multiple_of(SECTOR_SIZE) {
                 return Err(RequestError::NotSectorMultiple);
             }
-            let offset = checked_offset(sector, bytes, limits)?;
+            let offset = checked_data_offset(sector, bytes, limits)?;
             Ok(Request::Write { offset, data: readable_payload, bytes })
         }
         req_type::FLUSH => Ok(Request::Flush),

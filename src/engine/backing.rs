@@ -83,6 +83,7 @@ pub enum OpenError {
     NotSectorMultiple(PathBuf, u64),
     NoDirectIo(PathBuf),
     Locked(PathBuf, String),
+    BlockSize(PathBuf, String),
     Io(PathBuf, io::Error),
 }
 
@@ -104,7 +105,9 @@ impl fmt::Display for OpenError {
                 "image {} is on a filesystem without O_DIRECT; use cache=writeback or cache=writethrough",
                 p.display()
             ),
-            OpenError::Locked(p, why) => write!(f, "image {}: {why}", p.display()),
+            OpenError::Locked(p, why) | OpenError::BlockSize(p, why) => {
+                write!(f, "image {}: {why}", p.display())
+            }
             OpenError::Io(p, e) => write!(f, "cannot open image {}: {e}", p.display()),
         }
     }

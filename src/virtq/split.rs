@@ -507,7 +507,8 @@ mod tests {
                 if let Some(t) = outcome.tail {
                     prop_assert!(in_ram(&t) && t.len() == 1);
                 }
-                let limits = DiskLimits { capacity_bytes: 1 << 30, readonly: false };
+                let limits =
+                    DiskLimits { capacity_bytes: 1 << 30, readonly: false, logical_block_bytes: 512 };
                 let parsed = parse(&mut chain, outcome, &limits);
                 match parsed.result {
                     Ok(Request::Read { offset, bytes, data } | Request::Write { offset, bytes, data }) => {
