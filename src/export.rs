@@ -373,7 +373,7 @@ impl Disk {
                 format!("physical-block-size={physical} is below logical-block-size={logical}"),
             ));
         }
-        if capacity % u64::from(logical) != 0 {
+        if !capacity.is_multiple_of(u64::from(logical)) {
             return Err(OpenError::BlockSize(
                 name(),
                 format!(

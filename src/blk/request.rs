@@ -199,7 +199,7 @@ fn checked_offset(sector: u64, bytes: u64, limits: &DiskLimits) -> Result<u64, R
 fn checked_data_offset(sector: u64, bytes: u64, limits: &DiskLimits) -> Result<u64, RequestError> {
     let offset = checked_offset(sector, bytes, limits)?;
     let block = limits.logical_block_bytes.max(1);
-    if offset % block != 0 || bytes % block != 0 {
+    if !offset.is_multiple_of(block) || !bytes.is_multiple_of(block) {
         return Err(RequestError::Misaligned);
     }
     Ok(offset)
