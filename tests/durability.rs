@@ -75,3 +75,85 @@ fn sigkill_loses_no_flushed_write_cache_none() {
 fn sigkill_loses_no_flushed_write_cache_writeback() {
     sigkill_mid_run("writeback");
 }
+
+/// The cache-mode contract, watched from outside the daemon: the image's open flags (from
+/// /proc/PID/fdinfo) and, with aio=threads so that every operation is a system call, the
+/// order of pwritev2 and fdatasync (from strace) for a write followed by a FLUSH.
+fn cache_contract(cache: &str, direct: bool, dsync: bool, flush_syncs: bool) {
+    let dir = tmpdir();
+    let image = dir.path().join("disk.raw");
+    let sock = dir.path().join("blk.sock");
+    make_image(&image, 8 << 20, 4);
+    let daemon = Daemon::start(
+        dir.path(),
+        &[format!("socket={},image={},cache={cache},aio=threads", sock.display(), image.display())],
+    );
+    let pid = daemon.pid();
+    // The image's file descriptor and its open flags.
+    let fd = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .find(|e| std::fs::read_link(e.path()).map(|l| l == image).unwrap_or(false))
+        .expect("the daemon has the image open")
+        .file_name();
+    let fdinfo =
+        std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.to_string_lossy())).unwrap();
+    let flags_line = fdinfo.lines().find(|l| l.starts_with("flags:")).unwrap();
+    let flags = i32::from_str_radix(flags_line.split_whitespace().nth(1).unwrap(), 8).unwrap();
+    assert_eq!(flags & libc::O_DIRECT != 0, direct, "cache={cache}: O_DIRECT in {flags:o}");
+    assert_eq!(
+        flags & libc::O_DSYNC == libc::O_DSYNC,
+        dsync,
+        "cache={cache}: O_DSYNC in {flags:o}"
+    );
+
+    let mut c = Client::connect(&sock, 1);
+    assert_eq!(c.write_at(0, 0, &[7u8; 4096], 0), 0);
+    let trace = dir.path().join("strace.out");
+    let mut strace = std::process::Command::new("strace")
+        .args(["-f", "-e", "trace=pwritev2,fdatasync,fsync", "-o"])
+        .arg(&trace)
+        .args(["-p", &pid.to_string()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("strace");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert_eq!(c.write_at(0, 4096, &[8u8; 4096], 0), 0);
+    assert_eq!(c.flush(0), 0);
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(strace.id() as i32, libc::SIGINT) };
+    strace.wait().unwrap();
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let calls: Vec<&str> = text
+        .lines()
+        .filter_map(|l| ["pwritev2(", "fdatasync(", "fsync("].into_iter().find(|c| l.contains(c)))
+        .collect();
+    let want: Vec<&str> =
+        if flush_syncs { vec!["pwritev2(", "fdatasync("] } else { vec!["pwritev2("] };
+    assert_eq!(calls, want, "cache={cache}: system calls of a write then a FLUSH:\n{text}");
+}
+
+#[test]
+fn cache_none_is_direct_and_flush_runs_fdatasync_after_the_write() {
+    cache_contract("none", true, false, true);
+}
+
+#[test]
+fn cache_directsync_is_direct_and_dsync() {
+    cache_contract("directsync", true, true, false);
+}
+
+#[test]
+fn cache_writeback_uses_the_page_cache_and_flush_runs_fdatasync() {
+    cache_contract("writeback", false, false, true);
+}
+
+#[test]
+fn cache_writethrough_is_dsync() {
+    cache_contract("writethrough", false, true, false);
+}
+
+#[test]
+fn cache_unsafe_ignores_flush() {
+    cache_contract("unsafe", false, false, false);
+}
