@@ -97,35 +97,42 @@ pub(super) fn run(
     // The engine is created on this thread: an io_uring set up with SINGLE_ISSUER accepts
     // submissions only from the thread that made it.
     let fd = disk.backing.as_ref().map(|b| b.file.as_raw_fd());
+    let size = setup.size;
     match (disk.engine, fd) {
-        (EngineKind::Null, _) => {
-            let engine = NullEngine::new(setup.size);
-            Worker::new(disk.clone(), setup, queue, engine, stop).run(ready)
+        (EngineKind::Null, _) => serve(Ok(NullEngine::new(size)), disk, setup, queue, stop, ready),
+        (EngineKind::IoUring, Some(fd)) => {
+            serve(UringEngine::new(fd, size), disk, setup, queue, stop, ready)
         }
-        (EngineKind::IoUring, Some(fd)) => match UringEngine::new(fd, setup.size) {
-            Ok(engine) => Worker::new(disk.clone(), setup, queue, engine, stop).run(ready),
-            Err(e) => {
-                let _ = ready.send(Err(e));
-                setup.next_avail
-            }
-        },
-        (EngineKind::Native, Some(fd)) => match AioEngine::new(fd, setup.size) {
-            Ok(engine) => Worker::new(disk.clone(), setup, queue, engine, stop).run(ready),
-            Err(e) => {
-                let _ = ready.send(Err(e));
-                setup.next_avail
-            }
-        },
-        (EngineKind::Threads, Some(fd)) => match ThreadsEngine::new(fd, setup.size) {
-            Ok(engine) => Worker::new(disk.clone(), setup, queue, engine, stop).run(ready),
-            Err(e) => {
-                let _ = ready.send(Err(e));
-                setup.next_avail
-            }
-        },
-        (_, None) => {
-            let _ = ready
-                .send(Err(io::Error::other("an export without a backing file needs engine=null")));
+        (EngineKind::Native, Some(fd)) => {
+            serve(AioEngine::new(fd, size), disk, setup, queue, stop, ready)
+        }
+        (EngineKind::Threads, Some(fd)) => {
+            serve(ThreadsEngine::new(fd, size), disk, setup, queue, stop, ready)
+        }
+        (_, None) => serve::<NullEngine>(
+            Err(io::Error::other("an export without a backing file needs engine=null")),
+            disk,
+            setup,
+            queue,
+            stop,
+            ready,
+        ),
+    }
+}
+
+/// Serves the queue with `engine`, or reports why the engine could not be made.
+fn serve<E: Engine>(
+    engine: io::Result<E>,
+    disk: Arc<Disk>,
+    setup: QueueSetup,
+    queue: SplitQueue,
+    stop: Arc<StopSignal>,
+    ready: SyncSender<io::Result<()>>,
+) -> u16 {
+    match engine {
+        Ok(engine) => Worker::new(disk, setup, queue, engine, stop).run(ready),
+        Err(e) => {
+            let _ = ready.send(Err(e));
             setup.next_avail
         }
     }
