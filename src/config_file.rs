@@ -19,7 +19,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::export::{ExportConfig, EXPORT_KEYS};
+use crate::export::{spec_from_pairs, ExportConfig, EXPORT_KEYS};
 
 #[derive(Debug, Default)]
 pub struct ConfigFile {
@@ -70,7 +70,7 @@ fn string(key: &str, v: &toml::Value) -> Result<String, String> {
 }
 
 fn spec_of(t: &toml::Table) -> Result<String, String> {
-    let mut parts = Vec::with_capacity(t.len());
+    let mut pairs = Vec::with_capacity(t.len());
     for (k, v) in t {
         let value = match v {
             toml::Value::String(s) => s.clone(),
@@ -82,12 +82,9 @@ fn spec_of(t: &toml::Table) -> Result<String, String> {
                 ))
             }
         };
-        if k.contains([',', '=']) {
-            return Err(format!("'{k}' is not an export key (keys: {EXPORT_KEYS})"));
-        }
-        parts.push(format!("{k}={}", value.replace(',', ",,")));
+        pairs.push((k.as_str(), value));
     }
-    Ok(parts.join(","))
+    spec_from_pairs(pairs).map_err(|e| e.0)
 }
 
 #[cfg(test)]

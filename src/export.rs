@@ -168,6 +168,21 @@ fn split_pairs(spec: &str) -> Result<Vec<(String, String)>, ConfigError> {
         .collect()
 }
 
+/// Joins key/value pairs (from the control socket or the config file) into an --export
+/// spec, so that every source of exports is parsed by `ExportConfig::parse`.
+pub fn spec_from_pairs<'a>(
+    pairs: impl IntoIterator<Item = (&'a str, String)>,
+) -> Result<String, ConfigError> {
+    let mut parts = Vec::new();
+    for (k, v) in pairs {
+        if k.contains([',', '=']) {
+            return err(format!("'{k}' is not an export key (keys: {EXPORT_KEYS})"));
+        }
+        parts.push(format!("{k}={}", v.replace(',', ",,")));
+    }
+    Ok(parts.join(","))
+}
+
 impl ExportConfig {
     /// Parses `socket=PATH,image=PATH[,queues=N]...`.
     pub fn parse(spec: &str) -> Result<ExportConfig, ConfigError> {

@@ -22,7 +22,7 @@ use serde_json::{json, Map, Value};
 use tracing::{info, warn};
 
 use crate::daemon::{ControlError, Daemon};
-use crate::export::{parse_size, ExportConfig};
+use crate::export::{parse_size, spec_from_pairs, ExportConfig};
 use crate::listener::StoppableListener;
 use crate::vhost_user::bind_socket;
 
@@ -265,7 +265,7 @@ fn run_command(
 /// Turns add-export's arguments into an --export spec, so both are parsed by the same code.
 /// Values may be strings, numbers or booleans (true/false become on/off).
 fn spec_from_args(args: &Map<String, Value>) -> Result<String, ControlError> {
-    let mut parts = Vec::with_capacity(args.len());
+    let mut pairs = Vec::with_capacity(args.len());
     for (k, v) in args {
         let value = match v {
             Value::String(s) => s.clone(),
@@ -277,12 +277,9 @@ fn spec_from_args(args: &Map<String, Value>) -> Result<String, ControlError> {
                 )))
             }
         };
-        if k.contains([',', '=']) {
-            return Err(bad_arg(format!("'{k}' is not an export key")));
-        }
-        parts.push(format!("{k}={}", value.replace(',', ",,")));
+        pairs.push((k.as_str(), value));
     }
-    Ok(parts.join(","))
+    spec_from_pairs(pairs).map_err(|e| bad_arg(e.0))
 }
 
 /// A client of the control socket (for `blkplane ctl` and `blkplane stat`).
