@@ -5,7 +5,7 @@
 mod common;
 
 use blkio::ReqFlags;
-use common::{make_image, pattern, tmpdir, Client, Daemon};
+use common::{make_image, pattern, tmpdir, Client, Daemon, Strace};
 
 const BLOCK: usize = 64 << 10;
 const BATCH: usize = 8;
@@ -109,21 +109,14 @@ fn cache_contract(cache: &str, direct: bool, dsync: bool, flush_syncs: bool) {
 
     let mut c = Client::connect(&sock, 1);
     assert_eq!(c.write_at(0, 0, &[7u8; 4096], 0), 0);
-    let trace = dir.path().join("strace.out");
-    let mut strace = std::process::Command::new("strace")
-        .args(["-f", "-e", "trace=pwritev2,fdatasync,fsync", "-o"])
-        .arg(&trace)
-        .args(["-p", &pid.to_string()])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("strace");
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let strace = Strace::attach(
+        pid,
+        &["-e", "trace=pwritev2,fdatasync,fsync"],
+        &dir.path().join("strace.out"),
+    );
     assert_eq!(c.write_at(0, 4096, &[8u8; 4096], 0), 0);
     assert_eq!(c.flush(0), 0);
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(strace.id() as i32, libc::SIGINT) };
-    strace.wait().unwrap();
-    let text = std::fs::read_to_string(&trace).unwrap();
+    let text = strace.finish();
     let calls: Vec<&str> = text
         .lines()
         .filter_map(|l| ["pwritev2(", "fdatasync(", "fsync("].into_iter().find(|c| l.contains(c)))

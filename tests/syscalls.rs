@@ -7,11 +7,11 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Command, Stdio};
+
 use std::time::{Duration, Instant};
 
 use blkplane::bench::cpu::process_cpu_ns;
-use common::{make_image, tmpdir, Client, Daemon};
+use common::{make_image, tmpdir, Client, Daemon, Strace};
 
 const REQUESTS: u64 = 2000;
 
@@ -23,25 +23,13 @@ fn count_syscalls(dir: &Path, spec: &str) -> HashMap<String, u64> {
     for i in 0..50 {
         c.read_at(0, i * 4096, 4096, 0).unwrap();
     }
-    let out = dir.join("strace.out");
-    let mut strace = Command::new("strace")
-        .args(["-f", "-c", "-o"])
-        .arg(&out)
-        .args(["-p", &daemon.pid().to_string()])
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("strace must be installed (scripts/test installs it)");
-    // strace attaches every thread, then says so; give it a moment to be in place.
-    std::thread::sleep(Duration::from_millis(1500));
+    let strace = Strace::attach(daemon.pid(), &["-c"], &dir.join("strace.out"));
     let started = Instant::now();
     for i in 0..REQUESTS {
         assert!(c.read_at(0, (i % 1000) * 4096, 4096, 0).is_ok());
     }
     eprintln!("{REQUESTS} requests under strace took {:?}", started.elapsed());
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(strace.id() as i32, libc::SIGINT) };
-    strace.wait().unwrap();
-    let table = std::fs::read_to_string(&out).unwrap();
+    let table = strace.finish();
     eprintln!("{table}");
     let mut calls = HashMap::new();
     for line in table.lines() {

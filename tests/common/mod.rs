@@ -261,3 +261,34 @@ impl Client {
         self.wait_one(q)
     }
 }
+
+/// strace following every thread of a running process, writing to a file.
+pub struct Strace {
+    child: Child,
+    out: PathBuf,
+}
+
+impl Strace {
+    /// Attaches to `pid` with the extra `options` (e.g. `-c`, `-e trace=...`) and waits until
+    /// it is in place (strace attaches every thread before it reports anything).
+    pub fn attach(pid: i32, options: &[&str], out: &Path) -> Strace {
+        let child = Command::new("strace")
+            .arg("-f")
+            .args(options)
+            .arg("-o")
+            .arg(out)
+            .args(["-p", &pid.to_string()])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("strace must be installed (scripts/test installs it)");
+        std::thread::sleep(Duration::from_millis(1500));
+        Strace { child, out: out.to_path_buf() }
+    }
+
+    /// Detaches and returns what strace wrote.
+    pub fn finish(mut self) -> String {
+        unsafe_kill(self.child.id() as i32, libc::SIGINT);
+        self.child.wait().unwrap();
+        fs::read_to_string(&self.out).unwrap()
+    }
+}
