@@ -344,6 +344,9 @@ pub struct Disk {
     pub max_queue_size: u16,
     pub logical_block_bytes: u32,
     pub physical_block_bytes: u32,
+    /// Guest buffers must start and end on this boundary to go to the backing as they are
+    /// (O_DIRECT's rule); others are bounced. 1 when the backing takes any buffer.
+    pub dio_mem_align: usize,
     pub poll: PollSettings,
     pub cpus: Vec<usize>,
     pub stats_on: bool,
@@ -396,6 +399,7 @@ impl Disk {
                 ),
             ));
         }
+        let dio_mem_align = backing.as_ref().map_or(1, |b| b.dio_mem_align as usize);
         let mut serial = [0u8; ID_BYTES];
         serial[..config.serial.len()].copy_from_slice(config.serial.as_bytes());
         Ok(Disk {
@@ -409,6 +413,7 @@ impl Disk {
             max_queue_size: config.queue_size,
             logical_block_bytes: logical,
             physical_block_bytes: physical,
+            dio_mem_align,
             poll: PollSettings::new(config.poll),
             cpus: config.cpus.clone(),
             stats_on: config.stats,

@@ -121,6 +121,9 @@ pub struct Backing {
     pub capacity_bytes: u64,
     pub logical_block_bytes: u32,
     pub physical_block_bytes: u32,
+    /// What O_DIRECT needs of buffer addresses and lengths (1: anything goes, as without
+    /// O_DIRECT). Guest buffers that miss it go through a bounce buffer.
+    pub dio_mem_align: u32,
     pub is_block_device: bool,
 }
 
@@ -140,8 +143,9 @@ fn ioctl_value<T: Default>(file: &File, request: libc::c_ulong) -> io::Result<T>
     Ok(value)
 }
 
-/// The alignment O_DIRECT needs for file offsets on this file, from statx(STATX_DIOALIGN).
-fn dio_offset_align(file: &File) -> Option<u32> {
+/// What O_DIRECT needs on this file or device, from statx(STATX_DIOALIGN): the alignment of
+/// buffer addresses and lengths, and of file offsets.
+fn dio_align(file: &File) -> Option<(u32, u32)> {
     // SAFETY: statx only writes into the buffer we pass; all-zero is a valid statx value.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
     // SAFETY: a valid fd, an empty path with AT_EMPTY_PATH, and a buffer of the right type.
@@ -155,7 +159,7 @@ fn dio_offset_align(file: &File) -> Option<u32> {
         )
     };
     (rc == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0 && stx.stx_dio_offset_align != 0)
-        .then_some(stx.stx_dio_offset_align)
+        .then_some((stx.stx_dio_mem_align.max(1), stx.stx_dio_offset_align))
 }
 
 fn clamp_block(bytes: u32) -> u32 {
@@ -205,6 +209,10 @@ impl Backing {
             )?;
         super::lock::lock_image(&file, readonly, force_share)
             .map_err(|why| OpenError::Locked(path.into(), why))?;
+        // Without statx's answer, assume what every Linux block device accepts: 512-byte
+        // aligned buffers.
+        let dio = if cache.direct() { dio_align(&file) } else { None };
+        let dio_mem_align = if cache.direct() { dio.map_or(512, |(mem, _)| mem) } else { 1 };
         let (capacity_bytes, logical, physical) = if is_block_device {
             let size: u64 =
                 ioctl_value(&file, BLKGETSIZE64).map_err(|e| OpenError::Io(path.into(), e))?;
@@ -212,7 +220,7 @@ impl Backing {
             let physical: libc::c_int = ioctl_value(&file, BLKPBSZGET).unwrap_or(logical);
             (size, logical as u32, physical as u32)
         } else {
-            let logical = if cache.direct() { dio_offset_align(&file).unwrap_or(512) } else { 512 };
+            let logical = dio.map_or(512, |(_, offset)| offset);
             (meta.len(), logical, 4096)
         };
         if capacity_bytes == 0 {
@@ -227,6 +235,7 @@ impl Backing {
             capacity_bytes,
             logical_block_bytes,
             physical_block_bytes: clamp_block(physical).max(logical_block_bytes),
+            dio_mem_align: dio_mem_align.next_power_of_two(),
             is_block_device,
         })
     }

@@ -21,7 +21,9 @@ use crate::engine::{Engine, IoOp};
 use crate::export::{Disk, EngineKind};
 use crate::ratelimit::RateLimiter;
 use crate::trace::{Kind, QueueStats, Stage, StageHistograms, MERGE_EVERY, SAMPLE_EVERY};
-use crate::virtq::{copy_to_guest, GuestIov, GuestMemory, QueueError, SplitQueue};
+use crate::virtq::{
+    copy_to_guest, iovs_aligned, BounceBuffer, GuestIov, GuestMemory, QueueError, SplitQueue,
+};
 use crate::warn_limited;
 
 /// Buffers one slot can hold: header + seg_max data segments + status, plus slack for
@@ -30,6 +32,14 @@ const SLOT_IOVS: usize = SEG_MAX as usize + 2 + 8;
 
 /// Sleep bound when the frontend gave no kick fd and we must poll the ring.
 const KICKLESS_POLL_MS: i32 = 1;
+
+/// A slot keeps a bounce buffer this small for its next misaligned request; larger ones are
+/// freed when their request is done, so a burst of big ones does not pin memory.
+const BOUNCE_KEEP_BYTES: usize = 64 << 10;
+
+/// Bounce memory one queue may have in flight. A request that would go over waits for
+/// earlier bounced requests to finish (one alone may be as large as a request can be).
+const BOUNCE_BUDGET_BYTES: usize = 64 << 20;
 
 /// An in-flight request. The slot index is the engine tag (io_uring user_data).
 struct Slot {
@@ -40,6 +50,9 @@ struct Slot {
     kind: Kind,
     /// Data bytes the request moves (reads and writes).
     bytes: u64,
+    /// Stands in for the guest's buffers when O_DIRECT cannot take them; see `prepare_bounce`.
+    bounce: BounceBuffer,
+    bounced: bool,
     /// Timestamps, for the sampled requests only.
     sampled: bool,
     stamps: Stamps,
@@ -160,6 +173,8 @@ struct Core {
     err: Option<File>,
     stop: Arc<StopSignal>,
     broken: bool,
+    /// Bytes of bounce buffers in use by requests in flight.
+    bounce_bytes: usize,
     /// Cleared once the backing refuses FALLOC_FL_ZERO_RANGE; write-zeroes then punch holes.
     zero_range_supported: bool,
     /// Write-zeroes to resubmit as hole punches after a refusal (tags; preallocated).
@@ -196,6 +211,8 @@ impl<E: Engine> Worker<E> {
                 request: None,
                 kind: Kind::Other,
                 bytes: 0,
+                bounce: BounceBuffer::new(),
+                bounced: false,
                 sampled: false,
                 stamps: Stamps::new(Instant::now()),
             })
@@ -216,6 +233,7 @@ impl<E: Engine> Worker<E> {
             err: setup.err,
             stop,
             broken: false,
+            bounce_bytes: 0,
             zero_range_supported: true,
             retry_punch: Vec::with_capacity(size),
             log: RateLimiter::default(),
@@ -356,20 +374,32 @@ impl Core {
 
     /// Hands a parsed request to the engine, or answers it at once if there is nothing to do.
     fn start(&mut self, engine: &mut impl Engine, tag: u16, req: Request) {
+        if let Request::Read { data, bytes, .. } | Request::Write { data, bytes, .. } = &req {
+            let guest = self.slots[usize::from(tag)].chain.iovs(data.clone());
+            if *bytes > 0 && !iovs_aligned(guest, self.disk.dio_mem_align) {
+                if let Err(e) = self.prepare_bounce(engine, tag, &req, *bytes) {
+                    return self.finish(tag, Err(e));
+                }
+            }
+        }
         let slot = &mut self.slots[usize::from(tag)];
         let op = match &req {
             Request::Read { offset, data, bytes } => {
                 if *bytes == 0 {
                     return self.finish(tag, Ok(0));
                 }
-                IoOp::Read { offset: *offset, iov: slot.chain.iovs(data.clone()) }
+                let iov =
+                    if slot.bounced { slot.bounce.iovs() } else { slot.chain.iovs(data.clone()) };
+                IoOp::Read { offset: *offset, iov }
             }
             Request::Write { offset, data, bytes } => {
                 if *bytes == 0 {
                     return self.finish(tag, Ok(0));
                 }
                 let dsync = self.disk.write_needs_dsync();
-                IoOp::Write { offset: *offset, iov: slot.chain.iovs(data.clone()), dsync }
+                let iov =
+                    if slot.bounced { slot.bounce.iovs() } else { slot.chain.iovs(data.clone()) };
+                IoOp::Write { offset: *offset, iov, dsync }
             }
             Request::Flush => {
                 if !self.disk.cache.flush_syncs() {
@@ -389,9 +419,10 @@ impl Core {
                 unmap: *unmap || !self.zero_range_supported,
             },
         };
-        // SAFETY: the iovecs live in this slot's ChainBuf, which is neither touched nor
-        // reused until the tag is reaped (the slot is off the free list until then), and the
-        // guest memory they point into is held by self.memory for the thread's whole life.
+        // SAFETY: the iovecs live in this slot's ChainBuf or BounceBuffer, which are neither
+        // touched nor reused until the tag is reaped (the slot is off the free list until
+        // then); the bounce memory is freed only in `finish`, and the guest memory is held by
+        // self.memory for the thread's whole life.
         let queued = unsafe { engine.queue(tag, op) };
         let slot = &mut self.slots[usize::from(tag)];
         slot.request = Some(req);
@@ -400,6 +431,55 @@ impl Core {
         }
         if let Err(e) = queued {
             self.finish(tag, Err(RequestError::Host(e.raw_os_error().unwrap_or(libc::EIO))));
+        }
+    }
+
+    /// Gives a read or write whose guest buffers O_DIRECT would refuse (an address or length
+    /// off the backing's memory alignment) an aligned buffer of its own: waits until the
+    /// queue's bounce budget has room, then copies a write's payload in. A read's data is
+    /// copied out in `complete`.
+    fn prepare_bounce(
+        &mut self,
+        engine: &mut impl Engine,
+        tag: u16,
+        req: &Request,
+        bytes: u64,
+    ) -> Result<(), RequestError> {
+        let len = usize::try_from(bytes).map_err(|_| RequestError::Host(libc::ENOMEM))?;
+        self.wait_for(engine, |core| {
+            core.bounce_bytes == 0 || core.bounce_bytes + len <= BOUNCE_BUDGET_BYTES
+        });
+        let slot = &mut self.slots[usize::from(tag)];
+        if !slot.bounce.prepare(len) {
+            return Err(RequestError::Host(libc::ENOMEM));
+        }
+        if let Request::Write { data, .. } = req {
+            slot.bounce.fill_from(slot.chain.iovs(data.clone()));
+        }
+        slot.bounced = true;
+        self.bounce_bytes += len;
+        self.stats.counters.bounce_buffers.add(1);
+        Ok(())
+    }
+
+    /// Reaps completions until `done` holds, for the rare paths that must wait for requests
+    /// in flight (a full bounce budget). Completions are answered as usual.
+    fn wait_for(&mut self, engine: &mut impl Engine, mut done: impl FnMut(&Core) -> bool) {
+        while !done(self) && self.in_flight > 0 {
+            if let Err(e) = engine.submit() {
+                warn_limited!(self.log, export = %self.disk.name, queue = self.index, "engine submit: {e}");
+            }
+            engine.reap(|tag, result| self.complete(tag, result));
+            self.resubmit_refused_zeroes(engine);
+            if done(self) {
+                break;
+            }
+            if let Some(fd) = engine.completion_fd() {
+                let mut fds = [pollfd(fd)];
+                // SAFETY: fds is a valid one-entry pollfd array for the call's duration. The
+                // engine's reap clears the readiness, as in `sleep`.
+                unsafe { libc::poll(fds.as_mut_ptr(), 1, KICKLESS_POLL_MS) };
+            }
         }
     }
 
@@ -428,6 +508,12 @@ impl Core {
             }
         }
         let outcome = self.outcome(tag, result);
+        let slot = &mut self.slots[usize::from(tag)];
+        if let (true, Ok(n), Some(Request::Read { data, .. })) =
+            (slot.bounced, &outcome, &slot.request)
+        {
+            slot.bounce.copy_out(*n as usize, slot.chain.iovs(data.clone()));
+        }
         self.finish(tag, outcome);
     }
 
@@ -474,6 +560,11 @@ impl Core {
     fn finish(&mut self, tag: u16, result: Result<u32, RequestError>) {
         let slot = &mut self.slots[usize::from(tag)];
         slot.request = None;
+        if slot.bounced {
+            slot.bounced = false;
+            self.bounce_bytes -= slot.bounce.iovs()[0].len();
+            slot.bounce.shrink(BOUNCE_KEEP_BYTES);
+        }
         let used_len = match (&result, slot.status) {
             (Ok(n), Some(status_byte)) => {
                 status_byte.write_u8(status::OK);

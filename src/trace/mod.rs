@@ -123,7 +123,8 @@ pub struct QueueCounters {
     /// Requests answered VIRTIO_BLK_S_UNSUPP.
     pub errors_unsupp: Counter,
     pub in_flight: Counter,
-    /// Requests that needed an aligned bounce buffer (none yet: no engine bounces).
+    /// Reads and writes whose guest buffers O_DIRECT would refuse, served through an aligned
+    /// bounce buffer.
     pub bounce_buffers: Counter,
     pub notifications_sent: Counter,
     /// Used-ring publishes after which the guest did not want an interrupt.

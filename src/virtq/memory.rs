@@ -408,3 +408,115 @@ pub fn zero_guest(iovs: &[GuestIov]) {
         unsafe { ptr::write_bytes(iov.0.iov_base.cast::<u8>(), 0, iov.len()) }
     }
 }
+
+/// Whether every range starts and ends on an `align`-byte boundary (a power of two), which
+/// is what O_DIRECT asks of the buffers it is given.
+pub fn iovs_aligned(iovs: &[GuestIov], align: usize) -> bool {
+    let mask = align.saturating_sub(1);
+    iovs.iter().all(|iov| (iov.addr() | iov.len()) & mask == 0)
+}
+
+/// A host buffer aligned for O_DIRECT, standing in for guest buffers the backing cannot take
+/// as they are (see the worker's bounce path). It is handed to engines as a one-entry iovec
+/// array, so it obeys the [`GuestIov`] contract: it stays allocated and unmoved while an
+/// operation on it is in flight (its owner, an I/O thread's request slot, guarantees that).
+pub struct BounceBuffer {
+    /// Start of the allocation (dangling while `capacity` is 0).
+    base: ptr::NonNull<u8>,
+    capacity: usize,
+    /// The part in use, as the engine sees it.
+    iov: [GuestIov; 1],
+}
+
+impl BounceBuffer {
+    /// Alignment of every bounce buffer: a page, which satisfies any O_DIRECT rule.
+    pub const ALIGN: usize = 4096;
+
+    /// An empty buffer; nothing is allocated until [`BounceBuffer::prepare`].
+    pub fn new() -> BounceBuffer {
+        BounceBuffer { base: ptr::NonNull::dangling(), capacity: 0, iov: [GuestIov::EMPTY] }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    fn layout(capacity: usize) -> Option<std::alloc::Layout> {
+        std::alloc::Layout::from_size_align(capacity, Self::ALIGN).ok()
+    }
+
+    /// Makes the buffer `len` bytes long (keeping the allocation if it is large enough).
+    /// Returns false if memory could not be had; the buffer is then empty.
+    pub fn prepare(&mut self, len: usize) -> bool {
+        if len > self.capacity {
+            self.release();
+            let capacity = len.next_multiple_of(Self::ALIGN);
+            let Some(layout) = Self::layout(capacity) else { return false };
+            // SAFETY: the layout has a non-zero size (len > capacity >= 0) and a valid
+            // power-of-two alignment.
+            let Some(base) = ptr::NonNull::new(unsafe { std::alloc::alloc(layout) }) else {
+                return false;
+            };
+            self.base = base;
+            self.capacity = capacity;
+        }
+        self.iov = [GuestIov(libc::iovec { iov_base: self.base.as_ptr().cast(), iov_len: len })];
+        true
+    }
+
+    /// Frees the allocation if it is larger than `keep_bytes`.
+    pub fn shrink(&mut self, keep_bytes: usize) {
+        if self.capacity > keep_bytes {
+            self.release();
+        }
+    }
+
+    fn release(&mut self) {
+        if let Some(layout) = Self::layout(self.capacity).filter(|_| self.capacity > 0) {
+            // SAFETY: base was allocated by `prepare` with exactly this layout and is freed
+            // once (capacity goes to 0 right after).
+            unsafe { std::alloc::dealloc(self.base.as_ptr(), layout) };
+        }
+        self.base = ptr::NonNull::dangling();
+        self.capacity = 0;
+        self.iov = [GuestIov::EMPTY];
+    }
+
+    /// The part in use, as an iovec array for an engine.
+    pub fn iovs(&self) -> &[GuestIov] {
+        &self.iov
+    }
+
+    fn bytes(&mut self) -> &mut [u8] {
+        if self.capacity == 0 {
+            return &mut [];
+        }
+        // SAFETY: base points at `capacity` bytes we own, and iov_len <= capacity; the
+        // mutable borrow of self keeps anyone else from touching them meanwhile.
+        unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr(), self.iov[0].len()) }
+    }
+
+    /// Fills the part in use from guest buffers (a write's payload). Returns bytes copied.
+    pub fn fill_from(&mut self, guest: &[GuestIov]) -> usize {
+        copy_from_guest(guest, 0, self.bytes())
+    }
+
+    /// Copies the first `len` bytes of the part in use into guest buffers (a read's data).
+    pub fn copy_out(&mut self, len: usize, guest: &[GuestIov]) -> usize {
+        let bytes = self.bytes();
+        let len = len.min(bytes.len());
+        copy_to_guest(guest, &bytes[..len])
+    }
+}
+
+impl Default for BounceBuffer {
+    fn default() -> Self {
+        BounceBuffer::new()
+    }
+}
+
+impl Drop for BounceBuffer {
+    fn drop(&mut self) {
+        self.release();
+    }
+}

@@ -5,6 +5,7 @@ pub mod memory;
 pub mod split;
 
 pub use memory::{
-    copy_from_guest, copy_to_guest, zero_guest, GuestIov, GuestMemory, MappedRegion, MemoryError,
+    copy_from_guest, copy_to_guest, iovs_aligned, zero_guest, BounceBuffer, GuestIov, GuestMemory,
+    MappedRegion, MemoryError,
 };
 pub use split::{ChainError, ChainOutcome, ChainSink, QueueError, RingAddrs, SplitQueue};
