@@ -7,6 +7,8 @@
 //! stopped. Any change to a running queue (memory table, call fd, features) is a stop and a
 //! fresh start, so the thread never needs a lock.
 
+#[cfg(test)]
+mod order_tests;
 pub mod poll;
 mod worker;
 

@@ -91,19 +91,10 @@ pub(super) fn run(
     stop: Arc<StopSignal>,
     ready: SyncSender<io::Result<()>>,
 ) -> u16 {
-    let queue = SplitQueue::new(
-        &setup.memory,
-        setup.addrs,
-        setup.size,
-        setup.next_avail,
-        setup.event_idx,
-        setup.indirect,
-        SLOT_IOVS,
-    );
-    let queue = match queue {
+    let queue = match open_queue(&setup) {
         Ok(q) => q,
         Err(e) => {
-            let _ = ready.send(Err(io::Error::new(io::ErrorKind::InvalidInput, e.to_string())));
+            let _ = ready.send(Err(e));
             return setup.next_avail;
         }
     };
@@ -131,6 +122,37 @@ pub(super) fn run(
             ready,
         ),
     }
+}
+
+/// Serves the queue with an engine made elsewhere (the durability tests wrap one).
+#[cfg(test)]
+pub(super) fn serve_with<E: Engine>(
+    engine: io::Result<E>,
+    disk: Arc<Disk>,
+    setup: QueueSetup,
+    stop: Arc<StopSignal>,
+    ready: SyncSender<io::Result<()>>,
+) -> u16 {
+    match open_queue(&setup) {
+        Ok(queue) => serve(engine, disk, setup, queue, stop, ready),
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            setup.next_avail
+        }
+    }
+}
+
+fn open_queue(setup: &QueueSetup) -> io::Result<SplitQueue> {
+    SplitQueue::new(
+        &setup.memory,
+        setup.addrs,
+        setup.size,
+        setup.next_avail,
+        setup.event_idx,
+        setup.indirect,
+        SLOT_IOVS,
+    )
+    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))
 }
 
 /// Serves the queue with `engine`, or reports why the engine could not be made.

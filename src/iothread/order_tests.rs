@@ -1,0 +1,395 @@
+//! The durability contract, checked in-process where the order of events can be seen.
+//!
+//! A real I/O thread serves a queue that this test drives as a guest would (descriptors,
+//! avail ring, used ring in a memfd), over a real backing file and a real engine. Between the
+//! two sits [`Recorder`], an engine wrapper that logs when each operation reaches the engine
+//! and when the engine reports it done (for a flush: after fdatasync returned), and that
+//! holds every completion back for a while. The guest side logs when it sees a request in
+//! the used ring. An acknowledgement given before the engine finished would therefore be seen
+//! by the guest well before the matching "done" is logged, and a skipped flush leaves no
+//! flush in the log: both fail the checks below.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::sync::atomic::{fence, AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{worker, QueueSetup, StopSignal};
+use crate::blk::{req_type, status};
+use crate::engine::aio::AioEngine;
+use crate::engine::threads::ThreadsEngine;
+use crate::engine::uring::UringEngine;
+use crate::engine::{CacheMode, Engine, IoOp};
+use crate::export::{Disk, ExportConfig};
+use crate::virtq::{copy_from_guest, copy_to_guest, GuestMemory, MappedRegion, RingAddrs};
+
+/// How long the recorder sits on every completion before the I/O thread may see it.
+const HOLD: Duration = Duration::from_millis(30);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Read,
+    Write { dsync: bool },
+    Flush,
+    Other,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Event {
+    /// The I/O thread handed the operation to the engine (by tag).
+    Queued(u16, Op),
+    /// The engine reported the operation done, with its result.
+    Done(u16, Op, i32),
+    /// The guest found a request of this type in the used ring, with this status byte.
+    Acked(u32, u8),
+}
+
+type Log = Arc<Mutex<Vec<Event>>>;
+
+fn record(log: &Log, e: Event) {
+    log.lock().unwrap_or_else(|p| p.into_inner()).push(e);
+}
+
+/// An engine that records what passes through it and delays every completion by [`HOLD`].
+struct Recorder<E> {
+    inner: E,
+    log: Log,
+    ops: Vec<Op>,
+    held: Vec<(u16, i32, Instant)>,
+    /// Written once and never read.
+    always_ready: EventFd,
+}
+
+impl<E: Engine> Engine for Recorder<E> {
+    unsafe fn queue(&mut self, tag: u16, op: IoOp<'_>) -> io::Result<()> {
+        let kind = match op {
+            IoOp::Read { .. } => Op::Read,
+            IoOp::Write { dsync, .. } => Op::Write { dsync },
+            IoOp::Flush => Op::Flush,
+            _ => Op::Other,
+        };
+        self.ops[usize::from(tag)] = kind;
+        record(&self.log, Event::Queued(tag, kind));
+        // SAFETY: the caller's promise about `op`'s buffers is passed on unchanged.
+        unsafe { self.inner.queue(tag, op) }
+    }
+
+    fn submit(&mut self) -> io::Result<()> {
+        self.inner.submit()
+    }
+
+    fn reap(&mut self, mut on_complete: impl FnMut(u16, i32)) {
+        let held = &mut self.held;
+        self.inner.reap(|tag, result| held.push((tag, result, Instant::now())));
+        let (log, ops) = (&self.log, &self.ops);
+        self.held.retain(|&(tag, result, at)| {
+            if at.elapsed() < HOLD {
+                return true;
+            }
+            record(log, Event::Done(tag, ops[usize::from(tag)], result));
+            on_complete(tag, result);
+            false
+        });
+    }
+
+    /// While completions are held, a descriptor that is always readable, so that the I/O
+    /// thread comes back for them; otherwise the engine's own.
+    fn completion_fd(&self) -> Option<RawFd> {
+        if self.held.is_empty() {
+            self.inner.completion_fd()
+        } else {
+            Some(self.always_ready.as_raw_fd())
+        }
+    }
+}
+
+const QSIZE: u16 = 16;
+const RAM: u64 = 1 << 20;
+const USER_BASE: u64 = 0x7000_0000;
+const DESC: u64 = 0x1000;
+const AVAIL: u64 = 0x2000;
+const USED: u64 = 0x3000;
+const HEADER: u64 = 0x4000;
+const STATUS: u64 = 0x5000;
+const DATA: u64 = 0x10000;
+const DATA_BYTES: u32 = 8192;
+
+/// The driver side of one split virtqueue, one request at a time.
+struct Guest {
+    _ram: File,
+    mem: Arc<GuestMemory>,
+    avail_idx: u16,
+    used_seen: u16,
+}
+
+impl Guest {
+    fn new() -> Guest {
+        // SAFETY: memfd_create with a valid name; the fd it returns is ours alone.
+        let ram = unsafe { File::from_raw_fd(libc::memfd_create(c"guest".as_ptr(), 0)) };
+        ram.set_len(RAM).unwrap();
+        let region = MappedRegion::map(&ram, 0, 0, RAM, USER_BASE).unwrap();
+        let mem = Arc::new(GuestMemory::default().with_region(region).unwrap());
+        Guest { _ram: ram, mem, avail_idx: 0, used_seen: 0 }
+    }
+
+    fn write(&self, gpa: u64, bytes: &[u8]) {
+        assert!(self.mem.translate(gpa, bytes.len() as u32, |iov| {
+            copy_to_guest(&[iov], bytes);
+            true
+        }));
+    }
+
+    fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
+        let mut out = vec![0u8; len];
+        self.mem.translate(gpa, len as u32, |iov| {
+            copy_from_guest(&[iov], 0, &mut out);
+            true
+        });
+        out
+    }
+
+    fn desc(&self, i: u64, addr: u64, len: u32, flags: u16, next: u16) {
+        let mut raw = [0u8; 16];
+        raw[0..8].copy_from_slice(&addr.to_le_bytes());
+        raw[8..12].copy_from_slice(&len.to_le_bytes());
+        raw[12..14].copy_from_slice(&flags.to_le_bytes());
+        raw[14..16].copy_from_slice(&next.to_le_bytes());
+        self.write(DESC + 16 * i, &raw);
+    }
+
+    /// Makes a request available (header, optional data, status byte) and waits until the
+    /// device puts it in the used ring; logs that moment and returns the status byte.
+    fn request(&mut self, log: &Log, kind: u32, sector: u64, data: Option<&[u8]>) -> u8 {
+        const NEXT: u16 = 1;
+        const WRITE: u16 = 2;
+        let mut header = [0u8; 16];
+        header[0..4].copy_from_slice(&kind.to_le_bytes());
+        header[8..16].copy_from_slice(&sector.to_le_bytes());
+        self.write(HEADER, &header);
+        self.write(STATUS, &[0xff]);
+        self.desc(0, HEADER, 16, NEXT, 1);
+        if let Some(data) = data {
+            self.write(DATA, data);
+            self.desc(1, DATA, data.len() as u32, NEXT, 2);
+            self.desc(2, STATUS, 1, WRITE, 0);
+        } else {
+            self.desc(1, STATUS, 1, WRITE, 0);
+        }
+        self.write(AVAIL + 4 + 2 * u64::from(self.avail_idx % QSIZE), &0u16.to_le_bytes());
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        fence(Ordering::SeqCst);
+        self.write(AVAIL + 2, &self.avail_idx.to_le_bytes());
+
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let used_idx = u16::from_le_bytes(self.read(USED + 2, 2).try_into().unwrap());
+            if used_idx != self.used_seen {
+                fence(Ordering::SeqCst);
+                let status_byte = self.read(STATUS, 1)[0];
+                // Logged at once, before anything else can happen on this thread.
+                record(log, Event::Acked(kind, status_byte));
+                self.used_seen = used_idx;
+                return status_byte;
+            }
+            assert!(Instant::now() < deadline, "request type {kind} never completed");
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+}
+
+/// One I/O thread serving the guest's queue on `disk` through a recorder around an engine.
+struct Served {
+    stop: Arc<StopSignal>,
+    join: std::thread::JoinHandle<u16>,
+}
+
+fn serve<E: Engine + 'static>(
+    disk: Arc<Disk>,
+    guest: &Guest,
+    log: &Log,
+    make: fn(RawFd, u16) -> io::Result<E>,
+) -> Served {
+    let setup = QueueSetup {
+        index: 0,
+        memory: Arc::clone(&guest.mem),
+        addrs: RingAddrs {
+            desc_user_addr: USER_BASE + DESC,
+            avail_user_addr: USER_BASE + AVAIL,
+            used_user_addr: USER_BASE + USED,
+        },
+        size: QSIZE,
+        next_avail: 0,
+        event_idx: false,
+        indirect: false,
+        kick: None,
+        call: None,
+        err: None,
+    };
+    let stop = Arc::new(StopSignal {
+        requested: AtomicBool::new(false),
+        wake: EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK).unwrap(),
+    });
+    let fd = disk.backing.as_ref().unwrap().file.as_raw_fd();
+    let log = Arc::clone(log);
+    let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+    let thread_stop = Arc::clone(&stop);
+    let join = std::thread::spawn(move || {
+        // Made on the I/O thread, as io_uring with SINGLE_ISSUER needs.
+        let engine = make(fd, QSIZE).map(|inner| Recorder {
+            inner,
+            log,
+            ops: vec![Op::Other; usize::from(QSIZE)],
+            held: Vec::new(),
+            always_ready: EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK).unwrap(),
+        });
+        if let Ok(r) = &engine {
+            r.always_ready.write(1).unwrap();
+        }
+        worker::serve_with(engine, disk, setup, thread_stop, ready_tx)
+    });
+    ready_rx.recv().unwrap().unwrap();
+    Served { stop, join }
+}
+
+impl Served {
+    fn stop(self) {
+        self.stop.requested.store(true, Ordering::Release);
+        let _ = self.stop.wake.write(1);
+        self.join.join().unwrap();
+    }
+}
+
+fn position(log: &[Event], what: impl Fn(&Event) -> bool, name: &str) -> usize {
+    log.iter().position(what).unwrap_or_else(|| panic!("no {name} in {log:#?}"))
+}
+
+/// Writes, then flushes, in `cache` mode with the engine `make` builds, and checks the order
+/// the contract of DESIGN.md asks for. `wce_off`: the guest first turns its write cache off.
+fn contract<E: Engine + 'static>(
+    cache: &str,
+    wce_off: bool,
+    make: fn(RawFd, u16) -> io::Result<E>,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let spec = format!(
+        "socket={}/unused.sock,image={},cache={cache}",
+        dir.path().display(),
+        image.display()
+    );
+    let disk = Arc::new(Disk::open(&ExportConfig::parse(&spec).unwrap()).unwrap());
+    if wce_off {
+        disk.set_writeback(false);
+    }
+    let mode = disk.cache;
+    let fd_flags = {
+        let fd = disk.backing.as_ref().unwrap().file.as_raw_fd();
+        // SAFETY: F_GETFL on an open descriptor has no other effect.
+        unsafe { libc::fcntl(fd, libc::F_GETFL) }
+    };
+    let log: Log = Arc::default();
+    let mut guest = Guest::new();
+    let served = serve(Arc::clone(&disk), &guest, &log, make);
+
+    let data: Vec<u8> = (0..DATA_BYTES).map(|i| (i % 251) as u8).collect();
+    assert_eq!(guest.request(&log, req_type::OUT, 8, Some(&data)), status::OK);
+    assert_eq!(guest.request(&log, req_type::FLUSH, 0, None), status::OK);
+    served.stop();
+    assert_eq!(&std::fs::read(&image).unwrap()[4096..4096 + data.len()], &data[..]);
+
+    let log = log.lock().unwrap().clone();
+    let what = format!("cache={cache} wce_off={wce_off}");
+    let write_done = position(
+        &log,
+        |e| matches!(e, Event::Done(_, Op::Write { .. }, r) if *r == DATA_BYTES as i32),
+        "write done",
+    );
+    let write_acked =
+        position(&log, |e| *e == Event::Acked(req_type::OUT, status::OK), "write ack");
+    let flush_acked =
+        position(&log, |e| *e == Event::Acked(req_type::FLUSH, status::OK), "flush ack");
+    assert!(
+        write_done < write_acked,
+        "{what}: write acknowledged before the engine finished it: {log:#?}"
+    );
+
+    // Is a completed write durable? Through O_DSYNC on the descriptor, or RWF_DSYNC on the
+    // write (the guest switched the cache off), or neither (a later FLUSH makes it so).
+    let Some(Event::Queued(_, Op::Write { dsync })) =
+        log.iter().find(|e| matches!(e, Event::Queued(_, Op::Write { .. })))
+    else {
+        panic!("{what}: no write reached the engine: {log:#?}")
+    };
+    let durable_at_completion = fd_flags & libc::O_DSYNC != 0 || *dsync;
+    let flush_queued = log.iter().position(|e| matches!(e, Event::Queued(_, Op::Flush)));
+    let flush_done = log.iter().position(|e| matches!(e, Event::Done(_, Op::Flush, 0)));
+    match mode {
+        CacheMode::None | CacheMode::Writeback if !wce_off => {
+            assert!(!durable_at_completion, "{what}: writes should use the write cache");
+            let (Some(queued), Some(done)) = (flush_queued, flush_done) else {
+                panic!("{what}: FLUSH acknowledged without an fdatasync: {log:#?}")
+            };
+            assert!(write_done < queued, "{what}: fdatasync started before the write was done");
+            assert!(
+                done < flush_acked,
+                "{what}: FLUSH acknowledged before fdatasync returned: {log:#?}"
+            );
+        }
+        CacheMode::Unsafe => {
+            assert!(!durable_at_completion, "{what}: unsafe writes should not be synchronous");
+            assert_eq!(flush_queued, None, "{what}: unsafe must skip the flush");
+        }
+        // directsync, writethrough, or a write cache the guest turned off: every write is
+        // durable when it completes, so FLUSH has nothing left to do.
+        _ => {
+            assert!(
+                durable_at_completion,
+                "{what}: a write was acknowledged before it was durable"
+            );
+            assert!(flush_queued.is_none() || flush_done.is_some_and(|d| d < flush_acked));
+        }
+    }
+}
+
+fn threads(fd: RawFd, size: u16) -> io::Result<ThreadsEngine> {
+    ThreadsEngine::new(fd, size)
+}
+
+fn native(fd: RawFd, size: u16) -> io::Result<AioEngine> {
+    AioEngine::new(fd, size)
+}
+
+fn uring(fd: RawFd, size: u16) -> io::Result<UringEngine> {
+    UringEngine::new(fd, size)
+}
+
+const MODES: [&str; 5] = ["none", "directsync", "writeback", "writethrough", "unsafe"];
+
+#[test]
+fn flush_and_write_order_with_threads() {
+    for cache in MODES {
+        contract(cache, false, threads);
+    }
+    contract("writeback", true, threads);
+}
+
+#[test]
+fn flush_and_write_order_with_native_aio() {
+    for cache in MODES {
+        contract(cache, false, native);
+    }
+    contract("none", true, native);
+}
+
+#[test]
+fn flush_and_write_order_with_io_uring() {
+    for cache in MODES {
+        contract(cache, false, uring);
+    }
+    contract("writeback", true, uring);
+}
