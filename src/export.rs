@@ -344,6 +344,10 @@ pub struct Disk {
     pub max_queue_size: u16,
     pub logical_block_bytes: u32,
     pub physical_block_bytes: u32,
+    /// Reads and writes off these blocks (bytes; 0: none) are done on whole blocks through a
+    /// bounce buffer, writes by read-modify-write: the guest's blocks are smaller than what
+    /// the backing's O_DIRECT needs.
+    pub rmw_block_bytes: u64,
     /// Guest buffers must start and end on this boundary to go to the backing as they are
     /// (O_DIRECT's rule); others are bounced. 1 when the backing takes any buffer.
     pub dio_mem_align: usize,
@@ -372,17 +376,34 @@ impl Disk {
             BackendSpec::Image(p) => p.clone(),
             BackendSpec::Null { .. } => "engine=null".into(),
         };
-        // The guest may be given larger blocks than the backing needs, never smaller ones:
-        // with O_DIRECT it would then send I/O the backing refuses.
-        let logical = match config.logical_block_bytes {
-            Some(l) if l < logical => {
+        // O_DIRECT needs offsets on the backing's blocks; the page cache takes any. The guest
+        // sees the backing's block size unless told otherwise. Smaller blocks than O_DIRECT
+        // needs (512-byte sectors on a 4K-sector disk) mean read-modify-write for writes off
+        // the backing's blocks, which must not race with other writes to the same blocks:
+        // blkplane does it on the only queue, with nothing else in flight.
+        let direct_block = if config.cache.direct() { logical } else { SECTOR_SIZE as u32 };
+        let logical = config.logical_block_bytes.unwrap_or(logical);
+        let rmw_block_bytes = if logical < direct_block {
+            if config.queues != 1 {
                 return Err(OpenError::BlockSize(
                     name(),
-                    format!("logical-block-size={l} is below the {logical} bytes its I/O needs"),
-                ))
+                    format!(
+                        "logical-block-size={logical} is below the {direct_block} bytes its O_DIRECT I/O needs; \
+                         that takes read-modify-write, which needs queues=1 (or a cache mode without O_DIRECT)"
+                    ),
+                ));
             }
-            Some(l) => l,
-            None => logical,
+            if !capacity.is_multiple_of(u64::from(direct_block)) {
+                return Err(OpenError::BlockSize(
+                    name(),
+                    format!(
+                        "its size {capacity} is not a multiple of its {direct_block}-byte blocks"
+                    ),
+                ));
+            }
+            u64::from(direct_block)
+        } else {
+            0
         };
         let physical = config.physical_block_bytes.unwrap_or(physical.max(logical));
         if physical < logical {
@@ -414,6 +435,7 @@ impl Disk {
             logical_block_bytes: logical,
             physical_block_bytes: physical,
             dio_mem_align,
+            rmw_block_bytes,
             poll: PollSettings::new(config.poll),
             cpus: config.cpus.clone(),
             stats_on: config.stats,

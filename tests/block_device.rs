@@ -219,3 +219,111 @@ fn misaligned_buffers_bounce_with_native_aio() {
 fn misaligned_buffers_bounce_with_threads() {
     misaligned_buffers_bounce("threads");
 }
+
+/// 512-byte sectors for the guest on a device with 4096-byte sectors opened with O_DIRECT
+/// (`logical-block-size=512`): reads and writes off the 4K blocks go through bounce buffers,
+/// writes by read-modify-write; 16 writes to neighbouring 512-byte sectors of the same 4K
+/// blocks, in flight together, all land (a read-modify-write racing another would lose one).
+/// With two queues the export is refused: read-modify-write could not be kept from racing.
+fn emulated_512_byte_sectors(aio: &str) {
+    let dir = tmpdir();
+    let file_dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let file = file_dir.path().join("backing.raw");
+    const DISK: u64 = 16 << 20;
+    make_image(&file, DISK, 8);
+    let dev = Loop::attach_with(&file, &["--sector-size", "4096", "--direct-io=on"]);
+    let spec = |sock: &Path, extra: &str| {
+        format!(
+            "socket={},image={},aio={aio},cache=none,logical-block-size=512{extra}",
+            sock.display(),
+            dev.0.display()
+        )
+    };
+
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_blkplane"))
+        .args(["serve", "--export", &spec(&dir.path().join("two.sock"), ",queues=2")])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("logical-block-size=512 is below the 4096 bytes its O_DIRECT I/O needs")
+            && stderr.contains("queues=1"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("two.sock").exists());
+
+    let sock = dir.path().join("blk.sock");
+    let control = dir.path().join("ctl.sock");
+    let mut daemon = Daemon::start_with(
+        dir.path(),
+        &["--control".into(), control.display().to_string(), "--export".into(), spec(&sock, "")],
+        &[sock.clone(), control.clone()],
+    );
+    let mut expected = pattern(8, 0, DISK as usize);
+    {
+        let mut c = Client::connect(&sock, 1);
+        assert_eq!(c.blkio.get_i32("request-alignment").ok(), Some(512));
+        // (offset, length): inside one block, across two, across three from mid-block, and
+        // one on the blocks (not bounced).
+        let writes: [(u64, usize); 4] =
+            [(512, 512), (3584, 1536), (8192 + 1024, 8192 + 512), (65536, 4096)];
+        for (i, &(offset, len)) in writes.iter().enumerate() {
+            let data = pattern(70 + i as u64, offset, len);
+            assert_eq!(c.write_at(0, offset, &data, 0), 0, "write {len} at {offset}");
+            expected[offset as usize..offset as usize + len].copy_from_slice(&data);
+        }
+        assert_eq!(bounce_count(&control), 3, "three writes off the 4K blocks");
+        for &(offset, len) in &writes {
+            let back = c.read_at(0, offset, len, 1 << 20).unwrap();
+            assert!(
+                back == expected[offset as usize..offset as usize + len],
+                "read {len} at {offset}"
+            );
+        }
+        assert_eq!(bounce_count(&control), 6, "and three reads");
+        // Untouched sectors next to the written ones kept their bytes.
+        assert!(c.read_at(0, 0, 512, 0).unwrap() == expected[..512]);
+        assert!(c.read_at(0, 1024, 2560, 0).unwrap() == expected[1024..3584]);
+
+        // Sixteen 512-byte writes into two 4K blocks, all in flight at once.
+        let base = 1u64 << 20;
+        for k in 0..16u64 {
+            let data = pattern(200 + k, base + 512 * k, 512);
+            c.buf_slice(512 * k as usize, 512).copy_from_slice(&data);
+            expected[(base + 512 * k) as usize..(base + 512 * (k + 1)) as usize]
+                .copy_from_slice(&data);
+        }
+        for k in 0..16u64 {
+            let src = c.buf_ptr(512 * k as usize);
+            c.queues[0].write(base + 512 * k, src, 512, 0, ReqFlags::empty());
+        }
+        for _ in 0..16 {
+            assert_eq!(c.wait_one(0), 0, "neighbouring sub-block write");
+        }
+        let back = c.read_at(0, base, 8192, 1 << 20).unwrap();
+        assert!(
+            back == expected[base as usize..base as usize + 8192],
+            "a neighbour's write was lost"
+        );
+        assert_eq!(c.flush(0), 0);
+    }
+    assert!(daemon.stop().success(), "{}", daemon.log());
+    drop(dev);
+    assert!(std::fs::read(&file).unwrap() == expected, "the file differs from what was written");
+}
+
+#[test]
+fn emulated_512_byte_sectors_with_io_uring() {
+    emulated_512_byte_sectors("io_uring");
+}
+
+#[test]
+fn emulated_512_byte_sectors_with_native_aio() {
+    emulated_512_byte_sectors("native");
+}
+
+#[test]
+fn emulated_512_byte_sectors_with_threads() {
+    emulated_512_byte_sectors("threads");
+}

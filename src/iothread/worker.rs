@@ -53,6 +53,10 @@ struct Slot {
     /// Stands in for the guest's buffers when O_DIRECT cannot take them; see `prepare_bounce`.
     bounce: BounceBuffer,
     bounced: bool,
+    /// Where the bounce buffer's first byte is on the disk, and where the guest's data
+    /// starts inside it (not 0 for requests off the backing's blocks).
+    bounce_offset: u64,
+    bounce_skip: usize,
     /// Timestamps, for the sampled requests only.
     sampled: bool,
     stamps: Stamps,
@@ -235,6 +239,8 @@ impl<E: Engine> Worker<E> {
                 bytes: 0,
                 bounce: BounceBuffer::new(),
                 bounced: false,
+                bounce_offset: 0,
+                bounce_skip: 0,
                 sampled: false,
                 stamps: Stamps::new(Instant::now()),
             })
@@ -396,12 +402,33 @@ impl Core {
 
     /// Hands a parsed request to the engine, or answers it at once if there is nothing to do.
     fn start(&mut self, engine: &mut impl Engine, tag: u16, req: Request) {
-        if let Request::Read { data, bytes, .. } | Request::Write { data, bytes, .. } = &req {
+        if let Request::Read { offset, data, bytes } | Request::Write { offset, data, bytes } = &req
+        {
+            let (offset, bytes, write) = (*offset, *bytes, matches!(req, Request::Write { .. }));
+            let block = self.disk.rmw_block_bytes;
             let guest = self.slots[usize::from(tag)].chain.iovs(data.clone());
-            if *bytes > 0 && !iovs_aligned(guest, self.disk.dio_mem_align) {
-                if let Err(e) = self.prepare_bounce(engine, tag, &req, *bytes) {
-                    return self.finish(tag, Err(e));
+            let bounced = if bytes > 0 && block > 0 && (offset | bytes) % block != 0 {
+                // Off the backing's blocks: do whole blocks through a bounce buffer.
+                let start = offset / block * block;
+                let len = (offset + bytes).next_multiple_of(block) - start;
+                let skip = (offset - start) as usize;
+                if write {
+                    let result = self.read_modify_write(engine, tag, start, len, skip, data);
+                    return self.finish(tag, result);
                 }
+                self.prepare_bounce(engine, tag, start, len, skip)
+            } else if bytes > 0 && !iovs_aligned(guest, self.disk.dio_mem_align) {
+                self.prepare_bounce(engine, tag, offset, bytes, 0).map(|()| {
+                    if write {
+                        let slot = &mut self.slots[usize::from(tag)];
+                        slot.bounce.fill_from(0, slot.chain.iovs(data.clone()));
+                    }
+                })
+            } else {
+                Ok(())
+            };
+            if let Err(e) = bounced {
+                return self.finish(tag, Err(e));
             }
         }
         let slot = &mut self.slots[usize::from(tag)];
@@ -410,18 +437,22 @@ impl Core {
                 if *bytes == 0 {
                     return self.finish(tag, Ok(0));
                 }
-                let iov =
-                    if slot.bounced { slot.bounce.iovs() } else { slot.chain.iovs(data.clone()) };
-                IoOp::Read { offset: *offset, iov }
+                if slot.bounced {
+                    IoOp::Read { offset: slot.bounce_offset, iov: slot.bounce.iovs() }
+                } else {
+                    IoOp::Read { offset: *offset, iov: slot.chain.iovs(data.clone()) }
+                }
             }
             Request::Write { offset, data, bytes } => {
                 if *bytes == 0 {
                     return self.finish(tag, Ok(0));
                 }
                 let dsync = self.disk.write_needs_dsync();
-                let iov =
-                    if slot.bounced { slot.bounce.iovs() } else { slot.chain.iovs(data.clone()) };
-                IoOp::Write { offset: *offset, iov, dsync }
+                if slot.bounced {
+                    IoOp::Write { offset: slot.bounce_offset, iov: slot.bounce.iovs(), dsync }
+                } else {
+                    IoOp::Write { offset: *offset, iov: slot.chain.iovs(data.clone()), dsync }
+                }
             }
             Request::Flush => {
                 if !self.disk.cache.flush_syncs() {
@@ -456,16 +487,17 @@ impl Core {
         }
     }
 
-    /// Gives a read or write whose guest buffers O_DIRECT would refuse (an address or length
-    /// off the backing's memory alignment) an aligned buffer of its own: waits until the
-    /// queue's bounce budget has room, then copies a write's payload in. A read's data is
-    /// copied out in `complete`.
+    /// Gives a read or write that O_DIRECT would refuse as it is (guest buffers off the
+    /// backing's memory alignment, or an offset off its blocks) an aligned buffer of its own
+    /// for `bytes` on the disk from `offset`, the guest's data starting `skip` bytes in. Waits
+    /// until the queue's bounce budget has room. A read's data is copied out in `complete`.
     fn prepare_bounce(
         &mut self,
         engine: &mut impl Engine,
         tag: u16,
-        req: &Request,
+        offset: u64,
         bytes: u64,
+        skip: usize,
     ) -> Result<(), RequestError> {
         let len = usize::try_from(bytes).map_err(|_| RequestError::Host(libc::ENOMEM))?;
         self.wait_for(engine, |core| {
@@ -475,13 +507,54 @@ impl Core {
         if !slot.bounce.prepare(len) {
             return Err(RequestError::Host(libc::ENOMEM));
         }
-        if let Request::Write { data, .. } = req {
-            slot.bounce.fill_from(slot.chain.iovs(data.clone()));
-        }
         slot.bounced = true;
+        slot.bounce_offset = offset;
+        slot.bounce_skip = skip;
         self.bounce_bytes += len;
         self.stats.counters.bounce_buffers.add(1);
         Ok(())
+    }
+
+    /// A write off the backing's blocks (the guest was given smaller ones): reads the whole
+    /// blocks `[start, start + len)`, patches the guest's data in at `skip`, writes them back,
+    /// synchronously. No other write may land on those blocks in between, and none can: the
+    /// export has one queue (Disk::open insists) and this first waits for everything in
+    /// flight on it.
+    fn read_modify_write(
+        &mut self,
+        engine: &mut impl Engine,
+        tag: u16,
+        start: u64,
+        len: u64,
+        skip: usize,
+        data: &std::ops::Range<usize>,
+    ) -> Result<u32, RequestError> {
+        self.wait_for(engine, |core| core.in_flight == 1);
+        self.prepare_bounce(engine, tag, start, len, skip)?;
+        let fd = self
+            .disk
+            .backing
+            .as_ref()
+            .map(|b| b.file.as_raw_fd())
+            .ok_or(RequestError::Host(libc::EIO))?;
+        let flags = if self.disk.write_needs_dsync() { libc::RWF_DSYNC } else { 0 };
+        let slot = &mut self.slots[usize::from(tag)];
+        let whole = |n: isize| match n {
+            n if n < 0 => Err(RequestError::Host(
+                io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO),
+            )),
+            n if n as u64 != len => Err(RequestError::ShortTransfer),
+            _ => Ok(()),
+        };
+        let iov = GuestIov::as_iovec_ptr(slot.bounce.iovs());
+        // SAFETY: one iovec describing the slot's bounce buffer, which is allocated and not
+        // otherwise in use for the duration of the call; the fd is the open backing.
+        whole(unsafe { libc::preadv(fd, iov, 1, start as libc::off_t) })?;
+        slot.bounce.fill_from(skip, slot.chain.iovs(data.clone()));
+        let iov = GuestIov::as_iovec_ptr(slot.bounce.iovs());
+        // SAFETY: as for the preadv above.
+        whole(unsafe { libc::pwritev2(fd, iov, 1, start as libc::off_t, flags) })?;
+        Ok(0)
     }
 
     /// Reaps completions until `done` holds, for the rare paths that must wait for requests
@@ -534,7 +607,7 @@ impl Core {
         if let (true, Ok(n), Some(Request::Read { data, .. })) =
             (slot.bounced, &outcome, &slot.request)
         {
-            slot.bounce.copy_out(*n as usize, slot.chain.iovs(data.clone()));
+            slot.bounce.copy_out(slot.bounce_skip, *n as usize, slot.chain.iovs(data.clone()));
         }
         self.finish(tag, outcome);
     }
@@ -569,9 +642,15 @@ impl Core {
             }
             return Err(RequestError::Host(errno));
         }
+        // A bounced request moved the bounce buffer, which may hold whole blocks around it.
+        let slot = &self.slots[usize::from(tag)];
+        let moved =
+            |bytes: u64| if slot.bounced { slot.bounce.iovs()[0].len() as u64 } else { bytes };
         match req {
-            Some(Request::Read { bytes, .. }) if result as u64 == *bytes => Ok(result as u32),
-            Some(Request::Write { bytes, .. }) if result as u64 == *bytes => Ok(0),
+            Some(Request::Read { bytes, .. }) if result as u64 == moved(*bytes) => {
+                Ok(*bytes as u32)
+            }
+            Some(Request::Write { bytes, .. }) if result as u64 == moved(*bytes) => Ok(0),
             Some(Request::Read { .. } | Request::Write { .. }) => Err(RequestError::ShortTransfer),
             _ => Ok(0),
         }

@@ -496,16 +496,21 @@ impl BounceBuffer {
         unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr(), self.iov[0].len()) }
     }
 
-    /// Fills the part in use from guest buffers (a write's payload). Returns bytes copied.
-    pub fn fill_from(&mut self, guest: &[GuestIov]) -> usize {
-        copy_from_guest(guest, 0, self.bytes())
+    /// Copies guest buffers (a write's payload) into the part in use from byte `at` on.
+    /// Returns bytes copied.
+    pub fn fill_from(&mut self, at: usize, guest: &[GuestIov]) -> usize {
+        let bytes = self.bytes();
+        let at = at.min(bytes.len());
+        copy_from_guest(guest, 0, &mut bytes[at..])
     }
 
-    /// Copies the first `len` bytes of the part in use into guest buffers (a read's data).
-    pub fn copy_out(&mut self, len: usize, guest: &[GuestIov]) -> usize {
+    /// Copies `len` bytes of the part in use, from byte `from` on, into guest buffers (a
+    /// read's data). Returns bytes copied.
+    pub fn copy_out(&mut self, from: usize, len: usize, guest: &[GuestIov]) -> usize {
         let bytes = self.bytes();
-        let len = len.min(bytes.len());
-        copy_to_guest(guest, &bytes[..len])
+        let from = from.min(bytes.len());
+        let len = len.min(bytes.len() - from);
+        copy_to_guest(guest, &bytes[from..from + len])
     }
 }
 
