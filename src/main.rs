@@ -46,8 +46,10 @@ inside a value.
   cpus=LIST          pin the I/O threads: queue i runs on the i-th CPU of LIST (e.g. 1 or 2-3).
   stats=on|off       per-queue counters and sampled per-layer latency (default on).
   logical-block-size=512|4096, physical-block-size=512|4096
-                     block sizes the guest sees (default: what the backing needs; never
-                     smaller than that). Reads and writes not on a logical block fail.
+                     block sizes the guest sees (default: what the backing needs). Reads
+                     and writes not on a logical block fail. Smaller than O_DIRECT needs
+                     (512 on a 4K-sector disk with cache=none) works with queues=1: writes
+                     off the backing's blocks are then read-modify-write, slowly.
   force-share=on     serve an image that another process (QEMU, qemu-storage-daemon, another
                      blkplane) has locked, and let others use it too. blkplane takes
                      QEMU-compatible locks, so by default two of them cannot write one image.";

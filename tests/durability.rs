@@ -10,12 +10,13 @@ use common::{make_image, pattern, tmpdir, Client, Daemon, Strace};
 const BLOCK: usize = 64 << 10;
 const BATCH: usize = 8;
 
-fn sigkill_mid_run(cache: &str) {
+fn sigkill_mid_run(cache: &str, aio: &str) {
     let dir = tmpdir();
     let image = dir.path().join("disk.raw");
     let sock = dir.path().join("blk.sock");
     make_image(&image, 64 << 20, 3);
-    let spec = format!("socket={},image={},cache={cache}", sock.display(), image.display());
+    let spec =
+        format!("socket={},image={},cache={cache},aio={aio}", sock.display(), image.display());
     let mut daemon = Daemon::start(dir.path(), std::slice::from_ref(&spec));
     let mut c = Client::connect(&sock, 1);
     let mut durable: Vec<u64> = Vec::new();
@@ -61,19 +62,29 @@ fn sigkill_mid_run(cache: &str) {
         let back = c.read_at(0, block * BLOCK as u64, BLOCK, 0).unwrap();
         assert!(
             back == pattern(1000 + block, block * BLOCK as u64, BLOCK),
-            "block {block} lost (cache={cache})"
+            "block {block} lost (cache={cache}, aio={aio})"
         );
     }
 }
 
 #[test]
 fn sigkill_loses_no_flushed_write_cache_none() {
-    sigkill_mid_run("none");
+    sigkill_mid_run("none", "io_uring");
 }
 
 #[test]
 fn sigkill_loses_no_flushed_write_cache_writeback() {
-    sigkill_mid_run("writeback");
+    sigkill_mid_run("writeback", "io_uring");
+}
+
+#[test]
+fn sigkill_loses_no_flushed_write_native_aio() {
+    sigkill_mid_run("none", "native");
+}
+
+#[test]
+fn sigkill_loses_no_flushed_write_threads() {
+    sigkill_mid_run("writeback", "threads");
 }
 
 /// The cache-mode contract, watched from outside the daemon: the image's open flags (from

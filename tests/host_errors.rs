@@ -37,8 +37,7 @@ impl Drop for SmallTmpfs {
     }
 }
 
-#[test]
-fn a_full_filesystem_fails_writes_with_ioerr_and_the_daemon_serves_on() {
+fn full_filesystem(aio: &str) {
     let dir = tmpdir();
     let fs = SmallTmpfs::mount(&dir.path().join("small"));
     // A sparse 16 MiB image on a 1 MiB filesystem: writes fill it up.
@@ -50,7 +49,7 @@ fn a_full_filesystem_fails_writes_with_ioerr_and_the_daemon_serves_on() {
     let mut daemon = Daemon::start(
         dir.path(),
         &[
-            format!("socket={},image={}", sock_full.display(), full.display()),
+            format!("socket={},image={},aio={aio}", sock_full.display(), full.display()),
             format!("socket={},image={}", sock_good.display(), good.display()),
         ],
     );
@@ -87,4 +86,19 @@ fn a_full_filesystem_fails_writes_with_ioerr_and_the_daemon_serves_on() {
     drop(c);
     drop(g);
     assert!(daemon.stop().success());
+}
+
+#[test]
+fn a_full_filesystem_fails_writes_with_ioerr_and_the_daemon_serves_on() {
+    full_filesystem("io_uring");
+}
+
+#[test]
+fn a_full_filesystem_fails_writes_with_ioerr_with_native_aio() {
+    full_filesystem("native");
+}
+
+#[test]
+fn a_full_filesystem_fails_writes_with_ioerr_with_threads() {
+    full_filesystem("threads");
 }
