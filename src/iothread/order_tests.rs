@@ -11,7 +11,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -25,7 +25,8 @@ use crate::engine::threads::ThreadsEngine;
 use crate::engine::uring::UringEngine;
 use crate::engine::{CacheMode, Engine, IoOp};
 use crate::export::{Disk, ExportConfig};
-use crate::virtq::{copy_from_guest, copy_to_guest, GuestMemory, MappedRegion, RingAddrs};
+use crate::virtq::testing::{descriptor, guest_ram, read, request_header, write, USER_BASE};
+use crate::virtq::{GuestMemory, RingAddrs};
 
 /// How long the recorder sits on every completion before the I/O thread may see it.
 const HOLD: Duration = Duration::from_millis(30);
@@ -109,7 +110,6 @@ impl<E: Engine> Engine for Recorder<E> {
 
 const QSIZE: u16 = 16;
 const RAM: u64 = 1 << 20;
-const USER_BASE: u64 = 0x7000_0000;
 const DESC: u64 = 0x1000;
 const AVAIL: u64 = 0x2000;
 const USED: u64 = 0x3000;
@@ -128,37 +128,20 @@ struct Guest {
 
 impl Guest {
     fn new() -> Guest {
-        // SAFETY: memfd_create with a valid name; the fd it returns is ours alone.
-        let ram = unsafe { File::from_raw_fd(libc::memfd_create(c"guest".as_ptr(), 0)) };
-        ram.set_len(RAM).unwrap();
-        let region = MappedRegion::map(&ram, 0, 0, RAM, USER_BASE).unwrap();
-        let mem = Arc::new(GuestMemory::default().with_region(region).unwrap());
-        Guest { _ram: ram, mem, avail_idx: 0, used_seen: 0 }
+        let (ram, mem) = guest_ram(RAM);
+        Guest { _ram: ram, mem: Arc::new(mem), avail_idx: 0, used_seen: 0 }
     }
 
     fn write(&self, gpa: u64, bytes: &[u8]) {
-        assert!(self.mem.translate(gpa, bytes.len() as u32, |iov| {
-            copy_to_guest(&[iov], bytes);
-            true
-        }));
+        write(&self.mem, gpa, bytes);
     }
 
     fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
-        let mut out = vec![0u8; len];
-        self.mem.translate(gpa, len as u32, |iov| {
-            copy_from_guest(&[iov], 0, &mut out);
-            true
-        });
-        out
+        read(&self.mem, gpa, len)
     }
 
     fn desc(&self, i: u64, addr: u64, len: u32, flags: u16, next: u16) {
-        let mut raw = [0u8; 16];
-        raw[0..8].copy_from_slice(&addr.to_le_bytes());
-        raw[8..12].copy_from_slice(&len.to_le_bytes());
-        raw[12..14].copy_from_slice(&flags.to_le_bytes());
-        raw[14..16].copy_from_slice(&next.to_le_bytes());
-        self.write(DESC + 16 * i, &raw);
+        self.write(DESC + 16 * i, &descriptor(addr, len, flags, next));
     }
 
     /// Makes a request available (header, optional data, status byte) and waits until the
@@ -166,10 +149,7 @@ impl Guest {
     fn request(&mut self, log: &Log, kind: u32, sector: u64, data: Option<&[u8]>) -> u8 {
         const NEXT: u16 = 1;
         const WRITE: u16 = 2;
-        let mut header = [0u8; 16];
-        header[0..4].copy_from_slice(&kind.to_le_bytes());
-        header[8..16].copy_from_slice(&sector.to_le_bytes());
-        self.write(HEADER, &header);
+        self.write(HEADER, &request_header(kind, sector));
         self.write(STATUS, &[0xff]);
         self.desc(0, HEADER, 16, NEXT, 1);
         if let Some(data) = data {
@@ -238,18 +218,12 @@ fn serve<E: Engine + 'static>(
     let (ready_tx, ready_rx) = mpsc::sync_channel(1);
     let thread_stop = Arc::clone(&stop);
     let join = std::thread::spawn(move || {
-        // Made on the I/O thread, as io_uring with SINGLE_ISSUER needs.
-        let engine = make(fd, QSIZE).map(|inner| Recorder {
-            inner,
-            log,
-            ops: vec![Op::Other; usize::from(QSIZE)],
-            held: Vec::new(),
-            always_ready: EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK).unwrap(),
-        });
-        if let Ok(r) = &engine {
-            r.always_ready.write(1).unwrap();
-        }
-        worker::serve_with(engine, disk, setup, thread_stop, ready_tx)
+        worker::serve(disk, setup, thread_stop, ready_tx, |size| {
+            let always_ready = EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK)?;
+            always_ready.write(1)?;
+            let ops = vec![Op::Other; usize::from(size)];
+            Ok(Recorder { inner: make(fd, size)?, log, ops, held: Vec::new(), always_ready })
+        })
     });
     ready_rx.recv().unwrap().unwrap();
     Served { stop, join }

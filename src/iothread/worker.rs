@@ -95,59 +95,36 @@ pub(super) fn run(
     stop: Arc<StopSignal>,
     ready: SyncSender<io::Result<()>>,
 ) -> u16 {
-    let queue = match open_queue(&setup) {
-        Ok(q) => q,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return setup.next_avail;
-        }
-    };
-    // The engine is created on this thread: an io_uring set up with SINGLE_ISSUER accepts
-    // submissions only from the thread that made it.
     let fd = disk.backing.as_ref().map(|b| b.file.as_raw_fd());
-    let size = setup.size;
     match (disk.engine, fd) {
-        (EngineKind::Null, _) => serve(Ok(NullEngine::new(size)), disk, setup, queue, stop, ready),
+        (EngineKind::Null, _) => serve(disk, setup, stop, ready, |size| Ok(NullEngine::new(size))),
         (EngineKind::IoUring, Some(fd)) => {
-            serve(UringEngine::new(fd, size), disk, setup, queue, stop, ready)
+            serve(disk, setup, stop, ready, |size| UringEngine::new(fd, size))
         }
         (EngineKind::Native, Some(fd)) => {
-            serve(AioEngine::new(fd, size), disk, setup, queue, stop, ready)
+            serve(disk, setup, stop, ready, |size| AioEngine::new(fd, size))
         }
         (EngineKind::Threads, Some(fd)) => {
-            serve(ThreadsEngine::new(fd, size), disk, setup, queue, stop, ready)
+            serve(disk, setup, stop, ready, |size| ThreadsEngine::new(fd, size))
         }
-        (_, None) => serve::<NullEngine>(
-            Err(io::Error::other("an export without a backing file needs engine=null")),
-            disk,
-            setup,
-            queue,
-            stop,
-            ready,
-        ),
+        (_, None) => serve::<NullEngine>(disk, setup, stop, ready, |_| {
+            Err(io::Error::other("an export without a backing file needs engine=null"))
+        }),
     }
 }
 
-/// Serves the queue with an engine made elsewhere (the durability tests wrap one).
-#[cfg(test)]
-pub(super) fn serve_with<E: Engine>(
-    engine: io::Result<E>,
+/// Checks the queue, makes its engine with `make_engine(queue size)`, and serves the queue
+/// until stopped; or reports on `ready` why either could not be done. The engine is made
+/// here, on the I/O thread: an io_uring set up with SINGLE_ISSUER accepts submissions only
+/// from the thread that made it. (The durability tests call this with a wrapped engine.)
+pub(super) fn serve<E: Engine>(
     disk: Arc<Disk>,
     setup: QueueSetup,
     stop: Arc<StopSignal>,
     ready: SyncSender<io::Result<()>>,
+    make_engine: impl FnOnce(u16) -> io::Result<E>,
 ) -> u16 {
-    match open_queue(&setup) {
-        Ok(queue) => serve(engine, disk, setup, queue, stop, ready),
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            setup.next_avail
-        }
-    }
-}
-
-fn open_queue(setup: &QueueSetup) -> io::Result<SplitQueue> {
-    SplitQueue::new(
+    let queue = SplitQueue::new(
         &setup.memory,
         setup.addrs,
         setup.size,
@@ -156,20 +133,9 @@ fn open_queue(setup: &QueueSetup) -> io::Result<SplitQueue> {
         setup.indirect,
         SLOT_IOVS,
     )
-    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))
-}
-
-/// Serves the queue with `engine`, or reports why the engine could not be made.
-fn serve<E: Engine>(
-    engine: io::Result<E>,
-    disk: Arc<Disk>,
-    setup: QueueSetup,
-    queue: SplitQueue,
-    stop: Arc<StopSignal>,
-    ready: SyncSender<io::Result<()>>,
-) -> u16 {
-    match engine {
-        Ok(engine) => Worker::new(disk, setup, queue, engine, stop).run(ready),
+    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()));
+    match queue.and_then(|queue| Ok((queue, make_engine(setup.size)?))) {
+        Ok((queue, engine)) => Worker::new(disk, setup, queue, engine, stop).run(ready),
         Err(e) => {
             let _ = ready.send(Err(e));
             setup.next_avail

@@ -410,10 +410,11 @@ pub fn zero_guest(iovs: &[GuestIov]) {
 }
 
 /// Whether every range starts and ends on an `align`-byte boundary (a power of two), which
-/// is what O_DIRECT asks of the buffers it is given.
+/// is what O_DIRECT asks of the buffers it is given. An alignment of 1 (no O_DIRECT) is met
+/// without looking at the ranges: this runs for every read and write.
 pub fn iovs_aligned(iovs: &[GuestIov], align: usize) -> bool {
     let mask = align.saturating_sub(1);
-    iovs.iter().all(|iov| (iov.addr() | iov.len()) & mask == 0)
+    mask == 0 || iovs.iter().all(|iov| (iov.addr() | iov.len()) & mask == 0)
 }
 
 /// A host buffer aligned for O_DIRECT, standing in for guest buffers the backing cannot take
@@ -435,10 +436,6 @@ impl BounceBuffer {
     /// An empty buffer; nothing is allocated until [`BounceBuffer::prepare`].
     pub fn new() -> BounceBuffer {
         BounceBuffer { base: ptr::NonNull::dangling(), capacity: 0, iov: [GuestIov::EMPTY] }
-    }
-
-    pub fn capacity(&self) -> usize {
-        self.capacity
     }
 
     fn layout(capacity: usize) -> Option<std::alloc::Layout> {

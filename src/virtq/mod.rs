@@ -3,6 +3,8 @@
 
 pub mod memory;
 pub mod split;
+#[cfg(test)]
+pub(crate) mod testing;
 
 pub use memory::{
     copy_from_guest, copy_to_guest, iovs_aligned, zero_guest, BounceBuffer, GuestIov, GuestMemory,

@@ -407,33 +407,17 @@ impl SplitQueue {
 
 #[cfg(test)]
 mod tests {
-    use std::fs::File;
-    use std::os::fd::FromRawFd;
-
     use proptest::prelude::*;
 
     use super::*;
     use crate::blk::request::{parse, ChainBuf, DiskLimits, Request};
-    use crate::virtq::MappedRegion;
+    use crate::virtq::testing::{descriptor, request_header, write, USER_BASE};
 
     const RAM: u64 = 1 << 20;
-    const USER_BASE: u64 = 0x7000_0000;
     const QSIZE: u16 = 16;
 
-    fn guest_ram() -> (File, GuestMemory) {
-        // SAFETY: memfd_create with a valid name; the fd is ours.
-        let file = unsafe { File::from_raw_fd(libc::memfd_create(c"t".as_ptr(), 0)) };
-        file.set_len(RAM).unwrap();
-        let region = MappedRegion::map(&file, 0, 0, RAM, USER_BASE).unwrap();
-        let mem = GuestMemory::default().with_region(region).unwrap();
-        (file, mem)
-    }
-
-    fn write(mem: &GuestMemory, gpa: u64, bytes: &[u8]) {
-        mem.translate(gpa, bytes.len() as u32, |iov| {
-            crate::virtq::copy_to_guest(&[iov], bytes);
-            true
-        });
+    fn guest_ram() -> (std::fs::File, GuestMemory) {
+        crate::virtq::testing::guest_ram(RAM)
     }
 
     #[derive(Debug, Clone)]
@@ -454,13 +438,6 @@ mod tests {
             .prop_map(|(addr, len, flags, next)| RawDesc { addr, len, flags, next })
     }
 
-    fn header(kind: u32, sector: u64) -> [u8; 16] {
-        let mut h = [0u8; 16];
-        h[0..4].copy_from_slice(&kind.to_le_bytes());
-        h[8..16].copy_from_slice(&sector.to_le_bytes());
-        h
-    }
-
     proptest! {
         /// Whatever the guest writes into the descriptor table, the walk ends, never panics,
         /// and hands out only ranges inside guest memory.
@@ -475,24 +452,15 @@ mod tests {
         ) {
             let (_file, mem) = guest_ram();
             for (i, d) in descs.iter().enumerate() {
-                let mut raw = [0u8; 16];
-                raw[0..8].copy_from_slice(&d.addr.to_le_bytes());
-                raw[8..12].copy_from_slice(&d.len.to_le_bytes());
-                raw[12..14].copy_from_slice(&d.flags.to_le_bytes());
-                raw[14..16].copy_from_slice(&d.next.to_le_bytes());
-                write(&mem, 16 * i as u64, &raw);
+                write(&mem, 16 * i as u64, &descriptor(d.addr, d.len, d.flags, d.next));
             }
             for (i, d) in indirect_table.iter().enumerate() {
-                let mut raw = [0u8; 16];
-                raw[0..8].copy_from_slice(&d.addr.to_le_bytes());
-                raw[8..12].copy_from_slice(&d.len.to_le_bytes());
-                raw[12..14].copy_from_slice(&(d.flags & !DESC_F_INDIRECT).to_le_bytes());
-                raw[14..16].copy_from_slice(&d.next.to_le_bytes());
-                write(&mem, 0x3000 + 16 * i as u64, &raw);
+                let flags = d.flags & !DESC_F_INDIRECT;
+                write(&mem, 0x3000 + 16 * i as u64, &descriptor(d.addr, d.len, flags, d.next));
             }
             // Headers at every plausible data address, so parsing gets past the header often.
             for gpa in (0x4000..RAM).step_by(0x10000) {
-                write(&mem, gpa, &header(hdr_kind, hdr_sector));
+                write(&mem, gpa, &request_header(hdr_kind, hdr_sector));
             }
             let addrs = RingAddrs {
                 desc_user_addr: USER_BASE,
@@ -531,14 +499,9 @@ mod tests {
     #[test]
     fn a_looping_chain_is_refused() {
         let (_file, mem) = guest_ram();
-        let mut raw = [0u8; 32];
-        raw[0..8].copy_from_slice(&0x4000u64.to_le_bytes());
-        raw[8..12].copy_from_slice(&16u32.to_le_bytes());
-        raw[12..14].copy_from_slice(&DESC_F_NEXT.to_le_bytes());
-        raw[14..16].copy_from_slice(&1u16.to_le_bytes());
-        raw.copy_within(0..16, 16);
-        raw[30..32].copy_from_slice(&0u16.to_le_bytes());
-        write(&mem, 0, &raw);
+        // Descriptor 0 leads to 1, and 1 back to 0.
+        write(&mem, 0, &descriptor(0x4000, 16, DESC_F_NEXT, 1));
+        write(&mem, 16, &descriptor(0x4000, 16, DESC_F_NEXT, 0));
         let addrs = RingAddrs {
             desc_user_addr: USER_BASE,
             avail_user_addr: USER_BASE + 0x1000,
