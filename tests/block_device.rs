@@ -98,6 +98,39 @@ fn a_loop_device_is_served_with_threads() {
     serve_loop_device("threads");
 }
 
+/// A loop device with 4096-byte sectors and direct I/O over a patterned file on ext4, so that
+/// O_DIRECT reaches a filesystem that enforces alignment too (tmpfs takes anything).
+struct FourKDevice {
+    // Declared first, so detached before the directory holding its file goes.
+    dev: Loop,
+    file: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl FourKDevice {
+    fn new(bytes: u64, seed: u64) -> FourKDevice {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let file = dir.path().join("backing.raw");
+        make_image(&file, bytes, seed);
+        let dev = Loop::attach_with(&file, &["--sector-size", "4096", "--direct-io=on"]);
+        FourKDevice { dev, file, _dir: dir }
+    }
+
+    /// Detaches the device and returns the file's bytes.
+    fn contents(self) -> Vec<u8> {
+        drop(self.dev);
+        std::fs::read(&self.file).unwrap()
+    }
+}
+
+/// Starts a daemon serving `export` with a control socket; returns it and the control path.
+fn start_with_control(dir: &Path, sock: &Path, export: String) -> (Daemon, PathBuf) {
+    let control = dir.join("ctl.sock");
+    let args = ["--control".into(), control.display().to_string(), "--export".into(), export];
+    let daemon = Daemon::start_with(dir, &args, &[sock.to_path_buf(), control.clone()]);
+    (daemon, control)
+}
+
 /// The bounce-buffer counter of every queue of the daemon's only export, summed.
 fn bounce_count(control: &Path) -> u64 {
     let mut ctl = ControlClient::connect(control).expect("control socket");
@@ -113,25 +146,12 @@ fn bounce_count(control: &Path) -> u64 {
 /// requests wait for earlier ones. The file behind the device is checked byte for byte.
 fn misaligned_buffers_bounce(aio: &str) {
     let dir = tmpdir();
-    // On ext4, so that the loop device's direct I/O reaches a filesystem that enforces
-    // alignment too (tmpfs takes anything).
-    let file_dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let file = file_dir.path().join("backing.raw");
     const DISK: u64 = 32 << 20;
-    make_image(&file, DISK, 5);
-    let dev = Loop::attach_with(&file, &["--sector-size", "4096", "--direct-io=on"]);
+    let device = FourKDevice::new(DISK, 5);
     let sock = dir.path().join("blk.sock");
-    let control = dir.path().join("ctl.sock");
-    let mut daemon = Daemon::start_with(
-        dir.path(),
-        &[
-            "--control".into(),
-            control.display().to_string(),
-            "--export".into(),
-            format!("socket={},image={},aio={aio},cache=none", sock.display(), dev.0.display()),
-        ],
-        &[sock.clone(), control.clone()],
-    );
+    let export =
+        format!("socket={},image={},aio={aio},cache=none", sock.display(), device.dev.0.display());
+    let (mut daemon, control) = start_with_control(dir.path(), &sock, export);
     let mut expected = pattern(5, 0, DISK as usize);
     {
         let mut c = Client::connect(&sock, 1);
@@ -200,9 +220,10 @@ fn misaligned_buffers_bounce(aio: &str) {
         assert_eq!(c.flush(0), 0);
     }
     assert!(daemon.stop().success(), "{}", daemon.log());
-    drop(dev);
-    let on_disk = std::fs::read(&file).unwrap();
-    assert!(on_disk == expected, "the file behind the device differs from what was written");
+    assert!(
+        device.contents() == expected,
+        "the file behind the device differs from what was written"
+    );
 }
 
 #[test]
@@ -223,20 +244,17 @@ fn misaligned_buffers_bounce_with_threads() {
 /// 512-byte sectors for the guest on a device with 4096-byte sectors opened with O_DIRECT
 /// (`logical-block-size=512`): reads and writes off the 4K blocks go through bounce buffers,
 /// writes by read-modify-write; 16 writes to neighbouring 512-byte sectors of the same 4K
-/// blocks, in flight together, all land (a read-modify-write racing another would lose one).
-/// With two queues the export is refused: read-modify-write could not be kept from racing.
+/// blocks, in flight together, all land. With two queues the export is refused: another
+/// queue's write could land between a read-modify-write's read and its write.
 fn emulated_512_byte_sectors(aio: &str) {
     let dir = tmpdir();
-    let file_dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let file = file_dir.path().join("backing.raw");
     const DISK: u64 = 16 << 20;
-    make_image(&file, DISK, 8);
-    let dev = Loop::attach_with(&file, &["--sector-size", "4096", "--direct-io=on"]);
+    let device = FourKDevice::new(DISK, 8);
     let spec = |sock: &Path, extra: &str| {
         format!(
             "socket={},image={},aio={aio},cache=none,logical-block-size=512{extra}",
             sock.display(),
-            dev.0.display()
+            device.dev.0.display()
         )
     };
 
@@ -254,12 +272,7 @@ fn emulated_512_byte_sectors(aio: &str) {
     assert!(!dir.path().join("two.sock").exists());
 
     let sock = dir.path().join("blk.sock");
-    let control = dir.path().join("ctl.sock");
-    let mut daemon = Daemon::start_with(
-        dir.path(),
-        &["--control".into(), control.display().to_string(), "--export".into(), spec(&sock, "")],
-        &[sock.clone(), control.clone()],
-    );
+    let (mut daemon, control) = start_with_control(dir.path(), &sock, spec(&sock, ""));
     let mut expected = pattern(8, 0, DISK as usize);
     {
         let mut c = Client::connect(&sock, 1);
@@ -309,8 +322,7 @@ fn emulated_512_byte_sectors(aio: &str) {
         assert_eq!(c.flush(0), 0);
     }
     assert!(daemon.stop().success(), "{}", daemon.log());
-    drop(dev);
-    assert!(std::fs::read(&file).unwrap() == expected, "the file differs from what was written");
+    assert!(device.contents() == expected, "the file differs from what was written");
 }
 
 #[test]
