@@ -27,6 +27,7 @@ pub struct ConfigFile {
     pub control: Option<PathBuf>,
     pub metrics: Option<String>,
     pub log_level: Option<String>,
+    pub max_mapped_guest_memory: Option<String>,
 }
 
 /// Reads and validates `path`. Errors name the file and the problem in one line.
@@ -44,6 +45,7 @@ pub fn parse(text: &str) -> Result<ConfigFile, String> {
             "control" => cfg.control = Some(PathBuf::from(string(key, value)?)),
             "metrics" => cfg.metrics = Some(string(key, value)?),
             "log-level" => cfg.log_level = Some(string(key, value)?),
+            "max-mapped-guest-memory" => cfg.max_mapped_guest_memory = Some(string(key, value)?),
             "export" => {
                 let list =
                     value.as_array().ok_or("'export' must be a list of tables ([[export]])")?;
@@ -57,7 +59,7 @@ pub fn parse(text: &str) -> Result<ConfigFile, String> {
             }
             other => {
                 return Err(format!(
-                    "unknown key '{other}' (keys: control, metrics, log-level, export)"
+                    "unknown key '{other}' (keys: control, metrics, log-level, max-mapped-guest-memory, export)"
                 ))
             }
         }
@@ -125,7 +127,7 @@ mod tests {
     fn errors_name_the_problem() {
         assert_eq!(
             parse("colour = 1").unwrap_err(),
-            "unknown key 'colour' (keys: control, metrics, log-level, export)"
+            "unknown key 'colour' (keys: control, metrics, log-level, max-mapped-guest-memory, export)"
         );
         assert_eq!(parse("control = 5").unwrap_err(), "'control' must be a string");
         assert!(parse("[[export]]\nsocket = \"/s\"\nqueues = 0")

@@ -12,7 +12,7 @@ use tracing::info;
 use crate::export::{BackendSpec, Disk, ExportConfig};
 use crate::iothread::poll::{PollMode, PollPolicy, MAX_POLL_MAX_US};
 use crate::trace::QueueReport;
-use crate::vhost_user::{bind_socket, ExportServer};
+use crate::vhost_user::{apply_socket_access, bind_socket, ExportServer};
 
 /// An error answered on the control socket: a stable code and a sentence.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +64,9 @@ pub struct ExportStats {
     pub id: String,
     pub size_bytes: u64,
     pub client_connected: bool,
+    /// A flush failed: writes may have been lost, and every later flush fails until the
+    /// export is removed and added again.
+    pub flush_failed: bool,
     pub queues: Vec<QueueReport>,
 }
 
@@ -91,10 +94,22 @@ fn info_of(e: &Export) -> ExportInfo {
 }
 
 /// The running exports.
+/// Stops an export's server thread (its frontend is hung up on, queues drained).
+fn stop_export(export: &mut Export) {
+    export.server.shutdown();
+    if let Some(t) = export.thread.take() {
+        let _ = t.join();
+    }
+}
+
 #[derive(Default)]
 pub struct Daemon {
     exports: Mutex<Vec<Export>>,
+    /// Ids and socket paths of exports being added (opened and bound outside the lock).
+    reserved: Mutex<Vec<(String, std::path::PathBuf)>>,
     next_id: AtomicUsize,
+    /// Serializes resizes (each is publish, drain, truncate).
+    resizing: Mutex<()>,
 }
 
 impl Daemon {
@@ -105,9 +120,34 @@ impl Daemon {
     /// Opens, binds and starts every export of `configs`: all of them, or (on the first
     /// error) none, with nothing left behind.
     pub fn add_exports(&self, configs: Vec<ExportConfig>) -> Result<Vec<ExportInfo>, ControlError> {
+        // Ids and sockets are reserved under the lock; images are opened and sockets bound
+        // without it (an open can be slow), so other commands and scrapes never wait on them.
+        let named = self.reserve(configs)?;
+        let result = self.open_and_start(&named);
         let mut exports = self.exports();
+        let reserved = &mut *self.reserved.lock().unwrap_or_else(|p| p.into_inner());
+        reserved.retain(|(id, _)| !named.iter().any(|(n, _)| n == id));
+        let started = result?;
+        let mut infos = Vec::with_capacity(started.len());
+        for export in started {
+            info!(export = %export.id, socket = %export.config.socket.display(), "export added");
+            infos.push(info_of(&export));
+            exports.push(export);
+        }
+        Ok(infos)
+    }
+
+    /// Names each config and reserves its id and socket path against concurrent adds.
+    fn reserve(
+        &self,
+        configs: Vec<ExportConfig>,
+    ) -> Result<Vec<(String, ExportConfig)>, ControlError> {
+        let exports = self.exports();
+        let mut reserved = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
         let mut ids: Vec<String> = exports.iter().map(|e| e.id.clone()).collect();
         let mut sockets: Vec<_> = exports.iter().map(|e| e.config.socket.clone()).collect();
+        ids.extend(reserved.iter().map(|(id, _)| id.clone()));
+        sockets.extend(reserved.iter().map(|(_, s)| s.clone()));
         let mut named = Vec::with_capacity(configs.len());
         for c in configs {
             let id = match &c.id {
@@ -136,34 +176,55 @@ impl Daemon {
             sockets.push(c.socket.clone());
             named.push((id, c));
         }
+        reserved.extend(named.iter().map(|(id, c)| (id.clone(), c.socket.clone())));
+        Ok(named)
+    }
+
+    /// Opens, binds and starts the named exports, all or nothing (what was started is
+    /// stopped again on a failure).
+    fn open_and_start(&self, named: &[(String, ExportConfig)]) -> Result<Vec<Export>, ControlError> {
         let mut disks = Vec::with_capacity(named.len());
-        for (_, c) in &named {
+        for (_, c) in named {
             disks.push(Disk::open(c).map_err(|e| ControlError::new("open-failed", e.to_string()))?);
         }
         let mut servers = Vec::with_capacity(named.len());
         for ((_, c), disk) in named.iter().zip(disks) {
-            // A server removes its socket when dropped, so an early return cleans up.
             let listener =
                 bind_socket(&c.socket).map_err(|e| ControlError::new("bind-failed", e))?;
             let server = ExportServer::new(Arc::new(disk), c.socket.clone(), listener)
                 .map_err(|e| ControlError::new("failed", e.to_string()))?;
-            servers.push(Arc::new(server));
+            // The server removes its socket when dropped, also on the failures below.
+            let server = Arc::new(server);
+            apply_socket_access(&c.socket, &c.socket_access)
+                .map_err(|e| ControlError::new("bind-failed", e))?;
+            servers.push(server);
         }
-        let mut infos = Vec::with_capacity(servers.len());
-        for ((id, config), server) in named.into_iter().zip(servers) {
+        let mut started = Vec::with_capacity(servers.len());
+        for ((id, config), server) in named.iter().zip(servers) {
             let s = Arc::clone(&server);
             let thread = std::thread::Builder::new()
                 .name(format!("blkplane-ctl-{id}"))
-                .spawn(move || s.run())
-                .map_err(|e| {
-                    ControlError::new("failed", format!("starting the export thread: {e}"))
-                })?;
-            info!(export = %id, socket = %config.socket.display(), "export added");
-            let export = Export { id, config, server, thread: Some(thread) };
-            infos.push(info_of(&export));
-            exports.push(export);
+                .spawn(move || s.run());
+            let thread = match thread {
+                Ok(t) => t,
+                Err(e) => {
+                    for mut export in started {
+                        stop_export(&mut export);
+                    }
+                    return Err(ControlError::new(
+                        "failed",
+                        format!("starting the export thread: {e}"),
+                    ));
+                }
+            };
+            started.push(Export {
+                id: id.clone(),
+                config: config.clone(),
+                server,
+                thread: Some(thread),
+            });
         }
-        Ok(infos)
+        Ok(started)
     }
 
     pub fn list(&self) -> Vec<ExportInfo> {
@@ -195,10 +256,7 @@ impl Daemon {
             }
             exports.remove(pos)
         };
-        export.server.shutdown();
-        if let Some(t) = export.thread.take() {
-            let _ = t.join();
-        }
+        stop_export(&mut export);
         info!(export = %id, "export removed");
         Ok(())
     }
@@ -206,6 +264,9 @@ impl Daemon {
     /// Changes an export's size and tells a connected VMM (config-change message).
     pub fn resize(&self, id: &str, size_bytes: u64) -> Result<ExportInfo, ControlError> {
         let server = self.with_export(id, |e| Arc::clone(&e.server))?;
+        // One resize at a time: two interleaved (publish, drain, truncate) sequences could
+        // leave the file and the published capacity disagreeing.
+        let _one_at_a_time = self.resizing.lock().unwrap_or_else(|p| p.into_inner());
         server.disk().resize(size_bytes).map_err(|e| ControlError::new("invalid-size", e))?;
         // Outside the exports lock: the VMM answers by reading the config space, which the
         // export's own thread serves.
@@ -235,6 +296,7 @@ impl Daemon {
                     id: e.id.clone(),
                     size_bytes: disk.capacity_bytes(),
                     client_connected: e.server.has_client(),
+                    flush_failed: disk.flush_failed(),
                     queues: disk.stats.iter().enumerate().map(|(i, q)| q.report(i)).collect(),
                 }
             })

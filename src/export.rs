@@ -57,19 +57,41 @@ pub struct ExportConfig {
     /// Block sizes the guest sees (512 or 4096); default: what the backing needs.
     pub logical_block_bytes: Option<u32>,
     pub physical_block_bytes: Option<u32>,
+    /// The most guest RAM one frontend of this export may have the daemon map.
+    pub max_guest_memory_bytes: u64,
+    /// Who may connect to the socket: its mode (default 0600), group and owner.
+    pub socket_access: SocketAccess,
 }
+
+/// Permissions of an export's socket. The socket is created owner-only; these widen it on
+/// purpose (for a VMM that runs as another user, as libvirt's QEMU does).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SocketAccess {
+    /// Mode bits (e.g. 0o660); `None`: 0600.
+    pub mode: Option<u32>,
+    /// Group name or number.
+    pub group: Option<String>,
+    /// Owner name or number (the daemon must run as root to give it away).
+    pub owner: Option<String>,
+}
+
+/// Default `max-guest-memory`: 1 TiB, more than a VM on one host has, far less than the
+/// address space every tenant shares.
+pub const DEFAULT_MAX_GUEST_MEMORY_BYTES: u64 = 1 << 40;
 
 pub const DEFAULT_QUEUES: u16 = 1;
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
 pub const MAX_QUEUES: u16 = 64;
 pub const MAX_QUEUE_SIZE: u16 = 1024;
+/// How long a shrinking resize waits for requests checked against the old size.
+const RESIZE_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Largest size of an engine=null export (and of a resize of one).
 pub const MAX_NULL_BYTES: u64 = 1 << 60;
 
 /// The keys `--export` understands, for help text and error messages.
 pub const EXPORT_KEYS: &str = "id, socket, image, engine, size, queues, queue-size, cache, aio, \
 readonly, serial, poll, poll-max-us, cpus, stats, force-share, logical-block-size, \
-physical-block-size";
+physical-block-size, max-guest-memory, socket-mode, socket-group, socket-owner";
 
 /// A bad `--export` value: one line naming the problem.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,9 +132,10 @@ fn parse_bool(key: &str, v: &str) -> Result<bool, ConfigError> {
     }
 }
 
-/// Parses a CPU list: `0`, `0,2`, `0-3`, `0-1,4`. Every CPU must exist on this machine.
+/// Parses a CPU list: `0`, `0,2`, `0-3`, `0-1,4`. Every CPU must be one this process may
+/// run on (its affinity mask, which a cpuset narrows), not merely exist.
 pub fn parse_cpu_list(s: &str) -> Result<Vec<usize>, ConfigError> {
-    let online = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let allowed = crate::sys::allowed_cpus();
     let mut cpus = Vec::new();
     for part in s.split(',') {
         let bad = || ConfigError(format!("'{part}' is not a CPU number or range"));
@@ -125,15 +148,37 @@ pub fn parse_cpu_list(s: &str) -> Result<Vec<usize>, ConfigError> {
                 (c, c)
             }
         };
-        if a > b {
+        if a > b || b >= libc::CPU_SETSIZE as usize {
             return Err(bad());
         }
-        if b >= online {
-            return Err(ConfigError(format!("CPU {b} does not exist (this machine has {online})")));
+        if let Some(c) = (a..=b).find(|c| !allowed.contains(c)) {
+            return Err(ConfigError(format!(
+                "CPU {c} is not one this process may use (allowed: {})",
+                format_cpu_list(&allowed)
+            )));
         }
         cpus.extend(a..=b);
     }
     Ok(cpus)
+}
+
+/// Writes a CPU list the way `parse_cpu_list` reads it: `0-3,6`.
+pub fn format_cpu_list(cpus: &[usize]) -> String {
+    let mut parts = Vec::new();
+    let mut i = 0;
+    while i < cpus.len() {
+        let mut j = i;
+        while j + 1 < cpus.len() && cpus[j + 1] == cpus[j] + 1 {
+            j += 1;
+        }
+        parts.push(if i == j {
+            cpus[i].to_string()
+        } else {
+            format!("{}-{}", cpus[i], cpus[j])
+        });
+        i = j + 1;
+    }
+    parts.join(",")
 }
 
 fn parse_num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, ConfigError> {
@@ -203,6 +248,8 @@ impl ExportConfig {
         let mut aio = EngineKind::IoUring;
         let mut logical_block_bytes = None;
         let mut physical_block_bytes = None;
+        let mut max_guest_memory_bytes = DEFAULT_MAX_GUEST_MEMORY_BYTES;
+        let mut socket_access = SocketAccess::default();
         let mut seen = Vec::new();
         for (key, value) in split_pairs(spec)? {
             if seen.contains(&key) {
@@ -286,6 +333,34 @@ impl ExportConfig {
                     cpus = parse_cpu_list(&value)
                         .map_err(|e| ConfigError(format!("cpus={value}: {e}")))?
                 }
+                "max-guest-memory" => {
+                    max_guest_memory_bytes = parse_size(&value)?;
+                    if max_guest_memory_bytes == 0 {
+                        return err("max-guest-memory=0: a guest needs some memory");
+                    }
+                }
+                "socket-mode" => {
+                    let mode = u32::from_str_radix(&value, 8).ok().filter(|m| *m <= 0o777);
+                    match mode {
+                        Some(m) if m & 0o600 == 0o600 => socket_access.mode = Some(m),
+                        Some(_) => {
+                            return err(format!(
+                                "socket-mode={value}: the owner needs read and write (0600 at least)"
+                            ))
+                        }
+                        None => return err(format!("socket-mode={value}: an octal mode like 0660")),
+                    }
+                }
+                "socket-group" | "socket-owner" => {
+                    if value.is_empty() {
+                        return err(format!("{key}= is empty"));
+                    }
+                    if key == "socket-group" {
+                        socket_access.group = Some(value);
+                    } else {
+                        socket_access.owner = Some(value);
+                    }
+                }
                 other => return err(format!("unknown key '{other}' (keys: {EXPORT_KEYS})")),
             }
         }
@@ -327,6 +402,8 @@ impl ExportConfig {
             aio,
             logical_block_bytes,
             physical_block_bytes,
+            max_guest_memory_bytes,
+            socket_access,
         })
     }
 }
@@ -356,9 +433,14 @@ pub struct Disk {
     pub stats_on: bool,
     /// Per-queue statistics; they outlive the I/O threads (which restart on reconfiguration).
     pub stats: Vec<Arc<QueueStats>>,
+    /// The most guest RAM one frontend may have mapped (`max-guest-memory`).
+    pub max_guest_memory_bytes: u64,
     capacity_bytes: AtomicU64,
     /// The write-cache-enable bit as the guest sees it; the guest may turn it off (CONFIG_WCE).
     writeback: AtomicBool,
+    /// An fdatasync failed. Linux reports a writeback error once per open file, so a later
+    /// one would succeed although data was lost: from now on every FLUSH fails instead.
+    flush_failed: AtomicBool,
 }
 
 impl Disk {
@@ -440,8 +522,10 @@ impl Disk {
             cpus: config.cpus.clone(),
             stats_on: config.stats,
             stats: (0..config.queues).map(|_| Arc::new(QueueStats::default())).collect(),
+            max_guest_memory_bytes: config.max_guest_memory_bytes,
             capacity_bytes: AtomicU64::new(capacity),
             writeback: AtomicBool::new(config.cache.write_cache()),
+            flush_failed: AtomicBool::new(false),
         })
     }
 
@@ -449,9 +533,11 @@ impl Disk {
         self.capacity_bytes.load(Ordering::Relaxed)
     }
 
+    /// What requests are checked against. The capacity is read SeqCst, after the I/O thread
+    /// counted the request as admitted (see `resize`).
     pub fn limits(&self) -> DiskLimits {
         DiskLimits {
-            capacity_bytes: self.capacity_bytes(),
+            capacity_bytes: self.capacity_bytes.load(Ordering::SeqCst),
             readonly: self.readonly,
             logical_block_bytes: u64::from(self.logical_block_bytes),
         }
@@ -463,18 +549,27 @@ impl Disk {
 
     /// Changes the size the guest sees. A regular file is truncated or extended to the new
     /// size (as qemu-storage-daemon's block_resize does); a block device cannot grow beyond
-    /// itself; a null export takes any size.
+    /// itself; a null export takes any size. The caller serializes resizes of one disk.
+    ///
+    /// Growing extends the file, then publishes the capacity. Shrinking publishes the smaller
+    /// capacity first, then waits until every request admitted before that was answered (a
+    /// write checked against the old size could otherwise land after the truncation and
+    /// extend the file again), then truncates.
     pub fn resize(&self, new_bytes: u64) -> Result<(), String> {
-        if new_bytes == 0 || !new_bytes.is_multiple_of(SECTOR_SIZE) {
-            return Err(format!("size {new_bytes} is not a non-zero multiple of 512"));
+        let block = u64::from(self.logical_block_bytes).max(self.rmw_block_bytes).max(SECTOR_SIZE);
+        if new_bytes == 0 || !new_bytes.is_multiple_of(block) {
+            return Err(format!(
+                "size {new_bytes} is not a non-zero multiple of the {block}-byte block size"
+            ));
         }
-        match &self.backing {
+        let file = match &self.backing {
             None => {
                 if new_bytes > MAX_NULL_BYTES {
                     return Err(format!(
                         "size {new_bytes} is beyond the null engine's {MAX_NULL_BYTES}"
                     ));
                 }
+                None
             }
             Some(b) if b.is_block_device => {
                 let device =
@@ -484,16 +579,77 @@ impl Disk {
                         "size {new_bytes} is beyond the block device's {device} bytes"
                     ));
                 }
+                None
             }
             Some(_) if self.readonly => {
                 return Err("a read-only image file cannot be resized".into());
             }
-            Some(b) => {
-                b.file.set_len(new_bytes).map_err(|e| format!("resizing the image file: {e}"))?;
+            Some(b) => Some(&b.file),
+        };
+        let truncate = |f: &std::fs::File| {
+            f.set_len(new_bytes).map_err(|e| format!("resizing the image file: {e}"))
+        };
+        if new_bytes >= self.capacity_bytes() {
+            if let Some(f) = file {
+                truncate(f)?;
             }
+            self.capacity_bytes.store(new_bytes, Ordering::SeqCst);
+            return Ok(());
         }
-        self.capacity_bytes.store(new_bytes, Ordering::Relaxed);
+        self.capacity_bytes.store(new_bytes, Ordering::SeqCst);
+        self.drain_admitted(RESIZE_DRAIN_TIMEOUT)?;
+        if let Some(f) = file {
+            truncate(f)?;
+        }
         Ok(())
+    }
+
+    /// Waits until every request admitted so far, on every queue, has been answered.
+    fn drain_admitted(&self, timeout: std::time::Duration) -> Result<(), String> {
+        let admitted: Vec<u64> =
+            self.stats.iter().map(|q| q.admitted.load(Ordering::SeqCst)).collect();
+        let deadline = std::time::Instant::now() + timeout;
+        while self
+            .stats
+            .iter()
+            .zip(&admitted)
+            .any(|(q, &a)| q.retired.load(Ordering::Acquire) < a)
+        {
+            if std::time::Instant::now() > deadline {
+                return Err(format!(
+                    "requests in flight did not finish within {} s; the guest sees the new size, \
+                     the file keeps its old one",
+                    timeout.as_secs()
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
+    /// Whether a flush has failed on this export (see `flush_failed`).
+    pub fn flush_failed(&self) -> bool {
+        self.flush_failed.load(Ordering::Acquire)
+    }
+
+    /// An fdatasync failed with `errno`: every later FLUSH fails. Counted on `stats`, logged
+    /// the first time.
+    pub fn flush_failed_with(&self, errno: i32, stats: &QueueStats) {
+        stats.counters.flush_errors.add(1);
+        if !self.flush_failed.swap(true, Ordering::AcqRel) {
+            tracing::error!(
+                export = %self.name,
+                "flush failed: {}; written data may be lost, so every later flush fails until the export is removed and added again",
+                std::io::Error::from_raw_os_error(errno)
+            );
+        }
+    }
+
+    /// Whether a DISCARD or WRITE_ZEROES must be followed by an fdatasync before its ack:
+    /// the guest was promised write-through (a cache mode without a write cache, or the
+    /// guest turned it off), and O_DSYNC does not cover fallocate.
+    pub fn range_changes_need_sync(&self) -> bool {
+        self.cache != CacheMode::Unsafe && !self.writeback()
     }
 
     /// The guest wrote the WCE bit. Modes without a write cache stay write-through.
@@ -576,7 +732,7 @@ mod tests {
         let cases = [
             ("image=/i", "missing socket=PATH"),
             ("socket=/s", "missing image=PATH (or engine=null,size=BYTES)"),
-            ("socket=/s,image=/i,colour=red", "unknown key 'colour' (keys: id, socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, poll, poll-max-us, cpus, stats, force-share, logical-block-size, physical-block-size)"),
+            ("socket=/s,image=/i,colour=red", "unknown key 'colour' (keys: id, socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, poll, poll-max-us, cpus, stats, force-share, logical-block-size, physical-block-size, max-guest-memory, socket-mode, socket-group, socket-owner)"),
             ("socket=/s,image=/i,poll=sometimes", "poll=sometimes: one of adaptive, always, never"),
             ("socket=/s,image=/i,poll-max-us=1000000", "poll-max-us=1000000: at most 100000"),
             ("socket=/s,image=/i,queues=0", "queues=0: must be 1 to 64"),
@@ -589,13 +745,13 @@ mod tests {
             ("socket=/s,image=/i,logical-block-size=1024", "logical-block-size=1024: 512 or 4096"),
             ("socket=/s,image=/i,id=a b", "id=a b: 1 to 64 letters, digits, '-', '_' or '.'"),
             ("socket=/s,image=/i,aio=posix", "aio=posix: supported engines: io_uring, native, threads"),
-            ("socket=/s,image", "'image' is not key=value (keys: id, socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, poll, poll-max-us, cpus, stats, force-share, logical-block-size, physical-block-size)"),
+            ("socket=/s,image", "'image' is not key=value (keys: id, socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, poll, poll-max-us, cpus, stats, force-share, logical-block-size, physical-block-size, max-guest-memory, socket-mode, socket-group, socket-owner)"),
         ];
         for (spec, want) in cases {
             assert_eq!(ExportConfig::parse(spec).unwrap_err().0, want, "spec {spec}");
         }
-        let e = ExportConfig::parse("socket=/s,image=/i,cpus=9999").unwrap_err().0;
-        assert!(e.starts_with("cpus=9999: CPU 9999 does not exist (this machine has "), "{e}");
+        let e = ExportConfig::parse("socket=/s,image=/i,cpus=999").unwrap_err().0;
+        assert!(e.starts_with("cpus=999: CPU 999 is not one this process may use (allowed: "), "{e}");
         assert_eq!(ExportConfig::parse("socket=/s,image=/i,cpus=0").unwrap().cpus, vec![0]);
     }
 

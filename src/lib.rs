@@ -17,6 +17,7 @@ pub mod iothread;
 pub mod listener;
 pub mod ratelimit;
 pub mod stat;
+pub mod sys;
 pub mod trace;
 pub mod vhost_user;
 pub mod virtq;

@@ -52,3 +52,31 @@ impl StoppableListener {
         self.stopped.load(Ordering::Acquire)
     }
 }
+
+/// A cap on connections served at once (control clients, metrics scrapes): `try_take` gives
+/// a permit while fewer than the cap are out; dropping the permit gives it back.
+pub struct ConnectionLimit {
+    in_use: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    max: usize,
+}
+
+pub struct ConnectionPermit(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl ConnectionLimit {
+    pub fn new(max: usize) -> ConnectionLimit {
+        ConnectionLimit { in_use: Default::default(), max }
+    }
+
+    pub fn try_take(&self) -> Option<ConnectionPermit> {
+        self.in_use
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max).then_some(n + 1))
+            .ok()
+            .map(|_| ConnectionPermit(std::sync::Arc::clone(&self.in_use)))
+    }
+}
+
+impl Drop for ConnectionPermit {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}

@@ -94,6 +94,11 @@ enum Command {
         /// Log level: error, warn, info, debug or trace.
         #[arg(long, value_name = "LEVEL")]
         log_level: Option<LevelFilter>,
+        /// The most guest memory the daemon maps for all its frontends together (e.g. 64T,
+        /// the default); a memory table that would go over is refused. Each export also has
+        /// its own max-guest-memory.
+        #[arg(long, value_name = "SIZE")]
+        max_mapped_guest_memory: Option<String>,
     },
     /// Send one command to a running daemon's control socket and print the reply.
     #[command(
@@ -149,6 +154,7 @@ struct ServeOptions {
     control: Option<PathBuf>,
     metrics: Option<String>,
     log_level: Option<LevelFilter>,
+    max_mapped_guest_memory: Option<String>,
 }
 
 fn serve(o: ServeOptions) -> ExitCode {
@@ -180,6 +186,13 @@ fn serve(o: ServeOptions) -> ExitCode {
         match ExportConfig::parse(spec) {
             Ok(c) => file.exports.push(c),
             Err(e) => return usage_error(format!("--export {spec}: {e}")),
+        }
+    }
+    if let Some(text) = o.max_mapped_guest_memory.as_deref().or(file.max_mapped_guest_memory.as_deref()) {
+        match blkplane::export::parse_size(text) {
+            Ok(0) => return usage_error("max-mapped-guest-memory=0: guests need some memory"),
+            Ok(bytes) => blkplane::virtq::memory::set_mapped_limit_bytes(bytes),
+            Err(e) => return usage_error(format!("max-mapped-guest-memory: {e}")),
         }
     }
     let control_path = o.control.or(file.control.take());
@@ -308,9 +321,23 @@ fn ctl(control: PathBuf, command: String, args: Vec<String>) -> ExitCode {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { exports, config, check_config, control, metrics, log_level } => {
-            serve(ServeOptions { exports, config, check_config, control, metrics, log_level })
-        }
+        Command::Serve {
+            exports,
+            config,
+            check_config,
+            control,
+            metrics,
+            log_level,
+            max_mapped_guest_memory,
+        } => serve(ServeOptions {
+            exports,
+            config,
+            check_config,
+            control,
+            metrics,
+            log_level,
+            max_mapped_guest_memory,
+        }),
         Command::Ctl { control, command, args } => ctl(control, command, args),
         Command::Stat { control, interval, count } => {
             if !(interval > 0.0 && interval.is_finite()) {

@@ -10,6 +10,7 @@ use std::ops::Range;
 
 use super::{
     req_type, status, HEADER_BYTES, ID_BYTES, MAX_DISCARD_SECTORS, SECTOR_SIZE, SEGMENT_BYTES,
+    SIZE_MAX_BYTES,
 };
 use crate::virtq::{copy_from_guest, ChainOutcome, ChainSink, GuestIov};
 
@@ -99,8 +100,11 @@ pub enum RequestError {
     HeaderTooShort,
     /// No device-writable byte at the end of the chain for the status.
     NoStatusByte,
-    /// A buffer lay outside guest memory, or the chain had more buffers than a slot holds.
+    /// A buffer lay outside guest memory, or the chain had more buffers than a slot holds
+    /// (seg_max data segments, plus header and status).
     BadBuffers,
+    /// A buffer longer than the size_max the device advertises.
+    SegmentTooLong(u32),
     /// A request type we do not implement.
     UnsupportedType(u32),
     /// Data length not a multiple of 512 bytes.
@@ -119,6 +123,11 @@ pub enum RequestError {
     Host(i32),
     /// The host transferred fewer bytes than asked.
     ShortTransfer,
+    /// Guest buffers O_DIRECT cannot take, and no bounce memory for them (the queue's or the
+    /// daemon's budget), or more than one request may bounce.
+    BounceUnavailable,
+    /// A FLUSH after an earlier one failed: the data it should cover may be gone.
+    FlushFailedBefore,
 }
 
 impl RequestError {
@@ -129,6 +138,9 @@ impl RequestError {
             RequestError::HeaderTooShort
             | RequestError::NoStatusByte
             | RequestError::BadBuffers
+            | RequestError::SegmentTooLong(_)
+            | RequestError::BounceUnavailable
+            | RequestError::FlushFailedBefore
             | RequestError::NotSectorMultiple
             | RequestError::OutOfRange
             | RequestError::Misaligned
@@ -148,6 +160,18 @@ impl fmt::Display for RequestError {
             RequestError::BadBuffers => {
                 write!(f, "buffer outside guest memory or too many segments")
             }
+            RequestError::SegmentTooLong(n) => {
+                write!(f, "a {n}-byte buffer, over size_max ({SIZE_MAX_BYTES})")
+            }
+            RequestError::BounceUnavailable => write!(
+                f,
+                "misaligned buffers need a bounce buffer larger than the bounce memory left"
+            ),
+            RequestError::FlushFailedBefore => write!(
+                f,
+                "an earlier flush failed, so written data may be lost; flushes fail until the \
+                 export is reopened"
+            ),
             RequestError::UnsupportedType(t) => write!(f, "unsupported request type {t}"),
             RequestError::NotSectorMultiple => write!(f, "data length not a multiple of 512"),
             RequestError::OutOfRange => write!(f, "request beyond the end of the disk"),
@@ -213,6 +237,11 @@ pub fn parse(chain: &mut ChainBuf, outcome: ChainOutcome, limits: &DiskLimits) -
     }
     if outcome.unusable {
         return Parsed { result: Err(RequestError::BadBuffers), status };
+    }
+    // size_max bounds every buffer, and the slot's iovec table bounds their number (seg_max):
+    // together they bound what one request may move, however its descriptors overlap.
+    if outcome.longest_bytes > SIZE_MAX_BYTES {
+        return Parsed { result: Err(RequestError::SegmentTooLong(outcome.longest_bytes)), status };
     }
     Parsed { result: parse_usable(chain, limits), status }
 }

@@ -1,15 +1,29 @@
 //! `--metrics ADDR:PORT`: the figures of `query-stats` in the Prometheus text format at
-//! `/metrics`, over a minimal HTTP/1.0 server (one thread, one request per connection).
+//! `/metrics`, over a small HTTP/1.0 server: one request per connection, a few scrapes served
+//! at once (one thread each), and every connection bounded in the bytes it may send, the time
+//! it may take to send them and the time it may take to read the answer.
 
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::daemon::Daemon;
+use crate::listener::ConnectionLimit;
+use crate::ratelimit::RateLimiter;
+use crate::warn_limited;
+
+/// Scrapes served at once; more get 503 at once.
+pub const MAX_SCRAPES: usize = 4;
+/// The longest request head (request line and headers) read.
+pub const MAX_REQUEST_BYTES: usize = 8 << 10;
+/// Time a client has to send its whole request head.
+pub const READ_DEADLINE: Duration = Duration::from_secs(5);
+/// Time a client has to read the answer.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Binds the metrics listener.
 pub fn bind(addr: &str) -> Result<TcpListener, String> {
@@ -21,43 +35,79 @@ pub fn run(listener: TcpListener, daemon: Arc<Daemon>) {
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "metrics listening");
     }
+    let scrapes = ConnectionLimit::new(MAX_SCRAPES);
+    let mut log = RateLimiter::default();
     for stream in listener.incoming() {
-        match stream {
-            Ok(s) => {
-                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-                if let Err(e) = answer(s, &daemon) {
-                    warn!("metrics request: {e}");
-                }
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                warn_limited!(log, "metrics accept: {e}");
+                continue;
             }
-            Err(e) => warn!("metrics accept: {e}"),
+        };
+        let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+        let Some(permit) = scrapes.try_take() else {
+            let _ = respond(&stream, "503 Service Unavailable", "text/plain", "busy\n");
+            continue;
+        };
+        let d = Arc::clone(&daemon);
+        let spawned = std::thread::Builder::new().name("blkplane-scrape".into()).spawn(move || {
+            let _permit = permit;
+            answer(stream, &d)
+        });
+        if let Err(e) = spawned {
+            warn_limited!(log, "metrics: cannot start a scrape thread: {e}");
         }
     }
 }
 
-fn answer(stream: TcpStream, daemon: &Daemon) -> std::io::Result<()> {
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut request_line = String::new();
-    reader.read_line(&mut request_line)?;
-    // Read (and ignore) the headers.
+/// Reads the request head: up to the blank line, at most [`MAX_REQUEST_BYTES`], within
+/// [`READ_DEADLINE`]. `None` if the client did not manage that.
+fn read_head(stream: &TcpStream) -> Option<Vec<u8>> {
+    let deadline = Instant::now() + READ_DEADLINE;
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
     loop {
-        let mut h = String::new();
-        if reader.read_line(&mut h)? == 0 || h == "\r\n" || h == "\n" {
-            break;
+        let left = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero())?;
+        stream.set_read_timeout(Some(left)).ok()?;
+        let n = (&*stream).read(&mut buf).ok()?;
+        if n == 0 {
+            return None;
+        }
+        head.extend_from_slice(&buf[..n]);
+        if head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n") {
+            return Some(head);
+        }
+        if head.len() > MAX_REQUEST_BYTES {
+            return None;
         }
     }
-    let mut parts = request_line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (status, content_type, body) = match (method, path) {
-        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", render(daemon)),
-        ("GET", _) => ("404 Not Found", "text/plain", "only /metrics is here\n".to_string()),
-        _ => ("405 Method Not Allowed", "text/plain", "GET only\n".to_string()),
-    };
-    let mut out = stream;
+}
+
+fn respond(mut out: &TcpStream, status: &str, content_type: &str, body: &str) -> std::io::Result<()> {
     write!(
         out,
         "HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
+}
+
+fn answer(stream: TcpStream, daemon: &Daemon) {
+    let Some(head) = read_head(&stream) else {
+        let _ = respond(&stream, "400 Bad Request", "text/plain", "bad or slow request\n");
+        return;
+    };
+    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let _ = match (method, path) {
+        ("GET", "/metrics") => {
+            respond(&stream, "200 OK", "text/plain; version=0.0.4", &render(daemon))
+        }
+        ("GET", _) => respond(&stream, "404 Not Found", "text/plain", "only /metrics is here\n"),
+        _ => respond(&stream, "405 Method Not Allowed", "text/plain", "GET only\n"),
+    };
 }
 
 fn escape(v: &str) -> String {
@@ -143,7 +193,13 @@ pub fn render(daemon: &Daemon) -> String {
         },
     );
     type Field = fn(&crate::trace::QueueReport) -> f64;
-    let scalars: [(&str, &str, &str, Field); 6] = [
+    let scalars: [(&str, &str, &str, Field); 7] = [
+        (
+            "blkplane_flush_errors_total",
+            "counter",
+            "Flushes the host failed; later flushes fail until the export is reopened.",
+            |q| q.flush_errors as f64,
+        ),
         ("blkplane_in_flight", "gauge", "Requests being served now.", |q| q.in_flight as f64),
         (
             "blkplane_bounce_buffers_total",

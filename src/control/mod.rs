@@ -13,21 +13,29 @@
 pub mod metrics;
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::daemon::{ControlError, Daemon};
 use crate::export::{parse_size, spec_from_pairs, ExportConfig};
-use crate::listener::StoppableListener;
+use crate::listener::{ConnectionLimit, StoppableListener};
+use crate::ratelimit::RateLimiter;
+use crate::warn_limited;
 use crate::vhost_user::bind_socket;
 
-/// Longest request line accepted.
+/// Longest request line accepted; a longer one gets an error reply and the connection is
+/// closed (the rest of it is never read).
 const MAX_LINE_BYTES: u64 = 1 << 20;
+/// Clients served at once; one more gets an error reply and is closed.
+pub const MAX_CLIENTS: usize = 16;
+/// A client that sends nothing for this long is closed.
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// A client that does not read its replies for this long is closed.
+const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub const COMMANDS: &str =
     "list-exports, add-export, remove-export, resize, query-stats, set-polling";
@@ -36,32 +44,53 @@ pub const COMMANDS: &str =
 pub struct ControlServer {
     path: PathBuf,
     listener: StoppableListener,
+    clients: ConnectionLimit,
 }
 
 impl ControlServer {
     /// Binds `path` with mode 0600.
     pub fn bind(path: &Path) -> Result<ControlServer, String> {
+        // bind_socket creates it owner-only (0600) from the start.
         let listener = bind_socket(path)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| format!("cannot set the mode of {}: {e}", path.display()))?;
         Ok(ControlServer {
             path: path.to_path_buf(),
             listener: StoppableListener::new(listener).map_err(|e| format!("eventfd: {e}"))?,
+            clients: ConnectionLimit::new(MAX_CLIENTS),
         })
     }
 
-    /// Accepts clients until `shutdown`, one thread per client.
+    /// Accepts clients until `shutdown`, one thread per client, at most [`MAX_CLIENTS`].
     pub fn run(&self, daemon: Arc<Daemon>) {
         info!(path = %self.path.display(), "control socket listening");
+        let mut log = RateLimiter::default();
         while let Some(accepted) = self.listener.accept() {
-            match accepted {
-                Ok(stream) => {
-                    let d = Arc::clone(&daemon);
-                    let _ = std::thread::Builder::new()
-                        .name("blkplane-control".into())
-                        .spawn(move || serve_client(stream, &d));
+            let stream = match accepted {
+                Ok(s) => s,
+                Err(e) => {
+                    warn_limited!(log, "control socket accept: {e}");
+                    continue;
                 }
-                Err(e) => warn!("control socket accept: {e}"),
+            };
+            let _ = stream.set_read_timeout(Some(IDLE_TIMEOUT));
+            let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+            let Some(permit) = self.clients.try_take() else {
+                warn_limited!(log, "control socket: {MAX_CLIENTS} clients connected already; refused one");
+                let reply = error_reply(
+                    Value::Null,
+                    ControlError::new("busy", format!("{MAX_CLIENTS} clients are connected already")),
+                );
+                let _ = (&stream).write_all(format!("{reply}\n").as_bytes());
+                continue;
+            };
+            let d = Arc::clone(&daemon);
+            let spawned = std::thread::Builder::new()
+                .name("blkplane-control".into())
+                .spawn(move || {
+                    let _permit = permit;
+                    serve_client(stream, &d)
+                });
+            if let Err(e) = spawned {
+                warn_limited!(log, "control socket: cannot start a client thread: {e}");
             }
         }
     }
@@ -87,10 +116,11 @@ fn serve_client(stream: UnixStream, daemon: &Daemon) {
             Ok(_) => {}
         }
         let reply = if line.len() as u64 > MAX_LINE_BYTES {
-            // Skip the rest of the over-long line.
-            let mut rest = Vec::new();
-            let _ = reader.read_until(b'\n', &mut rest);
-            error_reply(Value::Null, ControlError::new("too-long", "request longer than 1 MiB"))
+            // Reading the rest would cost what the client likes: answer and hang up.
+            let reply =
+                error_reply(Value::Null, ControlError::new("too-long", "request longer than 1 MiB"));
+            let _ = out.write_all(format!("{reply}\n").as_bytes());
+            return;
         } else if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         } else {

@@ -197,6 +197,10 @@ impl Engine for AioEngine {
         }
     }
 
+    fn has_unsubmitted(&self) -> bool {
+        !self.batch.is_empty()
+    }
+
     fn completion_fd(&self) -> Option<RawFd> {
         Some(self.ready.as_raw_fd())
     }

@@ -179,18 +179,11 @@ impl Backing {
         cache: CacheMode,
         force_share: bool,
     ) -> Result<Backing, OpenError> {
-        let meta = match std::fs::metadata(path) {
-            Ok(m) => m,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(OpenError::Missing(path.into()))
-            }
-            Err(e) => return Err(OpenError::Io(path.into(), e)),
-        };
-        let is_block_device = meta.file_type().is_block_device();
-        if !meta.is_file() && !is_block_device {
-            return Err(OpenError::NotFileOrDevice(path.into()));
-        }
-        let mut flags = libc::O_CLOEXEC;
+        // Open first, then check what was opened: checking the path and then opening it
+        // would let a FIFO (or anything else) be swapped in between. O_NONBLOCK so that the
+        // open itself never blocks (a FIFO with no writer would), cleared once we know it is
+        // a file or a block device.
+        let mut flags = libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY;
         if cache.direct() {
             flags |= libc::O_DIRECT;
         }
@@ -199,14 +192,27 @@ impl Backing {
         }
         let file =
             OpenOptions::new().read(true).write(!readonly).custom_flags(flags).open(path).map_err(
-                |e| {
-                    if e.raw_os_error() == Some(libc::EINVAL) && cache.direct() {
-                        OpenError::NoDirectIo(path.into())
-                    } else {
-                        OpenError::Io(path.into(), e)
-                    }
+                |e| match e.raw_os_error() {
+                    Some(libc::ENOENT) => OpenError::Missing(path.into()),
+                    Some(libc::EISDIR | libc::ENXIO) => OpenError::NotFileOrDevice(path.into()),
+                    Some(libc::EINVAL) if cache.direct() => OpenError::NoDirectIo(path.into()),
+                    _ => OpenError::Io(path.into(), e),
                 },
             )?;
+        let meta = file.metadata().map_err(|e| OpenError::Io(path.into(), e))?;
+        let is_block_device = meta.file_type().is_block_device();
+        if !meta.is_file() && !is_block_device {
+            return Err(OpenError::NotFileOrDevice(path.into()));
+        }
+        // Back to blocking I/O for the engines that expect it (threads, read-modify-write).
+        // SAFETY: fcntl on a descriptor we own; F_GETFL/F_SETFL take no pointers.
+        let cleared = unsafe {
+            let fl = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+            fl >= 0 && libc::fcntl(file.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK) == 0
+        };
+        if !cleared {
+            return Err(OpenError::Io(path.into(), io::Error::last_os_error()));
+        }
         super::lock::lock_image(&file, readonly, force_share)
             .map_err(|why| OpenError::Locked(path.into(), why))?;
         // Without statx's answer, assume what every Linux block device accepts: 512-byte

@@ -61,4 +61,10 @@ pub trait Engine {
     /// A descriptor that becomes readable when completions are waiting, for sleeping in
     /// poll(2); `None` if completions are always ready at once.
     fn completion_fd(&self) -> Option<RawFd>;
+
+    /// Whether operations were queued that the kernel has not taken yet (a submit that
+    /// returned EAGAIN): the I/O thread must not sleep on them.
+    fn has_unsubmitted(&self) -> bool {
+        false
+    }
 }

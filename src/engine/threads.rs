@@ -77,21 +77,21 @@ impl ThreadsEngine {
             done_event: EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK)?,
             fd,
         });
-        let mut workers = Vec::with_capacity(WORKERS);
-        for i in 0..WORKERS {
-            let s = Arc::clone(&shared);
-            workers.push(
-                std::thread::Builder::new()
-                    .name(format!("blkplane-aio{i}"))
-                    .spawn(move || work(&s))?,
-            );
-        }
-        Ok(ThreadsEngine {
+        let mut engine = ThreadsEngine {
             shared,
-            workers,
+            workers: Vec::with_capacity(WORKERS),
             pending: Vec::with_capacity(size),
             reaped: Vec::with_capacity(size),
-        })
+        };
+        for i in 0..WORKERS {
+            let s = Arc::clone(&engine.shared);
+            // On a failure the engine is dropped here, which stops and joins the workers
+            // started so far (they would otherwise wait for work forever).
+            let worker =
+                std::thread::Builder::new().name(format!("blkplane-aio{i}")).spawn(move || work(&s))?;
+            engine.workers.push(worker);
+        }
+        Ok(engine)
     }
 }
 

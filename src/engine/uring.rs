@@ -104,6 +104,10 @@ impl Engine for UringEngine {
         }
     }
 
+    fn has_unsubmitted(&self) -> bool {
+        self.unsubmitted > 0
+    }
+
     fn completion_fd(&self) -> Option<RawFd> {
         // The ring's own fd polls readable while completions wait in the CQ.
         Some(self.ring.as_raw_fd())

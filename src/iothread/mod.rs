@@ -69,9 +69,10 @@ impl IoThread {
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
         let thread_stop = Arc::clone(&stop);
         let name = format!("blkplane-q{}", setup.index);
-        let join = std::thread::Builder::new()
-            .name(name)
-            .spawn(move || worker::run(disk, setup, thread_stop, ready_tx))?;
+        let join = std::thread::Builder::new().name(name).spawn(move || {
+            let _abort = AbortOnPanic;
+            worker::run(disk, setup, thread_stop, ready_tx)
+        })?;
         match ready_rx.recv() {
             Ok(Ok(())) => Ok(IoThread { stop, join }),
             Ok(Err(e)) => {
@@ -96,6 +97,21 @@ impl IoThread {
                 tracing::error!("an I/O thread panicked");
                 0
             }
+        }
+    }
+}
+
+/// Ends the process if an I/O thread panics. Unwinding would free the slot table and bounce
+/// buffers while the kernel may still be reading or writing them (io_uring, AIO and the thread
+/// pool hold pointers into them until their completions are reaped): a panic there is a bug
+/// of ours, and memory corruption is worse than a restart, which systemd does.
+struct AbortOnPanic;
+
+impl Drop for AbortOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!("an I/O thread panicked with I/O possibly in flight; aborting");
+            std::process::abort();
         }
     }
 }

@@ -4,6 +4,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::mpsc::SyncSender;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -38,8 +39,19 @@ const KICKLESS_POLL_MS: i32 = 1;
 const BOUNCE_KEEP_BYTES: usize = 64 << 10;
 
 /// Bounce memory one queue may have in flight. A request that would go over waits for
-/// earlier bounced requests to finish (one alone may be as large as a request can be).
+/// earlier bounced requests to finish; one larger than this alone gets IOERR (a guest whose
+/// driver aligns its buffers, as Linux's does, never bounces at all).
 const BOUNCE_BUDGET_BYTES: usize = 64 << 20;
+
+/// What a request still needs from the engine after its first operation completed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Followup {
+    /// WRITE_ZEROES again as a hole punch: the backing refused FALLOC_FL_ZERO_RANGE.
+    Punch,
+    /// An fdatasync: a DISCARD or WRITE_ZEROES under a write-through contract (O_DSYNC does
+    /// not cover fallocate).
+    Sync,
+}
 
 /// An in-flight request. The slot index is the engine tag (io_uring user_data).
 struct Slot {
@@ -57,6 +69,9 @@ struct Slot {
     /// starts inside it (not 0 for requests off the backing's blocks).
     bounce_offset: u64,
     bounce_skip: usize,
+    /// Follow-ups already sent for this request (each at most once, so nothing loops).
+    punched: bool,
+    synced: bool,
     /// Timestamps, for the sampled requests only.
     sampled: bool,
     stamps: Stamps,
@@ -169,8 +184,12 @@ struct Core {
     bounce_bytes: usize,
     /// Cleared once the backing refuses FALLOC_FL_ZERO_RANGE; write-zeroes then punch holes.
     zero_range_supported: bool,
-    /// Write-zeroes to resubmit as hole punches after a refusal (tags; preallocated).
-    retry_punch: Vec<u16>,
+    /// Requests whose first operation completed and that need another (tags; preallocated).
+    followups: Vec<(u16, Followup)>,
+    /// Requests taken from the ring and answered since the queue first started (mirrored in
+    /// its shared statistics for resize's drain).
+    admitted: u64,
+    retired: u64,
     log: RateLimiter,
     stats: Arc<QueueStats>,
     stats_on: bool,
@@ -207,12 +226,16 @@ impl<E: Engine> Worker<E> {
                 bounced: false,
                 bounce_offset: 0,
                 bounce_skip: 0,
+                punched: false,
+                synced: false,
                 sampled: false,
                 stamps: Stamps::new(Instant::now()),
             })
             .collect();
         let stats = disk.stats.get(usize::from(setup.index)).cloned().unwrap_or_default();
         let disk_stats_on = disk.stats_on;
+        // A queue restarted (new memory table, reconnect) goes on counting where it was.
+        let admitted = stats.admitted.load(Ordering::SeqCst);
         let core = Core {
             disk,
             memory: setup.memory,
@@ -229,7 +252,9 @@ impl<E: Engine> Worker<E> {
             broken: false,
             bounce_bytes: 0,
             zero_range_supported: true,
-            retry_punch: Vec::with_capacity(size),
+            followups: Vec::with_capacity(size),
+            admitted,
+            retired: admitted,
             log: RateLimiter::default(),
             stats_on: disk_stats_on,
             stats,
@@ -266,7 +291,7 @@ impl<E: Engine> Worker<E> {
             engine.reap(|tag, result| core.complete(tag, result));
             progress += before - core.in_flight.min(before);
             // Resubmitted work counts as progress: the next round submits it before sleeping.
-            progress += core.resubmit_refused_zeroes(engine);
+            progress += core.send_followups(engine);
             core.publish();
             if progress > 0 {
                 if let Some(polled) = poller.work_found() {
@@ -292,7 +317,7 @@ impl<E: Engine> Worker<E> {
             core.stats.counters.poll_ns.add(poller.polled_for().as_nanos() as u64);
             core.stats.counters.sleeps.add(1);
             let went_to_sleep = Instant::now();
-            core.sleep(stopping, engine.completion_fd());
+            core.sleep(stopping, engine.completion_fd(), engine.has_unsubmitted());
             poller.slept(went_to_sleep.elapsed());
         }
         core.merge_stats();
@@ -324,6 +349,11 @@ impl Core {
             };
             let Some(tag) = self.free.pop() else { break };
             self.in_flight += 1;
+            // Counted before the capacity is read (both SeqCst): a resize that publishes a
+            // smaller capacity and then reads this count either sees this request, and waits
+            // for it, or this request sees the smaller capacity (see Disk::resize).
+            self.admitted += 1;
+            self.stats.admitted.store(self.admitted, Ordering::SeqCst);
             let limits = self.disk.limits();
             let sampled = self.stats_on && {
                 self.sample_countdown -= 1;
@@ -335,6 +365,8 @@ impl Core {
             let slot = &mut self.slots[usize::from(tag)];
             slot.head = head;
             slot.chain.clear();
+            slot.punched = false;
+            slot.synced = false;
             slot.sampled = sampled;
             if sampled {
                 slot.stamps = Stamps::new(Instant::now());
@@ -421,6 +453,9 @@ impl Core {
                 }
             }
             Request::Flush => {
+                if self.disk.flush_failed() {
+                    return self.finish(tag, Err(RequestError::FlushFailedBefore));
+                }
                 if !self.disk.cache.flush_syncs() {
                     return self.finish(tag, Ok(0));
                 }
@@ -432,11 +467,15 @@ impl Core {
                 return self.finish(tag, Ok(written as u32));
             }
             Request::Discard { offset, bytes } => IoOp::Discard { offset: *offset, bytes: *bytes },
-            Request::WriteZeroes { offset, bytes, unmap } => IoOp::WriteZeroes {
-                offset: *offset,
-                bytes: *bytes,
-                unmap: *unmap || !self.zero_range_supported,
-            },
+            Request::WriteZeroes { offset, bytes, unmap } => {
+                // Known to refuse ZERO_RANGE: punch at once, and only that.
+                slot.punched = !*unmap && !self.zero_range_supported;
+                IoOp::WriteZeroes {
+                    offset: *offset,
+                    bytes: *bytes,
+                    unmap: *unmap || !self.zero_range_supported,
+                }
+            }
         };
         // SAFETY: the iovecs live in this slot's ChainBuf or BounceBuffer, which are neither
         // touched nor reused until the tag is reaped (the slot is off the free list until
@@ -465,14 +504,20 @@ impl Core {
         bytes: u64,
         skip: usize,
     ) -> Result<(), RequestError> {
-        let len = usize::try_from(bytes).map_err(|_| RequestError::Host(libc::ENOMEM))?;
-        self.wait_for(engine, |core| {
-            core.bounce_bytes == 0 || core.bounce_bytes + len <= BOUNCE_BUDGET_BYTES
-        });
-        let slot = &mut self.slots[usize::from(tag)];
-        if !slot.bounce.prepare(len) {
-            return Err(RequestError::Host(libc::ENOMEM));
+        let len = usize::try_from(bytes).map_err(|_| RequestError::BounceUnavailable)?;
+        if len > BOUNCE_BUDGET_BYTES {
+            return Err(RequestError::BounceUnavailable);
         }
+        self.wait_for(engine, |core| core.bounce_bytes + len <= BOUNCE_BUDGET_BYTES);
+        if !self.slots[usize::from(tag)].bounce.prepare(len) {
+            // The daemon's bounce budget is spent: wait for this queue's own bounced requests
+            // (their buffers go back to it), then try once more.
+            self.wait_for(engine, |core| core.bounce_bytes == 0);
+            if !self.slots[usize::from(tag)].bounce.prepare(len) {
+                return Err(RequestError::BounceUnavailable);
+            }
+        }
+        let slot = &mut self.slots[usize::from(tag)];
         slot.bounced = true;
         slot.bounce_offset = offset;
         slot.bounce_skip = skip;
@@ -531,7 +576,7 @@ impl Core {
                 warn_limited!(self.log, export = %self.disk.name, queue = self.index, "engine submit: {e}");
             }
             engine.reap(|tag, result| self.complete(tag, result));
-            self.resubmit_refused_zeroes(engine);
+            self.send_followups(engine);
             if done(self) {
                 break;
             }
@@ -558,15 +603,30 @@ impl Core {
 
     /// One engine completion.
     fn complete(&mut self, tag: u16, result: i32) {
-        let Some(slot) = self.slots.get(usize::from(tag)) else { return };
-        if result == -libc::EOPNOTSUPP {
-            if let Some(Request::WriteZeroes { unmap: false, .. }) = slot.request {
-                // This filesystem (tmpfs, for one) cannot ZERO_RANGE; a punched hole reads
-                // back as zeroes too. Remember, and send this one again.
-                self.zero_range_supported = false;
-                self.retry_punch.push(tag);
-                return;
-            }
+        let Some(slot) = self.slots.get_mut(usize::from(tag)) else { return };
+        let request = slot.request.as_ref();
+        if result == -libc::EOPNOTSUPP
+            && !slot.punched
+            && matches!(request, Some(Request::WriteZeroes { unmap: false, .. }))
+        {
+            // This filesystem (tmpfs, for one) cannot ZERO_RANGE; a punched hole reads back
+            // as zeroes too. Remember, and send this one again, once: a backing that refuses
+            // both (vfat, many FUSE filesystems) fails the request below.
+            slot.punched = true;
+            self.zero_range_supported = false;
+            self.followups.push((tag, Followup::Punch));
+            return;
+        }
+        let syncing = slot.synced || matches!(request, Some(Request::Flush));
+        if syncing && result < 0 {
+            self.disk.flush_failed_with(-result, &self.stats);
+        }
+        let range_change = matches!(request, Some(Request::Discard { .. } | Request::WriteZeroes { .. }));
+        if range_change && result >= 0 && !slot.synced && self.disk.range_changes_need_sync() {
+            // Write-through: the range change must be on stable storage before the ack.
+            slot.synced = true;
+            self.followups.push((tag, Followup::Sync));
+            return;
         }
         let outcome = self.outcome(tag, result);
         let slot = &mut self.slots[usize::from(tag)];
@@ -578,20 +638,20 @@ impl Core {
         self.finish(tag, outcome);
     }
 
-    fn resubmit_refused_zeroes(&mut self, engine: &mut impl Engine) -> usize {
-        let count = self.retry_punch.len();
-        while let Some(tag) = self.retry_punch.pop() {
-            if let Some(Request::WriteZeroes { offset, bytes, .. }) =
-                self.slots[usize::from(tag)].request
-            {
-                let op = IoOp::WriteZeroes { offset, bytes, unmap: true };
-                // SAFETY: the operation carries no buffers; the tag stays reserved until reaped.
-                if let Err(e) = unsafe { engine.queue(tag, op) } {
-                    self.finish(
-                        tag,
-                        Err(RequestError::Host(e.raw_os_error().unwrap_or(libc::EIO))),
-                    );
+    /// Sends the follow-up operations that completions asked for (see [`Followup`]).
+    fn send_followups(&mut self, engine: &mut impl Engine) -> usize {
+        let count = self.followups.len();
+        while let Some((tag, followup)) = self.followups.pop() {
+            let op = match (followup, &self.slots[usize::from(tag)].request) {
+                (Followup::Punch, Some(Request::WriteZeroes { offset, bytes, .. })) => {
+                    IoOp::WriteZeroes { offset: *offset, bytes: *bytes, unmap: true }
                 }
+                (Followup::Sync, _) => IoOp::Flush,
+                _ => continue,
+            };
+            // SAFETY: the operation carries no buffers; the tag stays reserved until reaped.
+            if let Err(e) = unsafe { engine.queue(tag, op) } {
+                self.finish(tag, Err(RequestError::Host(e.raw_os_error().unwrap_or(libc::EIO))));
             }
         }
         count
@@ -649,6 +709,8 @@ impl Core {
         };
         self.queue.push_used(slot.head, used_len);
         self.unpublished += 1;
+        self.retired += 1;
+        self.stats.retired.store(self.retired, Ordering::Release);
         self.free.push(tag);
         self.in_flight -= 1;
         if self.stats_on {
@@ -736,7 +798,7 @@ impl Core {
     }
 
     /// Sleeps until the guest kicks, an I/O completes, or the control thread asks us to stop.
-    fn sleep(&mut self, stopping: bool, completion_fd: Option<RawFd>) {
+    fn sleep(&mut self, stopping: bool, completion_fd: Option<RawFd>, unsubmitted: bool) {
         // Going idle with samples not yet handed over: hand them over now if the last merge
         // is old enough, or wake up when it will be, so an idle export's figures are fresh.
         let mut merge_in = None;
@@ -766,7 +828,12 @@ impl Core {
                 fds[2] = pollfd(fd);
             }
         }
-        let mut timeout_ms = if accepting && self.kick.is_none() { KICKLESS_POLL_MS } else { -1 };
+        // Work the kernel would not take yet (EAGAIN) is retried soon, not after a kick.
+        let mut timeout_ms = if (accepting && self.kick.is_none()) || unsubmitted {
+            KICKLESS_POLL_MS
+        } else {
+            -1
+        };
         if let Some(d) = merge_in {
             let ms = d.as_millis().clamp(1, i32::MAX as u128) as i32;
             timeout_ms = if timeout_ms < 0 { ms } else { timeout_ms.min(ms) };

@@ -126,6 +126,8 @@ pub struct QueueCounters {
     /// Reads and writes whose guest buffers O_DIRECT would refuse, served through an aligned
     /// bounce buffer.
     pub bounce_buffers: Counter,
+    /// Flushes (or write-through syncs) the host failed: data written before may be lost.
+    pub flush_errors: Counter,
     pub notifications_sent: Counter,
     /// Used-ring publishes after which the guest did not want an interrupt.
     pub notifications_suppressed: Counter,
@@ -176,6 +178,11 @@ impl StageHistograms {
 pub struct QueueStats {
     pub counters: QueueCounters,
     pub histograms: Mutex<StageHistograms>,
+    /// Requests taken from the ring and requests answered, since the export was opened,
+    /// whatever `stats=` says: a resize that shrinks the disk waits until every request
+    /// admitted before it is answered (see `Disk::resize`).
+    pub admitted: std::sync::atomic::AtomicU64,
+    pub retired: std::sync::atomic::AtomicU64,
 }
 
 /// A stage as reported: percentiles and mean in microseconds, and share of the total mean.
@@ -199,6 +206,7 @@ pub struct QueueReport {
     pub errors_unsupp: u64,
     pub in_flight: u64,
     pub bounce_buffers: u64,
+    pub flush_errors: u64,
     pub notifications_sent: u64,
     pub notifications_suppressed: u64,
     pub poll_ns: u64,
@@ -237,6 +245,7 @@ impl QueueStats {
             errors_unsupp: c.errors_unsupp.get(),
             in_flight: c.in_flight.get(),
             bounce_buffers: c.bounce_buffers.get(),
+            flush_errors: c.flush_errors.get(),
             notifications_sent: c.notifications_sent.get(),
             notifications_suppressed: c.notifications_suppressed.get(),
             poll_ns: c.poll_ns.get(),

@@ -42,26 +42,68 @@ fn decode(b: &[u8; HEADER_BYTES]) -> Header {
     Header { request: word(0), flags: word(4), size: word(8) }
 }
 
-/// Looks at the next message's header without taking it. `None`: the frontend hung up.
+/// How long the rest of a message header may take once its first byte arrived. A frontend
+/// writes a header in one go; one that stops part-way is stalled or hostile.
+pub const HEADER_TIMEOUT: std::time::Duration = Duration::from_secs(5);
+
+/// Looks at the next message's header without taking it. `None`: the frontend hung up,
+/// including after a partial header (a short header followed by EOF is a disconnect). An
+/// idle connection waits here for as long as it likes; once a header has begun, the rest must
+/// come within [`HEADER_TIMEOUT`] (a `TimedOut` error otherwise).
 pub fn peek_header(stream: &UnixStream) -> io::Result<Option<Header>> {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(stream);
     let mut b = [0u8; HEADER_BYTES];
+    let mut deadline: Option<std::time::Instant> = None;
     loop {
+        // Wait for data (or a hang-up). Before the first byte: without a limit; after it:
+        // until the deadline, in short steps, since a socket with some bytes queued polls
+        // readable at once and poll cannot wait for "more".
+        let timeout_ms = match deadline {
+            None => -1,
+            Some(d) => {
+                let left = d.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "a partial message header stalled",
+                    ));
+                }
+                left.as_millis().clamp(1, 10) as i32
+            }
+        };
+        let mut pfd = libc::pollfd { fd, events: libc::POLLIN | libc::POLLRDHUP, revents: 0 };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let rc = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if deadline.is_some() && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP) == 0 {
+            // Partial header, peer still there: sleep the step out before peeking again.
+            if rc == 1 {
+                std::thread::sleep(Duration::from_millis(timeout_ms as u64));
+            }
+        }
         // SAFETY: recv writes at most b.len() bytes into b, which we own.
         let n = unsafe {
-            libc::recv(
-                std::os::fd::AsRawFd::as_raw_fd(stream),
-                b.as_mut_ptr().cast(),
-                b.len(),
-                libc::MSG_PEEK | libc::MSG_WAITALL,
-            )
+            libc::recv(fd, b.as_mut_ptr().cast(), b.len(), libc::MSG_PEEK | libc::MSG_DONTWAIT)
         };
         match n {
             0 => return Ok(None),
             n if n as usize == HEADER_BYTES => return Ok(Some(decode(&b))),
-            n if n > 0 => continue,
+            n if n > 0 => {
+                if pfd.revents & (libc::POLLRDHUP | libc::POLLHUP) != 0 {
+                    // The frontend closed its end after part of a header: nothing more comes.
+                    return Ok(None);
+                }
+                deadline.get_or_insert_with(|| std::time::Instant::now() + HEADER_TIMEOUT);
+            }
             _ => {
                 let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
+                if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock) {
                     continue;
                 }
                 return Err(e);
@@ -108,6 +150,9 @@ pub fn take_channel(
     }
     let channel = UnixStream::from(std::os::fd::OwnedFd::from(file));
     channel.set_read_timeout(Some(ACK_TIMEOUT))?;
+    // A frontend that stops reading must not block the control-socket thread that sends a
+    // config change (and holds the channel's mutex, which the disconnect path needs).
+    channel.set_write_timeout(Some(ACK_TIMEOUT))?;
     Ok(BackendChannel { stream: channel, reply_ack })
 }
 

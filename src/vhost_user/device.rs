@@ -4,9 +4,10 @@
 
 use std::fs::File;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
-use tracing::{debug, warn};
+use tracing::debug;
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
     VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
@@ -19,8 +20,11 @@ use crate::blk::config::offset::WRITEBACK;
 use crate::blk::feature;
 use crate::export::Disk;
 use crate::iothread::{IoThread, QueueSetup};
+use crate::ratelimit::RateLimiter;
+use crate::sys::checked_eventfd;
 use crate::virtq::memory::MAX_MEM_REGIONS;
 use crate::virtq::{GuestMemory, MappedRegion, MemoryError, RingAddrs};
+use crate::warn_limited;
 
 #[derive(Default)]
 struct Vring {
@@ -44,19 +48,18 @@ pub struct BlkDevice {
     acked_protocol_features: u64,
     memory: Arc<GuestMemory>,
     vrings: Vec<Vring>,
+    /// The frontend's connection (a duplicate): shut down if its guest RAM shrinks under us.
+    hangup: Arc<OwnedFd>,
+    /// Lines this frontend can trigger are rate limited.
+    log: RateLimiter,
 }
 
 fn handler_error(e: impl std::fmt::Display) -> Error {
     Error::ReqHandlerError(io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))
 }
 
-fn memory_error(e: MemoryError) -> Error {
-    warn!("refused a memory region: {e}");
-    handler_error(e)
-}
-
 impl BlkDevice {
-    pub fn new(disk: Arc<Disk>) -> BlkDevice {
+    pub fn new(disk: Arc<Disk>, hangup: Arc<OwnedFd>) -> BlkDevice {
         let vrings = (0..disk.num_queues).map(|_| Vring::default()).collect();
         disk.reset_writeback();
         BlkDevice {
@@ -65,7 +68,43 @@ impl BlkDevice {
             acked_protocol_features: 0,
             memory: Arc::new(GuestMemory::default()),
             vrings,
+            hangup,
+            log: RateLimiter::default(),
         }
+    }
+
+    fn memory_error(&mut self, e: MemoryError) -> Error {
+        warn_limited!(self.log, export = %self.disk.name, "refused a memory region: {e}");
+        handler_error(e)
+    }
+
+    /// Refuses a memory table of `total` bytes over the export's `max-guest-memory`, before
+    /// anything is mapped.
+    fn check_memory_total(&mut self, total: Option<u64>) -> Result<()> {
+        let limit = self.disk.max_guest_memory_bytes;
+        match total {
+            Some(t) if t <= limit => Ok(()),
+            t => Err(self.memory_error(MemoryError::ConnectionLimit {
+                total: t.unwrap_or(u64::MAX),
+                limit,
+            })),
+        }
+    }
+
+    /// A kick/call/err descriptor from the frontend, if it is one we can use.
+    fn vring_fd(&mut self, what: &str, index: u8, fd: Option<File>) -> Result<Option<File>> {
+        match fd.map(checked_eventfd).transpose() {
+            Ok(fd) => Ok(fd),
+            Err(e) => {
+                warn_limited!(self.log, export = %self.disk.name, queue = index, "refused the {what} descriptor: {e}");
+                Err(handler_error(format!("{what} descriptor: {e}")))
+            }
+        }
+    }
+
+    /// Whether the frontend's guest RAM shrank under a running queue (see virtq/fault.rs).
+    pub fn memory_faulted(&self) -> bool {
+        self.memory.faulted()
     }
 
     fn vring(&mut self, index: u32) -> Result<&mut Vring> {
@@ -114,7 +153,7 @@ impl BlkDevice {
                 Ok(())
             }
             Err(e) => {
-                warn!(export = %self.disk.name, queue = index, "cannot start queue: {e}");
+                warn_limited!(self.log, export = %self.disk.name, queue = index, "cannot start queue: {e}");
                 Err(Error::ReqHandlerError(e))
             }
         }
@@ -200,7 +239,7 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
     fn set_features(&mut self, features: u64) -> Result<()> {
         let unknown = features & !self.disk.features();
         if unknown != 0 {
-            warn!(export = %self.disk.name, "frontend acked features we did not offer: {unknown:#x}");
+            warn_limited!(self.log, export = %self.disk.name, "frontend acked features we did not offer: {unknown:#x}");
             return Err(Error::InvalidParam);
         }
         self.acked_features = features;
@@ -213,20 +252,24 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         files: Vec<File>,
         _postcopy_listening: Option<bool>,
     ) -> Result<Option<Vec<VhostUserMemoryRegionBase>>> {
+        let total = regions.iter().try_fold(0u64, |sum, r| sum.checked_add(r.memory_size));
+        self.check_memory_total(total)?;
+        if regions.len() > MAX_MEM_REGIONS {
+            return Err(self.memory_error(MemoryError::TooManyRegions { max: MAX_MEM_REGIONS }));
+        }
         let mut mapped = Vec::with_capacity(regions.len());
         for (r, file) in regions.iter().zip(files.iter()) {
-            mapped.push(
-                MappedRegion::map(
-                    file,
-                    r.mmap_offset,
-                    r.guest_phys_addr,
-                    r.memory_size,
-                    r.user_addr,
-                )
-                .map_err(memory_error)?,
+            let region = MappedRegion::map(
+                file,
+                r.mmap_offset,
+                r.guest_phys_addr,
+                r.memory_size,
+                r.user_addr,
+                Some(Arc::clone(&self.hangup)),
             );
+            mapped.push(region.map_err(|e| self.memory_error(e))?);
         }
-        let memory = GuestMemory::from_regions(mapped).map_err(memory_error)?;
+        let memory = GuestMemory::from_regions(mapped).map_err(|e| self.memory_error(e))?;
         self.set_memory(memory)?;
         Ok(None)
     }
@@ -234,7 +277,7 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
     fn set_vring_num(&mut self, index: u32, num: u32) -> Result<()> {
         let max = u32::from(self.disk.max_queue_size);
         if num == 0 || num > max || !num.is_power_of_two() {
-            warn!(export = %self.disk.name, "vring size {num} refused (power of two up to {max})");
+            warn_limited!(self.log, export = %self.disk.name, "vring size {num} refused (power of two up to {max})");
             return Err(Error::InvalidParam);
         }
         self.vring(index)?;
@@ -284,6 +327,8 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
     }
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> Result<()> {
+        self.vring(u32::from(index))?;
+        let fd = self.vring_fd("kick", index, fd)?;
         let v = self.vring(u32::from(index))?;
         v.kick = fd;
         v.kick_set = true;
@@ -291,6 +336,8 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
     }
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> Result<()> {
+        self.vring(u32::from(index))?;
+        let fd = self.vring_fd("call", index, fd)?;
         self.vring(u32::from(index))?.call = fd;
         if self.vrings[usize::from(index)].thread.is_some() {
             return self.apply(usize::from(index));
@@ -299,6 +346,8 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
     }
 
     fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> Result<()> {
+        self.vring(u32::from(index))?;
+        let fd = self.vring_fd("err", index, fd)?;
         self.vring(u32::from(index))?.err = fd;
         if self.vrings[usize::from(index)].thread.is_some() {
             return self.apply(usize::from(index));
@@ -388,15 +437,21 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         fd: File,
         _postcopy_listening: Option<bool>,
     ) -> Result<Option<VhostUserMemoryRegionBase>> {
+        let total = self.memory.total_bytes().checked_add(region.memory_size);
+        self.check_memory_total(total)?;
+        if self.memory.regions().len() >= MAX_MEM_REGIONS {
+            return Err(self.memory_error(MemoryError::TooManyRegions { max: MAX_MEM_REGIONS }));
+        }
         let mapped = MappedRegion::map(
             &fd,
             region.mmap_offset,
             region.guest_phys_addr,
             region.memory_size,
             region.user_addr,
+            Some(Arc::clone(&self.hangup)),
         )
-        .map_err(memory_error)?;
-        let memory = self.memory.with_region(mapped).map_err(memory_error)?;
+        .map_err(|e| self.memory_error(e))?;
+        let memory = self.memory.with_region(mapped).map_err(|e| self.memory_error(e))?;
         self.set_memory(memory)?;
         Ok(None)
     }
@@ -405,7 +460,7 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         let memory = self
             .memory
             .without_region(region.guest_phys_addr, region.memory_size)
-            .map_err(memory_error)?;
+            .map_err(|e| self.memory_error(e))?;
         self.set_memory(memory)
     }
 

@@ -13,7 +13,7 @@ use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
 
 use super::backend_channel::{self, BackendChannel};
 use super::device::BlkDevice;
-use crate::export::Disk;
+use crate::export::{Disk, SocketAccess};
 use crate::listener::StoppableListener;
 use crate::ratelimit::RateLimiter;
 use crate::warn_limited;
@@ -33,8 +33,46 @@ pub fn bind_socket(path: &Path) -> Result<UnixListener, String> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(format!("cannot use socket path {}: {e}", path.display())),
     }
-    UnixListener::bind(path).map_err(|e| format!("cannot bind socket {}: {e}", path.display()))
+    // Created owner-only from the start: bind has no mode argument, so the umask decides,
+    // and a socket that exists even briefly with the umask's 0755 could be connected to.
+    crate::sys::with_umask(0o177, || UnixListener::bind(path))
+        .map_err(|e| format!("cannot bind socket {}: {e}", path.display()))
 }
+
+/// Widens a socket's permissions as the operator asked (`socket-mode`, `socket-group`,
+/// `socket-owner`), for a VMM that runs as another user.
+pub fn apply_socket_access(path: &Path, access: &SocketAccess) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let fail = |what: &str, e: &dyn std::fmt::Display| {
+        format!("cannot set the {what} of socket {}: {e}", path.display())
+    };
+    let owner = access.owner.as_deref().map(|o| lookup_id("/etc/passwd", o)).transpose()?;
+    let group = access.group.as_deref().map(|g| lookup_id("/etc/group", g)).transpose()?;
+    if owner.is_some() || group.is_some() {
+        std::os::unix::fs::chown(path, owner, group).map_err(|e| fail("owner or group", &e))?;
+    }
+    if let Some(mode) = access.mode {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| fail("mode", &e))?;
+    }
+    Ok(())
+}
+
+/// A user or group id: a number, or a name looked up in `/etc/passwd` or `/etc/group`.
+fn lookup_id(db: &str, name: &str) -> Result<u32, String> {
+    if let Ok(id) = name.parse::<u32>() {
+        return Ok(id);
+    }
+    let text = std::fs::read_to_string(db).map_err(|e| format!("reading {db}: {e}"))?;
+    text.lines()
+        .map(|line| line.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() > 2 && f[0] == name)
+        .and_then(|f| f[2].parse().ok())
+        .ok_or_else(|| format!("no '{name}' in {db}"))
+}
+
+/// How long the rest of a message, or the frontend's reading of a reply, may take.
+const MESSAGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Whether the connection must end after this error. Errors of our handler were answered
 /// (a REPLY_ACK failure) and the frontend may go on; a message the vhost crate refused got
@@ -125,19 +163,32 @@ impl ExportServer {
     }
 
     fn serve(&self, stream: UnixStream, log: &mut RateLimiter) {
+        // Once a message header has been peeked, its payload follows at once, and a frontend
+        // reads its replies: neither may block this thread (and the export) for long.
+        if stream.set_read_timeout(Some(MESSAGE_TIMEOUT)).is_err()
+            || stream.set_write_timeout(Some(MESSAGE_TIMEOUT)).is_err()
+        {
+            return;
+        }
         let Ok(handle) = stream.try_clone() else { return };
         *self.connection.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
         if self.listener.is_stopped() {
             return;
         }
         info!(export = %self.disk.name, "frontend connected");
-        let device = Arc::new(Mutex::new(BlkDevice::new(Arc::clone(&self.disk))));
+        let Ok(hangup) = stream.try_clone() else { return };
+        let hangup = Arc::new(std::os::fd::OwnedFd::from(hangup));
+        let device = Arc::new(Mutex::new(BlkDevice::new(Arc::clone(&self.disk), hangup)));
         let Ok(peek) = stream.try_clone() else { return };
         let mut handler = BackendReqHandler::from_stream(stream, Arc::clone(&device));
         loop {
             // SET_BACKEND_REQ_FD is ours (see backend_channel.rs); the rest goes to the crate.
             match backend_channel::peek_header(&peek) {
-                Ok(None) | Err(_) => break,
+                Ok(None) => break,
+                Err(e) => {
+                    warn_limited!(log, export = %self.disk.name, "closing the connection: {e}");
+                    break;
+                }
                 Ok(Some(h)) if h.request == backend_channel::SET_BACKEND_REQ_FD => {
                     let reply_ack = device.lock().unwrap_or_else(|p| p.into_inner()).reply_ack();
                     match backend_channel::take_channel(&peek, h, reply_ack) {
@@ -168,7 +219,12 @@ impl ExportServer {
             }
         }
         // Queues stop after their in-flight requests complete.
-        device.lock().unwrap_or_else(|p| p.into_inner()).stop_all();
+        let mut device = device.lock().unwrap_or_else(|p| p.into_inner());
+        if device.memory_faulted() {
+            warn_limited!(log, export = %self.disk.name, "closing the connection: the frontend's guest memory file shrank under a mapped region (truncated); its pages now read as zeroes and nothing more is served to it");
+        }
+        device.stop_all();
+        drop(device);
         *self.backend_channel.lock().unwrap_or_else(|p| p.into_inner()) = None;
         *self.connection.lock().unwrap_or_else(|p| p.into_inner()) = None;
         info!(export = %self.disk.name, "frontend disconnected");

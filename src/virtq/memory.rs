@@ -8,9 +8,12 @@
 use std::fmt;
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::ptr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+use super::fault;
 
 /// One region of guest memory, mapped into this process with `MAP_SHARED`.
 ///
@@ -25,6 +28,39 @@ pub struct MappedRegion {
     host: *mut u8,
     mmap_base: *mut libc::c_void,
     mmap_len: usize,
+    /// Its entry in the SIGBUS table (see `fault.rs`).
+    registration: fault::Registration,
+    /// The connection hung up on if the region's file shrinks; kept open while registered.
+    _hangup: Option<Arc<OwnedFd>>,
+}
+
+/// Guest memory mapped by the whole daemon, every connection's regions together (bytes).
+static MAPPED_BYTES: AtomicU64 = AtomicU64::new(0);
+/// The most guest memory the daemon maps at once (`--max-mapped-guest-memory`).
+static MAPPED_LIMIT_BYTES: AtomicU64 = AtomicU64::new(DEFAULT_MAPPED_LIMIT_BYTES);
+/// 64 TiB: half of x86-64's user address space, so one tenant's sparse regions cannot take
+/// the room every other tenant's mappings (and the daemon's own) need.
+pub const DEFAULT_MAPPED_LIMIT_BYTES: u64 = 64 << 40;
+
+/// Sets the daemon-wide limit on mapped guest memory.
+pub fn set_mapped_limit_bytes(bytes: u64) {
+    MAPPED_LIMIT_BYTES.store(bytes, Ordering::Relaxed);
+}
+
+/// Guest memory the daemon has mapped now (bytes).
+pub fn mapped_bytes() -> u64 {
+    MAPPED_BYTES.load(Ordering::Relaxed)
+}
+
+/// Takes `bytes` from the daemon-wide budget, or refuses.
+fn reserve_mapped(bytes: u64) -> Result<(), MemoryError> {
+    let limit = MAPPED_LIMIT_BYTES.load(Ordering::Relaxed);
+    MAPPED_BYTES
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |now| {
+            now.checked_add(bytes).filter(|&total| total <= limit)
+        })
+        .map(|_| ())
+        .map_err(|now| MemoryError::DaemonLimit { asked: bytes, mapped: now, limit })
 }
 
 // SAFETY: the region is plain shared memory; the pointer is only an address and every access
@@ -46,6 +82,12 @@ pub enum MemoryError {
     NotFound { guest_phys_addr: u64, size: u64 },
     /// More regions than we said we support.
     TooManyRegions { max: usize },
+    /// The connection's guest memory would exceed its `max-guest-memory`.
+    ConnectionLimit { total: u64, limit: u64 },
+    /// The daemon's mapped guest memory would exceed `--max-mapped-guest-memory`.
+    DaemonLimit { asked: u64, mapped: u64, limit: u64 },
+    /// The daemon maps as many guest regions as it can track.
+    TooManyMappings,
     /// mmap or fstat failed.
     Io(io::Error),
 }
@@ -66,6 +108,18 @@ impl fmt::Display for MemoryError {
                 write!(f, "no memory region at {guest_phys_addr:#x} size {size:#x}")
             }
             MemoryError::TooManyRegions { max } => write!(f, "more than {max} memory regions"),
+            MemoryError::ConnectionLimit { total, limit } => write!(
+                f,
+                "guest memory of {total} bytes is over this export's max-guest-memory of {limit}"
+            ),
+            MemoryError::DaemonLimit { asked, mapped, limit } => write!(
+                f,
+                "mapping {asked} more bytes of guest memory would exceed the daemon's limit of \
+                 {limit} ({mapped} mapped)"
+            ),
+            MemoryError::TooManyMappings => {
+                write!(f, "the daemon maps {} guest regions already", fault::MAX_MAPPINGS)
+            }
             MemoryError::Io(e) => write!(f, "mapping guest memory: {e}"),
         }
     }
@@ -75,13 +129,15 @@ impl std::error::Error for MemoryError {}
 
 impl MappedRegion {
     /// Maps `size` bytes of `file` from `mmap_offset`, to be found at `guest_phys_addr` in the
-    /// guest and at `user_addr` in the frontend's address space.
+    /// guest and at `user_addr` in the frontend's address space. If the file shrinks under
+    /// the mapping later, `hangup` (the frontend's connection) is shut down (see `fault.rs`).
     pub fn map(
         file: &File,
         mmap_offset: u64,
         guest_phys_addr: u64,
         size: u64,
         user_addr: u64,
+        hangup: Option<Arc<OwnedFd>>,
     ) -> Result<MappedRegion, MemoryError> {
         let bad = MemoryError::BadRange { guest_phys_addr, size };
         if size == 0
@@ -119,6 +175,20 @@ impl MappedRegion {
         if base == libc::MAP_FAILED {
             return Err(MemoryError::Io(io::Error::last_os_error()));
         }
+        let unmap = || {
+            // SAFETY: the mapping made just above, used by nothing yet.
+            unsafe { libc::munmap(base, mmap_len) };
+        };
+        if let Err(e) = reserve_mapped(mmap_len as u64) {
+            unmap();
+            return Err(e);
+        }
+        let hangup_fd = hangup.as_ref().map(|fd| fd.as_raw_fd());
+        let Some(registration) = fault::register(base as usize, mmap_len, hangup_fd) else {
+            MAPPED_BYTES.fetch_sub(mmap_len as u64, Ordering::AcqRel);
+            unmap();
+            return Err(MemoryError::TooManyMappings);
+        };
         Ok(MappedRegion {
             guest_phys_addr,
             size,
@@ -127,7 +197,14 @@ impl MappedRegion {
             host: unsafe { (base as *mut u8).add(delta) },
             mmap_base: base,
             mmap_len,
+            registration,
+            _hangup: hangup,
         })
+    }
+
+    /// Whether the region's file shrank under it (it is now anonymous zeroes; see `fault.rs`).
+    pub fn faulted(&self) -> bool {
+        fault::faulted(&self.registration)
     }
 
     pub fn guest_phys_addr(&self) -> u64 {
@@ -149,11 +226,14 @@ impl MappedRegion {
 
 impl Drop for MappedRegion {
     fn drop(&mut self) {
+        // Out of the SIGBUS table before the range can be reused by another mapping.
+        fault::unregister(&self.registration);
         // SAFETY: base and len are exactly what mmap returned; nothing references the mapping
         // any more because every user holds the Arc that is being dropped now.
         unsafe {
             libc::munmap(self.mmap_base, self.mmap_len);
         }
+        MAPPED_BYTES.fetch_sub(self.mmap_len as u64, Ordering::AcqRel);
     }
 }
 
@@ -186,6 +266,16 @@ impl GuestMemory {
 
     pub fn regions(&self) -> &[Arc<MappedRegion>] {
         &self.regions
+    }
+
+    /// Bytes of guest memory in the table.
+    pub fn total_bytes(&self) -> u64 {
+        self.regions.iter().map(|r| r.size).sum()
+    }
+
+    /// Whether any region's file shrank under it (see `fault.rs`).
+    pub fn faulted(&self) -> bool {
+        self.regions.iter().any(|r| r.faulted())
     }
 
     /// A table of exactly these regions (SET_MEM_TABLE).
@@ -359,6 +449,60 @@ impl GuestIov {
     }
 }
 
+/// Reads `dst.len()` bytes of guest memory from `src`: volatile (the guest may change them
+/// under us; each is read once), a machine word at a time where `src` is word-aligned.
+///
+/// # Safety
+/// `src..src + dst.len()` lies inside a live guest mapping.
+unsafe fn read_guest(src: *const u8, dst: &mut [u8]) {
+    const W: usize = std::mem::size_of::<u64>();
+    let n = dst.len();
+    let mut i = 0;
+    while i < n && (src as usize + i) % W != 0 {
+        // SAFETY: i < n: inside the range (the caller's promise).
+        dst[i] = unsafe { ptr::read_volatile(src.add(i)) };
+        i += 1;
+    }
+    while i + W <= n {
+        // SAFETY: an aligned word inside the range.
+        let word = unsafe { ptr::read_volatile(src.add(i).cast::<u64>()) };
+        dst[i..i + W].copy_from_slice(&word.to_ne_bytes());
+        i += W;
+    }
+    while i < n {
+        // SAFETY: i < n, as above.
+        dst[i] = unsafe { ptr::read_volatile(src.add(i)) };
+        i += 1;
+    }
+}
+
+/// Writes `src` into guest memory at `dst`: volatile, a word at a time where `dst` is
+/// word-aligned.
+///
+/// # Safety
+/// `dst..dst + src.len()` lies inside a live guest mapping.
+unsafe fn write_guest(dst: *mut u8, src: &[u8]) {
+    const W: usize = std::mem::size_of::<u64>();
+    let n = src.len();
+    let mut i = 0;
+    while i < n && (dst as usize + i) % W != 0 {
+        // SAFETY: i < n: inside the range (the caller's promise).
+        unsafe { ptr::write_volatile(dst.add(i), src[i]) };
+        i += 1;
+    }
+    while i + W <= n {
+        let word = u64::from_ne_bytes(src[i..i + W].try_into().unwrap_or_default());
+        // SAFETY: an aligned word inside the range.
+        unsafe { ptr::write_volatile(dst.add(i).cast::<u64>(), word) };
+        i += W;
+    }
+    while i < n {
+        // SAFETY: i < n, as above.
+        unsafe { ptr::write_volatile(dst.add(i), src[i]) };
+        i += 1;
+    }
+}
+
 /// Copies bytes out of a list of guest ranges, skipping the first `skip` bytes. Returns how
 /// many bytes were copied (less than `dst.len()` if the ranges were too short).
 pub fn copy_from_guest(iovs: &[GuestIov], mut skip: usize, dst: &mut [u8]) -> usize {
@@ -372,11 +516,8 @@ pub fn copy_from_guest(iovs: &[GuestIov], mut skip: usize, dst: &mut [u8]) -> us
             continue;
         }
         let n = (iov.len() - skip).min(dst.len() - done);
-        for (i, byte) in dst[done..done + n].iter_mut().enumerate() {
-            // SAFETY: skip + i < iov.len(): inside a live guest mapping (type invariant).
-            // Volatile, because the guest may change the bytes under us; we read each once.
-            *byte = unsafe { ptr::read_volatile(iov.0.iov_base.cast::<u8>().add(skip + i)) };
-        }
+        // SAFETY: skip + n <= iov.len(): inside a live guest mapping (type invariant).
+        unsafe { read_guest(iov.0.iov_base.cast::<u8>().add(skip), &mut dst[done..done + n]) };
         done += n;
         skip = 0;
     }
@@ -393,9 +534,7 @@ pub fn copy_to_guest(iovs: &[GuestIov], src: &[u8]) -> usize {
         let n = iov.len().min(src.len() - done);
         // SAFETY: n <= iov.len(): inside a live guest mapping (type invariant); src is ours
         // and cannot overlap guest memory.
-        unsafe {
-            ptr::copy_nonoverlapping(src[done..].as_ptr(), iov.0.iov_base.cast::<u8>(), n);
-        }
+        unsafe { write_guest(iov.0.iov_base.cast::<u8>(), &src[done..done + n]) };
         done += n;
     }
     done
@@ -429,6 +568,16 @@ pub struct BounceBuffer {
     iov: [GuestIov; 1],
 }
 
+/// Bounce memory allocated by the whole daemon (in flight or kept by a slot for reuse).
+static BOUNCE_BYTES: AtomicU64 = AtomicU64::new(0);
+/// The most bounce memory the daemon allocates at once, whatever its tenants do.
+pub const BOUNCE_DAEMON_LIMIT_BYTES: u64 = 1 << 30;
+
+/// Bounce memory the daemon holds now (bytes).
+pub fn bounce_bytes() -> u64 {
+    BOUNCE_BYTES.load(Ordering::Relaxed)
+}
+
 impl BounceBuffer {
     /// Alignment of every bounce buffer: a page, which satisfies any O_DIRECT rule.
     pub const ALIGN: usize = 4096;
@@ -443,15 +592,23 @@ impl BounceBuffer {
     }
 
     /// Makes the buffer `len` bytes long (keeping the allocation if it is large enough).
-    /// Returns false if memory could not be had; the buffer is then empty.
+    /// Returns false if memory could not be had (the allocator's, or the daemon's bounce
+    /// budget); the buffer is then empty.
     pub fn prepare(&mut self, len: usize) -> bool {
         if len > self.capacity {
             self.release();
             let capacity = len.next_multiple_of(Self::ALIGN);
             let Some(layout) = Self::layout(capacity) else { return false };
+            let reserved = BOUNCE_BYTES.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                n.checked_add(capacity as u64).filter(|&t| t <= BOUNCE_DAEMON_LIMIT_BYTES)
+            });
+            if reserved.is_err() {
+                return false;
+            }
             // SAFETY: the layout has a non-zero size (len > capacity >= 0) and a valid
             // power-of-two alignment.
             let Some(base) = ptr::NonNull::new(unsafe { std::alloc::alloc(layout) }) else {
+                BOUNCE_BYTES.fetch_sub(capacity as u64, Ordering::AcqRel);
                 return false;
             };
             self.base = base;
@@ -473,6 +630,7 @@ impl BounceBuffer {
             // SAFETY: base was allocated by `prepare` with exactly this layout and is freed
             // once (capacity goes to 0 right after).
             unsafe { std::alloc::dealloc(self.base.as_ptr(), layout) };
+            BOUNCE_BYTES.fetch_sub(self.capacity as u64, Ordering::AcqRel);
         }
         self.base = ptr::NonNull::dangling();
         self.capacity = 0;

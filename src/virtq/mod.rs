@@ -1,6 +1,7 @@
 //! [virtq] The virtqueue engine on guest memory: the only layer that turns guest addresses
 //! into host pointers and reads or writes the rings.
 
+pub mod fault;
 pub mod memory;
 pub mod split;
 #[cfg(test)]

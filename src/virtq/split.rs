@@ -96,6 +96,8 @@ pub struct ChainOutcome {
     /// The last byte of the chain's last descriptor, if it is device-writable and inside guest
     /// memory: where a failed request's status byte goes.
     pub tail: Option<GuestIov>,
+    /// The longest buffer descriptor's length (what virtio-blk's size_max bounds).
+    pub longest_bytes: u32,
 }
 
 #[derive(Clone, Copy)]
@@ -323,6 +325,7 @@ impl SplitQueue {
             } else if seen_writable {
                 return Err(ChainError::ReadableAfterWritable);
             }
+            outcome.longest_bytes = outcome.longest_bytes.max(d.len);
             if !outcome.unusable && !mem.translate(d.addr, d.len, |iov| sink.push(iov, writable)) {
                 outcome.unusable = true;
             }

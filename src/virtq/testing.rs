@@ -15,7 +15,7 @@ pub fn guest_ram(bytes: u64) -> (File, GuestMemory) {
     // SAFETY: memfd_create with a valid name; the fd it returns is ours alone.
     let file = unsafe { File::from_raw_fd(libc::memfd_create(c"guest".as_ptr(), 0)) };
     file.set_len(bytes).unwrap();
-    let region = MappedRegion::map(&file, 0, 0, bytes, USER_BASE).unwrap();
+    let region = MappedRegion::map(&file, 0, 0, bytes, USER_BASE, None).unwrap();
     let mem = GuestMemory::default().with_region(region).unwrap();
     (file, mem)
 }

@@ -14,6 +14,12 @@ use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_blkplane");
 
+/// The daemon binary the tests start: this build's, or `BLKPLANE_TEST_BIN` (to show that a
+/// new test fails on an older build).
+pub fn daemon_bin() -> String {
+    std::env::var("BLKPLANE_TEST_BIN").unwrap_or_else(|_| BIN.to_string())
+}
+
 /// A running `blkplane serve`, stopped (SIGTERM) when dropped.
 pub struct Daemon {
     child: Option<Child>,
@@ -42,7 +48,7 @@ impl Daemon {
         let log_path = dir
             .join(format!("daemon-{}.log", std::process::id() as u64 * 1000 + rand_u16() as u64));
         let log = fs::File::create(&log_path).unwrap();
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(daemon_bin());
         cmd.arg("serve").arg("--log-level").arg("debug").args(args);
         let child = cmd.stdout(Stdio::null()).stderr(log).spawn().expect("spawn blkplane");
         let mut d = Daemon { child: Some(child), log_path };

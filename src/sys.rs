@@ -1,0 +1,65 @@
+//! Thin safe wrappers over the few system calls the control side needs that touch no guest
+//! pointer: checking descriptors a frontend hands us, file-creation masks, CPU affinity.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Mutex;
+
+/// Accepts `file` as a kick, call or err descriptor only if it is an eventfd, and makes it
+/// non-blocking: a pipe, a regular file or a blocking eventfd near overflow would otherwise
+/// block or spin the I/O thread that reads or writes it.
+pub fn checked_eventfd(file: File) -> io::Result<File> {
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
+    if link.as_os_str() != "anon_inode:[eventfd]" {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("not an eventfd ({})", link.display()),
+        ));
+    }
+    set_nonblocking(file.as_raw_fd())?;
+    Ok(file)
+}
+
+/// Sets O_NONBLOCK on `fd`.
+pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor we hold open; F_GETFL/F_SETFL take no pointers.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Serializes the code that changes the process's umask (it is process-wide).
+static UMASK: Mutex<()> = Mutex::new(());
+
+/// Runs `f` with the file-creation mask `mask`, so that what `f` creates (a socket: bind has
+/// no mode argument) never exists with looser permissions, not even for a moment.
+pub fn with_umask<T>(mask: libc::mode_t, f: impl FnOnce() -> T) -> T {
+    let _guard = UMASK.lock().unwrap_or_else(|p| p.into_inner());
+    // SAFETY: umask has no memory-safety preconditions.
+    let old = unsafe { libc::umask(mask) };
+    let result = f();
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    result
+}
+
+/// The CPU ids this process may run on (its affinity mask, which cpusets narrow).
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: an all-zero cpu_set_t is valid; sched_getaffinity writes at most its size.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; pid 0 is this thread.
+    let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if rc != 0 {
+        let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        return (0..n).collect();
+    }
+    // SAFETY: CPU_ISSET reads inside the set for every id below CPU_SETSIZE.
+    (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).collect()
+}
