@@ -8,12 +8,14 @@ mod common;
 
 use std::fs;
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::frontend::*;
+use common::raw::*;
+use vhost::VhostBackend;
 use common::{make_image, pattern, tmpdir, Client, Daemon};
 
 const IMAGE_BYTES: u64 = 8 << 20;
@@ -28,11 +30,15 @@ struct Tenants {
 }
 
 fn tenants(a_extra: &str) -> Tenants {
-    tenants_with(a_extra, &[])
+    tenants_with(a_extra, &[], tmpdir())
 }
 
-fn tenants_with(a_extra: &str, daemon_args: &[&str]) -> Tenants {
-    let dir = tmpdir();
+/// A directory on the root filesystem (ext4 here), where O_DIRECT wants aligned buffers.
+fn disk_dir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("blkplane-test").tempdir_in("/var/tmp").unwrap()
+}
+
+fn tenants_with(a_extra: &str, daemon_args: &[&str], dir: tempfile::TempDir) -> Tenants {
     let a_image = dir.path().join("a.raw");
     let b_image = dir.path().join("b.raw");
     make_image(&a_image, IMAGE_BYTES, 1);
@@ -121,5 +127,293 @@ fn partial_header_then_eof_is_a_disconnect_and_a_stalled_one_times_out() {
     let mut again = UnixStream::connect(&t.a_sock).unwrap();
     again.write_all(&[1, 0]).unwrap();
     std::thread::sleep(Duration::from_millis(200));
+    t.stops();
+}
+
+// 2. Guest RAM that shrinks under the daemon.
+
+const QSIZE: u16 = 64;
+const WANT: u64 = F_RING_INDIRECT_DESC | F_RING_EVENT_IDX;
+
+/// A read through the test frontend returns the image's bytes.
+fn frontend_reads(fe: &mut TestFrontend, seed: u64) {
+    let (c, data) = fe.request(0, T_IN, 8, &[], 4096);
+    assert_eq!(c.status, S_OK);
+    assert!(data == pattern(seed, 8 * 512, 4096), "wrong bytes");
+}
+
+fn memfd_ram(seal: bool) -> GuestRam {
+    let ram = GuestRam::memfd();
+    if seal {
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        // SAFETY: fcntl on our memfd.
+        assert_eq!(unsafe { libc::fcntl(ram.file.as_raw_fd(), libc::F_ADD_SEALS, seals) }, 0);
+    }
+    ram
+}
+
+fn file_ram(path: &Path) -> GuestRam {
+    let file = fs::OpenOptions::new().read(true).write(true).create(true).open(path).unwrap();
+    file.set_len(RAM_BYTES as u64).unwrap();
+    GuestRam::map(file)
+}
+
+/// A hugetlbfs mount with enough 2 MiB pages reserved for one guest RAM, or why not.
+struct Hugetlbfs {
+    dir: PathBuf,
+}
+
+impl Hugetlbfs {
+    fn mount(at: &Path) -> Result<Hugetlbfs, String> {
+        let nr = "/proc/sys/vm/nr_hugepages";
+        let have: u64 = fs::read_to_string(nr).map_err(|e| e.to_string())?.trim().parse().unwrap();
+        let need = (RAM_BYTES as u64 >> 21) * 2;
+        let free: u64 = fs::read_to_string("/proc/meminfo")
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("HugePages_Free:"))
+            .map(|v| v.trim().parse().unwrap())
+            .unwrap_or(0);
+        if free < need {
+            fs::write(nr, (have + need).to_string()).map_err(|e| format!("{nr}: {e}"))?;
+        }
+        fs::create_dir_all(at).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "hugetlbfs", "-o", "pagesize=2M", "blkplane-test"])
+            .arg(at)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        Ok(Hugetlbfs { dir: at.to_path_buf() })
+    }
+}
+
+impl Drop for Hugetlbfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
+}
+
+#[test]
+fn guest_ram_backings_serve_and_a_shrunk_one_costs_only_its_connection() {
+    let mut t = tenants("");
+    let huge = Hugetlbfs::mount(&t.dir.path().join("huge"));
+    // Every kind of guest RAM QEMU shares serves a read.
+    let mut kinds: Vec<(&str, GuestRam, bool)> = vec![
+        ("memfd", memfd_ram(false), true),
+        ("sealed memfd", memfd_ram(true), false),
+        ("file on tmpfs", file_ram(&t.dir.path().join("ram")), true),
+    ];
+    match &huge {
+        Ok(h) => kinds.push(("file on hugetlbfs", file_ram(&h.dir.join("ram")), true)),
+        Err(e) => panic!("this kernel offers hugetlbfs, but it could not be set up: {e}"),
+    }
+    let mut shrunk = 0;
+    for (what, ram, can_shrink) in kinds {
+        let mut fe = TestFrontend::connect_with_ram(&t.a_sock, 1, QSIZE, WANT, ram);
+        frontend_reads(&mut fe, 1);
+        if !can_shrink {
+            // The seal holds: the frontend cannot shrink it, the daemon never sees SIGBUS.
+            assert!(fe.ram.file.set_len(0).is_err(), "{what}: seal did not hold");
+            continue;
+        }
+        // The frontend truncates its RAM (rings, descriptors and buffers with it) and kicks.
+        fe.ram.file.set_len(0).unwrap();
+        fe.kick(0);
+        shrunk += 1;
+        let lines = |t: &Tenants| t.daemon.log().matches("guest memory file shrank").count();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while lines(&t) < shrunk && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(t.daemon.alive(), "{what}: the daemon died:\n{}", t.daemon.log());
+        assert_eq!(lines(&t), shrunk, "{what}: no log line:\n{}", t.daemon.log());
+        // That connection is gone: the next message fails.
+        assert!(fe.fe.get_features().is_err(), "{what}: connection still served");
+        drop(fe);
+        t.neighbour_serves();
+        t.own_export_serves();
+    }
+    t.stops();
+}
+
+// 3. Request size: seg_max and size_max are enforced; bounce memory is bounded.
+
+#[test]
+fn requests_over_the_advertised_limits_get_ioerr_and_bounce_memory_stays_bounded() {
+    let mut t = tenants_with("", &[], disk_dir());
+    let mut fe = TestFrontend::connect(&t.a_sock, 1, QSIZE, WANT);
+    let cfg = fe.config(16);
+    let size_max = u32::from_le_bytes(cfg[8..12].try_into().unwrap());
+    assert_eq!(size_max, 1 << 20, "size_max advertised");
+    let hdr = HEADER_AREA;
+    let status = HEADER_AREA + 64;
+
+    // One 2 MiB buffer: over size_max.
+    fe.ram.write(hdr, &header(T_IN, 0));
+    fe.ram.write(DATA_AREA, &[0xEE; 16]);
+    let c = fe
+        .submit_chain(
+            0,
+            &[
+                Buf { gpa: hdr, len: 16, writable: false },
+                Buf { gpa: DATA_AREA, len: 2 << 20, writable: true },
+                Buf { gpa: status, len: 1, writable: true },
+            ],
+        )
+        .unwrap();
+    assert_eq!((c.status, c.used_len), (S_IOERR, 1), "a buffer over size_max");
+    assert_eq!(fe.ram.read(DATA_AREA, 16), vec![0xEE; 16], "nothing was read into it");
+
+    // 8 buffers of 1 MiB, all the same guest range at an odd address, under O_DIRECT: within
+    // every limit, served through one 8 MiB bounce buffer.
+    fe.ram.write(hdr, &header(T_IN, 0));
+    let mut bufs = vec![Buf { gpa: hdr, len: 16, writable: false }];
+    bufs.extend([Buf { gpa: DATA_AREA + 1, len: 1 << 20, writable: true }; 8]);
+    bufs.push(Buf { gpa: status, len: 1, writable: true });
+    let c = fe.submit_chain(0, &bufs).unwrap();
+    assert_eq!((c.status, c.used_len), (S_OK, (8 << 20) + 1), "8 MiB through one bounce");
+    let data = fe.ram.read(DATA_AREA + 1, 4096);
+    assert!(data == pattern(1, 7 << 20, 4096), "the last buffer's bytes are last");
+    drop(fe);
+    t.neighbour_serves();
+    t.stops();
+}
+
+/// Peak resident memory of a process (VmHWM), in bytes.
+fn peak_rss_bytes(pid: i32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb << 10
+}
+
+#[test]
+fn one_request_cannot_make_the_daemon_bounce_hundreds_of_megabytes() {
+    let dir = disk_dir();
+    let image = dir.path().join("big.raw");
+    fs::File::create(&image).unwrap().set_len(256 << 20).unwrap();
+    let sock = dir.path().join("big.sock");
+    let spec = format!("socket={},image={},queue-size=256", sock.display(), image.display());
+    let mut daemon = Daemon::start(dir.path(), &[spec]);
+    let mut fe = TestFrontend::connect(&sock, 1, 256, WANT);
+    // 200 buffers of 1 MiB, every one the same guest range at an odd address: each within
+    // size_max, together 200 MiB that O_DIRECT cannot take as they are.
+    fe.ram.write(HEADER_AREA, &header(T_IN, 0));
+    let mut bufs = vec![Buf { gpa: HEADER_AREA, len: 16, writable: false }];
+    bufs.extend([Buf { gpa: DATA_AREA + 1, len: 1 << 20, writable: true }; 200]);
+    bufs.push(Buf { gpa: HEADER_AREA + 64, len: 1, writable: true });
+    let c = fe.submit_indirect(0, &bufs).unwrap();
+    assert_eq!((c.status, c.used_len), (S_IOERR, 1), "200 MiB of bounce for one request");
+    let peak = peak_rss_bytes(daemon.pid());
+    assert!(peak < 100 << 20, "the daemon's resident memory peaked at {peak} bytes");
+    // The queue goes on serving.
+    let (c, _) = fe.request(0, T_IN, 0, &[], 4096);
+    assert_eq!(c.status, S_OK);
+    drop(fe);
+    assert!(daemon.stop().success());
+}
+
+// 5. Kick, call and err descriptors.
+
+fn pipe() -> (fs::File, fs::File) {
+    let mut fds = [0; 2];
+    // SAFETY: pipe writes two fds into the array.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: fresh fds we own.
+    unsafe { (fs::File::from_raw_fd(fds[0]), fs::File::from_raw_fd(fds[1])) }
+}
+
+#[test]
+fn only_eventfds_are_taken_as_vring_descriptors_and_they_never_block() {
+    let mut t = tenants("");
+    let raw = RawFrontend::connect(&t.a_sock);
+    raw.negotiate();
+    let (pipe_r, _pipe_w) = pipe();
+    let regular = fs::File::create(t.dir.path().join("not-an-eventfd")).unwrap();
+    let efd = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+    for (what, request, fd) in [
+        ("a pipe as call", SET_VRING_CALL, pipe_r.as_raw_fd()),
+        ("a regular file as kick", SET_VRING_KICK, regular.as_raw_fd()),
+        ("a pipe as err", SET_VRING_ERR, pipe_r.as_raw_fd()),
+    ] {
+        let status = raw.ack(request, &0u64.to_le_bytes(), &[fd]).unwrap();
+        assert_ne!(status, 0, "{what} was accepted");
+    }
+    // An eventfd is accepted, and the connection still answers.
+    assert_eq!(raw.ack(SET_VRING_CALL, &0u64.to_le_bytes(), &[efd.as_raw_fd()]).unwrap(), 0);
+    assert_eq!(raw.get_u64(GET_QUEUE_NUM).unwrap(), 1);
+    drop(raw);
+
+    // A blocking eventfd whose counter is one below overflow, as the call descriptor: the
+    // daemon's interrupt cannot be added, and must not wait for room.
+    let mut fe = TestFrontend::connect(&t.a_sock, 1, QSIZE, WANT);
+    let full = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+    full.write(u64::MAX - 1).unwrap();
+    fe.fe.set_vring_call(0, &full).unwrap();
+    for _ in 0..3 {
+        frontend_reads(&mut fe, 1);
+    }
+    drop(fe);
+    t.neighbour_serves();
+    t.stops();
+}
+
+// 6. Address-space exhaustion: mapped guest memory is capped per connection and per daemon.
+
+/// A sparse memfd of `bytes`.
+fn sparse_memfd(bytes: u64) -> fs::File {
+    // SAFETY: memfd_create with a valid name.
+    let fd = unsafe { libc::memfd_create(c"sparse-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: a fresh fd we own.
+    let f = unsafe { fs::File::from_raw_fd(fd) };
+    f.set_len(bytes).unwrap();
+    f
+}
+
+fn map_ram(sock: &Path, bytes: u64, file: &fs::File) -> (RawFrontend, u64) {
+    let raw = RawFrontend::connect(sock);
+    raw.negotiate();
+    let status = raw
+        .ack(SET_MEM_TABLE, &mem_table(&[(0, bytes, 0x7000_0000_0000, 0)]), &[file.as_raw_fd()])
+        .unwrap();
+    (raw, status)
+}
+
+#[test]
+fn mapped_guest_memory_is_capped_per_connection_and_per_daemon() {
+    let mut t = tenants_with(",max-guest-memory=96M", &["--max-mapped-guest-memory", "160M"], tmpdir());
+    let ram = sparse_memfd(4 << 40);
+    // Over the export's own cap: refused, before anything is mapped.
+    let (raw, status) = map_ram(&t.a_sock, 128 << 20, &ram);
+    assert_ne!(status, 0, "128 MiB over max-guest-memory=96M accepted");
+    // The same connection can still give a table within it.
+    assert_eq!(raw.ack(SET_MEM_TABLE, &mem_table(&[(0, 64 << 20, 0x7000_0000_0000, 0)]), &[ram.as_raw_fd()]).unwrap(), 0);
+    assert!(t.daemon.log().contains("over this export's max-guest-memory"), "{}", t.daemon.log());
+    // b has the default cap (1 TiB): 2 TiB in one region is refused.
+    let (_b_big, status) = map_ram(&t.b_sock, 2 << 40, &ram);
+    assert_ne!(status, 0, "2 TiB over the default max-guest-memory accepted");
+    drop(_b_big);
+    std::thread::sleep(Duration::from_millis(200));
+    // a holds 64 MiB of the daemon's 160: b may have 96 more, not 128.
+    let (b, status) = map_ram(&t.b_sock, 128 << 20, &ram);
+    assert_ne!(status, 0, "the daemon-wide cap let 64 + 128 MiB through");
+    assert!(t.daemon.log().contains("exceed the daemon's limit"), "{}", t.daemon.log());
+    assert_eq!(b.ack(SET_MEM_TABLE, &mem_table(&[(0, 96 << 20, 0x7000_0000_0000, 0)]), &[ram.as_raw_fd()]).unwrap(), 0);
+    drop(b);
+    // Once a hangs up, its memory goes back to the daemon's budget.
+    drop(raw);
+    std::thread::sleep(Duration::from_millis(300));
+    let (_b, status) = map_ram(&t.b_sock, 150 << 20, &ram);
+    assert_eq!(status, 0, "memory not returned after a disconnect:\n{}", t.daemon.log());
+    drop(_b);
+    std::thread::sleep(Duration::from_millis(200));
+    t.neighbour_serves();
     t.stops();
 }

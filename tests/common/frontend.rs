@@ -45,18 +45,27 @@ pub const HEADER_AREA: u64 = 0x20_0000;
 pub const DATA_AREA: u64 = 0x40_0000;
 
 pub struct GuestRam {
-    file: File,
+    pub file: File,
     ptr: *mut u8,
 }
 
 impl GuestRam {
-    fn new() -> GuestRam {
+    /// A memfd of RAM_BYTES (what QEMU's memory-backend-memfd gives).
+    pub fn memfd() -> GuestRam {
         // SAFETY: memfd_create with a valid C string.
-        let fd = unsafe { libc::memfd_create(c"guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe {
+            libc::memfd_create(c"guest-ram".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        };
         assert!(fd >= 0);
         // SAFETY: a fresh fd we own.
         let file = unsafe { File::from_raw_fd(fd) };
         file.set_len(RAM_BYTES as u64).unwrap();
+        GuestRam::map(file)
+    }
+
+    /// RAM_BYTES of `file` (sized by the caller), as memory-backend-file shares it.
+    pub fn map(file: File) -> GuestRam {
+        assert!(file.metadata().unwrap().len() >= RAM_BYTES as u64);
         // SAFETY: a new shared mapping of our memfd.
         let ptr = unsafe {
             libc::mmap(
@@ -146,6 +155,17 @@ pub struct TestFrontend {
 impl TestFrontend {
     /// Connects and sets up `num_queues` queues of `size`, acking `want` of what is offered.
     pub fn connect(sock: &Path, num_queues: usize, size: u16, want: u64) -> TestFrontend {
+        Self::connect_with_ram(sock, num_queues, size, want, GuestRam::memfd())
+    }
+
+    /// Like `connect`, with guest RAM of the caller's making.
+    pub fn connect_with_ram(
+        sock: &Path,
+        num_queues: usize,
+        size: u16,
+        want: u64,
+        ram: GuestRam,
+    ) -> TestFrontend {
         let mut fe = Frontend::connect(sock, num_queues as u64).expect("vhost-user connect");
         fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         fe.set_owner().unwrap();
@@ -160,7 +180,6 @@ impl TestFrontend {
         assert!(proto.contains(need), "protocol features {proto:?}");
         fe.set_protocol_features(need).unwrap();
         assert!(fe.get_queue_num().unwrap() >= num_queues as u64);
-        let ram = GuestRam::new();
         fe.set_mem_table(&[VhostUserMemoryRegionInfo {
             guest_phys_addr: 0,
             memory_size: RAM_BYTES as u64,

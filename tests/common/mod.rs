@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod frontend;
+pub mod raw;
 
 use std::fs;
 use std::io::Read;
