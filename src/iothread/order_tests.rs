@@ -36,7 +36,8 @@ enum Op {
     Read,
     Write { dsync: bool },
     Flush,
-    Other,
+    /// DISCARD or WRITE_ZEROES (fallocate).
+    Fallocate,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,7 +72,7 @@ impl<E: Engine> Engine for Recorder<E> {
             IoOp::Read { .. } => Op::Read,
             IoOp::Write { dsync, .. } => Op::Write { dsync },
             IoOp::Flush => Op::Flush,
-            _ => Op::Other,
+            IoOp::Discard { .. } | IoOp::WriteZeroes { .. } => Op::Fallocate,
         };
         self.ops[usize::from(tag)] = kind;
         record(&self.log, Event::Queued(tag, kind));
@@ -221,7 +222,7 @@ fn serve<E: Engine + 'static>(
         worker::serve(disk, setup, thread_stop, ready_tx, |size| {
             let always_ready = EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK)?;
             always_ready.write(1)?;
-            let ops = vec![Op::Other; usize::from(size)];
+            let ops = vec![Op::Read; usize::from(size)];
             Ok(Recorder { inner: make(fd, size)?, log, ops, held: Vec::new(), always_ready })
         })
     });
@@ -273,6 +274,15 @@ fn contract<E: Engine + 'static>(
     let data: Vec<u8> = (0..DATA_BYTES).map(|i| (i % 251) as u8).collect();
     assert_eq!(guest.request(&log, req_type::OUT, 8, Some(&data)), status::OK);
     assert_eq!(guest.request(&log, req_type::FLUSH, 0, None), status::OK);
+    // A discard and a write-zeroes of 8 sectors each, away from the data.
+    let segment = |sector: u64| {
+        let mut seg = sector.to_le_bytes().to_vec();
+        seg.extend(8u32.to_le_bytes());
+        seg.extend(0u32.to_le_bytes());
+        seg
+    };
+    assert_eq!(guest.request(&log, req_type::DISCARD, 0, Some(&segment(64))), status::OK);
+    assert_eq!(guest.request(&log, req_type::WRITE_ZEROES, 0, Some(&segment(96))), status::OK);
     served.stop();
     assert_eq!(&std::fs::read(&image).unwrap()[4096..4096 + data.len()], &data[..]);
 
@@ -300,8 +310,12 @@ fn contract<E: Engine + 'static>(
         panic!("{what}: no write reached the engine: {log:#?}")
     };
     let durable_at_completion = fd_flags & libc::O_DSYNC != 0 || *dsync;
-    let flush_queued = log.iter().position(|e| matches!(e, Event::Queued(_, Op::Flush)));
-    let flush_done = log.iter().position(|e| matches!(e, Event::Done(_, Op::Flush, 0)));
+    // The FLUSH request's own fdatasync, if any (later ones belong to discard/write-zeroes).
+    let before_flush_ack = &log[..flush_acked];
+    let flush_queued =
+        before_flush_ack.iter().position(|e| matches!(e, Event::Queued(_, Op::Flush)));
+    let flush_done =
+        before_flush_ack.iter().position(|e| matches!(e, Event::Done(_, Op::Flush, 0)));
     match mode {
         CacheMode::None | CacheMode::Writeback if !wce_off => {
             assert!(!durable_at_completion, "{what}: writes should use the write cache");
@@ -326,6 +340,31 @@ fn contract<E: Engine + 'static>(
                 "{what}: a write was acknowledged before it was durable"
             );
             assert!(flush_queued.is_none() || flush_done.is_some_and(|d| d < flush_acked));
+        }
+    }
+
+    // DISCARD and WRITE_ZEROES change the disk through fallocate, which O_DSYNC does not
+    // make durable: under a write-through contract an fdatasync must return between the
+    // fallocate and the acknowledgement.
+    let write_through = mode != CacheMode::Unsafe && (wce_off || !mode.write_cache());
+    let fallocates: Vec<usize> = log
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| matches!(e, Event::Done(_, Op::Fallocate, r) if *r >= 0))
+        .map(|(i, _)| i)
+        .collect();
+    for (n, kind) in [req_type::DISCARD, req_type::WRITE_ZEROES].into_iter().enumerate() {
+        let acked = position(&log, |e| *e == Event::Acked(kind, status::OK), "range ack");
+        let done = *fallocates
+            .get(n)
+            .unwrap_or_else(|| panic!("{what}: request {kind} reached no fallocate: {log:#?}"));
+        assert!(done < acked, "{what}: request {kind} acknowledged before fallocate returned");
+        let synced = log[done..acked].iter().any(|e| matches!(e, Event::Done(_, Op::Flush, 0)));
+        if write_through {
+            assert!(
+                synced,
+                "{what}: request {kind} acknowledged before an fdatasync made it durable: {log:#?}"
+            );
         }
     }
 }
