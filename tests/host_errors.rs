@@ -1,12 +1,15 @@
 //! Errors from the host's side: a backing filesystem that fills up gives the guest IOERR for
 //! the requests that hit it, is logged at a bounded rate, and the daemon and its other
-//! exports keep serving.
+//! exports keep serving; a filesystem that refuses fallocate ends write-zeroes with IOERR
+//! instead of looping; a flush that failed once keeps failing (the kernel reports it once).
 
 mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use blkio::ReqFlags;
+use blkplane::control::ControlClient;
 use common::{make_image, pattern, tmpdir, Client, Daemon};
 
 const EIO: i32 = -libc::EIO;
@@ -101,4 +104,112 @@ fn a_full_filesystem_fails_writes_with_ioerr_with_native_aio() {
 #[test]
 fn a_full_filesystem_fails_writes_with_ioerr_with_threads() {
     full_filesystem("threads");
+}
+
+/// A ramfs mounted for the test, unmounted when dropped. ramfs refuses both
+/// FALLOC_FL_ZERO_RANGE and FALLOC_FL_PUNCH_HOLE, as vfat, NFS and many FUSE filesystems do.
+struct Ramfs(PathBuf);
+
+impl Ramfs {
+    fn mount(at: &Path) -> Ramfs {
+        std::fs::create_dir_all(at).unwrap();
+        let out = Command::new("mount").args(["-t", "ramfs", "blkplane-test"]).arg(at).output().unwrap();
+        assert!(out.status.success(), "mount: {}", String::from_utf8_lossy(&out.stderr));
+        Ramfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Ramfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn write_zeroes_on_a_filesystem_without_fallocate(aio: &str) {
+    let dir = tmpdir();
+    let fs = Ramfs::mount(&dir.path().join("ramfs"));
+    let image = fs.0.join("disk.raw");
+    make_image(&image, 4 << 20, 3);
+    let sock = dir.path().join("fat.sock");
+    let spec = format!("socket={},image={},aio={aio},cache=writeback", sock.display(), image.display());
+    let mut daemon = Daemon::start(dir.path(), &[spec]);
+    let mut c = Client::connect(&sock, 1);
+    // ZERO_RANGE refused, then PUNCH_HOLE refused: IOERR, once each, at once.
+    for (what, flags) in [("write-zeroes", ReqFlags::NO_UNMAP), ("again", ReqFlags::NO_UNMAP), ("unmap", ReqFlags::empty())] {
+        assert_eq!(c.write_zeroes(0, 65536, 65536, flags), EIO, "{what}");
+    }
+    // Nothing was zeroed; the queue serves on.
+    assert!(c.read_at(0, 65536, 65536, 0).unwrap() == pattern(3, 65536, 65536));
+    assert_eq!(c.write_at(0, 0, &[7u8; 4096], 0), 0);
+    drop(c);
+    assert!(daemon.stop().success(), "{}", daemon.log());
+}
+
+#[test]
+fn write_zeroes_ends_with_ioerr_when_the_filesystem_refuses_fallocate() {
+    write_zeroes_on_a_filesystem_without_fallocate("io_uring");
+    write_zeroes_on_a_filesystem_without_fallocate("threads");
+    write_zeroes_on_a_filesystem_without_fallocate("native");
+}
+
+/// A loop device over a sparse file on a full tmpfs: writes land in the page cache, and
+/// fail only when they are written back (at fdatasync).
+struct FailingDevice {
+    dev: String,
+    _fs: SmallTmpfs,
+}
+
+impl FailingDevice {
+    fn new(dir: &Path) -> FailingDevice {
+        let fs = SmallTmpfs::mount(&dir.join("small"));
+        let backing = fs.0.join("sparse.raw");
+        std::fs::File::create(&backing).unwrap().set_len(16 << 20).unwrap();
+        let out = Command::new("losetup").args(["--find", "--show"]).arg(&backing).output().unwrap();
+        assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+        let dev = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        FailingDevice { dev, _fs: fs }
+    }
+}
+
+impl Drop for FailingDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
+    }
+}
+
+#[test]
+fn a_failed_flush_fails_every_later_flush_until_the_export_is_reopened() {
+    let dir = tmpdir();
+    let device = FailingDevice::new(dir.path());
+    let sock = dir.path().join("dev.sock");
+    let ctl = dir.path().join("ctl.sock");
+    let spec = format!("id=dev,socket={},image={},cache=writeback", sock.display(), device.dev);
+    let args = ["--control".to_string(), ctl.display().to_string(), "--export".into(), spec.clone()];
+    let mut daemon = Daemon::start_with(dir.path(), &args, &[sock.clone()]);
+    let mut c = Client::connect(&sock, 1);
+    for i in 0..64u64 {
+        assert_eq!(c.write_at(0, i << 16, &pattern(i, 0, 65536), 0), 0, "write {i} (page cache)");
+    }
+    assert_eq!(c.flush(0), EIO, "the write-back failed");
+    // The kernel has reported the error once; the daemon keeps reporting it.
+    assert_eq!(c.flush(0), EIO, "a second flush succeeded after lost writes");
+    assert_eq!(c.write_at(0, 0, &[1u8; 4096], 0), 0);
+    assert_eq!(c.flush(0), EIO, "a third flush");
+    let mut control = ControlClient::connect(&ctl).unwrap();
+    let stats = control.call("query-stats", serde_json::json!({"id": "dev"})).unwrap();
+    let export = &stats["result"][0];
+    assert_eq!(export["flush_failed"], true, "{stats}");
+    assert!(export["queues"][0]["flush_errors"].as_u64().unwrap() >= 1, "{stats}");
+    assert_eq!(daemon.log().matches("flush failed: ").count(), 1, "logged once:\n{}", daemon.log());
+    // Reopened (removed and added again), the export flushes what it has from then on.
+    drop(c);
+    let r = control.call("remove-export", serde_json::json!({"id": "dev", "force": true})).unwrap();
+    assert!(r.get("error").is_none(), "{r}");
+    let add = serde_json::json!({"id": "dev", "socket": sock.display().to_string(), "image": device.dev, "cache": "writeback"});
+    let r = control.call("add-export", add).unwrap();
+    assert!(r.get("error").is_none(), "{r}");
+    let mut c = Client::connect(&sock, 1);
+    assert_eq!(c.flush(0), 0, "a reopened export forgets the old error");
+    drop(c);
+    assert!(daemon.stop().success());
 }
