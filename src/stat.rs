@@ -102,6 +102,11 @@ pub fn run(control: &Path, interval: Duration, count: Option<u64>) -> Result<(),
     let mut shown = 0;
     while count.is_none_or(|c| shown < c) {
         std::thread::sleep(interval);
+        if interval >= crate::control::IDLE_TIMEOUT {
+            // The daemon closes control connections idle that long: ask on a fresh one.
+            client = ControlClient::connect(control)
+                .map_err(|e| format!("cannot connect to {}: {e}", control.display()))?;
+        }
         let stats = query(&mut client)?;
         let seconds = at.elapsed().as_secs_f64();
         at = Instant::now();

@@ -229,3 +229,19 @@ fn images_are_locked_like_qemu_locks_them() {
         );
     }
 }
+
+#[test]
+fn cpus_must_be_ones_the_process_may_use() {
+    let dir = tmpdir();
+    let image = dir.path().join("disk.raw");
+    make_image(&image, 1 << 20, 1);
+    let sock = dir.path().join("s.sock");
+    // Confined to CPU 0 (as a cpuset would), CPU 1 exists but is not ours to pin to.
+    let out = Command::new("taskset")
+        .args(["-c", "0", &common::daemon_bin(), "serve", "--export"])
+        .arg(format!("socket={},image={},cpus=1", sock.display(), image.display()))
+        .output()
+        .expect("taskset (util-linux)");
+    assert_usage_error(&out, "cpus=1: CPU 1 is not one this process may use (allowed: 0)");
+    assert!(!sock.exists(), "a socket was left behind");
+}

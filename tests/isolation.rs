@@ -417,3 +417,259 @@ fn mapped_guest_memory_is_capped_per_connection_and_per_daemon() {
     t.neighbour_serves();
     t.stops();
 }
+
+// 9. The metrics endpoint.
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// One scrape: the status line and how long it took.
+fn scrape(port: u16) -> (String, Duration) {
+    let start = Instant::now();
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    let _ = s.read_to_string(&mut reply);
+    (reply.lines().next().unwrap_or("").to_string(), start.elapsed())
+}
+
+#[test]
+fn the_metrics_endpoint_bounds_requests_and_serves_scrapes_side_by_side() {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut t = tenants_with("", &["--metrics", &addr], tmpdir());
+    let (status, _) = scrape(port);
+    assert_eq!(status, "HTTP/1.0 200 OK");
+
+    // 64 MiB of request line without an end: the daemon stops reading and hangs up long
+    // before, and does not grow.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    let chunk = vec![b'a'; 1 << 20];
+    let mut sent = 0usize;
+    while sent < 64 << 20 {
+        match s.write(&chunk) {
+            Ok(n) => sent += n,
+            Err(_) => break,
+        }
+    }
+    assert!(sent < 64 << 20, "the daemon read all of a 64 MiB request line");
+    drop(s);
+    let peak = peak_rss_bytes(t.daemon.pid());
+    assert!(peak < 40 << 20, "the daemon's resident memory peaked at {peak} bytes");
+
+    // A client that connects and says nothing does not hold up another scrape.
+    let _stalled = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let (status, took) = scrape(port);
+    assert_eq!(status, "HTTP/1.0 200 OK");
+    assert!(took < Duration::from_secs(2), "a scrape waited {took:?} behind a silent client");
+    // Four silent clients take every scrape slot: the next is told 503 at once; after the
+    // read deadline (5 s) they are gone and scrapes are served again.
+    let _more: Vec<_> =
+        (0..3).map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let (status, _) = scrape(port);
+    assert_eq!(status, "HTTP/1.0 503 Service Unavailable");
+    std::thread::sleep(Duration::from_secs(6));
+    let (status, _) = scrape(port);
+    assert_eq!(status, "HTTP/1.0 200 OK");
+    t.neighbour_serves();
+    t.stops();
+}
+
+// 10. The control socket.
+
+#[test]
+fn the_control_socket_bounds_lines_and_clients() {
+    let dir = tmpdir();
+    let ctl = dir.path().join("ctl.sock");
+    let ctl_arg = ctl.display().to_string();
+    let mut t = tenants_with("", &["--control", &ctl_arg], dir);
+    // An over-long line gets an error reply, then the connection is closed: the rest of the
+    // line is never read.
+    let mut s = UnixStream::connect(&ctl).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    let chunk = vec![b' '; 1 << 20];
+    let mut sent = 0usize;
+    while sent < 64 << 20 {
+        match s.write(&chunk) {
+            Ok(n) => sent += n,
+            Err(_) => break,
+        }
+    }
+    assert!(sent < 64 << 20, "the daemon read all of a 64 MiB line");
+    let mut reply = String::new();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = s.read_to_string(&mut reply);
+    assert!(reply.contains("\"too-long\""), "reply: {reply}");
+    let peak = peak_rss_bytes(t.daemon.pid());
+    assert!(peak < 40 << 20, "the daemon's resident memory peaked at {peak} bytes");
+
+    // Sixteen clients at once; the seventeenth is told so and closed.
+    let idle: Vec<UnixStream> = (0..16).map(|_| UnixStream::connect(&ctl).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut extra = UnixStream::connect(&ctl).unwrap();
+    extra.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut reply = String::new();
+    let _ = extra.read_to_string(&mut reply);
+    assert!(reply.contains("\"busy\""), "reply: {reply}");
+    drop(idle);
+    std::thread::sleep(Duration::from_millis(200));
+    // An idle client is closed after a minute; a working one is served.
+    let mut idle = UnixStream::connect(&ctl).unwrap();
+    let mut ctl_client = blkplane::control::ControlClient::connect(&ctl).unwrap();
+    let r = ctl_client.call("list-exports", serde_json::json!({})).unwrap();
+    assert_eq!(r["result"].as_array().unwrap().len(), 2);
+    let start = Instant::now();
+    assert!(hung_up_within(&mut idle, Duration::from_secs(75)), "idle client kept");
+    assert!(start.elapsed() >= Duration::from_secs(55), "closed too early");
+    t.neighbour_serves();
+    t.stops();
+}
+
+// 12. Who may connect.
+
+#[test]
+fn sockets_are_owner_only_unless_the_operator_widens_them() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = tmpdir();
+    let ctl = dir.path().join("ctl.sock");
+    let ctl_arg = ctl.display().to_string();
+    let t = tenants_with(",socket-mode=0660,socket-group=6,socket-owner=65534", &["--control", &ctl_arg], dir);
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&t.b_sock), 0o600, "an export socket by default");
+    assert_eq!(mode(&ctl), 0o600, "the control socket");
+    let a = fs::metadata(&t.a_sock).unwrap();
+    assert_eq!(a.permissions().mode() & 0o777, 0o660, "socket-mode");
+    assert_eq!((a.uid(), a.gid()), (65534, 6), "socket-owner and socket-group");
+    t.stops();
+}
+
+// 13. Opening images: never block on an open, never hold the exports lock across one.
+
+#[test]
+fn a_fifo_as_image_is_refused_at_once_and_the_control_socket_stays_responsive() {
+    let dir = tmpdir();
+    let ctl = dir.path().join("ctl.sock");
+    let fifo = dir.path().join("fifo");
+    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a valid path.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let ctl_arg = ctl.display().to_string();
+    let mut t = tenants_with("", &["--control", &ctl_arg], dir);
+    let mut ctl_client = blkplane::control::ControlClient::connect(&ctl).unwrap();
+    let sock = t.dir.path().join("fifo.sock");
+    let args = serde_json::json!({"socket": sock.display().to_string(), "image": fifo.display().to_string()});
+    let start = Instant::now();
+    let r = ctl_client.call("add-export", args).unwrap();
+    assert_eq!(r["error"]["code"], "open-failed", "{r}");
+    assert!(r["error"]["message"].as_str().unwrap().contains("neither a regular file nor a block device"), "{r}");
+    assert!(start.elapsed() < Duration::from_secs(5));
+    let r = ctl_client.call("list-exports", serde_json::json!({})).unwrap();
+    assert_eq!(r["result"].as_array().unwrap().len(), 2);
+    assert!(!sock.exists(), "a socket was left behind");
+    t.neighbour_serves();
+    t.stops();
+}
+
+// 14. Frontend-triggered warnings are rate limited.
+
+#[test]
+fn a_frontend_cannot_flood_the_log() {
+    let mut t = tenants("");
+    let raw = RawFrontend::connect(&t.a_sock);
+    raw.negotiate();
+    for _ in 0..200 {
+        // A vring size that is not a power of two: refused, and warned about.
+        let mut p = 0u32.to_le_bytes().to_vec();
+        p.extend(3u32.to_le_bytes());
+        assert_ne!(raw.ack(SET_VRING_NUM, &p, &[]).unwrap(), 0);
+    }
+    let lines = t.daemon.log().matches("vring size 3 refused").count();
+    assert!((1..=20).contains(&lines), "{lines} log lines for 200 refusals");
+    drop(raw);
+    t.neighbour_serves();
+    t.stops();
+}
+
+// 11. Resize: block multiples only; serialized; a shrink is not undone by writes in flight.
+
+fn ctl_ok(ctl: &mut blkplane::control::ControlClient, command: &str, args: serde_json::Value) -> serde_json::Value {
+    let r = ctl.call(command, args.clone()).unwrap();
+    r.get("result").cloned().unwrap_or_else(|| panic!("{command} {args}: {r}"))
+}
+
+#[test]
+fn resizes_are_whole_blocks_serialized_and_a_shrink_stays_shrunk() {
+    let dir = tmpdir();
+    let ctl_path = dir.path().join("ctl.sock");
+    let ctl_arg = ctl_path.display().to_string();
+    let mut t = tenants_with(",logical-block-size=4096,queues=2", &["--control", &ctl_arg], dir);
+    let mut ctl = blkplane::control::ControlClient::connect(&ctl_path).unwrap();
+    let r = ctl.call("resize", serde_json::json!({"id": "a", "size": (8 << 20) + 512})).unwrap();
+    assert_eq!(r["error"]["code"], "invalid-size", "{r}");
+    assert_eq!(fs::metadata(&t.a_image).unwrap().len(), 8 << 20, "the file changed");
+
+    // Writes pour into the last MiB on two queues while the disk shrinks by that MiB and
+    // grows back, again and again: once a shrink has returned, nothing written before it
+    // may land past the new end (which would extend the file again).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut c = Client::connect(&t.a_sock, 2);
+    let io = {
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut rounds = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for q in 0..2 {
+                    for i in 0..16u64 {
+                        let ptr = c.buf_ptr((i as usize) << 12);
+                        let off = (7 << 20) + ((rounds * 16 + i) % 256) * 4096;
+                        c.queues[q].write(off, ptr, 4096, 0, blkio::ReqFlags::empty());
+                    }
+                }
+                for q in 0..2 {
+                    for _ in 0..16 {
+                        c.wait_one(q);
+                    }
+                }
+                rounds += 1;
+            }
+            rounds
+        })
+    };
+    for round in 0..30 {
+        ctl_ok(&mut ctl, "resize", serde_json::json!({"id": "a", "size": 7 << 20}));
+        std::thread::sleep(Duration::from_millis(5));
+        let len = fs::metadata(&t.a_image).unwrap().len();
+        assert_eq!(len, 7 << 20, "round {round}: a write checked against the old size extended the file");
+        ctl_ok(&mut ctl, "resize", serde_json::json!({"id": "a", "size": 8 << 20}));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(io.join().unwrap() > 10, "too few write rounds to mean anything");
+
+    // Resizes from two control clients at once: the file and the size the guest is told
+    // always agree at the end.
+    let sizes = [4u64 << 20, 6 << 20, 10 << 20, 12 << 20];
+    let racers: Vec<_> = (0..2)
+        .map(|k| {
+            let p = ctl_path.clone();
+            std::thread::spawn(move || {
+                let mut ctl = blkplane::control::ControlClient::connect(&p).unwrap();
+                for i in 0..40 {
+                    let size = sizes[(i * (k + 1)) % sizes.len()];
+                    ctl_ok(&mut ctl, "resize", serde_json::json!({"id": "a", "size": size}));
+                }
+            })
+        })
+        .collect();
+    for r in racers {
+        r.join().unwrap();
+    }
+    let listed = ctl_ok(&mut ctl, "list-exports", serde_json::json!({}));
+    let size = listed.as_array().unwrap().iter().find(|e| e["id"] == "a").unwrap()["size_bytes"].as_u64().unwrap();
+    assert_eq!(fs::metadata(&t.a_image).unwrap().len(), size, "file and capacity disagree");
+    t.neighbour_serves();
+    t.stops();
+}

@@ -182,11 +182,9 @@ impl Backing {
         // Open first, then check what was opened: checking the path and then opening it
         // would let a FIFO (or anything else) be swapped in between. O_NONBLOCK so that the
         // open itself never blocks (a FIFO with no writer would), cleared once we know it is
-        // a file or a block device.
+        // a file or a block device. O_DIRECT is set then too (a FIFO would refuse it at
+        // open, which would misname the problem).
         let mut flags = libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY;
-        if cache.direct() {
-            flags |= libc::O_DIRECT;
-        }
         if cache.dsync() {
             flags |= libc::O_DSYNC;
         }
@@ -195,7 +193,6 @@ impl Backing {
                 |e| match e.raw_os_error() {
                     Some(libc::ENOENT) => OpenError::Missing(path.into()),
                     Some(libc::EISDIR | libc::ENXIO) => OpenError::NotFileOrDevice(path.into()),
-                    Some(libc::EINVAL) if cache.direct() => OpenError::NoDirectIo(path.into()),
                     _ => OpenError::Io(path.into(), e),
                 },
             )?;
@@ -204,14 +201,22 @@ impl Backing {
         if !meta.is_file() && !is_block_device {
             return Err(OpenError::NotFileOrDevice(path.into()));
         }
-        // Back to blocking I/O for the engines that expect it (threads, read-modify-write).
+        // Back to blocking I/O for the engines that expect it (threads, read-modify-write),
+        // and O_DIRECT for the cache modes that bypass the page cache.
+        let direct = if cache.direct() { libc::O_DIRECT } else { 0 };
         // SAFETY: fcntl on a descriptor we own; F_GETFL/F_SETFL take no pointers.
-        let cleared = unsafe {
-            let fl = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
-            fl >= 0 && libc::fcntl(file.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK) == 0
-        };
-        if !cleared {
-            return Err(OpenError::Io(path.into(), io::Error::last_os_error()));
+        let fl = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+        // SAFETY: as above.
+        if fl < 0
+            || unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, (fl & !libc::O_NONBLOCK) | direct) }
+                != 0
+        {
+            let e = io::Error::last_os_error();
+            return Err(if e.raw_os_error() == Some(libc::EINVAL) && cache.direct() {
+                OpenError::NoDirectIo(path.into())
+            } else {
+                OpenError::Io(path.into(), e)
+            });
         }
         super::lock::lock_image(&file, readonly, force_share)
             .map_err(|why| OpenError::Locked(path.into(), why))?;
