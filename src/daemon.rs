@@ -182,7 +182,10 @@ impl Daemon {
 
     /// Opens, binds and starts the named exports, all or nothing (what was started is
     /// stopped again on a failure).
-    fn open_and_start(&self, named: &[(String, ExportConfig)]) -> Result<Vec<Export>, ControlError> {
+    fn open_and_start(
+        &self,
+        named: &[(String, ExportConfig)],
+    ) -> Result<Vec<Export>, ControlError> {
         let mut disks = Vec::with_capacity(named.len());
         for (_, c) in named {
             disks.push(Disk::open(c).map_err(|e| ControlError::new("open-failed", e.to_string()))?);

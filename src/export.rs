@@ -171,11 +171,7 @@ pub fn format_cpu_list(cpus: &[usize]) -> String {
         while j + 1 < cpus.len() && cpus[j + 1] == cpus[j] + 1 {
             j += 1;
         }
-        parts.push(if i == j {
-            cpus[i].to_string()
-        } else {
-            format!("{}-{}", cpus[i], cpus[j])
-        });
+        parts.push(if i == j { cpus[i].to_string() } else { format!("{}-{}", cpus[i], cpus[j]) });
         i = j + 1;
     }
     parts.join(",")
@@ -345,10 +341,12 @@ impl ExportConfig {
                         Some(m) if m & 0o600 == 0o600 => socket_access.mode = Some(m),
                         Some(_) => {
                             return err(format!(
-                                "socket-mode={value}: the owner needs read and write (0600 at least)"
-                            ))
+                            "socket-mode={value}: the owner needs read and write (0600 at least)"
+                        ))
                         }
-                        None => return err(format!("socket-mode={value}: an octal mode like 0660")),
+                        None => {
+                            return err(format!("socket-mode={value}: an octal mode like 0660"))
+                        }
                     }
                 }
                 "socket-group" | "socket-owner" => {
@@ -609,11 +607,7 @@ impl Disk {
         let admitted: Vec<u64> =
             self.stats.iter().map(|q| q.admitted.load(Ordering::SeqCst)).collect();
         let deadline = std::time::Instant::now() + timeout;
-        while self
-            .stats
-            .iter()
-            .zip(&admitted)
-            .any(|(q, &a)| q.retired.load(Ordering::Acquire) < a)
+        while self.stats.iter().zip(&admitted).any(|(q, &a)| q.retired.load(Ordering::Acquire) < a)
         {
             if std::time::Instant::now() > deadline {
                 return Err(format!(
@@ -751,7 +745,10 @@ mod tests {
             assert_eq!(ExportConfig::parse(spec).unwrap_err().0, want, "spec {spec}");
         }
         let e = ExportConfig::parse("socket=/s,image=/i,cpus=999").unwrap_err().0;
-        assert!(e.starts_with("cpus=999: CPU 999 is not one this process may use (allowed: "), "{e}");
+        assert!(
+            e.starts_with("cpus=999: CPU 999 is not one this process may use (allowed: "),
+            "{e}"
+        );
         assert_eq!(ExportConfig::parse("socket=/s,image=/i,cpus=0").unwrap().cpus, vec![0]);
     }
 

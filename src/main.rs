@@ -52,7 +52,14 @@ inside a value.
                      off the backing's blocks are then read-modify-write, slowly.
   force-share=on     serve an image that another process (QEMU, qemu-storage-daemon, another
                      blkplane) has locked, and let others use it too. blkplane takes
-                     QEMU-compatible locks, so by default two of them cannot write one image.";
+                     QEMU-compatible locks, so by default two of them cannot write one image.
+  max-guest-memory=SIZE
+                     the most guest RAM one frontend may have the daemon map (default 1T);
+                     a larger memory table is refused.
+  socket-mode=MODE, socket-group=GROUP, socket-owner=USER
+                     who may connect: the socket is created 0600 (owner only); these widen
+                     it on purpose, e.g. for QEMU run by libvirt as its own user
+                     (socket-group=libvirt-qemu,socket-mode=0660). socket-owner needs root.";
 
 #[derive(Parser)]
 #[command(
@@ -188,7 +195,9 @@ fn serve(o: ServeOptions) -> ExitCode {
             Err(e) => return usage_error(format!("--export {spec}: {e}")),
         }
     }
-    if let Some(text) = o.max_mapped_guest_memory.as_deref().or(file.max_mapped_guest_memory.as_deref()) {
+    if let Some(text) =
+        o.max_mapped_guest_memory.as_deref().or(file.max_mapped_guest_memory.as_deref())
+    {
         match blkplane::export::parse_size(text) {
             Ok(0) => return usage_error("max-mapped-guest-memory=0: guests need some memory"),
             Ok(bytes) => blkplane::virtq::memory::set_mapped_limit_bytes(bytes),

@@ -206,15 +206,8 @@ fn misaligned_buffers_bounce(aio: &str) {
         let big = pattern(62, 0, len);
         c.buf_slice(4, len).copy_from_slice(&big);
         const WRITES: u64 = 12;
-        let size_max = c.blkio.get_i32("max-segment-len").unwrap() as usize;
-        assert_eq!(size_max, 1 << 20, "libblkio reads size_max from the config space");
-        let segments: Vec<libc::iovec> = (0..len)
-            .step_by(size_max)
-            .map(|at| libc::iovec {
-                iov_base: c.buf_ptr(4 + at).cast(),
-                iov_len: size_max.min(len - at),
-            })
-            .collect();
+        assert_eq!(c.max_segment_bytes, 1 << 20, "libblkio reads size_max from the config space");
+        let segments = c.segments(4, len);
         for i in 0..WRITES {
             let at = (i % 3) * (8 << 20);
             let n = segments.len() as u32;

@@ -51,6 +51,11 @@ fn help_explains_every_option() {
         "aio=",
         "readonly=",
         "serial=",
+        "max-guest-memory=",
+        "socket-mode=",
+        "socket-group=",
+        "socket-owner=",
+        "--max-mapped-guest-memory",
     ] {
         assert!(help.contains(key), "serve --help lacks {key}");
     }

@@ -103,7 +103,11 @@ impl Ram {
         if gpa + bytes.len() as u64 <= len.min(RAM_BYTES) {
             // SAFETY: inside our mapping and inside the file.
             unsafe {
-                std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.add(gpa as usize), bytes.len())
+                std::ptr::copy_nonoverlapping(
+                    bytes.as_ptr(),
+                    self.ptr.add(gpa as usize),
+                    bytes.len(),
+                )
             }
         }
     }
@@ -171,7 +175,6 @@ const HEADERS: u64 = 0x10_0000;
 const INDIRECT: u64 = 0x18_0000;
 const DATA: u64 = 0x40_0000;
 
-
 fn u32s(a: u32, b: u32) -> Vec<u8> {
     let mut v = a.to_le_bytes().to_vec();
     v.extend(b.to_le_bytes());
@@ -179,12 +182,22 @@ fn u32s(a: u32, b: u32) -> Vec<u8> {
 }
 
 /// One message of the conversation, mostly well-formed.
-fn message(rng: &mut Rng, step: u32, ram: &Ram, fds: &Fds, qsize: u32) -> (u32, Vec<u8>, Vec<RawFd>) {
+fn message(
+    rng: &mut Rng,
+    step: u32,
+    ram: &Ram,
+    fds: &Fds,
+    qsize: u32,
+) -> (u32, Vec<u8>, Vec<RawFd>) {
     let q = if !rng.1 || rng.chance(90) { 0 } else { rng.below(4) as u32 };
     match step {
         0 => (SET_OWNER, vec![], vec![]),
         1 => (GET_FEATURES, vec![], vec![]),
-        2 => (SET_FEATURES, rng.fuzzed(FEATURES | (1 << 28) | (1 << 29)).to_le_bytes().to_vec(), vec![]),
+        2 => (
+            SET_FEATURES,
+            rng.fuzzed(FEATURES | (1 << 28) | (1 << 29)).to_le_bytes().to_vec(),
+            vec![],
+        ),
         3 => (GET_PROTOCOL_FEATURES, vec![], vec![]),
         4 => (SET_PROTOCOL_FEATURES, rng.fuzzed(PROTOCOL_FEATURES).to_le_bytes().to_vec(), vec![]),
         5 => {
@@ -196,7 +209,10 @@ fn message(rng: &mut Rng, step: u32, ram: &Ram, fds: &Fds, qsize: u32) -> (u32, 
                 _ => vec![(rng.fuzzed(0), size, rng.fuzzed(UADDR), rng.fuzzed(0))],
             };
             let n = regions.len();
-            let fd = vec![ram.file.as_raw_fd(); if !rng.1 || rng.chance(90) { n } else { rng.below(3) as usize }];
+            let fd = vec![
+                ram.file.as_raw_fd();
+                if !rng.1 || rng.chance(90) { n } else { rng.below(3) as usize }
+            ];
             (SET_MEM_TABLE, mem_table(&regions), fd)
         }
         6 => (SET_VRING_NUM, u32s(q, rng.fuzzed(u64::from(qsize)) as u32), vec![]),
@@ -209,12 +225,22 @@ fn message(rng: &mut Rng, step: u32, ram: &Ram, fds: &Fds, qsize: u32) -> (u32, 
             (SET_VRING_ADDR, p, vec![])
         }
         8 => (SET_VRING_BASE, u32s(q, rng.fuzzed(0) as u32), vec![]),
-        9 => (SET_VRING_CALL, u64::from(q).to_le_bytes().to_vec(), fds.vring_fd(rng, ram, &fds.call)),
+        9 => {
+            (SET_VRING_CALL, u64::from(q).to_le_bytes().to_vec(), fds.vring_fd(rng, ram, &fds.call))
+        }
         10 => {
             let nofd = if rng.1 && rng.chance(5) { 0x100 } else { 0 };
-            (SET_VRING_KICK, (u64::from(q) | nofd).to_le_bytes().to_vec(), fds.vring_fd(rng, ram, &fds.kick))
+            (
+                SET_VRING_KICK,
+                (u64::from(q) | nofd).to_le_bytes().to_vec(),
+                fds.vring_fd(rng, ram, &fds.kick),
+            )
         }
-        11 => (SET_VRING_ENABLE, u32s(q, if !rng.1 || rng.chance(90) { 1 } else { rng.below(3) as u32 }), vec![]),
+        11 => (
+            SET_VRING_ENABLE,
+            u32s(q, if !rng.1 || rng.chance(90) { 1 } else { rng.below(3) as u32 }),
+            vec![],
+        ),
         _ => random_message(rng, ram, fds),
     }
 }
@@ -232,7 +258,12 @@ fn random_message(rng: &mut Rng, ram: &Ram, fds: &Fds) -> (u32, Vec<u8>, Vec<Raw
         payload.extend(vec![0u8; size as usize]);
     }
     if (request == ADD_MEM_REG || request == REM_MEM_REG) && rng.chance(70) {
-        payload = one_region(rng.fuzzed(RAM_BYTES), rng.fuzzed(RAM_BYTES), rng.fuzzed(UADDR), rng.fuzzed(0));
+        payload = one_region(
+            rng.fuzzed(RAM_BYTES),
+            rng.fuzzed(RAM_BYTES),
+            rng.fuzzed(UADDR),
+            rng.fuzzed(0),
+        );
     }
     let fd = match rng.below(6) {
         0 => vec![ram.file.as_raw_fd()],
@@ -251,7 +282,8 @@ fn ring_round(rng: &mut Rng, ram: &Ram, fds: &Fds, qsize: u32, avail_idx: &mut u
         let slot = HEADERS + u64::from(i) * 64;
         let kind = rng.pick(&[0u32, 0, 1, 1, 4, 8, 10, 11, 13, 13, 14, 99]);
         let any = rng.next();
-        let sector = rng.pick(&[0u64, 8, IMAGE_BYTES / 512 - 8, IMAGE_BYTES / 512, u64::MAX / 512, any]);
+        let sector =
+            rng.pick(&[0u64, 8, IMAGE_BYTES / 512 - 8, IMAGE_BYTES / 512, u64::MAX / 512, any]);
         let mut h = kind.to_le_bytes().to_vec();
         h.extend(0u32.to_le_bytes());
         h.extend(sector.to_le_bytes());
@@ -381,7 +413,8 @@ fn rss_bytes(pid: i32) -> u64 {
 
 #[test]
 fn fuzz_the_daemon_over_its_socket() {
-    let secs: u64 = std::env::var("BLKPLANE_FUZZ_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
+    let secs: u64 =
+        std::env::var("BLKPLANE_FUZZ_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
     let seed: u64 = std::env::var("BLKPLANE_FUZZ_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -397,7 +430,11 @@ fn fuzz_the_daemon_over_its_socket() {
     let mut daemon = Daemon::start(
         dir.path(),
         &[
-            format!("id=a,socket={},image={},queues=2,queue-size=256", a_sock.display(), a_img.display()),
+            format!(
+                "id=a,socket={},image={},queues=2,queue-size=256",
+                a_sock.display(),
+                a_img.display()
+            ),
             format!("id=b,socket={},image={},cache=writeback", b_sock.display(), b_img.display()),
         ],
     );
@@ -408,9 +445,13 @@ fn fuzz_the_daemon_over_its_socket() {
     let mut peak_rss = 0;
     while Instant::now() < deadline {
         let case_seed = rng.next();
-        case(&mut Rng(case_seed, case_seed % 3 == 0), &a_sock, dir.path());
+        case(&mut Rng(case_seed, case_seed.is_multiple_of(3)), &a_sock, dir.path());
         cases += 1;
-        assert!(daemon.alive(), "case {cases} (seed {case_seed}) killed the daemon:\n{}", daemon.log());
+        assert!(
+            daemon.alive(),
+            "case {cases} (seed {case_seed}) killed the daemon:\n{}",
+            daemon.log()
+        );
         let got = neighbour.read_at(0, (cases % 2000) * 4096, 4096, 0);
         assert!(
             got.as_deref() == Ok(&pattern(2, (cases % 2000) * 4096, 4096)[..]),

@@ -113,7 +113,8 @@ struct Ramfs(PathBuf);
 impl Ramfs {
     fn mount(at: &Path) -> Ramfs {
         std::fs::create_dir_all(at).unwrap();
-        let out = Command::new("mount").args(["-t", "ramfs", "blkplane-test"]).arg(at).output().unwrap();
+        let out =
+            Command::new("mount").args(["-t", "ramfs", "blkplane-test"]).arg(at).output().unwrap();
         assert!(out.status.success(), "mount: {}", String::from_utf8_lossy(&out.stderr));
         Ramfs(at.to_path_buf())
     }
@@ -131,11 +132,16 @@ fn write_zeroes_on_a_filesystem_without_fallocate(aio: &str) {
     let image = fs.0.join("disk.raw");
     make_image(&image, 4 << 20, 3);
     let sock = dir.path().join("fat.sock");
-    let spec = format!("socket={},image={},aio={aio},cache=writeback", sock.display(), image.display());
+    let spec =
+        format!("socket={},image={},aio={aio},cache=writeback", sock.display(), image.display());
     let mut daemon = Daemon::start(dir.path(), &[spec]);
     let mut c = Client::connect(&sock, 1);
     // ZERO_RANGE refused, then PUNCH_HOLE refused: IOERR, once each, at once.
-    for (what, flags) in [("write-zeroes", ReqFlags::NO_UNMAP), ("again", ReqFlags::NO_UNMAP), ("unmap", ReqFlags::empty())] {
+    for (what, flags) in [
+        ("write-zeroes", ReqFlags::NO_UNMAP),
+        ("again", ReqFlags::NO_UNMAP),
+        ("unmap", ReqFlags::empty()),
+    ] {
         assert_eq!(c.write_zeroes(0, 65536, 65536, flags), EIO, "{what}");
     }
     // Nothing was zeroed; the queue serves on.
@@ -164,7 +170,8 @@ impl FailingDevice {
         let fs = SmallTmpfs::mount(&dir.join("small"));
         let backing = fs.0.join("sparse.raw");
         std::fs::File::create(&backing).unwrap().set_len(16 << 20).unwrap();
-        let out = Command::new("losetup").args(["--find", "--show"]).arg(&backing).output().unwrap();
+        let out =
+            Command::new("losetup").args(["--find", "--show"]).arg(&backing).output().unwrap();
         assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
         let dev = String::from_utf8(out.stdout).unwrap().trim().to_string();
         FailingDevice { dev, _fs: fs }
@@ -184,8 +191,9 @@ fn a_failed_flush_fails_every_later_flush_until_the_export_is_reopened() {
     let sock = dir.path().join("dev.sock");
     let ctl = dir.path().join("ctl.sock");
     let spec = format!("id=dev,socket={},image={},cache=writeback", sock.display(), device.dev);
-    let args = ["--control".to_string(), ctl.display().to_string(), "--export".into(), spec.clone()];
-    let mut daemon = Daemon::start_with(dir.path(), &args, &[sock.clone()]);
+    let args =
+        ["--control".to_string(), ctl.display().to_string(), "--export".into(), spec.clone()];
+    let mut daemon = Daemon::start_with(dir.path(), &args, std::slice::from_ref(&sock));
     let mut c = Client::connect(&sock, 1);
     for i in 0..64u64 {
         assert_eq!(c.write_at(0, i << 16, &pattern(i, 0, 65536), 0), 0, "write {i} (page cache)");

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use common::frontend::*;
 use common::raw::*;
-use vhost::VhostBackend;
 use common::{make_image, pattern, tmpdir, Client, Daemon};
+use vhost::VhostBackend;
 
 const IMAGE_BYTES: u64 = 8 << 20;
 
@@ -153,7 +153,13 @@ fn memfd_ram(seal: bool) -> GuestRam {
 }
 
 fn file_ram(path: &Path) -> GuestRam {
-    let file = fs::OpenOptions::new().read(true).write(true).create(true).open(path).unwrap();
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .unwrap();
     file.set_len(RAM_BYTES as u64).unwrap();
     GuestRam::map(file)
 }
@@ -388,13 +394,22 @@ fn map_ram(sock: &Path, bytes: u64, file: &fs::File) -> (RawFrontend, u64) {
 
 #[test]
 fn mapped_guest_memory_is_capped_per_connection_and_per_daemon() {
-    let mut t = tenants_with(",max-guest-memory=96M", &["--max-mapped-guest-memory", "160M"], tmpdir());
+    let mut t =
+        tenants_with(",max-guest-memory=96M", &["--max-mapped-guest-memory", "160M"], tmpdir());
     let ram = sparse_memfd(4 << 40);
     // Over the export's own cap: refused, before anything is mapped.
     let (raw, status) = map_ram(&t.a_sock, 128 << 20, &ram);
     assert_ne!(status, 0, "128 MiB over max-guest-memory=96M accepted");
     // The same connection can still give a table within it.
-    assert_eq!(raw.ack(SET_MEM_TABLE, &mem_table(&[(0, 64 << 20, 0x7000_0000_0000, 0)]), &[ram.as_raw_fd()]).unwrap(), 0);
+    assert_eq!(
+        raw.ack(
+            SET_MEM_TABLE,
+            &mem_table(&[(0, 64 << 20, 0x7000_0000_0000, 0)]),
+            &[ram.as_raw_fd()]
+        )
+        .unwrap(),
+        0
+    );
     assert!(t.daemon.log().contains("over this export's max-guest-memory"), "{}", t.daemon.log());
     // b has the default cap (1 TiB): 2 TiB in one region is refused.
     let (_b_big, status) = map_ram(&t.b_sock, 2 << 40, &ram);
@@ -405,7 +420,11 @@ fn mapped_guest_memory_is_capped_per_connection_and_per_daemon() {
     let (b, status) = map_ram(&t.b_sock, 128 << 20, &ram);
     assert_ne!(status, 0, "the daemon-wide cap let 64 + 128 MiB through");
     assert!(t.daemon.log().contains("exceed the daemon's limit"), "{}", t.daemon.log());
-    assert_eq!(b.ack(SET_MEM_TABLE, &mem_table(&[(0, 96 << 20, 0x7000_0000_0000, 0)]), &[ram.as_raw_fd()]).unwrap(), 0);
+    assert_eq!(
+        b.ack(SET_MEM_TABLE, &mem_table(&[(0, 96 << 20, 0x7000_0000_0000, 0)]), &[ram.as_raw_fd()])
+            .unwrap(),
+        0
+    );
     drop(b);
     // Once a hangs up, its memory goes back to the daemon's budget.
     drop(raw);
@@ -537,7 +556,11 @@ fn sockets_are_owner_only_unless_the_operator_widens_them() {
     let dir = tmpdir();
     let ctl = dir.path().join("ctl.sock");
     let ctl_arg = ctl.display().to_string();
-    let t = tenants_with(",socket-mode=0660,socket-group=6,socket-owner=65534", &["--control", &ctl_arg], dir);
+    let t = tenants_with(
+        ",socket-mode=0660,socket-group=6,socket-owner=65534",
+        &["--control", &ctl_arg],
+        dir,
+    );
     let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&t.b_sock), 0o600, "an export socket by default");
     assert_eq!(mode(&ctl), 0o600, "the control socket");
@@ -566,7 +589,8 @@ fn an_image_swapped_for_a_fifo_never_blocks_the_daemon() {
     // it wait (a read-only open of a FIFO blocks until a writer comes).
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let swapper = {
-        let (stop, regular, fifo, image) = (stop.clone(), regular.clone(), fifo.clone(), image.clone());
+        let (stop, regular, fifo, image) =
+            (stop.clone(), regular.clone(), fifo.clone(), image.clone());
         let tmp = t.dir.path().join("swap-tmp");
         std::thread::spawn(move || {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -633,7 +657,11 @@ fn a_frontend_cannot_flood_the_log() {
 
 // 11. Resize: block multiples only; serialized; a shrink is not undone by writes in flight.
 
-fn ctl_ok(ctl: &mut blkplane::control::ControlClient, command: &str, args: serde_json::Value) -> serde_json::Value {
+fn ctl_ok(
+    ctl: &mut blkplane::control::ControlClient,
+    command: &str,
+    args: serde_json::Value,
+) -> serde_json::Value {
     let r = ctl.call(command, args.clone()).unwrap();
     r.get("result").cloned().unwrap_or_else(|| panic!("{command} {args}: {r}"))
 }
@@ -680,7 +708,11 @@ fn resizes_are_whole_blocks_serialized_and_a_shrink_stays_shrunk() {
         ctl_ok(&mut ctl, "resize", serde_json::json!({"id": "a", "size": 7 << 20}));
         std::thread::sleep(Duration::from_millis(5));
         let len = fs::metadata(&t.a_image).unwrap().len();
-        assert_eq!(len, 7 << 20, "round {round}: a write checked against the old size extended the file");
+        assert_eq!(
+            len,
+            7 << 20,
+            "round {round}: a write checked against the old size extended the file"
+        );
         ctl_ok(&mut ctl, "resize", serde_json::json!({"id": "a", "size": 8 << 20}));
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -705,8 +737,81 @@ fn resizes_are_whole_blocks_serialized_and_a_shrink_stays_shrunk() {
         r.join().unwrap();
     }
     let listed = ctl_ok(&mut ctl, "list-exports", serde_json::json!({}));
-    let size = listed.as_array().unwrap().iter().find(|e| e["id"] == "a").unwrap()["size_bytes"].as_u64().unwrap();
+    let size = listed.as_array().unwrap().iter().find(|e| e["id"] == "a").unwrap()["size_bytes"]
+        .as_u64()
+        .unwrap();
     assert_eq!(fs::metadata(&t.a_image).unwrap().len(), size, "file and capacity disagree");
+    t.neighbour_serves();
+    t.stops();
+}
+
+// 14. A frontend that never reads its backend channel cannot wedge resize or its export.
+
+#[test]
+fn a_backend_channel_nobody_reads_times_out() {
+    let dir = tmpdir();
+    let ctl_path = dir.path().join("ctl.sock");
+    let ctl_arg = ctl_path.display().to_string();
+    let mut t = tenants_with("", &["--control", &ctl_arg], dir);
+    let raw = RawFrontend::connect(&t.a_sock);
+    raw.send(SET_OWNER, false, &[], &[]).unwrap();
+    let offered = raw.get_u64(GET_FEATURES).unwrap();
+    raw.send(SET_FEATURES, false, &(offered & FEATURES).to_le_bytes(), &[]).unwrap();
+    let _ = raw.get_u64(GET_PROTOCOL_FEATURES).unwrap();
+    // MQ, CONFIG and BACKEND_REQ; no REPLY_ACK, so config changes are not waited for.
+    let proto: u64 = (1 << 0) | (1 << 9) | (1 << 5);
+    raw.send(SET_PROTOCOL_FEATURES, false, &proto.to_le_bytes(), &[]).unwrap();
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    // The smallest buffers, so that a few hundred unread messages fill them.
+    for s in [&ours, &theirs] {
+        let small: libc::c_int = 1;
+        // SAFETY: setsockopt with a valid int option value.
+        unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&small as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&small as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+    const SET_BACKEND_REQ_FD: u32 = 21;
+    raw.send(SET_BACKEND_REQ_FD, false, &[], &[theirs.as_raw_fd()]).unwrap();
+    drop(theirs);
+    assert_eq!(raw.get_u64(GET_QUEUE_NUM).unwrap(), 1, "channel taken");
+    // Resize until the channel is full: that resize must come back with an error.
+    let mut ctl = UnixStream::connect(&ctl_path).unwrap();
+    ctl.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut reader = std::io::BufReader::new(ctl.try_clone().unwrap());
+    let mut failed = None;
+    for i in 0..20_000u64 {
+        use std::io::BufRead;
+        let size = if i % 2 == 0 { 4 << 20 } else { 8 << 20 };
+        let line = serde_json::json!({"command": "resize", "args": {"id": "a", "size": size}});
+        ctl.write_all(format!("{line}\n").as_bytes()).unwrap();
+        let mut reply = String::new();
+        reader.read_line(&mut reply).expect("resize never returned: the channel write blocked");
+        let v: serde_json::Value = serde_json::from_str(&reply).unwrap();
+        if v.get("error").is_some() {
+            failed = Some((i, v));
+            break;
+        }
+    }
+    let (i, v) = failed.expect("the channel never filled up");
+    assert_eq!(v["error"]["code"], "notify-failed", "after {i} resizes: {v}");
+    // The frontend's hang-up is handled (the disconnect path takes the channel too), and the
+    // export serves the next client.
+    drop(raw);
+    drop(ours);
+    t.own_export_serves();
     t.neighbour_serves();
     t.stops();
 }

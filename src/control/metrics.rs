@@ -84,7 +84,12 @@ fn read_head(stream: &TcpStream) -> Option<Vec<u8>> {
     }
 }
 
-fn respond(mut out: &TcpStream, status: &str, content_type: &str, body: &str) -> std::io::Result<()> {
+fn respond(
+    mut out: &TcpStream,
+    status: &str,
+    content_type: &str,
+    body: &str,
+) -> std::io::Result<()> {
     write!(
         out,
         "HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",

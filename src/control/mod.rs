@@ -24,8 +24,8 @@ use crate::daemon::{ControlError, Daemon};
 use crate::export::{parse_size, spec_from_pairs, ExportConfig};
 use crate::listener::{ConnectionLimit, StoppableListener};
 use crate::ratelimit::RateLimiter;
-use crate::warn_limited;
 use crate::vhost_user::bind_socket;
+use crate::warn_limited;
 
 /// Longest request line accepted; a longer one gets an error reply and the connection is
 /// closed (the rest of it is never read).
@@ -74,18 +74,23 @@ impl ControlServer {
             let _ = stream.set_read_timeout(Some(IDLE_TIMEOUT));
             let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
             let Some(permit) = self.clients.try_take() else {
-                warn_limited!(log, "control socket: {MAX_CLIENTS} clients connected already; refused one");
+                warn_limited!(
+                    log,
+                    "control socket: {MAX_CLIENTS} clients connected already; refused one"
+                );
                 let reply = error_reply(
                     Value::Null,
-                    ControlError::new("busy", format!("{MAX_CLIENTS} clients are connected already")),
+                    ControlError::new(
+                        "busy",
+                        format!("{MAX_CLIENTS} clients are connected already"),
+                    ),
                 );
                 let _ = (&stream).write_all(format!("{reply}\n").as_bytes());
                 continue;
             };
             let d = Arc::clone(&daemon);
-            let spawned = std::thread::Builder::new()
-                .name("blkplane-control".into())
-                .spawn(move || {
+            let spawned =
+                std::thread::Builder::new().name("blkplane-control".into()).spawn(move || {
                     let _permit = permit;
                     serve_client(stream, &d)
                 });
@@ -117,8 +122,10 @@ fn serve_client(stream: UnixStream, daemon: &Daemon) {
         }
         let reply = if line.len() as u64 > MAX_LINE_BYTES {
             // Reading the rest would cost what the client likes: answer and hang up.
-            let reply =
-                error_reply(Value::Null, ControlError::new("too-long", "request longer than 1 MiB"));
+            let reply = error_reply(
+                Value::Null,
+                ControlError::new("too-long", "request longer than 1 MiB"),
+            );
             let _ = out.write_all(format!("{reply}\n").as_bytes());
             return;
         } else if line.iter().all(u8::is_ascii_whitespace) {

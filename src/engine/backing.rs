@@ -205,12 +205,13 @@ impl Backing {
         // and O_DIRECT for the cache modes that bypass the page cache.
         let direct = if cache.direct() { libc::O_DIRECT } else { 0 };
         // SAFETY: fcntl on a descriptor we own; F_GETFL/F_SETFL take no pointers.
-        let fl = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
-        // SAFETY: as above.
-        if fl < 0
-            || unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, (fl & !libc::O_NONBLOCK) | direct) }
-                != 0
-        {
+        let set = unsafe {
+            let fl = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+            fl >= 0
+                && libc::fcntl(file.as_raw_fd(), libc::F_SETFL, (fl & !libc::O_NONBLOCK) | direct)
+                    == 0
+        };
+        if !set {
             let e = io::Error::last_os_error();
             return Err(if e.raw_os_error() == Some(libc::EINVAL) && cache.direct() {
                 OpenError::NoDirectIo(path.into())

@@ -87,8 +87,9 @@ impl ThreadsEngine {
             let s = Arc::clone(&engine.shared);
             // On a failure the engine is dropped here, which stops and joins the workers
             // started so far (they would otherwise wait for work forever).
-            let worker =
-                std::thread::Builder::new().name(format!("blkplane-aio{i}")).spawn(move || work(&s))?;
+            let worker = std::thread::Builder::new()
+                .name(format!("blkplane-aio{i}"))
+                .spawn(move || work(&s))?;
             engine.workers.push(worker);
         }
         Ok(engine)

@@ -34,7 +34,9 @@ const HOLD: Duration = Duration::from_millis(30);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Op {
     Read,
-    Write { dsync: bool },
+    Write {
+        dsync: bool,
+    },
     Flush,
     /// DISCARD or WRITE_ZEROES (fallocate).
     Fallocate,

@@ -3,8 +3,8 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::mpsc::SyncSender;
 use std::sync::atomic::Ordering;
+use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -377,6 +377,7 @@ impl Core {
                     // The chain is not a chain: we cannot even find its status byte.
                     self.free.push(tag);
                     self.in_flight -= 1;
+                    self.retire();
                     self.break_queue(QueueError::Chain(e));
                     break;
                 }
@@ -621,7 +622,8 @@ impl Core {
         if syncing && result < 0 {
             self.disk.flush_failed_with(-result, &self.stats);
         }
-        let range_change = matches!(request, Some(Request::Discard { .. } | Request::WriteZeroes { .. }));
+        let range_change =
+            matches!(request, Some(Request::Discard { .. } | Request::WriteZeroes { .. }));
         if range_change && result >= 0 && !slot.synced && self.disk.range_changes_need_sync() {
             // Write-through: the range change must be on stable storage before the ack.
             slot.synced = true;
@@ -729,6 +731,12 @@ impl Core {
         }
     }
 
+    /// Counts a request admitted by `fetch` as answered (or dropped with its broken queue).
+    fn retire(&mut self) {
+        self.retired += 1;
+        self.stats.retired.store(self.retired, Ordering::Release);
+    }
+
     /// Publishes the used entries of this round and interrupts the guest if it wants that.
     fn publish(&mut self) {
         if self.unpublished == 0 {
@@ -829,11 +837,8 @@ impl Core {
             }
         }
         // Work the kernel would not take yet (EAGAIN) is retried soon, not after a kick.
-        let mut timeout_ms = if (accepting && self.kick.is_none()) || unsubmitted {
-            KICKLESS_POLL_MS
-        } else {
-            -1
-        };
+        let mut timeout_ms =
+            if (accepting && self.kick.is_none()) || unsubmitted { KICKLESS_POLL_MS } else { -1 };
         if let Some(d) = merge_in {
             let ms = d.as_millis().clamp(1, i32::MAX as u128) as i32;
             timeout_ms = if timeout_ms < 0 { ms } else { timeout_ms.min(ms) };

@@ -176,6 +176,8 @@ pub struct Client {
     pub queues: Vec<Blkioq>,
     pub buf: MemoryRegion,
     pub blkio: Blkio,
+    /// The device's size_max, as libblkio reports it: a driver splits buffers at it.
+    pub max_segment_bytes: usize,
 }
 
 pub const CLIENT_BUF_BYTES: usize = 8 << 20;
@@ -198,7 +200,11 @@ impl Client {
         let started = b.start()?;
         let buf = b.alloc_mem_region(CLIENT_BUF_BYTES)?;
         b.map_mem_region(&buf)?;
-        Ok(Client { queues: started.queues, buf, blkio: b })
+        let max_segment_bytes = match b.get_i32("max-segment-len")? {
+            n if n > 0 => n as usize,
+            _ => usize::MAX,
+        };
+        Ok(Client { queues: started.queues, buf, blkio: b, max_segment_bytes })
     }
 
     pub fn capacity(&self) -> u64 {
@@ -228,11 +234,24 @@ impl Client {
         unsafe { c[0].assume_init_read() }.ret
     }
 
+    /// The buffer region `[at, at + len)` as segments of at most size_max, the way a
+    /// virtio-blk driver hands a large buffer to the device.
+    pub fn segments(&self, at: usize, len: usize) -> Vec<libc::iovec> {
+        let step = self.max_segment_bytes;
+        (0..len)
+            .step_by(step)
+            .map(|o| libc::iovec {
+                iov_base: self.buf_ptr(at + o).cast(),
+                iov_len: step.min(len - o),
+            })
+            .collect()
+    }
+
     /// Writes `data` at `offset` through queue `q` (data staged at buffer offset `at`).
     pub fn write_at(&mut self, q: usize, offset: u64, data: &[u8], at: usize) -> i32 {
         self.buf_slice(at, data.len()).copy_from_slice(data);
-        let ptr = self.buf_ptr(at);
-        self.queues[q].write(offset, ptr, data.len(), 0, ReqFlags::empty());
+        let iovs = self.segments(at, data.len());
+        self.queues[q].writev(offset, iovs.as_ptr(), iovs.len() as u32, 0, ReqFlags::empty());
         self.wait_one(q)
     }
 
@@ -245,8 +264,8 @@ impl Client {
         at: usize,
     ) -> Result<Vec<u8>, i32> {
         self.buf_slice(at, len).fill(0xEE);
-        let ptr = self.buf_ptr(at);
-        self.queues[q].read(offset, ptr, len, 0, ReqFlags::empty());
+        let iovs = self.segments(at, len);
+        self.queues[q].readv(offset, iovs.as_ptr(), iovs.len() as u32, 0, ReqFlags::empty());
         match self.wait_one(q) {
             0 => Ok(self.buf_slice(at, len).to_vec()),
             err => Err(err),
