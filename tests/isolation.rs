@@ -815,3 +815,38 @@ fn a_backend_channel_nobody_reads_times_out() {
     t.neighbour_serves();
     t.stops();
 }
+
+// 14. A thread pool that cannot start all its workers leaves none behind.
+
+fn thread_names(pid: i32) -> Vec<String> {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|s| s.trim().to_string())
+        .collect()
+}
+
+#[test]
+fn a_thread_pool_that_cannot_start_leaves_no_worker_behind() {
+    let mut t = tenants(",aio=threads");
+    let pid = t.daemon.pid();
+    // A pids cgroup (v1 here) with room for the I/O thread and one worker only.
+    let cg = PathBuf::from(format!("/sys/fs/cgroup/pids/blkplane-test-{pid}"));
+    fs::create_dir(&cg).expect("a pids cgroup (needs root and the pids controller)");
+    fs::write(cg.join("cgroup.procs"), pid.to_string()).unwrap();
+    let before = thread_names(pid);
+    fs::write(cg.join("pids.max"), (before.len() + 2).to_string()).unwrap();
+    let refused = Client::try_connect(&t.a_sock, 1, false);
+    assert!(refused.is_err(), "the queue started without its workers");
+    drop(refused);
+    fs::write(cg.join("pids.max"), "max").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let after = thread_names(pid);
+    assert_eq!(after.iter().filter(|n| n.starts_with("blkplane-aio")).count(), 0, "leaked workers: {after:?}");
+    assert_eq!(after.len(), before.len(), "threads before {before:?}, after {after:?}");
+    // With room again, the export serves.
+    t.own_export_serves();
+    t.neighbour_serves();
+    t.stops();
+    let _ = fs::remove_dir(&cg);
+}
