@@ -842,7 +842,11 @@ fn a_thread_pool_that_cannot_start_leaves_no_worker_behind() {
     fs::write(cg.join("pids.max"), "max").unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let after = thread_names(pid);
-    assert_eq!(after.iter().filter(|n| n.starts_with("blkplane-aio")).count(), 0, "leaked workers: {after:?}");
+    assert_eq!(
+        after.iter().filter(|n| n.starts_with("blkplane-aio")).count(),
+        0,
+        "leaked workers: {after:?}"
+    );
     assert_eq!(after.len(), before.len(), "threads before {before:?}, after {after:?}");
     // With room again, the export serves.
     t.own_export_serves();

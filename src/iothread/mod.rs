@@ -115,3 +115,30 @@ impl Drop for AbortOnPanic {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+
+    use super::AbortOnPanic;
+
+    /// The guard every I/O thread runs under turns a panic into an abort (checked in a child
+    /// process: this test binary, run again for this test alone).
+    #[test]
+    fn a_panic_under_the_io_thread_guard_aborts_the_process() {
+        if std::env::var_os("BLKPLANE_PANIC_CHILD").is_some() {
+            let _guard = AbortOnPanic;
+            panic!("an I/O thread bug, on purpose");
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "iothread::tests::a_panic_under_the_io_thread_guard_aborts_the_process",
+            ])
+            .args(["--test-threads", "1", "--nocapture"])
+            .env("BLKPLANE_PANIC_CHILD", "1")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.signal(), Some(libc::SIGABRT), "{out:?}");
+    }
+}

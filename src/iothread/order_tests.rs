@@ -100,6 +100,10 @@ impl<E: Engine> Engine for Recorder<E> {
         });
     }
 
+    fn has_unsubmitted(&self) -> bool {
+        self.inner.has_unsubmitted()
+    }
+
     /// While completions are held, a descriptor that is always readable, so that the I/O
     /// thread comes back for them; otherwise the engine's own.
     fn completion_fd(&self) -> Option<RawFd> {
@@ -127,12 +131,14 @@ struct Guest {
     mem: Arc<GuestMemory>,
     avail_idx: u16,
     used_seen: u16,
+    /// The kick eventfd, if the queue has one (otherwise the device polls the ring).
+    kick: Option<EventFd>,
 }
 
 impl Guest {
     fn new() -> Guest {
         let (ram, mem) = guest_ram(RAM);
-        Guest { _ram: ram, mem: Arc::new(mem), avail_idx: 0, used_seen: 0 }
+        Guest { _ram: ram, mem: Arc::new(mem), avail_idx: 0, used_seen: 0, kick: None }
     }
 
     fn write(&self, gpa: u64, bytes: &[u8]) {
@@ -166,6 +172,9 @@ impl Guest {
         self.avail_idx = self.avail_idx.wrapping_add(1);
         fence(Ordering::SeqCst);
         self.write(AVAIL + 2, &self.avail_idx.to_le_bytes());
+        if let Some(kick) = &self.kick {
+            kick.write(1).unwrap();
+        }
 
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -208,7 +217,10 @@ fn serve<E: Engine + 'static>(
         next_avail: 0,
         event_idx: false,
         indirect: false,
-        kick: None,
+        kick: guest.kick.as_ref().map(|k| {
+            // SAFETY: dup of an eventfd we hold; the File owns the new descriptor.
+            unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(libc::dup(k.as_raw_fd())) }
+        }),
         call: None,
         err: None,
     };
@@ -407,4 +419,73 @@ fn flush_and_write_order_with_io_uring() {
         contract(cache, false, uring);
     }
     contract("writeback", true, uring);
+}
+
+/// An engine whose submissions the "kernel" refuses (as io_submit or io_uring_enter can with
+/// EAGAIN) for [`RELUCTANT_FOR`] after an operation is queued, then takes them.
+struct Reluctant<E> {
+    inner: E,
+    since: Option<Instant>,
+}
+
+const RELUCTANT_FOR: Duration = Duration::from_millis(200);
+
+impl<E: Engine> Engine for Reluctant<E> {
+    unsafe fn queue(&mut self, tag: u16, op: IoOp<'_>) -> io::Result<()> {
+        self.since.get_or_insert_with(Instant::now);
+        // SAFETY: the caller's promise about `op`'s buffers is passed on unchanged.
+        unsafe { self.inner.queue(tag, op) }
+    }
+
+    fn submit(&mut self) -> io::Result<()> {
+        match self.since {
+            Some(at) if at.elapsed() < RELUCTANT_FOR => Ok(()),
+            _ => {
+                self.since = None;
+                self.inner.submit()
+            }
+        }
+    }
+
+    fn reap(&mut self, on_complete: impl FnMut(u16, i32)) {
+        self.inner.reap(on_complete)
+    }
+
+    fn completion_fd(&self) -> Option<RawFd> {
+        self.inner.completion_fd()
+    }
+
+    fn has_unsubmitted(&self) -> bool {
+        self.since.is_some() || self.inner.has_unsubmitted()
+    }
+}
+
+/// Work the kernel would not take yet is retried without waiting for a kick: the guest
+/// kicks once per request, and the I/O thread must not sleep on a refused submission.
+#[test]
+fn work_the_kernel_refused_is_submitted_without_another_kick() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    std::fs::write(&image, vec![7u8; 1 << 20]).unwrap();
+    // stats=off: no statistics timer that would wake the thread anyway.
+    let spec = format!(
+        "socket={}/unused.sock,image={},cache=writeback,stats=off",
+        dir.path().display(),
+        image.display()
+    );
+    let disk = Arc::new(Disk::open(&ExportConfig::parse(&spec).unwrap()).unwrap());
+    let log: Log = Arc::default();
+    let mut guest = Guest::new();
+    guest.kick = Some(EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK).unwrap());
+    let served = serve(Arc::clone(&disk), &guest, &log, |fd, size| {
+        Ok(Reluctant { inner: UringEngine::new(fd, size)?, since: None })
+    });
+    let data = vec![0x5a; 4096];
+    let start = Instant::now();
+    for i in 0..3 {
+        assert_eq!(guest.request(&log, req_type::OUT, 8 * i, Some(&data)), status::OK);
+    }
+    assert!(start.elapsed() >= RELUCTANT_FOR * 3, "the refusals were not exercised");
+    served.stop();
+    assert_eq!(&std::fs::read(&image).unwrap()[..3 * 4096], &vec![0x5a; 3 * 4096][..]);
 }
