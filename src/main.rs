@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use serde_json::{Map, Value};
 use tracing::level_filters::LevelFilter;
 
@@ -81,32 +81,7 @@ enum Command {
     #[command(
         after_help = "Example:\n  blkplane serve --export socket=/run/vm1.sock,image=/var/lib/vm1.raw,queues=2 --control /run/blkplane.ctl"
     )]
-    Serve {
-        /// An export: socket=PATH,image=PATH[,queues=N][,queue-size=N][,cache=MODE][,aio=ENGINE][,readonly=on][,serial=STR], or socket=PATH,engine=null,size=BYTES.
-        #[arg(long = "export", value_name = "SPEC", long_help = EXPORT_HELP)]
-        exports: Vec<String>,
-        /// A TOML file describing exports, the control socket and the metrics address (see the
-        /// README); --export and the other options add to it.
-        #[arg(long, value_name = "FILE")]
-        config: Option<PathBuf>,
-        /// Check the configuration (exports parse, images open, sockets free) and exit.
-        #[arg(long)]
-        check_config: bool,
-        /// Open a control socket (JSON, one request per line; mode 0600) at PATH.
-        #[arg(long, value_name = "PATH")]
-        control: Option<PathBuf>,
-        /// Serve Prometheus metrics at http://ADDR:PORT/metrics.
-        #[arg(long, value_name = "ADDR:PORT")]
-        metrics: Option<String>,
-        /// Log level: error, warn, info, debug or trace.
-        #[arg(long, value_name = "LEVEL")]
-        log_level: Option<LevelFilter>,
-        /// The most guest memory the daemon maps for all its frontends together (e.g. 64T,
-        /// the default); a memory table that would go over is refused. Each export also has
-        /// its own max-guest-memory.
-        #[arg(long, value_name = "SIZE")]
-        max_mapped_guest_memory: Option<String>,
-    },
+    Serve(ServeOptions),
     /// Send one command to a running daemon's control socket and print the reply.
     #[command(
         after_help = "Commands: list-exports, add-export KEY=VALUE..., remove-export id=ID [force=true], \
@@ -154,13 +129,31 @@ fn usage_error(message: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(EXIT_USAGE)
 }
 
+#[derive(Args)]
 struct ServeOptions {
+    /// An export: socket=PATH,image=PATH[,queues=N][,queue-size=N][,cache=MODE][,aio=ENGINE][,readonly=on][,serial=STR], or socket=PATH,engine=null,size=BYTES.
+    #[arg(long = "export", value_name = "SPEC", long_help = EXPORT_HELP)]
     exports: Vec<String>,
+    /// A TOML file describing exports, the control socket and the metrics address (see the
+    /// README); --export and the other options add to it.
+    #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Check the configuration (exports parse, images open, sockets free) and exit.
+    #[arg(long)]
     check_config: bool,
+    /// Open a control socket (JSON, one request per line; mode 0600) at PATH.
+    #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics.
+    #[arg(long, value_name = "ADDR:PORT")]
     metrics: Option<String>,
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long, value_name = "LEVEL")]
     log_level: Option<LevelFilter>,
+    /// The most guest memory the daemon maps for all its frontends together (e.g. 64T,
+    /// the default); a memory table that would go over is refused. Each export also has
+    /// its own max-guest-memory.
+    #[arg(long, value_name = "SIZE")]
     max_mapped_guest_memory: Option<String>,
 }
 
@@ -330,23 +323,7 @@ fn ctl(control: PathBuf, command: String, args: Vec<String>) -> ExitCode {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve {
-            exports,
-            config,
-            check_config,
-            control,
-            metrics,
-            log_level,
-            max_mapped_guest_memory,
-        } => serve(ServeOptions {
-            exports,
-            config,
-            check_config,
-            control,
-            metrics,
-            log_level,
-            max_mapped_guest_memory,
-        }),
+        Command::Serve(options) => serve(options),
         Command::Ctl { control, command, args } => ctl(control, command, args),
         Command::Stat { control, interval, count } => {
             if !(interval > 0.0 && interval.is_finite()) {

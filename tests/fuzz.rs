@@ -15,14 +15,14 @@
 
 mod common;
 
-use std::fs::{self, File};
+use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::raw::*;
-use common::{make_image, pattern, Client, Daemon};
+use common::{make_image, pattern, proc_status_bytes, Client, Daemon};
 use vmm_sys_util::eventfd::EventFd;
 
 /// The daemon's resident memory may not pass this, whatever the cases did (its bounds:
@@ -401,16 +401,6 @@ fn case(rng: &mut Rng, sock: &Path, dir: &Path) {
     std::thread::sleep(Duration::from_millis(rng.below(3)));
 }
 
-fn rss_bytes(pid: i32) -> u64 {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kb << 10
-}
-
 #[test]
 fn fuzz_the_daemon_over_its_socket() {
     let secs: u64 =
@@ -457,7 +447,7 @@ fn fuzz_the_daemon_over_its_socket() {
             got.as_deref() == Ok(&pattern(2, (cases % 2000) * 4096, 4096)[..]),
             "case {cases} (seed {case_seed}): the neighbour's read failed"
         );
-        let rss = rss_bytes(daemon.pid());
+        let rss = proc_status_bytes(daemon.pid(), "VmRSS");
         peak_rss = peak_rss.max(rss);
         assert!(rss < RSS_BOUND_BYTES, "case {cases} (seed {case_seed}): RSS {rss} bytes");
     }

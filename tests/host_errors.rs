@@ -5,44 +5,23 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use blkio::ReqFlags;
 use blkplane::control::ControlClient;
-use common::{make_image, pattern, tmpdir, Client, Daemon};
+use common::{make_image, pattern, tmpdir, Client, Daemon, Mount};
 
 const EIO: i32 = -libc::EIO;
 
-/// A 1 MiB tmpfs mounted for the test, unmounted when dropped.
-struct SmallTmpfs(PathBuf);
-
-impl SmallTmpfs {
-    fn mount(at: &Path) -> SmallTmpfs {
-        std::fs::create_dir_all(at).unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=1m", "blkplane-test"])
-            .arg(at)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "mounting a 1 MiB tmpfs needs root: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        SmallTmpfs(at.to_path_buf())
-    }
-}
-
-impl Drop for SmallTmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
+/// A 1 MiB tmpfs, mounted for the test.
+fn small_tmpfs(at: &Path) -> Mount {
+    Mount::new("tmpfs", Some("size=1m"), at).expect("mounting a 1 MiB tmpfs needs root")
 }
 
 fn full_filesystem(aio: &str) {
     let dir = tmpdir();
-    let fs = SmallTmpfs::mount(&dir.path().join("small"));
+    let fs = small_tmpfs(&dir.path().join("small"));
     // A sparse 16 MiB image on a 1 MiB filesystem: writes fill it up.
     let full = fs.0.join("sparse.raw");
     std::fs::File::create(&full).unwrap().set_len(16 << 20).unwrap();
@@ -106,29 +85,11 @@ fn a_full_filesystem_fails_writes_with_ioerr_with_threads() {
     full_filesystem("threads");
 }
 
-/// A ramfs mounted for the test, unmounted when dropped. ramfs refuses both
-/// FALLOC_FL_ZERO_RANGE and FALLOC_FL_PUNCH_HOLE, as vfat, NFS and many FUSE filesystems do.
-struct Ramfs(PathBuf);
-
-impl Ramfs {
-    fn mount(at: &Path) -> Ramfs {
-        std::fs::create_dir_all(at).unwrap();
-        let out =
-            Command::new("mount").args(["-t", "ramfs", "blkplane-test"]).arg(at).output().unwrap();
-        assert!(out.status.success(), "mount: {}", String::from_utf8_lossy(&out.stderr));
-        Ramfs(at.to_path_buf())
-    }
-}
-
-impl Drop for Ramfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 fn write_zeroes_on_a_filesystem_without_fallocate(aio: &str) {
     let dir = tmpdir();
-    let fs = Ramfs::mount(&dir.path().join("ramfs"));
+    // ramfs refuses both FALLOC_FL_ZERO_RANGE and FALLOC_FL_PUNCH_HOLE, as vfat, NFS and
+    // many FUSE filesystems do.
+    let fs = Mount::new("ramfs", None, &dir.path().join("ramfs")).unwrap();
     let image = fs.0.join("disk.raw");
     make_image(&image, 4 << 20, 3);
     let sock = dir.path().join("fat.sock");
@@ -162,12 +123,12 @@ fn write_zeroes_ends_with_ioerr_when_the_filesystem_refuses_fallocate() {
 /// fail only when they are written back (at fdatasync).
 struct FailingDevice {
     dev: String,
-    _fs: SmallTmpfs,
+    _fs: Mount,
 }
 
 impl FailingDevice {
     fn new(dir: &Path) -> FailingDevice {
-        let fs = SmallTmpfs::mount(&dir.join("small"));
+        let fs = small_tmpfs(&dir.join("small"));
         let backing = fs.0.join("sparse.raw");
         std::fs::File::create(&backing).unwrap().set_len(16 << 20).unwrap();
         let out =

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::frontend::*;
 use common::raw::*;
-use common::{make_image, pattern, tmpdir, Client, Daemon};
+use common::{make_image, pattern, proc_status_bytes, tmpdir, Client, Daemon, Mount};
 use vhost::VhostBackend;
 
 const IMAGE_BYTES: u64 = 8 << 20;
@@ -36,6 +36,30 @@ fn tenants(a_extra: &str) -> Tenants {
 /// A directory on the root filesystem (ext4 here), where O_DIRECT wants aligned buffers.
 fn disk_dir() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("blkplane-test").tempdir_in("/var/tmp").unwrap()
+}
+
+/// Two tenants and a control socket (its path returned) in a tmpfs directory.
+fn tenants_with_control(a_extra: &str, more_args: &[&str]) -> (Tenants, PathBuf) {
+    let dir = tmpdir();
+    let ctl = dir.path().join("ctl.sock");
+    let ctl_arg = ctl.display().to_string();
+    let mut args = vec!["--control", &ctl_arg];
+    args.extend_from_slice(more_args);
+    (tenants_with(a_extra, &args, dir), ctl)
+}
+
+/// Writes up to 64 MiB of `byte` to `stream` until the peer stops taking it; returns how
+/// much it took.
+fn flood(stream: &mut impl Write, byte: u8) -> usize {
+    let chunk = vec![byte; 1 << 20];
+    let mut sent = 0usize;
+    while sent < 64 << 20 {
+        match stream.write(&chunk) {
+            Ok(n) => sent += n,
+            Err(_) => break,
+        }
+    }
+    sent
 }
 
 fn tenants_with(a_extra: &str, daemon_args: &[&str], dir: tempfile::TempDir) -> Tenants {
@@ -165,47 +189,26 @@ fn file_ram(path: &Path) -> GuestRam {
 }
 
 /// A hugetlbfs mount with enough 2 MiB pages reserved for one guest RAM, or why not.
-struct Hugetlbfs {
-    dir: PathBuf,
-}
-
-impl Hugetlbfs {
-    fn mount(at: &Path) -> Result<Hugetlbfs, String> {
-        let nr = "/proc/sys/vm/nr_hugepages";
-        let have: u64 = fs::read_to_string(nr).map_err(|e| e.to_string())?.trim().parse().unwrap();
-        let need = (RAM_BYTES as u64 >> 21) * 2;
-        let free: u64 = fs::read_to_string("/proc/meminfo")
-            .unwrap()
-            .lines()
-            .find_map(|l| l.strip_prefix("HugePages_Free:"))
-            .map(|v| v.trim().parse().unwrap())
-            .unwrap_or(0);
-        if free < need {
-            fs::write(nr, (have + need).to_string()).map_err(|e| format!("{nr}: {e}"))?;
-        }
-        fs::create_dir_all(at).unwrap();
-        let out = std::process::Command::new("mount")
-            .args(["-t", "hugetlbfs", "-o", "pagesize=2M", "blkplane-test"])
-            .arg(at)
-            .output()
-            .map_err(|e| e.to_string())?;
-        if !out.status.success() {
-            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-        }
-        Ok(Hugetlbfs { dir: at.to_path_buf() })
+fn hugetlbfs(at: &Path) -> Result<Mount, String> {
+    let nr = "/proc/sys/vm/nr_hugepages";
+    let have: u64 = fs::read_to_string(nr).map_err(|e| e.to_string())?.trim().parse().unwrap();
+    let need = (RAM_BYTES as u64 >> 21) * 2;
+    let free: u64 = fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("HugePages_Free:"))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0);
+    if free < need {
+        fs::write(nr, (have + need).to_string()).map_err(|e| format!("{nr}: {e}"))?;
     }
-}
-
-impl Drop for Hugetlbfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg("-l").arg(&self.dir).status();
-    }
+    Mount::new("hugetlbfs", Some("pagesize=2M"), at)
 }
 
 #[test]
 fn guest_ram_backings_serve_and_a_shrunk_one_costs_only_its_connection() {
     let mut t = tenants("");
-    let huge = Hugetlbfs::mount(&t.dir.path().join("huge"));
+    let huge = hugetlbfs(&t.dir.path().join("huge"));
     // Every kind of guest RAM QEMU shares serves a read.
     let mut kinds: Vec<(&str, GuestRam, bool)> = vec![
         ("memfd", memfd_ram(false), true),
@@ -213,7 +216,7 @@ fn guest_ram_backings_serve_and_a_shrunk_one_costs_only_its_connection() {
         ("file on tmpfs", file_ram(&t.dir.path().join("ram")), true),
     ];
     match &huge {
-        Ok(h) => kinds.push(("file on hugetlbfs", file_ram(&h.dir.join("ram")), true)),
+        Ok(h) => kinds.push(("file on hugetlbfs", file_ram(&h.0.join("ram")), true)),
         Err(e) => panic!("this kernel offers hugetlbfs, but it could not be set up: {e}"),
     }
     let mut shrunk = 0;
@@ -288,15 +291,9 @@ fn requests_over_the_advertised_limits_get_ioerr_and_bounce_memory_stays_bounded
     t.stops();
 }
 
-/// Peak resident memory of a process (VmHWM), in bytes.
+/// Peak resident memory of a process, in bytes.
 fn peak_rss_bytes(pid: i32) -> u64 {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kb << 10
+    proc_status_bytes(pid, "VmHWM")
 }
 
 #[test]
@@ -466,14 +463,7 @@ fn the_metrics_endpoint_bounds_requests_and_serves_scrapes_side_by_side() {
     // before, and does not grow.
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
-    let chunk = vec![b'a'; 1 << 20];
-    let mut sent = 0usize;
-    while sent < 64 << 20 {
-        match s.write(&chunk) {
-            Ok(n) => sent += n,
-            Err(_) => break,
-        }
-    }
+    let sent = flood(&mut s, b'a');
     assert!(sent < 64 << 20, "the daemon read all of a 64 MiB request line");
     drop(s);
     let peak = peak_rss_bytes(t.daemon.pid());
@@ -502,22 +492,12 @@ fn the_metrics_endpoint_bounds_requests_and_serves_scrapes_side_by_side() {
 
 #[test]
 fn the_control_socket_bounds_lines_and_clients() {
-    let dir = tmpdir();
-    let ctl = dir.path().join("ctl.sock");
-    let ctl_arg = ctl.display().to_string();
-    let mut t = tenants_with("", &["--control", &ctl_arg], dir);
+    let (mut t, ctl) = tenants_with_control("", &[]);
     // An over-long line gets an error reply, then the connection is closed: the rest of the
     // line is never read.
     let mut s = UnixStream::connect(&ctl).unwrap();
     s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
-    let chunk = vec![b' '; 1 << 20];
-    let mut sent = 0usize;
-    while sent < 64 << 20 {
-        match s.write(&chunk) {
-            Ok(n) => sent += n,
-            Err(_) => break,
-        }
-    }
+    let sent = flood(&mut s, b' ');
     assert!(sent < 64 << 20, "the daemon read all of a 64 MiB line");
     let mut reply = String::new();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -553,14 +533,7 @@ fn the_control_socket_bounds_lines_and_clients() {
 #[test]
 fn sockets_are_owner_only_unless_the_operator_widens_them() {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let dir = tmpdir();
-    let ctl = dir.path().join("ctl.sock");
-    let ctl_arg = ctl.display().to_string();
-    let t = tenants_with(
-        ",socket-mode=0660,socket-group=6,socket-owner=65534",
-        &["--control", &ctl_arg],
-        dir,
-    );
+    let (t, ctl) = tenants_with_control(",socket-mode=0660,socket-group=6,socket-owner=65534", &[]);
     let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&t.b_sock), 0o600, "an export socket by default");
     assert_eq!(mode(&ctl), 0o600, "the control socket");
@@ -574,16 +547,13 @@ fn sockets_are_owner_only_unless_the_operator_widens_them() {
 
 #[test]
 fn an_image_swapped_for_a_fifo_never_blocks_the_daemon() {
-    let dir = tmpdir();
-    let ctl = dir.path().join("ctl.sock");
-    let (regular, fifo, image) =
-        (dir.path().join("regular"), dir.path().join("fifo"), dir.path().join("image"));
+    let (mut t, ctl) = tenants_with_control("", &[]);
+    let dir = t.dir.path();
+    let (regular, fifo, image) = (dir.join("regular"), dir.join("fifo"), dir.join("image"));
     make_image(&regular, 1 << 20, 5);
     let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
     // SAFETY: mkfifo with a valid path.
     assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
-    let ctl_arg = ctl.display().to_string();
-    let mut t = tenants_with("", &["--control", &ctl_arg], dir);
     // A local user swaps the image path between a regular file and a FIFO, as fast as it
     // can, while the operator adds an export of it: whatever the daemon finds must not make
     // it wait (a read-only open of a FIFO blocks until a writer comes).
@@ -668,10 +638,7 @@ fn ctl_ok(
 
 #[test]
 fn resizes_are_whole_blocks_serialized_and_a_shrink_stays_shrunk() {
-    let dir = tmpdir();
-    let ctl_path = dir.path().join("ctl.sock");
-    let ctl_arg = ctl_path.display().to_string();
-    let mut t = tenants_with(",logical-block-size=4096,queues=2", &["--control", &ctl_arg], dir);
+    let (mut t, ctl_path) = tenants_with_control(",logical-block-size=4096,queues=2", &[]);
     let mut ctl = blkplane::control::ControlClient::connect(&ctl_path).unwrap();
     let r = ctl.call("resize", serde_json::json!({"id": "a", "size": (8 << 20) + 512})).unwrap();
     assert_eq!(r["error"]["code"], "invalid-size", "{r}");
@@ -749,10 +716,7 @@ fn resizes_are_whole_blocks_serialized_and_a_shrink_stays_shrunk() {
 
 #[test]
 fn a_backend_channel_nobody_reads_times_out() {
-    let dir = tmpdir();
-    let ctl_path = dir.path().join("ctl.sock");
-    let ctl_arg = ctl_path.display().to_string();
-    let mut t = tenants_with("", &["--control", &ctl_arg], dir);
+    let (mut t, ctl_path) = tenants_with_control("", &[]);
     let raw = RawFrontend::connect(&t.a_sock);
     raw.send(SET_OWNER, false, &[], &[]).unwrap();
     let offered = raw.get_u64(GET_FEATURES).unwrap();
@@ -764,23 +728,18 @@ fn a_backend_channel_nobody_reads_times_out() {
     let (ours, theirs) = UnixStream::pair().unwrap();
     // The smallest buffers, so that a few hundred unread messages fill them.
     for s in [&ours, &theirs] {
-        let small: libc::c_int = 1;
-        // SAFETY: setsockopt with a valid int option value.
-        unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_SNDBUF,
-                (&small as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUF,
-                (&small as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
+        for option in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+            let small: libc::c_int = 1;
+            // SAFETY: setsockopt with a valid int option value.
+            unsafe {
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    option,
+                    (&small as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
         }
     }
     const SET_BACKEND_REQ_FD: u32 = 21;

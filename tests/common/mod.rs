@@ -318,3 +318,40 @@ impl Strace {
         fs::read_to_string(&self.out).unwrap()
     }
 }
+
+/// A filesystem mounted for a test (root only), unmounted (lazily) when dropped.
+pub struct Mount(pub PathBuf);
+
+impl Mount {
+    /// `mount -t FSTYPE [-o OPTIONS] blkplane-test AT`, creating AT.
+    pub fn new(fstype: &str, options: Option<&str>, at: &Path) -> Result<Mount, String> {
+        fs::create_dir_all(at).map_err(|e| e.to_string())?;
+        let mut cmd = Command::new("mount");
+        cmd.args(["-t", fstype]);
+        if let Some(o) = options {
+            cmd.args(["-o", o]);
+        }
+        let out = cmd.arg("blkplane-test").arg(at).output().map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!("mount -t {fstype}: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        Ok(Mount(at.to_path_buf()))
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A figure from /proc/PID/status given in kB (VmRSS, VmHWM, ...), in bytes.
+pub fn proc_status_bytes(pid: i32, field: &str) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
+    kb << 10
+}
