@@ -302,9 +302,9 @@ fn one_request_cannot_make_the_daemon_bounce_hundreds_of_megabytes() {
     let image = dir.path().join("big.raw");
     fs::File::create(&image).unwrap().set_len(256 << 20).unwrap();
     let sock = dir.path().join("big.sock");
-    let spec = format!("socket={},image={},queue-size=256", sock.display(), image.display());
+    let spec = format!("socket={},image={},queue-size=512", sock.display(), image.display());
     let mut daemon = Daemon::start(dir.path(), &[spec]);
-    let mut fe = TestFrontend::connect(&sock, 1, 256, WANT);
+    let mut fe = TestFrontend::connect(&sock, 1, 512, WANT);
     // 200 buffers of 1 MiB, every one the same guest range at an odd address: each within
     // size_max, together 200 MiB that O_DIRECT cannot take as they are.
     fe.ram.write(HEADER_AREA, &header(T_IN, 0));
@@ -315,6 +315,12 @@ fn one_request_cannot_make_the_daemon_bounce_hundreds_of_megabytes() {
     assert_eq!((c.status, c.used_len), (S_IOERR, 1), "200 MiB of bounce for one request");
     let peak = peak_rss_bytes(daemon.pid());
     assert!(peak < 100 << 20, "the daemon's resident memory peaked at {peak} bytes");
+    // More data segments than seg_max (254), each small and aligned: IOERR too.
+    let mut bufs = vec![Buf { gpa: HEADER_AREA, len: 16, writable: false }];
+    bufs.extend((0..300).map(|i| Buf { gpa: DATA_AREA + 4096 * i, len: 4096, writable: true }));
+    bufs.push(Buf { gpa: HEADER_AREA + 64, len: 1, writable: true });
+    let c = fe.submit_indirect(0, &bufs).unwrap();
+    assert_eq!((c.status, c.used_len), (S_IOERR, 1), "300 segments, over seg_max");
     // The queue goes on serving.
     let (c, _) = fe.request(0, T_IN, 0, &[], 4096);
     assert_eq!(c.status, S_OK);
