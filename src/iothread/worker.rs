@@ -338,6 +338,17 @@ impl Core {
             }
         };
         let batch = pending.min(self.free.len());
+        if batch == 0 {
+            return 0;
+        }
+        // The batch is counted as admitted before the capacity is read (both SeqCst): a resize
+        // that publishes a smaller capacity and then reads this count either sees these
+        // requests, and waits for them, or they see the smaller capacity (see Disk::resize).
+        // Once per batch, not per request: the store is a locked instruction.
+        self.admitted += batch as u64;
+        self.stats.admitted.store(self.admitted, Ordering::SeqCst);
+        let limits = self.disk.limits();
+        let mut taken = 0;
         for _ in 0..batch {
             let head = match self.queue.pop_head() {
                 Ok(Some(head)) => head,
@@ -349,12 +360,7 @@ impl Core {
             };
             let Some(tag) = self.free.pop() else { break };
             self.in_flight += 1;
-            // Counted before the capacity is read (both SeqCst): a resize that publishes a
-            // smaller capacity and then reads this count either sees this request, and waits
-            // for it, or this request sees the smaller capacity (see Disk::resize).
-            self.admitted += 1;
-            self.stats.admitted.store(self.admitted, Ordering::SeqCst);
-            let limits = self.disk.limits();
+            taken += 1;
             let sampled = self.stats_on && {
                 self.sample_countdown -= 1;
                 if self.sample_countdown == 0 {
@@ -377,7 +383,7 @@ impl Core {
                     // The chain is not a chain: we cannot even find its status byte.
                     self.free.push(tag);
                     self.in_flight -= 1;
-                    self.retire();
+                    taken -= 1;
                     self.break_queue(QueueError::Chain(e));
                     break;
                 }
@@ -396,6 +402,8 @@ impl Core {
                 Err(e) => self.finish(tag, Err(e)),
             }
         }
+        // Counted as admitted above but never taken (the ring broke): nothing to wait for.
+        self.count_retired((batch - taken) as u64);
         batch
     }
 
@@ -711,8 +719,6 @@ impl Core {
         };
         self.queue.push_used(slot.head, used_len);
         self.unpublished += 1;
-        self.retired += 1;
-        self.stats.retired.store(self.retired, Ordering::Release);
         self.free.push(tag);
         self.in_flight -= 1;
         if self.stats_on {
@@ -729,11 +735,13 @@ impl Core {
                 self.sampled_done.push(slot.stamps);
             }
         }
+        self.count_retired(1);
     }
 
-    /// Counts a request admitted by `fetch` as answered (or dropped with its broken queue).
-    fn retire(&mut self) {
-        self.retired += 1;
+    /// Counts `n` requests admitted by `fetch` as answered (or never taken from a ring that
+    /// broke), for resize's drain.
+    fn count_retired(&mut self, n: u64) {
+        self.retired += n;
         self.stats.retired.store(self.retired, Ordering::Release);
     }
 

@@ -103,9 +103,13 @@ pub fn peek_header(stream: &UnixStream) -> io::Result<Option<Header>> {
             }
             _ => {
                 let e = io::Error::last_os_error();
-                if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock) {
+                let broken = pfd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0;
+                if !broken
+                    && matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock)
+                {
                     continue;
                 }
+                // Nothing to read on a socket poll calls broken: waiting again would spin.
                 return Err(e);
             }
         }
