@@ -9,7 +9,8 @@ use std::thread::JoinHandle;
 use serde::Serialize;
 use tracing::info;
 
-use crate::export::{BackendSpec, Disk, ExportConfig};
+use crate::disk::Disk;
+use crate::export::{BackendSpec, ExportConfig};
 use crate::iothread::poll::{PollMode, PollPolicy, MAX_POLL_MAX_US};
 use crate::trace::QueueReport;
 use crate::vhost_user::{apply_socket_access, bind_socket, ExportServer};

@@ -11,6 +11,7 @@ pub mod blk;
 pub mod config_file;
 pub mod control;
 pub mod daemon;
+pub mod disk;
 pub mod engine;
 pub mod export;
 pub mod iothread;

@@ -15,6 +15,19 @@ use crate::virtq::GuestIov;
 
 pub use backing::{Backing, CacheMode, OpenError};
 
+/// Which engine moves the data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EngineKind {
+    /// io_uring on the backing file (the default).
+    IoUring,
+    /// Linux AIO (io_submit) on the backing file.
+    Native,
+    /// A pool of worker threads doing preadv/pwritev on the backing file.
+    Threads,
+    /// No backing: reads return zeroes, writes are dropped.
+    Null,
+}
+
 /// One operation for an engine, built from a validated request.
 #[derive(Clone, Copy)]
 pub enum IoOp<'a> {

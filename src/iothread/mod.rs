@@ -20,7 +20,7 @@ use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::export::Disk;
+use crate::disk::Disk;
 use crate::virtq::{GuestMemory, RingAddrs};
 
 /// Everything an I/O thread needs to serve one queue.

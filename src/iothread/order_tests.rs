@@ -20,11 +20,12 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{worker, QueueSetup, StopSignal};
 use crate::blk::{req_type, status};
+use crate::disk::Disk;
 use crate::engine::aio::AioEngine;
 use crate::engine::threads::ThreadsEngine;
 use crate::engine::uring::UringEngine;
 use crate::engine::{CacheMode, Engine, IoOp};
-use crate::export::{Disk, ExportConfig};
+use crate::export::ExportConfig;
 use crate::virtq::testing::{descriptor, guest_ram, read, request_header, write, USER_BASE};
 use crate::virtq::{GuestMemory, RingAddrs};
 

@@ -14,12 +14,12 @@ use super::poll::Poller;
 use super::{QueueSetup, StopSignal};
 use crate::blk::request::{self, ChainBuf, Request, RequestError};
 use crate::blk::{status, SEG_MAX};
+use crate::disk::Disk;
 use crate::engine::aio::AioEngine;
 use crate::engine::null::NullEngine;
 use crate::engine::threads::ThreadsEngine;
 use crate::engine::uring::UringEngine;
-use crate::engine::{Engine, IoOp};
-use crate::export::{Disk, EngineKind};
+use crate::engine::{Engine, EngineKind, IoOp};
 use crate::ratelimit::RateLimiter;
 use crate::trace::{Kind, QueueStats, Stage, StageHistograms, MERGE_EVERY, SAMPLE_EVERY};
 use crate::virtq::{

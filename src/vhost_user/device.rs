@@ -18,7 +18,7 @@ use vhost::VhostUserMemoryRegionBase;
 
 use crate::blk::config::offset::WRITEBACK;
 use crate::blk::feature;
-use crate::export::Disk;
+use crate::disk::Disk;
 use crate::iothread::{IoThread, QueueSetup};
 use crate::ratelimit::RateLimiter;
 use crate::sys::checked_eventfd;

@@ -13,7 +13,8 @@ use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
 
 use super::backend_channel::{self, BackendChannel};
 use super::device::BlkDevice;
-use crate::export::{Disk, SocketAccess};
+use crate::disk::Disk;
+use crate::export::SocketAccess;
 use crate::listener::StoppableListener;
 use crate::ratelimit::RateLimiter;
 use crate::warn_limited;

@@ -1,0 +1,307 @@
+//! The disk behind an export ([`Disk`]): its backing, capacity, block sizes and cache mode,
+//! shared read-mostly (atomics only) between the export's control thread and its I/O
+//! threads. This is what the data path reads; `export.rs` only turns `--export` specs into
+//! the [`ExportConfig`] a disk is opened from.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::blk::config::{config_space, ConfigInputs, CONFIG_SPACE_BYTES};
+use crate::blk::request::DiskLimits;
+use crate::blk::{feature, ID_BYTES, SECTOR_SIZE};
+use crate::engine::{Backing, CacheMode, EngineKind, OpenError};
+use crate::export::{BackendSpec, ExportConfig};
+use crate::iothread::poll::PollSettings;
+use crate::trace::QueueStats;
+
+/// How long a shrinking resize waits for requests checked against the old size.
+const RESIZE_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Largest size of an engine=null export (and of a resize of one).
+pub const MAX_NULL_BYTES: u64 = 1 << 60;
+
+/// The disk behind an export, as its threads share it.
+pub struct Disk {
+    /// For log lines: the export's socket path.
+    pub name: String,
+    pub backing: Option<Backing>,
+    pub engine: EngineKind,
+    pub cache: CacheMode,
+    pub readonly: bool,
+    pub serial: [u8; ID_BYTES],
+    pub num_queues: u16,
+    pub max_queue_size: u16,
+    pub logical_block_bytes: u32,
+    pub physical_block_bytes: u32,
+    /// Reads and writes off these blocks (bytes; 0: none) are done on whole blocks through a
+    /// bounce buffer, writes by read-modify-write: the guest's blocks are smaller than what
+    /// the backing's O_DIRECT needs.
+    pub rmw_block_bytes: u64,
+    /// Guest buffers must start and end on this boundary to go to the backing as they are
+    /// (O_DIRECT's rule); others are bounced. 1 when the backing takes any buffer.
+    pub dio_mem_align: usize,
+    pub poll: PollSettings,
+    pub cpus: Vec<usize>,
+    pub stats_on: bool,
+    /// Per-queue statistics; they outlive the I/O threads (which restart on reconfiguration).
+    pub stats: Vec<Arc<QueueStats>>,
+    /// The most guest RAM one frontend may have mapped (`max-guest-memory`).
+    pub max_guest_memory_bytes: u64,
+    capacity_bytes: AtomicU64,
+    /// The write-cache-enable bit as the guest sees it; the guest may turn it off (CONFIG_WCE).
+    writeback: AtomicBool,
+    /// An fdatasync failed. Linux reports a writeback error once per open file, so a later
+    /// one would succeed although data was lost: from now on every FLUSH fails instead.
+    flush_failed: AtomicBool,
+}
+
+impl Disk {
+    /// Opens the backing of `config`. Creates and truncates nothing.
+    pub fn open(config: &ExportConfig) -> Result<Disk, OpenError> {
+        let (backing, engine, capacity, logical, physical) = match &config.backend {
+            BackendSpec::Image(path) => {
+                let b = Backing::open(path, config.readonly, config.cache, config.force_share)?;
+                let (c, l, p) = (b.capacity_bytes, b.logical_block_bytes, b.physical_block_bytes);
+                (Some(b), config.aio, c, l, p)
+            }
+            BackendSpec::Null { size_bytes } => (None, EngineKind::Null, *size_bytes, 512, 4096),
+        };
+        let name = || match &config.backend {
+            BackendSpec::Image(p) => p.clone(),
+            BackendSpec::Null { .. } => "engine=null".into(),
+        };
+        // O_DIRECT needs offsets on the backing's blocks; the page cache takes any. The guest
+        // sees the backing's block size unless told otherwise. Smaller blocks than O_DIRECT
+        // needs (512-byte sectors on a 4K-sector disk) mean read-modify-write for writes off
+        // the backing's blocks, which must not race with other writes to the same blocks:
+        // blkplane does it on the only queue, with nothing else in flight.
+        let direct_block = if config.cache.direct() { logical } else { SECTOR_SIZE as u32 };
+        let logical = config.logical_block_bytes.unwrap_or(logical);
+        let rmw_block_bytes = if logical < direct_block {
+            if config.queues != 1 {
+                return Err(OpenError::BlockSize(
+                    name(),
+                    format!(
+                        "logical-block-size={logical} is below the {direct_block} bytes its O_DIRECT I/O needs; \
+                         that takes read-modify-write, which needs queues=1 (or a cache mode without O_DIRECT)"
+                    ),
+                ));
+            }
+            if !capacity.is_multiple_of(u64::from(direct_block)) {
+                return Err(OpenError::BlockSize(
+                    name(),
+                    format!(
+                        "its size {capacity} is not a multiple of its {direct_block}-byte blocks"
+                    ),
+                ));
+            }
+            u64::from(direct_block)
+        } else {
+            0
+        };
+        let physical = config.physical_block_bytes.unwrap_or(physical.max(logical));
+        if physical < logical {
+            return Err(OpenError::BlockSize(
+                name(),
+                format!("physical-block-size={physical} is below logical-block-size={logical}"),
+            ));
+        }
+        if !capacity.is_multiple_of(u64::from(logical)) {
+            return Err(OpenError::BlockSize(
+                name(),
+                format!(
+                    "its size {capacity} is not a multiple of the {logical}-byte logical block"
+                ),
+            ));
+        }
+        let dio_mem_align = backing.as_ref().map_or(1, |b| b.dio_mem_align as usize);
+        let mut serial = [0u8; ID_BYTES];
+        serial[..config.serial.len()].copy_from_slice(config.serial.as_bytes());
+        Ok(Disk {
+            name: config.socket.display().to_string(),
+            backing,
+            engine,
+            cache: config.cache,
+            readonly: config.readonly,
+            serial,
+            num_queues: config.queues,
+            max_queue_size: config.queue_size,
+            logical_block_bytes: logical,
+            physical_block_bytes: physical,
+            dio_mem_align,
+            rmw_block_bytes,
+            poll: PollSettings::new(config.poll),
+            cpus: config.cpus.clone(),
+            stats_on: config.stats,
+            stats: (0..config.queues).map(|_| Arc::new(QueueStats::default())).collect(),
+            max_guest_memory_bytes: config.max_guest_memory_bytes,
+            capacity_bytes: AtomicU64::new(capacity),
+            writeback: AtomicBool::new(config.cache.write_cache()),
+            flush_failed: AtomicBool::new(false),
+        })
+    }
+
+    pub fn capacity_bytes(&self) -> u64 {
+        self.capacity_bytes.load(Ordering::Relaxed)
+    }
+
+    /// What requests are checked against. The capacity is read SeqCst, after the I/O thread
+    /// counted the request as admitted (see `resize`).
+    pub fn limits(&self) -> DiskLimits {
+        DiskLimits {
+            capacity_bytes: self.capacity_bytes.load(Ordering::SeqCst),
+            readonly: self.readonly,
+            logical_block_bytes: u64::from(self.logical_block_bytes),
+        }
+    }
+
+    pub fn writeback(&self) -> bool {
+        self.writeback.load(Ordering::Relaxed)
+    }
+
+    /// Changes the size the guest sees. A regular file is truncated or extended to the new
+    /// size (as qemu-storage-daemon's block_resize does); a block device cannot grow beyond
+    /// itself; a null export takes any size. The caller serializes resizes of one disk.
+    ///
+    /// Growing extends the file, then publishes the capacity. Shrinking publishes the smaller
+    /// capacity first, then waits until every request admitted before that was answered (a
+    /// write checked against the old size could otherwise land after the truncation and
+    /// extend the file again), then truncates.
+    pub fn resize(&self, new_bytes: u64) -> Result<(), String> {
+        let block = u64::from(self.logical_block_bytes).max(self.rmw_block_bytes).max(SECTOR_SIZE);
+        if new_bytes == 0 || !new_bytes.is_multiple_of(block) {
+            return Err(format!(
+                "size {new_bytes} is not a non-zero multiple of the {block}-byte block size"
+            ));
+        }
+        let file = match &self.backing {
+            None => {
+                if new_bytes > MAX_NULL_BYTES {
+                    return Err(format!(
+                        "size {new_bytes} is beyond the null engine's {MAX_NULL_BYTES}"
+                    ));
+                }
+                None
+            }
+            Some(b) if b.is_block_device => {
+                let device =
+                    b.device_size().map_err(|e| format!("reading the device size: {e}"))?;
+                if new_bytes > device {
+                    return Err(format!(
+                        "size {new_bytes} is beyond the block device's {device} bytes"
+                    ));
+                }
+                None
+            }
+            Some(_) if self.readonly => {
+                return Err("a read-only image file cannot be resized".into());
+            }
+            Some(b) => Some(&b.file),
+        };
+        let truncate = |f: &std::fs::File| {
+            f.set_len(new_bytes).map_err(|e| format!("resizing the image file: {e}"))
+        };
+        if new_bytes >= self.capacity_bytes() {
+            if let Some(f) = file {
+                truncate(f)?;
+            }
+            self.capacity_bytes.store(new_bytes, Ordering::SeqCst);
+            return Ok(());
+        }
+        self.capacity_bytes.store(new_bytes, Ordering::SeqCst);
+        self.drain_admitted(RESIZE_DRAIN_TIMEOUT)?;
+        if let Some(f) = file {
+            truncate(f)?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every request admitted so far, on every queue, has been answered.
+    fn drain_admitted(&self, timeout: std::time::Duration) -> Result<(), String> {
+        let admitted: Vec<u64> =
+            self.stats.iter().map(|q| q.admitted.load(Ordering::SeqCst)).collect();
+        let deadline = std::time::Instant::now() + timeout;
+        while self.stats.iter().zip(&admitted).any(|(q, &a)| q.retired.load(Ordering::Acquire) < a)
+        {
+            if std::time::Instant::now() > deadline {
+                return Err(format!(
+                    "requests in flight did not finish within {} s; the guest sees the new size, \
+                     the file keeps its old one",
+                    timeout.as_secs()
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
+    /// Whether a flush has failed on this export (see `flush_failed`).
+    pub fn flush_failed(&self) -> bool {
+        self.flush_failed.load(Ordering::Acquire)
+    }
+
+    /// An fdatasync failed with `errno`: every later FLUSH fails. Counted on `stats`, logged
+    /// the first time.
+    pub fn flush_failed_with(&self, errno: i32, stats: &QueueStats) {
+        stats.counters.flush_errors.add(1);
+        if !self.flush_failed.swap(true, Ordering::AcqRel) {
+            tracing::error!(
+                export = %self.name,
+                "flush failed: {}; written data may be lost, so every later flush fails until the export is removed and added again",
+                std::io::Error::from_raw_os_error(errno)
+            );
+        }
+    }
+
+    /// Whether a DISCARD or WRITE_ZEROES must be followed by an fdatasync before its ack:
+    /// the guest was promised write-through (a cache mode without a write cache, or the
+    /// guest turned it off), and O_DSYNC does not cover fallocate.
+    pub fn range_changes_need_sync(&self) -> bool {
+        self.cache != CacheMode::Unsafe && !self.writeback()
+    }
+
+    /// The guest wrote the WCE bit. Modes without a write cache stay write-through.
+    pub fn set_writeback(&self, on: bool) {
+        self.writeback.store(on && self.cache.write_cache(), Ordering::Relaxed);
+    }
+
+    /// Back to the cache mode's default, for a new client.
+    pub fn reset_writeback(&self) {
+        self.writeback.store(self.cache.write_cache(), Ordering::Relaxed);
+    }
+
+    /// Whether a write must carry RWF_DSYNC: the guest switched a write cache off.
+    pub fn write_needs_dsync(&self) -> bool {
+        self.cache.write_cache() && self.cache != CacheMode::Unsafe && !self.writeback()
+    }
+
+    /// The virtio feature bits this export offers.
+    pub fn features(&self) -> u64 {
+        let mut f = feature::VERSION_1
+            | feature::RING_INDIRECT_DESC
+            | feature::RING_EVENT_IDX
+            | feature::VHOST_USER_PROTOCOL_FEATURES
+            | feature::SEG_MAX
+            | feature::SIZE_MAX
+            | feature::BLK_SIZE
+            | feature::TOPOLOGY
+            | feature::FLUSH
+            | feature::CONFIG_WCE
+            | feature::MQ;
+        if self.readonly {
+            f |= feature::RO;
+        } else {
+            f |= feature::DISCARD | feature::WRITE_ZEROES;
+        }
+        f
+    }
+
+    pub fn config_space(&self) -> [u8; CONFIG_SPACE_BYTES] {
+        config_space(&ConfigInputs {
+            capacity_bytes: self.capacity_bytes(),
+            logical_block_bytes: self.logical_block_bytes,
+            physical_block_bytes: self.physical_block_bytes,
+            num_queues: self.num_queues,
+            writeback: self.writeback(),
+        })
+    }
+}
