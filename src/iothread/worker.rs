@@ -1,5 +1,8 @@
 //! The I/O thread's event loop over one queue and one engine.
 
+mod align;
+mod followup;
+
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
@@ -21,10 +24,9 @@ use crate::engine::threads::ThreadsEngine;
 use crate::engine::uring::UringEngine;
 use crate::engine::{Engine, EngineKind, IoOp};
 use crate::ratelimit::RateLimiter;
-use crate::trace::{Kind, QueueStats, Stage, StageHistograms, MERGE_EVERY, SAMPLE_EVERY};
-use crate::virtq::{
-    copy_to_guest, iovs_aligned, BounceBuffer, GuestIov, GuestMemory, QueueError, SplitQueue,
-};
+use crate::trace::sample::Sampler;
+use crate::trace::{Kind, QueueStats};
+use crate::virtq::{copy_to_guest, BounceBuffer, GuestIov, GuestMemory, QueueError, SplitQueue};
 use crate::warn_limited;
 
 /// Buffers one slot can hold: header + seg_max data segments + status, plus slack for
@@ -33,25 +35,6 @@ const SLOT_IOVS: usize = SEG_MAX as usize + 2 + 8;
 
 /// Sleep bound when the frontend gave no kick fd and we must poll the ring.
 const KICKLESS_POLL_MS: i32 = 1;
-
-/// A slot keeps a bounce buffer this small for its next misaligned request; larger ones are
-/// freed when their request is done, so a burst of big ones does not pin memory.
-const BOUNCE_KEEP_BYTES: usize = 64 << 10;
-
-/// Bounce memory one queue may have in flight. A request that would go over waits for
-/// earlier bounced requests to finish; one larger than this alone gets IOERR (a guest whose
-/// driver aligns its buffers, as Linux's does, never bounces at all).
-const BOUNCE_BUDGET_BYTES: usize = 64 << 20;
-
-/// What a request still needs from the engine after its first operation completed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Followup {
-    /// WRITE_ZEROES again as a hole punch: the backing refused FALLOC_FL_ZERO_RANGE.
-    Punch,
-    /// An fdatasync: a DISCARD or WRITE_ZEROES under a write-through contract (O_DSYNC does
-    /// not cover fallocate).
-    Sync,
-}
 
 /// An in-flight request. The slot index is the engine tag (io_uring user_data).
 struct Slot {
@@ -72,24 +55,6 @@ struct Slot {
     /// Follow-ups already sent for this request (each at most once, so nothing loops).
     punched: bool,
     synced: bool,
-    /// Timestamps, for the sampled requests only.
-    sampled: bool,
-    stamps: Stamps,
-}
-
-/// Layer-boundary timestamps of a sampled request (see crate::trace).
-#[derive(Clone, Copy)]
-struct Stamps {
-    seen: Instant,
-    parsed: Instant,
-    submitted: Instant,
-    completed: Instant,
-}
-
-impl Stamps {
-    fn new(now: Instant) -> Stamps {
-        Stamps { seen: now, parsed: now, submitted: now, completed: now }
-    }
 }
 
 fn kind_of(req: &Request) -> (Kind, u64) {
@@ -185,7 +150,7 @@ struct Core {
     /// Cleared once the backing refuses FALLOC_FL_ZERO_RANGE; write-zeroes then punch holes.
     zero_range_supported: bool,
     /// Requests whose first operation completed and that need another (tags; preallocated).
-    followups: Vec<(u16, Followup)>,
+    followups: Vec<(u16, followup::Followup)>,
     /// Requests taken from the ring and answered since the queue first started (mirrored in
     /// its shared statistics for resize's drain).
     admitted: u64,
@@ -193,16 +158,8 @@ struct Core {
     log: RateLimiter,
     stats: Arc<QueueStats>,
     stats_on: bool,
-    /// Counts down to the next sampled request.
-    sample_countdown: u32,
-    /// Sampled requests handed to the engine this round, waiting for their submit time.
-    sampled_submitting: Vec<u16>,
-    /// Sampled requests finished this round, waiting for their publish and notify times.
-    sampled_done: Vec<Stamps>,
-    histograms: StageHistograms,
-    /// Samples recorded since the last merge.
-    unmerged: bool,
-    last_merge: Instant,
+    /// Per-layer timestamps of one request in SAMPLE_EVERY (see crate::trace).
+    sampler: Sampler,
 }
 
 impl<E: Engine> Worker<E> {
@@ -228,8 +185,6 @@ impl<E: Engine> Worker<E> {
                 bounce_skip: 0,
                 punched: false,
                 synced: false,
-                sampled: false,
-                stamps: Stamps::new(Instant::now()),
             })
             .collect();
         let stats = disk.stats.get(usize::from(setup.index)).cloned().unwrap_or_default();
@@ -258,12 +213,7 @@ impl<E: Engine> Worker<E> {
             log: RateLimiter::default(),
             stats_on: disk_stats_on,
             stats,
-            sample_countdown: 1,
-            sampled_submitting: Vec::with_capacity(size),
-            sampled_done: Vec::with_capacity(size),
-            histograms: StageHistograms::default(),
-            unmerged: false,
-            last_merge: Instant::now(),
+            sampler: Sampler::new(disk_stats_on, size),
         };
         Worker { engine, core }
     }
@@ -286,7 +236,7 @@ impl<E: Engine> Worker<E> {
             if let Err(e) = engine.submit() {
                 warn_limited!(core.log, export = %core.disk.name, queue = core.index, "engine submit: {e}");
             }
-            core.stamp_submitted();
+            core.sampler.submitted();
             let before = core.in_flight;
             engine.reap(|tag, result| core.complete(tag, result));
             progress += before - core.in_flight.min(before);
@@ -320,7 +270,7 @@ impl<E: Engine> Worker<E> {
             core.sleep(stopping, engine.completion_fd(), engine.has_unsubmitted());
             poller.slept(went_to_sleep.elapsed());
         }
-        core.merge_stats();
+        core.sampler.merge(&core.stats.histograms);
         core.stats.counters.in_flight.set(0);
         debug!(export = %core.disk.name, queue = core.index, "queue stopped");
         core.queue.next_avail()
@@ -361,22 +311,12 @@ impl Core {
             let Some(tag) = self.free.pop() else { break };
             self.in_flight += 1;
             taken += 1;
-            let sampled = self.stats_on && {
-                self.sample_countdown -= 1;
-                if self.sample_countdown == 0 {
-                    self.sample_countdown = SAMPLE_EVERY;
-                }
-                self.sample_countdown == SAMPLE_EVERY
-            };
+            self.sampler.seen(tag);
             let slot = &mut self.slots[usize::from(tag)];
             slot.head = head;
             slot.chain.clear();
             slot.punched = false;
             slot.synced = false;
-            slot.sampled = sampled;
-            if sampled {
-                slot.stamps = Stamps::new(Instant::now());
-            }
             let outcome = match self.queue.walk_chain(&self.memory, head, &mut slot.chain) {
                 Ok(outcome) => outcome,
                 Err(e) => {
@@ -392,11 +332,7 @@ impl Core {
             slot.status = parsed.status;
             (slot.kind, slot.bytes) =
                 parsed.result.as_ref().map(kind_of).unwrap_or((Kind::Other, 0));
-            if sampled {
-                let now = Instant::now();
-                slot.stamps.parsed = now;
-                slot.stamps.submitted = now;
-            }
+            self.sampler.parsed(tag);
             match parsed.result {
                 Ok(req) => self.start(engine, tag, req),
                 Err(e) => self.finish(tag, Err(e)),
@@ -409,34 +345,8 @@ impl Core {
 
     /// Hands a parsed request to the engine, or answers it at once if there is nothing to do.
     fn start(&mut self, engine: &mut impl Engine, tag: u16, req: Request) {
-        if let Request::Read { offset, data, bytes } | Request::Write { offset, data, bytes } = &req
-        {
-            let (offset, bytes, write) = (*offset, *bytes, matches!(req, Request::Write { .. }));
-            let block = self.disk.rmw_block_bytes;
-            let guest = self.slots[usize::from(tag)].chain.iovs(data.clone());
-            let bounced = if bytes > 0 && block > 0 && (offset | bytes) % block != 0 {
-                // Off the backing's blocks: do whole blocks through a bounce buffer.
-                let start = offset / block * block;
-                let len = (offset + bytes).next_multiple_of(block) - start;
-                let skip = (offset - start) as usize;
-                if write {
-                    let result = self.read_modify_write(engine, tag, start, len, skip, data);
-                    return self.finish(tag, result);
-                }
-                self.prepare_bounce(engine, tag, start, len, skip)
-            } else if bytes > 0 && !iovs_aligned(guest, self.disk.dio_mem_align) {
-                self.prepare_bounce(engine, tag, offset, bytes, 0).map(|()| {
-                    if write {
-                        let slot = &mut self.slots[usize::from(tag)];
-                        slot.bounce.fill_from(0, slot.chain.iovs(data.clone()));
-                    }
-                })
-            } else {
-                Ok(())
-            };
-            if let Err(e) = bounced {
-                return self.finish(tag, Err(e));
-            }
+        if let Some(answer) = self.align(engine, tag, &req) {
+            return self.finish(tag, answer);
         }
         let slot = &mut self.slots[usize::from(tag)];
         let op = match &req {
@@ -493,88 +403,12 @@ impl Core {
         let queued = unsafe { engine.queue(tag, op) };
         let slot = &mut self.slots[usize::from(tag)];
         slot.request = Some(req);
-        if slot.sampled && queued.is_ok() {
-            self.sampled_submitting.push(tag);
+        if queued.is_ok() {
+            self.sampler.queued(tag);
         }
         if let Err(e) = queued {
             self.finish(tag, Err(RequestError::Host(e.raw_os_error().unwrap_or(libc::EIO))));
         }
-    }
-
-    /// Gives a read or write that O_DIRECT would refuse as it is (guest buffers off the
-    /// backing's memory alignment, or an offset off its blocks) an aligned buffer of its own
-    /// for `bytes` on the disk from `offset`, the guest's data starting `skip` bytes in. Waits
-    /// until the queue's bounce budget has room. A read's data is copied out in `complete`.
-    fn prepare_bounce(
-        &mut self,
-        engine: &mut impl Engine,
-        tag: u16,
-        offset: u64,
-        bytes: u64,
-        skip: usize,
-    ) -> Result<(), RequestError> {
-        let len = usize::try_from(bytes).map_err(|_| RequestError::BounceUnavailable)?;
-        if len > BOUNCE_BUDGET_BYTES {
-            return Err(RequestError::BounceUnavailable);
-        }
-        self.wait_for(engine, |core| core.bounce_bytes + len <= BOUNCE_BUDGET_BYTES);
-        if !self.slots[usize::from(tag)].bounce.prepare(len) {
-            // The daemon's bounce budget is spent: wait for this queue's own bounced requests
-            // (their buffers go back to it), then try once more.
-            self.wait_for(engine, |core| core.bounce_bytes == 0);
-            if !self.slots[usize::from(tag)].bounce.prepare(len) {
-                return Err(RequestError::BounceUnavailable);
-            }
-        }
-        let slot = &mut self.slots[usize::from(tag)];
-        slot.bounced = true;
-        slot.bounce_offset = offset;
-        slot.bounce_skip = skip;
-        self.bounce_bytes += len;
-        self.stats.counters.bounce_buffers.add(1);
-        Ok(())
-    }
-
-    /// A write off the backing's blocks (the guest was given smaller ones): reads the whole
-    /// blocks `[start, start + len)`, patches the guest's data in at `skip`, writes them back,
-    /// synchronously. No other write may land on those blocks in between, and none can: the
-    /// export has one queue (Disk::open insists) and this first waits for everything in
-    /// flight on it.
-    fn read_modify_write(
-        &mut self,
-        engine: &mut impl Engine,
-        tag: u16,
-        start: u64,
-        len: u64,
-        skip: usize,
-        data: &std::ops::Range<usize>,
-    ) -> Result<u32, RequestError> {
-        self.wait_for(engine, |core| core.in_flight == 1);
-        self.prepare_bounce(engine, tag, start, len, skip)?;
-        let fd = self
-            .disk
-            .backing
-            .as_ref()
-            .map(|b| b.file.as_raw_fd())
-            .ok_or(RequestError::Host(libc::EIO))?;
-        let flags = if self.disk.write_needs_dsync() { libc::RWF_DSYNC } else { 0 };
-        let slot = &mut self.slots[usize::from(tag)];
-        let whole = |n: isize| match n {
-            n if n < 0 => Err(RequestError::Host(
-                io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO),
-            )),
-            n if n as u64 != len => Err(RequestError::ShortTransfer),
-            _ => Ok(()),
-        };
-        let iov = GuestIov::as_iovec_ptr(slot.bounce.iovs());
-        // SAFETY: one iovec describing the slot's bounce buffer, which is allocated and not
-        // otherwise in use for the duration of the call; the fd is the open backing.
-        whole(unsafe { libc::preadv(fd, iov, 1, start as libc::off_t) })?;
-        slot.bounce.fill_from(skip, slot.chain.iovs(data.clone()));
-        let iov = GuestIov::as_iovec_ptr(slot.bounce.iovs());
-        // SAFETY: as for the preadv above.
-        whole(unsafe { libc::pwritev2(fd, iov, 1, start as libc::off_t, flags) })?;
-        Ok(0)
     }
 
     /// Reaps completions until `done` holds, for the rare paths that must wait for requests
@@ -598,73 +432,14 @@ impl Core {
         }
     }
 
-    /// Stamps the sampled requests of this round as submitted (after the engine's submit).
-    fn stamp_submitted(&mut self) {
-        if self.sampled_submitting.is_empty() {
-            return;
-        }
-        let now = Instant::now();
-        for &tag in &self.sampled_submitting {
-            self.slots[usize::from(tag)].stamps.submitted = now;
-        }
-        self.sampled_submitting.clear();
-    }
-
     /// One engine completion.
     fn complete(&mut self, tag: u16, result: i32) {
-        let Some(slot) = self.slots.get_mut(usize::from(tag)) else { return };
-        let request = slot.request.as_ref();
-        if result == -libc::EOPNOTSUPP
-            && !slot.punched
-            && matches!(request, Some(Request::WriteZeroes { unmap: false, .. }))
-        {
-            // This filesystem (tmpfs, for one) cannot ZERO_RANGE; a punched hole reads back
-            // as zeroes too. Remember, and send this one again, once: a backing that refuses
-            // both (vfat, many FUSE filesystems) fails the request below.
-            slot.punched = true;
-            self.zero_range_supported = false;
-            self.followups.push((tag, Followup::Punch));
-            return;
-        }
-        let syncing = slot.synced || matches!(request, Some(Request::Flush));
-        if syncing && result < 0 {
-            self.disk.flush_failed_with(-result, &self.stats);
-        }
-        let range_change =
-            matches!(request, Some(Request::Discard { .. } | Request::WriteZeroes { .. }));
-        if range_change && result >= 0 && !slot.synced && self.disk.range_changes_need_sync() {
-            // Write-through: the range change must be on stable storage before the ack.
-            slot.synced = true;
-            self.followups.push((tag, Followup::Sync));
+        if usize::from(tag) >= self.slots.len() || self.follow_up(tag, result) {
             return;
         }
         let outcome = self.outcome(tag, result);
-        let slot = &mut self.slots[usize::from(tag)];
-        if let (true, Ok(n), Some(Request::Read { data, .. })) =
-            (slot.bounced, &outcome, &slot.request)
-        {
-            slot.bounce.copy_out(slot.bounce_skip, *n as usize, slot.chain.iovs(data.clone()));
-        }
+        self.copy_out_bounce(tag, &outcome);
         self.finish(tag, outcome);
-    }
-
-    /// Sends the follow-up operations that completions asked for (see [`Followup`]).
-    fn send_followups(&mut self, engine: &mut impl Engine) -> usize {
-        let count = self.followups.len();
-        while let Some((tag, followup)) = self.followups.pop() {
-            let op = match (followup, &self.slots[usize::from(tag)].request) {
-                (Followup::Punch, Some(Request::WriteZeroes { offset, bytes, .. })) => {
-                    IoOp::WriteZeroes { offset: *offset, bytes: *bytes, unmap: true }
-                }
-                (Followup::Sync, _) => IoOp::Flush,
-                _ => continue,
-            };
-            // SAFETY: the operation carries no buffers; the tag stays reserved until reaped.
-            if let Err(e) = unsafe { engine.queue(tag, op) } {
-                self.finish(tag, Err(RequestError::Host(e.raw_os_error().unwrap_or(libc::EIO))));
-            }
-        }
-        count
     }
 
     /// Turns an engine result into the request's outcome: bytes written into guest buffers.
@@ -700,7 +475,7 @@ impl Core {
         if slot.bounced {
             slot.bounced = false;
             self.bounce_bytes -= slot.bounce.iovs()[0].len();
-            slot.bounce.shrink(BOUNCE_KEEP_BYTES);
+            slot.bounce.shrink(align::BOUNCE_KEEP_BYTES);
         }
         let used_len = match (&result, slot.status) {
             (Ok(n), Some(status_byte)) => {
@@ -730,11 +505,8 @@ impl Core {
                 Err(e) if e.status() == status::UNSUPP => c.errors_unsupp.add(1),
                 Err(_) => c.errors_ioerr.add(1),
             }
-            if slot.sampled {
-                slot.stamps.completed = Instant::now();
-                self.sampled_done.push(slot.stamps);
-            }
         }
+        self.sampler.completed(tag);
         self.count_retired(1);
     }
 
@@ -752,7 +524,7 @@ impl Core {
         }
         self.unpublished = 0;
         self.queue.publish_used();
-        let published = (!self.sampled_done.is_empty()).then(Instant::now);
+        let published = self.sampler.has_done().then(Instant::now);
         if self.queue.needs_notification() {
             if let Some(call) = self.call.as_mut() {
                 // An eventfd write of 1 only fails if the counter would overflow, which
@@ -769,38 +541,8 @@ impl Core {
             self.stats.counters.in_flight.set(self.in_flight as u64);
         }
         if let Some(published) = published {
-            self.record_stages(published, Instant::now());
+            self.sampler.record(published, Instant::now(), &self.stats.histograms);
         }
-    }
-
-    /// Records the stage times of the sampled requests finished this round, and now and then
-    /// hands the histograms to the readers.
-    fn record_stages(&mut self, published: Instant, notified: Instant) {
-        let ns = |a: Instant, b: Instant| b.saturating_duration_since(a).as_nanos() as u64;
-        for s in &self.sampled_done {
-            let h = &mut self.histograms;
-            h.record(Stage::Parse, ns(s.seen, s.parsed));
-            h.record(Stage::Submit, ns(s.parsed, s.submitted));
-            h.record(Stage::Backend, ns(s.submitted, s.completed));
-            h.record(Stage::Publish, ns(s.completed, published));
-            h.record(Stage::Notify, ns(published, notified));
-            h.record(Stage::Total, ns(s.seen, notified));
-        }
-        self.sampled_done.clear();
-        self.unmerged = true;
-        if notified.duration_since(self.last_merge) >= MERGE_EVERY {
-            self.merge_stats();
-            self.last_merge = notified;
-        }
-    }
-
-    fn merge_stats(&mut self) {
-        if !self.unmerged {
-            return;
-        }
-        let mut shared = self.stats.histograms.lock().unwrap_or_else(|p| p.into_inner());
-        self.histograms.merge_into(&mut shared);
-        self.unmerged = false;
     }
 
     fn break_queue(&mut self, e: QueueError) {
@@ -815,18 +557,7 @@ impl Core {
 
     /// Sleeps until the guest kicks, an I/O completes, or the control thread asks us to stop.
     fn sleep(&mut self, stopping: bool, completion_fd: Option<RawFd>, unsubmitted: bool) {
-        // Going idle with samples not yet handed over: hand them over now if the last merge
-        // is old enough, or wake up when it will be, so an idle export's figures are fresh.
-        let mut merge_in = None;
-        if self.unmerged {
-            let since = self.last_merge.elapsed();
-            if since >= MERGE_EVERY {
-                self.merge_stats();
-                self.last_merge = Instant::now();
-            } else {
-                merge_in = Some(MERGE_EVERY - since);
-            }
-        }
+        let merge_in = self.sampler.merge_before_sleep(&self.stats.histograms);
         let accepting = !stopping && !self.broken;
         if accepting && self.queue.enable_notifications() {
             // Requests arrived while we were deciding to sleep.

@@ -11,6 +11,8 @@
 //! thread keeps its own histograms and merges them into the shared ones under a mutex a few
 //! times a second, never per request.
 
+pub mod sample;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
