@@ -70,6 +70,20 @@ macro_rules! warn_limited {
     };
 }
 
+/// Logs through `limiter` at info level, with the count of lines dropped before this one.
+#[macro_export]
+macro_rules! info_limited {
+    ($limiter:expr, $($arg:tt)+) => {
+        if let $crate::ratelimit::Verdict::Log { suppressed } = $limiter.check() {
+            if suppressed > 0 {
+                tracing::info!(suppressed, $($arg)+);
+            } else {
+                tracing::info!($($arg)+);
+            }
+        }
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

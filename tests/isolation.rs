@@ -627,6 +627,19 @@ fn a_frontend_cannot_flood_the_log() {
     let lines = t.daemon.log().matches("vring size 3 refused").count();
     assert!((1..=20).contains(&lines), "{lines} log lines for 200 refusals");
     drop(raw);
+    // Reconnecting does not buy a fresh budget, for the warnings or the connection lines.
+    for _ in 0..100 {
+        let raw = RawFrontend::connect(&t.a_sock);
+        raw.negotiate();
+        let mut p = 0u32.to_le_bytes().to_vec();
+        p.extend(3u32.to_le_bytes());
+        assert_ne!(raw.ack(SET_VRING_NUM, &p, &[]).unwrap(), 0);
+    }
+    let log = t.daemon.log();
+    let lines = log.matches("vring size 3 refused").count();
+    assert!(lines <= 40, "{lines} log lines for 300 refusals over 101 connections");
+    let connects = log.matches("frontend connected").count();
+    assert!(connects <= 60, "{connects} connection lines for 101 connections");
     t.neighbour_serves();
     t.stops();
 }

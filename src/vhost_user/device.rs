@@ -5,7 +5,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::OwnedFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use tracing::debug;
 use vhost::vhost_user::message::{
@@ -50,8 +50,9 @@ pub struct BlkDevice {
     vrings: Vec<Vring>,
     /// The frontend's connection (a duplicate): shut down if its guest RAM shrinks under us.
     hangup: Arc<OwnedFd>,
-    /// Lines this frontend can trigger are rate limited.
-    log: RateLimiter,
+    /// Lines this frontend can trigger are rate limited, by the export's limiter (which
+    /// outlives connections: reconnecting does not buy a fresh budget).
+    log: Arc<Mutex<RateLimiter>>,
 }
 
 fn handler_error(e: impl std::fmt::Display) -> Error {
@@ -59,7 +60,7 @@ fn handler_error(e: impl std::fmt::Display) -> Error {
 }
 
 impl BlkDevice {
-    pub fn new(disk: Arc<Disk>, hangup: Arc<OwnedFd>) -> BlkDevice {
+    pub fn new(disk: Arc<Disk>, hangup: Arc<OwnedFd>, log: Arc<Mutex<RateLimiter>>) -> BlkDevice {
         let vrings = (0..disk.num_queues).map(|_| Vring::default()).collect();
         disk.reset_writeback();
         BlkDevice {
@@ -69,12 +70,16 @@ impl BlkDevice {
             memory: Arc::new(GuestMemory::default()),
             vrings,
             hangup,
-            log: RateLimiter::default(),
+            log,
         }
     }
 
+    fn log(&self) -> MutexGuard<'_, RateLimiter> {
+        self.log.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn memory_error(&mut self, e: MemoryError) -> Error {
-        warn_limited!(self.log, export = %self.disk.name, "refused a memory region: {e}");
+        warn_limited!(self.log(), export = %self.disk.name, "refused a memory region: {e}");
         handler_error(e)
     }
 
@@ -96,7 +101,7 @@ impl BlkDevice {
         match fd.map(checked_eventfd).transpose() {
             Ok(fd) => Ok(fd),
             Err(e) => {
-                warn_limited!(self.log, export = %self.disk.name, queue = index, "refused the {what} descriptor: {e}");
+                warn_limited!(self.log(), export = %self.disk.name, queue = index, "refused the {what} descriptor: {e}");
                 Err(handler_error(format!("{what} descriptor: {e}")))
             }
         }
@@ -153,7 +158,7 @@ impl BlkDevice {
                 Ok(())
             }
             Err(e) => {
-                warn_limited!(self.log, export = %self.disk.name, queue = index, "cannot start queue: {e}");
+                warn_limited!(self.log(), export = %self.disk.name, queue = index, "cannot start queue: {e}");
                 Err(Error::ReqHandlerError(e))
             }
         }
@@ -239,7 +244,7 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
     fn set_features(&mut self, features: u64) -> Result<()> {
         let unknown = features & !self.disk.features();
         if unknown != 0 {
-            warn_limited!(self.log, export = %self.disk.name, "frontend acked features we did not offer: {unknown:#x}");
+            warn_limited!(self.log(), export = %self.disk.name, "frontend acked features we did not offer: {unknown:#x}");
             return Err(Error::InvalidParam);
         }
         self.acked_features = features;
@@ -277,7 +282,7 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
     fn set_vring_num(&mut self, index: u32, num: u32) -> Result<()> {
         let max = u32::from(self.disk.max_queue_size);
         if num == 0 || num > max || !num.is_power_of_two() {
-            warn_limited!(self.log, export = %self.disk.name, "vring size {num} refused (power of two up to {max})");
+            warn_limited!(self.log(), export = %self.disk.name, "vring size {num} refused (power of two up to {max})");
             return Err(Error::InvalidParam);
         }
         self.vring(index)?;

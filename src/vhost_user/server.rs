@@ -17,7 +17,7 @@ use crate::disk::Disk;
 use crate::export::SocketAccess;
 use crate::listener::StoppableListener;
 use crate::ratelimit::RateLimiter;
-use crate::warn_limited;
+use crate::{info_limited, warn_limited};
 
 /// Binds a vhost-user socket at `path`. Refuses a path in use by a live server and anything
 /// that is not a socket; a stale socket file (nobody listening) is replaced.
@@ -96,6 +96,11 @@ pub struct ExportServer {
     connection: Mutex<Option<UnixStream>>,
     /// The connected frontend's backend channel, if it set one up.
     backend_channel: Mutex<Option<BackendChannel>>,
+    /// Every warning a frontend can cause goes through this; it lasts as long as the export,
+    /// so a frontend that reconnects in a loop does not get a fresh budget.
+    log: Arc<Mutex<RateLimiter>>,
+    /// The same for the connect and disconnect lines.
+    connections_log: Mutex<RateLimiter>,
 }
 
 impl ExportServer {
@@ -110,6 +115,8 @@ impl ExportServer {
             listener: StoppableListener::new(listener)?,
             connection: Mutex::new(None),
             backend_channel: Mutex::new(None),
+            log: Arc::default(),
+            connections_log: Mutex::new(RateLimiter::new(20, std::time::Duration::from_secs(5))),
         })
     }
 
@@ -146,24 +153,31 @@ impl ExportServer {
 
     /// Serves frontends one after another until `shutdown`.
     pub fn run(&self) {
-        let mut log = RateLimiter::default();
         info!(export = %self.disk.name, "listening");
-        while let Some(stream) = self.accept(&mut log) {
-            self.serve(stream, &mut log);
+        while let Some(stream) = self.accept() {
+            self.serve(stream);
         }
     }
 
+    fn log(&self) -> std::sync::MutexGuard<'_, RateLimiter> {
+        self.log.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn connections_log(&self) -> std::sync::MutexGuard<'_, RateLimiter> {
+        self.connections_log.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Waits for a frontend, or returns None on shutdown.
-    fn accept(&self, log: &mut RateLimiter) -> Option<UnixStream> {
+    fn accept(&self) -> Option<UnixStream> {
         loop {
             match self.listener.accept()? {
                 Ok(stream) => return Some(stream),
-                Err(e) => warn_limited!(log, export = %self.disk.name, "accept: {e}"),
+                Err(e) => warn_limited!(self.log(), export = %self.disk.name, "accept: {e}"),
             }
         }
     }
 
-    fn serve(&self, stream: UnixStream, log: &mut RateLimiter) {
+    fn serve(&self, stream: UnixStream) {
         // Once a message header has been peeked, its payload follows at once, and a frontend
         // reads its replies: neither may block this thread (and the export) for long.
         if stream.set_read_timeout(Some(MESSAGE_TIMEOUT)).is_err()
@@ -176,10 +190,14 @@ impl ExportServer {
         if self.listener.is_stopped() {
             return;
         }
-        info!(export = %self.disk.name, "frontend connected");
+        info_limited!(self.connections_log(), export = %self.disk.name, "frontend connected");
         let Ok(hangup) = stream.try_clone() else { return };
         let hangup = Arc::new(std::os::fd::OwnedFd::from(hangup));
-        let device = Arc::new(Mutex::new(BlkDevice::new(Arc::clone(&self.disk), hangup)));
+        let device = Arc::new(Mutex::new(BlkDevice::new(
+            Arc::clone(&self.disk),
+            hangup,
+            Arc::clone(&self.log),
+        )));
         let Ok(peek) = stream.try_clone() else { return };
         let mut handler = BackendReqHandler::from_stream(stream, Arc::clone(&device));
         loop {
@@ -187,7 +205,7 @@ impl ExportServer {
             match backend_channel::peek_header(&peek) {
                 Ok(None) => break,
                 Err(e) => {
-                    warn_limited!(log, export = %self.disk.name, "closing the connection: {e}");
+                    warn_limited!(self.log(), export = %self.disk.name, "closing the connection: {e}");
                     break;
                 }
                 Ok(Some(h)) if h.request == backend_channel::SET_BACKEND_REQ_FD => {
@@ -198,7 +216,7 @@ impl ExportServer {
                                 Some(channel);
                         }
                         Err(e) => {
-                            warn_limited!(log, export = %self.disk.name, "closing the connection: bad SET_BACKEND_REQ_FD: {e}");
+                            warn_limited!(self.log(), export = %self.disk.name, "closing the connection: bad SET_BACKEND_REQ_FD: {e}");
                             break;
                         }
                     }
@@ -210,25 +228,25 @@ impl ExportServer {
                 Ok(()) => {}
                 Err(e) if ends_connection(&e) => {
                     if !matches!(e, VhostError::Disconnected | VhostError::PartialMessage) {
-                        warn_limited!(log, export = %self.disk.name, "closing the connection: {e}");
+                        warn_limited!(self.log(), export = %self.disk.name, "closing the connection: {e}");
                     }
                     break;
                 }
                 Err(e) => {
-                    warn_limited!(log, export = %self.disk.name, "refused a request: {e}");
+                    warn_limited!(self.log(), export = %self.disk.name, "refused a request: {e}");
                 }
             }
         }
         // Queues stop after their in-flight requests complete.
         let mut device = device.lock().unwrap_or_else(|p| p.into_inner());
         if device.memory_faulted() {
-            warn_limited!(log, export = %self.disk.name, "closing the connection: the frontend's guest memory file shrank under a mapped region (truncated); its pages now read as zeroes and nothing more is served to it");
+            warn_limited!(self.log(), export = %self.disk.name, "closing the connection: the frontend's guest memory file shrank under a mapped region (truncated); its pages now read as zeroes and nothing more is served to it");
         }
         device.stop_all();
         drop(device);
         *self.backend_channel.lock().unwrap_or_else(|p| p.into_inner()) = None;
         *self.connection.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        info!(export = %self.disk.name, "frontend disconnected");
+        info_limited!(self.connections_log(), export = %self.disk.name, "frontend disconnected");
     }
 
     /// Asks `run` to return: wakes the accept loop and hangs up on the frontend.
