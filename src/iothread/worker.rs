@@ -2,6 +2,7 @@
 
 mod align;
 mod followup;
+mod slots;
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -15,8 +16,8 @@ use tracing::{debug, error};
 
 use super::poll::Poller;
 use super::{QueueSetup, StopSignal};
-use crate::blk::request::{self, ChainBuf, Request, RequestError};
-use crate::blk::{status, SEG_MAX};
+use crate::blk::request::{self, Request, RequestError};
+use crate::blk::status;
 use crate::disk::Disk;
 use crate::engine::aio::AioEngine;
 use crate::engine::null::NullEngine;
@@ -26,36 +27,12 @@ use crate::engine::{Engine, EngineKind, IoOp};
 use crate::ratelimit::RateLimiter;
 use crate::trace::sample::Sampler;
 use crate::trace::{Kind, QueueStats};
-use crate::virtq::{copy_to_guest, BounceBuffer, GuestIov, GuestMemory, QueueError, SplitQueue};
+use crate::virtq::{copy_to_guest, GuestMemory, QueueError, SplitQueue};
 use crate::warn_limited;
-
-/// Buffers one slot can hold: header + seg_max data segments + status, plus slack for
-/// segments that cross a memory-region boundary and so become two host ranges.
-const SLOT_IOVS: usize = SEG_MAX as usize + 2 + 8;
+use slots::Slots;
 
 /// Sleep bound when the frontend gave no kick fd and we must poll the ring.
 const KICKLESS_POLL_MS: i32 = 1;
-
-/// An in-flight request. The slot index is the engine tag (io_uring user_data).
-struct Slot {
-    head: u16,
-    chain: ChainBuf,
-    status: Option<GuestIov>,
-    request: Option<Request>,
-    kind: Kind,
-    /// Data bytes the request moves (reads and writes).
-    bytes: u64,
-    /// Stands in for the guest's buffers when O_DIRECT cannot take them; see `prepare_bounce`.
-    bounce: BounceBuffer,
-    bounced: bool,
-    /// Where the bounce buffer's first byte is on the disk, and where the guest's data
-    /// starts inside it (not 0 for requests off the backing's blocks).
-    bounce_offset: u64,
-    bounce_skip: usize,
-    /// Follow-ups already sent for this request (each at most once, so nothing loops).
-    punched: bool,
-    synced: bool,
-}
 
 fn kind_of(req: &Request) -> (Kind, u64) {
     match req {
@@ -111,7 +88,7 @@ pub(super) fn serve<E: Engine>(
         setup.next_avail,
         setup.event_idx,
         setup.indirect,
-        SLOT_IOVS,
+        slots::SLOT_IOVS,
     )
     .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()));
     match queue.and_then(|queue| Ok((queue, make_engine(setup.size)?))) {
@@ -135,9 +112,7 @@ struct Core {
     memory: Arc<GuestMemory>,
     queue: SplitQueue,
     index: u16,
-    slots: Box<[Slot]>,
-    free: Vec<u16>,
-    in_flight: usize,
+    slots: Slots,
     /// Used entries pushed since the last publish.
     unpublished: u16,
     kick: Option<File>,
@@ -171,22 +146,6 @@ impl<E: Engine> Worker<E> {
         stop: Arc<StopSignal>,
     ) -> Self {
         let size = usize::from(setup.size);
-        let slots = (0..size)
-            .map(|_| Slot {
-                head: 0,
-                chain: ChainBuf::with_capacity(SLOT_IOVS),
-                status: None,
-                request: None,
-                kind: Kind::Other,
-                bytes: 0,
-                bounce: BounceBuffer::new(),
-                bounced: false,
-                bounce_offset: 0,
-                bounce_skip: 0,
-                punched: false,
-                synced: false,
-            })
-            .collect();
         let stats = disk.stats.get(usize::from(setup.index)).cloned().unwrap_or_default();
         let disk_stats_on = disk.stats_on;
         // A queue restarted (new memory table, reconnect) goes on counting where it was.
@@ -196,9 +155,7 @@ impl<E: Engine> Worker<E> {
             memory: setup.memory,
             queue,
             index: setup.index,
-            slots,
-            free: (0..setup.size).rev().collect(),
-            in_flight: 0,
+            slots: Slots::new(setup.size),
             unpublished: 0,
             kick: setup.kick,
             call: setup.call,
@@ -237,9 +194,9 @@ impl<E: Engine> Worker<E> {
                 warn_limited!(core.log, export = %core.disk.name, queue = core.index, "engine submit: {e}");
             }
             core.sampler.submitted();
-            let before = core.in_flight;
+            let before = core.slots.in_flight();
             engine.reap(|tag, result| core.complete(tag, result));
-            progress += before - core.in_flight.min(before);
+            progress += before - core.slots.in_flight().min(before);
             // Resubmitted work counts as progress: the next round submits it before sleeping.
             progress += core.send_followups(engine);
             core.publish();
@@ -250,11 +207,11 @@ impl<E: Engine> Worker<E> {
                 }
                 continue;
             }
-            if stopping && core.in_flight == 0 {
+            if stopping && core.slots.in_flight() == 0 {
                 break;
             }
             if !stopping && !core.broken && poller.keep_polling(&core.disk.poll) {
-                if core.in_flight > 0 {
+                if core.slots.in_flight() > 0 {
                     // Let a kernel worker finishing our I/O (io_uring punts writes that cannot
                     // be issued without blocking) have this CPU while we wait for it.
                     // SAFETY: sched_yield has no preconditions.
@@ -287,7 +244,7 @@ impl Core {
                 return 0;
             }
         };
-        let batch = pending.min(self.free.len());
+        let batch = pending.min(self.slots.free_count());
         if batch == 0 {
             return 0;
         }
@@ -308,21 +265,15 @@ impl Core {
                     break;
                 }
             };
-            let Some(tag) = self.free.pop() else { break };
-            self.in_flight += 1;
+            let Some(tag) = self.slots.take(head) else { break };
             taken += 1;
             self.sampler.seen(tag);
-            let slot = &mut self.slots[usize::from(tag)];
-            slot.head = head;
-            slot.chain.clear();
-            slot.punched = false;
-            slot.synced = false;
+            let slot = &mut self.slots[tag];
             let outcome = match self.queue.walk_chain(&self.memory, head, &mut slot.chain) {
                 Ok(outcome) => outcome,
                 Err(e) => {
                     // The chain is not a chain: we cannot even find its status byte.
-                    self.free.push(tag);
-                    self.in_flight -= 1;
+                    self.slots.give_back(tag);
                     taken -= 1;
                     self.break_queue(QueueError::Chain(e));
                     break;
@@ -348,7 +299,7 @@ impl Core {
         if let Some(answer) = self.align(engine, tag, &req) {
             return self.finish(tag, answer);
         }
-        let slot = &mut self.slots[usize::from(tag)];
+        let slot = &mut self.slots[tag];
         let op = match &req {
             Request::Read { offset, data, bytes } => {
                 if *bytes == 0 {
@@ -401,7 +352,7 @@ impl Core {
         // then); the bounce memory is freed only in `finish`, and the guest memory is held by
         // self.memory for the thread's whole life.
         let queued = unsafe { engine.queue(tag, op) };
-        let slot = &mut self.slots[usize::from(tag)];
+        let slot = &mut self.slots[tag];
         slot.request = Some(req);
         if queued.is_ok() {
             self.sampler.queued(tag);
@@ -414,7 +365,7 @@ impl Core {
     /// Reaps completions until `done` holds, for the rare paths that must wait for requests
     /// in flight (a full bounce budget). Completions are answered as usual.
     fn wait_for(&mut self, engine: &mut impl Engine, mut done: impl FnMut(&Core) -> bool) {
-        while !done(self) && self.in_flight > 0 {
+        while !done(self) && self.slots.in_flight() > 0 {
             if let Err(e) = engine.submit() {
                 warn_limited!(self.log, export = %self.disk.name, queue = self.index, "engine submit: {e}");
             }
@@ -444,7 +395,7 @@ impl Core {
 
     /// Turns an engine result into the request's outcome: bytes written into guest buffers.
     fn outcome(&self, tag: u16, result: i32) -> Result<u32, RequestError> {
-        let req = self.slots[usize::from(tag)].request.as_ref();
+        let req = self.slots[tag].request.as_ref();
         if result < 0 {
             let errno = -result;
             // A backing that cannot discard has discarded nothing, which a hint allows.
@@ -454,7 +405,7 @@ impl Core {
             return Err(RequestError::Host(errno));
         }
         // A bounced request moved the bounce buffer, which may hold whole blocks around it.
-        let slot = &self.slots[usize::from(tag)];
+        let slot = &self.slots[tag];
         let moved =
             |bytes: u64| if slot.bounced { slot.bounce.iovs()[0].len() as u64 } else { bytes };
         match req {
@@ -470,7 +421,7 @@ impl Core {
     /// Writes the status byte, puts the chain in the used ring and frees the slot.
     /// `Ok(n)`: n bytes of data were written into the guest's buffers.
     fn finish(&mut self, tag: u16, result: Result<u32, RequestError>) {
-        let slot = &mut self.slots[usize::from(tag)];
+        let slot = &mut self.slots[tag];
         slot.request = None;
         if slot.bounced {
             slot.bounced = false;
@@ -494,8 +445,6 @@ impl Core {
         };
         self.queue.push_used(slot.head, used_len);
         self.unpublished += 1;
-        self.free.push(tag);
-        self.in_flight -= 1;
         if self.stats_on {
             let c = &self.stats.counters;
             let kind = if result.is_ok() { slot.kind } else { Kind::Other };
@@ -506,6 +455,7 @@ impl Core {
                 Err(_) => c.errors_ioerr.add(1),
             }
         }
+        self.slots.give_back(tag);
         self.sampler.completed(tag);
         self.count_retired(1);
     }
@@ -538,7 +488,7 @@ impl Core {
             self.stats.counters.notifications_suppressed.add(1);
         }
         if self.stats_on {
-            self.stats.counters.in_flight.set(self.in_flight as u64);
+            self.stats.counters.in_flight.set(self.slots.in_flight() as u64);
         }
         if let Some(published) = published {
             self.sampler.record(published, Instant::now(), &self.stats.histograms);
@@ -570,7 +520,7 @@ impl Core {
                 fds[1] = pollfd(kick.as_raw_fd());
             }
         }
-        if self.in_flight > 0 {
+        if self.slots.in_flight() > 0 {
             if let Some(fd) = completion_fd {
                 fds[2] = pollfd(fd);
             }

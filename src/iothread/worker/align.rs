@@ -36,7 +36,7 @@ impl Core {
         };
         let (offset, bytes, write) = (*offset, *bytes, matches!(req, Request::Write { .. }));
         let block = self.disk.rmw_block_bytes;
-        let guest = self.slots[usize::from(tag)].chain.iovs(data.clone());
+        let guest = self.slots[tag].chain.iovs(data.clone());
         let bounced = if bytes > 0 && block > 0 && (offset | bytes) % block != 0 {
             // Off the backing's blocks: do whole blocks through a bounce buffer.
             let start = offset / block * block;
@@ -49,7 +49,7 @@ impl Core {
         } else if bytes > 0 && !iovs_aligned(guest, self.disk.dio_mem_align) {
             self.prepare_bounce(engine, tag, offset, bytes, 0).map(|()| {
                 if write {
-                    let slot = &mut self.slots[usize::from(tag)];
+                    let slot = &mut self.slots[tag];
                     slot.bounce.fill_from(0, slot.chain.iovs(data.clone()));
                 }
             })
@@ -61,7 +61,7 @@ impl Core {
 
     /// A bounced read's data goes to the guest's buffers once the engine has read it.
     pub(super) fn copy_out_bounce(&mut self, tag: u16, outcome: &Result<u32, RequestError>) {
-        let slot = &mut self.slots[usize::from(tag)];
+        let slot = &mut self.slots[tag];
         if let (true, Ok(n), Some(Request::Read { data, .. })) =
             (slot.bounced, outcome, &slot.request)
         {
@@ -86,15 +86,15 @@ impl Core {
             return Err(RequestError::BounceUnavailable);
         }
         self.wait_for(engine, |core| core.bounce_bytes + len <= BOUNCE_BUDGET_BYTES);
-        if !self.slots[usize::from(tag)].bounce.prepare(len) {
+        if !self.slots[tag].bounce.prepare(len) {
             // The daemon's bounce budget is spent: wait for this queue's own bounced requests
             // (their buffers go back to it), then try once more.
             self.wait_for(engine, |core| core.bounce_bytes == 0);
-            if !self.slots[usize::from(tag)].bounce.prepare(len) {
+            if !self.slots[tag].bounce.prepare(len) {
                 return Err(RequestError::BounceUnavailable);
             }
         }
-        let slot = &mut self.slots[usize::from(tag)];
+        let slot = &mut self.slots[tag];
         slot.bounced = true;
         slot.bounce_offset = offset;
         slot.bounce_skip = skip;
@@ -117,7 +117,7 @@ impl Core {
         skip: usize,
         data: &std::ops::Range<usize>,
     ) -> Result<u32, RequestError> {
-        self.wait_for(engine, |core| core.in_flight == 1);
+        self.wait_for(engine, |core| core.slots.in_flight() == 1);
         self.prepare_bounce(engine, tag, start, len, skip)?;
         let fd = self
             .disk
@@ -126,7 +126,7 @@ impl Core {
             .map(|b| b.file.as_raw_fd())
             .ok_or(RequestError::Host(libc::EIO))?;
         let flags = if self.disk.write_needs_dsync() { libc::RWF_DSYNC } else { 0 };
-        let slot = &mut self.slots[usize::from(tag)];
+        let slot = &mut self.slots[tag];
         let whole = |n: isize| match n {
             n if n < 0 => Err(RequestError::Host(
                 io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO),

@@ -22,7 +22,7 @@ impl Core {
     /// Looks at an engine result before it becomes the request's outcome: records a failed
     /// sync, and queues a follow-up if the request needs one (true: the request is not done).
     pub(super) fn follow_up(&mut self, tag: u16, result: i32) -> bool {
-        let slot = &mut self.slots[usize::from(tag)];
+        let slot = &mut self.slots[tag];
         let request = slot.request.as_ref();
         if result == -libc::EOPNOTSUPP
             && !slot.punched
@@ -55,7 +55,7 @@ impl Core {
     pub(super) fn send_followups(&mut self, engine: &mut impl Engine) -> usize {
         let count = self.followups.len();
         while let Some((tag, followup)) = self.followups.pop() {
-            let op = match (followup, &self.slots[usize::from(tag)].request) {
+            let op = match (followup, &self.slots[tag].request) {
                 (Followup::Punch, Some(Request::WriteZeroes { offset, bytes, .. })) => {
                     IoOp::WriteZeroes { offset: *offset, bytes: *bytes, unmap: true }
                 }
