@@ -94,7 +94,6 @@ fn info_of(e: &Export) -> ExportInfo {
     }
 }
 
-/// The running exports.
 /// Stops an export's server thread (its frontend is hung up on, queues drained).
 fn stop_export(export: &mut Export) {
     export.server.shutdown();
@@ -103,6 +102,7 @@ fn stop_export(export: &mut Export) {
     }
 }
 
+/// The running exports.
 #[derive(Default)]
 pub struct Daemon {
     exports: Mutex<Vec<Export>>,

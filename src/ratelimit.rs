@@ -56,17 +56,27 @@ impl Default for RateLimiter {
     }
 }
 
+/// Logs through `limiter` at `level`, with the count of lines dropped before this one; the
+/// body of [`warn_limited!`] and [`info_limited!`].
+#[doc(hidden)]
+#[macro_export]
+macro_rules! log_limited {
+    ($level:expr, $limiter:expr, $($arg:tt)+) => {
+        if let $crate::ratelimit::Verdict::Log { suppressed } = $limiter.check() {
+            if suppressed > 0 {
+                tracing::event!($level, suppressed, $($arg)+);
+            } else {
+                tracing::event!($level, $($arg)+);
+            }
+        }
+    };
+}
+
 /// Logs through `limiter` at warn level, with the count of lines dropped before this one.
 #[macro_export]
 macro_rules! warn_limited {
     ($limiter:expr, $($arg:tt)+) => {
-        if let $crate::ratelimit::Verdict::Log { suppressed } = $limiter.check() {
-            if suppressed > 0 {
-                tracing::warn!(suppressed, $($arg)+);
-            } else {
-                tracing::warn!($($arg)+);
-            }
-        }
+        $crate::log_limited!(tracing::Level::WARN, $limiter, $($arg)+)
     };
 }
 
@@ -74,13 +84,7 @@ macro_rules! warn_limited {
 #[macro_export]
 macro_rules! info_limited {
     ($limiter:expr, $($arg:tt)+) => {
-        if let $crate::ratelimit::Verdict::Log { suppressed } = $limiter.check() {
-            if suppressed > 0 {
-                tracing::info!(suppressed, $($arg)+);
-            } else {
-                tracing::info!($($arg)+);
-            }
-        }
+        $crate::log_limited!(tracing::Level::INFO, $limiter, $($arg)+)
     };
 }
 

@@ -95,8 +95,11 @@ pub fn render(stats: &Value, before: &HashMap<String, (u64, u64)>, seconds: f64)
 
 /// Prints a view every `interval`, `count` times (or until interrupted).
 pub fn run(control: &Path, interval: Duration, count: Option<u64>) -> Result<(), String> {
-    let mut client = ControlClient::connect(control)
-        .map_err(|e| format!("cannot connect to {}: {e}", control.display()))?;
+    let connect = || {
+        ControlClient::connect(control)
+            .map_err(|e| format!("cannot connect to {}: {e}", control.display()))
+    };
+    let mut client = connect()?;
     let mut before = totals(&query(&mut client)?);
     let mut at = Instant::now();
     let mut shown = 0;
@@ -104,8 +107,7 @@ pub fn run(control: &Path, interval: Duration, count: Option<u64>) -> Result<(),
         std::thread::sleep(interval);
         if interval >= crate::control::IDLE_TIMEOUT {
             // The daemon closes control connections idle that long: ask on a fresh one.
-            client = ControlClient::connect(control)
-                .map_err(|e| format!("cannot connect to {}: {e}", control.display()))?;
+            client = connect()?;
         }
         let stats = query(&mut client)?;
         let seconds = at.elapsed().as_secs_f64();

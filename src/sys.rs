@@ -17,19 +17,20 @@ pub fn checked_eventfd(file: File) -> io::Result<File> {
             format!("not an eventfd ({})", link.display()),
         ));
     }
-    set_nonblocking(file.as_raw_fd())?;
+    set_status_flags(file.as_raw_fd(), libc::O_NONBLOCK, 0)?;
     Ok(file)
 }
 
-/// Sets O_NONBLOCK on `fd`.
-pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
-    // SAFETY: fcntl on a descriptor we hold open; F_GETFL/F_SETFL take no pointers.
+/// Sets the file status flags `add` and clears `remove` on `fd` (F_SETFL: O_NONBLOCK,
+/// O_DIRECT and the few others Linux lets change after open).
+pub fn set_status_flags(fd: RawFd, add: libc::c_int, remove: libc::c_int) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor the caller holds open; F_GETFL/F_SETFL take no pointers.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
     if flags < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: as above.
-    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, (flags & !remove) | add) } < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())

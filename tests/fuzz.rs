@@ -17,18 +17,18 @@ mod common;
 
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::frontend::{descriptor, header, GuestRam, DESC_F_INDIRECT, RAM_BYTES};
 use common::raw::*;
-use common::{make_image, pattern, proc_status_bytes, Client, Daemon};
+use common::{make_image, pattern, pipe, proc_status_bytes, Client, Daemon};
 use vmm_sys_util::eventfd::EventFd;
 
 /// The daemon's resident memory may not pass this, whatever the cases did (its bounds:
 /// bounce buffers per queue, guest RAM mapped per connection, control-plane buffers).
 const RSS_BOUND_BYTES: u64 = 512 << 20;
-const RAM_BYTES: u64 = 16 << 20;
 /// Where the frontend pretends its guest RAM lives (vring addresses are given in it).
 const UADDR: u64 = 0x7f00_0000_0000;
 const IMAGE_BYTES: u64 = 8 << 20;
@@ -70,53 +70,12 @@ impl Rng {
     }
 }
 
-/// Guest RAM the case owns: a memfd, mapped here too so the case can write rings into it.
-struct Ram {
-    file: File,
-    ptr: *mut u8,
-}
-
-impl Ram {
-    fn new() -> Ram {
-        // SAFETY: memfd_create with a valid name; the fd is ours.
-        let file = unsafe { File::from_raw_fd(libc::memfd_create(c"fuzz-ram".as_ptr(), 0)) };
-        file.set_len(RAM_BYTES).unwrap();
-        // SAFETY: a new shared mapping of our memfd.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                RAM_BYTES as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(ptr, libc::MAP_FAILED);
-        Ram { file, ptr: ptr.cast() }
-    }
-
-    /// Writes inside the RAM (what lies outside is dropped; the RAM may have shrunk, so
-    /// the file's size is checked first: our own mapping would SIGBUS past it).
-    fn write(&self, gpa: u64, bytes: &[u8]) {
-        let len = self.file.metadata().map(|m| m.len()).unwrap_or(0);
-        if gpa + bytes.len() as u64 <= len.min(RAM_BYTES) {
-            // SAFETY: inside our mapping and inside the file.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    bytes.as_ptr(),
-                    self.ptr.add(gpa as usize),
-                    bytes.len(),
-                )
-            }
-        }
-    }
-}
-
-impl Drop for Ram {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in new().
-        unsafe { libc::munmap(self.ptr.cast(), RAM_BYTES as usize) };
+/// Writes into the case's guest RAM where it still exists: the RAM may have shrunk, and our
+/// own mapping would SIGBUS past the file's end, so what lies beyond it is dropped.
+fn write_ram(ram: &GuestRam, gpa: u64, bytes: &[u8]) {
+    let len = ram.file.metadata().map(|m| m.len()).unwrap_or(0).min(RAM_BYTES as u64);
+    if gpa.checked_add(bytes.len() as u64).is_some_and(|end| end <= len) {
+        ram.write(gpa, bytes);
     }
 }
 
@@ -124,45 +83,33 @@ impl Drop for Ram {
 struct Fds {
     kick: EventFd,
     call: EventFd,
-    pipe: (RawFd, RawFd),
+    /// A pipe's read end (and its write end, kept open with it).
+    pipe: (File, File),
     file: File,
 }
 
 impl Fds {
     fn new(dir: &Path) -> Fds {
-        let mut p = [0; 2];
-        // SAFETY: pipe fills p.
-        assert_eq!(unsafe { libc::pipe(p.as_mut_ptr()) }, 0);
         Fds {
             kick: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             call: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            pipe: (p[0], p[1]),
+            pipe: pipe(),
             file: File::create(dir.join("plain-file")).unwrap(),
         }
     }
 
     /// Mostly the right eventfd; sometimes none, a pipe, a regular file, or the memfd.
-    fn vring_fd(&self, rng: &mut Rng, ram: &Ram, right: &EventFd) -> Vec<RawFd> {
+    fn vring_fd(&self, rng: &mut Rng, ram: &GuestRam, right: &EventFd) -> Vec<RawFd> {
         if !rng.1 {
             return vec![right.as_raw_fd()];
         }
         match rng.below(20) {
             0 => vec![],
-            1 => vec![self.pipe.0],
+            1 => vec![self.pipe.0.as_raw_fd()],
             2 => vec![self.file.as_raw_fd()],
             3 => vec![ram.file.as_raw_fd()],
             4 => vec![right.as_raw_fd(), right.as_raw_fd()],
             _ => vec![right.as_raw_fd()],
-        }
-    }
-}
-
-impl Drop for Fds {
-    fn drop(&mut self) {
-        // SAFETY: the pipe's fds are ours.
-        unsafe {
-            libc::close(self.pipe.0);
-            libc::close(self.pipe.1);
         }
     }
 }
@@ -185,7 +132,7 @@ fn u32s(a: u32, b: u32) -> Vec<u8> {
 fn message(
     rng: &mut Rng,
     step: u32,
-    ram: &Ram,
+    ram: &GuestRam,
     fds: &Fds,
     qsize: u32,
 ) -> (u32, Vec<u8>, Vec<RawFd>) {
@@ -201,10 +148,12 @@ fn message(
         3 => (GET_PROTOCOL_FEATURES, vec![], vec![]),
         4 => (SET_PROTOCOL_FEATURES, rng.fuzzed(PROTOCOL_FEATURES).to_le_bytes().to_vec(), vec![]),
         5 => {
-            let size = rng.fuzzed(RAM_BYTES);
+            let size = rng.fuzzed(RAM_BYTES as u64);
             let regions = match if rng.1 { rng.below(12) } else { 9 } {
                 0 => vec![],
-                1 => vec![(0, size, UADDR, 0), (RAM_BYTES, size, UADDR + RAM_BYTES, 0)],
+                1 => {
+                    vec![(0, size, UADDR, 0), (RAM_BYTES as u64, size, UADDR + RAM_BYTES as u64, 0)]
+                }
                 2 => (0..rng.below(80)).map(|i| (i << 30, 4096, UADDR + (i << 30), 0)).collect(),
                 _ => vec![(rng.fuzzed(0), size, rng.fuzzed(UADDR), rng.fuzzed(0))],
             };
@@ -246,7 +195,7 @@ fn message(
 }
 
 /// Any message: a known request with a random payload, or an unknown one.
-fn random_message(rng: &mut Rng, ram: &Ram, fds: &Fds) -> (u32, Vec<u8>, Vec<RawFd>) {
+fn random_message(rng: &mut Rng, ram: &GuestRam, fds: &Fds) -> (u32, Vec<u8>, Vec<RawFd>) {
     let request = if rng.chance(90) { rng.below(45) as u32 } else { rng.next() as u32 };
     let len = rng.pick(&[0usize, 4, 8, 12, 16, 24, 40, 48, 64, 256]);
     let mut payload: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
@@ -259,8 +208,8 @@ fn random_message(rng: &mut Rng, ram: &Ram, fds: &Fds) -> (u32, Vec<u8>, Vec<Raw
     }
     if (request == ADD_MEM_REG || request == REM_MEM_REG) && rng.chance(70) {
         payload = one_region(
-            rng.fuzzed(RAM_BYTES),
-            rng.fuzzed(RAM_BYTES),
+            rng.fuzzed(RAM_BYTES as u64),
+            rng.fuzzed(RAM_BYTES as u64),
             rng.fuzzed(UADDR),
             rng.fuzzed(0),
         );
@@ -274,7 +223,7 @@ fn random_message(rng: &mut Rng, ram: &Ram, fds: &Fds) -> (u32, Vec<u8>, Vec<Raw
 }
 
 /// Random descriptor tables, chains and headers in the RAM, then avail entries and a kick.
-fn ring_round(rng: &mut Rng, ram: &Ram, fds: &Fds, qsize: u32, avail_idx: &mut u16) {
+fn ring_round(rng: &mut Rng, ram: &GuestRam, fds: &Fds, qsize: u32, avail_idx: &mut u16) {
     let qsize = qsize.clamp(1, 256) as u16;
     let n = rng.below(u64::from(qsize)) as u16 + 1;
     for i in 0..n {
@@ -284,15 +233,12 @@ fn ring_round(rng: &mut Rng, ram: &Ram, fds: &Fds, qsize: u32, avail_idx: &mut u
         let any = rng.next();
         let sector =
             rng.pick(&[0u64, 8, IMAGE_BYTES / 512 - 8, IMAGE_BYTES / 512, u64::MAX / 512, any]);
-        let mut h = kind.to_le_bytes().to_vec();
-        h.extend(0u32.to_le_bytes());
-        h.extend(sector.to_le_bytes());
-        ram.write(slot, &h);
+        write_ram(ram, slot, &header(kind, sector));
         if kind == 11 || kind == 13 {
             let mut seg = rng.below(IMAGE_BYTES / 512).to_le_bytes().to_vec();
             seg.extend((rng.below(64) as u32).to_le_bytes());
             seg.extend((rng.below(3) as u32).to_le_bytes());
-            ram.write(slot + 16, &seg);
+            write_ram(ram, slot + 16, &seg);
         }
         let data_len = rng.pick(&[512u32, 4096, 4096, 65536, 1 << 20, (1 << 20) + 512, 1000, 0]);
         let near = DATA + rng.below(8) * 4096 + rng.pick(&[0, 0, 1, 511]);
@@ -316,38 +262,35 @@ fn ring_round(rng: &mut Rng, ram: &Ram, fds: &Fds, qsize: u32, avail_idx: &mut u
             if rng.chance(3) {
                 flags = rng.next() as u16 & 7;
             }
-            let mut d = rng.fuzzed(addr).to_le_bytes().to_vec();
-            d.extend((if rng.chance(97) { len } else { rng.next() as u32 }).to_le_bytes());
-            d.extend(flags.to_le_bytes());
-            d.extend((if rng.chance(97) { next } else { rng.next() as u16 }).to_le_bytes());
-            ram.write(base + 16 * u64::from(idx), &d);
+            let addr = rng.fuzzed(addr);
+            let len = if rng.chance(97) { len } else { rng.next() as u32 };
+            let next = if rng.chance(97) { next } else { rng.next() as u16 };
+            write_ram(ram, base + 16 * u64::from(idx), &descriptor(addr, len, flags, next));
         }
         let head = if indirect {
             let head = (i * 3) % qsize;
-            let mut d = rng.fuzzed(INDIRECT + u64::from(i) * 0x400).to_le_bytes().to_vec();
-            d.extend((16 * chain.len() as u32).to_le_bytes());
-            d.extend(4u16.to_le_bytes());
-            d.extend(0u16.to_le_bytes());
-            ram.write(DESC + 16 * u64::from(head), &d);
+            let table = rng.fuzzed(INDIRECT + u64::from(i) * 0x400);
+            let d = descriptor(table, 16 * chain.len() as u32, DESC_F_INDIRECT, 0);
+            write_ram(ram, DESC + 16 * u64::from(head), &d);
             head
         } else {
             first
         };
         let head = if rng.chance(97) { head } else { rng.next() as u16 };
-        ram.write(AVAIL + 4 + 2 * u64::from(*avail_idx % qsize), &head.to_le_bytes());
+        write_ram(ram, AVAIL + 4 + 2 * u64::from(*avail_idx % qsize), &head.to_le_bytes());
         *avail_idx = avail_idx.wrapping_add(1);
     }
     if rng.chance(3) {
         *avail_idx = rng.next() as u16;
     }
     std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-    ram.write(AVAIL + 2, &avail_idx.to_le_bytes());
+    write_ram(ram, AVAIL + 2, &avail_idx.to_le_bytes());
     let _ = fds.kick.write(1);
 }
 
 /// One hostile frontend, start to hang-up.
 fn case(rng: &mut Rng, sock: &Path, dir: &Path) {
-    let ram = Ram::new();
+    let ram = GuestRam::memfd();
     let fds = Fds::new(dir);
     let Ok(conn) = std::os::unix::net::UnixStream::connect(sock) else { return };
     conn.set_nonblocking(true).unwrap();
@@ -389,7 +332,7 @@ fn case(rng: &mut Rng, sock: &Path, dir: &Path) {
         }
         if rng.chance(3) {
             // The guest RAM shrinks under the daemon.
-            let len = if rng.chance(50) { 0 } else { rng.below(RAM_BYTES / 4096) * 4096 };
+            let len = if rng.chance(50) { 0 } else { rng.below(RAM_BYTES as u64 / 4096) * 4096 };
             let _ = ram.file.set_len(len);
         }
         if rng.chance(10) {

@@ -15,7 +15,7 @@ pub fn process_cpu_ns(pid: u32) -> u64 {
 }
 
 /// CPU time of process `pid`, exited threads included (from /proc/PID/stat, in clock ticks).
-fn process_cpu_total_ns(pid: u32) -> u64 {
+pub fn process_cpu_total_ns(pid: u32) -> u64 {
     let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0 };
     // The command name may hold spaces; the fields after its closing parenthesis do not.
     let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { return 0 };

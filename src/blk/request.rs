@@ -123,8 +123,8 @@ pub enum RequestError {
     Host(i32),
     /// The host transferred fewer bytes than asked.
     ShortTransfer,
-    /// Guest buffers O_DIRECT cannot take, and no bounce memory for them (the queue's or the
-    /// daemon's budget), or more than one request may bounce.
+    /// Guest buffers O_DIRECT cannot take, and no bounce memory for them: more than the
+    /// queue's budget for one request, or the daemon's budget spent.
     BounceUnavailable,
     /// A FLUSH after an earlier one failed: the data it should cover may be gone.
     FlushFailedBefore,

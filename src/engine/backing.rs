@@ -204,21 +204,13 @@ impl Backing {
         // Back to blocking I/O for the engines that expect it (threads, read-modify-write),
         // and O_DIRECT for the cache modes that bypass the page cache.
         let direct = if cache.direct() { libc::O_DIRECT } else { 0 };
-        // SAFETY: fcntl on a descriptor we own; F_GETFL/F_SETFL take no pointers.
-        let set = unsafe {
-            let fl = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
-            fl >= 0
-                && libc::fcntl(file.as_raw_fd(), libc::F_SETFL, (fl & !libc::O_NONBLOCK) | direct)
-                    == 0
-        };
-        if !set {
-            let e = io::Error::last_os_error();
-            return Err(if e.raw_os_error() == Some(libc::EINVAL) && cache.direct() {
+        crate::sys::set_status_flags(file.as_raw_fd(), direct, libc::O_NONBLOCK).map_err(|e| {
+            if e.raw_os_error() == Some(libc::EINVAL) && cache.direct() {
                 OpenError::NoDirectIo(path.into())
             } else {
                 OpenError::Io(path.into(), e)
-            });
-        }
+            }
+        })?;
         super::lock::lock_image(&file, readonly, force_share)
             .map_err(|why| OpenError::Locked(path.into(), why))?;
         // Without statx's answer, assume what every Linux block device accepts: 512-byte

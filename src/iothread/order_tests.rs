@@ -253,6 +253,15 @@ impl Served {
     }
 }
 
+/// A 1 MiB zeroed image in `dir`, opened as a disk with the export keys `keys`.
+fn disk_in(dir: &std::path::Path, keys: &str) -> (std::path::PathBuf, Arc<Disk>) {
+    let image = dir.join("disk.raw");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let spec = format!("socket={}/unused.sock,image={},{keys}", dir.display(), image.display());
+    let disk = Arc::new(Disk::open(&ExportConfig::parse(&spec).unwrap()).unwrap());
+    (image, disk)
+}
+
 fn position(log: &[Event], what: impl Fn(&Event) -> bool, name: &str) -> usize {
     log.iter().position(what).unwrap_or_else(|| panic!("no {name} in {log:#?}"))
 }
@@ -265,14 +274,7 @@ fn contract<E: Engine + 'static>(
     make: fn(RawFd, u16) -> io::Result<E>,
 ) {
     let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.raw");
-    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
-    let spec = format!(
-        "socket={}/unused.sock,image={},cache={cache}",
-        dir.path().display(),
-        image.display()
-    );
-    let disk = Arc::new(Disk::open(&ExportConfig::parse(&spec).unwrap()).unwrap());
+    let (image, disk) = disk_in(dir.path(), &format!("cache={cache}"));
     if wce_off {
         disk.set_writeback(false);
     }
@@ -466,15 +468,8 @@ impl<E: Engine> Engine for Reluctant<E> {
 #[test]
 fn work_the_kernel_refused_is_submitted_without_another_kick() {
     let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.raw");
-    std::fs::write(&image, vec![7u8; 1 << 20]).unwrap();
     // stats=off: no statistics timer that would wake the thread anyway.
-    let spec = format!(
-        "socket={}/unused.sock,image={},cache=writeback,stats=off",
-        dir.path().display(),
-        image.display()
-    );
-    let disk = Arc::new(Disk::open(&ExportConfig::parse(&spec).unwrap()).unwrap());
+    let (image, disk) = disk_in(dir.path(), "cache=writeback,stats=off");
     let log: Log = Arc::default();
     let mut guest = Guest::new();
     guest.kick = Some(EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK).unwrap());

@@ -83,17 +83,18 @@ impl BlkDevice {
         handler_error(e)
     }
 
-    /// Refuses a memory table of `total` bytes over the export's `max-guest-memory`, before
-    /// anything is mapped.
-    fn check_memory_total(&mut self, total: Option<u64>) -> Result<()> {
+    /// Refuses a memory table of `regions` regions and `total` bytes (None: it overflowed)
+    /// over the connection's bounds, before anything of it is mapped. (`GuestMemory` checks
+    /// the region count again as it builds the table; this spares mapping what it would
+    /// refuse.)
+    fn check_table(&mut self, total: Option<u64>, regions: usize) -> Result<()> {
         let limit = self.disk.max_guest_memory_bytes;
-        match total {
-            Some(t) if t <= limit => Ok(()),
-            t => Err(self.memory_error(MemoryError::ConnectionLimit {
-                total: t.unwrap_or(u64::MAX),
-                limit,
-            })),
-        }
+        let error = match total {
+            _ if regions > MAX_MEM_REGIONS => MemoryError::TooManyRegions { max: MAX_MEM_REGIONS },
+            Some(t) if t <= limit => return Ok(()),
+            t => MemoryError::ConnectionLimit { total: t.unwrap_or(u64::MAX), limit },
+        };
+        Err(self.memory_error(error))
     }
 
     /// A kick/call/err descriptor from the frontend, if it is one we can use.
@@ -258,10 +259,7 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         _postcopy_listening: Option<bool>,
     ) -> Result<Option<Vec<VhostUserMemoryRegionBase>>> {
         let total = regions.iter().try_fold(0u64, |sum, r| sum.checked_add(r.memory_size));
-        self.check_memory_total(total)?;
-        if regions.len() > MAX_MEM_REGIONS {
-            return Err(self.memory_error(MemoryError::TooManyRegions { max: MAX_MEM_REGIONS }));
-        }
+        self.check_table(total, regions.len())?;
         let mut mapped = Vec::with_capacity(regions.len());
         for (r, file) in regions.iter().zip(files.iter()) {
             let region = MappedRegion::map(
@@ -443,10 +441,7 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         _postcopy_listening: Option<bool>,
     ) -> Result<Option<VhostUserMemoryRegionBase>> {
         let total = self.memory.total_bytes().checked_add(region.memory_size);
-        self.check_memory_total(total)?;
-        if self.memory.regions().len() >= MAX_MEM_REGIONS {
-            return Err(self.memory_error(MemoryError::TooManyRegions { max: MAX_MEM_REGIONS }));
-        }
+        self.check_table(total, self.memory.regions().len() + 1)?;
         let mapped = MappedRegion::map(
             &fd,
             region.mmap_offset,

@@ -42,9 +42,6 @@ static TABLE: [Entry; MAX_MAPPINGS] = [const {
     }
 }; MAX_MAPPINGS];
 
-/// How many mappings faulted since the daemon started (for logs and tests).
-static FAULTS: AtomicUsize = AtomicUsize::new(0);
-
 static INSTALL: Once = Once::new();
 /// The SIGBUS action in place before ours.
 static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
@@ -80,11 +77,6 @@ pub fn unregister(r: &Registration) {
     let e = &TABLE[r.0];
     e.hangup_fd.store(-1, Ordering::Relaxed);
     e.start.store(0, Ordering::Release);
-}
-
-/// Mappings that faulted since start-up.
-pub fn fault_count() -> usize {
-    FAULTS.load(Ordering::Relaxed)
 }
 
 fn install() {
@@ -128,9 +120,7 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
                 0,
             );
         }
-        if !e.faulted.swap(true, Ordering::AcqRel) {
-            FAULTS.fetch_add(1, Ordering::Relaxed);
-        }
+        e.faulted.store(true, Ordering::Release);
         let fd = e.hangup_fd.load(Ordering::Relaxed);
         if fd >= 0 {
             // SAFETY: shutdown has no memory-safety preconditions; the fd stays open while

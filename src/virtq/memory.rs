@@ -47,12 +47,7 @@ pub fn set_mapped_limit_bytes(bytes: u64) {
     MAPPED_LIMIT_BYTES.store(bytes, Ordering::Relaxed);
 }
 
-/// Guest memory the daemon has mapped now (bytes).
-pub fn mapped_bytes() -> u64 {
-    MAPPED_BYTES.load(Ordering::Relaxed)
-}
-
-/// Takes `bytes` from the daemon-wide budget, or refuses.
+/// Takes `bytes` from the daemon-wide budget, or refuses. Given back by [`release_mapped`].
 fn reserve_mapped(bytes: u64) -> Result<(), MemoryError> {
     let limit = MAPPED_LIMIT_BYTES.load(Ordering::Relaxed);
     MAPPED_BYTES
@@ -61,6 +56,10 @@ fn reserve_mapped(bytes: u64) -> Result<(), MemoryError> {
         })
         .map(|_| ())
         .map_err(|now| MemoryError::DaemonLimit { asked: bytes, mapped: now, limit })
+}
+
+fn release_mapped(bytes: u64) {
+    MAPPED_BYTES.fetch_sub(bytes, Ordering::AcqRel);
 }
 
 // SAFETY: the region is plain shared memory; the pointer is only an address and every access
@@ -160,6 +159,8 @@ impl MappedRegion {
             .ok()
             .and_then(|s| s.checked_add(delta))
             .ok_or(MemoryError::BadRange { guest_phys_addr, size })?;
+        // The budget first: the address space is taken only once it is granted.
+        reserve_mapped(mmap_len as u64)?;
         // SAFETY: a fresh shared mapping of a file descriptor we own for the duration of the
         // call; the kernel picks the address, so no existing mapping is replaced.
         let base = unsafe {
@@ -173,20 +174,15 @@ impl MappedRegion {
             )
         };
         if base == libc::MAP_FAILED {
-            return Err(MemoryError::Io(io::Error::last_os_error()));
-        }
-        let unmap = || {
-            // SAFETY: the mapping made just above, used by nothing yet.
-            unsafe { libc::munmap(base, mmap_len) };
-        };
-        if let Err(e) = reserve_mapped(mmap_len as u64) {
-            unmap();
-            return Err(e);
+            let e = io::Error::last_os_error();
+            release_mapped(mmap_len as u64);
+            return Err(MemoryError::Io(e));
         }
         let hangup_fd = hangup.as_ref().map(|fd| fd.as_raw_fd());
         let Some(registration) = fault::register(base as usize, mmap_len, hangup_fd) else {
-            MAPPED_BYTES.fetch_sub(mmap_len as u64, Ordering::AcqRel);
-            unmap();
+            // SAFETY: the mapping made just above, used by nothing yet.
+            unsafe { libc::munmap(base, mmap_len) };
+            release_mapped(mmap_len as u64);
             return Err(MemoryError::TooManyMappings);
         };
         Ok(MappedRegion {
@@ -233,7 +229,7 @@ impl Drop for MappedRegion {
         unsafe {
             libc::munmap(self.mmap_base, self.mmap_len);
         }
-        MAPPED_BYTES.fetch_sub(self.mmap_len as u64, Ordering::AcqRel);
+        release_mapped(self.mmap_len as u64);
     }
 }
 

@@ -52,15 +52,7 @@ pub struct GuestRam {
 impl GuestRam {
     /// A memfd of RAM_BYTES (what QEMU's memory-backend-memfd gives).
     pub fn memfd() -> GuestRam {
-        // SAFETY: memfd_create with a valid C string.
-        let fd = unsafe {
-            libc::memfd_create(c"guest-ram".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
-        };
-        assert!(fd >= 0);
-        // SAFETY: a fresh fd we own.
-        let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(RAM_BYTES as u64).unwrap();
-        GuestRam::map(file)
+        GuestRam::map(memfd(RAM_BYTES as u64))
     }
 
     /// RAM_BYTES of `file` (sized by the caller), as memory-backend-file shares it.
@@ -350,6 +342,19 @@ impl TestFrontend {
     }
 }
 
+/// A memfd of `bytes` (sparse: nothing is allocated until written), sealable.
+pub fn memfd(bytes: u64) -> File {
+    // SAFETY: memfd_create with a valid C string.
+    let fd = unsafe {
+        libc::memfd_create(c"guest-ram".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+    };
+    assert!(fd >= 0);
+    // SAFETY: a fresh fd we own.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(bytes).unwrap();
+    file
+}
+
 pub fn header(kind: u32, sector: u64) -> [u8; 16] {
     let mut h = [0u8; 16];
     h[0..4].copy_from_slice(&kind.to_le_bytes());
@@ -357,11 +362,16 @@ pub fn header(kind: u32, sector: u64) -> [u8; 16] {
     h
 }
 
-fn write_desc(ram: &GuestRam, at: u64, addr: u64, len: u32, flags: u16, next: u16) {
+/// One split-ring descriptor as the guest lays it out.
+pub fn descriptor(addr: u64, len: u32, flags: u16, next: u16) -> [u8; 16] {
     let mut d = [0u8; 16];
     d[0..8].copy_from_slice(&addr.to_le_bytes());
     d[8..12].copy_from_slice(&len.to_le_bytes());
     d[12..14].copy_from_slice(&flags.to_le_bytes());
     d[14..16].copy_from_slice(&next.to_le_bytes());
-    ram.write(at, &d);
+    d
+}
+
+fn write_desc(ram: &GuestRam, at: u64, addr: u64, len: u32, flags: u16, next: u16) {
+    ram.write(at, &descriptor(addr, len, flags, next));
 }

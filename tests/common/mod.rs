@@ -355,3 +355,15 @@ pub fn proc_status_bytes(pid: i32, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
     kb << 10
 }
+
+/// A pipe: (read end, write end).
+pub fn pipe() -> (fs::File, fs::File) {
+    let mut fds = [0; 2];
+    // SAFETY: pipe writes two fds into the array.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: fresh fds we own.
+    unsafe {
+        use std::os::fd::FromRawFd;
+        (fs::File::from_raw_fd(fds[0]), fs::File::from_raw_fd(fds[1]))
+    }
+}
