@@ -12,14 +12,22 @@
 //! queues = 2
 //! cache = "none"
 //! readonly = false
-//! cpus = "2-3"                      # the I/O threads of this export
+//! iothread = "fast"                 # on the named thread below (default: the shared pool)
+//!
+//! [[iothread]]                      # one table per named I/O thread, keys of --iothread
+//! id = "fast"
+//! cpus = "2-3"
+//! poll-max-us = 32
 //! ```
+//!
+//! `pool-threads = N` sizes the shared pool (default: the CPUs the process may use).
 //!
 //! Each export table is turned into an --export spec and parsed by the same code.
 
 use std::path::{Path, PathBuf};
 
-use crate::export::{spec_from_pairs, ExportConfig, EXPORT_KEYS};
+use crate::export::{spec_from_pairs, ExportConfig};
+use crate::iothread::registry::{IoThreadConfig, MAX_POOL_THREADS};
 
 #[derive(Debug, Default)]
 pub struct ConfigFile {
@@ -28,6 +36,8 @@ pub struct ConfigFile {
     pub metrics: Option<String>,
     pub log_level: Option<String>,
     pub max_mapped_guest_memory: Option<String>,
+    pub iothreads: Vec<IoThreadConfig>,
+    pub pool_threads: Option<usize>,
 }
 
 /// Reads and validates `path`. Errors name the file and the problem in one line.
@@ -46,6 +56,24 @@ pub fn parse(text: &str) -> Result<ConfigFile, String> {
             "metrics" => cfg.metrics = Some(string(key, value)?),
             "log-level" => cfg.log_level = Some(string(key, value)?),
             "max-mapped-guest-memory" => cfg.max_mapped_guest_memory = Some(string(key, value)?),
+            "pool-threads" => {
+                let n = value.as_integer().and_then(|n| usize::try_from(n).ok());
+                cfg.pool_threads = Some(n.filter(|n| (1..=MAX_POOL_THREADS).contains(n)).ok_or(
+                    format!("'pool-threads' must be a number from 1 to {MAX_POOL_THREADS}"),
+                )?);
+            }
+            "iothread" => {
+                let list =
+                    value.as_array().ok_or("'iothread' must be a list of tables ([[iothread]])")?;
+                for (i, item) in list.iter().enumerate() {
+                    let t = item.as_table().ok_or(format!("iothread {}: not a table", i + 1))?;
+                    let pairs = pairs_of(t).map_err(|e| format!("iothread {}: {e}", i + 1))?;
+                    cfg.iothreads.push(
+                        IoThreadConfig::from_pairs(&pairs)
+                            .map_err(|e| format!("iothread {}: {e}", i + 1))?,
+                    );
+                }
+            }
             "export" => {
                 let list =
                     value.as_array().ok_or("'export' must be a list of tables ([[export]])")?;
@@ -59,7 +87,7 @@ pub fn parse(text: &str) -> Result<ConfigFile, String> {
             }
             other => {
                 return Err(format!(
-                    "unknown key '{other}' (keys: control, metrics, log-level, max-mapped-guest-memory, export)"
+                    "unknown key '{other}' (keys: control, metrics, log-level, max-mapped-guest-memory, pool-threads, iothread, export)"
                 ))
             }
         }
@@ -72,6 +100,12 @@ fn string(key: &str, v: &toml::Value) -> Result<String, String> {
 }
 
 fn spec_of(t: &toml::Table) -> Result<String, String> {
+    let pairs = pairs_of(t)?;
+    spec_from_pairs(pairs.iter().map(|(k, v)| (k.as_str(), v.clone()))).map_err(|e| e.0)
+}
+
+/// A table's keys and values as the key/value pairs of a command-line spec.
+fn pairs_of(t: &toml::Table) -> Result<Vec<(String, String)>, String> {
     let mut pairs = Vec::with_capacity(t.len());
     for (k, v) in t {
         let value = match v {
@@ -80,13 +114,13 @@ fn spec_of(t: &toml::Table) -> Result<String, String> {
             toml::Value::Boolean(b) => if *b { "on" } else { "off" }.to_string(),
             _ => {
                 return Err(format!(
-                    "'{k}' must be a string, integer or boolean (keys: {EXPORT_KEYS})"
+                    "'{k}' must be a string, integer or boolean"
                 ))
             }
         };
-        pairs.push((k.as_str(), value));
+        pairs.push((k.clone(), value));
     }
-    spec_from_pairs(pairs).map_err(|e| e.0)
+    Ok(pairs)
 }
 
 #[cfg(test)]
@@ -127,7 +161,7 @@ mod tests {
     fn errors_name_the_problem() {
         assert_eq!(
             parse("colour = 1").unwrap_err(),
-            "unknown key 'colour' (keys: control, metrics, log-level, max-mapped-guest-memory, export)"
+            "unknown key 'colour' (keys: control, metrics, log-level, max-mapped-guest-memory, pool-threads, iothread, export)"
         );
         assert_eq!(parse("control = 5").unwrap_err(), "'control' must be a string");
         assert!(parse("[[export]]\nsocket = \"/s\"\nqueues = 0")

@@ -12,6 +12,8 @@ use tracing::info;
 use crate::disk::Disk;
 use crate::export::{BackendSpec, ExportConfig};
 use crate::iothread::poll::{PollMode, PollPolicy, MAX_POLL_MAX_US};
+use crate::iothread::registry::{IoThreadConfig, IoThreadInfo, IoThreads, ThreadChoice};
+use serde_json::Value;
 use crate::trace::QueueReport;
 use crate::vhost_user::{apply_socket_access, bind_socket, ExportServer};
 
@@ -53,6 +55,9 @@ pub struct ExportInfo {
     pub cache: String,
     pub readonly: bool,
     pub serial: String,
+    /// `pool`, `dedicated` or the named threads (`a:b`).
+    pub iothread: String,
+    /// Polling of the export's dedicated threads (shared threads have their own).
     pub poll: String,
     pub poll_max_us: u32,
     pub stats: bool,
@@ -87,6 +92,7 @@ fn info_of(e: &Export) -> ExportInfo {
         cache: e.config.cache.to_string(),
         readonly: e.config.readonly,
         serial: e.config.serial.clone(),
+        iothread: e.config.iothread.to_string(),
         poll: poll.mode.to_string(),
         poll_max_us: poll.max_us,
         stats: disk.stats_on,
@@ -102,10 +108,10 @@ fn stop_export(export: &mut Export) {
     }
 }
 
-/// The running exports.
-#[derive(Default)]
+/// The running exports and the I/O threads that serve them.
 pub struct Daemon {
     exports: Mutex<Vec<Export>>,
+    iothreads: IoThreads,
     /// Ids and socket paths of exports being added (opened and bound outside the lock).
     reserved: Mutex<Vec<(String, std::path::PathBuf)>>,
     next_id: AtomicUsize,
@@ -114,6 +120,26 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// A daemon with no exports yet: a shared pool of `pool_threads` I/O threads and the
+    /// named threads of `iothreads`.
+    pub fn new(pool_threads: usize, iothreads: &[IoThreadConfig]) -> Result<Daemon, String> {
+        let threads = IoThreads::start(pool_threads)
+            .map_err(|e| format!("starting the I/O thread pool: {e}"))?;
+        for c in iothreads {
+            if let Err((_, message)) = threads.add(c) {
+                threads.shut_down();
+                return Err(message);
+            }
+        }
+        Ok(Daemon {
+            exports: Mutex::default(),
+            iothreads: threads,
+            reserved: Mutex::default(),
+            next_id: AtomicUsize::new(0),
+            resizing: Mutex::default(),
+        })
+    }
+
     fn exports(&self) -> std::sync::MutexGuard<'_, Vec<Export>> {
         self.exports.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -189,7 +215,14 @@ impl Daemon {
     ) -> Result<Vec<Export>, ControlError> {
         let mut disks = Vec::with_capacity(named.len());
         for (_, c) in named {
-            disks.push(Disk::open(c).map_err(|e| ControlError::new("open-failed", e.to_string()))?);
+            let placement = self
+                .iothreads
+                .placement(&c.iothread)
+                .map_err(|e| ControlError::new("not-found", format!("iothread={}: {e}", c.iothread)))?;
+            disks.push(
+                Disk::open(c, placement)
+                    .map_err(|e| ControlError::new("open-failed", e.to_string()))?,
+            );
         }
         let mut servers = Vec::with_capacity(named.len());
         for ((_, c), disk) in named.iter().zip(disks) {
@@ -307,14 +340,16 @@ impl Daemon {
             .collect())
     }
 
-    /// Changes the polling of one export (or all): running I/O threads pick it up at their
-    /// next idle moment.
+    /// Changes polling: of one export's dedicated threads (`id`), of one I/O thread
+    /// (`iothread`, pool threads included), or of every thread and every export with
+    /// dedicated threads (neither). Running loops pick it up at their next idle moment.
     pub fn set_polling(
         &self,
         id: Option<&str>,
+        iothread: Option<&str>,
         mode: Option<PollMode>,
         max_us: Option<u32>,
-    ) -> Result<Vec<ExportInfo>, ControlError> {
+    ) -> Result<Value, ControlError> {
         if let Some(m) = max_us {
             if m > MAX_POLL_MAX_US {
                 return Err(ControlError::new(
@@ -325,21 +360,57 @@ impl Daemon {
         }
         let exports = self.exports();
         if let Some(id) = id {
-            if !exports.iter().any(|e| e.id == id) {
+            let Some(e) = exports.iter().find(|e| e.id == id) else {
                 return Err(ControlError::new("not-found", format!("no export with id '{id}'")));
+            };
+            if e.config.iothread != ThreadChoice::Dedicated {
+                return Err(ControlError::new(
+                    "invalid-argument",
+                    format!(
+                        "export '{id}' runs on shared I/O threads (iothread={}); their polling is \
+                         set with set-polling iothread=NAME",
+                        e.config.iothread
+                    ),
+                ));
             }
         }
-        let mut changed = Vec::new();
-        for e in exports.iter().filter(|e| id.is_none_or(|id| e.id == id)) {
-            let settings = &e.server.disk().poll;
-            let old = settings.get();
-            settings.set(PollPolicy {
-                mode: mode.unwrap_or(old.mode),
-                max_us: max_us.unwrap_or(old.max_us),
-            });
-            changed.push(info_of(e));
+        let mut exports_changed = Vec::new();
+        let dedicated = exports.iter().filter(|e| e.config.iothread == ThreadChoice::Dedicated);
+        if iothread.is_none() {
+            for e in dedicated.filter(|e| id.is_none_or(|id| e.id == id)) {
+                let settings = &e.server.disk().poll;
+                let old = settings.get();
+                settings.set(PollPolicy {
+                    mode: mode.unwrap_or(old.mode),
+                    max_us: max_us.unwrap_or(old.max_us),
+                });
+                exports_changed.push(info_of(e));
+            }
         }
-        Ok(changed)
+        let threads_changed = if id.is_none() {
+            self.iothreads
+                .set_polling(iothread, mode, max_us)
+                .map_err(|(code, message)| ControlError::new(code, message))?
+        } else {
+            Vec::new()
+        };
+        Ok(serde_json::json!({ "exports": exports_changed, "iothreads": threads_changed }))
+    }
+
+    /// Starts a named I/O thread.
+    pub fn add_iothread(&self, config: &IoThreadConfig) -> Result<IoThreadInfo, ControlError> {
+        self.iothreads.add(config).map_err(|(code, message)| ControlError::new(code, message))
+    }
+
+    /// Ends a named I/O thread that no export names.
+    pub fn remove_iothread(&self, id: &str) -> Result<(), ControlError> {
+        // Exports hold their placement (and so the thread) for their whole life.
+        let _exports = self.exports();
+        self.iothreads.remove(id).map_err(|(code, message)| ControlError::new(code, message))
+    }
+
+    pub fn list_iothreads(&self) -> Vec<IoThreadInfo> {
+        self.iothreads.list()
     }
 
     /// Stops every export: no new connections, clients hung up after in-flight I/O.
@@ -353,6 +424,7 @@ impl Daemon {
                 let _ = t.join();
             }
         }
+        self.iothreads.shut_down();
     }
 }
 

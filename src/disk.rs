@@ -12,6 +12,7 @@ use crate::blk::{feature, ID_BYTES, SECTOR_SIZE};
 use crate::engine::{Backing, CacheMode, EngineKind, OpenError};
 use crate::export::{BackendSpec, ExportConfig};
 use crate::iothread::poll::PollSettings;
+use crate::iothread::Placement;
 use crate::trace::QueueStats;
 
 /// How long a shrinking resize waits for requests checked against the old size.
@@ -39,7 +40,10 @@ pub struct Disk {
     /// Guest buffers must start and end on this boundary to go to the backing as they are
     /// (O_DIRECT's rule); others are bounced. 1 when the backing takes any buffer.
     pub dio_mem_align: usize,
-    pub poll: PollSettings,
+    /// Which I/O threads serve the queues.
+    pub placement: Placement,
+    /// Polling and pinning of the export's dedicated threads (`Placement::Dedicated`).
+    pub poll: Arc<PollSettings>,
     pub cpus: Vec<usize>,
     pub stats_on: bool,
     /// Per-queue statistics; they outlive the I/O threads (which restart on reconfiguration).
@@ -55,8 +59,9 @@ pub struct Disk {
 }
 
 impl Disk {
-    /// Opens the backing of `config`. Creates and truncates nothing.
-    pub fn open(config: &ExportConfig) -> Result<Disk, OpenError> {
+    /// Opens the backing of `config`, to be served on the threads `placement` gives. Creates
+    /// and truncates nothing.
+    pub fn open(config: &ExportConfig, placement: Placement) -> Result<Disk, OpenError> {
         let (backing, engine, capacity, logical, physical) = match &config.backend {
             BackendSpec::Image(path) => {
                 let b = Backing::open(path, config.readonly, config.cache, config.force_share)?;
@@ -129,7 +134,8 @@ impl Disk {
             physical_block_bytes: physical,
             dio_mem_align,
             rmw_block_bytes,
-            poll: PollSettings::new(config.poll),
+            placement,
+            poll: Arc::new(PollSettings::new(config.poll)),
             cpus: config.cpus.clone(),
             stats_on: config.stats,
             stats: (0..config.queues).map(|_| Arc::new(QueueStats::default())).collect(),

@@ -9,6 +9,7 @@ use crate::blk::{ID_BYTES, SECTOR_SIZE};
 use crate::disk::MAX_NULL_BYTES;
 use crate::engine::{CacheMode, EngineKind};
 use crate::iothread::poll::{PollPolicy, MAX_POLL_MAX_US};
+use crate::iothread::registry::ThreadChoice;
 
 /// What is served.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,8 +30,12 @@ pub struct ExportConfig {
     pub cache: CacheMode,
     pub readonly: bool,
     pub serial: String,
+    /// Which I/O threads serve the queues (`iothread=`; default the shared pool).
+    pub iothread: ThreadChoice,
+    /// Polling of the export's dedicated threads (`iothread=dedicated`).
     pub poll: PollPolicy,
-    /// CPUs the I/O threads are pinned to, queue i on cpus[i % len]; empty: not pinned.
+    /// CPUs the dedicated I/O threads are pinned to, queue i on cpus[i % len]; empty: not
+    /// pinned.
     pub cpus: Vec<usize>,
     /// Counters and sampled per-layer timestamps (default on).
     pub stats: bool,
@@ -70,7 +75,7 @@ pub const MAX_QUEUE_SIZE: u16 = 1024;
 
 /// The keys `--export` understands, for help text and error messages.
 pub const EXPORT_KEYS: &str = "id, socket, image, engine, size, queues, queue-size, cache, aio, \
-readonly, serial, poll, poll-max-us, cpus, stats, force-share, logical-block-size, \
+readonly, serial, iothread, poll, poll-max-us, cpus, stats, force-share, logical-block-size, \
 physical-block-size, max-guest-memory, socket-mode, socket-group, socket-owner";
 
 /// A bad `--export` value: one line naming the problem.
@@ -161,8 +166,9 @@ fn parse_num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, ConfigError>
     v.parse().map_err(|_| ConfigError(format!("{key}={v}: not a number")))
 }
 
-/// Splits `k=v,k=v` into pairs; `,,` stands for a literal comma inside a value.
-fn split_pairs(spec: &str) -> Result<Vec<(String, String)>, ConfigError> {
+/// Splits `k=v,k=v` into pairs; `,,` stands for a literal comma inside a value. `keys` names
+/// the keys the spec may have, for the error message.
+pub fn split_pairs(spec: &str, keys: &str) -> Result<Vec<(String, String)>, ConfigError> {
     let mut items = Vec::new();
     let mut cur = String::new();
     let mut chars = spec.chars().peekable();
@@ -184,7 +190,7 @@ fn split_pairs(spec: &str) -> Result<Vec<(String, String)>, ConfigError> {
         .filter(|item| !item.is_empty())
         .map(|item| match item.split_once('=') {
             Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-            _ => err(format!("'{item}' is not key=value (keys: {EXPORT_KEYS})")),
+            _ => err(format!("'{item}' is not key=value (keys: {keys})")),
         })
         .collect()
 }
@@ -227,7 +233,9 @@ impl ExportConfig {
         let mut max_guest_memory_bytes = DEFAULT_MAX_GUEST_MEMORY_BYTES;
         let mut socket_access = SocketAccess::default();
         let mut seen = Vec::new();
-        for (key, value) in split_pairs(spec)? {
+        let mut iothread = None;
+        let mut thread_keys = Vec::new();
+        for (key, value) in split_pairs(spec, EXPORT_KEYS)? {
             if seen.contains(&key) {
                 return err(format!("key '{key}' given twice"));
             }
@@ -298,14 +306,20 @@ impl ExportConfig {
                     }
                     serial = value;
                 }
-                "poll" => poll.mode = value.parse().map_err(ConfigError)?,
+                "iothread" => iothread = Some(ThreadChoice::parse(&value).map_err(ConfigError)?),
+                "poll" => {
+                    thread_keys.push("poll");
+                    poll.mode = value.parse().map_err(ConfigError)?
+                }
                 "poll-max-us" => {
+                    thread_keys.push("poll-max-us");
                     poll.max_us = parse_num(&key, &value)?;
                     if poll.max_us > MAX_POLL_MAX_US {
                         return err(format!("poll-max-us={value}: at most {MAX_POLL_MAX_US}"));
                     }
                 }
                 "cpus" => {
+                    thread_keys.push("cpus");
                     cpus = parse_cpu_list(&value)
                         .map_err(|e| ConfigError(format!("cpus={value}: {e}")))?
                 }
@@ -342,6 +356,20 @@ impl ExportConfig {
                 other => return err(format!("unknown key '{other}' (keys: {EXPORT_KEYS})")),
             }
         }
+        // poll, poll-max-us and cpus describe threads of the export's own: they ask for them
+        // when no iothread= is given, and make no sense on threads shared with others (those
+        // have their own settings, on --iothread).
+        let iothread = match (iothread, thread_keys.first()) {
+            (None, Some(_)) => ThreadChoice::Dedicated,
+            (Some(ThreadChoice::Dedicated), _) => ThreadChoice::Dedicated,
+            (choice, None) => choice.unwrap_or_default(),
+            (Some(shared), Some(key)) => {
+                return err(format!(
+                    "{key}= is a setting of the export's own I/O threads (iothread=dedicated); \
+                     iothread={shared} shares threads, whose polling and CPUs are set on --iothread"
+                ))
+            }
+        };
         let socket = match socket {
             Some(s) if !s.as_os_str().is_empty() => s,
             _ => return err("missing socket=PATH"),
@@ -373,6 +401,7 @@ impl ExportConfig {
             cache,
             readonly,
             serial,
+            iothread,
             poll,
             cpus,
             stats,
@@ -419,7 +448,7 @@ mod tests {
         let cases = [
             ("image=/i", "missing socket=PATH"),
             ("socket=/s", "missing image=PATH (or engine=null,size=BYTES)"),
-            ("socket=/s,image=/i,colour=red", "unknown key 'colour' (keys: id, socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, poll, poll-max-us, cpus, stats, force-share, logical-block-size, physical-block-size, max-guest-memory, socket-mode, socket-group, socket-owner)"),
+            ("socket=/s,image=/i,colour=red", "unknown key 'colour' (keys: id, socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, iothread, poll, poll-max-us, cpus, stats, force-share, logical-block-size, physical-block-size, max-guest-memory, socket-mode, socket-group, socket-owner)"),
             ("socket=/s,image=/i,poll=sometimes", "poll=sometimes: one of adaptive, always, never"),
             ("socket=/s,image=/i,poll-max-us=1000000", "poll-max-us=1000000: at most 100000"),
             ("socket=/s,image=/i,queues=0", "queues=0: must be 1 to 64"),
@@ -432,7 +461,7 @@ mod tests {
             ("socket=/s,image=/i,logical-block-size=1024", "logical-block-size=1024: 512 or 4096"),
             ("socket=/s,image=/i,id=a b", "id=a b: 1 to 64 letters, digits, '-', '_' or '.'"),
             ("socket=/s,image=/i,aio=posix", "aio=posix: supported engines: io_uring, native, threads"),
-            ("socket=/s,image", "'image' is not key=value (keys: id, socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, poll, poll-max-us, cpus, stats, force-share, logical-block-size, physical-block-size, max-guest-memory, socket-mode, socket-group, socket-owner)"),
+            ("socket=/s,image", "'image' is not key=value (keys: id, socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, iothread, poll, poll-max-us, cpus, stats, force-share, logical-block-size, physical-block-size, max-guest-memory, socket-mode, socket-group, socket-owner)"),
         ];
         for (spec, want) in cases {
             assert_eq!(ExportConfig::parse(spec).unwrap_err().0, want, "spec {spec}");

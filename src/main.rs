@@ -13,6 +13,7 @@ use blkplane::config_file;
 use blkplane::control::{metrics, ControlClient, ControlServer, COMMANDS};
 use blkplane::daemon::{self, Daemon};
 use blkplane::export::ExportConfig;
+use blkplane::iothread::registry::{IoThreadConfig, IoThreads, MAX_POOL_THREADS};
 
 const EXPORT_HELP: &str = "\
 One export (repeat the option for more). Comma-separated key=value pairs; write ,, for a comma \
@@ -26,7 +27,7 @@ inside a value.
   engine=null        no backing at all: reads return zeroes, writes are discarded. Measures
                      the daemon's own overhead. Needs size=.
   size=BYTES         size of an engine=null export (suffixes K, M, G, T).
-  queues=N           virtqueues offered to the guest, one I/O thread each (default 1, max 64).
+  queues=N           virtqueues offered to the guest (default 1, max 64).
   queue-size=N       largest virtqueue the guest may set up (power of two, default 256).
   cache=MODE         none (default): O_DIRECT, guest write cache on, FLUSH = fdatasync.
                      directsync: O_DIRECT|O_DSYNC, write cache off.
@@ -39,11 +40,16 @@ inside a value.
                      preadv/pwritev, for filesystems where the others block).
   readonly=on|off    refuse writes, discards and write-zeroes (default off).
   serial=STR         serial number the guest reads with GET_ID (up to 20 bytes).
-  poll=MODE          adaptive (default): after work, poll the rings for a self-tuning window
+  iothread=WHERE     which I/O threads serve the queues. Default: the shared pool (each queue
+                     on its least busy thread). NAME or NAME:NAME...: threads made with
+                     --iothread, queue i on the i-th name, round-robin. dedicated: a thread of
+                     the export's own per queue, with the polling and pinning keys below.
+  poll=MODE          (dedicated threads; giving it implies iothread=dedicated)
+                     adaptive (default): after work, poll the rings for a self-tuning window
                      (up to poll-max-us) before sleeping; an idle export costs no CPU.
                      always: never sleep (for dedicated cores). never: sleep at once.
-  poll-max-us=N      bound of the adaptive polling window in µs (default 64).
-  cpus=LIST          pin the I/O threads: queue i runs on the i-th CPU of LIST (e.g. 1 or 2-3).
+  poll-max-us=N      bound of the adaptive polling window in µs (default 64; dedicated threads).
+  cpus=LIST          pin the dedicated threads: queue i on the i-th CPU of LIST (e.g. 1 or 2-3).
   stats=on|off       per-queue counters and sampled per-layer latency (default on).
   logical-block-size=512|4096, physical-block-size=512|4096
                      block sizes the guest sees (default: what the backing needs). Reads
@@ -68,7 +74,8 @@ inside a value.
     about = "A userspace virtio-blk data plane: serves disk images to VMs over vhost-user-blk",
     long_about = "A userspace virtio-blk data plane for KVM guests. It serves raw disk images \
 and host block devices to VMs (QEMU, Cloud Hypervisor, crosvm, libblkio) over the \
-vhost-user-blk protocol, with one I/O thread per queue and io_uring for the I/O."
+vhost-user-blk protocol, with a few polling I/O threads shared by all exports and io_uring \
+for the I/O."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -85,7 +92,8 @@ enum Command {
     /// Send one command to a running daemon's control socket and print the reply.
     #[command(
         after_help = "Commands: list-exports, add-export KEY=VALUE..., remove-export id=ID [force=true], \
-resize id=ID size=BYTES, query-stats [id=ID], set-polling [id=ID] [mode=adaptive|always|never] [max-us=N].\n\
+resize id=ID size=BYTES, query-stats [id=ID], set-polling [id=ID|iothread=NAME] [mode=adaptive|always|never] [max-us=N], \
+list-iothreads, add-iothread id=NAME [cpus=LIST] [poll=MODE] [poll-max-us=N], remove-iothread id=NAME.\n\
 Values true/false and whole numbers are sent as JSON booleans and numbers, the rest as strings."
     )]
     Ctl {
@@ -150,6 +158,14 @@ struct ServeOptions {
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL")]
     log_level: Option<LevelFilter>,
+    /// A named I/O thread: id=NAME[,cpus=LIST][,poll=MODE][,poll-max-us=N]. Exports put
+    /// their queues on it with iothread=NAME. cpus= is the thread's affinity (`,,` between
+    /// CPUs: cpus=0,,2); poll= and poll-max-us= as for an export.
+    #[arg(long = "iothread", value_name = "SPEC")]
+    iothreads: Vec<String>,
+    /// Threads of the shared I/O thread pool (default: one per CPU the process may use).
+    #[arg(long, value_name = "N")]
+    pool_threads: Option<usize>,
     /// The most guest memory the daemon maps for all its frontends together (e.g. 64T,
     /// the default); a memory table that would go over is refused. Each export also has
     /// its own max-guest-memory.
@@ -202,7 +218,23 @@ fn serve(o: ServeOptions) -> ExitCode {
     if file.exports.is_empty() && control_path.is_none() {
         return usage_error("nothing to serve: give --export, a --config with exports, or --control to add them later");
     }
-    let daemon = Arc::new(Daemon::default());
+    for spec in &o.iothreads {
+        match IoThreadConfig::parse(spec) {
+            Ok(c) => file.iothreads.push(c),
+            Err(e) => return usage_error(format!("--iothread {spec}: {e}")),
+        }
+    }
+    let pool_threads = match o.pool_threads.or(file.pool_threads) {
+        Some(n) if n == 0 || n > MAX_POOL_THREADS => {
+            return usage_error(format!("--pool-threads {n}: from 1 to {MAX_POOL_THREADS}"))
+        }
+        Some(n) => n,
+        None => IoThreads::default_pool_size(),
+    };
+    let daemon = match Daemon::new(pool_threads, &file.iothreads) {
+        Ok(d) => Arc::new(d),
+        Err(e) => return usage_error(e),
+    };
     if o.check_config {
         // Open and bind everything as serving would, then let it all go again.
         return match daemon.add_exports(file.exports) {

@@ -7,7 +7,8 @@
 //! ```
 //!
 //! Commands: list-exports, add-export (the keys of --export), remove-export (id, force),
-//! resize (id, size), query-stats (id), set-polling (id, mode, max-us). A bad request gets an
+//! resize (id, size), query-stats (id), set-polling (id or iothread, mode, max-us),
+//! list-iothreads, add-iothread (the keys of --iothread), remove-iothread (id). A bad request gets an
 //! error reply naming the problem; the connection stays open and nothing changes.
 
 pub mod metrics;
@@ -22,6 +23,7 @@ use tracing::info;
 
 use crate::daemon::{ControlError, Daemon};
 use crate::export::{parse_size, spec_from_pairs, ExportConfig};
+use crate::iothread::registry::IoThreadConfig;
 use crate::listener::{ConnectionLimit, StoppableListener};
 use crate::ratelimit::RateLimiter;
 use crate::vhost_user::bind_socket;
@@ -37,8 +39,8 @@ pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60)
 /// A client that does not read its replies for this long is closed.
 const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-pub const COMMANDS: &str =
-    "list-exports, add-export, remove-export, resize, query-stats, set-polling";
+pub const COMMANDS: &str = "list-exports, add-export, remove-export, resize, query-stats, \
+set-polling, list-iothreads, add-iothread, remove-iothread";
 
 /// The control socket's listener.
 pub struct ControlServer {
@@ -274,7 +276,7 @@ fn run_command(
             to_json(daemon.stats(opt_str(args, "id")?)?)
         }
         "set-polling" => {
-            only_keys(command, args, &["id", "mode", "max-us"])?;
+            only_keys(command, args, &["id", "iothread", "mode", "max-us"])?;
             let mode = match opt_str(args, "mode")? {
                 Some(m) => Some(m.parse().map_err(bad_arg)?),
                 None => None,
@@ -290,7 +292,26 @@ fn run_command(
             if mode.is_none() && max_us.is_none() {
                 return Err(bad_arg("set-polling needs 'mode' or 'max-us'".into()));
             }
-            to_json(daemon.set_polling(opt_str(args, "id")?, mode, max_us)?)
+            let (id, iothread) = (opt_str(args, "id")?, opt_str(args, "iothread")?);
+            if id.is_some() && iothread.is_some() {
+                return Err(bad_arg("set-polling takes 'id' (an export) or 'iothread', not both".into()));
+            }
+            daemon.set_polling(id, iothread, mode, max_us)
+        }
+        "list-iothreads" => {
+            only_keys(command, args, &[])?;
+            to_json(daemon.list_iothreads())
+        }
+        "add-iothread" => {
+            let pairs = pairs_from_args(args)?;
+            let config = IoThreadConfig::from_pairs(&pairs).map_err(bad_arg)?;
+            to_json(daemon.add_iothread(&config)?)
+        }
+        "remove-iothread" => {
+            only_keys(command, args, &["id"])?;
+            let id = req_str(args, "id")?;
+            daemon.remove_iothread(id)?;
+            Ok(json!({"removed": id}))
         }
         other => Err(ControlError::new(
             "unknown-command",
@@ -300,8 +321,14 @@ fn run_command(
 }
 
 /// Turns add-export's arguments into an --export spec, so both are parsed by the same code.
-/// Values may be strings, numbers or booleans (true/false become on/off).
 fn spec_from_args(args: &Map<String, Value>) -> Result<String, ControlError> {
+    let pairs = pairs_from_args(args)?;
+    spec_from_pairs(pairs.iter().map(|(k, v)| (k.as_str(), v.clone()))).map_err(|e| bad_arg(e.0))
+}
+
+/// A command's arguments as the key/value pairs of a command-line spec. Values may be
+/// strings, numbers or booleans (true/false become on/off).
+fn pairs_from_args(args: &Map<String, Value>) -> Result<Vec<(String, String)>, ControlError> {
     let mut pairs = Vec::with_capacity(args.len());
     for (k, v) in args {
         let value = match v {
@@ -314,9 +341,9 @@ fn spec_from_args(args: &Map<String, Value>) -> Result<String, ControlError> {
                 )))
             }
         };
-        pairs.push((k.as_str(), value));
+        pairs.push((k.clone(), value));
     }
-    spec_from_pairs(pairs).map_err(|e| bad_arg(e.0))
+    Ok(pairs)
 }
 
 /// A client of the control socket (for `blkplane ctl` and `blkplane stat`).

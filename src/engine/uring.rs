@@ -1,34 +1,147 @@
 //! The io_uring engine: vectored reads and writes straight between the backing file and
 //! guest memory, fdatasync for FLUSH, fallocate for DISCARD and WRITE_ZEROES.
+//!
+//! One ring per I/O thread ([`SharedRing`]), shared by every queue the thread serves, so that
+//! one `io_uring_enter` submits the round's work of all of them. Each queue drives it through
+//! its own [`UringEngine`] handle: an operation's `user_data` carries the queue's number on
+//! the ring beside the slot tag, and whichever handle reaps first sorts every completion into
+//! its queue's preallocated list, from which each handle takes its own.
 
+use std::cell::RefCell;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
 
 use io_uring::{opcode, squeue, types, IoUring};
 
 use super::{Engine, IoOp};
 use crate::virtq::GuestIov;
 
-pub struct UringEngine {
-    ring: IoUring,
+/// An I/O thread's ring. Lives on that thread only (`Rc`): an io_uring set up with
+/// SINGLE_ISSUER accepts submissions from the thread that made it alone.
+pub struct SharedRing {
+    state: RefCell<RingState>,
     fd: RawFd,
-    /// Entries pushed since the last submit.
-    unsubmitted: u32,
 }
 
-impl UringEngine {
-    /// A ring for at most `queue_size` operations in flight on `fd`. The caller keeps `fd`
-    /// open for the engine's lifetime.
-    pub fn new(fd: RawFd, queue_size: u16) -> io::Result<UringEngine> {
-        let entries = u32::from(queue_size).next_power_of_two();
+struct RingState {
+    ring: IoUring,
+    /// Entries pushed since the last submit.
+    unsubmitted: u32,
+    /// Completions reaped but not yet taken, per queue number: (tag, result). Each list has
+    /// room for its queue's size (a tag has one operation in flight at a time), so sorting
+    /// never allocates.
+    done: Vec<Option<Vec<(u16, i32)>>>,
+}
+
+impl SharedRing {
+    /// A ring with `sq_entries` submission entries (rounded up to a power of two) and a
+    /// completion queue four times that. More completions than that at once are held by the
+    /// kernel (IORING_FEAT_NODROP) until reaped, never lost.
+    pub fn new(sq_entries: u32) -> io::Result<Rc<SharedRing>> {
+        let entries = sq_entries.clamp(1, 4096).next_power_of_two();
         let ring = IoUring::builder()
-            // The CQ must hold a completion for every slot even if we reap late.
-            .setup_cqsize(entries * 2)
+            .setup_cqsize(entries * 4)
             .setup_single_issuer()
             // No COOP_TASKRUN: completions that finish in the kernel's workers then interrupt
             // us to post their CQE, so a polling I/O thread sees them without a system call.
             .build(entries)?;
-        Ok(UringEngine { ring, fd, unsubmitted: 0 })
+        let fd = ring.as_raw_fd();
+        Ok(Rc::new(SharedRing {
+            state: RefCell::new(RingState { ring, unsubmitted: 0, done: Vec::new() }),
+            fd,
+        }))
+    }
+
+    /// The ring's descriptor: it polls readable while completions wait.
+    pub fn fd(&self) -> RawFd {
+        self.fd
+    }
+
+    /// Whether entries were pushed that the kernel has not taken yet.
+    pub fn has_unsubmitted(&self) -> bool {
+        self.state.borrow().unsubmitted > 0
+    }
+
+    /// Whether completions were sorted into a queue's list and not taken yet.
+    pub fn has_sorted(&self) -> bool {
+        self.state.borrow().done.iter().flatten().any(|list| !list.is_empty())
+    }
+
+    /// Submits everything pushed since the last call, with one system call (none if nothing
+    /// was pushed).
+    pub fn submit(&self) -> io::Result<()> {
+        self.state.borrow_mut().submit()
+    }
+
+    /// Takes every completion off the ring into its queue's list.
+    fn sort_completions(state: &mut RingState) {
+        let RingState { ring, done, .. } = state;
+        for cqe in ring.completion() {
+            let data = cqe.user_data();
+            let queue = (data >> 16) as usize;
+            if let Some(Some(list)) = done.get_mut(queue) {
+                list.push((data as u16, cqe.result()));
+            }
+        }
+    }
+
+    /// A queue number for a queue of `size` entries, with its completion list.
+    fn register(&self, size: u16) -> u16 {
+        let mut state = self.state.borrow_mut();
+        let list = Some(Vec::with_capacity(usize::from(size)));
+        match state.done.iter().position(Option::is_none) {
+            Some(i) => {
+                state.done[i] = list;
+                i as u16
+            }
+            None => {
+                state.done.push(list);
+                (state.done.len() - 1) as u16
+            }
+        }
+    }
+}
+
+impl RingState {
+    fn submit(&mut self) -> io::Result<()> {
+        if self.unsubmitted == 0 {
+            return Ok(());
+        }
+        loop {
+            match self.ring.submit() {
+                Ok(_) => {
+                    // The kernel may take fewer than we pushed; the rest stays queued.
+                    self.unsubmitted = self.ring.submission().len() as u32;
+                    return Ok(());
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                // EAGAIN/EBUSY: the CQ is under pressure; the caller reaps and retries.
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// One queue's handle on its thread's ring, for operations on one backing file.
+pub struct UringEngine {
+    ring: Rc<SharedRing>,
+    fd: RawFd,
+    /// This queue's number on the ring (the high bits of user_data).
+    queue: u16,
+}
+
+impl UringEngine {
+    /// A handle on `ring` for a queue of at most `queue_size` operations in flight on `fd`.
+    /// The caller keeps `fd` open for the engine's lifetime.
+    pub fn on(ring: &Rc<SharedRing>, fd: RawFd, queue_size: u16) -> UringEngine {
+        let queue = ring.register(queue_size);
+        UringEngine { ring: Rc::clone(ring), fd, queue }
+    }
+
+    /// A handle on a ring of its own (for a queue served alone, and for tests).
+    pub fn new(fd: RawFd, queue_size: u16) -> io::Result<UringEngine> {
+        Ok(UringEngine::on(&SharedRing::new(u32::from(queue_size))?, fd, queue_size))
     }
 
     fn entry(&self, tag: u16, op: IoOp<'_>) -> squeue::Entry {
@@ -59,57 +172,67 @@ impl UringEngine {
                 opcode::Fallocate::new(fd, bytes).offset(offset).mode(mode).build()
             }
         };
-        entry.user_data(u64::from(tag))
+        entry.user_data(u64::from(self.queue) << 16 | u64::from(tag))
+    }
+}
+
+impl Drop for UringEngine {
+    fn drop(&mut self) {
+        // The queue's number is free again once it has nothing in flight (the I/O thread
+        // drops a queue only then).
+        if let Some(slot) = self.ring.state.borrow_mut().done.get_mut(usize::from(self.queue)) {
+            *slot = None;
+        }
     }
 }
 
 impl Engine for UringEngine {
     unsafe fn queue(&mut self, tag: u16, op: IoOp<'_>) -> io::Result<()> {
         let entry = self.entry(tag, op);
+        let mut state = self.ring.state.borrow_mut();
         for _ in 0..2 {
             // SAFETY: the caller guarantees the iovec array and the guest buffers stay valid
             // until this tag is reaped (the contract of Engine::queue); the fd stays open
-            // for the engine's lifetime (the contract of new()).
-            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
-                self.unsubmitted += 1;
+            // for the engine's lifetime (the contract of on()).
+            if unsafe { state.ring.submission().push(&entry) }.is_ok() {
+                state.unsubmitted += 1;
                 return Ok(());
             }
             // The SQ is full: hand what is there to the kernel and try once more.
-            self.submit()?;
+            state.submit()?;
         }
         Err(io::Error::other("io_uring submission queue stays full"))
     }
 
     fn submit(&mut self) -> io::Result<()> {
-        if self.unsubmitted == 0 {
-            return Ok(());
+        self.ring.submit()
+    }
+
+    fn reap(&mut self, mut on_complete: impl FnMut(u16, i32)) {
+        let mut state = self.ring.state.borrow_mut();
+        SharedRing::sort_completions(&mut state);
+        let Some(Some(list)) = state.done.get_mut(usize::from(self.queue)) else { return };
+        // Taken out while the callback runs: it may queue follow-ups on this ring.
+        let mut mine = std::mem::take(list);
+        drop(state);
+        for (tag, result) in mine.drain(..) {
+            on_complete(tag, result);
         }
-        loop {
-            match self.ring.submit() {
-                Ok(_) => {
-                    // The kernel may take fewer than we pushed; the rest stays queued.
-                    self.unsubmitted = self.ring.submission().len() as u32;
-                    return Ok(());
-                }
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                // EAGAIN/EBUSY: the CQ is under pressure; the caller reaps and retries.
-                Err(e) => return Err(e),
+        if let Some(Some(list)) = self.ring.state.borrow_mut().done.get_mut(usize::from(self.queue)) {
+            // Give the (empty, still allocated) list back; anything sorted in meanwhile
+            // cannot exist, since nothing reaps while the callback runs.
+            if list.is_empty() {
+                *list = mine;
             }
         }
     }
 
-    fn reap(&mut self, mut on_complete: impl FnMut(u16, i32)) {
-        for cqe in self.ring.completion() {
-            on_complete(cqe.user_data() as u16, cqe.result());
-        }
-    }
-
     fn has_unsubmitted(&self) -> bool {
-        self.unsubmitted > 0
+        self.ring.has_unsubmitted()
     }
 
     fn completion_fd(&self) -> Option<RawFd> {
         // The ring's own fd polls readable while completions wait in the CQ.
-        Some(self.ring.as_raw_fd())
+        Some(self.ring.fd())
     }
 }

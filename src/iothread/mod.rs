@@ -1,27 +1,40 @@
-//! [iothread] One thread per virtqueue: drain the avail ring, submit the batch with one call,
-//! reap completions, publish the used ring once and notify once.
+//! [iothread] I/O threads: each runs one event loop (`worker.rs`) over a set of (export,
+//! queue) pairs, with one io_uring shared by all of them.
 //!
-//! A queue belongs to exactly one I/O thread for the thread's whole life. The control thread
-//! talks to it only through [`IoThread`]: it starts the thread with everything the queue
-//! needs, and stops it (the thread finishes in-flight I/O first) to learn where the queue
-//! stopped. Any change to a running queue (memory table, call fd, features) is a stop and a
-//! fresh start, so the thread never needs a lock.
+//! An I/O thread is an object of its own ([`IoThread`]): the daemon's default pool (one per
+//! CPU the process may use), a named thread from `--iothread`, or a thread dedicated to one
+//! queue. A queue joins a thread when its ring starts and leaves it when it stops
+//! ([`QueueHandle`]); which thread is the export's [`Placement`]. The control thread talks to
+//! a loop only by command: it hands a queue over with everything it needs, and asks it back
+//! (the queue finishes its in-flight I/O first) to learn where it stopped. Any change to a
+//! running queue (memory table, call fd, features) is a stop and a fresh start of that queue
+//! alone, so the loop never needs a lock and the other queues on its thread go on.
 
 #[cfg(test)]
 mod order_tests;
 pub mod poll;
+pub mod registry;
 mod worker;
 
 use std::fs::File;
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::disk::Disk;
+use crate::engine::aio::AioEngine;
+use crate::engine::null::NullEngine;
+use crate::engine::threads::ThreadsEngine;
+use crate::engine::uring::UringEngine;
+use crate::engine::EngineKind;
 use crate::virtq::{GuestMemory, RingAddrs};
+use poll::{PollPolicy, PollSettings};
+use worker::{Command, LoopSetup, MakeQueue};
+
+pub(crate) use worker::queue::Served;
 
 /// Everything an I/O thread needs to serve one queue.
 pub struct QueueSetup {
@@ -40,41 +53,78 @@ pub struct QueueSetup {
     pub err: Option<File>,
 }
 
-/// How the control thread asks an I/O thread to stop.
-pub(crate) struct StopSignal {
-    requested: AtomicBool,
-    wake: EventFd,
+/// What an I/O thread did, for `list-iothreads` and the metrics.
+#[derive(Default)]
+pub struct ThreadStats {
+    /// Queues it serves now.
+    pub queues: AtomicUsize,
+    /// Nanoseconds spent polling instead of sleeping.
+    pub poll_ns: AtomicU64,
+    /// Polling periods that found work before their window ended.
+    pub poll_hits: AtomicU64,
+    pub sleeps: AtomicU64,
 }
 
-impl StopSignal {
-    pub(crate) fn requested(&self) -> bool {
-        self.requested.load(Ordering::Acquire)
-    }
+/// Where an export's queues run.
+#[derive(Clone)]
+pub enum Placement {
+    /// On the daemon's shared pool: each queue, when it starts, on the thread serving the
+    /// fewest queues.
+    Pool(Arc<[Arc<IoThread>]>),
+    /// On these threads, queue i on thread i % len (QEMU's iothread-vq-mapping).
+    Threads(Vec<Arc<IoThread>>),
+    /// Each queue on a thread of its own, started and ended with it, polling by the export's
+    /// settings and pinned by its `cpus` (queue i on cpus[i % len]).
+    Dedicated,
 }
 
 /// A running I/O thread.
 pub struct IoThread {
-    stop: Arc<StopSignal>,
-    join: JoinHandle<u16>,
+    pub id: String,
+    /// The CPUs it may run on; empty: wherever the process may.
+    pub cpus: Vec<usize>,
+    pub poll: Arc<PollSettings>,
+    pub stats: Arc<ThreadStats>,
+    commands: Mutex<mpsc::Sender<Command>>,
+    wake: Arc<EventFd>,
+    join: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl IoThread {
-    /// Starts a thread serving `setup`'s queue. Returns once the queue is validated and the
-    /// engine is up, or with the reason it could not start.
-    pub fn spawn(disk: Arc<Disk>, setup: QueueSetup) -> io::Result<IoThread> {
-        let stop = Arc::new(StopSignal {
-            requested: AtomicBool::new(false),
-            wake: EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK)?,
-        });
+    /// Starts an I/O thread with no queues. `ring_entries`: submission entries of its ring
+    /// (what the queues it will serve may have in flight, roughly).
+    pub fn spawn(
+        id: &str,
+        cpus: Vec<usize>,
+        poll: Arc<PollSettings>,
+        ring_entries: u32,
+    ) -> io::Result<Arc<IoThread>> {
+        let (tx, rx) = mpsc::channel();
+        let wake = Arc::new(EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK)?);
+        let stats = Arc::new(ThreadStats::default());
+        let setup = LoopSetup {
+            commands: rx,
+            wake: Arc::clone(&wake),
+            poll: Arc::clone(&poll),
+            stats: Arc::clone(&stats),
+            cpus: cpus.clone(),
+            ring_entries,
+        };
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
-        let thread_stop = Arc::clone(&stop);
-        let name = format!("blkplane-q{}", setup.index);
-        let join = std::thread::Builder::new().name(name).spawn(move || {
+        let join = std::thread::Builder::new().name(format!("blkplane-{id}")).spawn(move || {
             let _abort = AbortOnPanic;
-            worker::run(disk, setup, thread_stop, ready_tx)
+            worker::run(setup, ready_tx)
         })?;
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(IoThread { stop, join }),
+            Ok(Ok(())) => Ok(Arc::new(IoThread {
+                id: id.to_string(),
+                cpus,
+                poll,
+                stats,
+                commands: Mutex::new(tx),
+                wake,
+                join: Mutex::new(Some(join)),
+            })),
             Ok(Err(e)) => {
                 let _ = join.join();
                 Err(e)
@@ -86,19 +136,125 @@ impl IoThread {
         }
     }
 
-    /// Stops the thread after its in-flight requests complete; returns the avail index at
-    /// which the queue stopped (what GET_VRING_BASE answers).
-    pub fn stop(self) -> u16 {
-        self.stop.requested.store(true, Ordering::Release);
-        let _ = self.stop.wake.write(1);
-        match self.join.join() {
-            Ok(next_avail) => next_avail,
-            Err(_) => {
-                tracing::error!("an I/O thread panicked");
-                0
-            }
+    fn send(&self, command: Command) -> io::Result<()> {
+        self.commands
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(command)
+            .map_err(|_| io::Error::other(format!("I/O thread {} has ended", self.id)))?;
+        let _ = self.wake.write(1);
+        Ok(())
+    }
+
+    /// Hands a queue to this thread; returns once it is served, or why it cannot be.
+    pub(crate) fn attach_with(self: &Arc<Self>, make: MakeQueue) -> io::Result<QueueHandle> {
+        let (reply, answer) = mpsc::sync_channel(1);
+        self.send(Command::Attach { make, reply })?;
+        let id = answer.recv().map_err(|_| io::Error::other("I/O thread ended"))??;
+        Ok(QueueHandle { thread: Arc::clone(self), id, dedicated: false })
+    }
+
+    /// Ends the thread once it serves no queue (the caller stopped them) and waits for it.
+    pub fn shut_down(&self) {
+        let _ = self.send(Command::Exit);
+        if let Some(join) = self.join.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = join.join();
         }
     }
+}
+
+/// A queue being served by an I/O thread.
+pub struct QueueHandle {
+    thread: Arc<IoThread>,
+    id: u64,
+    /// The thread exists for this queue alone and ends with it.
+    dedicated: bool,
+}
+
+impl QueueHandle {
+    /// Takes the queue off its thread after its in-flight requests complete; returns the
+    /// avail index at which it stopped (what GET_VRING_BASE answers). The thread's other
+    /// queues are served throughout.
+    pub fn stop(self) -> u16 {
+        let (reply, answer) = mpsc::sync_channel(1);
+        let next_avail = match self.thread.send(Command::Detach { id: self.id, reply }) {
+            Ok(()) => answer.recv().ok(),
+            Err(_) => None,
+        };
+        if self.dedicated {
+            self.thread.shut_down();
+        }
+        next_avail.unwrap_or_else(|| {
+            tracing::error!(thread = %self.thread.id, "an I/O thread ended with a queue on it");
+            0
+        })
+    }
+}
+
+/// Starts serving `setup`'s queue of `disk` where the disk's placement says. Returns once
+/// the queue is validated and its engine is up, or with the reason it could not start.
+pub fn start_queue(disk: &Arc<Disk>, setup: QueueSetup) -> io::Result<QueueHandle> {
+    let index = usize::from(setup.index);
+    let (thread, dedicated) = match &disk.placement {
+        Placement::Pool(pool) => {
+            let least = pool.iter().min_by_key(|t| t.stats.queues.load(Ordering::Relaxed));
+            (Arc::clone(least.ok_or_else(|| io::Error::other("no I/O threads"))?), false)
+        }
+        Placement::Threads(threads) if !threads.is_empty() => {
+            (Arc::clone(&threads[index % threads.len()]), false)
+        }
+        Placement::Threads(_) => return Err(io::Error::other("no I/O threads")),
+        Placement::Dedicated => {
+            let cpus = disk.cpus.get(index % disk.cpus.len().max(1)).into_iter().copied().collect();
+            let name = format!("q{index}");
+            (IoThread::spawn(&name, cpus, Arc::clone(&disk.poll), u32::from(setup.size))?, true)
+        }
+    };
+    let disk = Arc::clone(disk);
+    let attached = thread.attach_with(Box::new(move |ring| make_queue(disk, setup, ring)));
+    match attached {
+        Ok(mut handle) => {
+            handle.dedicated = dedicated;
+            Ok(handle)
+        }
+        Err(e) => {
+            if dedicated {
+                thread.shut_down();
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Makes the queue with the engine its disk asks for, on the loop's thread.
+fn make_queue(
+    disk: Arc<Disk>,
+    setup: QueueSetup,
+    ring: &std::rc::Rc<crate::engine::uring::SharedRing>,
+) -> io::Result<Box<dyn Served>> {
+    use std::os::fd::AsRawFd;
+    let fd = disk.backing.as_ref().map(|b| b.file.as_raw_fd());
+    let size = setup.size;
+    match (disk.engine, fd) {
+        (EngineKind::Null, _) => worker::queue::start(disk, setup, NullEngine::new(size)),
+        (EngineKind::IoUring, Some(fd)) => {
+            worker::queue::start(disk, setup, UringEngine::on(ring, fd, size))
+        }
+        (EngineKind::Native, Some(fd)) => {
+            let engine = AioEngine::new(fd, size)?;
+            worker::queue::start(disk, setup, engine)
+        }
+        (EngineKind::Threads, Some(fd)) => {
+            let engine = ThreadsEngine::new(fd, size)?;
+            worker::queue::start(disk, setup, engine)
+        }
+        (_, None) => Err(io::Error::other("an export without a backing file needs engine=null")),
+    }
+}
+
+/// The default polling of shared threads.
+pub fn default_poll() -> Arc<PollSettings> {
+    Arc::new(PollSettings::new(PollPolicy::default()))
 }
 
 /// Ends the process if an I/O thread panics. Unwinding would free the slot table and bounce
@@ -128,7 +284,7 @@ mod tests {
     fn a_panic_under_the_io_thread_guard_aborts_the_process() {
         if std::env::var_os("BLKPLANE_PANIC_CHILD").is_some() {
             let _guard = AbortOnPanic;
-            panic!("an I/O thread bug, on purpose");
+            panic!("an I/O thread panic, on purpose");
         }
         let out = std::process::Command::new(std::env::current_exe().unwrap())
             .args([

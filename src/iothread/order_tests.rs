@@ -12,13 +12,15 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{fence, AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::rc::Rc;
+use std::sync::atomic::{fence, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{worker, QueueSetup, StopSignal};
+use super::{default_poll, worker, IoThread, Placement, QueueHandle, QueueSetup};
+use crate::engine::uring::SharedRing;
 use crate::blk::{req_type, status};
 use crate::disk::Disk;
 use crate::engine::aio::AioEngine;
@@ -194,18 +196,21 @@ impl Guest {
     }
 }
 
-/// One I/O thread serving the guest's queue on `disk` through a recorder around an engine.
-struct Served {
-    stop: Arc<StopSignal>,
-    join: std::thread::JoinHandle<u16>,
+/// An I/O thread serving the guest's queue on `disk` through a recorder around an engine.
+struct Running {
+    thread: Arc<IoThread>,
+    queue: QueueHandle,
 }
+
+/// Makes an engine on the I/O thread, given its ring, the backing's fd and the queue size.
+type MakeEngine<E> = fn(&Rc<SharedRing>, RawFd, u16) -> io::Result<E>;
 
 fn serve<E: Engine + 'static>(
     disk: Arc<Disk>,
     guest: &Guest,
     log: &Log,
-    make: fn(RawFd, u16) -> io::Result<E>,
-) -> Served {
+    make: MakeEngine<E>,
+) -> Running {
     let setup = QueueSetup {
         index: 0,
         memory: Arc::clone(&guest.mem),
@@ -225,31 +230,30 @@ fn serve<E: Engine + 'static>(
         call: None,
         err: None,
     };
-    let stop = Arc::new(StopSignal {
-        requested: AtomicBool::new(false),
-        wake: EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK).unwrap(),
-    });
     let fd = disk.backing.as_ref().unwrap().file.as_raw_fd();
     let log = Arc::clone(log);
-    let (ready_tx, ready_rx) = mpsc::sync_channel(1);
-    let thread_stop = Arc::clone(&stop);
-    let join = std::thread::spawn(move || {
-        worker::serve(disk, setup, thread_stop, ready_tx, |size| {
+    let thread = IoThread::spawn("order-test", Vec::new(), default_poll(), 64).unwrap();
+    let queue = thread
+        .attach_with(Box::new(move |ring: &Rc<SharedRing>| {
             let always_ready = EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK)?;
             always_ready.write(1)?;
+            let size = setup.size;
             let ops = vec![Op::Read; usize::from(size)];
-            Ok(Recorder { inner: make(fd, size)?, log, ops, held: Vec::new(), always_ready })
-        })
-    });
-    ready_rx.recv().unwrap().unwrap();
-    Served { stop, join }
+            let inner = make(ring, fd, size)?;
+            worker::queue::start(
+                disk,
+                setup,
+                Recorder { inner, log, ops, held: Vec::new(), always_ready },
+            )
+        }))
+        .unwrap();
+    Running { thread, queue }
 }
 
-impl Served {
+impl Running {
     fn stop(self) {
-        self.stop.requested.store(true, Ordering::Release);
-        let _ = self.stop.wake.write(1);
-        self.join.join().unwrap();
+        self.queue.stop();
+        self.thread.shut_down();
     }
 }
 
@@ -258,7 +262,7 @@ fn disk_in(dir: &std::path::Path, keys: &str) -> (std::path::PathBuf, Arc<Disk>)
     let image = dir.join("disk.raw");
     std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
     let spec = format!("socket={}/unused.sock,image={},{keys}", dir.display(), image.display());
-    let disk = Arc::new(Disk::open(&ExportConfig::parse(&spec).unwrap()).unwrap());
+    let disk = Arc::new(Disk::open(&ExportConfig::parse(&spec).unwrap(), Placement::Dedicated).unwrap());
     (image, disk)
 }
 
@@ -271,7 +275,7 @@ fn position(log: &[Event], what: impl Fn(&Event) -> bool, name: &str) -> usize {
 fn contract<E: Engine + 'static>(
     cache: &str,
     wce_off: bool,
-    make: fn(RawFd, u16) -> io::Result<E>,
+    make: MakeEngine<E>,
 ) {
     let dir = tempfile::tempdir().unwrap();
     let (image, disk) = disk_in(dir.path(), &format!("cache={cache}"));
@@ -386,16 +390,16 @@ fn contract<E: Engine + 'static>(
     }
 }
 
-fn threads(fd: RawFd, size: u16) -> io::Result<ThreadsEngine> {
+fn threads(_: &Rc<SharedRing>, fd: RawFd, size: u16) -> io::Result<ThreadsEngine> {
     ThreadsEngine::new(fd, size)
 }
 
-fn native(fd: RawFd, size: u16) -> io::Result<AioEngine> {
+fn native(_: &Rc<SharedRing>, fd: RawFd, size: u16) -> io::Result<AioEngine> {
     AioEngine::new(fd, size)
 }
 
-fn uring(fd: RawFd, size: u16) -> io::Result<UringEngine> {
-    UringEngine::new(fd, size)
+fn uring(ring: &Rc<SharedRing>, fd: RawFd, size: u16) -> io::Result<UringEngine> {
+    Ok(UringEngine::on(ring, fd, size))
 }
 
 const MODES: [&str; 5] = ["none", "directsync", "writeback", "writethrough", "unsafe"];
@@ -473,8 +477,8 @@ fn work_the_kernel_refused_is_submitted_without_another_kick() {
     let log: Log = Arc::default();
     let mut guest = Guest::new();
     guest.kick = Some(EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK).unwrap());
-    let served = serve(Arc::clone(&disk), &guest, &log, |fd, size| {
-        Ok(Reluctant { inner: UringEngine::new(fd, size)?, since: None })
+    let served = serve(Arc::clone(&disk), &guest, &log, |ring, fd, size| {
+        Ok(Reluctant { inner: UringEngine::on(ring, fd, size), since: None })
     });
     let data = vec![0x5a; 4096];
     let start = Instant::now();

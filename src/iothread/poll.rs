@@ -1,12 +1,17 @@
-//! Adaptive polling: after a round of work, keep looking at the avail ring and the engine's
+//! Adaptive polling: after a round of work, keep looking at the avail rings and the engine's
 //! completions for a while before going to sleep, because a wake-up through an eventfd costs
 //! tens of microseconds and a guest that just got an answer often sends the next request soon.
 //!
-//! The window tunes itself from how long each sleep turned out to be: a sleep shorter than
-//! `poll_max` means the next event came soon after we gave up, so polling a little longer
-//! would have caught it — the window doubles (from 4 µs up to `poll_max`). A sleep longer than
-//! `poll_max` means no window we allow would have helped — the window halves, down to zero,
-//! which is how an idle export ends up costing nothing.
+//! The window tunes itself from how long each idle period turned out to be (the polling plus
+//! the sleep after it, as QEMU measures it): an event that came within `poll_max` means a
+//! longer window would have caught it, so the window doubles (from 4 µs up to `poll_max`);
+//! one that came later means no window we allow would have helped, so the window halves, down
+//! to zero, which is how an idle export ends up costing nothing.
+//!
+//! A thread keeps two windows: one for idle periods with its own I/O in flight (what ends
+//! them is the backing's completion, so they learn the backing's latency: a disk whose
+//! completions take longer than `poll_max` is never polled for), and one for idle periods
+//! with nothing in flight (what ends them is the guest's next request).
 
 use std::fmt;
 use std::str::FromStr;
@@ -108,7 +113,10 @@ impl PollSettings {
 pub struct Poller {
     mode: PollMode,
     max: Duration,
-    window: Duration,
+    /// The windows for idle periods without (0) and with (1) I/O in flight.
+    windows: [Duration; 2],
+    /// Which window the current idle period uses.
+    current: usize,
     /// When the current run of empty rounds began.
     idle_since: Option<Instant>,
 }
@@ -118,7 +126,8 @@ impl Poller {
         Poller {
             mode: policy.mode,
             max: Duration::from_micros(u64::from(policy.max_us)),
-            window: Duration::ZERO,
+            windows: [Duration::ZERO; 2],
+            current: 0,
             idle_since: None,
         }
     }
@@ -133,14 +142,18 @@ impl Poller {
         self.idle_since.map(|since| since.elapsed()).unwrap_or_default()
     }
 
-    /// A round found nothing: keep polling (true) or sleep (false)? At the start of an idle
-    /// period the thread picks up changed `settings`.
-    pub fn keep_polling(&mut self, settings: &PollSettings) -> bool {
+    /// A round found nothing: keep polling (true) or sleep (false)? `in_flight`: the thread
+    /// has I/O in flight. At the start of an idle period the thread picks up changed
+    /// `settings` and chooses the window the period uses.
+    pub fn keep_polling(&mut self, settings: &PollSettings, in_flight: bool) -> bool {
         if self.idle_since.is_none() {
             let policy = settings.get();
             self.mode = policy.mode;
             self.max = Duration::from_micros(u64::from(policy.max_us));
-            self.window = self.window.min(self.max);
+            for w in &mut self.windows {
+                *w = (*w).min(self.max);
+            }
+            self.current = usize::from(in_flight);
         }
         match self.mode {
             PollMode::Never => false,
@@ -149,34 +162,39 @@ impl Poller {
                 true
             }
             PollMode::Adaptive => {
-                if self.window.is_zero() {
+                let window = self.windows[self.current];
+                if window.is_zero() {
                     return false;
                 }
                 let now = Instant::now();
                 let since = *self.idle_since.get_or_insert(now);
-                now.duration_since(since) < self.window
+                now.duration_since(since) < window
             }
         }
     }
 
-    /// We slept for `slept` after polling gave up: tune the window.
+    /// We slept for `slept` after polling gave up: tune the window of this idle period by
+    /// how long the whole period lasted.
     pub fn slept(&mut self, slept: Duration) {
+        let idle = self.polled_for() + slept;
         self.idle_since = None;
         if self.mode != PollMode::Adaptive {
             return;
         }
-        if slept <= self.max {
-            self.window = (self.window * 2).max(FIRST_WINDOW).min(self.max);
+        let window = &mut self.windows[self.current];
+        if idle <= self.max {
+            *window = (*window * 2).max(FIRST_WINDOW).min(self.max);
         } else {
-            self.window /= 2;
-            if self.window < MIN_WINDOW {
-                self.window = Duration::ZERO;
+            *window /= 2;
+            if *window < MIN_WINDOW {
+                *window = Duration::ZERO;
             }
         }
     }
 
-    pub fn window(&self) -> Duration {
-        self.window
+    /// The window an idle period with (or without) I/O in flight would use.
+    pub fn window(&self, in_flight: bool) -> Duration {
+        self.windows[usize::from(in_flight)]
     }
 }
 
@@ -192,14 +210,14 @@ mod tests {
     #[test]
     fn short_sleeps_grow_the_window_up_to_the_bound() {
         let (mut p, s) = adaptive(64);
-        assert!(!p.keep_polling(&s), "no window before the first sleep");
+        assert!(!p.keep_polling(&s, false), "no window before the first sleep");
         let mut seen = Vec::new();
         for _ in 0..6 {
             p.slept(Duration::from_micros(20));
-            seen.push(p.window().as_micros());
+            seen.push(p.window(false).as_micros());
         }
         assert_eq!(seen, [4, 8, 16, 32, 64, 64]);
-        assert!(p.keep_polling(&s));
+        assert!(p.keep_polling(&s, false));
     }
 
     #[test]
@@ -211,21 +229,21 @@ mod tests {
         let mut seen = Vec::new();
         for _ in 0..8 {
             p.slept(Duration::from_millis(5));
-            seen.push(p.window().as_micros());
+            seen.push(p.window(false).as_micros());
         }
         assert_eq!(seen, [32, 16, 8, 4, 2, 1, 0, 0]);
-        assert!(!p.keep_polling(&s), "an idle export sleeps at once");
+        assert!(!p.keep_polling(&s, false), "an idle export sleeps at once");
     }
 
     #[test]
     fn the_window_ends() {
         let (mut p, s) = adaptive(64);
         p.slept(Duration::from_micros(1));
-        assert!(p.keep_polling(&s));
+        assert!(p.keep_polling(&s, false));
         std::thread::sleep(Duration::from_micros(200));
-        assert!(!p.keep_polling(&s), "4 µs window long over");
+        assert!(!p.keep_polling(&s, false), "4 µs window long over");
         p.work_found();
-        assert!(p.keep_polling(&s), "a new idle run starts a new window");
+        assert!(p.keep_polling(&s, false), "a new idle run starts a new window");
     }
 
     #[test]
@@ -235,11 +253,31 @@ mod tests {
         let settings = PollSettings::new(always);
         let mut p = Poller::new(always);
         p.slept(Duration::from_micros(1));
-        assert!(p.keep_polling(&settings));
+        assert!(p.keep_polling(&settings, false));
         settings.set(never);
-        assert!(p.keep_polling(&settings), "a change waits for the next idle period");
+        assert!(p.keep_polling(&settings, false), "a change waits for the next idle period");
         p.work_found();
-        assert!(!p.keep_polling(&settings), "picked up at the next idle period");
+        assert!(!p.keep_polling(&settings, false), "picked up at the next idle period");
         assert_eq!(settings.get(), never);
+    }
+
+    #[test]
+    fn completions_slower_than_the_bound_are_not_polled_for() {
+        let (mut p, s) = adaptive(64);
+        // Guest requests come 20 µs apart: that window grows.
+        for _ in 0..5 {
+            assert!(!p.keep_polling(&s, false) || p.window(false) > Duration::ZERO);
+            p.slept(Duration::from_micros(20));
+        }
+        // The backing answers in 70 µs, beyond the bound: that window stays shut.
+        for _ in 0..5 {
+            p.keep_polling(&s, true);
+            p.slept(Duration::from_micros(70));
+        }
+        assert_eq!(p.window(false).as_micros(), 64);
+        assert_eq!(p.window(true), Duration::ZERO);
+        assert!(!p.keep_polling(&s, true), "no polling while the slow backing works");
+        p.work_found();
+        assert!(p.keep_polling(&s, false), "but polling for the guest's next request");
     }
 }

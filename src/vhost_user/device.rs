@@ -19,7 +19,7 @@ use vhost::VhostUserMemoryRegionBase;
 use crate::blk::config::offset::WRITEBACK;
 use crate::blk::feature;
 use crate::disk::Disk;
-use crate::iothread::{IoThread, QueueSetup};
+use crate::iothread::{start_queue, QueueHandle, QueueSetup};
 use crate::ratelimit::RateLimiter;
 use crate::sys::checked_eventfd;
 use crate::virtq::memory::MAX_MEM_REGIONS;
@@ -38,7 +38,8 @@ struct Vring {
     call: Option<File>,
     err: Option<File>,
     enabled: bool,
-    thread: Option<IoThread>,
+    /// The queue being served, on whichever I/O thread the export's placement chose.
+    thread: Option<QueueHandle>,
 }
 
 /// One connected frontend's view of an export.
@@ -153,7 +154,7 @@ impl BlkDevice {
             call: clone(&v.call).map_err(Error::ReqHandlerError)?,
             err: clone(&v.err).map_err(Error::ReqHandlerError)?,
         };
-        match IoThread::spawn(Arc::clone(&self.disk), setup) {
+        match start_queue(&self.disk, setup) {
             Ok(thread) => {
                 self.vrings[index].thread = Some(thread);
                 Ok(())

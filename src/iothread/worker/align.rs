@@ -5,7 +5,7 @@
 use std::io;
 use std::os::fd::AsRawFd;
 
-use super::Core;
+use super::queue::Core;
 use crate::blk::request::{Request, RequestError};
 use crate::engine::Engine;
 use crate::virtq::{iovs_aligned, GuestIov};

@@ -4,7 +4,7 @@
 //! Each at most once per request, so nothing loops. A failed fdatasync (a FLUSH's or a
 //! follow-up's) is recorded on the disk: later flushes fail (`Disk::flush_failed_with`).
 
-use super::Core;
+use super::queue::Core;
 use crate::blk::request::{Request, RequestError};
 use crate::engine::{Engine, IoOp};
 

@@ -1,0 +1,292 @@
+//! The daemon's I/O threads by name: the shared pool it starts with, and the threads made
+//! with `--iothread`, the config file's `[[iothread]]` tables or the control socket's
+//! `add-iothread`. Exports name them in their placement; a named thread can be removed only
+//! while nothing refers to it.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+
+use super::poll::{PollMode, PollPolicy, PollSettings, MAX_POLL_MAX_US};
+use super::{IoThread, Placement};
+
+/// Submission entries of a shared thread's ring: room for several busy queues at once (more
+/// wait in the ring buffer of the kernel, never lost).
+const SHARED_RING_ENTRIES: u32 = 1024;
+/// Longest I/O thread name.
+const MAX_NAME_BYTES: usize = 64;
+/// Largest shared pool (`--pool-threads`).
+pub const MAX_POOL_THREADS: usize = 1024;
+/// Named threads one daemon may have (each is an OS thread and a ring).
+pub const MAX_NAMED_THREADS: usize = 256;
+
+/// A named I/O thread as `--iothread id=NAME[,cpus=LIST][,poll=MODE][,poll-max-us=N]` gives it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IoThreadConfig {
+    pub id: String,
+    /// CPUs the thread may run on (its affinity); empty: wherever the process may.
+    pub cpus: Vec<usize>,
+    pub poll: PollPolicy,
+}
+
+/// The keys of an `--iothread` spec.
+pub const IOTHREAD_KEYS: &[&str] = &["id", "cpus", "poll", "poll-max-us"];
+
+/// Whether `name` can name an I/O thread (or an export's list of them): letters, digits,
+/// `-`, `_` and `.`, and not the words the `iothread=` key gives a meaning.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_BYTES
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if !ok {
+        return Err(format!(
+            "'{name}' is not an I/O thread name (1 to {MAX_NAME_BYTES} letters, digits, '-', '_', '.')"
+        ));
+    }
+    if name == "dedicated" || name == "pool" || name.starts_with("pool.") {
+        return Err(format!("'{name}' is reserved (dedicated, pool, pool.N)"));
+    }
+    Ok(())
+}
+
+impl IoThreadConfig {
+    /// Parses `id=NAME[,cpus=LIST][,poll=MODE][,poll-max-us=N]` (`,,` for a comma inside a
+    /// value, as in `cpus=0,,2`).
+    pub fn parse(spec: &str) -> Result<IoThreadConfig, String> {
+        let pairs = crate::export::split_pairs(spec, &IOTHREAD_KEYS.join(", ")).map_err(|e| e.0)?;
+        Self::from_pairs(&pairs)
+    }
+
+    /// From key/value pairs (a parsed spec, a config-file table, a control request).
+    pub fn from_pairs(pairs: &[(String, String)]) -> Result<IoThreadConfig, String> {
+        let mut id = None;
+        let mut cpus = Vec::new();
+        let mut poll = PollPolicy::default();
+        for (key, value) in pairs {
+            match key.as_str() {
+                "id" => {
+                    check_name(value)?;
+                    id = Some(value.clone());
+                }
+                "cpus" => {
+                    cpus = crate::export::parse_cpu_list(value)
+                        .map_err(|e| format!("cpus={value}: {}", e.0))?
+                }
+                "poll" => poll.mode = value.parse()?,
+                "poll-max-us" => {
+                    poll.max_us = value
+                        .parse()
+                        .map_err(|_| format!("poll-max-us={value}: not a number"))?;
+                    if poll.max_us > MAX_POLL_MAX_US {
+                        return Err(format!("poll-max-us={value}: at most {MAX_POLL_MAX_US}"));
+                    }
+                }
+                other => {
+                    return Err(format!(
+                        "unknown key '{other}' (keys: {})",
+                        IOTHREAD_KEYS.join(", ")
+                    ))
+                }
+            }
+        }
+        let id = id.ok_or("an I/O thread needs id=NAME")?;
+        Ok(IoThreadConfig { id, cpus, poll })
+    }
+}
+
+/// One I/O thread as `list-iothreads` shows it.
+#[derive(Serialize, Debug, Clone)]
+pub struct IoThreadInfo {
+    pub id: String,
+    /// "pool" or "named".
+    pub kind: &'static str,
+    pub cpus: String,
+    pub poll: String,
+    pub poll_max_us: u32,
+    pub queues: usize,
+    pub poll_ns: u64,
+    pub poll_hits: u64,
+    pub sleeps: u64,
+}
+
+fn info_of(thread: &IoThread, kind: &'static str) -> IoThreadInfo {
+    let policy = thread.poll.get();
+    let s = &thread.stats;
+    IoThreadInfo {
+        id: thread.id.clone(),
+        kind,
+        cpus: crate::export::format_cpu_list(&thread.cpus),
+        poll: policy.mode.to_string(),
+        poll_max_us: policy.max_us,
+        queues: s.queues.load(Ordering::Relaxed),
+        poll_ns: s.poll_ns.load(Ordering::Relaxed),
+        poll_hits: s.poll_hits.load(Ordering::Relaxed),
+        sleeps: s.sleeps.load(Ordering::Relaxed),
+    }
+}
+
+/// What an export asks for in its `iothread=` key.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum ThreadChoice {
+    /// The shared pool (no `iothread=` key).
+    #[default]
+    Pool,
+    /// `iothread=dedicated`, or polling/pinning keys on the export itself.
+    Dedicated,
+    /// `iothread=NAME[:NAME...]`: queue i on the i-th name, round-robin.
+    Named(Vec<String>),
+}
+
+impl ThreadChoice {
+    /// Parses the value of `iothread=`: `dedicated`, `pool`, or names separated by `:`.
+    pub fn parse(value: &str) -> Result<ThreadChoice, String> {
+        match value {
+            "dedicated" => return Ok(ThreadChoice::Dedicated),
+            "pool" => return Ok(ThreadChoice::Pool),
+            _ => {}
+        }
+        let names: Vec<String> = value.split(':').map(str::to_string).collect();
+        for n in &names {
+            check_name(n).map_err(|e| format!("iothread={value}: {e}"))?;
+        }
+        Ok(ThreadChoice::Named(names))
+    }
+}
+
+impl std::fmt::Display for ThreadChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ThreadChoice::Pool => f.write_str("pool"),
+            ThreadChoice::Dedicated => f.write_str("dedicated"),
+            ThreadChoice::Named(names) => f.write_str(&names.join(":")),
+        }
+    }
+}
+
+/// The daemon's I/O threads.
+pub struct IoThreads {
+    pool: Arc<[Arc<IoThread>]>,
+    named: Mutex<BTreeMap<String, Arc<IoThread>>>,
+}
+
+impl IoThreads {
+    /// Starts a shared pool of `pool_size` threads, polling adaptively by default. The pool's
+    /// threads are not pinned: the scheduler places them, and the loop gives its CPU up to
+    /// another I/O thread with work there (see worker.rs).
+    pub fn start(pool_size: usize) -> std::io::Result<IoThreads> {
+        let pool = (0..pool_size.max(1))
+            .map(|i| {
+                let poll = Arc::new(PollSettings::new(PollPolicy::default()));
+                IoThread::spawn(&format!("pool.{i}"), Vec::new(), poll, SHARED_RING_ENTRIES)
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok(IoThreads { pool: pool.into(), named: Mutex::new(BTreeMap::new()) })
+    }
+
+    /// The pool's size when none is given: one thread per CPU the process may use.
+    pub fn default_pool_size() -> usize {
+        crate::sys::allowed_cpus().len().max(1)
+    }
+
+    fn named(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<IoThread>>> {
+        self.named.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts a named thread. Errors: `exists`, `limit`, or the thread could not start.
+    pub fn add(&self, config: &IoThreadConfig) -> Result<IoThreadInfo, (&'static str, String)> {
+        let mut named = self.named();
+        if named.contains_key(&config.id) {
+            return Err(("exists", format!("I/O thread '{}' exists", config.id)));
+        }
+        if named.len() >= MAX_NAMED_THREADS {
+            return Err(("limit", format!("at most {MAX_NAMED_THREADS} named I/O threads")));
+        }
+        let poll = Arc::new(PollSettings::new(config.poll));
+        let thread =
+            IoThread::spawn(&config.id, config.cpus.clone(), poll, SHARED_RING_ENTRIES)
+                .map_err(|e| ("start-failed", format!("I/O thread '{}': {e}", config.id)))?;
+        let info = info_of(&thread, "named");
+        named.insert(config.id.clone(), thread);
+        Ok(info)
+    }
+
+    /// Ends a named thread no export refers to. Errors: `not-found`, `busy`.
+    pub fn remove(&self, id: &str) -> Result<(), (&'static str, String)> {
+        let mut named = self.named();
+        let Some(thread) = named.get(id) else {
+            return Err(("not-found", format!("no I/O thread '{id}'")));
+        };
+        // The table holds one reference; each export placed on it (and each queue it runs)
+        // holds another.
+        if Arc::strong_count(thread) > 1 {
+            return Err(("busy", format!("I/O thread '{id}' is used by an export")));
+        }
+        if let Some(thread) = named.remove(id) {
+            thread.shut_down();
+        }
+        Ok(())
+    }
+
+    pub fn list(&self) -> Vec<IoThreadInfo> {
+        let mut all: Vec<_> = self.pool.iter().map(|t| info_of(t, "pool")).collect();
+        all.extend(self.named().values().map(|t| info_of(t, "named")));
+        all
+    }
+
+    /// Where an export's queues go. Errors name the unknown thread.
+    pub fn placement(&self, choice: &ThreadChoice) -> Result<Placement, String> {
+        match choice {
+            ThreadChoice::Pool => Ok(Placement::Pool(Arc::clone(&self.pool))),
+            ThreadChoice::Dedicated => Ok(Placement::Dedicated),
+            ThreadChoice::Named(names) => {
+                let named = self.named();
+                let threads = names
+                    .iter()
+                    .map(|n| named.get(n).cloned().ok_or_else(|| format!("no I/O thread '{n}'")))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(Placement::Threads(threads))
+            }
+        }
+    }
+
+    /// Changes the polling of one thread (by id, pool threads included) or of all.
+    pub fn set_polling(
+        &self,
+        id: Option<&str>,
+        mode: Option<PollMode>,
+        max_us: Option<u32>,
+    ) -> Result<Vec<IoThreadInfo>, (&'static str, String)> {
+        let named = self.named();
+        let all = self.pool.iter().map(|t| (t, "pool")).chain(named.values().map(|t| (t, "named")));
+        let chosen: Vec<_> = all.filter(|(t, _)| id.is_none_or(|id| t.id == id)).collect();
+        if chosen.is_empty() {
+            return Err(("not-found", format!("no I/O thread '{}'", id.unwrap_or_default())));
+        }
+        Ok(chosen
+            .into_iter()
+            .map(|(t, kind)| {
+                let mut policy = t.poll.get();
+                if let Some(m) = mode {
+                    policy.mode = m;
+                }
+                if let Some(us) = max_us {
+                    policy.max_us = us;
+                }
+                t.poll.set(policy);
+                info_of(t, kind)
+            })
+            .collect())
+    }
+
+    /// Ends every thread (their queues were stopped with their exports).
+    pub fn shut_down(&self) {
+        for t in self.pool.iter() {
+            t.shut_down();
+        }
+        for t in self.named().values() {
+            t.shut_down();
+        }
+    }
+}

@@ -1,0 +1,546 @@
+//! One queue as its I/O thread serves it: take requests from the avail ring, hand them to
+//! the queue's engine, answer what completed, publish the used ring and notify once per
+//! round. The thread's loop (`worker.rs`) drives every queue it serves through [`Served`],
+//! one phase at a time for all of them, so that their work shares each system call.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::{debug, error};
+
+use super::slots::{self, Slots};
+use super::{align, followup};
+use crate::blk::request::{self, Request, RequestError};
+use crate::blk::status;
+use crate::disk::Disk;
+use crate::engine::{Engine, IoOp};
+use crate::iothread::QueueSetup;
+use crate::ratelimit::RateLimiter;
+use crate::trace::sample::Sampler;
+use crate::trace::{Kind, QueueStats};
+use crate::virtq::{copy_to_guest, GuestMemory, QueueError, SplitQueue};
+use crate::warn_limited;
+
+/// Sleep bound when the frontend gave no kick fd and we must poll the ring.
+pub(super) const KICKLESS_POLL_MS: i32 = 1;
+
+fn kind_of(req: &Request) -> (Kind, u64) {
+    match req {
+        Request::Read { bytes, .. } => (Kind::Read, *bytes),
+        Request::Write { bytes, .. } => (Kind::Write, *bytes),
+        Request::Flush => (Kind::Flush, 0),
+        Request::GetId { .. } => (Kind::GetId, 0),
+        Request::Discard { bytes, .. } => (Kind::Discard, *bytes),
+        Request::WriteZeroes { bytes, .. } => (Kind::WriteZeroes, *bytes),
+    }
+}
+
+/// A queue as the thread's loop drives it, whatever its engine. Each round the loop calls
+/// `fetch` on every queue, then `submit`, then `complete`; between rounds with nothing to do
+/// it `arm`s them all and sleeps on their descriptors.
+pub(crate) trait Served {
+    /// Takes at most `budget` new requests from the ring and starts them.
+    fn fetch(&mut self, budget: usize) -> usize;
+    /// Hands the round's operations to the kernel (for a shared ring: the first queue's call
+    /// submits for all, the others find nothing left).
+    fn submit(&mut self);
+    /// Answers what completed, sends follow-ups, publishes and notifies. Returns the work done.
+    fn complete(&mut self) -> usize;
+    fn in_flight(&self) -> usize;
+    /// Operations the kernel would not take yet: the thread must come back soon.
+    fn has_unsubmitted(&self) -> bool;
+    /// Before a sleep: turns guest kicks on; true if requests arrived meanwhile (then the
+    /// thread must not sleep).
+    fn arm(&mut self) -> bool;
+    /// After a sleep (or an aborted one): kicks off again, the thread looks itself.
+    fn disarm(&mut self);
+    /// The guest's kick eventfd, while the queue takes requests.
+    fn kick_fd(&self) -> Option<RawFd>;
+    /// The queue takes requests but has no kick fd: the ring must be looked at every 1 ms.
+    fn kickless(&self) -> bool;
+    /// The engine's completion descriptor, if it has one.
+    fn completion_fd(&self) -> Option<RawFd>;
+    /// Hands sampled latencies over if due; otherwise when they will be.
+    fn merge_due(&mut self) -> Option<Duration>;
+    /// Stop taking requests; what is in flight still completes.
+    fn begin_stop(&mut self);
+    /// Stopping and nothing left in flight.
+    fn drained(&self) -> bool;
+    /// The queue leaves its thread: returns the avail index at which it stopped.
+    fn finish(&mut self) -> u16;
+    fn stats(&self) -> &QueueStats;
+}
+
+/// Checks the queue and starts serving it with `engine`.
+pub(crate) fn start<E: Engine + 'static>(
+    disk: Arc<Disk>,
+    setup: QueueSetup,
+    engine: E,
+) -> io::Result<Box<dyn Served>> {
+    let queue = SplitQueue::new(
+        &setup.memory,
+        setup.addrs,
+        setup.size,
+        setup.next_avail,
+        setup.event_idx,
+        setup.indirect,
+        slots::SLOT_IOVS,
+    )
+    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    let mut worker = QueueWorker::new(disk, setup, queue, engine);
+    // Kicks stay off while the thread is awake: it looks at the ring itself.
+    worker.core.queue.disable_notifications();
+    debug!(export = %worker.core.disk.name, queue = worker.core.index, "queue started");
+    Ok(Box::new(worker))
+}
+
+struct QueueWorker<E: Engine> {
+    engine: E,
+    core: Core,
+}
+
+/// Everything but the engine, so that the engine's completion callback can borrow it.
+pub(super) struct Core {
+    pub(super) disk: Arc<Disk>,
+    /// Held for the thread's whole life: every GuestIov in `slots` points into it.
+    pub(super) memory: Arc<GuestMemory>,
+    pub(super) queue: SplitQueue,
+    pub(super) index: u16,
+    pub(super) slots: Slots,
+    /// Used entries pushed since the last publish.
+    pub(super) unpublished: u16,
+    pub(super) kick: Option<File>,
+    pub(super) call: Option<File>,
+    pub(super) err: Option<File>,
+    /// Taking no more requests: the queue is leaving its thread.
+    pub(super) stopping: bool,
+    pub(super) broken: bool,
+    /// Bytes of bounce buffers in use by requests in flight.
+    pub(super) bounce_bytes: usize,
+    /// Cleared once the backing refuses FALLOC_FL_ZERO_RANGE; write-zeroes then punch holes.
+    pub(super) zero_range_supported: bool,
+    /// Requests whose first operation completed and that need another (tags; preallocated).
+    pub(super) followups: Vec<(u16, followup::Followup)>,
+    /// Requests taken from the ring and answered since the queue first started (mirrored in
+    /// its shared statistics for resize's drain).
+    pub(super) admitted: u64,
+    pub(super) retired: u64,
+    pub(super) log: RateLimiter,
+    pub(super) stats: Arc<QueueStats>,
+    pub(super) stats_on: bool,
+    /// Per-layer timestamps of one request in SAMPLE_EVERY (see crate::trace).
+    pub(super) sampler: Sampler,
+}
+
+impl<E: Engine> QueueWorker<E> {
+    fn new(
+        disk: Arc<Disk>,
+        setup: QueueSetup,
+        queue: SplitQueue,
+        engine: E,
+    ) -> Self {
+        let size = usize::from(setup.size);
+        let stats = disk.stats.get(usize::from(setup.index)).cloned().unwrap_or_default();
+        let disk_stats_on = disk.stats_on;
+        // A queue restarted (new memory table, reconnect) goes on counting where it was.
+        let admitted = stats.admitted.load(Ordering::SeqCst);
+        let core = Core {
+            disk,
+            memory: setup.memory,
+            queue,
+            index: setup.index,
+            slots: Slots::new(setup.size),
+            unpublished: 0,
+            kick: setup.kick,
+            call: setup.call,
+            err: setup.err,
+            stopping: false,
+            broken: false,
+            bounce_bytes: 0,
+            zero_range_supported: true,
+            followups: Vec::with_capacity(size),
+            admitted,
+            retired: admitted,
+            log: RateLimiter::default(),
+            stats_on: disk_stats_on,
+            stats,
+            sampler: Sampler::new(disk_stats_on, size),
+        };
+        QueueWorker { engine, core }
+    }
+
+}
+
+impl<E: Engine> Served for QueueWorker<E> {
+    fn fetch(&mut self, budget: usize) -> usize {
+        if self.core.stopping || self.core.broken {
+            return 0;
+        }
+        self.core.fetch(&mut self.engine, budget)
+    }
+
+    fn submit(&mut self) {
+        let core = &mut self.core;
+        if let Err(e) = self.engine.submit() {
+            warn_limited!(core.log, export = %core.disk.name, queue = core.index, "engine submit: {e}");
+        }
+        core.sampler.submitted();
+    }
+
+    fn complete(&mut self) -> usize {
+        let core = &mut self.core;
+        let before = core.slots.in_flight();
+        self.engine.reap(|tag, result| core.complete(tag, result));
+        let mut progress = before - core.slots.in_flight().min(before);
+        // Resubmitted work counts as progress: the next round submits it before sleeping.
+        progress += core.send_followups(&mut self.engine);
+        core.publish();
+        progress
+    }
+
+    fn in_flight(&self) -> usize {
+        self.core.slots.in_flight()
+    }
+
+    fn has_unsubmitted(&self) -> bool {
+        self.engine.has_unsubmitted()
+    }
+
+    fn arm(&mut self) -> bool {
+        let core = &mut self.core;
+        if core.accepting() && core.queue.enable_notifications() {
+            // Requests arrived while we were deciding to sleep.
+            core.queue.disable_notifications();
+            return true;
+        }
+        false
+    }
+
+    fn disarm(&mut self) {
+        if self.core.accepting() {
+            self.core.queue.disable_notifications();
+        }
+    }
+
+    fn kick_fd(&self) -> Option<RawFd> {
+        self.core.kick.as_ref().filter(|_| self.core.accepting()).map(AsRawFd::as_raw_fd)
+    }
+
+    fn kickless(&self) -> bool {
+        self.core.accepting() && self.core.kick.is_none()
+    }
+
+    fn completion_fd(&self) -> Option<RawFd> {
+        self.engine.completion_fd()
+    }
+
+    fn merge_due(&mut self) -> Option<Duration> {
+        self.core.sampler.merge_before_sleep(&self.core.stats.histograms)
+    }
+
+    fn begin_stop(&mut self) {
+        self.core.stopping = true;
+    }
+
+    fn drained(&self) -> bool {
+        self.core.stopping && self.core.slots.in_flight() == 0 && !self.engine.has_unsubmitted()
+    }
+
+    fn finish(&mut self) -> u16 {
+        let core = &mut self.core;
+        core.sampler.merge(&core.stats.histograms);
+        core.stats.counters.in_flight.set(0);
+        debug!(export = %core.disk.name, queue = core.index, "queue stopped");
+        core.queue.next_avail()
+    }
+
+    fn stats(&self) -> &QueueStats {
+        &self.core.stats
+    }
+}
+
+impl Core {
+    /// Takes new requests from the avail ring, as many as there are free slots.
+    fn accepting(&self) -> bool {
+        !self.stopping && !self.broken
+    }
+
+    /// Takes new requests from the avail ring: at most `budget`, and as many as there are
+    /// free slots.
+    fn fetch(&mut self, engine: &mut impl Engine, budget: usize) -> usize {
+        let pending = match self.queue.avail_count() {
+            Ok(n) => usize::from(n),
+            Err(e) => {
+                self.break_queue(e);
+                return 0;
+            }
+        };
+        let batch = pending.min(self.slots.free_count()).min(budget);
+        if batch == 0 {
+            return 0;
+        }
+        // The batch is counted as admitted before the capacity is read (both SeqCst): a resize
+        // that publishes a smaller capacity and then reads this count either sees these
+        // requests, and waits for them, or they see the smaller capacity (see Disk::resize).
+        // Once per batch, not per request: the store is a locked instruction.
+        self.admitted += batch as u64;
+        self.stats.admitted.store(self.admitted, Ordering::SeqCst);
+        let limits = self.disk.limits();
+        let mut taken = 0;
+        for _ in 0..batch {
+            let head = match self.queue.pop_head() {
+                Ok(Some(head)) => head,
+                Ok(None) => break,
+                Err(e) => {
+                    self.break_queue(e);
+                    break;
+                }
+            };
+            let Some(tag) = self.slots.take(head) else { break };
+            taken += 1;
+            self.sampler.seen(tag);
+            let slot = &mut self.slots[tag];
+            let outcome = match self.queue.walk_chain(&self.memory, head, &mut slot.chain) {
+                Ok(outcome) => outcome,
+                Err(e) => {
+                    // The chain is not a chain: we cannot even find its status byte.
+                    self.slots.give_back(tag);
+                    taken -= 1;
+                    self.break_queue(QueueError::Chain(e));
+                    break;
+                }
+            };
+            let parsed = request::parse(&mut slot.chain, outcome, &limits);
+            slot.status = parsed.status;
+            (slot.kind, slot.bytes) =
+                parsed.result.as_ref().map(kind_of).unwrap_or((Kind::Other, 0));
+            self.sampler.parsed(tag);
+            match parsed.result {
+                Ok(req) => self.start(engine, tag, req),
+                Err(e) => self.finish(tag, Err(e)),
+            }
+        }
+        // Counted as admitted above but never taken (the ring broke): nothing to wait for.
+        self.count_retired((batch - taken) as u64);
+        batch
+    }
+
+    /// Hands a parsed request to the engine, or answers it at once if there is nothing to do.
+    fn start(&mut self, engine: &mut impl Engine, tag: u16, req: Request) {
+        if let Some(answer) = self.align(engine, tag, &req) {
+            return self.finish(tag, answer);
+        }
+        let slot = &mut self.slots[tag];
+        let op = match &req {
+            Request::Read { offset, data, bytes } => {
+                if *bytes == 0 {
+                    return self.finish(tag, Ok(0));
+                }
+                if slot.bounced {
+                    IoOp::Read { offset: slot.bounce_offset, iov: slot.bounce.iovs() }
+                } else {
+                    IoOp::Read { offset: *offset, iov: slot.chain.iovs(data.clone()) }
+                }
+            }
+            Request::Write { offset, data, bytes } => {
+                if *bytes == 0 {
+                    return self.finish(tag, Ok(0));
+                }
+                let dsync = self.disk.write_needs_dsync();
+                if slot.bounced {
+                    IoOp::Write { offset: slot.bounce_offset, iov: slot.bounce.iovs(), dsync }
+                } else {
+                    IoOp::Write { offset: *offset, iov: slot.chain.iovs(data.clone()), dsync }
+                }
+            }
+            Request::Flush => {
+                if self.disk.flush_failed() {
+                    return self.finish(tag, Err(RequestError::FlushFailedBefore));
+                }
+                if !self.disk.cache.flush_syncs() {
+                    return self.finish(tag, Ok(0));
+                }
+                IoOp::Flush
+            }
+            Request::GetId { data, bytes } => {
+                let id = &self.disk.serial[..*bytes as usize];
+                let written = copy_to_guest(slot.chain.iovs(data.clone()), id);
+                return self.finish(tag, Ok(written as u32));
+            }
+            Request::Discard { offset, bytes } => IoOp::Discard { offset: *offset, bytes: *bytes },
+            Request::WriteZeroes { offset, bytes, unmap } => {
+                // Known to refuse ZERO_RANGE: punch at once, and only that.
+                slot.punched = !*unmap && !self.zero_range_supported;
+                IoOp::WriteZeroes {
+                    offset: *offset,
+                    bytes: *bytes,
+                    unmap: *unmap || !self.zero_range_supported,
+                }
+            }
+        };
+        // SAFETY: the iovecs live in this slot's ChainBuf or BounceBuffer, which are neither
+        // touched nor reused until the tag is reaped (the slot is off the free list until
+        // then); the bounce memory is freed only in `finish`, and the guest memory is held by
+        // self.memory for the thread's whole life.
+        let queued = unsafe { engine.queue(tag, op) };
+        let slot = &mut self.slots[tag];
+        slot.request = Some(req);
+        if queued.is_ok() {
+            self.sampler.queued(tag);
+        }
+        if let Err(e) = queued {
+            self.finish(tag, Err(RequestError::Host(e.raw_os_error().unwrap_or(libc::EIO))));
+        }
+    }
+
+    /// Reaps completions until `done` holds, for the rare paths that must wait for requests
+    /// in flight (a full bounce budget). Completions are answered as usual.
+    pub(super) fn wait_for(&mut self, engine: &mut impl Engine, mut done: impl FnMut(&Core) -> bool) {
+        while !done(self) && self.slots.in_flight() > 0 {
+            if let Err(e) = engine.submit() {
+                warn_limited!(self.log, export = %self.disk.name, queue = self.index, "engine submit: {e}");
+            }
+            engine.reap(|tag, result| self.complete(tag, result));
+            self.send_followups(engine);
+            if done(self) {
+                break;
+            }
+            if let Some(fd) = engine.completion_fd() {
+                let mut fds = [pollfd(fd)];
+                // SAFETY: fds is a valid one-entry pollfd array for the call's duration. The
+                // engine's reap clears the readiness, as in `sleep`.
+                unsafe { libc::poll(fds.as_mut_ptr(), 1, KICKLESS_POLL_MS) };
+            }
+        }
+    }
+
+    /// One engine completion.
+    fn complete(&mut self, tag: u16, result: i32) {
+        if usize::from(tag) >= self.slots.len() || self.follow_up(tag, result) {
+            return;
+        }
+        let outcome = self.outcome(tag, result);
+        self.copy_out_bounce(tag, &outcome);
+        self.finish(tag, outcome);
+    }
+
+    /// Turns an engine result into the request's outcome: bytes written into guest buffers.
+    fn outcome(&self, tag: u16, result: i32) -> Result<u32, RequestError> {
+        let req = self.slots[tag].request.as_ref();
+        if result < 0 {
+            let errno = -result;
+            // A backing that cannot discard has discarded nothing, which a hint allows.
+            if errno == libc::EOPNOTSUPP && matches!(req, Some(Request::Discard { .. })) {
+                return Ok(0);
+            }
+            return Err(RequestError::Host(errno));
+        }
+        // A bounced request moved the bounce buffer, which may hold whole blocks around it.
+        let slot = &self.slots[tag];
+        let moved =
+            |bytes: u64| if slot.bounced { slot.bounce.iovs()[0].len() as u64 } else { bytes };
+        match req {
+            Some(Request::Read { bytes, .. }) if result as u64 == moved(*bytes) => {
+                Ok(*bytes as u32)
+            }
+            Some(Request::Write { bytes, .. }) if result as u64 == moved(*bytes) => Ok(0),
+            Some(Request::Read { .. } | Request::Write { .. }) => Err(RequestError::ShortTransfer),
+            _ => Ok(0),
+        }
+    }
+
+    /// Writes the status byte, puts the chain in the used ring and frees the slot.
+    /// `Ok(n)`: n bytes of data were written into the guest's buffers.
+    pub(super) fn finish(&mut self, tag: u16, result: Result<u32, RequestError>) {
+        let slot = &mut self.slots[tag];
+        slot.request = None;
+        if slot.bounced {
+            slot.bounced = false;
+            self.bounce_bytes -= slot.bounce.iovs()[0].len();
+            slot.bounce.shrink(align::BOUNCE_KEEP_BYTES);
+        }
+        let used_len = match (&result, slot.status) {
+            (Ok(n), Some(status_byte)) => {
+                status_byte.write_u8(status::OK);
+                n.saturating_add(1)
+            }
+            (Err(e), Some(status_byte)) => {
+                status_byte.write_u8(e.status());
+                warn_limited!(self.log, export = %self.disk.name, queue = self.index, head = slot.head, "request failed: {e}");
+                1
+            }
+            (_, None) => {
+                warn_limited!(self.log, export = %self.disk.name, queue = self.index, head = slot.head, "request without a status byte returned unanswered");
+                0
+            }
+        };
+        self.queue.push_used(slot.head, used_len);
+        self.unpublished += 1;
+        if self.stats_on {
+            let c = &self.stats.counters;
+            let kind = if result.is_ok() { slot.kind } else { Kind::Other };
+            c.requests[kind as usize].add(1);
+            match &result {
+                Ok(_) => c.bytes[kind as usize].add(slot.bytes),
+                Err(e) if e.status() == status::UNSUPP => c.errors_unsupp.add(1),
+                Err(_) => c.errors_ioerr.add(1),
+            }
+        }
+        self.slots.give_back(tag);
+        self.sampler.completed(tag);
+        self.count_retired(1);
+    }
+
+    /// Counts `n` requests admitted by `fetch` as answered (or never taken from a ring that
+    /// broke), for resize's drain.
+    fn count_retired(&mut self, n: u64) {
+        self.retired += n;
+        self.stats.retired.store(self.retired, Ordering::Release);
+    }
+
+    /// Publishes the used entries of this round and interrupts the guest if it wants that.
+    fn publish(&mut self) {
+        if self.unpublished == 0 {
+            return;
+        }
+        self.unpublished = 0;
+        self.queue.publish_used();
+        let published = self.sampler.has_done().then(Instant::now);
+        if self.queue.needs_notification() {
+            if let Some(call) = self.call.as_mut() {
+                // An eventfd write of 1 only fails if the counter would overflow, which
+                // means the guest already has a pending interrupt.
+                let _ = call.write(&1u64.to_ne_bytes());
+            }
+            if self.stats_on {
+                self.stats.counters.notifications_sent.add(1);
+            }
+        } else if self.stats_on {
+            self.stats.counters.notifications_suppressed.add(1);
+        }
+        if self.stats_on {
+            self.stats.counters.in_flight.set(self.slots.in_flight() as u64);
+        }
+        if let Some(published) = published {
+            self.sampler.record(published, Instant::now(), &self.stats.histograms);
+        }
+    }
+
+    fn break_queue(&mut self, e: QueueError) {
+        if !self.broken {
+            error!(export = %self.disk.name, queue = self.index, "queue broken by the guest: {e}; it serves nothing more until reset");
+        }
+        self.broken = true;
+        if let Some(err) = self.err.as_mut() {
+            let _ = err.write(&1u64.to_ne_bytes());
+        }
+    }
+}
+
+fn pollfd(fd: RawFd) -> libc::pollfd {
+    libc::pollfd { fd, events: libc::POLLIN, revents: 0 }
+}
