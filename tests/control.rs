@@ -143,18 +143,67 @@ fn every_command_with_io_running() {
     assert!((total["share"].as_f64().unwrap() - 1.0).abs() < 1e-9);
     assert_eq!(ctl.ok("query-stats", json!({})).as_array().unwrap().len(), 2);
 
-    // set-polling
-    let changed = ctl.ok("set-polling", json!({"id": "a", "mode": "never", "max-us": 10}));
-    assert_eq!(changed[0]["poll"], "never");
-    assert_eq!(changed[0]["poll_max_us"], 10);
-    assert_eq!(ctl.ok("list-exports", json!({}))[0]["poll"], "never");
+    // set-polling: an export on the shared pool has no polling of its own; its threads do.
+    let (code, msg) = ctl.err("set-polling", json!({"id": "a", "mode": "never"}));
+    assert_eq!(code, "invalid-argument");
     assert_eq!(
-        ctl.err("set-polling", json!({"id": "a", "mode": "sometimes"})).0,
+        msg,
+        "export 'a' runs on shared I/O threads (iothread=pool); their polling is set with set-polling iothread=NAME"
+    );
+    let changed = ctl.ok("set-polling", json!({"iothread": "pool.0", "mode": "never", "max-us": 10}));
+    assert_eq!(changed["iothreads"].as_array().unwrap().len(), 1, "{changed}");
+    assert_eq!(changed["iothreads"][0]["poll"], "never");
+    assert_eq!(changed["iothreads"][0]["poll_max_us"], 10);
+    assert_eq!(ctl.ok("list-iothreads", json!({}))[0]["poll"], "never");
+    assert_eq!(
+        ctl.err("set-polling", json!({"iothread": "pool.0", "mode": "sometimes"})).0,
         "invalid-argument"
     );
-    assert_eq!(ctl.err("set-polling", json!({"id": "a"})).0, "invalid-argument");
+    assert_eq!(ctl.err("set-polling", json!({"iothread": "pool.0"})).0, "invalid-argument");
+    assert_eq!(ctl.err("set-polling", json!({"iothread": "zz", "mode": "always"})).0, "not-found");
     assert_eq!(ctl.err("set-polling", json!({"id": "zz", "mode": "always"})).0, "not-found");
-    ctl.ok("set-polling", json!({"mode": "adaptive", "max-us": 64}));
+    // An export with threads of its own: set-polling by export id changes them.
+    let sock_d = d.join("d.sock");
+    ctl.ok("add-export", json!({"id": "d", "socket": sock_d.to_str().unwrap(), "engine": "null", "size": "1M", "iothread": "dedicated"}));
+    let changed = ctl.ok("set-polling", json!({"id": "d", "mode": "never", "max-us": 10}));
+    assert_eq!(changed["exports"][0]["poll"], "never");
+    assert_eq!(changed["exports"][0]["poll_max_us"], 10);
+    assert_eq!(changed["iothreads"].as_array().unwrap().len(), 0);
+    let all = ctl.ok("set-polling", json!({"mode": "adaptive", "max-us": 64}));
+    assert_eq!(all["exports"].as_array().unwrap().len(), 1, "only d has threads of its own");
+    assert!(all["iothreads"].as_array().unwrap().iter().all(|t| t["poll"] == "adaptive"));
+    ctl.ok("remove-export", json!({"id": "d"}));
+
+    // Named I/O threads: add, place an export on it, refuse removal while used, remove.
+    let t = ctl.ok("add-iothread", json!({"id": "t1", "poll-max-us": 32}));
+    assert_eq!((t["id"].as_str(), t["kind"].as_str(), t["poll_max_us"].as_u64()), (Some("t1"), Some("named"), Some(32)));
+    assert_eq!(ctl.err("add-iothread", json!({"id": "t1"})).0, "exists");
+    assert_eq!(
+        ctl.err("add-iothread", json!({"id": "pool.3"})),
+        ("invalid-argument".to_string(), "'pool.3' is reserved (dedicated, pool, pool.N)".to_string())
+    );
+    assert_eq!(
+        ctl.err("add-iothread", json!({"id": "t2", "colour": "red"})).1,
+        "unknown key 'colour' (keys: id, cpus, poll, poll-max-us)"
+    );
+    let sock_e = d.join("e.sock");
+    let (code, msg) = ctl.err("add-export", json!({"id": "e", "socket": sock_e.to_str().unwrap(), "engine": "null", "size": "1M", "iothread": "t1:nope"}));
+    assert_eq!((code.as_str(), msg.as_str()), ("not-found", "iothread=t1:nope: no I/O thread 'nope'"));
+    assert!(!sock_e.exists());
+    ctl.ok("add-export", json!({"id": "e", "socket": sock_e.to_str().unwrap(), "engine": "null", "size": "1M", "iothread": "t1"}));
+    assert_eq!(ctl.ok("list-exports", json!({})).as_array().unwrap().iter().find(|e| e["id"] == "e").unwrap()["iothread"], "t1");
+    {
+        let mut ce = Client::connect(&sock_e, 1);
+        assert_eq!(ce.read_at(0, 0, 4096, 0).unwrap(), vec![0u8; 4096]);
+        let threads = ctl.ok("list-iothreads", json!({}));
+        let t1 = threads.as_array().unwrap().iter().find(|t| t["id"] == "t1").unwrap();
+        assert_eq!(t1["queues"], 1, "{threads}");
+    }
+    assert_eq!(ctl.err("remove-iothread", json!({"id": "t1"})).0, "busy");
+    ctl.ok("remove-export", json!({"id": "e"}));
+    ctl.ok("remove-iothread", json!({"id": "t1"}));
+    assert_eq!(ctl.err("remove-iothread", json!({"id": "t1"})).0, "not-found");
+    assert!(ctl.ok("list-iothreads", json!({})).as_array().unwrap().iter().all(|t| t["kind"] == "pool"));
 
     // The background client was doing I/O through all of the above without a failure.
     stop.store(true, Ordering::Relaxed);
@@ -252,7 +301,7 @@ fn ctl_and_stat_commands() {
     let out = Command::new(BIN)
         .args(["ctl", "--control"])
         .arg(&ctl_path)
-        .args(["set-polling", "id=n", "max-us=32"])
+        .args(["set-polling", "iothread=pool.0", "max-us=32"])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
