@@ -82,52 +82,42 @@ fn patterns_round_trip(cache: &str, aio: &str) {
     assert_eq!(first_diff, None, "image differs from what was written (cache={cache})");
 }
 
-#[test]
 fn patterns_round_trip_cache_none() {
     patterns_round_trip("none", "io_uring");
 }
 
-#[test]
 fn patterns_round_trip_cache_directsync() {
     patterns_round_trip("directsync", "io_uring");
 }
 
-#[test]
 fn patterns_round_trip_cache_writeback() {
     patterns_round_trip("writeback", "io_uring");
 }
 
-#[test]
 fn patterns_round_trip_cache_writethrough() {
     patterns_round_trip("writethrough", "io_uring");
 }
 
-#[test]
 fn patterns_round_trip_cache_unsafe() {
     patterns_round_trip("unsafe", "io_uring");
 }
 
-#[test]
 fn patterns_round_trip_threads_engine_cache_none() {
     patterns_round_trip("none", "threads");
 }
 
-#[test]
 fn patterns_round_trip_threads_engine_cache_writeback() {
     patterns_round_trip("writeback", "threads");
 }
 
-#[test]
 fn patterns_round_trip_native_engine_cache_none() {
     patterns_round_trip("none", "native");
 }
 
-#[test]
 fn patterns_round_trip_native_engine_cache_directsync() {
     patterns_round_trip("directsync", "native");
 }
 
-#[test]
 fn several_queues_from_several_threads() {
     let dir = tmpdir();
     let image = dir.path().join("disk.raw");
@@ -182,7 +172,6 @@ fn wait(q: &mut blkio::Blkioq) -> i32 {
     unsafe { c[0].assume_init_read() }.ret
 }
 
-#[test]
 fn many_requests_in_flight_at_once() {
     let dir = tmpdir();
     let image = dir.path().join("disk.raw");
@@ -219,17 +208,14 @@ fn many_requests_in_flight_at_once() {
     }
 }
 
-#[test]
 fn discard_and_write_zeroes_read_back_zeroes_io_uring() {
     discard_and_write_zeroes_read_back_zeroes("io_uring");
 }
 
-#[test]
 fn discard_and_write_zeroes_read_back_zeroes_threads() {
     discard_and_write_zeroes_read_back_zeroes("threads");
 }
 
-#[test]
 fn discard_and_write_zeroes_read_back_zeroes_native() {
     discard_and_write_zeroes_read_back_zeroes("native");
 }
@@ -277,7 +263,6 @@ fn discard_and_write_zeroes_read_back_zeroes(aio: &str) {
     assert_eq!(img[(5 << 20)..(5 << 20) + 4096], pattern(4, 5 << 20, 4096)[..]);
 }
 
-#[test]
 fn out_of_range_io_fails_and_changes_nothing() {
     let dir = tmpdir();
     let image = dir.path().join("disk.raw");
@@ -303,7 +288,6 @@ fn out_of_range_io_fails_and_changes_nothing() {
     assert_eq!(img[(IMAGE_BYTES - 4096) as usize..], pattern(5, IMAGE_BYTES - 4096, 4096)[..]);
 }
 
-#[test]
 fn readonly_export_is_read_only_to_the_client() {
     let dir = tmpdir();
     let image = dir.path().join("disk.raw");
@@ -318,7 +302,6 @@ fn readonly_export_is_read_only_to_the_client() {
     // Writes reaching the daemon are refused there too: see tests/hostile.rs.
 }
 
-#[test]
 fn disconnect_and_reconnect_keeps_data() {
     let dir = tmpdir();
     let image = dir.path().join("disk.raw");
@@ -347,7 +330,6 @@ fn disconnect_and_reconnect_keeps_data() {
     }
 }
 
-#[test]
 fn null_engine_reads_zeroes_and_drops_writes() {
     let dir = tmpdir();
     let sock = dir.path().join("null.sock");
@@ -362,7 +344,6 @@ fn null_engine_reads_zeroes_and_drops_writes() {
     assert_eq!(c.read_at(0, 1 << 30, 512, 0), Err(EIO), "null export still has an end");
 }
 
-#[test]
 fn one_daemon_serves_several_exports() {
     let dir = tmpdir();
     let (a, b) = (dir.path().join("a.raw"), dir.path().join("b.raw"));
@@ -378,3 +359,44 @@ fn one_daemon_serves_several_exports() {
     assert!(ca.read_at(0, 0, 4096, 0).unwrap() == pattern(10, 0, 4096));
     assert!(cb.read_at(0, 0, 4096, 0).unwrap() == pattern(11, 0, 4096));
 }
+
+/// Every test above runs twice: with all queues of all exports on one shared I/O thread
+/// (the shared loop at its most crowded), and with a thread of its own per queue.
+macro_rules! on_both_thread_models {
+    ($($name:ident),* $(,)?) => {
+        mod one_shared_thread {
+            $(#[test]
+            fn $name() {
+                super::common::on_threads(super::common::Threads::OneShared, super::$name)
+            })*
+        }
+        mod dedicated_threads {
+            $(#[test]
+            fn $name() {
+                super::common::on_threads(super::common::Threads::Dedicated, super::$name)
+            })*
+        }
+    };
+}
+
+on_both_thread_models!(
+    patterns_round_trip_cache_none,
+    patterns_round_trip_cache_directsync,
+    patterns_round_trip_cache_writeback,
+    patterns_round_trip_cache_writethrough,
+    patterns_round_trip_cache_unsafe,
+    patterns_round_trip_threads_engine_cache_none,
+    patterns_round_trip_threads_engine_cache_writeback,
+    patterns_round_trip_native_engine_cache_none,
+    patterns_round_trip_native_engine_cache_directsync,
+    several_queues_from_several_threads,
+    many_requests_in_flight_at_once,
+    discard_and_write_zeroes_read_back_zeroes_io_uring,
+    discard_and_write_zeroes_read_back_zeroes_threads,
+    discard_and_write_zeroes_read_back_zeroes_native,
+    out_of_range_io_fails_and_changes_nothing,
+    readonly_export_is_read_only_to_the_client,
+    disconnect_and_reconnect_keeps_data,
+    null_engine_reads_zeroes_and_drops_writes,
+    one_daemon_serves_several_exports,
+);

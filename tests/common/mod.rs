@@ -27,14 +27,45 @@ pub struct Daemon {
     pub log_path: PathBuf,
 }
 
+/// The I/O thread model a test's daemons run with (see [`on_threads`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Threads {
+    /// The daemon's defaults: a shared pool, one thread per CPU.
+    Default,
+    /// A shared pool of one thread: every queue of every export on it.
+    OneShared,
+    /// `iothread=dedicated` on every export: a thread of its own per queue.
+    Dedicated,
+}
+
+thread_local! {
+    static THREADS: std::cell::Cell<Threads> = const { std::cell::Cell::new(Threads::Default) };
+}
+
+/// Runs `test` with the daemons it starts through [`Daemon::start`] on `threads`.
+pub fn on_threads(threads: Threads, test: fn()) {
+    THREADS.with(|t| t.set(threads));
+    test();
+}
+
 impl Daemon {
     /// Starts the daemon with `--export` for each spec and waits until every socket answers.
+    /// The thread model is the test's (see [`on_threads`]).
     pub fn start(dir: &Path, exports: &[String]) -> Daemon {
         let mut args = Vec::new();
         let mut sockets = Vec::new();
+        let threads = THREADS.with(|t| t.get());
+        if threads == Threads::OneShared {
+            args.extend(["--pool-threads".to_string(), "1".to_string()]);
+        }
         for e in exports {
             args.push("--export".to_string());
-            args.push(e.clone());
+            let own_threads = ["iothread=", "poll=", "poll-max-us=", "cpus="];
+            if threads == Threads::Dedicated && !own_threads.iter().any(|k| e.contains(k)) {
+                args.push(format!("{e},iothread=dedicated"));
+            } else {
+                args.push(e.clone());
+            }
             let sock = e
                 .split(',')
                 .find_map(|kv| kv.strip_prefix("socket="))
