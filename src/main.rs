@@ -127,6 +127,9 @@ aio=io_uring, cache.direct=on, an iothread), blkplane (defaults), and the null b
 qsd-null and blkplane-null (pure software cost)."
     )]
     Bench(Box<blkplane::bench::BenchArgs>),
+    /// One tenant's client of `bench --tenants` (run by the benchmark, not by people).
+    #[command(hide = true)]
+    BenchClient(blkplane::bench::tenants::ClientArgs),
 }
 
 /// Exit status for bad input on the command line.
@@ -369,6 +372,16 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::BenchClient(args) => match blkplane::bench::tenants::client_main(args) {
+            Ok(json) => {
+                println!("{json}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("blkplane: bench-client: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Bench(args) => match blkplane::bench::run(*args) {
             Ok(report) => {
                 print!("{}", report.table());

@@ -46,15 +46,20 @@ fn ticks_per_second() -> f64 {
 }
 
 /// CPU time of this process, threads that already exited included.
+/// CPU time of this process and of its children that ended and were waited for (the
+/// benchmark's client processes; the daemons are waited for only at the end).
 fn own_cpu_ns() -> u64 {
-    // SAFETY: getrusage writes one rusage into the zeroed value we pass.
-    let usage = unsafe {
-        let mut u: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut u);
-        u
+    let used = |who: libc::c_int| {
+        // SAFETY: getrusage writes one rusage into the zeroed value we pass.
+        let usage = unsafe {
+            let mut u: libc::rusage = std::mem::zeroed();
+            libc::getrusage(who, &mut u);
+            u
+        };
+        let tv = |t: libc::timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1000;
+        tv(usage.ru_utime) + tv(usage.ru_stime)
     };
-    let tv = |t: libc::timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1000;
-    tv(usage.ru_utime) + tv(usage.ru_stime)
+    used(libc::RUSAGE_SELF) + used(libc::RUSAGE_CHILDREN)
 }
 
 /// A window over which foreign CPU load is measured: the machine's busy time minus the CPU

@@ -5,6 +5,7 @@
 pub mod cpu;
 pub mod report;
 pub mod target;
+pub mod tenants;
 pub mod workload;
 
 use std::fmt;
@@ -61,7 +62,9 @@ pub struct BenchArgs {
     /// Client modes: block (sleep on the completion eventfd) and/or poll (busy-poll).
     #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "block,poll")]
     pub modes: Vec<ClientMode>,
-    /// Targets: host, qsd, blkplane, qsd-null, blkplane-null.
+    /// Targets: host, qsd, blkplane, qsd-null, blkplane-null, blkplane-dedicated (a thread
+    /// per queue), qsd-iothreads (an iothread per export). With --tenants the default is
+    /// blkplane, blkplane-dedicated, qsd, qsd-iothreads.
     #[arg(
         long,
         value_name = "LIST",
@@ -72,6 +75,12 @@ pub struct BenchArgs {
     /// Queues per export, each driven by its own client thread at the workload's depth.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
     pub queues: u16,
+    /// N exports in one daemon, each driven by a client process of its own at the workload's
+    /// depth, all at once; reports aggregate IOPS, per-tenant p50/p99 and fairness (slowest
+    /// tenant over the mean), compared with qemu-storage-daemon. Each tenant's image is
+    /// --size or its share of 4 GiB, whichever is smaller.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub tenants: Option<u16>,
     /// Write every figure as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
@@ -261,18 +270,48 @@ fn measure_idle(
         target: kind,
         seconds: period.as_secs_f64(),
         cpu_percent: 100.0 * used as f64 / period.as_nanos() as f64,
+        connected: 1,
+        rss_per_connected_export_kib: None,
     })
 }
 
-/// Runs the benchmark and prints its report.
+/// Runs the benchmark and returns its report (written as JSON and SVG if asked).
 pub fn run(args: BenchArgs) -> Result<Report, BenchError> {
-    let valid_times = args.runtime > 0.0
+    let (json, plot) = (args.json.clone(), args.plot.clone());
+    let report = match args.tenants {
+        Some(n) => {
+            check_times(&args)?;
+            tenants::run(args, usize::from(n))?
+        }
+        None => run_single(args)?,
+    };
+    if let Some(path) = &json {
+        let text = serde_json::to_string_pretty(&report).map_err(|e| BenchError(e.to_string()))?;
+        fs::write(path, text)
+            .map_err(|e| BenchError(format!("writing {}: {e}", path.display())))?;
+    }
+    if let Some(path) = &plot {
+        fs::write(path, report.svg())
+            .map_err(|e| BenchError(format!("writing {}: {e}", path.display())))?;
+    }
+    Ok(report)
+}
+
+fn check_times(args: &BenchArgs) -> Result<(), BenchError> {
+    let valid = args.runtime > 0.0
         && args.runtime.is_finite()
         && args.warmup >= 0.0
         && args.warmup.is_finite();
-    if !valid_times {
-        return Err(BenchError("--runtime must be > 0 and --warmup >= 0".into()));
+    if valid {
+        Ok(())
+    } else {
+        Err(BenchError("--runtime must be > 0 and --warmup >= 0".into()))
     }
+}
+
+/// The single-client benchmark: one export per target, one client at a time.
+fn run_single(args: BenchArgs) -> Result<Report, BenchError> {
+    check_times(&args)?;
     let mut notes = Vec::new();
     let mut targets = args.targets.clone();
     targets.dedup();
@@ -343,7 +382,7 @@ pub fn run(args: BenchArgs) -> Result<Report, BenchError> {
     for &t in targets.iter().filter(|t| **t != TargetKind::Host) {
         let d = start_daemon(DaemonSpec {
             kind: t,
-            image: &image,
+            images: std::slice::from_ref(&image),
             size_bytes: span,
             queues: args.queues,
             dir: work.path(),
@@ -414,6 +453,7 @@ pub fn run(args: BenchArgs) -> Result<Report, BenchError> {
                     errors: m.errors,
                     daemon_cpu_us_per_io,
                     foreign_cpus,
+                    tenants: None,
                 });
                 progress.done += 1;
             }
@@ -442,19 +482,11 @@ pub fn run(args: BenchArgs) -> Result<Report, BenchError> {
         runtime_s: args.runtime,
         warmup_s: args.warmup,
         queues: usize::from(args.queues),
+        tenants: 0,
         results,
         idle,
         notes,
     };
-    if let Some(path) = &args.json {
-        let text = serde_json::to_string_pretty(&report).map_err(|e| BenchError(e.to_string()))?;
-        fs::write(path, text)
-            .map_err(|e| BenchError(format!("writing {}: {e}", path.display())))?;
-    }
-    if let Some(path) = &args.plot {
-        fs::write(path, report.svg())
-            .map_err(|e| BenchError(format!("writing {}: {e}", path.display())))?;
-    }
     Ok(report)
 }
 

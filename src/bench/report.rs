@@ -26,6 +26,10 @@ pub struct RunResult {
     pub daemon_cpu_us_per_io: Option<f64>,
     /// Load from other processes during the run, in CPUs.
     pub foreign_cpus: f64,
+    /// With `--tenants`: every tenant's figures (then `iops` is their sum, `p50_us` the
+    /// median tenant's p50 and `p99_us` the worst tenant's p99).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenants: Option<super::tenants::TenantFigures>,
 }
 
 /// CPU a daemon used while a client was connected and idle.
@@ -35,6 +39,11 @@ pub struct IdleResult {
     pub seconds: f64,
     /// Percent of one CPU.
     pub cpu_percent: f64,
+    /// Clients connected meanwhile (one per export).
+    pub connected: usize,
+    /// How much the daemon's resident memory grew per export when its client connected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rss_per_connected_export_kib: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -54,12 +63,23 @@ pub struct Report {
     pub runtime_s: f64,
     pub warmup_s: f64,
     pub queues: usize,
+    /// Exports, each with a client process of its own (0: the single-client benchmark).
+    pub tenants: usize,
     pub results: Vec<RunResult>,
     pub idle: Vec<IdleResult>,
     pub notes: Vec<String>,
 }
 
 impl Report {
+    /// What a target's ratios are taken against: with tenants, qsd with one shared iothread
+    /// (there is no host equivalent of many exports); otherwise the target's baseline.
+    fn reference(&self, target: TargetKind) -> TargetKind {
+        match (self.tenants > 0, target.is_null()) {
+            (true, false) => TargetKind::Qsd,
+            _ => target.baseline(),
+        }
+    }
+
     fn find(&self, workload: &str, mode: ClientMode, target: TargetKind) -> Option<&RunResult> {
         self.results.iter().find(|r| r.workload == workload && r.mode == mode && r.target == target)
     }
@@ -91,9 +111,10 @@ impl Report {
             "IOPS/ref",
             "p50/ref"
         );
+        let with_fairness = self.tenants > 0;
         for (workload, mode) in self.groups() {
             for r in self.results.iter().filter(|r| r.workload == workload && r.mode == mode) {
-                let reference = self.find(&workload, mode, r.target.baseline());
+                let reference = self.find(&workload, mode, self.reference(r.target));
                 let ratio = |a: f64, b: Option<f64>| match b {
                     Some(b) if b > 0.0 => format!("{:.2}", a / b),
                     _ => "-".into(),
@@ -102,8 +123,11 @@ impl Report {
                     r.daemon_cpu_us_per_io.map(|c| format!("{c:.2}")).unwrap_or_else(|| "-".into());
                 let flag =
                     if r.foreign_cpus > super::cpu::FOREIGN_LOAD_WARN_CPUS { " !busy" } else { "" };
-                let errors =
+                let mut errors =
                     if r.errors > 0 { format!(" ({} errors)", r.errors) } else { String::new() };
+                if let (true, Some(t)) = (with_fairness, &r.tenants) {
+                    let _ = write!(errors, "  fairness {:.2}", t.fairness);
+                }
                 let _ = writeln!(
                     out,
                     "{:<18} {:<5} {:<14} {:>10.0} {:>8.1} {:>8.1} {:>9.1} {:>9} {:>8} {:>8}{flag}{errors}",
@@ -120,7 +144,11 @@ impl Report {
                 );
             }
         }
-        out.push_str("ref = host for real backends, qsd-null for null backends\n");
+        if self.tenants > 0 {
+            out.push_str("ref = qsd (one iothread for every export); IOPS is the tenants' sum, p50 the median tenant's, p99 the worst tenant's; fairness = slowest tenant's IOPS / mean\n");
+        } else {
+            out.push_str("ref = host for real backends, qsd-null for null backends\n");
+        }
         out
     }
 
@@ -130,6 +158,8 @@ impl Report {
         for (workload, mode) in self.groups() {
             for (ours, theirs, host) in [
                 (TargetKind::Blkplane, TargetKind::Qsd, Some(TargetKind::Host)),
+                (TargetKind::Blkplane, TargetKind::QsdIothreads, None),
+                (TargetKind::Blkplane, TargetKind::BlkplaneDedicated, None),
                 (TargetKind::BlkplaneNull, TargetKind::QsdNull, None),
             ] {
                 let Some(b) = self.find(&workload, mode, ours) else { continue };
@@ -171,10 +201,14 @@ impl Report {
             }
         }
         for i in &self.idle {
-            lines.push(format!(
-                "idle: {} used {:.2}% of one CPU over {:.0} s with a client connected and no I/O",
-                i.target, i.cpu_percent, i.seconds
-            ));
+            let mut line = format!(
+                "idle: {} used {:.2}% of one CPU over {:.0} s with {} client(s) connected and no I/O",
+                i.target, i.cpu_percent, i.seconds, i.connected
+            );
+            if let Some(kib) = i.rss_per_connected_export_kib {
+                let _ = write!(line, "; {kib:.0} KiB of resident memory per connected export");
+            }
+            lines.push(line);
         }
         lines
     }
@@ -186,7 +220,7 @@ impl Report {
             .into_iter()
             .filter(|t| self.results.iter().any(|r| r.target == *t))
             .collect();
-        let colors = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3"];
+        let colors = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3"];
         let bar_w = 14.0;
         let group_w = bar_w * targets.len() as f64 + 18.0;
         let left = 70.0;

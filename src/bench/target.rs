@@ -25,15 +25,22 @@ pub enum TargetKind {
     QsdNull,
     /// blkplane's engine=null.
     BlkplaneNull,
+    /// blkplane with a thread of its own per queue (`iothread=dedicated`): the model before
+    /// shared I/O threads.
+    BlkplaneDedicated,
+    /// qemu-storage-daemon with an iothread per export (with one export: as `qsd`).
+    QsdIothreads,
 }
 
 impl TargetKind {
-    pub const ALL: [TargetKind; 5] = [
+    pub const ALL: [TargetKind; 7] = [
         TargetKind::Host,
         TargetKind::Qsd,
         TargetKind::Blkplane,
         TargetKind::QsdNull,
         TargetKind::BlkplaneNull,
+        TargetKind::BlkplaneDedicated,
+        TargetKind::QsdIothreads,
     ];
 
     pub fn name(self) -> &'static str {
@@ -43,11 +50,13 @@ impl TargetKind {
             TargetKind::Blkplane => "blkplane",
             TargetKind::QsdNull => "qsd-null",
             TargetKind::BlkplaneNull => "blkplane-null",
+            TargetKind::BlkplaneDedicated => "blkplane-dedicated",
+            TargetKind::QsdIothreads => "qsd-iothreads",
         }
     }
 
     pub fn is_qsd(self) -> bool {
-        matches!(self, TargetKind::Qsd | TargetKind::QsdNull)
+        matches!(self, TargetKind::Qsd | TargetKind::QsdNull | TargetKind::QsdIothreads)
     }
 
     pub fn is_null(self) -> bool {
@@ -75,7 +84,10 @@ impl FromStr for TargetKind {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         TargetKind::ALL.into_iter().find(|t| t.name() == s).ok_or_else(|| {
-            format!("unknown target '{s}' (one of host, qsd, blkplane, qsd-null, blkplane-null)")
+            format!(
+                "unknown target '{s}' (one of host, qsd, blkplane, qsd-null, blkplane-null, \
+                 blkplane-dedicated, qsd-iothreads)"
+            )
         })
     }
 }
@@ -83,7 +95,10 @@ impl FromStr for TargetKind {
 /// A daemon the benchmark started; killed and reaped when dropped.
 pub struct DaemonProcess {
     child: Child,
+    /// The first export's socket.
     pub socket: PathBuf,
+    /// Every export's socket, one per image.
+    pub sockets: Vec<PathBuf>,
     pub log_path: PathBuf,
 }
 
@@ -92,10 +107,11 @@ impl DaemonProcess {
         self.child.id()
     }
 
-    fn wait_for_socket(&mut self, what: &str) -> Result<(), BenchError> {
+    fn wait_for_sockets(&mut self, what: &str) -> Result<(), BenchError> {
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
-            if UnixStream::connect(&self.socket).is_ok() {
+            if self.sockets.iter().all(|s| s.exists()) && UnixStream::connect(&self.socket).is_ok()
+            {
                 return Ok(());
             }
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -138,7 +154,7 @@ fn last_line(log: &Path) -> String {
 }
 
 /// Pins the child to `cpus` (if any) and makes it die with us, before it runs.
-fn prepare_child(cmd: &mut Command, cpus: Option<Vec<usize>>) {
+pub(crate) fn prepare_child(cmd: &mut Command, cpus: Option<Vec<usize>>) {
     // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
     // system calls (prctl, sched_setaffinity) on its own stack data.
     unsafe {
@@ -158,7 +174,8 @@ fn prepare_child(cmd: &mut Command, cpus: Option<Vec<usize>>) {
 
 pub struct DaemonSpec<'a> {
     pub kind: TargetKind,
-    pub image: &'a Path,
+    /// One export per image (for null targets: per entry, of `size_bytes`).
+    pub images: &'a [PathBuf],
     pub size_bytes: u64,
     pub queues: u16,
     pub dir: &'a Path,
@@ -167,64 +184,85 @@ pub struct DaemonSpec<'a> {
     pub blkplane_opts: &'a str,
 }
 
-/// Starts the daemon for a daemon target and waits for its socket.
+/// Starts the daemon for a daemon target, with one export per image, and waits for its
+/// sockets.
 pub fn start_daemon(spec: DaemonSpec<'_>) -> Result<DaemonProcess, BenchError> {
     let name = spec.kind.name();
-    let socket = spec.dir.join(format!("{name}.sock"));
+    let sockets: Vec<PathBuf> = (0..spec.images.len())
+        .map(|i| match i {
+            0 => spec.dir.join(format!("{name}.sock")),
+            i => spec.dir.join(format!("{name}-{i}.sock")),
+        })
+        .collect();
     let log_path = spec.dir.join(format!("{name}.log"));
     let log = fs::File::create(&log_path)
         .map_err(|e| BenchError(format!("creating {}: {e}", log_path.display())))?;
     let mut cmd = match spec.kind {
-        TargetKind::Blkplane | TargetKind::BlkplaneNull => {
+        TargetKind::Blkplane | TargetKind::BlkplaneNull | TargetKind::BlkplaneDedicated => {
             let exe = std::env::current_exe()
                 .map_err(|e| BenchError(format!("finding blkplane itself: {e}")))?;
-            let backing = if spec.kind == TargetKind::Blkplane {
-                format!("image={}", spec.image.display())
-            } else {
-                format!("engine=null,size={}", spec.size_bytes)
-            };
-            let mut export =
-                format!("socket={},{backing},queues={}", socket.display(), spec.queues);
-            if !spec.blkplane_opts.is_empty() {
-                export.push(',');
-                export.push_str(spec.blkplane_opts);
-            }
             let mut cmd = Command::new(exe);
-            cmd.args(["serve", "--log-level", "warn", "--export", &export]);
+            cmd.args(["serve", "--log-level", "warn"]);
+            for (image, socket) in spec.images.iter().zip(&sockets) {
+                let backing = if spec.kind == TargetKind::BlkplaneNull {
+                    format!("engine=null,size={}", spec.size_bytes)
+                } else {
+                    // force-share: the other blkplane target serves the same image (their
+                    // clients take turns), and both take QEMU's image locks.
+                    format!("image={},force-share=on", image.display())
+                };
+                let mut export =
+                    format!("socket={},{backing},queues={}", socket.display(), spec.queues);
+                if spec.kind == TargetKind::BlkplaneDedicated {
+                    export.push_str(",iothread=dedicated");
+                }
+                if !spec.blkplane_opts.is_empty() {
+                    export.push(',');
+                    export.push_str(spec.blkplane_opts);
+                }
+                cmd.args(["--export", &export]);
+            }
             cmd
         }
-        TargetKind::Qsd | TargetKind::QsdNull => {
+        TargetKind::Qsd | TargetKind::QsdNull | TargetKind::QsdIothreads => {
             let mut cmd = Command::new(spec.qsd_path);
-            cmd.args(["--object", "iothread,id=iot0"]);
-            if spec.kind == TargetKind::Qsd {
-                // locking=off: blkplane has the same image open (their clients take turns),
-                // and both take QEMU's image locks, which would stop the second one.
+            let per_export = spec.kind == TargetKind::QsdIothreads;
+            let threads = if per_export { spec.images.len() } else { 1 };
+            for t in 0..threads {
+                cmd.args(["--object", &format!("iothread,id=iot{t}")]);
+            }
+            for (i, (image, socket)) in spec.images.iter().zip(&sockets).enumerate() {
+                if spec.kind == TargetKind::QsdNull {
+                    cmd.args([
+                        "--blockdev",
+                        &format!(
+                            "driver=null-co,node-name=disk{i},size={},read-zeroes=on",
+                            spec.size_bytes
+                        ),
+                    ]);
+                } else {
+                    // locking=off: blkplane has the same image open (their clients take
+                    // turns), and both take QEMU's image locks, which would stop the second.
+                    cmd.args([
+                        "--blockdev",
+                        &format!(
+                            "driver=file,node-name=file{i},filename={},cache.direct=on,aio=io_uring,locking=off",
+                            image.display()
+                        ),
+                        "--blockdev",
+                        &format!("driver=raw,node-name=disk{i},file=file{i}"),
+                    ]);
+                }
+                let iothread = if per_export { i } else { 0 };
                 cmd.args([
-                    "--blockdev",
+                    "--export",
                     &format!(
-                        "driver=file,node-name=file0,filename={},cache.direct=on,aio=io_uring,locking=off",
-                        spec.image.display()
-                    ),
-                    "--blockdev",
-                    "driver=raw,node-name=disk0,file=file0",
-                ]);
-            } else {
-                cmd.args([
-                    "--blockdev",
-                    &format!(
-                        "driver=null-co,node-name=disk0,size={},read-zeroes=on",
-                        spec.size_bytes
+                        "type=vhost-user-blk,id=exp{i},node-name=disk{i},addr.type=unix,addr.path={},writable=on,num-queues={},iothread=iot{iothread}",
+                        socket.display(),
+                        spec.queues
                     ),
                 ]);
             }
-            cmd.args([
-                "--export",
-                &format!(
-                    "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable=on,num-queues={},iothread=iot0",
-                    socket.display(),
-                    spec.queues
-                ),
-            ]);
             cmd
         }
         TargetKind::Host => return Err(BenchError("the host target has no daemon".into())),
@@ -233,7 +271,8 @@ pub fn start_daemon(spec: DaemonSpec<'_>) -> Result<DaemonProcess, BenchError> {
     cmd.stdin(Stdio::null()).stdout(log).stderr(err_log);
     prepare_child(&mut cmd, spec.cpus);
     let child = cmd.spawn().map_err(|e| BenchError(format!("starting {name}: {e}")))?;
-    let mut daemon = DaemonProcess { child, socket, log_path };
-    daemon.wait_for_socket(name)?;
+    let socket = sockets[0].clone();
+    let mut daemon = DaemonProcess { child, socket, sockets, log_path };
+    daemon.wait_for_sockets(name)?;
     Ok(daemon)
 }

@@ -1,0 +1,418 @@
+//! `blkplane bench --tenants N`: N exports in one daemon, each driven by a client process of
+//! its own (`blkplane bench-client`, hidden), all started together. Reports the aggregate
+//! IOPS, each tenant's IOPS, p50 and p99, and fairness (the slowest tenant's IOPS over the
+//! mean), against qemu-storage-daemon with the same exports on one iothread and on an iothread
+//! each.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use super::report::{IdleResult, Report, RunResult};
+use super::target::{DaemonProcess, TargetKind};
+use super::workload::{self, ClientMode, Workload};
+use super::{cpu, BenchError};
+
+/// Most tenants one run may have (each is a client process and an export).
+pub const MAX_TENANTS: usize = 256;
+/// Bytes of tmpfs all tenants' images may take together: each gets its share, up to `--size`.
+const ALL_IMAGES_BYTES: u64 = 4 << 30;
+/// Smallest tenant image.
+const MIN_TENANT_BYTES: u64 = 16 << 20;
+
+/// The image size of each of `tenants` tenants when `--size` asks for `size` each.
+pub fn tenant_image_bytes(size: u64, tenants: usize) -> u64 {
+    let share = ALL_IMAGES_BYTES / tenants.max(1) as u64;
+    (size.min(share) >> 20 << 20).max(MIN_TENANT_BYTES)
+}
+
+/// One tenant's client process, as `blkplane bench-client` takes it.
+#[derive(clap::Args, Debug)]
+pub struct ClientArgs {
+    #[arg(long)]
+    pub target: TargetKind,
+    #[arg(long)]
+    pub socket: PathBuf,
+    #[arg(long)]
+    pub workload: Workload,
+    #[arg(long)]
+    pub mode: ClientMode,
+    #[arg(long)]
+    pub span: u64,
+    #[arg(long)]
+    pub warmup: f64,
+    #[arg(long)]
+    pub runtime: f64,
+    /// Start the workload at this time (milliseconds since the epoch), so that every
+    /// tenant's measured window is the same.
+    #[arg(long)]
+    pub start_at_ms: u64,
+    /// Instead of the workload: one request, then stay connected and idle for --runtime.
+    #[arg(long)]
+    pub idle: bool,
+}
+
+/// What one tenant measured (the client process prints it as JSON).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TenantRun {
+    pub iops: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub ios: u64,
+    pub total_ios: u64,
+    pub errors: u64,
+}
+
+/// Every tenant of one run, and how evenly they were served.
+#[derive(Clone, Debug, Serialize)]
+pub struct TenantFigures {
+    pub tenants: usize,
+    /// The slowest tenant's IOPS over the mean.
+    pub fairness: f64,
+    pub min_iops: f64,
+    pub each: Vec<TenantRun>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// The client process: connect, wait for the common start, run, print the figures.
+pub fn client_main(a: ClientArgs) -> Result<String, BenchError> {
+    let w = a.workload;
+    let mut client = workload::connect(a.target, &a.socket, 1, w.depth, w.block_bytes)?;
+    let runtime = Duration::from_secs_f64(a.runtime);
+    if a.idle {
+        // One request wakes the queue up (so any polling would start), then nothing.
+        let one = Workload { depth: 1, ..w };
+        let m = workload::run(&mut client, one, a.mode, a.span, Duration::ZERO, Duration::from_millis(10))?;
+        let wait = a.start_at_ms.saturating_sub(now_ms());
+        std::thread::sleep(Duration::from_millis(wait) + runtime);
+        let run = TenantRun { iops: 0.0, p50_us: 0.0, p99_us: 0.0, ios: 0, total_ios: m.total_ios, errors: m.errors };
+        return serde_json::to_string(&run).map_err(|e| BenchError(e.to_string()));
+    }
+    let wait = a.start_at_ms.saturating_sub(now_ms());
+    std::thread::sleep(Duration::from_millis(wait));
+    let m = workload::run(
+        &mut client,
+        w,
+        a.mode,
+        a.span,
+        Duration::from_secs_f64(a.warmup),
+        runtime,
+    )?;
+    let pct = |q: f64| m.latency_ns.value_at_quantile(q) as f64 / 1000.0;
+    let run = TenantRun {
+        iops: m.ios as f64 / runtime.as_secs_f64(),
+        p50_us: pct(0.5),
+        p99_us: pct(0.99),
+        ios: m.ios,
+        total_ios: m.total_ios,
+        errors: m.errors,
+    };
+    serde_json::to_string(&run).map_err(|e| BenchError(e.to_string()))
+}
+
+/// How the tenants' clients run.
+struct ClientPlan<'a> {
+    w: Workload,
+    mode: ClientMode,
+    span: u64,
+    warmup: Duration,
+    runtime: Duration,
+    client_cpus: Option<&'a [usize]>,
+    idle: bool,
+}
+
+/// Starts one client process per export of `daemon`, all set to begin at the same moment.
+/// Returns them and that moment.
+fn start_clients(
+    target: TargetKind,
+    daemon: &DaemonProcess,
+    plan: &ClientPlan<'_>,
+) -> Result<(Vec<std::process::Child>, u64), BenchError> {
+    let ClientPlan { w, mode, span, warmup, runtime, client_cpus, idle } = *plan;
+    let exe = std::env::current_exe().map_err(|e| BenchError(format!("finding blkplane: {e}")))?;
+    let tenants = daemon.sockets.len();
+    // Time to start and connect every client before the common start.
+    let start_at = now_ms() + 1000 + 20 * tenants as u64;
+    let mut children = Vec::with_capacity(tenants);
+    for socket in &daemon.sockets {
+        let mut cmd = Command::new(&exe);
+        cmd.arg("bench-client")
+            .args(["--target", target.name()])
+            .arg("--socket")
+            .arg(socket)
+            .args(["--workload", w.name, "--mode", &mode.to_string()])
+            .args(["--span", &span.to_string()])
+            .args(["--warmup", &warmup.as_secs_f64().to_string()])
+            .args(["--runtime", &runtime.as_secs_f64().to_string()])
+            .args(["--start-at-ms", &start_at.to_string()])
+            .args(idle.then_some("--idle"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        super::target::prepare_child(&mut cmd, client_cpus.map(<[usize]>::to_vec));
+        children.push(cmd.spawn().map_err(|e| BenchError(format!("starting a client: {e}")))?);
+    }
+    Ok((children, start_at))
+}
+
+/// Waits for every client and collects what each measured.
+fn collect(target: TargetKind, children: Vec<std::process::Child>) -> Result<Vec<TenantRun>, BenchError> {
+    let mut each = Vec::with_capacity(children.len());
+    let mut failure = None;
+    for child in children {
+        let out = child.wait_with_output().map_err(|e| BenchError(e.to_string()))?;
+        if !out.status.success() {
+            failure.get_or_insert_with(|| {
+                BenchError(format!(
+                    "a {target} tenant's client failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))
+            });
+            continue;
+        }
+        let run: TenantRun = serde_json::from_slice(&out.stdout)
+            .map_err(|e| BenchError(format!("a tenant's client said something odd: {e}")))?;
+        each.push(run);
+    }
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(each),
+    }
+}
+
+/// Runs a workload on every export of `daemon` at once, one client process per export.
+fn run_tenants(
+    target: TargetKind,
+    daemon: &DaemonProcess,
+    plan: &ClientPlan<'_>,
+) -> Result<RunResult, BenchError> {
+    let (children, _) = start_clients(target, daemon, plan)?;
+    // The clients are ours too (counted once waited for): only load from other processes
+    // makes figures incomparable.
+    let load = cpu::LoadWindow::start(&[daemon.pid()]);
+    // All of the process's CPU, threads that ended included (dedicated threads end with
+    // their client).
+    let cpu_before = cpu::process_cpu_total_ns(daemon.pid());
+    let each = collect(target, children)?;
+    let cpu_used = cpu::process_cpu_total_ns(daemon.pid()).saturating_sub(cpu_before);
+    let foreign_cpus = load.foreign_cpus();
+    Ok(summarize(target, plan.w, plan.mode, each, cpu_used, foreign_cpus))
+}
+
+fn summarize(
+    target: TargetKind,
+    w: Workload,
+    mode: ClientMode,
+    each: Vec<TenantRun>,
+    cpu_used_ns: u64,
+    foreign_cpus: f64,
+) -> RunResult {
+    let n = each.len().max(1) as f64;
+    let iops: f64 = each.iter().map(|t| t.iops).sum();
+    let min_iops = each.iter().map(|t| t.iops).fold(f64::INFINITY, f64::min);
+    let total_ios: u64 = each.iter().map(|t| t.total_ios).sum();
+    let mut p50s: Vec<f64> = each.iter().map(|t| t.p50_us).collect();
+    p50s.sort_by(f64::total_cmp);
+    let worst_p99 = each.iter().map(|t| t.p99_us).fold(0.0, f64::max);
+    let mean = iops / n;
+    RunResult {
+        workload: format!("{} x{}", w.name, each.len()),
+        mode,
+        target,
+        iops,
+        mb_per_s: iops * w.block_bytes as f64 / 1e6,
+        // The median tenant's p50, and the worst tenant's p99.
+        p50_us: p50s.get(p50s.len() / 2).copied().unwrap_or(0.0),
+        p99_us: worst_p99,
+        p999_us: 0.0,
+        mean_us: 0.0,
+        ios: each.iter().map(|t| t.ios).sum(),
+        errors: each.iter().map(|t| t.errors).sum(),
+        daemon_cpu_us_per_io: (total_ios > 0).then(|| cpu_used_ns as f64 / 1000.0 / total_ios as f64),
+        foreign_cpus,
+        tenants: Some(TenantFigures {
+            tenants: each.len(),
+            fairness: if mean > 0.0 { min_iops / mean } else { 0.0 },
+            min_iops,
+            each,
+        }),
+    }
+}
+
+/// Resident memory of `pid` in bytes (VmRSS).
+fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("VmRSS:")?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok()
+            })
+        })
+        .map_or(0, |kib| kib << 10)
+}
+
+/// CPU and memory of a daemon with every tenant connected and idle.
+fn measure_idle(
+    target: TargetKind,
+    daemon: &DaemonProcess,
+    span: u64,
+    period: Duration,
+) -> Result<IdleResult, BenchError> {
+    let one = super::workload::WORKLOADS[0];
+    let plan = ClientPlan {
+        w: one,
+        mode: ClientMode::Block,
+        span,
+        warmup: Duration::ZERO,
+        runtime: period + Duration::from_secs(1),
+        client_cpus: None,
+        idle: true,
+    };
+    let rss_before = rss_bytes(daemon.pid());
+    let (children, start_at) = start_clients(target, daemon, &plan)?;
+    // Measure from half a second after every client connected and sent its request.
+    std::thread::sleep(Duration::from_millis(start_at.saturating_sub(now_ms()) + 500));
+    let before = cpu::process_cpu_ns(daemon.pid());
+    std::thread::sleep(period);
+    let used = cpu::process_cpu_ns(daemon.pid()).saturating_sub(before);
+    let rss_connected = rss_bytes(daemon.pid());
+    collect(target, children)?;
+    let tenants = daemon.sockets.len().max(1) as u64;
+    Ok(IdleResult {
+        target,
+        seconds: period.as_secs_f64(),
+        cpu_percent: 100.0 * used as f64 / period.as_nanos() as f64,
+        connected: daemon.sockets.len(),
+        rss_per_connected_export_kib: Some(
+            rss_connected.saturating_sub(rss_before) as f64 / 1024.0 / tenants as f64,
+        ),
+    })
+}
+
+/// `blkplane bench --tenants N`.
+pub fn run(args: super::BenchArgs, tenants: usize) -> Result<Report, BenchError> {
+    let mut notes = Vec::new();
+    if args.image.is_some() {
+        return Err(BenchError("--tenants makes an image per tenant; --image does not go with it".into()));
+    }
+    let classic_default = [
+        TargetKind::Host,
+        TargetKind::Qsd,
+        TargetKind::Blkplane,
+        TargetKind::QsdNull,
+        TargetKind::BlkplaneNull,
+    ];
+    let mut targets = if args.targets == classic_default {
+        vec![TargetKind::Blkplane, TargetKind::BlkplaneDedicated, TargetKind::Qsd, TargetKind::QsdIothreads]
+    } else {
+        args.targets.clone()
+    };
+    if targets.contains(&TargetKind::Host) {
+        notes.push("the host target has no exports to share: skipped with --tenants".to_string());
+        targets.retain(|t| *t != TargetKind::Host);
+    }
+    let qsd = super::find_in_path(&args.qsd);
+    if qsd.is_none() && targets.iter().any(|t| t.is_qsd()) {
+        notes.push(format!("{} not found: the qsd targets are skipped", args.qsd.display()));
+        targets.retain(|t| !t.is_qsd());
+    }
+    if targets.is_empty() {
+        return Err(BenchError("no target left to benchmark".into()));
+    }
+    let base_dir = match &args.dir {
+        Some(d) => d.clone(),
+        None if std::path::Path::new("/dev/shm").is_dir() => PathBuf::from("/dev/shm"),
+        None => std::env::temp_dir(),
+    };
+    let work = tempfile::Builder::new()
+        .prefix("blkplane-bench")
+        .tempdir_in(&base_dir)
+        .map_err(|e| BenchError(format!("creating a directory in {}: {e}", base_dir.display())))?;
+    super::check_direct_io(work.path())?;
+    let span = tenant_image_bytes(args.size, tenants);
+    let images: Vec<PathBuf> =
+        (0..tenants).map(|i| work.path().join(format!("tenant{i}.img"))).collect();
+    eprintln!("creating {tenants} images of {} MiB in {}", span >> 20, work.path().display());
+    for image in &images {
+        super::make_image(image, span)?;
+    }
+    let (client_cpus, daemon_cpus) = match &args.cpus {
+        Some((c, d)) => (Some(c.clone()), Some(d.clone())),
+        None => (None, None),
+    };
+    let mut daemons = Vec::new();
+    for &t in &targets {
+        let d = super::target::start_daemon(super::target::DaemonSpec {
+            kind: t,
+            images: &images,
+            size_bytes: span,
+            queues: args.queues,
+            dir: work.path(),
+            cpus: daemon_cpus.clone(),
+            qsd_path: qsd.as_deref().unwrap_or(&args.qsd),
+            blkplane_opts: &args.blkplane_opts,
+        })?;
+        daemons.push((t, d));
+    }
+    let mut progress = super::Progress {
+        total: args.workloads.len() * args.modes.len() * targets.len(),
+        done: 0,
+        tty: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let mut results = Vec::new();
+    for &w in &args.workloads {
+        for &mode in &args.modes {
+            for (t, daemon) in &daemons {
+                progress.show(&format!("{t} {} {mode} x{tenants}", w.name));
+                let plan = ClientPlan {
+                    w,
+                    mode,
+                    span,
+                    warmup: Duration::from_secs_f64(args.warmup),
+                    runtime: Duration::from_secs_f64(args.runtime),
+                    client_cpus: client_cpus.as_deref(),
+                    idle: false,
+                };
+                let r = run_tenants(*t, daemon, &plan)?;
+                if r.foreign_cpus > cpu::FOREIGN_LOAD_WARN_CPUS {
+                    notes.push(format!(
+                        "warning: other processes used {:.2} CPUs during {t} {} {mode}",
+                        r.foreign_cpus, w.name
+                    ));
+                }
+                if r.ios == 0 {
+                    return Err(BenchError(format!("{t} completed no I/O in {} {mode}", w.name)));
+                }
+                results.push(r);
+                progress.done += 1;
+            }
+        }
+    }
+    progress.finish();
+    let mut idle = Vec::new();
+    if args.idle > 0.0 {
+        for (t, d) in &daemons {
+            eprintln!("measuring {t} idle for {} s with {tenants} clients connected", args.idle);
+            idle.push(measure_idle(*t, d, span, Duration::from_secs_f64(args.idle))?);
+        }
+    }
+    drop(daemons);
+    Ok(Report {
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        machine: super::machine(qsd.as_deref()),
+        image: format!("{tenants} temporary images, in {}", base_dir.display()),
+        span_bytes: span,
+        runtime_s: args.runtime,
+        warmup_s: args.warmup,
+        queues: usize::from(args.queues),
+        tenants,
+        results,
+        idle,
+        notes,
+    })
+}
