@@ -221,6 +221,9 @@ fn serve(o: ServeOptions) -> ExitCode {
     if file.exports.is_empty() && control_path.is_none() {
         return usage_error("nothing to serve: give --export, a --config with exports, or --control to add them later");
     }
+    if let Err(e) = blkplane::sys::raise_fd_limit() {
+        tracing::warn!("cannot raise the open-file limit: {e}");
+    }
     for spec in &o.iothreads {
         match IoThreadConfig::parse(spec) {
             Ok(c) => file.iothreads.push(c),

@@ -65,3 +65,23 @@ pub fn allowed_cpus() -> Vec<usize> {
     // SAFETY: CPU_ISSET reads inside the set for every id below CPU_SETSIZE.
     (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).collect()
 }
+
+/// Raises the soft limit on open descriptors to the hard one: each connected export holds
+/// a handful (socket, kick, call, memory regions), so a daemon serving hundreds of VMs needs
+/// more than the customary 1024. Returns the limit now in force.
+pub fn raise_fd_limit() -> io::Result<u64> {
+    // SAFETY: getrlimit/setrlimit read and write one rlimit we own.
+    unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(limit.rlim_cur)
+    }
+}
