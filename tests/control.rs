@@ -172,7 +172,7 @@ fn every_command_with_io_running() {
     let all = ctl.ok("set-polling", json!({"mode": "adaptive", "max-us": 64}));
     assert_eq!(all["exports"].as_array().unwrap().len(), 1, "only d has threads of its own");
     assert!(all["iothreads"].as_array().unwrap().iter().all(|t| t["poll"] == "adaptive"));
-    ctl.ok("remove-export", json!({"id": "d"}));
+    ctl.ok("remove-export", json!({"id": "d", "force": true}));
 
     // Named I/O threads: add, place an export on it, refuse removal while used, remove.
     let t = ctl.ok("add-iothread", json!({"id": "t1", "poll-max-us": 32}));
@@ -200,7 +200,8 @@ fn every_command_with_io_running() {
         assert_eq!(t1["queues"], 1, "{threads}");
     }
     assert_eq!(ctl.err("remove-iothread", json!({"id": "t1"})).0, "busy");
-    ctl.ok("remove-export", json!({"id": "e"}));
+    // (force: the client above may not have been seen leaving yet.)
+    ctl.ok("remove-export", json!({"id": "e", "force": true}));
     ctl.ok("remove-iothread", json!({"id": "t1"}));
     assert_eq!(ctl.err("remove-iothread", json!({"id": "t1"})).0, "not-found");
     assert!(ctl.ok("list-iothreads", json!({})).as_array().unwrap().iter().all(|t| t["kind"] == "pool"));
