@@ -123,6 +123,9 @@ pub(super) struct Core {
     pub(super) bounce_bytes: usize,
     /// Cleared once the backing refuses FALLOC_FL_ZERO_RANGE; write-zeroes then punch holes.
     pub(super) zero_range_supported: bool,
+    /// A request that waits for this queue's requests in flight before it can start (bounce
+    /// memory, a read-modify-write); see `align.rs`.
+    pub(super) parked: Option<u16>,
     /// Requests whose first operation completed and that need another (tags; preallocated).
     pub(super) followups: Vec<(u16, followup::Followup)>,
     /// Requests taken from the ring and answered since the queue first started (mirrored in
@@ -162,6 +165,7 @@ impl<E: Engine> QueueWorker<E> {
             broken: false,
             bounce_bytes: 0,
             zero_range_supported: true,
+            parked: None,
             followups: Vec::with_capacity(size),
             admitted,
             retired: admitted,
@@ -196,6 +200,7 @@ impl<E: Engine> Served for QueueWorker<E> {
         let before = core.slots.in_flight();
         self.engine.reap(|tag, result| core.complete(tag, result));
         let mut progress = before - core.slots.in_flight().min(before);
+        progress += core.resume_parked(&mut self.engine);
         // Resubmitted work counts as progress: the next round submits it before sleeping.
         progress += core.send_followups(&mut self.engine);
         core.publish();
@@ -272,6 +277,9 @@ impl Core {
     /// Takes new requests from the avail ring: at most `budget`, and as many as there are
     /// free slots.
     fn fetch(&mut self, engine: &mut impl Engine, budget: usize) -> usize {
+        if self.parked.is_some() {
+            return 0;
+        }
         let pending = match self.queue.avail_count() {
             Ok(n) => usize::from(n),
             Err(e) => {
@@ -320,7 +328,12 @@ impl Core {
                 parsed.result.as_ref().map(kind_of).unwrap_or((Kind::Other, 0));
             self.sampler.parsed(tag);
             match parsed.result {
-                Ok(req) => self.start(engine, tag, req),
+                Ok(req) => {
+                    if let Some(req) = self.start(engine, tag, req) {
+                        self.park(tag, req);
+                        break;
+                    }
+                }
                 Err(e) => self.finish(tag, Err(e)),
             }
         }
@@ -330,10 +343,38 @@ impl Core {
     }
 
     /// Hands a parsed request to the engine, or answers it at once if there is nothing to do.
-    fn start(&mut self, engine: &mut impl Engine, tag: u16, req: Request) {
-        if let Some(answer) = self.align(engine, tag, &req) {
-            return self.finish(tag, answer);
+    /// Gives the request back if it must wait (see [`align::Aligned::Wait`]).
+    fn start(&mut self, engine: &mut impl Engine, tag: u16, req: Request) -> Option<Request> {
+        match self.align(tag, &req) {
+            align::Aligned::Go => self.issue(engine, tag, req),
+            align::Aligned::Done(answer) => self.finish(tag, answer),
+            align::Aligned::Wait => return Some(req),
         }
+        None
+    }
+
+    /// A request that must wait goes back into its slot until [`Core::resume_parked`] can
+    /// start it; the queue takes no new requests meanwhile, so its order holds.
+    fn park(&mut self, tag: u16, req: Request) {
+        self.slots[tag].request = Some(req);
+        self.parked = Some(tag);
+    }
+
+    /// Starts the parked request if what it waited for has happened. Returns 1 if it went.
+    fn resume_parked(&mut self, engine: &mut impl Engine) -> usize {
+        let Some(tag) = self.parked.take() else { return 0 };
+        let Some(req) = self.slots[tag].request.take() else { return 0 };
+        match self.start(engine, tag, req) {
+            Some(req) => {
+                self.park(tag, req);
+                0
+            }
+            None => 1,
+        }
+    }
+
+    /// Queues a request's engine operation, or answers it at once if there is nothing to do.
+    fn issue(&mut self, engine: &mut impl Engine, tag: u16, req: Request) {
         let slot = &mut self.slots[tag];
         let op = match &req {
             Request::Read { offset, data, bytes } => {
@@ -394,27 +435,6 @@ impl Core {
         }
         if let Err(e) = queued {
             self.finish(tag, Err(RequestError::Host(e.raw_os_error().unwrap_or(libc::EIO))));
-        }
-    }
-
-    /// Reaps completions until `done` holds, for the rare paths that must wait for requests
-    /// in flight (a full bounce budget). Completions are answered as usual.
-    pub(super) fn wait_for(&mut self, engine: &mut impl Engine, mut done: impl FnMut(&Core) -> bool) {
-        while !done(self) && self.slots.in_flight() > 0 {
-            if let Err(e) = engine.submit() {
-                warn_limited!(self.log, export = %self.disk.name, queue = self.index, "engine submit: {e}");
-            }
-            engine.reap(|tag, result| self.complete(tag, result));
-            self.send_followups(engine);
-            if done(self) {
-                break;
-            }
-            if let Some(fd) = engine.completion_fd() {
-                let mut fds = [pollfd(fd)];
-                // SAFETY: fds is a valid one-entry pollfd array for the call's duration. The
-                // engine's reap clears the readiness, as in `sleep`.
-                unsafe { libc::poll(fds.as_mut_ptr(), 1, KICKLESS_POLL_MS) };
-            }
         }
     }
 
@@ -539,8 +559,4 @@ impl Core {
             let _ = err.write(&1u64.to_ne_bytes());
         }
     }
-}
-
-fn pollfd(fd: RawFd) -> libc::pollfd {
-    libc::pollfd { fd, events: libc::POLLIN, revents: 0 }
 }
