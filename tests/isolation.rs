@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use blkplane::bench::cpu::process_cpu_total_ns;
 use common::frontend::*;
 use common::raw::*;
+use common::disk_dir;
 use common::{make_image, pattern, pipe, proc_status_bytes, tmpdir, Client, Daemon, Mount};
 use vhost::VhostBackend;
 
@@ -35,10 +36,6 @@ fn tenants(a_extra: &str) -> Tenants {
 }
 
 /// A directory on the root filesystem (ext4 here), where O_DIRECT wants aligned buffers.
-fn disk_dir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("blkplane-test").tempdir_in("/var/tmp").unwrap()
-}
-
 /// Two tenants and a control socket (its path returned) in a tmpfs directory.
 fn tenants_with_control(a_extra: &str, more_args: &[&str]) -> (Tenants, PathBuf) {
     let dir = tmpdir();

@@ -148,3 +148,53 @@ fn a_neighbour_reconnecting_and_leaving_never_stops_the_other_queues_on_its_thre
     reader.join().unwrap();
     assert!(daemon.alive());
 }
+
+#[test]
+fn requests_waiting_for_bounce_memory_are_parked_and_all_complete_in_order() {
+    use common::frontend::{header, TestFrontend, DESC_F_NEXT, DESC_F_WRITE, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, HEADER_AREA, DATA_AREA, S_OK, T_IN};
+    const CHAINS: u16 = 20;
+    const BUFS: u16 = 4;
+    let dir = common::disk_dir();
+    let d = dir.path();
+    let image = d.join("a.raw");
+    make_image(&image, 4 << 20, 3);
+    let sock = d.join("a.sock");
+    let args = [
+        "--pool-threads".to_string(),
+        "1".into(),
+        "--export".into(),
+        format!("socket={},image={},cache=none", sock.display(), image.display()),
+    ];
+    let _daemon = Daemon::start_with(d, &args, std::slice::from_ref(&sock));
+    let mut fe = TestFrontend::connect(&sock, 1, 128, F_RING_INDIRECT_DESC | F_RING_EVENT_IDX);
+    // Twenty reads of 4 MiB each into 1 MiB guest buffers at an odd address: each needs a
+    // 4 MiB bounce buffer, 80 MiB together, over the queue's 64 MiB. The later ones wait.
+    let per_chain = BUFS + 2;
+    for c in 0..CHAINS {
+        let hdr = HEADER_AREA + u64::from(c) * 128;
+        fe.ram.write(hdr, &header(T_IN, 0));
+        fe.ram.write(hdr + 64, &[0xAA]);
+        let first = c * per_chain;
+        fe.set_desc(0, first, hdr, 16, DESC_F_NEXT, first + 1);
+        for b in 0..BUFS {
+            let i = first + 1 + b;
+            fe.set_desc(0, i, DATA_AREA + 1, 1 << 20, DESC_F_WRITE | DESC_F_NEXT, i + 1);
+        }
+        fe.set_desc(0, first + BUFS + 1, hdr + 64, 1, DESC_F_WRITE, 0);
+        fe.push_avail(0, first);
+    }
+    fe.kick(0);
+    let mut answered = Vec::new();
+    for _ in 0..CHAINS {
+        let (id, used_len) = fe.wait_used(0, Duration::from_secs(10)).expect("a parked request never completed");
+        assert_eq!(used_len, (BUFS as u32) * (1 << 20) + 1);
+        answered.push(id as u16 / per_chain);
+    }
+    for c in 0..CHAINS {
+        assert_eq!(fe.ram.read(HEADER_AREA + u64::from(c) * 128 + 64, 1)[0], S_OK, "chain {c}");
+    }
+    let mut sorted = answered.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, (0..CHAINS).collect::<Vec<_>>(), "each answered once");
+    assert_eq!(fe.ram.read(DATA_AREA + 1, 4096), pattern(3, 3 << 20, 4096));
+}
