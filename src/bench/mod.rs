@@ -96,6 +96,10 @@ pub struct BenchArgs {
     /// Extra export keys for the blkplane targets (e.g. cache=none,queue-size=128).
     #[arg(long, value_name = "KEYS", default_value = "")]
     pub blkplane_opts: String,
+    /// Another blkplane binary to measure beside this one (target `baseline`, added to the
+    /// targets when given), e.g. the previous version, with its default settings.
+    #[arg(long, value_name = "PATH")]
+    pub baseline: Option<PathBuf>,
     /// The qemu-storage-daemon binary (default: from PATH).
     #[arg(long, value_name = "PATH", default_value = "qemu-storage-daemon")]
     pub qsd: PathBuf,
@@ -314,6 +318,9 @@ fn run_single(args: BenchArgs) -> Result<Report, BenchError> {
     check_times(&args)?;
     let mut notes = Vec::new();
     let mut targets = args.targets.clone();
+    if args.baseline.is_some() && !targets.contains(&TargetKind::Baseline) {
+        targets.push(TargetKind::Baseline);
+    }
     targets.dedup();
     let qsd = find_in_path(&args.qsd);
     if qsd.is_none() && targets.iter().any(|t| t.is_qsd()) {
@@ -389,6 +396,7 @@ fn run_single(args: BenchArgs) -> Result<Report, BenchError> {
             cpus: daemon_cpus.clone(),
             qsd_path: qsd.as_deref().unwrap_or(&args.qsd),
             blkplane_opts: &args.blkplane_opts,
+            baseline_bin: args.baseline.as_deref(),
         })?;
         daemons.push((t, d));
     }

@@ -160,10 +160,15 @@ impl Report {
                 (TargetKind::Blkplane, TargetKind::Qsd, Some(TargetKind::Host)),
                 (TargetKind::Blkplane, TargetKind::QsdIothreads, None),
                 (TargetKind::Blkplane, TargetKind::BlkplaneDedicated, None),
+                (TargetKind::Blkplane, TargetKind::Baseline, None),
                 (TargetKind::BlkplaneNull, TargetKind::QsdNull, None),
             ] {
                 let Some(b) = self.find(&workload, mode, ours) else { continue };
                 let q = self.find(&workload, mode, theirs);
+                // The extra comparisons only when both sides ran.
+                if q.is_none() && !matches!(theirs, TargetKind::Qsd | TargetKind::QsdNull) {
+                    continue;
+                }
                 let h = host.and_then(|h| self.find(&workload, mode, h));
                 let mut line = format!("{workload} {mode}, {}: ", ours.name());
                 match q {
@@ -220,7 +225,7 @@ impl Report {
             .into_iter()
             .filter(|t| self.results.iter().any(|r| r.target == *t))
             .collect();
-        let colors = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3"];
+        let colors = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c"];
         let bar_w = 14.0;
         let group_w = bar_w * targets.len() as f64 + 18.0;
         let left = 70.0;

@@ -30,10 +30,12 @@ pub enum TargetKind {
     BlkplaneDedicated,
     /// qemu-storage-daemon with an iothread per export (with one export: as `qsd`).
     QsdIothreads,
+    /// Another blkplane binary (`--baseline PATH`, e.g. a previous version) with its defaults.
+    Baseline,
 }
 
 impl TargetKind {
-    pub const ALL: [TargetKind; 7] = [
+    pub const ALL: [TargetKind; 8] = [
         TargetKind::Host,
         TargetKind::Qsd,
         TargetKind::Blkplane,
@@ -41,6 +43,7 @@ impl TargetKind {
         TargetKind::BlkplaneNull,
         TargetKind::BlkplaneDedicated,
         TargetKind::QsdIothreads,
+        TargetKind::Baseline,
     ];
 
     pub fn name(self) -> &'static str {
@@ -52,6 +55,7 @@ impl TargetKind {
             TargetKind::BlkplaneNull => "blkplane-null",
             TargetKind::BlkplaneDedicated => "blkplane-dedicated",
             TargetKind::QsdIothreads => "qsd-iothreads",
+            TargetKind::Baseline => "baseline",
         }
     }
 
@@ -86,7 +90,7 @@ impl FromStr for TargetKind {
         TargetKind::ALL.into_iter().find(|t| t.name() == s).ok_or_else(|| {
             format!(
                 "unknown target '{s}' (one of host, qsd, blkplane, qsd-null, blkplane-null, \
-                 blkplane-dedicated, qsd-iothreads)"
+                 blkplane-dedicated, qsd-iothreads, baseline)"
             )
         })
     }
@@ -182,6 +186,8 @@ pub struct DaemonSpec<'a> {
     pub cpus: Option<Vec<usize>>,
     pub qsd_path: &'a Path,
     pub blkplane_opts: &'a str,
+    /// The binary of the baseline target.
+    pub baseline_bin: Option<&'a Path>,
 }
 
 /// Starts the daemon for a daemon target, with one export per image, and waits for its
@@ -198,9 +204,18 @@ pub fn start_daemon(spec: DaemonSpec<'_>) -> Result<DaemonProcess, BenchError> {
     let log = fs::File::create(&log_path)
         .map_err(|e| BenchError(format!("creating {}: {e}", log_path.display())))?;
     let mut cmd = match spec.kind {
-        TargetKind::Blkplane | TargetKind::BlkplaneNull | TargetKind::BlkplaneDedicated => {
-            let exe = std::env::current_exe()
-                .map_err(|e| BenchError(format!("finding blkplane itself: {e}")))?;
+        TargetKind::Blkplane
+        | TargetKind::BlkplaneNull
+        | TargetKind::BlkplaneDedicated
+        | TargetKind::Baseline => {
+            let exe = match (spec.kind, spec.baseline_bin) {
+                (TargetKind::Baseline, Some(bin)) => bin.to_path_buf(),
+                (TargetKind::Baseline, None) => {
+                    return Err(BenchError("the baseline target needs --baseline PATH".into()))
+                }
+                _ => std::env::current_exe()
+                    .map_err(|e| BenchError(format!("finding blkplane itself: {e}")))?,
+            };
             let mut cmd = Command::new(exe);
             cmd.args(["serve", "--log-level", "warn"]);
             for (image, socket) in spec.images.iter().zip(&sockets) {

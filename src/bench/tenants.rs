@@ -312,6 +312,9 @@ pub fn run(args: super::BenchArgs, tenants: usize) -> Result<Report, BenchError>
     } else {
         args.targets.clone()
     };
+    if args.baseline.is_some() && !targets.contains(&TargetKind::Baseline) {
+        targets.push(TargetKind::Baseline);
+    }
     if targets.contains(&TargetKind::Host) {
         notes.push("the host target has no exports to share: skipped with --tenants".to_string());
         targets.retain(|t| *t != TargetKind::Host);
@@ -356,6 +359,7 @@ pub fn run(args: super::BenchArgs, tenants: usize) -> Result<Report, BenchError>
             cpus: daemon_cpus.clone(),
             qsd_path: qsd.as_deref().unwrap_or(&args.qsd),
             blkplane_opts: &args.blkplane_opts,
+            baseline_bin: args.baseline.as_deref(),
         })?;
         daemons.push((t, d));
     }

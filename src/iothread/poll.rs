@@ -8,10 +8,21 @@
 //! one that came later means no window we allow would have helped, so the window halves, down
 //! to zero, which is how an idle export ends up costing nothing.
 //!
+//! What polling finds sets how far the window may grow: a window at its cap that keeps
+//! missing (three polling periods in a row ended in a sleep) halves the cap, whatever the
+//! sleeps said, because that polling costs its whole window each time and buys nothing (the
+//! work comes later than the window reaches, often because the polling itself holds a CPU
+//! that the client or the kernel needs to produce it). A hit at the cap doubles it again, and
+//! every few hundred sleeps the cap is probed one step up, so a workload that changes is
+//! followed.
+//!
 //! A thread keeps two windows: one for idle periods with its own I/O in flight (what ends
-//! them is the backing's completion, so they learn the backing's latency: a disk whose
-//! completions take longer than `poll_max` is never polled for), and one for idle periods
-//! with nothing in flight (what ends them is the guest's next request).
+//! them is the backing's completion, so they learn the backing's latency), and one for idle
+//! periods with nothing in flight (what ends them is the guest's next request). Waiting for
+//! the backing is bounded by half of `poll_max`: polling through a disk's whole service time
+//! buys one wake-up (a few µs) with all of that time on a CPU, so a disk whose completions
+//! take longer than that (an SSD behind a filesystem: 50-100 µs) is never polled for, and a
+//! fast one (a few µs) still is.
 
 use std::fmt;
 use std::str::FromStr;
@@ -66,6 +77,10 @@ pub const DEFAULT_POLL_MAX_US: u32 = 64;
 pub const MAX_POLL_MAX_US: u32 = 100_000;
 /// Where a growing window starts.
 const FIRST_WINDOW: Duration = Duration::from_micros(4);
+/// Polling periods at the cap in a row that may end in a sleep before the cap halves.
+const MISSES_BEFORE_SHRINKING: u32 = 3;
+/// Sleeps after which a window's cap is probed one step up.
+const SLEEPS_BETWEEN_PROBES: u32 = 256;
 /// Windows shorter than this are not worth the clock reads: treat as zero.
 const MIN_WINDOW: Duration = Duration::from_micros(1);
 
@@ -117,6 +132,11 @@ pub struct Poller {
     windows: [Duration; 2],
     /// Which window the current idle period uses.
     current: usize,
+    /// Per window: how far it may grow now (at most its bound), polling periods in a row at
+    /// that cap that ended in a sleep, and sleeps since the cap was last probed upwards.
+    caps: [Duration; 2],
+    misses: [u32; 2],
+    sleeps_since_probe: [u32; 2],
     /// When the current run of empty rounds began.
     idle_since: Option<Instant>,
 }
@@ -128,13 +148,25 @@ impl Poller {
             max: Duration::from_micros(u64::from(policy.max_us)),
             windows: [Duration::ZERO; 2],
             current: 0,
+            caps: [Duration::MAX; 2],
+            misses: [0; 2],
+            sleeps_since_probe: [0; 2],
             idle_since: None,
         }
     }
 
     /// A round found work. Returns how long we had been polling, if we were.
     pub fn work_found(&mut self) -> Option<Duration> {
-        self.idle_since.take().map(|since| since.elapsed())
+        let polled = self.idle_since.take().map(|since| since.elapsed());
+        let c = self.current;
+        if polled.is_some() && self.mode == PollMode::Adaptive {
+            self.misses[c] = 0;
+            // A hit at the cap: a longer window might catch more.
+            if self.windows[c] >= self.caps[c] {
+                self.caps[c] = (self.caps[c] * 2).min(self.bound(c));
+            }
+        }
+        polled
     }
 
     /// How long the current run of empty rounds has lasted (the polling before a sleep).
@@ -150,8 +182,9 @@ impl Poller {
             let policy = settings.get();
             self.mode = policy.mode;
             self.max = Duration::from_micros(u64::from(policy.max_us));
-            for w in &mut self.windows {
-                *w = (*w).min(self.max);
+            for i in 0..self.windows.len() {
+                self.caps[i] = self.caps[i].min(self.bound(i));
+                self.windows[i] = self.windows[i].min(self.caps[i]);
             }
             self.current = usize::from(in_flight);
         }
@@ -173,6 +206,15 @@ impl Poller {
         }
     }
 
+    /// The bound of the window in use: `poll_max`, half of it while I/O is in flight.
+    fn bound(&self, in_flight: usize) -> Duration {
+        if in_flight == 1 {
+            self.max / 2
+        } else {
+            self.max
+        }
+    }
+
     /// We slept for `slept` after polling gave up: tune the window of this idle period by
     /// how long the whole period lasted.
     pub fn slept(&mut self, slept: Duration) {
@@ -181,9 +223,25 @@ impl Poller {
         if self.mode != PollMode::Adaptive {
             return;
         }
-        let window = &mut self.windows[self.current];
-        if idle <= self.max {
-            *window = (*window * 2).max(FIRST_WINDOW).min(self.max);
+        let c = self.current;
+        let bound = self.bound(c);
+        let cap = self.caps[c].min(bound);
+        if !self.windows[c].is_zero() && self.windows[c] >= cap {
+            self.misses[c] += 1;
+        }
+        if self.misses[c] >= MISSES_BEFORE_SHRINKING {
+            self.misses[c] = 0;
+            self.caps[c] = if cap / 2 < MIN_WINDOW { Duration::ZERO } else { cap / 2 };
+        }
+        self.sleeps_since_probe[c] += 1;
+        if self.sleeps_since_probe[c] >= SLEEPS_BETWEEN_PROBES {
+            self.sleeps_since_probe[c] = 0;
+            self.caps[c] = (self.caps[c] * 2).max(FIRST_WINDOW).min(bound);
+        }
+        let cap = self.caps[c].min(bound);
+        let window = &mut self.windows[c];
+        if idle <= bound && !cap.is_zero() {
+            *window = (*window * 2).max(FIRST_WINDOW).min(cap);
         } else {
             *window /= 2;
             if *window < MIN_WINDOW {
@@ -269,15 +327,50 @@ mod tests {
             assert!(!p.keep_polling(&s, false) || p.window(false) > Duration::ZERO);
             p.slept(Duration::from_micros(20));
         }
-        // The backing answers in 70 µs, beyond the bound: that window stays shut.
+        // The backing answers in 50 µs, beyond the in-flight bound (32): that window stays
+        // shut.
         for _ in 0..5 {
             p.keep_polling(&s, true);
-            p.slept(Duration::from_micros(70));
+            p.slept(Duration::from_micros(50));
         }
         assert_eq!(p.window(false).as_micros(), 64);
         assert_eq!(p.window(true), Duration::ZERO);
         assert!(!p.keep_polling(&s, true), "no polling while the slow backing works");
         p.work_found();
         assert!(p.keep_polling(&s, false), "but polling for the guest's next request");
+        // A fast backing (10 µs) is polled for: the window grows until it catches the
+        // completions, and stays there.
+        p.work_found();
+        for _ in 0..20 {
+            let polling = p.keep_polling(&s, true);
+            if polling && p.window(true) >= Duration::from_micros(10) {
+                p.work_found();
+            } else {
+                p.slept(Duration::from_micros(10));
+            }
+        }
+        assert_eq!(p.window(true).as_micros(), 16);
+    }
+
+    #[test]
+    fn polling_that_keeps_missing_at_its_cap_stops() {
+        let (mut p, s) = adaptive(64);
+        // The work comes 60 µs after each sleep begins: within the bound, so the old rule
+        // would poll 64 µs every time. It never arrives while polling (the polling held
+        // the CPU it needed), so the cap comes down and the polling stops.
+        for _ in 0..40 {
+            p.keep_polling(&s, false);
+            p.slept(Duration::from_micros(60));
+        }
+        assert!(p.window(false) <= Duration::from_micros(4), "{:?}", p.window(false));
+        // Every few hundred sleeps the cap is probed upwards, so this costs little.
+        let mut polled = Duration::ZERO;
+        for _ in 0..1000 {
+            if p.keep_polling(&s, false) {
+                polled += p.window(false);
+            }
+            p.slept(Duration::from_micros(60));
+        }
+        assert!(polled < Duration::from_micros(1000 * 2), "{polled:?} over 1000 periods");
     }
 }
