@@ -112,11 +112,7 @@ fn pairs_of(t: &toml::Table) -> Result<Vec<(String, String)>, String> {
             toml::Value::String(s) => s.clone(),
             toml::Value::Integer(n) => n.to_string(),
             toml::Value::Boolean(b) => if *b { "on" } else { "off" }.to_string(),
-            _ => {
-                return Err(format!(
-                    "'{k}' must be a string, integer or boolean"
-                ))
-            }
+            _ => return Err(format!("'{k}' must be a string, integer or boolean")),
         };
         pairs.push((k.clone(), value));
     }

@@ -13,9 +13,9 @@ use crate::disk::Disk;
 use crate::export::{BackendSpec, ExportConfig};
 use crate::iothread::poll::{PollMode, PollPolicy, MAX_POLL_MAX_US};
 use crate::iothread::registry::{IoThreadConfig, IoThreadInfo, IoThreads, ThreadChoice};
-use serde_json::Value;
 use crate::trace::QueueReport;
 use crate::vhost_user::{apply_socket_access, bind_socket, ExportServer};
+use serde_json::Value;
 
 /// An error answered on the control socket: a stable code and a sentence.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -215,10 +215,9 @@ impl Daemon {
     ) -> Result<Vec<Export>, ControlError> {
         let mut disks = Vec::with_capacity(named.len());
         for (_, c) in named {
-            let placement = self
-                .iothreads
-                .placement(&c.iothread)
-                .map_err(|e| ControlError::new("not-found", format!("iothread={}: {e}", c.iothread)))?;
+            let placement = self.iothreads.placement(&c.iothread).map_err(|e| {
+                ControlError::new("not-found", format!("iothread={}: {e}", c.iothread))
+            })?;
             disks.push(
                 Disk::open(c, placement)
                     .map_err(|e| ControlError::new("open-failed", e.to_string()))?,

@@ -250,3 +250,46 @@ fn cpus_must_be_ones_the_process_may_use() {
     assert_usage_error(&out, "cpus=1: CPU 1 is not one this process may use (allowed: 0)");
     assert!(!sock.exists(), "a socket was left behind");
 }
+
+#[test]
+fn bad_iothread_options_exit_2_and_create_nothing() {
+    let dir = tmpdir();
+    let d = dir.path();
+    let sock = d.join("s.sock");
+    let export = format!("socket={},engine=null,size=1M", sock.display());
+    let cases: [(&[&str], String); 7] = [
+        (&["--iothread", "cpus=0"], "--iothread cpus=0: an I/O thread needs id=NAME".into()),
+        (
+            &["--iothread", "id=a,colour=red"],
+            "unknown key 'colour' (keys: id, cpus, poll, poll-max-us)".into(),
+        ),
+        (&["--iothread", "id=a b"], "'a b' is not an I/O thread name".into()),
+        (&["--iothread", "id=a", "--iothread", "id=a"], "I/O thread 'a' exists".into()),
+        (&["--iothread", "id=a,poll-max-us=100001"], "poll-max-us=100001: at most 100000".into()),
+        (&["--pool-threads", "0"], "--pool-threads 0: from 1 to 1024".into()),
+        (&["--iothread", "id=pool.1"], "'pool.1' is reserved (dedicated, pool, pool.N)".into()),
+    ];
+    for (args, want) in cases {
+        let out = Command::new(common::daemon_bin())
+            .arg("serve")
+            .args(args)
+            .args(["--export", &export])
+            .output()
+            .unwrap();
+        assert_usage_error(&out, &want);
+        assert!(!sock.exists(), "a socket was left behind ({args:?})");
+    }
+    // An export that names a thread nobody made, or sets polling on shared threads.
+    let out = serve(&[format!("{export},iothread=nope")]);
+    assert_usage_error(&out, "iothread=nope: no I/O thread 'nope'");
+    let out = Command::new(common::daemon_bin())
+        .args(["serve", "--iothread", "id=t", "--export"])
+        .arg(format!("{export},iothread=t,poll=never"))
+        .output()
+        .unwrap();
+    assert_usage_error(
+        &out,
+        "poll= is a setting of the export's own I/O threads (iothread=dedicated); iothread=t shares threads",
+    );
+    assert!(!sock.exists());
+}

@@ -150,7 +150,8 @@ fn every_command_with_io_running() {
         msg,
         "export 'a' runs on shared I/O threads (iothread=pool); their polling is set with set-polling iothread=NAME"
     );
-    let changed = ctl.ok("set-polling", json!({"iothread": "pool.0", "mode": "never", "max-us": 10}));
+    let changed =
+        ctl.ok("set-polling", json!({"iothread": "pool.0", "mode": "never", "max-us": 10}));
     assert_eq!(changed["iothreads"].as_array().unwrap().len(), 1, "{changed}");
     assert_eq!(changed["iothreads"][0]["poll"], "never");
     assert_eq!(changed["iothreads"][0]["poll_max_us"], 10);
@@ -176,11 +177,17 @@ fn every_command_with_io_running() {
 
     // Named I/O threads: add, place an export on it, refuse removal while used, remove.
     let t = ctl.ok("add-iothread", json!({"id": "t1", "poll-max-us": 32}));
-    assert_eq!((t["id"].as_str(), t["kind"].as_str(), t["poll_max_us"].as_u64()), (Some("t1"), Some("named"), Some(32)));
+    assert_eq!(
+        (t["id"].as_str(), t["kind"].as_str(), t["poll_max_us"].as_u64()),
+        (Some("t1"), Some("named"), Some(32))
+    );
     assert_eq!(ctl.err("add-iothread", json!({"id": "t1"})).0, "exists");
     assert_eq!(
         ctl.err("add-iothread", json!({"id": "pool.3"})),
-        ("invalid-argument".to_string(), "'pool.3' is reserved (dedicated, pool, pool.N)".to_string())
+        (
+            "invalid-argument".to_string(),
+            "'pool.3' is reserved (dedicated, pool, pool.N)".to_string()
+        )
     );
     assert_eq!(
         ctl.err("add-iothread", json!({"id": "t2", "colour": "red"})).1,
@@ -188,10 +195,21 @@ fn every_command_with_io_running() {
     );
     let sock_e = d.join("e.sock");
     let (code, msg) = ctl.err("add-export", json!({"id": "e", "socket": sock_e.to_str().unwrap(), "engine": "null", "size": "1M", "iothread": "t1:nope"}));
-    assert_eq!((code.as_str(), msg.as_str()), ("not-found", "iothread=t1:nope: no I/O thread 'nope'"));
+    assert_eq!(
+        (code.as_str(), msg.as_str()),
+        ("not-found", "iothread=t1:nope: no I/O thread 'nope'")
+    );
     assert!(!sock_e.exists());
     ctl.ok("add-export", json!({"id": "e", "socket": sock_e.to_str().unwrap(), "engine": "null", "size": "1M", "iothread": "t1"}));
-    assert_eq!(ctl.ok("list-exports", json!({})).as_array().unwrap().iter().find(|e| e["id"] == "e").unwrap()["iothread"], "t1");
+    assert_eq!(
+        ctl.ok("list-exports", json!({}))
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["id"] == "e")
+            .unwrap()["iothread"],
+        "t1"
+    );
     {
         let mut ce = Client::connect(&sock_e, 1);
         assert_eq!(ce.read_at(0, 0, 4096, 0).unwrap(), vec![0u8; 4096]);
@@ -204,7 +222,12 @@ fn every_command_with_io_running() {
     ctl.ok("remove-export", json!({"id": "e", "force": true}));
     ctl.ok("remove-iothread", json!({"id": "t1"}));
     assert_eq!(ctl.err("remove-iothread", json!({"id": "t1"})).0, "not-found");
-    assert!(ctl.ok("list-iothreads", json!({})).as_array().unwrap().iter().all(|t| t["kind"] == "pool"));
+    assert!(ctl
+        .ok("list-iothreads", json!({}))
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|t| t["kind"] == "pool"));
 
     // The background client was doing I/O through all of the above without a failure.
     stop.store(true, Ordering::Relaxed);

@@ -14,9 +14,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use blkplane::bench::cpu::process_cpu_total_ns;
+use common::disk_dir;
 use common::frontend::*;
 use common::raw::*;
-use common::disk_dir;
 use common::{make_image, pattern, pipe, proc_status_bytes, tmpdir, Client, Daemon, Mount};
 use vhost::VhostBackend;
 

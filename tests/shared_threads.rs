@@ -52,7 +52,11 @@ fn two_hundred_fifty_six_connected_exports_on_the_pool_alone() {
     let daemon = Daemon::start_with(d, &args, &sockets);
     let mut clients: Vec<Client> = sockets.iter().map(|s| Client::connect(s, 1)).collect();
     for (i, c) in clients.iter_mut().enumerate() {
-        assert_eq!(c.read_at(0, (i as u64 % 256) * 4096, 4096, 0).unwrap(), vec![0u8; 4096], "export {i}");
+        assert_eq!(
+            c.read_at(0, (i as u64 % 256) * 4096, 4096, 0).unwrap(),
+            vec![0u8; 4096],
+            "export {i}"
+        );
     }
     // Every queue runs on the pool: no thread of its own for any of them.
     let names = thread_names(daemon.pid());
@@ -137,7 +141,11 @@ fn a_neighbour_reconnecting_and_leaving_never_stops_the_other_queues_on_its_thre
     // Removing the neighbour altogether leaves the thread serving the steady export.
     let mut control = std::os::unix::net::UnixStream::connect(&ctl).unwrap();
     use std::io::{BufRead, Write};
-    writeln!(control, r#"{{"id":1,"command":"remove-export","args":{{"id":"churn","force":true}}}}"#).unwrap();
+    writeln!(
+        control,
+        r#"{{"id":1,"command":"remove-export","args":{{"id":"churn","force":true}}}}"#
+    )
+    .unwrap();
     let mut reply = String::new();
     std::io::BufReader::new(&control).read_line(&mut reply).unwrap();
     assert!(reply.contains(r#""removed":"churn""#), "{reply}");
@@ -151,7 +159,10 @@ fn a_neighbour_reconnecting_and_leaving_never_stops_the_other_queues_on_its_thre
 
 #[test]
 fn requests_waiting_for_bounce_memory_are_parked_and_all_complete_in_order() {
-    use common::frontend::{header, TestFrontend, DESC_F_NEXT, DESC_F_WRITE, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, HEADER_AREA, DATA_AREA, S_OK, T_IN};
+    use common::frontend::{
+        header, TestFrontend, DATA_AREA, DESC_F_NEXT, DESC_F_WRITE, F_RING_EVENT_IDX,
+        F_RING_INDIRECT_DESC, HEADER_AREA, S_OK, T_IN,
+    };
     const CHAINS: u16 = 20;
     const BUFS: u16 = 4;
     let dir = common::disk_dir();
@@ -186,7 +197,8 @@ fn requests_waiting_for_bounce_memory_are_parked_and_all_complete_in_order() {
     fe.kick(0);
     let mut answered = Vec::new();
     for _ in 0..CHAINS {
-        let (id, used_len) = fe.wait_used(0, Duration::from_secs(10)).expect("a parked request never completed");
+        let (id, used_len) =
+            fe.wait_used(0, Duration::from_secs(10)).expect("a parked request never completed");
         assert_eq!(used_len, (BUFS as u32) * (1 << 20) + 1);
         answered.push(id as u16 / per_chain);
     }

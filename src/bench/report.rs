@@ -225,7 +225,9 @@ impl Report {
             .into_iter()
             .filter(|t| self.results.iter().any(|r| r.target == *t))
             .collect();
-        let colors = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c"];
+        let colors = [
+            "#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c",
+        ];
         let bar_w = 14.0;
         let group_w = bar_w * targets.len() as f64 + 18.0;
         let left = 70.0;

@@ -87,22 +87,30 @@ pub fn client_main(a: ClientArgs) -> Result<String, BenchError> {
     if a.idle {
         // One request wakes the queue up (so any polling would start), then nothing.
         let one = Workload { depth: 1, ..w };
-        let m = workload::run(&mut client, one, a.mode, a.span, Duration::ZERO, Duration::from_millis(10))?;
+        let m = workload::run(
+            &mut client,
+            one,
+            a.mode,
+            a.span,
+            Duration::ZERO,
+            Duration::from_millis(10),
+        )?;
         let wait = a.start_at_ms.saturating_sub(now_ms());
         std::thread::sleep(Duration::from_millis(wait) + runtime);
-        let run = TenantRun { iops: 0.0, p50_us: 0.0, p99_us: 0.0, ios: 0, total_ios: m.total_ios, errors: m.errors };
+        let run = TenantRun {
+            iops: 0.0,
+            p50_us: 0.0,
+            p99_us: 0.0,
+            ios: 0,
+            total_ios: m.total_ios,
+            errors: m.errors,
+        };
         return serde_json::to_string(&run).map_err(|e| BenchError(e.to_string()));
     }
     let wait = a.start_at_ms.saturating_sub(now_ms());
     std::thread::sleep(Duration::from_millis(wait));
-    let m = workload::run(
-        &mut client,
-        w,
-        a.mode,
-        a.span,
-        Duration::from_secs_f64(a.warmup),
-        runtime,
-    )?;
+    let m =
+        workload::run(&mut client, w, a.mode, a.span, Duration::from_secs_f64(a.warmup), runtime)?;
     let pct = |q: f64| m.latency_ns.value_at_quantile(q) as f64 / 1000.0;
     let run = TenantRun {
         iops: m.ios as f64 / runtime.as_secs_f64(),
@@ -161,7 +169,10 @@ fn start_clients(
 }
 
 /// Waits for every client and collects what each measured.
-fn collect(target: TargetKind, children: Vec<std::process::Child>) -> Result<Vec<TenantRun>, BenchError> {
+fn collect(
+    target: TargetKind,
+    children: Vec<std::process::Child>,
+) -> Result<Vec<TenantRun>, BenchError> {
     let mut each = Vec::with_capacity(children.len());
     let mut failure = None;
     for child in children {
@@ -233,7 +244,8 @@ fn summarize(
         mean_us: 0.0,
         ios: each.iter().map(|t| t.ios).sum(),
         errors: each.iter().map(|t| t.errors).sum(),
-        daemon_cpu_us_per_io: (total_ios > 0).then(|| cpu_used_ns as f64 / 1000.0 / total_ios as f64),
+        daemon_cpu_us_per_io: (total_ios > 0)
+            .then(|| cpu_used_ns as f64 / 1000.0 / total_ios as f64),
         foreign_cpus,
         tenants: Some(TenantFigures {
             tenants: each.len(),
@@ -298,7 +310,9 @@ fn measure_idle(
 pub fn run(args: super::BenchArgs, tenants: usize) -> Result<Report, BenchError> {
     let mut notes = Vec::new();
     if args.image.is_some() {
-        return Err(BenchError("--tenants makes an image per tenant; --image does not go with it".into()));
+        return Err(BenchError(
+            "--tenants makes an image per tenant; --image does not go with it".into(),
+        ));
     }
     let classic_default = [
         TargetKind::Host,
@@ -308,7 +322,12 @@ pub fn run(args: super::BenchArgs, tenants: usize) -> Result<Report, BenchError>
         TargetKind::BlkplaneNull,
     ];
     let mut targets = if args.targets == classic_default {
-        vec![TargetKind::Blkplane, TargetKind::BlkplaneDedicated, TargetKind::Qsd, TargetKind::QsdIothreads]
+        vec![
+            TargetKind::Blkplane,
+            TargetKind::BlkplaneDedicated,
+            TargetKind::Qsd,
+            TargetKind::QsdIothreads,
+        ]
     } else {
         args.targets.clone()
     };

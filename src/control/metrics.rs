@@ -224,12 +224,15 @@ pub fn render(daemon: &Daemon) -> String {
         (
             "blkplane_poll_seconds_total",
             "counter",
-            "Time the I/O thread spent polling for work.",
+            "Time the queue's I/O thread polled before it found work of this queue.",
             |q| q.poll_ns as f64 / 1e9,
         ),
-        ("blkplane_poll_hits_total", "counter", "Polling periods that found work.", |q| {
-            q.poll_hits as f64
-        }),
+        (
+            "blkplane_poll_hits_total",
+            "counter",
+            "Polling periods of the queue's I/O thread that found work of this queue.",
+            |q| q.poll_hits as f64,
+        ),
     ];
     for (name, kind, help, field) in scalars {
         family(name, kind, help, &mut |o| {
@@ -243,6 +246,35 @@ pub fn render(daemon: &Daemon) -> String {
                         field(q)
                     );
                 }
+            }
+        });
+    }
+    let threads = daemon.list_iothreads();
+    type ThreadField = fn(&crate::iothread::registry::IoThreadInfo) -> f64;
+    let per_thread: [(&str, &str, &str, ThreadField); 4] = [
+        ("blkplane_iothread_queues", "gauge", "Queues the I/O thread serves now.", |t| {
+            t.queues as f64
+        }),
+        (
+            "blkplane_iothread_poll_seconds_total",
+            "counter",
+            "Time the I/O thread spent polling instead of sleeping.",
+            |t| t.poll_ns as f64 / 1e9,
+        ),
+        (
+            "blkplane_iothread_poll_hits_total",
+            "counter",
+            "Polling periods of the I/O thread that found work.",
+            |t| t.poll_hits as f64,
+        ),
+        ("blkplane_iothread_sleeps_total", "counter", "Times the I/O thread slept.", |t| {
+            t.sleeps as f64
+        }),
+    ];
+    for (name, kind, help, field) in per_thread {
+        family(name, kind, help, &mut |o| {
+            for t in &threads {
+                let _ = writeln!(o, "{name}{{iothread=\"{}\"}} {}", escape(&t.id), field(t));
             }
         });
     }

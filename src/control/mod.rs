@@ -294,7 +294,9 @@ fn run_command(
             }
             let (id, iothread) = (opt_str(args, "id")?, opt_str(args, "iothread")?);
             if id.is_some() && iothread.is_some() {
-                return Err(bad_arg("set-polling takes 'id' (an export) or 'iothread', not both".into()));
+                return Err(bad_arg(
+                    "set-polling takes 'id' (an export) or 'iothread', not both".into(),
+                ));
             }
             daemon.set_polling(id, iothread, mode, max_us)
         }

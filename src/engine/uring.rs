@@ -218,7 +218,8 @@ impl Engine for UringEngine {
         for (tag, result) in mine.drain(..) {
             on_complete(tag, result);
         }
-        if let Some(Some(list)) = self.ring.state.borrow_mut().done.get_mut(usize::from(self.queue)) {
+        if let Some(Some(list)) = self.ring.state.borrow_mut().done.get_mut(usize::from(self.queue))
+        {
             // Give the (empty, still allocated) list back; anything sorted in meanwhile
             // cannot exist, since nothing reaps while the callback runs.
             if list.is_empty() {

@@ -20,11 +20,11 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{default_poll, worker, IoThread, Placement, QueueHandle, QueueSetup};
-use crate::engine::uring::SharedRing;
 use crate::blk::{req_type, status};
 use crate::disk::Disk;
 use crate::engine::aio::AioEngine;
 use crate::engine::threads::ThreadsEngine;
+use crate::engine::uring::SharedRing;
 use crate::engine::uring::UringEngine;
 use crate::engine::{CacheMode, Engine, IoOp};
 use crate::export::ExportConfig;
@@ -262,7 +262,8 @@ fn disk_in(dir: &std::path::Path, keys: &str) -> (std::path::PathBuf, Arc<Disk>)
     let image = dir.join("disk.raw");
     std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
     let spec = format!("socket={}/unused.sock,image={},{keys}", dir.display(), image.display());
-    let disk = Arc::new(Disk::open(&ExportConfig::parse(&spec).unwrap(), Placement::Dedicated).unwrap());
+    let disk =
+        Arc::new(Disk::open(&ExportConfig::parse(&spec).unwrap(), Placement::Dedicated).unwrap());
     (image, disk)
 }
 
@@ -272,11 +273,7 @@ fn position(log: &[Event], what: impl Fn(&Event) -> bool, name: &str) -> usize {
 
 /// Writes, then flushes, in `cache` mode with the engine `make` builds, and checks the order
 /// the contract of DESIGN.md asks for. `wce_off`: the guest first turns its write cache off.
-fn contract<E: Engine + 'static>(
-    cache: &str,
-    wce_off: bool,
-    make: MakeEngine<E>,
-) {
+fn contract<E: Engine + 'static>(cache: &str, wce_off: bool, make: MakeEngine<E>) {
     let dir = tempfile::tempdir().unwrap();
     let (image, disk) = disk_in(dir.path(), &format!("cache={cache}"));
     if wce_off {

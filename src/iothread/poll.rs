@@ -18,11 +18,11 @@
 //!
 //! A thread keeps two windows: one for idle periods with its own I/O in flight (what ends
 //! them is the backing's completion, so they learn the backing's latency), and one for idle
-//! periods with nothing in flight (what ends them is the guest's next request). Waiting for
-//! the backing is bounded by half of `poll_max`: polling through a disk's whole service time
-//! buys one wake-up (a few µs) with all of that time on a CPU, so a disk whose completions
-//! take longer than that (an SSD behind a filesystem: 50-100 µs) is never polled for, and a
-//! fast one (a few µs) still is.
+//! periods with nothing in flight (what ends them is the guest's next request). Hits cost
+//! too: polling that finds work only after half of `poll_max` on average (a disk whose
+//! service time is polled through: 50-100 µs behind a filesystem) buys one wake-up with most
+//! of a window of CPU each time, so it halves the cap as misses do; a fast backing (a few
+//! µs, or a kernel worker's 20-30 µs on tmpfs) is still polled for.
 
 use std::fmt;
 use std::str::FromStr;
@@ -136,6 +136,8 @@ pub struct Poller {
     /// that cap that ended in a sleep, and sleeps since the cap was last probed upwards.
     caps: [Duration; 2],
     misses: [u32; 2],
+    /// Per window, the average polling time of periods that found work.
+    hit_cost: [Duration; 2],
     sleeps_since_probe: [u32; 2],
     /// When the current run of empty rounds began.
     idle_since: Option<Instant>,
@@ -150,6 +152,7 @@ impl Poller {
             current: 0,
             caps: [Duration::MAX; 2],
             misses: [0; 2],
+            hit_cost: [Duration::ZERO; 2],
             sleeps_since_probe: [0; 2],
             idle_since: None,
         }
@@ -158,12 +161,30 @@ impl Poller {
     /// A round found work. Returns how long we had been polling, if we were.
     pub fn work_found(&mut self) -> Option<Duration> {
         let polled = self.idle_since.take().map(|since| since.elapsed());
+        self.note_hit(polled)
+    }
+
+    /// As [`Poller::work_found`], after `polled` of polling (for tests, which do not wait).
+    #[cfg(test)]
+    fn work_found_after(&mut self, polled: Duration) -> Option<Duration> {
+        self.idle_since = None;
+        self.note_hit(Some(polled))
+    }
+
+    fn note_hit(&mut self, polled: Option<Duration>) -> Option<Duration> {
         let c = self.current;
-        if polled.is_some() && self.mode == PollMode::Adaptive {
+        if let (Some(p), PollMode::Adaptive) = (polled, self.mode) {
             self.misses[c] = 0;
-            // A hit at the cap: a longer window might catch more.
-            if self.windows[c] >= self.caps[c] {
-                self.caps[c] = (self.caps[c] * 2).min(self.bound(c));
+            self.hit_cost[c] = (self.hit_cost[c] * 7 + p) / 8;
+            if self.hit_cost[c] > self.max / 2 {
+                // Hits that take this long buy one wake-up each for most of a window of CPU
+                // (a disk's service time, polled through): not worth it.
+                self.caps[c] = (self.windows[c] / 2).min(self.caps[c]);
+                self.windows[c] = self.caps[c];
+                self.hit_cost[c] = Duration::ZERO;
+            } else if self.windows[c] >= self.caps[c] {
+                // A hit at the cap: a longer window might catch more.
+                self.caps[c] = (self.caps[c] * 2).min(self.max);
             }
         }
         polled
@@ -183,7 +204,7 @@ impl Poller {
             self.mode = policy.mode;
             self.max = Duration::from_micros(u64::from(policy.max_us));
             for i in 0..self.windows.len() {
-                self.caps[i] = self.caps[i].min(self.bound(i));
+                self.caps[i] = self.caps[i].min(self.max);
                 self.windows[i] = self.windows[i].min(self.caps[i]);
             }
             self.current = usize::from(in_flight);
@@ -206,15 +227,6 @@ impl Poller {
         }
     }
 
-    /// The bound of the window in use: `poll_max`, half of it while I/O is in flight.
-    fn bound(&self, in_flight: usize) -> Duration {
-        if in_flight == 1 {
-            self.max / 2
-        } else {
-            self.max
-        }
-    }
-
     /// We slept for `slept` after polling gave up: tune the window of this idle period by
     /// how long the whole period lasted.
     pub fn slept(&mut self, slept: Duration) {
@@ -224,7 +236,7 @@ impl Poller {
             return;
         }
         let c = self.current;
-        let bound = self.bound(c);
+        let bound = self.max;
         let cap = self.caps[c].min(bound);
         if !self.windows[c].is_zero() && self.windows[c] >= cap {
             self.misses[c] += 1;
@@ -236,7 +248,10 @@ impl Poller {
         self.sleeps_since_probe[c] += 1;
         if self.sleeps_since_probe[c] >= SLEEPS_BETWEEN_PROBES {
             self.sleeps_since_probe[c] = 0;
-            self.caps[c] = (self.caps[c] * 2).max(FIRST_WINDOW).min(bound);
+            // Back to the full bound: a cap that came down in a bad moment (a busy machine)
+            // must not keep polling away for good.
+            self.caps[c] = bound;
+            self.hit_cost[c] = Duration::ZERO;
         }
         let cap = self.caps[c].min(bound);
         let window = &mut self.windows[c];
@@ -327,11 +342,15 @@ mod tests {
             assert!(!p.keep_polling(&s, false) || p.window(false) > Duration::ZERO);
             p.slept(Duration::from_micros(20));
         }
-        // The backing answers in 50 µs, beyond the in-flight bound (32): that window stays
-        // shut.
-        for _ in 0..5 {
-            p.keep_polling(&s, true);
-            p.slept(Duration::from_micros(50));
+        // The backing answers in 50 µs: within the bound, so the window grows until it
+        // catches the completions, but each catch costs 50 µs of polling, over half the
+        // bound: the window comes down and stays shut.
+        for _ in 0..40 {
+            if p.keep_polling(&s, true) && p.window(true) >= Duration::from_micros(50) {
+                p.work_found_after(Duration::from_micros(50));
+            } else {
+                p.slept(Duration::from_micros(50));
+            }
         }
         assert_eq!(p.window(false).as_micros(), 64);
         assert_eq!(p.window(true), Duration::ZERO);
@@ -340,11 +359,11 @@ mod tests {
         assert!(p.keep_polling(&s, false), "but polling for the guest's next request");
         // A fast backing (10 µs) is polled for: the window grows until it catches the
         // completions, and stays there.
-        p.work_found();
+        let (mut p, s) = adaptive(64);
         for _ in 0..20 {
             let polling = p.keep_polling(&s, true);
             if polling && p.window(true) >= Duration::from_micros(10) {
-                p.work_found();
+                p.work_found_after(Duration::from_micros(10));
             } else {
                 p.slept(Duration::from_micros(10));
             }

@@ -76,9 +76,8 @@ impl IoThreadConfig {
                 }
                 "poll" => poll.mode = value.parse()?,
                 "poll-max-us" => {
-                    poll.max_us = value
-                        .parse()
-                        .map_err(|_| format!("poll-max-us={value}: not a number"))?;
+                    poll.max_us =
+                        value.parse().map_err(|_| format!("poll-max-us={value}: not a number"))?;
                     if poll.max_us > MAX_POLL_MAX_US {
                         return Err(format!("poll-max-us={value}: at most {MAX_POLL_MAX_US}"));
                     }
@@ -204,9 +203,8 @@ impl IoThreads {
             return Err(("limit", format!("at most {MAX_NAMED_THREADS} named I/O threads")));
         }
         let poll = Arc::new(PollSettings::new(config.poll));
-        let thread =
-            IoThread::spawn(&config.id, config.cpus.clone(), poll, SHARED_RING_ENTRIES)
-                .map_err(|e| ("start-failed", format!("I/O thread '{}': {e}", config.id)))?;
+        let thread = IoThread::spawn(&config.id, config.cpus.clone(), poll, SHARED_RING_ENTRIES)
+            .map_err(|e| ("start-failed", format!("I/O thread '{}': {e}", config.id)))?;
         let info = info_of(&thread, "named");
         named.insert(config.id.clone(), thread);
         Ok(info)

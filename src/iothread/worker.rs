@@ -329,7 +329,9 @@ impl EventLoop {
             let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
         }
         if let Some(fd) = new {
-            if let Err(e) = self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, EPOLL_DATA)) {
+            if let Err(e) =
+                self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, EPOLL_DATA))
+            {
                 warn!("I/O thread cannot watch descriptor {fd}: {e}");
             }
         }

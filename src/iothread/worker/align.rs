@@ -102,7 +102,11 @@ impl Core {
             // The daemon's bounce budget is spent: wait for this queue's own bounced requests
             // (their buffers go back to it); with none, the budget is other queues' and this
             // request fails.
-            return if self.bounce_bytes > 0 { Ok(false) } else { Err(RequestError::BounceUnavailable) };
+            return if self.bounce_bytes > 0 {
+                Ok(false)
+            } else {
+                Err(RequestError::BounceUnavailable)
+            };
         }
         let slot = &mut self.slots[tag];
         slot.bounced = true;

@@ -140,12 +140,7 @@ pub(super) struct Core {
 }
 
 impl<E: Engine> QueueWorker<E> {
-    fn new(
-        disk: Arc<Disk>,
-        setup: QueueSetup,
-        queue: SplitQueue,
-        engine: E,
-    ) -> Self {
+    fn new(disk: Arc<Disk>, setup: QueueSetup, queue: SplitQueue, engine: E) -> Self {
         let size = usize::from(setup.size);
         let stats = disk.stats.get(usize::from(setup.index)).cloned().unwrap_or_default();
         let disk_stats_on = disk.stats_on;
@@ -176,7 +171,6 @@ impl<E: Engine> QueueWorker<E> {
         };
         QueueWorker { engine, core }
     }
-
 }
 
 impl<E: Engine> Served for QueueWorker<E> {
@@ -198,7 +192,11 @@ impl<E: Engine> Served for QueueWorker<E> {
     fn complete(&mut self) -> usize {
         let core = &mut self.core;
         let before = core.slots.in_flight();
-        self.engine.reap(|tag, result| core.complete(tag, result));
+        // Nothing in flight, nothing to reap: an idle queue costs its thread's rounds no
+        // system call (Linux AIO's reap is two).
+        if before > 0 {
+            self.engine.reap(|tag, result| core.complete(tag, result));
+        }
         let mut progress = before - core.slots.in_flight().min(before);
         progress += core.resume_parked(&mut self.engine);
         // Resubmitted work counts as progress: the next round submits it before sleeping.
