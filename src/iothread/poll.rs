@@ -17,12 +17,9 @@
 //! followed.
 //!
 //! A thread keeps two windows: one for idle periods with its own I/O in flight (what ends
-//! them is the backing's completion, so they learn the backing's latency), and one for idle
-//! periods with nothing in flight (what ends them is the guest's next request). Hits cost
-//! too: polling that finds work only after half of `poll_max` on average (a disk whose
-//! service time is polled through: 50-100 µs behind a filesystem) buys one wake-up with most
-//! of a window of CPU each time, so it halves the cap as misses do; a fast backing (a few
-//! µs, or a kernel worker's 20-30 µs on tmpfs) is still polled for.
+//! them is the backing's completion, so it learns the backing's latency: completions that
+//! take longer than `poll_max` are not polled for) and one for idle periods with nothing in
+//! flight (what ends them is the guest's next request).
 
 use std::fmt;
 use std::str::FromStr;
@@ -136,8 +133,6 @@ pub struct Poller {
     /// that cap that ended in a sleep, and sleeps since the cap was last probed upwards.
     caps: [Duration; 2],
     misses: [u32; 2],
-    /// Per window, the average polling time of periods that found work.
-    hit_cost: [Duration; 2],
     sleeps_since_probe: [u32; 2],
     /// When the current run of empty rounds began.
     idle_since: Option<Instant>,
@@ -152,7 +147,6 @@ impl Poller {
             current: 0,
             caps: [Duration::MAX; 2],
             misses: [0; 2],
-            hit_cost: [Duration::ZERO; 2],
             sleeps_since_probe: [0; 2],
             idle_since: None,
         }
@@ -173,16 +167,9 @@ impl Poller {
 
     fn note_hit(&mut self, polled: Option<Duration>) -> Option<Duration> {
         let c = self.current;
-        if let (Some(p), PollMode::Adaptive) = (polled, self.mode) {
+        if polled.is_some() && self.mode == PollMode::Adaptive {
             self.misses[c] = 0;
-            self.hit_cost[c] = (self.hit_cost[c] * 7 + p) / 8;
-            if self.hit_cost[c] > self.max / 2 {
-                // Hits that take this long buy one wake-up each for most of a window of CPU
-                // (a disk's service time, polled through): not worth it.
-                self.caps[c] = (self.windows[c] / 2).min(self.caps[c]);
-                self.windows[c] = self.caps[c];
-                self.hit_cost[c] = Duration::ZERO;
-            } else if self.windows[c] >= self.caps[c] {
+            if self.windows[c] >= self.caps[c] {
                 // A hit at the cap: a longer window might catch more.
                 self.caps[c] = (self.caps[c] * 2).min(self.max);
             }
@@ -251,7 +238,6 @@ impl Poller {
             // Back to the full bound: a cap that came down in a bad moment (a busy machine)
             // must not keep polling away for good.
             self.caps[c] = bound;
-            self.hit_cost[c] = Duration::ZERO;
         }
         let cap = self.caps[c].min(bound);
         let window = &mut self.windows[c];
@@ -342,15 +328,10 @@ mod tests {
             assert!(!p.keep_polling(&s, false) || p.window(false) > Duration::ZERO);
             p.slept(Duration::from_micros(20));
         }
-        // The backing answers in 50 µs: within the bound, so the window grows until it
-        // catches the completions, but each catch costs 50 µs of polling, over half the
-        // bound: the window comes down and stays shut.
-        for _ in 0..40 {
-            if p.keep_polling(&s, true) && p.window(true) >= Duration::from_micros(50) {
-                p.work_found_after(Duration::from_micros(50));
-            } else {
-                p.slept(Duration::from_micros(50));
-            }
+        // The backing answers in 70 µs, beyond the bound: that window stays shut.
+        for _ in 0..5 {
+            p.keep_polling(&s, true);
+            p.slept(Duration::from_micros(70));
         }
         assert_eq!(p.window(false).as_micros(), 64);
         assert_eq!(p.window(true), Duration::ZERO);
