@@ -210,3 +210,50 @@ fn requests_waiting_for_bounce_memory_are_parked_and_all_complete_in_order() {
     assert_eq!(sorted, (0..CHAINS).collect::<Vec<_>>(), "each answered once");
     assert_eq!(fe.ram.read(DATA_AREA + 1, 4096), pattern(3, 3 << 20, 4096));
 }
+
+#[test]
+fn queues_are_spread_over_the_named_threads_round_robin() {
+    use std::io::{BufRead, Write};
+    let dir = tmpdir();
+    let d = dir.path();
+    let (sock, ctl) = (d.join("a.sock"), d.join("ctl.sock"));
+    let args = [
+        "--control".to_string(),
+        ctl.display().to_string(),
+        "--iothread".into(),
+        "id=t1".into(),
+        "--iothread".into(),
+        "id=t2,poll=never".into(),
+        "--export".into(),
+        format!("id=a,socket={},engine=null,size=1M,queues=3,iothread=t1:t2", sock.display()),
+    ];
+    let _daemon = Daemon::start_with(d, &args, &[sock.clone(), ctl.clone()]);
+    let queues_on = |name: &str| -> u64 {
+        let mut s = std::os::unix::net::UnixStream::connect(&ctl).unwrap();
+        writeln!(s, r#"{{"id":1,"command":"list-iothreads"}}"#).unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(&s).read_line(&mut line).unwrap();
+        let reply: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let threads = reply["result"].as_array().unwrap().clone();
+        let t = threads.iter().find(|t| t["id"] == name).unwrap_or_else(|| panic!("{line}"));
+        t["queues"].as_u64().unwrap()
+    };
+    assert_eq!((queues_on("t1"), queues_on("t2")), (0, 0));
+    let names = thread_names(_daemon.pid());
+    assert!(names.contains(&"blkplane-t1".to_string()), "{names:?}");
+    {
+        let mut c = Client::connect(&sock, 3);
+        for q in 0..3 {
+            assert_eq!(c.read_at(q, 0, 4096, 0).unwrap(), vec![0u8; 4096]);
+        }
+        // Queues 0 and 2 on t1, queue 1 on t2; the pool has none of them.
+        assert_eq!((queues_on("t1"), queues_on("t2")), (2, 1));
+        assert_eq!(queues_on("pool.0"), 0);
+    }
+    // Gone with the client.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while (queues_on("t1"), queues_on("t2")) != (0, 0) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!((queues_on("t1"), queues_on("t2")), (0, 0));
+}

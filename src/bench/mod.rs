@@ -130,6 +130,43 @@ fn pin_self(cpus: &[usize]) -> Result<(), BenchError> {
     Ok(())
 }
 
+/// Starts a daemon for each of `targets`, each serving an export per image, pinned as
+/// `--cpus` says.
+fn start_daemons(
+    args: &BenchArgs,
+    targets: &[TargetKind],
+    images: &[PathBuf],
+    span: u64,
+    dir: &Path,
+    qsd: Option<&Path>,
+) -> Result<Vec<(TargetKind, DaemonProcess)>, BenchError> {
+    let mut daemons = Vec::with_capacity(targets.len());
+    for &t in targets {
+        let d = start_daemon(DaemonSpec {
+            kind: t,
+            images,
+            size_bytes: span,
+            queues: args.queues,
+            dir,
+            cpus: args.cpus.as_ref().map(|(_, d)| d.clone()),
+            qsd_path: qsd.unwrap_or(&args.qsd),
+            blkplane_opts: &args.blkplane_opts,
+            baseline_bin: args.baseline.as_deref(),
+        })?;
+        daemons.push((t, d));
+    }
+    Ok(daemons)
+}
+
+/// Where temporary images go: `--dir`, else /dev/shm (a tmpfs), else the temporary directory.
+fn image_dir(args: &BenchArgs) -> PathBuf {
+    match &args.dir {
+        Some(d) => d.clone(),
+        None if Path::new("/dev/shm").is_dir() => PathBuf::from("/dev/shm"),
+        None => std::env::temp_dir(),
+    }
+}
+
 /// Whether `dir`'s filesystem accepts O_DIRECT (tmpfs does since Linux 6.6).
 fn check_direct_io(dir: &Path) -> Result<(), BenchError> {
     let probe = dir.join(".blkplane-odirect-probe");
@@ -334,11 +371,7 @@ fn run_single(args: BenchArgs) -> Result<Report, BenchError> {
     let max_depth = args.workloads.iter().map(|w| w.depth).max().unwrap_or(1);
 
     // The image: the user's, or a temporary one filled with non-zero data.
-    let base_dir = match &args.dir {
-        Some(d) => d.clone(),
-        None if Path::new("/dev/shm").is_dir() => PathBuf::from("/dev/shm"),
-        None => std::env::temp_dir(),
-    };
+    let base_dir = image_dir(&args);
     let work = tempfile::Builder::new()
         .prefix("blkplane-bench")
         .tempdir_in(if args.image.is_some() { std::env::temp_dir() } else { base_dir.clone() })
@@ -381,26 +414,17 @@ fn run_single(args: BenchArgs) -> Result<Report, BenchError> {
         notes.push(line);
     }
 
-    let (client_cpus, daemon_cpus) = match &args.cpus {
-        Some((c, d)) => (Some(c.clone()), Some(d.clone())),
-        None => (None, None),
-    };
-    let mut daemons: Vec<(TargetKind, DaemonProcess)> = Vec::new();
-    for &t in targets.iter().filter(|t| **t != TargetKind::Host) {
-        let d = start_daemon(DaemonSpec {
-            kind: t,
-            images: std::slice::from_ref(&image),
-            size_bytes: span,
-            queues: args.queues,
-            dir: work.path(),
-            cpus: daemon_cpus.clone(),
-            qsd_path: qsd.as_deref().unwrap_or(&args.qsd),
-            blkplane_opts: &args.blkplane_opts,
-            baseline_bin: args.baseline.as_deref(),
-        })?;
-        daemons.push((t, d));
-    }
-    if let Some(c) = &client_cpus {
+    let daemon_targets: Vec<TargetKind> =
+        targets.iter().copied().filter(|t| *t != TargetKind::Host).collect();
+    let daemons = start_daemons(
+        &args,
+        &daemon_targets,
+        std::slice::from_ref(&image),
+        span,
+        work.path(),
+        qsd.as_deref(),
+    )?;
+    if let Some((c, _)) = &args.cpus {
         pin_self(c)?;
     }
 

@@ -346,11 +346,7 @@ pub fn run(args: super::BenchArgs, tenants: usize) -> Result<Report, BenchError>
     if targets.is_empty() {
         return Err(BenchError("no target left to benchmark".into()));
     }
-    let base_dir = match &args.dir {
-        Some(d) => d.clone(),
-        None if std::path::Path::new("/dev/shm").is_dir() => PathBuf::from("/dev/shm"),
-        None => std::env::temp_dir(),
-    };
+    let base_dir = super::image_dir(&args);
     let work = tempfile::Builder::new()
         .prefix("blkplane-bench")
         .tempdir_in(&base_dir)
@@ -363,25 +359,9 @@ pub fn run(args: super::BenchArgs, tenants: usize) -> Result<Report, BenchError>
     for image in &images {
         super::make_image(image, span)?;
     }
-    let (client_cpus, daemon_cpus) = match &args.cpus {
-        Some((c, d)) => (Some(c.clone()), Some(d.clone())),
-        None => (None, None),
-    };
-    let mut daemons = Vec::new();
-    for &t in &targets {
-        let d = super::target::start_daemon(super::target::DaemonSpec {
-            kind: t,
-            images: &images,
-            size_bytes: span,
-            queues: args.queues,
-            dir: work.path(),
-            cpus: daemon_cpus.clone(),
-            qsd_path: qsd.as_deref().unwrap_or(&args.qsd),
-            blkplane_opts: &args.blkplane_opts,
-            baseline_bin: args.baseline.as_deref(),
-        })?;
-        daemons.push((t, d));
-    }
+    let client_cpus = args.cpus.as_ref().map(|(c, _)| c.clone());
+    let daemons =
+        super::start_daemons(&args, &targets, &images, span, work.path(), qsd.as_deref())?;
     let mut progress = super::Progress {
         total: args.workloads.len() * args.modes.len() * targets.len(),
         done: 0,

@@ -88,6 +88,8 @@ struct EventLoop {
     exiting: bool,
     /// The CPU this thread counted itself busy on (see [`cpu_busy`]).
     busy_on: Option<usize>,
+    /// The CPU the current idle period polls on.
+    polling_on: usize,
 }
 
 /// Data of the epoll entries; the loop looks at every queue after any wake-up, so it needs
@@ -128,6 +130,7 @@ pub(crate) fn run(setup: LoopSetup, ready: SyncSender<io::Result<()>>) {
         next_id: 0,
         exiting: false,
         busy_on: None,
+        polling_on: 0,
     };
     lp.run();
 }
@@ -157,6 +160,10 @@ impl EventLoop {
             }
             self.mark_busy(false);
             let in_flight = self.queues.iter().any(|e| e.queue.in_flight() > 0);
+            if poller.polled_for().is_zero() {
+                // Where this idle period polls, looked up once (not per round).
+                self.polling_on = current_cpu();
+            }
             if !self.exiting && poller.keep_polling(&self.poll, in_flight) && !self.cpu_wanted() {
                 if in_flight {
                     // Let a kernel worker finishing our I/O (io_uring punts writes that cannot
@@ -361,7 +368,7 @@ impl EventLoop {
     /// Whether another I/O thread of this daemon has work on the CPU this one runs on: then
     /// it is waiting for this CPU, and polling here would only keep it waiting.
     fn cpu_wanted(&self) -> bool {
-        cpu_busy(current_cpu()).is_some_and(|c| c.load(Ordering::Relaxed) > 0)
+        cpu_busy(self.polling_on).is_some_and(|c| c.load(Ordering::Relaxed) > 0)
     }
 }
 
