@@ -109,6 +109,17 @@ pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
     n.checked_mul(1 << shift).ok_or_else(|| ConfigError(format!("size '{s}' is too large")))
 }
 
+/// Longest export id or I/O thread name.
+pub const MAX_NAME_BYTES: usize = 64;
+
+/// Whether `s` can name an export or an I/O thread: 1 to 64 ASCII letters, digits, `-`, `_`
+/// and `.` (safe in log lines, metric labels and file names alike).
+pub fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_NAME_BYTES
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
 fn parse_bool(key: &str, v: &str) -> Result<bool, ConfigError> {
     match v {
         "on" | "true" | "yes" | "1" => Ok(true),
@@ -242,10 +253,7 @@ impl ExportConfig {
             seen.push(key.clone());
             match key.as_str() {
                 "id" => {
-                    let ok = !value.is_empty()
-                        && value.len() <= 64
-                        && value.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-                    if !ok {
+                    if !is_name(&value) {
                         return err(format!(
                             "id={value}: 1 to 64 letters, digits, '-', '_' or '.'"
                         ));

@@ -130,6 +130,24 @@ fn pin_self(cpus: &[usize]) -> Result<(), BenchError> {
     Ok(())
 }
 
+/// Finds qemu-storage-daemon; without it the qsd targets are dropped from `targets`, with a
+/// note. Fails if no target is left.
+fn find_qsd(
+    args: &BenchArgs,
+    targets: &mut Vec<TargetKind>,
+    notes: &mut Vec<String>,
+) -> Result<Option<PathBuf>, BenchError> {
+    let qsd = find_in_path(&args.qsd);
+    if qsd.is_none() && targets.iter().any(|t| t.is_qsd()) {
+        notes.push(format!("{} not found: the qsd targets are skipped", args.qsd.display()));
+        targets.retain(|t| !t.is_qsd());
+    }
+    if targets.is_empty() {
+        return Err(BenchError("no target left to benchmark".into()));
+    }
+    Ok(qsd)
+}
+
 /// Starts a daemon for each of `targets`, each serving an export per image, pinned as
 /// `--cpus` says.
 fn start_daemons(
@@ -359,14 +377,7 @@ fn run_single(args: BenchArgs) -> Result<Report, BenchError> {
         targets.push(TargetKind::Baseline);
     }
     targets.dedup();
-    let qsd = find_in_path(&args.qsd);
-    if qsd.is_none() && targets.iter().any(|t| t.is_qsd()) {
-        notes.push(format!("{} not found: the qsd targets are skipped", args.qsd.display()));
-        targets.retain(|t| !t.is_qsd());
-    }
-    if targets.is_empty() {
-        return Err(BenchError("no target left to benchmark".into()));
-    }
+    let qsd = find_qsd(&args, &mut targets, &mut notes)?;
     let max_block = args.workloads.iter().map(|w| w.block_bytes).max().unwrap_or(4096);
     let max_depth = args.workloads.iter().map(|w| w.depth).max().unwrap_or(1);
 

@@ -338,14 +338,7 @@ pub fn run(args: super::BenchArgs, tenants: usize) -> Result<Report, BenchError>
         notes.push("the host target has no exports to share: skipped with --tenants".to_string());
         targets.retain(|t| *t != TargetKind::Host);
     }
-    let qsd = super::find_in_path(&args.qsd);
-    if qsd.is_none() && targets.iter().any(|t| t.is_qsd()) {
-        notes.push(format!("{} not found: the qsd targets are skipped", args.qsd.display()));
-        targets.retain(|t| !t.is_qsd());
-    }
-    if targets.is_empty() {
-        return Err(BenchError("no target left to benchmark".into()));
-    }
+    let qsd = super::find_qsd(&args, &mut targets, &mut notes)?;
     let base_dir = super::image_dir(&args);
     let work = tempfile::Builder::new()
         .prefix("blkplane-bench")

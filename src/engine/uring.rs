@@ -220,8 +220,9 @@ impl Engine for UringEngine {
         }
         if let Some(Some(list)) = self.ring.state.borrow_mut().done.get_mut(usize::from(self.queue))
         {
-            // Give the (empty, still allocated) list back; anything sorted in meanwhile
-            // cannot exist, since nothing reaps while the callback runs.
+            // Give the (empty, still allocated) list back. The callbacks answer requests and
+            // queue follow-ups but never reap, so nothing was sorted into the list meanwhile;
+            // should that change, what was sorted is kept rather than dropped.
             if list.is_empty() {
                 *list = mine;
             }

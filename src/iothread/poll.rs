@@ -177,6 +177,11 @@ impl Poller {
         polled
     }
 
+    /// Whether a run of empty rounds is under way (polling has begun and not ended).
+    pub fn polling(&self) -> bool {
+        self.idle_since.is_some()
+    }
+
     /// How long the current run of empty rounds has lasted (the polling before a sleep).
     pub fn polled_for(&self) -> Duration {
         self.idle_since.map(|since| since.elapsed()).unwrap_or_default()

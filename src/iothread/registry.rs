@@ -11,12 +11,11 @@ use serde::Serialize;
 
 use super::poll::{PollMode, PollPolicy, PollSettings, MAX_POLL_MAX_US};
 use super::{IoThread, Placement};
+use crate::export::{is_name, MAX_NAME_BYTES};
 
 /// Submission entries of a shared thread's ring: room for several busy queues at once (more
 /// wait in the ring buffer of the kernel, never lost).
 const SHARED_RING_ENTRIES: u32 = 1024;
-/// Longest I/O thread name.
-const MAX_NAME_BYTES: usize = 64;
 /// Largest shared pool (`--pool-threads`).
 pub const MAX_POOL_THREADS: usize = 1024;
 /// Named threads one daemon may have (each is an OS thread and a ring).
@@ -37,10 +36,7 @@ pub const IOTHREAD_KEYS: &[&str] = &["id", "cpus", "poll", "poll-max-us"];
 /// Whether `name` can name an I/O thread (or an export's list of them): letters, digits,
 /// `-`, `_` and `.`, and not the words the `iothread=` key gives a meaning.
 pub fn check_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= MAX_NAME_BYTES
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-    if !ok {
+    if !is_name(name) {
         return Err(format!(
             "'{name}' is not an I/O thread name (1 to {MAX_NAME_BYTES} letters, digits, '-', '_', '.')"
         ));

@@ -160,7 +160,7 @@ impl EventLoop {
             }
             self.mark_busy(false);
             let in_flight = self.queues.iter().any(|e| e.queue.in_flight() > 0);
-            if poller.polled_for().is_zero() {
+            if !poller.polling() {
                 // Where this idle period polls, looked up once (not per round).
                 self.polling_on = current_cpu();
             }

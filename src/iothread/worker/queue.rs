@@ -175,7 +175,7 @@ impl<E: Engine> QueueWorker<E> {
 
 impl<E: Engine> Served for QueueWorker<E> {
     fn fetch(&mut self, budget: usize) -> usize {
-        if self.core.stopping || self.core.broken {
+        if !self.core.accepting() {
             return 0;
         }
         self.core.fetch(&mut self.engine, budget)
