@@ -266,7 +266,12 @@ impl EventLoop {
             self.register(None, e.completion_registered.take(), EventSet::IN);
             let next_avail = e.queue.finish();
             self.stats.queues.fetch_sub(1, Ordering::Relaxed);
-            if let Some(reply) = e.leaving.take() {
+            let reply = e.leaving.take();
+            // The queue (its disk, memory snapshot, descriptors, engine) is gone before the
+            // answer: once `stop` returns, nothing of the queue is left on this thread, so an
+            // export removed right after holds no thread or memory through it.
+            drop(e);
+            if let Some(reply) = reply {
                 let _ = reply.send(next_avail);
             }
         }
