@@ -30,7 +30,7 @@ use crate::engine::null::NullEngine;
 use crate::engine::threads::ThreadsEngine;
 use crate::engine::uring::UringEngine;
 use crate::engine::EngineKind;
-use crate::virtq::{GuestMemory, RingAddrs};
+use crate::virtq::{GuestMemory, InflightRegion, RingAddrs};
 use poll::{PollPolicy, PollSettings};
 use worker::{Command, LoopSetup, MakeQueue};
 
@@ -51,6 +51,9 @@ pub struct QueueSetup {
     pub call: Option<File>,
     /// Where to signal that the queue broke.
     pub err: Option<File>,
+    /// The frontend's inflight region (INFLIGHT_SHMFD), if it gave one: the queue marks what
+    /// it takes there, and resubmits what an earlier process left marked.
+    pub inflight: Option<Arc<InflightRegion>>,
 }
 
 /// What an I/O thread did, for `list-iothreads` and the metrics.

@@ -22,8 +22,11 @@ use crate::disk::Disk;
 use crate::iothread::{start_queue, QueueHandle, QueueSetup};
 use crate::ratelimit::RateLimiter;
 use crate::sys::checked_eventfd;
+use crate::virtq::inflight;
 use crate::virtq::memory::MAX_MEM_REGIONS;
-use crate::virtq::{GuestMemory, MappedRegion, MemoryError, RingAddrs};
+use crate::virtq::{
+    GuestMemory, InflightError, InflightRegion, MappedRegion, MemoryError, RingAddrs,
+};
 use crate::warn_limited;
 
 #[derive(Default)]
@@ -54,6 +57,9 @@ pub struct BlkDevice {
     /// Lines this frontend can trigger are rate limited, by the export's limiter (which
     /// outlives connections: reconnecting does not buy a fresh budget).
     log: Arc<Mutex<RateLimiter>>,
+    /// The inflight region (GET_INFLIGHT_FD / SET_INFLIGHT_FD): survives our restarts in the
+    /// frontend's hands, and tells the next daemon what was in flight.
+    inflight: Option<Arc<InflightRegion>>,
 }
 
 fn handler_error(e: impl std::fmt::Display) -> Error {
@@ -72,6 +78,7 @@ impl BlkDevice {
             vrings,
             hangup,
             log,
+            inflight: None,
         }
     }
 
@@ -107,6 +114,37 @@ impl BlkDevice {
                 Err(handler_error(format!("{what} descriptor: {e}")))
             }
         }
+    }
+
+    /// The geometry an inflight message asks for, if within what the export offers (which
+    /// bounds the region we create or map).
+    fn inflight_geometry(&mut self, inflight: &VhostUserInflight) -> Result<(u16, u16)> {
+        let (num_queues, queue_size) = (inflight.num_queues, inflight.queue_size);
+        if num_queues == 0
+            || num_queues > self.disk.num_queues
+            || queue_size == 0
+            || queue_size > self.disk.max_queue_size
+        {
+            return Err(self.inflight_error(InflightError::Geometry {
+                num_queues,
+                queue_size,
+                max_queues: self.disk.num_queues,
+                max_queue_size: self.disk.max_queue_size,
+            }));
+        }
+        Ok((num_queues, queue_size))
+    }
+
+    fn inflight_error(&mut self, e: InflightError) -> Error {
+        warn_limited!(self.log(), export = %self.disk.name, "{e}");
+        handler_error(e)
+    }
+
+    /// Takes a new inflight region; running rings restart on it (after their in-flight
+    /// requests, which the old region then shows answered).
+    fn set_inflight(&mut self, region: InflightRegion) -> Result<()> {
+        self.inflight = Some(Arc::new(region));
+        self.apply_running()
     }
 
     /// Whether the frontend's guest RAM shrank under a running queue (see virtq/fault.rs).
@@ -153,6 +191,7 @@ impl BlkDevice {
             kick: clone(&v.kick).map_err(Error::ReqHandlerError)?,
             call: clone(&v.call).map_err(Error::ReqHandlerError)?,
             err: clone(&v.err).map_err(Error::ReqHandlerError)?,
+            inflight: self.inflight.clone(),
         };
         match start_queue(&self.disk, setup) {
             Ok(thread) => {
@@ -214,6 +253,8 @@ impl BlkDevice {
         }
         self.acked_features = 0;
         self.memory = Arc::new(GuestMemory::default());
+        // A reset device starts its rings afresh; the frontend asks for a new region.
+        self.inflight = None;
         self.disk.reset_writeback();
     }
 }
@@ -365,7 +406,8 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::RESET_DEVICE
-            | VhostUserProtocolFeatures::BACKEND_REQ)
+            | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD)
     }
 
     fn set_protocol_features(&mut self, features: u64) -> Result<()> {
@@ -422,13 +464,36 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
 
     fn get_inflight_fd(
         &mut self,
-        _inflight: &VhostUserInflight,
+        inflight: &VhostUserInflight,
     ) -> Result<(VhostUserInflight, File)> {
-        Err(Error::InvalidOperation("inflight tracking is not supported"))
+        let (num_queues, queue_size) = self.inflight_geometry(inflight)?;
+        let (region, file) =
+            InflightRegion::create(num_queues, queue_size, Some(Arc::clone(&self.hangup)))
+                .map_err(|e| self.inflight_error(e))?;
+        let reply = VhostUserInflight {
+            mmap_size: inflight::region_bytes(num_queues, queue_size),
+            mmap_offset: 0,
+            num_queues,
+            queue_size,
+        };
+        // The frontend sends it back with SET_INFLIGHT_FD before starting rings; using it
+        // now as well serves a frontend that does not.
+        self.set_inflight(region)?;
+        Ok((reply, file))
     }
 
-    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> Result<()> {
-        Err(Error::InvalidOperation("inflight tracking is not supported"))
+    fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> Result<()> {
+        let (num_queues, queue_size) = self.inflight_geometry(inflight)?;
+        let region = InflightRegion::map(
+            &file,
+            inflight.mmap_offset,
+            inflight.mmap_size,
+            num_queues,
+            queue_size,
+            Some(Arc::clone(&self.hangup)),
+        )
+        .map_err(|e| self.inflight_error(e))?;
+        self.set_inflight(region)
     }
 
     fn get_max_mem_slots(&mut self) -> Result<u64> {

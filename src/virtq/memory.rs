@@ -215,6 +215,11 @@ impl MappedRegion {
         self.user_addr
     }
 
+    /// Host address of the region's first byte; `size` bytes from it are mapped.
+    pub(super) fn host(&self) -> *mut u8 {
+        self.host
+    }
+
     fn contains_gpa(&self, gpa: u64) -> bool {
         gpa >= self.guest_phys_addr && gpa - self.guest_phys_addr < self.size
     }

@@ -2,11 +2,13 @@
 //! into host pointers and reads or writes the rings.
 
 pub mod fault;
+pub mod inflight;
 pub mod memory;
 pub mod split;
 #[cfg(test)]
 pub(crate) mod testing;
 
+pub use inflight::{InflightError, InflightQueue, InflightRegion};
 pub use memory::{
     copy_from_guest, copy_to_guest, iovs_aligned, zero_guest, BounceBuffer, GuestIov, GuestMemory,
     MappedRegion, MemoryError,

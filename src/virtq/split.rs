@@ -207,6 +207,18 @@ impl SplitQueue {
         self.next_avail
     }
 
+    /// Takes new requests from `next_avail` on (after an inflight recovery, which knows
+    /// better than the frontend's base how many the last process took).
+    pub fn resume_at(&mut self, next_avail: u16) {
+        self.next_avail = next_avail;
+        self.cached_avail_idx = next_avail;
+    }
+
+    /// The used index as published (read from the ring when the queue started).
+    pub fn used_index(&self) -> u16 {
+        self.next_used
+    }
+
     fn avail_idx(&self) -> &AtomicU16 {
         // SAFETY: avail was validated to hold 6 + 2 * size bytes, 2-aligned; idx is at +2.
         unsafe { &*self.avail.add(2).cast::<AtomicU16>() }

@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tracing::{debug, error};
+use tracing::{debug, error, info};
 
 use super::slots::{self, Slots};
 use super::{align, followup};
@@ -22,7 +22,7 @@ use crate::iothread::QueueSetup;
 use crate::ratelimit::RateLimiter;
 use crate::trace::sample::Sampler;
 use crate::trace::{Kind, QueueStats};
-use crate::virtq::{copy_to_guest, GuestMemory, QueueError, SplitQueue};
+use crate::virtq::{copy_to_guest, GuestMemory, InflightQueue, QueueError, SplitQueue};
 use crate::warn_limited;
 
 /// Sleep bound when the frontend gave no kick fd and we must poll the ring.
@@ -75,13 +75,16 @@ pub(crate) trait Served {
     fn stats(&self) -> &QueueStats;
 }
 
-/// Checks the queue and starts serving it with `engine`.
+/// Checks the queue and starts serving it with `engine`. With an inflight region, first
+/// reads what an earlier daemon left in flight: those requests go before any new one.
 pub(crate) fn start<E: Engine + 'static>(
     disk: Arc<Disk>,
-    setup: QueueSetup,
+    mut setup: QueueSetup,
     engine: E,
 ) -> io::Result<Box<dyn Served>> {
-    let queue = SplitQueue::new(
+    let invalid =
+        |e: &dyn std::fmt::Display| io::Error::new(io::ErrorKind::InvalidInput, e.to_string());
+    let mut queue = SplitQueue::new(
         &setup.memory,
         setup.addrs,
         setup.size,
@@ -90,12 +93,62 @@ pub(crate) fn start<E: Engine + 'static>(
         setup.indirect,
         slots::SLOT_IOVS,
     )
-    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    .map_err(|e| invalid(&e))?;
+    let mut resubmit = Vec::new();
+    let inflight = match setup.inflight.take() {
+        Some(region) => {
+            let mut tracked = region.queue(setup.index, setup.size).map_err(|e| invalid(&e))?;
+            let found =
+                tracked.recover(queue.used_index(), &mut resubmit).map_err(|e| invalid(&e))?;
+            if !found.fresh {
+                // The last process took exactly what it answered plus what is still marked.
+                let resume = queue.used_index().wrapping_add(resubmit.len() as u16);
+                if !resubmit.is_empty() || found.batch_fixed > 0 || resume != setup.next_avail {
+                    info!(
+                        export = %disk.name,
+                        queue = setup.index,
+                        resubmit = resubmit.len(),
+                        batch_fixed = found.batch_fixed,
+                        next_avail = resume,
+                        frontend_base = setup.next_avail,
+                        "recovered the queue from its inflight region"
+                    );
+                }
+                queue.resume_at(resume);
+                // Completions the last process published while the frontend was switching
+                // to new call fds may never have been signalled; one interrupt too many is
+                // harmless, one too few leaves the guest waiting.
+                if let Some(call) = setup.call.as_mut() {
+                    let _ = call.write(&1u64.to_ne_bytes());
+                }
+            }
+            Some(tracked)
+        }
+        None => None,
+    };
     let mut worker = QueueWorker::new(disk, setup, queue, engine);
+    worker.core.inflight = inflight;
+    worker.core.resubmit = Resubmission { heads: resubmit, ..Resubmission::default() };
     // Kicks stay off while the thread is awake: it looks at the ring itself.
     worker.core.queue.disable_notifications();
     debug!(export = %worker.core.disk.name, queue = worker.core.index, "queue started");
     Ok(Box::new(worker))
+}
+
+/// Requests an earlier daemon left in flight, taken again before anything new.
+#[derive(Default)]
+pub(super) struct Resubmission {
+    /// Heads in the order they were first taken.
+    heads: Vec<u16>,
+    next: usize,
+    /// How many of each kind went, for the line logged when all have.
+    kinds: [u32; Kind::ALL.len()],
+}
+
+impl Resubmission {
+    fn pending(&self) -> usize {
+        self.heads.len() - self.next
+    }
 }
 
 struct QueueWorker<E: Engine> {
@@ -137,6 +190,9 @@ pub(super) struct Core {
     pub(super) stats_on: bool,
     /// Per-layer timestamps of one request in SAMPLE_EVERY (see crate::trace).
     pub(super) sampler: Sampler,
+    /// The queue's part of the frontend's inflight region, if it gave one.
+    pub(super) inflight: Option<InflightQueue>,
+    pub(super) resubmit: Resubmission,
 }
 
 impl<E: Engine> QueueWorker<E> {
@@ -168,6 +224,8 @@ impl<E: Engine> QueueWorker<E> {
             stats_on: disk_stats_on,
             stats,
             sampler: Sampler::new(disk_stats_on, size),
+            inflight: None,
+            resubmit: Resubmission::default(),
         };
         QueueWorker { engine, core }
     }
@@ -278,11 +336,17 @@ impl Core {
         if self.parked.is_some() {
             return 0;
         }
-        let pending = match self.queue.avail_count() {
-            Ok(n) => usize::from(n),
-            Err(e) => {
-                self.break_queue(e);
-                return 0;
+        // What an earlier daemon left in flight goes first, before the avail ring is read.
+        let resubmitting = self.resubmit.pending() > 0;
+        let pending = if resubmitting {
+            self.resubmit.pending()
+        } else {
+            match self.queue.avail_count() {
+                Ok(n) => usize::from(n),
+                Err(e) => {
+                    self.break_queue(e);
+                    return 0;
+                }
             }
         };
         let batch = pending.min(self.slots.free_count()).min(budget);
@@ -298,16 +362,26 @@ impl Core {
         let limits = self.disk.limits();
         let mut taken = 0;
         for _ in 0..batch {
-            let head = match self.queue.pop_head() {
-                Ok(Some(head)) => head,
-                Ok(None) => break,
-                Err(e) => {
-                    self.break_queue(e);
-                    break;
+            let head = if resubmitting {
+                let head = self.resubmit.heads[self.resubmit.next];
+                self.resubmit.next += 1;
+                head
+            } else {
+                match self.queue.pop_head() {
+                    Ok(Some(head)) => head,
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.break_queue(e);
+                        break;
+                    }
                 }
             };
             let Some(tag) = self.slots.take(head) else { break };
             taken += 1;
+            // Marked before the request can start; a resubmitted head still is.
+            if let (Some(inflight), false) = (self.inflight.as_mut(), resubmitting) {
+                inflight.taken(head);
+            }
             self.sampler.seen(tag);
             let slot = &mut self.slots[tag];
             let outcome = match self.queue.walk_chain(&self.memory, head, &mut slot.chain) {
@@ -325,6 +399,9 @@ impl Core {
             (slot.kind, slot.bytes) =
                 parsed.result.as_ref().map(kind_of).unwrap_or((Kind::Other, 0));
             self.sampler.parsed(tag);
+            if resubmitting {
+                self.resubmit.kinds[slot.kind as usize] += 1;
+            }
             match parsed.result {
                 Ok(req) => {
                     if let Some(req) = self.start(engine, tag, req) {
@@ -337,7 +414,27 @@ impl Core {
         }
         // Counted as admitted above but never taken (the ring broke): nothing to wait for.
         self.count_retired((batch - taken) as u64);
+        if resubmitting && self.resubmit.pending() == 0 {
+            self.resubmitted();
+        }
         batch
+    }
+
+    /// Every request left in flight by an earlier daemon has been taken again: say what.
+    fn resubmitted(&mut self) {
+        let done = std::mem::take(&mut self.resubmit);
+        let kinds: Vec<String> = Kind::ALL
+            .iter()
+            .filter(|k| done.kinds[**k as usize] > 0)
+            .map(|k| format!("{} {}", done.kinds[*k as usize], k.name()))
+            .collect();
+        info!(
+            export = %self.disk.name,
+            queue = self.index,
+            "resubmitted {} requests left in flight by the last daemon: {}",
+            done.heads.len(),
+            kinds.join(", ")
+        );
     }
 
     /// Hands a parsed request to the engine, or answers it at once if there is nothing to do.
@@ -497,6 +594,9 @@ impl Core {
             }
         };
         self.queue.push_used(slot.head, used_len);
+        if let Some(inflight) = self.inflight.as_mut() {
+            inflight.used(slot.head);
+        }
         self.unpublished += 1;
         if self.stats_on {
             let c = &self.stats.counters;
@@ -525,8 +625,12 @@ impl Core {
         if self.unpublished == 0 {
             return;
         }
-        self.unpublished = 0;
+        let count = std::mem::take(&mut self.unpublished);
         self.queue.publish_used();
+        // Unmarked only once used->idx covers them (see virtq/inflight.rs).
+        if let Some(inflight) = self.inflight.as_mut() {
+            inflight.published(count, self.queue.used_index());
+        }
         let published = self.sampler.has_done().then(Instant::now);
         if self.queue.needs_notification() {
             if let Some(call) = self.call.as_mut() {
