@@ -38,6 +38,7 @@ pub struct ConfigFile {
     pub max_mapped_guest_memory: Option<String>,
     pub iothreads: Vec<IoThreadConfig>,
     pub pool_threads: Option<usize>,
+    pub image_lock_wait_ms: Option<u64>,
 }
 
 /// Reads and validates `path`. Errors name the file and the problem in one line.
@@ -56,6 +57,11 @@ pub fn parse(text: &str) -> Result<ConfigFile, String> {
             "metrics" => cfg.metrics = Some(string(key, value)?),
             "log-level" => cfg.log_level = Some(string(key, value)?),
             "max-mapped-guest-memory" => cfg.max_mapped_guest_memory = Some(string(key, value)?),
+            "image-lock-wait-ms" => {
+                let ms = value.as_integer().and_then(|n| u64::try_from(n).ok());
+                cfg.image_lock_wait_ms =
+                    Some(ms.ok_or("'image-lock-wait-ms' must be a number of milliseconds")?);
+            }
             "pool-threads" => {
                 let n = value.as_integer().and_then(|n| usize::try_from(n).ok());
                 cfg.pool_threads = Some(n.filter(|n| (1..=MAX_POOL_THREADS).contains(n)).ok_or(

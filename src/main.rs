@@ -12,6 +12,7 @@ use tracing::level_filters::LevelFilter;
 use blkplane::config_file;
 use blkplane::control::{metrics, ControlClient, ControlServer, COMMANDS};
 use blkplane::daemon::{self, Daemon};
+use blkplane::engine::lock;
 use blkplane::export::ExportConfig;
 use blkplane::iothread::registry::{IoThreadConfig, IoThreads, MAX_POOL_THREADS};
 
@@ -174,6 +175,11 @@ struct ServeOptions {
     /// its own max-guest-memory.
     #[arg(long, value_name = "SIZE")]
     max_mapped_guest_memory: Option<String>,
+    /// How long to wait for an image another process has locked before refusing it
+    /// (default 5000). A daemon killed with I/O in flight keeps its images locked until that
+    /// I/O completes; its successor waits for it rather than fail.
+    #[arg(long, value_name = "MS")]
+    image_lock_wait_ms: Option<u64>,
 }
 
 fn serve(o: ServeOptions) -> ExitCode {
@@ -215,6 +221,16 @@ fn serve(o: ServeOptions) -> ExitCode {
             Ok(bytes) => blkplane::virtq::memory::set_mapped_limit_bytes(bytes),
             Err(e) => return usage_error(format!("max-mapped-guest-memory: {e}")),
         }
+    }
+    match o.image_lock_wait_ms.or(file.image_lock_wait_ms) {
+        Some(ms) if ms > lock::MAX_LOCK_WAIT_MS => {
+            return usage_error(format!(
+                "image-lock-wait-ms {ms}: at most {}",
+                lock::MAX_LOCK_WAIT_MS
+            ))
+        }
+        Some(ms) => lock::set_lock_wait_ms(ms),
+        None => {}
     }
     let control_path = o.control.or(file.control.take());
     let metrics_addr = o.metrics.or(file.metrics.take());

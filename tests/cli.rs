@@ -15,7 +15,12 @@ fn run(args: &[&str]) -> Output {
 }
 
 fn serve(exports: &[String]) -> Output {
+    serve_with(&[], exports)
+}
+
+fn serve_with(options: &[&str], exports: &[String]) -> Output {
     let mut args = vec!["serve".to_string()];
+    args.extend(options.iter().map(|o| o.to_string()));
     for e in exports {
         args.push("--export".into());
         args.push(e.clone());
@@ -204,13 +209,17 @@ fn images_are_locked_like_qemu_locks_them() {
     let _first =
         Daemon::start(dir.path(), &[format!("socket={},image={}", a.display(), image.display())]);
     let b = dir.path().join("b.sock");
-    let out = serve(&[format!("socket={},image={}", b.display(), image.display())]);
+    let no_wait = ["--image-lock-wait-ms", "0"];
+    let out = serve_with(&no_wait, &[format!("socket={},image={}", b.display(), image.display())]);
     assert_usage_error(
         &out,
         "does not share the \"write\" permission (use force-share=on to serve it anyway)",
     );
     assert!(!b.exists());
-    let out = serve(&[format!("socket={},image={},readonly=on", b.display(), image.display())]);
+    let out = serve_with(
+        &no_wait,
+        &[format!("socket={},image={},readonly=on", b.display(), image.display())],
+    );
     assert_usage_error(&out, "another process holds the \"write\" permission on the image");
     let forced = Daemon::start(
         dir.path(),
@@ -235,61 +244,51 @@ fn images_are_locked_like_qemu_locks_them() {
     }
 }
 
+/// A daemon that finds its image locked waits for the holder to let go, for
+/// --image-lock-wait-ms (the restart of a daemon killed with I/O in flight), and is refused
+/// only after that.
 #[test]
-fn cpus_must_be_ones_the_process_may_use() {
+fn a_locked_image_is_waited_for() {
     let dir = tmpdir();
     let image = dir.path().join("disk.raw");
-    make_image(&image, 1 << 20, 1);
-    let sock = dir.path().join("s.sock");
-    // Confined to CPU 0 (as a cpuset would), CPU 1 exists but is not ours to pin to.
-    let out = Command::new("taskset")
-        .args(["-c", "0", &common::daemon_bin(), "serve", "--export"])
-        .arg(format!("socket={},image={},cpus=1", sock.display(), image.display()))
-        .output()
-        .expect("taskset (util-linux)");
-    assert_usage_error(&out, "cpus=1: CPU 1 is not one this process may use (allowed: 0)");
-    assert!(!sock.exists(), "a socket was left behind");
-}
-
-#[test]
-fn bad_iothread_options_exit_2_and_create_nothing() {
-    let dir = tmpdir();
-    let d = dir.path();
-    let sock = d.join("s.sock");
-    let export = format!("socket={},engine=null,size=1M", sock.display());
-    let cases: [(&[&str], String); 7] = [
-        (&["--iothread", "cpus=0"], "--iothread cpus=0: an I/O thread needs id=NAME".into()),
-        (
-            &["--iothread", "id=a,colour=red"],
-            "unknown key 'colour' (keys: id, cpus, poll, poll-max-us)".into(),
-        ),
-        (&["--iothread", "id=a b"], "'a b' is not an I/O thread name".into()),
-        (&["--iothread", "id=a", "--iothread", "id=a"], "I/O thread 'a' exists".into()),
-        (&["--iothread", "id=a,poll-max-us=100001"], "poll-max-us=100001: at most 100000".into()),
-        (&["--pool-threads", "0"], "--pool-threads 0: from 1 to 1024".into()),
-        (&["--iothread", "id=pool.1"], "'pool.1' is reserved (dedicated, pool, pool.N)".into()),
-    ];
-    for (args, want) in cases {
-        let out = Command::new(common::daemon_bin())
-            .arg("serve")
-            .args(args)
-            .args(["--export", &export])
-            .output()
-            .unwrap();
-        assert_usage_error(&out, &want);
-        assert!(!sock.exists(), "a socket was left behind ({args:?})");
-    }
-    // An export that names a thread nobody made, or sets polling on shared threads.
-    let out = serve(&[format!("{export},iothread=nope")]);
-    assert_usage_error(&out, "iothread=nope: no I/O thread 'nope'");
-    let out = Command::new(common::daemon_bin())
-        .args(["serve", "--iothread", "id=t", "--export"])
-        .arg(format!("{export},iothread=t,poll=never"))
-        .output()
+    make_image(&image, 4 << 20, 6);
+    let a = dir.path().join("a.sock");
+    let mut first =
+        Daemon::start(dir.path(), &[format!("socket={},image={}", a.display(), image.display())]);
+    let b = dir.path().join("b.sock");
+    let second = std::process::Command::new(common::daemon_bin())
+        .args(["serve", "--image-lock-wait-ms", "20000", "--export"])
+        .arg(format!("socket={},image={}", b.display(), image.display()))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
-    assert_usage_error(
-        &out,
-        "poll= is a setting of the export's own I/O threads (iothread=dedicated); iothread=t shares threads",
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(!b.exists(), "the second daemon served a locked image");
+    assert!(first.stop().success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !b.exists() {
+        assert!(std::time::Instant::now() < deadline, "the second daemon never took the image");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe { libc::kill(second.id() as i32, libc::SIGTERM) };
+    let out = second.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("waiting for it to let go"), "{log}");
+    assert!(log.contains("image lock taken"), "{log}");
+
+    // Waiting has an end: a holder that stays is refused after the wait, as before.
+    let _third =
+        Daemon::start(dir.path(), &[format!("socket={},image={}", a.display(), image.display())]);
+    let started = std::time::Instant::now();
+    let out = serve_with(
+        &["--image-lock-wait-ms", "300"],
+        &[format!("socket={},image={}", b.display(), image.display())],
     );
-    assert!(!sock.exists());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(started.elapsed() >= std::time::Duration::from_millis(300));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not share the \"write\" permission")
+    );
 }

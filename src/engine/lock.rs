@@ -10,6 +10,10 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tracing::info;
 
 const PERM_BASE: i64 = 100;
 const SHARED_BASE: i64 = 200;
@@ -55,11 +59,54 @@ fn read_lock(file: &File, byte: i64) -> io::Result<()> {
     Ok(())
 }
 
+/// How long `lock_image` waits for a conflicting lock to go (`--image-lock-wait-ms`).
+static LOCK_WAIT_MS: AtomicU64 = AtomicU64::new(DEFAULT_LOCK_WAIT_MS);
+/// A daemon killed with I/O in flight holds its image until that I/O completes: the kernel
+/// keeps the open file (and its locks) for the requests it still runs. Its successor waits
+/// that long rather than fail, and must: serving the image earlier could let one of the old
+/// writes land after a newer one.
+pub const DEFAULT_LOCK_WAIT_MS: u64 = 5000;
+pub const MAX_LOCK_WAIT_MS: u64 = 600_000;
+
+pub fn set_lock_wait_ms(ms: u64) {
+    LOCK_WAIT_MS.store(ms.min(MAX_LOCK_WAIT_MS), Ordering::Relaxed);
+}
+
 /// Takes the locks of an export on `file`. A writable export holds read, write and resize and
 /// shares only reading; a read-only one holds read and shares neither write nor resize.
 /// `force_share`: share everything and check nothing (another writer may then change the
 /// image under the guest: the operator's call). The locks last as long as the file is open.
+/// A conflict is retried every 10 ms for `--image-lock-wait-ms` before it is an error.
 pub fn lock_image(file: &File, readonly: bool, force_share: bool) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_millis(LOCK_WAIT_MS.load(Ordering::Relaxed));
+    let mut said = false;
+    loop {
+        match try_lock_image(file, readonly, force_share) {
+            Err(Refused::Conflict(why)) if Instant::now() < deadline => {
+                if !said {
+                    info!("{why}; waiting for it to let go");
+                    said = true;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(Refused::Conflict(why) | Refused::Io(why)) => return Err(why),
+            Ok(()) => {
+                if said {
+                    info!("image lock taken");
+                }
+                return Ok(());
+            }
+        }
+    }
+}
+
+enum Refused {
+    /// Another user holds what we need: may go away.
+    Conflict(String),
+    Io(String),
+}
+
+fn try_lock_image(file: &File, readonly: bool, force_share: bool) -> Result<(), Refused> {
     let held: &[u32] =
         if readonly { &[CONSISTENT_READ] } else { &[CONSISTENT_READ, WRITE, RESIZE] };
     let shared: &[u32] = if force_share {
@@ -67,18 +114,18 @@ pub fn lock_image(file: &File, readonly: bool, force_share: bool) -> Result<(), 
     } else {
         &[CONSISTENT_READ, WRITE_UNCHANGED]
     };
-    let io_err = |e: io::Error| format!("cannot lock the image: {e}");
+    let io_err = |e: io::Error| Refused::Io(format!("cannot lock the image: {e}"));
     if !force_share {
         for &(bit, name) in &ALL_PERMS {
             if held.contains(&bit)
                 && locked_by_other(file, SHARED_BASE + i64::from(bit)).map_err(io_err)?
             {
-                return Err(format!("another process uses the image and does not share the \"{name}\" permission (use force-share=on to serve it anyway)"));
+                return Err(Refused::Conflict(format!("another process uses the image and does not share the \"{name}\" permission (use force-share=on to serve it anyway)")));
             }
             if !shared.contains(&bit)
                 && locked_by_other(file, PERM_BASE + i64::from(bit)).map_err(io_err)?
             {
-                return Err(format!("another process holds the \"{name}\" permission on the image (use force-share=on to serve it anyway)"));
+                return Err(Refused::Conflict(format!("another process holds the \"{name}\" permission on the image (use force-share=on to serve it anyway)")));
             }
         }
     }

@@ -466,10 +466,18 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         &mut self,
         inflight: &VhostUserInflight,
     ) -> Result<(VhostUserInflight, File)> {
-        let (num_queues, queue_size) = self.inflight_geometry(inflight)?;
-        let (region, file) =
+        // A region we cannot give is answered with none (mmap_size 0, which QEMU takes as
+        // "no inflight tracking"): the frontend goes on without it, and learns why from us.
+        let no_region = VhostUserInflight { mmap_size: 0, mmap_offset: 0, ..*inflight };
+        let created = self.inflight_geometry(inflight).and_then(|(num_queues, queue_size)| {
             InflightRegion::create(num_queues, queue_size, Some(Arc::clone(&self.hangup)))
-                .map_err(|e| self.inflight_error(e))?;
+                .map_err(|e| self.inflight_error(e))
+                .map(|(region, file)| (region, file, num_queues, queue_size))
+        });
+        let Ok((region, file, num_queues, queue_size)) = created else {
+            let file = inflight::no_region_file().map_err(Error::ReqHandlerError)?;
+            return Ok((no_region, file));
+        };
         let reply = VhostUserInflight {
             mmap_size: inflight::region_bytes(num_queues, queue_size),
             mmap_offset: 0,

@@ -26,7 +26,7 @@
 
 use std::fmt;
 use std::fs::File;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU16, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
@@ -147,6 +147,27 @@ impl fmt::Display for InflightError {
 
 impl std::error::Error for InflightError {}
 
+fn sealable_memfd() -> std::io::Result<File> {
+    // SAFETY: memfd_create with a valid C string; the fd it returns is ours alone.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"blkplane-inflight".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd we own and hand to File alone.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// The file sent with a GET_INFLIGHT_FD reply that says "no region" (mmap_size 0): the
+/// message must carry one, and an empty memfd maps nothing.
+pub fn no_region_file() -> std::io::Result<File> {
+    sealable_memfd()
+}
+
 /// A mapped inflight region: `num_queues` queue parts of `queue_size` descriptors each.
 pub struct InflightRegion {
     mapping: MappedRegion,
@@ -163,18 +184,8 @@ impl InflightRegion {
         hangup: Option<Arc<OwnedFd>>,
     ) -> Result<(InflightRegion, File), InflightError> {
         let bytes = region_bytes(num_queues, queue_size);
-        // SAFETY: memfd_create with a valid C string; the fd it returns is ours alone.
-        let fd = unsafe {
-            libc::memfd_create(
-                c"blkplane-inflight".as_ptr(),
-                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-            )
-        };
-        if fd < 0 {
-            return Err(InflightError::Create(std::io::Error::last_os_error()));
-        }
-        // SAFETY: a fresh fd we own and hand to File alone.
-        let file = unsafe { File::from_raw_fd(fd) };
+        let file = sealable_memfd().map_err(InflightError::Create)?;
+        let fd = file.as_raw_fd();
         file.set_len(bytes).map_err(InflightError::Create)?;
         // SAFETY: fcntl on an fd we own; F_ADD_SEALS takes an int argument.
         if unsafe {

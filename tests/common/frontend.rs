@@ -10,7 +10,7 @@ use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -142,6 +142,138 @@ pub struct TestFrontend {
     pub ram: GuestRam,
     pub queues: Vec<TestQueue>,
     pub features: u64,
+    /// The inflight region, if the connection asked for one.
+    pub inflight: Option<InflightFd>,
+}
+
+/// Queue size the tests' inflight regions are asked for (QEMU's default is 128; bigger than
+/// the rings the tests use, as a guest may choose a ring smaller than the device's maximum).
+pub const INFLIGHT_QUEUE_SIZE: u16 = 256;
+
+/// The inflight region the daemon gave us (GET_INFLIGHT_FD), kept as QEMU keeps it, and
+/// readable here per the vhost-user spec's split-ring layout: a 16-byte header (features u64,
+/// version, desc_num, last_batch_head, used_idx as u16) and 16 bytes per descriptor
+/// (inflight u8 at 0, next u16 at 6, counter u64 at 8).
+pub struct InflightFd {
+    pub file: File,
+    pub info: VhostUserInflight,
+    ptr: *mut u8,
+}
+
+impl InflightFd {
+    fn map(file: File, info: VhostUserInflight) -> InflightFd {
+        // SAFETY: a new shared mapping of the region's fd, of the size the daemon gave.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                info.mmap_size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                info.mmap_offset as libc::off_t,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED);
+        InflightFd { file, info, ptr: ptr.cast() }
+    }
+
+    /// Byte offset of queue `q`'s part: each starts on a 64-byte boundary.
+    pub fn queue_offset(&self, q: usize) -> usize {
+        q * (16 + 16 * usize::from(self.info.queue_size)).next_multiple_of(64)
+    }
+
+    pub fn read(&self, at: usize, len: usize) -> Vec<u8> {
+        assert!(at + len <= self.info.mmap_size as usize);
+        let mut v = vec![0u8; len];
+        // SAFETY: inside our mapping.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(at), v.as_mut_ptr(), len) };
+        v
+    }
+
+    pub fn write(&self, at: usize, data: &[u8]) {
+        assert!(at + data.len() <= self.info.mmap_size as usize);
+        // SAFETY: inside our mapping.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(at), data.len()) };
+    }
+
+    fn u16_at(&self, at: usize) -> u16 {
+        let b = self.read(at, 2);
+        u16::from_le_bytes([b[0], b[1]])
+    }
+
+    pub fn version(&self, q: usize) -> u16 {
+        self.u16_at(self.queue_offset(q) + 8)
+    }
+
+    pub fn desc_num(&self, q: usize) -> u16 {
+        self.u16_at(self.queue_offset(q) + 10)
+    }
+
+    pub fn used_idx(&self, q: usize) -> u16 {
+        self.u16_at(self.queue_offset(q) + 14)
+    }
+
+    /// Offset of descriptor `head`'s state in queue `q`.
+    pub fn desc_offset(&self, q: usize, head: u16) -> usize {
+        self.queue_offset(q) + 16 + 16 * usize::from(head)
+    }
+
+    pub fn inflight(&self, q: usize, head: u16) -> bool {
+        self.read(self.desc_offset(q, head), 1)[0] != 0
+    }
+
+    pub fn counter(&self, q: usize, head: u16) -> u64 {
+        u64::from_le_bytes(self.read(self.desc_offset(q, head) + 8, 8).try_into().unwrap())
+    }
+
+    /// Heads of queue `q` marked in flight.
+    pub fn marked(&self, q: usize) -> Vec<u16> {
+        (0..self.info.queue_size).filter(|&h| self.inflight(q, h)).collect()
+    }
+}
+
+impl Drop for InflightFd {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in map().
+        unsafe { libc::munmap(self.ptr.cast(), self.info.mmap_size as usize) };
+    }
+}
+
+/// SET_OWNER, features, protocol features (with INFLIGHT_SHMFD if asked), queue count and
+/// the memory table: what every connection starts with.
+pub fn handshake(
+    sock: &Path,
+    num_queues: usize,
+    want: u64,
+    inflight: bool,
+    ram: &GuestRam,
+) -> (Frontend, u64) {
+    let mut fe = Frontend::connect(sock, num_queues as u64).expect("vhost-user connect");
+    fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    fe.set_owner().unwrap();
+    let offered = fe.get_features().unwrap();
+    let features = offered & (want | F_PROTOCOL_FEATURES | F_VERSION_1);
+    fe.set_features(features).unwrap();
+    let proto = fe.get_protocol_features().unwrap();
+    let mut need = VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+    if inflight {
+        need |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+    }
+    assert!(proto.contains(need), "protocol features {proto:?}");
+    fe.set_protocol_features(need).unwrap();
+    assert!(fe.get_queue_num().unwrap() >= num_queues as u64);
+    fe.set_mem_table(&[VhostUserMemoryRegionInfo {
+        guest_phys_addr: 0,
+        memory_size: RAM_BYTES as u64,
+        userspace_addr: ram.hva(0),
+        mmap_offset: 0,
+        mmap_handle: ram.file.as_raw_fd(),
+    }])
+    .unwrap();
+    (fe, features)
 }
 
 impl TestFrontend {
@@ -158,32 +290,39 @@ impl TestFrontend {
         want: u64,
         ram: GuestRam,
     ) -> TestFrontend {
-        let mut fe = Frontend::connect(sock, num_queues as u64).expect("vhost-user connect");
-        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        fe.set_owner().unwrap();
-        let offered = fe.get_features().unwrap();
-        let features = offered & (want | F_PROTOCOL_FEATURES | F_VERSION_1);
-        fe.set_features(features).unwrap();
-        let proto = fe.get_protocol_features().unwrap();
-        let need = VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
-        assert!(proto.contains(need), "protocol features {proto:?}");
-        fe.set_protocol_features(need).unwrap();
-        assert!(fe.get_queue_num().unwrap() >= num_queues as u64);
-        fe.set_mem_table(&[VhostUserMemoryRegionInfo {
-            guest_phys_addr: 0,
-            memory_size: RAM_BYTES as u64,
-            userspace_addr: ram.hva(0),
-            mmap_offset: 0,
-            mmap_handle: ram.file.as_raw_fd(),
-        }])
-        .unwrap();
-        let mut t = TestFrontend { fe, ram, queues: Vec::new(), features };
+        Self::connect_full(sock, num_queues, size, want, ram, false)
+    }
+
+    /// Like `connect`, asking the daemon for an inflight region (INFLIGHT_SHMFD) of
+    /// `num_queues` queues of 256 first, as QEMU's vhost-user-blk does.
+    pub fn connect_inflight(sock: &Path, num_queues: usize, size: u16, want: u64) -> TestFrontend {
+        Self::connect_full(sock, num_queues, size, want, GuestRam::memfd(), true)
+    }
+
+    fn connect_full(
+        sock: &Path,
+        num_queues: usize,
+        size: u16,
+        want: u64,
+        ram: GuestRam,
+        inflight: bool,
+    ) -> TestFrontend {
+        let (fe, features) = handshake(sock, num_queues, want, inflight, &ram);
+        let mut t = TestFrontend { fe, ram, queues: Vec::new(), features, inflight: None };
+        if inflight {
+            let ask = VhostUserInflight {
+                mmap_size: 0,
+                mmap_offset: 0,
+                num_queues: num_queues as u16,
+                queue_size: INFLIGHT_QUEUE_SIZE,
+            };
+            let (info, file) = t.fe.get_inflight_fd(&ask).expect("GET_INFLIGHT_FD");
+            t.fe.set_inflight_fd(&info, file.as_raw_fd()).expect("SET_INFLIGHT_FD");
+            t.inflight = Some(InflightFd::map(file, info));
+        }
         for i in 0..num_queues {
             let base = RING_AREA + i as u64 * RING_STRIDE;
-            let q = TestQueue {
+            t.queues.push(TestQueue {
                 size,
                 desc: base,
                 avail: base + 16 * u64::from(size),
@@ -192,28 +331,91 @@ impl TestFrontend {
                 last_used: 0,
                 kick: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
                 call: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            };
-            t.fe.set_vring_num(i, size).unwrap();
-            t.fe.set_vring_addr(
+            });
+            t.start_ring(i, 0).expect("start ring");
+        }
+        t
+    }
+
+    /// Hands ring `i` to the daemon from avail index `base`; the daemon's answer to the
+    /// kick that starts it.
+    fn start_ring(&mut self, i: usize, base: u16) -> vhost::Result<()> {
+        let q = &self.queues[i];
+        self.fe.set_vring_num(i, q.size).unwrap();
+        self.fe
+            .set_vring_addr(
                 i,
                 &VringConfigData {
-                    queue_max_size: size,
-                    queue_size: size,
+                    queue_max_size: q.size,
+                    queue_size: q.size,
                     flags: 0,
-                    desc_table_addr: t.ram.hva(q.desc),
-                    used_ring_addr: t.ram.hva(q.used),
-                    avail_ring_addr: t.ram.hva(q.avail),
+                    desc_table_addr: self.ram.hva(q.desc),
+                    used_ring_addr: self.ram.hva(q.used),
+                    avail_ring_addr: self.ram.hva(q.avail),
                     log_addr: None,
                 },
             )
             .unwrap();
-            t.fe.set_vring_base(i, 0).unwrap();
-            t.fe.set_vring_call(i, &q.call).unwrap();
-            t.fe.set_vring_kick(i, &q.kick).unwrap();
-            t.fe.set_vring_enable(i, true).unwrap();
-            t.queues.push(q);
+        self.fe.set_vring_base(i, base).unwrap();
+        self.fe.set_vring_call(i, &q.call).unwrap();
+        // The kick starts the ring: where the daemon says whether it can.
+        let started = self.fe.set_vring_kick(i, &q.kick);
+        let enabled = self.fe.set_vring_enable(i, true);
+        started.and(enabled)
+    }
+
+    /// Connects again after the daemon went away, as QEMU's reconnecting chardev does: the
+    /// same guest RAM and rings, the inflight region handed back, and each ring's base taken
+    /// from its used index (all QEMU knows after losing the daemon).
+    /// Returns each ring's start (the daemon may refuse one whose region part is bad).
+    pub fn reconnect(&mut self, sock: &Path) -> Vec<vhost::Result<()>> {
+        // The daemon serves one frontend at a time: hang up the old connection first (a
+        // daemon that died already saw it go).
+        // SAFETY: shutdown(2) on the connection's own fd, which stays open until replaced.
+        unsafe { libc::shutdown(self.fe.as_raw_fd(), libc::SHUT_RDWR) };
+        let inflight = self.inflight.is_some();
+        let (fe, features) = handshake(sock, self.queues.len(), self.features, inflight, &self.ram);
+        assert_eq!(features, self.features, "features changed across the reconnect");
+        self.fe = fe;
+        if let Some(r) = &self.inflight {
+            self.fe.set_inflight_fd(&r.info, r.file.as_raw_fd()).expect("SET_INFLIGHT_FD");
         }
-        t
+        (0..self.queues.len())
+            .map(|i| {
+                let base = self.used_idx(i);
+                self.start_ring(i, base)
+            })
+            .collect()
+    }
+
+    /// The used ring's index as the daemon last published it.
+    pub fn used_idx(&self, q: usize) -> u16 {
+        self.ram.read_u16(self.queues[q].used + 2)
+    }
+
+    /// The used ring's `n`-th element (head id, length).
+    pub fn used_elem(&self, q: usize, n: u16) -> (u32, u32) {
+        let slot = u64::from(n % self.queues[q].size);
+        let e = self.ram.read(self.queues[q].used + 4 + 8 * slot, 8);
+        (
+            u32::from_le_bytes(e[0..4].try_into().unwrap()),
+            u32::from_le_bytes(e[4..8].try_into().unwrap()),
+        )
+    }
+
+    /// Lays `bufs` out as a chain in descriptors `first..`, publishes its head and kicks;
+    /// does not wait. Returns the head.
+    pub fn post(&mut self, q: usize, first: u16, bufs: &[Buf]) -> u16 {
+        for (i, b) in bufs.iter().enumerate() {
+            let last = i + 1 == bufs.len();
+            let flags =
+                if b.writable { DESC_F_WRITE } else { 0 } | if last { 0 } else { DESC_F_NEXT };
+            let idx = first + i as u16;
+            self.set_desc(q, idx, b.gpa, b.len, flags, idx + 1);
+        }
+        self.push_avail(q, first);
+        self.kick(q);
+        first
     }
 
     pub fn config(&mut self, len: u32) -> Vec<u8> {

@@ -134,6 +134,13 @@ impl Daemon {
         }
     }
 
+    /// SIGKILL, as a crash or the OOM killer would end it; returns once it is gone.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("daemon running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
     /// Whether the process is still running.
     pub fn alive(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
@@ -401,5 +408,50 @@ pub fn pipe() -> (fs::File, fs::File) {
     unsafe {
         use std::os::fd::FromRawFd;
         (fs::File::from_raw_fd(fds[0]), fs::File::from_raw_fd(fds[1]))
+    }
+}
+
+/// A cgroup (v1 blkio) that caps the I/O operations per second its processes may do on the
+/// block device holding a file: real I/O that stays in flight long enough for a test to look
+/// at it, or to kill the daemon under it. Removed when dropped.
+pub struct Throttle {
+    dir: PathBuf,
+}
+
+impl Throttle {
+    /// `iops` reads and writes per second on the device of `file` (which must be on a block
+    /// device, as `disk_dir()` is).
+    pub fn new(file: &Path, iops: u32) -> Throttle {
+        use std::os::unix::fs::MetadataExt;
+        let dev = fs::metadata(file).unwrap().dev();
+        let (major, minor) = (libc::major(dev), libc::minor(dev));
+        let root = Path::new("/sys/fs/cgroup/blkio");
+        assert!(
+            root.join("blkio.throttle.read_iops_device").exists(),
+            "this test needs the cgroup v1 blkio controller at {}",
+            root.display()
+        );
+        let dir = root.join(format!("blkplane-test-{}-{}", std::process::id(), rand_u16()));
+        fs::create_dir(&dir).unwrap();
+        for knob in ["blkio.throttle.read_iops_device", "blkio.throttle.write_iops_device"] {
+            fs::write(dir.join(knob), format!("{major}:{minor} {iops}"))
+                .unwrap_or_else(|e| panic!("{knob} for {major}:{minor}: {e}"));
+        }
+        Throttle { dir }
+    }
+
+    /// Moves process `pid` (all its threads) into the cgroup.
+    pub fn add(&self, pid: i32) {
+        fs::write(self.dir.join("cgroup.procs"), pid.to_string()).unwrap();
+    }
+}
+
+impl Drop for Throttle {
+    fn drop(&mut self) {
+        let procs = fs::read_to_string(self.dir.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.lines() {
+            let _ = fs::write("/sys/fs/cgroup/blkio/cgroup.procs", pid);
+        }
+        let _ = fs::remove_dir(&self.dir);
     }
 }
