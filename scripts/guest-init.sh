@@ -73,6 +73,54 @@ if [ "$MODE" = resize ]; then
     poweroff -f
 fi
 
+if [ "$MODE" = restart ]; then
+    # The host kills (SIGKILL, SIGTERM) and restarts the daemon under us while fio writes and
+    # verifies; QEMU reconnects and the requests in flight must complete without an error.
+    # The host types "flush" on the console when it is done killing, then "stop".
+    printf 'BLKPLANE-RUN-%s' "$RUNID" > /tmp/id
+    dd if=/tmp/id of=/dev/vda bs=512 count=1 conv=sync oflag=direct 2>/dev/null || fail "write run id"
+    echo "BLKPLANE-IO-START"
+    round=0
+    while :; do
+        round=$((round + 1))
+        fio --name=restart --filename=/dev/vda --eta=never --direct=1 --ioengine=libaio --iodepth=16 \
+            --rw=randwrite --bs=4k --offset=8M --size=16M --verify=crc32c --verify_backlog=256 \
+            --verify_fatal=1 --do_verify=1 --output=/tmp/fio || { cat /tmp/fio; fail "fio round $round"; }
+        echo "BLKPLANE-ROUND $round"
+        word=""
+        read -t 1 word < /dev/console
+        [ "$word" = flush ] && break
+        [ $round -gt 100 ] && fail "the host never said flush"
+    done
+    # Each round: 8 MiB written, then a FLUSH (fsync of the device); the host kills the
+    # daemon while the FLUSH is in flight.
+    echo "BLKPLANE-FLUSH-PHASE"
+    n=0
+    while :; do
+        n=$((n + 1))
+        dd if=/dev/urandom of=/tmp/f bs=1M count=8 2>/dev/null
+        dd if=/tmp/f of=/dev/vda bs=1M seek=40 oflag=direct 2>/dev/null || fail "write before flush $n"
+        echo "BLKPLANE-FLUSHING $n"
+        dd if=/dev/null of=/dev/vda count=0 conv=notrunc,fsync 2>/dev/null || fail "flush $n"
+        echo "BLKPLANE-FLUSHED $n"
+        word=""
+        read -t 5 word < /dev/console
+        [ "$word" = stop ] && break
+        [ $n -gt 10 ] && fail "the host never said stop"
+    done
+    echo "BLKPLANE-MD5 41943040 8388608 $(md5sum < /tmp/f | cut -d' ' -f1)"
+    fio --name=restart --filename=/dev/vda --eta=never --direct=1 --ioengine=libaio --iodepth=16 \
+        --rw=randwrite --bs=4k --offset=8M --size=16M --verify=crc32c --verify_only --verify_fatal=1 \
+        --output=/tmp/fio || { cat /tmp/fio; fail "final verify"; }
+    check "fio data of the last round verified"
+    if dmesg | grep -iE 'I/O error|blk_update_request|Buffer I/O|critical medium'; then
+        fail "the guest kernel logged I/O errors"
+    fi
+    check "no I/O error in the kernel log after $round fio rounds and $n flushes"
+    echo "BLKPLANE-PASS"
+    poweroff -f
+fi
+
 if [ "$MODE" = ro ]; then
     [ "$(cat /sys/block/vda/ro)" = 1 ] || fail "not read-only"
     check "read-only flag set"

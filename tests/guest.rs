@@ -11,6 +11,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use common::{make_image, rand_u16, tmpdir, Daemon};
 
@@ -247,4 +248,229 @@ fn linux_guest_sees_a_resize_without_reboot() {
         cache: "none",
         serial: "guest-disk-rs",
     });
+}
+
+/// Requests the export has answered since its daemon started (query-stats on the control
+/// socket); None while the daemon does not answer.
+fn answered(ctl: &Path) -> Option<u64> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(ctl).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"{\"id\":1,\"command\":\"query-stats\",\"args\":{\"id\":\"disk\"}}\n").ok()?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&line).ok()?;
+    let queues = v["result"][0]["queues"].as_array()?;
+    Some(
+        queues
+            .iter()
+            .flat_map(|q| q["requests"].as_object().into_iter().flat_map(|m| m.values()))
+            .filter_map(|n| n.as_u64())
+            .sum(),
+    )
+}
+
+fn wait_for(what: &str, deadline: Instant, mut cond: impl FnMut() -> bool) {
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// How a daemon of the restart test goes away.
+#[derive(Clone, Copy, Debug)]
+enum Stop {
+    Kill,
+    Term,
+}
+
+/// The daemon of the restart test, started again on the same socket, control socket and image.
+struct Restarting {
+    dir: PathBuf,
+    args: Vec<String>,
+    waits: Vec<PathBuf>,
+    ctl: PathBuf,
+    daemon: Option<Daemon>,
+    /// Every daemon's log, in order.
+    logs: String,
+}
+
+impl Restarting {
+    fn start(&mut self) {
+        self.daemon = Some(Daemon::start_with(&self.dir, &self.args, &self.waits));
+    }
+
+    fn daemon(&mut self) -> &mut Daemon {
+        self.daemon.as_mut().unwrap()
+    }
+
+    /// Ends the daemon the given way and starts the next; returns (kill → listening again,
+    /// kill → first guest request answered by the new daemon).
+    fn restart(&mut self, how: Stop, deadline: Instant) -> (Duration, Duration) {
+        let mut old = self.daemon.take().unwrap();
+        let t0 = Instant::now();
+        match how {
+            Stop::Kill => old.kill(),
+            Stop::Term => assert!(old.stop().success(), "SIGTERM exit\n{}", old.log()),
+        }
+        self.logs.push_str(&old.log());
+        self.start();
+        let listening = t0.elapsed();
+        wait_for("the guest's first request after the restart", deadline, || {
+            answered(&self.ctl).unwrap_or(0) > 0
+        });
+        (listening, t0.elapsed())
+    }
+}
+
+/// A Linux guest runs fio with verification while the daemon is killed (SIGKILL) three times
+/// at random moments, stopped once with SIGTERM, and killed once more with a FLUSH in
+/// flight; QEMU's chardev reconnects each time, the inflight region brings back what was in
+/// flight, and the guest sees no error.
+#[test]
+fn linux_guest_survives_daemon_kills_and_restarts() {
+    use std::io::Write;
+    let cache = assets();
+    let dir = common::disk_dir();
+    let image = dir.path().join("disk.raw");
+    let sock = dir.path().join("blk.sock");
+    let ctl = dir.path().join("ctl.sock");
+    make_image(&image, IMAGE_BYTES, 78);
+    let args = vec![
+        "--image-lock-wait-ms".to_string(),
+        "30000".to_string(),
+        "--control".to_string(),
+        ctl.display().to_string(),
+        "--export".to_string(),
+        format!(
+            "id=disk,socket={},image={},cache=writeback,serial=restart",
+            sock.display(),
+            image.display()
+        ),
+    ];
+    let mut d = Restarting {
+        dir: dir.path().to_path_buf(),
+        args,
+        waits: vec![ctl.clone(), sock.clone()],
+        ctl: ctl.clone(),
+        daemon: None,
+        logs: String::new(),
+    };
+    d.start();
+    let runid = format!("{:04x}{:04x}{}", rand_u16(), rand_u16(), std::process::id());
+    let append = format!(
+        "console=ttyS0 panic=-1 quiet loglevel=4 blkplane.mode=restart blkplane.runid={runid} \
+         blkplane.sectors={} blkplane.serial=restart blkplane.queues=1 blkplane.wce=1",
+        IMAGE_BYTES / 512
+    );
+    let console_path = dir.path().join("console.log");
+    let console = fs::File::create(&console_path).unwrap();
+    let mut guest = Command::new("timeout")
+        .arg(GUEST_TIMEOUT_S.to_string())
+        .arg(cache.join("qemu/usr/bin/qemu-system-x86_64"))
+        .env("QEMU_MODULE_DIR", cache.join("qemu/usr/lib/x86_64-linux-gnu/qemu"))
+        .args(["-L", &cache.join("qemu/usr/share/qemu").display().to_string()])
+        .args(["-L", &cache.join("qemu/usr/share/seabios").display().to_string()])
+        .args(["-accel", "tcg,thread=multi", "-cpu", "max", "-m", "512M", "-smp", "1"])
+        .args([
+            "-object",
+            "memory-backend-memfd,id=mem,size=512M,share=on",
+            "-numa",
+            "node,memdev=mem",
+        ])
+        // reconnect=1: QEMU tries the socket again every second while the daemon is away.
+        .args(["-chardev", &format!("socket,id=char0,path={},reconnect=1", sock.display())])
+        .args(["-device", "vhost-user-blk-pci,chardev=char0,num-queues=1"])
+        .args(["-kernel", &cache.join("vmlinux").display().to_string()])
+        .args(["-initrd", &cache.join("initramfs.cpio").display().to_string()])
+        .args(["-append", &append])
+        .args(["-display", "none", "-nodefaults", "-serial", "stdio", "-no-reboot"])
+        .stdin(Stdio::piped())
+        .stdout(console.try_clone().unwrap())
+        .stderr(console)
+        .spawn()
+        .expect("start QEMU");
+    let mut typing = guest.stdin.take().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(u64::from(GUEST_TIMEOUT_S) - 20);
+    let console_has =
+        |what: &str| fs::read_to_string(&console_path).unwrap_or_default().contains(what);
+    let report = |d: &Restarting| {
+        format!(
+            "--- console ---\n{}\n--- daemon logs ---\n{}{}",
+            fs::read_to_string(&console_path).unwrap_or_default(),
+            d.logs,
+            d.daemon.as_ref().map(|x| x.log()).unwrap_or_default()
+        )
+    };
+    wait_for("the guest to start its I/O", deadline, || {
+        console_has("BLKPLANE-IO-START") || console_has("BLKPLANE-FAIL")
+    });
+    assert!(!console_has("BLKPLANE-FAIL"), "{}", report(&d));
+
+    // Three SIGKILLs at random moments and one SIGTERM, each after the guest's I/O flows.
+    let mut pauses = Vec::new();
+    for how in [Stop::Kill, Stop::Kill, Stop::Term, Stop::Kill] {
+        wait_for("guest I/O before the next stop", deadline, || {
+            answered(&d.ctl).unwrap_or(0) >= 200
+        });
+        std::thread::sleep(Duration::from_millis(100 + u64::from(rand_u16() % 900)));
+        let (listening, first_io) = d.restart(how, deadline);
+        eprintln!("restart ({how:?}): listening again after {listening:?}, first guest request answered after {first_io:?}");
+        pauses.push((how, listening, first_io));
+    }
+    typing.write_all(b"flush\n").unwrap();
+
+    // A kill with a FLUSH in flight: the daemon may write back one I/O per 100 ms while the
+    // guest flushes 8 MiB it wrote, so the FLUSH takes seconds; the next daemon must say it
+    // resubmitted it. A kill that missed the FLUSH is tried again, three times at most.
+    let mut flush_killed = false;
+    for n in 1..=3 {
+        let marker = format!("BLKPLANE-FLUSHING {n}");
+        wait_for("the guest's flush", deadline, || {
+            console_has(&marker) || console_has("BLKPLANE-FAIL")
+        });
+        assert!(!console_has("BLKPLANE-FAIL"), "{}", report(&d));
+        let throttle = common::Throttle::new(&image, 10);
+        throttle.add(d.daemon().pid());
+        std::thread::sleep(Duration::from_millis(300));
+        let (listening, first_io) = d.restart(Stop::Kill, deadline);
+        drop(throttle);
+        eprintln!("restart (kill during a flush): listening again after {listening:?}, first guest request answered after {first_io:?}");
+        wait_for("the flush answered", deadline, || {
+            console_has(&format!("BLKPLANE-FLUSHED {n}")) || console_has("BLKPLANE-FAIL")
+        });
+        let log = d.daemon().log();
+        flush_killed = log.lines().any(|l| l.contains("resubmitted") && l.contains("flush"));
+        if flush_killed {
+            typing.write_all(b"stop\n").unwrap();
+            break;
+        }
+        typing.write_all(b"again\n").unwrap();
+    }
+    assert!(flush_killed, "no kill caught a FLUSH in flight\n{}", report(&d));
+
+    let status = guest.wait().expect("wait for QEMU");
+    let alive = d.daemon().alive();
+    let stopped = d.daemon().stop();
+    let report = report(&d);
+    assert!(status.code() != Some(124), "guest timed out\n{report}");
+    assert!(alive, "the last daemon died\n{report}");
+    assert!(stopped.success(), "daemon exit {stopped}\n{report}");
+    let console = fs::read_to_string(&console_path).unwrap_or_default();
+    assert!(!console.contains("BLKPLANE-FAIL"), "the guest reported a failure\n{report}");
+    assert!(console.contains("BLKPLANE-PASS"), "no verdict from the guest\n{report}");
+    // Each SIGKILL left requests in flight that the next daemon resubmitted.
+    assert!(report.contains("recovered the queue from its inflight region"), "{report}");
+    let img = fs::read(&image).unwrap();
+    let id = format!("BLKPLANE-RUN-{runid}");
+    assert_eq!(&img[..id.len()], id.as_bytes(), "run id not in the image");
+    for line in console.lines().filter(|l| l.starts_with("BLKPLANE-MD5 ")) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (off, len): (usize, usize) = (f[1].parse().unwrap(), f[2].parse().unwrap());
+        assert_eq!(md5_of(&img[off..off + len], dir.path()), f[3], "image bytes at {off}+{len}");
+    }
+    eprintln!(
+        "guest passed:\n{}",
+        console.lines().filter(|l| l.starts_with("BLKPLANE-CHECK")).collect::<Vec<_>>().join("\n")
+    );
 }
