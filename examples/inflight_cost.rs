@@ -1,0 +1,118 @@
+//! What inflight tracking (INFLIGHT_SHMFD) costs per request, measured two ways; see
+//! BENCHMARKS.md ("Restart").
+//!
+//! 1. The region's own work in isolation: marking 32 heads taken, linking their used
+//!    entries, unmarking them after a publish, as the I/O thread does each round, on a real
+//!    region (a memfd mapping); nanoseconds per request.
+//! 2. End to end against the real daemon (`engine=null`, so that only our own path is
+//!    measured): the test suite's frontend, spinning on the used ring, at queue depth 1 and
+//!    in batches of 32, with the region off and on, alternating runs; requests per second.
+//!
+//!     cargo build --release && cargo run --release --example inflight_cost [REQUESTS]
+
+#[path = "../tests/common/frontend.rs"]
+#[allow(dead_code)]
+mod frontend;
+
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use blkplane::virtq::InflightRegion;
+use frontend::{header, Buf, TestFrontend, DATA_AREA, HEADER_AREA, T_IN};
+
+fn region_ns_per_request(rounds: u64) -> f64 {
+    let (region, _file) = InflightRegion::create(1, 256, None).unwrap();
+    let region = Arc::new(region);
+    let mut q = region.queue(0, 256).unwrap();
+    q.recover(0, &mut Vec::new()).unwrap();
+    let mut used_idx = 0u16;
+    let start = Instant::now();
+    for round in 0..rounds {
+        let first = (round % 8) as u16 * 32;
+        for head in first..first + 32 {
+            q.taken(std::hint::black_box(head));
+        }
+        for head in first..first + 32 {
+            q.used(std::hint::black_box(head));
+        }
+        used_idx = used_idx.wrapping_add(32);
+        q.published(32, used_idx);
+    }
+    start.elapsed().as_nanos() as f64 / (rounds * 32) as f64
+}
+
+/// Posts `depth` reads of 4 KiB (descriptors 3k..3k+2) and spins until all are answered;
+/// `requests` in all. Returns requests per second.
+fn run(fe: &mut TestFrontend, depth: u16, requests: u64) -> f64 {
+    for k in 0..u64::from(depth) {
+        fe.ram.write(HEADER_AREA + k * 32, &header(T_IN, k * 8));
+    }
+    let start = Instant::now();
+    let mut done = 0;
+    while done < requests {
+        let target = fe.used_idx(0).wrapping_add(depth);
+        for k in 0..depth {
+            let bufs = [
+                Buf { gpa: HEADER_AREA + u64::from(k) * 32, len: 16, writable: false },
+                Buf { gpa: DATA_AREA + u64::from(k) * 4096, len: 4096, writable: true },
+                Buf { gpa: HEADER_AREA + u64::from(k) * 32 + 16, len: 1, writable: true },
+            ];
+            fe.post(0, 3 * k, &bufs);
+        }
+        while fe.used_idx(0) != target {
+            std::hint::spin_loop();
+        }
+        fe.queues[0].last_used = target;
+        done += u64::from(depth);
+    }
+    done as f64 / start.elapsed().as_secs_f64()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() {
+    let requests: u64 = std::env::args().nth(1).and_then(|n| n.parse().ok()).unwrap_or(100_000);
+    let micro: Vec<f64> = (0..5).map(|_| region_ns_per_request(1_000_000)).collect();
+    println!("region work alone: {:.2} ns per request (median of 5 x 32M)", median(micro));
+
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("blk.sock");
+    let bin = concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/blkplane");
+    let mut daemon = Command::new(bin)
+        .args(["serve", "--log-level", "warn", "--export"])
+        .arg(format!("socket={},engine=null,size=1G,queue-size=256", sock.display()))
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start target/release/blkplane (cargo build --release first)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(Instant::now() < deadline, "the daemon did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for depth in [1u16, 32] {
+        let (mut off, mut on) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            for tracked in [false, true] {
+                let mut fe = if tracked {
+                    TestFrontend::connect_inflight(&sock, 1, 256, 0)
+                } else {
+                    TestFrontend::connect(&sock, 1, 256, 0)
+                };
+                run(&mut fe, depth, requests / 10);
+                let rate = run(&mut fe, depth, requests);
+                if tracked { on.push(rate) } else { off.push(rate) }
+            }
+        }
+        let (off, on) = (median(off), median(on));
+        println!(
+            "end to end, depth {depth:>2}: tracking off {off:>9.0} req/s, on {on:>9.0} req/s ({:+.1} %), medians of 3 alternating runs of {requests}",
+            (on / off - 1.0) * 100.0
+        );
+    }
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+}
