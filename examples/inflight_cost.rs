@@ -104,7 +104,11 @@ fn main() {
                 };
                 run(&mut fe, depth, requests / 10);
                 let rate = run(&mut fe, depth, requests);
-                if tracked { on.push(rate) } else { off.push(rate) }
+                if tracked {
+                    on.push(rate)
+                } else {
+                    off.push(rate)
+                }
             }
         }
         let (off, on) = (median(off), median(on));

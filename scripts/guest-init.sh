@@ -92,23 +92,25 @@ if [ "$MODE" = restart ]; then
         [ "$word" = flush ] && break
         [ $round -gt 100 ] && fail "the host never said flush"
     done
-    # Each round: 8 MiB written, then a FLUSH (fsync of the device); the host kills the
-    # daemon while the FLUSH is in flight.
+    # Each round: 8 MiB written to the second disk (cache=writeback on the host, so the
+    # host's page cache holds it), then a FLUSH (fsync of the device), which the host's
+    # fdatasync makes slow; the host kills the daemon while the FLUSH is in flight.
+    [ -b /dev/vdb ] || fail "no /dev/vdb"
     echo "BLKPLANE-FLUSH-PHASE"
     n=0
     while :; do
         n=$((n + 1))
         dd if=/dev/urandom of=/tmp/f bs=1M count=8 2>/dev/null
-        dd if=/tmp/f of=/dev/vda bs=1M seek=40 oflag=direct 2>/dev/null || fail "write before flush $n"
+        dd if=/tmp/f of=/dev/vdb bs=1M seek=40 oflag=direct 2>/dev/null || fail "write before flush $n"
         echo "BLKPLANE-FLUSHING $n"
-        dd if=/dev/null of=/dev/vda count=0 conv=notrunc,fsync 2>/dev/null || fail "flush $n"
+        dd if=/dev/null of=/dev/vdb count=0 conv=notrunc,fsync 2>/dev/null || fail "flush $n"
         echo "BLKPLANE-FLUSHED $n"
         word=""
         read -t 5 word < /dev/console
         [ "$word" = stop ] && break
         [ $n -gt 10 ] && fail "the host never said stop"
     done
-    echo "BLKPLANE-MD5 41943040 8388608 $(md5sum < /tmp/f | cut -d' ' -f1)"
+    echo "BLKPLANE-MD5-VDB 41943040 8388608 $(md5sum < /tmp/f | cut -d' ' -f1)"
     fio --name=restart --filename=/dev/vda --eta=never --direct=1 --ioengine=libaio --iodepth=16 \
         --rw=randwrite --bs=4k --offset=8M --size=16M --verify=crc32c --verify_only --verify_fatal=1 \
         --output=/tmp/fio || { cat /tmp/fio; fail "final verify"; }

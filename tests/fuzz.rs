@@ -146,7 +146,10 @@ fn message(
             vec![],
         ),
         3 => (GET_PROTOCOL_FEATURES, vec![], vec![]),
-        4 => (SET_PROTOCOL_FEATURES, rng.fuzzed(PROTOCOL_FEATURES).to_le_bytes().to_vec(), vec![]),
+        4 => {
+            let features = PROTOCOL_FEATURES | PROTOCOL_INFLIGHT_SHMFD;
+            (SET_PROTOCOL_FEATURES, rng.fuzzed(features).to_le_bytes().to_vec(), vec![])
+        }
         5 => {
             let size = rng.fuzzed(RAM_BYTES as u64);
             let regions = match if rng.1 { rng.below(12) } else { 9 } {
@@ -213,6 +216,21 @@ fn random_message(rng: &mut Rng, ram: &GuestRam, fds: &Fds) -> (u32, Vec<u8>, Ve
             rng.fuzzed(UADDR),
             rng.fuzzed(0),
         );
+    }
+    if (request == GET_INFLIGHT_FD || request == SET_INFLIGHT_FD) && rng.chance(70) {
+        // mmap_size, mmap_offset, num_queues, queue_size (and padding). A SET hands the
+        // guest RAM over as the region: whatever the rings left there is what it says.
+        let queues = rng.below(4);
+        let any = rng.below(65536);
+        let size = rng.pick(&[1u64, 16, 128, 256, 1024, any]);
+        payload = rng.fuzzed(queues * ((16 + 16 * size).next_multiple_of(64))).to_le_bytes().to_vec();
+        payload.extend(rng.fuzzed(0).to_le_bytes());
+        payload.extend((queues as u16).to_le_bytes());
+        payload.extend((size as u16).to_le_bytes());
+        payload.extend([0u8; 4]);
+        if request == SET_INFLIGHT_FD {
+            return (request, payload, vec![ram.file.as_raw_fd()]);
+        }
     }
     let fd = match rng.below(6) {
         0 => vec![ram.file.as_raw_fd()],

@@ -250,20 +250,21 @@ fn linux_guest_sees_a_resize_without_reboot() {
     });
 }
 
-/// Requests the export has answered since its daemon started (query-stats on the control
+/// Requests the exports have answered since their daemon started (query-stats on the control
 /// socket); None while the daemon does not answer.
 fn answered(ctl: &Path) -> Option<u64> {
     use std::io::{BufRead, BufReader, Write};
     let mut s = std::os::unix::net::UnixStream::connect(ctl).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(b"{\"id\":1,\"command\":\"query-stats\",\"args\":{\"id\":\"disk\"}}\n").ok()?;
+    s.write_all(b"{\"id\":1,\"command\":\"query-stats\"}\n").ok()?;
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line).ok()?;
     let v: serde_json::Value = serde_json::from_str(&line).ok()?;
-    let queues = v["result"][0]["queues"].as_array()?;
+    let exports = v["result"].as_array()?;
     Some(
-        queues
+        exports
             .iter()
+            .flat_map(|e| e["queues"].as_array().into_iter().flatten())
             .flat_map(|q| q["requests"].as_object().into_iter().flat_map(|m| m.values()))
             .filter_map(|n| n.as_u64())
             .sum(),
@@ -323,10 +324,11 @@ impl Restarting {
     }
 }
 
-/// A Linux guest runs fio with verification while the daemon is killed (SIGKILL) three times
-/// at random moments, stopped once with SIGTERM, and killed once more with a FLUSH in
-/// flight; QEMU's chardev reconnects each time, the inflight region brings back what was in
-/// flight, and the guest sees no error.
+/// A Linux guest runs fio with verification while the daemon is killed (SIGKILL) four times
+/// at random moments, two of them with many requests in flight completing out of order (a
+/// blkio cgroup lets reads overtake writes), stopped once with SIGTERM, and killed once more
+/// with a FLUSH in flight on a second disk; QEMU's chardevs reconnect each time, the
+/// inflight regions bring back what was in flight, and the guest sees no error.
 #[test]
 fn linux_guest_survives_daemon_kills_and_restarts() {
     use std::io::Write;
@@ -334,8 +336,11 @@ fn linux_guest_survives_daemon_kills_and_restarts() {
     let dir = common::disk_dir();
     let image = dir.path().join("disk.raw");
     let sock = dir.path().join("blk.sock");
+    let wb_image = dir.path().join("wb.raw");
+    let wb_sock = dir.path().join("wb.sock");
     let ctl = dir.path().join("ctl.sock");
     make_image(&image, IMAGE_BYTES, 78);
+    make_image(&wb_image, IMAGE_BYTES, 79);
     let args = vec![
         "--image-lock-wait-ms".to_string(),
         "30000".to_string(),
@@ -343,15 +348,17 @@ fn linux_guest_survives_daemon_kills_and_restarts() {
         ctl.display().to_string(),
         "--export".to_string(),
         format!(
-            "id=disk,socket={},image={},cache=writeback,serial=restart",
+            "id=disk,socket={},image={},cache=none,serial=restart",
             sock.display(),
             image.display()
         ),
+        "--export".to_string(),
+        format!("id=wb,socket={},image={},cache=writeback", wb_sock.display(), wb_image.display()),
     ];
     let mut d = Restarting {
         dir: dir.path().to_path_buf(),
         args,
-        waits: vec![ctl.clone(), sock.clone()],
+        waits: vec![ctl.clone(), sock.clone(), wb_sock.clone()],
         ctl: ctl.clone(),
         daemon: None,
         logs: String::new(),
@@ -381,6 +388,8 @@ fn linux_guest_survives_daemon_kills_and_restarts() {
         // reconnect=1: QEMU tries the socket again every second while the daemon is away.
         .args(["-chardev", &format!("socket,id=char0,path={},reconnect=1", sock.display())])
         .args(["-device", "vhost-user-blk-pci,chardev=char0,num-queues=1"])
+        .args(["-chardev", &format!("socket,id=char1,path={},reconnect=1", wb_sock.display())])
+        .args(["-device", "vhost-user-blk-pci,chardev=char1,num-queues=1"])
         .args(["-kernel", &cache.join("vmlinux").display().to_string()])
         .args(["-initrd", &cache.join("initramfs.cpio").display().to_string()])
         .args(["-append", &append])
@@ -407,22 +416,38 @@ fn linux_guest_survives_daemon_kills_and_restarts() {
     });
     assert!(!console_has("BLKPLANE-FAIL"), "{}", report(&d));
 
-    // Three SIGKILLs at random moments and one SIGTERM, each after the guest's I/O flows.
-    let mut pauses = Vec::new();
-    for how in [Stop::Kill, Stop::Kill, Stop::Term, Stop::Kill] {
+    // Four SIGKILLs at random moments and one SIGTERM, each once the guest's I/O flows. Before
+    // the out-of-order ones the daemon may read 200 and write 20 times a second for a moment,
+    // so that many requests are in flight and reads complete before writes taken earlier.
+    let stops = [
+        (Stop::Kill, false),
+        (Stop::Kill, true),
+        (Stop::Term, false),
+        (Stop::Kill, false),
+        (Stop::Kill, true),
+    ];
+    for (how, out_of_order) in stops {
         wait_for("guest I/O before the next stop", deadline, || {
             answered(&d.ctl).unwrap_or(0) >= 200
         });
         std::thread::sleep(Duration::from_millis(100 + u64::from(rand_u16() % 900)));
+        let throttle = out_of_order.then(|| {
+            let t = common::Throttle::new_split(&image, 200, 20);
+            t.add(d.daemon().pid());
+            std::thread::sleep(Duration::from_millis(500));
+            t
+        });
         let (listening, first_io) = d.restart(how, deadline);
-        eprintln!("restart ({how:?}): listening again after {listening:?}, first guest request answered after {first_io:?}");
-        pauses.push((how, listening, first_io));
+        drop(throttle);
+        let kind = if out_of_order { "SIGKILL, out of order" } else { &format!("{how:?}") };
+        eprintln!("restart ({kind}): listening again after {listening:?}, first guest request answered after {first_io:?}");
     }
     typing.write_all(b"flush\n").unwrap();
 
-    // A kill with a FLUSH in flight: the daemon may write back one I/O per 100 ms while the
-    // guest flushes 8 MiB it wrote, so the FLUSH takes seconds; the next daemon must say it
-    // resubmitted it. A kill that missed the FLUSH is tried again, three times at most.
+    // A kill with a FLUSH in flight: the daemon may write back ten I/Os a second while the
+    // guest flushes 8 MiB it wrote to the second disk, so the FLUSH takes seconds; the next
+    // daemon must say it resubmitted it. A kill that missed the FLUSH is tried again, three
+    // times at most.
     let mut flush_killed = false;
     for n in 1..=3 {
         let marker = format!("BLKPLANE-FLUSHING {n}");
@@ -430,12 +455,12 @@ fn linux_guest_survives_daemon_kills_and_restarts() {
             console_has(&marker) || console_has("BLKPLANE-FAIL")
         });
         assert!(!console_has("BLKPLANE-FAIL"), "{}", report(&d));
-        let throttle = common::Throttle::new(&image, 10);
+        let throttle = common::Throttle::new(&wb_image, 10);
         throttle.add(d.daemon().pid());
         std::thread::sleep(Duration::from_millis(300));
         let (listening, first_io) = d.restart(Stop::Kill, deadline);
         drop(throttle);
-        eprintln!("restart (kill during a flush): listening again after {listening:?}, first guest request answered after {first_io:?}");
+        eprintln!("restart (SIGKILL during a flush): listening again after {listening:?}, first guest request answered after {first_io:?}");
         wait_for("the flush answered", deadline, || {
             console_has(&format!("BLKPLANE-FLUSHED {n}")) || console_has("BLKPLANE-FAIL")
         });
@@ -459,18 +484,27 @@ fn linux_guest_survives_daemon_kills_and_restarts() {
     let console = fs::read_to_string(&console_path).unwrap_or_default();
     assert!(!console.contains("BLKPLANE-FAIL"), "the guest reported a failure\n{report}");
     assert!(console.contains("BLKPLANE-PASS"), "no verdict from the guest\n{report}");
-    // Each SIGKILL left requests in flight that the next daemon resubmitted.
-    assert!(report.contains("recovered the queue from its inflight region"), "{report}");
+    // The out-of-order kills left requests in flight that the next daemon resubmitted.
+    let resubmitted: Vec<&str> = report.lines().filter(|l| l.contains("resubmitted")).collect();
+    assert!(resubmitted.len() >= 2, "fewer than two resubmissions\n{report}");
     let img = fs::read(&image).unwrap();
     let id = format!("BLKPLANE-RUN-{runid}");
     assert_eq!(&img[..id.len()], id.as_bytes(), "run id not in the image");
-    for line in console.lines().filter(|l| l.starts_with("BLKPLANE-MD5 ")) {
+    let wb = fs::read(&wb_image).unwrap();
+    let md5s: Vec<&str> = console.lines().filter(|l| l.starts_with("BLKPLANE-MD5-VDB ")).collect();
+    assert_eq!(md5s.len(), 1, "no checksum of the flushed data\n{report}");
+    for line in md5s {
         let f: Vec<&str> = line.split_whitespace().collect();
         let (off, len): (usize, usize) = (f[1].parse().unwrap(), f[2].parse().unwrap());
-        assert_eq!(md5_of(&img[off..off + len], dir.path()), f[3], "image bytes at {off}+{len}");
+        assert_eq!(
+            md5_of(&wb[off..off + len], dir.path()),
+            f[3],
+            "second disk's bytes at {off}+{len}"
+        );
     }
     eprintln!(
-        "guest passed:\n{}",
-        console.lines().filter(|l| l.starts_with("BLKPLANE-CHECK")).collect::<Vec<_>>().join("\n")
+        "guest passed:\n{}\n{}",
+        console.lines().filter(|l| l.starts_with("BLKPLANE-CHECK")).collect::<Vec<_>>().join("\n"),
+        resubmitted.join("\n")
     );
 }

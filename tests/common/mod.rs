@@ -422,6 +422,12 @@ impl Throttle {
     /// `iops` reads and writes per second on the device of `file` (which must be on a block
     /// device, as `disk_dir()` is).
     pub fn new(file: &Path, iops: u32) -> Throttle {
+        Self::new_split(file, iops, iops)
+    }
+
+    /// Reads and writes limited apart: requests then complete out of the order they were
+    /// taken in (reads overtake writes).
+    pub fn new_split(file: &Path, read_iops: u32, write_iops: u32) -> Throttle {
         use std::os::unix::fs::MetadataExt;
         let dev = fs::metadata(file).unwrap().dev();
         let (major, minor) = (libc::major(dev), libc::minor(dev));
@@ -433,7 +439,10 @@ impl Throttle {
         );
         let dir = root.join(format!("blkplane-test-{}-{}", std::process::id(), rand_u16()));
         fs::create_dir(&dir).unwrap();
-        for knob in ["blkio.throttle.read_iops_device", "blkio.throttle.write_iops_device"] {
+        for (knob, iops) in [
+            ("blkio.throttle.read_iops_device", read_iops),
+            ("blkio.throttle.write_iops_device", write_iops),
+        ] {
             fs::write(dir.join(knob), format!("{major}:{minor} {iops}"))
                 .unwrap_or_else(|e| panic!("{knob} for {major}:{minor}: {e}"));
         }

@@ -25,6 +25,8 @@ pub const SET_PROTOCOL_FEATURES: u32 = 16;
 pub const GET_QUEUE_NUM: u32 = 17;
 pub const SET_VRING_ENABLE: u32 = 18;
 pub const GET_CONFIG: u32 = 24;
+pub const GET_INFLIGHT_FD: u32 = 31;
+pub const SET_INFLIGHT_FD: u32 = 32;
 pub const ADD_MEM_REG: u32 = 37;
 pub const REM_MEM_REG: u32 = 38;
 
@@ -32,6 +34,8 @@ const FLAG_VERSION: u32 = 0x1;
 const FLAG_NEED_REPLY: u32 = 0x8;
 /// Protocol features: MQ, REPLY_ACK, CONFIG, CONFIGURE_MEM_SLOTS.
 pub const PROTOCOL_FEATURES: u64 = (1 << 0) | (1 << 3) | (1 << 9) | (1 << 15);
+/// Protocol feature INFLIGHT_SHMFD.
+pub const PROTOCOL_INFLIGHT_SHMFD: u64 = 1 << 12;
 /// Virtio features: VERSION_1 and vhost-user's PROTOCOL_FEATURES bit.
 pub const FEATURES: u64 = (1 << 32) | (1 << 30);
 
