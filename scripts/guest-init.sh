@@ -79,17 +79,25 @@ if [ "$MODE" = restart ]; then
     # The host types "flush" on the console when it is done killing, then "stop".
     printf 'BLKPLANE-RUN-%s' "$RUNID" > /tmp/id
     dd if=/tmp/id of=/dev/vda bs=512 count=1 conv=sync oflag=direct 2>/dev/null || fail "write run id"
+    # Whether the host typed $1 on the console within $2 seconds.
+    host_says() {
+        word=""
+        read -t "$2" word < /dev/console
+        [ "$word" = "$1" ]
+    }
+    # One job, run again and again; its last run's data is verified once more at the end.
+    fio_job() {
+        fio --name=restart --filename=/dev/vda --eta=never --direct=1 --ioengine=libaio --iodepth=16 \
+            --rw=randwrite --bs=4k --offset=8M --size=16M --verify=crc32c --verify_fatal=1 \
+            --output=/tmp/fio "$@" || { cat /tmp/fio; fail "fio $*"; }
+    }
     echo "BLKPLANE-IO-START"
     round=0
     while :; do
         round=$((round + 1))
-        fio --name=restart --filename=/dev/vda --eta=never --direct=1 --ioengine=libaio --iodepth=16 \
-            --rw=randwrite --bs=4k --offset=8M --size=16M --verify=crc32c --verify_backlog=256 \
-            --verify_fatal=1 --do_verify=1 --output=/tmp/fio || { cat /tmp/fio; fail "fio round $round"; }
+        fio_job --verify_backlog=256 --do_verify=1
         echo "BLKPLANE-ROUND $round"
-        word=""
-        read -t 1 word < /dev/console
-        [ "$word" = flush ] && break
+        host_says flush 1 && break
         [ $round -gt 100 ] && fail "the host never said flush"
     done
     # Each round: 8 MiB written to the second disk (cache=writeback on the host, so the
@@ -105,15 +113,11 @@ if [ "$MODE" = restart ]; then
         echo "BLKPLANE-FLUSHING $n"
         dd if=/dev/null of=/dev/vdb count=0 conv=notrunc,fsync 2>/dev/null || fail "flush $n"
         echo "BLKPLANE-FLUSHED $n"
-        word=""
-        read -t 5 word < /dev/console
-        [ "$word" = stop ] && break
+        host_says stop 5 && break
         [ $n -gt 10 ] && fail "the host never said stop"
     done
     echo "BLKPLANE-MD5-VDB 41943040 8388608 $(md5sum < /tmp/f | cut -d' ' -f1)"
-    fio --name=restart --filename=/dev/vda --eta=never --direct=1 --ioengine=libaio --iodepth=16 \
-        --rw=randwrite --bs=4k --offset=8M --size=16M --verify=crc32c --verify_only --verify_fatal=1 \
-        --output=/tmp/fio || { cat /tmp/fio; fail "final verify"; }
+    fio_job --verify_only
     check "fio data of the last round verified"
     if dmesg | grep -iE 'I/O error|blk_update_request|Buffer I/O|critical medium'; then
         fail "the guest kernel logged I/O errors"

@@ -223,7 +223,8 @@ fn random_message(rng: &mut Rng, ram: &GuestRam, fds: &Fds) -> (u32, Vec<u8>, Ve
         let queues = rng.below(4);
         let any = rng.below(65536);
         let size = rng.pick(&[1u64, 16, 128, 256, 1024, any]);
-        payload = rng.fuzzed(queues * ((16 + 16 * size).next_multiple_of(64))).to_le_bytes().to_vec();
+        payload =
+            rng.fuzzed(queues * ((16 + 16 * size).next_multiple_of(64))).to_le_bytes().to_vec();
         payload.extend(rng.fuzzed(0).to_le_bytes());
         payload.extend((queues as u16).to_le_bytes());
         payload.extend((size as u16).to_le_bytes());

@@ -44,6 +44,57 @@ struct Scenario {
     serial: &'static str,
 }
 
+/// QEMU (TCG) booting the test's kernel and initramfs with `append`, one vhost-user-blk disk
+/// per (socket, queues), under `timeout`; the caller sets stdio and spawns it.
+fn qemu(
+    cache: &Path,
+    vcpus: u16,
+    disks: &[(&Path, u16)],
+    reconnect: bool,
+    append: &str,
+) -> Command {
+    let mut cmd = Command::new("timeout");
+    cmd.arg(GUEST_TIMEOUT_S.to_string())
+        .arg(cache.join("qemu/usr/bin/qemu-system-x86_64"))
+        .env("QEMU_MODULE_DIR", cache.join("qemu/usr/lib/x86_64-linux-gnu/qemu"))
+        .args(["-L", &cache.join("qemu/usr/share/qemu").display().to_string()])
+        .args(["-L", &cache.join("qemu/usr/share/seabios").display().to_string()])
+        .args(["-accel", "tcg,thread=multi", "-cpu", "max", "-m", "512M"])
+        .args(["-smp", &vcpus.to_string()])
+        .args([
+            "-object",
+            "memory-backend-memfd,id=mem,size=512M,share=on",
+            "-numa",
+            "node,memdev=mem",
+        ]);
+    for (i, (sock, queues)) in disks.iter().enumerate() {
+        let reconnect = if reconnect { ",reconnect=1" } else { "" };
+        cmd.args(["-chardev", &format!("socket,id=char{i},path={}{reconnect}", sock.display())])
+            .args(["-device", &format!("vhost-user-blk-pci,chardev=char{i},num-queues={queues}")]);
+    }
+    cmd.args(["-kernel", &cache.join("vmlinux").display().to_string()])
+        .args(["-initrd", &cache.join("initramfs.cpio").display().to_string()])
+        .args(["-append", append])
+        .args(["-display", "none", "-nodefaults", "-serial", "stdio", "-no-reboot"]);
+    cmd
+}
+
+/// Checks every "PREFIX offset length md5" line of the guest's console against `image`;
+/// returns how many there were.
+fn check_md5s(console: &str, prefix: &str, image: &[u8], dir: &Path) -> usize {
+    let lines: Vec<&str> = console.lines().filter(|l| l.starts_with(prefix)).collect();
+    for line in &lines {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (off, len): (usize, usize) = (f[1].parse().unwrap(), f[2].parse().unwrap());
+        assert_eq!(
+            md5_of(&image[off..off + len], dir),
+            f[3],
+            "{prefix}: image bytes at {off}+{len}"
+        );
+    }
+    lines.len()
+}
+
 fn md5_of(bytes: &[u8], dir: &Path) -> String {
     let p = dir.join("md5-input");
     fs::write(&p, bytes).unwrap();
@@ -94,29 +145,9 @@ fn run(s: &Scenario) {
         s.queues,
         s.resize_to.unwrap_or(0) / 512,
     );
-    let qemu = cache.join("qemu/usr/bin/qemu-system-x86_64");
     let console_path = dir.path().join("console.log");
     let console = fs::File::create(&console_path).unwrap();
-    let mut guest = Command::new("timeout")
-        .arg(GUEST_TIMEOUT_S.to_string())
-        .arg(&qemu)
-        .env("QEMU_MODULE_DIR", cache.join("qemu/usr/lib/x86_64-linux-gnu/qemu"))
-        .args(["-L", &cache.join("qemu/usr/share/qemu").display().to_string()])
-        .args(["-L", &cache.join("qemu/usr/share/seabios").display().to_string()])
-        .args(["-accel", "tcg,thread=multi", "-cpu", "max", "-m", "512M"])
-        .args(["-smp", &s.vcpus.to_string()])
-        .args([
-            "-object",
-            "memory-backend-memfd,id=mem,size=512M,share=on",
-            "-numa",
-            "node,memdev=mem",
-        ])
-        .args(["-chardev", &format!("socket,id=char0,path={}", sock.display())])
-        .args(["-device", &format!("vhost-user-blk-pci,chardev=char0,num-queues={}", s.queues)])
-        .args(["-kernel", &cache.join("vmlinux").display().to_string()])
-        .args(["-initrd", &cache.join("initramfs.cpio").display().to_string()])
-        .args(["-append", &append])
-        .args(["-display", "none", "-nodefaults", "-serial", "stdio", "-no-reboot"])
+    let mut guest = qemu(cache, s.vcpus, &[(&sock, s.queues)], false, &append)
         .stdin(Stdio::null())
         .stdout(console.try_clone().unwrap())
         .stderr(console)
@@ -171,18 +202,8 @@ fn run(s: &Scenario) {
 
     // The guest's bytes are in the image file.
     let img = fs::read(&image).unwrap();
-    let md5_lines: Vec<&str> = console.lines().filter(|l| l.starts_with("BLKPLANE-MD5 ")).collect();
-    assert!(!md5_lines.is_empty(), "{}: no checksums from the guest", s.name);
-    for line in md5_lines {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        let (off, len): (usize, usize) = (f[1].parse().unwrap(), f[2].parse().unwrap());
-        assert_eq!(
-            md5_of(&img[off..off + len], dir.path()),
-            f[3],
-            "{}: image bytes at {off}+{len}",
-            s.name
-        );
-    }
+    let checked = check_md5s(&console, "BLKPLANE-MD5 ", &img, dir.path());
+    assert!(checked > 0, "{}: no checksums from the guest", s.name);
     if let Some(new_size) = s.resize_to {
         assert_eq!(img.len() as u64, new_size, "{}: image file size after the resize", s.name);
     } else if s.readonly {
@@ -372,28 +393,8 @@ fn linux_guest_survives_daemon_kills_and_restarts() {
     );
     let console_path = dir.path().join("console.log");
     let console = fs::File::create(&console_path).unwrap();
-    let mut guest = Command::new("timeout")
-        .arg(GUEST_TIMEOUT_S.to_string())
-        .arg(cache.join("qemu/usr/bin/qemu-system-x86_64"))
-        .env("QEMU_MODULE_DIR", cache.join("qemu/usr/lib/x86_64-linux-gnu/qemu"))
-        .args(["-L", &cache.join("qemu/usr/share/qemu").display().to_string()])
-        .args(["-L", &cache.join("qemu/usr/share/seabios").display().to_string()])
-        .args(["-accel", "tcg,thread=multi", "-cpu", "max", "-m", "512M", "-smp", "1"])
-        .args([
-            "-object",
-            "memory-backend-memfd,id=mem,size=512M,share=on",
-            "-numa",
-            "node,memdev=mem",
-        ])
-        // reconnect=1: QEMU tries the socket again every second while the daemon is away.
-        .args(["-chardev", &format!("socket,id=char0,path={},reconnect=1", sock.display())])
-        .args(["-device", "vhost-user-blk-pci,chardev=char0,num-queues=1"])
-        .args(["-chardev", &format!("socket,id=char1,path={},reconnect=1", wb_sock.display())])
-        .args(["-device", "vhost-user-blk-pci,chardev=char1,num-queues=1"])
-        .args(["-kernel", &cache.join("vmlinux").display().to_string()])
-        .args(["-initrd", &cache.join("initramfs.cpio").display().to_string()])
-        .args(["-append", &append])
-        .args(["-display", "none", "-nodefaults", "-serial", "stdio", "-no-reboot"])
+    // reconnect=1: QEMU tries a socket again every second while the daemon is away.
+    let mut guest = qemu(cache, 1, &[(&sock, 1), (&wb_sock, 1)], true, &append)
         .stdin(Stdio::piped())
         .stdout(console.try_clone().unwrap())
         .stderr(console)
@@ -491,17 +492,8 @@ fn linux_guest_survives_daemon_kills_and_restarts() {
     let id = format!("BLKPLANE-RUN-{runid}");
     assert_eq!(&img[..id.len()], id.as_bytes(), "run id not in the image");
     let wb = fs::read(&wb_image).unwrap();
-    let md5s: Vec<&str> = console.lines().filter(|l| l.starts_with("BLKPLANE-MD5-VDB ")).collect();
-    assert_eq!(md5s.len(), 1, "no checksum of the flushed data\n{report}");
-    for line in md5s {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        let (off, len): (usize, usize) = (f[1].parse().unwrap(), f[2].parse().unwrap());
-        assert_eq!(
-            md5_of(&wb[off..off + len], dir.path()),
-            f[3],
-            "second disk's bytes at {off}+{len}"
-        );
-    }
+    let checked = check_md5s(&console, "BLKPLANE-MD5-VDB ", &wb, dir.path());
+    assert_eq!(checked, 1, "no checksum of the flushed data\n{report}");
     eprintln!(
         "guest passed:\n{}\n{}",
         console.lines().filter(|l| l.starts_with("BLKPLANE-CHECK")).collect::<Vec<_>>().join("\n"),
