@@ -79,7 +79,7 @@ if [ "$MODE" = restart ]; then
     # The host types "flush" on the console when it is done killing, then "stop".
     printf 'BLKPLANE-RUN-%s' "$RUNID" > /tmp/id
     dd if=/tmp/id of=/dev/vda bs=512 count=1 conv=sync oflag=direct 2>/dev/null || fail "write run id"
-    # Whether the host typed $1 on the console within $2 seconds.
+    # Whether the host typed $1 on the console within $2 seconds (busybox takes fractions).
     host_says() {
         word=""
         read -t "$2" word < /dev/console
@@ -97,7 +97,7 @@ if [ "$MODE" = restart ]; then
         round=$((round + 1))
         fio_job --verify_backlog=256 --do_verify=1
         echo "BLKPLANE-ROUND $round"
-        host_says flush 1 && break
+        host_says flush 0.1 && break
         [ $round -gt 100 ] && fail "the host never said flush"
     done
     # Each round: 8 MiB written to the second disk (cache=writeback on the host, so the
