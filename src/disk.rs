@@ -286,6 +286,7 @@ impl Disk {
             | feature::RING_INDIRECT_DESC
             | feature::RING_EVENT_IDX
             | feature::VHOST_USER_PROTOCOL_FEATURES
+            | feature::VHOST_LOG_ALL
             | feature::SEG_MAX
             | feature::SIZE_MAX
             | feature::BLK_SIZE

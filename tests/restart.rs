@@ -272,7 +272,14 @@ fn inflight_connection(
     sock: &Path,
     fe_ram: &common::frontend::GuestRam,
 ) -> vhost::vhost_user::Frontend {
-    handshake(sock, 2, 0, true, fe_ram).0
+    handshake(
+        sock,
+        2,
+        0,
+        vhost::vhost_user::message::VhostUserProtocolFeatures::INFLIGHT_SHMFD,
+        fe_ram,
+    )
+    .0
 }
 
 #[test]

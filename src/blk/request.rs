@@ -40,6 +40,11 @@ impl ChainBuf {
         &self.iov[range]
     }
 
+    /// The device-writable buffers (data in, status): what a request may write into.
+    pub fn writable(&self) -> &[GuestIov] {
+        &self.iov[self.writable_from.min(self.len)..self.len]
+    }
+
     fn readable(&self) -> &[GuestIov] {
         &self.iov[..self.writable_from]
     }

@@ -30,6 +30,7 @@ use crate::engine::null::NullEngine;
 use crate::engine::threads::ThreadsEngine;
 use crate::engine::uring::UringEngine;
 use crate::engine::EngineKind;
+use crate::virtq::dirty::QueueLog;
 use crate::virtq::{GuestMemory, InflightRegion, RingAddrs};
 use poll::{PollPolicy, PollSettings};
 use worker::{Command, LoopSetup, MakeQueue};
@@ -54,6 +55,8 @@ pub struct QueueSetup {
     /// The frontend's inflight region (INFLIGHT_SHMFD), if it gave one: the queue marks what
     /// it takes there, and resubmits what an earlier process left marked.
     pub inflight: Option<Arc<InflightRegion>>,
+    /// While the frontend migrates the guest: the dirty log the queue marks its writes in.
+    pub log: Option<QueueLog>,
 }
 
 /// What an I/O thread did, for `list-iothreads` and the metrics.

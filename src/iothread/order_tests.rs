@@ -230,6 +230,7 @@ fn serve<E: Engine + 'static>(
         call: None,
         err: None,
         inflight: None,
+        log: None,
     };
     let fd = disk.backing.as_ref().unwrap().file.as_raw_fd();
     let log = Arc::clone(log);

@@ -22,6 +22,7 @@ use crate::disk::Disk;
 use crate::iothread::{start_queue, QueueHandle, QueueSetup};
 use crate::ratelimit::RateLimiter;
 use crate::sys::checked_eventfd;
+use crate::virtq::dirty::{DirtyLog, QueueLog};
 use crate::virtq::inflight;
 use crate::virtq::memory::MAX_MEM_REGIONS;
 use crate::virtq::{
@@ -41,6 +42,8 @@ struct Vring {
     call: Option<File>,
     err: Option<File>,
     enabled: bool,
+    /// With the ring's LOG flag (SET_VRING_ADDR): where writes to its used ring are logged.
+    used_log_addr: Option<u64>,
     /// The queue being served, on whichever I/O thread the export's placement chose.
     thread: Option<QueueHandle>,
 }
@@ -60,6 +63,8 @@ pub struct BlkDevice {
     /// The inflight region (GET_INFLIGHT_FD / SET_INFLIGHT_FD): survives our restarts in the
     /// frontend's hands, and tells the next daemon what was in flight.
     inflight: Option<Arc<InflightRegion>>,
+    /// The dirty log of a live migration (SET_LOG_BASE); used while LOG_ALL is acked.
+    dirty: Option<Arc<DirtyLog>>,
 }
 
 fn handler_error(e: impl std::fmt::Display) -> Error {
@@ -79,6 +84,7 @@ impl BlkDevice {
             hangup,
             log,
             inflight: None,
+            dirty: None,
         }
     }
 
@@ -178,6 +184,7 @@ impl BlkDevice {
         if !self.startable(index) {
             return Ok(());
         }
+        let log = self.queue_log(index)?;
         let clone = |f: &Option<File>| f.as_ref().map(File::try_clone).transpose();
         let v = &self.vrings[index];
         let setup = QueueSetup {
@@ -192,6 +199,7 @@ impl BlkDevice {
             call: clone(&v.call).map_err(Error::ReqHandlerError)?,
             err: clone(&v.err).map_err(Error::ReqHandlerError)?,
             inflight: self.inflight.clone(),
+            log,
         };
         match start_queue(&self.disk, setup) {
             Ok(thread) => {
@@ -203,6 +211,40 @@ impl BlkDevice {
                 Err(Error::ReqHandlerError(e))
             }
         }
+    }
+
+    /// What ring `index` logs, if the frontend migrates the guest (LOG_ALL acked): its writes
+    /// to guest memory, and its used ring if the ring's LOG flag is set. A log that does not
+    /// cover guest memory or the used ring's log range refuses the ring's start.
+    fn queue_log(&mut self, index: usize) -> Result<Option<QueueLog>> {
+        if self.acked_features & feature::VHOST_LOG_ALL == 0 {
+            return Ok(None);
+        }
+        let v = &self.vrings[index];
+        let used_bytes = 6 + 8 * u64::from(v.size);
+        let problem = match &self.dirty {
+            None => Some("logging is on (LOG_ALL) but no log was given (SET_LOG_BASE)".to_string()),
+            Some(log) if !log.covers(self.memory.gpa_end()) => Some(format!(
+                "the dirty log ({} bytes) does not cover guest memory up to {:#x}",
+                log.bytes(),
+                self.memory.gpa_end()
+            )),
+            Some(log) => match v.used_log_addr {
+                Some(addr) if addr.checked_add(used_bytes).is_none_or(|end| !log.covers(end)) => {
+                    Some(format!("ring {index}'s used ring log address {addr:#x} is outside the dirty log ({} bytes)", log.bytes()))
+                }
+                _ => None,
+            },
+        };
+        if let Some(problem) = problem {
+            warn_limited!(self.log(), export = %self.disk.name, queue = index, "{problem}");
+            return Err(handler_error(problem));
+        }
+        let log = self
+            .dirty
+            .clone()
+            .map(|log| QueueLog { log, used: v.used_log_addr.map(|addr| (addr, used_bytes)) });
+        Ok(log)
     }
 
     /// Re-applies every ring that is running (after a change that affects them all).
@@ -253,8 +295,10 @@ impl BlkDevice {
         }
         self.acked_features = 0;
         self.memory = Arc::new(GuestMemory::default());
-        // A reset device starts its rings afresh; the frontend asks for a new region.
+        // A reset device starts its rings afresh; the frontend asks for a new region, and
+        // gives a new log if it migrates.
         self.inflight = None;
+        self.dirty = None;
         self.disk.reset_writeback();
     }
 }
@@ -334,14 +378,17 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
     fn set_vring_addr(
         &mut self,
         index: u32,
-        _flags: VhostUserVringAddrFlags,
+        flags: VhostUserVringAddrFlags,
         descriptor: u64,
         used: u64,
         available: u64,
-        _log: u64,
+        log: u64,
     ) -> Result<()> {
-        // Dirty-page logging (the LOG flag) is for migration, which we do not offer.
-        self.vring(index)?.addrs = Some(RingAddrs {
+        let v = self.vring(index)?;
+        // The LOG flag: writes to this ring's used ring are logged at `log` (a guest-physical
+        // address in the dirty log's terms, not necessarily in guest memory).
+        v.used_log_addr = flags.contains(VhostUserVringAddrFlags::VHOST_VRING_F_LOG).then_some(log);
+        v.addrs = Some(RingAddrs {
             desc_user_addr: descriptor,
             avail_user_addr: available,
             used_user_addr: used,
@@ -407,7 +454,8 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::RESET_DEVICE
             | VhostUserProtocolFeatures::BACKEND_REQ
-            | VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::LOG_SHMFD)
     }
 
     fn set_protocol_features(&mut self, features: u64) -> Result<()> {
@@ -555,7 +603,28 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         Err(Error::InvalidOperation("shared memory regions are not supported"))
     }
 
-    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> Result<()> {
-        Err(Error::InvalidOperation("dirty logging is not supported"))
+    fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> Result<()> {
+        // SET_LOG_BASE has no error reply (its reply echoes the request): a log we cannot use
+        // ends the connection, so the frontend learns of it rather than migrate a guest whose
+        // writes go unlogged.
+        let mapped =
+            DirtyLog::map(&file, log.mmap_offset, log.mmap_size, Some(Arc::clone(&self.hangup)));
+        let dirty = match mapped {
+            Ok(d) if d.covers(self.memory.gpa_end()) => d,
+            Ok(d) => {
+                warn_limited!(self.log(), export = %self.disk.name, "closing the connection: the dirty log ({} bytes) does not cover guest memory up to {:#x}", d.bytes(), self.memory.gpa_end());
+                return Err(Error::InvalidMessage);
+            }
+            Err(e) => {
+                warn_limited!(self.log(), export = %self.disk.name, "closing the connection: dirty log: {e}");
+                return Err(Error::InvalidMessage);
+            }
+        };
+        self.dirty = Some(Arc::new(dirty));
+        // Running rings go on with the new log (their in-flight requests finish on the old).
+        if self.acked_features & feature::VHOST_LOG_ALL != 0 {
+            self.apply_running()?;
+        }
+        Ok(())
     }
 }

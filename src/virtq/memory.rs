@@ -322,6 +322,20 @@ impl GuestMemory {
         Ok(GuestMemory { regions })
     }
 
+    /// The guest-physical address of host address `addr`, if it lies in one of the regions
+    /// (for the dirty log, which counts in guest pages).
+    pub fn gpa_of_host(&self, addr: usize) -> Option<u64> {
+        self.regions.iter().find_map(|r| {
+            let offset = (addr as u64).checked_sub(r.host as u64)?;
+            (offset < r.size).then(|| r.guest_phys_addr + offset)
+        })
+    }
+
+    /// The end of the highest region (guest-physical): what a dirty log must cover.
+    pub fn gpa_end(&self) -> u64 {
+        self.regions.iter().map(|r| r.guest_phys_addr + r.size).max().unwrap_or(0)
+    }
+
     /// Host pointer to `len` bytes at frontend virtual address `uva` (how vring addresses are
     /// given), if they lie inside one region.
     pub fn translate_user(&self, uva: u64, len: u64) -> Option<*mut u8> {

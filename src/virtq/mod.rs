@@ -1,6 +1,7 @@
 //! [virtq] The virtqueue engine on guest memory: the only layer that turns guest addresses
 //! into host pointers and reads or writes the rings.
 
+pub mod dirty;
 pub mod fault;
 pub mod inflight;
 pub mod memory;

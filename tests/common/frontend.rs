@@ -239,13 +239,13 @@ impl Drop for InflightFd {
     }
 }
 
-/// SET_OWNER, features, protocol features (with INFLIGHT_SHMFD if asked), queue count and
-/// the memory table: what every connection starts with.
+/// SET_OWNER, features, protocol features (those every test needs, and `extra`), queue count
+/// and the memory table: what every connection starts with.
 pub fn handshake(
     sock: &Path,
     num_queues: usize,
     want: u64,
-    inflight: bool,
+    extra: VhostUserProtocolFeatures,
     ram: &GuestRam,
 ) -> (Frontend, u64) {
     let mut fe = Frontend::connect(sock, num_queues as u64).expect("vhost-user connect");
@@ -255,13 +255,11 @@ pub fn handshake(
     let features = offered & (want | F_PROTOCOL_FEATURES | F_VERSION_1);
     fe.set_features(features).unwrap();
     let proto = fe.get_protocol_features().unwrap();
-    let mut need = VhostUserProtocolFeatures::MQ
+    let need = VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::REPLY_ACK
-        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
-    if inflight {
-        need |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
-    }
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | extra;
     assert!(proto.contains(need), "protocol features {proto:?}");
     fe.set_protocol_features(need).unwrap();
     assert!(fe.get_queue_num().unwrap() >= num_queues as u64);
@@ -290,13 +288,26 @@ impl TestFrontend {
         want: u64,
         ram: GuestRam,
     ) -> TestFrontend {
-        Self::connect_full(sock, num_queues, size, want, ram, false)
+        Self::connect_full(sock, num_queues, size, want, ram, VhostUserProtocolFeatures::empty())
+    }
+
+    /// Like `connect`, also negotiating the protocol features `extra` (the inflight region is
+    /// asked for if they hold INFLIGHT_SHMFD).
+    pub fn connect_with_protocol(
+        sock: &Path,
+        num_queues: usize,
+        size: u16,
+        want: u64,
+        extra: VhostUserProtocolFeatures,
+    ) -> TestFrontend {
+        Self::connect_full(sock, num_queues, size, want, GuestRam::memfd(), extra)
     }
 
     /// Like `connect`, asking the daemon for an inflight region (INFLIGHT_SHMFD) of
     /// `num_queues` queues of 256 first, as QEMU's vhost-user-blk does.
     pub fn connect_inflight(sock: &Path, num_queues: usize, size: u16, want: u64) -> TestFrontend {
-        Self::connect_full(sock, num_queues, size, want, GuestRam::memfd(), true)
+        let extra = VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+        Self::connect_full(sock, num_queues, size, want, GuestRam::memfd(), extra)
     }
 
     fn connect_full(
@@ -305,9 +316,10 @@ impl TestFrontend {
         size: u16,
         want: u64,
         ram: GuestRam,
-        inflight: bool,
+        extra: VhostUserProtocolFeatures,
     ) -> TestFrontend {
-        let (fe, features) = handshake(sock, num_queues, want, inflight, &ram);
+        let inflight = extra.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD);
+        let (fe, features) = handshake(sock, num_queues, want, extra, &ram);
         let mut t = TestFrontend { fe, ram, queues: Vec::new(), features, inflight: None };
         if inflight {
             let ask = VhostUserInflight {
@@ -364,6 +376,24 @@ impl TestFrontend {
         started.and(enabled)
     }
 
+    /// Sends ring `i`'s addresses again, with the LOG flag and `log_addr` if given (what QEMU
+    /// does when a migration starts and ends).
+    pub fn set_ring_log(&mut self, i: usize, log_addr: Option<u64>) -> vhost::Result<()> {
+        let q = &self.queues[i];
+        self.fe.set_vring_addr(
+            i,
+            &VringConfigData {
+                queue_max_size: q.size,
+                queue_size: q.size,
+                flags: if log_addr.is_some() { 1 } else { 0 },
+                desc_table_addr: self.ram.hva(q.desc),
+                used_ring_addr: self.ram.hva(q.used),
+                avail_ring_addr: self.ram.hva(q.avail),
+                log_addr,
+            },
+        )
+    }
+
     /// Connects again after the daemon went away, as QEMU's reconnecting chardev does: the
     /// same guest RAM and rings, the inflight region handed back, and each ring's base taken
     /// from its used index (all QEMU knows after losing the daemon).
@@ -373,8 +403,12 @@ impl TestFrontend {
         // daemon that died already saw it go).
         // SAFETY: shutdown(2) on the connection's own fd, which stays open until replaced.
         unsafe { libc::shutdown(self.fe.as_raw_fd(), libc::SHUT_RDWR) };
-        let inflight = self.inflight.is_some();
-        let (fe, features) = handshake(sock, self.queues.len(), self.features, inflight, &self.ram);
+        let extra = if self.inflight.is_some() {
+            VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        } else {
+            VhostUserProtocolFeatures::empty()
+        };
+        let (fe, features) = handshake(sock, self.queues.len(), self.features, extra, &self.ram);
         assert_eq!(features, self.features, "features changed across the reconnect");
         self.fe = fe;
         if let Some(r) = &self.inflight {

@@ -22,6 +22,7 @@ use crate::iothread::QueueSetup;
 use crate::ratelimit::RateLimiter;
 use crate::trace::sample::Sampler;
 use crate::trace::{Kind, QueueStats};
+use crate::virtq::dirty::QueueLog;
 use crate::virtq::{copy_to_guest, GuestMemory, InflightQueue, QueueError, SplitQueue};
 use crate::warn_limited;
 
@@ -126,11 +127,14 @@ pub(crate) fn start<E: Engine + 'static>(
         }
         None => None,
     };
+    let dirty = setup.log.take();
     let mut worker = QueueWorker::new(disk, setup, queue, engine);
     worker.core.inflight = inflight;
+    worker.core.dirty = dirty;
     worker.core.resubmit = Resubmission { heads: resubmit, ..Resubmission::default() };
     // Kicks stay off while the thread is awake: it looks at the ring itself.
     worker.core.queue.disable_notifications();
+    worker.core.log_used_ring();
     debug!(export = %worker.core.disk.name, queue = worker.core.index, "queue started");
     Ok(Box::new(worker))
 }
@@ -193,6 +197,8 @@ pub(super) struct Core {
     /// The queue's part of the frontend's inflight region, if it gave one.
     pub(super) inflight: Option<InflightQueue>,
     pub(super) resubmit: Resubmission,
+    /// While the guest migrates: where the queue marks the guest pages it writes.
+    pub(super) dirty: Option<QueueLog>,
 }
 
 impl<E: Engine> QueueWorker<E> {
@@ -226,6 +232,7 @@ impl<E: Engine> QueueWorker<E> {
             sampler: Sampler::new(disk_stats_on, size),
             inflight: None,
             resubmit: Resubmission::default(),
+            dirty: None,
         };
         QueueWorker { engine, core }
     }
@@ -273,17 +280,22 @@ impl<E: Engine> Served for QueueWorker<E> {
 
     fn arm(&mut self) -> bool {
         let core = &mut self.core;
-        if core.accepting() && core.queue.enable_notifications() {
+        if !core.accepting() {
+            return false;
+        }
+        let arrived = core.queue.enable_notifications();
+        if arrived {
             // Requests arrived while we were deciding to sleep.
             core.queue.disable_notifications();
-            return true;
         }
-        false
+        core.log_used_ring();
+        arrived
     }
 
     fn disarm(&mut self) {
         if self.core.accepting() {
             self.core.queue.disable_notifications();
+            self.core.log_used_ring();
         }
     }
 
@@ -593,6 +605,15 @@ impl Core {
                 0
             }
         };
+        // Whatever the request wrote into guest memory (data, status) was written by now.
+        if let Some(log) = &self.dirty {
+            for iov in slot.chain.writable() {
+                log.mark_buffer(&self.memory, iov);
+            }
+            if let Some(status_byte) = &slot.status {
+                log.mark_buffer(&self.memory, status_byte);
+            }
+        }
         self.queue.push_used(slot.head, used_len);
         if let Some(inflight) = self.inflight.as_mut() {
             inflight.used(slot.head);
@@ -627,6 +648,7 @@ impl Core {
         }
         let count = std::mem::take(&mut self.unpublished);
         self.queue.publish_used();
+        self.log_used_ring();
         // Unmarked only once used->idx covers them (see virtq/inflight.rs).
         if let Some(inflight) = self.inflight.as_mut() {
             inflight.published(count, self.queue.used_index());
@@ -649,6 +671,13 @@ impl Core {
         }
         if let Some(published) = published {
             self.sampler.record(published, Instant::now(), &self.stats.histograms);
+        }
+    }
+
+    /// After the used ring was written (entries, index, flags, avail_event), while logging.
+    fn log_used_ring(&self) {
+        if let Some(log) = &self.dirty {
+            log.mark_used_ring();
         }
     }
 
