@@ -16,6 +16,19 @@ fail() {
     exit 1
 }
 check() { echo "BLKPLANE-CHECK: $*"; }
+# Whether the host typed $1 on the console within $2 seconds (busybox takes fractions).
+host_says() {
+    word=""
+    read -t "$2" word < /dev/console
+    [ "$word" = "$1" ]
+}
+# The restart and migration tests' fio job, run again and again; its last run's data is
+# verified once more at the end (--verify_only).
+fio_job() {
+    fio --name=job --filename=/dev/vda --eta=never --direct=1 --ioengine=libaio --iodepth=16 \
+        --rw=randwrite --bs=4k --offset=8M --size=16M --verify=crc32c --verify_fatal=1 \
+        --output=/tmp/fio "$@" || { cat /tmp/fio; fail "fio $*"; }
+}
 
 param() {
     for word in $(cat /proc/cmdline); do
@@ -79,18 +92,6 @@ if [ "$MODE" = restart ]; then
     # The host types "flush" on the console when it is done killing, then "stop".
     printf 'BLKPLANE-RUN-%s' "$RUNID" > /tmp/id
     dd if=/tmp/id of=/dev/vda bs=512 count=1 conv=sync oflag=direct 2>/dev/null || fail "write run id"
-    # Whether the host typed $1 on the console within $2 seconds (busybox takes fractions).
-    host_says() {
-        word=""
-        read -t "$2" word < /dev/console
-        [ "$word" = "$1" ]
-    }
-    # One job, run again and again; its last run's data is verified once more at the end.
-    fio_job() {
-        fio --name=restart --filename=/dev/vda --eta=never --direct=1 --ioengine=libaio --iodepth=16 \
-            --rw=randwrite --bs=4k --offset=8M --size=16M --verify=crc32c --verify_fatal=1 \
-            --output=/tmp/fio "$@" || { cat /tmp/fio; fail "fio $*"; }
-    }
     echo "BLKPLANE-IO-START"
     round=0
     while :; do
@@ -123,6 +124,38 @@ if [ "$MODE" = restart ]; then
         fail "the guest kernel logged I/O errors"
     fi
     check "no I/O error in the kernel log after $round fio rounds and $n flushes"
+    echo "BLKPLANE-PASS"
+    poweroff -f
+fi
+
+if [ "$MODE" = migrate ]; then
+    # The host live-migrates this VM to a second QEMU while fio runs; it types "stop" on the
+    # console (the destination's, by then) once the migration has completed. blkplane.workload:
+    # write (random writes, each verified soon after), or read (the data written once, then
+    # only read and verified: pages the daemon read into guest memory must reach the
+    # destination).
+    WORKLOAD=$(param workload)
+    printf 'BLKPLANE-RUN-%s' "$RUNID" > /tmp/id
+    dd if=/tmp/id of=/dev/vda bs=512 count=1 conv=sync oflag=direct 2>/dev/null || fail "write run id"
+    [ "$WORKLOAD" = read ] && fio_job --do_verify=0
+    echo "BLKPLANE-IO-START"
+    round=0
+    while :; do
+        round=$((round + 1))
+        if [ "$WORKLOAD" = read ]; then
+            fio_job --verify_only
+        else
+            fio_job --verify_backlog=256 --do_verify=1
+        fi
+        echo "BLKPLANE-ROUND $round"
+        host_says stop 0.1 && break
+        [ $round -gt 200 ] && fail "the host never said stop"
+    done
+    fio_job --verify_only
+    check "fio data of the last round verified after $round rounds ($WORKLOAD)"
+    if dmesg | grep -iE 'I/O error|blk_update_request|Buffer I/O|critical medium'; then
+        fail "the guest kernel logged I/O errors"
+    fi
     echo "BLKPLANE-PASS"
     poweroff -f
 fi

@@ -4,12 +4,14 @@
 //! the [`ExportConfig`] a disk is opened from.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use tracing::{info, warn};
 
 use crate::blk::config::{config_space, ConfigInputs, CONFIG_SPACE_BYTES};
 use crate::blk::request::DiskLimits;
 use crate::blk::{feature, ID_BYTES, SECTOR_SIZE};
-use crate::engine::{Backing, CacheMode, EngineKind, OpenError};
+use crate::engine::{lock, Backing, CacheMode, EngineKind, OpenError};
 use crate::export::{BackendSpec, ExportConfig};
 use crate::iothread::poll::PollSettings;
 use crate::iothread::Placement;
@@ -56,6 +58,10 @@ pub struct Disk {
     /// An fdatasync failed. Linux reports a writeback error once per open file, so a later
     /// one would succeed although data was lost: from now on every FLUSH fails instead.
     flush_failed: AtomicBool,
+    /// Whether the export holds the image's write permission now: None when it has none to
+    /// hand over (read-only, force-share, engine=null); Some(false) between a migration's
+    /// switch-over and the guest's arrival.
+    write_lock: Option<Mutex<bool>>,
 }
 
 impl Disk {
@@ -64,7 +70,13 @@ impl Disk {
     pub fn open(config: &ExportConfig, placement: Placement) -> Result<Disk, OpenError> {
         let (backing, engine, capacity, logical, physical) = match &config.backend {
             BackendSpec::Image(path) => {
-                let b = Backing::open(path, config.readonly, config.cache, config.force_share)?;
+                let b = Backing::open(
+                    path,
+                    config.readonly,
+                    config.cache,
+                    config.force_share,
+                    config.incoming,
+                )?;
                 let (c, l, p) = (b.capacity_bytes, b.logical_block_bytes, b.physical_block_bytes);
                 (Some(b), config.aio, c, l, p)
             }
@@ -121,6 +133,7 @@ impl Disk {
         let dio_mem_align = backing.as_ref().map_or(1, |b| b.dio_mem_align as usize);
         let mut serial = [0u8; ID_BYTES];
         serial[..config.serial.len()].copy_from_slice(config.serial.as_bytes());
+        let has_write_lock = backing.is_some() && !config.readonly && !config.force_share;
         Ok(Disk {
             name: config.socket.display().to_string(),
             backing,
@@ -143,7 +156,41 @@ impl Disk {
             capacity_bytes: AtomicU64::new(capacity),
             writeback: AtomicBool::new(config.cache.write_cache()),
             flush_failed: AtomicBool::new(false),
+            write_lock: has_write_lock.then(|| Mutex::new(!config.incoming)),
         })
+    }
+
+    /// Takes the image's write permission if the export does not hold it (a migration's
+    /// destination when its guest arrives, a source whose guest comes back after a failed
+    /// migration), waiting for another holder to give it up (`--image-lock-wait-ms`). Called
+    /// before a ring starts; a ring never runs without it.
+    pub fn activate(&self) -> Result<(), String> {
+        let (Some(state), Some(backing)) = (&self.write_lock, &self.backing) else { return Ok(()) };
+        let mut active = state.lock().unwrap_or_else(|p| p.into_inner());
+        if !*active {
+            lock::lock_image(&backing.file, false, false)?;
+            *active = true;
+            info!(export = %self.name, "took the image's write permission");
+        }
+        Ok(())
+    }
+
+    /// Gives the image's write permission up: the guest's rings all stopped while its frontend
+    /// logged dirty pages, which is a migration's switch-over; the destination may now write.
+    pub fn inactivate(&self) {
+        let (Some(state), Some(backing)) = (&self.write_lock, &self.backing) else { return };
+        let mut active = state.lock().unwrap_or_else(|p| p.into_inner());
+        if *active {
+            match lock::lock_inactive(&backing.file) {
+                Ok(()) => {
+                    *active = false;
+                    info!(export = %self.name, "gave up the image's write permission (migration switch-over)");
+                }
+                Err(e) => {
+                    warn!(export = %self.name, "cannot give up the image's write permission: {e}")
+                }
+            }
+        }
     }
 
     pub fn capacity_bytes(&self) -> u64 {

@@ -41,6 +41,9 @@ pub struct ExportConfig {
     pub stats: bool,
     /// Serve the image even if another process locks it, and let others use it too.
     pub force_share: bool,
+    /// The destination of a live migration: the image's write permission is taken when the
+    /// guest first starts a ring here, not at open (see `Disk::activate`).
+    pub incoming: bool,
     /// The engine for an image (io_uring, native or threads).
     pub aio: EngineKind,
     /// Block sizes the guest sees (512 or 4096); default: what the backing needs.
@@ -238,6 +241,7 @@ impl ExportConfig {
         let mut cpus = Vec::new();
         let mut stats = true;
         let mut force_share = false;
+        let mut incoming = false;
         let mut aio = EngineKind::IoUring;
         let mut logical_block_bytes = None;
         let mut physical_block_bytes = None;
@@ -296,6 +300,7 @@ impl ExportConfig {
                 "readonly" => readonly = parse_bool(&key, &value)?,
                 "stats" => stats = parse_bool(&key, &value)?,
                 "force-share" => force_share = parse_bool(&key, &value)?,
+                "incoming" => incoming = parse_bool(&key, &value)?,
                 "logical-block-size" | "physical-block-size" => {
                     let size = match value.as_str() {
                         "512" => 512,
@@ -414,6 +419,7 @@ impl ExportConfig {
             cpus,
             stats,
             force_share,
+            incoming,
             aio,
             logical_block_bytes,
             physical_block_bytes,

@@ -60,6 +60,12 @@ inside a value.
   force-share=on     serve an image that another process (QEMU, qemu-storage-daemon, another
                      blkplane) has locked, and let others use it too. blkplane takes
                      QEMU-compatible locks, so by default two of them cannot write one image.
+  incoming=on        the destination of a live migration: the image may still be written
+                     by the source (another export or daemon on the same image); this export
+                     takes the write permission only when the migrated guest starts its
+                     rings, waiting for the source to give it up (--image-lock-wait-ms).
+                     A source gives it up when the guest's rings stop while its frontend
+                     logs dirty pages (the switch-over), and takes it back if they restart.
   max-guest-memory=SIZE
                      the most guest RAM one frontend may have the daemon map (default 1T);
                      a larger memory table is refused.

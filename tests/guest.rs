@@ -500,3 +500,179 @@ fn linux_guest_survives_daemon_kills_and_restarts() {
         resubmitted.join("\n")
     );
 }
+
+/// A QMP connection to a QEMU: the greeting read and capabilities negotiated.
+struct Qmp {
+    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+    writer: std::os::unix::net::UnixStream,
+}
+
+impl Qmp {
+    fn connect(path: &Path, deadline: Instant) -> Qmp {
+        let stream = loop {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => panic!("QMP socket {}: {e}", path.display()),
+            }
+        };
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut q =
+            Qmp { writer: stream.try_clone().unwrap(), reader: std::io::BufReader::new(stream) };
+        q.line(); // the greeting
+        q.call("qmp_capabilities", serde_json::json!({}));
+        q
+    }
+
+    fn line(&mut self) -> serde_json::Value {
+        use std::io::BufRead;
+        let mut line = String::new();
+        self.reader.read_line(&mut line).expect("QMP read");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("QMP said {line:?}: {e}"))
+    }
+
+    /// Runs a command; returns its "return" (events on the way are skipped).
+    fn call(&mut self, command: &str, args: serde_json::Value) -> serde_json::Value {
+        use std::io::Write;
+        let msg = serde_json::json!({"execute": command, "arguments": args});
+        writeln!(self.writer, "{msg}").unwrap();
+        loop {
+            let v = self.line();
+            if let Some(r) = v.get("return") {
+                return r.clone();
+            }
+            assert!(v.get("error").is_none(), "QMP {command}: {v}");
+        }
+    }
+}
+
+/// A guest runs fio with verification (`workload`: write, or read of data written first)
+/// while QEMU live-migrates it to a second QEMU on this host through QMP `migrate`; both disks
+/// are blkplane exports of the one image (the destination's with `incoming=on`). The
+/// migration completes, fio finishes on the destination without a verify error, and the
+/// image holds the guest's data.
+fn migrate_run(workload: &str) {
+    use std::io::Write;
+    let cache = assets();
+    let dir = tmpdir();
+    let image = dir.path().join("disk.raw");
+    let (a, b) = (dir.path().join("src.sock"), dir.path().join("dst.sock"));
+    make_image(&image, IMAGE_BYTES, 80);
+    let args: Vec<String> = vec![
+        "--image-lock-wait-ms".into(),
+        "30000".into(),
+        "--export".into(),
+        format!("id=src,socket={},image={},serial=mig", a.display(), image.display()),
+        "--export".into(),
+        format!("id=dst,socket={},image={},serial=mig,incoming=on", b.display(), image.display()),
+    ];
+    let mut daemon = Daemon::start_with(dir.path(), &args, &[a.clone(), b.clone()]);
+    let runid = format!("{:04x}{:04x}{}", rand_u16(), rand_u16(), std::process::id());
+    let append = format!(
+        "console=ttyS0 panic=-1 quiet loglevel=4 blkplane.mode=migrate blkplane.runid={runid} \
+         blkplane.sectors={} blkplane.serial=mig blkplane.queues=1 blkplane.wce=1 blkplane.workload={workload}",
+        IMAGE_BYTES / 512
+    );
+    let console = |name: &str| dir.path().join(format!("console-{name}.log"));
+    let qmp = |name: &str| dir.path().join(format!("qmp-{name}.sock"));
+    let migration = dir.path().join("migration.sock");
+    let mut src = qemu(cache, 1, &[(&a, 1)], false, &append)
+        .args(["-qmp", &format!("unix:{},server=on,wait=off", qmp("src").display())])
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(console("src")).unwrap())
+        .stderr(fs::File::create(dir.path().join("stderr-src.log")).unwrap())
+        .spawn()
+        .expect("start the source QEMU");
+    let mut dst = qemu(cache, 1, &[(&b, 1)], false, &append)
+        .args(["-qmp", &format!("unix:{},server=on,wait=off", qmp("dst").display())])
+        .args(["-incoming", &format!("unix:{}", migration.display())])
+        .stdin(Stdio::piped())
+        .stdout(fs::File::create(console("dst")).unwrap())
+        .stderr(fs::File::create(dir.path().join("stderr-dst.log")).unwrap())
+        .spawn()
+        .expect("start the destination QEMU");
+    let deadline = Instant::now() + Duration::from_secs(u64::from(GUEST_TIMEOUT_S) - 20);
+    let read = |name: &str| fs::read_to_string(console(name)).unwrap_or_default();
+    let report = |daemon: &Daemon| {
+        format!(
+            "--- source console ---\n{}\n--- destination console ---\n{}\n--- QEMU stderr ---\n{}{}\n--- daemon log ---\n{}",
+            read("src"),
+            read("dst"),
+            fs::read_to_string(dir.path().join("stderr-src.log")).unwrap_or_default(),
+            fs::read_to_string(dir.path().join("stderr-dst.log")).unwrap_or_default(),
+            daemon.log()
+        )
+    };
+    wait_for("the guest's I/O", deadline, || {
+        read("src").contains("BLKPLANE-IO-START") || read("src").contains("BLKPLANE-FAIL")
+    });
+    assert!(!read("src").contains("BLKPLANE-FAIL"), "{}", report(&daemon));
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let mut q = Qmp::connect(&qmp("src"), deadline);
+    let started = Instant::now();
+    q.call("migrate", serde_json::json!({"uri": format!("unix:{}", migration.display())}));
+    let status = loop {
+        let info = q.call("query-migrate", serde_json::json!({}));
+        let status = info["status"].as_str().unwrap_or("").to_string();
+        if status == "completed" || status == "failed" || Instant::now() > deadline {
+            break info;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status["status"], "completed", "migration: {status}\n{}", report(&daemon));
+    eprintln!(
+        "migration ({workload}) completed in {:?}: {} ms of downtime, {} bytes transferred",
+        started.elapsed(),
+        status["downtime"],
+        status["ram"]["transferred"]
+    );
+
+    // The guest runs on the destination now: let fio finish a round there, then stop it.
+    let rounds_at_switch = read("dst").matches("BLKPLANE-ROUND").count();
+    wait_for("a fio round on the destination", deadline, || {
+        read("dst").matches("BLKPLANE-ROUND").count() > rounds_at_switch
+            || read("dst").contains("BLKPLANE-FAIL")
+    });
+    dst.stdin.as_mut().unwrap().write_all(b"stop\n").unwrap();
+    let dst_status = dst.wait().unwrap();
+    q.call("quit", serde_json::json!({}));
+    let _ = src.wait();
+    let report = report(&daemon);
+    assert!(dst_status.code() != Some(124), "the destination guest timed out\n{report}");
+    let console_dst = read("dst");
+    assert!(
+        !console_dst.contains("BLKPLANE-FAIL"),
+        "the guest failed after the migration\n{report}"
+    );
+    assert!(console_dst.contains("BLKPLANE-PASS"), "no verdict from the destination\n{report}");
+    let log = daemon.log();
+    assert!(log.contains("dirty logging on"), "the source never logged\n{report}");
+    assert!(log.contains("gave up the image's write permission"), "{report}");
+    assert!(log.contains("took the image's write permission"), "{report}");
+    assert!(daemon.alive());
+    assert!(daemon.stop().success());
+    let img = fs::read(&image).unwrap();
+    let id = format!("BLKPLANE-RUN-{runid}");
+    assert_eq!(&img[..id.len()], id.as_bytes(), "run id not in the image");
+    eprintln!(
+        "migration ({workload}): guest passed on the destination\n{}",
+        console_dst
+            .lines()
+            .filter(|l| l.starts_with("BLKPLANE-CHECK"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+#[test]
+fn linux_guest_migrates_while_writing() {
+    migrate_run("write");
+}
+
+#[test]
+fn linux_guest_migrates_while_reading() {
+    migrate_run("read");
+}

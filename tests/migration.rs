@@ -207,7 +207,7 @@ fn malformed_logging_input_is_refused_and_the_export_serves_on() {
     drop(fe);
 
     // LOG_ALL without a log: the ring refuses to start rather than run unlogged.
-    let mut fe = connect(&sock);
+    let fe = connect(&sock);
     assert!(fe.fe.set_features(fe.features | F_LOG_ALL).is_err(), "LOG_ALL with no log");
     drop(fe);
 
@@ -229,4 +229,61 @@ fn malformed_logging_input_is_refused_and_the_export_serves_on() {
     assert!(log.contains("does not cover guest memory"), "{log}");
     assert!(log.contains("outside the dirty log"), "{log}");
     assert!(log.contains("no log was given"), "{log}");
+}
+
+/// The image lock hand-over: a destination export (`incoming=on`) opens the image the source
+/// still writes, its guest's first ring waits until the source's rings stop with logging on
+/// (the switch-over), and from then on the source cannot start a ring on it: two writers never
+/// run at once.
+#[test]
+fn the_image_passes_from_source_to_destination_at_the_switch_over() {
+    let dir = tmpdir();
+    let image = dir.path().join("disk.raw");
+    make_image(&image, IMAGE_BYTES, SEED);
+    let (a, b) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
+    let mut daemon = Daemon::start_with(
+        dir.path(),
+        &[
+            "--image-lock-wait-ms".into(),
+            "1500".into(),
+            "--export".into(),
+            format!("id=src,socket={},image={}", a.display(), image.display()),
+            "--export".into(),
+            format!("id=dst,socket={},image={},incoming=on", b.display(), image.display()),
+        ],
+        &[a.clone(), b.clone()],
+    );
+    let mut src = connect(&a);
+    let data = pattern(99, 0, 4096);
+    let (c, _) = src.request(0, T_OUT, 64, &data, 0);
+    assert_eq!(c.status, S_OK);
+    let bitmap = Bitmap::new(RAM_BYTES / PAGE as usize / 8);
+    start_logging(&mut src, &bitmap);
+
+    // The destination's guest arrives early: its ring waits for the image.
+    let dst = std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        let mut fe = connect(&b);
+        let waited = started.elapsed();
+        let (c, read) = fe.request(0, T_IN, 64, &[], 4096);
+        (waited, c.status, read)
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    src.fe.get_vring_base(0).expect("GET_VRING_BASE");
+    let (waited, status, read) = dst.join().unwrap();
+    assert!(
+        waited >= std::time::Duration::from_millis(400),
+        "the destination did not wait: {waited:?}"
+    );
+    assert_eq!(status, S_OK);
+    assert_eq!(read, data, "the destination reads what the source wrote");
+    let log = daemon.log();
+    assert!(log.contains("gave up the image's write permission"), "{log}");
+    assert!(log.contains("took the image's write permission"), "{log}");
+
+    // The source's rings cannot come back while the destination holds the image.
+    let starts = src.reconnect(&a);
+    assert!(starts[0].is_err(), "the source started a ring on an image the destination writes");
+    assert!(daemon.log().contains("cannot start the ring"), "{}", daemon.log());
+    assert!(daemon.alive());
 }

@@ -178,6 +178,7 @@ impl Backing {
         readonly: bool,
         cache: CacheMode,
         force_share: bool,
+        incoming: bool,
     ) -> Result<Backing, OpenError> {
         // Open first, then check what was opened: checking the path and then opening it
         // would let a FIFO (or anything else) be swapped in between. O_NONBLOCK so that the
@@ -211,8 +212,13 @@ impl Backing {
                 OpenError::Io(path.into(), e)
             }
         })?;
-        super::lock::lock_image(&file, readonly, force_share)
-            .map_err(|why| OpenError::Locked(path.into(), why))?;
+        // A migration's destination writes only once its guest arrives (Disk::activate).
+        if incoming && !readonly && !force_share {
+            super::lock::lock_inactive(&file)
+        } else {
+            super::lock::lock_image(&file, readonly, force_share)
+        }
+        .map_err(|why| OpenError::Locked(path.into(), why))?;
         // Without statx's answer, assume what every Linux block device accepts: 512-byte
         // aligned buffers.
         let dio = if cache.direct() { dio_align(&file) } else { None };

@@ -139,3 +139,29 @@ fn try_lock_image(file: &File, readonly: bool, force_share: bool) -> Result<(), 
     }
     Ok(())
 }
+
+/// The locks of an export that does not write the image now (a migration's destination
+/// before the guest arrives, or its source after it left): it holds consistent read and
+/// shares everything, so the export that writes is not disturbed. `lock_image` later turns
+/// it into a writer.
+pub fn lock_inactive(file: &File) -> Result<(), String> {
+    for &(bit, _) in &ALL_PERMS {
+        unlock(file, SHARED_BASE + i64::from(bit))
+            .map_err(|e| format!("cannot lock the image: {e}"))?;
+        if bit != CONSISTENT_READ {
+            unlock(file, PERM_BASE + i64::from(bit))
+                .map_err(|e| format!("cannot lock the image: {e}"))?;
+        }
+    }
+    read_lock(file, PERM_BASE + i64::from(CONSISTENT_READ))
+        .map_err(|e| format!("cannot lock the image: {e}"))
+}
+
+fn unlock(file: &File, byte: i64) -> io::Result<()> {
+    let fl = flock(libc::F_UNLCK as libc::c_short, byte);
+    // SAFETY: F_OFD_SETLK reads the flock we pass; the fd is open.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -7,7 +7,7 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tracing::debug;
+use tracing::{debug, info};
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
     VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
@@ -185,6 +185,11 @@ impl BlkDevice {
             return Ok(());
         }
         let log = self.queue_log(index)?;
+        // A migration's destination takes the image's write permission as its guest arrives.
+        if let Err(e) = self.disk.activate() {
+            warn_limited!(self.log(), export = %self.disk.name, queue = index, "cannot start the ring: {e}");
+            return Err(handler_error(e));
+        }
         let clone = |f: &Option<File>| f.as_ref().map(File::try_clone).transpose();
         let v = &self.vrings[index];
         let setup = QueueSetup {
@@ -334,6 +339,11 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
             warn_limited!(self.log(), export = %self.disk.name, "frontend acked features we did not offer: {unknown:#x}");
             return Err(Error::InvalidParam);
         }
+        let logging = features & feature::VHOST_LOG_ALL;
+        if logging != self.acked_features & feature::VHOST_LOG_ALL {
+            let state = if logging != 0 { "on (live migration)" } else { "off" };
+            info!(export = %self.disk.name, "dirty logging {state}");
+        }
         self.acked_features = features;
         self.apply_running()
     }
@@ -415,7 +425,15 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         v.kick_set = false;
         v.kick = None;
         debug!(export = %self.disk.name, queue = index, base = v.next_avail, "ring stopped");
-        Ok(VhostUserVringState::new(index, u32::from(v.next_avail)))
+        let state = VhostUserVringState::new(index, u32::from(v.next_avail));
+        // Every ring stopped while the frontend logs dirty pages: the migration's switch-over.
+        // The destination may now take the image; ours comes back if a ring restarts here.
+        if self.acked_features & feature::VHOST_LOG_ALL != 0
+            && self.vrings.iter().all(|v| v.thread.is_none())
+        {
+            self.disk.inactivate();
+        }
+        Ok(state)
     }
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> Result<()> {
