@@ -1,5 +1,5 @@
-//! What inflight tracking (INFLIGHT_SHMFD) costs per request, measured two ways; see
-//! BENCHMARKS.md ("Restart").
+//! What inflight tracking (INFLIGHT_SHMFD) and dirty logging (a live migration's LOG_ALL)
+//! cost per request, measured two ways; see BENCHMARKS.md ("Restart", "Live migration").
 //!
 //! 1. The region's own work in isolation: marking 32 heads taken, linking their used
 //!    entries, unmarking them after a publish, as the I/O thread does each round, on a real
@@ -20,6 +20,9 @@ use std::time::{Duration, Instant};
 
 use blkplane::virtq::InflightRegion;
 use frontend::{header, Buf, TestFrontend, DATA_AREA, HEADER_AREA, T_IN};
+use std::os::fd::AsRawFd;
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::{VhostBackend, VhostUserDirtyLogRegion};
 
 fn region_ns_per_request(rounds: u64) -> f64 {
     let (region, _file) = InflightRegion::create(1, 256, None).unwrap();
@@ -93,28 +96,38 @@ fn main() {
         assert!(Instant::now() < deadline, "the daemon did not listen");
         std::thread::sleep(Duration::from_millis(20));
     }
+    let log = frontend::memfd(4096);
     for depth in [1u16, 32] {
-        let (mut off, mut on) = (Vec::new(), Vec::new());
+        let mut rates = [Vec::new(), Vec::new(), Vec::new()];
         for _ in 0..3 {
-            for tracked in [false, true] {
-                let mut fe = if tracked {
-                    TestFrontend::connect_inflight(&sock, 1, 256, 0)
-                } else {
-                    TestFrontend::connect(&sock, 1, 256, 0)
+            for (mode, rates) in rates.iter_mut().enumerate() {
+                let mut fe = match mode {
+                    0 => TestFrontend::connect(&sock, 1, 256, 0),
+                    1 => TestFrontend::connect_inflight(&sock, 1, 256, 0),
+                    _ => {
+                        let extra = VhostUserProtocolFeatures::LOG_SHMFD;
+                        let mut fe = TestFrontend::connect_with_protocol(&sock, 1, 256, 0, extra);
+                        let region = VhostUserDirtyLogRegion {
+                            mmap_size: 4096,
+                            mmap_offset: 0,
+                            mmap_handle: log.as_raw_fd(),
+                        };
+                        fe.fe.set_log_base(0, Some(region)).unwrap();
+                        fe.fe.set_features(fe.features | (1 << 26)).unwrap();
+                        let used = fe.queues[0].used;
+                        fe.set_ring_log(0, Some(used)).unwrap();
+                        fe
+                    }
                 };
                 run(&mut fe, depth, requests / 10);
-                let rate = run(&mut fe, depth, requests);
-                if tracked {
-                    on.push(rate)
-                } else {
-                    off.push(rate)
-                }
+                rates.push(run(&mut fe, depth, requests));
             }
         }
-        let (off, on) = (median(off), median(on));
+        let [plain, inflight, logging] = rates.map(median);
         println!(
-            "end to end, depth {depth:>2}: tracking off {off:>9.0} req/s, on {on:>9.0} req/s ({:+.1} %), medians of 3 alternating runs of {requests}",
-            (on / off - 1.0) * 100.0
+            "end to end, depth {depth:>2}: plain {plain:>9.0} req/s, inflight region {inflight:>9.0} ({:+.1} %), dirty logging {logging:>9.0} ({:+.1} %); medians of 3 alternating runs of {requests}",
+            (inflight / plain - 1.0) * 100.0,
+            (logging / plain - 1.0) * 100.0
         );
     }
     let _ = daemon.kill();
