@@ -292,6 +292,29 @@ fn answered(ctl: &Path) -> Option<u64> {
     )
 }
 
+/// Types `word` on the guest's console, again every second, until `done` (a line can be lost
+/// on the way: typed while the guest reads with a timeout, or while a migrated guest is not
+/// yet running).
+fn type_until(
+    console: &mut std::process::ChildStdin,
+    word: &str,
+    deadline: Instant,
+    mut done: impl FnMut() -> bool,
+) {
+    use std::io::Write;
+    while !done() {
+        assert!(Instant::now() < deadline, "the guest never heard {word:?}");
+        // A guest that has stopped reading may have closed the console: nothing to do then.
+        let _ = writeln!(console, "{word}");
+        for _ in 0..50 {
+            if done() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 fn wait_for(what: &str, deadline: Instant, mut cond: impl FnMut() -> bool) {
     while !cond() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
@@ -352,7 +375,6 @@ impl Restarting {
 /// inflight regions bring back what was in flight, and the guest sees no error.
 #[test]
 fn linux_guest_survives_daemon_kills_and_restarts() {
-    use std::io::Write;
     let cache = assets();
     let dir = common::disk_dir();
     let image = dir.path().join("disk.raw");
@@ -443,12 +465,15 @@ fn linux_guest_survives_daemon_kills_and_restarts() {
         let kind = if out_of_order { "SIGKILL, out of order" } else { &format!("{how:?}") };
         eprintln!("restart ({kind}): listening again after {listening:?}, first guest request answered after {first_io:?}");
     }
-    typing.write_all(b"flush\n").unwrap();
+    type_until(&mut typing, "flush", deadline, || {
+        console_has("BLKPLANE-FLUSH-PHASE") || console_has("BLKPLANE-FAIL")
+    });
 
-    // A kill with a FLUSH in flight: the daemon may write back ten I/Os a second while the
-    // guest flushes 8 MiB it wrote to the second disk, so the FLUSH takes seconds; the next
-    // daemon must say it resubmitted it. A kill that missed the FLUSH is tried again, three
-    // times at most.
+    // A kill with a FLUSH in flight: the daemon may write twice a second while the guest
+    // flushes 1 MiB it wrote to the second disk, so the FLUSH (the data, unless the host wrote
+    // it back already, and the journal and cache flush in any case) takes a second or more;
+    // the next daemon must say it resubmitted it. A kill that missed the FLUSH is tried
+    // again, three times at most.
     let mut flush_killed = false;
     for n in 1..=3 {
         let marker = format!("BLKPLANE-FLUSHING {n}");
@@ -456,7 +481,7 @@ fn linux_guest_survives_daemon_kills_and_restarts() {
             console_has(&marker) || console_has("BLKPLANE-FAIL")
         });
         assert!(!console_has("BLKPLANE-FAIL"), "{}", report(&d));
-        let throttle = common::Throttle::new(&wb_image, 10);
+        let throttle = common::Throttle::new(&wb_image, 2);
         throttle.add(d.daemon().pid());
         std::thread::sleep(Duration::from_millis(300));
         let (listening, first_io) = d.restart(Stop::Kill, deadline);
@@ -468,10 +493,12 @@ fn linux_guest_survives_daemon_kills_and_restarts() {
         let log = d.daemon().log();
         flush_killed = log.lines().any(|l| l.contains("resubmitted") && l.contains("flush"));
         if flush_killed {
-            typing.write_all(b"stop\n").unwrap();
+            type_until(&mut typing, "stop", deadline, || {
+                console_has("BLKPLANE-PASS") || console_has("BLKPLANE-FAIL")
+            });
             break;
         }
-        typing.write_all(b"again\n").unwrap();
+        // Not typing "stop": the guest flushes again after 5 s.
     }
     assert!(flush_killed, "no kill caught a FLUSH in flight\n{}", report(&d));
 
@@ -537,7 +564,7 @@ impl Qmp {
     fn call(&mut self, command: &str, args: serde_json::Value) -> serde_json::Value {
         use std::io::Write;
         let msg = serde_json::json!({"execute": command, "arguments": args});
-        writeln!(self.writer, "{msg}").unwrap();
+        writeln!(self.writer, "{msg}").unwrap_or_else(|e| panic!("QMP {command}: {e}"));
         loop {
             let v = self.line();
             if let Some(r) = v.get("return") {
@@ -554,7 +581,6 @@ impl Qmp {
 /// migration completes, fio finishes on the destination without a verify error, and the
 /// image holds the guest's data.
 fn migrate_run(workload: &str) {
-    use std::io::Write;
     let cache = assets();
     let dir = tmpdir();
     let image = dir.path().join("disk.raw");
@@ -644,9 +670,16 @@ fn migrate_run(workload: &str) {
 
     // The guest runs on the destination now, in the middle of the round the switch-over
     // interrupted: it ends with that round.
-    dst.stdin.as_mut().unwrap().write_all(b"stop\n").unwrap();
+    type_until(dst.stdin.as_mut().unwrap(), "stop", deadline, || {
+        read("dst").contains("BLKPLANE-PASS") || read("dst").contains("BLKPLANE-FAIL")
+    });
     let dst_status = dst.wait().unwrap();
-    q.call("quit", serde_json::json!({}));
+    // The source stays paused after a migration until told to go (it may have gone already).
+    {
+        use std::io::Write;
+        let _ = writeln!(q.writer, "{}", serde_json::json!({"execute": "quit"}));
+    }
+    let _ = src.kill();
     let _ = src.wait();
     let report = report(&daemon);
     assert!(dst_status.code() != Some(124), "the destination guest timed out\n{report}");
