@@ -28,7 +28,7 @@ fn region_ns_per_request(rounds: u64) -> f64 {
     let (region, _file) = InflightRegion::create(1, 256, None).unwrap();
     let region = Arc::new(region);
     let mut q = region.queue(0, 256).unwrap();
-    q.recover(0, &mut Vec::new()).unwrap();
+    q.recover(0, 0, &mut Vec::new()).unwrap();
     let mut used_idx = 0u16;
     let start = Instant::now();
     for round in 0..rounds {

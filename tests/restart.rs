@@ -321,8 +321,10 @@ fn inflight_messages_out_of_bounds_get_an_error_reply() {
     assert_eq!(data, pattern(SEED, 0, 512));
 }
 
-/// Connects with an inflight region, lets `spoil` change queue 0's part, then reconnects to
-/// the same daemon (handing the region back) and returns the rings' starts.
+/// Connects with an inflight region, hangs up (as a crash would leave the frontend), posts
+/// one more request on queue 0 that nobody took (so the guest has something outstanding and
+/// the region is read, not reset), lets `spoil` change queue 0's part, then reconnects to the
+/// same daemon (handing the region back) and returns the rings' starts.
 fn reconnect_with_spoiled_region(
     s: &Setup,
     spoil: impl FnOnce(&mut TestFrontend),
@@ -330,6 +332,9 @@ fn reconnect_with_spoiled_region(
     let mut fe = TestFrontend::connect_inflight(&s.sock, 2, RING, 0);
     let (c, _) = fe.request(0, T_IN, 0, &[], 512);
     assert_eq!(c.status, S_OK);
+    fe.hang_up();
+    std::thread::sleep(Duration::from_millis(100));
+    fe.push_avail(0, 0);
     spoil(&mut fe);
     let starts = fe.reconnect(&s.sock);
     (fe, starts)

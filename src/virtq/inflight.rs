@@ -336,29 +336,18 @@ impl InflightQueue {
     }
 
     /// Reads what an earlier process left (or starts a fresh region) given the ring's
-    /// used->idx; pushes the heads still in flight into `resubmit`, oldest first. After it,
-    /// the ring resumes taking new requests at `used_idx + resubmit.len()`.
+    /// used->idx and avail->idx; pushes the heads still in flight into `resubmit`, oldest
+    /// first. After it, the ring resumes taking new requests at `used_idx + resubmit.len()`.
     pub fn recover(
         &mut self,
         used_idx: u16,
+        avail_idx: u16,
         resubmit: &mut Vec<u16>,
     ) -> Result<Recovered, InflightError> {
         resubmit.clear();
         match self.u16_at(OFF_VERSION).load(Ordering::Acquire) {
             0 => {
-                // Fresh: lay the header down, clear every state, and only then the version,
-                // so a crash half-way leaves a region that still reads as fresh.
-                self.features().store(0, Ordering::Relaxed);
-                self.u16_at(OFF_DESC_NUM).store(self.tracked, Ordering::Relaxed);
-                self.u16_at(OFF_LAST_BATCH_HEAD).store(0, Ordering::Relaxed);
-                self.u16_at(OFF_USED_IDX).store(used_idx, Ordering::Relaxed);
-                for head in 0..self.tracked {
-                    self.desc_inflight(head).store(0, Ordering::Relaxed);
-                    self.desc_next(head).store(0, Ordering::Relaxed);
-                    self.desc_counter(head).store(0, Ordering::Relaxed);
-                }
-                self.u16_at(OFF_VERSION).store(VERSION, Ordering::Release);
-                self.counter = 1;
+                self.reset(used_idx);
                 return Ok(Recovered { fresh: true, batch_fixed: 0 });
             }
             VERSION => {}
@@ -367,6 +356,12 @@ impl InflightQueue {
         let desc_num = self.u16_at(OFF_DESC_NUM).load(Ordering::Relaxed);
         if desc_num != self.tracked {
             return Err(InflightError::DescNum { found: desc_num, expected: self.tracked });
+        }
+        // Everything the guest posted is answered: whatever the region says is stale (a ring
+        // set up afresh after a guest reset, with a frontend that kept its region).
+        if avail_idx == used_idx {
+            self.reset(used_idx);
+            return Ok(Recovered { fresh: false, batch_fixed: 0 });
         }
         let ring = self.ring_size;
         let check = |head: u16| {
@@ -405,6 +400,23 @@ impl InflightQueue {
         self.counter = marked.last().map_or(1, |&(c, _)| c.wrapping_add(1));
         resubmit.extend(marked.iter().map(|&(_, head)| head));
         Ok(Recovered { fresh: false, batch_fixed: batch })
+    }
+
+    /// Lays the header down and clears every state, the version last, so that a crash
+    /// half-way leaves a region that reads as it did.
+    fn reset(&mut self, used_idx: u16) {
+        self.u16_at(OFF_VERSION).store(0, Ordering::Release);
+        self.features().store(0, Ordering::Relaxed);
+        self.u16_at(OFF_DESC_NUM).store(self.tracked, Ordering::Relaxed);
+        self.u16_at(OFF_LAST_BATCH_HEAD).store(0, Ordering::Relaxed);
+        self.u16_at(OFF_USED_IDX).store(used_idx, Ordering::Relaxed);
+        for head in 0..self.tracked {
+            self.desc_inflight(head).store(0, Ordering::Relaxed);
+            self.desc_next(head).store(0, Ordering::Relaxed);
+            self.desc_counter(head).store(0, Ordering::Relaxed);
+        }
+        self.u16_at(OFF_VERSION).store(VERSION, Ordering::Release);
+        self.counter = 1;
     }
 
     /// A head was taken from the avail ring: mark it, in the order taken.
@@ -471,7 +483,7 @@ mod tests {
         let r = region(1, 8);
         let mut q = r.queue(0, 8).unwrap();
         let mut heads = vec![99];
-        assert_eq!(q.recover(5, &mut heads).unwrap(), Recovered { fresh: true, batch_fixed: 0 });
+        assert_eq!(q.recover(5, 5, &mut heads).unwrap(), Recovered { fresh: true, batch_fixed: 0 });
         assert!(heads.is_empty());
         assert_eq!(q.u16_at(OFF_VERSION).load(Ordering::Relaxed), VERSION);
         assert_eq!(q.u16_at(OFF_DESC_NUM).load(Ordering::Relaxed), 8);
@@ -482,7 +494,7 @@ mod tests {
     fn marked_heads_come_back_oldest_first_and_published_ones_do_not() {
         let r = region(1, 8);
         let mut q = r.queue(0, 8).unwrap();
-        q.recover(0, &mut Vec::new()).unwrap();
+        q.recover(0, 0, &mut Vec::new()).unwrap();
         for head in [5, 2, 7, 1] {
             q.taken(head);
         }
@@ -493,7 +505,7 @@ mod tests {
         q.used(7);
         let mut q2 = r.queue(0, 8).unwrap();
         let mut heads = Vec::new();
-        let found = q2.recover(2, &mut heads).unwrap();
+        let found = q2.recover(2, 4, &mut heads).unwrap();
         assert_eq!(found, Recovered { fresh: false, batch_fixed: 1 });
         assert_eq!(heads, vec![5, 1]);
         assert!(!q2.is_marked(7));
@@ -505,31 +517,49 @@ mod tests {
     }
 
     #[test]
+    fn marks_are_stale_when_the_guest_has_nothing_outstanding() {
+        let r = region(1, 8);
+        let mut q = r.queue(0, 8).unwrap();
+        q.recover(0, 0, &mut Vec::new()).unwrap();
+        q.taken(3);
+        // The guest reset its ring (used and avail both 0) and the frontend kept the region.
+        let mut heads = vec![];
+        let found = q.recover(0, 0, &mut heads).unwrap();
+        assert_eq!(found, Recovered { fresh: false, batch_fixed: 0 });
+        assert!(heads.is_empty());
+        assert!(!q.is_marked(3));
+        assert_eq!(q.u16_at(OFF_VERSION).load(Ordering::Relaxed), VERSION);
+    }
+
+    #[test]
     fn hostile_regions_are_refused() {
         let r = region(2, 8);
         assert!(matches!(r.queue(2, 8), Err(InflightError::NoSuchQueue { .. })));
         assert!(matches!(r.queue(0, 16), Err(InflightError::RingTooLarge { .. })));
         let mut q = r.queue(0, 4).unwrap();
-        q.recover(0, &mut Vec::new()).unwrap();
+        q.recover(0, 0, &mut Vec::new()).unwrap();
         // A head marked beyond the ring in use.
         q.desc_inflight(6).store(1, Ordering::Relaxed);
         assert!(matches!(
-            q.recover(0, &mut Vec::new()),
+            q.recover(0, 1, &mut Vec::new()),
             Err(InflightError::HeadOutOfRange { head: 6, ring: 4 })
         ));
         q.desc_inflight(6).store(0, Ordering::Relaxed);
         // A last batch longer than the ring.
         assert!(matches!(
-            q.recover(9, &mut Vec::new()),
+            q.recover(9, 10, &mut Vec::new()),
             Err(InflightError::BatchTooLong { batch: 9, ring: 4 })
         ));
         // A batch list that leaves the ring.
         q.u16_at(OFF_LAST_BATCH_HEAD).store(300, Ordering::Relaxed);
-        assert!(matches!(q.recover(1, &mut Vec::new()), Err(InflightError::HeadOutOfRange { .. })));
+        assert!(matches!(
+            q.recover(1, 2, &mut Vec::new()),
+            Err(InflightError::HeadOutOfRange { .. })
+        ));
         q.u16_at(OFF_DESC_NUM).store(4, Ordering::Relaxed);
-        assert!(matches!(q.recover(0, &mut Vec::new()), Err(InflightError::DescNum { .. })));
+        assert!(matches!(q.recover(0, 1, &mut Vec::new()), Err(InflightError::DescNum { .. })));
         q.u16_at(OFF_VERSION).store(7, Ordering::Relaxed);
-        assert!(matches!(q.recover(0, &mut Vec::new()), Err(InflightError::UnknownVersion(7))));
+        assert!(matches!(q.recover(0, 1, &mut Vec::new()), Err(InflightError::UnknownVersion(7))));
         // Too small for its geometry, misaligned.
         let (_, file) = InflightRegion::create(1, 8, None).unwrap();
         assert!(matches!(

@@ -214,6 +214,11 @@ impl SplitQueue {
         self.cached_avail_idx = next_avail;
     }
 
+    /// The driver's avail index as it is now.
+    pub fn avail_index(&self) -> u16 {
+        self.avail_idx().load(Ordering::Acquire)
+    }
+
     /// The used index as published (read from the ring when the queue started).
     pub fn used_index(&self) -> u16 {
         self.next_used

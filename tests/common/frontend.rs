@@ -376,6 +376,12 @@ impl TestFrontend {
         started.and(enabled)
     }
 
+    /// Hangs up the connection (the daemon stops its queues); `reconnect` makes a new one.
+    pub fn hang_up(&self) {
+        // SAFETY: shutdown(2) on the connection's own fd, which stays open until replaced.
+        unsafe { libc::shutdown(self.fe.as_raw_fd(), libc::SHUT_RDWR) };
+    }
+
     /// Sends ring `i`'s addresses again, with the LOG flag and `log_addr` if given (what QEMU
     /// does when a migration starts and ends).
     pub fn set_ring_log(&mut self, i: usize, log_addr: Option<u64>) -> vhost::Result<()> {
@@ -401,8 +407,7 @@ impl TestFrontend {
     pub fn reconnect(&mut self, sock: &Path) -> Vec<vhost::Result<()>> {
         // The daemon serves one frontend at a time: hang up the old connection first (a
         // daemon that died already saw it go).
-        // SAFETY: shutdown(2) on the connection's own fd, which stays open until replaced.
-        unsafe { libc::shutdown(self.fe.as_raw_fd(), libc::SHUT_RDWR) };
+        self.hang_up();
         let extra = if self.inflight.is_some() {
             VhostUserProtocolFeatures::INFLIGHT_SHMFD
         } else {

@@ -99,8 +99,9 @@ pub(crate) fn start<E: Engine + 'static>(
     let inflight = match setup.inflight.take() {
         Some(region) => {
             let mut tracked = region.queue(setup.index, setup.size).map_err(|e| invalid(&e))?;
-            let found =
-                tracked.recover(queue.used_index(), &mut resubmit).map_err(|e| invalid(&e))?;
+            let found = tracked
+                .recover(queue.used_index(), queue.avail_index(), &mut resubmit)
+                .map_err(|e| invalid(&e))?;
             if !found.fresh {
                 // The last process took exactly what it answered plus what is still marked.
                 let resume = queue.used_index().wrapping_add(resubmit.len() as u16);
