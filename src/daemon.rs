@@ -161,6 +161,7 @@ impl Daemon {
             infos.push(info_of(&export));
             exports.push(export);
         }
+        crate::service::status(exports.len());
         Ok(infos)
     }
 
@@ -294,6 +295,7 @@ impl Daemon {
         };
         stop_export(&mut export);
         info!(export = %id, "export removed");
+        crate::service::status(self.list().len());
         Ok(())
     }
 

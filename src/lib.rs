@@ -17,6 +17,7 @@ pub mod export;
 pub mod iothread;
 pub mod listener;
 pub mod ratelimit;
+pub mod service;
 pub mod stat;
 pub mod sys;
 pub mod trace;

@@ -307,6 +307,7 @@ fn serve(o: ServeOptions) -> ExitCode {
             .spawn(move || metrics::run(l, d));
     }
     tracing::info!(exports = daemon.list().len(), "serving");
+    blkplane::service::ready(daemon.list().len());
     let signal = match daemon::wait_for_shutdown_signal() {
         Ok(s) => s,
         Err(e) => {
@@ -315,6 +316,7 @@ fn serve(o: ServeOptions) -> ExitCode {
         }
     };
     tracing::info!(signal, "shutting down after in-flight I/O");
+    blkplane::service::stopping();
     if let Some(c) = &control {
         c.shutdown();
     }

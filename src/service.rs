@@ -1,0 +1,31 @@
+//! Telling the service manager how the daemon is doing (systemd's `Type=notify` protocol: a
+//! datagram to `$NOTIFY_SOCKET`): ready once every export listens, the export count as its
+//! status, stopping when a shutdown signal came. Without `NOTIFY_SOCKET` these do nothing.
+
+use sd_notify::NotifyState;
+use tracing::warn;
+
+fn send(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        warn!("cannot notify the service manager: {e}");
+    }
+}
+
+fn serving(exports: usize) -> String {
+    format!("serving {exports} export{}", if exports == 1 { "" } else { "s" })
+}
+
+/// Every export given at start listens (and the control socket, if any).
+pub fn ready(exports: usize) {
+    send(&[NotifyState::Ready, NotifyState::Status(&serving(exports))]);
+}
+
+/// Exports were added or removed at run time.
+pub fn status(exports: usize) {
+    send(&[NotifyState::Status(&serving(exports))]);
+}
+
+/// A shutdown signal arrived: in-flight I/O drains, then the process exits.
+pub fn stopping() {
+    send(&[NotifyState::Stopping, NotifyState::Status("stopping after in-flight I/O")]);
+}
