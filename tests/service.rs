@@ -80,7 +80,7 @@ fn a_missing_service_manager_is_not_an_error() {
     let mut daemon = common::Daemon::start_with(
         dir.path(),
         &["--export".into(), format!("socket={},engine=null,size=1M", sock.display())],
-        &[sock.clone()],
+        std::slice::from_ref(&sock),
     );
     assert!(daemon.alive());
     assert!(daemon.stop().success());
