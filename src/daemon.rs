@@ -117,6 +117,9 @@ pub struct Daemon {
     next_id: AtomicUsize,
     /// Serializes resizes (each is publish, drain, truncate).
     resizing: Mutex<()>,
+    /// Ids of the exports that came from the config file: a reload (SIGHUP) compares the file
+    /// with these, and leaves exports added otherwise (--export, add-export) alone.
+    from_file: Mutex<Vec<String>>,
 }
 
 impl Daemon {
@@ -137,6 +140,7 @@ impl Daemon {
             reserved: Mutex::default(),
             next_id: AtomicUsize::new(0),
             resizing: Mutex::default(),
+            from_file: Mutex::default(),
         })
     }
 
@@ -262,6 +266,71 @@ impl Daemon {
             });
         }
         Ok(started)
+    }
+
+    /// Remembers which running exports came from the config file (see `reload`).
+    pub fn set_from_file(&self, ids: Vec<String>) {
+        *self.from_file.lock().unwrap_or_else(|p| p.into_inner()) = ids;
+    }
+
+    /// Applies the exports of a re-read config file (SIGHUP): those new in it are added, those
+    /// gone from it removed, those whose keys changed replaced; unchanged ones are not
+    /// touched. An export with a frontend connected is neither removed nor replaced (it is
+    /// reported). Exports given otherwise (--export, add-export) are left alone. Returns one
+    /// line per thing not done.
+    pub fn reload(&self, wanted: Vec<ExportConfig>) -> Vec<String> {
+        let mut problems = Vec::new();
+        let previous = self.from_file.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let running: Vec<(String, ExportConfig)> = self
+            .exports()
+            .iter()
+            .filter(|e| previous.contains(&e.id))
+            .map(|e| (e.id.clone(), e.config.clone()))
+            .collect();
+        // An entry of the file is the running export with its id, or (without one) its socket.
+        let matches = |c: &ExportConfig, id: &str, r: &ExportConfig| match &c.id {
+            Some(want) => want == id,
+            None => r.id.is_none() && c.socket == r.socket,
+        };
+        let mut kept = Vec::new();
+        let mut to_add = Vec::new();
+        for c in &wanted {
+            match running.iter().find(|(id, r)| matches(c, id, r)) {
+                Some((id, r)) if r == c => kept.push(id.clone()),
+                Some((id, _)) => match self.remove(id, false) {
+                    Ok(()) => to_add.push(c.clone()),
+                    Err(e) => {
+                        problems.push(format!(
+                            "export '{id}' changed in the file but was not replaced: {}",
+                            e.message
+                        ));
+                        kept.push(id.clone());
+                    }
+                },
+                None => to_add.push(c.clone()),
+            }
+        }
+        for (id, r) in &running {
+            if wanted.iter().any(|c| matches(c, id, r)) {
+                continue;
+            }
+            if let Err(e) = self.remove(id, false) {
+                problems.push(format!(
+                    "export '{id}' is gone from the file but was not removed: {}",
+                    e.message
+                ));
+                kept.push(id.clone());
+            }
+        }
+        for c in to_add {
+            let name = c.id.clone().unwrap_or_else(|| c.socket.display().to_string());
+            match self.add_exports(vec![c]) {
+                Ok(infos) => kept.extend(infos.into_iter().map(|i| i.id)),
+                Err(e) => problems.push(format!("export {name} was not added: {}", e.message)),
+            }
+        }
+        self.set_from_file(kept);
+        problems
     }
 
     pub fn list(&self) -> Vec<ExportInfo> {
@@ -429,7 +498,8 @@ impl Daemon {
     }
 }
 
-/// Signals that end the daemon.
+/// Signals the main thread handles: SIGTERM and SIGINT end the daemon, SIGHUP reloads its
+/// configuration file (without this, SIGHUP's default action would kill it at once).
 fn shutdown_signals() -> libc::sigset_t {
     // SAFETY: sigemptyset/sigaddset initialise and fill the set we own.
     unsafe {
@@ -437,11 +507,12 @@ fn shutdown_signals() -> libc::sigset_t {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGHUP);
         set
     }
 }
 
-/// Blocks SIGTERM and SIGINT in this thread and every thread started after, so that only
+/// Blocks SIGTERM, SIGINT and SIGHUP in this thread and every thread started after, so that only
 /// `wait_for_shutdown_signal` receives them. Call before starting any thread.
 pub fn block_shutdown_signals() -> io::Result<()> {
     let signals = shutdown_signals();
@@ -453,7 +524,7 @@ pub fn block_shutdown_signals() -> io::Result<()> {
     Ok(())
 }
 
-/// Waits for SIGTERM or SIGINT; returns the signal number.
+/// Waits for SIGTERM, SIGINT or SIGHUP; returns the signal number.
 pub fn wait_for_shutdown_signal() -> io::Result<i32> {
     let signals = shutdown_signals();
     let mut signal: libc::c_int = 0;

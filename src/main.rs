@@ -188,6 +188,26 @@ struct ServeOptions {
     image_lock_wait_ms: Option<u64>,
 }
 
+/// SIGHUP: re-reads the configuration file and applies its exports (`Daemon::reload`). A
+/// file that does not parse changes nothing; what could not be applied is logged.
+fn reload(daemon: &Daemon, config: Option<&std::path::Path>) {
+    let Some(path) = config else {
+        tracing::warn!("SIGHUP: the daemon was started without --config; nothing to re-read");
+        return;
+    };
+    blkplane::service::reloading();
+    match config_file::load(path) {
+        Err(e) => tracing::error!("SIGHUP: {e}; nothing changed"),
+        Ok(file) => {
+            for problem in daemon.reload(file.exports) {
+                tracing::warn!("SIGHUP: {problem}");
+            }
+            tracing::info!(exports = daemon.list().len(), "SIGHUP: configuration re-read");
+        }
+    }
+    blkplane::service::ready(daemon.list().len());
+}
+
 fn serve(o: ServeOptions) -> ExitCode {
     let mut file = match &o.config {
         Some(path) => match config_file::load(path) {
@@ -213,6 +233,7 @@ fn serve(o: ServeOptions) -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
+    let exports_from_file = file.exports.len();
     for spec in &o.exports {
         match ExportConfig::parse(spec) {
             Ok(c) => file.exports.push(c),
@@ -259,6 +280,13 @@ fn serve(o: ServeOptions) -> ExitCode {
         Some(n) => n,
         None => IoThreads::default_pool_size(),
     };
+    // Before any thread starts (the I/O threads start here): a thread that does not block
+    // them could take SIGTERM or SIGHUP while the main thread is not in sigwait, and their
+    // default action would end the daemon at once, without its drain.
+    if let Err(e) = daemon::block_shutdown_signals() {
+        eprintln!("blkplane: error: {e}");
+        return ExitCode::FAILURE;
+    }
     let daemon = match Daemon::new(pool_threads, &file.iothreads) {
         Ok(d) => Arc::new(d),
         Err(e) => return usage_error(e),
@@ -274,10 +302,6 @@ fn serve(o: ServeOptions) -> ExitCode {
             Err(e) => usage_error(e),
         };
     }
-    if let Err(e) = daemon::block_shutdown_signals() {
-        eprintln!("blkplane: error: {e}");
-        return ExitCode::FAILURE;
-    }
     let control = match &control_path {
         Some(p) => match ControlServer::bind(p) {
             Ok(c) => Some(Arc::new(c)),
@@ -292,8 +316,11 @@ fn serve(o: ServeOptions) -> ExitCode {
         },
         None => None,
     };
-    if let Err(e) = daemon.add_exports(file.exports) {
-        return usage_error(e);
+    match daemon.add_exports(file.exports) {
+        Ok(infos) => {
+            daemon.set_from_file(infos.into_iter().take(exports_from_file).map(|i| i.id).collect())
+        }
+        Err(e) => return usage_error(e),
     }
     let control_thread = control.as_ref().map(|c| {
         let (c, d) = (Arc::clone(c), Arc::clone(&daemon));
@@ -308,11 +335,14 @@ fn serve(o: ServeOptions) -> ExitCode {
     }
     tracing::info!(exports = daemon.list().len(), "serving");
     blkplane::service::ready(daemon.list().len());
-    let signal = match daemon::wait_for_shutdown_signal() {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("blkplane: error: {e}");
-            return ExitCode::FAILURE;
+    let signal = loop {
+        match daemon::wait_for_shutdown_signal() {
+            Ok(libc::SIGHUP) => reload(&daemon, o.config.as_deref()),
+            Ok(s) => break s,
+            Err(e) => {
+                eprintln!("blkplane: error: {e}");
+                return ExitCode::FAILURE;
+            }
         }
     };
     tracing::info!(signal, "shutting down after in-flight I/O");

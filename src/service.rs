@@ -1,6 +1,7 @@
 //! Telling the service manager how the daemon is doing (systemd's `Type=notify` protocol: a
 //! datagram to `$NOTIFY_SOCKET`): ready once every export listens, the export count as its
-//! status, stopping when a shutdown signal came. Without `NOTIFY_SOCKET` these do nothing.
+//! status, reloading while a SIGHUP re-reads the configuration, stopping when a shutdown
+//! signal came. Without `NOTIFY_SOCKET` these do nothing.
 
 use sd_notify::NotifyState;
 use tracing::warn;
@@ -28,4 +29,12 @@ pub fn status(exports: usize) {
 /// A shutdown signal arrived: in-flight I/O drains, then the process exits.
 pub fn stopping() {
     send(&[NotifyState::Stopping, NotifyState::Status("stopping after in-flight I/O")]);
+}
+
+/// A SIGHUP: the configuration file is re-read (READY=1 follows with `ready`).
+pub fn reloading() {
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => send(&[NotifyState::Reloading, now]),
+        Err(e) => warn!("cannot read the monotonic clock for the service manager: {e}"),
+    }
 }

@@ -6,7 +6,7 @@ mod common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use common::{make_image, pattern, tmpdir, Client, Daemon, BIN};
+use common::{background_io, make_image, pattern, tmpdir, Client, Daemon, BIN};
 
 const EIO: i32 = -libc::EIO;
 
@@ -54,24 +54,6 @@ impl Ctl {
         let e = r.get("error").unwrap_or_else(|| panic!("{command} {args} should fail: {r}"));
         (e["code"].as_str().unwrap().to_string(), e["message"].as_str().unwrap().to_string())
     }
-}
-
-/// Reads and writes through a libblkio client until stopped; returns (requests, failures).
-fn background_io(sock: PathBuf, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(u64, u64)> {
-    std::thread::spawn(move || {
-        let mut c = Client::connect(&sock, 1);
-        let (mut n, mut failed) = (0u64, 0u64);
-        while !stop.load(Ordering::Relaxed) {
-            let off = (n % 256) * 4096;
-            if n % 2 == 0 {
-                failed += u64::from(c.write_at(0, off, &[0x33; 4096], 0) != 0);
-            } else {
-                failed += u64::from(c.read_at(0, off, 4096, 0).is_err());
-            }
-            n += 1;
-        }
-        (n, failed)
-    })
 }
 
 #[test]

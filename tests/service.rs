@@ -143,3 +143,125 @@ fn the_contrib_files_are_valid() {
         .unwrap();
     assert!(out.status.success(), "check-config: {}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// SIGHUP re-reads --config: a new export is added, a vanished one removed, an unchanged one
+/// untouched (a client doing I/O on it sees no failure), one with a client connected is not
+/// removed (reported), and a file that does not parse changes nothing. The service manager
+/// hears RELOADING=1 and READY=1.
+#[test]
+fn sighup_applies_the_config_file() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let dir = tmpdir();
+    let d = dir.path();
+    for name in ["a", "b", "c"] {
+        make_image(&d.join(format!("{name}.raw")), 4 << 20, 5);
+    }
+    let export = |name: &str| {
+        format!(
+            "[[export]]\nid = \"{name}\"\nsocket = \"{}\"\nimage = \"{}\"\n",
+            d.join(format!("{name}.sock")).display(),
+            d.join(format!("{name}.raw")).display()
+        )
+    };
+    let config = d.join("blkplane.toml");
+    std::fs::write(&config, format!("{}{}", export("a"), export("b"))).unwrap();
+    let notify = d.join("notify.sock");
+    let manager = UnixDatagram::bind(&notify).unwrap();
+    manager.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let log = d.join("daemon.log");
+    let mut daemon = Command::new(common::daemon_bin())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &notify)
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    while !next(&manager).contains("READY=1") {}
+    let stop = Arc::new(AtomicBool::new(false));
+    let io = common::background_io(d.join("a.sock"), Arc::clone(&stop));
+    std::thread::sleep(Duration::from_millis(300));
+    let hup = |daemon: &std::process::Child| {
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        unsafe { libc::kill(daemon.id() as i32, libc::SIGHUP) };
+        let mut heard = next(&manager);
+        assert!(heard.starts_with("RELOADING=1\nMONOTONIC_USEC="), "{heard:?}");
+        while !heard.contains("READY=1") {
+            heard = next(&manager);
+        }
+        heard
+    };
+
+    // b vanishes, c appears, a stays as it was.
+    std::fs::write(&config, format!("{}{}", export("a"), export("c"))).unwrap();
+    let heard = hup(&daemon);
+    assert!(heard.contains("STATUS=serving 2 exports"), "{heard:?}");
+    assert!(std::os::unix::net::UnixStream::connect(d.join("c.sock")).is_ok(), "c not served");
+    assert!(!d.join("b.sock").exists(), "b still served");
+
+    // A file that does not parse: nothing changes.
+    std::fs::write(&config, "[[export]\nid = ").unwrap();
+    hup(&daemon);
+    assert!(std::os::unix::net::UnixStream::connect(d.join("c.sock")).is_ok());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("nothing changed"), "{text}");
+
+    // a vanishes while its client is connected: kept, and said so.
+    std::fs::write(&config, export("c")).unwrap();
+    hup(&daemon);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("export 'a' is gone from the file but was not removed"), "{text}");
+    stop.store(true, Ordering::Relaxed);
+    let (requests, failed) = io.join().unwrap();
+    assert!(requests > 0);
+    assert_eq!(failed, 0, "requests on the unchanged export failed across the reloads");
+
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    assert!(daemon.wait().unwrap().success());
+}
+
+/// Every thread of the daemon blocks SIGTERM, SIGINT and SIGHUP, so that only the main
+/// thread's sigwait takes them: a thread that did not would let their default action end the
+/// daemon at once (no drain) whenever the main thread is not waiting (seen: a SIGHUP right
+/// after a reload killed it).
+#[test]
+fn no_thread_can_take_the_handled_signals() {
+    let dir = tmpdir();
+    let sock = dir.path().join("a.sock");
+    let ctl = dir.path().join("ctl.sock");
+    let daemon = common::Daemon::start_with(
+        dir.path(),
+        &[
+            "--control".into(),
+            ctl.display().to_string(),
+            "--iothread".into(),
+            "id=named".into(),
+            "--export".into(),
+            format!("socket={},engine=null,size=1M,iothread=named", sock.display()),
+        ],
+        &[sock.clone(), ctl.clone()],
+    );
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", daemon.pid())).unwrap();
+    let mut checked = 0;
+    for task in tasks {
+        let task = task.unwrap();
+        // The main thread waits in sigwait, which unblocks them while it waits: it is the
+        // one meant to take them.
+        if task.file_name().to_string_lossy() == daemon.pid().to_string() {
+            continue;
+        }
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap();
+        let name = status.lines().next().unwrap_or("").to_string();
+        let blocked = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigBlk:"))
+            .map(|hex| u64::from_str_radix(hex.trim(), 16).unwrap())
+            .unwrap();
+        for sig in [libc::SIGHUP, libc::SIGINT, libc::SIGTERM] {
+            assert!(blocked & (1 << (sig - 1)) != 0, "{name} does not block signal {sig}");
+        }
+        checked += 1;
+    }
+    assert!(checked >= 3, "only {checked} threads besides the main one");
+}

@@ -464,3 +464,24 @@ impl Drop for Throttle {
         let _ = fs::remove_dir(&self.dir);
     }
 }
+
+/// Reads and writes through a libblkio client until stopped; returns (requests, failures).
+pub fn background_io(
+    sock: PathBuf,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(u64, u64)> {
+    std::thread::spawn(move || {
+        let mut c = Client::connect(&sock, 1);
+        let (mut n, mut failed) = (0u64, 0u64);
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let off = (n % 256) * 4096;
+            if n % 2 == 0 {
+                failed += u64::from(c.write_at(0, off, &[0x33; 4096], 0) != 0);
+            } else {
+                failed += u64::from(c.read_at(0, off, 4096, 0).is_err());
+            }
+            n += 1;
+        }
+        (n, failed)
+    })
+}
