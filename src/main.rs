@@ -74,10 +74,14 @@ inside a value.
                      it on purpose, e.g. for QEMU run by libvirt as its own user
                      (socket-group=libvirt-qemu,socket-mode=0660). socket-owner needs root.";
 
+/// Where `ctl` and `stat` look for the control socket when neither --control nor
+/// BLKPLANE_CONTROL says: the path of contrib/'s unit and configuration.
+const DEFAULT_CONTROL: &str = "/run/blkplane/control.sock";
+
 #[derive(Parser)]
 #[command(
     name = "blkplane",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("BLKPLANE_COMMIT"), ")"),
     about = "A userspace virtio-blk data plane: serves disk images to VMs over vhost-user-blk",
     long_about = "A userspace virtio-blk data plane for KVM guests. It serves raw disk images \
 and host block devices to VMs (QEMU, Cloud Hypervisor, crosvm, libblkio) over the \
@@ -104,8 +108,9 @@ list-iothreads, add-iothread id=NAME [cpus=LIST] [poll=MODE] [poll-max-us=N], re
 Values true/false and whole numbers are sent as JSON booleans and numbers, the rest as strings."
     )]
     Ctl {
-        /// The daemon's control socket.
-        #[arg(long, value_name = "PATH")]
+        /// The daemon's control socket (default: $BLKPLANE_CONTROL, else the path the
+        /// example configuration in contrib/ gives, /run/blkplane/control.sock).
+        #[arg(long, value_name = "PATH", env = "BLKPLANE_CONTROL", default_value = DEFAULT_CONTROL)]
         control: PathBuf,
         /// The command.
         command: String,
@@ -115,8 +120,9 @@ Values true/false and whole numbers are sent as JSON booleans and numbers, the r
     },
     /// A live view of every export: IOPS, MB/s, latency, and where each microsecond goes.
     Stat {
-        /// The daemon's control socket.
-        #[arg(long, value_name = "PATH")]
+        /// The daemon's control socket (default: $BLKPLANE_CONTROL, else the path the
+        /// example configuration in contrib/ gives, /run/blkplane/control.sock).
+        #[arg(long, value_name = "PATH", env = "BLKPLANE_CONTROL", default_value = DEFAULT_CONTROL)]
         control: PathBuf,
         /// Seconds between views.
         #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]

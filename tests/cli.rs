@@ -292,3 +292,49 @@ fn a_locked_image_is_waited_for() {
         String::from_utf8_lossy(&out.stderr).contains("does not share the \"write\" permission")
     );
 }
+
+/// `--version` names the commit the binary was built from.
+#[test]
+fn version_names_the_commit() {
+    let out = run(&["--version"]);
+    assert!(out.status.success());
+    let version = String::from_utf8_lossy(&out.stdout).to_string();
+    let head = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap_or_else(|_| std::process::Command::new("true").output().unwrap());
+    let head = String::from_utf8_lossy(&head.stdout).trim().to_string();
+    // Built outside a git checkout, the binary says so.
+    let commit = if head.is_empty() { "unknown".to_string() } else { head };
+    assert_eq!(version.trim(), format!("blkplane {} (commit {commit})", env!("CARGO_PKG_VERSION")));
+}
+
+/// `ctl` and `stat` find the control socket through BLKPLANE_CONTROL, and without it or
+/// --control try the default path, naming it when it is not there.
+#[test]
+fn ctl_and_stat_find_the_control_socket_without_control() {
+    let dir = tmpdir();
+    let control = dir.path().join("ctl.sock");
+    let _daemon = Daemon::start_with(
+        dir.path(),
+        &["--control".into(), control.display().to_string()],
+        std::slice::from_ref(&control),
+    );
+    for args in [&["ctl", "list-exports"][..], &["stat", "--count", "1", "--interval", "0.1"]] {
+        let out = Command::new(common::daemon_bin())
+            .args(args)
+            .env("BLKPLANE_CONTROL", &control)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let out = Command::new(common::daemon_bin())
+        .args(["ctl", "list-exports"])
+        .env_remove("BLKPLANE_CONTROL")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("/run/blkplane/control.sock"), "{stderr}");
+}
