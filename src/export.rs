@@ -79,7 +79,20 @@ pub const MAX_QUEUE_SIZE: u16 = 1024;
 /// The keys `--export` understands, for help text and error messages.
 pub const EXPORT_KEYS: &str = "id, socket, image, engine, size, queues, queue-size, cache, aio, \
 readonly, serial, iothread, poll, poll-max-us, cpus, stats, force-share, logical-block-size, \
-physical-block-size, max-guest-memory, socket-mode, socket-group, socket-owner";
+physical-block-size, max-guest-memory, socket-mode, socket-group, socket-owner, incoming";
+
+/// qemu-storage-daemon's names for keys that mean the same here (`--export` of type
+/// vhost-user-blk), so that its users' specs work: theirs → ours. `writable` is the opposite
+/// of `readonly` and handled apart.
+const QSD_ALIASES: [(&str, &str); 2] = [("num-queues", "queues"), ("addr.path", "socket")];
+
+/// qemu-storage-daemon keys with no equivalent here, and what to write instead.
+const QSD_ONLY: [(&str, &str); 4] = [
+    ("node-name", "image=PATH names the image itself; there are no block nodes"),
+    ("type", "every export is vhost-user-blk"),
+    ("addr.type", "socket=PATH, a Unix socket"),
+    ("fixed-iothread", "iothread=NAME"),
+];
 
 /// A bad `--export` value: one line naming the problem.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -251,6 +264,18 @@ impl ExportConfig {
         let mut iothread = None;
         let mut thread_keys = Vec::new();
         for (key, value) in split_pairs(spec, EXPORT_KEYS)? {
+            let (key, value) = match key.as_str() {
+                "writable" => ("readonly".to_string(), (!parse_bool(&key, &value)?).to_string()),
+                k => match QSD_ALIASES.iter().find(|(theirs, _)| *theirs == k) {
+                    Some((_, ours)) => (ours.to_string(), value),
+                    None => (key, value),
+                },
+            };
+            if let Some((k, instead)) = QSD_ONLY.iter().find(|(theirs, _)| *theirs == key) {
+                return err(format!(
+                    "unknown key '{k}' (a qemu-storage-daemon key; blkplane: {instead})"
+                ));
+            }
             if seen.contains(&key) {
                 return err(format!("key '{key}' given twice"));
             }
@@ -462,7 +487,7 @@ mod tests {
         let cases = [
             ("image=/i", "missing socket=PATH"),
             ("socket=/s", "missing image=PATH (or engine=null,size=BYTES)"),
-            ("socket=/s,image=/i,colour=red", "unknown key 'colour' (keys: id, socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, iothread, poll, poll-max-us, cpus, stats, force-share, logical-block-size, physical-block-size, max-guest-memory, socket-mode, socket-group, socket-owner)"),
+            ("socket=/s,image=/i,colour=red", "unknown key 'colour' (keys: id, socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, iothread, poll, poll-max-us, cpus, stats, force-share, logical-block-size, physical-block-size, max-guest-memory, socket-mode, socket-group, socket-owner, incoming)"),
             ("socket=/s,image=/i,poll=sometimes", "poll=sometimes: one of adaptive, always, never"),
             ("socket=/s,image=/i,poll-max-us=1000000", "poll-max-us=1000000: at most 100000"),
             ("socket=/s,image=/i,queues=0", "queues=0: must be 1 to 64"),
@@ -475,7 +500,7 @@ mod tests {
             ("socket=/s,image=/i,logical-block-size=1024", "logical-block-size=1024: 512 or 4096"),
             ("socket=/s,image=/i,id=a b", "id=a b: 1 to 64 letters, digits, '-', '_' or '.'"),
             ("socket=/s,image=/i,aio=posix", "aio=posix: supported engines: io_uring, native, threads"),
-            ("socket=/s,image", "'image' is not key=value (keys: id, socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, iothread, poll, poll-max-us, cpus, stats, force-share, logical-block-size, physical-block-size, max-guest-memory, socket-mode, socket-group, socket-owner)"),
+            ("socket=/s,image", "'image' is not key=value (keys: id, socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, iothread, poll, poll-max-us, cpus, stats, force-share, logical-block-size, physical-block-size, max-guest-memory, socket-mode, socket-group, socket-owner, incoming)"),
         ];
         for (spec, want) in cases {
             assert_eq!(ExportConfig::parse(spec).unwrap_err().0, want, "spec {spec}");
@@ -495,5 +520,21 @@ mod tests {
         assert_eq!(parse_size("2g").unwrap(), 2 << 30);
         assert!(parse_size("lots").is_err());
         assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn qemu_storage_daemon_key_names_work_where_they_mean_the_same() {
+        let c = ExportConfig::parse("addr.path=/s,image=/i,num-queues=4,writable=off").unwrap();
+        assert_eq!(c.socket, std::path::PathBuf::from("/s"));
+        assert_eq!(c.queues, 4);
+        assert!(c.readonly);
+        assert!(!ExportConfig::parse("socket=/s,image=/i,writable=on").unwrap().readonly);
+        let e = ExportConfig::parse("socket=/s,image=/i,node-name=disk0").unwrap_err();
+        assert_eq!(
+            e.0,
+            "unknown key 'node-name' (a qemu-storage-daemon key; blkplane: image=PATH names the image itself; there are no block nodes)"
+        );
+        let e = ExportConfig::parse("socket=/s,image=/i,queues=2,num-queues=4").unwrap_err();
+        assert_eq!(e.0, "key 'queues' given twice");
     }
 }

@@ -57,6 +57,9 @@ inside a value.
                      and writes not on a logical block fail. Smaller than O_DIRECT needs
                      (512 on a 4K-sector disk with cache=none) works with queues=1: writes
                      off the backing's blocks are then read-modify-write, slowly.
+  num-queues, addr.path, writable
+                     qemu-storage-daemon's names, accepted: queues, socket, and the opposite
+                     of readonly (exports here are writable by default).
   force-share=on     serve an image that another process (QEMU, qemu-storage-daemon, another
                      blkplane) has locked, and let others use it too. blkplane takes
                      QEMU-compatible locks, so by default two of them cannot write one image.
