@@ -179,8 +179,7 @@ fn stops_on(signal: i32) {
     // With a client connected and queues running.
     let mut c = Client::connect(&sock, 1);
     assert_eq!(c.write_at(0, 0, &[9u8; 4096], 0), 0);
-    // SAFETY: kill(2) on our child.
-    unsafe { libc::kill(d.pid(), signal) };
+    common::signal(d.pid(), signal);
     let status = d.stop_after_signal();
     assert!(status.success(), "exit status {status}:\n{}", d.log());
     assert!(!Path::new(&sock).exists(), "socket left behind");
@@ -270,8 +269,7 @@ fn a_locked_image_is_waited_for() {
         assert!(std::time::Instant::now() < deadline, "the second daemon never took the image");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    unsafe { libc::kill(second.id() as i32, libc::SIGTERM) };
+    common::signal(second.id() as i32, libc::SIGTERM);
     let out = second.wait_with_output().unwrap();
     assert!(out.status.success());
     let log = String::from_utf8_lossy(&out.stderr);

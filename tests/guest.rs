@@ -315,11 +315,9 @@ fn type_until(
     }
 }
 
-fn wait_for(what: &str, deadline: Instant, mut cond: impl FnMut() -> bool) {
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+/// Waits until `cond` holds, failing the test at `deadline`.
+fn wait_for(what: &str, deadline: Instant, cond: impl FnMut() -> bool) {
+    common::wait_until(what, deadline.saturating_duration_since(Instant::now()), cond);
 }
 
 /// How a daemon of the restart test goes away.

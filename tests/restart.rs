@@ -9,12 +9,12 @@ mod common;
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::frontend::{
     handshake, header, Buf, TestFrontend, DATA_AREA, HEADER_AREA, S_OK, T_FLUSH, T_IN, T_OUT,
 };
-use common::{disk_dir, make_image, pattern, Daemon, Throttle};
+use common::{disk_dir, make_image, pattern, wait_until, Daemon, Throttle};
 use vhost::vhost_user::message::VhostUserInflight;
 use vhost::vhost_user::VhostUserFrontend;
 
@@ -70,14 +70,8 @@ fn used_heads(fe: &TestFrontend) -> Vec<u16> {
     (0..fe.used_idx(0)).map(|n| fe.used_elem(0, n).0 as u16).collect()
 }
 
-/// Waits until `cond` holds (10 s at most).
-fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
+/// How long each wait of these tests may take.
+const WAIT: Duration = Duration::from_secs(10);
 
 /// A stable look at the region: every head the frontend posted is either marked in flight or
 /// in the used ring, never both, never neither. Returns the marked ones.
@@ -164,7 +158,7 @@ fn requests_in_flight_at_a_kill_are_resubmitted_once_by_the_next_daemon() {
     let posted: Vec<u16> = reqs.iter().map(|r| r.head).collect();
     assert_eq!(posted, vec![0, 3, 6, 9]);
     // The daemon takes all four at once; the cgroup lets one I/O through per second.
-    wait_until("all four taken", || {
+    wait_until("all four taken", WAIT, || {
         let region = fe.inflight.as_ref().unwrap();
         region.marked(0).len() + usize::from(fe.used_idx(0)) == 4
     });
@@ -196,7 +190,7 @@ fn requests_in_flight_at_a_kill_are_resubmitted_once_by_the_next_daemon() {
     for started in fe.reconnect(&s.sock) {
         started.expect("ring restarts on the region");
     }
-    wait_until("the resubmitted requests answered", || fe.used_idx(0) == 4);
+    wait_until("the resubmitted requests answered", WAIT, || fe.used_idx(0) == 4);
     let used = used_heads(&fe);
     let mut sorted = used.clone();
     sorted.sort_unstable();
@@ -210,7 +204,7 @@ fn requests_in_flight_at_a_kill_are_resubmitted_once_by_the_next_daemon() {
     let region = fe.inflight.as_ref().unwrap();
     assert!(region.marked(0).is_empty(), "marks left after everything was answered");
     assert_eq!(region.used_idx(0), 4);
-    wait_until("the resubmission logged", || resubmitted_count(&daemon2.log()).is_some());
+    wait_until("the resubmission logged", WAIT, || resubmitted_count(&daemon2.log()).is_some());
     assert_eq!(
         resubmitted_count(&daemon2.log()),
         Some(at_kill.len()),
@@ -222,7 +216,7 @@ fn requests_in_flight_at_a_kill_are_resubmitted_once_by_the_next_daemon() {
     // A replayed write must not land again later: overwrite its sector, and it stays so.
     let b = pattern(2000, 0, 4096);
     let w2 = post(&mut fe, 4, T_OUT, 8, Some(&b), 0);
-    wait_until("the second write answered", || fe.used_idx(0) == 5);
+    wait_until("the second write answered", WAIT, || fe.used_idx(0) == 5);
     assert_eq!(fe.ram.read(w2.status, 1)[0], S_OK);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(s.image_at(8 * 512, 4096), b, "an old write landed after a newer one");
@@ -242,7 +236,7 @@ fn sigterm_drains_in_flight_requests_and_leaves_nothing_to_resubmit() {
         post(&mut fe, 1, T_IN, 256, None, 4096),
         post(&mut fe, 2, T_IN, 512, None, 4096),
     ];
-    wait_until("all three taken", || {
+    wait_until("all three taken", WAIT, || {
         fe.inflight.as_ref().unwrap().marked(0).len() + usize::from(fe.used_idx(0)) == 3
     });
     assert!(!fe.inflight.as_ref().unwrap().marked(0).is_empty(), "nothing in flight");
@@ -262,7 +256,7 @@ fn sigterm_drains_in_flight_requests_and_leaves_nothing_to_resubmit() {
         started.unwrap();
     }
     let r = post(&mut fe, 3, T_IN, 16, None, 4096);
-    wait_until("a new request answered", || fe.used_idx(0) == 4);
+    wait_until("a new request answered", WAIT, || fe.used_idx(0) == 4);
     assert_eq!(fe.ram.read(r.data, 4096), a);
     assert!(!log_mentions(&daemon2.log(), "resubmitted"), "{}", daemon2.log());
 }
@@ -395,7 +389,7 @@ fn a_hostile_region_breaks_only_its_queue() {
     starts[0].as_ref().expect("the ring starts; the chain is looked at when taken");
     starts[1].as_ref().unwrap();
     queue_one_serves(&mut fe);
-    wait_until("queue 0 broken", || log_mentions(&daemon.log(), "queue broken by the guest"));
+    wait_until("queue 0 broken", WAIT, || log_mentions(&daemon.log(), "queue broken by the guest"));
     let before = fe.used_idx(0);
     post(&mut fe, 1, T_IN, 0, None, 512);
     std::thread::sleep(Duration::from_millis(200));

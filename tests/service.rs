@@ -63,9 +63,7 @@ fn the_service_manager_hears_ready_status_and_stopping() {
     assert_eq!(next(&manager), "STATUS=serving 2 exports\n");
     ctl(&control, &["remove-export", "id=a"]);
     assert_eq!(next(&manager), "STATUS=serving 1 export\n");
-
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    common::signal(daemon.id() as i32, libc::SIGTERM);
     let heard = next(&manager);
     assert!(heard.starts_with("STOPPING=1\n"), "{heard:?}");
     assert!(daemon.wait().unwrap().success());
@@ -99,8 +97,7 @@ fn a_missing_service_manager_is_not_an_error() {
         assert!(std::time::Instant::now() < deadline, "the daemon did not serve");
         std::thread::sleep(Duration::from_millis(20));
     }
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    common::signal(child.id() as i32, libc::SIGTERM);
     assert!(child.wait().unwrap().success());
     let log = std::fs::read_to_string(&log).unwrap();
     assert!(log.contains("cannot notify the service manager"), "{log}");
@@ -182,8 +179,7 @@ fn sighup_applies_the_config_file() {
     let io = common::background_io(d.join("a.sock"), Arc::clone(&stop));
     std::thread::sleep(Duration::from_millis(300));
     let hup = |daemon: &std::process::Child| {
-        // SAFETY: kill(2) has no memory-safety preconditions.
-        unsafe { libc::kill(daemon.id() as i32, libc::SIGHUP) };
+        common::signal(daemon.id() as i32, libc::SIGHUP);
         let mut heard = next(&manager);
         assert!(heard.starts_with("RELOADING=1\nMONOTONIC_USEC="), "{heard:?}");
         while !heard.contains("READY=1") {
@@ -215,9 +211,7 @@ fn sighup_applies_the_config_file() {
     let (requests, failed) = io.join().unwrap();
     assert!(requests > 0);
     assert_eq!(failed, 0, "requests on the unchanged export failed across the reloads");
-
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    common::signal(daemon.id() as i32, libc::SIGTERM);
     assert!(daemon.wait().unwrap().success());
 }
 

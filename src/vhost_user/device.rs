@@ -23,8 +23,8 @@ use crate::iothread::{start_queue, QueueHandle, QueueSetup};
 use crate::ratelimit::RateLimiter;
 use crate::sys::checked_eventfd;
 use crate::virtq::dirty::{DirtyLog, QueueLog};
-use crate::virtq::inflight;
 use crate::virtq::memory::MAX_MEM_REGIONS;
+use crate::virtq::{inflight, split};
 use crate::virtq::{
     GuestMemory, InflightError, InflightRegion, MappedRegion, MemoryError, RingAddrs,
 };
@@ -226,7 +226,7 @@ impl BlkDevice {
             return Ok(None);
         }
         let v = &self.vrings[index];
-        let used_bytes = 6 + 8 * u64::from(v.size);
+        let used_bytes = split::used_ring_bytes(v.size);
         let problem = match &self.dirty {
             None => Some("logging is on (LOG_ALL) but no log was given (SET_LOG_BASE)".to_string()),
             Some(log) if !log.covers(self.memory.gpa_end()) => Some(format!(

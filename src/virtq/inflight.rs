@@ -298,36 +298,25 @@ impl InflightQueue {
         unsafe { &*self.base.add(offset).cast::<AtomicU16>() }
     }
 
-    fn desc_inflight(&self, head: u16) -> &AtomicU8 {
+    /// Offset of descriptor `head`'s state (16 bytes) from the queue's base.
+    fn desc_offset(&self, head: u16) -> usize {
         debug_assert!(head < self.tracked);
+        HEADER_BYTES as usize + DESC_STATE_BYTES as usize * usize::from(head)
+    }
+
+    fn desc_inflight(&self, head: u16) -> &AtomicU8 {
         // SAFETY: head < tracked: the state lies inside the queue's part.
-        unsafe {
-            &*self
-                .base
-                .add(HEADER_BYTES as usize + DESC_STATE_BYTES as usize * usize::from(head))
-                .add(DESC_OFF_INFLIGHT)
-                .cast::<AtomicU8>()
-        }
+        unsafe { &*self.base.add(self.desc_offset(head) + DESC_OFF_INFLIGHT).cast::<AtomicU8>() }
     }
 
     fn desc_next(&self, head: u16) -> &AtomicU16 {
-        debug_assert!(head < self.tracked);
-        self.u16_at(
-            HEADER_BYTES as usize + DESC_STATE_BYTES as usize * usize::from(head) + DESC_OFF_NEXT,
-        )
+        self.u16_at(self.desc_offset(head) + DESC_OFF_NEXT)
     }
 
     fn desc_counter(&self, head: u16) -> &AtomicU64 {
-        debug_assert!(head < self.tracked);
         // SAFETY: head < tracked: the state lies inside the queue's part; the counter is at
         // +8 of a 16-byte state that starts 16 + 16 * head bytes from a 64-aligned base.
-        unsafe {
-            &*self
-                .base
-                .add(HEADER_BYTES as usize + DESC_STATE_BYTES as usize * usize::from(head))
-                .add(DESC_OFF_COUNTER)
-                .cast::<AtomicU64>()
-        }
+        unsafe { &*self.base.add(self.desc_offset(head) + DESC_OFF_COUNTER).cast::<AtomicU64>() }
     }
 
     fn features(&self) -> &AtomicU64 {

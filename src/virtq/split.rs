@@ -21,6 +21,11 @@ const AVAIL_F_NO_INTERRUPT: u16 = 1;
 /// used->flags bit: we ask the driver not to kick (ignored with EVENT_IDX).
 const USED_F_NO_NOTIFY: u16 = 1;
 
+/// Bytes of a used ring of `size` entries: flags, idx, the elements, avail_event.
+pub fn used_ring_bytes(size: u16) -> u64 {
+    6 + 8 * u64::from(size)
+}
+
 /// The three ring addresses, in the frontend's virtual address space (SET_VRING_ADDR).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RingAddrs {
@@ -168,7 +173,7 @@ impl SplitQueue {
             .translate_user(addrs.avail_user_addr, 6 + 2 * n)
             .ok_or(QueueError::RingOutsideMemory("avail"))?;
         let used = mem
-            .translate_user(addrs.used_user_addr, 6 + 8 * n)
+            .translate_user(addrs.used_user_addr, used_ring_bytes(size))
             .ok_or(QueueError::RingOutsideMemory("used"))?;
         if !(desc as usize).is_multiple_of(16) {
             return Err(QueueError::RingMisaligned("descriptor"));

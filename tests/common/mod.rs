@@ -114,7 +114,7 @@ impl Daemon {
 
     /// Sends SIGTERM and waits (at most 20 s) for the exit status.
     pub fn stop(&mut self) -> ExitStatus {
-        unsafe_kill(self.pid(), libc::SIGTERM);
+        signal(self.pid(), libc::SIGTERM);
         self.stop_after_signal()
     }
 
@@ -150,7 +150,7 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            unsafe_kill(child.id() as i32, libc::SIGTERM);
+            signal(child.id() as i32, libc::SIGTERM);
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = child.try_wait() {
@@ -164,7 +164,8 @@ impl Drop for Daemon {
     }
 }
 
-fn unsafe_kill(pid: i32, sig: i32) {
+/// Sends `sig` to process `pid`.
+pub fn signal(pid: i32, sig: i32) {
     // SAFETY: kill(2) has no memory-safety preconditions.
     unsafe {
         libc::kill(pid, sig);
@@ -356,7 +357,7 @@ impl Strace {
 
     /// Detaches and returns what strace wrote.
     pub fn finish(mut self) -> String {
-        unsafe_kill(self.child.id() as i32, libc::SIGINT);
+        signal(self.child.id() as i32, libc::SIGINT);
         self.child.wait().unwrap();
         fs::read_to_string(&self.out).unwrap()
     }
@@ -484,4 +485,13 @@ pub fn background_io(
         }
         (n, failed)
     })
+}
+
+/// Waits until `cond` holds, looking every 2 ms; fails the test after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
