@@ -165,7 +165,8 @@ struct ServeOptions {
     /// README); --export and the other options add to it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Check the configuration (exports parse, images open, sockets free) and exit.
+    /// Check the configuration (exports parse, images open, export and control sockets
+    /// free, the metrics address bindable) and exit, printing only the verdict.
     #[arg(long)]
     check_config: bool,
     /// Open a control socket (JSON, one request per line; mode 0600) at PATH.
@@ -237,6 +238,8 @@ fn serve(o: ServeOptions) -> ExitCode {
         },
         (None, None) => LevelFilter::INFO,
     };
+    // --check-config prints its verdict and nothing else.
+    let level = if o.check_config { LevelFilter::OFF } else { level };
     tracing_subscriber::fmt()
         .with_max_level(level)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -300,17 +303,6 @@ fn serve(o: ServeOptions) -> ExitCode {
         Ok(d) => Arc::new(d),
         Err(e) => return usage_error(e),
     };
-    if o.check_config {
-        // Open and bind everything as serving would, then let it all go again.
-        return match daemon.add_exports(file.exports) {
-            Ok(infos) => {
-                daemon.shutdown();
-                println!("configuration OK: {} export(s)", infos.len());
-                ExitCode::SUCCESS
-            }
-            Err(e) => usage_error(e),
-        };
-    }
     let control = match &control_path {
         Some(p) => match ControlServer::bind(p) {
             Ok(c) => Some(Arc::new(c)),
@@ -325,6 +317,19 @@ fn serve(o: ServeOptions) -> ExitCode {
         },
         None => None,
     };
+    if o.check_config {
+        // Open and bind everything as serving would (exports, --control, --metrics), then
+        // let it all go again: only the verdict is printed.
+        return match daemon.add_exports(file.exports) {
+            Ok(infos) => {
+                daemon.shutdown();
+                drop((control, metrics_listener));
+                println!("configuration OK: {} export(s)", infos.len());
+                ExitCode::SUCCESS
+            }
+            Err(e) => usage_error(e),
+        };
+    }
     match daemon.add_exports(file.exports) {
         Ok(infos) => {
             daemon.set_from_file(infos.into_iter().take(exports_from_file).map(|i| i.id).collect())

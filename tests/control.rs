@@ -441,7 +441,29 @@ fn config_file_and_check_config() {
         Command::new(BIN).args(["serve", "--check-config", "--config"]).arg(&cfg).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "configuration OK: 1 export(s)");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "", "--check-config prints only its verdict");
     assert!(!sock.exists() && !ctl_path.exists(), "--check-config left sockets behind");
+    // --metrics and --control are checked as serving would use them.
+    let check_with = |extra: &[&str]| {
+        Command::new(BIN)
+            .args(["serve", "--check-config", "--config"])
+            .arg(&cfg)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = check_with(&["--metrics", "9180"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "blkplane: error: cannot listen for metrics on 9180: invalid socket address\n"
+    );
+    let out = check_with(&["--control", "/nonexistent/dir/ctl.sock"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "blkplane: error: cannot bind socket /nonexistent/dir/ctl.sock: No such file or directory (os error 2)\n"
+    );
 
     let _daemon = Daemon::start_with(
         d,
