@@ -48,6 +48,8 @@ pub struct Disk {
     pub poll: Arc<PollSettings>,
     pub cpus: Vec<usize>,
     pub stats_on: bool,
+    /// Whether discards free blocks (`discard=`).
+    pub discard: crate::export::DiscardMode,
     /// Per-queue statistics; they outlive the I/O threads (which restart on reconfiguration).
     pub stats: Vec<Arc<QueueStats>>,
     /// The most guest RAM one frontend may have mapped (`max-guest-memory`).
@@ -151,6 +153,7 @@ impl Disk {
             poll: Arc::new(PollSettings::new(config.poll)),
             cpus: config.cpus.clone(),
             stats_on: config.stats,
+            discard: config.discard,
             stats: (0..config.queues).map(|_| Arc::new(QueueStats::default())).collect(),
             max_guest_memory_bytes: config.max_guest_memory_bytes,
             capacity_bytes: AtomicU64::new(capacity),

@@ -53,6 +53,29 @@ pub struct ExportConfig {
     pub max_guest_memory_bytes: u64,
     /// Who may connect to the socket: its mode (default 0600), group and owner.
     pub socket_access: SocketAccess,
+    /// What the guest's discards do (`discard=`).
+    pub discard: DiscardMode,
+}
+
+/// `discard=`: whether the guest's discards free the backing's blocks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DiscardMode {
+    /// Discards punch holes, and write-zeroes that allow it unmap (the default here).
+    #[default]
+    Unmap,
+    /// Discards succeed and do nothing, write-zeroes always allocate: the image stays as
+    /// allocated as it was (QEMU's and libvirt's default). The guest still sees the
+    /// DISCARD feature, so that a VM moves between daemons without its features changing.
+    Ignore,
+}
+
+impl DiscardMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            DiscardMode::Unmap => "unmap",
+            DiscardMode::Ignore => "ignore",
+        }
+    }
 }
 
 /// Permissions of an export's socket. The socket is created owner-only; these widen it on
@@ -79,7 +102,7 @@ pub const MAX_QUEUE_SIZE: u16 = 1024;
 /// The keys `--export` understands, for help text and error messages.
 pub const EXPORT_KEYS: &str = "id, socket, image, engine, size, queues, queue-size, cache, aio, \
 readonly, serial, iothread, poll, poll-max-us, cpus, stats, force-share, logical-block-size, \
-physical-block-size, max-guest-memory, socket-mode, socket-group, socket-owner, incoming";
+physical-block-size, max-guest-memory, socket-mode, socket-group, socket-owner, incoming, discard";
 
 /// qemu-storage-daemon's names for keys that mean the same here (`--export` of type
 /// vhost-user-blk), so that its users' specs work: theirs → ours. `writable` is the opposite
@@ -260,6 +283,7 @@ impl ExportConfig {
         let mut physical_block_bytes = None;
         let mut max_guest_memory_bytes = DEFAULT_MAX_GUEST_MEMORY_BYTES;
         let mut socket_access = SocketAccess::default();
+        let mut discard = DiscardMode::default();
         let mut seen = Vec::new();
         let mut iothread = None;
         let mut thread_keys = Vec::new();
@@ -323,6 +347,13 @@ impl ExportConfig {
                     }
                 },
                 "readonly" => readonly = parse_bool(&key, &value)?,
+                "discard" => {
+                    discard = match value.as_str() {
+                        "unmap" | "on" => DiscardMode::Unmap,
+                        "ignore" | "off" => DiscardMode::Ignore,
+                        _ => return err(format!("discard={value}: unmap or ignore")),
+                    }
+                }
                 "stats" => stats = parse_bool(&key, &value)?,
                 "force-share" => force_share = parse_bool(&key, &value)?,
                 "incoming" => incoming = parse_bool(&key, &value)?,
@@ -450,6 +481,7 @@ impl ExportConfig {
             physical_block_bytes,
             max_guest_memory_bytes,
             socket_access,
+            discard,
         })
     }
 }
@@ -487,7 +519,7 @@ mod tests {
         let cases = [
             ("image=/i", "missing socket=PATH"),
             ("socket=/s", "missing image=PATH (or engine=null,size=BYTES)"),
-            ("socket=/s,image=/i,colour=red", "unknown key 'colour' (keys: id, socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, iothread, poll, poll-max-us, cpus, stats, force-share, logical-block-size, physical-block-size, max-guest-memory, socket-mode, socket-group, socket-owner, incoming)"),
+            ("socket=/s,image=/i,colour=red", "unknown key 'colour' (keys: id, socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, iothread, poll, poll-max-us, cpus, stats, force-share, logical-block-size, physical-block-size, max-guest-memory, socket-mode, socket-group, socket-owner, incoming, discard)"),
             ("socket=/s,image=/i,poll=sometimes", "poll=sometimes: one of adaptive, always, never"),
             ("socket=/s,image=/i,poll-max-us=1000000", "poll-max-us=1000000: at most 100000"),
             ("socket=/s,image=/i,queues=0", "queues=0: must be 1 to 64"),
@@ -500,7 +532,7 @@ mod tests {
             ("socket=/s,image=/i,logical-block-size=1024", "logical-block-size=1024: 512 or 4096"),
             ("socket=/s,image=/i,id=a b", "id=a b: 1 to 64 letters, digits, '-', '_' or '.'"),
             ("socket=/s,image=/i,aio=posix", "aio=posix: supported engines: io_uring, native, threads"),
-            ("socket=/s,image", "'image' is not key=value (keys: id, socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, iothread, poll, poll-max-us, cpus, stats, force-share, logical-block-size, physical-block-size, max-guest-memory, socket-mode, socket-group, socket-owner, incoming)"),
+            ("socket=/s,image", "'image' is not key=value (keys: id, socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, iothread, poll, poll-max-us, cpus, stats, force-share, logical-block-size, physical-block-size, max-guest-memory, socket-mode, socket-group, socket-owner, incoming, discard)"),
         ];
         for (spec, want) in cases {
             assert_eq!(ExportConfig::parse(spec).unwrap_err().0, want, "spec {spec}");
@@ -536,5 +568,17 @@ mod tests {
         );
         let e = ExportConfig::parse("socket=/s,image=/i,queues=2,num-queues=4").unwrap_err();
         assert_eq!(e.0, "key 'queues' given twice");
+    }
+
+    #[test]
+    fn discard_is_unmap_or_ignore() {
+        let parse = |extra: &str| ExportConfig::parse(&format!("socket=/s,image=/i{extra}"));
+        assert_eq!(parse("").unwrap().discard, DiscardMode::Unmap);
+        assert_eq!(parse(",discard=unmap").unwrap().discard, DiscardMode::Unmap);
+        assert_eq!(parse(",discard=ignore").unwrap().discard, DiscardMode::Ignore);
+        // QEMU's -drive spellings.
+        assert_eq!(parse(",discard=on").unwrap().discard, DiscardMode::Unmap);
+        assert_eq!(parse(",discard=off").unwrap().discard, DiscardMode::Ignore);
+        assert_eq!(parse(",discard=trim").unwrap_err().0, "discard=trim: unmap or ignore");
     }
 }

@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 use tracing::level_filters::LevelFilter;
 
 use blkplane::config_file;
-use blkplane::control::{metrics, ControlClient, ControlServer, COMMANDS};
+use blkplane::control::{metrics, ClientFailure, ControlClient, ControlServer, COMMANDS};
 use blkplane::daemon::{self, Daemon};
 use blkplane::engine::lock;
 use blkplane::export::ExportConfig;
@@ -40,6 +40,9 @@ inside a value.
                      O_DIRECT on block devices); threads (a pool of worker threads doing
                      preadv/pwritev, for filesystems where the others block).
   readonly=on|off    refuse writes, discards and write-zeroes (default off).
+  discard=MODE       unmap (default): the guest's discards punch holes in the image and its
+                     write-zeroes may too. ignore: discards succeed and do nothing, write-
+                     zeroes allocate; the image stays allocated (QEMU's and libvirt's default).
   serial=STR         serial number the guest reads with GET_ID (up to 20 bytes).
   iothread=WHERE     which I/O threads serve the queues. Default: the shared pool (each queue
                      on its least busy thread). NAME or NAME:NAME...: threads made with
@@ -81,6 +84,15 @@ inside a value.
 /// BLKPLANE_CONTROL says: the path of contrib/'s unit and configuration.
 const DEFAULT_CONTROL: &str = "/run/blkplane/control.sock";
 
+/// The exit statuses every subcommand keeps to (README: "Exit status").
+const EXIT_STATUS_HELP: &str = "\
+Exit status:
+  0  success (serve: stopped by SIGTERM or SIGINT after its drain)
+  1  a failure at run time (serve: the daemon could not go on; ctl, stat: the daemon
+     refused the request, or the connection broke)
+  2  a bad command line or configuration
+  3  (ctl, stat) no daemon answers at the control socket";
+
 #[derive(Parser)]
 #[command(
     name = "blkplane",
@@ -89,7 +101,8 @@ const DEFAULT_CONTROL: &str = "/run/blkplane/control.sock";
     long_about = "A userspace virtio-blk data plane for KVM guests. It serves raw disk images \
 and host block devices to VMs (QEMU, Cloud Hypervisor, crosvm, libblkio) over the \
 vhost-user-blk protocol, with a few polling I/O threads shared by all exports and io_uring \
-for the I/O."
+for the I/O.",
+    after_help = EXIT_STATUS_HELP
 )]
 struct Cli {
     #[command(subcommand)]
@@ -121,7 +134,8 @@ Values true/false and whole numbers are sent as JSON booleans and numbers, the r
         #[arg(value_name = "KEY=VALUE")]
         args: Vec<String>,
     },
-    /// A live view of every export: IOPS, MB/s, latency, and where each microsecond goes.
+    /// A live view of every export over each interval: IOPS, MB/s, every request's latency,
+    /// and where each microsecond of the sampled ones goes.
     Stat {
         /// The daemon's control socket (default: $BLKPLANE_CONTROL, else the path the
         /// example configuration in contrib/ gives, /run/blkplane/control.sock).
@@ -133,6 +147,9 @@ Values true/false and whole numbers are sent as JSON booleans and numbers, the r
         /// Views to print (default: until interrupted).
         #[arg(long, value_name = "N")]
         count: Option<u64>,
+        /// One JSON object per view and line, for scripts.
+        #[arg(long)]
+        json: bool,
     },
     /// Compare blkplane with the host and with qemu-storage-daemon, side by side in one run.
     #[command(
@@ -395,33 +412,39 @@ fn ctl(control: PathBuf, command: String, args: Vec<String>) -> ExitCode {
         Ok(a) => a,
         Err(e) => return usage_error(e),
     };
-    let mut client = match ControlClient::connect(&control) {
-        Ok(c) => c,
-        Err(e) => return usage_error(format!("cannot connect to {}: {e}", control.display())),
-    };
-    match client.call(&command, args) {
-        Ok(reply) => match (reply.get("result"), reply.get("error")) {
+    let result = ControlClient::connect_named(&control).and_then(|mut client| {
+        let reply =
+            client.call(&command, args).map_err(|e| ClientFailure::Failed(e.to_string()))?;
+        match (reply.get("result"), reply.get("error")) {
             (Some(result), _) => {
                 println!("{}", serde_json::to_string_pretty(result).unwrap_or_default());
-                ExitCode::SUCCESS
+                Ok(())
             }
             (_, Some(err)) => {
                 let code = err.get("code").and_then(Value::as_str).unwrap_or("error");
                 let message = err.get("message").and_then(Value::as_str).unwrap_or("");
-                eprintln!("blkplane: {command}: {message} ({code})");
-                if code == "unknown-command" {
-                    eprintln!("commands: {COMMANDS}");
-                }
-                ExitCode::FAILURE
+                let hint = if code == "unknown-command" {
+                    format!("\ncommands: {COMMANDS}")
+                } else {
+                    String::new()
+                };
+                Err(ClientFailure::Failed(format!("{command}: {message} ({code}){hint}")))
             }
-            _ => {
-                eprintln!("blkplane: a reply with neither result nor error: {reply}");
-                ExitCode::FAILURE
-            }
-        },
+            _ => Err(ClientFailure::Failed(format!(
+                "a reply with neither result nor error: {reply}"
+            ))),
+        }
+    });
+    client_exit(result)
+}
+
+/// The exit status of `ctl` and `stat`, with the failure on stderr.
+fn client_exit(result: Result<(), ClientFailure>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("blkplane: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(e.exit_code())
         }
     }
 }
@@ -431,17 +454,12 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(options) => serve(options),
         Command::Ctl { control, command, args } => ctl(control, command, args),
-        Command::Stat { control, interval, count } => {
+        Command::Stat { control, interval, count, json } => {
             if !(interval > 0.0 && interval.is_finite()) {
                 return usage_error("--interval must be a positive number of seconds");
             }
-            match blkplane::stat::run(&control, Duration::from_secs_f64(interval), count) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("blkplane: stat: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            let interval = Duration::from_secs_f64(interval);
+            client_exit(blkplane::stat::run(&control, interval, count, json))
         }
         Command::BenchClient(args) => match blkplane::bench::tenants::client_main(args) {
             Ok(json) => {

@@ -85,3 +85,50 @@ pub fn raise_fd_limit() -> io::Result<u64> {
         Ok(limit.rlim_cur)
     }
 }
+
+/// A positive `sysconf` value, or `fallback`.
+fn sysconf_or(name: libc::c_int, fallback: u64) -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let value = unsafe { libc::sysconf(name) };
+    if value > 0 {
+        value as u64
+    } else {
+        fallback
+    }
+}
+
+pub fn page_size() -> u64 {
+    sysconf_or(libc::_SC_PAGESIZE, 4096)
+}
+
+/// The unit of the CPU times in /proc (USER_HZ).
+pub fn clock_ticks_per_second() -> u64 {
+    sysconf_or(libc::_SC_CLK_TCK, 100)
+}
+
+/// The soft limit on open descriptors now in force.
+pub fn fd_limit() -> io::Result<u64> {
+    // SAFETY: getrlimit writes one rlimit we own.
+    unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(limit.rlim_cur)
+    }
+}
+
+/// User and system CPU time of the whole process, in seconds (microsecond resolution, where
+/// /proc's ticks have ten milliseconds).
+pub fn process_cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes one rusage we own.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        if libc::getrusage(libc::RUSAGE_SELF, &mut usage) != 0 {
+            return 0.0;
+        }
+        usage
+    };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}

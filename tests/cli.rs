@@ -327,12 +327,31 @@ fn ctl_and_stat_find_the_control_socket_without_control() {
             .unwrap();
         assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let out = Command::new(common::daemon_bin())
-        .args(["ctl", "list-exports"])
-        .env_remove("BLKPLANE_CONTROL")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("/run/blkplane/control.sock"), "{stderr}");
+    // No daemon there: both say so the same way, with the same status (3).
+    for args in [&["ctl", "list-exports"][..], &["stat", "--count", "1"]] {
+        let out = Command::new(common::daemon_bin())
+            .args(args)
+            .env_remove("BLKPLANE_CONTROL")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(3), "{args:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            "blkplane: cannot connect to /run/blkplane/control.sock: No such file or directory (os error 2)\n",
+            "{args:?}"
+        );
+    }
+    // A bad command line is 2 for both.
+    for args in [&["ctl", "list-exports", "oops"][..], &["stat", "--interval", "0"]] {
+        let out = Command::new(common::daemon_bin())
+            .args(args)
+            .env("BLKPLANE_CONTROL", &control)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+    }
+    // The exit statuses are documented where users look.
+    let out = Command::new(common::daemon_bin()).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("3  (ctl, stat) no daemon answers at the control socket"), "{help}");
 }

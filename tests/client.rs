@@ -263,6 +263,41 @@ fn discard_and_write_zeroes_read_back_zeroes(aio: &str) {
     assert_eq!(img[(5 << 20)..(5 << 20) + 4096], pattern(4, 5 << 20, 4096)[..]);
 }
 
+/// `discard=ignore`: discards succeed and change nothing, write-zeroes that allow unmapping
+/// still allocate, and the image keeps every block; the default (`unmap`) frees them.
+fn discard_ignore_keeps_the_image_allocated() {
+    use std::os::unix::fs::MetadataExt;
+    for (keys, frees) in [("", true), (",discard=ignore", false)] {
+        // ext4: ZERO_RANGE allocates (tmpfs would punch a hole for the zeroes).
+        let dir = common::disk_dir();
+        let image = dir.path().join("disk.raw");
+        let sock = dir.path().join("blk.sock");
+        make_image(&image, IMAGE_BYTES, 6);
+        let blocks_before = fs::metadata(&image).unwrap().blocks();
+        let mut daemon = Daemon::start(dir.path(), &[export(&sock, &image, keys)]);
+        {
+            let mut c = Client::connect(&sock, 1);
+            assert_eq!(c.discard(0, 4 << 20, 1 << 20), 0, "discard{keys}");
+            let back = c.read_at(0, 4 << 20, 1 << 20, 0).unwrap();
+            if frees {
+                assert!(back.iter().all(|&b| b == 0), "discard{keys} read back");
+            } else {
+                assert!(back == pattern(6, 4 << 20, 1 << 20), "discard{keys} changed data");
+            }
+            assert_eq!(c.write_zeroes(0, 8 << 20, 1 << 20, ReqFlags::empty()), 0, "zeroes{keys}");
+            assert!(c.read_at(0, 8 << 20, 1 << 20, 0).unwrap().iter().all(|&b| b == 0));
+        }
+        assert!(daemon.stop().success());
+        let blocks_after = fs::metadata(&image).unwrap().blocks();
+        if frees {
+            // Two MiB freed: 4096 blocks of 512 bytes.
+            assert_eq!(blocks_after, blocks_before - 4096, "default discard");
+        } else {
+            assert_eq!(blocks_after, blocks_before, "discard=ignore freed blocks");
+        }
+    }
+}
+
 fn out_of_range_io_fails_and_changes_nothing() {
     let dir = tmpdir();
     let image = dir.path().join("disk.raw");
@@ -394,6 +429,7 @@ on_both_thread_models!(
     discard_and_write_zeroes_read_back_zeroes_io_uring,
     discard_and_write_zeroes_read_back_zeroes_threads,
     discard_and_write_zeroes_read_back_zeroes_native,
+    discard_ignore_keeps_the_image_allocated,
     out_of_range_io_fails_and_changes_nothing,
     readonly_export_is_read_only_to_the_client,
     disconnect_and_reconnect_keeps_data,

@@ -120,7 +120,11 @@ fn every_command_with_io_running() {
         q["stages"].as_array().unwrap().iter().map(|s| s["stage"].as_str().unwrap()).collect();
     assert_eq!(stages, ["parse", "submit", "backend", "publish", "notify", "total"]);
     let total = &q["stages"][5];
-    assert!(total["samples"].as_u64().unwrap() > 0, "no sampled requests: {q}");
+    assert!(total["count"].as_u64().unwrap() > 0, "no sampled requests: {q}");
+    // Every request's latency (merged from the I/O thread a few times a second: the exact
+    // count is checked at rest in prometheus_metrics_parse).
+    assert!(q["latency"]["count"].as_u64().unwrap() > 100, "{q}");
+    assert_eq!(q["latency"]["buckets"].as_array().unwrap().len(), 25);
     assert!(total["p50_us"].as_f64().unwrap() > 0.0);
     assert!((total["share"].as_f64().unwrap() - 1.0).abs() < 1e-9);
     assert_eq!(ctl.ok("query-stats", json!({})).as_array().unwrap().len(), 2);
@@ -350,6 +354,41 @@ fn ctl_and_stat_commands() {
     for stage in ["parse", "submit", "backend", "publish", "notify", "total"] {
         assert!(text.contains(&format!("  {stage}")), "no {stage} layer:\n{text}");
     }
+    let stat_json = |count: &str| {
+        let out = Command::new(BIN)
+            .args(["stat", "--json", "--control"])
+            .arg(&ctl_path)
+            .args(["--interval", "0.5", "--count", count])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        text.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()).collect::<Vec<_>>()
+    };
+    // With I/O running: one JSON object per view, the interval's figures.
+    let stop = Arc::new(AtomicBool::new(false));
+    let io = background_io(sock.clone(), Arc::clone(&stop));
+    let views = stat_json("2");
+    assert_eq!(views.len(), 2);
+    for v in &views {
+        let n = &v["exports"][0];
+        assert_eq!(n["id"], "n");
+        assert!(n["iops"].as_f64().unwrap() > 10.0, "{v}");
+        let l = &n["latency"];
+        assert!(l["requests"].as_u64().unwrap() > 0, "{v}");
+        assert!(l["p99_us"].as_f64().unwrap() >= l["p50_us"].as_f64().unwrap(), "{v}");
+        assert_eq!(n["stages"].as_array().unwrap().len(), 6, "{v}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    assert_eq!(io.join().unwrap().1, 0, "failed requests");
+    // At rest: an interval without I/O shows none, however busy the export was before
+    // (figures since start would still show the earlier latency).
+    std::thread::sleep(Duration::from_millis(600));
+    let v = &stat_json("1")[0];
+    let n = &v["exports"][0];
+    assert_eq!(n["iops"].as_f64(), Some(0.0), "{v}");
+    assert_eq!(n["latency"]["requests"].as_u64(), Some(0), "{v}");
+    assert_eq!(n["latency"]["p99_us"].as_f64(), Some(0.0), "{v}");
 }
 
 #[test]
@@ -373,6 +412,15 @@ fn prometheus_metrics_parse() {
     for i in 0..300 {
         c.read_at(0, i * 4096, 4096, 0).unwrap();
     }
+    drop(c);
+    // Failures keep their kind: a read past the end (IOERR), a discard with the unmap flag
+    // (UNSUPP), from the project's own frontend.
+    let mut fe = common::frontend::TestFrontend::connect(&sock, 1, 64, 0);
+    let past_end = (64 << 20) / 512;
+    assert_eq!(fe.request(0, common::frontend::T_IN, past_end, &[], 512).0.status, 1);
+    let mut unmap_discard = vec![0u8; 16];
+    unmap_discard[12] = 1;
+    assert_eq!(fe.request(0, common::frontend::T_DISCARD, 0, &unmap_discard, 0).0.status, 2);
     // The I/O thread hands its histograms over when it goes idle.
     std::thread::sleep(Duration::from_millis(400));
     let mut s = std::net::TcpStream::connect(&addr).unwrap();
@@ -383,35 +431,72 @@ fn prometheus_metrics_parse() {
     assert!(head.starts_with("HTTP/1.0 200"), "{head}");
     assert!(head.contains("text/plain; version=0.0.4"));
     let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap();
-    let find = |name: &str, kind: &str| {
+    let value = |name: &str, labels: &[(&str, &str)]| {
+        let s = scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(v)))
+            .unwrap_or_else(|| panic!("no {name}{labels:?} in:\n{body}"));
+        match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            ref v => panic!("{name} is {v:?}"),
+        }
+    };
+    // 300 reads, one failed read, one discard (counted with its kind, failed or not).
+    assert_eq!(value("blkplane_requests_total", &[("kind", "read")]), 301.0);
+    assert_eq!(value("blkplane_requests_total", &[("kind", "discard")]), 1.0);
+    assert_eq!(value("blkplane_errors_total", &[("kind", "read"), ("status", "ioerr")]), 1.0);
+    assert_eq!(value("blkplane_errors_total", &[("kind", "discard"), ("status", "unsupp")]), 1.0);
+    assert_eq!(value("blkplane_errors_total", &[("kind", "read"), ("status", "unsupp")]), 0.0);
+    assert_eq!(value("blkplane_errors_total", &[("kind", "other"), ("status", "ioerr")]), 0.0);
+    assert_eq!(value("blkplane_capacity_bytes", &[]), (64u64 << 20) as f64);
+    assert_eq!(value("blkplane_requests_in_flight", &[("export", "m-1")]), 0.0);
+    assert_eq!(value("blkplane_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), 1.0);
+    assert!(value("process_cpu_seconds_total", &[]) > 0.0);
+    assert!(value("process_resident_memory_bytes", &[]) > 1e6);
+    assert!(value("process_threads", &[]) >= 3.0);
+    let fds = value("process_open_fds", &[]);
+    assert!(fds >= 5.0 && fds < value("process_max_fds", &[]), "{fds}");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    let started = value("process_start_time_seconds", &[]);
+    assert!(started > now.as_secs_f64() - 300.0 && started <= now.as_secs_f64() + 1.0);
+    // The histograms: every answered request (of any kind) in the request latency, only the
+    // sampled ones in the stages; cumulative buckets ending in +Inf = _count, and a sum.
+    let histogram = |name: &str, labels: &[(&str, &str)]| {
         scrape
             .samples
             .iter()
-            .find(|s| s.metric == name && s.labels.get("kind").is_none_or(|k| k == kind))
-            .unwrap_or_else(|| panic!("no {name} in:\n{body}"))
+            .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(v)))
+            .map(|s| match &s.value {
+                prometheus_parse::Value::Histogram(h) => h.clone(),
+                v => panic!("{name} is {v:?}"),
+            })
+            .unwrap_or_else(|| panic!("no histogram {name}{labels:?}:\n{body}"))
     };
-    match find("blkplane_requests_total", "read").value {
-        prometheus_parse::Value::Counter(v) => assert!(v >= 300.0, "{v}"),
-        ref v => panic!("requests_total is {v:?}"),
-    }
-    match find("blkplane_capacity_bytes", "").value {
-        prometheus_parse::Value::Gauge(v) => assert_eq!(v, (64u64 << 20) as f64),
-        ref v => panic!("capacity is {v:?}"),
-    }
-    let total = scrape
-        .samples
+    let answered: f64 = ["read", "write", "flush", "get_id", "discard", "write_zeroes", "other"]
         .iter()
-        .find(|s| {
-            s.metric == "blkplane_stage_latency_seconds" && s.labels.get("stage") == Some("total")
-        })
-        .unwrap_or_else(|| panic!("no stage summary:\n{body}"));
-    match &total.value {
-        prometheus_parse::Value::Summary(q) => {
-            assert!(q.iter().any(|x| x.quantile == 0.5 && x.count > 0.0))
+        .map(|k| value("blkplane_requests_total", &[("export", "m-1"), ("kind", k)]))
+        .sum();
+    for (name, labels, count) in [
+        ("blkplane_request_latency_seconds", vec![("export", "m-1")], Some(answered)),
+        ("blkplane_stage_latency_seconds", vec![("export", "m-1"), ("stage", "total")], None),
+    ] {
+        let h = histogram(name, &labels);
+        assert_eq!(h.len(), 26, "25 bounds and +Inf");
+        assert!(h.windows(2).all(|w| w[0].less_than < w[1].less_than && w[0].count <= w[1].count));
+        let inf = h.last().unwrap();
+        assert!(inf.less_than.is_infinite());
+        assert_eq!(inf.count, value(&format!("{name}_count"), &labels));
+        if let Some(count) = count {
+            assert_eq!(inf.count, count, "{name}: every request");
+        } else {
+            assert!(inf.count > 0.0 && inf.count < answered, "{name}: sampled");
         }
-        v => panic!("stage latency is {v:?}"),
+        let sum = value(&format!("{name}_sum"), &labels);
+        assert!(sum > 0.0 && sum < inf.count, "{name}_sum {sum}");
     }
-    assert_eq!(total.labels.get("export"), Some("m-1"));
     let mut s = std::net::TcpStream::connect(&addr).unwrap();
     s.write_all(b"GET /other HTTP/1.0\r\n\r\n").unwrap();
     let mut resp = String::new();

@@ -206,6 +206,9 @@ pub struct DiskLimits {
 /// The parse result: the request, or an error, with the status byte to answer through.
 pub struct Parsed {
     pub result: Result<Request, RequestError>,
+    /// The header's request type, when the header could be read (also for requests that
+    /// fail, so that their errors keep their kind).
+    pub req_type: Option<u32>,
     /// Where the status byte goes; `None` only for `NoStatusByte`.
     pub status: Option<GuestIov>,
 }
@@ -238,20 +241,27 @@ fn checked_data_offset(sector: u64, bytes: u64, limits: &DiskLimits) -> Result<u
 pub fn parse(chain: &mut ChainBuf, outcome: ChainOutcome, limits: &DiskLimits) -> Parsed {
     let status = outcome.tail;
     if status.is_none() {
-        return Parsed { result: Err(RequestError::NoStatusByte), status };
+        return Parsed { result: Err(RequestError::NoStatusByte), req_type: None, status };
     }
     if outcome.unusable {
-        return Parsed { result: Err(RequestError::BadBuffers), status };
+        return Parsed { result: Err(RequestError::BadBuffers), req_type: None, status };
     }
     // size_max bounds every buffer, and the slot's iovec table bounds their number (seg_max):
     // together they bound what one request may move, however its descriptors overlap.
     if outcome.longest_bytes > SIZE_MAX_BYTES {
-        return Parsed { result: Err(RequestError::SegmentTooLong(outcome.longest_bytes)), status };
+        let result = Err(RequestError::SegmentTooLong(outcome.longest_bytes));
+        return Parsed { result, req_type: None, status };
     }
-    Parsed { result: parse_usable(chain, limits), status }
+    let mut req_type = None;
+    let result = parse_usable(chain, limits, &mut req_type);
+    Parsed { result, req_type, status }
 }
 
-fn parse_usable(chain: &mut ChainBuf, limits: &DiskLimits) -> Result<Request, RequestError> {
+fn parse_usable(
+    chain: &mut ChainBuf,
+    limits: &DiskLimits,
+    req_type_seen: &mut Option<u32>,
+) -> Result<Request, RequestError> {
     // The status byte is the chain's last byte, which is writable (the walker checked).
     // Take it off the buffers so that only data remains.
     if chain.len > chain.writable_from {
@@ -267,6 +277,7 @@ fn parse_usable(chain: &mut ChainBuf, limits: &DiskLimits) -> Result<Request, Re
         return Err(RequestError::HeaderTooShort);
     }
     let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+    *req_type_seen = Some(kind);
     let sector = u64::from_le_bytes(header[8..16].try_into().unwrap_or_default());
 
     // Drop the header from the front of the readable buffers; what follows is payload.

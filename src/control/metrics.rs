@@ -14,6 +14,7 @@ use tracing::info;
 use crate::daemon::Daemon;
 use crate::listener::ConnectionLimit;
 use crate::ratelimit::RateLimiter;
+use crate::trace::{LatencyReport, QueueReport, BUCKET_BOUNDS_NS};
 use crate::warn_limited;
 
 /// Scrapes served at once; more get 503 at once.
@@ -119,7 +120,58 @@ fn escape(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
-/// The exposition text for every export and queue.
+/// A Prometheus histogram's series (`_bucket` for each bound and `+Inf`, `_sum`, `_count`)
+/// for one set of labels.
+fn write_histogram(out: &mut String, name: &str, labels: &str, latency: &LatencyReport) {
+    for (bound_ns, count) in BUCKET_BOUNDS_NS.iter().zip(&latency.buckets) {
+        let le = *bound_ns as f64 / 1e9;
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {count}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", latency.count);
+    let _ = writeln!(out, "{name}_sum{{{labels}}} {}", latency.sum_ns as f64 / 1e9);
+    let _ = writeln!(out, "{name}_count{{{labels}}} {}", latency.count);
+}
+
+/// The figures of the daemon's own process, from /proc/self.
+#[derive(Default)]
+struct ProcessFigures {
+    cpu_seconds: f64,
+    resident_bytes: u64,
+    virtual_bytes: u64,
+    threads: u64,
+    open_fds: u64,
+    max_fds: u64,
+    start_time_seconds: f64,
+}
+
+fn process_figures() -> ProcessFigures {
+    let mut p = ProcessFigures {
+        open_fds: std::fs::read_dir("/proc/self/fd").map(|d| d.count() as u64).unwrap_or(0),
+        max_fds: crate::sys::fd_limit().unwrap_or(0),
+        ..Default::default()
+    };
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The fields after the command name (which may hold spaces), from field 3 (state) on.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    let ticks = crate::sys::clock_ticks_per_second() as f64;
+    p.cpu_seconds = crate::sys::process_cpu_seconds();
+    p.threads = field(20);
+    p.virtual_bytes = field(23);
+    p.resident_bytes = field(24) * crate::sys::page_size();
+    let boot_seconds = std::fs::read_to_string("/proc/stat")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("btime ").and_then(|v| v.trim().parse::<u64>().ok()))
+        .unwrap_or(0);
+    p.start_time_seconds = boot_seconds as f64 + field(22) as f64 / ticks;
+    p
+}
+
+/// The exposition text for every export and queue, the I/O threads and the process.
 pub fn render(daemon: &Daemon) -> String {
     let stats = daemon.stats(None).unwrap_or_default();
     let mut out = String::new();
@@ -128,6 +180,54 @@ pub fn render(daemon: &Daemon) -> String {
         let _ = writeln!(out, "# TYPE {name} {kind}");
         samples(&mut out);
     };
+    family(
+        "blkplane_build_info",
+        "gauge",
+        "Always 1; the labels say which build runs.",
+        &mut |o| {
+            let _ = writeln!(
+                o,
+                "blkplane_build_info{{version=\"{}\",commit=\"{}\"}} 1",
+                env!("CARGO_PKG_VERSION"),
+                env!("BLKPLANE_COMMIT")
+            );
+        },
+    );
+    let process = process_figures();
+    let per_process: [(&str, &str, &str, f64); 7] = [
+        (
+            "process_cpu_seconds_total",
+            "counter",
+            "User and system CPU time of the daemon.",
+            process.cpu_seconds,
+        ),
+        (
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory (mapped guest memory the daemon touched counts too).",
+            process.resident_bytes as f64,
+        ),
+        (
+            "process_virtual_memory_bytes",
+            "gauge",
+            "Virtual memory, with every mapped guest memory region.",
+            process.virtual_bytes as f64,
+        ),
+        ("process_threads", "gauge", "Threads of the daemon.", process.threads as f64),
+        ("process_open_fds", "gauge", "Open file descriptors.", process.open_fds as f64),
+        ("process_max_fds", "gauge", "The limit on open file descriptors.", process.max_fds as f64),
+        (
+            "process_start_time_seconds",
+            "gauge",
+            "When the daemon started, in seconds since the Unix epoch.",
+            process.start_time_seconds,
+        ),
+    ];
+    for (name, kind, help, value) in per_process {
+        family(name, kind, help, &mut |o| {
+            let _ = writeln!(o, "{name} {value}");
+        });
+    }
     family(
         "blkplane_capacity_bytes",
         "gauge",
@@ -158,20 +258,18 @@ pub fn render(daemon: &Daemon) -> String {
             }
         },
     );
-    let per_kind: [(&str, &str, bool); 2] = [
-        (
-            "blkplane_requests_total",
-            "Requests completed, by kind (failed ones count as other).",
-            false,
-        ),
-        ("blkplane_bytes_total", "Bytes moved by successful requests, by kind.", true),
+    type KindField = fn(&QueueReport) -> &serde_json::Map<String, serde_json::Value>;
+    let per_kind: [(&str, &str, KindField); 2] = [
+        ("blkplane_requests_total", "Requests answered, by kind, failed ones included.", |q| {
+            &q.requests
+        }),
+        ("blkplane_bytes_total", "Bytes moved by successful requests, by kind.", |q| &q.bytes),
     ];
-    for (name, help, bytes) in per_kind {
+    for (name, help, field) in per_kind {
         family(name, "counter", help, &mut |o| {
             for e in &stats {
                 for q in &e.queues {
-                    let map = if bytes { &q.bytes } else { &q.requests };
-                    for (kind, v) in map {
+                    for (kind, v) in field(q) {
                         let _ = writeln!(
                             o,
                             "{name}{{export=\"{}\",queue=\"{}\",kind=\"{kind}\"}} {v}",
@@ -186,18 +284,26 @@ pub fn render(daemon: &Daemon) -> String {
     family(
         "blkplane_errors_total",
         "counter",
-        "Requests that failed, by the status the guest got.",
+        "Requests that failed, by kind and by the status the guest got (ioerr, unsupp).",
         &mut |o| {
             for e in &stats {
                 for q in &e.queues {
-                    for (status, v) in [("ioerr", q.errors_ioerr), ("unsupp", q.errors_unsupp)] {
-                        let _ = writeln!(o, "blkplane_errors_total{{export=\"{}\",queue=\"{}\",status=\"{status}\"}} {v}", escape(&e.id), q.queue);
+                    for (status, map) in [("ioerr", &q.errors_ioerr), ("unsupp", &q.errors_unsupp)]
+                    {
+                        for (kind, v) in map {
+                            let _ = writeln!(
+                                o,
+                                "blkplane_errors_total{{export=\"{}\",queue=\"{}\",kind=\"{kind}\",status=\"{status}\"}} {v}",
+                                escape(&e.id),
+                                q.queue
+                            );
+                        }
                     }
                 }
             }
         },
     );
-    type Field = fn(&crate::trace::QueueReport) -> f64;
+    type Field = fn(&QueueReport) -> f64;
     let scalars: [(&str, &str, &str, Field); 7] = [
         (
             "blkplane_flush_errors_total",
@@ -205,7 +311,9 @@ pub fn render(daemon: &Daemon) -> String {
             "Flushes the host failed; later flushes fail until the export is reopened.",
             |q| q.flush_errors as f64,
         ),
-        ("blkplane_in_flight", "gauge", "Requests being served now.", |q| q.in_flight as f64),
+        ("blkplane_requests_in_flight", "gauge", "Requests being served now.", |q| {
+            q.in_flight as f64
+        }),
         (
             "blkplane_bounce_buffers_total",
             "counter",
@@ -279,18 +387,33 @@ pub fn render(daemon: &Daemon) -> String {
         });
     }
     family(
+        "blkplane_request_latency_seconds",
+        "histogram",
+        "Every request's time at the daemon: seen in the avail ring (the fetch round that took it) until the guest was notified.",
+        &mut |o| {
+            for e in &stats {
+                for q in &e.queues {
+                    let labels = format!("export=\"{}\",queue=\"{}\"", escape(&e.id), q.queue);
+                    write_histogram(o, "blkplane_request_latency_seconds", &labels, &q.latency);
+                }
+            }
+        },
+    );
+    family(
         "blkplane_stage_latency_seconds",
-        "summary",
-        "Time of a sampled request in each layer of the request path (parse, submit, backend, publish, notify) and in all (total).",
+        "histogram",
+        "Time of a sampled request (one in 64) in each layer of the request path (parse, submit, backend, publish, notify) and in all (total).",
         &mut |o| {
             for e in &stats {
                 for q in &e.queues {
                     for s in &q.stages {
-                        let labels = format!("export=\"{}\",queue=\"{}\",stage=\"{}\"", escape(&e.id), q.queue, s.stage);
-                        let _ = writeln!(o, "blkplane_stage_latency_seconds{{{labels},quantile=\"0.5\"}} {}", s.p50_us / 1e6);
-                        let _ = writeln!(o, "blkplane_stage_latency_seconds{{{labels},quantile=\"0.99\"}} {}", s.p99_us / 1e6);
-                        let _ = writeln!(o, "blkplane_stage_latency_seconds_sum{{{labels}}} {}", s.mean_us * s.samples as f64 / 1e6);
-                        let _ = writeln!(o, "blkplane_stage_latency_seconds_count{{{labels}}} {}", s.samples);
+                        let labels = format!(
+                            "export=\"{}\",queue=\"{}\",stage=\"{}\"",
+                            escape(&e.id),
+                            q.queue,
+                            s.stage
+                        );
+                        write_histogram(o, "blkplane_stage_latency_seconds", &labels, &s.latency);
                     }
                 }
             }

@@ -355,7 +355,42 @@ pub struct ControlClient {
     next_id: u64,
 }
 
+/// Why `ctl` or `stat` failed, which decides their exit status (documented in `--help`).
+#[derive(Debug)]
+pub enum ClientFailure {
+    /// No daemon answers at the control socket's path (missing, refused, no permission).
+    Unreachable(String),
+    /// The daemon refused the request, or the connection broke.
+    Failed(String),
+}
+
+impl ClientFailure {
+    /// 3 when the daemon cannot be reached, 1 when it refused or failed; 2 is left to bad
+    /// command lines, 0 to success.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ClientFailure::Unreachable(_) => 3,
+            ClientFailure::Failed(_) => 1,
+        }
+    }
+}
+
+impl std::fmt::Display for ClientFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientFailure::Unreachable(m) | ClientFailure::Failed(m) => f.write_str(m),
+        }
+    }
+}
+
 impl ControlClient {
+    /// Connects, with an error that names the path.
+    pub fn connect_named(path: &Path) -> Result<ControlClient, ClientFailure> {
+        ControlClient::connect(path).map_err(|e| {
+            ClientFailure::Unreachable(format!("cannot connect to {}: {e}", path.display()))
+        })
+    }
+
     pub fn connect(path: &Path) -> io::Result<ControlClient> {
         let stream = UnixStream::connect(path)?;
         let writer = stream.try_clone()?;

@@ -5,11 +5,20 @@
 //! seen ─parse─▶ parsed ─submit─▶ submitted ─backend─▶ completed ─publish─▶ published ─notify─▶ notified
 //! ```
 //!
+//! and, for every request, its latency at the daemon (seen → notified).
+//!
 //! Cost on the data path: counters are plain loads and stores (each counter has one writer,
-//! its I/O thread, so no locked read-modify-write is needed); clock reads are taken only for
-//! one request in `SAMPLE_EVERY`, so the latency of the others does not change. Each I/O
-//! thread keeps its own histograms and merges them into the shared ones under a mutex a few
-//! times a second, never per request.
+//! its I/O thread, so no locked read-modify-write is needed). Per-layer stamps are taken only
+//! for one request in `SAMPLE_EVERY`; the every-request latency costs two clock reads per
+//! round of the I/O thread (one when a fetch takes its first request, which stands for every
+//! request that round takes, and one after the round's notification), not per request, and
+//! one histogram increment per request. Each I/O thread keeps its own histograms and merges
+//! them into the shared ones under a mutex a few times a second, never per request.
+//!
+//! The histograms are hdrhistograms (2 significant digits) kept for the export's life; they
+//! are exported as cumulative buckets ([`BUCKET_BOUNDS_NS`]) with an exact sum, so that a
+//! reader (Prometheus, `blkplane stat`) takes the difference of two reads for any window and
+//! can add queues together.
 
 pub mod sample;
 
@@ -95,6 +104,36 @@ impl Kind {
     }
 }
 
+/// Upper bounds of the exported latency buckets, in nanoseconds: 1-2.5-5 steps from 100 ns
+/// (a null-backend stage) to 10 s (a device that stalls). Above the last is `+Inf`.
+pub const BUCKET_BOUNDS_NS: [u64; 25] = [
+    100,
+    250,
+    500,
+    1_000,
+    2_500,
+    5_000,
+    10_000,
+    25_000,
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_500_000_000,
+    5_000_000_000,
+    10_000_000_000,
+];
+
 /// A counter with exactly one writer thread.
 #[derive(Default)]
 pub struct Counter(AtomicU64);
@@ -118,12 +157,14 @@ impl Counter {
 /// Counters of one queue.
 #[derive(Default)]
 pub struct QueueCounters {
+    /// Requests answered, by kind, whatever their status.
     pub requests: [Counter; 7],
+    /// Bytes moved by successful requests, by kind.
     pub bytes: [Counter; 7],
-    /// Requests answered VIRTIO_BLK_S_IOERR.
-    pub errors_ioerr: Counter,
-    /// Requests answered VIRTIO_BLK_S_UNSUPP.
-    pub errors_unsupp: Counter,
+    /// Requests answered VIRTIO_BLK_S_IOERR, by kind.
+    pub errors_ioerr: [Counter; 7],
+    /// Requests answered VIRTIO_BLK_S_UNSUPP, by kind.
+    pub errors_unsupp: [Counter; 7],
     pub in_flight: Counter,
     /// Reads and writes whose guest buffers O_DIRECT would refuse, served through an aligned
     /// bounce buffer.
@@ -141,37 +182,106 @@ pub struct QueueCounters {
     pub sleeps: Counter,
 }
 
-/// Stage histograms, in nanoseconds.
-pub struct StageHistograms {
-    stages: Vec<Histogram<u64>>,
+/// One latency distribution, in nanoseconds, with the exact sum of what it recorded.
+pub struct Latency {
+    histogram: Histogram<u64>,
+    sum_ns: u64,
 }
 
-fn new_histogram() -> Histogram<u64> {
-    // 1 ns to 100 s, 2 significant digits: bounds that cannot fail.
-    Histogram::new_with_bounds(1, 100_000_000_000, 2).expect("histogram bounds")
-}
-
-impl Default for StageHistograms {
+impl Default for Latency {
     fn default() -> Self {
-        StageHistograms { stages: Stage::ALL.iter().map(|_| new_histogram()).collect() }
+        // 1 ns to 100 s, 2 significant digits: bounds that cannot fail.
+        let histogram =
+            Histogram::new_with_bounds(1, 100_000_000_000, 2).expect("histogram bounds");
+        Latency { histogram, sum_ns: 0 }
     }
 }
 
-impl StageHistograms {
-    pub fn record(&mut self, stage: Stage, ns: u64) {
-        self.stages[stage as usize].saturating_record(ns.max(1));
+impl Latency {
+    pub fn record(&mut self, ns: u64) {
+        self.histogram.saturating_record(ns.max(1));
+        self.sum_ns = self.sum_ns.wrapping_add(ns);
     }
 
-    pub fn merge_into(&mut self, other: &mut StageHistograms) {
-        for (mine, theirs) in self.stages.iter_mut().zip(other.stages.iter_mut()) {
-            // Same bounds on both sides: adding cannot fail.
-            let _ = theirs.add(&*mine);
-            mine.reset();
+    /// Adds `self` to `other` and starts again from nothing.
+    fn merge_into(&mut self, other: &mut Latency) {
+        // Same bounds on both sides: adding cannot fail.
+        let _ = other.histogram.add(&self.histogram);
+        other.sum_ns = other.sum_ns.wrapping_add(self.sum_ns);
+        self.histogram.reset();
+        self.sum_ns = 0;
+    }
+
+    pub fn count(&self) -> u64 {
+        self.histogram.len()
+    }
+
+    pub fn mean_ns(&self) -> f64 {
+        self.histogram.mean()
+    }
+
+    /// Values recorded at or below each of [`BUCKET_BOUNDS_NS`] (cumulative, as Prometheus
+    /// wants them). A value within the histogram's 1 % precision of a bound may fall on
+    /// either side of it.
+    pub fn buckets(&self) -> Vec<u64> {
+        let mut counts = vec![0u64; BUCKET_BOUNDS_NS.len()];
+        for v in self.histogram.iter_recorded() {
+            let value = self.histogram.median_equivalent(v.value_iterated_to());
+            if let Some(i) = BUCKET_BOUNDS_NS.iter().position(|&b| value <= b) {
+                counts[i] += v.count_at_value();
+            }
+        }
+        let mut running = 0;
+        for c in &mut counts {
+            running += *c;
+            *c = running;
+        }
+        counts
+    }
+
+    pub fn report(&self) -> LatencyReport {
+        let h = &self.histogram;
+        LatencyReport {
+            count: h.len(),
+            sum_ns: self.sum_ns,
+            mean_us: h.mean() / 1000.0,
+            p50_us: h.value_at_quantile(0.5) as f64 / 1000.0,
+            p99_us: h.value_at_quantile(0.99) as f64 / 1000.0,
+            buckets: self.buckets(),
         }
     }
+}
 
-    pub fn get(&self, stage: Stage) -> &Histogram<u64> {
+/// The latency histograms of a queue (or of one I/O thread's share of it before a merge):
+/// each stage of the sampled requests, and every request's seen → notified.
+#[derive(Default)]
+pub struct LatencyHistograms {
+    stages: [Latency; Stage::ALL.len()],
+    requests: Latency,
+}
+
+impl LatencyHistograms {
+    pub fn record(&mut self, stage: Stage, ns: u64) {
+        self.stages[stage as usize].record(ns);
+    }
+
+    pub fn record_request(&mut self, ns: u64) {
+        self.requests.record(ns);
+    }
+
+    pub fn merge_into(&mut self, other: &mut LatencyHistograms) {
+        for (mine, theirs) in self.stages.iter_mut().zip(other.stages.iter_mut()) {
+            mine.merge_into(theirs);
+        }
+        self.requests.merge_into(&mut other.requests);
+    }
+
+    pub fn get(&self, stage: Stage) -> &Latency {
         &self.stages[stage as usize]
+    }
+
+    pub fn requests(&self) -> &Latency {
+        &self.requests
     }
 }
 
@@ -179,7 +289,7 @@ impl StageHistograms {
 #[derive(Default)]
 pub struct QueueStats {
     pub counters: QueueCounters,
-    pub histograms: Mutex<StageHistograms>,
+    pub histograms: Mutex<LatencyHistograms>,
     /// Requests taken from the ring and requests answered, since the export was opened,
     /// whatever `stats=` says: a resize that shrinks the disk waits until every request
     /// admitted before it is answered (see `Disk::resize`).
@@ -187,14 +297,24 @@ pub struct QueueStats {
     pub retired: std::sync::atomic::AtomicU64,
 }
 
-/// A stage as reported: percentiles and mean in microseconds, and share of the total mean.
+/// A latency distribution as reported: since the export was opened, percentiles and mean
+/// in microseconds, the exact sum, and cumulative counts at each of [`BUCKET_BOUNDS_NS`].
 #[derive(Clone, Debug, Serialize)]
-pub struct StageReport {
-    pub stage: &'static str,
-    pub samples: u64,
+pub struct LatencyReport {
+    pub count: u64,
+    pub sum_ns: u64,
     pub mean_us: f64,
     pub p50_us: f64,
     pub p99_us: f64,
+    pub buckets: Vec<u64>,
+}
+
+/// A stage as reported, with its share of the total's mean.
+#[derive(Clone, Debug, Serialize)]
+pub struct StageReport {
+    pub stage: &'static str,
+    #[serde(flatten)]
+    pub latency: LatencyReport,
     pub share: f64,
 }
 
@@ -204,8 +324,8 @@ pub struct QueueReport {
     pub queue: usize,
     pub requests: serde_json::Map<String, serde_json::Value>,
     pub bytes: serde_json::Map<String, serde_json::Value>,
-    pub errors_ioerr: u64,
-    pub errors_unsupp: u64,
+    pub errors_ioerr: serde_json::Map<String, serde_json::Value>,
+    pub errors_unsupp: serde_json::Map<String, serde_json::Value>,
     pub in_flight: u64,
     pub bounce_buffers: u64,
     pub flush_errors: u64,
@@ -214,6 +334,9 @@ pub struct QueueReport {
     pub poll_ns: u64,
     pub poll_hits: u64,
     pub sleeps: u64,
+    /// Every request, seen → notified.
+    pub latency: LatencyReport,
+    /// The sampled requests, per layer.
     pub stages: Vec<StageReport>,
 }
 
@@ -224,18 +347,15 @@ impl QueueStats {
             Kind::ALL.iter().map(|k| (k.name().to_string(), cs[*k as usize].get().into())).collect()
         };
         let hist = self.histograms.lock().unwrap_or_else(|p| p.into_inner());
-        let total_mean = hist.get(Stage::Total).mean();
+        let total_mean = hist.get(Stage::Total).mean_ns();
         let stages = Stage::ALL
             .iter()
             .map(|&s| {
                 let h = hist.get(s);
                 StageReport {
                     stage: s.name(),
-                    samples: h.len(),
-                    mean_us: h.mean() / 1000.0,
-                    p50_us: h.value_at_quantile(0.5) as f64 / 1000.0,
-                    p99_us: h.value_at_quantile(0.99) as f64 / 1000.0,
-                    share: if total_mean > 0.0 { h.mean() / total_mean } else { 0.0 },
+                    latency: h.report(),
+                    share: if total_mean > 0.0 { h.mean_ns() / total_mean } else { 0.0 },
                 }
             })
             .collect();
@@ -243,8 +363,8 @@ impl QueueStats {
             queue,
             requests: by_kind(&c.requests),
             bytes: by_kind(&c.bytes),
-            errors_ioerr: c.errors_ioerr.get(),
-            errors_unsupp: c.errors_unsupp.get(),
+            errors_ioerr: by_kind(&c.errors_ioerr),
+            errors_unsupp: by_kind(&c.errors_unsupp),
             in_flight: c.in_flight.get(),
             bounce_buffers: c.bounce_buffers.get(),
             flush_errors: c.flush_errors.get(),
@@ -253,6 +373,7 @@ impl QueueStats {
             poll_ns: c.poll_ns.get(),
             poll_hits: c.poll_hits.get(),
             sleeps: c.sleeps.get(),
+            latency: hist.requests().report(),
             stages,
         }
     }

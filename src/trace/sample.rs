@@ -1,12 +1,14 @@
-//! The per-request sampler an I/O thread runs: it picks one request in [`SAMPLE_EVERY`],
-//! stamps it at each layer boundary, records the stage times into the thread's own
-//! histograms, and hands those to the shared ones (a mutex) at most every [`MERGE_EVERY`] or
-//! when the thread goes idle. Nothing here allocates after start-up.
+//! The per-request sampler a queue's I/O thread runs: it picks one request in
+//! [`SAMPLE_EVERY`], stamps it at each layer boundary, and records the stage times; it also
+//! records every request's seen → notified time, from one clock read per fetch round and one
+//! per notification. Both go into the queue's own histograms, handed to the shared ones (a
+//! mutex) at most every [`MERGE_EVERY`] or when the thread goes idle. Nothing here allocates
+//! after start-up.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::{Stage, StageHistograms, MERGE_EVERY, SAMPLE_EVERY};
+use super::{LatencyHistograms, Stage, MERGE_EVERY, SAMPLE_EVERY};
 
 /// Layer-boundary timestamps of a sampled request.
 #[derive(Clone, Copy)]
@@ -31,11 +33,17 @@ pub struct Sampler {
     /// Whether the request in each slot is sampled, and its stamps so far.
     sampled: Box<[bool]>,
     stamps: Box<[Stamps]>,
+    /// When the request in each slot was seen (its fetch round's time).
+    seen_at: Box<[Instant]>,
+    /// The current fetch round's time, read when it takes its first request.
+    round_seen: Option<Instant>,
+    /// Seen times of the requests answered this round, waiting for their notify time.
+    answered: Vec<Instant>,
     /// Sampled requests handed to the engine this round, waiting for their submit time.
     submitting: Vec<u16>,
     /// Sampled requests finished this round, waiting for their publish and notify times.
     done: Vec<Stamps>,
-    histograms: StageHistograms,
+    histograms: LatencyHistograms,
     /// Samples recorded since the last merge.
     unmerged: bool,
     last_merge: Instant,
@@ -50,27 +58,40 @@ impl Sampler {
             countdown: 1,
             sampled: vec![false; slots].into_boxed_slice(),
             stamps: vec![Stamps::new(now); slots].into_boxed_slice(),
+            seen_at: vec![now; slots].into_boxed_slice(),
+            round_seen: None,
+            answered: Vec::with_capacity(slots),
             submitting: Vec::with_capacity(slots),
             done: Vec::with_capacity(slots),
-            histograms: StageHistograms::default(),
+            histograms: LatencyHistograms::default(),
             unmerged: false,
             last_merge: now,
         }
     }
 
-    /// A request was taken from the ring into slot `tag`: sample it or not.
+    /// A fetch round begins: the first request it takes reads the clock for all of them.
+    pub fn round_begins(&mut self) {
+        self.round_seen = None;
+    }
+
+    /// A request was taken from the ring into slot `tag`: note when, and sample it or not.
     pub fn seen(&mut self, tag: u16) {
-        let sampled = self.on && {
+        if !self.on {
+            return;
+        }
+        let now = *self.round_seen.get_or_insert_with(Instant::now);
+        let i = usize::from(tag);
+        self.seen_at[i] = now;
+        let sampled = {
             self.countdown -= 1;
             if self.countdown == 0 {
                 self.countdown = SAMPLE_EVERY;
             }
             self.countdown == SAMPLE_EVERY
         };
-        let i = usize::from(tag);
         self.sampled[i] = sampled;
         if sampled {
-            self.stamps[i] = Stamps::new(Instant::now());
+            self.stamps[i] = Stamps::new(now);
         }
     }
 
@@ -106,7 +127,19 @@ impl Sampler {
 
     /// The request in slot `tag` is answered (its used entry is pushed).
     pub fn completed(&mut self, tag: u16) {
+        if !self.on {
+            return;
+        }
         let i = usize::from(tag);
+        if self.answered.len() < self.answered.capacity() {
+            self.answered.push(self.seen_at[i]);
+        } else {
+            // More answers in one round than slots (a slot answered at once and taken again
+            // in the same fetch): this one is timed now, without its notification.
+            let ns = self.seen_at[i].elapsed().as_nanos() as u64;
+            self.histograms.record_request(ns);
+            self.unmerged = true;
+        }
         if std::mem::take(&mut self.sampled[i]) {
             self.stamps[i].completed = Instant::now();
             self.done.push(self.stamps[i]);
@@ -118,16 +151,27 @@ impl Sampler {
         !self.done.is_empty()
     }
 
-    /// Records the stage times of the sampled requests finished this round, published and
-    /// notified at the times given, and now and then hands the histograms to `shared`.
+    /// Whether answered requests wait for their notify time.
+    pub fn has_answered(&self) -> bool {
+        !self.answered.is_empty()
+    }
+
+    /// Records the times of the requests answered this round, notified at `notified` (the
+    /// sampled ones' stages, published at `published`), and now and then hands the
+    /// histograms to `shared`.
     pub fn record(
         &mut self,
-        published: Instant,
+        published: Option<Instant>,
         notified: Instant,
-        shared: &Mutex<StageHistograms>,
+        shared: &Mutex<LatencyHistograms>,
     ) {
         let ns = |a: Instant, b: Instant| b.saturating_duration_since(a).as_nanos() as u64;
         let h = &mut self.histograms;
+        for &seen in &self.answered {
+            h.record_request(ns(seen, notified));
+        }
+        self.answered.clear();
+        let published = published.unwrap_or(notified);
         for s in &self.done {
             h.record(Stage::Parse, ns(s.seen, s.parsed));
             h.record(Stage::Submit, ns(s.parsed, s.submitted));
@@ -145,7 +189,7 @@ impl Sampler {
     }
 
     /// Hands what was recorded since the last merge to `shared`.
-    pub fn merge(&mut self, shared: &Mutex<StageHistograms>) {
+    pub fn merge(&mut self, shared: &Mutex<LatencyHistograms>) {
         if !self.unmerged {
             return;
         }
@@ -157,7 +201,7 @@ impl Sampler {
     /// Before the thread sleeps: samples not yet handed over go now if the last merge is old
     /// enough; otherwise this says when they will be due, so that an idle export's figures
     /// are fresh (the sleep should not last longer).
-    pub fn merge_before_sleep(&mut self, shared: &Mutex<StageHistograms>) -> Option<Duration> {
+    pub fn merge_before_sleep(&mut self, shared: &Mutex<LatencyHistograms>) -> Option<Duration> {
         if !self.unmerged {
             return None;
         }

@@ -152,7 +152,7 @@ impl MappedRegion {
         if meta.is_file() && meta.len() < end_in_file {
             return Err(MemoryError::FileTooShort { needed: end_in_file, actual: meta.len() });
         }
-        let page = page_size();
+        let page = crate::sys::page_size();
         let aligned_offset = mmap_offset & !(page - 1);
         let delta = (mmap_offset - aligned_offset) as usize;
         let mmap_len = usize::try_from(size)
@@ -235,16 +235,6 @@ impl Drop for MappedRegion {
             libc::munmap(self.mmap_base, self.mmap_len);
         }
         release_mapped(self.mmap_len as u64);
-    }
-}
-
-fn page_size() -> u64 {
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if size > 0 {
-        size as u64
-    } else {
-        4096
     }
 }
 

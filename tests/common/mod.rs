@@ -178,12 +178,12 @@ pub fn rand_u16() -> u16 {
     u16::from_le_bytes(b)
 }
 
-/// A temporary directory, on tmpfs when /dev/shm is there (O_DIRECT works on it).
 /// A directory on a disk filesystem (ext4 here), where O_DIRECT asks for aligned buffers.
 pub fn disk_dir() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("blkplane-test").tempdir_in("/var/tmp").unwrap()
 }
 
+/// A temporary directory, on tmpfs when /dev/shm is there (O_DIRECT works on it).
 pub fn tmpdir() -> tempfile::TempDir {
     let shm = Path::new("/dev/shm");
     if shm.is_dir() {

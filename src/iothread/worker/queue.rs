@@ -15,9 +15,10 @@ use tracing::{debug, error, info};
 use super::slots::{self, Slots};
 use super::{align, followup};
 use crate::blk::request::{self, Request, RequestError};
-use crate::blk::status;
+use crate::blk::{req_type, status};
 use crate::disk::Disk;
 use crate::engine::{Engine, IoOp};
+use crate::export::DiscardMode;
 use crate::iothread::QueueSetup;
 use crate::ratelimit::RateLimiter;
 use crate::trace::sample::Sampler;
@@ -37,6 +38,19 @@ fn kind_of(req: &Request) -> (Kind, u64) {
         Request::GetId { .. } => (Kind::GetId, 0),
         Request::Discard { bytes, .. } => (Kind::Discard, *bytes),
         Request::WriteZeroes { bytes, .. } => (Kind::WriteZeroes, *bytes),
+    }
+}
+
+/// The kind of a request that failed, from its header's type.
+fn kind_of_type(req_type: u32) -> Kind {
+    match req_type {
+        req_type::IN => Kind::Read,
+        req_type::OUT => Kind::Write,
+        req_type::FLUSH => Kind::Flush,
+        req_type::GET_ID => Kind::GetId,
+        req_type::DISCARD => Kind::Discard,
+        req_type::WRITE_ZEROES => Kind::WriteZeroes,
+        _ => Kind::Other,
     }
 }
 
@@ -349,6 +363,7 @@ impl Core {
         if self.parked.is_some() {
             return 0;
         }
+        self.sampler.round_begins();
         // What an earlier daemon left in flight goes first, before the avail ring is read.
         let resubmitting = self.resubmit.pending() > 0;
         let pending = if resubmitting {
@@ -409,8 +424,10 @@ impl Core {
             };
             let parsed = request::parse(&mut slot.chain, outcome, &limits);
             slot.status = parsed.status;
-            (slot.kind, slot.bytes) =
-                parsed.result.as_ref().map(kind_of).unwrap_or((Kind::Other, 0));
+            (slot.kind, slot.bytes) = match &parsed.result {
+                Ok(req) => kind_of(req),
+                Err(_) => (parsed.req_type.map_or(Kind::Other, kind_of_type), 0),
+            };
             self.sampler.parsed(tag);
             if resubmitting {
                 self.resubmit.kinds[slot.kind as usize] += 1;
@@ -482,7 +499,12 @@ impl Core {
     }
 
     /// Queues a request's engine operation, or answers it at once if there is nothing to do.
-    fn issue(&mut self, engine: &mut impl Engine, tag: u16, req: Request) {
+    fn issue(&mut self, engine: &mut impl Engine, tag: u16, mut req: Request) {
+        if let Request::WriteZeroes { unmap, .. } = &mut req {
+            // discard=ignore keeps the blocks allocated, whatever the guest allows (a backing
+            // without ZERO_RANGE still gets its zeroes as a hole: see followup.rs).
+            *unmap &= self.disk.discard == DiscardMode::Unmap;
+        }
         let slot = &mut self.slots[tag];
         let op = match &req {
             Request::Read { offset, data, bytes } => {
@@ -519,6 +541,10 @@ impl Core {
                 let id = &self.disk.serial[..*bytes as usize];
                 let written = copy_to_guest(slot.chain.iovs(data.clone()), id);
                 return self.finish(tag, Ok(written as u32));
+            }
+            Request::Discard { .. } if self.disk.discard == DiscardMode::Ignore => {
+                // discard=ignore: a hint the export was told not to act on.
+                return self.finish(tag, Ok(0));
             }
             Request::Discard { offset, bytes } => IoOp::Discard { offset: *offset, bytes: *bytes },
             Request::WriteZeroes { offset, bytes, unmap } => {
@@ -622,12 +648,12 @@ impl Core {
         self.unpublished += 1;
         if self.stats_on {
             let c = &self.stats.counters;
-            let kind = if result.is_ok() { slot.kind } else { Kind::Other };
-            c.requests[kind as usize].add(1);
+            let kind = slot.kind as usize;
+            c.requests[kind].add(1);
             match &result {
-                Ok(_) => c.bytes[kind as usize].add(slot.bytes),
-                Err(e) if e.status() == status::UNSUPP => c.errors_unsupp.add(1),
-                Err(_) => c.errors_ioerr.add(1),
+                Ok(_) => c.bytes[kind].add(slot.bytes),
+                Err(e) if e.status() == status::UNSUPP => c.errors_unsupp[kind].add(1),
+                Err(_) => c.errors_ioerr[kind].add(1),
             }
         }
         self.slots.give_back(tag);
@@ -670,7 +696,7 @@ impl Core {
         if self.stats_on {
             self.stats.counters.in_flight.set(self.slots.in_flight() as u64);
         }
-        if let Some(published) = published {
+        if self.sampler.has_answered() {
             self.sampler.record(published, Instant::now(), &self.stats.histograms);
         }
     }
