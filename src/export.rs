@@ -260,7 +260,110 @@ pub fn spec_from_pairs<'a>(
     Ok(parts.join(","))
 }
 
+/// A value of a spec key, typed as the config file writes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SpecValue {
+    Str(String),
+    Int(u64),
+    Bool(bool),
+}
+
+impl fmt::Display for SpecValue {
+    /// As `--export` writes it (booleans as on/off).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SpecValue::Str(s) => f.write_str(s),
+            SpecValue::Int(n) => write!(f, "{n}"),
+            SpecValue::Bool(b) => f.write_str(if *b { "on" } else { "off" }),
+        }
+    }
+}
+
+impl SpecValue {
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            SpecValue::Str(s) => s.as_str().into(),
+            SpecValue::Int(n) => (*n).into(),
+            SpecValue::Bool(b) => (*b).into(),
+        }
+    }
+
+    pub fn to_toml(&self) -> toml::Value {
+        match self {
+            SpecValue::Str(s) => toml::Value::String(s.clone()),
+            // Sizes up to 2^60 bytes fit in TOML's signed integers; larger would not parse
+            // back as sizes anyway.
+            SpecValue::Int(n) => i64::try_from(*n)
+                .map(toml::Value::Integer)
+                .unwrap_or_else(|_| toml::Value::String(n.to_string())),
+            SpecValue::Bool(b) => toml::Value::Boolean(*b),
+        }
+    }
+}
+
 impl ExportConfig {
+    /// Every key of the export with its value, defaults included, such that
+    /// `ExportConfig::parse` of them gives this config back: the whole spec, as
+    /// `list-exports` and `dump-config` show it.
+    pub fn to_pairs(&self) -> Vec<(&'static str, SpecValue)> {
+        use SpecValue::{Bool, Int, Str};
+        let path = |p: &std::path::Path| Str(p.display().to_string());
+        let mut pairs = Vec::new();
+        if let Some(id) = &self.id {
+            pairs.push(("id", Str(id.clone())));
+        }
+        pairs.push(("socket", path(&self.socket)));
+        match &self.backend {
+            BackendSpec::Image(p) => {
+                pairs.push(("image", path(p)));
+                let aio = match self.aio {
+                    EngineKind::Native => "native",
+                    EngineKind::Threads => "threads",
+                    EngineKind::IoUring | EngineKind::Null => "io_uring",
+                };
+                pairs.push(("aio", Str(aio.into())));
+            }
+            BackendSpec::Null { size_bytes } => {
+                pairs.push(("engine", Str("null".into())));
+                pairs.push(("size", Int(*size_bytes)));
+            }
+        }
+        pairs.push(("queues", Int(self.queues.into())));
+        pairs.push(("queue-size", Int(self.queue_size.into())));
+        pairs.push(("cache", Str(self.cache.to_string())));
+        pairs.push(("readonly", Bool(self.readonly)));
+        pairs.push(("discard", Str(self.discard.name().into())));
+        pairs.push(("serial", Str(self.serial.clone())));
+        pairs.push(("iothread", Str(self.iothread.to_string())));
+        if self.iothread == ThreadChoice::Dedicated {
+            pairs.push(("poll", Str(self.poll.mode.to_string())));
+            pairs.push(("poll-max-us", Int(self.poll.max_us.into())));
+            if !self.cpus.is_empty() {
+                pairs.push(("cpus", Str(format_cpu_list(&self.cpus))));
+            }
+        }
+        pairs.push(("stats", Bool(self.stats)));
+        pairs.push(("force-share", Bool(self.force_share)));
+        pairs.push(("incoming", Bool(self.incoming)));
+        if let Some(n) = self.logical_block_bytes {
+            pairs.push(("logical-block-size", Int(n.into())));
+        }
+        if let Some(n) = self.physical_block_bytes {
+            pairs.push(("physical-block-size", Int(n.into())));
+        }
+        pairs.push(("max-guest-memory", Int(self.max_guest_memory_bytes)));
+        if let Some(mode) = self.socket_access.mode {
+            pairs.push(("socket-mode", Str(format!("{mode:04o}"))));
+        }
+        if let Some(g) = &self.socket_access.group {
+            pairs.push(("socket-group", Str(g.clone())));
+        }
+        if let Some(o) = &self.socket_access.owner {
+            pairs.push(("socket-owner", Str(o.clone())));
+        }
+        pairs
+    }
+
     /// Parses `socket=PATH,image=PATH[,queues=N]...`.
     pub fn parse(spec: &str) -> Result<ExportConfig, ConfigError> {
         let mut id = None;
@@ -568,6 +671,42 @@ mod tests {
         );
         let e = ExportConfig::parse("socket=/s,image=/i,queues=2,num-queues=4").unwrap_err();
         assert_eq!(e.0, "key 'queues' given twice");
+    }
+
+    #[test]
+    fn the_whole_spec_parses_back_to_the_same_export() {
+        for spec in [
+            "socket=/s,image=/i",
+            "id=vm-1,socket=/run/a,,b.sock,image=/img/x,,y.raw,queues=4,queue-size=128,cache=writeback,aio=threads,readonly=on,discard=ignore,serial=SN 1,stats=off,force-share=on,incoming=on,logical-block-size=4096,physical-block-size=4096,max-guest-memory=2G,socket-mode=0660,socket-group=kvm,socket-owner=qemu",
+            "socket=/s,engine=null,size=1G,iothread=dedicated,poll=always,poll-max-us=10,cpus=0",
+            "socket=/s,image=/i,iothread=a:b",
+        ] {
+            let config = ExportConfig::parse(spec).unwrap();
+            let pairs = config.to_pairs();
+            let again = spec_from_pairs(pairs.iter().map(|(k, v)| (*k, v.to_string()))).unwrap();
+            assert_eq!(ExportConfig::parse(&again).unwrap(), config, "{spec} → {again}");
+        }
+        let c = ExportConfig::parse("socket=/s,image=/i").unwrap();
+        let keys: Vec<&str> = c.to_pairs().iter().map(|(k, _)| *k).collect();
+        assert_eq!(
+            keys,
+            [
+                "socket",
+                "image",
+                "aio",
+                "queues",
+                "queue-size",
+                "cache",
+                "readonly",
+                "discard",
+                "serial",
+                "iothread",
+                "stats",
+                "force-share",
+                "incoming",
+                "max-guest-memory"
+            ]
+        );
     }
 
     #[test]
