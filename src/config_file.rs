@@ -26,7 +26,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::export::{spec_from_pairs, ExportConfig};
+use crate::export::{spec_from_pairs, ExportConfig, SpecValue};
 use crate::iothread::registry::{IoThreadConfig, MAX_POOL_THREADS};
 
 #[derive(Debug, Default)]
@@ -42,6 +42,53 @@ pub struct ConfigFile {
 }
 
 /// Reads and validates `path`. Errors name the file and the problem in one line.
+/// The daemon-wide settings in force, as the file's top-level keys name them (for
+/// `dump-config`; exports and I/O threads come from the running daemon).
+#[derive(Clone, Debug, Default)]
+pub struct DaemonSettings {
+    pub control: Option<PathBuf>,
+    pub metrics: Option<String>,
+    pub log_level: Option<String>,
+    pub max_mapped_guest_memory: Option<String>,
+    pub pool_threads: Option<usize>,
+    pub image_lock_wait_ms: Option<u64>,
+}
+
+fn table_of(pairs: Vec<(&'static str, SpecValue)>) -> toml::Table {
+    pairs.into_iter().map(|(k, v)| (k.to_string(), v.to_toml())).collect()
+}
+
+/// The running configuration as the file `parse` reads: loading it starts the same daemon.
+pub fn render(
+    settings: &DaemonSettings,
+    iothreads: &[IoThreadConfig],
+    exports: &[ExportConfig],
+) -> String {
+    let mut top = toml::Table::new();
+    let mut put = |key: &str, value: Option<toml::Value>| {
+        if let Some(v) = value {
+            top.insert(key.to_string(), v);
+        }
+    };
+    let string = |s: &str| toml::Value::String(s.to_string());
+    put("control", settings.control.as_ref().map(|p| string(&p.display().to_string())));
+    put("metrics", settings.metrics.as_deref().map(string));
+    put("log-level", settings.log_level.as_deref().map(string));
+    put("max-mapped-guest-memory", settings.max_mapped_guest_memory.as_deref().map(string));
+    put("pool-threads", settings.pool_threads.map(|n| SpecValue::Int(n as u64).to_toml()));
+    put("image-lock-wait-ms", settings.image_lock_wait_ms.map(|n| SpecValue::Int(n).to_toml()));
+    let list = |tables: Vec<toml::Table>| {
+        (!tables.is_empty())
+            .then(|| toml::Value::Array(tables.into_iter().map(toml::Value::Table).collect()))
+    };
+    put("iothread", list(iothreads.iter().map(|t| table_of(t.to_pairs())).collect()));
+    put("export", list(exports.iter().map(|e| table_of(e.to_pairs())).collect()));
+    format!(
+        "# The running configuration of blkplane (dump-config); blkplane serve --config FILE\n# reads it back.\n{}",
+        toml::to_string(&top).unwrap_or_default()
+    )
+}
+
 pub fn load(path: &Path) -> Result<ConfigFile, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
@@ -93,7 +140,7 @@ pub fn parse(text: &str) -> Result<ConfigFile, String> {
             }
             other => {
                 return Err(format!(
-                    "unknown key '{other}' (keys: control, metrics, log-level, max-mapped-guest-memory, pool-threads, iothread, export)"
+                    "unknown key '{other}' (keys: control, metrics, log-level, max-mapped-guest-memory, pool-threads, image-lock-wait-ms, iothread, export)"
                 ))
             }
         }
@@ -163,7 +210,7 @@ mod tests {
     fn errors_name_the_problem() {
         assert_eq!(
             parse("colour = 1").unwrap_err(),
-            "unknown key 'colour' (keys: control, metrics, log-level, max-mapped-guest-memory, pool-threads, iothread, export)"
+            "unknown key 'colour' (keys: control, metrics, log-level, max-mapped-guest-memory, pool-threads, image-lock-wait-ms, iothread, export)"
         );
         assert_eq!(parse("control = 5").unwrap_err(), "'control' must be a string");
         assert!(parse("[[export]]\nsocket = \"/s\"\nqueues = 0")

@@ -9,6 +9,7 @@ use std::thread::JoinHandle;
 use serde::Serialize;
 use tracing::info;
 
+use crate::config_file::DaemonSettings;
 use crate::disk::Disk;
 use crate::export::{BackendSpec, ExportConfig};
 use crate::iothread::poll::{PollMode, PollPolicy, MAX_POLL_MAX_US};
@@ -62,6 +63,9 @@ pub struct ExportInfo {
     pub poll_max_us: u32,
     pub stats: bool,
     pub client_connected: bool,
+    /// Every key of the export as it runs now (a null export's size after a resize, a
+    /// dedicated export's polling after set-polling), as `add-export` takes them.
+    pub spec: serde_json::Map<String, Value>,
 }
 
 /// What `query-stats` says of one export.
@@ -97,7 +101,27 @@ fn info_of(e: &Export) -> ExportInfo {
         poll_max_us: poll.max_us,
         stats: disk.stats_on,
         client_connected: e.server.has_client(),
+        spec: running_config(e)
+            .to_pairs()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_json()))
+            .collect(),
     }
+}
+
+/// The export's configuration as it runs now: its id, its current size (null engine) and
+/// polling (dedicated threads), which the control socket may have changed.
+fn running_config(e: &Export) -> ExportConfig {
+    let disk = e.server.disk();
+    let mut config = e.config.clone();
+    config.id = Some(e.id.clone());
+    if let BackendSpec::Null { size_bytes } = &mut config.backend {
+        *size_bytes = disk.capacity_bytes();
+    }
+    if config.iothread == ThreadChoice::Dedicated {
+        config.poll = disk.poll.get();
+    }
+    config
 }
 
 /// Stops an export's server thread (its frontend is hung up on, queues drained).
@@ -120,6 +144,8 @@ pub struct Daemon {
     /// Ids of the exports that came from the config file: a reload (SIGHUP) compares the file
     /// with these, and leaves exports added otherwise (--export, add-export) alone.
     from_file: Mutex<Vec<String>>,
+    /// The daemon-wide settings in force, for `dump-config`.
+    settings: Mutex<DaemonSettings>,
 }
 
 impl Daemon {
@@ -141,6 +167,7 @@ impl Daemon {
             next_id: AtomicUsize::new(0),
             resizing: Mutex::default(),
             from_file: Mutex::default(),
+            settings: Mutex::default(),
         })
     }
 
@@ -269,6 +296,18 @@ impl Daemon {
     }
 
     /// Remembers which running exports came from the config file (see `reload`).
+    pub fn set_settings(&self, settings: DaemonSettings) {
+        *self.settings.lock().unwrap_or_else(|p| p.into_inner()) = settings;
+    }
+
+    /// The running configuration (settings, named I/O threads, every export as it runs now)
+    /// as the TOML file `--config` reads.
+    pub fn dump_config(&self) -> String {
+        let settings = self.settings.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let exports: Vec<ExportConfig> = self.exports().iter().map(running_config).collect();
+        crate::config_file::render(&settings, &self.iothreads.named_configs(), &exports)
+    }
+
     pub fn set_from_file(&self, ids: Vec<String>) {
         *self.from_file.lock().unwrap_or_else(|p| p.into_inner()) = ids;
     }

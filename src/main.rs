@@ -10,7 +10,9 @@ use serde_json::{Map, Value};
 use tracing::level_filters::LevelFilter;
 
 use blkplane::config_file;
-use blkplane::control::{metrics, ClientFailure, ControlClient, ControlServer, COMMANDS};
+use blkplane::control::{
+    metrics, print_out, ClientFailure, ControlClient, ControlServer, COMMANDS,
+};
 use blkplane::daemon::{self, Daemon};
 use blkplane::engine::lock;
 use blkplane::export::ExportConfig;
@@ -120,7 +122,9 @@ enum Command {
     #[command(
         after_help = "Commands: list-exports, add-export KEY=VALUE..., remove-export id=ID [force=true], \
 resize id=ID size=BYTES, query-stats [id=ID], set-polling [id=ID|iothread=NAME] [mode=adaptive|always|never] [max-us=N], \
-list-iothreads, add-iothread id=NAME [cpus=LIST] [poll=MODE] [poll-max-us=N], remove-iothread id=NAME.\n\
+list-iothreads, add-iothread id=NAME [cpus=LIST] [poll=MODE] [poll-max-us=N], remove-iothread id=NAME, \
+dump-config (prints the running configuration as the TOML --config reads: keep runtime changes with \
+`blkplane ctl dump-config > /etc/blkplane/blkplane.toml`).\n\
 Values true/false and whole numbers are sent as JSON booleans and numbers, the rest as strings."
     )]
     Ctl {
@@ -347,6 +351,17 @@ fn serve(o: ServeOptions) -> ExitCode {
             Err(e) => usage_error(e),
         };
     }
+    daemon.set_settings(config_file::DaemonSettings {
+        control: control_path.clone(),
+        metrics: metrics_addr.clone(),
+        log_level: Some(level.to_string().to_lowercase()),
+        max_mapped_guest_memory: o
+            .max_mapped_guest_memory
+            .clone()
+            .or(file.max_mapped_guest_memory.clone()),
+        pool_threads: Some(pool_threads),
+        image_lock_wait_ms: Some(lock::lock_wait_ms()),
+    });
     match daemon.add_exports(file.exports) {
         Ok(infos) => {
             daemon.set_from_file(infos.into_iter().take(exports_from_file).map(|i| i.id).collect())
@@ -416,9 +431,10 @@ fn ctl(control: PathBuf, command: String, args: Vec<String>) -> ExitCode {
         let reply =
             client.call(&command, args).map_err(|e| ClientFailure::Failed(e.to_string()))?;
         match (reply.get("result"), reply.get("error")) {
+            // A text (dump-config's file) is printed as it is.
+            (Some(Value::String(text)), _) => print_out(text),
             (Some(result), _) => {
-                println!("{}", serde_json::to_string_pretty(result).unwrap_or_default());
-                Ok(())
+                print_out(&(serde_json::to_string_pretty(result).unwrap_or_default() + "\n"))
             }
             (_, Some(err)) => {
                 let code = err.get("code").and_then(Value::as_str).unwrap_or("error");
@@ -441,7 +457,7 @@ fn ctl(control: PathBuf, command: String, args: Vec<String>) -> ExitCode {
 /// The exit status of `ctl` and `stat`, with the failure on stderr.
 fn client_exit(result: Result<(), ClientFailure>) -> ExitCode {
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) | Err(ClientFailure::OutputClosed) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("blkplane: {e}");
             ExitCode::from(e.exit_code())

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::control::{ClientFailure, ControlClient};
+use crate::control::{print_out, ClientFailure, ControlClient};
 use crate::trace::BUCKET_BOUNDS_NS;
 
 /// A latency histogram as the daemon reports it: cumulative bucket counts and exact sum.
@@ -299,9 +299,9 @@ pub fn run(
         at = Instant::now();
         let v = view(&now, &before, seconds);
         if json {
-            println!("{}", serde_json::to_string(&v).unwrap_or_default());
+            print_out(&(serde_json::to_string(&v).unwrap_or_default() + "\n"))?;
         } else {
-            println!("{}", render(&v));
+            print_out(&(render(&v) + "\n"))?;
         }
         before = now.into_iter().collect();
         shown += 1;

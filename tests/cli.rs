@@ -350,6 +350,21 @@ fn ctl_and_stat_find_the_control_socket_without_control() {
             .unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}");
     }
+    // A reader that goes away (`stat | head -1`) ends stat quietly, no panic.
+    let mut child = Command::new(common::daemon_bin())
+        .args(["stat", "--interval", "0.05"])
+        .env("BLKPLANE_CONTROL", &control)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 6];
+    std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut first).unwrap();
+    assert_eq!(&first, b"export");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "");
     // The exit statuses are documented where users look.
     let out = Command::new(common::daemon_bin()).arg("--help").output().unwrap();
     let help = String::from_utf8_lossy(&out.stdout);

@@ -578,3 +578,100 @@ fn config_file_and_check_config() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bad.toml: unknown key 'colour'"), "{err}");
 }
+
+/// Runtime changes can be kept: `list-exports` gives each export's whole spec as it runs,
+/// and `ctl dump-config` prints a config file that starts the same daemon again.
+#[test]
+fn dump_config_keeps_runtime_changes() {
+    let dir = tmpdir();
+    let d = dir.path();
+    let image = d.join("disk.raw");
+    make_image(&image, 8 << 20, 7);
+    let ctl_path = d.join("ctl.sock");
+    let (sock_a, sock_b, sock_n) = (d.join("a.sock"), d.join("b,1.sock"), d.join("n.sock"));
+    let args = [
+        "--control".to_string(),
+        ctl_path.display().to_string(),
+        "--pool-threads".into(),
+        "1".into(),
+        "--image-lock-wait-ms".into(),
+        "700".into(),
+        "--export".into(),
+        format!(
+            "id=a,socket={},image={},queues=2,cache=writeback,discard=ignore,serial=s,,1",
+            sock_a.display(),
+            image.display()
+        ),
+    ];
+    let mut daemon = Daemon::start_with(d, &args, &[ctl_path.clone(), sock_a.clone()]);
+    let mut ctl = Ctl::connect(&ctl_path);
+    // Changes at run time: a named thread, exports on it and on threads of their own, a
+    // resize, a polling change.
+    ctl.ok("add-iothread", json!({"id": "io-1", "poll": "never"}));
+    ctl.ok(
+        "add-export",
+        json!({"id": "b", "socket": sock_b.to_str().unwrap(), "engine": "null", "size": "1M", "iothread": "io-1", "readonly": true}),
+    );
+    ctl.ok(
+        "add-export",
+        json!({"id": "n", "socket": sock_n.to_str().unwrap(), "engine": "null", "size": "1M", "iothread": "dedicated"}),
+    );
+    ctl.ok("resize", json!({"id": "n", "size": "2M"}));
+    ctl.ok("set-polling", json!({"id": "n", "mode": "always", "max-us": 10}));
+    let before = ctl.ok("list-exports", json!({}));
+    let a = &before[0]["spec"];
+    assert_eq!(a["image"], image.to_str().unwrap());
+    assert_eq!((a["queues"].as_u64(), a["cache"].as_str()), (Some(2), Some("writeback")));
+    assert_eq!((a["discard"].as_str(), a["serial"].as_str()), (Some("ignore"), Some("s,1")));
+    assert_eq!(a["readonly"], false);
+    let n = &before[2]["spec"];
+    assert_eq!(
+        (n["size"].as_u64(), n["poll"].as_str(), n["poll-max-us"].as_u64()),
+        (Some(2 << 20), Some("always"), Some(10))
+    );
+
+    let out = Command::new(BIN)
+        .args(["ctl", "--control"])
+        .arg(&ctl_path)
+        .arg("dump-config")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("[[iothread]]\nid = \"io-1\"\npoll = \"never\""), "{text}");
+    assert!(
+        text.contains("image-lock-wait-ms = 700\n") && text.contains("pool-threads = 1\n"),
+        "{text}"
+    );
+    let cfg = d.join("dumped.toml");
+    std::fs::write(&cfg, &text).unwrap();
+    drop(ctl);
+    assert!(daemon.stop().success());
+
+    // The dumped file is a valid configuration, and starts the same exports and threads.
+    let out =
+        Command::new(BIN).args(["serve", "--check-config", "--config"]).arg(&cfg).output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "configuration OK: 3 export(s)\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _again = Daemon::start_with(
+        d,
+        &["--config".into(), cfg.display().to_string()],
+        &[ctl_path.clone(), sock_a, sock_b, sock_n.clone()],
+    );
+    let mut ctl = Ctl::connect(&ctl_path);
+    let after = ctl.ok("list-exports", json!({}));
+    let specs = |list: &Value| {
+        list.as_array().unwrap().iter().map(|e| e["spec"].clone()).collect::<Vec<_>>()
+    };
+    assert_eq!(specs(&after), specs(&before));
+    let threads = ctl.ok("list-iothreads", json!({}));
+    let io1 = threads.as_array().unwrap().iter().find(|t| t["id"] == "io-1").unwrap();
+    assert_eq!(io1["poll"], "never");
+    // The resized export comes back at its new size.
+    let c = Client::connect(&sock_n, 1);
+    assert_eq!(c.capacity(), 2 << 20);
+}

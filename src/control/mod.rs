@@ -8,7 +8,8 @@
 //!
 //! Commands: list-exports, add-export (the keys of --export), remove-export (id, force),
 //! resize (id, size), query-stats (id), set-polling (id or iothread, mode, max-us),
-//! list-iothreads, add-iothread (the keys of --iothread), remove-iothread (id). A bad request gets an
+//! list-iothreads, add-iothread (the keys of --iothread), remove-iothread (id), dump-config
+//! (the running configuration as a TOML config file, in a string). A bad request gets an
 //! error reply naming the problem; the connection stays open and nothing changes.
 
 pub mod metrics;
@@ -40,7 +41,7 @@ pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60)
 const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub const COMMANDS: &str = "list-exports, add-export, remove-export, resize, query-stats, \
-set-polling, list-iothreads, add-iothread, remove-iothread";
+set-polling, list-iothreads, add-iothread, remove-iothread, dump-config";
 
 /// The control socket's listener.
 pub struct ControlServer {
@@ -300,6 +301,10 @@ fn run_command(
             }
             daemon.set_polling(id, iothread, mode, max_us)
         }
+        "dump-config" => {
+            only_keys(command, args, &[])?;
+            Ok(Value::String(daemon.dump_config()))
+        }
         "list-iothreads" => {
             only_keys(command, args, &[])?;
             to_json(daemon.list_iothreads())
@@ -362,6 +367,8 @@ pub enum ClientFailure {
     Unreachable(String),
     /// The daemon refused the request, or the connection broke.
     Failed(String),
+    /// Whoever read our output stopped (`stat | head`): a normal end, said nothing of.
+    OutputClosed,
 }
 
 impl ClientFailure {
@@ -371,6 +378,7 @@ impl ClientFailure {
         match self {
             ClientFailure::Unreachable(_) => 3,
             ClientFailure::Failed(_) => 1,
+            ClientFailure::OutputClosed => 0,
         }
     }
 }
@@ -379,8 +387,19 @@ impl std::fmt::Display for ClientFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ClientFailure::Unreachable(m) | ClientFailure::Failed(m) => f.write_str(m),
+            ClientFailure::OutputClosed => f.write_str("stdout closed"),
         }
     }
+}
+
+/// Prints to stdout for `ctl` and `stat`; a closed stdout (`| head`) is an error to end
+/// with, not a panic.
+pub fn print_out(text: &str) -> Result<(), ClientFailure> {
+    let mut out = io::stdout().lock();
+    out.write_all(text.as_bytes()).and_then(|()| out.flush()).map_err(|e| match e.kind() {
+        io::ErrorKind::BrokenPipe => ClientFailure::OutputClosed,
+        _ => ClientFailure::Failed(format!("writing to stdout: {e}")),
+    })
 }
 
 impl ControlClient {

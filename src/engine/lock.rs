@@ -72,6 +72,10 @@ pub fn set_lock_wait_ms(ms: u64) {
     LOCK_WAIT_MS.store(ms.min(MAX_LOCK_WAIT_MS), Ordering::Relaxed);
 }
 
+pub fn lock_wait_ms() -> u64 {
+    LOCK_WAIT_MS.load(Ordering::Relaxed)
+}
+
 /// Takes the locks of an export on `file`. A writable export holds read, write and resize and
 /// shares only reading; a read-only one holds read and shares neither write nor resize.
 /// `force_share`: share everything and check nothing (another writer may then change the

@@ -30,6 +30,20 @@ pub struct IoThreadConfig {
     pub poll: PollPolicy,
 }
 
+impl IoThreadConfig {
+    /// Every key with its value, as the config file writes them (see `ExportConfig::to_pairs`).
+    pub fn to_pairs(&self) -> Vec<(&'static str, crate::export::SpecValue)> {
+        use crate::export::SpecValue::{Int, Str};
+        let mut pairs = vec![("id", Str(self.id.clone()))];
+        if !self.cpus.is_empty() {
+            pairs.push(("cpus", Str(crate::export::format_cpu_list(&self.cpus))));
+        }
+        pairs.push(("poll", Str(self.poll.mode.to_string())));
+        pairs.push(("poll-max-us", Int(self.poll.max_us.into())));
+        pairs
+    }
+}
+
 /// The keys of an `--iothread` spec.
 pub const IOTHREAD_KEYS: &[&str] = &["id", "cpus", "poll", "poll-max-us"];
 
@@ -227,6 +241,16 @@ impl IoThreads {
         let mut all: Vec<_> = self.pool.iter().map(|t| info_of(t, "pool")).collect();
         all.extend(self.named().values().map(|t| info_of(t, "named")));
         all
+    }
+
+    /// The named threads as `--iothread` would make them now (settings changed at run time
+    /// included): for `dump-config`.
+    pub fn named_configs(&self) -> Vec<IoThreadConfig> {
+        let named = self.named();
+        named
+            .values()
+            .map(|t| IoThreadConfig { id: t.id.clone(), cpus: t.cpus.clone(), poll: t.poll.get() })
+            .collect()
     }
 
     /// Where an export's queues go. Errors name the unknown thread.
