@@ -35,6 +35,7 @@ pub struct ConfigFile {
     pub control: Option<PathBuf>,
     pub metrics: Option<String>,
     pub log_level: Option<String>,
+    pub log_format: Option<String>,
     pub max_mapped_guest_memory: Option<String>,
     pub iothreads: Vec<IoThreadConfig>,
     pub pool_threads: Option<usize>,
@@ -49,6 +50,7 @@ pub struct DaemonSettings {
     pub control: Option<PathBuf>,
     pub metrics: Option<String>,
     pub log_level: Option<String>,
+    pub log_format: Option<String>,
     pub max_mapped_guest_memory: Option<String>,
     pub pool_threads: Option<usize>,
     pub image_lock_wait_ms: Option<u64>,
@@ -74,6 +76,7 @@ pub fn render(
     put("control", settings.control.as_ref().map(|p| string(&p.display().to_string())));
     put("metrics", settings.metrics.as_deref().map(string));
     put("log-level", settings.log_level.as_deref().map(string));
+    put("log-format", settings.log_format.as_deref().map(string));
     put("max-mapped-guest-memory", settings.max_mapped_guest_memory.as_deref().map(string));
     put("pool-threads", settings.pool_threads.map(|n| SpecValue::Int(n as u64).to_toml()));
     put("image-lock-wait-ms", settings.image_lock_wait_ms.map(|n| SpecValue::Int(n).to_toml()));
@@ -103,6 +106,7 @@ pub fn parse(text: &str) -> Result<ConfigFile, String> {
             "control" => cfg.control = Some(PathBuf::from(string(key, value)?)),
             "metrics" => cfg.metrics = Some(string(key, value)?),
             "log-level" => cfg.log_level = Some(string(key, value)?),
+            "log-format" => cfg.log_format = Some(string(key, value)?),
             "max-mapped-guest-memory" => cfg.max_mapped_guest_memory = Some(string(key, value)?),
             "image-lock-wait-ms" => {
                 let ms = value.as_integer().and_then(|n| u64::try_from(n).ok());
@@ -140,7 +144,7 @@ pub fn parse(text: &str) -> Result<ConfigFile, String> {
             }
             other => {
                 return Err(format!(
-                    "unknown key '{other}' (keys: control, metrics, log-level, max-mapped-guest-memory, pool-threads, image-lock-wait-ms, iothread, export)"
+                    "unknown key '{other}' (keys: control, metrics, log-level, log-format, max-mapped-guest-memory, pool-threads, image-lock-wait-ms, iothread, export)"
                 ))
             }
         }
@@ -210,7 +214,7 @@ mod tests {
     fn errors_name_the_problem() {
         assert_eq!(
             parse("colour = 1").unwrap_err(),
-            "unknown key 'colour' (keys: control, metrics, log-level, max-mapped-guest-memory, pool-threads, image-lock-wait-ms, iothread, export)"
+            "unknown key 'colour' (keys: control, metrics, log-level, log-format, max-mapped-guest-memory, pool-threads, image-lock-wait-ms, iothread, export)"
         );
         assert_eq!(parse("control = 5").unwrap_err(), "'control' must be a string");
         assert!(parse("[[export]]\nsocket = \"/s\"\nqueues = 0")

@@ -188,7 +188,7 @@ impl Daemon {
         let started = result?;
         let mut infos = Vec::with_capacity(started.len());
         for export in started {
-            info!(export = %export.id, socket = %export.config.socket.display(), "export added");
+            info!(parent: &export.server.disk().span, "export added");
             infos.push(info_of(&export));
             exports.push(export);
         }
@@ -246,12 +246,13 @@ impl Daemon {
         named: &[(String, ExportConfig)],
     ) -> Result<Vec<Export>, ControlError> {
         let mut disks = Vec::with_capacity(named.len());
-        for (_, c) in named {
+        for (id, c) in named {
             let placement = self.iothreads.placement(&c.iothread).map_err(|e| {
                 ControlError::new("not-found", format!("iothread={}: {e}", c.iothread))
             })?;
+            let c = ExportConfig { id: Some(id.clone()), ..c.clone() };
             disks.push(
-                Disk::open(c, placement)
+                Disk::open(&c, placement)
                     .map_err(|e| ControlError::new("open-failed", e.to_string()))?,
             );
         }
@@ -401,8 +402,9 @@ impl Daemon {
             }
             exports.remove(pos)
         };
+        let span = export.server.disk().span.clone();
         stop_export(&mut export);
-        info!(export = %id, "export removed");
+        info!(parent: &span, "export removed");
         crate::service::status(self.list().len());
         Ok(())
     }
@@ -422,7 +424,7 @@ impl Daemon {
                 format!("resized, but the client was not told: {e}"),
             ));
         }
-        info!(export = %id, size_bytes, "export resized");
+        info!(parent: &server.disk().span, size_bytes, "export resized");
         self.with_export(id, info_of)
     }
 

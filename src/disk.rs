@@ -24,8 +24,12 @@ pub const MAX_NULL_BYTES: u64 = 1 << 60;
 
 /// The disk behind an export, as its threads share it.
 pub struct Disk {
-    /// For log lines: the export's socket path.
+    /// The export's id (its socket path where it has none, in unit tests).
     pub name: String,
+    /// The export's identity in every log line it causes, whichever thread logs it:
+    /// `export{export=ID socket=PATH}` (an error-level span, so that it exists whenever
+    /// anything is logged). Events name it as their parent; nothing enters it on the data path.
+    pub span: tracing::Span,
     pub backing: Option<Backing>,
     pub engine: EngineKind,
     pub cache: CacheMode,
@@ -70,6 +74,11 @@ impl Disk {
     /// Opens the backing of `config`, to be served on the threads `placement` gives. Creates
     /// and truncates nothing.
     pub fn open(config: &ExportConfig, placement: Placement) -> Result<Disk, OpenError> {
+        let export_id = config.id.clone().unwrap_or_else(|| config.socket.display().to_string());
+        let span =
+            tracing::error_span!("export", export = %export_id, socket = %config.socket.display());
+        // The image lock's waiting is logged from here.
+        let _in_span = span.enter();
         let (backing, engine, capacity, logical, physical) = match &config.backend {
             BackendSpec::Image(path) => {
                 let b = Backing::open(
@@ -137,7 +146,8 @@ impl Disk {
         serial[..config.serial.len()].copy_from_slice(config.serial.as_bytes());
         let has_write_lock = backing.is_some() && !config.readonly && !config.force_share;
         Ok(Disk {
-            name: config.socket.display().to_string(),
+            name: export_id,
+            span: span.clone(),
             backing,
             engine,
             cache: config.cache,
@@ -173,7 +183,7 @@ impl Disk {
         if !*active {
             lock::lock_image(&backing.file, false, false)?;
             *active = true;
-            info!(export = %self.name, "took the image's write permission");
+            info!(parent: &self.span, "took the image's write permission");
         }
         Ok(())
     }
@@ -187,10 +197,10 @@ impl Disk {
             match lock::lock_inactive(&backing.file) {
                 Ok(()) => {
                     *active = false;
-                    info!(export = %self.name, "gave up the image's write permission (migration switch-over)");
+                    info!(parent: &self.span, "gave up the image's write permission (migration switch-over)");
                 }
                 Err(e) => {
-                    warn!(export = %self.name, "cannot give up the image's write permission: {e}")
+                    warn!(parent: &self.span, "cannot give up the image's write permission: {e}")
                 }
             }
         }
@@ -301,7 +311,7 @@ impl Disk {
         stats.counters.flush_errors.add(1);
         if !self.flush_failed.swap(true, Ordering::AcqRel) {
             tracing::error!(
-                export = %self.name,
+                parent: &self.span,
                 "flush failed: {}; written data may be lost, so every later flush fails until the export is removed and added again",
                 std::io::Error::from_raw_os_error(errno)
             );

@@ -16,6 +16,7 @@ pub mod engine;
 pub mod export;
 pub mod iothread;
 pub mod listener;
+pub mod logging;
 pub mod ratelimit;
 pub mod service;
 pub mod stat;

@@ -199,6 +199,10 @@ struct ServeOptions {
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL")]
     log_level: Option<LevelFilter>,
+    /// Log lines as text (default) or JSON objects, on stderr. Under systemd (stderr is the
+    /// journal) each line also carries its priority, so journalctl -p works.
+    #[arg(long, value_name = "FORMAT")]
+    log_format: Option<blkplane::logging::LogFormat>,
     /// A named I/O thread: id=NAME[,cpus=LIST][,poll=MODE][,poll-max-us=N]. Exports put
     /// their queues on it with iothread=NAME. cpus= is the thread's affinity (`,,` between
     /// CPUs: cpus=0,,2); poll= and poll-max-us= as for an export.
@@ -261,11 +265,15 @@ fn serve(o: ServeOptions) -> ExitCode {
     };
     // --check-config prints its verdict and nothing else.
     let level = if o.check_config { LevelFilter::OFF } else { level };
-    tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+    let log_format = match (o.log_format, file.log_format.as_deref()) {
+        (Some(f), _) => f,
+        (None, Some(text)) => match text.parse() {
+            Ok(f) => f,
+            Err(e) => return usage_error(e),
+        },
+        (None, None) => blkplane::logging::LogFormat::Text,
+    };
+    blkplane::logging::init(level, log_format, blkplane::logging::stderr_is_journal());
     let exports_from_file = file.exports.len();
     for spec in &o.exports {
         match ExportConfig::parse(spec) {
@@ -355,6 +363,7 @@ fn serve(o: ServeOptions) -> ExitCode {
         control: control_path.clone(),
         metrics: metrics_addr.clone(),
         log_level: Some(level.to_string().to_lowercase()),
+        log_format: Some(format!("{log_format:?}").to_lowercase()),
         max_mapped_guest_memory: o
             .max_mapped_guest_memory
             .clone()

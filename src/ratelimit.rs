@@ -61,6 +61,16 @@ impl Default for RateLimiter {
 #[doc(hidden)]
 #[macro_export]
 macro_rules! log_limited {
+    // An export's lines name it through its span (`Disk::span`).
+    ($level:expr, $limiter:expr, parent: $parent:expr, $($arg:tt)+) => {
+        if let $crate::ratelimit::Verdict::Log { suppressed } = $limiter.check() {
+            if suppressed > 0 {
+                tracing::event!(parent: $parent, $level, suppressed, $($arg)+);
+            } else {
+                tracing::event!(parent: $parent, $level, $($arg)+);
+            }
+        }
+    };
     ($level:expr, $limiter:expr, $($arg:tt)+) => {
         if let $crate::ratelimit::Verdict::Log { suppressed } = $limiter.check() {
             if suppressed > 0 {

@@ -259,3 +259,123 @@ fn no_thread_can_take_the_handled_signals() {
     }
     assert!(checked >= 3, "only {checked} threads besides the main one");
 }
+
+/// Every line an export causes names it (`export=ID`, the socket its own field), from the
+/// export's own thread and from the shared I/O thread alike; `--log-format json` gives one
+/// JSON object per line with the export in its span.
+#[test]
+fn log_lines_name_their_export_in_text_and_json() {
+    for format in ["text", "json"] {
+        let dir = tmpdir();
+        let (a, b) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
+        let args = [
+            "--log-format".to_string(),
+            format.into(),
+            "--export".into(),
+            format!("id=disk-a,socket={},engine=null,size=1M", a.display()),
+            "--export".into(),
+            format!("id=disk-b,socket={},engine=null,size=1M", b.display()),
+        ];
+        let mut daemon = common::Daemon::start_with(dir.path(), &args, &[a.clone(), b.clone()]);
+        // A read past the end of disk-a: the I/O thread logs the failure.
+        let mut fe = common::frontend::TestFrontend::connect(&a, 1, 64, 0);
+        assert_eq!(fe.request(0, common::frontend::T_IN, 1 << 11, &[], 512).0.status, 1);
+        drop(fe);
+        assert!(daemon.stop().success());
+        let log = daemon.log();
+        let failed = log
+            .lines()
+            .find(|l| l.contains("request failed"))
+            .unwrap_or_else(|| panic!("no failure logged:\n{log}"));
+        let added_b = log
+            .lines()
+            .find(|l| l.contains("export added") && l.contains("disk-b"))
+            .unwrap_or_else(|| panic!("no line for disk-b:\n{log}"));
+        if format == "text" {
+            let a_span = format!("export{{export=disk-a socket={}}}", a.display());
+            assert!(failed.contains(&a_span), "{failed}");
+            assert!(added_b.contains(&format!("export{{export=disk-b socket={}}}", b.display())));
+            assert!(log.lines().any(|l| l.contains(&a_span) && l.ends_with("frontend connected")));
+        } else {
+            for line in log.lines() {
+                let v: serde_json::Value =
+                    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+                assert!(v["level"].is_string() && v["fields"]["message"].is_string(), "{line}");
+            }
+            let v: serde_json::Value = serde_json::from_str(failed).unwrap();
+            assert_eq!(v["level"], "WARN");
+            assert_eq!(v["span"]["export"], "disk-a", "{failed}");
+            assert_eq!(v["span"]["socket"], a.display().to_string(), "{failed}");
+            assert_eq!(v["fields"]["queue"], 0, "{failed}");
+        }
+    }
+    // A format the daemon does not have is a usage error.
+    let out = Command::new(common::daemon_bin())
+        .args([
+            "serve",
+            "--log-format",
+            "xml",
+            "--export",
+            "socket=/tmp/x.sock,engine=null,size=1M",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("invalid value 'xml' for '--log-format <FORMAT>'"), "{err}");
+}
+
+/// Under systemd (stderr is the stream `JOURNAL_STREAM` names) every line starts with its
+/// syslog priority, which journald keeps as the entry's priority; no timestamp (the journal
+/// has its own). The test plays journald with a socket pair of its own.
+#[test]
+fn under_journald_lines_carry_their_priority() {
+    use std::io::{BufRead, BufReader};
+    use std::os::fd::OwnedFd;
+    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::net::UnixStream;
+    let dir = tmpdir();
+    let sock = dir.path().join("a.sock");
+    let (journal, daemon_end) = UnixStream::pair().unwrap();
+    let meta = std::fs::metadata(format!("/proc/self/fd/{}", {
+        use std::os::fd::AsRawFd;
+        daemon_end.as_raw_fd()
+    }))
+    .unwrap();
+    let mut child = Command::new(common::daemon_bin())
+        .args(["serve", "--export"])
+        .arg(format!("id=j,socket={},engine=null,size=1M", sock.display()))
+        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        .stderr(Stdio::from(OwnedFd::from(daemon_end)))
+        .spawn()
+        .unwrap();
+    journal.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut lines = BufReader::new(journal);
+    let mut line = String::new();
+    lines.read_line(&mut line).unwrap();
+    let prefix = format!(
+        "<6> INFO export{{export=j socket={}}}: blkplane::daemon: export added",
+        sock.display()
+    );
+    assert_eq!(line.trim_end(), prefix);
+    // A warning: a client that speaks nonsense.
+    common::wait_until("the socket", Duration::from_secs(10), || sock.exists());
+    let mut s = UnixStream::connect(&sock).unwrap();
+    std::io::Write::write_all(&mut s, &[0xff; 64]).unwrap();
+    drop(s);
+    let mut warned = false;
+    for _ in 0..10 {
+        line.clear();
+        if lines.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        assert!(line.starts_with('<'), "no priority: {line}");
+        if line.starts_with("<4> WARN export{export=j") {
+            warned = true;
+            break;
+        }
+    }
+    assert!(warned, "no warning with priority 4");
+    common::signal(child.id() as i32, libc::SIGTERM);
+    assert!(child.wait().unwrap().success());
+}

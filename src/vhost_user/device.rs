@@ -93,7 +93,7 @@ impl BlkDevice {
     }
 
     fn memory_error(&mut self, e: MemoryError) -> Error {
-        warn_limited!(self.log(), export = %self.disk.name, "refused a memory region: {e}");
+        warn_limited!(self.log(), parent: &self.disk.span, "refused a memory region: {e}");
         handler_error(e)
     }
 
@@ -116,7 +116,7 @@ impl BlkDevice {
         match fd.map(checked_eventfd).transpose() {
             Ok(fd) => Ok(fd),
             Err(e) => {
-                warn_limited!(self.log(), export = %self.disk.name, queue = index, "refused the {what} descriptor: {e}");
+                warn_limited!(self.log(), parent: &self.disk.span, queue = index, "refused the {what} descriptor: {e}");
                 Err(handler_error(format!("{what} descriptor: {e}")))
             }
         }
@@ -142,7 +142,7 @@ impl BlkDevice {
     }
 
     fn inflight_error(&mut self, e: InflightError) -> Error {
-        warn_limited!(self.log(), export = %self.disk.name, "{e}");
+        warn_limited!(self.log(), parent: &self.disk.span, "{e}");
         handler_error(e)
     }
 
@@ -187,7 +187,7 @@ impl BlkDevice {
         let log = self.queue_log(index)?;
         // A migration's destination takes the image's write permission as its guest arrives.
         if let Err(e) = self.disk.activate() {
-            warn_limited!(self.log(), export = %self.disk.name, queue = index, "cannot start the ring: {e}");
+            warn_limited!(self.log(), parent: &self.disk.span, queue = index, "cannot start the ring: {e}");
             return Err(handler_error(e));
         }
         let clone = |f: &Option<File>| f.as_ref().map(File::try_clone).transpose();
@@ -212,7 +212,7 @@ impl BlkDevice {
                 Ok(())
             }
             Err(e) => {
-                warn_limited!(self.log(), export = %self.disk.name, queue = index, "cannot start queue: {e}");
+                warn_limited!(self.log(), parent: &self.disk.span, queue = index, "cannot start queue: {e}");
                 Err(Error::ReqHandlerError(e))
             }
         }
@@ -242,7 +242,7 @@ impl BlkDevice {
             },
         };
         if let Some(problem) = problem {
-            warn_limited!(self.log(), export = %self.disk.name, queue = index, "{problem}");
+            warn_limited!(self.log(), parent: &self.disk.span, queue = index, "{problem}");
             return Err(handler_error(problem));
         }
         let log = self
@@ -336,13 +336,13 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
     fn set_features(&mut self, features: u64) -> Result<()> {
         let unknown = features & !self.disk.features();
         if unknown != 0 {
-            warn_limited!(self.log(), export = %self.disk.name, "frontend acked features we did not offer: {unknown:#x}");
+            warn_limited!(self.log(), parent: &self.disk.span, "frontend acked features we did not offer: {unknown:#x}");
             return Err(Error::InvalidParam);
         }
         let logging = features & feature::VHOST_LOG_ALL;
         if logging != self.acked_features & feature::VHOST_LOG_ALL {
             let state = if logging != 0 { "on (live migration)" } else { "off" };
-            info!(export = %self.disk.name, "dirty logging {state}");
+            info!(parent: &self.disk.span, "dirty logging {state}");
         }
         self.acked_features = features;
         self.apply_running()
@@ -376,7 +376,7 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
     fn set_vring_num(&mut self, index: u32, num: u32) -> Result<()> {
         let max = u32::from(self.disk.max_queue_size);
         if num == 0 || num > max || !num.is_power_of_two() {
-            warn_limited!(self.log(), export = %self.disk.name, "vring size {num} refused (power of two up to {max})");
+            warn_limited!(self.log(), parent: &self.disk.span, "vring size {num} refused (power of two up to {max})");
             return Err(Error::InvalidParam);
         }
         self.vring(index)?;
@@ -424,8 +424,9 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         // The ring is stopped until the frontend sends a new kick.
         v.kick_set = false;
         v.kick = None;
-        debug!(export = %self.disk.name, queue = index, base = v.next_avail, "ring stopped");
-        let state = VhostUserVringState::new(index, u32::from(v.next_avail));
+        let base = v.next_avail;
+        let state = VhostUserVringState::new(index, u32::from(base));
+        debug!(parent: &self.disk.span, queue = index, base, "ring stopped");
         // Every ring stopped while the frontend logs dirty pages: the migration's switch-over.
         // The destination may now take the image; ours comes back if a ring restarts here.
         if self.acked_features & feature::VHOST_LOG_ALL != 0
@@ -630,11 +631,11 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         let dirty = match mapped {
             Ok(d) if d.covers(self.memory.gpa_end()) => d,
             Ok(d) => {
-                warn_limited!(self.log(), export = %self.disk.name, "closing the connection: the dirty log ({} bytes) does not cover guest memory up to {:#x}", d.bytes(), self.memory.gpa_end());
+                warn_limited!(self.log(), parent: &self.disk.span, "closing the connection: the dirty log ({} bytes) does not cover guest memory up to {:#x}", d.bytes(), self.memory.gpa_end());
                 return Err(Error::InvalidMessage);
             }
             Err(e) => {
-                warn_limited!(self.log(), export = %self.disk.name, "closing the connection: dirty log: {e}");
+                warn_limited!(self.log(), parent: &self.disk.span, "closing the connection: dirty log: {e}");
                 return Err(Error::InvalidMessage);
             }
         };

@@ -153,7 +153,7 @@ impl ExportServer {
 
     /// Serves frontends one after another until `shutdown`.
     pub fn run(&self) {
-        info!(export = %self.disk.name, "listening");
+        info!(parent: &self.disk.span, "listening");
         while let Some(stream) = self.accept() {
             self.serve(stream);
         }
@@ -172,7 +172,7 @@ impl ExportServer {
         loop {
             match self.listener.accept()? {
                 Ok(stream) => return Some(stream),
-                Err(e) => warn_limited!(self.log(), export = %self.disk.name, "accept: {e}"),
+                Err(e) => warn_limited!(self.log(), parent: &self.disk.span, "accept: {e}"),
             }
         }
     }
@@ -190,7 +190,7 @@ impl ExportServer {
         if self.listener.is_stopped() {
             return;
         }
-        info_limited!(self.connections_log(), export = %self.disk.name, "frontend connected");
+        info_limited!(self.connections_log(), parent: &self.disk.span, "frontend connected");
         let Ok(hangup) = stream.try_clone() else { return };
         let hangup = Arc::new(std::os::fd::OwnedFd::from(hangup));
         let device = Arc::new(Mutex::new(BlkDevice::new(
@@ -205,7 +205,7 @@ impl ExportServer {
             match backend_channel::peek_header(&peek) {
                 Ok(None) => break,
                 Err(e) => {
-                    warn_limited!(self.log(), export = %self.disk.name, "closing the connection: {e}");
+                    warn_limited!(self.log(), parent: &self.disk.span, "closing the connection: {e}");
                     break;
                 }
                 Ok(Some(h)) if h.request == backend_channel::SET_BACKEND_REQ_FD => {
@@ -216,7 +216,7 @@ impl ExportServer {
                                 Some(channel);
                         }
                         Err(e) => {
-                            warn_limited!(self.log(), export = %self.disk.name, "closing the connection: bad SET_BACKEND_REQ_FD: {e}");
+                            warn_limited!(self.log(), parent: &self.disk.span, "closing the connection: bad SET_BACKEND_REQ_FD: {e}");
                             break;
                         }
                     }
@@ -228,25 +228,25 @@ impl ExportServer {
                 Ok(()) => {}
                 Err(e) if ends_connection(&e) => {
                     if !matches!(e, VhostError::Disconnected | VhostError::PartialMessage) {
-                        warn_limited!(self.log(), export = %self.disk.name, "closing the connection: {e}");
+                        warn_limited!(self.log(), parent: &self.disk.span, "closing the connection: {e}");
                     }
                     break;
                 }
                 Err(e) => {
-                    warn_limited!(self.log(), export = %self.disk.name, "refused a request: {e}");
+                    warn_limited!(self.log(), parent: &self.disk.span, "refused a request: {e}");
                 }
             }
         }
         // Queues stop after their in-flight requests complete.
         let mut device = device.lock().unwrap_or_else(|p| p.into_inner());
         if device.memory_faulted() {
-            warn_limited!(self.log(), export = %self.disk.name, "closing the connection: the frontend's guest memory file shrank under a mapped region (truncated); its pages now read as zeroes and nothing more is served to it");
+            warn_limited!(self.log(), parent: &self.disk.span, "closing the connection: the frontend's guest memory file shrank under a mapped region (truncated); its pages now read as zeroes and nothing more is served to it");
         }
         device.stop_all();
         drop(device);
         *self.backend_channel.lock().unwrap_or_else(|p| p.into_inner()) = None;
         *self.connection.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        info_limited!(self.connections_log(), export = %self.disk.name, "frontend disconnected");
+        info_limited!(self.connections_log(), parent: &self.disk.span, "frontend disconnected");
     }
 
     /// Asks `run` to return: wakes the accept loop and hangs up on the frontend.

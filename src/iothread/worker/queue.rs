@@ -121,7 +121,7 @@ pub(crate) fn start<E: Engine + 'static>(
                 let resume = queue.used_index().wrapping_add(resubmit.len() as u16);
                 if !resubmit.is_empty() || found.batch_fixed > 0 || resume != setup.next_avail {
                     info!(
-                        export = %disk.name,
+                        parent: &disk.span,
                         queue = setup.index,
                         resubmit = resubmit.len(),
                         batch_fixed = found.batch_fixed,
@@ -150,7 +150,7 @@ pub(crate) fn start<E: Engine + 'static>(
     // Kicks stay off while the thread is awake: it looks at the ring itself.
     worker.core.queue.disable_notifications();
     worker.core.log_used_ring();
-    debug!(export = %worker.core.disk.name, queue = worker.core.index, "queue started");
+    debug!(parent: &worker.core.disk.span, queue = worker.core.index, "queue started");
     Ok(Box::new(worker))
 }
 
@@ -264,7 +264,7 @@ impl<E: Engine> Served for QueueWorker<E> {
     fn submit(&mut self) {
         let core = &mut self.core;
         if let Err(e) = self.engine.submit() {
-            warn_limited!(core.log, export = %core.disk.name, queue = core.index, "engine submit: {e}");
+            warn_limited!(core.log, parent: &core.disk.span, queue = core.index, "engine submit: {e}");
         }
         core.sampler.submitted();
     }
@@ -342,7 +342,7 @@ impl<E: Engine> Served for QueueWorker<E> {
         let core = &mut self.core;
         core.sampler.merge(&core.stats.histograms);
         core.stats.counters.in_flight.set(0);
-        debug!(export = %core.disk.name, queue = core.index, "queue stopped");
+        debug!(parent: &core.disk.span, queue = core.index, "queue stopped");
         core.queue.next_avail()
     }
 
@@ -459,7 +459,7 @@ impl Core {
             .map(|k| format!("{} {}", done.kinds[*k as usize], k.name()))
             .collect();
         info!(
-            export = %self.disk.name,
+            parent: &self.disk.span,
             queue = self.index,
             "resubmitted {} requests left in flight by the last daemon: {}",
             done.heads.len(),
@@ -617,6 +617,7 @@ impl Core {
             self.bounce_bytes -= slot.bounce.iovs()[0].len();
             slot.bounce.shrink(align::BOUNCE_KEEP_BYTES);
         }
+        let (span, index, head) = (&self.disk.span, self.index, slot.head);
         let used_len = match (&result, slot.status) {
             (Ok(n), Some(status_byte)) => {
                 status_byte.write_u8(status::OK);
@@ -624,11 +625,11 @@ impl Core {
             }
             (Err(e), Some(status_byte)) => {
                 status_byte.write_u8(e.status());
-                warn_limited!(self.log, export = %self.disk.name, queue = self.index, head = slot.head, "request failed: {e}");
+                warn_limited!(self.log, parent: span, queue = index, head, "request failed: {e}");
                 1
             }
             (_, None) => {
-                warn_limited!(self.log, export = %self.disk.name, queue = self.index, head = slot.head, "request without a status byte returned unanswered");
+                warn_limited!(self.log, parent: span, queue = index, head, "request without a status byte returned unanswered");
                 0
             }
         };
@@ -710,7 +711,7 @@ impl Core {
 
     fn break_queue(&mut self, e: QueueError) {
         if !self.broken {
-            error!(export = %self.disk.name, queue = self.index, "queue broken by the guest: {e}; it serves nothing more until reset");
+            error!(parent: &self.disk.span, queue = self.index, "queue broken by the guest: {e}; it serves nothing more until reset");
         }
         self.broken = true;
         if let Some(err) = self.err.as_mut() {
