@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use serde_json::{Map, Value};
 use tracing::level_filters::LevelFilter;
 
@@ -164,6 +164,19 @@ aio=io_uring, cache.direct=on, an iothread), blkplane (defaults), and the null b
 qsd-null and blkplane-null (pure software cost)."
     )]
     Bench(Box<blkplane::bench::BenchArgs>),
+    /// Print the completion script of a shell (bash, zsh, fish, elvish, powershell).
+    #[command(
+        after_help = "Example:\n  blkplane completions bash > /usr/share/bash-completion/completions/blkplane"
+    )]
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages (blkplane.1, and blkplane-serve.1 and so on for the subcommands)
+    /// into a directory.
+    #[command(after_help = "Example:\n  blkplane manpages --dir /usr/share/man/man1")]
+    Manpages {
+        /// Where to write them (created if missing).
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        dir: PathBuf,
+    },
     /// One tenant's client of `bench --tenants` (run by the benchmark, not by people).
     #[command(hide = true)]
     BenchClient(blkplane::bench::tenants::ClientArgs),
@@ -474,6 +487,28 @@ fn client_exit(result: Result<(), ClientFailure>) -> ExitCode {
     }
 }
 
+/// Renders blkplane.1 and a page per visible subcommand (blkplane-serve.1, ...) into `dir`
+/// from the clap definitions. Returns the files written.
+fn write_manpages(dir: &std::path::Path) -> std::io::Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir)?;
+    let cmd = Cli::command();
+    let mut pages = vec![("blkplane".to_string(), cmd.clone())];
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("blkplane-{}", sub.get_name());
+        let version = cmd.get_version().unwrap_or_default().to_string();
+        pages.push((name.clone(), sub.clone().name(name).version(version)));
+    }
+    let mut written = Vec::new();
+    for (name, page) in pages {
+        let path = dir.join(format!("{name}.1"));
+        let mut out = Vec::new();
+        clap_mangen::Man::new(page).render(&mut out)?;
+        std::fs::write(&path, out)?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -486,6 +521,24 @@ fn main() -> ExitCode {
             let interval = Duration::from_secs_f64(interval);
             client_exit(blkplane::stat::run(&control, interval, count, json))
         }
+        Command::Completions { shell } => {
+            let mut cmd = Cli::command();
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "blkplane", &mut out);
+            client_exit(print_out(&String::from_utf8_lossy(&out)))
+        }
+        Command::Manpages { dir } => match write_manpages(&dir) {
+            Ok(written) => {
+                for path in written {
+                    println!("{}", path.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("blkplane: manpages: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::BenchClient(args) => match blkplane::bench::tenants::client_main(args) {
             Ok(json) => {
                 println!("{json}");

@@ -370,3 +370,24 @@ fn ctl_and_stat_find_the_control_socket_without_control() {
     let help = String::from_utf8_lossy(&out.stdout);
     assert!(help.contains("3  (ctl, stat) no daemon answers at the control socket"), "{help}");
 }
+
+/// The release binary ships stripped: no debug sections, no symbol table (the `profiling`
+/// profile keeps both for perf).
+#[test]
+fn the_release_binary_is_stripped() {
+    let manifest =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")).unwrap();
+    assert!(manifest.contains("[profile.release]\ndebug = 0\nstrip = true\n"), "{manifest}");
+    assert!(manifest.contains("[profile.profiling]\ninherits = \"release\"\ndebug = 1\n"));
+    if cfg!(debug_assertions) || std::env::var_os("BLKPLANE_TEST_BIN").is_some() {
+        // Not a release build of this tree: the profile above is what can be checked.
+        return;
+    }
+    let out = Command::new("readelf").args(["-S", "--wide"]).arg(common::daemon_bin()).output();
+    let out = out.expect("readelf (Debian's binutils)");
+    let sections = String::from_utf8_lossy(&out.stdout);
+    assert!(sections.contains(".text"), "{sections}");
+    for section in [".debug_info", ".debug_line", ".symtab"] {
+        assert!(!sections.contains(section), "{section} in the release binary:\n{sections}");
+    }
+}

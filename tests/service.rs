@@ -103,20 +103,77 @@ fn a_missing_service_manager_is_not_an_error() {
     assert!(log.contains("cannot notify the service manager"), "{log}");
 }
 
-/// contrib/: the unit file passes `systemd-analyze verify` (with ExecStart pointed at the
-/// binary under test), and the example configuration passes `--check-config` (with its paths
-/// moved into a temporary directory and its group made one this machine has).
+/// contrib/: install.sh puts the binary, the unit, the tmpfiles entry, the configuration,
+/// the man pages and the completions in place (into a staging tree); the installed unit
+/// passes `systemd-analyze verify` (with ExecStart pointed at the installed binary, and its
+/// Documentation= man pages found among those installed); the installed bash completion
+/// completes; the example configuration passes `--check-config` (with its paths moved into
+/// a temporary directory and its group made one this machine has).
 #[test]
 fn the_contrib_files_are_valid() {
     let contrib = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib");
     let dir = tmpdir();
-    let unit = std::fs::read_to_string(contrib.join("blkplane.service")).unwrap();
+    let staging = dir.path().join("root");
+    let out = Command::new("sh")
+        .arg(contrib.join("install.sh"))
+        .env("DESTDIR", &staging)
+        .env("BLKPLANE_BIN", common::daemon_bin())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "install.sh: {}", String::from_utf8_lossy(&out.stderr));
+    let usr = staging.join("usr");
+    for file in [
+        "bin/blkplane",
+        "lib/systemd/system/blkplane.service",
+        "lib/tmpfiles.d/blkplane.conf",
+        "share/man/man1/blkplane.1",
+        "share/man/man1/blkplane-serve.1",
+        "share/man/man1/blkplane-ctl.1",
+        "share/man/man1/blkplane-stat.1",
+        "share/bash-completion/completions/blkplane",
+        "share/zsh/vendor-completions/_blkplane",
+        "share/fish/vendor_completions.d/blkplane.fish",
+    ] {
+        assert!(usr.join(file).is_file(), "install.sh did not install {file}");
+    }
+    assert!(staging.join("etc/blkplane/blkplane.toml").is_file());
+    // The man page renders and documents the export keys and the exit statuses.
+    let out = Command::new("man")
+        .arg("-l")
+        .arg(usr.join("share/man/man1/blkplane-serve.1"))
+        .env("MANWIDTH", "100")
+        .output()
+        .expect("man (Debian's man-db)");
+    // Bold and underline come as overstrikes (c, backspace, c): keep the last of each.
+    let mut page = String::new();
+    for c in String::from_utf8_lossy(&out.stdout).chars() {
+        if c == '\u{8}' {
+            page.pop();
+        } else {
+            page.push(c);
+        }
+    }
+    assert!(page.contains("discard=MODE") && page.contains("--check-config"), "{page}");
+    let out = Command::new(usr.join("bin/blkplane")).arg("--version").output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("blkplane 0.1.0 (commit "));
+    // The bash completion loads and completes the subcommands.
+    let script = format!(
+        "source {}; COMP_WORDS=(blkplane s); COMP_CWORD=1; COMP_LINE='blkplane s'; COMP_POINT=10; _blkplane blkplane s blkplane; echo ${{COMPREPLY[@]}}",
+        usr.join("share/bash-completion/completions/blkplane").display()
+    );
+    let out = Command::new("bash").arg("-c").arg(&script).output().unwrap();
+    let words = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(words.trim(), "serve stat", "{}", String::from_utf8_lossy(&out.stderr));
+
+    let unit = std::fs::read_to_string(usr.join("lib/systemd/system/blkplane.service")).unwrap();
     assert!(unit.contains("Type=notify"));
     let unit_path = dir.path().join("blkplane.service");
-    std::fs::write(&unit_path, unit.replace("/usr/bin/blkplane", &common::daemon_bin())).unwrap();
+    let installed_bin = usr.join("bin/blkplane").display().to_string();
+    std::fs::write(&unit_path, unit.replace("/usr/bin/blkplane", &installed_bin)).unwrap();
     let out = Command::new("systemd-analyze")
         .arg("verify")
         .arg(&unit_path)
+        .env("MANPATH", usr.join("share/man"))
         .output()
         .expect("systemd-analyze (Debian's systemd package)");
     let stderr = String::from_utf8_lossy(&out.stderr);
