@@ -14,6 +14,8 @@
 #[path = "../tests/common/frontend.rs"]
 #[allow(dead_code)]
 mod frontend;
+#[path = "common/spin.rs"]
+mod spin;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -22,7 +24,8 @@ use std::time::{Duration, Instant};
 
 use blkplane::trace::sample::Sampler;
 use blkplane::trace::LatencyHistograms;
-use frontend::{header, Buf, TestFrontend, DATA_AREA, HEADER_AREA, T_IN};
+use frontend::TestFrontend;
+use spin::{median, run};
 
 fn sampler_ns_per_request(on: bool, rounds: u64) -> f64 {
     let mut sampler = Sampler::new(on, 256);
@@ -46,38 +49,6 @@ fn sampler_ns_per_request(on: bool, rounds: u64) -> f64 {
         }
     }
     start.elapsed().as_nanos() as f64 / (rounds * 32) as f64
-}
-
-/// Posts `depth` reads of 4 KiB and spins until all are answered; `requests` in all.
-/// Returns requests per second.
-fn run(fe: &mut TestFrontend, depth: u16, requests: u64) -> f64 {
-    for k in 0..u64::from(depth) {
-        fe.ram.write(HEADER_AREA + k * 32, &header(T_IN, k * 8));
-    }
-    let start = Instant::now();
-    let mut done = 0;
-    while done < requests {
-        let target = fe.used_idx(0).wrapping_add(depth);
-        for k in 0..depth {
-            let bufs = [
-                Buf { gpa: HEADER_AREA + u64::from(k) * 32, len: 16, writable: false },
-                Buf { gpa: DATA_AREA + u64::from(k) * 4096, len: 4096, writable: true },
-                Buf { gpa: HEADER_AREA + u64::from(k) * 32 + 16, len: 1, writable: true },
-            ];
-            fe.post(0, 3 * k, &bufs);
-        }
-        while fe.used_idx(0) != target {
-            std::hint::spin_loop();
-        }
-        fe.queues[0].last_used = target;
-        done += u64::from(depth);
-    }
-    done as f64 / start.elapsed().as_secs_f64()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 fn start(bin: &Path, sock: &Path, extra: &str) -> Child {

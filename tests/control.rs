@@ -273,8 +273,12 @@ fn every_command_with_io_running() {
     assert!(sock_b.exists());
     assert_eq!(ctl.ok("remove-export", json!({"id": "b", "force": true})), json!({"removed": "b"}));
     assert!(!sock_b.exists(), "the removed export's socket is gone");
-    let hung_up = format!("frontend disconnected export={}", sock_b.display());
-    assert!(daemon.log().contains(&hung_up), "the client was not disconnected:\n{}", daemon.log());
+    let b_span = format!("export{{export=b socket={}}}", sock_b.display());
+    let log = daemon.log();
+    assert!(
+        log.lines().any(|l| l.contains(&b_span) && l.ends_with("frontend disconnected")),
+        "the client was not disconnected:\n{log}"
+    );
     drop(cb);
     assert_eq!(ctl.err("remove-export", json!({"id": "b"})).0, "not-found");
 
