@@ -6,6 +6,7 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod advice;
 pub mod bench;
 pub mod blk;
 pub mod config_file;

@@ -164,6 +164,14 @@ aio=io_uring, cache.direct=on, an iothread), blkplane (defaults), and the null b
 qsd-null and blkplane-null (pure software cost)."
     )]
     Bench(Box<blkplane::bench::BenchArgs>),
+    /// What a VMM needs to use an export well: QEMU arguments, a libvirt domain or Cloud
+    /// Hypervisor arguments (shared and huge-page memory, a queue per vCPU, a reconnecting
+    /// socket, vCPUs pinned off the export's I/O threads).
+    #[command(
+        after_help = "Examples:\n  blkplane vm-config --for qemu --id vm1 --vcpus 4 --memory 8G\n  \
+blkplane vm-config --for libvirt --export socket=/run/blkplane/vm1.sock,image=/var/lib/vm1.raw,queues=2"
+    )]
+    VmConfig(VmConfigArgs),
     /// Print the completion script of a shell (bash, zsh, fish, elvish, powershell).
     #[command(
         after_help = "Example:\n  blkplane completions bash > /usr/share/bash-completion/completions/blkplane"
@@ -234,6 +242,76 @@ struct ServeOptions {
     /// I/O completes; its successor waits for it rather than fail.
     #[arg(long, value_name = "MS")]
     image_lock_wait_ms: Option<u64>,
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["id", "export"])))]
+struct VmConfigArgs {
+    /// The VMM: qemu, libvirt or cloud-hypervisor.
+    #[arg(long = "for", value_name = "VMM", value_enum)]
+    vmm: blkplane::advice::vm_config::Vmm,
+    /// The export's id on a running daemon (see --control).
+    #[arg(long, value_name = "ID")]
+    id: Option<String>,
+    /// Or the export's keys as `serve --export` takes them, without asking a daemon.
+    #[arg(long, value_name = "SPEC")]
+    export: Option<String>,
+    /// The daemon's control socket, for --id (default: $BLKPLANE_CONTROL, else
+    /// /run/blkplane/control.sock).
+    #[arg(long, value_name = "PATH", env = "BLKPLANE_CONTROL", default_value = DEFAULT_CONTROL)]
+    control: PathBuf,
+    /// The VM's vCPUs (default: one per queue of the export).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    vcpus: Option<u16>,
+    /// The VM's memory (suffixes K, M, G, T).
+    #[arg(long, value_name = "SIZE", default_value = "1G")]
+    memory: String,
+    /// Where the host's /sys and /proc are (for tests: a fake tree).
+    #[arg(long, value_name = "DIR", default_value = "/", hide = true)]
+    root: PathBuf,
+}
+
+fn vm_config(a: VmConfigArgs) -> ExitCode {
+    use blkplane::advice::vm_config::{render, ExportShape, VmShape};
+    let memory_bytes = match blkplane::export::parse_size(&a.memory) {
+        Ok(b) if b >= 1 << 20 => b,
+        Ok(_) => return usage_error(format!("--memory {}: at least 1M", a.memory)),
+        Err(e) => return usage_error(format!("--memory: {e}")),
+    };
+    let shape = match (&a.id, &a.export) {
+        (_, Some(spec)) => match ExportConfig::parse(spec) {
+            Ok(c) => ExportShape::from_config(&c),
+            Err(e) => return usage_error(format!("--export {spec}: {e}")),
+        },
+        (Some(id), None) => {
+            let found = ControlClient::connect_named(&a.control).and_then(|mut client| {
+                let mut ask = |command: &str| {
+                    let reply = client
+                        .call(command, serde_json::json!({}))
+                        .map_err(|e| ClientFailure::Failed(format!("{command}: {e}")))?;
+                    reply.get("result").cloned().ok_or_else(|| {
+                        ClientFailure::Failed(format!("{command}: {}", reply["error"]))
+                    })
+                };
+                let (exports, threads) = (ask("list-exports")?, ask("list-iothreads")?);
+                let export = exports
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|e| e["id"].as_str() == Some(id.as_str()))
+                    .ok_or_else(|| ClientFailure::Failed(format!("no export with id '{id}'")))?;
+                ExportShape::from_daemon(export, &threads).map_err(ClientFailure::Failed)
+            });
+            match found {
+                Ok(shape) => shape,
+                Err(e) => return client_exit(Err(e)),
+            }
+        }
+        (None, None) => return usage_error("give --id or --export"),
+    };
+    let vm = VmShape { vcpus: a.vcpus.unwrap_or(shape.queues), memory_bytes };
+    let host = blkplane::advice::Host::new(&a.root);
+    client_exit(print_out(&render(a.vmm, &shape, vm, &host)))
 }
 
 /// SIGHUP: re-reads the configuration file and applies its exports (`Daemon::reload`). A
@@ -521,6 +599,7 @@ fn main() -> ExitCode {
             let interval = Duration::from_secs_f64(interval);
             client_exit(blkplane::stat::run(&control, interval, count, json))
         }
+        Command::VmConfig(args) => vm_config(args),
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
             let mut out = Vec::new();

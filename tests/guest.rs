@@ -42,10 +42,29 @@ struct Scenario {
     readonly: bool,
     cache: &'static str,
     serial: &'static str,
+    /// QEMU's vCPUs, memory and disk come from `blkplane vm-config --for qemu`.
+    vm_config: bool,
 }
 
-/// QEMU (TCG) booting the test's kernel and initramfs with `append`, one vhost-user-blk disk
-/// per (socket, queues), under `timeout`; the caller sets stdio and spawns it.
+/// QEMU (TCG) booting the test's kernel and initramfs with `append`, under `timeout`, without
+/// vCPUs, memory or disks yet; the caller adds them, sets stdio and spawns it.
+fn qemu_base(cache: &Path, append: &str) -> Command {
+    let mut cmd = Command::new("timeout");
+    cmd.arg(GUEST_TIMEOUT_S.to_string())
+        .arg(cache.join("qemu/usr/bin/qemu-system-x86_64"))
+        .env("QEMU_MODULE_DIR", cache.join("qemu/usr/lib/x86_64-linux-gnu/qemu"))
+        .args(["-L", &cache.join("qemu/usr/share/qemu").display().to_string()])
+        .args(["-L", &cache.join("qemu/usr/share/seabios").display().to_string()])
+        .args(["-accel", "tcg,thread=multi", "-cpu", "max"])
+        .args(["-kernel", &cache.join("vmlinux").display().to_string()])
+        .args(["-initrd", &cache.join("initramfs.cpio").display().to_string()])
+        .args(["-append", append])
+        .args(["-display", "none", "-nodefaults", "-serial", "stdio", "-no-reboot"]);
+    cmd
+}
+
+/// [`qemu_base`] with `vcpus`, 512 MiB of shared memory and one vhost-user-blk disk per
+/// (socket, queues).
 fn qemu(
     cache: &Path,
     vcpus: u16,
@@ -53,30 +72,43 @@ fn qemu(
     reconnect: bool,
     append: &str,
 ) -> Command {
-    let mut cmd = Command::new("timeout");
-    cmd.arg(GUEST_TIMEOUT_S.to_string())
-        .arg(cache.join("qemu/usr/bin/qemu-system-x86_64"))
-        .env("QEMU_MODULE_DIR", cache.join("qemu/usr/lib/x86_64-linux-gnu/qemu"))
-        .args(["-L", &cache.join("qemu/usr/share/qemu").display().to_string()])
-        .args(["-L", &cache.join("qemu/usr/share/seabios").display().to_string()])
-        .args(["-accel", "tcg,thread=multi", "-cpu", "max", "-m", "512M"])
-        .args(["-smp", &vcpus.to_string()])
-        .args([
-            "-object",
-            "memory-backend-memfd,id=mem,size=512M,share=on",
-            "-numa",
-            "node,memdev=mem",
-        ]);
+    let mut cmd = qemu_base(cache, append);
+    cmd.args(["-m", "512M", "-smp", &vcpus.to_string()]).args([
+        "-object",
+        "memory-backend-memfd,id=mem,size=512M,share=on",
+        "-numa",
+        "node,memdev=mem",
+    ]);
     for (i, (sock, queues)) in disks.iter().enumerate() {
         let reconnect = if reconnect { ",reconnect=1" } else { "" };
         cmd.args(["-chardev", &format!("socket,id=char{i},path={}{reconnect}", sock.display())])
             .args(["-device", &format!("vhost-user-blk-pci,chardev=char{i},num-queues={queues}")]);
     }
-    cmd.args(["-kernel", &cache.join("vmlinux").display().to_string()])
-        .args(["-initrd", &cache.join("initramfs.cpio").display().to_string()])
-        .args(["-append", append])
-        .args(["-display", "none", "-nodefaults", "-serial", "stdio", "-no-reboot"]);
     cmd
+}
+
+/// The arguments `blkplane vm-config --for qemu` gives for export `id` of the daemon at
+/// `control`, split into words by a shell as a user's shell would.
+fn vm_config_args(control: &Path, id: &str, vcpus: u16) -> Vec<String> {
+    let out = Command::new(common::daemon_bin())
+        .args(["vm-config", "--for", "qemu", "--control"])
+        .arg(control)
+        .args(["--id", id, "--vcpus", &vcpus.to_string(), "--memory", "512M"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "vm-config: {}", String::from_utf8_lossy(&out.stderr));
+    // The comment lines first say what the arguments follow; the rest is one command's worth.
+    let args: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+    let words = Command::new("sh")
+        .arg("-c")
+        .arg(format!("printf '%s\\0' {}", args.join("\n")))
+        .output()
+        .unwrap();
+    let words = String::from_utf8(words.stdout).unwrap();
+    let args: Vec<String> = words.split('\0').filter(|w| !w.is_empty()).map(String::from).collect();
+    assert!(args.contains(&"-device".to_string()), "vm-config printed:\n{text}");
+    args
 }
 
 /// Checks every "PREFIX offset length md5" line of the guest's console against `image`;
@@ -147,7 +179,14 @@ fn run(s: &Scenario) {
     );
     let console_path = dir.path().join("console.log");
     let console = fs::File::create(&console_path).unwrap();
-    let mut guest = qemu(cache, s.vcpus, &[(&sock, s.queues)], false, &append)
+    let mut guest = if s.vm_config {
+        let mut cmd = qemu_base(cache, &append);
+        cmd.args(vm_config_args(&ctl, "disk", s.vcpus));
+        cmd
+    } else {
+        qemu(cache, s.vcpus, &[(&sock, s.queues)], false, &append)
+    };
+    let mut guest = guest
         .stdin(Stdio::null())
         .stdout(console.try_clone().unwrap())
         .stderr(console)
@@ -229,9 +268,12 @@ fn linux_guest_one_vcpu_one_queue() {
         readonly: false,
         cache: "none",
         serial: "guest-disk-1",
+        vm_config: false,
     });
 }
 
+/// Its QEMU arguments (vCPUs, shared memory, the reconnecting disk) are those `blkplane
+/// vm-config --for qemu` prints for the running export.
 #[test]
 fn linux_guest_two_vcpus_two_queues() {
     run(&Scenario {
@@ -242,6 +284,7 @@ fn linux_guest_two_vcpus_two_queues() {
         readonly: false,
         cache: "writethrough",
         serial: "guest-disk-2",
+        vm_config: true,
     });
 }
 
@@ -255,6 +298,7 @@ fn linux_guest_readonly() {
         readonly: true,
         cache: "none",
         serial: "guest-disk-ro",
+        vm_config: false,
     });
 }
 
@@ -268,6 +312,7 @@ fn linux_guest_sees_a_resize_without_reboot() {
         readonly: false,
         cache: "none",
         serial: "guest-disk-rs",
+        vm_config: false,
     });
 }
 

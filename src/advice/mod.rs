@@ -1,0 +1,73 @@
+//! The field's tuning advice for KVM disk I/O (shared/ADVICE.md), turned into commands:
+//! `vm-config` writes a VMM's configuration for an export ([`vm_config`]). Off the data path:
+//! everything here reads the host through [`Host`], a root directory (`/`, or a fake tree in
+//! the tests) under which `/sys` and `/proc` are looked up.
+
+pub mod vm_config;
+
+use std::path::{Path, PathBuf};
+
+/// The host as files under a root: `/` for the real one.
+#[derive(Clone, Debug)]
+pub struct Host {
+    root: PathBuf,
+}
+
+/// 2 MiB, the huge page size the configurations ask for.
+pub const HUGE_PAGE_BYTES: u64 = 2 << 20;
+
+impl Host {
+    pub fn new(root: impl Into<PathBuf>) -> Host {
+        Host { root: root.into() }
+    }
+
+    /// The path of `abs` (an absolute path on the host) under the root.
+    pub fn path(&self, abs: &str) -> PathBuf {
+        self.root.join(abs.trim_start_matches('/'))
+    }
+
+    /// A file's text, trimmed; `None` if it cannot be read.
+    pub fn read(&self, abs: &str) -> Option<String> {
+        std::fs::read_to_string(self.path(abs)).ok().map(|s| s.trim().to_string())
+    }
+
+    /// A file holding one number.
+    pub fn read_u64(&self, abs: &str) -> Option<u64> {
+        self.read(abs)?.parse().ok()
+    }
+
+    /// Free 2 MiB huge pages (`None`: the kernel has none configured or the file is missing).
+    pub fn free_huge_pages(&self) -> Option<u64> {
+        self.read_u64("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+    }
+
+    /// Whether `bytes` of guest memory fit in the free 2 MiB huge pages.
+    pub fn huge_pages_fit(&self, bytes: u64) -> bool {
+        self.free_huge_pages().is_some_and(|free| free * HUGE_PAGE_BYTES >= bytes)
+    }
+
+    /// The online CPUs (`/sys/devices/system/cpu/online`, a list like `0-3,6`).
+    pub fn online_cpus(&self) -> Vec<usize> {
+        self.read("/sys/devices/system/cpu/online")
+            .map(|list| parse_cpu_ranges(&list))
+            .unwrap_or_default()
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+}
+
+/// A kernel CPU list (`0-3,6`) as numbers; what does not parse is left out.
+pub fn parse_cpu_ranges(list: &str) -> Vec<usize> {
+    let mut cpus = Vec::new();
+    for part in list.trim().split(',').filter(|p| !p.is_empty()) {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        if let (Ok(a), Ok(b)) = (a.trim().parse::<usize>(), b.trim().parse::<usize>()) {
+            if a <= b && b < 1 << 16 {
+                cpus.extend(a..=b);
+            }
+        }
+    }
+    cpus
+}
