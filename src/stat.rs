@@ -1,6 +1,6 @@
 //! `blkplane stat`: a live view of a running daemon through its control socket — per export
-//! IOPS, MB/s, latency, and the per-layer breakdown of where a request's time goes, each for
-//! the last interval only. The daemon's figures are cumulative (counters and histogram
+//! IOPS, MB/s, latency, and the per-layer breakdown of where a request's time goes, and per
+//! I/O thread its CPU and the time it waited for one, each for the last interval only. The daemon's figures are cumulative (counters and histogram
 //! buckets since the export was opened); a view is the difference of two reads, summed over
 //! the export's queues.
 
@@ -175,11 +175,58 @@ pub struct ExportView {
     pub stages: Vec<IntervalStage>,
 }
 
-/// One view: every export over the last interval.
+/// One I/O thread over one interval: its share of a CPU, and the share of the interval it
+/// was ready to run but waited for a CPU (the congestion figure: the host's CPUs are
+/// overcommitted where it grows).
+#[derive(Debug, Serialize)]
+pub struct ThreadView {
+    pub id: String,
+    pub queues: u64,
+    pub cpu_percent: f64,
+    pub runqueue_wait_percent: f64,
+}
+
+/// One view: every export and I/O thread over the last interval.
 #[derive(Debug, Serialize)]
 pub struct View {
     pub interval_s: f64,
     pub exports: Vec<ExportView>,
+    pub iothreads: Vec<ThreadView>,
+}
+
+/// Per I/O thread: (queues, cpu_ns, runqueue_wait_ns), cumulative.
+type ThreadTotals = Vec<(String, (u64, u64, u64))>;
+
+fn thread_totals(threads: &Value) -> ThreadTotals {
+    threads
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| {
+            let n = |k: &str| t[k].as_u64().unwrap_or(0);
+            let id = t["id"].as_str().unwrap_or("?").to_string();
+            (id, (n("queues"), n("cpu_ns"), n("runqueue_wait_ns")))
+        })
+        .collect()
+}
+
+fn thread_views(
+    now: &ThreadTotals,
+    before: &HashMap<String, (u64, u64, u64)>,
+    seconds: f64,
+) -> Vec<ThreadView> {
+    now.iter()
+        .map(|(id, (queues, cpu, wait))| {
+            let (_, cpu0, wait0) = before.get(id).copied().unwrap_or((0, *cpu, *wait));
+            let percent = |ns: u64| ns as f64 / 1e9 / seconds * 100.0;
+            ThreadView {
+                id: id.clone(),
+                queues: *queues,
+                cpu_percent: percent(cpu.saturating_sub(cpu0)),
+                runqueue_wait_percent: percent(wait.saturating_sub(wait0)),
+            }
+        })
+        .collect()
 }
 
 fn view(now: &[(String, Totals)], before: &HashMap<String, Totals>, seconds: f64) -> View {
@@ -221,7 +268,7 @@ fn view(now: &[(String, Totals)], before: &HashMap<String, Totals>, seconds: f64
             }
         })
         .collect();
-    View { interval_s: seconds, exports }
+    View { interval_s: seconds, exports, iothreads: Vec::new() }
 }
 
 /// A view as text.
@@ -259,20 +306,31 @@ pub fn render(v: &View) -> String {
             );
         }
     }
+    if !v.iothreads.is_empty() {
+        let _ =
+            writeln!(out, "{:<16} {:>7} {:>10} {:>7}", "iothread", "CPU %", "waiting %", "queues");
+        for t in &v.iothreads {
+            let _ = writeln!(
+                out,
+                "{:<16} {:>7.1} {:>10.1} {:>7}",
+                t.id, t.cpu_percent, t.runqueue_wait_percent, t.queues
+            );
+        }
+    }
     out
 }
 
-fn query(client: &mut ControlClient) -> Result<Value, ClientFailure> {
+fn query(client: &mut ControlClient, command: &str) -> Result<Value, ClientFailure> {
     let reply = client
-        .call("query-stats", json!({}))
-        .map_err(|e| ClientFailure::Failed(format!("query-stats: {e}")))?;
+        .call(command, json!({}))
+        .map_err(|e| ClientFailure::Failed(format!("{command}: {e}")))?;
     match (reply.get("result"), reply.get("error")) {
         (Some(r), _) => Ok(r.clone()),
         (_, Some(e)) => Err(ClientFailure::Failed(format!(
-            "query-stats: {}",
+            "{command}: {}",
             e["message"].as_str().unwrap_or("error")
         ))),
-        _ => Err(ClientFailure::Failed("query-stats: an empty reply".into())),
+        _ => Err(ClientFailure::Failed(format!("{command}: an empty reply"))),
     }
 }
 
@@ -285,7 +343,10 @@ pub fn run(
     json: bool,
 ) -> Result<(), ClientFailure> {
     let mut client = ControlClient::connect_named(control)?;
-    let mut before: HashMap<String, Totals> = totals(&query(&mut client)?).into_iter().collect();
+    let mut before: HashMap<String, Totals> =
+        totals(&query(&mut client, "query-stats")?).into_iter().collect();
+    let mut threads_before: HashMap<String, (u64, u64, u64)> =
+        thread_totals(&query(&mut client, "list-iothreads")?).into_iter().collect();
     let mut at = Instant::now();
     let mut shown = 0;
     while count.is_none_or(|c| shown < c) {
@@ -294,10 +355,13 @@ pub fn run(
             // The daemon closes control connections idle that long: ask on a fresh one.
             client = ControlClient::connect_named(control)?;
         }
-        let now = totals(&query(&mut client)?);
+        let now = totals(&query(&mut client, "query-stats")?);
+        let threads = thread_totals(&query(&mut client, "list-iothreads")?);
         let seconds = at.elapsed().as_secs_f64();
         at = Instant::now();
-        let v = view(&now, &before, seconds);
+        let mut v = view(&now, &before, seconds);
+        v.iothreads = thread_views(&threads, &threads_before, seconds);
+        threads_before = threads.into_iter().collect();
         if json {
             print_out(&(serde_json::to_string(&v).unwrap_or_default() + "\n"))?;
         } else {

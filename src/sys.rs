@@ -132,3 +132,42 @@ pub fn process_cpu_seconds() -> f64 {
     let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     seconds(usage.ru_utime) + seconds(usage.ru_stime)
 }
+
+/// The kernel's id of the calling thread.
+pub fn gettid() -> u32 {
+    // SAFETY: gettid has no preconditions and cannot fail.
+    let tid = unsafe { libc::gettid() };
+    tid as u32
+}
+
+/// A schedstat file's first two figures: nanoseconds on a CPU, and nanoseconds waiting on a
+/// run queue for one.
+pub fn parse_schedstat(text: &str) -> Option<(u64, u64)> {
+    let mut fields = text.split_whitespace().map(|f| f.parse::<u64>().ok());
+    Some((fields.next()??, fields.next()??))
+}
+
+/// CPU time and run-queue wait of one of this process's threads
+/// (`/proc/self/task/TID/schedstat`).
+pub fn thread_schedstat(tid: u32) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).ok()?;
+    parse_schedstat(&text)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn schedstat_gives_cpu_and_wait() {
+        assert_eq!(super::parse_schedstat("123 456 7\n"), Some((123, 456)));
+        assert_eq!(super::parse_schedstat("123"), None);
+        assert_eq!(super::parse_schedstat("x 1 2"), None);
+        // The running slice is counted when the thread leaves the CPU: leave it once.
+        let spin = std::time::Instant::now();
+        while spin.elapsed() < std::time::Duration::from_millis(2) {
+            std::hint::spin_loop();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        let (cpu, _wait) = super::thread_schedstat(super::gettid()).unwrap();
+        assert!(cpu >= 1_000_000, "{cpu} ns after spinning 2 ms");
+    }
+}

@@ -382,6 +382,11 @@ fn ctl_and_stat_commands() {
         assert!(l["requests"].as_u64().unwrap() > 0, "{v}");
         assert!(l["p99_us"].as_f64().unwrap() >= l["p50_us"].as_f64().unwrap(), "{v}");
         assert_eq!(n["stages"].as_array().unwrap().len(), 6, "{v}");
+        // The pool thread serving the export worked, on a CPU, this interval.
+        let busy = v["iothreads"].as_array().unwrap().iter().find(|t| t["queues"] == 1);
+        let busy = busy.unwrap_or_else(|| panic!("no I/O thread with the queue: {v}"));
+        assert!(busy["cpu_percent"].as_f64().unwrap() > 1.0, "{v}");
+        assert!(busy["runqueue_wait_percent"].as_f64().unwrap() >= 0.0, "{v}");
     }
     stop.store(true, Ordering::Relaxed);
     assert_eq!(io.join().unwrap().1, 0, "failed requests");

@@ -86,6 +86,8 @@ pub enum Placement {
 
 /// A running I/O thread.
 pub struct IoThread {
+    /// The kernel's id of the thread (for /proc/self/task/TID).
+    pub tid: u32,
     pub id: String,
     /// The CPUs it may run on; empty: wherever the process may.
     pub cpus: Vec<usize>,
@@ -122,8 +124,9 @@ impl IoThread {
             worker::run(setup, ready_tx)
         })?;
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(Arc::new(IoThread {
+            Ok(Ok(tid)) => Ok(Arc::new(IoThread {
                 id: id.to_string(),
+                tid,
                 cpus,
                 poll,
                 stats,

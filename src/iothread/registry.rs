@@ -118,10 +118,17 @@ pub struct IoThreadInfo {
     pub poll_ns: u64,
     pub poll_hits: u64,
     pub sleeps: u64,
+    /// The kernel's id of the thread.
+    pub tid: u32,
+    /// CPU time the thread has used, and time it waited on a run queue for a CPU (the
+    /// congestion figure), from the scheduler's statistics.
+    pub cpu_ns: u64,
+    pub runqueue_wait_ns: u64,
 }
 
 fn info_of(thread: &IoThread, kind: &'static str) -> IoThreadInfo {
     let policy = thread.poll.get();
+    let (cpu_ns, runqueue_wait_ns) = crate::sys::thread_schedstat(thread.tid).unwrap_or_default();
     let s = &thread.stats;
     IoThreadInfo {
         id: thread.id.clone(),
@@ -133,6 +140,9 @@ fn info_of(thread: &IoThread, kind: &'static str) -> IoThreadInfo {
         poll_ns: s.poll_ns.load(Ordering::Relaxed),
         poll_hits: s.poll_hits.load(Ordering::Relaxed),
         sleeps: s.sleeps.load(Ordering::Relaxed),
+        tid: thread.tid,
+        cpu_ns,
+        runqueue_wait_ns,
     }
 }
 

@@ -96,8 +96,8 @@ struct EventLoop {
 /// no more than "something happened".
 const EPOLL_DATA: u64 = 0;
 
-/// Runs a loop until it is told to exit. Reports start-up on `ready` first.
-pub(crate) fn run(setup: LoopSetup, ready: SyncSender<io::Result<()>>) {
+/// Runs a loop until it is told to exit. Reports start-up on `ready` first (its thread id).
+pub(crate) fn run(setup: LoopSetup, ready: SyncSender<io::Result<u32>>) {
     let started = (|| {
         let ring = SharedRing::new(setup.ring_entries)?;
         let epoll = Epoll::new()?;
@@ -118,7 +118,8 @@ pub(crate) fn run(setup: LoopSetup, ready: SyncSender<io::Result<()>>) {
     if !setup.cpus.is_empty() {
         pin_to(&setup.cpus);
     }
-    let _ = ready.send(Ok(()));
+    // The kernel's id of this thread, for its CPU figures (/proc/self/task/TID/schedstat).
+    let _ = ready.send(Ok(crate::sys::gettid()));
     let mut lp = EventLoop {
         ring,
         epoll,
