@@ -172,6 +172,24 @@ qsd-null and blkplane-null (pure software cost)."
 blkplane vm-config --for libvirt --export socket=/run/blkplane/vm1.sock,image=/var/lib/vm1.raw,queues=2"
     )]
     VmConfig(VmConfigArgs),
+    /// Where this host and the running daemon's exports depart from the tuning advice for KVM
+    /// disk I/O, most important first, each with why it matters and the exact fix.
+    #[command(after_help = "Checks: cpu-governor, cpu-idle, kernel, io-uring, huge-pages, \
+transparent-huge-pages, aio-max-nr, memlock, congestion (per I/O thread), and per export: export-cache, \
+export-aio, device-scheduler, device-queue-depth, device-write-cache, device-numa.")]
+    Doctor {
+        /// The daemon's control socket, for its exports and I/O threads (default:
+        /// $BLKPLANE_CONTROL, else /run/blkplane/control.sock); without a daemon only the
+        /// host is examined.
+        #[arg(long, value_name = "PATH", env = "BLKPLANE_CONTROL", default_value = DEFAULT_CONTROL)]
+        control: PathBuf,
+        /// One JSON array of findings, for scripts.
+        #[arg(long)]
+        json: bool,
+        /// Where the host's /sys and /proc are (for tests: a fake tree).
+        #[arg(long, value_name = "DIR", default_value = "/", hide = true)]
+        root: PathBuf,
+    },
     /// Print the completion script of a shell (bash, zsh, fish, elvish, powershell).
     #[command(
         after_help = "Example:\n  blkplane completions bash > /usr/share/bash-completion/completions/blkplane"
@@ -312,6 +330,62 @@ fn vm_config(a: VmConfigArgs) -> ExitCode {
     let vm = VmShape { vcpus: a.vcpus.unwrap_or(shape.queues), memory_bytes };
     let host = blkplane::advice::Host::new(&a.root);
     client_exit(print_out(&render(a.vmm, &shape, vm, &host)))
+}
+
+fn doctor(control: &std::path::Path, json: bool, root: &std::path::Path) -> ExitCode {
+    use blkplane::advice::doctor::{examine, render, ExportFacts, Finding, Severity, ThreadFacts};
+    let host = blkplane::advice::Host::new(root);
+    let asked = ControlClient::connect_named(control).and_then(|mut client| {
+        let mut ask = |command: &str| {
+            let reply = client
+                .call(command, serde_json::json!({}))
+                .map_err(|e| ClientFailure::Failed(format!("{command}: {e}")))?;
+            reply
+                .get("result")
+                .cloned()
+                .ok_or_else(|| ClientFailure::Failed(format!("{command}: {}", reply["error"])))
+        };
+        Ok((ask("list-exports")?, ask("list-iothreads")?))
+    });
+    let (exports, threads, absent) = match asked {
+        Ok((exports, threads)) => {
+            let e: Vec<ExportFacts> = exports
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| ExportFacts::from_daemon(e, &threads))
+                .collect();
+            let t: Vec<ThreadFacts> = threads
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|t| {
+                    let tid = t["tid"].as_u64().and_then(|n| u32::try_from(n).ok())?;
+                    Some(ThreadFacts { id: t["id"].as_str()?.to_string(), tid })
+                })
+                .collect();
+            (e, t, None)
+        }
+        Err(e) => (Vec::new(), Vec::new(), Some(e.to_string())),
+    };
+    let mut findings = examine(&host, &exports, &threads);
+    if let Some(why) = absent {
+        findings.push(Finding {
+            check: "daemon",
+            severity: Severity::Note,
+            subject: "daemon".into(),
+            found: format!("{why}: exports and I/O threads not examined"),
+            why: "the export checks (cache, aio, device, NUMA) and the congestion of the I/O threads need the running daemon".into(),
+            fix: "blkplane doctor --control PATH (or BLKPLANE_CONTROL=PATH)".into(),
+        });
+        findings.sort_by_key(|f| f.severity);
+    }
+    let text = if json {
+        serde_json::to_string_pretty(&findings).unwrap_or_default() + "\n"
+    } else {
+        render(&findings)
+    };
+    client_exit(print_out(&text))
 }
 
 /// SIGHUP: re-reads the configuration file and applies its exports (`Daemon::reload`). A
@@ -600,6 +674,7 @@ fn main() -> ExitCode {
             client_exit(blkplane::stat::run(&control, interval, count, json))
         }
         Command::VmConfig(args) => vm_config(args),
+        Command::Doctor { control, json, root } => doctor(&control, json, &root),
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
             let mut out = Vec::new();

@@ -264,3 +264,348 @@ fn vm_config_reads_a_running_export() {
     let out = vm_config(&["--for", "xen", "--export", "socket=/s,engine=null,size=1M"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// Writes `text` at `rel` under `root`, making directories.
+fn put(root: &Path, rel: &str, text: &str) {
+    let p = root.join(rel);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(p, format!("{text}\n")).unwrap();
+}
+
+/// A host that follows the advice: performance governor, shallow idle states only, huge
+/// pages free, THP on madvise, io_uring on, room for Linux AIO, a recent kernel, no memlock
+/// limit, one NUMA node.
+fn healthy_host(root: &Path) {
+    put(root, "sys/devices/system/cpu/online", "0-3");
+    for cpu in 0..4 {
+        let d = format!("sys/devices/system/cpu/cpu{cpu}");
+        put(root, &format!("{d}/cpufreq/scaling_governor"), "performance");
+        for (i, (name, latency)) in [("POLL", 0), ("C1", 2)].iter().enumerate() {
+            put(root, &format!("{d}/cpuidle/state{i}/name"), name);
+            put(root, &format!("{d}/cpuidle/state{i}/latency"), &latency.to_string());
+            put(root, &format!("{d}/cpuidle/state{i}/disable"), "0");
+        }
+    }
+    put(root, "sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages", "512");
+    put(root, "sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages", "512");
+    put(root, "sys/kernel/mm/transparent_hugepage/enabled", "always [madvise] never");
+    put(root, "proc/sys/kernel/io_uring_disabled", "0");
+    put(root, "proc/sys/kernel/osrelease", "6.1.0-13-amd64");
+    put(root, "proc/sys/fs/aio-max-nr", "1048576");
+    put(root, "proc/sys/fs/aio-nr", "0");
+    put(root, "proc/self/limits", "Limit                     Soft Limit           Hard Limit           Units\nMax locked memory         unlimited            unlimited            bytes");
+    put(root, "sys/devices/system/node/node0/cpulist", "0-3");
+}
+
+fn doctor(root: &Path, control: &Path) -> Vec<serde_json::Value> {
+    let out = Command::new(common::daemon_bin())
+        .args(["doctor", "--json", "--root"])
+        .arg(root)
+        .arg("--control")
+        .arg(control)
+        .output()
+        .unwrap();
+    serde_json::from_str::<serde_json::Value>(&stdout_of(&out)).unwrap().as_array().unwrap().clone()
+}
+
+/// The finding of `check` (about `subject`).
+fn find<'a>(
+    findings: &'a [serde_json::Value],
+    check: &str,
+    subject: &str,
+) -> &'a serde_json::Value {
+    findings
+        .iter()
+        .find(|f| f["check"] == check && f["subject"] == subject)
+        .unwrap_or_else(|| panic!("no {check} finding for {subject}: {findings:#?}"))
+}
+
+#[test]
+fn doctor_finds_nothing_on_a_host_that_follows_the_advice() {
+    let dir = tmpdir();
+    let root = dir.path().join("root");
+    healthy_host(&root);
+    let findings = doctor(&root, Path::new("/nonexistent.sock"));
+    let checks: Vec<(&str, &str)> = findings
+        .iter()
+        .map(|f| (f["check"].as_str().unwrap(), f["severity"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        checks,
+        [
+            ("daemon", "note"),
+            ("cpu-governor", "ok"),
+            ("cpu-idle", "ok"),
+            ("kernel", "ok"),
+            ("io-uring", "ok"),
+            ("huge-pages", "ok"),
+            ("transparent-huge-pages", "ok"),
+            ("aio-max-nr", "ok"),
+            ("memlock", "ok"),
+        ]
+    );
+}
+
+/// One host finding per case: a healthy host with one file changed.
+#[test]
+fn doctor_reports_each_departure_of_the_host_with_its_fix() {
+    struct Case {
+        change: &'static [(&'static str, &'static str)],
+        check: &'static str,
+        severity: &'static str,
+        found: &'static str,
+        fix: &'static str,
+    }
+    let cases = [
+        Case {
+            change: &[("sys/devices/system/cpu/cpu2/cpufreq/scaling_governor", "powersave"), ("sys/devices/system/cpu/cpu3/cpufreq/scaling_governor", "powersave")],
+            check: "cpu-governor",
+            severity: "warning",
+            found: "CPUs 2-3 run the powersave governor",
+            fix: "tuned-adm profile virtual-host (or: cpupower frequency-set -g performance)",
+        },
+        Case {
+            change: &[("sys/devices/system/cpu/cpu1/cpuidle/state2/name", "C6"), ("sys/devices/system/cpu/cpu1/cpuidle/state2/latency", "133"), ("sys/devices/system/cpu/cpu1/cpuidle/state2/disable", "0")],
+            check: "cpu-idle",
+            severity: "warning",
+            found: "CPUs 1 may enter C6 (wake-up 133 µs)",
+            fix: "tuned-adm profile virtual-host (or: cpupower idle-set -D 50, which disables the states slower than 50 µs)",
+        },
+        Case {
+            change: &[("proc/sys/kernel/osrelease", "4.19.0-27-amd64")],
+            check: "kernel",
+            severity: "warning",
+            found: "kernel 4.19.0-27-amd64",
+            fix: "boot a kernel 5.10 or newer (Debian 11 and later ship one)",
+        },
+        Case {
+            change: &[("proc/sys/kernel/io_uring_disabled", "2")],
+            check: "io-uring",
+            severity: "critical",
+            found: "io_uring is disabled (kernel.io_uring_disabled = 2)",
+            fix: "sysctl -w kernel.io_uring_disabled=0 (and in /etc/sysctl.d/), or serve with aio=native (block devices) or aio=threads",
+        },
+        Case {
+            change: &[("proc/sys/kernel/io_uring_disabled", "1")],
+            check: "io-uring",
+            severity: "warning",
+            found: "io_uring is limited to one group (kernel.io_uring_disabled = 1)",
+            fix: "run blkplane in the group of kernel.io_uring_group, or sysctl -w kernel.io_uring_disabled=0",
+        },
+        Case {
+            change: &[("sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages", "0"), ("sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages", "0")],
+            check: "huge-pages",
+            severity: "warning",
+            found: "no 2 MiB huge pages are reserved",
+            fix: "sysctl -w vm.nr_hugepages=N, N = the guests' memory / 2 MiB (and in /etc/sysctl.d/); blkplane vm-config then puts guests on them",
+        },
+        Case {
+            change: &[("sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages", "0")],
+            check: "huge-pages",
+            severity: "note",
+            found: "all 512 2 MiB huge pages are in use",
+            fix: "raise vm.nr_hugepages by the new VM's memory / 2 MiB",
+        },
+        Case {
+            change: &[("sys/kernel/mm/transparent_hugepage/enabled", "always madvise [never]")],
+            check: "transparent-huge-pages",
+            severity: "note",
+            found: "transparent huge pages are off (never)",
+            fix: "echo madvise > /sys/kernel/mm/transparent_hugepage/enabled (QEMU asks for them with madvise)",
+        },
+        Case {
+            change: &[("proc/sys/fs/aio-max-nr", "65536"), ("proc/sys/fs/aio-nr", "60000")],
+            check: "aio-max-nr",
+            severity: "warning",
+            found: "60000 of fs.aio-max-nr 65536 Linux AIO events in use, 5536 left",
+            fix: "sysctl -w fs.aio-max-nr=1048576 (and in /etc/sysctl.d/)",
+        },
+        Case {
+            change: &[("proc/sys/kernel/osrelease", "5.10.0-28-amd64"), ("proc/self/limits", "Max locked memory         65536                65536                bytes")],
+            check: "memlock",
+            severity: "warning",
+            found: "this shell's (no daemon asked) locked-memory limit is 64 KiB",
+            fix: "LimitMEMLOCK=infinity in the unit (contrib/blkplane.service has it), or ulimit -l unlimited",
+        },
+    ];
+    for case in cases {
+        let dir = tmpdir();
+        let root = dir.path().join("root");
+        healthy_host(&root);
+        for (file, text) in case.change {
+            put(&root, file, text);
+        }
+        let findings = doctor(&root, Path::new("/nonexistent.sock"));
+        let f = find(&findings, case.check, "host");
+        assert_eq!(f["severity"], case.severity, "{f}");
+        assert_eq!(f["found"], case.found, "{f}");
+        assert_eq!(f["fix"], case.fix, "{f}");
+        assert!(!f["why"].as_str().unwrap().is_empty());
+        // Most important first.
+        let order: Vec<&str> = findings.iter().map(|f| f["severity"].as_str().unwrap()).collect();
+        let rank =
+            |s: &str| ["critical", "warning", "note", "ok"].iter().position(|x| *x == s).unwrap();
+        assert!(order.windows(2).all(|w| rank(w[0]) <= rank(w[1])), "{order:?}");
+        // Everything else stays fine.
+        let others = findings.iter().filter(|f| f["check"] != case.check && f["check"] != "daemon");
+        for other in others {
+            if case.check == "memlock" && other["check"] == "kernel" {
+                continue;
+            }
+            assert_eq!(other["severity"], "ok", "{} changed {}", case.check, other);
+        }
+    }
+}
+
+/// The export and I/O thread checks, against a running daemon whose host facts (the image's
+/// device, NUMA nodes, the threads' scheduler statistics) come from a fake tree.
+#[test]
+fn doctor_reports_what_the_exports_and_io_threads_do_against_the_advice() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = common::disk_dir();
+    let root = dir.path().join("root");
+    healthy_host(&root);
+    let image = dir.path().join("vm.raw");
+    common::make_image(&image, 4 << 20, 1);
+    let dev = std::fs::metadata(&image).unwrap().dev();
+    // The image's file system is on "vdz": bfq, 16 requests, a volatile cache, node 1.
+    put(&root, "sys/block/vdz/queue/scheduler", "[bfq] mq-deadline none");
+    put(&root, "sys/block/vdz/queue/rotational", "0");
+    put(&root, "sys/block/vdz/queue/nr_requests", "16");
+    put(&root, "sys/block/vdz/queue/write_cache", "write back");
+    put(&root, "sys/block/vdz/device/numa_node", "1");
+    std::fs::create_dir_all(root.join("sys/dev/block")).unwrap();
+    let link = root.join(format!("sys/dev/block/{}:{}", libc::major(dev), libc::minor(dev)));
+    std::os::unix::fs::symlink("../../block/vdz", link).unwrap();
+    put(&root, "sys/devices/system/node/node0/cpulist", "0-1");
+    put(&root, "sys/devices/system/node/node1/cpulist", "2-3");
+    let (ctl, sock) = (dir.path().join("ctl.sock"), dir.path().join("vm.sock"));
+    let _daemon = Daemon::start_with(
+        dir.path(),
+        &[
+            "--control".into(),
+            ctl.display().to_string(),
+            "--pool-threads".into(),
+            "1".into(),
+            "--iothread".into(),
+            "id=io0,cpus=0".into(),
+            "--export".into(),
+            format!(
+                "id=vm,socket={},image={},aio=native,cache=unsafe,iothread=io0",
+                sock.display(),
+                image.display()
+            ),
+        ],
+        &[ctl.clone(), sock],
+    );
+    // The threads' scheduler statistics: io0 waited a quarter of its runnable time.
+    let threads: serde_json::Value = {
+        let out = Command::new(common::daemon_bin())
+            .args(["ctl", "--control"])
+            .arg(&ctl)
+            .arg("list-iothreads")
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    for t in threads.as_array().unwrap() {
+        let tid = t["tid"].as_u64().unwrap();
+        assert!(tid > 0, "{t}");
+        let wait = if t["id"] == "io0" { "300000000" } else { "1000" };
+        put(&root, &format!("proc/{tid}/schedstat"), &format!("900000000 {wait} 10"));
+        put(
+            &root,
+            &format!("proc/{tid}/limits"),
+            "Max locked memory         unlimited            unlimited            bytes",
+        );
+    }
+    let findings = doctor(&root, &ctl);
+    let summary: Vec<(&str, &str, &str)> = findings
+        .iter()
+        .filter(|f| f["severity"] != "ok")
+        .map(|f| {
+            (
+                f["severity"].as_str().unwrap(),
+                f["check"].as_str().unwrap(),
+                f["subject"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("critical", "device-write-cache", "export vm"),
+            ("warning", "congestion", "iothread io0"),
+            ("warning", "export-cache", "export vm"),
+            ("warning", "export-aio", "export vm"),
+            ("warning", "device-scheduler", "export vm"),
+            ("warning", "device-numa", "export vm"),
+            ("note", "device-queue-depth", "export vm"),
+        ]
+    );
+    let f = find(&findings, "device-numa", "export vm");
+    assert_eq!(
+        f["found"],
+        "vdz is on NUMA node 1 (CPUs 2-3); the export's I/O threads run on CPUs 0"
+    );
+    assert_eq!(f["fix"], "pin the export's I/O threads to node 1's CPUs: --iothread id=io-node1,cpus=2-3 and iothread=io-node1");
+    let f = find(&findings, "congestion", "iothread io0");
+    assert_eq!(f["found"], "waited for a CPU 25.0 % of its runnable time (0.300 s waiting, 0.900 s on a CPU since it started)");
+    assert_eq!(find(&findings, "congestion", "iothread pool.0")["severity"], "ok");
+    assert_eq!(
+        find(&findings, "device-scheduler", "export vm")["fix"],
+        "echo none > /sys/block/vdz/queue/scheduler (a udev rule keeps it across reboots)"
+    );
+    assert_eq!(
+        find(&findings, "device-queue-depth", "export vm")["fix"],
+        "echo 256 > /sys/block/vdz/queue/nr_requests"
+    );
+    assert_eq!(
+        find(&findings, "export-aio", "export vm")["fix"],
+        "serve export vm with aio=io_uring (the default) or aio=threads"
+    );
+    assert_eq!(
+        find(&findings, "memlock", "host")["found"],
+        "the daemon's locked-memory limit is unlimited"
+    );
+}
+
+/// Once on this machine, as it is: every finding says what it found, and every problem why
+/// and how to fix it.
+#[test]
+fn doctor_runs_on_this_machine() {
+    let dir = tmpdir();
+    let (ctl, sock) = (dir.path().join("ctl.sock"), dir.path().join("vm.sock"));
+    let _daemon = Daemon::start_with(
+        dir.path(),
+        &[
+            "--control".into(),
+            ctl.display().to_string(),
+            "--export".into(),
+            format!("id=vm,socket={},engine=null,size=1G", sock.display()),
+        ],
+        &[ctl.clone(), sock],
+    );
+    let findings = doctor(Path::new("/"), &ctl);
+    assert!(findings.iter().any(|f| f["check"] == "kernel"));
+    assert!(findings.iter().any(|f| f["check"] == "congestion"), "the pool threads: {findings:#?}");
+    assert!(findings.iter().any(|f| f["subject"] == "export vm"));
+    for f in &findings {
+        assert!(!f["found"].as_str().unwrap().is_empty(), "{f}");
+        if f["severity"] != "ok" {
+            assert!(
+                !f["why"].as_str().unwrap().is_empty() && !f["fix"].as_str().unwrap().is_empty(),
+                "{f}"
+            );
+        }
+    }
+    // The text form says the same, problems first.
+    let out = Command::new(common::daemon_bin())
+        .args(["doctor", "--control"])
+        .arg(&ctl)
+        .output()
+        .unwrap();
+    let text = stdout_of(&out);
+    assert!(text.starts_with("blkplane doctor: "), "{text}");
+    assert!(text.contains("\nfine:\n  "), "{text}");
+}

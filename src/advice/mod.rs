@@ -1,11 +1,15 @@
 //! The field's tuning advice for KVM disk I/O (shared/ADVICE.md), turned into commands:
-//! `vm-config` writes a VMM's configuration for an export ([`vm_config`]). Off the data path:
+//! `vm-config` writes a VMM's configuration for an export ([`vm_config`]), `doctor` says
+//! where the host and the exports depart from the advice ([`doctor`]). Off the data path:
 //! everything here reads the host through [`Host`], a root directory (`/`, or a fake tree in
 //! the tests) under which `/sys` and `/proc` are looked up.
 
+pub mod doctor;
 pub mod vm_config;
 
 use std::path::{Path, PathBuf};
+
+use serde_json::Value;
 
 /// The host as files under a root: `/` for the real one.
 #[derive(Clone, Debug)]
@@ -70,4 +74,34 @@ pub fn parse_cpu_ranges(list: &str) -> Vec<usize> {
         }
     }
     cpus
+}
+
+/// The CPUs an export's I/O threads are pinned to, from its whole spec (`list-exports`) and
+/// `list-iothreads`: a dedicated export's `cpus`, or the union of its named threads' CPUs
+/// when every one of them is pinned. Empty: not pinned (the shared pool, or a named thread
+/// without CPUs).
+pub fn io_cpus_of(spec: &Value, iothreads: &Value) -> Vec<usize> {
+    let text = |key: &str| spec[key].as_str().unwrap_or_default();
+    match text("iothread") {
+        "pool" | "" => Vec::new(),
+        "dedicated" => parse_cpu_ranges(text("cpus")),
+        names => {
+            let mut cpus = Vec::new();
+            for name in names.split(':') {
+                let thread = iothreads
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|t| t["id"].as_str() == Some(name));
+                let list = thread.and_then(|t| t["cpus"].as_str()).unwrap_or_default();
+                if list.is_empty() {
+                    return Vec::new();
+                }
+                cpus.extend(parse_cpu_ranges(list));
+            }
+            cpus.sort_unstable();
+            cpus.dedup();
+            cpus
+        }
+    }
 }

@@ -62,30 +62,7 @@ impl ExportShape {
                 .and_then(|n| u16::try_from(n).ok())
                 .ok_or(format!("no '{key}' in {spec}"))
         };
-        let iothread = text("iothread").unwrap_or_default();
-        let io_cpus = match iothread.as_str() {
-            "pool" => Vec::new(),
-            "dedicated" => text("cpus").map(|l| super::parse_cpu_ranges(&l)).unwrap_or_default(),
-            names => {
-                let mut cpus = Vec::new();
-                for name in names.split(':') {
-                    let thread = iothreads
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .find(|t| t["id"].as_str() == Some(name));
-                    let list = thread.and_then(|t| t["cpus"].as_str()).unwrap_or_default();
-                    if list.is_empty() {
-                        cpus.clear();
-                        break;
-                    }
-                    cpus.extend(super::parse_cpu_ranges(list));
-                }
-                cpus.sort_unstable();
-                cpus.dedup();
-                cpus
-            }
-        };
+        let io_cpus = super::io_cpus_of(spec, iothreads);
         Ok(ExportShape {
             id: text("id").ok_or(format!("no 'id' in {spec}"))?,
             socket: text("socket").ok_or(format!("no 'socket' in {spec}"))?.into(),
