@@ -707,6 +707,10 @@ fn main() -> ExitCode {
             Ok(report) => {
                 print!("{}", report.table());
                 println!();
+                let layers = report.layers_table();
+                if !layers.is_empty() {
+                    println!("{layers}");
+                }
                 for line in report.verdicts() {
                     println!("{line}");
                 }

@@ -235,14 +235,7 @@ fn view(now: &[(String, Totals)], before: &HashMap<String, Totals>, seconds: f64
         .map(|(id, t1)| {
             // An export new since the last read: all it did is within the interval.
             let t0 = before.get(id).cloned().unwrap_or_default();
-            let stage_delta: Vec<(String, Buckets)> = t1
-                .stages
-                .iter()
-                .map(|(name, b1)| {
-                    let b0 = t0.stages.iter().find(|(n, _)| n == name).map(|(_, b)| b.clone());
-                    (name.clone(), b1.since(&b0.unwrap_or_default()))
-                })
-                .collect();
+            let stage_delta = stages_since(t1, &t0);
             let total_mean = stage_delta
                 .iter()
                 .find(|(n, _)| n == "total")
@@ -269,6 +262,31 @@ fn view(now: &[(String, Totals)], before: &HashMap<String, Totals>, seconds: f64
         })
         .collect();
     View { interval_s: seconds, exports, iothreads: Vec::new() }
+}
+
+/// Each stage's histogram of what was recorded after `before`.
+fn stages_since(now: &Totals, before: &Totals) -> Vec<(String, Buckets)> {
+    now.stages
+        .iter()
+        .map(|(name, b1)| {
+            let b0 = before.stages.iter().find(|(n, _)| n == name).map(|(_, b)| b.clone());
+            (name.clone(), b1.since(&b0.unwrap_or_default()))
+        })
+        .collect()
+}
+
+/// The first export's figures between two `query-stats` replies: every request's mean time
+/// at the daemon (seen → notified), and each stage's mean over the sampled requests, in µs
+/// (`blkplane bench`'s layer breakdown). `None` if no request was answered in between.
+pub fn layers_between(before: &Value, after: &Value) -> Option<(f64, Vec<(String, f64)>)> {
+    let t0 = totals(before).into_iter().next()?.1;
+    let t1 = totals(after).into_iter().next()?.1;
+    let latency = t1.latency.since(&t0.latency);
+    if latency.count == 0 {
+        return None;
+    }
+    let stages = stages_since(&t1, &t0).into_iter().map(|(n, b)| (n, b.mean_us())).collect();
+    Some((latency.mean_us(), stages))
 }
 
 /// A view as text.

@@ -61,6 +61,17 @@ fn every_target_produces_numbers() {
                         "{t}: no daemon CPU figure"
                     );
                 }
+                // blkplane's own statistics split the client's time into layers.
+                if t.starts_with("blkplane") {
+                    let l = &r["layers"];
+                    let (client, daemon) =
+                        (l["client_us"].as_f64().unwrap(), l["daemon_us"].as_f64().unwrap());
+                    assert!(daemon > 0.0 && client > daemon, "{t} {w} {mode}: {l}");
+                    assert!((l["outside_us"].as_f64().unwrap() - (client - daemon)).abs() < 1e-6);
+                    assert!(l["notify_us"].as_f64().unwrap() > 0.0, "{t} {w} {mode}: {l}");
+                } else {
+                    assert!(r.get("layers").is_none(), "{t}: layers without blkplane statistics");
+                }
             }
         }
     }
@@ -69,6 +80,7 @@ fn every_target_produces_numbers() {
     assert!(idle.iter().any(|i| i["target"] == "blkplane" && i["cpu_percent"].as_f64().is_some()));
     // The table and the verdicts are printed; the plot is an SVG.
     assert!(stdout.contains("IOPS/ref"), "{stdout}");
+    assert!(stdout.contains("Where the client's time goes"), "{stdout}");
     assert!(stdout.contains("randread-4k-qd1 poll, blkplane:"), "{stdout}");
     let plot = std::fs::read_to_string(&svg).unwrap();
     assert!(plot.starts_with("<svg") && plot.contains("blkplane-null"));

@@ -456,10 +456,35 @@ fn run_single(args: BenchArgs) -> Result<Report, BenchError> {
                 let path = daemon.map(|d| d.socket.as_path()).unwrap_or(&image);
                 let mut client =
                     workload::connect(t, path, usize::from(args.queues), w.depth, w.block_bytes)?;
+                // A blkplane daemon's statistics around the measured window (after the
+                // warm-up) give the layer breakdown.
+                let mut stats = daemon
+                    .and_then(|d| d.control.as_deref())
+                    .and_then(|c| crate::control::ControlClient::connect(c).ok());
+                if stats.is_some() && !warmup.is_zero() {
+                    workload::run(&mut client, w, mode, span, Duration::ZERO, warmup)?;
+                }
+                let warmup = if stats.is_some() { Duration::ZERO } else { warmup };
+                let query = |s: &mut Option<crate::control::ControlClient>| {
+                    s.as_mut().and_then(|c| c.call("query-stats", serde_json::json!({})).ok())
+                };
+                let stats_before = query(&mut stats);
                 let load = cpu::LoadWindow::start(&daemon_pids);
                 let cpu_before = daemon.map(|d| cpu::process_cpu_ns(d.pid()));
                 let m = workload::run(&mut client, w, mode, span, warmup, runtime)?;
                 let cpu_after = daemon.map(|d| cpu::process_cpu_ns(d.pid()));
+                // The I/O thread hands its histograms over within MERGE_EVERY of going idle.
+                if stats.is_some() {
+                    std::thread::sleep(crate::trace::MERGE_EVERY + Duration::from_millis(50));
+                }
+                let stats_after = query(&mut stats);
+                let layers = match (&stats_before, &stats_after) {
+                    (Some(b), Some(a)) => crate::stat::layers_between(&b["result"], &a["result"])
+                        .map(|(daemon_us, stages)| {
+                            report::Layers::new(m.latency_ns.mean() / 1000.0, daemon_us, &stages)
+                        }),
+                    _ => None,
+                };
                 // After the disconnect, so that the client's io_uring workers have exited
                 // and been counted as ours.
                 drop(client);
@@ -497,6 +522,7 @@ fn run_single(args: BenchArgs) -> Result<Report, BenchError> {
                     daemon_cpu_us_per_io,
                     foreign_cpus,
                     tenants: None,
+                    layers,
                 });
                 progress.done += 1;
             }

@@ -30,6 +30,44 @@ pub struct RunResult {
     /// median tenant's p50 and `p99_us` the worst tenant's p99).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tenants: Option<super::tenants::TenantFigures>,
+    /// A blkplane target's breakdown of the client's mean latency (from its statistics).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layers: Option<Layers>,
+}
+
+/// Where a request's time went, in µs (means): the client's latency, split into the
+/// daemon's stages (sampled requests: seen → parsed → submitted → completed → published →
+/// notified) and what is left outside the daemon (the client's kick and submission, the
+/// daemon's and the client's wake-ups).
+#[derive(Clone, Debug, Serialize)]
+pub struct Layers {
+    pub client_us: f64,
+    /// Every request's time at the daemon, seen → notified.
+    pub daemon_us: f64,
+    pub parse_us: f64,
+    pub submit_us: f64,
+    pub backend_us: f64,
+    pub publish_us: f64,
+    pub notify_us: f64,
+    /// `client_us - daemon_us`.
+    pub outside_us: f64,
+}
+
+impl Layers {
+    /// From the client's mean and the daemon's figures ([`crate::stat::layers_between`]).
+    pub fn new(client_us: f64, daemon_us: f64, stages: &[(String, f64)]) -> Layers {
+        let stage = |name: &str| stages.iter().find(|(n, _)| n == name).map_or(0.0, |(_, m)| *m);
+        Layers {
+            client_us,
+            daemon_us,
+            parse_us: stage("parse"),
+            submit_us: stage("submit"),
+            backend_us: stage("backend"),
+            publish_us: stage("publish"),
+            notify_us: stage("notify"),
+            outside_us: client_us - daemon_us,
+        }
+    }
 }
 
 /// CPU a daemon used while a client was connected and idle.
@@ -149,6 +187,52 @@ impl Report {
         } else {
             out.push_str("ref = host for real backends, qsd-null for null backends\n");
         }
+        out
+    }
+
+    /// The layer breakdown of every blkplane result that has one (empty if none).
+    pub fn layers_table(&self) -> String {
+        let rows: Vec<&RunResult> = self.results.iter().filter(|r| r.layers.is_some()).collect();
+        if rows.is_empty() {
+            return String::new();
+        }
+        let mut out = String::from(
+            "Where the client's time goes (means, µs; daemon stages from one request in 64):\n",
+        );
+        let _ = writeln!(
+            out,
+            "{:<18} {:<5} {:<14} {:>8} {:>8} {:>7} {:>7} {:>8} {:>8} {:>7} {:>8}",
+            "workload",
+            "mode",
+            "target",
+            "client",
+            "daemon",
+            "parse",
+            "submit",
+            "backend",
+            "publish",
+            "notify",
+            "outside"
+        );
+        for r in rows {
+            let Some(l) = &r.layers else { continue };
+            let _ = writeln!(
+                out,
+                "{:<18} {:<5} {:<14} {:>8.1} {:>8.1} {:>7.2} {:>7.2} {:>8.1} {:>8.2} {:>7.2} {:>8.1}",
+                r.workload,
+                r.mode.to_string(),
+                r.target.name(),
+                l.client_us,
+                l.daemon_us,
+                l.parse_us,
+                l.submit_us,
+                l.backend_us,
+                l.publish_us,
+                l.notify_us,
+                l.outside_us
+            );
+        }
+        out.push_str("daemon = seen in the ring until the guest is notified (every request); outside = client − daemon: the kick, the wake-ups, the client's own work\n");
         out
     }
 

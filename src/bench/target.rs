@@ -104,6 +104,8 @@ pub struct DaemonProcess {
     /// Every export's socket, one per image.
     pub sockets: Vec<PathBuf>,
     pub log_path: PathBuf,
+    /// A blkplane target's control socket (for its per-layer statistics).
+    pub control: Option<PathBuf>,
 }
 
 impl DaemonProcess {
@@ -201,6 +203,8 @@ pub fn start_daemon(spec: DaemonSpec<'_>) -> Result<DaemonProcess, BenchError> {
         })
         .collect();
     let log_path = spec.dir.join(format!("{name}.log"));
+    let control = spec.dir.join(format!("{name}.ctl"));
+    let is_blkplane = !spec.kind.is_qsd() && spec.kind != TargetKind::Host;
     let log = fs::File::create(&log_path)
         .map_err(|e| BenchError(format!("creating {}: {e}", log_path.display())))?;
     let mut cmd = match spec.kind {
@@ -217,7 +221,7 @@ pub fn start_daemon(spec: DaemonSpec<'_>) -> Result<DaemonProcess, BenchError> {
                     .map_err(|e| BenchError(format!("finding blkplane itself: {e}")))?,
             };
             let mut cmd = Command::new(exe);
-            cmd.args(["serve", "--log-level", "warn"]);
+            cmd.args(["serve", "--log-level", "warn", "--control"]).arg(&control);
             for (image, socket) in spec.images.iter().zip(&sockets) {
                 let backing = if spec.kind == TargetKind::BlkplaneNull {
                     format!("engine=null,size={}", spec.size_bytes)
@@ -287,7 +291,8 @@ pub fn start_daemon(spec: DaemonSpec<'_>) -> Result<DaemonProcess, BenchError> {
     prepare_child(&mut cmd, spec.cpus);
     let child = cmd.spawn().map_err(|e| BenchError(format!("starting {name}: {e}")))?;
     let socket = sockets[0].clone();
-    let mut daemon = DaemonProcess { child, socket, sockets, log_path };
+    let control = is_blkplane.then_some(control);
+    let mut daemon = DaemonProcess { child, socket, sockets, log_path, control };
     daemon.wait_for_sockets(name)?;
     Ok(daemon)
 }

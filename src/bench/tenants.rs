@@ -253,6 +253,7 @@ fn summarize(
             min_iops,
             each,
         }),
+        layers: None,
     }
 }
 
