@@ -154,6 +154,44 @@ pub fn thread_schedstat(tid: u32) -> Option<(u64, u64)> {
     parse_schedstat(&text)
 }
 
+/// The type of the file system `path` is on (`tmpfs`, `ext4`, ...), from the longest mount
+/// point of /proc/self/mounts that contains it.
+pub fn filesystem_of(path: &std::path::Path) -> Option<String> {
+    let path = std::fs::canonicalize(path).ok()?;
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, point, fstype) = (f.next()?, f.next()?, f.next()?);
+            // Spaces in mount points are written as \040.
+            let point = std::path::PathBuf::from(point.replace("\\040", " "));
+            path.starts_with(&point).then(|| (point.as_os_str().len(), fstype.to_string()))
+        })
+        .max_by_key(|(len, _)| *len)
+        .map(|(_, fstype)| fstype)
+}
+
+/// Now, in UTC, as `2026-11-22 22:51 UTC`.
+pub fn utc_now_text() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    // Days since 1970-01-01 to a civil date (the proleptic Gregorian calendar).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02} UTC", rest / 3600, rest % 3600 / 60)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -169,5 +207,17 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(1));
         let (cpu, _wait) = super::thread_schedstat(super::gettid()).unwrap();
         assert!(cpu >= 1_000_000, "{cpu} ns after spinning 2 ms");
+    }
+
+    #[test]
+    fn file_systems_and_dates() {
+        assert_eq!(
+            super::filesystem_of(std::path::Path::new("/proc/self")).as_deref(),
+            Some("proc")
+        );
+        let now = super::utc_now_text();
+        assert!(now.starts_with("20") && now.ends_with(" UTC") && now.len() == 20, "{now}");
+        let date = std::process::Command::new("date").args(["-u", "+%Y-%m-%d"]).output().unwrap();
+        assert_eq!(&now[..10], String::from_utf8_lossy(&date.stdout).trim());
     }
 }

@@ -100,6 +100,11 @@ pub struct BenchArgs {
     /// targets when given), e.g. the previous version, with its default settings.
     #[arg(long, value_name = "PATH")]
     pub baseline: Option<PathBuf>,
+    /// Run every cell (workload, mode, target) this many times, interleaved (each round runs
+    /// every cell once), and report the median with the spread; verdicts then say "within
+    /// noise" when the ranges overlap.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub repeat: u32,
     /// The qemu-storage-daemon binary (default: from PATH).
     #[arg(long, value_name = "PATH", default_value = "qemu-storage-daemon")]
     pub qsd: PathBuf,
@@ -224,6 +229,15 @@ fn make_image(path: &Path, size: u64) -> Result<(), BenchError> {
         written += n as u64;
     }
     f.sync_all().map_err(err)
+}
+
+/// What an image is on: `block device`, or its file system's type.
+fn image_fs(path: &Path) -> String {
+    use std::os::unix::fs::FileTypeExt;
+    if fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device()) {
+        return "block device".into();
+    }
+    crate::sys::filesystem_of(path).unwrap_or_else(|| "unknown".into())
 }
 
 fn image_size(path: &Path) -> Result<u64, BenchError> {
@@ -371,6 +385,7 @@ fn check_times(args: &BenchArgs) -> Result<(), BenchError> {
 /// The single-client benchmark: one export per target, one client at a time.
 fn run_single(args: BenchArgs) -> Result<Report, BenchError> {
     check_times(&args)?;
+    let date = crate::sys::utc_now_text();
     let mut notes = Vec::new();
     let mut targets = args.targets.clone();
     if args.baseline.is_some() && !targets.contains(&TargetKind::Baseline) {
@@ -440,7 +455,7 @@ fn run_single(args: BenchArgs) -> Result<Report, BenchError> {
     }
 
     let mut progress = Progress {
-        total: args.workloads.len() * args.modes.len() * targets.len(),
+        total: args.workloads.len() * args.modes.len() * targets.len() * args.repeat as usize,
         done: 0,
         tty: std::io::stderr().is_terminal(),
     };
@@ -448,87 +463,107 @@ fn run_single(args: BenchArgs) -> Result<Report, BenchError> {
     let warmup = Duration::from_secs_f64(args.warmup);
     let runtime = Duration::from_secs_f64(args.runtime);
     let daemon_pids: Vec<u32> = daemons.iter().map(|(_, d)| d.pid()).collect();
-    for &w in &args.workloads {
-        for &mode in &args.modes {
-            for &t in &targets {
-                progress.show(&format!("{t} {} {mode}", w.name));
-                let daemon = daemons.iter().find(|(k, _)| *k == t).map(|(_, d)| d);
-                let path = daemon.map(|d| d.socket.as_path()).unwrap_or(&image);
-                let mut client =
-                    workload::connect(t, path, usize::from(args.queues), w.depth, w.block_bytes)?;
-                // A blkplane daemon's statistics around the measured window (after the
-                // warm-up) give the layer breakdown.
-                let mut stats = daemon
-                    .and_then(|d| d.control.as_deref())
-                    .and_then(|c| crate::control::ControlClient::connect(c).ok());
-                if stats.is_some() && !warmup.is_zero() {
-                    workload::run(&mut client, w, mode, span, Duration::ZERO, warmup)?;
-                }
-                let warmup = if stats.is_some() { Duration::ZERO } else { warmup };
-                let query = |s: &mut Option<crate::control::ControlClient>| {
-                    s.as_mut().and_then(|c| c.call("query-stats", serde_json::json!({})).ok())
-                };
-                let stats_before = query(&mut stats);
-                let load = cpu::LoadWindow::start(&daemon_pids);
-                let cpu_before = daemon.map(|d| cpu::process_cpu_ns(d.pid()));
-                let m = workload::run(&mut client, w, mode, span, warmup, runtime)?;
-                let cpu_after = daemon.map(|d| cpu::process_cpu_ns(d.pid()));
-                // The I/O thread hands its histograms over within MERGE_EVERY of going idle.
-                if stats.is_some() {
-                    std::thread::sleep(crate::trace::MERGE_EVERY + Duration::from_millis(50));
-                }
-                let stats_after = query(&mut stats);
-                let layers = match (&stats_before, &stats_after) {
-                    (Some(b), Some(a)) => crate::stat::layers_between(&b["result"], &a["result"])
+    for round in 1..=args.repeat {
+        for &w in &args.workloads {
+            for &mode in &args.modes {
+                for &t in &targets {
+                    let of = if args.repeat > 1 {
+                        format!(" (round {round} of {})", args.repeat)
+                    } else {
+                        String::new()
+                    };
+                    progress.show(&format!("{t} {} {mode}{of}", w.name));
+                    let daemon = daemons.iter().find(|(k, _)| *k == t).map(|(_, d)| d);
+                    let path = daemon.map(|d| d.socket.as_path()).unwrap_or(&image);
+                    let mut client = workload::connect(
+                        t,
+                        path,
+                        usize::from(args.queues),
+                        w.depth,
+                        w.block_bytes,
+                    )?;
+                    // A blkplane daemon's statistics around the measured window (after the
+                    // warm-up) give the layer breakdown.
+                    let mut stats = daemon
+                        .and_then(|d| d.control.as_deref())
+                        .and_then(|c| crate::control::ControlClient::connect(c).ok());
+                    if stats.is_some() && !warmup.is_zero() {
+                        workload::run(&mut client, w, mode, span, Duration::ZERO, warmup)?;
+                    }
+                    let warmup = if stats.is_some() { Duration::ZERO } else { warmup };
+                    let query = |s: &mut Option<crate::control::ControlClient>| {
+                        s.as_mut().and_then(|c| c.call("query-stats", serde_json::json!({})).ok())
+                    };
+                    let stats_before = query(&mut stats);
+                    let load = cpu::LoadWindow::start(&daemon_pids);
+                    let cpu_before = daemon.map(|d| cpu::process_cpu_ns(d.pid()));
+                    let m = workload::run(&mut client, w, mode, span, warmup, runtime)?;
+                    let cpu_after = daemon.map(|d| cpu::process_cpu_ns(d.pid()));
+                    // The I/O thread hands its histograms over within MERGE_EVERY of going idle.
+                    if stats.is_some() {
+                        std::thread::sleep(crate::trace::MERGE_EVERY + Duration::from_millis(50));
+                    }
+                    let stats_after = query(&mut stats);
+                    let layers = match (&stats_before, &stats_after) {
+                        (Some(b), Some(a)) => crate::stat::layers_between(
+                            &b["result"],
+                            &a["result"],
+                        )
                         .map(|(daemon_us, stages)| {
                             report::Layers::new(m.latency_ns.mean() / 1000.0, daemon_us, &stages)
                         }),
-                    _ => None,
-                };
-                // After the disconnect, so that the client's io_uring workers have exited
-                // and been counted as ours.
-                drop(client);
-                let foreign_cpus = load.foreign_cpus();
-                let secs = m.window.as_secs_f64();
-                let iops = m.ios as f64 / secs;
-                let pct = |q: f64| m.latency_ns.value_at_quantile(q) as f64 / 1000.0;
-                let daemon_cpu_us_per_io = match (cpu_before, cpu_after) {
-                    (Some(a), Some(b)) if m.total_ios > 0 => {
-                        Some(b.saturating_sub(a) as f64 / 1000.0 / m.total_ios as f64)
-                    }
-                    _ => None,
-                };
-                if foreign_cpus > cpu::FOREIGN_LOAD_WARN_CPUS {
-                    notes.push(format!(
+                        _ => None,
+                    };
+                    // After the disconnect, so that the client's io_uring workers have exited
+                    // and been counted as ours.
+                    drop(client);
+                    let foreign_cpus = load.foreign_cpus();
+                    let secs = m.window.as_secs_f64();
+                    let iops = m.ios as f64 / secs;
+                    let pct = |q: f64| m.latency_ns.value_at_quantile(q) as f64 / 1000.0;
+                    let daemon_cpu_us_per_io = match (cpu_before, cpu_after) {
+                        (Some(a), Some(b)) if m.total_ios > 0 => {
+                            Some(b.saturating_sub(a) as f64 / 1000.0 / m.total_ios as f64)
+                        }
+                        _ => None,
+                    };
+                    if foreign_cpus > cpu::FOREIGN_LOAD_WARN_CPUS {
+                        notes.push(format!(
                         "warning: other processes used {foreign_cpus:.2} CPUs during {t} {} {mode}",
                         w.name
                     ));
+                    }
+                    if m.ios == 0 {
+                        return Err(BenchError(format!(
+                            "{t} completed no I/O in {} {mode}",
+                            w.name
+                        )));
+                    }
+                    results.push(RunResult {
+                        workload: w.name.to_string(),
+                        mode,
+                        target: t,
+                        iops,
+                        mb_per_s: iops * w.block_bytes as f64 / 1e6,
+                        p50_us: pct(0.5),
+                        p99_us: pct(0.99),
+                        p999_us: pct(0.999),
+                        mean_us: m.latency_ns.mean() / 1000.0,
+                        ios: m.ios,
+                        errors: m.errors,
+                        daemon_cpu_us_per_io,
+                        foreign_cpus,
+                        tenants: None,
+                        layers,
+                        spread: None,
+                    });
+                    progress.done += 1;
                 }
-                if m.ios == 0 {
-                    return Err(BenchError(format!("{t} completed no I/O in {} {mode}", w.name)));
-                }
-                results.push(RunResult {
-                    workload: w.name.to_string(),
-                    mode,
-                    target: t,
-                    iops,
-                    mb_per_s: iops * w.block_bytes as f64 / 1e6,
-                    p50_us: pct(0.5),
-                    p99_us: pct(0.99),
-                    p999_us: pct(0.999),
-                    mean_us: m.latency_ns.mean() / 1000.0,
-                    ios: m.ios,
-                    errors: m.errors,
-                    daemon_cpu_us_per_io,
-                    foreign_cpus,
-                    tenants: None,
-                    layers,
-                });
-                progress.done += 1;
             }
         }
     }
     progress.finish();
+    let results = report::combine_repeats(results);
     let mut idle = Vec::new();
     if args.idle > 0.0 {
         for (t, d) in
@@ -541,12 +576,14 @@ fn run_single(args: BenchArgs) -> Result<Report, BenchError> {
     drop(daemons);
     let report = Report {
         command: std::env::args().collect::<Vec<_>>().join(" "),
+        date,
         machine: machine(qsd.as_deref()),
         image: if args.image.is_some() {
             image.display().to_string()
         } else {
             format!("temporary, in {}", base_dir.display())
         },
+        image_fs: image_fs(&image),
         span_bytes: span,
         runtime_s: args.runtime,
         warmup_s: args.warmup,

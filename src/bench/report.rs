@@ -33,6 +33,73 @@ pub struct RunResult {
     /// A blkplane target's breakdown of the client's mean latency (from its statistics).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub layers: Option<Layers>,
+    /// With `--repeat`: the figures above are the medians of the runs, these their ranges.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spread: Option<Spread>,
+}
+
+/// The ranges of a cell's repeated runs.
+#[derive(Clone, Debug, Serialize)]
+pub struct Spread {
+    pub runs: usize,
+    pub iops_min: f64,
+    pub iops_max: f64,
+    pub p50_min_us: f64,
+    pub p50_max_us: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Folds repeated runs of a cell into one result: the run with the median IOPS stands for
+/// the cell (its latency percentiles, CPU and layers), with IOPS, MB/s and p50 replaced by
+/// the medians over the runs and their ranges in `spread`. Cells keep the order of their
+/// first run.
+pub fn combine_repeats(runs: Vec<RunResult>) -> Vec<RunResult> {
+    let mut cells: Vec<Vec<RunResult>> = Vec::new();
+    for r in runs {
+        match cells
+            .iter_mut()
+            .find(|c| c[0].workload == r.workload && c[0].mode == r.mode && c[0].target == r.target)
+        {
+            Some(cell) => cell.push(r),
+            None => cells.push(vec![r]),
+        }
+    }
+    cells
+        .into_iter()
+        .map(|mut cell| {
+            if cell.len() == 1 {
+                return cell.remove(0);
+            }
+            let iops: Vec<f64> = cell.iter().map(|r| r.iops).collect();
+            let p50: Vec<f64> = cell.iter().map(|r| r.p50_us).collect();
+            let spread = Spread {
+                runs: cell.len(),
+                iops_min: iops.iter().copied().fold(f64::INFINITY, f64::min),
+                iops_max: iops.iter().copied().fold(0.0, f64::max),
+                p50_min_us: p50.iter().copied().fold(f64::INFINITY, f64::min),
+                p50_max_us: p50.iter().copied().fold(0.0, f64::max),
+            };
+            let (median_iops, median_p50) = (median(iops), median(p50));
+            cell.sort_by(|a, b| a.iops.total_cmp(&b.iops));
+            let mut r = cell.swap_remove(cell.len() / 2);
+            r.mb_per_s *= median_iops / r.iops.max(1e-9);
+            r.iops = median_iops;
+            r.p50_us = median_p50;
+            r.ios = cell.iter().map(|c| c.ios).sum::<u64>() + r.ios;
+            r.errors = cell.iter().map(|c| c.errors).sum::<u64>() + r.errors;
+            r.spread = Some(spread);
+            r
+        })
+        .collect()
 }
 
 /// Where a request's time went, in µs (means): the client's latency, split into the
@@ -95,8 +162,13 @@ pub struct Machine {
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub command: String,
+    /// When the run started, in UTC.
+    pub date: String,
     pub machine: Machine,
     pub image: String,
+    /// What the image is on: a file system type (`tmpfs`, `ext4`) or `block device`. On
+    /// tmpfs the figures are the software's overhead, not a disk's.
+    pub image_fs: String,
     pub span_bytes: u64,
     pub runtime_s: f64,
     pub warmup_s: f64,
@@ -133,15 +205,37 @@ impl Report {
         groups
     }
 
+    /// Where and how the run was made, in two lines.
+    pub fn header(&self) -> String {
+        let m = &self.machine;
+        let what = if self.image_fs == "tmpfs" {
+            "tmpfs: the software's overhead, not a disk's".to_string()
+        } else {
+            self.image_fs.clone()
+        };
+        format!(
+            "blkplane bench, {}: {} CPUs ({}), kernel {}\nimage {} ({what}), {} MiB spread, {} s per cell after {} s of warm-up\n",
+            self.date,
+            m.cpus,
+            m.cpu_model,
+            m.kernel,
+            self.image,
+            self.span_bytes >> 20,
+            self.runtime_s,
+            self.warmup_s
+        )
+    }
+
     pub fn table(&self) -> String {
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "{:<18} {:<5} {:<14} {:>10} {:>8} {:>8} {:>9} {:>9} {:>8} {:>8}",
+        let mut out = self.header();
+        out.push('\n');
+        let columns = format!(
+            "{:<18} {:<5} {:<14} {:>10} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8} {:>8}",
             "workload",
             "mode",
             "target",
             "IOPS",
+            "MB/s",
             "p50 µs",
             "p99 µs",
             "p99.9 µs",
@@ -149,8 +243,10 @@ impl Report {
             "IOPS/ref",
             "p50/ref"
         );
+        let _ = writeln!(out, "{columns}");
         let with_fairness = self.tenants > 0;
         for (workload, mode) in self.groups() {
+            let _ = writeln!(out, "{}", "-".repeat(columns.chars().count()));
             for r in self.results.iter().filter(|r| r.workload == workload && r.mode == mode) {
                 let reference = self.find(&workload, mode, self.reference(r.target));
                 let ratio = |a: f64, b: Option<f64>| match b {
@@ -166,13 +262,21 @@ impl Report {
                 if let (true, Some(t)) = (with_fairness, &r.tenants) {
                     let _ = write!(errors, "  fairness {:.2}", t.fairness);
                 }
+                if let Some(sp) = &r.spread {
+                    let _ = write!(
+                        errors,
+                        "  {} runs: IOPS {:.0}–{:.0}, p50 {:.1}–{:.1}",
+                        sp.runs, sp.iops_min, sp.iops_max, sp.p50_min_us, sp.p50_max_us
+                    );
+                }
                 let _ = writeln!(
                     out,
-                    "{:<18} {:<5} {:<14} {:>10.0} {:>8.1} {:>8.1} {:>9.1} {:>9} {:>8} {:>8}{flag}{errors}",
+                    "{:<18} {:<5} {:<14} {:>10.0} {:>8.1} {:>8.1} {:>8.1} {:>9.1} {:>9} {:>8} {:>8}{flag}{errors}",
                     r.workload,
                     r.mode.to_string(),
                     r.target.name(),
                     r.iops,
+                    r.mb_per_s,
                     r.p50_us,
                     r.p99_us,
                     r.p999_us,
@@ -259,20 +363,37 @@ impl Report {
                     Some(q) if q.p50_us > 0.0 && q.iops > 0.0 => {
                         let lat = b.p50_us / q.p50_us;
                         let iops = b.iops / q.iops;
-                        let word = if lat < 0.97 {
-                            "faster"
+                        // Repeated runs whose p50 ranges overlap cannot be told apart.
+                        let overlap = match (&b.spread, &q.spread) {
+                            (Some(x), Some(y)) => {
+                                x.p50_min_us <= y.p50_max_us && y.p50_min_us <= x.p50_max_us
+                            }
+                            _ => false,
+                        };
+                        let word = if overlap {
+                            "within noise of"
+                        } else if lat < 0.97 {
+                            "faster than"
                         } else if lat > 1.03 {
-                            "slower"
+                            "slower than"
                         } else {
-                            "as fast"
+                            "as fast as"
                         };
                         let _ = write!(
                             line,
-                            "{word} than {} (p50 {:.2}x, IOPS {:.2}x)",
+                            "{word} {} (p50 {:.2}x, IOPS {:.2}x",
                             theirs.name(),
                             lat,
                             iops
                         );
+                        if let (Some(x), Some(y)) = (&b.spread, &q.spread) {
+                            let _ = write!(
+                                line,
+                                "; p50 over {} runs {:.1}–{:.1} µs against {:.1}–{:.1} µs",
+                                x.runs, x.p50_min_us, x.p50_max_us, y.p50_min_us, y.p50_max_us
+                            );
+                        }
+                        line.push(')');
                     }
                     _ => line.push_str("no qemu-storage-daemon figure to compare with"),
                 }
@@ -427,5 +548,109 @@ fn human(v: f64) -> String {
         format!("{v:.0}")
     } else {
         format!("{v:.1}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(target: TargetKind, iops: f64, p50_us: f64) -> RunResult {
+        RunResult {
+            workload: "randread-4k-qd1".into(),
+            mode: ClientMode::Poll,
+            target,
+            iops,
+            mb_per_s: iops * 4096.0 / 1e6,
+            p50_us,
+            p99_us: p50_us * 2.0,
+            p999_us: p50_us * 3.0,
+            mean_us: p50_us,
+            ios: 100,
+            errors: 0,
+            daemon_cpu_us_per_io: None,
+            foreign_cpus: 0.0,
+            tenants: None,
+            layers: None,
+            spread: None,
+        }
+    }
+
+    fn report(results: Vec<RunResult>) -> Report {
+        Report {
+            command: String::new(),
+            date: "2026-11-22 22:51 UTC".into(),
+            machine: Machine {
+                cpus: 2,
+                cpu_model: "x".into(),
+                kernel: "6.1".into(),
+                qsd_version: None,
+            },
+            image: "temporary, in /dev/shm".into(),
+            image_fs: "tmpfs".into(),
+            span_bytes: 1 << 30,
+            runtime_s: 4.0,
+            warmup_s: 0.5,
+            queues: 1,
+            tenants: 0,
+            results,
+            idle: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn repeated_runs_become_medians_with_their_spread() {
+        let runs = vec![
+            result(TargetKind::Blkplane, 100.0, 10.0),
+            result(TargetKind::Qsd, 90.0, 11.0),
+            result(TargetKind::Blkplane, 300.0, 8.0),
+            result(TargetKind::Qsd, 95.0, 12.0),
+            result(TargetKind::Blkplane, 200.0, 9.0),
+            result(TargetKind::Qsd, 80.0, 13.0),
+        ];
+        let cells = combine_repeats(runs);
+        assert_eq!(cells.len(), 2);
+        let b = &cells[0];
+        assert_eq!((b.target, b.iops, b.p50_us, b.ios), (TargetKind::Blkplane, 200.0, 9.0, 300));
+        let sp = b.spread.as_ref().unwrap();
+        assert_eq!(
+            (sp.runs, sp.iops_min, sp.iops_max, sp.p50_min_us, sp.p50_max_us),
+            (3, 100.0, 300.0, 8.0, 10.0)
+        );
+    }
+
+    #[test]
+    fn verdicts_say_within_noise_when_ranges_overlap() {
+        // Ranges 8–10 µs and 9.5–12 µs overlap: no verdict either way.
+        let runs = vec![
+            result(TargetKind::Blkplane, 100.0, 8.0),
+            result(TargetKind::Qsd, 90.0, 9.5),
+            result(TargetKind::Blkplane, 100.0, 10.0),
+            result(TargetKind::Qsd, 90.0, 12.0),
+        ];
+        let r = report(combine_repeats(runs));
+        assert_eq!(
+            r.verdicts()[0],
+            "randread-4k-qd1 poll, blkplane: within noise of qsd (p50 0.84x, IOPS 1.11x; p50 over 2 runs 8.0–10.0 µs against 9.5–12.0 µs)"
+        );
+        // Apart: a verdict; equal single runs: "as fast as" (not "as fast than").
+        let r = report(vec![
+            result(TargetKind::Blkplane, 100.0, 10.0),
+            result(TargetKind::Qsd, 100.0, 10.1),
+        ]);
+        assert_eq!(
+            r.verdicts()[0],
+            "randread-4k-qd1 poll, blkplane: as fast as qsd (p50 0.99x, IOPS 1.00x)"
+        );
+        let r = report(vec![
+            result(TargetKind::Blkplane, 100.0, 5.0),
+            result(TargetKind::Qsd, 50.0, 10.0),
+        ]);
+        assert!(r.verdicts()[0].contains(": faster than qsd (p50 0.50x, IOPS 2.00x)"));
+        // The table has the run header, MB/s and a separator per group.
+        let table = r.table();
+        assert!(table.starts_with("blkplane bench, 2026-11-22 22:51 UTC: 2 CPUs (x), kernel 6.1\nimage temporary, in /dev/shm (tmpfs: the software's overhead, not a disk's)"), "{table}");
+        assert!(table.contains("MB/s") && table.contains("\n-----"), "{table}");
     }
 }

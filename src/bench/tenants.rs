@@ -254,6 +254,7 @@ fn summarize(
             each,
         }),
         layers: None,
+        spread: None,
     }
 }
 
@@ -309,6 +310,7 @@ fn measure_idle(
 
 /// `blkplane bench --tenants N`.
 pub fn run(args: super::BenchArgs, tenants: usize) -> Result<Report, BenchError> {
+    let date = crate::sys::utc_now_text();
     let mut notes = Vec::new();
     if args.image.is_some() {
         return Err(BenchError(
@@ -401,8 +403,10 @@ pub fn run(args: super::BenchArgs, tenants: usize) -> Result<Report, BenchError>
     drop(daemons);
     Ok(Report {
         command: std::env::args().collect::<Vec<_>>().join(" "),
+        date,
         machine: super::machine(qsd.as_deref()),
         image: format!("{tenants} temporary images, in {}", base_dir.display()),
+        image_fs: super::image_fs(&base_dir),
         span_bytes: span,
         runtime_s: args.runtime,
         warmup_s: args.warmup,
