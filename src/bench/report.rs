@@ -94,8 +94,8 @@ pub fn combine_repeats(runs: Vec<RunResult>) -> Vec<RunResult> {
             r.mb_per_s *= median_iops / r.iops.max(1e-9);
             r.iops = median_iops;
             r.p50_us = median_p50;
-            r.ios = cell.iter().map(|c| c.ios).sum::<u64>() + r.ios;
-            r.errors = cell.iter().map(|c| c.errors).sum::<u64>() + r.errors;
+            r.ios += cell.iter().map(|c| c.ios).sum::<u64>();
+            r.errors += cell.iter().map(|c| c.errors).sum::<u64>();
             r.spread = Some(spread);
             r
         })
