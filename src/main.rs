@@ -705,17 +705,22 @@ fn main() -> ExitCode {
         },
         Command::Bench(args) => match blkplane::bench::run(*args) {
             Ok(report) => {
-                print!("{}", report.table());
-                println!();
-                let layers = report.layers_table();
-                if !layers.is_empty() {
-                    println!("{layers}");
-                }
-                for line in report.verdicts() {
-                    println!("{line}");
-                }
-                for note in &report.notes {
-                    println!("{note}");
+                for (i, r) in std::iter::once(&report).chain(report.disk.as_deref()).enumerate() {
+                    if i > 0 {
+                        println!("\nThe same on a disk:\n");
+                    }
+                    print!("{}", r.table());
+                    println!();
+                    let layers = r.layers_table();
+                    if !layers.is_empty() {
+                        println!("{layers}");
+                    }
+                    for line in r.verdicts() {
+                        println!("{line}");
+                    }
+                    for note in &r.notes {
+                        println!("{note}");
+                    }
                 }
                 ExitCode::SUCCESS
             }

@@ -84,6 +84,22 @@ fn every_target_produces_numbers() {
     assert!(stdout.contains("randread-4k-qd1 poll, blkplane:"), "{stdout}");
     let plot = std::fs::read_to_string(&svg).unwrap();
     assert!(plot.starts_with("<svg") && plot.contains("blkplane-null"));
+    // A title saying where it ran, a panel per workload and mode, values on the bars, the
+    // null backends apart; and it renders.
+    assert!(plot.contains(&format!("blkplane bench, {}", report["date"].as_str().unwrap())));
+    assert!(plot.contains(&format!("kernel {}", report["machine"]["kernel"].as_str().unwrap())));
+    assert_eq!(plot.matches("randread-4k-qd32 · poll").count(), if have_qsd() { 4 } else { 3 });
+    assert!(plot.contains("Null backends, IOPS"));
+    let png = dir.path().join("bench.png");
+    let rendered = Command::new("rsvg-convert").arg("-o").arg(&png).arg(&svg).output();
+    let rendered = rendered.expect("rsvg-convert (Debian's librsvg2-bin)");
+    assert!(rendered.status.success(), "{}", String::from_utf8_lossy(&rendered.stderr));
+    let png_bytes = std::fs::read(&png).unwrap();
+    assert_eq!(&png_bytes[..8], b"\x89PNG\r\n\x1a\n");
+    let width = u32::from_be_bytes(png_bytes[16..20].try_into().unwrap());
+    let height = u32::from_be_bytes(png_bytes[20..24].try_into().unwrap());
+    assert!(width >= 800 && height > 1000, "{width}x{height}");
+    std::fs::remove_file(&png).unwrap();
     // Everything it created is gone: only our own files remain in the directory.
     let mut left: Vec<_> =
         std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
@@ -137,4 +153,59 @@ fn bad_input_fails_cleanly() {
     assert_eq!(out.status.code(), Some(2));
     let out = Command::new(BIN).args(["bench", "--cpus", "0"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// Without --dir the image is on tmpfs; the run is made again on a disk (/var/tmp here, ext4)
+/// without the null backends, and --repeat gives medians with their ranges.
+#[test]
+fn a_default_run_also_measures_a_disk_and_repeats_give_ranges() {
+    let dir = tmpdir();
+    let json = dir.path().join("bench.json");
+    let run = |extra: &[&str]| {
+        let out = Command::new(BIN)
+            .args(["bench", "--size", "16M", "--runtime", "0.2", "--warmup", "0.05", "--idle", "0"])
+            .args([
+                "--workloads",
+                "randread-4k-qd1",
+                "--modes",
+                "poll",
+                "--targets",
+                "blkplane,blkplane-null",
+            ])
+            .args(extra)
+            .arg("--json")
+            .arg(&json)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        (stdout, report)
+    };
+    let (stdout, report) = run(&["--repeat", "2"]);
+    assert_eq!(report["image_fs"], "tmpfs");
+    assert!(stdout.contains("(tmpfs: the software's overhead, not a disk's)"), "{stdout}");
+    let disk = &report["disk"];
+    assert_eq!(disk["image_fs"], "ext4", "{report}");
+    assert!(disk["image"].as_str().unwrap().contains("/var/tmp"));
+    // The disk run has no null backends: they touch no disk.
+    let targets: Vec<&str> =
+        disk["results"].as_array().unwrap().iter().map(|r| r["target"].as_str().unwrap()).collect();
+    assert_eq!(targets, ["blkplane"]);
+    assert!(stdout.contains("The same on a disk:"), "{stdout}");
+    for r in report["results"].as_array().unwrap().iter().chain(disk["results"].as_array().unwrap())
+    {
+        let spread = &r["spread"];
+        assert_eq!(spread["runs"], 2, "{r}");
+        let (lo, hi, mid) = (
+            spread["iops_min"].as_f64().unwrap(),
+            spread["iops_max"].as_f64().unwrap(),
+            r["iops"].as_f64().unwrap(),
+        );
+        assert!(lo <= mid && mid <= hi, "{r}");
+    }
+    // --disk-dir none: the tmpfs run only.
+    let (_, report) = run(&["--disk-dir", "none"]);
+    assert!(report.get("disk").is_none(), "{report}");
 }

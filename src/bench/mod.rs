@@ -3,6 +3,7 @@
 //! in userspace (libblkio). Every performance figure of the project comes from here.
 
 pub mod cpu;
+pub mod plot;
 pub mod report;
 pub mod target;
 pub mod tenants;
@@ -32,7 +33,7 @@ impl fmt::Display for BenchError {
 
 impl std::error::Error for BenchError {}
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
     /// Benchmark this image or block device instead of a temporary one. The write workload
     /// overwrites data in it.
@@ -42,6 +43,12 @@ pub struct BenchArgs {
     /// shows). Its filesystem must support O_DIRECT.
     #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,
+    /// Without --image or --dir the image is on tmpfs, which shows the software's overhead
+    /// but not what a disk does: the run is then made again, without the null backends, on
+    /// an image in this directory (default: /var/tmp, when it is on a disk file system that
+    /// takes O_DIRECT; `none` skips it).
+    #[arg(long, value_name = "DIR")]
+    pub disk_dir: Option<PathBuf>,
     /// Bytes the workloads spread over (suffixes K, M, G); the size of a temporary image.
     #[arg(long, value_name = "BYTES", default_value = "1G", value_parser = parse_size_arg)]
     pub size: u64,
@@ -179,6 +186,23 @@ fn start_daemons(
         daemons.push((t, d));
     }
     Ok(daemons)
+}
+
+/// Where the second run on a real disk goes (see `--disk-dir`): only when the image is a
+/// temporary one in the default place, tmpfs.
+fn disk_run_dir(args: &BenchArgs) -> Option<PathBuf> {
+    if args.image.is_some() || args.dir.is_some() || args.tenants.is_some() {
+        return None;
+    }
+    match &args.disk_dir {
+        Some(d) if d.as_os_str() == "none" => None,
+        Some(d) => Some(d.clone()),
+        None => {
+            let d = PathBuf::from("/var/tmp");
+            let on_disk = crate::sys::filesystem_of(&d).is_some_and(|fs| fs != "tmpfs");
+            (on_disk && check_direct_io(&d).is_ok()).then_some(d)
+        }
+    }
 }
 
 /// Where temporary images go: `--dir`, else /dev/shm (a tmpfs), else the temporary directory.
@@ -351,12 +375,29 @@ fn measure_idle(
 /// Runs the benchmark and returns its report (written as JSON and SVG if asked).
 pub fn run(args: BenchArgs) -> Result<Report, BenchError> {
     let (json, plot) = (args.json.clone(), args.plot.clone());
+    let disk_dir = disk_run_dir(&args);
     let report = match args.tenants {
         Some(n) => {
             check_times(&args)?;
             tenants::run(args, usize::from(n))?
         }
-        None => run_single(args)?,
+        None => {
+            let disk_args = disk_dir.map(|dir| BenchArgs {
+                dir: Some(dir),
+                targets: args.targets.iter().copied().filter(|t| !t.is_null()).collect(),
+                idle: 0.0,
+                ..args.clone()
+            });
+            let mut report = run_single(args)?;
+            if let Some(disk_args) = disk_args.filter(|a| !a.targets.is_empty()) {
+                eprintln!(
+                    "again on a disk, in {}",
+                    disk_args.dir.as_deref().unwrap_or(Path::new("?")).display()
+                );
+                report.disk = Some(Box::new(run_single(disk_args)?));
+            }
+            report
+        }
     };
     if let Some(path) = &json {
         let text = serde_json::to_string_pretty(&report).map_err(|e| BenchError(e.to_string()))?;
@@ -592,6 +633,7 @@ fn run_single(args: BenchArgs) -> Result<Report, BenchError> {
         results,
         idle,
         notes,
+        disk: None,
     };
     Ok(report)
 }

@@ -178,6 +178,9 @@ pub struct Report {
     pub results: Vec<RunResult>,
     pub idle: Vec<IdleResult>,
     pub notes: Vec<String>,
+    /// The same run on a disk, when the image above was on tmpfs (see `--disk-dir`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk: Option<Box<Report>>,
 }
 
 impl Report {
@@ -423,131 +426,9 @@ impl Report {
         lines
     }
 
-    /// IOPS (top) and p50 latency with a p99 whisker (bottom), grouped by workload and mode.
+    /// The run as an SVG (see `plot.rs`).
     pub fn svg(&self) -> String {
-        let groups = self.groups();
-        let targets: Vec<TargetKind> = TargetKind::ALL
-            .into_iter()
-            .filter(|t| self.results.iter().any(|r| r.target == *t))
-            .collect();
-        let colors = [
-            "#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c",
-        ];
-        let bar_w = 14.0;
-        let group_w = bar_w * targets.len() as f64 + 18.0;
-        let left = 70.0;
-        let chart_h = 220.0;
-        let width = left + group_w * groups.len() as f64 + 150.0;
-        let height = 2.0 * chart_h + 200.0;
-        let mut s = String::new();
-        let _ = writeln!(
-            s,
-            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" font-family="sans-serif" font-size="11">"#
-        );
-        let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
-        type Value = fn(&RunResult) -> (f64, Option<f64>);
-        let panels: [(&str, f64, Value); 2] = [
-            ("IOPS", 30.0, |r| (r.iops, None)),
-            ("latency p50 (bar) and p99 (line), µs", 30.0 + chart_h + 90.0, |r| {
-                (r.p50_us, Some(r.p99_us))
-            }),
-        ];
-        for (title, top, value) in panels {
-            let max = self
-                .results
-                .iter()
-                .map(|r| {
-                    let (v, w) = value(r);
-                    w.unwrap_or(v).max(v)
-                })
-                .fold(0.0f64, f64::max)
-                .max(1e-9);
-            let _ = writeln!(
-                s,
-                r#"<text x="{left}" y="{:.0}" font-size="13">{title}</text>"#,
-                top - 10.0
-            );
-            let base = top + chart_h;
-            let _ = writeln!(
-                s,
-                r##"<line x1="{left}" y1="{base}" x2="{:.0}" y2="{base}" stroke="#333"/>"##,
-                width - 150.0
-            );
-            for tick in 0..=4 {
-                let v = max * tick as f64 / 4.0;
-                let y = base - chart_h * tick as f64 / 4.0;
-                let _ = writeln!(
-                    s,
-                    r##"<text x="{:.0}" y="{y:.0}" text-anchor="end" fill="#555">{}</text>"##,
-                    left - 5.0,
-                    human(v)
-                );
-                let _ = writeln!(
-                    s,
-                    r##"<line x1="{left}" y1="{y:.0}" x2="{:.0}" y2="{y:.0}" stroke="#ddd"/>"##,
-                    width - 150.0
-                );
-            }
-            for (gi, (workload, mode)) in groups.iter().enumerate() {
-                let gx = left + 9.0 + gi as f64 * group_w;
-                for (ti, t) in targets.iter().enumerate() {
-                    let Some(r) = self.find(workload, *mode, *t) else { continue };
-                    let (v, whisker) = value(r);
-                    let h = chart_h * v / max;
-                    let x = gx + ti as f64 * bar_w;
-                    let _ = writeln!(
-                        s,
-                        r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{h:.1}" fill="{}"><title>{} {} {}: {}</title></rect>"#,
-                        base - h,
-                        bar_w - 2.0,
-                        colors[ti % colors.len()],
-                        workload,
-                        mode,
-                        t.name(),
-                        human(v)
-                    );
-                    if let Some(w) = whisker {
-                        let wy = base - chart_h * w / max;
-                        let _ = writeln!(
-                            s,
-                            r##"<line x1="{x:.1}" y1="{wy:.1}" x2="{:.1}" y2="{wy:.1}" stroke="#000" stroke-width="2"/>"##,
-                            x + bar_w - 2.0
-                        );
-                    }
-                }
-                let _ = writeln!(
-                    s,
-                    r#"<text transform="translate({:.1},{:.1}) rotate(35)">{workload} {mode}</text>"#,
-                    gx,
-                    base + 12.0
-                );
-            }
-        }
-        for (ti, t) in targets.iter().enumerate() {
-            let y = 40.0 + ti as f64 * 18.0;
-            let x = width - 140.0;
-            let _ = writeln!(
-                s,
-                r#"<rect x="{x}" y="{:.0}" width="12" height="12" fill="{}"/>"#,
-                y - 10.0,
-                colors[ti % colors.len()]
-            );
-            let _ = writeln!(s, r#"<text x="{:.0}" y="{y:.0}">{}</text>"#, x + 18.0, t.name());
-        }
-        s.push_str("</svg>\n");
-        s
-    }
-}
-
-fn human(v: f64) -> String {
-    if v >= 1e6 {
-        format!("{:.2}M", v / 1e6)
-    } else if v >= 1e4 {
-        format!("{:.0}k", v / 1e3)
-    } else if v >= 100.0 {
-        format!("{v:.0}")
-    } else {
-        format!("{v:.1}")
+        super::plot::svg(self)
     }
 }
 
@@ -596,6 +477,7 @@ mod tests {
             results,
             idle: Vec::new(),
             notes: Vec::new(),
+            disk: None,
         }
     }
 

@@ -415,5 +415,6 @@ pub fn run(args: super::BenchArgs, tenants: usize) -> Result<Report, BenchError>
         results,
         idle,
         notes,
+        disk: None,
     })
 }
