@@ -129,7 +129,8 @@ fn bad_requests_get_the_right_status_and_change_nothing() {
         assert_eq!(c.used_len, 1, "{what}: only the status byte was written");
     }
     // Discard: the unmap flag is not allowed (UNSUPP); a range past the end is IOERR; two
-    // segments when we advertise one is IOERR.
+    // segments when we advertise one is UNSUPP (as QEMU answers), a segment and a half IOERR,
+    // as is a sector count over the advertised maximum.
     let seg = |sector: u64, n: u32, flags: u32| {
         let mut v = sector.to_le_bytes().to_vec();
         v.extend(n.to_le_bytes());
@@ -141,7 +142,10 @@ fn bad_requests_get_the_right_status_and_change_nothing() {
     assert_eq!(fe.request(0, T_DISCARD, 0, &seg(SECTORS - 4, 8, 0), 0).0.status, S_IOERR);
     let mut two = seg(0, 8, 0);
     two.extend(seg(16, 8, 0));
-    assert_eq!(fe.request(0, T_WRITE_ZEROES, 0, &two, 0).0.status, S_IOERR);
+    assert_eq!(fe.request(0, T_WRITE_ZEROES, 0, &two, 0).0.status, S_UNSUPP);
+    assert_eq!(fe.request(0, T_DISCARD, 0, &two, 0).0.status, S_UNSUPP);
+    assert_eq!(fe.request(0, T_DISCARD, 0, &two[..24], 0).0.status, S_IOERR);
+    assert_eq!(fe.request(0, T_DISCARD, 0, &seg(0, u32::MAX, 0), 0).0.status, S_IOERR);
 
     // A header shorter than 16 bytes.
     fe.ram.write(HEADER_AREA, &header(T_IN, 0));

@@ -122,6 +122,9 @@ pub enum RequestError {
     ReadOnly,
     /// Discard / write-zeroes payload not one well-formed segment.
     BadSegments,
+    /// Discard / write-zeroes with more segments than the device offers (1): something this
+    /// device does not do, as QEMU answers it.
+    TooManySegments(u64),
     /// Discard with the unmap flag, or a segment flag we do not know.
     UnsupportedFlags,
     /// The host failed the I/O (positive errno).
@@ -139,7 +142,9 @@ impl RequestError {
     /// The status byte for this error. No wildcard: a new variant must choose its byte.
     pub fn status(&self) -> u8 {
         match self {
-            RequestError::UnsupportedType(_) | RequestError::UnsupportedFlags => status::UNSUPP,
+            RequestError::UnsupportedType(_)
+            | RequestError::UnsupportedFlags
+            | RequestError::TooManySegments(_) => status::UNSUPP,
             RequestError::HeaderTooShort
             | RequestError::NoStatusByte
             | RequestError::BadBuffers
@@ -185,6 +190,9 @@ impl fmt::Display for RequestError {
             }
             RequestError::ReadOnly => write!(f, "write to a read-only export"),
             RequestError::BadSegments => write!(f, "malformed discard/write-zeroes segment"),
+            RequestError::TooManySegments(n) => {
+                write!(f, "{n} discard/write-zeroes segments; the device takes 1")
+            }
             RequestError::UnsupportedFlags => write!(f, "unsupported segment flags"),
             RequestError::Host(errno) => {
                 write!(f, "host I/O error: {}", std::io::Error::from_raw_os_error(*errno))
@@ -325,9 +333,15 @@ fn parse_usable(
                 return Err(RequestError::ReadOnly);
             }
             let payload = &chain.iov[readable_payload];
-            // We advertise max_discard_seg = max_write_zeroes_seg = 1.
-            if total_len(payload) != SEGMENT_BYTES as u64 {
+            // We advertise max_discard_seg = max_write_zeroes_seg = 1. More whole segments
+            // ask for what the device does not do (UNSUPP, as QEMU answers); a payload that
+            // is not whole segments is malformed (IOERR).
+            let payload_bytes = total_len(payload);
+            if payload_bytes == 0 || !payload_bytes.is_multiple_of(SEGMENT_BYTES as u64) {
                 return Err(RequestError::BadSegments);
+            }
+            if payload_bytes > SEGMENT_BYTES as u64 {
+                return Err(RequestError::TooManySegments(payload_bytes / SEGMENT_BYTES as u64));
             }
             let mut seg = [0u8; SEGMENT_BYTES];
             copy_from_guest(payload, 0, &mut seg);
