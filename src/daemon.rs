@@ -85,7 +85,7 @@ fn info_of(e: &Export) -> ExportInfo {
     let poll = disk.poll.get();
     ExportInfo {
         id: e.id.clone(),
-        socket: e.config.socket.display().to_string(),
+        socket: e.server.socket_path().display().to_string(),
         backend: match &e.config.backend {
             BackendSpec::Image(p) => p.display().to_string(),
             BackendSpec::Null { .. } => "null".into(),
@@ -115,6 +115,10 @@ fn running_config(e: &Export) -> ExportConfig {
     let disk = e.server.disk();
     let mut config = e.config.clone();
     config.id = Some(e.id.clone());
+    // An inherited socket with a path is shown by it (a later daemon can bind it).
+    if config.socket.as_os_str().is_empty() && e.server.socket_path().is_absolute() {
+        config.socket = e.server.socket_path().to_path_buf();
+    }
     if let BackendSpec::Null { size_bytes } = &mut config.backend {
         *size_bytes = disk.capacity_bytes();
     }
@@ -122,6 +126,18 @@ fn running_config(e: &Export) -> ExportConfig {
         config.poll = disk.poll.get();
     }
     config
+}
+
+/// Where an export listens, for its log lines and `list-exports`: its `socket=`, or the path
+/// of its inherited socket (`socket-fd:N` if it has none), checked to be a listening one.
+fn socket_path_of(c: &ExportConfig) -> Result<std::path::PathBuf, String> {
+    match c.socket_fd {
+        None => Ok(c.socket.clone()),
+        Some(fd) => {
+            let path = crate::sys::inspect_listening_socket(fd)?;
+            Ok(if path.as_os_str().is_empty() { format!("socket-fd:{fd}").into() } else { path })
+        }
+    }
 }
 
 /// Stops an export's server thread (its frontend is hung up on, queues drained).
@@ -225,7 +241,8 @@ impl Daemon {
                     format!("an export with id '{id}' exists already"),
                 ));
             }
-            if sockets.contains(&c.socket) {
+            // (An inherited socket has no path here; its descriptor is taken only once.)
+            if !c.socket.as_os_str().is_empty() && sockets.contains(&c.socket) {
                 return Err(ControlError::new(
                     "exists",
                     format!("socket {} is given to two exports", c.socket.display()),
@@ -250,22 +267,27 @@ impl Daemon {
             let placement = self.iothreads.placement(&c.iothread).map_err(|e| {
                 ControlError::new("not-found", format!("iothread={}: {e}", c.iothread))
             })?;
-            let c = ExportConfig { id: Some(id.clone()), ..c.clone() };
-            disks.push(
-                Disk::open(&c, placement)
-                    .map_err(|e| ControlError::new("open-failed", e.to_string()))?,
-            );
+            let socket = socket_path_of(c).map_err(|e| ControlError::new("bind-failed", e))?;
+            let c = ExportConfig { id: Some(id.clone()), socket: socket.clone(), ..c.clone() };
+            let disk = Disk::open(&c, placement)
+                .map_err(|e| ControlError::new("open-failed", e.to_string()))?;
+            disks.push((disk, socket));
         }
         let mut servers = Vec::with_capacity(named.len());
-        for ((_, c), disk) in named.iter().zip(disks) {
-            let listener =
-                bind_socket(&c.socket).map_err(|e| ControlError::new("bind-failed", e))?;
-            let server = ExportServer::new(Arc::new(disk), c.socket.clone(), listener)
+        for ((_, c), (disk, socket)) in named.iter().zip(disks) {
+            let bind_failed = |e| ControlError::new("bind-failed", e);
+            let (listener, owns_path) = match c.socket_fd {
+                Some(fd) => (crate::sys::take_listening_socket(fd).map_err(bind_failed)?, false),
+                None => (bind_socket(&c.socket).map_err(bind_failed)?, true),
+            };
+            let server = ExportServer::new(Arc::new(disk), socket, listener, owns_path)
                 .map_err(|e| ControlError::new("failed", e.to_string()))?;
             // The server removes its socket when dropped, also on the failures below.
             let server = Arc::new(server);
-            apply_socket_access(&c.socket, &c.socket_access)
-                .map_err(|e| ControlError::new("bind-failed", e))?;
+            // An inherited socket's permissions are its parent's choice.
+            if owns_path {
+                apply_socket_access(&c.socket, &c.socket_access).map_err(bind_failed)?;
+            }
             servers.push(server);
         }
         let mut started = Vec::with_capacity(servers.len());
@@ -325,7 +347,8 @@ impl Daemon {
             .exports()
             .iter()
             .filter(|e| previous.contains(&e.id))
-            .map(|e| (e.id.clone(), e.config.clone()))
+            // A socket systemd handed over (LISTEN_FDS) is not in the file: compare without.
+            .map(|e| (e.id.clone(), ExportConfig { socket_fd: None, ..e.config.clone() }))
             .collect();
         // An entry of the file is the running export with its id, or (without one) its socket.
         let matches = |c: &ExportConfig, id: &str, r: &ExportConfig| match &c.id {

@@ -55,6 +55,10 @@ pub struct ExportConfig {
     pub socket_access: SocketAccess,
     /// What the guest's discards do (`discard=`).
     pub discard: DiscardMode,
+    /// A listening Unix socket inherited from the parent (`socket-fd=N`, or systemd's
+    /// LISTEN_FDS matched by id) to serve on instead of binding `socket`; its path is left
+    /// alone when the export goes. `socket` is then its path, for display.
+    pub socket_fd: Option<i32>,
 }
 
 /// `discard=`: whether the guest's discards free the backing's blocks.
@@ -102,7 +106,8 @@ pub const MAX_QUEUE_SIZE: u16 = 1024;
 /// The keys `--export` understands, for help text and error messages.
 pub const EXPORT_KEYS: &str = "id, socket, image, engine, size, queues, queue-size, cache, aio, \
 readonly, serial, iothread, poll, poll-max-us, cpus, stats, force-share, logical-block-size, \
-physical-block-size, max-guest-memory, socket-mode, socket-group, socket-owner, incoming, discard";
+physical-block-size, max-guest-memory, socket-mode, socket-group, socket-owner, incoming, discard, \
+socket-fd";
 
 /// qemu-storage-daemon's names for keys that mean the same here (`--export` of type
 /// vhost-user-blk), so that its users' specs work: theirs → ours. `writable` is the opposite
@@ -312,7 +317,14 @@ impl ExportConfig {
         if let Some(id) = &self.id {
             pairs.push(("id", Str(id.clone())));
         }
-        pairs.push(("socket", path(&self.socket)));
+        // An inherited socket is shown (and dumped) by its path when it has one: a later
+        // daemon binds that path itself.
+        match self.socket_fd {
+            Some(fd) if self.socket.as_os_str().is_empty() => {
+                pairs.push(("socket-fd", Int(fd as u64)))
+            }
+            _ => pairs.push(("socket", path(&self.socket))),
+        }
         match &self.backend {
             BackendSpec::Image(p) => {
                 pairs.push(("image", path(p)));
@@ -387,6 +399,7 @@ impl ExportConfig {
         let mut max_guest_memory_bytes = DEFAULT_MAX_GUEST_MEMORY_BYTES;
         let mut socket_access = SocketAccess::default();
         let mut discard = DiscardMode::default();
+        let mut socket_fd = None;
         let mut seen = Vec::new();
         let mut iothread = None;
         let mut thread_keys = Vec::new();
@@ -417,6 +430,10 @@ impl ExportConfig {
                     id = Some(value);
                 }
                 "socket" => socket = Some(PathBuf::from(&value)),
+                "socket-fd" => match value.parse::<i32>() {
+                    Ok(fd) if fd >= 0 => socket_fd = Some(fd),
+                    _ => return err(format!("socket-fd={value}: a descriptor number")),
+                },
                 "image" => image = Some(PathBuf::from(&value)),
                 "engine" => match value.as_str() {
                     "null" => engine = Some(EngineKind::Null),
@@ -542,9 +559,12 @@ impl ExportConfig {
                 ))
             }
         };
-        let socket = match socket {
-            Some(s) if !s.as_os_str().is_empty() => s,
-            _ => return err("missing socket=PATH"),
+        let socket = match (socket, socket_fd) {
+            (Some(_), Some(_)) => return err("socket= and socket-fd= exclude each other"),
+            (Some(s), None) if !s.as_os_str().is_empty() => s,
+            // The inherited socket's path is looked up when the export opens.
+            (None, Some(_)) => PathBuf::new(),
+            _ => return err("missing socket=PATH (or socket-fd=N)"),
         };
         let backend = match (image, engine, size) {
             (Some(_), Some(_), _) => return err("image= and engine=null exclude each other"),
@@ -585,6 +605,7 @@ impl ExportConfig {
             max_guest_memory_bytes,
             socket_access,
             discard,
+            socket_fd,
         })
     }
 }
@@ -622,7 +643,7 @@ mod tests {
         let cases = [
             ("image=/i", "missing socket=PATH"),
             ("socket=/s", "missing image=PATH (or engine=null,size=BYTES)"),
-            ("socket=/s,image=/i,colour=red", "unknown key 'colour' (keys: id, socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, iothread, poll, poll-max-us, cpus, stats, force-share, logical-block-size, physical-block-size, max-guest-memory, socket-mode, socket-group, socket-owner, incoming, discard)"),
+            ("socket=/s,image=/i,colour=red", "unknown key 'colour' (keys: id, socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, iothread, poll, poll-max-us, cpus, stats, force-share, logical-block-size, physical-block-size, max-guest-memory, socket-mode, socket-group, socket-owner, incoming, discard, socket-fd)"),
             ("socket=/s,image=/i,poll=sometimes", "poll=sometimes: one of adaptive, always, never"),
             ("socket=/s,image=/i,poll-max-us=1000000", "poll-max-us=1000000: at most 100000"),
             ("socket=/s,image=/i,queues=0", "queues=0: must be 1 to 64"),
@@ -635,7 +656,7 @@ mod tests {
             ("socket=/s,image=/i,logical-block-size=1024", "logical-block-size=1024: 512 or 4096"),
             ("socket=/s,image=/i,id=a b", "id=a b: 1 to 64 letters, digits, '-', '_' or '.'"),
             ("socket=/s,image=/i,aio=posix", "aio=posix: supported engines: io_uring, native, threads"),
-            ("socket=/s,image", "'image' is not key=value (keys: id, socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, iothread, poll, poll-max-us, cpus, stats, force-share, logical-block-size, physical-block-size, max-guest-memory, socket-mode, socket-group, socket-owner, incoming, discard)"),
+            ("socket=/s,image", "'image' is not key=value (keys: id, socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, iothread, poll, poll-max-us, cpus, stats, force-share, logical-block-size, physical-block-size, max-guest-memory, socket-mode, socket-group, socket-owner, incoming, discard, socket-fd)"),
         ];
         for (spec, want) in cases {
             assert_eq!(ExportConfig::parse(spec).unwrap_err().0, want, "spec {spec}");

@@ -23,8 +23,12 @@ One export (repeat the option for more). Comma-separated key=value pairs; write 
 inside a value.
 
   id=NAME            name of the export on the control socket (default export0, export1, ...).
-  socket=PATH        vhost-user socket to listen on (required). A stale socket file is
-                     replaced; a socket another server listens on is refused.
+  socket=PATH        vhost-user socket to listen on (required, or socket-fd). A stale socket
+                     file is replaced; a socket another server listens on is refused.
+  socket-fd=N        serve on listening Unix socket N, inherited from the parent (an
+                     orchestrator, a test harness); its file is left alone when the export
+                     goes. Under systemd socket activation an export whose id is the name of
+                     a passed socket (FileDescriptorName=) uses it without this key.
   image=PATH         raw image file or host block device to serve. Never created or
                      truncated; its size must be a non-zero multiple of 512 bytes.
   engine=null        no backing at all: reads return zeroes, writes are discarded. Measures
@@ -444,6 +448,13 @@ fn serve(o: ServeOptions) -> ExitCode {
         match ExportConfig::parse(spec) {
             Ok(c) => file.exports.push(c),
             Err(e) => return usage_error(format!("--export {spec}: {e}")),
+        }
+    }
+    // Socket activation: an export whose id names a socket systemd passed serves on it.
+    for (fd, name) in blkplane::service::listen_fds() {
+        match file.exports.iter_mut().find(|e| e.id.as_deref() == Some(name.as_str())) {
+            Some(e) if e.socket_fd.is_none() => e.socket_fd = Some(fd),
+            _ => tracing::warn!(fd, name, "systemd passed a socket no export has the id of"),
         }
     }
     if let Some(text) =

@@ -17,6 +17,28 @@ fn serving(exports: usize) -> String {
 }
 
 /// Every export given at start listens (and the control socket, if any).
+/// The listening sockets systemd passed for socket activation: `(fd, name)` for each of
+/// LISTEN_FDS descriptors from 3 on, named by LISTEN_FDNAMES, when LISTEN_PID is this
+/// process. The variables are removed, so that no child takes them too: call it before any
+/// thread starts.
+pub fn listen_fds() -> Vec<(i32, String)> {
+    let var = |name: &str| std::env::var(name).ok();
+    let ours = var("LISTEN_PID").and_then(|p| p.parse::<u32>().ok()) == Some(std::process::id());
+    let count = var("LISTEN_FDS").and_then(|n| n.parse::<i32>().ok()).unwrap_or(0).clamp(0, 1024);
+    let names: Vec<String> = var("LISTEN_FDNAMES")
+        .map(|v| v.split(':').map(str::to_string).collect())
+        .unwrap_or_default();
+    for name in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        std::env::remove_var(name);
+    }
+    if !ours {
+        return Vec::new();
+    }
+    (0..count)
+        .map(|i| (3 + i, names.get(i as usize).cloned().unwrap_or_else(|| "unknown".into())))
+        .collect()
+}
+
 pub fn ready(exports: usize) {
     send(&[NotifyState::Ready, NotifyState::Status(&serving(exports))]);
 }

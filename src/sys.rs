@@ -192,6 +192,86 @@ pub fn utc_now_text() -> String {
     format!("{year:04}-{month:02}-{day:02} {:02}:{:02} UTC", rest / 3600, rest % 3600 / 60)
 }
 
+/// Descriptors taken over as listening sockets ([`take_listening_socket`]): each only once,
+/// since after the first owner closes it the number may name something else.
+static TAKEN_FDS: std::sync::Mutex<Vec<i32>> = std::sync::Mutex::new(Vec::new());
+
+fn sockopt_int(fd: i32, option: libc::c_int) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `value`, which we own; a bad fd is
+    // an error return, not undefined behaviour.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            option,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
+}
+
+/// Checks that `fd` is a listening Unix stream socket this process may serve on, and returns
+/// the path it is bound to (empty for an unnamed or abstract one). Takes nothing over.
+pub fn inspect_listening_socket(fd: i32) -> Result<std::path::PathBuf, String> {
+    let what = |e: io::Error| match e.raw_os_error() {
+        Some(libc::EBADF) => format!("socket-fd={fd}: not an open descriptor"),
+        Some(libc::ENOTSOCK) => format!("socket-fd={fd}: not a socket"),
+        _ => format!("socket-fd={fd}: {e}"),
+    };
+    let domain = sockopt_int(fd, libc::SO_DOMAIN).map_err(what)?;
+    let kind = sockopt_int(fd, libc::SO_TYPE).map_err(what)?;
+    if domain != libc::AF_UNIX || kind != libc::SOCK_STREAM {
+        return Err(format!("socket-fd={fd}: not a Unix stream socket"));
+    }
+    if sockopt_int(fd, libc::SO_ACCEPTCONN).map_err(what)? == 0 {
+        return Err(format!("socket-fd={fd}: not listening"));
+    }
+    if TAKEN_FDS.lock().unwrap_or_else(|p| p.into_inner()).contains(&fd) {
+        return Err(format!("socket-fd={fd}: already taken by another export"));
+    }
+    // SAFETY: sockaddr_un is plain data; getsockname writes at most `len` bytes into it.
+    let (addr, len) = unsafe {
+        let mut addr: libc::sockaddr_un = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+        if libc::getsockname(fd, (&mut addr as *mut libc::sockaddr_un).cast(), &mut len) != 0 {
+            return Err(what(io::Error::last_os_error()));
+        }
+        (addr, len as usize)
+    };
+    let path_len = len.saturating_sub(std::mem::size_of::<libc::sa_family_t>());
+    let bytes: Vec<u8> = addr.sun_path[..path_len.min(addr.sun_path.len())]
+        .iter()
+        .map(|&c| c as u8)
+        .take_while(|&b| b != 0)
+        .collect();
+    // An abstract socket starts with a NUL: no path.
+    let path: std::ffi::OsString = std::os::unix::ffi::OsStringExt::from_vec(bytes);
+    Ok(std::path::PathBuf::from(path))
+}
+
+/// Takes over `fd`, an inherited listening Unix socket (checked as
+/// [`inspect_listening_socket`] does), as this process's own: close-on-exec from now on.
+pub fn take_listening_socket(fd: i32) -> Result<std::os::unix::net::UnixListener, String> {
+    use std::os::fd::FromRawFd;
+    inspect_listening_socket(fd)?;
+    let mut taken = TAKEN_FDS.lock().unwrap_or_else(|p| p.into_inner());
+    if taken.contains(&fd) {
+        return Err(format!("socket-fd={fd}: already taken by another export"));
+    }
+    // SAFETY: fcntl on an open descriptor (checked above) changes only its flags.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    taken.push(fd);
+    // SAFETY: the descriptor is an open listening socket that nothing else in this process
+    // owns: it was inherited for this export, and TAKEN_FDS lets it be taken only once.
+    Ok(unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) })
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

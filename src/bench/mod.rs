@@ -528,8 +528,13 @@ fn run_single(args: BenchArgs) -> Result<Report, BenchError> {
                     let mut stats = daemon
                         .and_then(|d| d.control.as_deref())
                         .and_then(|c| crate::control::ControlClient::connect(c).ok());
-                    if stats.is_some() && !warmup.is_zero() {
-                        workload::run(&mut client, w, mode, span, Duration::ZERO, warmup)?;
+                    if stats.is_some() {
+                        if !warmup.is_zero() {
+                            workload::run(&mut client, w, mode, span, Duration::ZERO, warmup)?;
+                        }
+                        // Let the idle I/O thread hand over its histograms, so that the
+                        // window read below holds exactly the measured requests.
+                        std::thread::sleep(crate::trace::MERGE_EVERY + Duration::from_millis(50));
                     }
                     let warmup = if stats.is_some() { Duration::ZERO } else { warmup };
                     let query = |s: &mut Option<crate::control::ControlClient>| {

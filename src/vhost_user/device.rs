@@ -4,6 +4,7 @@
 
 use std::fs::File;
 use std::io;
+use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -451,7 +452,15 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         let fd = self.vring_fd("call", index, fd)?;
         self.vring(u32::from(index))?.call = fd;
         if self.vrings[usize::from(index)].thread.is_some() {
-            return self.apply(usize::from(index));
+            self.apply(usize::from(index))?;
+        }
+        // A completion published while the frontend switched call fds (a reconnect, a
+        // migration, a reset) was signalled on the old fd or not at all: one interrupt on the
+        // new one makes the guest look at its used ring, as QEMU's own backends do. A guest
+        // with nothing new finds nothing; an eventfd write fails only on a counter that is
+        // already pending.
+        if let Some(call) = &self.vrings[usize::from(index)].call {
+            let _ = (&*call).write(&1u64.to_ne_bytes());
         }
         Ok(())
     }

@@ -92,6 +92,7 @@ fn ends_connection(e: &VhostError) -> bool {
 pub struct ExportServer {
     disk: Arc<Disk>,
     socket_path: PathBuf,
+    owns_path: bool,
     listener: StoppableListener,
     connection: Mutex<Option<UnixStream>>,
     /// The connected frontend's backend channel, if it set one up.
@@ -104,14 +105,18 @@ pub struct ExportServer {
 }
 
 impl ExportServer {
+    /// `owns_path`: the socket file is ours to remove when the export goes (not for a
+    /// socket inherited from the parent, whose path is the parent's).
     pub fn new(
         disk: Arc<Disk>,
         socket_path: PathBuf,
         listener: UnixListener,
+        owns_path: bool,
     ) -> io::Result<ExportServer> {
         Ok(ExportServer {
             disk,
             socket_path,
+            owns_path,
             listener: StoppableListener::new(listener)?,
             connection: Mutex::new(None),
             backend_channel: Mutex::new(None),
@@ -260,6 +265,8 @@ impl ExportServer {
 
 impl Drop for ExportServer {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.socket_path);
+        if self.owns_path {
+            let _ = std::fs::remove_file(&self.socket_path);
+        }
     }
 }
