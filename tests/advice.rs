@@ -171,24 +171,16 @@ fn the_cloud_hypervisor_arguments_follow_its_documented_syntax() {
         spec,
     ]);
     let text = stdout_of(&out);
-    let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
-    // Words as a shell splits them.
-    let words = Command::new("sh")
-        .arg("-c")
-        .arg(format!("printf '%s\\0' {}", lines.join("\n")))
-        .output()
-        .unwrap();
-    let words = String::from_utf8(words.stdout).unwrap();
-    let words: Vec<&str> = words.split('\0').filter(|w| !w.is_empty()).collect();
+    let words = common::shell_words(&text);
     assert_eq!(words.len(), 6, "{text}");
     for option in words.chunks(2) {
-        let keys = match option[0] {
+        let keys = match option[0].as_str() {
             "--disk" => CH_DISK_KEYS,
             "--memory" => CH_MEMORY_KEYS,
             "--cpus" => CH_CPUS_KEYS,
             other => panic!("{other} is not an option vm-config should print"),
         };
-        for (k, v) in ch_pairs(option[1]) {
+        for (k, v) in ch_pairs(&option[1]) {
             assert!(
                 keys.contains(&k.as_str()),
                 "{}: no key '{k}' in the documented syntax",

@@ -99,14 +99,7 @@ fn vm_config_args(control: &Path, id: &str, vcpus: u16) -> Vec<String> {
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(out.status.success(), "vm-config: {}", String::from_utf8_lossy(&out.stderr));
     // The comment lines first say what the arguments follow; the rest is one command's worth.
-    let args: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
-    let words = Command::new("sh")
-        .arg("-c")
-        .arg(format!("printf '%s\\0' {}", args.join("\n")))
-        .output()
-        .unwrap();
-    let words = String::from_utf8(words.stdout).unwrap();
-    let args: Vec<String> = words.split('\0').filter(|w| !w.is_empty()).map(String::from).collect();
+    let args = common::shell_words(&text);
     assert!(args.contains(&"-device".to_string()), "vm-config printed:\n{text}");
     args
 }

@@ -495,3 +495,20 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
         std::thread::sleep(Duration::from_millis(2));
     }
 }
+
+/// The words a POSIX shell makes of `text` (a command line a tool printed, with `\`
+/// continuations and quoting), leaving out its `#` comment lines.
+pub fn shell_words(text: &str) -> Vec<String> {
+    let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("printf '%s\\0' {}", lines.join("\n")))
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .split('\0')
+        .filter(|w| !w.is_empty())
+        .map(String::from)
+        .collect()
+}
