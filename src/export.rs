@@ -641,7 +641,7 @@ mod tests {
     #[test]
     fn bad_specs_name_the_problem() {
         let cases = [
-            ("image=/i", "missing socket=PATH"),
+            ("image=/i", "missing socket=PATH (or socket-fd=N)"),
             ("socket=/s", "missing image=PATH (or engine=null,size=BYTES)"),
             ("socket=/s,image=/i,colour=red", "unknown key 'colour' (keys: id, socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, iothread, poll, poll-max-us, cpus, stats, force-share, logical-block-size, physical-block-size, max-guest-memory, socket-mode, socket-group, socket-owner, incoming, discard, socket-fd)"),
             ("socket=/s,image=/i,poll=sometimes", "poll=sometimes: one of adaptive, always, never"),
