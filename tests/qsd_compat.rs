@@ -66,12 +66,24 @@ fn spawn_with_fds(
         None => Command::new(common::daemon_bin()),
     };
     cmd.arg("serve").args(args).stdout(Stdio::null()).stderr(log);
-    let fds = fds.to_vec();
-    // SAFETY: between fork and exec only dup2 runs, on descriptors the parent keeps open.
+    assert!(fds.len() <= 8);
+    let mut given = [-1 as RawFd; 8];
+    given[..fds.len()].copy_from_slice(fds);
+    let count = fds.len();
+    // SAFETY: between fork and exec only fcntl and dup2 run, on descriptors the parent keeps
+    // open, with no allocation.
     unsafe {
         cmd.pre_exec(move || {
-            for (i, fd) in fds.iter().enumerate() {
-                // dup2 clears close-on-exec on the copy.
+            // First out of the way (a source may already be 3 or 4), then down to 3, 4, ...;
+            // dup2 clears close-on-exec on the copy.
+            let mut high = [-1 as RawFd; 8];
+            for i in 0..count {
+                high[i] = libc::fcntl(given[i], libc::F_DUPFD, 100);
+                if high[i] < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for (i, fd) in high.iter().enumerate().take(count) {
                 if libc::dup2(*fd, 3 + i as RawFd) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
