@@ -115,6 +115,18 @@ const CH_MEMORY_KEYS: &[&str] = &[
     "prefault",
     "thp",
 ];
+const CH_MEMORY_ZONE_KEYS: &[&str] = &[
+    "size",
+    "file",
+    "shared",
+    "hugepages",
+    "hugepage_size",
+    "host_numa_node",
+    "id",
+    "hotplug_size",
+    "hotplugged_size",
+    "prefault",
+];
 const CH_CPUS_KEYS: &[&str] =
     &["boot", "max", "topology", "kvm_hyperv", "max_phys_bits", "affinity", "features"];
 const CH_TOGGLES: &[&str] = &[
@@ -178,6 +190,7 @@ fn the_cloud_hypervisor_arguments_follow_its_documented_syntax() {
             "--disk" => CH_DISK_KEYS,
             "--memory" => CH_MEMORY_KEYS,
             "--cpus" => CH_CPUS_KEYS,
+            "--memory-zone" => CH_MEMORY_ZONE_KEYS,
             other => panic!("{other} is not an option vm-config should print"),
         };
         for (k, v) in ch_pairs(&option[1]) {
@@ -600,4 +613,64 @@ fn doctor_runs_on_this_machine() {
     let text = stdout_of(&out);
     assert!(text.starts_with("blkplane doctor: "), "{text}");
     assert!(text.contains("\nfine:\n  "), "{text}");
+}
+
+/// On a host with several NUMA nodes, guest memory goes on the node of the image's device,
+/// in each VMM's words; the libvirt domain still validates.
+#[test]
+fn vm_config_puts_guest_memory_on_the_devices_node() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = common::disk_dir();
+    let root = dir.path().join("root");
+    healthy_host(&root);
+    put(&root, "sys/devices/system/node/node0/cpulist", "0-1");
+    put(&root, "sys/devices/system/node/node1/cpulist", "2-3");
+    let image = dir.path().join("vm.raw");
+    common::make_image(&image, 1 << 20, 1);
+    let dev = std::fs::metadata(&image).unwrap().dev();
+    put(&root, "sys/block/vdz/device/numa_node", "1");
+    std::fs::create_dir_all(root.join("sys/dev/block")).unwrap();
+    let link = root.join(format!("sys/dev/block/{}:{}", libc::major(dev), libc::minor(dev)));
+    std::os::unix::fs::symlink("../../block/vdz", link).unwrap();
+    let spec = format!("id=vm,socket=/run/blkplane/vm.sock,image={}", image.display());
+    let run = |vmm: &str| {
+        stdout_of(&vm_config(&[
+            "--for",
+            vmm,
+            "--memory",
+            "1G",
+            "--root",
+            root.to_str().unwrap(),
+            "--export",
+            &spec,
+        ]))
+    };
+    let qemu = run("qemu");
+    assert!(
+        qemu.contains("size=1G,share=on,hugetlb=on,hugetlbsize=2M,host-nodes=1,policy=bind"),
+        "{qemu}"
+    );
+    assert!(qemu.contains("# memory: bound to NUMA node 1, where the image's device is"), "{qemu}");
+    let xml = run("libvirt");
+    assert!(
+        xml.contains("<numatune>\n    <memory mode='strict' nodeset='1'/>\n  </numatune>"),
+        "{xml}"
+    );
+    let file = dir.path().join("domain.xml");
+    std::fs::write(&file, &xml).unwrap();
+    let check = Command::new("virt-xml-validate").arg(&file).arg("domain").output().unwrap();
+    assert!(check.status.success(), "{xml}\n{}", String::from_utf8_lossy(&check.stderr));
+    let words = common::shell_words(&run("cloud-hypervisor"));
+    let at = |flag: &str| words[words.iter().position(|w| w == flag).unwrap() + 1].clone();
+    assert_eq!(at("--memory"), "size=0");
+    assert_eq!(
+        at("--memory-zone"),
+        "id=blkplane-mem,size=1G,shared=on,hugepages=on,hugepage_size=2M,host_numa_node=1"
+    );
+    for (k, _) in ch_pairs(&at("--memory-zone")) {
+        assert!(CH_MEMORY_ZONE_KEYS.contains(&k.as_str()), "{k}");
+    }
+    // One node: nothing is bound.
+    std::fs::remove_dir_all(root.join("sys/devices/system/node/node1")).unwrap();
+    assert!(!run("qemu").contains("host-nodes"));
 }

@@ -4,7 +4,7 @@
 //! fix. Everything is read under a [`Host`] root, so the tests run it on fake trees.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -415,22 +415,6 @@ fn congestion(host: &Host, t: &ThreadFacts) -> Finding {
     ok("congestion", &subject, found)
 }
 
-/// The sysfs directory of the block device an image lives on (the device itself for a
-/// block device, the file system's device for a file), and whether the image is a device.
-fn block_dir(host: &Host, image: &Path) -> Option<(PathBuf, bool)> {
-    let meta = std::fs::metadata(image).ok()?;
-    let is_device = meta.file_type().is_block_device();
-    let dev = if is_device { meta.rdev() } else { meta.dev() };
-    // A link to the device's directory, named as the kernel names the device (vda, nvme0n1).
-    let link = host.path(&format!("/sys/dev/block/{}:{}", libc::major(dev), libc::minor(dev)));
-    let dir = std::fs::canonicalize(link).ok()?;
-    // A partition: the queue and the device are its disk's.
-    if dir.join("partition").exists() {
-        return Some((dir.parent()?.to_path_buf(), is_device));
-    }
-    Some((dir, is_device))
-}
-
 fn export_checks(host: &Host, e: &ExportFacts) -> Vec<Finding> {
     let subject = format!("export {}", e.id);
     let mut out = Vec::new();
@@ -454,7 +438,7 @@ fn export_checks(host: &Host, e: &ExportFacts) -> Vec<Finding> {
         c => ok("export-cache", &subject, format!("cache={c}")),
     });
     let Some(image) = &e.image else { return out };
-    let device = block_dir(host, image);
+    let device = host.block_device_dir(image);
     let is_device = device.as_ref().is_some_and(|(_, d)| *d)
         || std::fs::metadata(image).is_ok_and(|m| m.file_type().is_block_device());
     if e.aio == "native" && !is_device {
@@ -541,11 +525,7 @@ fn device_numa(host: &Host, e: &ExportFacts, subject: &str, dir: &Path, name: &s
         host.read(&format!("/sys/devices/system/node/node{n}/cpulist"))
             .map(|l| parse_cpu_ranges(&l))
     };
-    let nodes = std::fs::read_dir(host.path("/sys/devices/system/node"))
-        .map(|d| {
-            d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("node")).count()
-        })
-        .unwrap_or(0);
+    let nodes = host.numa_nodes();
     let (Some(node), true) = (node.filter(|n| *n >= 0), nodes > 1) else {
         return ok("device-numa", subject, format!("{name}: one NUMA node, nothing to place"));
     };

@@ -60,6 +60,48 @@ impl Host {
     pub fn root(&self) -> &Path {
         &self.root
     }
+
+    /// NUMA nodes of the host (`/sys/devices/system/node/nodeN`).
+    pub fn numa_nodes(&self) -> usize {
+        std::fs::read_dir(self.path("/sys/devices/system/node"))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| {
+                        let name = e.file_name().to_string_lossy().to_string();
+                        name.strip_prefix("node").is_some_and(|n| n.parse::<u32>().is_ok())
+                    })
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    /// The sysfs directory of the block device an image lives on (the device itself for a
+    /// block device, the file system's device for a file), and whether the image is a device.
+    pub fn block_device_dir(&self, image: &Path) -> Option<(PathBuf, bool)> {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let meta = std::fs::metadata(image).ok()?;
+        let is_device = meta.file_type().is_block_device();
+        let dev = if is_device { meta.rdev() } else { meta.dev() };
+        // A link to the device's directory, named as the kernel names it (vda, nvme0n1).
+        let link = self.path(&format!("/sys/dev/block/{}:{}", libc::major(dev), libc::minor(dev)));
+        let dir = std::fs::canonicalize(link).ok()?;
+        // A partition: the queue and the device are its disk's.
+        if dir.join("partition").exists() {
+            return Some((dir.parent()?.to_path_buf(), is_device));
+        }
+        Some((dir, is_device))
+    }
+
+    /// The NUMA node of the device `image` is on, when the host has more than one node and
+    /// the device says which.
+    pub fn numa_node_of(&self, image: &Path) -> Option<u32> {
+        if self.numa_nodes() < 2 {
+            return None;
+        }
+        let (dir, _) = self.block_device_dir(image)?;
+        let node = std::fs::read_to_string(dir.join("device/numa_node")).ok()?;
+        node.trim().parse::<i64>().ok().filter(|n| *n >= 0).map(|n| n as u32)
+    }
 }
 
 /// A kernel CPU list (`0-3,6`) as numbers; what does not parse is left out.

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use serde_json::Value;
 
 use super::{Host, HUGE_PAGE_BYTES};
-use crate::export::{format_cpu_list, ExportConfig};
+use crate::export::{format_cpu_list, BackendSpec, ExportConfig};
 use crate::iothread::registry::ThreadChoice;
 
 /// The VMM to write for.
@@ -33,6 +33,8 @@ pub struct ExportShape {
     /// CPUs the export's I/O threads are pinned to; empty when they are not (the shared pool,
     /// or threads without `cpus=`).
     pub io_cpus: Vec<usize>,
+    /// The image (for the NUMA node of its device); `None` for `engine=null`.
+    pub image: Option<PathBuf>,
 }
 
 impl ExportShape {
@@ -47,6 +49,10 @@ impl ExportShape {
                 c.cpus.clone()
             } else {
                 Vec::new()
+            },
+            image: match &c.backend {
+                BackendSpec::Image(p) => Some(p.clone()),
+                BackendSpec::Null { .. } => None,
             },
         }
     }
@@ -69,6 +75,7 @@ impl ExportShape {
             queues: number("queues")?,
             queue_size: number("queue-size")?,
             io_cpus,
+            image: spec["image"].as_str().map(PathBuf::from),
         })
     }
 }
@@ -107,6 +114,8 @@ struct Plan {
     /// CPUs for the vCPUs and the emulator: the online ones minus the I/O threads'; empty
     /// when there is nothing to pin (I/O threads not pinned, or they cover every CPU).
     guest_cpus: Vec<usize>,
+    /// The NUMA node to put guest memory on: the image's device's (hosts with several).
+    memory_node: Option<u32>,
     notes: Vec<String>,
 }
 
@@ -152,7 +161,14 @@ fn plan(export: &ExportShape, vm: VmShape, host: &Host) -> Plan {
     } else {
         guest_cpus
     };
-    Plan { huge_pages, queues, guest_cpus, notes }
+    let memory_node = export.image.as_deref().and_then(|i| host.numa_node_of(i));
+    if let Some(n) = memory_node {
+        notes.push(format!(
+            "memory: bound to NUMA node {n}, where the image's device is, so that the daemon \
+             moves data between the device and memory on one node"
+        ));
+    }
+    Plan { huge_pages, queues, guest_cpus, memory_node, notes }
 }
 
 /// The configuration for `vmm`, with `#` (or `<!-- -->`) comment lines first saying what
@@ -196,6 +212,9 @@ fn qemu(export: &ExportShape, vm: VmShape, p: &Plan) -> String {
     let mut backend = format!("memory-backend-memfd,id=blkplane-mem,size={size},share=on");
     if p.huge_pages {
         backend.push_str(",hugetlb=on,hugetlbsize=2M");
+    }
+    if let Some(n) = p.memory_node {
+        let _ = write!(backend, ",host-nodes={n},policy=bind");
     }
     let chardev = format!("blkplane-{}", export.id);
     // QEMU 9.2 and later also take reconnect-ms=1000.
@@ -260,6 +279,10 @@ fn libvirt(export: &ExportShape, vm: VmShape, p: &Plan) -> String {
         let _ = writeln!(out, "    <emulatorpin cpuset='{cpuset}'/>");
         let _ = writeln!(out, "  </cputune>");
     }
+    if let Some(n) = p.memory_node {
+        let _ =
+            writeln!(out, "  <numatune>\n    <memory mode='strict' nodeset='{n}'/>\n  </numatune>");
+    }
     let _ = writeln!(out, "  <os>\n    <type arch='x86_64' machine='q35'>hvm</type>\n  </os>");
     let _ = writeln!(out, "  <devices>");
     let _ = writeln!(out, "    <disk type='vhostuser' device='disk'>");
@@ -296,6 +319,12 @@ fn cloud_hypervisor(export: &ExportShape, vm: VmShape, p: &Plan) -> String {
     if p.huge_pages {
         memory.push_str(",hugepages=on,hugepage_size=2M");
     }
+    // Memory on a node is a memory zone; the main memory is then empty.
+    let zone = p.memory_node.map(|n| {
+        let zone = format!("id=blkplane-mem,{memory},host_numa_node={n}");
+        memory = "size=0".into();
+        zone
+    });
     let disk = format!(
         "vhost_user=on,socket={},num_queues={},queue_size={},id={}",
         export.socket.display(),
@@ -303,7 +332,11 @@ fn cloud_hypervisor(export: &ExportShape, vm: VmShape, p: &Plan) -> String {
         export.queue_size,
         export.id
     );
-    let args = [("--cpus", cpus), ("--memory", memory), ("--disk", disk)];
+    let mut args = vec![("--cpus", cpus), ("--memory", memory)];
+    if let Some(zone) = zone {
+        args.push(("--memory-zone", zone));
+    }
+    args.push(("--disk", disk));
     let lines: Vec<String> =
         args.iter().map(|(flag, value)| format!("{flag} {}", shell_word(value))).collect();
     out.push_str(&lines.join(" \\\n"));
