@@ -369,6 +369,7 @@ mod tests {
             queues: 2,
             queue_size: 256,
             io_cpus,
+            image: None,
         }
     }
 
