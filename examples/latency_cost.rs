@@ -43,7 +43,7 @@ fn sampler_ns_per_request(on: bool, rounds: u64) -> f64 {
         for tag in first..first + 32 {
             sampler.completed(std::hint::black_box(tag));
         }
-        if sampler.has_answered() {
+        if sampler.waiting() {
             let published = sampler.has_done().then(Instant::now);
             sampler.record(published, Instant::now(), &shared);
         }

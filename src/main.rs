@@ -306,24 +306,18 @@ fn vm_config(a: VmConfigArgs) -> ExitCode {
             Err(e) => return usage_error(format!("--export {spec}: {e}")),
         },
         (Some(id), None) => {
-            let found = ControlClient::connect_named(&a.control).and_then(|mut client| {
-                let mut ask = |command: &str| {
-                    let reply = client
-                        .call(command, serde_json::json!({}))
-                        .map_err(|e| ClientFailure::Failed(format!("{command}: {e}")))?;
-                    reply.get("result").cloned().ok_or_else(|| {
-                        ClientFailure::Failed(format!("{command}: {}", reply["error"]))
-                    })
-                };
-                let (exports, threads) = (ask("list-exports")?, ask("list-iothreads")?);
-                let export = exports
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .find(|e| e["id"].as_str() == Some(id.as_str()))
-                    .ok_or_else(|| ClientFailure::Failed(format!("no export with id '{id}'")))?;
-                ExportShape::from_daemon(export, &threads).map_err(ClientFailure::Failed)
-            });
+            let found =
+                ControlClient::exports_and_threads(&a.control).and_then(|(exports, threads)| {
+                    let export = exports
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .find(|e| e["id"].as_str() == Some(id.as_str()))
+                        .ok_or_else(|| {
+                            ClientFailure::Failed(format!("no export with id '{id}'"))
+                        })?;
+                    ExportShape::from_daemon(export, &threads).map_err(ClientFailure::Failed)
+                });
             match found {
                 Ok(shape) => shape,
                 Err(e) => return client_exit(Err(e)),
@@ -339,19 +333,7 @@ fn vm_config(a: VmConfigArgs) -> ExitCode {
 fn doctor(control: &std::path::Path, json: bool, root: &std::path::Path) -> ExitCode {
     use blkplane::advice::doctor::{examine, render, ExportFacts, Finding, Severity, ThreadFacts};
     let host = blkplane::advice::Host::new(root);
-    let asked = ControlClient::connect_named(control).and_then(|mut client| {
-        let mut ask = |command: &str| {
-            let reply = client
-                .call(command, serde_json::json!({}))
-                .map_err(|e| ClientFailure::Failed(format!("{command}: {e}")))?;
-            reply
-                .get("result")
-                .cloned()
-                .ok_or_else(|| ClientFailure::Failed(format!("{command}: {}", reply["error"])))
-        };
-        Ok((ask("list-exports")?, ask("list-iothreads")?))
-    });
-    let (exports, threads, absent) = match asked {
+    let (exports, threads, absent) = match ControlClient::exports_and_threads(control) {
         Ok((exports, threads)) => {
             let e: Vec<ExportFacts> = exports
                 .as_array()

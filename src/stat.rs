@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::control::{print_out, ClientFailure, ControlClient};
 use crate::trace::BUCKET_BOUNDS_NS;
@@ -338,20 +338,6 @@ pub fn render(v: &View) -> String {
     out
 }
 
-fn query(client: &mut ControlClient, command: &str) -> Result<Value, ClientFailure> {
-    let reply = client
-        .call(command, json!({}))
-        .map_err(|e| ClientFailure::Failed(format!("{command}: {e}")))?;
-    match (reply.get("result"), reply.get("error")) {
-        (Some(r), _) => Ok(r.clone()),
-        (_, Some(e)) => Err(ClientFailure::Failed(format!(
-            "{command}: {}",
-            e["message"].as_str().unwrap_or("error")
-        ))),
-        _ => Err(ClientFailure::Failed(format!("{command}: an empty reply"))),
-    }
-}
-
 /// Prints a view every `interval`, `count` times (or until interrupted): as text, or with
 /// `json` as one JSON object per line.
 pub fn run(
@@ -362,9 +348,9 @@ pub fn run(
 ) -> Result<(), ClientFailure> {
     let mut client = ControlClient::connect_named(control)?;
     let mut before: HashMap<String, Totals> =
-        totals(&query(&mut client, "query-stats")?).into_iter().collect();
+        totals(&client.result("query-stats")?).into_iter().collect();
     let mut threads_before: HashMap<String, (u64, u64, u64)> =
-        thread_totals(&query(&mut client, "list-iothreads")?).into_iter().collect();
+        thread_totals(&client.result("list-iothreads")?).into_iter().collect();
     let mut at = Instant::now();
     let mut shown = 0;
     while count.is_none_or(|c| shown < c) {
@@ -373,8 +359,8 @@ pub fn run(
             // The daemon closes control connections idle that long: ask on a fresh one.
             client = ControlClient::connect_named(control)?;
         }
-        let now = totals(&query(&mut client, "query-stats")?);
-        let threads = thread_totals(&query(&mut client, "list-iothreads")?);
+        let now = totals(&client.result("query-stats")?);
+        let threads = thread_totals(&client.result("list-iothreads")?);
         let seconds = at.elapsed().as_secs_f64();
         at = Instant::now();
         let mut v = view(&now, &before, seconds);

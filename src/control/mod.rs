@@ -410,6 +410,29 @@ impl ControlClient {
         })
     }
 
+    /// Sends `command` without arguments and returns its result; an error reply, a broken
+    /// connection or an empty reply is a failure naming the command.
+    pub fn result(&mut self, command: &str) -> Result<Value, ClientFailure> {
+        let reply = self
+            .call(command, json!({}))
+            .map_err(|e| ClientFailure::Failed(format!("{command}: {e}")))?;
+        match (reply.get("result"), reply.get("error")) {
+            (Some(r), _) => Ok(r.clone()),
+            (_, Some(e)) => Err(ClientFailure::Failed(format!(
+                "{command}: {}",
+                e["message"].as_str().unwrap_or("error")
+            ))),
+            _ => Err(ClientFailure::Failed(format!("{command}: an empty reply"))),
+        }
+    }
+
+    /// The exports (`list-exports`) and I/O threads (`list-iothreads`) of the daemon at
+    /// `path`, for the advice commands.
+    pub fn exports_and_threads(path: &Path) -> Result<(Value, Value), ClientFailure> {
+        let mut client = ControlClient::connect_named(path)?;
+        Ok((client.result("list-exports")?, client.result("list-iothreads")?))
+    }
+
     pub fn connect(path: &Path) -> io::Result<ControlClient> {
         let stream = UnixStream::connect(path)?;
         let writer = stream.try_clone()?;

@@ -151,9 +151,9 @@ impl Sampler {
         !self.done.is_empty()
     }
 
-    /// Whether answered requests wait for their notify time.
-    pub fn has_answered(&self) -> bool {
-        !self.answered.is_empty()
+    /// Whether answered requests (timed, or sampled) wait for their notify time.
+    pub fn waiting(&self) -> bool {
+        !self.answered.is_empty() || !self.done.is_empty()
     }
 
     /// Records the times of the requests answered this round, notified at `notified` (the

@@ -30,18 +30,18 @@ use crate::warn_limited;
 /// Sleep bound when the frontend gave no kick fd and we must poll the ring.
 pub(super) const KICKLESS_POLL_MS: i32 = 1;
 
-fn kind_of(req: &Request) -> (Kind, u64) {
+/// Bytes a request moves (counted when it succeeds).
+fn bytes_of(req: &Request) -> u64 {
     match req {
-        Request::Read { bytes, .. } => (Kind::Read, *bytes),
-        Request::Write { bytes, .. } => (Kind::Write, *bytes),
-        Request::Flush => (Kind::Flush, 0),
-        Request::GetId { .. } => (Kind::GetId, 0),
-        Request::Discard { bytes, .. } => (Kind::Discard, *bytes),
-        Request::WriteZeroes { bytes, .. } => (Kind::WriteZeroes, *bytes),
+        Request::Read { bytes, .. }
+        | Request::Write { bytes, .. }
+        | Request::Discard { bytes, .. }
+        | Request::WriteZeroes { bytes, .. } => *bytes,
+        Request::Flush | Request::GetId { .. } => 0,
     }
 }
 
-/// The kind of a request that failed, from its header's type.
+/// A request's kind, from its header's type (also for one that failed to parse).
 fn kind_of_type(req_type: u32) -> Kind {
     match req_type {
         req_type::IN => Kind::Read,
@@ -424,10 +424,8 @@ impl Core {
             };
             let parsed = request::parse(&mut slot.chain, outcome, &limits);
             slot.status = parsed.status;
-            (slot.kind, slot.bytes) = match &parsed.result {
-                Ok(req) => kind_of(req),
-                Err(_) => (parsed.req_type.map_or(Kind::Other, kind_of_type), 0),
-            };
+            slot.kind = parsed.req_type.map_or(Kind::Other, kind_of_type);
+            slot.bytes = parsed.result.as_ref().map_or(0, bytes_of);
             self.sampler.parsed(tag);
             if resubmitting {
                 self.resubmit.kinds[slot.kind as usize] += 1;
@@ -697,7 +695,7 @@ impl Core {
         if self.stats_on {
             self.stats.counters.in_flight.set(self.slots.in_flight() as u64);
         }
-        if self.sampler.has_answered() {
+        if self.sampler.waiting() {
             self.sampler.record(published, Instant::now(), &self.stats.histograms);
         }
     }
