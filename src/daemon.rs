@@ -318,7 +318,7 @@ impl Daemon {
         Ok(started)
     }
 
-    /// Remembers which running exports came from the config file (see `reload`).
+    /// The daemon-wide settings in force, for `dump-config`.
     pub fn set_settings(&self, settings: DaemonSettings) {
         *self.settings.lock().unwrap_or_else(|p| p.into_inner()) = settings;
     }
@@ -331,6 +331,7 @@ impl Daemon {
         crate::config_file::render(&settings, &self.iothreads.named_configs(), &exports)
     }
 
+    /// Remembers which running exports came from the config file (see `reload`).
     pub fn set_from_file(&self, ids: Vec<String>) {
         *self.from_file.lock().unwrap_or_else(|p| p.into_inner()) = ids;
     }
@@ -347,9 +348,14 @@ impl Daemon {
             .exports()
             .iter()
             .filter(|e| previous.contains(&e.id))
-            // A socket systemd handed over (LISTEN_FDS) is not in the file: compare without.
-            .map(|e| (e.id.clone(), ExportConfig { socket_fd: None, ..e.config.clone() }))
+            .map(|e| (e.id.clone(), e.config.clone()))
             .collect();
+        // Inherited descriptors (socket-fd, or systemd's LISTEN_FDS, which the file does not
+        // show) are fixed at start: they are no change, and could not be taken again.
+        let same = |r: &ExportConfig, c: &ExportConfig| {
+            ExportConfig { socket_fd: None, ..r.clone() }
+                == ExportConfig { socket_fd: None, ..c.clone() }
+        };
         // An entry of the file is the running export with its id, or (without one) its socket.
         let matches = |c: &ExportConfig, id: &str, r: &ExportConfig| match &c.id {
             Some(want) => want == id,
@@ -359,7 +365,7 @@ impl Daemon {
         let mut to_add = Vec::new();
         for c in &wanted {
             match running.iter().find(|(id, r)| matches(c, id, r)) {
-                Some((id, r)) if r == c => kept.push(id.clone()),
+                Some((id, r)) if same(r, c) => kept.push(id.clone()),
                 Some((id, _)) => match self.remove(id, false) {
                     Ok(()) => to_add.push(c.clone()),
                     Err(e) => {

@@ -200,3 +200,34 @@ fn a_bad_socket_fd_is_refused_with_one_line() {
     let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
     assert!(log.contains("socket-fd=3: not listening"), "{log}");
 }
+
+/// Inherited descriptors are fixed at start: a SIGHUP that finds a `socket-fd` export
+/// unchanged in the file leaves it serving (taking its descriptor again would fail).
+#[test]
+fn a_reload_keeps_an_inherited_socket_export() {
+    let dir = tmpdir();
+    let path = dir.path().join("passed.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let cfg = dir.path().join("blkplane.toml");
+    std::fs::write(
+        &cfg,
+        "[[export]]\nid = \"a\"\nsocket-fd = 3\nengine = \"null\"\nsize = \"1M\"\n",
+    )
+    .unwrap();
+    let child = spawn_with_fds(
+        dir.path(),
+        &[listener.as_raw_fd()],
+        &["--config".into(), cfg.display().to_string()],
+        None,
+    );
+    let log = || std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
+    wait_until("the export", Duration::from_secs(10), || log().contains("listening"));
+    common::signal(child.id() as i32, libc::SIGHUP);
+    wait_until("the reload", Duration::from_secs(10), || log().contains("configuration re-read"));
+    assert!(!log().contains("was not"), "{}", log());
+    assert_eq!(log().matches("export added").count(), 1, "{}", log());
+    let mut c = Client::connect(&path, 1);
+    assert!(c.read_at(0, 0, 4096, 0).unwrap().iter().all(|&b| b == 0));
+    drop(c);
+    assert!(stop(child).success());
+}
