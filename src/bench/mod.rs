@@ -372,6 +372,25 @@ fn measure_idle(
     })
 }
 
+/// A blkplane daemon's control connection, reading its statistics around a measured window.
+struct LayerProbe(crate::control::ControlClient);
+
+impl LayerProbe {
+    /// For a daemon with a control socket (the blkplane targets).
+    fn open(daemon: Option<&DaemonProcess>) -> Option<LayerProbe> {
+        let path = daemon?.control.as_deref()?;
+        crate::control::ControlClient::connect(path).ok().map(LayerProbe)
+    }
+
+    /// Its `query-stats`, once the idle I/O thread has handed over its histograms (within
+    /// MERGE_EVERY of going idle), so that the reads on both sides of a window hold exactly
+    /// the requests made in between.
+    fn read(&mut self) -> Option<serde_json::Value> {
+        std::thread::sleep(crate::trace::MERGE_EVERY + Duration::from_millis(50));
+        self.0.result("query-stats").ok()
+    }
+}
+
 /// Runs the benchmark and returns its report (written as JSON and SVG if asked).
 pub fn run(args: BenchArgs) -> Result<Report, BenchError> {
     let (json, plot) = (args.json.clone(), args.plot.clone());
@@ -523,43 +542,28 @@ fn run_single(args: BenchArgs) -> Result<Report, BenchError> {
                         w.depth,
                         w.block_bytes,
                     )?;
-                    // A blkplane daemon's statistics around the measured window (after the
-                    // warm-up) give the layer breakdown.
-                    let mut stats = daemon
-                        .and_then(|d| d.control.as_deref())
-                        .and_then(|c| crate::control::ControlClient::connect(c).ok());
-                    if stats.is_some() {
-                        if !warmup.is_zero() {
+                    // A blkplane daemon's statistics around the measured window (the warm-up
+                    // runs apart) give the layer breakdown.
+                    let mut probe = LayerProbe::open(daemon);
+                    let warmup = match probe {
+                        Some(_) if !warmup.is_zero() => {
                             workload::run(&mut client, w, mode, span, Duration::ZERO, warmup)?;
+                            Duration::ZERO
                         }
-                        // Let the idle I/O thread hand over its histograms, so that the
-                        // window read below holds exactly the measured requests.
-                        std::thread::sleep(crate::trace::MERGE_EVERY + Duration::from_millis(50));
-                    }
-                    let warmup = if stats.is_some() { Duration::ZERO } else { warmup };
-                    let query = |s: &mut Option<crate::control::ControlClient>| {
-                        s.as_mut().and_then(|c| c.call("query-stats", serde_json::json!({})).ok())
+                        _ => warmup,
                     };
-                    let stats_before = query(&mut stats);
+                    let stats_before = probe.as_mut().and_then(LayerProbe::read);
                     let load = cpu::LoadWindow::start(&daemon_pids);
                     let cpu_before = daemon.map(|d| cpu::process_cpu_ns(d.pid()));
                     let m = workload::run(&mut client, w, mode, span, warmup, runtime)?;
                     let cpu_after = daemon.map(|d| cpu::process_cpu_ns(d.pid()));
-                    // The I/O thread hands its histograms over within MERGE_EVERY of going idle.
-                    if stats.is_some() {
-                        std::thread::sleep(crate::trace::MERGE_EVERY + Duration::from_millis(50));
-                    }
-                    let stats_after = query(&mut stats);
-                    let layers = match (&stats_before, &stats_after) {
-                        (Some(b), Some(a)) => crate::stat::layers_between(
-                            &b["result"],
-                            &a["result"],
-                        )
+                    let stats_after = probe.as_mut().and_then(LayerProbe::read);
+                    let layers = stats_before
+                        .zip(stats_after)
+                        .and_then(|(before, after)| crate::stat::layers_between(&before, &after))
                         .map(|(daemon_us, stages)| {
                             report::Layers::new(m.latency_ns.mean() / 1000.0, daemon_us, &stages)
-                        }),
-                        _ => None,
-                    };
+                        });
                     // After the disconnect, so that the client's io_uring workers have exited
                     // and been counted as ours.
                     drop(client);
