@@ -141,6 +141,11 @@ fn cpu_dirs(host: &Host) -> BTreeMap<usize, PathBuf> {
     cpus
 }
 
+/// The choice a sysfs file marks among its options: `madvise` of `always [madvise] never`.
+fn selected(text: &str) -> Option<&str> {
+    text.split_once('[').and_then(|(_, r)| r.split_once(']')).map(|(s, _)| s)
+}
+
 fn read_trimmed(path: &Path) -> Option<String> {
     std::fs::read_to_string(path).ok().map(|s| s.trim().to_string())
 }
@@ -312,9 +317,7 @@ fn transparent_huge_pages(host: &Host) -> Finding {
     let Some(text) = host.read("/sys/kernel/mm/transparent_hugepage/enabled") else {
         return ok("transparent-huge-pages", "host", "not exposed".into());
     };
-    let mode =
-        text.split_once('[').and_then(|(_, r)| r.split_once(']')).map(|(m, _)| m.to_string());
-    match mode.as_deref() {
+    match selected(&text) {
         Some("never") => finding(
             "transparent-huge-pages",
             Severity::Note,
@@ -458,11 +461,7 @@ fn export_checks(host: &Host, e: &ExportFacts) -> Vec<Finding> {
     let sys_block = |file: &str| format!("/sys/block/{name}/queue/{file}");
     let rotational = read_trimmed(&dir.join("queue/rotational")).as_deref() == Some("1");
     if let Some(text) = read_trimmed(&dir.join("queue/scheduler")) {
-        let current = text
-            .split_once('[')
-            .and_then(|(_, r)| r.split_once(']'))
-            .map(|(s, _)| s.to_string())
-            .unwrap_or(text.clone());
+        let current = selected(&text).unwrap_or(&text).to_string();
         out.push(match (rotational, current.as_str()) {
             (false, "none") | (true, "mq-deadline") | (true, "bfq") => {
                 ok("device-scheduler", &subject, format!("{name}: the {current} scheduler"))
@@ -520,16 +519,11 @@ fn export_checks(host: &Host, e: &ExportFacts) -> Vec<Finding> {
 }
 
 fn device_numa(host: &Host, e: &ExportFacts, subject: &str, dir: &Path, name: &str) -> Finding {
-    let node = read_trimmed(&dir.join("device/numa_node")).and_then(|n| n.parse::<i64>().ok());
-    let node_cpus = |n: i64| {
-        host.read(&format!("/sys/devices/system/node/node{n}/cpulist"))
-            .map(|l| parse_cpu_ranges(&l))
-    };
-    let nodes = host.numa_nodes();
-    let (Some(node), true) = (node.filter(|n| *n >= 0), nodes > 1) else {
+    let Some(node) = host.device_numa_node(dir) else {
         return ok("device-numa", subject, format!("{name}: one NUMA node, nothing to place"));
     };
-    let Some(local) = node_cpus(node) else {
+    let cpulist = host.read(&format!("/sys/devices/system/node/node{node}/cpulist"));
+    let Some(local) = cpulist.map(|l| parse_cpu_ranges(&l)) else {
         return ok("device-numa", subject, format!("{name} is on node {node}"));
     };
     let local_list = format_cpu_list(&local);

@@ -92,13 +92,17 @@ impl Host {
         Some((dir, is_device))
     }
 
-    /// The NUMA node of the device `image` is on, when the host has more than one node and
-    /// the device says which.
+    /// The NUMA node of the device `image` is on (see [`Host::device_numa_node`]).
     pub fn numa_node_of(&self, image: &Path) -> Option<u32> {
+        self.device_numa_node(&self.block_device_dir(image)?.0)
+    }
+
+    /// The NUMA node of the block device whose sysfs directory is `dir`, when the host has
+    /// more than one node and the device says which.
+    pub fn device_numa_node(&self, dir: &Path) -> Option<u32> {
         if self.numa_nodes() < 2 {
             return None;
         }
-        let (dir, _) = self.block_device_dir(image)?;
         let node = std::fs::read_to_string(dir.join("device/numa_node")).ok()?;
         node.trim().parse::<i64>().ok().filter(|n| *n >= 0).map(|n| n as u32)
     }
