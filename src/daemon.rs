@@ -89,6 +89,7 @@ fn info_of(e: &Export) -> ExportInfo {
         backend: match &e.config.backend {
             BackendSpec::Image(p) => p.display().to_string(),
             BackendSpec::Null { .. } => "null".into(),
+            BackendSpec::Nbd { spec, .. } => spec.to_string(),
         },
         size_bytes: disk.capacity_bytes(),
         queues: e.config.queues,

@@ -11,6 +11,8 @@ use tracing::{info, warn};
 use crate::blk::config::{config_space, ConfigInputs, CONFIG_SPACE_BYTES};
 use crate::blk::request::DiskLimits;
 use crate::blk::{feature, ID_BYTES, SECTOR_SIZE};
+use crate::engine::nbd::engine::NbdTarget;
+use crate::engine::nbd::{self, wire};
 use crate::engine::{lock, Backing, CacheMode, EngineKind, OpenError};
 use crate::export::{BackendSpec, ExportConfig};
 use crate::iothread::poll::PollSettings;
@@ -31,6 +33,8 @@ pub struct Disk {
     /// anything is logged). Events name it as their parent; nothing enters it on the data path.
     pub span: tracing::Span,
     pub backing: Option<Backing>,
+    /// An NBD export's server, what it said at open and how long requests wait for it.
+    pub nbd: Option<Arc<NbdTarget>>,
     pub engine: EngineKind,
     pub cache: CacheMode,
     pub readonly: bool,
@@ -79,6 +83,7 @@ impl Disk {
             tracing::error_span!("export", export = %export_id, socket = %config.socket.display());
         // The image lock's waiting is logged from here.
         let _in_span = span.enter();
+        let mut nbd_target = None;
         let (backing, engine, capacity, logical, physical) = match &config.backend {
             BackendSpec::Image(path) => {
                 let b = Backing::open(
@@ -92,10 +97,20 @@ impl Disk {
                 (Some(b), config.aio, c, l, p)
             }
             BackendSpec::Null { size_bytes } => (None, EngineKind::Null, *size_bytes, 512, 4096),
+            BackendSpec::Nbd { spec, reconnect_delay_s } => {
+                let target = open_nbd(config, spec, *reconnect_delay_s, &span)?;
+                let n = target.negotiated;
+                // The server's preferred block is what the guest should align to; its
+                // minimum (1 for qemu-nbd on a file) never exceeds 512 here (checked).
+                let physical = n.preferred_block.clamp(512, 4096);
+                nbd_target = Some(Arc::new(target));
+                (None, EngineKind::Nbd, n.size_bytes, 512, physical)
+            }
         };
         let name = || match &config.backend {
             BackendSpec::Image(p) => p.clone(),
             BackendSpec::Null { .. } => "engine=null".into(),
+            BackendSpec::Nbd { spec, .. } => spec.to_string().into(),
         };
         // O_DIRECT needs offsets on the backing's blocks; the page cache takes any. The guest
         // sees the backing's block size unless told otherwise. Smaller blocks than O_DIRECT
@@ -149,6 +164,7 @@ impl Disk {
             name: export_id,
             span: span.clone(),
             backing,
+            nbd: nbd_target,
             engine,
             cache: config.cache,
             readonly: config.readonly,
@@ -237,6 +253,12 @@ impl Disk {
         if new_bytes == 0 || !new_bytes.is_multiple_of(block) {
             return Err(format!(
                 "size {new_bytes} is not a non-zero multiple of the {block}-byte block size"
+            ));
+        }
+        if let Some(target) = &self.nbd {
+            return Err(format!(
+                "an NBD export is as large as its server says ({}); resize it there",
+                target.spec
             ));
         }
         let file = match &self.backing {
@@ -371,4 +393,43 @@ impl Disk {
             writeback: self.writeback(),
         })
     }
+}
+
+/// Connects to an NBD export's server once, to learn the export and check that it can be
+/// served as asked; the queues make connections of their own.
+fn open_nbd(
+    config: &ExportConfig,
+    spec: &nbd::NbdSpec,
+    reconnect_delay_s: u32,
+    span: &tracing::Span,
+) -> Result<NbdTarget, OpenError> {
+    let connection = nbd::connect(spec, nbd::CONNECT_TIMEOUT).map_err(OpenError::Remote)?;
+    let n = connection.negotiated;
+    let refuse = |why: String| Err(OpenError::Remote(format!("NBD server {spec}: {why}")));
+    if n.size_bytes == 0 || n.size_bytes % SECTOR_SIZE != 0 || n.size_bytes > MAX_NULL_BYTES {
+        return refuse(format!(
+            "the export's size {} is not a non-zero multiple of 512 up to 2^60",
+            n.size_bytes
+        ));
+    }
+    if n.min_block > 512 {
+        return refuse(format!("the export's minimum block is {} bytes, above 512", n.min_block));
+    }
+    if n.has(wire::TFLAG_READ_ONLY) && !config.readonly {
+        return refuse("the export is read-only; serve it with readonly=on".into());
+    }
+    if config.queues > 1 && !n.has(wire::TFLAG_CAN_MULTI_CONN) {
+        return refuse(format!(
+            "queues={} needs a connection per queue, which the server does not allow \
+             (no multi-conn; qemu-nbd allows it with --shared=N); use queues=1",
+            config.queues
+        ));
+    }
+    Ok(NbdTarget {
+        spec: spec.clone(),
+        negotiated: n,
+        readonly: config.readonly,
+        reconnect_delay: std::time::Duration::from_secs(u64::from(reconnect_delay_s)),
+        span: span.clone(),
+    })
 }

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use crate::blk::{ID_BYTES, SECTOR_SIZE};
 use crate::disk::MAX_NULL_BYTES;
+use crate::engine::nbd::{self, NbdSpec};
 use crate::engine::{CacheMode, EngineKind};
 use crate::iothread::poll::{PollPolicy, MAX_POLL_MAX_US};
 use crate::iothread::registry::ThreadChoice;
@@ -16,6 +17,9 @@ use crate::iothread::registry::ThreadChoice;
 pub enum BackendSpec {
     Image(PathBuf),
     Null { size_bytes: u64 },
+    /// An NBD server's export (`image=nbd://...` or `nbd+unix://...`); requests wait up to
+    /// `reconnect_delay_s` for a lost server before they fail.
+    Nbd { spec: NbdSpec, reconnect_delay_s: u32 },
 }
 
 /// One `--export` specification, validated.
@@ -107,7 +111,7 @@ pub const MAX_QUEUE_SIZE: u16 = 1024;
 pub const EXPORT_KEYS: &str = "id, socket, image, engine, size, queues, queue-size, cache, aio, \
 readonly, serial, iothread, poll, poll-max-us, cpus, stats, force-share, logical-block-size, \
 physical-block-size, max-guest-memory, socket-mode, socket-group, socket-owner, incoming, discard, \
-socket-fd";
+socket-fd, reconnect-delay";
 
 /// qemu-storage-daemon's names for keys that mean the same here (`--export` of type
 /// vhost-user-blk), so that its users' specs work: theirs → ours. `writable` is the opposite
@@ -331,13 +335,17 @@ impl ExportConfig {
                 let aio = match self.aio {
                     EngineKind::Native => "native",
                     EngineKind::Threads => "threads",
-                    EngineKind::IoUring | EngineKind::Null => "io_uring",
+                    EngineKind::IoUring | EngineKind::Null | EngineKind::Nbd => "io_uring",
                 };
                 pairs.push(("aio", Str(aio.into())));
             }
             BackendSpec::Null { size_bytes } => {
                 pairs.push(("engine", Str("null".into())));
                 pairs.push(("size", Int(*size_bytes)));
+            }
+            BackendSpec::Nbd { spec, reconnect_delay_s } => {
+                pairs.push(("image", Str(spec.to_string())));
+                pairs.push(("reconnect-delay", Int(u64::from(*reconnect_delay_s))));
             }
         }
         pairs.push(("queues", Int(self.queues.into())));
@@ -400,6 +408,7 @@ impl ExportConfig {
         let mut socket_access = SocketAccess::default();
         let mut discard = DiscardMode::default();
         let mut socket_fd = None;
+        let mut reconnect_delay_s = None;
         let mut seen = Vec::new();
         let mut iothread = None;
         let mut thread_keys = Vec::new();
@@ -542,6 +551,16 @@ impl ExportConfig {
                         socket_access.owner = Some(value);
                     }
                 }
+                "reconnect-delay" => {
+                    let delay: u32 = parse_num(&key, &value)?;
+                    if delay > nbd::MAX_RECONNECT_DELAY_S {
+                        return err(format!(
+                            "reconnect-delay={value}: at most {} seconds",
+                            nbd::MAX_RECONNECT_DELAY_S
+                        ));
+                    }
+                    reconnect_delay_s = Some(delay);
+                }
                 other => return err(format!("unknown key '{other}' (keys: {EXPORT_KEYS})")),
             }
         }
@@ -572,6 +591,16 @@ impl ExportConfig {
                 return err("size= goes with engine=null; an image's size is its file size")
             }
             (Some(p), None, None) if p.as_os_str().is_empty() => return err("image= is empty"),
+            (Some(p), None, None) if NbdSpec::is_uri(&p.to_string_lossy()) => {
+                if seen.iter().any(|k| k == "aio") {
+                    return err("aio= chooses how an image file is read; an NBD export has its own engine");
+                }
+                let spec = NbdSpec::parse(&p.to_string_lossy()).map_err(ConfigError)?;
+                BackendSpec::Nbd {
+                    spec,
+                    reconnect_delay_s: reconnect_delay_s.unwrap_or(nbd::DEFAULT_RECONNECT_DELAY_S),
+                }
+            }
             (Some(p), None, None) => BackendSpec::Image(p),
             (None, Some(EngineKind::Null), Some(bytes)) => {
                 if bytes == 0 || bytes % SECTOR_SIZE != 0 || bytes > MAX_NULL_BYTES {
@@ -584,6 +613,9 @@ impl ExportConfig {
             (None, Some(_), None) => return err("engine=null needs size=BYTES"),
             (None, _, _) => return err("missing image=PATH (or engine=null,size=BYTES)"),
         };
+        if reconnect_delay_s.is_some() && !matches!(backend, BackendSpec::Nbd { .. }) {
+            return err("reconnect-delay= is for NBD exports (image=nbd://... or nbd+unix://...)");
+        }
         Ok(ExportConfig {
             id,
             socket,
@@ -643,7 +675,7 @@ mod tests {
         let cases = [
             ("image=/i", "missing socket=PATH (or socket-fd=N)"),
             ("socket=/s", "missing image=PATH (or engine=null,size=BYTES)"),
-            ("socket=/s,image=/i,colour=red", "unknown key 'colour' (keys: id, socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, iothread, poll, poll-max-us, cpus, stats, force-share, logical-block-size, physical-block-size, max-guest-memory, socket-mode, socket-group, socket-owner, incoming, discard, socket-fd)"),
+            ("socket=/s,image=/i,colour=red", "unknown key 'colour' (keys: id, socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, iothread, poll, poll-max-us, cpus, stats, force-share, logical-block-size, physical-block-size, max-guest-memory, socket-mode, socket-group, socket-owner, incoming, discard, socket-fd, reconnect-delay)"),
             ("socket=/s,image=/i,poll=sometimes", "poll=sometimes: one of adaptive, always, never"),
             ("socket=/s,image=/i,poll-max-us=1000000", "poll-max-us=1000000: at most 100000"),
             ("socket=/s,image=/i,queues=0", "queues=0: must be 1 to 64"),
@@ -656,7 +688,7 @@ mod tests {
             ("socket=/s,image=/i,logical-block-size=1024", "logical-block-size=1024: 512 or 4096"),
             ("socket=/s,image=/i,id=a b", "id=a b: 1 to 64 letters, digits, '-', '_' or '.'"),
             ("socket=/s,image=/i,aio=posix", "aio=posix: supported engines: io_uring, native, threads"),
-            ("socket=/s,image", "'image' is not key=value (keys: id, socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, iothread, poll, poll-max-us, cpus, stats, force-share, logical-block-size, physical-block-size, max-guest-memory, socket-mode, socket-group, socket-owner, incoming, discard, socket-fd)"),
+            ("socket=/s,image", "'image' is not key=value (keys: id, socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, iothread, poll, poll-max-us, cpus, stats, force-share, logical-block-size, physical-block-size, max-guest-memory, socket-mode, socket-group, socket-owner, incoming, discard, socket-fd, reconnect-delay)"),
         ];
         for (spec, want) in cases {
             assert_eq!(ExportConfig::parse(spec).unwrap_err().0, want, "spec {spec}");

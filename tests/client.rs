@@ -436,3 +436,37 @@ on_both_thread_models!(
     null_engine_reads_zeroes_and_drops_writes,
     one_daemon_serves_several_exports,
 );
+
+/// The tests that do not name a file engine, again with the image behind an NBD server: the
+/// same checks of the same file, through blkplane's NBD engine and a real server.
+macro_rules! behind_nbd_servers {
+    ($($name:ident),* $(,)?) => {
+        mod behind_qemu_nbd {
+            $(#[test]
+            fn $name() {
+                super::common::nbd::on_nbd(super::common::nbd::Server::QemuNbd, super::$name)
+            })*
+        }
+        mod behind_nbdkit {
+            $(#[test]
+            fn $name() {
+                super::common::nbd::on_nbd(super::common::nbd::Server::Nbdkit, super::$name)
+            })*
+        }
+    };
+}
+
+behind_nbd_servers!(
+    patterns_round_trip_cache_none,
+    patterns_round_trip_cache_directsync,
+    patterns_round_trip_cache_writeback,
+    patterns_round_trip_cache_writethrough,
+    patterns_round_trip_cache_unsafe,
+    several_queues_from_several_threads,
+    many_requests_in_flight_at_once,
+    discard_and_write_zeroes_read_back_zeroes_io_uring,
+    out_of_range_io_fails_and_changes_nothing,
+    readonly_export_is_read_only_to_the_client,
+    disconnect_and_reconnect_keeps_data,
+    one_daemon_serves_several_exports,
+);

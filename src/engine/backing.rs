@@ -85,6 +85,8 @@ pub enum OpenError {
     Locked(PathBuf, String),
     BlockSize(PathBuf, String),
     Io(PathBuf, io::Error),
+    /// A network backend's server refused or failed (the message names it).
+    Remote(String),
 }
 
 impl fmt::Display for OpenError {
@@ -109,6 +111,7 @@ impl fmt::Display for OpenError {
                 write!(f, "image {}: {why}", p.display())
             }
             OpenError::Io(p, e) => write!(f, "cannot open image {}: {e}", p.display()),
+            OpenError::Remote(why) => f.write_str(why),
         }
     }
 }

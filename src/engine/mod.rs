@@ -4,6 +4,7 @@
 pub mod aio;
 pub mod backing;
 pub mod lock;
+pub mod nbd;
 pub mod null;
 pub mod threads;
 pub mod uring;
@@ -26,6 +27,8 @@ pub enum EngineKind {
     Threads,
     /// No backing: reads return zeroes, writes are dropped.
     Null,
+    /// An NBD server's export, one connection per queue (`engine/nbd/`).
+    Nbd,
 }
 
 /// One operation for an engine, built from a validated request.

@@ -26,6 +26,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::disk::Disk;
 use crate::engine::aio::AioEngine;
+use crate::engine::nbd::engine::NbdEngine;
 use crate::engine::null::NullEngine;
 use crate::engine::threads::ThreadsEngine;
 use crate::engine::uring::UringEngine;
@@ -246,6 +247,10 @@ fn make_queue(
     let size = setup.size;
     match (disk.engine, fd) {
         (EngineKind::Null, _) => worker::queue::start(disk, setup, NullEngine::new(size)),
+        (EngineKind::Nbd, _) => {
+            let target = disk.nbd.clone().ok_or_else(|| io::Error::other("an NBD export without its server"))?;
+            worker::queue::start(disk, setup, NbdEngine::new(target, size)?)
+        }
         (EngineKind::IoUring, Some(fd)) => {
             worker::queue::start(disk, setup, UringEngine::on(ring, fd, size))
         }

@@ -529,18 +529,24 @@ pub fn copy_from_guest(iovs: &[GuestIov], mut skip: usize, dst: &mut [u8]) -> us
     done
 }
 
-/// Copies `src` into a list of guest ranges from their start. Returns the bytes written.
-pub fn copy_to_guest(iovs: &[GuestIov], src: &[u8]) -> usize {
+/// Copies `src` into a list of guest ranges, skipping their first `skip` bytes. Returns the
+/// bytes written (less than `src.len()` if the ranges were too short).
+pub fn copy_to_guest(iovs: &[GuestIov], mut skip: usize, src: &[u8]) -> usize {
     let mut done = 0;
     for iov in iovs {
         if done == src.len() {
             break;
         }
-        let n = iov.len().min(src.len() - done);
-        // SAFETY: n <= iov.len(): inside a live guest mapping (type invariant); src is ours
-        // and cannot overlap guest memory.
-        unsafe { write_guest(iov.0.iov_base.cast::<u8>(), &src[done..done + n]) };
+        if skip >= iov.len() {
+            skip -= iov.len();
+            continue;
+        }
+        let n = (iov.len() - skip).min(src.len() - done);
+        // SAFETY: skip + n <= iov.len(): inside a live guest mapping (type invariant); src is
+        // ours and cannot overlap guest memory.
+        unsafe { write_guest(iov.0.iov_base.cast::<u8>().add(skip), &src[done..done + n]) };
         done += n;
+        skip = 0;
     }
     done
 }
@@ -551,6 +557,27 @@ pub fn zero_guest(iovs: &[GuestIov]) {
         // SAFETY: the range lies inside a live guest mapping (type invariant).
         unsafe { ptr::write_bytes(iov.0.iov_base.cast::<u8>(), 0, iov.len()) }
     }
+}
+
+/// Zeroes `len` bytes of a list of guest ranges, after their first `skip` bytes (a hole in
+/// a read's reply). Returns the bytes zeroed.
+pub fn zero_guest_range(iovs: &[GuestIov], mut skip: usize, len: usize) -> usize {
+    let mut done = 0;
+    for iov in iovs {
+        if done == len {
+            break;
+        }
+        if skip >= iov.len() {
+            skip -= iov.len();
+            continue;
+        }
+        let n = (iov.len() - skip).min(len - done);
+        // SAFETY: skip + n <= iov.len(): inside a live guest mapping (type invariant).
+        unsafe { ptr::write_bytes(iov.0.iov_base.cast::<u8>().add(skip), 0, n) }
+        done += n;
+        skip = 0;
+    }
+    done
 }
 
 /// Whether every range starts and ends on an `align`-byte boundary (a power of two), which
@@ -670,7 +697,7 @@ impl BounceBuffer {
         let bytes = self.bytes();
         let from = from.min(bytes.len());
         let len = len.min(bytes.len() - from);
-        copy_to_guest(guest, &bytes[from..from + len])
+        copy_to_guest(guest, 0, &bytes[from..from + len])
     }
 }
 
@@ -722,7 +749,7 @@ mod tests {
             sorted.sort();
             prop_assume!(sorted.windows(2).all(|w| w[0].0 + u64::from(w[0].1) <= w[1].0));
             let src: Vec<u8> = (0..total).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect();
-            prop_assert_eq!(copy_to_guest(&iovs, &src), total);
+            prop_assert_eq!(copy_to_guest(&iovs, 0, &src), total);
             let mut back = vec![0u8; total.saturating_sub(skip)];
             prop_assert_eq!(copy_from_guest(&iovs, skip, &mut back), total.saturating_sub(skip));
             prop_assert_eq!(&back[..], &src[skip.min(total)..]);
@@ -730,6 +757,17 @@ mod tests {
             let mut host = vec![0u8; total + 9];
             copy_from_guest(&iovs, 0, &mut host[3..3 + total]);
             prop_assert_eq!(&host[3..3 + total], &src[..]);
+            // Writing after a skip, and zeroing a range inside: exactly those bytes change.
+            let at = skip.min(total);
+            prop_assert_eq!(copy_to_guest(&iovs, at, &src[..total - at]), total - at);
+            let mut expected = src.clone();
+            expected.copy_within(..total - at, at);
+            let hole = (total - at).min(37);
+            prop_assert_eq!(zero_guest_range(&iovs, at, hole), hole);
+            expected[at..at + hole].fill(0);
+            let mut now = vec![0u8; total];
+            copy_from_guest(&iovs, 0, &mut now);
+            prop_assert_eq!(now, expected);
         }
     }
 

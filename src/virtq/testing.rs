@@ -23,7 +23,7 @@ pub fn guest_ram(bytes: u64) -> (File, GuestMemory) {
 /// Writes `bytes` at guest-physical `gpa` (which must lie in RAM).
 pub fn write(mem: &GuestMemory, gpa: u64, bytes: &[u8]) {
     assert!(mem.translate(gpa, bytes.len() as u32, |iov| {
-        copy_to_guest(&[iov], bytes);
+        copy_to_guest(&[iov], 0, bytes);
         true
     }));
 }

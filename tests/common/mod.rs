@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod frontend;
+pub mod nbd;
 pub mod raw;
 
 use std::fs;
@@ -25,6 +26,8 @@ pub fn daemon_bin() -> String {
 pub struct Daemon {
     child: Option<Child>,
     pub log_path: PathBuf,
+    /// NBD servers the daemon's exports are behind (see [`nbd::on_nbd`]); they stop after it.
+    nbd_servers: Vec<nbd::NbdServer>,
 }
 
 /// The I/O thread model a test's daemons run with (see [`on_threads`]).
@@ -58,7 +61,11 @@ impl Daemon {
         if threads == Threads::OneShared {
             args.extend(["--pool-threads".to_string(), "1".to_string()]);
         }
+        let mut nbd_servers = Vec::new();
         for e in exports {
+            let (e, server) = nbd::serve_behind(e, dir);
+            nbd_servers.extend(server);
+            let e = &e;
             args.push("--export".to_string());
             let own_threads = ["iothread=", "poll=", "poll-max-us=", "cpus="];
             if threads == Threads::Dedicated && !own_threads.iter().any(|k| e.contains(k)) {
@@ -72,7 +79,9 @@ impl Daemon {
                 .expect("export has a socket");
             sockets.push(PathBuf::from(sock));
         }
-        Self::start_with(dir, &args, &sockets)
+        let mut daemon = Self::start_with(dir, &args, &sockets);
+        daemon.nbd_servers = nbd_servers;
+        daemon
     }
 
     /// Starts `blkplane serve ARGS` and waits until every socket of `wait_for` answers.
@@ -83,7 +92,7 @@ impl Daemon {
         let mut cmd = Command::new(daemon_bin());
         cmd.arg("serve").arg("--log-level").arg("debug").args(args);
         let child = cmd.stdout(Stdio::null()).stderr(log).spawn().expect("spawn blkplane");
-        let mut d = Daemon { child: Some(child), log_path };
+        let mut d = Daemon { child: Some(child), log_path, nbd_servers: Vec::new() };
         for sock in wait_for {
             d.wait_for_socket(sock);
         }
@@ -314,6 +323,28 @@ impl Client {
             0 => Ok(self.buf_slice(at, len).to_vec()),
             err => Err(err),
         }
+    }
+
+    /// Completions of queue `q` that arrive within `timeout` (at most `max`), as
+    /// (user_data, ret): an empty list means the requests are still waiting.
+    pub fn completions(&mut self, q: usize, max: usize, timeout: Duration) -> Vec<(usize, i32)> {
+        let mut out = Vec::new();
+        let deadline = Instant::now() + timeout;
+        while out.len() < max {
+            let mut c = [std::mem::MaybeUninit::<Completion>::uninit()];
+            let mut left = deadline.saturating_duration_since(Instant::now());
+            let n = self.queues[q].do_io(&mut c, 0, Some(&mut left), None).expect("do_io");
+            if n == 1 {
+                // SAFETY: do_io initialised n = 1 entries.
+                let done = unsafe { c[0].assume_init_read() };
+                out.push((done.user_data, done.ret));
+            } else if Instant::now() >= deadline {
+                break;
+            } else {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        out
     }
 
     pub fn flush(&mut self, q: usize) -> i32 {

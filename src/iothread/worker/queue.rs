@@ -537,7 +537,7 @@ impl Core {
             }
             Request::GetId { data, bytes } => {
                 let id = &self.disk.serial[..*bytes as usize];
-                let written = copy_to_guest(slot.chain.iovs(data.clone()), id);
+                let written = copy_to_guest(slot.chain.iovs(data.clone()), 0, id);
                 return self.finish(tag, Ok(written as u32));
             }
             Request::Discard { .. } if self.disk.discard == DiscardMode::Ignore => {

@@ -1,0 +1,889 @@
+//! One NBD connection per queue, driven by the queue's I/O thread without blocking it.
+//!
+//! Requests go out as they come, pipelined, with the slot's tag as the cookie: `queue` writes
+//! the request header into the tag's own header buffer and appends it (and a write's guest
+//! buffers, as they are: no copy) to the output list; `submit` sends the list with one
+//! `sendmsg` (more only when it is longer than IOV_MAX). Replies are read with one `recv` into
+//! a receive buffer per round and copied into the read's guest buffers.
+//!
+//! The engine's descriptor for the I/O thread's epoll is an epoll of its own over the
+//! socket (readable; writable only while output waits for room), a timer and the
+//! reconnecting thread's eventfd: the I/O thread sleeps through a full send buffer, a dead
+//! server and a reconnection alike.
+//!
+//! A lost connection (EOF, a reset, a reply that breaks the protocol) is closed and a thread
+//! of the engine's own connects again in the background; requests wait for it, new ones too,
+//! up to `reconnect-delay`; then they fail (IOERR) and new ones fail at once until the server
+//! is back. On reconnection every request not yet answered is sent again: reads, writes,
+//! trims and zeroes are idempotent, and a flush sent again still covers every write the guest
+//! saw completed before it.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{info, warn};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::handshake::{self, Negotiated};
+use super::wire::*;
+use super::NbdSpec;
+use crate::engine::{Engine, IoOp};
+use crate::ratelimit::RateLimiter;
+use crate::virtq::{copy_to_guest, zero_guest_range, GuestIov};
+use crate::warn_limited;
+
+/// Receive buffer: replies of a round are read with one `recv` into it.
+const RECV_BUFFER_BYTES: usize = 256 * 1024;
+/// Largest non-data chunk payload (an error message, a hole) accepted; larger ones end the
+/// connection as a protocol error.
+const MAX_CHUNK_META_BYTES: usize = 64 * 1024;
+/// Entries of one `sendmsg`.
+const IOV_MAX: usize = 1024;
+/// Back-off between connection attempts, growing from the first to the last.
+const RECONNECT_BACKOFF_MS: (u64, u64) = (50, 1000);
+
+/// What an export's queues share: where the server is and what it said at open.
+pub struct NbdTarget {
+    pub spec: NbdSpec,
+    /// The negotiation at open: every later connection must agree on the size.
+    pub negotiated: Negotiated,
+    pub readonly: bool,
+    pub reconnect_delay: Duration,
+    /// The export's log span.
+    pub span: tracing::Span,
+}
+
+/// One request as the engine keeps it until its reply: enough to send it again.
+#[derive(Clone, Copy)]
+struct Op {
+    busy: bool,
+    command: u16,
+    flags: u16,
+    offset: u64,
+    len: u32,
+    iov: *const GuestIov,
+    iovcnt: usize,
+    /// A write that must be made durable and the server has no FUA: a FLUSH follows it.
+    then_flush: bool,
+    /// Bytes a structured read reply covered so far (data and holes).
+    covered: u64,
+    /// An error a chunk reported (negative errno), reported when the reply is done.
+    error: i32,
+    /// The result once the write part is done and its flush is under way.
+    result: i32,
+}
+
+const IDLE_OP: Op = Op {
+    busy: false,
+    command: 0,
+    flags: 0,
+    offset: 0,
+    len: 0,
+    iov: std::ptr::null(),
+    iovcnt: 0,
+    then_flush: false,
+    covered: 0,
+    error: 0,
+    result: 0,
+};
+
+/// Where the reply reader is in the byte stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Parse {
+    /// At the start of a reply (a simple reply or a structured chunk).
+    Header,
+    /// In a read's payload: `remaining` bytes, to go to the request's buffers at `at`
+    /// (`deliver` false: to be skipped, the chunk was refused). `done`: the reply ends with it.
+    Data { tag: u16, at: u64, remaining: u64, deliver: bool, done: bool },
+}
+
+/// The connection, when there is one.
+struct Conn {
+    fd: OwnedFd,
+    negotiated: Negotiated,
+}
+
+/// The background connector: its result arrives on `ready`, signalled on `event`.
+struct Connector {
+    stop: Arc<AtomicBool>,
+    ready: mpsc::Receiver<handshake::Connection>,
+}
+
+pub struct NbdEngine {
+    target: Arc<NbdTarget>,
+    conn: Option<Conn>,
+    connector: Option<Connector>,
+    /// The engine's own epoll: socket, timer, connector event.
+    epoll: OwnedFd,
+    /// Whether the socket is registered for writability (output is waiting for room).
+    wants_out: bool,
+    /// Fires when waiting requests have waited `reconnect-delay` for a connection.
+    timer: OwnedFd,
+    /// The connector thread signals a connection on it.
+    connected_event: Arc<EventFd>,
+    /// The reconnect delay passed without a server: requests fail at once.
+    failing: bool,
+    ops: Box<[Op]>,
+    headers: Box<[[u8; REQUEST_HEADER_BYTES]]>,
+    /// What remains to be sent, in order.
+    out: std::collections::VecDeque<libc::iovec>,
+    inbuf: Box<[u8]>,
+    in_start: usize,
+    in_end: usize,
+    parse: Parse,
+    done: Vec<(u16, i32)>,
+    in_flight: usize,
+    /// Connector signals not yet read from `connected_event` (each connector writes once,
+    /// after handing its connection over): read until none is left, so that a signal never
+    /// stays pending and keeps the I/O thread awake.
+    events_expected: u64,
+    /// The reconnect delay is counting (see `start_delay`).
+    delay_armed: bool,
+    log: RateLimiter,
+}
+
+// Epoll data values of the engine's three descriptors.
+const EV_SOCKET: u64 = 1;
+const EV_TIMER: u64 = 2;
+const EV_CONNECTED: u64 = 3;
+
+fn epoll_ctl(epoll: RawFd, op: i32, fd: RawFd, events: u32, data: u64) -> io::Result<()> {
+    let mut ev = libc::epoll_event { events, u64: data };
+    // SAFETY: plain syscall on descriptors we own; ev lives across the call.
+    if unsafe { libc::epoll_ctl(epoll, op, fd, &mut ev) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl NbdEngine {
+    /// An engine for one queue of `queue_size` requests. It starts without a connection: the
+    /// first one is made in the background as any later one, and requests wait for it.
+    pub fn new(target: Arc<NbdTarget>, queue_size: u16) -> io::Result<NbdEngine> {
+        // SAFETY: epoll_create1 and timerfd_create return new descriptors we then own.
+        let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if epoll < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: as above: a new descriptor, owned from here on.
+        let epoll = unsafe { OwnedFd::from_raw_fd(epoll) };
+        // SAFETY: as above.
+        let timer = unsafe {
+            libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_CLOEXEC | libc::TFD_NONBLOCK)
+        };
+        if timer < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: as above.
+        let timer = unsafe { OwnedFd::from_raw_fd(timer) };
+        let connected_event = Arc::new(EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK)?);
+        epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, timer.as_raw_fd(), libc::EPOLLIN as u32, EV_TIMER)?;
+        epoll_ctl(
+            epoll.as_raw_fd(),
+            libc::EPOLL_CTL_ADD,
+            connected_event.as_raw_fd(),
+            libc::EPOLLIN as u32,
+            EV_CONNECTED,
+        )?;
+        let size = usize::from(queue_size);
+        let mut engine = NbdEngine {
+            target,
+            conn: None,
+            connector: None,
+            epoll,
+            wants_out: false,
+            timer,
+            connected_event,
+            failing: false,
+            ops: vec![IDLE_OP; size].into_boxed_slice(),
+            headers: vec![[0u8; REQUEST_HEADER_BYTES]; size].into_boxed_slice(),
+            // A header and a write's buffers per request, at most.
+            out: std::collections::VecDeque::with_capacity(size * 4),
+            inbuf: vec![0u8; RECV_BUFFER_BYTES].into_boxed_slice(),
+            in_start: 0,
+            in_end: 0,
+            parse: Parse::Header,
+            done: Vec::with_capacity(size),
+            in_flight: 0,
+            events_expected: 0,
+            delay_armed: false,
+            log: RateLimiter::default(),
+        };
+        engine.start_connector()?;
+        engine.start_delay();
+        Ok(engine)
+    }
+
+    /// Starts the background connector and the reconnect-delay timer.
+    fn start_connector(&mut self) -> io::Result<()> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (send, ready) = mpsc::sync_channel(1);
+        let target = Arc::clone(&self.target);
+        let event = Arc::clone(&self.connected_event);
+        let thread_stop = Arc::clone(&stop);
+        std::thread::Builder::new()
+            .name("blkplane-nbd-connect".into())
+            .spawn(move || connect_until_stopped(&target, &thread_stop, &send, &event))?;
+        self.connector = Some(Connector { stop, ready });
+        self.events_expected += 1;
+        Ok(())
+    }
+
+    /// Starts counting the reconnect delay, unless it is counting already: it runs from the
+    /// first loss until the server answers a request again, so that a server that breaks
+    /// every connection at once cannot keep requests waiting for ever.
+    fn start_delay(&mut self) {
+        if !self.delay_armed {
+            self.delay_armed = true;
+            self.arm_timer(self.target.reconnect_delay);
+        }
+    }
+
+    /// The server answered: the connection works, the delay starts afresh at the next loss.
+    fn healthy(&mut self) {
+        if self.delay_armed {
+            self.delay_armed = false;
+            self.disarm_timer();
+        }
+    }
+
+    fn arm_timer(&self, after: Duration) {
+        // A zero it_value disarms; a zero delay still fires, at once.
+        let after = after.max(Duration::from_nanos(1));
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 },
+            it_value: libc::timespec {
+                tv_sec: after.as_secs() as libc::time_t,
+                tv_nsec: libc::c_long::from(after.subsec_nanos() as i32),
+            },
+        };
+        // SAFETY: the timer is ours; spec lives across the call.
+        unsafe { libc::timerfd_settime(self.timer.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+    }
+
+    fn disarm_timer(&self) {
+        let zero = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        let spec = libc::itimerspec { it_interval: zero, it_value: zero };
+        // SAFETY: as in arm_timer.
+        unsafe { libc::timerfd_settime(self.timer.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+    }
+
+    /// Appends request `tag`'s header (and a write's data) to the output.
+    fn push_out(&mut self, tag: u16) {
+        let op = self.ops[usize::from(tag)];
+        let header = &self.headers[usize::from(tag)];
+        self.out.push_back(libc::iovec {
+            iov_base: header.as_ptr() as *mut libc::c_void,
+            iov_len: REQUEST_HEADER_BYTES,
+        });
+        if op.command == CMD_WRITE {
+            // SAFETY: the iovec array stays valid until the tag is reaped (Engine::queue).
+            let iovs = unsafe { std::slice::from_raw_parts(op.iov, op.iovcnt) };
+            for iov in iovs {
+                self.out.push_back(libc::iovec {
+                    iov_base: iov.addr() as *mut libc::c_void,
+                    iov_len: iov.len(),
+                });
+            }
+        }
+    }
+
+    fn set_header(&mut self, tag: u16) {
+        let op = &self.ops[usize::from(tag)];
+        self.headers[usize::from(tag)] =
+            request_header(op.flags, op.command, u64::from(tag), op.offset, op.len);
+    }
+
+    /// Answers `tag` with `result`.
+    fn finish(&mut self, tag: u16, result: i32) {
+        let op = &mut self.ops[usize::from(tag)];
+        if result >= 0 && op.then_flush {
+            // The write is in; now the flush that makes it durable, under the same cookie.
+            op.then_flush = false;
+            op.result = result;
+            op.command = CMD_FLUSH;
+            op.flags = 0;
+            op.offset = 0;
+            op.len = 0;
+            self.set_header(tag);
+            if self.conn.is_some() {
+                self.push_out(tag);
+            }
+            return;
+        }
+        let result = if result >= 0 && op.command == CMD_FLUSH && op.result > 0 {
+            op.result
+        } else {
+            result
+        };
+        *op = IDLE_OP;
+        self.in_flight -= 1;
+        self.done.push((tag, result));
+    }
+
+    /// Sends what the output holds, as far as the socket takes it.
+    fn flush_out(&mut self) {
+        let Some(conn) = &self.conn else { return };
+        let fd = conn.fd.as_raw_fd();
+        while !self.out.is_empty() {
+            let (front, _) = self.out.as_slices();
+            let count = front.len().min(IOV_MAX);
+            // SAFETY: msghdr is plain data; zeroed is a valid empty header.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = front.as_ptr() as *mut libc::iovec;
+            msg.msg_iovlen = count;
+            // SAFETY: the iovecs point at header buffers we own and guest buffers valid until
+            // their tags are reaped; MSG_NOSIGNAL: a closed peer is an error, not SIGPIPE.
+            let sent = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
+            if sent < 0 {
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EAGAIN) => break,
+                    Some(libc::EINTR) => continue,
+                    _ => {
+                        self.lose(&format!("sending: {e}"));
+                        return;
+                    }
+                }
+            }
+            let mut sent = sent as usize;
+            while sent > 0 {
+                let Some(first) = self.out.front_mut() else { break };
+                if sent >= first.iov_len {
+                    sent -= first.iov_len;
+                    self.out.pop_front();
+                } else {
+                    // SAFETY: sent < iov_len: the new base stays inside the same buffer.
+                    first.iov_base = unsafe { first.iov_base.cast::<u8>().add(sent) }.cast();
+                    first.iov_len -= sent;
+                    sent = 0;
+                }
+            }
+        }
+        let want = !self.out.is_empty();
+        if want != self.wants_out {
+            if let Some(conn) = &self.conn {
+                let events = libc::EPOLLIN as u32 | if want { libc::EPOLLOUT as u32 } else { 0 };
+                let r = epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_MOD, conn.fd.as_raw_fd(), events, EV_SOCKET);
+                if r.is_ok() {
+                    self.wants_out = want;
+                }
+            }
+        }
+    }
+
+    /// The connection is gone (or broke the protocol): close it and connect again in the
+    /// background; requests not yet answered wait for the new one.
+    fn lose(&mut self, why: &str) {
+        warn!(parent: &self.target.span, server = %self.target.spec, waiting = self.in_flight,
+            "lost the NBD connection ({why}); connecting again");
+        self.start_delay();
+        self.close();
+    }
+
+    /// Closes the connection (nothing it still carries can be read any more, so no late
+    /// reply can be taken for a later request with the same tag) and connects again.
+    fn close(&mut self) {
+        let Some(conn) = self.conn.take() else { return };
+        drop(conn);
+        self.wants_out = false;
+        self.out.clear();
+        self.in_start = 0;
+        self.in_end = 0;
+        self.parse = Parse::Header;
+        for op in self.ops.iter_mut().filter(|o| o.busy) {
+            op.covered = 0;
+            op.error = 0;
+        }
+        if let Err(e) = self.start_connector() {
+            warn_limited!(self.log, parent: &self.target.span, "cannot start the NBD connector: {e}");
+            self.fail_waiting();
+            self.failing = true;
+        }
+    }
+
+    /// Fails every request waiting for a connection.
+    fn fail_waiting(&mut self) {
+        for tag in 0..self.ops.len() {
+            if self.ops[tag].busy {
+                self.ops[tag].then_flush = false;
+                self.finish(tag as u16, -libc::EIO);
+            }
+        }
+    }
+
+    fn drain_connected_event(&mut self) {
+        if let Ok(n) = self.connected_event.read() {
+            self.events_expected = self.events_expected.saturating_sub(n);
+        }
+    }
+
+    /// Takes a connection the connector made and sends every waiting request on it.
+    fn take_connection(&mut self) {
+        let Some(connector) = &self.connector else { return };
+        let Ok(connection) = connector.ready.try_recv() else { return };
+        self.connector = None;
+        let fd = connection.fd;
+        // SAFETY: fcntl on a descriptor we own.
+        unsafe {
+            let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+            libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
+        }
+        if let Err(e) = epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd.as_raw_fd(), libc::EPOLLIN as u32, EV_SOCKET) {
+            warn_limited!(self.log, parent: &self.target.span, "cannot watch the NBD socket: {e}");
+            let _ = self.start_connector();
+            return;
+        }
+        let negotiated = connection.negotiated;
+        self.conn = Some(Conn { fd, negotiated });
+        if self.failing {
+            info!(parent: &self.target.span, server = %self.target.spec, "NBD server is back");
+        }
+        self.failing = false;
+        for tag in 0..self.ops.len() {
+            if self.ops[tag].busy {
+                // The flags the new connection allows (a restarted server may differ).
+                let op = &mut self.ops[tag];
+                if op.command == CMD_WRITE && op.flags & CMD_FLAG_FUA != 0 && !negotiated.has(TFLAG_SEND_FUA) {
+                    op.flags &= !CMD_FLAG_FUA;
+                    op.then_flush = true;
+                }
+                self.set_header(tag as u16);
+                self.push_out(tag as u16);
+            }
+        }
+        self.flush_out();
+    }
+
+    /// Whether the reconnect delay passed without an answer from the server: then requests
+    /// waiting fail, and so will new ones until a connection is made again.
+    fn check_delay(&mut self) {
+        let mut expirations = [0u8; 8];
+        // SAFETY: reading 8 bytes into a buffer of 8 from our non-blocking timer; it fails
+        // with EAGAIN while the timer has not fired.
+        let n = unsafe { libc::read(self.timer.as_raw_fd(), expirations.as_mut_ptr().cast(), 8) };
+        if n != 8 {
+            return;
+        }
+        self.delay_armed = false;
+        if self.in_flight == 0 {
+            // Nothing waited (a first connection no request has used yet).
+            return;
+        }
+        {
+            warn!(parent: &self.target.span, server = %self.target.spec, failed = self.in_flight,
+                delay_s = self.target.reconnect_delay.as_secs_f64(),
+                "NBD server unreachable for the reconnect delay; requests fail until it is back");
+        }
+        // A connection that answers nothing (a server that breaks each one the same way) is
+        // closed before its requests fail, so their tags are free for good.
+        self.close();
+        if self.conn.is_none() {
+            self.failing = true;
+        }
+        self.fail_waiting();
+    }
+
+    /// Reads what the server sent and turns it into completions. Returns false when the
+    /// connection was lost.
+    fn receive(&mut self) {
+        loop {
+            if !self.parse_buffered() {
+                return;
+            }
+            let Some(conn) = &self.conn else { return };
+            // Room at the end: move what is left of a partial reply to the start.
+            if self.in_start > 0 {
+                self.inbuf.copy_within(self.in_start..self.in_end, 0);
+                self.in_end -= self.in_start;
+                self.in_start = 0;
+            }
+            let room = &mut self.inbuf[self.in_end..];
+            // SAFETY: recv into the free part of our own buffer.
+            let n = unsafe {
+                libc::recv(conn.fd.as_raw_fd(), room.as_mut_ptr().cast(), room.len(), libc::MSG_DONTWAIT)
+            };
+            if n > 0 {
+                self.in_end += n as usize;
+                continue;
+            }
+            if n == 0 {
+                self.lose("the server closed the connection");
+                return;
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EAGAIN) => return,
+                Some(libc::EINTR) => continue,
+                _ => {
+                    self.lose(&format!("receiving: {e}"));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Parses the buffered bytes as far as they go. False: the connection was lost.
+    fn parse_buffered(&mut self) -> bool {
+        loop {
+            let avail = self.in_end - self.in_start;
+            match self.parse {
+                Parse::Data { tag, at, remaining, deliver, done } => {
+                    let n = (remaining as usize).min(avail);
+                    if n == 0 && remaining > 0 {
+                        return true;
+                    }
+                    if deliver {
+                        let op = self.ops[usize::from(tag)];
+                        // SAFETY: the iovec array stays valid until the tag is reaped.
+                        let iovs = unsafe { std::slice::from_raw_parts(op.iov, op.iovcnt) };
+                        copy_to_guest(iovs, at as usize, &self.inbuf[self.in_start..self.in_start + n]);
+                    }
+                    self.in_start += n;
+                    let remaining = remaining - n as u64;
+                    if remaining > 0 {
+                        self.parse = Parse::Data { tag, at: at + n as u64, remaining, deliver, done };
+                        return true;
+                    }
+                    self.parse = Parse::Header;
+                    if done {
+                        self.reply_done(tag);
+                    }
+                }
+                Parse::Header => {
+                    if avail < 4 {
+                        return true;
+                    }
+                    let b = &self.inbuf[self.in_start..self.in_end];
+                    let magic = u32::from_be_bytes(b[0..4].try_into().unwrap());
+                    let structured = self.conn.as_ref().is_some_and(|c| c.negotiated.structured);
+                    let step = match magic {
+                        SIMPLE_REPLY_MAGIC => self.simple_reply(),
+                        STRUCTURED_REPLY_MAGIC if structured => self.chunk(),
+                        _ => Err(format!("reply magic {magic:#010x}")),
+                    };
+                    match step {
+                        Ok(true) => {}
+                        Ok(false) => return true,
+                        Err(why) => {
+                            warn_limited!(self.log, parent: &self.target.span, server = %self.target.spec,
+                                "NBD server broke the protocol: {why}");
+                            self.lose(&format!("protocol error: {why}"));
+                            return false;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The tag of a cookie, if it names a request we sent and have not had answered.
+    fn request_of(&self, cookie: u64) -> Result<u16, String> {
+        match u16::try_from(cookie) {
+            Ok(tag) if usize::from(tag) < self.ops.len() && self.ops[usize::from(tag)].busy => {
+                Ok(tag)
+            }
+            _ => Err(format!("a reply with unknown cookie {cookie:#x}")),
+        }
+    }
+
+    /// A simple reply at the buffer's start. Ok(false): not all of its header is here yet.
+    fn simple_reply(&mut self) -> Result<bool, String> {
+        let b = &self.inbuf[self.in_start..self.in_end];
+        if b.len() < SIMPLE_REPLY_BYTES {
+            return Ok(false);
+        }
+        let error = u32::from_be_bytes(b[4..8].try_into().unwrap());
+        let cookie = u64::from_be_bytes(b[8..16].try_into().unwrap());
+        let tag = self.request_of(cookie)?;
+        self.in_start += SIMPLE_REPLY_BYTES;
+        let op = self.ops[usize::from(tag)];
+        if error != 0 {
+            self.healthy();
+            self.finish(tag, errno_of(error));
+        } else if op.command == CMD_READ {
+            // The data is the whole reply: count it covered when it has arrived.
+            self.ops[usize::from(tag)].covered = u64::from(op.len);
+            self.parse = Parse::Data { tag, at: 0, remaining: u64::from(op.len), deliver: true, done: true };
+        } else {
+            self.reply_done(tag);
+        }
+        Ok(true)
+    }
+
+    /// A structured reply chunk at the buffer's start. Ok(false): not all of it is here yet
+    /// (a data chunk: its header and offset).
+    fn chunk(&mut self) -> Result<bool, String> {
+        let b = &self.inbuf[self.in_start..self.in_end];
+        if b.len() < CHUNK_HEADER_BYTES {
+            return Ok(false);
+        }
+        let flags = u16::from_be_bytes([b[4], b[5]]);
+        let kind = u16::from_be_bytes([b[6], b[7]]);
+        let cookie = u64::from_be_bytes(b[8..16].try_into().unwrap());
+        let length = u32::from_be_bytes(b[16..20].try_into().unwrap()) as usize;
+        let tag = self.request_of(cookie)?;
+        let done = flags & REPLY_FLAG_DONE != 0;
+        let op = self.ops[usize::from(tag)];
+        let end = u64::from(op.len);
+        let body = &b[CHUNK_HEADER_BYTES..];
+        if kind == REPLY_TYPE_OFFSET_DATA {
+            if length < 9 {
+                return Err(format!("a data chunk of {length} bytes"));
+            }
+            if body.len() < 8 {
+                return Ok(false);
+            }
+            let offset = u64::from_be_bytes(body[0..8].try_into().unwrap());
+            let data = (length - 8) as u64;
+            let at = offset.checked_sub(op.offset);
+            let inside = op.command == CMD_READ && at.is_some_and(|a| a.checked_add(data).is_some_and(|e| e <= end));
+            if !inside {
+                self.refuse_chunk(tag, &format!("data chunk at {offset}+{data} outside the read {}+{end}", op.offset));
+            } else {
+                self.ops[usize::from(tag)].covered += data;
+            }
+            self.in_start += CHUNK_HEADER_BYTES + 8;
+            self.parse = Parse::Data { tag, at: at.unwrap_or(0), remaining: data, deliver: inside, done };
+            return Ok(true);
+        }
+        if length > MAX_CHUNK_META_BYTES {
+            return Err(format!("a chunk of type {kind} with {length} bytes"));
+        }
+        if body.len() < length {
+            return Ok(false);
+        }
+        let body = &body[..length];
+        match kind {
+            REPLY_TYPE_NONE if done && length == 0 => {}
+            REPLY_TYPE_NONE => return Err("a NONE chunk that is not the last, or not empty".into()),
+            REPLY_TYPE_OFFSET_HOLE if length == 12 => {
+                let offset = u64::from_be_bytes(body[0..8].try_into().unwrap());
+                let hole = u64::from(u32::from_be_bytes(body[8..12].try_into().unwrap()));
+                let at = offset.checked_sub(op.offset);
+                match at {
+                    Some(a) if op.command == CMD_READ && a + hole <= end => {
+                        // SAFETY: the iovec array stays valid until the tag is reaped.
+                        let iovs = unsafe { std::slice::from_raw_parts(op.iov, op.iovcnt) };
+                        zero_guest_range(iovs, a as usize, hole as usize);
+                        self.ops[usize::from(tag)].covered += hole;
+                    }
+                    _ => self.refuse_chunk(tag, &format!("hole chunk at {offset}+{hole} outside the read {}+{end}", op.offset)),
+                }
+            }
+            k if k & REPLY_TYPE_ERROR_BIT != 0 => {
+                if length < 6 {
+                    return Err(format!("an error chunk of {length} bytes"));
+                }
+                let error = u32::from_be_bytes(body[0..4].try_into().unwrap());
+                let message_len = usize::from(u16::from_be_bytes([body[4], body[5]]));
+                if 6 + message_len > length {
+                    return Err(format!("an error chunk's message of {message_len} bytes in {length}"));
+                }
+                let message = String::from_utf8_lossy(&body[6..6 + message_len]).into_owned();
+                let errno = if error == 0 { -libc::EIO } else { errno_of(error) };
+                warn_limited!(self.log, parent: &self.target.span, server = %self.target.spec,
+                    "NBD server reports error {error} for a request at {}: {message}", op.offset);
+                let op = &mut self.ops[usize::from(tag)];
+                if op.error == 0 {
+                    op.error = errno;
+                }
+            }
+            k => self.refuse_chunk(tag, &format!("a chunk of unknown type {k}")),
+        }
+        self.in_start += CHUNK_HEADER_BYTES + length;
+        if done {
+            self.reply_done(tag);
+        }
+        Ok(true)
+    }
+
+    /// A chunk the request cannot take: the request fails (EIO) once its reply is done; the
+    /// connection goes on, as the chunk's length kept the stream in step.
+    fn refuse_chunk(&mut self, tag: u16, why: &str) {
+        warn_limited!(self.log, parent: &self.target.span, server = %self.target.spec, "NBD server sent {why}");
+        let op = &mut self.ops[usize::from(tag)];
+        if op.error == 0 {
+            op.error = -libc::EIO;
+        }
+    }
+
+    /// The last of a request's reply arrived.
+    fn reply_done(&mut self, tag: u16) {
+        self.healthy();
+        let op = self.ops[usize::from(tag)];
+        let result = if op.error != 0 {
+            op.error
+        } else if op.command == CMD_READ && op.covered != u64::from(op.len) {
+            warn_limited!(self.log, parent: &self.target.span, server = %self.target.spec,
+                "NBD server answered a read of {} bytes with {}", op.len, op.covered);
+            -libc::EIO
+        } else if op.command == CMD_READ || op.command == CMD_WRITE {
+            op.len as i32
+        } else {
+            0
+        };
+        self.finish(tag, result);
+    }
+}
+
+/// The connector thread: connects until it succeeds with a server that agrees on the export
+/// (or the engine stops it), then hands the connection over and ends.
+fn connect_until_stopped(
+    target: &NbdTarget,
+    stop: &AtomicBool,
+    ready: &mpsc::SyncSender<handshake::Connection>,
+    event: &EventFd,
+) {
+    let mut backoff_ms = RECONNECT_BACKOFF_MS.0;
+    let mut last_error = String::new();
+    while !stop.load(Ordering::Relaxed) {
+        let attempt = handshake::connect(&target.spec, super::CONNECT_TIMEOUT).and_then(|c| {
+            let n = c.negotiated;
+            if n.size_bytes != target.negotiated.size_bytes {
+                Err(format!(
+                    "NBD server {}: the export is now {} bytes, was {}",
+                    target.spec, n.size_bytes, target.negotiated.size_bytes
+                ))
+            } else if !target.readonly && n.has(TFLAG_READ_ONLY) {
+                Err(format!("NBD server {}: the export is now read-only", target.spec))
+            } else {
+                Ok(c)
+            }
+        });
+        match attempt {
+            Ok(connection) => {
+                if ready.send(connection).is_ok() {
+                    let _ = event.write(1);
+                }
+                return;
+            }
+            Err(e) => {
+                if e != last_error {
+                    warn!(parent: &target.span, "{e}");
+                    last_error = e;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(backoff_ms));
+        backoff_ms = (backoff_ms * 2).min(RECONNECT_BACKOFF_MS.1);
+    }
+}
+
+impl Drop for NbdEngine {
+    fn drop(&mut self) {
+        // The connector ends at its next attempt; nothing waits for it.
+        if let Some(c) = &self.connector {
+            c.stop.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Engine for NbdEngine {
+    unsafe fn queue(&mut self, tag: u16, op: IoOp<'_>) -> io::Result<()> {
+        let n = self.conn.as_ref().map_or(self.target.negotiated, |c| c.negotiated);
+        let (command, flags, offset, len, iov, then_flush): (u16, u16, u64, u64, &[GuestIov], bool) = match op {
+            IoOp::Read { offset, iov } => (CMD_READ, 0, offset, iov_bytes(iov), iov, false),
+            IoOp::Write { offset, iov, dsync } => {
+                let fua = dsync && n.has(TFLAG_SEND_FUA);
+                let flags = if fua { CMD_FLAG_FUA } else { 0 };
+                (CMD_WRITE, flags, offset, iov_bytes(iov), iov, dsync && !fua && n.has(TFLAG_SEND_FLUSH))
+            }
+            IoOp::Flush if !n.has(TFLAG_SEND_FLUSH) => {
+                // A server without FLUSH has no volatile cache to flush.
+                self.done.push((tag, 0));
+                return Ok(());
+            }
+            IoOp::Flush => (CMD_FLUSH, 0, 0, 0, &[], false),
+            IoOp::Discard { .. } if !n.has(TFLAG_SEND_TRIM) => {
+                self.done.push((tag, 0));
+                return Ok(());
+            }
+            IoOp::Discard { offset, bytes } => (CMD_TRIM, 0, offset, bytes, &[], false),
+            IoOp::WriteZeroes { .. } if !n.has(TFLAG_SEND_WRITE_ZEROES) => {
+                return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+            }
+            IoOp::WriteZeroes { offset, bytes, unmap } => {
+                (CMD_WRITE_ZEROES, if unmap { 0 } else { CMD_FLAG_NO_HOLE }, offset, bytes, &[], false)
+            }
+        };
+        let payload = command == CMD_READ || command == CMD_WRITE;
+        let len = match u32::try_from(len) {
+            Ok(l) if !payload || l <= n.max_payload => l,
+            _ => {
+                warn_limited!(self.log, parent: &self.target.span,
+                    "a request of {len} bytes is beyond the NBD server's {} maximum", n.max_payload);
+                return Err(io::Error::from_raw_os_error(libc::EINVAL));
+            }
+        };
+        let index = usize::from(tag);
+        if index >= self.ops.len() || self.ops[index].busy {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        if self.failing {
+            self.done.push((tag, -libc::EIO));
+            return Ok(());
+        }
+        self.ops[index] = Op {
+            busy: true,
+            command,
+            flags,
+            offset,
+            len,
+            iov: iov.as_ptr(),
+            iovcnt: iov.len(),
+            then_flush,
+            covered: 0,
+            error: 0,
+            result: 0,
+        };
+        self.in_flight += 1;
+        self.set_header(tag);
+        if self.conn.is_some() {
+            self.push_out(tag);
+        }
+        Ok(())
+    }
+
+    fn submit(&mut self) -> io::Result<()> {
+        if !self.out.is_empty() && !self.wants_out {
+            self.flush_out();
+        }
+        Ok(())
+    }
+
+    fn reap(&mut self, mut on_complete: impl FnMut(u16, i32)) {
+        if self.conn.is_none() {
+            self.take_connection();
+        }
+        if self.delay_armed {
+            self.check_delay();
+        }
+        if self.events_expected > 0 {
+            self.drain_connected_event();
+        }
+        if self.conn.is_some() {
+            if self.wants_out {
+                self.flush_out();
+            }
+            if self.in_flight > 0 {
+                self.receive();
+            }
+        }
+        for (tag, result) in self.done.drain(..) {
+            on_complete(tag, result);
+        }
+    }
+
+    fn completion_fd(&self) -> Option<RawFd> {
+        Some(self.epoll.as_raw_fd())
+    }
+}
+
+fn iov_bytes(iov: &[GuestIov]) -> u64 {
+    iov.iter().map(|i| i.len() as u64).sum()
+}

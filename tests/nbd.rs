@@ -1,0 +1,449 @@
+//! The NBD engine against real servers (qemu-nbd, nbdkit) killed and started again under
+//! I/O, against bad configurations at start, and against a hostile server of this test's own
+//! that lies in every way the protocol allows a server to lie. (The whole client suite also
+//! runs behind both real servers: tests/client.rs, `behind_qemu_nbd` and `behind_nbdkit`.)
+
+mod common;
+
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use blkio::ReqFlags;
+use common::nbd::{NbdServer, Server};
+use common::{make_image, pattern, tmpdir, wait_until, Client, Daemon};
+
+const IMAGE_BYTES: u64 = 64 << 20;
+const EIO: i32 = -libc::EIO;
+
+fn nbd_export(sock: &Path, uri: &str, extra: &str) -> String {
+    format!("socket={},image={uri}{extra}", sock.display())
+}
+
+/// A server killed with requests in flight and started again within the reconnect delay:
+/// the requests wait (no completion while it is down) and then complete, with the right
+/// data, and the file holds every write.
+fn requests_wait_for_a_restarted_server(server: Server) {
+    let dir = tmpdir();
+    let image = dir.path().join("disk.raw");
+    let sock = dir.path().join("blk.sock");
+    make_image(&image, IMAGE_BYTES, 21);
+    let mut nbd = NbdServer::start(server, &image, &dir.path().join("nbd.sock"));
+    let mut daemon =
+        Daemon::start(dir.path(), &[nbd_export(&sock, &nbd.uri(), ",reconnect-delay=30")]);
+    {
+        let mut c = Client::connect(&sock, 1);
+        // The queue's connection is up once a request was answered.
+        assert!(c.read_at(0, 0, 4096, 4 << 20).unwrap() == pattern(21, 0, 4096));
+        // I/O in flight when the server dies: 16 writes of 64 KiB.
+        for i in 0..16usize {
+            let data = pattern(300, i as u64 * 65536, 65536);
+            c.buf_slice(i * 65536, 65536).copy_from_slice(&data);
+            let buf = c.buf_ptr(i * 65536);
+            c.queues[0].write(i as u64 * 65536, buf, 65536, i, ReqFlags::empty());
+        }
+        c.queues[0].do_io(&mut [], 0, None, None).unwrap();
+        nbd.kill();
+        // ... and new requests while it is down: a read and a flush.
+        let buf = c.buf_ptr(2 << 20);
+        c.queues[0].read(32 << 20, buf, 4096, 100, ReqFlags::empty());
+        c.queues[0].flush(101, ReqFlags::empty());
+        let mut done = c.completions(0, 18, Duration::from_millis(300));
+        let before_restart = done.len();
+        // Writes the server answered before it died may complete; the read and flush cannot.
+        assert!(done.iter().all(|&(u, r)| u < 16 && r == 0), "while down: {done:?}");
+        std::thread::sleep(Duration::from_millis(700));
+        nbd.restart();
+        done.extend(c.completions(0, 18 - before_restart, Duration::from_secs(20)));
+        assert_eq!(done.len(), 18, "completions after the restart: {done:?}\n{}", daemon.log());
+        assert!(done.iter().all(|&(_, r)| r == 0), "every request succeeded: {done:?}");
+        assert!(c.buf_slice(2 << 20, 4096) == pattern(21, 32 << 20, 4096), "the waiting read");
+        for i in 0..16u64 {
+            let back = c.read_at(0, i * 65536, 65536, 4 << 20).unwrap();
+            assert!(back == pattern(300, i * 65536, 65536), "write {i} after the restart");
+        }
+    }
+    assert!(daemon.log().contains("lost the NBD connection"), "{}", daemon.log());
+    assert!(daemon.stop().success());
+    let img = fs::read(&image).unwrap();
+    assert_eq!(img[..1 << 20], pattern(300, 0, 1 << 20)[..]);
+}
+
+#[test]
+fn requests_wait_for_a_restarted_qemu_nbd() {
+    requests_wait_for_a_restarted_server(Server::QemuNbd);
+}
+
+#[test]
+fn requests_wait_for_a_restarted_nbdkit() {
+    requests_wait_for_a_restarted_server(Server::Nbdkit);
+}
+
+/// Past `reconnect-delay` without a server, waiting requests fail (IOERR), new ones fail at
+/// once; when the server is back, the export serves again without anything being done.
+#[test]
+fn past_the_reconnect_delay_requests_fail_until_the_server_is_back() {
+    let dir = tmpdir();
+    let image = dir.path().join("disk.raw");
+    let sock = dir.path().join("blk.sock");
+    make_image(&image, IMAGE_BYTES, 22);
+    let mut nbd = NbdServer::start(Server::QemuNbd, &image, &dir.path().join("nbd.sock"));
+    let daemon = Daemon::start(dir.path(), &[nbd_export(&sock, &nbd.uri(), ",reconnect-delay=1")]);
+    let mut c = Client::connect(&sock, 1);
+    assert!(c.read_at(0, 0, 4096, 0).unwrap() == pattern(22, 0, 4096));
+    nbd.kill();
+    let started = Instant::now();
+    let buf = c.buf_ptr(0);
+    c.queues[0].read(4096, buf, 4096, 7, ReqFlags::empty());
+    let done = c.completions(0, 1, Duration::from_secs(10));
+    let waited = started.elapsed();
+    assert_eq!(done, vec![(7, EIO)], "{}", daemon.log());
+    assert!(waited >= Duration::from_millis(900), "failed after {waited:?}, before the delay");
+    assert!(waited < Duration::from_secs(5), "failed only after {waited:?}");
+    // New requests fail at once while the server is away.
+    let started = Instant::now();
+    assert_eq!(c.read_at(0, 0, 4096, 0), Err(EIO));
+    assert!(started.elapsed() < Duration::from_millis(500), "{:?}", started.elapsed());
+    nbd.restart();
+    wait_until("the export serves again", Duration::from_secs(10), || {
+        c.read_at(0, 8192, 4096, 0).is_ok_and(|b| b == pattern(22, 8192, 4096))
+    });
+    let data = pattern(23, 1 << 20, 65536);
+    assert_eq!(c.write_at(0, 1 << 20, &data, 0), 0);
+    assert!(daemon.log().contains("unreachable for the reconnect delay"), "{}", daemon.log());
+}
+
+fn serve(exports: &[String]) -> Output {
+    let mut cmd = Command::new(common::daemon_bin());
+    cmd.arg("serve");
+    for e in exports {
+        cmd.arg("--export").arg(e);
+    }
+    cmd.output().unwrap()
+}
+
+fn assert_start_error(out: &Output, want: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line, got: {stderr}");
+    assert!(stderr.contains(want), "wanted {want:?} in: {stderr}");
+}
+
+/// What cannot be served is refused at start, in one line, with nothing left behind.
+#[test]
+fn bad_nbd_exports_are_refused_at_start() {
+    let dir = tmpdir();
+    let d = dir.path();
+    let sock = d.join("blk.sock");
+    let image = d.join("disk.raw");
+    make_image(&image, 1 << 20, 1);
+    let nbd_sock = d.join("nbd.sock");
+    let uri = format!("nbd+unix:///?socket={}", nbd_sock.display());
+    let out = serve(&[nbd_export(&sock, &uri, "")]);
+    assert_start_error(
+        &out,
+        &format!("NBD server {uri}: cannot connect: No such file or directory"),
+    );
+    assert!(!sock.exists(), "a socket was left behind");
+    // qemu-nbd read-only, one connection at a time, export named "disk".
+    let mut qnbd = Command::new("qemu-nbd")
+        .arg(format!("--socket={}", nbd_sock.display()))
+        .args(["--format=raw", "-t", "--read-only", "--shared=1", "--export-name=disk"])
+        .arg(&image)
+        .spawn()
+        .unwrap();
+    wait_until("qemu-nbd listens", Duration::from_secs(10), || {
+        UnixStream::connect(&nbd_sock).is_ok()
+    });
+    let named = |name: &str| format!("nbd+unix:///{name}?socket={}", nbd_sock.display());
+    let out = serve(&[nbd_export(&sock, &named("other"), ",readonly=on")]);
+    assert_start_error(&out, "handshake: export 'other': no such export");
+    let out = serve(&[nbd_export(&sock, &named("disk"), "")]);
+    assert_start_error(&out, "the export is read-only; serve it with readonly=on");
+    let out = serve(&[nbd_export(&sock, &named("disk"), ",readonly=on,queues=2")]);
+    assert_start_error(&out, "queues=2 needs a connection per queue, which the server does not allow");
+    let _ = qnbd.kill();
+    let _ = qnbd.wait();
+    // Bad specs.
+    for (spec, want) in [
+        ("image=nbd://host:0/x", "port '0' is not 1 to 65535"),
+        ("image=nbd+unix:///x", "missing ?socket=PATH"),
+        ("image=nbd://h/x,aio=native", "aio= chooses how an image file is read"),
+        ("image=nbd://h/x,reconnect-delay=3601", "reconnect-delay=3601: at most 3600 seconds"),
+        (&format!("image={},reconnect-delay=5", image.display()), "reconnect-delay= is for NBD exports"),
+    ] {
+        let out = serve(&[format!("socket={},{spec}", sock.display())]);
+        assert_start_error(&out, want);
+    }
+    // Not an NBD server at all.
+    let listener = UnixListener::bind(d.join("http.sock")).unwrap();
+    let talker = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+    });
+    let out = serve(&[nbd_export(&sock, &format!("nbd+unix:///?socket={}", d.join("http.sock").display()), "")]);
+    assert_start_error(&out, "not an NBD server");
+    talker.join().unwrap();
+}
+
+// ---- A hostile server ------------------------------------------------------------------
+
+const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+const CHUNK_MAGIC: u32 = 0x668e_33ef;
+const SIMPLE_MAGIC: u32 = 0x6744_6698;
+const DONE: u16 = 1;
+
+/// Reads at these offsets get a lie; anything else gets the truth from `data`.
+const OUT_OF_BOUNDS_AT: u64 = 1 << 20;
+const ERROR_CHUNK_AT: u64 = 2 << 20;
+const NO_DATA_AT: u64 = 3 << 20;
+const HOLE_THEN_DATA_AT: u64 = 4 << 20;
+const UNKNOWN_COOKIE_AT: u64 = 5 << 20;
+const HUGE_CHUNK_AT: u64 = 6 << 20;
+const OVERFLOWING_CHUNK_AT: u64 = 7 << 20;
+const SIMPLE_WITH_BAD_MAGIC_AT: u64 = 8 << 20;
+
+struct Hostile {
+    socket: PathBuf,
+    size: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    connections: Arc<AtomicU64>,
+}
+
+impl Hostile {
+    fn start(dir: &Path, size: u64) -> Hostile {
+        let socket = dir.join("hostile.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let size = Arc::new(AtomicU64::new(size));
+        let stop = Arc::new(AtomicBool::new(false));
+        let connections = Arc::new(AtomicU64::new(0));
+        let data = Arc::new(Mutex::new(pattern(40, 0, 16 << 20)));
+        let (s, st, n) = (Arc::clone(&size), Arc::clone(&stop), Arc::clone(&connections));
+        std::thread::spawn(move || {
+            while !st.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        conn.set_nonblocking(false).unwrap();
+                        n.fetch_add(1, Ordering::Relaxed);
+                        let size = s.load(Ordering::Relaxed);
+                        let data = Arc::clone(&data);
+                        std::thread::spawn(move || {
+                            let _ = serve_hostile(conn, size, &data);
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Hostile { socket, size, stop, connections }
+    }
+
+    fn uri(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.socket.display())
+    }
+}
+
+impl Drop for Hostile {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn chunk(s: &mut UnixStream, flags: u16, kind: u16, cookie: u64, payload: &[u8]) -> std::io::Result<()> {
+    let mut m = Vec::with_capacity(20 + payload.len());
+    m.extend_from_slice(&CHUNK_MAGIC.to_be_bytes());
+    m.extend_from_slice(&flags.to_be_bytes());
+    m.extend_from_slice(&kind.to_be_bytes());
+    m.extend_from_slice(&cookie.to_be_bytes());
+    m.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    m.extend_from_slice(payload);
+    s.write_all(&m)
+}
+
+fn option_reply(s: &mut UnixStream, option: u32, kind: u32, data: &[u8]) -> std::io::Result<()> {
+    let mut m = Vec::new();
+    m.extend_from_slice(&REPLY_MAGIC.to_be_bytes());
+    m.extend_from_slice(&option.to_be_bytes());
+    m.extend_from_slice(&kind.to_be_bytes());
+    m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    m.extend_from_slice(data);
+    s.write_all(&m)
+}
+
+fn serve_hostile(mut s: UnixStream, size: u64, data: &Mutex<Vec<u8>>) -> std::io::Result<()> {
+    s.write_all(&NBDMAGIC.to_be_bytes())?;
+    s.write_all(&IHAVEOPT.to_be_bytes())?;
+    s.write_all(&3u16.to_be_bytes())?;
+    let mut b4 = [0u8; 4];
+    s.read_exact(&mut b4)?;
+    loop {
+        let mut h = [0u8; 16];
+        s.read_exact(&mut h)?;
+        let option = u32::from_be_bytes(h[8..12].try_into().unwrap());
+        let len = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        let mut body = vec![0u8; len as usize];
+        s.read_exact(&mut body)?;
+        match option {
+            8 => option_reply(&mut s, 8, 1, &[])?,
+            7 => {
+                let mut info = vec![0u8, 0];
+                info.extend_from_slice(&size.to_be_bytes());
+                // HAS_FLAGS, SEND_FLUSH, SEND_FUA, SEND_TRIM, SEND_WRITE_ZEROES, CAN_MULTI_CONN
+                info.extend_from_slice(&(1u16 | 4 | 8 | 32 | 64 | 256).to_be_bytes());
+                option_reply(&mut s, 7, 3, &info)?;
+                option_reply(&mut s, 7, 1, &[])?;
+                break;
+            }
+            o => option_reply(&mut s, o, (1 << 31) | 1, &[])?,
+        }
+    }
+    loop {
+        let mut r = [0u8; 28];
+        s.read_exact(&mut r)?;
+        let kind = u16::from_be_bytes([r[6], r[7]]);
+        let cookie = u64::from_be_bytes(r[8..16].try_into().unwrap());
+        let offset = u64::from_be_bytes(r[16..24].try_into().unwrap());
+        let len = u32::from_be_bytes(r[24..28].try_into().unwrap()) as usize;
+        let at = |o: u64| o.to_be_bytes().to_vec();
+        match kind {
+            0 => {
+                let truth = {
+                    let d = data.lock().unwrap();
+                    d[offset as usize..offset as usize + len].to_vec()
+                };
+                match offset {
+                    OUT_OF_BOUNDS_AT => {
+                        let mut p = at(offset - 4096);
+                        p.extend_from_slice(&truth);
+                        chunk(&mut s, DONE, 1, cookie, &p)?;
+                    }
+                    ERROR_CHUNK_AT => {
+                        let mut p = 28u32.to_be_bytes().to_vec();
+                        p.extend_from_slice(&9u16.to_be_bytes());
+                        p.extend_from_slice(b"disk full");
+                        chunk(&mut s, DONE, (1 << 15) | 1, cookie, &p)?;
+                    }
+                    NO_DATA_AT => chunk(&mut s, DONE, 0, cookie, &[])?,
+                    HOLE_THEN_DATA_AT => {
+                        let half = len / 2;
+                        let mut hole = at(offset);
+                        hole.extend_from_slice(&(half as u32).to_be_bytes());
+                        chunk(&mut s, 0, 2, cookie, &hole)?;
+                        let mut p = at(offset + half as u64);
+                        p.extend_from_slice(&truth[half..]);
+                        chunk(&mut s, DONE, 1, cookie, &p)?;
+                    }
+                    UNKNOWN_COOKIE_AT => {
+                        let mut p = at(offset);
+                        p.extend_from_slice(&truth);
+                        chunk(&mut s, DONE, 1, cookie + 1000, &p)?;
+                    }
+                    HUGE_CHUNK_AT => chunk(&mut s, DONE, (1 << 15) | 1, cookie, &vec![0u8; 1 << 20])?,
+                    OVERFLOWING_CHUNK_AT => {
+                        let mut p = at(u64::MAX - 10);
+                        p.extend_from_slice(&truth);
+                        chunk(&mut s, DONE, 1, cookie, &p)?;
+                    }
+                    SIMPLE_WITH_BAD_MAGIC_AT => {
+                        let mut m = (SIMPLE_MAGIC ^ 1).to_be_bytes().to_vec();
+                        m.extend_from_slice(&[0u8; 12]);
+                        s.write_all(&m)?;
+                    }
+                    _ => {
+                        let mut p = at(offset);
+                        p.extend_from_slice(&truth);
+                        chunk(&mut s, DONE, 1, cookie, &p)?;
+                    }
+                }
+            }
+            1 => {
+                let mut payload = vec![0u8; len];
+                s.read_exact(&mut payload)?;
+                data.lock().unwrap()[offset as usize..offset as usize + len].copy_from_slice(&payload);
+                let mut m = SIMPLE_MAGIC.to_be_bytes().to_vec();
+                m.extend_from_slice(&[0u8; 4]);
+                m.extend_from_slice(&cookie.to_be_bytes());
+                s.write_all(&m)?;
+            }
+            2 => return Ok(()),
+            _ => chunk(&mut s, DONE, 0, cookie, &[])?,
+        }
+    }
+}
+
+/// Every lie of the hostile server costs the request it answers (IOERR), or the connection
+/// when the stream can no longer be followed (then a new one is made); the daemon never
+/// crashes, and truthful replies go on being served.
+#[test]
+fn a_hostile_server_costs_only_its_requests() {
+    let dir = tmpdir();
+    let sock = dir.path().join("blk.sock");
+    let hostile = Hostile::start(dir.path(), 16 << 20);
+    let mut daemon =
+        Daemon::start(dir.path(), &[nbd_export(&sock, &hostile.uri(), ",reconnect-delay=1")]);
+    let mut c = Client::connect(&sock, 1);
+    let truth = |offset: u64| pattern(40, offset, 8192);
+    assert!(c.read_at(0, 0, 8192, 0).unwrap() == truth(0), "an honest read");
+    let connections = hostile.connections.load(Ordering::Relaxed);
+    // A chunk outside the read, an error chunk, no data at all, an offset that overflows:
+    // that request fails, the connection goes on.
+    for at in [OUT_OF_BOUNDS_AT, ERROR_CHUNK_AT, NO_DATA_AT, OVERFLOWING_CHUNK_AT] {
+        assert_eq!(c.read_at(0, at, 8192, 0), Err(EIO), "read at {at:#x}\n{}", daemon.log());
+        assert!(c.read_at(0, at + 8192, 8192, 0).unwrap() == truth(at + 8192), "after {at:#x}");
+    }
+    assert_eq!(hostile.connections.load(Ordering::Relaxed), connections, "no connection was lost");
+    // A hole then data: zeroes, then the data.
+    let back = c.read_at(0, HOLE_THEN_DATA_AT, 8192, 0).unwrap();
+    assert!(back[..4096].iter().all(|&b| b == 0), "the hole reads as zeroes");
+    assert!(back[4096..] == truth(HOLE_THEN_DATA_AT)[4096..], "the data after the hole");
+    // Unknown cookies, a chunk too large to be metadata, a broken magic: the stream is lost,
+    // the connection is made again and the request sent again, which gets the same lie,
+    // until the reconnect delay fails it.
+    for at in [UNKNOWN_COOKIE_AT, HUGE_CHUNK_AT, SIMPLE_WITH_BAD_MAGIC_AT] {
+        let before = hostile.connections.load(Ordering::Relaxed);
+        assert_eq!(c.read_at(0, at, 8192, 0), Err(EIO), "read at {at:#x}");
+        assert!(hostile.connections.load(Ordering::Relaxed) > before, "reconnected for {at:#x}");
+        wait_until("the export serves again", Duration::from_secs(10), || {
+            c.read_at(0, 0, 8192, 0).is_ok_and(|b| b == truth(0))
+        });
+    }
+    let data = pattern(41, 12 << 20, 8192);
+    assert_eq!(c.write_at(0, 12 << 20, &data, 0), 0);
+    assert!(c.read_at(0, 12 << 20, 8192, 0).unwrap() == data);
+    // A server that comes back with another size is not taken back.
+    hostile.size.store(32 << 20, Ordering::Relaxed);
+    assert_eq!(c.read_at(0, UNKNOWN_COOKIE_AT, 8192, 0), Err(EIO));
+    assert_eq!(c.read_at(0, 0, 8192, 0), Err(EIO), "a server of another size is refused");
+    let log = daemon.log();
+    for want in [
+        "data chunk at 1044480+8192 outside the read 1048576+8192",
+        "NBD server reports error 28 for a request at 2097152: disk full",
+        "answered a read of 8192 bytes with 0",
+        "a reply with unknown cookie",
+        "a chunk of type 32769 with 1048576 bytes",
+        "reply magic 0x67446699",
+        "the export is now 33554432 bytes, was 16777216",
+    ] {
+        assert!(log.contains(want), "log lacks {want:?}:\n{log}");
+    }
+    assert!(daemon.alive());
+    assert!(daemon.stop().success());
+}
+
+/// A server that says its export is not a whole number of sectors is refused at start.
+#[test]
+fn a_server_with_a_ragged_size_is_refused() {
+    let dir = tmpdir();
+    let sock = dir.path().join("blk.sock");
+    let hostile = Hostile::start(dir.path(), (16 << 20) + 100);
+    let out = serve(&[nbd_export(&sock, &hostile.uri(), "")]);
+    assert_start_error(&out, "the export's size 16777316 is not a non-zero multiple of 512");
+}
