@@ -90,6 +90,7 @@ fn info_of(e: &Export) -> ExportInfo {
             BackendSpec::Image(p) => p.display().to_string(),
             BackendSpec::Null { .. } => "null".into(),
             BackendSpec::Nbd { spec, .. } => spec.to_string(),
+            BackendSpec::Rbd { spec, .. } => format!("rbd:{}", spec.name()),
         },
         size_bytes: disk.capacity_bytes(),
         queues: e.config.queues,

@@ -35,6 +35,9 @@ pub struct Disk {
     pub backing: Option<Backing>,
     /// An NBD export's server, what it said at open and how long requests wait for it.
     pub nbd: Option<Arc<NbdTarget>>,
+    /// An RBD export's image, open for the export's life.
+    #[cfg(feature = "rbd")]
+    pub rbd: Option<Arc<crate::engine::rbd::cluster::RbdImage>>,
     pub engine: EngineKind,
     pub cache: CacheMode,
     pub readonly: bool,
@@ -84,6 +87,8 @@ impl Disk {
         // The image lock's waiting is logged from here.
         let _in_span = span.enter();
         let mut nbd_target = None;
+        #[cfg(feature = "rbd")]
+        let mut rbd_image = None;
         let (backing, engine, capacity, logical, physical) = match &config.backend {
             BackendSpec::Image(path) => {
                 let b = Backing::open(
@@ -106,11 +111,35 @@ impl Disk {
                 nbd_target = Some(Arc::new(target));
                 (None, EngineKind::Nbd, n.size_bytes, 512, physical)
             }
+            #[cfg(feature = "rbd")]
+            BackendSpec::Rbd { spec, op_timeout_s } => {
+                use crate::engine::rbd::cluster::RbdImage;
+                let image = RbdImage::open(spec, config.readonly, config.cache, *op_timeout_s)
+                    .map_err(|e| OpenError::Remote(format!("RBD {}: {e}", spec.name())))?;
+                let size = image.size_bytes().map_err(OpenError::Remote)?;
+                if size == 0 || size % SECTOR_SIZE != 0 {
+                    return Err(OpenError::Remote(format!(
+                        "RBD {}: its size {size} is not a non-zero multiple of 512",
+                        spec.name()
+                    )));
+                }
+                rbd_image = Some(Arc::new(image));
+                // RBD stores objects of 4 MiB; 4 KiB is what its writes align to best.
+                (None, EngineKind::Rbd, size, 512, 4096)
+            }
+            #[cfg(not(feature = "rbd"))]
+            BackendSpec::Rbd { spec, .. } => {
+                return Err(OpenError::Remote(format!(
+                    "RBD {}: this blkplane was built without RBD support (cargo feature rbd)",
+                    spec.name()
+                )))
+            }
         };
         let name = || match &config.backend {
             BackendSpec::Image(p) => p.clone(),
             BackendSpec::Null { .. } => "engine=null".into(),
             BackendSpec::Nbd { spec, .. } => spec.to_string().into(),
+            BackendSpec::Rbd { spec, .. } => format!("rbd:{}", spec.name()).into(),
         };
         // O_DIRECT needs offsets on the backing's blocks; the page cache takes any. The guest
         // sees the backing's block size unless told otherwise. Smaller blocks than O_DIRECT
@@ -165,6 +194,8 @@ impl Disk {
             span: span.clone(),
             backing,
             nbd: nbd_target,
+            #[cfg(feature = "rbd")]
+            rbd: rbd_image,
             engine,
             cache: config.cache,
             readonly: config.readonly,
@@ -261,6 +292,22 @@ impl Disk {
                 target.spec
             ));
         }
+        #[cfg(feature = "rbd")]
+        if let Some(image) = &self.rbd {
+            if self.readonly {
+                return Err("a read-only RBD export cannot be resized".into());
+            }
+            // As for a file: grow the image before the guest may use the room; shrink it
+            // after every request checked against the old size is answered.
+            if new_bytes >= self.capacity_bytes() {
+                image.resize(new_bytes)?;
+                self.capacity_bytes.store(new_bytes, Ordering::SeqCst);
+                return Ok(());
+            }
+            self.capacity_bytes.store(new_bytes, Ordering::SeqCst);
+            self.drain_admitted(RESIZE_DRAIN_TIMEOUT)?;
+            return image.resize(new_bytes);
+        }
         let file = match &self.backing {
             None => {
                 if new_bytes > MAX_NULL_BYTES {
@@ -327,10 +374,16 @@ impl Disk {
         self.flush_failed.load(Ordering::Acquire)
     }
 
-    /// An fdatasync failed with `errno`: every later FLUSH fails. Counted on `stats`, logged
-    /// the first time.
+    /// A flush failed with `errno`: counted on `stats`. On a file (an fdatasync) every later
+    /// FLUSH fails too, logged the first time (Linux reports a writeback error once per open
+    /// file). A network backend's flush is the server's or cluster's to keep honest, and
+    /// fails while it is unreachable: the next flush asks again, so that the export recovers
+    /// with the server.
     pub fn flush_failed_with(&self, errno: i32, stats: &QueueStats) {
         stats.counters.flush_errors.add(1);
+        if self.backing.is_none() {
+            return;
+        }
         if !self.flush_failed.swap(true, Ordering::AcqRel) {
             tracing::error!(
                 parent: &self.span,

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use crate::blk::{ID_BYTES, SECTOR_SIZE};
 use crate::disk::MAX_NULL_BYTES;
 use crate::engine::nbd::{self, NbdSpec};
+use crate::engine::rbd::{self, RbdSpec};
 use crate::engine::{CacheMode, EngineKind};
 use crate::iothread::poll::{PollPolicy, MAX_POLL_MAX_US};
 use crate::iothread::registry::ThreadChoice;
@@ -20,6 +21,9 @@ pub enum BackendSpec {
     /// An NBD server's export (`image=nbd://...` or `nbd+unix://...`); requests wait up to
     /// `reconnect_delay_s` for a lost server before they fail.
     Nbd { spec: NbdSpec, reconnect_delay_s: u32 },
+    /// A Ceph RBD image (`image=rbd:POOL/IMAGE...` or `pool=`, `rbd-image=`); requests fail
+    /// after `op_timeout_s` seconds without an answer from the cluster (0: they wait).
+    Rbd { spec: RbdSpec, op_timeout_s: u32 },
 }
 
 /// One `--export` specification, validated.
@@ -63,6 +67,46 @@ pub struct ExportConfig {
     /// LISTEN_FDS matched by id) to serve on instead of binding `socket`; its path is left
     /// alone when the export goes. `socket` is then its path, for display.
     pub socket_fd: Option<i32>,
+}
+
+/// The RBD keys of an export spec, before they become an [`RbdSpec`].
+#[derive(Default)]
+struct RbdKeys {
+    pool: Option<String>,
+    image: Option<String>,
+    conf: Option<PathBuf>,
+    user: Option<String>,
+    op_timeout_s: Option<u32>,
+}
+
+impl RbdKeys {
+    /// `rbd:POOL/IMAGE` from `pool=` and `rbd-image=`, if given.
+    fn location(&self) -> Result<Option<String>, ConfigError> {
+        match (&self.pool, &self.image) {
+            (Some(pool), Some(image)) => {
+                let escape = |s: &str| s.replace('\\', "\\\\").replace(':', "\\:");
+                Ok(Some(format!("rbd:{}/{}", escape(pool), escape(image))))
+            }
+            (Some(_), None) => err("pool= needs rbd-image=IMAGE"),
+            (None, Some(_)) => err("rbd-image= needs pool=POOL"),
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// The connection keys over what the `rbd:` string said.
+    fn apply(&self, spec: &mut RbdSpec) {
+        if let Some(conf) = &self.conf {
+            spec.conf = Some(conf.clone());
+        }
+        if let Some(user) = &self.user {
+            spec.user = Some(user.clone());
+        }
+    }
+
+    /// Whether a key only an RBD image takes was given.
+    fn any(&self) -> bool {
+        self.conf.is_some() || self.user.is_some() || self.op_timeout_s.is_some()
+    }
 }
 
 /// `discard=`: whether the guest's discards free the backing's blocks.
@@ -111,7 +155,7 @@ pub const MAX_QUEUE_SIZE: u16 = 1024;
 pub const EXPORT_KEYS: &str = "id, socket, image, engine, size, queues, queue-size, cache, aio, \
 readonly, serial, iothread, poll, poll-max-us, cpus, stats, force-share, logical-block-size, \
 physical-block-size, max-guest-memory, socket-mode, socket-group, socket-owner, incoming, discard, \
-socket-fd, reconnect-delay";
+socket-fd, reconnect-delay, pool, rbd-image, ceph-conf, ceph-user, ceph-op-timeout";
 
 /// qemu-storage-daemon's names for keys that mean the same here (`--export` of type
 /// vhost-user-blk), so that its users' specs work: theirs → ours. `writable` is the opposite
@@ -335,7 +379,9 @@ impl ExportConfig {
                 let aio = match self.aio {
                     EngineKind::Native => "native",
                     EngineKind::Threads => "threads",
-                    EngineKind::IoUring | EngineKind::Null | EngineKind::Nbd => "io_uring",
+                        EngineKind::IoUring | EngineKind::Null | EngineKind::Nbd | EngineKind::Rbd => {
+                        "io_uring"
+                    }
                 };
                 pairs.push(("aio", Str(aio.into())));
             }
@@ -346,6 +392,21 @@ impl ExportConfig {
             BackendSpec::Nbd { spec, reconnect_delay_s } => {
                 pairs.push(("image", Str(spec.to_string())));
                 pairs.push(("reconnect-delay", Int(u64::from(*reconnect_delay_s))));
+            }
+            BackendSpec::Rbd { spec, op_timeout_s } => {
+                pairs.push(("pool", Str(spec.pool.clone())));
+                let image = match &spec.snapshot {
+                    Some(snap) => format!("{}@{snap}", spec.image),
+                    None => spec.image.clone(),
+                };
+                pairs.push(("rbd-image", Str(image)));
+                if let Some(conf) = &spec.conf {
+                    pairs.push(("ceph-conf", path(conf)));
+                }
+                if let Some(user) = &spec.user {
+                    pairs.push(("ceph-user", Str(user.clone())));
+                }
+                pairs.push(("ceph-op-timeout", Int(u64::from(*op_timeout_s))));
             }
         }
         pairs.push(("queues", Int(self.queues.into())));
@@ -409,6 +470,7 @@ impl ExportConfig {
         let mut discard = DiscardMode::default();
         let mut socket_fd = None;
         let mut reconnect_delay_s = None;
+        let mut rbd_keys = RbdKeys::default();
         let mut seen = Vec::new();
         let mut iothread = None;
         let mut thread_keys = Vec::new();
@@ -561,6 +623,20 @@ impl ExportConfig {
                     }
                     reconnect_delay_s = Some(delay);
                 }
+                "pool" => rbd_keys.pool = Some(value),
+                "rbd-image" => rbd_keys.image = Some(value),
+                "ceph-conf" => rbd_keys.conf = Some(PathBuf::from(value)),
+                "ceph-user" => rbd_keys.user = Some(value),
+                "ceph-op-timeout" => {
+                    let timeout: u32 = parse_num(&key, &value)?;
+                    if timeout > rbd::MAX_OP_TIMEOUT_S {
+                        return err(format!(
+                            "ceph-op-timeout={value}: at most {} seconds",
+                            rbd::MAX_OP_TIMEOUT_S
+                        ));
+                    }
+                    rbd_keys.op_timeout_s = Some(timeout);
+                }
                 other => return err(format!("unknown key '{other}' (keys: {EXPORT_KEYS})")),
             }
         }
@@ -585,6 +661,11 @@ impl ExportConfig {
             (None, Some(_)) => PathBuf::new(),
             _ => return err("missing socket=PATH (or socket-fd=N)"),
         };
+        let image = match (image, rbd_keys.location()?) {
+            (Some(_), Some(_)) => return err("image= and pool=/rbd-image= exclude each other"),
+            (None, Some(location)) => Some(PathBuf::from(location)),
+            (image, None) => image,
+        };
         let backend = match (image, engine, size) {
             (Some(_), Some(_), _) => return err("image= and engine=null exclude each other"),
             (Some(_), None, Some(_)) => {
@@ -601,6 +682,20 @@ impl ExportConfig {
                     reconnect_delay_s: reconnect_delay_s.unwrap_or(nbd::DEFAULT_RECONNECT_DELAY_S),
                 }
             }
+            (Some(p), None, None) if RbdSpec::is_uri(&p.to_string_lossy()) => {
+                if seen.iter().any(|k| k == "aio") {
+                    return err("aio= chooses how an image file is read; an RBD image has its own engine");
+                }
+                let mut spec = RbdSpec::parse(&p.to_string_lossy()).map_err(ConfigError)?;
+                rbd_keys.apply(&mut spec);
+                if spec.snapshot.is_some() && !readonly {
+                    if seen.iter().any(|k| k == "readonly") {
+                        return err(format!("{}: a snapshot is served read-only", spec.name()));
+                    }
+                    readonly = true;
+                }
+                BackendSpec::Rbd { spec, op_timeout_s: rbd_keys.op_timeout_s.unwrap_or(0) }
+            }
             (Some(p), None, None) => BackendSpec::Image(p),
             (None, Some(EngineKind::Null), Some(bytes)) => {
                 if bytes == 0 || bytes % SECTOR_SIZE != 0 || bytes > MAX_NULL_BYTES {
@@ -615,6 +710,9 @@ impl ExportConfig {
         };
         if reconnect_delay_s.is_some() && !matches!(backend, BackendSpec::Nbd { .. }) {
             return err("reconnect-delay= is for NBD exports (image=nbd://... or nbd+unix://...)");
+        }
+        if rbd_keys.any() && !matches!(backend, BackendSpec::Rbd { .. }) {
+            return err("ceph-conf=, ceph-user= and ceph-op-timeout= are for RBD images (pool=, rbd-image=)");
         }
         Ok(ExportConfig {
             id,
@@ -675,7 +773,7 @@ mod tests {
         let cases = [
             ("image=/i", "missing socket=PATH (or socket-fd=N)"),
             ("socket=/s", "missing image=PATH (or engine=null,size=BYTES)"),
-            ("socket=/s,image=/i,colour=red", "unknown key 'colour' (keys: id, socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, iothread, poll, poll-max-us, cpus, stats, force-share, logical-block-size, physical-block-size, max-guest-memory, socket-mode, socket-group, socket-owner, incoming, discard, socket-fd, reconnect-delay)"),
+            ("socket=/s,image=/i,colour=red", "unknown key 'colour' (keys: id, socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, iothread, poll, poll-max-us, cpus, stats, force-share, logical-block-size, physical-block-size, max-guest-memory, socket-mode, socket-group, socket-owner, incoming, discard, socket-fd, reconnect-delay, pool, rbd-image, ceph-conf, ceph-user, ceph-op-timeout)"),
             ("socket=/s,image=/i,poll=sometimes", "poll=sometimes: one of adaptive, always, never"),
             ("socket=/s,image=/i,poll-max-us=1000000", "poll-max-us=1000000: at most 100000"),
             ("socket=/s,image=/i,queues=0", "queues=0: must be 1 to 64"),
@@ -688,7 +786,7 @@ mod tests {
             ("socket=/s,image=/i,logical-block-size=1024", "logical-block-size=1024: 512 or 4096"),
             ("socket=/s,image=/i,id=a b", "id=a b: 1 to 64 letters, digits, '-', '_' or '.'"),
             ("socket=/s,image=/i,aio=posix", "aio=posix: supported engines: io_uring, native, threads"),
-            ("socket=/s,image", "'image' is not key=value (keys: id, socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, iothread, poll, poll-max-us, cpus, stats, force-share, logical-block-size, physical-block-size, max-guest-memory, socket-mode, socket-group, socket-owner, incoming, discard, socket-fd, reconnect-delay)"),
+            ("socket=/s,image", "'image' is not key=value (keys: id, socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, iothread, poll, poll-max-us, cpus, stats, force-share, logical-block-size, physical-block-size, max-guest-memory, socket-mode, socket-group, socket-owner, incoming, discard, socket-fd, reconnect-delay, pool, rbd-image, ceph-conf, ceph-user, ceph-op-timeout)"),
         ];
         for (spec, want) in cases {
             assert_eq!(ExportConfig::parse(spec).unwrap_err().0, want, "spec {spec}");

@@ -437,26 +437,36 @@ on_both_thread_models!(
     one_daemon_serves_several_exports,
 );
 
-/// The tests that do not name a file engine, again with the image behind an NBD server: the
-/// same checks of the same file, through blkplane's NBD engine and a real server.
-macro_rules! behind_nbd_servers {
+/// The tests that do not name a file engine, again with the image behind network backends:
+/// the same checks of the same file, through blkplane's NBD engine and a real server (qemu-nbd,
+/// nbdkit), and through its RBD engine and the test command's Ceph cluster.
+macro_rules! behind_network_backends {
     ($($name:ident),* $(,)?) => {
         mod behind_qemu_nbd {
+            use super::common::{behind, nbd::Server};
             $(#[test]
             fn $name() {
-                super::common::nbd::on_nbd(super::common::nbd::Server::QemuNbd, super::$name)
+                behind::on(behind::Behind::Nbd(Server::QemuNbd), super::$name)
             })*
         }
         mod behind_nbdkit {
+            use super::common::{behind, nbd::Server};
             $(#[test]
             fn $name() {
-                super::common::nbd::on_nbd(super::common::nbd::Server::Nbdkit, super::$name)
+                behind::on(behind::Behind::Nbd(Server::Nbdkit), super::$name)
+            })*
+        }
+        mod behind_rbd {
+            use super::common::behind;
+            $(#[test]
+            fn $name() {
+                behind::on(behind::Behind::Rbd, super::$name)
             })*
         }
     };
 }
 
-behind_nbd_servers!(
+behind_network_backends!(
     patterns_round_trip_cache_none,
     patterns_round_trip_cache_directsync,
     patterns_round_trip_cache_writeback,

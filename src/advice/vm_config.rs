@@ -52,7 +52,7 @@ impl ExportShape {
             },
             image: match &c.backend {
                 BackendSpec::Image(p) => Some(p.clone()),
-                BackendSpec::Null { .. } | BackendSpec::Nbd { .. } => None,
+                BackendSpec::Null { .. } | BackendSpec::Nbd { .. } | BackendSpec::Rbd { .. } => None,
             },
         }
     }

@@ -6,6 +6,7 @@ pub mod backing;
 pub mod lock;
 pub mod nbd;
 pub mod null;
+pub mod rbd;
 pub mod threads;
 pub mod uring;
 
@@ -29,6 +30,8 @@ pub enum EngineKind {
     Null,
     /// An NBD server's export, one connection per queue (`engine/nbd/`).
     Nbd,
+    /// A Ceph RBD image through librbd (`engine/rbd/`).
+    Rbd,
 }
 
 /// One operation for an engine, built from a validated request.

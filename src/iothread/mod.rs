@@ -251,6 +251,14 @@ fn make_queue(
             let target = disk.nbd.clone().ok_or_else(|| io::Error::other("an NBD export without its server"))?;
             worker::queue::start(disk, setup, NbdEngine::new(target, size)?)
         }
+        #[cfg(feature = "rbd")]
+        (EngineKind::Rbd, _) => {
+            use crate::engine::rbd::engine::RbdEngine;
+            let image = disk.rbd.clone().ok_or_else(|| io::Error::other("an RBD export without its image"))?;
+            worker::queue::start(disk, setup, RbdEngine::new(image, size)?)
+        }
+        #[cfg(not(feature = "rbd"))]
+        (EngineKind::Rbd, _) => Err(io::Error::other("built without RBD support")),
         (EngineKind::IoUring, Some(fd)) => {
             worker::queue::start(disk, setup, UringEngine::on(ring, fd, size))
         }

@@ -1,6 +1,8 @@
 //! Test support: a real blkplane daemon process, images, and a libblkio client.
 #![allow(dead_code)]
 
+pub mod behind;
+pub mod ceph;
 pub mod frontend;
 pub mod nbd;
 pub mod raw;
@@ -26,8 +28,8 @@ pub fn daemon_bin() -> String {
 pub struct Daemon {
     child: Option<Child>,
     pub log_path: PathBuf,
-    /// NBD servers the daemon's exports are behind (see [`nbd::on_nbd`]); they stop after it.
-    nbd_servers: Vec<nbd::NbdServer>,
+    /// What the daemon's exports are behind (see [`behind::on`]); they go after it.
+    backends: Vec<behind::Backend>,
 }
 
 /// The I/O thread model a test's daemons run with (see [`on_threads`]).
@@ -61,10 +63,10 @@ impl Daemon {
         if threads == Threads::OneShared {
             args.extend(["--pool-threads".to_string(), "1".to_string()]);
         }
-        let mut nbd_servers = Vec::new();
+        let mut backends = Vec::new();
         for e in exports {
-            let (e, server) = nbd::serve_behind(e, dir);
-            nbd_servers.extend(server);
+            let (e, backend) = behind::serve_behind(e, dir);
+            backends.extend(backend);
             let e = &e;
             args.push("--export".to_string());
             let own_threads = ["iothread=", "poll=", "poll-max-us=", "cpus="];
@@ -80,7 +82,7 @@ impl Daemon {
             sockets.push(PathBuf::from(sock));
         }
         let mut daemon = Self::start_with(dir, &args, &sockets);
-        daemon.nbd_servers = nbd_servers;
+        daemon.backends = backends;
         daemon
     }
 
@@ -92,7 +94,7 @@ impl Daemon {
         let mut cmd = Command::new(daemon_bin());
         cmd.arg("serve").arg("--log-level").arg("debug").args(args);
         let child = cmd.stdout(Stdio::null()).stderr(log).spawn().expect("spawn blkplane");
-        let mut d = Daemon { child: Some(child), log_path, nbd_servers: Vec::new() };
+        let mut d = Daemon { child: Some(child), log_path, backends: Vec::new() };
         for sock in wait_for {
             d.wait_for_socket(sock);
         }
@@ -133,6 +135,9 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
+                for b in &self.backends {
+                    b.daemon_stopped();
+                }
                 return status;
             }
             if Instant::now() > deadline {

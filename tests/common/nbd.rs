@@ -1,7 +1,5 @@
 //! Real NBD servers for the tests: `qemu-nbd` and `nbdkit` serving an image file over a Unix
-//! socket, which the test may kill and start again (the reconnect cases); and a way to run a
-//! test written for image files against the same image behind an NBD server
-//! ([`on_nbd`]).
+//! socket, which the test may kill and start again (the reconnect cases).
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -98,36 +96,4 @@ impl Drop for NbdServer {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-thread_local! {
-    static BEHIND: std::cell::Cell<Option<Server>> = const { std::cell::Cell::new(None) };
-}
-
-/// Runs `test` with every image file its daemons serve put behind `server`: each
-/// `image=PATH` of [`Daemon::start`](super::Daemon::start) becomes an NBD export of that
-/// file (its `aio=` dropped), so the test's checks of the file itself still hold.
-pub fn on_nbd(server: Server, test: fn()) {
-    BEHIND.with(|b| b.set(Some(server)));
-    test();
-}
-
-/// The export spec `spec` as the test's server arrangement wants it, and the server it
-/// needs (if any).
-pub fn serve_behind(spec: &str, dir: &Path) -> (String, Option<NbdServer>) {
-    let Some(server) = BEHIND.with(|b| b.get()) else { return (spec.to_string(), None) };
-    let Some(image) = spec.split(',').find_map(|kv| kv.strip_prefix("image=")) else {
-        return (spec.to_string(), None);
-    };
-    if !Path::new(image).is_file() {
-        return (spec.to_string(), None);
-    }
-    let socket = dir.join(format!("nbd-{}.sock", super::rand_u16()));
-    let nbd = NbdServer::start(server, Path::new(image), &socket);
-    let keys: Vec<String> = spec
-        .split(',')
-        .filter(|kv| !kv.starts_with("aio="))
-        .map(|kv| if kv.starts_with("image=") { format!("image={}", nbd.uri()) } else { kv.to_string() })
-        .collect();
-    (keys.join(","), Some(nbd))
 }

@@ -1,0 +1,250 @@
+//! Connections to Ceph clusters, shared by every export of the daemon that names the same
+//! cluster (configuration file, user, options), and the RBD images opened on them.
+
+use std::ffi::CString;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use super::ffi::*;
+use super::spec::RbdSpec;
+use crate::engine::CacheMode;
+
+/// How long connecting to the monitors may take (Ceph's own default is five minutes).
+pub const MOUNT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What makes two exports' cluster connections the same one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ClusterKey {
+    conf: Option<std::path::PathBuf>,
+    user: Option<String>,
+    options: Vec<(String, String)>,
+    op_timeout_s: u32,
+}
+
+/// One connection to a cluster (a `rados_t`), shut down when its last image is closed.
+pub struct Cluster {
+    handle: RadosT,
+    key: ClusterKey,
+}
+
+// SAFETY: librados handles are thread-safe; the handle is only shut down in Drop, when no
+// image (and so no thread) uses it any more.
+unsafe impl Send for Cluster {}
+// SAFETY: as above.
+unsafe impl Sync for Cluster {}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // SAFETY: created by rados_create2; every ioctx and image on it is gone (they hold
+        // an Arc to this cluster).
+        unsafe { rados_shutdown(self.handle) };
+    }
+}
+
+/// The daemon's cluster connections, by key. Weak: a connection lives as long as the exports
+/// using it.
+static CLUSTERS: Mutex<Vec<Weak<Cluster>>> = Mutex::new(Vec::new());
+/// Opening an image reads the cache settings from its cluster's configuration, which is set
+/// just before: one open at a time.
+static OPENING: Mutex<()> = Mutex::new(());
+
+fn cstring(what: &str, s: &str) -> Result<CString, String> {
+    CString::new(s).map_err(|_| format!("{what} contains a NUL byte"))
+}
+
+fn errno_text(rc: i32) -> String {
+    std::io::Error::from_raw_os_error(-rc).to_string()
+}
+
+impl Cluster {
+    /// The connection for `spec`'s cluster: the daemon's existing one, or a new one.
+    fn get(spec: &RbdSpec, op_timeout_s: u32) -> Result<Arc<Cluster>, String> {
+        let key = ClusterKey {
+            conf: spec.conf.clone(),
+            user: spec.user.clone(),
+            options: spec.options.clone(),
+            op_timeout_s,
+        };
+        let mut clusters = CLUSTERS.lock().unwrap_or_else(|p| p.into_inner());
+        clusters.retain(|w| w.strong_count() > 0);
+        if let Some(c) = clusters.iter().filter_map(Weak::upgrade).find(|c| c.key == key) {
+            return Ok(c);
+        }
+        let cluster = Arc::new(Self::connect(key)?);
+        clusters.push(Arc::downgrade(&cluster));
+        Ok(cluster)
+    }
+
+    fn connect(key: ClusterKey) -> Result<Cluster, String> {
+        let user = format!("client.{}", key.user.as_deref().unwrap_or("admin"));
+        let name = cstring("the user", &user)?;
+        let mut handle: RadosT = std::ptr::null_mut();
+        // SAFETY: out-pointer to a local; strings are NUL-terminated and outlive the call.
+        let rc = unsafe { rados_create2(&mut handle, c"ceph".as_ptr(), name.as_ptr(), 0) };
+        if rc < 0 {
+            return Err(format!("cannot create a Ceph client: {}", errno_text(rc)));
+        }
+        // From here on Drop shuts the handle down on any error.
+        let cluster = Cluster { handle, key };
+        let conf = match &cluster.key.conf {
+            Some(p) => {
+                if !p.is_file() {
+                    return Err(format!("Ceph configuration {} does not exist", p.display()));
+                }
+                Some(cstring("ceph-conf", &p.to_string_lossy())?)
+            }
+            None => None,
+        };
+        // SAFETY: a live handle; a null path means Ceph's default search.
+        let rc = unsafe {
+            rados_conf_read_file(cluster.handle, conf.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()))
+        };
+        if rc < 0 {
+            let which = cluster.key.conf.as_ref().map_or("the default Ceph configuration".into(), |p| p.display().to_string());
+            return Err(format!("cannot read {which}: {}", errno_text(rc)));
+        }
+        let mut settings: Vec<(String, String)> = vec![
+            ("client_mount_timeout".into(), MOUNT_TIMEOUT.as_secs().to_string()),
+            ("rados_mon_op_timeout".into(), MOUNT_TIMEOUT.as_secs().to_string()),
+            ("rados_osd_op_timeout".into(), cluster.key.op_timeout_s.to_string()),
+            // Ceph's own logging would go to files under /var/log; errors reach our log.
+            ("log_to_stderr".into(), "false".into()),
+            ("err_to_stderr".into(), "false".into()),
+            ("log_file".into(), String::new()),
+        ];
+        settings.extend(cluster.key.options.iter().cloned());
+        for (k, v) in &settings {
+            cluster.set(k, v)?;
+        }
+        // SAFETY: a configured handle. Blocks up to client_mount_timeout.
+        let rc = unsafe { rados_connect(cluster.handle) };
+        if rc < 0 {
+            return Err(format!("cannot connect to the Ceph cluster as {user}: {}", errno_text(rc)));
+        }
+        Ok(cluster)
+    }
+
+    fn set(&self, key: &str, value: &str) -> Result<(), String> {
+        let (k, v) = (cstring("a Ceph option", key)?, cstring("a Ceph option", value)?);
+        // SAFETY: a live handle; NUL-terminated strings outliving the call.
+        let rc = unsafe { rados_conf_set(self.handle, k.as_ptr(), v.as_ptr()) };
+        if rc < 0 {
+            return Err(format!("Ceph option {key}={value}: {}", errno_text(rc)));
+        }
+        Ok(())
+    }
+}
+
+/// An open RBD image, shared by the export's queues (librbd's image handle takes requests
+/// from any thread).
+pub struct RbdImage {
+    pub spec: RbdSpec,
+    /// Whether librbd caches writes (cache modes with a write cache): a write the guest
+    /// wants durable is followed by a flush.
+    pub cached: bool,
+    pub handle: RbdImageT,
+    ioctx: RadosIoctxT,
+    /// Keeps the connection up while the image is open.
+    _cluster: Arc<Cluster>,
+}
+
+// SAFETY: librbd image handles are thread-safe for aio calls; close happens in Drop, after
+// every engine (which hold an Arc) is gone.
+unsafe impl Send for RbdImage {}
+// SAFETY: as above.
+unsafe impl Sync for RbdImage {}
+
+impl Drop for RbdImage {
+    fn drop(&mut self) {
+        // SAFETY: opened by rbd_open on ioctx; no request is in flight (engines drain before
+        // they drop, and hold this image until then).
+        unsafe {
+            rbd_close(self.handle);
+            rados_ioctx_destroy(self.ioctx);
+        }
+    }
+}
+
+impl RbdImage {
+    /// Opens `spec`'s image with the librbd cache settings `cache` asks for: no cache for
+    /// the O_DIRECT modes (a write is acked once the OSDs have it), a write-back cache for
+    /// writeback and unsafe (FLUSH flushes it), a write-through cache for writethrough.
+    pub fn open(
+        spec: &RbdSpec,
+        readonly: bool,
+        cache: CacheMode,
+        op_timeout_s: u32,
+    ) -> Result<RbdImage, String> {
+        let cluster = Cluster::get(spec, op_timeout_s)?;
+        let pool = cstring("the pool", &spec.pool)?;
+        let mut ioctx: RadosIoctxT = std::ptr::null_mut();
+        // SAFETY: a connected cluster; out-pointer to a local.
+        let rc = unsafe { rados_ioctx_create(cluster.handle, pool.as_ptr(), &mut ioctx) };
+        if rc == -libc::ENOENT {
+            return Err(format!("pool '{}' does not exist", spec.pool));
+        }
+        if rc < 0 {
+            return Err(format!("pool '{}': {}", spec.pool, errno_text(rc)));
+        }
+        let image_name = cstring("the image", &spec.image)?;
+        let snap = spec.snapshot.as_deref().map(|s| cstring("the snapshot", s)).transpose()?;
+        let (cached, max_dirty) = match cache {
+            CacheMode::None | CacheMode::DirectSync => (false, "0"),
+            CacheMode::Writethrough => (true, "0"),
+            CacheMode::Writeback | CacheMode::Unsafe => (true, "25165824"),
+        };
+        let mut handle: RbdImageT = std::ptr::null_mut();
+        let rc = {
+            let _one = OPENING.lock().unwrap_or_else(|p| p.into_inner());
+            let set = cluster
+                .set("rbd_cache", if cached { "true" } else { "false" })
+                .and_then(|()| cluster.set("rbd_cache_max_dirty", max_dirty));
+            if let Err(e) = set {
+                // SAFETY: created above, unused.
+                unsafe { rados_ioctx_destroy(ioctx) };
+                return Err(e);
+            }
+            let snap_ptr = snap.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
+            // SAFETY: a live ioctx; NUL-terminated names; out-pointer to a local.
+            unsafe {
+                if readonly || snap.is_some() {
+                    rbd_open_read_only(ioctx, image_name.as_ptr(), &mut handle, snap_ptr)
+                } else {
+                    rbd_open(ioctx, image_name.as_ptr(), &mut handle, snap_ptr)
+                }
+            }
+        };
+        if rc < 0 {
+            // SAFETY: created above; no image was opened on it.
+            unsafe { rados_ioctx_destroy(ioctx) };
+            return Err(if rc == -libc::ENOENT {
+                match &spec.snapshot {
+                    Some(s) => format!("image '{}' or its snapshot '{s}' does not exist in pool '{}'", spec.image, spec.pool),
+                    None => format!("image '{}' does not exist in pool '{}'", spec.image, spec.pool),
+                }
+            } else {
+                format!("cannot open image {}: {}", spec.name(), errno_text(rc))
+            });
+        }
+        Ok(RbdImage { spec: spec.clone(), cached, handle, ioctx, _cluster: cluster })
+    }
+
+    pub fn size_bytes(&self) -> Result<u64, String> {
+        let mut size = 0u64;
+        // SAFETY: an open image; out-pointer to a local.
+        let rc = unsafe { rbd_get_size(self.handle, &mut size) };
+        if rc < 0 {
+            return Err(format!("image {}: size: {}", self.spec.name(), errno_text(rc)));
+        }
+        Ok(size)
+    }
+
+    pub fn resize(&self, bytes: u64) -> Result<(), String> {
+        // SAFETY: an open image.
+        let rc = unsafe { rbd_resize(self.handle, bytes) };
+        if rc < 0 {
+            return Err(format!("resizing image {}: {}", self.spec.name(), errno_text(rc)));
+        }
+        Ok(())
+    }
+}
