@@ -5,6 +5,7 @@
 mod common;
 
 use blkio::ReqFlags;
+use common::ceph::TestImage;
 use common::{make_image, pattern, tmpdir, Client, Daemon, Strace};
 
 const BLOCK: usize = 64 << 10;
@@ -17,7 +18,24 @@ fn sigkill_mid_run(cache: &str, aio: &str) {
     make_image(&image, 64 << 20, 3);
     let spec =
         format!("socket={},image={},cache={cache},aio={aio}", sock.display(), image.display());
-    let mut daemon = Daemon::start(dir.path(), std::slice::from_ref(&spec));
+    sigkill_mid_run_on(dir.path(), &sock, &spec);
+}
+
+/// The same on an RBD image: what librbd's cache held is lost with the daemon, what a FLUSH
+/// acknowledged is in the cluster.
+fn sigkill_mid_run_rbd(cache: &str) {
+    let dir = tmpdir();
+    let sock = dir.path().join("blk.sock");
+    let image = TestImage::create(64 << 20);
+    let spec = format!("socket={},{},cache={cache}", sock.display(), image.keys());
+    sigkill_mid_run_on(dir.path(), &sock, &spec);
+}
+
+/// Writes in rounds with a FLUSH every fourth, SIGKILLs the daemon with a batch in flight,
+/// starts it again on the same spec and reads every flushed write back.
+fn sigkill_mid_run_on(dir: &std::path::Path, sock: &std::path::Path, spec: &str) {
+    let (sock, spec) = (sock.to_path_buf(), spec.to_string());
+    let mut daemon = Daemon::start(dir, std::slice::from_ref(&spec));
     let mut c = Client::connect(&sock, 1);
     let mut durable: Vec<u64> = Vec::new();
     let mut since_flush: Vec<u64> = Vec::new();
@@ -55,14 +73,14 @@ fn sigkill_mid_run(cache: &str, aio: &str) {
     assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL));
     drop(c);
 
-    let _again = Daemon::start(dir.path(), std::slice::from_ref(&spec));
+    let _again = Daemon::start(dir, std::slice::from_ref(&spec));
     let mut c = Client::connect(&sock, 1);
     assert!(durable.len() >= 5 * BATCH, "too few flushed writes to prove anything");
     for block in &durable {
         let back = c.read_at(0, block * BLOCK as u64, BLOCK, 0).unwrap();
         assert!(
             back == pattern(1000 + block, block * BLOCK as u64, BLOCK),
-            "block {block} lost (cache={cache}, aio={aio})"
+            "block {block} lost ({spec})"
         );
     }
 }
@@ -75,6 +93,16 @@ fn sigkill_loses_no_flushed_write_cache_none() {
 #[test]
 fn sigkill_loses_no_flushed_write_cache_writeback() {
     sigkill_mid_run("writeback", "io_uring");
+}
+
+#[test]
+fn sigkill_loses_no_flushed_write_rbd_cache_none() {
+    sigkill_mid_run_rbd("none");
+}
+
+#[test]
+fn sigkill_loses_no_flushed_write_rbd_cache_writeback() {
+    sigkill_mid_run_rbd("writeback");
 }
 
 #[test]

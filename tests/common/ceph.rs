@@ -70,6 +70,11 @@ impl TestImage {
     pub fn keys(&self) -> String {
         format!("image=rbd:rbd/{}:conf={}", self.name, ceph_conf().display())
     }
+
+    /// The export keys naming its snapshot `snap`.
+    pub fn snapshot_keys(&self, snap: &str) -> String {
+        format!("image=rbd:rbd/{}@{snap}:conf={}", self.name, ceph_conf().display())
+    }
 }
 
 impl Drop for TestImage {
