@@ -44,6 +44,9 @@ struct Scenario {
     serial: &'static str,
     /// QEMU's vCPUs, memory and disk come from `blkplane vm-config --for qemu`.
     vm_config: bool,
+    /// The image behind a network backend instead of served from the file (it is written
+    /// back to the file when the daemon stops, for the same checks).
+    behind: Option<common::behind::Behind>,
 }
 
 /// QEMU (TCG) booting the test's kernel and initramfs with `append`, under `timeout`, without
@@ -144,6 +147,8 @@ fn run(s: &Scenario) {
         if s.readonly { "on" } else { "off" }
     );
     let ctl = dir.path().join("ctl.sock");
+    let backend = s.behind.map(|b| common::behind::spec_behind(b, &spec, dir.path()));
+    let spec = backend.as_ref().map_or(spec.clone(), |(spec, _)| spec.clone());
     let mut daemon = Daemon::start_with(
         dir.path(),
         &[
@@ -210,6 +215,9 @@ fn run(s: &Scenario) {
     let console = fs::read_to_string(&console_path).unwrap_or_default();
     let daemon_alive = daemon.alive();
     let stopped = daemon.stop();
+    if let Some((_, Some(b))) = &backend {
+        b.daemon_stopped();
+    }
     let report = || format!("--- console ---\n{console}\n--- daemon log ---\n{}", daemon.log());
     assert!(
         status.code() != Some(124),
@@ -262,6 +270,7 @@ fn linux_guest_one_vcpu_one_queue() {
         cache: "none",
         serial: "guest-disk-1",
         vm_config: false,
+        behind: None,
     });
 }
 
@@ -278,6 +287,7 @@ fn linux_guest_two_vcpus_two_queues() {
         cache: "writethrough",
         serial: "guest-disk-2",
         vm_config: true,
+        behind: None,
     });
 }
 
@@ -292,6 +302,7 @@ fn linux_guest_readonly() {
         cache: "none",
         serial: "guest-disk-ro",
         vm_config: false,
+        behind: None,
     });
 }
 
@@ -306,6 +317,25 @@ fn linux_guest_sees_a_resize_without_reboot() {
         cache: "none",
         serial: "guest-disk-rs",
         vm_config: false,
+        behind: None,
+    });
+}
+
+/// The guest's disk is an RBD image of the test command's Ceph cluster, with librbd's
+/// write-back cache (cache=writeback): the guest's checks pass, and its writes are in the
+/// image, read back after the daemon stopped.
+#[test]
+fn linux_guest_on_rbd() {
+    run(&Scenario {
+        name: "RBD",
+        resize_to: None,
+        vcpus: 1,
+        queues: 1,
+        readonly: false,
+        cache: "writeback",
+        serial: "guest-disk-rbd",
+        vm_config: false,
+        behind: Some(common::behind::Behind::Rbd),
     });
 }
 

@@ -42,7 +42,15 @@ pub fn on(behind: Behind, test: fn()) {
 
 /// The export spec `spec` as the test's arrangement wants it, and what serves its image.
 pub fn serve_behind(spec: &str, dir: &Path) -> (String, Option<Backend>) {
-    let Some(behind) = BEHIND.with(|b| b.get()) else { return (spec.to_string(), None) };
+    match BEHIND.with(|b| b.get()) {
+        Some(behind) => spec_behind(behind, spec, dir),
+        None => (spec.to_string(), None),
+    }
+}
+
+/// `spec` with its image file behind `behind`, and what serves it (none if the spec names no
+/// image file).
+pub fn spec_behind(behind: Behind, spec: &str, dir: &Path) -> (String, Option<Backend>) {
     let Some(image) = spec.split(',').find_map(|kv| kv.strip_prefix("image=")) else {
         return (spec.to_string(), None);
     };
