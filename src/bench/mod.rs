@@ -5,6 +5,7 @@
 pub mod cpu;
 pub mod plot;
 pub mod report;
+pub mod remote;
 pub mod target;
 pub mod tenants;
 pub mod workload;
@@ -115,6 +116,18 @@ pub struct BenchArgs {
     /// The qemu-storage-daemon binary (default: from PATH).
     #[arg(long, value_name = "PATH", default_value = "qemu-storage-daemon")]
     pub qsd: PathBuf,
+    /// Where the image is served from: file (each target opens it), nbd (qemu-nbd serves
+    /// it; blkplane and qemu-storage-daemon are its NBD clients) or rbd (an RBD image made
+    /// from it; the host row is fio's rbd engine).
+    #[arg(long, value_enum, default_value = "file")]
+    pub backend: remote::Backend,
+    /// The Ceph cluster of `--backend rbd` (default: BLKPLANE_CEPH_CONF, else
+    /// /etc/ceph/ceph.conf).
+    #[arg(long, value_name = "PATH")]
+    pub ceph_conf: Option<PathBuf>,
+    /// The pool `--backend rbd` makes its image in.
+    #[arg(long, value_name = "POOL", default_value = "rbd")]
+    pub rbd_pool: String,
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -169,12 +182,14 @@ fn start_daemons(
     span: u64,
     dir: &Path,
     qsd: Option<&Path>,
+    remote: Option<&remote::Remote>,
 ) -> Result<Vec<(TargetKind, DaemonProcess)>, BenchError> {
     let mut daemons = Vec::with_capacity(targets.len());
     for &t in targets {
         let d = start_daemon(DaemonSpec {
             kind: t,
             images,
+            remote,
             size_bytes: span,
             queues: args.queues,
             dir,
@@ -191,7 +206,11 @@ fn start_daemons(
 /// Where the second run on a real disk goes (see `--disk-dir`): only when the image is a
 /// temporary one in the default place, tmpfs.
 fn disk_run_dir(args: &BenchArgs) -> Option<PathBuf> {
-    if args.image.is_some() || args.dir.is_some() || args.tenants.is_some() {
+    if args.image.is_some()
+        || args.dir.is_some()
+        || args.tenants.is_some()
+        || args.backend != remote::Backend::File
+    {
         return None;
     }
     match &args.disk_dir {
@@ -396,6 +415,9 @@ pub fn run(args: BenchArgs) -> Result<Report, BenchError> {
     let (json, plot) = (args.json.clone(), args.plot.clone());
     let disk_dir = disk_run_dir(&args);
     let report = match args.tenants {
+        Some(_) if args.backend != remote::Backend::File => {
+            return Err(BenchError("--tenants measures file images only (--backend file)".into()))
+        }
         Some(n) => {
             check_times(&args)?;
             tenants::run(args, usize::from(n))?
@@ -428,6 +450,14 @@ pub fn run(args: BenchArgs) -> Result<Report, BenchError> {
             .map_err(|e| BenchError(format!("writing {}: {e}", path.display())))?;
     }
     Ok(report)
+}
+
+/// The Ceph configuration `--backend rbd` uses.
+fn ceph_conf(args: &BenchArgs) -> PathBuf {
+    args.ceph_conf
+        .clone()
+        .or_else(|| std::env::var_os("BLKPLANE_CEPH_CONF").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("/etc/ceph/ceph.conf"))
 }
 
 fn check_times(args: &BenchArgs) -> Result<(), BenchError> {
@@ -489,6 +519,38 @@ fn run_single(args: BenchArgs) -> Result<Report, BenchError> {
         }
     };
 
+    let remote = remote::Remote::start(
+        args.backend,
+        &image,
+        work.path(),
+        &ceph_conf(&args),
+        &args.rbd_pool,
+    )?;
+    if remote.is_some() {
+        let dropped: Vec<TargetKind> = targets
+            .iter()
+            .copied()
+            .filter(|t| {
+                t.is_null() || (*t == TargetKind::Host && args.backend != remote::Backend::Rbd)
+            })
+            .collect();
+        if !dropped.is_empty() {
+            let names: Vec<&str> = dropped.iter().map(|t| t.name()).collect();
+            notes.push(format!(
+                "--backend {:?}: no {} (null backends serve no image; the host row exists for rbd only, as fio's rbd engine)",
+                args.backend,
+                names.join(", ")
+            ).to_lowercase());
+            targets.retain(|t| !dropped.contains(t));
+        }
+        if args.backend == remote::Backend::Rbd && targets.contains(&TargetKind::Host) {
+            notes.push("host = fio --ioengine=rbd: librbd in the benchmark's own process, no daemon".into());
+        }
+        if targets.is_empty() {
+            return Err(BenchError("no target left to benchmark".into()));
+        }
+    }
+
     let idle = cpu::LoadWindow::start(&[]);
     std::thread::sleep(Duration::from_millis(500));
     let foreign = idle.foreign_cpus();
@@ -509,6 +571,7 @@ fn run_single(args: BenchArgs) -> Result<Report, BenchError> {
         span,
         work.path(),
         qsd.as_deref(),
+        remote.as_ref(),
     )?;
     if let Some((c, _)) = &args.cpus {
         pin_self(c)?;
@@ -533,6 +596,29 @@ fn run_single(args: BenchArgs) -> Result<Report, BenchError> {
                         String::new()
                     };
                     progress.show(&format!("{t} {} {mode}{of}", w.name));
+                    if let (TargetKind::Host, Some(r)) = (t, &remote) {
+                        let f = remote::fio_rbd(r, w, mode, usize::from(args.queues), span, warmup, runtime)?;
+                        results.push(RunResult {
+                            workload: w.name.to_string(),
+                            mode,
+                            target: t,
+                            iops: f.iops,
+                            mb_per_s: f.iops * w.block_bytes as f64 / 1e6,
+                            p50_us: f.p50_us,
+                            p99_us: f.p99_us,
+                            p999_us: f.p999_us,
+                            mean_us: f.mean_us,
+                            ios: f.ios,
+                            errors: f.errors,
+                            daemon_cpu_us_per_io: None,
+                            foreign_cpus: 0.0,
+                            tenants: None,
+                            layers: None,
+                            spread: None,
+                        });
+                        progress.done += 1;
+                        continue;
+                    }
                     let daemon = daemons.iter().find(|(k, _)| *k == t).map(|(_, d)| d);
                     let path = daemon.map(|d| d.socket.as_path()).unwrap_or(&image);
                     let mut client = workload::connect(
@@ -624,15 +710,17 @@ fn run_single(args: BenchArgs) -> Result<Report, BenchError> {
         }
     }
     drop(daemons);
+    let image_text = match (&remote, args.image.is_some()) {
+        (Some(r), _) => r.describe(),
+        (None, true) => image.display().to_string(),
+        (None, false) => format!("temporary, in {}", base_dir.display()),
+    };
+    drop(remote);
     let report = Report {
         command: std::env::args().collect::<Vec<_>>().join(" "),
         date,
         machine: machine(qsd.as_deref()),
-        image: if args.image.is_some() {
-            image.display().to_string()
-        } else {
-            format!("temporary, in {}", base_dir.display())
-        },
+        image: image_text,
         image_fs: image_fs(&image),
         span_bytes: span,
         runtime_s: args.runtime,

@@ -182,6 +182,8 @@ pub struct DaemonSpec<'a> {
     pub kind: TargetKind,
     /// One export per image (for null targets: per entry, of `size_bytes`).
     pub images: &'a [PathBuf],
+    /// The image behind a network backend instead (one export).
+    pub remote: Option<&'a super::remote::Remote>,
     pub size_bytes: u64,
     pub queues: u16,
     pub dir: &'a Path,
@@ -225,6 +227,8 @@ pub fn start_daemon(spec: DaemonSpec<'_>) -> Result<DaemonProcess, BenchError> {
             for (image, socket) in spec.images.iter().zip(&sockets) {
                 let backing = if spec.kind == TargetKind::BlkplaneNull {
                     format!("engine=null,size={}", spec.size_bytes)
+                } else if let Some(remote) = spec.remote {
+                    remote.blkplane_keys()
                 } else {
                     // force-share: the other blkplane target serves the same image (their
                     // clients take turns), and both take QEMU's image locks.
@@ -251,7 +255,9 @@ pub fn start_daemon(spec: DaemonSpec<'_>) -> Result<DaemonProcess, BenchError> {
                 cmd.args(["--object", &format!("iothread,id=iot{t}")]);
             }
             for (i, (image, socket)) in spec.images.iter().zip(&sockets).enumerate() {
-                if spec.kind == TargetKind::QsdNull {
+                if let Some(remote) = spec.remote {
+                    cmd.args(["--blockdev", &remote.qsd_blockdev(&format!("disk{i}"))]);
+                } else if spec.kind == TargetKind::QsdNull {
                     cmd.args([
                         "--blockdev",
                         &format!(

@@ -357,7 +357,7 @@ pub fn run(args: super::BenchArgs, tenants: usize) -> Result<Report, BenchError>
     }
     let client_cpus = args.cpus.as_ref().map(|(c, _)| c.clone());
     let daemons =
-        super::start_daemons(&args, &targets, &images, span, work.path(), qsd.as_deref())?;
+        super::start_daemons(&args, &targets, &images, span, work.path(), qsd.as_deref(), None)?;
     let mut progress = super::Progress {
         total: args.workloads.len() * args.modes.len() * targets.len(),
         done: 0,
