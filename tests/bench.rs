@@ -211,3 +211,66 @@ fn a_default_run_also_measures_a_disk_and_repeats_give_ranges() {
     let (_, report) = run(&["--disk-dir", "none"]);
     assert!(report.get("disk").is_none(), "{report}");
 }
+
+/// `--backend nbd` and `--backend rbd`: every target that applies gives numbers through the
+/// network backend (qemu-storage-daemon and blkplane as NBD or RBD clients; fio's rbd engine
+/// as the host row for RBD), and the report says what it left out and why.
+#[test]
+fn network_backends_produce_numbers() {
+    // Debian's qemu-storage-daemon has its rbd driver only with qemu-block-extra.
+    let qsd_rbd = !String::from_utf8_lossy(
+        &Command::new("qemu-storage-daemon")
+            .args(["--blockdev", "driver=rbd,node-name=p,pool=p,image=i,conf=/dev/null"])
+            .output()
+            .unwrap()
+            .stderr,
+    )
+    .contains("Unknown driver 'rbd'");
+    let rbd_targets: &[&str] = if qsd_rbd { &["host", "qsd", "blkplane"] } else { &["host", "blkplane"] };
+    for (backend, targets, want) in [
+        ("nbd", "host,qsd,blkplane,blkplane-null", &["qsd", "blkplane"][..]),
+        ("rbd", "host,qsd,blkplane", rbd_targets),
+    ] {
+        let dir = tmpdir();
+        let json = dir.path().join("bench.json");
+        let out = Command::new(BIN)
+            .args(["bench", "--backend", backend, "--targets", targets, "--size", "32M"])
+            .args(["--runtime", "0.3", "--warmup", "0.05", "--idle", "0"])
+            .args(["--workloads", "randread-4k-qd1,randwrite-4k-qd1", "--modes", "block"])
+            .arg("--ceph-conf")
+            .arg(common::ceph::ceph_conf())
+            .arg("--dir")
+            .arg(dir.path())
+            .arg("--json")
+            .arg(&json)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "bench --backend {backend}:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        let results = report["results"].as_array().unwrap();
+        let ran: std::collections::BTreeSet<&str> =
+            results.iter().map(|r| r["target"].as_str().unwrap()).collect();
+        assert_eq!(ran, want.iter().copied().collect(), "{backend}");
+        for r in results {
+            assert!(r["ios"].as_u64().unwrap() > 0, "{backend} {r}");
+            assert_eq!(r["errors"].as_u64().unwrap(), 0, "{backend} {r}");
+        }
+        let image = report["image"].as_str().unwrap();
+        match backend {
+            "nbd" => {
+                assert!(image.starts_with("behind qemu-nbd"), "{image}");
+                assert!(stdout.contains("--backend nbd: no host, blkplane-null"), "{stdout}");
+            }
+            _ => {
+                assert!(image.starts_with("RBD rbd/blkplane-bench-"), "{image}");
+                assert!(stdout.contains("host = fio --ioengine=rbd"), "{stdout}");
+                let skipped = "has no rbd driver (Debian: qemu-block-extra): the qsd targets are skipped";
+                assert_eq!(stdout.contains(skipped), !qsd_rbd, "{stdout}");
+            }
+        }
+    }
+    // The bench's RBD image is gone afterwards.
+    assert!(!common::ceph::rbd(&["ls", "rbd"]).contains("blkplane-bench-"));
+}

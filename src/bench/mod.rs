@@ -543,6 +543,17 @@ fn run_single(args: BenchArgs) -> Result<Report, BenchError> {
             ).to_lowercase());
             targets.retain(|t| !dropped.contains(t));
         }
+        let qsd_bin = qsd.as_deref().unwrap_or(&args.qsd);
+        if args.backend == remote::Backend::Rbd
+            && targets.iter().any(|t| t.is_qsd())
+            && !remote::qsd_has_rbd(qsd_bin)
+        {
+            notes.push(format!(
+                "{} has no rbd driver (Debian: qemu-block-extra): the qsd targets are skipped",
+                qsd_bin.display()
+            ));
+            targets.retain(|t| !t.is_qsd());
+        }
         if args.backend == remote::Backend::Rbd && targets.contains(&TargetKind::Host) {
             notes.push("host = fio --ioengine=rbd: librbd in the benchmark's own process, no daemon".into());
         }

@@ -154,6 +154,18 @@ impl Drop for Remote {
     }
 }
 
+/// Whether qemu-storage-daemon at `qsd` has its rbd block driver (a module Debian ships in
+/// qemu-block-extra).
+pub fn qsd_has_rbd(qsd: &Path) -> bool {
+    let out = Command::new(qsd)
+        .args(["--blockdev", "driver=rbd,node-name=probe,pool=none,image=none,conf=/dev/null"])
+        .output();
+    match out {
+        Ok(o) => !String::from_utf8_lossy(&o.stderr).contains("Unknown driver 'rbd'"),
+        Err(_) => false,
+    }
+}
+
 /// What fio measured.
 pub struct FioResult {
     pub iops: f64,
