@@ -118,6 +118,42 @@ fn past_the_reconnect_delay_requests_fail_until_the_server_is_back() {
     assert!(daemon.log().contains("unreachable for the reconnect delay"), "{}", daemon.log());
 }
 
+/// `nbd://HOST:PORT/EXPORT`: the same engine over TCP, against qemu-nbd on the loopback.
+#[test]
+fn an_export_over_tcp() {
+    let dir = tmpdir();
+    let image = dir.path().join("disk.raw");
+    let sock = dir.path().join("blk.sock");
+    make_image(&image, 16 << 20, 24);
+    // A free port: bound by us, then released for qemu-nbd.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut qnbd = Command::new("qemu-nbd")
+        .args(["--bind=127.0.0.1", &format!("--port={port}"), "--format=raw", "-t", "--shared=4"])
+        .args(["--export-name=tcpdisk", "--cache=writeback"])
+        .arg(&image)
+        .spawn()
+        .unwrap();
+    wait_until("qemu-nbd listens on TCP", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let uri = format!("nbd://127.0.0.1:{port}/tcpdisk");
+    let mut daemon = Daemon::start(dir.path(), &[nbd_export(&sock, &uri, ",queues=2")]);
+    {
+        let mut c = Client::connect(&sock, 2);
+        assert_eq!(c.capacity(), 16 << 20);
+        let data = pattern(25, 3 << 20, 1 << 20);
+        assert_eq!(c.write_at(1, 3 << 20, &data, 0), 0);
+        assert!(c.read_at(0, 3 << 20, 1 << 20, 2 << 20).unwrap() == data, "queue 0 sees queue 1's write");
+        assert!(c.read_at(1, 0, 65536, 0).unwrap() == pattern(24, 0, 65536));
+        assert_eq!(c.flush(0), 0);
+    }
+    assert!(daemon.stop().success());
+    let _ = qnbd.kill();
+    let _ = qnbd.wait();
+    let img = fs::read(&image).unwrap();
+    assert_eq!(img[3 << 20..4 << 20], pattern(25, 3 << 20, 1 << 20)[..]);
+}
+
 fn serve(exports: &[String]) -> Output {
     let mut cmd = Command::new(common::daemon_bin());
     cmd.arg("serve");

@@ -557,6 +557,9 @@ fn run_single(args: BenchArgs) -> Result<Report, BenchError> {
         if args.backend == remote::Backend::Rbd && targets.contains(&TargetKind::Host) {
             notes.push("host = fio --ioengine=rbd: librbd in the benchmark's own process, no daemon".into());
         }
+        if args.backend == remote::Backend::Rbd {
+            notes.push("the Ceph daemons, when they run on this machine, count as other processes in the load warnings".into());
+        }
         if targets.is_empty() {
             return Err(BenchError("no target left to benchmark".into()));
         }
@@ -596,7 +599,12 @@ fn run_single(args: BenchArgs) -> Result<Report, BenchError> {
     let mut results = Vec::new();
     let warmup = Duration::from_secs_f64(args.warmup);
     let runtime = Duration::from_secs_f64(args.runtime);
-    let daemon_pids: Vec<u32> = daemons.iter().map(|(_, d)| d.pid()).collect();
+    // The NBD server works for every target alike: not a foreign load.
+    let daemon_pids: Vec<u32> = daemons
+        .iter()
+        .map(|(_, d)| d.pid())
+        .chain(remote.as_ref().and_then(remote::Remote::server_pid))
+        .collect();
     for round in 1..=args.repeat {
         for &w in &args.workloads {
             for &mode in &args.modes {

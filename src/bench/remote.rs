@@ -125,6 +125,14 @@ impl Remote {
         }
     }
 
+    /// The server process the benchmark started, if any (qemu-nbd).
+    pub fn server_pid(&self) -> Option<u32> {
+        match self {
+            Remote::Nbd { server, .. } => Some(server.id()),
+            Remote::Rbd { .. } => None,
+        }
+    }
+
     /// For the report's image line.
     pub fn describe(&self) -> String {
         match self {

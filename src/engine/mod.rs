@@ -86,4 +86,15 @@ pub trait Engine {
     fn has_unsubmitted(&self) -> bool {
         false
     }
+
+    /// The I/O thread is about to sleep: from now on completions must make `completion_fd`
+    /// readable. True if some are waiting already (then it does not sleep). For engines that
+    /// signal their descriptor only on request, so that a thread that is awake (polling, or
+    /// busy) costs nobody a system call per completion.
+    fn arm(&mut self) -> bool {
+        false
+    }
+
+    /// The I/O thread is awake again (after a sleep, or instead of one).
+    fn disarm(&mut self) {}
 }

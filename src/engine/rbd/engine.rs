@@ -1,16 +1,18 @@
 //! A queue's requests to an RBD image through librbd's asynchronous calls.
 //!
-//! librbd finishes requests on its own threads and calls back there. The callback does three
-//! stores and no allocation: the result into the tag's slot, the tag's bit into a ready
-//! bitmap, and a count into the queue's eventfd, which is the engine's completion descriptor.
-//! The I/O thread takes the bitmap's words with one atomic swap each when it reaps, and reads
-//! the eventfd once per round that found completions (each completion wrote one count, so
-//! none is left behind to keep the thread awake, and none is consumed before its bit is set).
+//! librbd finishes requests on its own threads and calls back there. The callback stores the
+//! result into the tag's slot and sets the tag's bit in a ready bitmap, without a lock or an
+//! allocation; the I/O thread takes the bitmap's words with one atomic swap each when it
+//! reaps. Only while the I/O thread sleeps (`arm` .. `disarm`) does the callback also write
+//! the queue's eventfd, the engine's completion descriptor, to wake it: a thread that is
+//! polling or busy costs nobody a system call per completion. The flag and the bits are a
+//! Dekker pair (each side writes its own, then reads the other's, all SeqCst): either the
+//! thread sees the bit and does not sleep, or the callback sees the flag and wakes it.
 
 use std::ffi::c_void;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
@@ -29,6 +31,8 @@ struct Slot {
 /// What librbd's threads write and the I/O thread reads.
 struct Completions {
     event: EventFd,
+    /// The I/O thread sleeps, or is about to: completions must write `event`.
+    sleeping: AtomicBool,
     ready: Box<[AtomicU64]>,
     results: Box<[AtomicI64]>,
     slots: Box<[Slot]>,
@@ -55,8 +59,10 @@ unsafe extern "C" fn rbd_done(c: RbdCompletionT, arg: *mut c_void) {
     };
     let tag = usize::from(slot.tag);
     shared.results[tag].store(result as i64, Ordering::Relaxed);
-    shared.ready[tag / 64].fetch_or(1 << (tag % 64), Ordering::Release);
-    let _ = shared.event.write(1);
+    shared.ready[tag / 64].fetch_or(1 << (tag % 64), Ordering::SeqCst);
+    if shared.sleeping.load(Ordering::SeqCst) {
+        let _ = shared.event.write(1);
+    }
 }
 
 pub struct RbdEngine {
@@ -68,8 +74,6 @@ pub struct RbdEngine {
     /// with 0), kept while its flush runs.
     write_result: Box<[Option<i32>]>,
     in_flight: usize,
-    /// Completions reaped whose eventfd count was not read yet.
-    events_owed: u64,
 }
 
 impl RbdEngine {
@@ -78,6 +82,7 @@ impl RbdEngine {
         let event = EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK)?;
         let shared = Arc::new_cyclic(|me| Completions {
             event,
+            sleeping: AtomicBool::new(false),
             ready: (0..size.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             results: (0..size).map(|_| AtomicI64::new(0)).collect(),
             slots: (0..size).map(|tag| Slot { owner: me.as_ptr(), tag: tag as u16 }).collect(),
@@ -88,7 +93,6 @@ impl RbdEngine {
             then_flush: vec![false; size].into_boxed_slice(),
             write_result: vec![None; size].into_boxed_slice(),
             in_flight: 0,
-            events_owed: 0,
         })
     }
 
@@ -194,28 +198,30 @@ impl Engine for RbdEngine {
     }
 
     fn reap(&mut self, mut on_complete: impl FnMut(u16, i32)) {
-        if self.in_flight == 0 && self.events_owed == 0 {
+        if self.in_flight == 0 {
             return;
         }
-        let any = self.shared.ready.iter().any(|w| w.load(Ordering::Relaxed) != 0);
-        if !any && self.events_owed == 0 {
-            return;
-        }
-        // The eventfd first, then the bits: a count read here belongs to a completion whose
-        // bit was set before it was written, which the swaps below see; a completion that
-        // writes after this read leaves the eventfd readable and wakes the thread again.
-        let counted = self.shared.event.read().unwrap_or(0);
-        let mut found = 0u64;
         for word in 0..self.shared.ready.len() {
             let mut bits = self.shared.ready[word].swap(0, Ordering::Acquire);
             while bits != 0 {
                 let bit = bits.trailing_zeros() as usize;
                 bits &= bits - 1;
-                found += 1;
                 self.finish_one(word * 64 + bit, &mut on_complete);
             }
         }
-        self.events_owed = (self.events_owed + found).saturating_sub(counted);
+    }
+
+    fn arm(&mut self) -> bool {
+        // Set even with nothing in flight: `disarm` then clears a count a late callback may
+        // have left in the eventfd, which would otherwise keep the thread awake.
+        self.shared.sleeping.store(true, Ordering::SeqCst);
+        self.in_flight > 0 && self.shared.ready.iter().any(|w| w.load(Ordering::SeqCst) != 0)
+    }
+
+    fn disarm(&mut self) {
+        if self.shared.sleeping.swap(false, Ordering::SeqCst) {
+            let _ = self.shared.event.read();
+        }
     }
 
     fn completion_fd(&self) -> Option<RawFd> {

@@ -294,6 +294,11 @@ impl<E: Engine> Served for QueueWorker<E> {
     }
 
     fn arm(&mut self) -> bool {
+        if self.engine.arm() {
+            // Completions arrived while we were deciding to sleep.
+            self.engine.disarm();
+            return true;
+        }
         let core = &mut self.core;
         if !core.accepting() {
             return false;
@@ -302,12 +307,14 @@ impl<E: Engine> Served for QueueWorker<E> {
         if arrived {
             // Requests arrived while we were deciding to sleep.
             core.queue.disable_notifications();
+            self.engine.disarm();
         }
         core.log_used_ring();
         arrived
     }
 
     fn disarm(&mut self) {
+        self.engine.disarm();
         if self.core.accepting() {
             self.core.queue.disable_notifications();
             self.core.log_used_ring();
