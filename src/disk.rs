@@ -105,11 +105,13 @@ impl Disk {
             BackendSpec::Nbd { spec, reconnect_delay_s } => {
                 let target = open_nbd(config, spec, *reconnect_delay_s, &span)?;
                 let n = target.negotiated;
-                // The server's preferred block is what the guest should align to; its
-                // minimum (1 for qemu-nbd on a file) never exceeds 512 here (checked).
-                let physical = n.preferred_block.clamp(512, 4096);
+                // The server's minimum block (1 for qemu-nbd on a file, 4096 on a 4K-sector
+                // disk with O_DIRECT) is the guest's logical block: requests off it would be
+                // refused. Its preferred block is what the guest should align to.
+                let logical = n.min_block.max(512);
+                let physical = n.preferred_block.clamp(logical, 4096);
                 nbd_target = Some(Arc::new(target));
-                (None, EngineKind::Nbd, n.size_bytes, 512, physical)
+                (None, EngineKind::Nbd, n.size_bytes, logical, physical)
             }
             #[cfg(feature = "rbd")]
             BackendSpec::Rbd { spec, op_timeout_s } => {
@@ -147,8 +149,17 @@ impl Disk {
         // the backing's blocks, which must not race with other writes to the same blocks:
         // blkplane does it on the only queue, with nothing else in flight.
         let direct_block = if config.cache.direct() { logical } else { SECTOR_SIZE as u32 };
+        let engine_block = logical;
         let logical = config.logical_block_bytes.unwrap_or(logical);
-        let rmw_block_bytes = if logical < direct_block {
+        if backing.is_none() && logical < engine_block {
+            // Read-modify-write works on a file only; a network engine's smallest block is
+            // the server's rule for every cache mode.
+            return Err(OpenError::BlockSize(
+                name(),
+                format!("logical-block-size={logical} is below the server's {engine_block}-byte minimum block"),
+            ));
+        }
+        let rmw_block_bytes = if logical < direct_block && backing.is_some() {
             if config.queues != 1 {
                 return Err(OpenError::BlockSize(
                     name(),
@@ -457,6 +468,7 @@ fn open_nbd(
     span: &tracing::Span,
 ) -> Result<NbdTarget, OpenError> {
     let connection = nbd::connect(spec, nbd::CONNECT_TIMEOUT).map_err(OpenError::Remote)?;
+    nbd::handshake::say_goodbye(&connection.fd);
     let n = connection.negotiated;
     let refuse = |why: String| Err(OpenError::Remote(format!("NBD server {spec}: {why}")));
     if n.size_bytes == 0 || n.size_bytes % SECTOR_SIZE != 0 || n.size_bytes > MAX_NULL_BYTES {
@@ -465,8 +477,8 @@ fn open_nbd(
             n.size_bytes
         ));
     }
-    if n.min_block > 512 {
-        return refuse(format!("the export's minimum block is {} bytes, above 512", n.min_block));
+    if n.min_block > 4096 {
+        return refuse(format!("the export's minimum block is {} bytes, above 4096", n.min_block));
     }
     if n.has(wire::TFLAG_READ_ONLY) && !config.readonly {
         return refuse("the export is read-only; serve it with readonly=on".into());

@@ -17,13 +17,21 @@ use crate::iothread::registry::ThreadChoice;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BackendSpec {
     Image(PathBuf),
-    Null { size_bytes: u64 },
+    Null {
+        size_bytes: u64,
+    },
     /// An NBD server's export (`image=nbd://...` or `nbd+unix://...`); requests wait up to
     /// `reconnect_delay_s` for a lost server before they fail.
-    Nbd { spec: NbdSpec, reconnect_delay_s: u32 },
+    Nbd {
+        spec: NbdSpec,
+        reconnect_delay_s: u32,
+    },
     /// A Ceph RBD image (`image=rbd:POOL/IMAGE...` or `pool=`, `rbd-image=`); requests fail
     /// after `op_timeout_s` seconds without an answer from the cluster (0: they wait).
-    Rbd { spec: RbdSpec, op_timeout_s: u32 },
+    Rbd {
+        spec: RbdSpec,
+        op_timeout_s: u32,
+    },
 }
 
 /// One `--export` specification, validated.
@@ -379,7 +387,7 @@ impl ExportConfig {
                 let aio = match self.aio {
                     EngineKind::Native => "native",
                     EngineKind::Threads => "threads",
-                        EngineKind::IoUring | EngineKind::Null | EngineKind::Nbd | EngineKind::Rbd => {
+                    EngineKind::IoUring | EngineKind::Null | EngineKind::Nbd | EngineKind::Rbd => {
                         "io_uring"
                     }
                 };
@@ -674,7 +682,9 @@ impl ExportConfig {
             (Some(p), None, None) if p.as_os_str().is_empty() => return err("image= is empty"),
             (Some(p), None, None) if NbdSpec::is_uri(&p.to_string_lossy()) => {
                 if seen.iter().any(|k| k == "aio") {
-                    return err("aio= chooses how an image file is read; an NBD export has its own engine");
+                    return err(
+                        "aio= chooses how an image file is read; an NBD export has its own engine",
+                    );
                 }
                 let spec = NbdSpec::parse(&p.to_string_lossy()).map_err(ConfigError)?;
                 BackendSpec::Nbd {
@@ -684,7 +694,9 @@ impl ExportConfig {
             }
             (Some(p), None, None) if RbdSpec::is_uri(&p.to_string_lossy()) => {
                 if seen.iter().any(|k| k == "aio") {
-                    return err("aio= chooses how an image file is read; an RBD image has its own engine");
+                    return err(
+                        "aio= chooses how an image file is read; an RBD image has its own engine",
+                    );
                 }
                 let mut spec = RbdSpec::parse(&p.to_string_lossy()).map_err(ConfigError)?;
                 rbd_keys.apply(&mut spec);

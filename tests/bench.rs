@@ -226,7 +226,8 @@ fn network_backends_produce_numbers() {
             .stderr,
     )
     .contains("Unknown driver 'rbd'");
-    let rbd_targets: &[&str] = if qsd_rbd { &["host", "qsd", "blkplane"] } else { &["host", "blkplane"] };
+    let rbd_targets: &[&str] =
+        if qsd_rbd { &["host", "qsd", "blkplane"] } else { &["host", "blkplane"] };
     for (backend, targets, want) in [
         ("nbd", "host,qsd,blkplane,blkplane-null", &["qsd", "blkplane"][..]),
         ("rbd", "host,qsd,blkplane", rbd_targets),
@@ -246,7 +247,11 @@ fn network_backends_produce_numbers() {
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "bench --backend {backend}:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "bench --backend {backend}:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let report: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
         let results = report["results"].as_array().unwrap();
@@ -266,7 +271,8 @@ fn network_backends_produce_numbers() {
             _ => {
                 assert!(image.starts_with("RBD rbd/blkplane-bench-"), "{image}");
                 assert!(stdout.contains("host = fio --ioengine=rbd"), "{stdout}");
-                let skipped = "has no rbd driver (Debian: qemu-block-extra): the qsd targets are skipped";
+                let skipped =
+                    "has no rbd driver (Debian: qemu-block-extra): the qsd targets are skipped";
                 assert_eq!(stdout.contains(skipped), !qsd_rbd, "{stdout}");
             }
         }

@@ -8,7 +8,7 @@ use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::{make_image, tmpdir, Client, Daemon, BIN};
+use common::{assert_usage_error, make_image, tmpdir, Client, Daemon, BIN};
 
 fn run(args: &[&str]) -> Output {
     Command::new(BIN).args(args).output().expect("run blkplane")
@@ -27,14 +27,6 @@ fn serve_with(options: &[&str], exports: &[String]) -> Output {
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     run(&args)
-}
-
-/// Exit status 2 and exactly one line on stderr, which says `want`.
-fn assert_usage_error(out: &Output, want: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
-    assert_eq!(stderr.trim_end().lines().count(), 1, "one line, got: {stderr}");
-    assert!(stderr.contains(want), "wanted {want:?} in: {stderr}");
 }
 
 #[test]

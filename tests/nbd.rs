@@ -9,14 +9,16 @@ use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use blkio::ReqFlags;
 use common::nbd::{NbdServer, Server};
-use common::{make_image, pattern, tmpdir, wait_until, Client, Daemon};
+use common::{
+    assert_usage_error, make_image, pattern, serve_refused, tmpdir, wait_until, Client, Daemon,
+};
 
 const IMAGE_BYTES: u64 = 64 << 20;
 const EIO: i32 = -libc::EIO;
@@ -143,7 +145,10 @@ fn an_export_over_tcp() {
         assert_eq!(c.capacity(), 16 << 20);
         let data = pattern(25, 3 << 20, 1 << 20);
         assert_eq!(c.write_at(1, 3 << 20, &data, 0), 0);
-        assert!(c.read_at(0, 3 << 20, 1 << 20, 2 << 20).unwrap() == data, "queue 0 sees queue 1's write");
+        assert!(
+            c.read_at(0, 3 << 20, 1 << 20, 2 << 20).unwrap() == data,
+            "queue 0 sees queue 1's write"
+        );
         assert!(c.read_at(1, 0, 65536, 0).unwrap() == pattern(24, 0, 65536));
         assert_eq!(c.flush(0), 0);
     }
@@ -152,22 +157,6 @@ fn an_export_over_tcp() {
     let _ = qnbd.wait();
     let img = fs::read(&image).unwrap();
     assert_eq!(img[3 << 20..4 << 20], pattern(25, 3 << 20, 1 << 20)[..]);
-}
-
-fn serve(exports: &[String]) -> Output {
-    let mut cmd = Command::new(common::daemon_bin());
-    cmd.arg("serve");
-    for e in exports {
-        cmd.arg("--export").arg(e);
-    }
-    cmd.output().unwrap()
-}
-
-fn assert_start_error(out: &Output, want: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
-    assert_eq!(stderr.trim_end().lines().count(), 1, "one line, got: {stderr}");
-    assert!(stderr.contains(want), "wanted {want:?} in: {stderr}");
 }
 
 /// What cannot be served is refused at start, in one line, with nothing left behind.
@@ -180,8 +169,8 @@ fn bad_nbd_exports_are_refused_at_start() {
     make_image(&image, 1 << 20, 1);
     let nbd_sock = d.join("nbd.sock");
     let uri = format!("nbd+unix:///?socket={}", nbd_sock.display());
-    let out = serve(&[nbd_export(&sock, &uri, "")]);
-    assert_start_error(
+    let out = serve_refused(&[nbd_export(&sock, &uri, "")]);
+    assert_usage_error(
         &out,
         &format!("NBD server {uri}: cannot connect: No such file or directory"),
     );
@@ -197,12 +186,15 @@ fn bad_nbd_exports_are_refused_at_start() {
         UnixStream::connect(&nbd_sock).is_ok()
     });
     let named = |name: &str| format!("nbd+unix:///{name}?socket={}", nbd_sock.display());
-    let out = serve(&[nbd_export(&sock, &named("other"), ",readonly=on")]);
-    assert_start_error(&out, "handshake: export 'other': no such export");
-    let out = serve(&[nbd_export(&sock, &named("disk"), "")]);
-    assert_start_error(&out, "the export is read-only; serve it with readonly=on");
-    let out = serve(&[nbd_export(&sock, &named("disk"), ",readonly=on,queues=2")]);
-    assert_start_error(&out, "queues=2 needs a connection per queue, which the server does not allow");
+    let out = serve_refused(&[nbd_export(&sock, &named("other"), ",readonly=on")]);
+    assert_usage_error(&out, "handshake: export 'other': no such export");
+    let out = serve_refused(&[nbd_export(&sock, &named("disk"), "")]);
+    assert_usage_error(&out, "the export is read-only; serve it with readonly=on");
+    let out = serve_refused(&[nbd_export(&sock, &named("disk"), ",readonly=on,queues=2")]);
+    assert_usage_error(
+        &out,
+        "queues=2 needs a connection per queue, which the server does not allow",
+    );
     let _ = qnbd.kill();
     let _ = qnbd.wait();
     // Bad specs.
@@ -211,10 +203,13 @@ fn bad_nbd_exports_are_refused_at_start() {
         ("image=nbd+unix:///x", "missing ?socket=PATH"),
         ("image=nbd://h/x,aio=native", "aio= chooses how an image file is read"),
         ("image=nbd://h/x,reconnect-delay=3601", "reconnect-delay=3601: at most 3600 seconds"),
-        (&format!("image={},reconnect-delay=5", image.display()), "reconnect-delay= is for NBD exports"),
+        (
+            &format!("image={},reconnect-delay=5", image.display()),
+            "reconnect-delay= is for NBD exports",
+        ),
     ] {
-        let out = serve(&[format!("socket={},{spec}", sock.display())]);
-        assert_start_error(&out, want);
+        let out = serve_refused(&[format!("socket={},{spec}", sock.display())]);
+        assert_usage_error(&out, want);
     }
     // Not an NBD server at all.
     let listener = UnixListener::bind(d.join("http.sock")).unwrap();
@@ -222,8 +217,12 @@ fn bad_nbd_exports_are_refused_at_start() {
         let (mut s, _) = listener.accept().unwrap();
         let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
     });
-    let out = serve(&[nbd_export(&sock, &format!("nbd+unix:///?socket={}", d.join("http.sock").display()), "")]);
-    assert_start_error(&out, "not an NBD server");
+    let out = serve_refused(&[nbd_export(
+        &sock,
+        &format!("nbd+unix:///?socket={}", d.join("http.sock").display()),
+        "",
+    )]);
+    assert_usage_error(&out, "not an NBD server");
     talker.join().unwrap();
 }
 
@@ -248,6 +247,7 @@ const SIMPLE_WITH_BAD_MAGIC_AT: u64 = 8 << 20;
 
 struct Hostile {
     socket: PathBuf,
+
     size: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     connections: Arc<AtomicU64>,
@@ -255,6 +255,11 @@ struct Hostile {
 
 impl Hostile {
     fn start(dir: &Path, size: u64) -> Hostile {
+        Self::start_with_min_block(dir, size, None)
+    }
+
+    /// With `min_block`, the server sends NBD_INFO_BLOCK_SIZE with it as the minimum.
+    fn start_with_min_block(dir: &Path, size: u64, min_block: Option<u32>) -> Hostile {
         let socket = dir.join("hostile.sock");
         let listener = UnixListener::bind(&socket).unwrap();
         listener.set_nonblocking(true).unwrap();
@@ -272,7 +277,7 @@ impl Hostile {
                         let size = s.load(Ordering::Relaxed);
                         let data = Arc::clone(&data);
                         std::thread::spawn(move || {
-                            let _ = serve_hostile(conn, size, &data);
+                            let _ = serve_hostile(conn, size, min_block, &data);
                         });
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
@@ -293,7 +298,13 @@ impl Drop for Hostile {
     }
 }
 
-fn chunk(s: &mut UnixStream, flags: u16, kind: u16, cookie: u64, payload: &[u8]) -> std::io::Result<()> {
+fn chunk(
+    s: &mut UnixStream,
+    flags: u16,
+    kind: u16,
+    cookie: u64,
+    payload: &[u8],
+) -> std::io::Result<()> {
     let mut m = Vec::with_capacity(20 + payload.len());
     m.extend_from_slice(&CHUNK_MAGIC.to_be_bytes());
     m.extend_from_slice(&flags.to_be_bytes());
@@ -314,7 +325,12 @@ fn option_reply(s: &mut UnixStream, option: u32, kind: u32, data: &[u8]) -> std:
     s.write_all(&m)
 }
 
-fn serve_hostile(mut s: UnixStream, size: u64, data: &Mutex<Vec<u8>>) -> std::io::Result<()> {
+fn serve_hostile(
+    mut s: UnixStream,
+    size: u64,
+    min_block: Option<u32>,
+    data: &Mutex<Vec<u8>>,
+) -> std::io::Result<()> {
     s.write_all(&NBDMAGIC.to_be_bytes())?;
     s.write_all(&IHAVEOPT.to_be_bytes())?;
     s.write_all(&3u16.to_be_bytes())?;
@@ -335,6 +351,13 @@ fn serve_hostile(mut s: UnixStream, size: u64, data: &Mutex<Vec<u8>>) -> std::io
                 // HAS_FLAGS, SEND_FLUSH, SEND_FUA, SEND_TRIM, SEND_WRITE_ZEROES, CAN_MULTI_CONN
                 info.extend_from_slice(&(1u16 | 4 | 8 | 32 | 64 | 256).to_be_bytes());
                 option_reply(&mut s, 7, 3, &info)?;
+                if let Some(min) = min_block {
+                    let mut blocks = 3u16.to_be_bytes().to_vec();
+                    for n in [min, 4096, 32 << 20] {
+                        blocks.extend_from_slice(&n.to_be_bytes());
+                    }
+                    option_reply(&mut s, 7, 3, &blocks)?;
+                }
                 option_reply(&mut s, 7, 1, &[])?;
                 break;
             }
@@ -382,7 +405,9 @@ fn serve_hostile(mut s: UnixStream, size: u64, data: &Mutex<Vec<u8>>) -> std::io
                         p.extend_from_slice(&truth);
                         chunk(&mut s, DONE, 1, cookie + 1000, &p)?;
                     }
-                    HUGE_CHUNK_AT => chunk(&mut s, DONE, (1 << 15) | 1, cookie, &vec![0u8; 1 << 20])?,
+                    HUGE_CHUNK_AT => {
+                        chunk(&mut s, DONE, (1 << 15) | 1, cookie, &vec![0u8; 1 << 20])?
+                    }
                     OVERFLOWING_CHUNK_AT => {
                         let mut p = at(u64::MAX - 10);
                         p.extend_from_slice(&truth);
@@ -403,7 +428,8 @@ fn serve_hostile(mut s: UnixStream, size: u64, data: &Mutex<Vec<u8>>) -> std::io
             1 => {
                 let mut payload = vec![0u8; len];
                 s.read_exact(&mut payload)?;
-                data.lock().unwrap()[offset as usize..offset as usize + len].copy_from_slice(&payload);
+                data.lock().unwrap()[offset as usize..offset as usize + len]
+                    .copy_from_slice(&payload);
                 let mut m = SIMPLE_MAGIC.to_be_bytes().to_vec();
                 m.extend_from_slice(&[0u8; 4]);
                 m.extend_from_slice(&cookie.to_be_bytes());
@@ -480,6 +506,24 @@ fn a_server_with_a_ragged_size_is_refused() {
     let dir = tmpdir();
     let sock = dir.path().join("blk.sock");
     let hostile = Hostile::start(dir.path(), (16 << 20) + 100);
-    let out = serve(&[nbd_export(&sock, &hostile.uri(), "")]);
-    assert_start_error(&out, "the export's size 16777316 is not a non-zero multiple of 512");
+    let out = serve_refused(&[nbd_export(&sock, &hostile.uri(), "")]);
+    assert_usage_error(&out, "the export's size 16777316 is not a non-zero multiple of 512");
+}
+
+/// A server whose smallest block is 4096 bytes: the guest's logical block is 4096, and asking
+/// for 512-byte blocks is refused (read-modify-write is for files only).
+#[test]
+fn the_servers_minimum_block_is_the_guests_logical_block() {
+    let dir = tmpdir();
+    let sock = dir.path().join("blk.sock");
+    let hostile = Hostile::start_with_min_block(dir.path(), 16 << 20, Some(4096));
+    let out = serve_refused(&[nbd_export(&sock, &hostile.uri(), ",logical-block-size=512")]);
+    assert_usage_error(
+        &out,
+        "logical-block-size=512 is below the server's 4096-byte minimum block",
+    );
+    let _daemon = Daemon::start(dir.path(), &[nbd_export(&sock, &hostile.uri(), "")]);
+    let mut c = Client::connect(&sock, 1);
+    assert_eq!(c.blkio.get_i32("request-alignment").unwrap(), 4096);
+    assert!(c.read_at(0, 8192, 4096, 0).unwrap() == pattern(40, 8192, 4096));
 }

@@ -7,34 +7,20 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
 use blkio::ReqFlags;
 use common::ceph::{ceph_conf, rbd, TestImage};
-use common::{make_image, pattern, tmpdir, wait_until, Client, Daemon};
+use common::{
+    assert_usage_error, make_image, pattern, serve_refused, tmpdir, wait_until, Client, Daemon,
+};
 
 const EIO: i32 = -libc::EIO;
 
 /// Tests that stop the cluster's only OSD take this for writing; the others for reading.
 static OSD: RwLock<()> = RwLock::new(());
-
-fn serve(exports: &[String]) -> Output {
-    let mut cmd = Command::new(common::daemon_bin());
-    cmd.arg("serve");
-    for e in exports {
-        cmd.arg("--export").arg(e);
-    }
-    cmd.output().unwrap()
-}
-
-fn assert_start_error(out: &Output, want: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
-    assert_eq!(stderr.trim_end().lines().count(), 1, "one line, got: {stderr}");
-    assert!(stderr.contains(want), "wanted {want:?} in: {stderr}");
-}
 
 #[test]
 fn bad_rbd_exports_are_refused_at_start() {
@@ -46,30 +32,52 @@ fn bad_rbd_exports_are_refused_at_start() {
     let spec = |keys: &str| format!("socket={},{keys}", sock.display());
     let c = conf.display();
     for (keys, want) in [
-        (format!("image=rbd:nopool/x:conf={c}"), "RBD nopool/x: pool 'nopool' does not exist".to_string()),
-        (format!("image=rbd:rbd/nope:conf={c}"), "RBD rbd/nope: image 'nope' does not exist in pool 'rbd'".into()),
+        (
+            format!("image=rbd:nopool/x:conf={c}"),
+            "RBD nopool/x: pool 'nopool' does not exist".to_string(),
+        ),
+        (
+            format!("image=rbd:rbd/nope:conf={c}"),
+            "RBD rbd/nope: image 'nope' does not exist in pool 'rbd'".into(),
+        ),
         (
             format!("pool=rbd,rbd-image={}@nosnap,ceph-conf={c}", image.name),
             format!("image '{}' or its snapshot 'nosnap' does not exist in pool 'rbd'", image.name),
         ),
-        ("image=rbd:rbd/x:conf=/nonexistent.conf".into(), "Ceph configuration /nonexistent.conf does not exist".into()),
-        ("image=rbd:disk".into(), "rbd:disk: expected rbd:POOL/IMAGE[@SNAPSHOT][:conf=PATH][:id=USER]".into()),
+        (
+            "image=rbd:rbd/x:conf=/nonexistent.conf".into(),
+            "Ceph configuration /nonexistent.conf does not exist".into(),
+        ),
+        (
+            "image=rbd:disk".into(),
+            "rbd:disk: expected rbd:POOL/IMAGE[@SNAPSHOT][:conf=PATH][:id=USER]".into(),
+        ),
         ("pool=rbd".into(), "pool= needs rbd-image=IMAGE".into()),
-        ("image=/x.raw,ceph-user=admin".into(), "ceph-conf=, ceph-user= and ceph-op-timeout= are for RBD images".into()),
-        ("pool=rbd,rbd-image=x,ceph-op-timeout=9999".into(), "ceph-op-timeout=9999: at most 3600 seconds".into()),
-        ("pool=rbd,rbd-image=x@s,readonly=off".into(), "rbd/x@s: a snapshot is served read-only".into()),
+        (
+            "image=/x.raw,ceph-user=admin".into(),
+            "ceph-conf=, ceph-user= and ceph-op-timeout= are for RBD images".into(),
+        ),
+        (
+            "pool=rbd,rbd-image=x,ceph-op-timeout=9999".into(),
+            "ceph-op-timeout=9999: at most 3600 seconds".into(),
+        ),
+        (
+            "pool=rbd,rbd-image=x@s,readonly=off".into(),
+            "rbd/x@s: a snapshot is served read-only".into(),
+        ),
         ("image=rbd:rbd/x,aio=native".into(), "aio= chooses how an image file is read".into()),
     ] {
-        let out = serve(&[spec(&keys)]);
-        assert_start_error(&out, &want);
+        let out = serve_refused(&[spec(&keys)]);
+        assert_usage_error(&out, &want);
         assert!(!sock.exists(), "a socket was left behind by {keys}");
     }
     // A monitor that is not there: refused within the mount timeout, not Ceph's 5 minutes.
     let dead = dir.path().join("dead.conf");
-    std::fs::write(&dead, "[global]\nmon host = v1:127.0.0.1:9\nauth client required = none\n").unwrap();
+    std::fs::write(&dead, "[global]\nmon host = v1:127.0.0.1:9\nauth client required = none\n")
+        .unwrap();
     let started = Instant::now();
-    let out = serve(&[spec(&format!("image=rbd:rbd/x:conf={}", dead.display()))]);
-    assert_start_error(&out, "cannot connect to the Ceph cluster as client.admin");
+    let out = serve_refused(&[spec(&format!("image=rbd:rbd/x:conf={}", dead.display()))]);
+    assert_usage_error(&out, "cannot connect to the Ceph cluster as client.admin");
     assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
 }
 
@@ -84,23 +92,40 @@ fn a_snapshot_is_served_read_only() {
     rbd(&["snap", "create", &format!("rbd/{}@before", image.name)]);
     // The image moves on after the snapshot: rbd bench writes all of it.
     let head = format!("rbd/{}", image.name);
-    rbd(&["bench", "--io-type", "write", "--io-size", "64K", "--io-total", "8M", "--io-pattern", "seq", &head]);
+    rbd(&[
+        "bench",
+        "--io-type",
+        "write",
+        "--io-size",
+        "64K",
+        "--io-total",
+        "8M",
+        "--io-pattern",
+        "seq",
+        &head,
+    ]);
     image.export_to(&file);
-    assert!(std::fs::read(&file).unwrap()[..65536] != pattern(31, 0, 65536)[..], "the head changed");
+    assert!(
+        std::fs::read(&file).unwrap()[..65536] != pattern(31, 0, 65536)[..],
+        "the head changed"
+    );
     let sock = dir.path().join("blk.sock");
     let ctl = dir.path().join("ctl.sock");
     let spec = format!("id=snap,socket={},{}", sock.display(), image.snapshot_keys("before"));
     let _daemon = Daemon::start_with(
         dir.path(),
         &["--control".into(), ctl.display().to_string(), "--export".into(), spec],
-        &[sock.clone()],
+        std::slice::from_ref(&sock),
     );
     let err = Client::try_connect(&sock, 1, false).err().expect("read-write start refused");
     assert_eq!(err.errno().raw_os_error(), libc::EROFS, "{err}");
     let mut c = Client::try_connect(&sock, 1, true).expect("read-only client");
     assert_eq!(c.capacity(), 8 << 20);
     for offset in [0u64, 4096, 5 << 20] {
-        assert!(c.read_at(0, offset, 65536, 0).unwrap() == pattern(31, offset, 65536), "at {offset}");
+        assert!(
+            c.read_at(0, offset, 65536, 0).unwrap() == pattern(31, offset, 65536),
+            "at {offset}"
+        );
     }
     let out = Command::new(common::BIN)
         .args(["ctl", "--control"])
@@ -135,7 +160,7 @@ fn resize_resizes_the_image() {
             "--export".into(),
             format!("id=r,socket={},{}", sock.display(), image.keys()),
         ],
-        &[sock.clone()],
+        std::slice::from_ref(&sock),
     );
     let resize = |bytes: u64| {
         Command::new(common::BIN)
@@ -162,7 +187,11 @@ fn cluster_script(command: &str) {
     let dir: PathBuf = ceph_conf().parent().unwrap().to_path_buf();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/ceph-cluster");
     let out = Command::new(script).arg(command).arg(&dir).output().unwrap();
-    assert!(out.status.success(), "ceph-cluster {command}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ceph-cluster {command}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Starts the OSD again (also when the test failed) and waits until the pool serves.
@@ -226,7 +255,8 @@ fn without_a_timeout_requests_wait_for_a_stopped_osd() {
     make_image(&file, 16 << 20, 61);
     let image = TestImage::import(&file);
     let sock = dir.path().join("blk.sock");
-    let _daemon = Daemon::start(dir.path(), &[format!("socket={},{}", sock.display(), image.keys())]);
+    let _daemon =
+        Daemon::start(dir.path(), &[format!("socket={},{}", sock.display(), image.keys())]);
     let mut c = Client::connect(&sock, 1);
     assert!(c.read_at(0, 0, 4096, 0).unwrap() == pattern(61, 0, 4096));
     let data = pattern(62, 4 << 20, 65536);

@@ -52,7 +52,9 @@ impl ExportShape {
             },
             image: match &c.backend {
                 BackendSpec::Image(p) => Some(p.clone()),
-                BackendSpec::Null { .. } | BackendSpec::Nbd { .. } | BackendSpec::Rbd { .. } => None,
+                BackendSpec::Null { .. } | BackendSpec::Nbd { .. } | BackendSpec::Rbd { .. } => {
+                    None
+                }
             },
         }
     }

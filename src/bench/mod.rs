@@ -4,8 +4,8 @@
 
 pub mod cpu;
 pub mod plot;
-pub mod report;
 pub mod remote;
+pub mod report;
 pub mod target;
 pub mod tenants;
 pub mod workload;
@@ -555,7 +555,10 @@ fn run_single(args: BenchArgs) -> Result<Report, BenchError> {
             targets.retain(|t| !t.is_qsd());
         }
         if args.backend == remote::Backend::Rbd && targets.contains(&TargetKind::Host) {
-            notes.push("host = fio --ioengine=rbd: librbd in the benchmark's own process, no daemon".into());
+            notes.push(
+                "host = fio --ioengine=rbd: librbd in the benchmark's own process, no daemon"
+                    .into(),
+            );
         }
         if args.backend == remote::Backend::Rbd {
             notes.push("the Ceph daemons, when they run on this machine, count as other processes in the load warnings".into());
@@ -616,7 +619,15 @@ fn run_single(args: BenchArgs) -> Result<Report, BenchError> {
                     };
                     progress.show(&format!("{t} {} {mode}{of}", w.name));
                     if let (TargetKind::Host, Some(r)) = (t, &remote) {
-                        let f = remote::fio_rbd(r, w, mode, usize::from(args.queues), span, warmup, runtime)?;
+                        let f = remote::fio_rbd(
+                            r,
+                            w,
+                            mode,
+                            usize::from(args.queues),
+                            span,
+                            warmup,
+                            runtime,
+                        )?;
                         results.push(RunResult {
                             workload: w.name.to_string(),
                             mode,

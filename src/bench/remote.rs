@@ -31,10 +31,7 @@ pub enum Remote {
 fn run_tool(cmd: &mut Command, what: &str) -> Result<String, BenchError> {
     let out = cmd.output().map_err(|e| BenchError(format!("{what}: {e}")))?;
     if !out.status.success() {
-        return Err(BenchError(format!(
-            "{what}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
+        return Err(BenchError(format!("{what}: {}", String::from_utf8_lossy(&out.stderr).trim())));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -230,8 +227,8 @@ pub fn fio_rbd(
 fn parse_fio(json: &str, write: bool) -> Result<FioResult, BenchError> {
     // fio may print warnings before the JSON.
     let start = json.find('{').ok_or_else(|| BenchError("fio printed no JSON".into()))?;
-    let v: serde_json::Value = serde_json::from_str(&json[start..])
-        .map_err(|e| BenchError(format!("fio's JSON: {e}")))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&json[start..]).map_err(|e| BenchError(format!("fio's JSON: {e}")))?;
     let job = &v["jobs"][0];
     let side = &job[if write { "write" } else { "read" }];
     let lat = &side["lat_ns"];
@@ -262,7 +259,10 @@ mod tests {
  "lat_ns":{"mean":81000.0,"percentile":{"50.000000":80000,"99.000000":150000,"99.900000":300000}}},
  "write":{"iops":0,"total_ios":0,"lat_ns":{"mean":0}}}]}"#;
         let r = parse_fio(json, false).unwrap();
-        assert_eq!((r.iops, r.p50_us, r.p99_us, r.p999_us, r.mean_us, r.ios), (1234.5, 80.0, 150.0, 300.0, 81.0, 5000));
+        assert_eq!(
+            (r.iops, r.p50_us, r.p99_us, r.p999_us, r.mean_us, r.ios),
+            (1234.5, 80.0, 150.0, 300.0, 81.0, 5000)
+        );
         assert_eq!(parse_fio(json, true).err().unwrap().0, "fio --ioengine=rbd completed no I/O");
     }
 }

@@ -248,13 +248,19 @@ fn make_queue(
     match (disk.engine, fd) {
         (EngineKind::Null, _) => worker::queue::start(disk, setup, NullEngine::new(size)),
         (EngineKind::Nbd, _) => {
-            let target = disk.nbd.clone().ok_or_else(|| io::Error::other("an NBD export without its server"))?;
+            let target = disk
+                .nbd
+                .clone()
+                .ok_or_else(|| io::Error::other("an NBD export without its server"))?;
             worker::queue::start(disk, setup, NbdEngine::new(target, size)?)
         }
         #[cfg(feature = "rbd")]
         (EngineKind::Rbd, _) => {
             use crate::engine::rbd::engine::RbdEngine;
-            let image = disk.rbd.clone().ok_or_else(|| io::Error::other("an RBD export without its image"))?;
+            let image = disk
+                .rbd
+                .clone()
+                .ok_or_else(|| io::Error::other("an RBD export without its image"))?;
             worker::queue::start(disk, setup, RbdEngine::new(image, size)?)
         }
         #[cfg(not(feature = "rbd"))]

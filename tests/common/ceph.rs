@@ -82,6 +82,7 @@ impl Drop for TestImage {
         let conf = ceph_conf();
         let spec = format!("rbd/{}", self.name);
         let _ = Command::new("rbd").arg("-c").arg(&conf).args(["snap", "purge", &spec]).output();
-        let _ = Command::new("rbd").arg("-c").arg(&conf).args(["rm", "--no-progress", &spec]).output();
+        let _ =
+            Command::new("rbd").arg("-c").arg(&conf).args(["rm", "--no-progress", &spec]).output();
     }
 }

@@ -178,6 +178,24 @@ impl Drop for Daemon {
     }
 }
 
+/// `blkplane serve --export E...` run to its end: for exports that must be refused at start.
+pub fn serve_refused(exports: &[String]) -> std::process::Output {
+    let mut cmd = Command::new(daemon_bin());
+    cmd.arg("serve");
+    for e in exports {
+        cmd.arg("--export").arg(e);
+    }
+    cmd.output().expect("run blkplane serve")
+}
+
+/// Exit status 2 and exactly one line on stderr, which says `want`.
+pub fn assert_usage_error(out: &std::process::Output, want: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line, got: {stderr}");
+    assert!(stderr.contains(want), "wanted {want:?} in: {stderr}");
+}
+
 /// Sends `sig` to process `pid`.
 pub fn signal(pid: i32, sig: i32) {
     // SAFETY: kill(2) has no memory-safety preconditions.

@@ -181,7 +181,13 @@ impl NbdEngine {
         // SAFETY: as above.
         let timer = unsafe { OwnedFd::from_raw_fd(timer) };
         let connected_event = Arc::new(EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK)?);
-        epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, timer.as_raw_fd(), libc::EPOLLIN as u32, EV_TIMER)?;
+        epoll_ctl(
+            epoll.as_raw_fd(),
+            libc::EPOLL_CTL_ADD,
+            timer.as_raw_fd(),
+            libc::EPOLLIN as u32,
+            EV_TIMER,
+        )?;
         epoll_ctl(
             epoll.as_raw_fd(),
             libc::EPOLL_CTL_ADD,
@@ -368,7 +374,13 @@ impl NbdEngine {
         if want != self.wants_out {
             if let Some(conn) = &self.conn {
                 let events = libc::EPOLLIN as u32 | if want { libc::EPOLLOUT as u32 } else { 0 };
-                let r = epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_MOD, conn.fd.as_raw_fd(), events, EV_SOCKET);
+                let r = epoll_ctl(
+                    self.epoll.as_raw_fd(),
+                    libc::EPOLL_CTL_MOD,
+                    conn.fd.as_raw_fd(),
+                    events,
+                    EV_SOCKET,
+                );
                 if r.is_ok() {
                     self.wants_out = want;
                 }
@@ -433,7 +445,13 @@ impl NbdEngine {
             let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
             libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
         }
-        if let Err(e) = epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd.as_raw_fd(), libc::EPOLLIN as u32, EV_SOCKET) {
+        if let Err(e) = epoll_ctl(
+            self.epoll.as_raw_fd(),
+            libc::EPOLL_CTL_ADD,
+            fd.as_raw_fd(),
+            libc::EPOLLIN as u32,
+            EV_SOCKET,
+        ) {
             warn_limited!(self.log, parent: &self.target.span, "cannot watch the NBD socket: {e}");
             let _ = self.start_connector();
             return;
@@ -448,7 +466,10 @@ impl NbdEngine {
             if self.ops[tag].busy {
                 // The flags the new connection allows (a restarted server may differ).
                 let op = &mut self.ops[tag];
-                if op.command == CMD_WRITE && op.flags & CMD_FLAG_FUA != 0 && !negotiated.has(TFLAG_SEND_FUA) {
+                if op.command == CMD_WRITE
+                    && op.flags & CMD_FLAG_FUA != 0
+                    && !negotiated.has(TFLAG_SEND_FUA)
+                {
                     op.flags &= !CMD_FLAG_FUA;
                     op.then_flush = true;
                 }
@@ -505,7 +526,12 @@ impl NbdEngine {
             let room = &mut self.inbuf[self.in_end..];
             // SAFETY: recv into the free part of our own buffer.
             let n = unsafe {
-                libc::recv(conn.fd.as_raw_fd(), room.as_mut_ptr().cast(), room.len(), libc::MSG_DONTWAIT)
+                libc::recv(
+                    conn.fd.as_raw_fd(),
+                    room.as_mut_ptr().cast(),
+                    room.len(),
+                    libc::MSG_DONTWAIT,
+                )
             };
             if n > 0 {
                 self.in_end += n as usize;
@@ -541,12 +567,17 @@ impl NbdEngine {
                         let op = self.ops[usize::from(tag)];
                         // SAFETY: the iovec array stays valid until the tag is reaped.
                         let iovs = unsafe { std::slice::from_raw_parts(op.iov, op.iovcnt) };
-                        copy_to_guest(iovs, at as usize, &self.inbuf[self.in_start..self.in_start + n]);
+                        copy_to_guest(
+                            iovs,
+                            at as usize,
+                            &self.inbuf[self.in_start..self.in_start + n],
+                        );
                     }
                     self.in_start += n;
                     let remaining = remaining - n as u64;
                     if remaining > 0 {
-                        self.parse = Parse::Data { tag, at: at + n as u64, remaining, deliver, done };
+                        self.parse =
+                            Parse::Data { tag, at: at + n as u64, remaining, deliver, done };
                         return true;
                     }
                     self.parse = Parse::Header;
@@ -608,7 +639,8 @@ impl NbdEngine {
         } else if op.command == CMD_READ {
             // The data is the whole reply: count it covered when it has arrived.
             self.ops[usize::from(tag)].covered = u64::from(op.len);
-            self.parse = Parse::Data { tag, at: 0, remaining: u64::from(op.len), deliver: true, done: true };
+            self.parse =
+                Parse::Data { tag, at: 0, remaining: u64::from(op.len), deliver: true, done: true };
         } else {
             self.reply_done(tag);
         }
@@ -641,14 +673,19 @@ impl NbdEngine {
             let offset = u64::from_be_bytes(body[0..8].try_into().unwrap());
             let data = (length - 8) as u64;
             let at = offset.checked_sub(op.offset);
-            let inside = op.command == CMD_READ && at.is_some_and(|a| a.checked_add(data).is_some_and(|e| e <= end));
+            let inside = op.command == CMD_READ
+                && at.is_some_and(|a| a.checked_add(data).is_some_and(|e| e <= end));
             if !inside {
-                self.refuse_chunk(tag, &format!("data chunk at {offset}+{data} outside the read {}+{end}", op.offset));
+                self.refuse_chunk(
+                    tag,
+                    &format!("data chunk at {offset}+{data} outside the read {}+{end}", op.offset),
+                );
             } else {
                 self.ops[usize::from(tag)].covered += data;
             }
             self.in_start += CHUNK_HEADER_BYTES + 8;
-            self.parse = Parse::Data { tag, at: at.unwrap_or(0), remaining: data, deliver: inside, done };
+            self.parse =
+                Parse::Data { tag, at: at.unwrap_or(0), remaining: data, deliver: inside, done };
             return Ok(true);
         }
         if length > MAX_CHUNK_META_BYTES {
@@ -672,7 +709,13 @@ impl NbdEngine {
                         zero_guest_range(iovs, a as usize, hole as usize);
                         self.ops[usize::from(tag)].covered += hole;
                     }
-                    _ => self.refuse_chunk(tag, &format!("hole chunk at {offset}+{hole} outside the read {}+{end}", op.offset)),
+                    _ => self.refuse_chunk(
+                        tag,
+                        &format!(
+                            "hole chunk at {offset}+{hole} outside the read {}+{end}",
+                            op.offset
+                        ),
+                    ),
                 }
             }
             k if k & REPLY_TYPE_ERROR_BIT != 0 => {
@@ -682,7 +725,9 @@ impl NbdEngine {
                 let error = u32::from_be_bytes(body[0..4].try_into().unwrap());
                 let message_len = usize::from(u16::from_be_bytes([body[4], body[5]]));
                 if 6 + message_len > length {
-                    return Err(format!("an error chunk's message of {message_len} bytes in {length}"));
+                    return Err(format!(
+                        "an error chunk's message of {message_len} bytes in {length}"
+                    ));
                 }
                 let message = String::from_utf8_lossy(&body[6..6 + message_len]).into_owned();
                 let errno = if error == 0 { -libc::EIO } else { errno_of(error) };
@@ -776,6 +821,11 @@ fn connect_until_stopped(
 
 impl Drop for NbdEngine {
     fn drop(&mut self) {
+        if let Some(conn) = &self.conn {
+            if self.out.is_empty() {
+                handshake::say_goodbye(&conn.fd);
+            }
+        }
         // The connector ends at its next attempt; nothing waits for it.
         if let Some(c) = &self.connector {
             c.stop.store(true, Ordering::Relaxed);
@@ -786,12 +836,26 @@ impl Drop for NbdEngine {
 impl Engine for NbdEngine {
     unsafe fn queue(&mut self, tag: u16, op: IoOp<'_>) -> io::Result<()> {
         let n = self.conn.as_ref().map_or(self.target.negotiated, |c| c.negotiated);
-        let (command, flags, offset, len, iov, then_flush): (u16, u16, u64, u64, &[GuestIov], bool) = match op {
+        let (command, flags, offset, len, iov, then_flush): (
+            u16,
+            u16,
+            u64,
+            u64,
+            &[GuestIov],
+            bool,
+        ) = match op {
             IoOp::Read { offset, iov } => (CMD_READ, 0, offset, iov_bytes(iov), iov, false),
             IoOp::Write { offset, iov, dsync } => {
                 let fua = dsync && n.has(TFLAG_SEND_FUA);
                 let flags = if fua { CMD_FLAG_FUA } else { 0 };
-                (CMD_WRITE, flags, offset, iov_bytes(iov), iov, dsync && !fua && n.has(TFLAG_SEND_FLUSH))
+                (
+                    CMD_WRITE,
+                    flags,
+                    offset,
+                    iov_bytes(iov),
+                    iov,
+                    dsync && !fua && n.has(TFLAG_SEND_FLUSH),
+                )
             }
             IoOp::Flush if !n.has(TFLAG_SEND_FLUSH) => {
                 // A server without FLUSH has no volatile cache to flush.
@@ -807,9 +871,14 @@ impl Engine for NbdEngine {
             IoOp::WriteZeroes { .. } if !n.has(TFLAG_SEND_WRITE_ZEROES) => {
                 return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
             }
-            IoOp::WriteZeroes { offset, bytes, unmap } => {
-                (CMD_WRITE_ZEROES, if unmap { 0 } else { CMD_FLAG_NO_HOLE }, offset, bytes, &[], false)
-            }
+            IoOp::WriteZeroes { offset, bytes, unmap } => (
+                CMD_WRITE_ZEROES,
+                if unmap { 0 } else { CMD_FLAG_NO_HOLE },
+                offset,
+                bytes,
+                &[],
+                false,
+            ),
         };
         let payload = command == CMD_READ || command == CMD_WRITE;
         let len = match u32::try_from(len) {

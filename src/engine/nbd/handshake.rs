@@ -207,7 +207,8 @@ fn negotiate<S: Read + Write>(s: &mut S, export: &str) -> io::Result<Negotiated>
                         export_info = Some((size, flags));
                     }
                     (INFO_BLOCK_SIZE, 14) => {
-                        let word = |i: usize| u32::from_be_bytes(data[i..i + 4].try_into().unwrap());
+                        let word =
+                            |i: usize| u32::from_be_bytes(data[i..i + 4].try_into().unwrap());
                         let (min, pref, max) = (word(2), word(6), word(10));
                         let power = |n: u32| n.is_power_of_two();
                         if !power(min) || !power(pref) || min > 65536 || pref < min || max < pref {
@@ -230,4 +231,21 @@ fn negotiate<S: Read + Write>(s: &mut S, export: &str) -> io::Result<Negotiated>
         }
     }
     Err(bad("the server never finished GO".into()))
+}
+
+/// Tells the server we are going (NBD_CMD_DISC), best effort, without waiting: on a
+/// connection with nothing half-sent, before it is closed.
+pub fn say_goodbye(fd: &OwnedFd) {
+    use std::os::fd::AsRawFd;
+    let header = request_header(0, CMD_DISC, 0, 0, 0);
+    // SAFETY: sends our own 28-byte buffer; MSG_NOSIGNAL: a closed peer is an error, not
+    // SIGPIPE; MSG_DONTWAIT: never blocks the caller.
+    unsafe {
+        libc::send(
+            fd.as_raw_fd(),
+            header.as_ptr().cast(),
+            header.len(),
+            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+        )
+    };
 }

@@ -99,7 +99,9 @@ impl fmt::Display for NbdSpec {
             NbdAddr::Tcp { host, port } if host.contains(':') => {
                 write!(f, "nbd://[{host}]:{port}/{}", encode(&self.export))
             }
-            NbdAddr::Tcp { host, port } => write!(f, "nbd://{host}:{port}/{}", encode(&self.export)),
+            NbdAddr::Tcp { host, port } => {
+                write!(f, "nbd://{host}:{port}/{}", encode(&self.export))
+            }
         }
     }
 }

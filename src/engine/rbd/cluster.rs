@@ -97,10 +97,17 @@ impl Cluster {
         };
         // SAFETY: a live handle; a null path means Ceph's default search.
         let rc = unsafe {
-            rados_conf_read_file(cluster.handle, conf.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()))
+            rados_conf_read_file(
+                cluster.handle,
+                conf.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
+            )
         };
         if rc < 0 {
-            let which = cluster.key.conf.as_ref().map_or("the default Ceph configuration".into(), |p| p.display().to_string());
+            let which = cluster
+                .key
+                .conf
+                .as_ref()
+                .map_or("the default Ceph configuration".into(), |p| p.display().to_string());
             return Err(format!("cannot read {which}: {}", errno_text(rc)));
         }
         let mut settings: Vec<(String, String)> = vec![
@@ -119,7 +126,10 @@ impl Cluster {
         // SAFETY: a configured handle. Blocks up to client_mount_timeout.
         let rc = unsafe { rados_connect(cluster.handle) };
         if rc < 0 {
-            return Err(format!("cannot connect to the Ceph cluster as {user}: {}", errno_text(rc)));
+            return Err(format!(
+                "cannot connect to the Ceph cluster as {user}: {}",
+                errno_text(rc)
+            ));
         }
         Ok(cluster)
     }
@@ -219,8 +229,13 @@ impl RbdImage {
             unsafe { rados_ioctx_destroy(ioctx) };
             return Err(if rc == -libc::ENOENT {
                 match &spec.snapshot {
-                    Some(s) => format!("image '{}' or its snapshot '{s}' does not exist in pool '{}'", spec.image, spec.pool),
-                    None => format!("image '{}' does not exist in pool '{}'", spec.image, spec.pool),
+                    Some(s) => format!(
+                        "image '{}' or its snapshot '{s}' does not exist in pool '{}'",
+                        spec.image, spec.pool
+                    ),
+                    None => {
+                        format!("image '{}' does not exist in pool '{}'", spec.image, spec.pool)
+                    }
                 }
             } else {
                 format!("cannot open image {}: {}", spec.name(), errno_text(rc))

@@ -66,7 +66,11 @@ impl RbdSpec {
 
     /// Names present, not empty, not too long.
     pub fn check(&self) -> Result<(), String> {
-        for (what, name) in [("pool", Some(&self.pool)), ("image", Some(&self.image)), ("snapshot", self.snapshot.as_ref())] {
+        for (what, name) in [
+            ("pool", Some(&self.pool)),
+            ("image", Some(&self.image)),
+            ("snapshot", self.snapshot.as_ref()),
+        ] {
             let Some(name) = name else { continue };
             if name.is_empty() {
                 return Err(format!("empty {what} name"));
@@ -116,8 +120,9 @@ mod tests {
     fn qemu_syntax() {
         let s = RbdSpec::parse("rbd:rbd/disk1").unwrap();
         assert_eq!((s.pool.as_str(), s.image.as_str(), s.snapshot), ("rbd", "disk1", None));
-        let s = RbdSpec::parse("rbd:vms/disk@snap1:conf=/etc/ceph/c.conf:id=cinder:rbd_cache=false")
-            .unwrap();
+        let s =
+            RbdSpec::parse("rbd:vms/disk@snap1:conf=/etc/ceph/c.conf:id=cinder:rbd_cache=false")
+                .unwrap();
         assert_eq!(s.snapshot.as_deref(), Some("snap1"));
         assert_eq!(s.conf, Some(PathBuf::from("/etc/ceph/c.conf")));
         assert_eq!(s.user.as_deref(), Some("cinder"));
@@ -130,7 +135,10 @@ mod tests {
     #[test]
     fn bad_specs_say_why() {
         let err = |u: &str| RbdSpec::parse(u).unwrap_err();
-        assert_eq!(err("rbd:disk"), "rbd:disk: expected rbd:POOL/IMAGE[@SNAPSHOT][:conf=PATH][:id=USER]");
+        assert_eq!(
+            err("rbd:disk"),
+            "rbd:disk: expected rbd:POOL/IMAGE[@SNAPSHOT][:conf=PATH][:id=USER]"
+        );
         assert_eq!(err("rbd:/disk"), "rbd:/disk: empty pool name");
         assert_eq!(err("rbd:p/"), "rbd:p/: empty image name");
         assert_eq!(err("rbd:p/i@"), "rbd:p/i@: empty snapshot name");
