@@ -37,7 +37,7 @@ pub struct Disk {
     pub nbd: Option<Arc<NbdTarget>>,
     /// An RBD export's image, open for the export's life.
     #[cfg(feature = "rbd")]
-    pub rbd: Option<Arc<crate::engine::rbd::cluster::RbdImage>>,
+    pub rbd: Option<Arc<crate::engine::rbd::cluster::RbdHandle>>,
     pub engine: EngineKind,
     pub cache: CacheMode,
     pub readonly: bool,
@@ -115,9 +115,15 @@ impl Disk {
             }
             #[cfg(feature = "rbd")]
             BackendSpec::Rbd { spec, op_timeout_s } => {
-                use crate::engine::rbd::cluster::RbdImage;
-                let image = RbdImage::open(spec, config.readonly, config.cache, *op_timeout_s)
-                    .map_err(|e| OpenError::Remote(format!("RBD {}: {e}", spec.name())))?;
+                use crate::engine::rbd::cluster::RbdHandle;
+                let image = RbdHandle::open(
+                    spec,
+                    config.readonly,
+                    config.cache,
+                    *op_timeout_s,
+                    span.clone(),
+                )
+                .map_err(|e| OpenError::Remote(format!("RBD {}: {e}", spec.name())))?;
                 let size = image.size_bytes().map_err(OpenError::Remote)?;
                 if size == 0 || size % SECTOR_SIZE != 0 {
                     return Err(OpenError::Remote(format!(

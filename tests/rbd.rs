@@ -274,3 +274,37 @@ fn without_a_timeout_requests_wait_for_a_stopped_osd() {
     assert!(c.buf_slice(0, 4096) == pattern(61, 8 << 20, 4096));
     assert!(c.read_at(0, 4 << 20, 65536, 2 << 20).unwrap() == data);
 }
+
+/// A client the cluster blocklists is fenced off for good; its requests fail (IOERR), and the
+/// export opens the image again on a new connection and serves again by itself.
+#[test]
+fn a_blocklisted_client_fails_requests_then_connects_again() {
+    let _shared = OSD.read().unwrap_or_else(|p| p.into_inner());
+    let dir = tmpdir();
+    let image = TestImage::create(16 << 20);
+    let sock = dir.path().join("blk.sock");
+    let daemon =
+        Daemon::start(dir.path(), &[format!("socket={},{}", sock.display(), image.keys())]);
+    let mut c = Client::connect(&sock, 1);
+    let data = pattern(70, 0, 65536);
+    assert_eq!(c.write_at(0, 0, &data, 0), 0);
+    let status: serde_json::Value =
+        serde_json::from_str(&rbd(&["status", "--format", "json", &format!("rbd/{}", image.name)]))
+            .unwrap();
+    let address = status["watchers"][0]["address"].as_str().expect("the daemon watches its image");
+    common::ceph::ceph(&["osd", "blocklist", "add", address]);
+    let mut failed = false;
+    wait_until("a request fails once the client is blocklisted", Duration::from_secs(30), || {
+        failed = c.write_at(0, 1 << 20, &data, 0) == EIO;
+        failed
+    });
+    wait_until("the export serves again", Duration::from_secs(60), || {
+        c.write_at(0, 2 << 20, &data, 0) == 0
+    });
+    common::ceph::ceph(&["osd", "blocklist", "rm", address]);
+    assert!(c.read_at(0, 0, 65536, 0).unwrap() == data, "data from before the blocklisting");
+    assert!(c.read_at(0, 2 << 20, 65536, 0).unwrap() == data, "data written after it");
+    let log = daemon.log();
+    assert!(log.contains("the Ceph cluster blocklisted this client; connecting again"), "{log}");
+    assert!(log.contains("RBD image open again on a new connection"), "{log}");
+}

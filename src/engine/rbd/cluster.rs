@@ -57,6 +57,13 @@ fn errno_text(rc: i32) -> String {
 }
 
 impl Cluster {
+    /// Takes `dead` out of the daemon's connections, so that the next export to ask gets a
+    /// new one (a blocklisted client stays fenced off for good; a new one has a new address).
+    fn forget(dead: &Arc<Cluster>) {
+        let mut clusters = CLUSTERS.lock().unwrap_or_else(|p| p.into_inner());
+        clusters.retain(|w| !std::ptr::eq(w.as_ptr(), Arc::as_ptr(dead)));
+    }
+
     /// The connection for `spec`'s cluster: the daemon's existing one, or a new one.
     fn get(spec: &RbdSpec, op_timeout_s: u32) -> Result<Arc<Cluster>, String> {
         let key = ClusterKey {
@@ -155,7 +162,7 @@ pub struct RbdImage {
     pub handle: RbdImageT,
     ioctx: RadosIoctxT,
     /// Keeps the connection up while the image is open.
-    _cluster: Arc<Cluster>,
+    cluster: Arc<Cluster>,
 }
 
 // SAFETY: librbd image handles are thread-safe for aio calls; close happens in Drop, after
@@ -241,7 +248,7 @@ impl RbdImage {
                 format!("cannot open image {}: {}", spec.name(), errno_text(rc))
             });
         }
-        Ok(RbdImage { spec: spec.clone(), cached, handle, ioctx, _cluster: cluster })
+        Ok(RbdImage { spec: spec.clone(), cached, handle, ioctx, cluster })
     }
 
     pub fn size_bytes(&self) -> Result<u64, String> {
@@ -261,5 +268,109 @@ impl RbdImage {
             return Err(format!("resizing image {}: {}", self.spec.name(), errno_text(rc)));
         }
         Ok(())
+    }
+}
+
+/// The errno librados gives every request of a client the cluster has blocklisted
+/// (EBLOCKLISTED, which is ESHUTDOWN on Linux).
+pub const EBLOCKLISTED: i32 = libc::ESHUTDOWN;
+
+/// An export's image as its queues reach it: the open image, and a new one when the cluster
+/// fenced the connection off (blocklisted it). Queues pick a new image up by its generation
+/// at their next request; reopening runs on a thread of its own, never on an I/O thread.
+pub struct RbdHandle {
+    spec: RbdSpec,
+    readonly: bool,
+    cache: CacheMode,
+    op_timeout_s: u32,
+    current: Mutex<Arc<RbdImage>>,
+    generation: std::sync::atomic::AtomicU64,
+    reopening: std::sync::atomic::AtomicBool,
+    span: tracing::Span,
+}
+
+impl RbdHandle {
+    pub fn open(
+        spec: &RbdSpec,
+        readonly: bool,
+        cache: CacheMode,
+        op_timeout_s: u32,
+        span: tracing::Span,
+    ) -> Result<RbdHandle, String> {
+        let image = RbdImage::open(spec, readonly, cache, op_timeout_s)?;
+        Ok(RbdHandle {
+            spec: spec.clone(),
+            readonly,
+            cache,
+            op_timeout_s,
+            current: Mutex::new(Arc::new(image)),
+            generation: std::sync::atomic::AtomicU64::new(0),
+            reopening: std::sync::atomic::AtomicBool::new(false),
+            span,
+        })
+    }
+
+    /// The image to send requests to now, and its generation.
+    pub fn image(&self) -> (Arc<RbdImage>, u64) {
+        let current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        (Arc::clone(&current), self.generation.load(std::sync::atomic::Ordering::Acquire))
+    }
+
+    /// Whether a newer image than generation `seen` is there (one atomic load).
+    pub fn changed_since(&self, seen: u64) -> bool {
+        self.generation.load(std::sync::atomic::Ordering::Acquire) != seen
+    }
+
+    /// `image` answered EBLOCKLISTED: connect again and open the image anew, in the
+    /// background, once (later calls while it runs do nothing).
+    pub fn reopen(self: &Arc<Self>, image: &Arc<RbdImage>) {
+        use std::sync::atomic::Ordering;
+        if self.reopening.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        {
+            let current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+            if !Arc::ptr_eq(&current, image) {
+                // Already replaced: requests on the old one were late.
+                self.reopening.store(false, Ordering::Release);
+                return;
+            }
+        }
+        Cluster::forget(&image.cluster);
+        tracing::warn!(parent: &self.span, image = %self.spec.name(),
+            "the Ceph cluster blocklisted this client; connecting again");
+        let me = Arc::clone(self);
+        let spawned = std::thread::Builder::new().name("blkplane-rbd-reopen".into()).spawn(move || {
+            let mut backoff_ms = 100;
+            loop {
+                match RbdImage::open(&me.spec, me.readonly, me.cache, me.op_timeout_s) {
+                    Ok(image) => {
+                        *me.current.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(image);
+                        me.generation.fetch_add(1, Ordering::AcqRel);
+                        tracing::info!(parent: &me.span, image = %me.spec.name(), "RBD image open again on a new connection");
+                        me.reopening.store(false, Ordering::Release);
+                        return;
+                    }
+                    Err(e) => tracing::warn!(parent: &me.span, "reopening RBD {}: {e}", me.spec.name()),
+                }
+                if Arc::strong_count(&me) == 1 {
+                    // The export is gone.
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(backoff_ms));
+                backoff_ms = (backoff_ms * 2).min(5000);
+            }
+        });
+        if spawned.is_err() {
+            self.reopening.store(false, Ordering::Release);
+        }
+    }
+
+    pub fn size_bytes(&self) -> Result<u64, String> {
+        self.image().0.size_bytes()
+    }
+
+    pub fn resize(&self, bytes: u64) -> Result<(), String> {
+        self.image().0.resize(bytes)
     }
 }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::cluster::RbdImage;
+use super::cluster::{RbdHandle, RbdImage, EBLOCKLISTED};
 use super::ffi::*;
 use crate::engine::{Engine, IoOp};
 use crate::virtq::GuestIov;
@@ -66,7 +66,12 @@ unsafe extern "C" fn rbd_done(c: RbdCompletionT, arg: *mut c_void) {
 }
 
 pub struct RbdEngine {
+    handle: Arc<RbdHandle>,
     image: Arc<RbdImage>,
+    /// The handle's generation `image` is of.
+    generation: u64,
+    /// Images replaced while requests were in flight on them: kept open until they drain.
+    retired: Vec<Arc<RbdImage>>,
     shared: Arc<Completions>,
     /// Per tag: a write the guest wants durable on a cached image; its flush follows.
     then_flush: Box<[bool]>,
@@ -77,7 +82,8 @@ pub struct RbdEngine {
 }
 
 impl RbdEngine {
-    pub fn new(image: Arc<RbdImage>, queue_size: u16) -> io::Result<RbdEngine> {
+    pub fn new(handle: Arc<RbdHandle>, queue_size: u16) -> io::Result<RbdEngine> {
+        let (image, generation) = handle.image();
         let size = usize::from(queue_size);
         let event = EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK)?;
         let shared = Arc::new_cyclic(|me| Completions {
@@ -88,7 +94,10 @@ impl RbdEngine {
             slots: (0..size).map(|tag| Slot { owner: me.as_ptr(), tag: tag as u16 }).collect(),
         });
         Ok(RbdEngine {
+            handle,
             image,
+            generation,
+            retired: Vec::new(),
             shared,
             then_flush: vec![false; size].into_boxed_slice(),
             write_result: vec![None; size].into_boxed_slice(),
@@ -152,6 +161,9 @@ impl RbdEngine {
             }
             return;
         }
+        if result == -EBLOCKLISTED {
+            self.handle.reopen(&self.image);
+        }
         let written = self.write_result[tag].take();
         let result = match written {
             Some(w) if result >= 0 => w,
@@ -159,6 +171,9 @@ impl RbdEngine {
         };
         self.then_flush[tag] = false;
         self.in_flight -= 1;
+        if self.in_flight == 0 && !self.retired.is_empty() {
+            self.retired.clear();
+        }
         on_complete(tag as u16, result);
     }
 }
@@ -170,6 +185,7 @@ impl Drop for RbdEngine {
             // (The I/O thread drains a queue before dropping its engine; this is a last guard.)
             std::mem::forget(Arc::clone(&self.shared));
             std::mem::forget(Arc::clone(&self.image));
+            std::mem::forget(std::mem::take(&mut self.retired));
         }
     }
 }
@@ -179,6 +195,15 @@ impl Engine for RbdEngine {
         let index = usize::from(tag);
         if index >= self.then_flush.len() {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        if self.handle.changed_since(self.generation) {
+            // The image was opened again on a new connection (after a blocklisting).
+            let (image, generation) = self.handle.image();
+            let old = std::mem::replace(&mut self.image, image);
+            if self.in_flight > 0 {
+                self.retired.push(old);
+            }
+            self.generation = generation;
         }
         self.start(tag, &op)?;
         self.then_flush[index] = matches!(op, IoOp::Write { dsync: true, .. }) && self.image.cached;
