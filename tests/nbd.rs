@@ -9,7 +9,7 @@ use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,6 +18,7 @@ use blkio::ReqFlags;
 use common::nbd::{NbdServer, Server};
 use common::{
     assert_usage_error, make_image, pattern, serve_refused, tmpdir, wait_until, Client, Daemon,
+    KillOnDrop,
 };
 
 const IMAGE_BYTES: u64 = 64 << 20;
@@ -129,12 +130,22 @@ fn an_export_over_tcp() {
     make_image(&image, 16 << 20, 24);
     // A free port: bound by us, then released for qemu-nbd.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut qnbd = Command::new("qemu-nbd")
-        .args(["--bind=127.0.0.1", &format!("--port={port}"), "--format=raw", "-t", "--shared=4"])
-        .args(["--export-name=tcpdisk", "--cache=writeback"])
-        .arg(&image)
-        .spawn()
-        .unwrap();
+    let _qnbd = KillOnDrop(
+        Command::new("qemu-nbd")
+            .args([
+                "--bind=127.0.0.1",
+                &format!("--port={port}"),
+                "--format=raw",
+                "-t",
+                "--shared=4",
+            ])
+            .args(["--export-name=tcpdisk", "--cache=writeback"])
+            .arg(&image)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     wait_until("qemu-nbd listens on TCP", Duration::from_secs(10), || {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     });
@@ -153,8 +164,6 @@ fn an_export_over_tcp() {
         assert_eq!(c.flush(0), 0);
     }
     assert!(daemon.stop().success());
-    let _ = qnbd.kill();
-    let _ = qnbd.wait();
     let img = fs::read(&image).unwrap();
     assert_eq!(img[3 << 20..4 << 20], pattern(25, 3 << 20, 1 << 20)[..]);
 }
@@ -176,12 +185,16 @@ fn bad_nbd_exports_are_refused_at_start() {
     );
     assert!(!sock.exists(), "a socket was left behind");
     // qemu-nbd read-only, one connection at a time, export named "disk".
-    let mut qnbd = Command::new("qemu-nbd")
-        .arg(format!("--socket={}", nbd_sock.display()))
-        .args(["--format=raw", "-t", "--read-only", "--shared=1", "--export-name=disk"])
-        .arg(&image)
-        .spawn()
-        .unwrap();
+    let qnbd = KillOnDrop(
+        Command::new("qemu-nbd")
+            .arg(format!("--socket={}", nbd_sock.display()))
+            .args(["--format=raw", "-t", "--read-only", "--shared=1", "--export-name=disk"])
+            .arg(&image)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     wait_until("qemu-nbd listens", Duration::from_secs(10), || {
         UnixStream::connect(&nbd_sock).is_ok()
     });
@@ -195,8 +208,7 @@ fn bad_nbd_exports_are_refused_at_start() {
         &out,
         "queues=2 needs a connection per queue, which the server does not allow",
     );
-    let _ = qnbd.kill();
-    let _ = qnbd.wait();
+    drop(qnbd);
     // Bad specs.
     for (spec, want) in [
         ("image=nbd://host:0/x", "port '0' is not 1 to 65535"),

@@ -178,6 +178,17 @@ impl Drop for Daemon {
     }
 }
 
+/// A child process killed when the test ends, also when it fails (a server left running
+/// would outlive the test and hold its output open).
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `blkplane serve --export E...` run to its end: for exports that must be refused at start.
 pub fn serve_refused(exports: &[String]) -> std::process::Output {
     let mut cmd = Command::new(daemon_bin());
