@@ -18,6 +18,7 @@ pub mod export;
 pub mod iothread;
 pub mod listener;
 pub mod logging;
+pub mod qos;
 pub mod ratelimit;
 pub mod service;
 pub mod stat;
