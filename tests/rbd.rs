@@ -208,8 +208,13 @@ impl Drop for OsdDown {
     fn drop(&mut self) {
         cluster_script("osd-start");
         let deadline = Instant::now() + Duration::from_secs(120);
-        while !common::ceph::ceph(&["pg", "stat"]).contains(" 9 active+clean") {
-            assert!(Instant::now() < deadline, "the cluster never became clean again");
+        loop {
+            let last = match common::ceph::ceph_try(&["pg", "stat"]) {
+                Ok(stat) if stat.contains(" 9 active+clean") => break,
+                Ok(stat) => stat,
+                Err(e) => e,
+            };
+            assert!(Instant::now() < deadline, "the cluster never became clean again: {last}");
             std::thread::sleep(Duration::from_millis(200));
         }
     }

@@ -28,10 +28,24 @@ pub fn rbd(args: &[&str]) -> String {
 
 /// `ceph ARGS` on the test cluster.
 pub fn ceph(args: &[&str]) -> String {
+    ceph_try(args).unwrap_or_else(|e| panic!("ceph {args:?}: {e}"))
+}
+
+/// `ceph ARGS`, its output or its error (for polling a cluster that is coming back, whose
+/// manager may not answer yet).
+pub fn ceph_try(args: &[&str]) -> Result<String, String> {
     let conf = ceph_conf();
-    let out = Command::new("ceph").arg("-c").arg(&conf).args(args).output().expect("run ceph");
-    assert!(out.status.success(), "ceph {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let out = Command::new("ceph")
+        .arg("-c")
+        .arg(&conf)
+        .args(["--connect-timeout", "30"])
+        .args(args)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// An image in pool `rbd`, removed (with its snapshots) when dropped.
