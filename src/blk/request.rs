@@ -221,10 +221,6 @@ pub struct Parsed {
     pub status: Option<GuestIov>,
 }
 
-fn total_len(iovs: &[GuestIov]) -> u64 {
-    iovs.iter().map(|i| i.len() as u64).sum()
-}
-
 /// Checks that `[offset, offset + bytes)` lies on the disk; returns the byte offset.
 fn checked_offset(sector: u64, bytes: u64, limits: &DiskLimits) -> Result<u64, RequestError> {
     let offset = sector.checked_mul(SECTOR_SIZE).ok_or(RequestError::OutOfRange)?;
@@ -305,7 +301,7 @@ fn parse_usable(
 
     match kind {
         req_type::IN => {
-            let bytes = total_len(&chain.iov[writable_data.clone()]);
+            let bytes = GuestIov::total_len(&chain.iov[writable_data.clone()]);
             if !bytes.is_multiple_of(SECTOR_SIZE) {
                 return Err(RequestError::NotSectorMultiple);
             }
@@ -316,7 +312,7 @@ fn parse_usable(
             if limits.readonly {
                 return Err(RequestError::ReadOnly);
             }
-            let bytes = total_len(&chain.iov[readable_payload.clone()]);
+            let bytes = GuestIov::total_len(&chain.iov[readable_payload.clone()]);
             if !bytes.is_multiple_of(SECTOR_SIZE) {
                 return Err(RequestError::NotSectorMultiple);
             }
@@ -325,7 +321,7 @@ fn parse_usable(
         }
         req_type::FLUSH => Ok(Request::Flush),
         req_type::GET_ID => {
-            let bytes = total_len(&chain.iov[writable_data.clone()]).min(ID_BYTES as u64);
+            let bytes = GuestIov::total_len(&chain.iov[writable_data.clone()]).min(ID_BYTES as u64);
             Ok(Request::GetId { data: writable_data, bytes })
         }
         req_type::DISCARD | req_type::WRITE_ZEROES => {
@@ -336,7 +332,7 @@ fn parse_usable(
             // We advertise max_discard_seg = max_write_zeroes_seg = 1. More whole segments
             // ask for what the device does not do (UNSUPP, as QEMU answers); a payload that
             // is not whole segments is malformed (IOERR).
-            let payload_bytes = total_len(payload);
+            let payload_bytes = GuestIov::total_len(payload);
             if payload_bytes == 0 || !payload_bytes.is_multiple_of(SEGMENT_BYTES as u64) {
                 return Err(RequestError::BadSegments);
             }

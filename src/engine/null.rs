@@ -5,7 +5,7 @@ use std::io;
 use std::os::fd::RawFd;
 
 use super::{Engine, IoOp};
-use crate::virtq::zero_guest;
+use crate::virtq::{zero_guest, GuestIov};
 
 pub struct NullEngine {
     /// Finished operations waiting to be reaped: (tag, result). Preallocated to the queue
@@ -24,9 +24,9 @@ impl Engine for NullEngine {
         let result = match op {
             IoOp::Read { iov, .. } => {
                 zero_guest(iov);
-                iov.iter().map(|i| i.len()).sum::<usize>()
+                GuestIov::total_len(iov)
             }
-            IoOp::Write { iov, .. } => iov.iter().map(|i| i.len()).sum::<usize>(),
+            IoOp::Write { iov, .. } => GuestIov::total_len(iov),
             IoOp::Flush | IoOp::Discard { .. } | IoOp::WriteZeroes { .. } => 0,
         };
         // Requests are at most a few MiB (seg_max x size_max), far below i32::MAX.

@@ -452,6 +452,11 @@ impl GuestIov {
     pub fn as_iovec_ptr(slice: &[GuestIov]) -> *const libc::iovec {
         slice.as_ptr().cast()
     }
+
+    /// The bytes a list of ranges covers.
+    pub fn total_len(iovs: &[GuestIov]) -> u64 {
+        iovs.iter().map(|i| i.len() as u64).sum()
+    }
 }
 
 /// Reads `dst.len()` bytes of guest memory from `src`: volatile (the guest may change them

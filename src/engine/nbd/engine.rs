@@ -844,7 +844,9 @@ impl Engine for NbdEngine {
             &[GuestIov],
             bool,
         ) = match op {
-            IoOp::Read { offset, iov } => (CMD_READ, 0, offset, iov_bytes(iov), iov, false),
+            IoOp::Read { offset, iov } => {
+                (CMD_READ, 0, offset, GuestIov::total_len(iov), iov, false)
+            }
             IoOp::Write { offset, iov, dsync } => {
                 let fua = dsync && n.has(TFLAG_SEND_FUA);
                 let flags = if fua { CMD_FLAG_FUA } else { 0 };
@@ -852,7 +854,7 @@ impl Engine for NbdEngine {
                     CMD_WRITE,
                     flags,
                     offset,
-                    iov_bytes(iov),
+                    GuestIov::total_len(iov),
                     iov,
                     dsync && !fua && n.has(TFLAG_SEND_FLUSH),
                 )
@@ -951,8 +953,4 @@ impl Engine for NbdEngine {
     fn completion_fd(&self) -> Option<RawFd> {
         Some(self.epoll.as_raw_fd())
     }
-}
-
-fn iov_bytes(iov: &[GuestIov]) -> u64 {
-    iov.iter().map(|i| i.len() as u64).sum()
 }

@@ -209,7 +209,7 @@ impl Engine for RbdEngine {
         self.then_flush[index] = matches!(op, IoOp::Write { dsync: true, .. }) && self.image.cached;
         self.write_result[index] = match op {
             IoOp::Write { iov, .. } => {
-                Some(i32::try_from(iov.iter().map(|i| i.len()).sum::<usize>()).unwrap_or(i32::MAX))
+                Some(i32::try_from(GuestIov::total_len(iov)).unwrap_or(i32::MAX))
             }
             _ => None,
         };
