@@ -19,14 +19,16 @@
 //! saw completed before it.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::{info, warn};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::handshake::{self, Negotiated};
 use super::wire::*;
@@ -118,11 +120,12 @@ pub struct NbdEngine {
     conn: Option<Conn>,
     connector: Option<Connector>,
     /// The engine's own epoll: socket, timer, connector event.
-    epoll: OwnedFd,
+    epoll: Epoll,
     /// Whether the socket is registered for writability (output is waiting for room).
     wants_out: bool,
-    /// Fires when waiting requests have waited `reconnect-delay` for a connection.
-    timer: OwnedFd,
+    /// Fires when waiting requests have waited `reconnect-delay` for a connection
+    /// (non-blocking: reading it before it fired fails with EAGAIN).
+    timer: TimerFd,
     /// The connector thread signals a connection on it.
     connected_event: Arc<EventFd>,
     /// The reconnect delay passed without a server: requests fail at once.
@@ -151,48 +154,31 @@ const EV_SOCKET: u64 = 1;
 const EV_TIMER: u64 = 2;
 const EV_CONNECTED: u64 = 3;
 
-fn epoll_ctl(epoll: RawFd, op: i32, fd: RawFd, events: u32, data: u64) -> io::Result<()> {
-    let mut ev = libc::epoll_event { events, u64: data };
-    // SAFETY: plain syscall on descriptors we own; ev lives across the call.
-    if unsafe { libc::epoll_ctl(epoll, op, fd, &mut ev) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+/// Watches `fd` for `events` in the engine's epoll (`op`: add or modify).
+fn watch(
+    epoll: &Epoll,
+    op: ControlOperation,
+    fd: RawFd,
+    events: EventSet,
+    data: u64,
+) -> io::Result<()> {
+    epoll.ctl(op, fd, EpollEvent::new(events, data))
 }
 
 impl NbdEngine {
     /// An engine for one queue of `queue_size` requests. It starts without a connection: the
     /// first one is made in the background as any later one, and requests wait for it.
     pub fn new(target: Arc<NbdTarget>, queue_size: u16) -> io::Result<NbdEngine> {
-        // SAFETY: epoll_create1 and timerfd_create return new descriptors we then own.
-        let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if epoll < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: as above: a new descriptor, owned from here on.
-        let epoll = unsafe { OwnedFd::from_raw_fd(epoll) };
-        // SAFETY: as above.
-        let timer = unsafe {
-            libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_CLOEXEC | libc::TFD_NONBLOCK)
-        };
-        if timer < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: as above.
-        let timer = unsafe { OwnedFd::from_raw_fd(timer) };
+        let epoll = Epoll::new()?;
+        let timer = TimerFd::new()?;
+        crate::sys::set_status_flags(timer.as_raw_fd(), libc::O_NONBLOCK, 0)?;
         let connected_event = Arc::new(EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK)?);
-        epoll_ctl(
-            epoll.as_raw_fd(),
-            libc::EPOLL_CTL_ADD,
-            timer.as_raw_fd(),
-            libc::EPOLLIN as u32,
-            EV_TIMER,
-        )?;
-        epoll_ctl(
-            epoll.as_raw_fd(),
-            libc::EPOLL_CTL_ADD,
+        watch(&epoll, ControlOperation::Add, timer.as_raw_fd(), EventSet::IN, EV_TIMER)?;
+        watch(
+            &epoll,
+            ControlOperation::Add,
             connected_event.as_raw_fd(),
-            libc::EPOLLIN as u32,
+            EventSet::IN,
             EV_CONNECTED,
         )?;
         let size = usize::from(queue_size);
@@ -257,25 +243,13 @@ impl NbdEngine {
         }
     }
 
-    fn arm_timer(&self, after: Duration) {
-        // A zero it_value disarms; a zero delay still fires, at once.
-        let after = after.max(Duration::from_nanos(1));
-        let spec = libc::itimerspec {
-            it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 },
-            it_value: libc::timespec {
-                tv_sec: after.as_secs() as libc::time_t,
-                tv_nsec: libc::c_long::from(after.subsec_nanos() as i32),
-            },
-        };
-        // SAFETY: the timer is ours; spec lives across the call.
-        unsafe { libc::timerfd_settime(self.timer.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+    fn arm_timer(&mut self, after: Duration) {
+        // A zero duration disarms; a zero delay still fires, at once.
+        let _ = self.timer.reset(after.max(Duration::from_nanos(1)), None);
     }
 
-    fn disarm_timer(&self) {
-        let zero = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-        let spec = libc::itimerspec { it_interval: zero, it_value: zero };
-        // SAFETY: as in arm_timer.
-        unsafe { libc::timerfd_settime(self.timer.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+    fn disarm_timer(&mut self) {
+        let _ = self.timer.clear();
     }
 
     /// Appends request `tag`'s header (and a write's data) to the output.
@@ -373,10 +347,10 @@ impl NbdEngine {
         let want = !self.out.is_empty();
         if want != self.wants_out {
             if let Some(conn) = &self.conn {
-                let events = libc::EPOLLIN as u32 | if want { libc::EPOLLOUT as u32 } else { 0 };
-                let r = epoll_ctl(
-                    self.epoll.as_raw_fd(),
-                    libc::EPOLL_CTL_MOD,
+                let events = if want { EventSet::IN | EventSet::OUT } else { EventSet::IN };
+                let r = watch(
+                    &self.epoll,
+                    ControlOperation::Modify,
                     conn.fd.as_raw_fd(),
                     events,
                     EV_SOCKET,
@@ -440,18 +414,11 @@ impl NbdEngine {
         let Ok(connection) = connector.ready.try_recv() else { return };
         self.connector = None;
         let fd = connection.fd;
-        // SAFETY: fcntl on a descriptor we own.
-        unsafe {
-            let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
-            libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
-        }
-        if let Err(e) = epoll_ctl(
-            self.epoll.as_raw_fd(),
-            libc::EPOLL_CTL_ADD,
-            fd.as_raw_fd(),
-            libc::EPOLLIN as u32,
-            EV_SOCKET,
-        ) {
+        let watched =
+            crate::sys::set_status_flags(fd.as_raw_fd(), libc::O_NONBLOCK, 0).and_then(|()| {
+                watch(&self.epoll, ControlOperation::Add, fd.as_raw_fd(), EventSet::IN, EV_SOCKET)
+            });
+        if let Err(e) = watched {
             warn_limited!(self.log, parent: &self.target.span, "cannot watch the NBD socket: {e}");
             let _ = self.start_connector();
             return;
@@ -483,11 +450,8 @@ impl NbdEngine {
     /// Whether the reconnect delay passed without an answer from the server: then requests
     /// waiting fail, and so will new ones until a connection is made again.
     fn check_delay(&mut self) {
-        let mut expirations = [0u8; 8];
-        // SAFETY: reading 8 bytes into a buffer of 8 from our non-blocking timer; it fails
-        // with EAGAIN while the timer has not fired.
-        let n = unsafe { libc::read(self.timer.as_raw_fd(), expirations.as_mut_ptr().cast(), 8) };
-        if n != 8 {
+        // The timer is non-blocking: before it fired, this fails with EAGAIN.
+        if self.timer.wait().is_err() {
             return;
         }
         self.delay_armed = false;
@@ -495,22 +459,18 @@ impl NbdEngine {
             // Nothing waited (a first connection no request has used yet).
             return;
         }
-        {
-            warn!(parent: &self.target.span, server = %self.target.spec, failed = self.in_flight,
-                delay_s = self.target.reconnect_delay.as_secs_f64(),
-                "NBD server unreachable for the reconnect delay; requests fail until it is back");
-        }
+        warn!(parent: &self.target.span, server = %self.target.spec, failed = self.in_flight,
+            delay_s = self.target.reconnect_delay.as_secs_f64(),
+            "NBD server unreachable for the reconnect delay; requests fail until it is back");
         // A connection that answers nothing (a server that breaks each one the same way) is
         // closed before its requests fail, so their tags are free for good.
         self.close();
-        if self.conn.is_none() {
-            self.failing = true;
-        }
+        self.failing = true;
         self.fail_waiting();
     }
 
-    /// Reads what the server sent and turns it into completions. Returns false when the
-    /// connection was lost.
+    /// Reads what the server sent and turns it into completions (a lost connection is
+    /// closed and made again, see `lose`).
     fn receive(&mut self) {
         loop {
             if !self.parse_buffered() {
