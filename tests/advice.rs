@@ -505,12 +505,7 @@ fn doctor_reports_what_the_exports_and_io_threads_do_against_the_advice() {
     );
     // The threads' scheduler statistics: io0 waited a quarter of its runnable time.
     let threads: serde_json::Value = {
-        let out = Command::new(common::daemon_bin())
-            .args(["ctl", "--control"])
-            .arg(&ctl)
-            .arg("list-iothreads")
-            .output()
-            .unwrap();
+        let out = common::ctl(&ctl, &["list-iothreads"]);
         serde_json::from_slice(&out.stdout).unwrap()
     };
     for t in threads.as_array().unwrap() {

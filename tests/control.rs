@@ -303,39 +303,18 @@ fn ctl_and_stat_commands() {
     );
     let stop = Arc::new(AtomicBool::new(false));
     let io = background_io(sock.clone(), Arc::clone(&stop));
-    let out = Command::new(BIN)
-        .args(["ctl", "--control"])
-        .arg(&ctl_path)
-        .arg("list-exports")
-        .output()
-        .unwrap();
+    let out = common::ctl(&ctl_path, &["list-exports"]);
     assert!(out.status.success());
     let list: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(list[0]["id"], "n");
-    let out = Command::new(BIN)
-        .args(["ctl", "--control"])
-        .arg(&ctl_path)
-        .args(["set-polling", "iothread=pool.0", "max-us=32"])
-        .output()
-        .unwrap();
+    let out = common::ctl(&ctl_path, &["set-polling", "iothread=pool.0", "max-us=32"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = Command::new(BIN)
-        .args(["ctl", "--control"])
-        .arg(&ctl_path)
-        .args(["resize", "id=n", "size=nope"])
-        .output()
-        .unwrap();
+    let out = common::ctl(&ctl_path, &["resize", "id=n", "size=nope"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("(invalid-argument)"));
-    let out =
-        Command::new(BIN).args(["ctl", "--control"]).arg(&ctl_path).arg("bogus").output().unwrap();
+    let out = common::ctl(&ctl_path, &["bogus"]);
     assert_eq!(out.status.code(), Some(1));
-    let out = Command::new(BIN)
-        .args(["ctl", "--control"])
-        .arg(&ctl_path)
-        .args(["list-exports", "oops"])
-        .output()
-        .unwrap();
+    let out = common::ctl(&ctl_path, &["list-exports", "oops"]);
     assert_eq!(out.status.code(), Some(2));
 
     let out = Command::new(BIN)
@@ -639,12 +618,7 @@ fn dump_config_keeps_runtime_changes() {
         (Some(2 << 20), Some("always"), Some(10))
     );
 
-    let out = Command::new(BIN)
-        .args(["ctl", "--control"])
-        .arg(&ctl_path)
-        .arg("dump-config")
-        .output()
-        .unwrap();
+    let out = common::ctl(&ctl_path, &["dump-config"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("[[iothread]]\nid = \"io-1\"\npoll = \"never\""), "{text}");

@@ -203,12 +203,7 @@ fn run(s: &Scenario) {
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        let out = Command::new(common::BIN)
-            .args(["ctl", "--control"])
-            .arg(&ctl)
-            .args(["resize", "id=disk", &format!("size={new_size}")])
-            .output()
-            .unwrap();
+        let out = common::ctl(&ctl, &["resize", "id=disk", &format!("size={new_size}")]);
         assert!(out.status.success(), "resize failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     let status = guest.wait().expect("wait for QEMU");

@@ -121,12 +121,7 @@ fn an_inherited_listening_socket_is_served_with_socket_fd() {
     let mut c = Client::connect(&path, 1);
     assert!(c.read_at(0, 0, 4096, 0).unwrap().iter().all(|&b| b == 0));
     drop(c);
-    let out = Command::new(common::daemon_bin())
-        .args(["ctl", "--control"])
-        .arg(&ctl)
-        .arg("list-exports")
-        .output()
-        .unwrap();
+    let out = common::ctl(&ctl, &["list-exports"]);
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(list[0]["socket"], path.display().to_string());
     assert_eq!(list[0]["spec"]["socket"], path.display().to_string(), "shown by its path");

@@ -127,12 +127,7 @@ fn a_snapshot_is_served_read_only() {
             "at {offset}"
         );
     }
-    let out = Command::new(common::BIN)
-        .args(["ctl", "--control"])
-        .arg(&ctl)
-        .arg("list-exports")
-        .output()
-        .unwrap();
+    let out = common::ctl(&ctl, &["list-exports"]);
     let listed = String::from_utf8_lossy(&out.stdout);
     assert!(listed.contains(&format!("\"rbd-image\": \"{}@before\"", image.name)), "{listed}");
     assert!(listed.contains("\"readonly\": true"), "{listed}");
@@ -162,14 +157,7 @@ fn resize_resizes_the_image() {
         ],
         std::slice::from_ref(&sock),
     );
-    let resize = |bytes: u64| {
-        Command::new(common::BIN)
-            .args(["ctl", "--control"])
-            .arg(&ctl)
-            .args(["resize", "id=r", &format!("size={bytes}")])
-            .output()
-            .unwrap()
-    };
+    let resize = |bytes: u64| common::ctl(&ctl, &["resize", "id=r", &format!("size={bytes}")]);
     let mut c = Client::connect(&sock, 1);
     let data = pattern(50, 0, 65536);
     assert_eq!(c.write_at(0, 0, &data, 0), 0);

@@ -18,12 +18,7 @@ fn next(sock: &UnixDatagram) -> String {
 }
 
 fn ctl(control: &std::path::Path, args: &[&str]) {
-    let out = Command::new(common::daemon_bin())
-        .args(["ctl", "--control"])
-        .arg(control)
-        .args(args)
-        .output()
-        .unwrap();
+    let out = common::ctl(control, args);
     assert!(out.status.success(), "ctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 

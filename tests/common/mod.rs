@@ -178,6 +178,16 @@ impl Drop for Daemon {
     }
 }
 
+/// `blkplane ctl --control CONTROL ARGS...`, run to its end.
+pub fn ctl(control: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(daemon_bin())
+        .args(["ctl", "--control"])
+        .arg(control)
+        .args(args)
+        .output()
+        .expect("run blkplane ctl")
+}
+
 /// A child process killed when the test ends, also when it fails (a server left running
 /// would outlive the test and hold its output open).
 pub struct KillOnDrop(pub std::process::Child);
