@@ -79,6 +79,18 @@ struct Op {
     result: i32,
 }
 
+impl Op {
+    /// The request's guest buffers (a read's or a write's).
+    fn iovs(&self) -> &[GuestIov] {
+        if self.iov.is_null() {
+            return &[];
+        }
+        // SAFETY: set from the slice `Engine::queue` was given, whose contract keeps the array
+        // valid and unmoved until the tag is reaped; an op is reset when its tag is answered.
+        unsafe { std::slice::from_raw_parts(self.iov, self.iovcnt) }
+    }
+}
+
 const IDLE_OP: Op = Op {
     busy: false,
     command: 0,
@@ -261,9 +273,7 @@ impl NbdEngine {
             iov_len: REQUEST_HEADER_BYTES,
         });
         if op.command == CMD_WRITE {
-            // SAFETY: the iovec array stays valid until the tag is reaped (Engine::queue).
-            let iovs = unsafe { std::slice::from_raw_parts(op.iov, op.iovcnt) };
-            for iov in iovs {
+            for iov in op.iovs() {
                 self.out.push_back(libc::iovec {
                     iov_base: iov.addr() as *mut libc::c_void,
                     iov_len: iov.len(),
@@ -525,10 +535,8 @@ impl NbdEngine {
                     }
                     if deliver {
                         let op = self.ops[usize::from(tag)];
-                        // SAFETY: the iovec array stays valid until the tag is reaped.
-                        let iovs = unsafe { std::slice::from_raw_parts(op.iov, op.iovcnt) };
                         copy_to_guest(
-                            iovs,
+                            op.iovs(),
                             at as usize,
                             &self.inbuf[self.in_start..self.in_start + n],
                         );
@@ -664,9 +672,7 @@ impl NbdEngine {
                 let at = offset.checked_sub(op.offset);
                 match at {
                     Some(a) if op.command == CMD_READ && a + hole <= end => {
-                        // SAFETY: the iovec array stays valid until the tag is reaped.
-                        let iovs = unsafe { std::slice::from_raw_parts(op.iov, op.iovcnt) };
-                        zero_guest_range(iovs, a as usize, hole as usize);
+                        zero_guest_range(op.iovs(), a as usize, hole as usize);
                         self.ops[usize::from(tag)].covered += hole;
                     }
                     _ => self.refuse_chunk(
