@@ -14,6 +14,7 @@ use crate::disk::Disk;
 use crate::export::{BackendSpec, ExportConfig};
 use crate::iothread::poll::{PollMode, PollPolicy, MAX_POLL_MAX_US};
 use crate::iothread::registry::{IoThreadConfig, IoThreadInfo, IoThreads, ThreadChoice};
+use crate::qos::{Throttle, ThrottleConfig};
 use crate::trace::QueueReport;
 use crate::vhost_user::{apply_socket_access, bind_socket, ExportServer};
 use serde_json::Value;
@@ -77,7 +78,27 @@ pub struct ExportStats {
     /// A flush failed: writes may have been lost, and every later flush fails until the
     /// export is removed and added again.
     pub flush_failed: bool,
+    /// The limits in force and whose they are.
+    pub throttle: ThrottleReport,
     pub queues: Vec<QueueReport>,
+}
+
+/// An export's limits as `query-stats` and `set-throttle` show them.
+#[derive(Debug, Clone, Serialize)]
+pub struct ThrottleReport {
+    /// The throttle group whose limits these are; null: the export's own.
+    pub group: Option<String>,
+    /// The limit keys in force (none: no limit).
+    pub limits: serde_json::Map<String, Value>,
+}
+
+impl ThrottleReport {
+    fn of(t: &Throttle) -> ThrottleReport {
+        ThrottleReport {
+            group: t.group.clone(),
+            limits: t.config().to_pairs().into_iter().map(|(k, v)| (k.to_string(), v.into())).collect(),
+        }
+    }
 }
 
 fn info_of(e: &Export) -> ExportInfo {
@@ -127,6 +148,8 @@ fn running_config(e: &Export) -> ExportConfig {
     if config.iothread == ThreadChoice::Dedicated {
         config.poll = disk.poll.get();
     }
+    // Limits changed with set-throttle (an export's own, or its group's).
+    config.throttle = disk.throttle.config();
     config
 }
 
@@ -476,6 +499,7 @@ impl Daemon {
                     size_bytes: disk.capacity_bytes(),
                     client_connected: e.server.has_client(),
                     flush_failed: disk.flush_failed(),
+                    throttle: ThrottleReport::of(&disk.throttle),
                     queues: disk.stats.iter().enumerate().map(|(i, q)| q.report(i)).collect(),
                 }
             })
@@ -537,6 +561,43 @@ impl Daemon {
             Vec::new()
         };
         Ok(serde_json::json!({ "exports": exports_changed, "iothreads": threads_changed }))
+    }
+
+    /// Changes the limits of an export (`id`; its group's if it is in one) or of a throttle
+    /// group (`group`), all at once: limits not given are lifted. Takes effect within 100 ms
+    /// (requests waiting for the old limits look again that often).
+    pub fn set_throttle(
+        &self,
+        id: Option<&str>,
+        group: Option<&str>,
+        config: &ThrottleConfig,
+    ) -> Result<Value, ControlError> {
+        let throttle = match (id, group) {
+            (Some(id), None) => self.with_export(id, |e| Arc::clone(&e.server.disk().throttle))?,
+            (None, Some(g)) => crate::qos::throttle::find_group(g).ok_or_else(|| {
+                ControlError::new("not-found", format!("no export is in throttle group '{g}'"))
+            })?,
+            _ => {
+                return Err(ControlError::new(
+                    "invalid-argument",
+                    "set-throttle takes 'id' (an export) or 'group' (a throttle group), one of them",
+                ))
+            }
+        };
+        throttle.set(config);
+        let exports: Vec<String> = self
+            .exports()
+            .iter()
+            .filter(|e| Arc::ptr_eq(&e.server.disk().throttle, &throttle))
+            .map(|e| e.id.clone())
+            .collect();
+        info!(
+            group = throttle.group.as_deref().unwrap_or("-"),
+            exports = exports.join(","),
+            "limits set: {}",
+            crate::qos::throttle::describe(config)
+        );
+        Ok(serde_json::json!({ "throttle": ThrottleReport::of(&throttle), "exports": exports }))
     }
 
     /// Starts a named I/O thread.

@@ -17,6 +17,7 @@ use crate::engine::{lock, Backing, CacheMode, EngineKind, OpenError};
 use crate::export::{BackendSpec, ExportConfig};
 use crate::iothread::poll::PollSettings;
 use crate::iothread::Placement;
+use crate::qos::Throttle;
 use crate::trace::QueueStats;
 
 /// How long a shrinking resize waits for requests checked against the old size.
@@ -65,6 +66,8 @@ pub struct Disk {
     pub stats: Vec<Arc<QueueStats>>,
     /// The most guest RAM one frontend may have mapped (`max-guest-memory`).
     pub max_guest_memory_bytes: u64,
+    /// The rate limits the queues obey: the export's own, or its throttle group's.
+    pub throttle: Arc<Throttle>,
     capacity_bytes: AtomicU64,
     /// The write-cache-enable bit as the guest sees it; the guest may turn it off (CONFIG_WCE).
     writeback: AtomicBool,
@@ -86,6 +89,9 @@ impl Disk {
             tracing::error_span!("export", export = %export_id, socket = %config.socket.display());
         // The image lock's waiting is logged from here.
         let _in_span = span.enter();
+        // Before the image is opened: a group that refuses this export's limits costs nothing.
+        let throttle = crate::qos::throttle::join(config.throttle_group.as_deref(), &config.throttle)
+            .map_err(OpenError::Config)?;
         let mut nbd_target = None;
         #[cfg(feature = "rbd")]
         let mut rbd_image = None;
@@ -230,6 +236,7 @@ impl Disk {
             discard: config.discard,
             stats: (0..config.queues).map(|_| Arc::new(QueueStats::default())).collect(),
             max_guest_memory_bytes: config.max_guest_memory_bytes,
+            throttle,
             capacity_bytes: AtomicU64::new(capacity),
             writeback: AtomicBool::new(config.cache.write_cache()),
             flush_failed: AtomicBool::new(false),

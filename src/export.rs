@@ -12,6 +12,7 @@ use crate::engine::rbd::{self, RbdSpec};
 use crate::engine::{CacheMode, EngineKind};
 use crate::iothread::poll::{PollPolicy, MAX_POLL_MAX_US};
 use crate::iothread::registry::ThreadChoice;
+use crate::qos::ThrottleConfig;
 
 /// What is served.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -75,6 +76,10 @@ pub struct ExportConfig {
     /// LISTEN_FDS matched by id) to serve on instead of binding `socket`; its path is left
     /// alone when the export goes. `socket` is then its path, for display.
     pub socket_fd: Option<i32>,
+    /// Rate limits (`iops-total=`, `bps-read=`, ...): the export's own, or with
+    /// `throttle_group` the group's, shared with every export that names it.
+    pub throttle: ThrottleConfig,
+    pub throttle_group: Option<String>,
 }
 
 /// The RBD keys of an export spec, before they become an [`RbdSpec`].
@@ -163,7 +168,9 @@ pub const MAX_QUEUE_SIZE: u16 = 1024;
 pub const EXPORT_KEYS: &str = "id, socket, image, engine, size, queues, queue-size, cache, aio, \
 readonly, serial, iothread, poll, poll-max-us, cpus, stats, force-share, logical-block-size, \
 physical-block-size, max-guest-memory, socket-mode, socket-group, socket-owner, incoming, discard, \
-socket-fd, reconnect-delay, pool, rbd-image, ceph-conf, ceph-user, ceph-op-timeout";
+socket-fd, reconnect-delay, pool, rbd-image, ceph-conf, ceph-user, ceph-op-timeout, iops-total, \
+iops-read, iops-write, bps-total, bps-read, bps-write (each also with -max and -max-length), \
+iops-size, throttle-group";
 
 /// qemu-storage-daemon's names for keys that mean the same here (`--export` of type
 /// vhost-user-blk), so that its users' specs work: theirs → ours. `writable` is the opposite
@@ -450,6 +457,10 @@ impl ExportConfig {
         if let Some(o) = &self.socket_access.owner {
             pairs.push(("socket-owner", Str(o.clone())));
         }
+        pairs.extend(self.throttle.to_pairs().into_iter().map(|(k, v)| (k, Int(v))));
+        if let Some(g) = &self.throttle_group {
+            pairs.push(("throttle-group", Str(g.clone())));
+        }
         pairs
     }
 
@@ -482,6 +493,8 @@ impl ExportConfig {
         let mut seen = Vec::new();
         let mut iothread = None;
         let mut thread_keys = Vec::new();
+        let mut throttle = ThrottleConfig::default();
+        let mut throttle_group = None;
         for (key, value) in split_pairs(spec, EXPORT_KEYS)? {
             let (key, value) = match key.as_str() {
                 "writable" => ("readonly".to_string(), (!parse_bool(&key, &value)?).to_string()),
@@ -645,9 +658,22 @@ impl ExportConfig {
                     }
                     rbd_keys.op_timeout_s = Some(timeout);
                 }
-                other => return err(format!("unknown key '{other}' (keys: {EXPORT_KEYS})")),
+                "throttle-group" => {
+                    if !is_name(&value) {
+                        return err(format!(
+                            "throttle-group={value}: 1 to 64 letters, digits, '-', '_' or '.'"
+                        ));
+                    }
+                    throttle_group = Some(value);
+                }
+                other => {
+                    if !throttle.take_key(other, &value).map_err(|e| ConfigError(e.0))? {
+                        return err(format!("unknown key '{other}' (keys: {EXPORT_KEYS})"));
+                    }
+                }
             }
         }
+        throttle.check().map_err(|e| ConfigError(e.0))?;
         // poll, poll-max-us and cpus describe threads of the export's own: they ask for them
         // when no iothread= is given, and make no sense on threads shared with others (those
         // have their own settings, on --iothread).
@@ -748,6 +774,8 @@ impl ExportConfig {
             socket_access,
             discard,
             socket_fd,
+            throttle,
+            throttle_group,
         })
     }
 }
@@ -785,7 +813,7 @@ mod tests {
         let cases = [
             ("image=/i", "missing socket=PATH (or socket-fd=N)"),
             ("socket=/s", "missing image=PATH (or engine=null,size=BYTES)"),
-            ("socket=/s,image=/i,colour=red", "unknown key 'colour' (keys: id, socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, iothread, poll, poll-max-us, cpus, stats, force-share, logical-block-size, physical-block-size, max-guest-memory, socket-mode, socket-group, socket-owner, incoming, discard, socket-fd, reconnect-delay, pool, rbd-image, ceph-conf, ceph-user, ceph-op-timeout)"),
+            ("socket=/s,image=/i,colour=red", "unknown key 'colour' (keys: id, socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, iothread, poll, poll-max-us, cpus, stats, force-share, logical-block-size, physical-block-size, max-guest-memory, socket-mode, socket-group, socket-owner, incoming, discard, socket-fd, reconnect-delay, pool, rbd-image, ceph-conf, ceph-user, ceph-op-timeout, iops-total, iops-read, iops-write, bps-total, bps-read, bps-write (each also with -max and -max-length), iops-size, throttle-group)"),
             ("socket=/s,image=/i,poll=sometimes", "poll=sometimes: one of adaptive, always, never"),
             ("socket=/s,image=/i,poll-max-us=1000000", "poll-max-us=1000000: at most 100000"),
             ("socket=/s,image=/i,queues=0", "queues=0: must be 1 to 64"),
@@ -798,7 +826,7 @@ mod tests {
             ("socket=/s,image=/i,logical-block-size=1024", "logical-block-size=1024: 512 or 4096"),
             ("socket=/s,image=/i,id=a b", "id=a b: 1 to 64 letters, digits, '-', '_' or '.'"),
             ("socket=/s,image=/i,aio=posix", "aio=posix: supported engines: io_uring, native, threads"),
-            ("socket=/s,image", "'image' is not key=value (keys: id, socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, iothread, poll, poll-max-us, cpus, stats, force-share, logical-block-size, physical-block-size, max-guest-memory, socket-mode, socket-group, socket-owner, incoming, discard, socket-fd, reconnect-delay, pool, rbd-image, ceph-conf, ceph-user, ceph-op-timeout)"),
+            ("socket=/s,image", "'image' is not key=value (keys: id, socket, image, engine, size, queues, queue-size, cache, aio, readonly, serial, iothread, poll, poll-max-us, cpus, stats, force-share, logical-block-size, physical-block-size, max-guest-memory, socket-mode, socket-group, socket-owner, incoming, discard, socket-fd, reconnect-delay, pool, rbd-image, ceph-conf, ceph-user, ceph-op-timeout, iops-total, iops-read, iops-write, bps-total, bps-read, bps-write (each also with -max and -max-length), iops-size, throttle-group)"),
         ];
         for (spec, want) in cases {
             assert_eq!(ExportConfig::parse(spec).unwrap_err().0, want, "spec {spec}");
@@ -843,6 +871,7 @@ mod tests {
             "id=vm-1,socket=/run/a,,b.sock,image=/img/x,,y.raw,queues=4,queue-size=128,cache=writeback,aio=threads,readonly=on,discard=ignore,serial=SN 1,stats=off,force-share=on,incoming=on,logical-block-size=4096,physical-block-size=4096,max-guest-memory=2G,socket-mode=0660,socket-group=kvm,socket-owner=qemu",
             "socket=/s,engine=null,size=1G,iothread=dedicated,poll=always,poll-max-us=10,cpus=0",
             "socket=/s,image=/i,iothread=a:b",
+            "socket=/s,image=/i,iops-read=100,iops-read-max=300,iops-read-max-length=10,bps-write=4M,iops-size=16K,throttle-group=tenant-7",
         ] {
             let config = ExportConfig::parse(spec).unwrap();
             let pairs = config.to_pairs();

@@ -304,7 +304,7 @@ pub fn render(daemon: &Daemon) -> String {
         },
     );
     type Field = fn(&QueueReport) -> f64;
-    let scalars: [(&str, &str, &str, Field); 7] = [
+    let scalars: [(&str, &str, &str, Field); 10] = [
         (
             "blkplane_flush_errors_total",
             "counter",
@@ -340,6 +340,24 @@ pub fn render(daemon: &Daemon) -> String {
             "counter",
             "Polling periods of the queue's I/O thread that found work of this queue.",
             |q| q.poll_hits as f64,
+        ),
+        (
+            "blkplane_throttled_requests_total",
+            "counter",
+            "Requests that waited for the export's rate limits (or its throttle group's).",
+            |q| q.throttled_requests as f64,
+        ),
+        (
+            "blkplane_throttled_seconds_total",
+            "counter",
+            "Time requests of the queue waited for the rate limits (the queue took nothing meanwhile).",
+            |q| q.throttled_ns as f64 / 1e9,
+        ),
+        (
+            "blkplane_throttle_queued_requests",
+            "gauge",
+            "Requests waiting for the rate limits now: the one held and those behind it in the ring.",
+            |q| q.throttle_queued as f64,
         ),
     ];
     for (name, kind, help, field) in scalars {

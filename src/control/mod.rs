@@ -8,6 +8,7 @@
 //!
 //! Commands: list-exports, add-export (the keys of --export), remove-export (id, force),
 //! resize (id, size), query-stats (id), set-polling (id or iothread, mode, max-us),
+//! set-throttle (id or group, and the limit keys of --export: those not given are lifted),
 //! list-iothreads, add-iothread (the keys of --iothread), remove-iothread (id), dump-config
 //! (the running configuration as a TOML config file, in a string). A bad request gets an
 //! error reply naming the problem; the connection stays open and nothing changes.
@@ -26,6 +27,7 @@ use crate::daemon::{ControlError, Daemon};
 use crate::export::{parse_size, spec_from_pairs, ExportConfig};
 use crate::iothread::registry::IoThreadConfig;
 use crate::listener::{ConnectionLimit, StoppableListener};
+use crate::qos::ThrottleConfig;
 use crate::ratelimit::RateLimiter;
 use crate::vhost_user::bind_socket;
 use crate::warn_limited;
@@ -41,7 +43,7 @@ pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60)
 const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub const COMMANDS: &str = "list-exports, add-export, remove-export, resize, query-stats, \
-set-polling, list-iothreads, add-iothread, remove-iothread, dump-config";
+set-polling, set-throttle, list-iothreads, add-iothread, remove-iothread, dump-config";
 
 /// The control socket's listener.
 pub struct ControlServer {
@@ -300,6 +302,20 @@ fn run_command(
                 ));
             }
             daemon.set_polling(id, iothread, mode, max_us)
+        }
+        "set-throttle" => {
+            let (mut id, mut group) = (None, None);
+            let mut limits = Vec::new();
+            for (k, v) in pairs_from_args(args)? {
+                match k.as_str() {
+                    "id" => id = Some(v),
+                    "group" => group = Some(v),
+                    _ => limits.push((k, v)),
+                }
+            }
+            let config = ThrottleConfig::from_pairs(limits.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                .map_err(|e| bad_arg(e.0))?;
+            daemon.set_throttle(id.as_deref(), group.as_deref(), &config)
         }
         "dump-config" => {
             only_keys(command, args, &[])?;

@@ -87,6 +87,8 @@ pub enum OpenError {
     Io(PathBuf, io::Error),
     /// A network backend's server refused or failed (the message names it).
     Remote(String),
+    /// The export's settings cannot be met as given (the message says why).
+    Config(String),
 }
 
 impl fmt::Display for OpenError {
@@ -111,7 +113,7 @@ impl fmt::Display for OpenError {
                 write!(f, "image {}: {why}", p.display())
             }
             OpenError::Io(p, e) => write!(f, "cannot open image {}: {e}", p.display()),
-            OpenError::Remote(why) => f.write_str(why),
+            OpenError::Remote(why) | OpenError::Config(why) => f.write_str(why),
         }
     }
 }

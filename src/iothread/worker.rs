@@ -295,8 +295,9 @@ impl EventLoop {
             if e.queue.kickless() || e.queue.has_unsubmitted() {
                 due(KICKLESS_POLL_MS);
             }
-            if let Some(d) = e.queue.merge_due() {
-                due(d.as_millis().clamp(1, i32::MAX as u128) as i32);
+            if let Some(d) = e.queue.timer_due() {
+                // Rounded up: a queue woken before its time would only sleep again.
+                due(d.as_nanos().div_ceil(1_000_000).clamp(1, i32::MAX as u128) as i32);
             }
             e.queue.stats().counters.sleeps.add(1);
         }

@@ -5,32 +5,47 @@
 //! different I/O threads can share a limit (a throttle group) with a compare-and-swap and no
 //! lock; and a refused request learns exactly how long to wait, so that the I/O thread can
 //! sleep on a timer instead of polling.
-//!
-//! Groundwork for issue 18 (QoS); not yet on the data path.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 const NS_PER_S: u128 = 1_000_000_000;
 
-/// A rate of `rate` units per second (requests or bytes) with room for `burst` units at once.
+/// A rate of `rate` units per second (requests or bytes) with room for a burst at once.
+/// The rate and the burst can be changed while other threads take from the limit (a live
+/// change from the control socket): each is one atomic word, and a request that sees one
+/// old and one new value is admitted by either, which does no harm.
 pub struct Gcra {
-    rate: u64,
+    rate: AtomicU64,
     /// How far ahead of now the TAT may run: the burst's worth of time.
-    tolerance_ns: u64,
+    tolerance_ns: AtomicU64,
     /// The theoretical arrival time, in nanoseconds on the caller's clock.
     tat_ns: AtomicU64,
+}
+
+impl Default for Gcra {
+    /// One unit per second with no burst; meant to be `set` before use.
+    fn default() -> Gcra {
+        Gcra { rate: AtomicU64::new(1), tolerance_ns: AtomicU64::new(0), tat_ns: AtomicU64::new(0) }
+    }
 }
 
 impl Gcra {
     /// `rate` > 0 units per second; `burst` units may go at once after an idle period (and
     /// always one request, however costly, see `try_take`).
     pub fn new(rate: u64, burst: u64) -> Gcra {
+        let g = Gcra::default();
         let rate = rate.max(1);
-        Gcra { rate, tolerance_ns: cost_ns(burst, rate), tat_ns: AtomicU64::new(0) }
+        g.set(rate, cost_ns(burst, rate));
+        g
     }
 
-    pub fn rate(&self) -> u64 {
-        self.rate
+    /// Sets the rate (units per second, at least 1) and the burst as the time it is worth,
+    /// and starts from an idle limit (the whole burst available), as QEMU does when a
+    /// throttle configuration changes.
+    pub fn set(&self, rate: u64, tolerance_ns: u64) {
+        self.rate.store(rate.max(1), Ordering::Relaxed);
+        self.tolerance_ns.store(tolerance_ns, Ordering::Relaxed);
+        self.tat_ns.store(0, Ordering::Release);
     }
 
     /// Takes `cost` units at time `now_ns` if they conform: Ok. Otherwise takes nothing and
@@ -38,14 +53,15 @@ impl Gcra {
     /// burst goes when the limit is idle (it would otherwise never go) and pushes the TAT
     /// ahead by its full cost, so the average holds.
     pub fn try_take(&self, now_ns: u64, cost: u64) -> Result<(), u64> {
-        let step = cost_ns(cost, self.rate);
+        let step = cost_ns(cost, self.rate.load(Ordering::Relaxed));
+        let tolerance_ns = self.tolerance_ns.load(Ordering::Relaxed);
         let mut tat = self.tat_ns.load(Ordering::Acquire);
         loop {
             let start = tat.max(now_ns);
             let ahead = start - now_ns;
             let new_tat = start.saturating_add(step);
-            if ahead > 0 && new_tat - now_ns > self.tolerance_ns {
-                return Err((new_tat - now_ns - self.tolerance_ns).min(ahead));
+            if ahead > 0 && new_tat - now_ns > tolerance_ns {
+                return Err((new_tat - now_ns - tolerance_ns).min(ahead));
             }
             match self.tat_ns.compare_exchange_weak(
                 tat,
@@ -61,7 +77,7 @@ impl Gcra {
 
     /// Gives back `cost` units taken by `try_take` (a request that another limit refused).
     pub fn give_back(&self, cost: u64) {
-        let step = cost_ns(cost, self.rate);
+        let step = cost_ns(cost, self.rate.load(Ordering::Relaxed));
         let _ = self
             .tat_ns
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| Some(t.saturating_sub(step)));
@@ -69,8 +85,8 @@ impl Gcra {
 }
 
 /// Nanoseconds `units` take at `rate` units per second, rounded up.
-fn cost_ns(units: u64, rate: u64) -> u64 {
-    let ns = (u128::from(units) * NS_PER_S).div_ceil(u128::from(rate));
+pub fn cost_ns(units: u64, rate: u64) -> u64 {
+    let ns = (u128::from(units) * NS_PER_S).div_ceil(u128::from(rate.max(1)));
     u64::try_from(ns).unwrap_or(u64::MAX)
 }
 

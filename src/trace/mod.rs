@@ -180,6 +180,12 @@ pub struct QueueCounters {
     pub poll_hits: Counter,
     /// Times the thread went to sleep.
     pub sleeps: Counter,
+    /// Requests that had to wait for the export's limits (counted once each).
+    pub throttled_requests: Counter,
+    /// Nanoseconds requests waited for the limits (the queue took nothing meanwhile).
+    pub throttled_ns: Counter,
+    /// Requests waiting for the limits now: the one held and those behind it in the ring.
+    pub throttle_queued: Counter,
 }
 
 /// One latency distribution, in nanoseconds, with the exact sum of what it recorded.
@@ -334,6 +340,9 @@ pub struct QueueReport {
     pub poll_ns: u64,
     pub poll_hits: u64,
     pub sleeps: u64,
+    pub throttled_requests: u64,
+    pub throttled_ns: u64,
+    pub throttle_queued: u64,
     /// Every request, seen → notified.
     pub latency: LatencyReport,
     /// The sampled requests, per layer.
@@ -373,6 +382,9 @@ impl QueueStats {
             poll_ns: c.poll_ns.get(),
             poll_hits: c.poll_hits.get(),
             sleeps: c.sleeps.get(),
+            throttled_requests: c.throttled_requests.get(),
+            throttled_ns: c.throttled_ns.get(),
+            throttle_queued: c.throttle_queued.get(),
             latency: hist.requests().report(),
             stages,
         }

@@ -20,6 +20,7 @@ use crate::disk::Disk;
 use crate::engine::{Engine, IoOp};
 use crate::export::DiscardMode;
 use crate::iothread::QueueSetup;
+use crate::qos::{self, Cost};
 use crate::ratelimit::RateLimiter;
 use crate::trace::sample::Sampler;
 use crate::trace::{Kind, QueueStats};
@@ -29,6 +30,23 @@ use crate::warn_limited;
 
 /// Sleep bound when the frontend gave no kick fd and we must poll the ring.
 pub(super) const KICKLESS_POLL_MS: i32 = 1;
+/// A request held for its limits is looked at again at least this often, so that a limit
+/// raised or lifted from the control socket takes effect within this time, whatever the old
+/// limit told the request to wait.
+const THROTTLE_RECHECK_NS: u64 = 100_000_000;
+
+/// What a request costs against the export's limits; flushes and get-id are free (QEMU
+/// throttles neither), a discard counts as a write operation that moves no bytes.
+fn throttle_cost(req: &Request) -> Option<Cost> {
+    match req {
+        Request::Read { bytes, .. } => Some(Cost::Read(*bytes)),
+        Request::Write { bytes, .. } | Request::WriteZeroes { bytes, .. } => {
+            Some(Cost::Write(*bytes))
+        }
+        Request::Discard { .. } => Some(Cost::Write(0)),
+        Request::Flush | Request::GetId { .. } => None,
+    }
+}
 
 /// Bytes a request moves (counted when it succeeds).
 fn bytes_of(req: &Request) -> u64 {
@@ -79,8 +97,10 @@ pub(crate) trait Served {
     fn kickless(&self) -> bool;
     /// The engine's completion descriptor, if it has one.
     fn completion_fd(&self) -> Option<RawFd>;
-    /// Hands sampled latencies over if due; otherwise when they will be.
-    fn merge_due(&mut self) -> Option<Duration>;
+    /// Before a sleep: hands sampled latencies over if due; then how soon the thread must
+    /// wake up for this queue without a kick or a completion (the next merge, the time a
+    /// request held for its limits may go).
+    fn timer_due(&mut self) -> Option<Duration>;
     /// Stop taking requests; what is in flight still completes.
     fn begin_stop(&mut self);
     /// Stopping and nothing left in flight.
@@ -154,6 +174,15 @@ pub(crate) fn start<E: Engine + 'static>(
     Ok(Box::new(worker))
 }
 
+/// A request held for the export's limits: in slot `tag` since `since_ns`, to be looked at
+/// again at `until_ns` (on the clock of `qos::now_ns`).
+#[derive(Clone, Copy)]
+pub(super) struct Held {
+    tag: u16,
+    since_ns: u64,
+    until_ns: u64,
+}
+
 /// Requests an earlier daemon left in flight, taken again before anything new.
 #[derive(Default)]
 pub(super) struct Resubmission {
@@ -198,6 +227,9 @@ pub(super) struct Core {
     /// A request that waits for this queue's requests in flight before it can start (bounce
     /// memory, a read-modify-write); see `align.rs`.
     pub(super) parked: Option<u16>,
+    /// A request that waits for the export's limits (see crate::qos); the rest wait in the
+    /// ring behind it, so the order holds and nothing more is taken or buffered.
+    pub(super) throttled: Option<Held>,
     /// Requests whose first operation completed and that need another (tags; preallocated).
     pub(super) followups: Vec<(u16, followup::Followup)>,
     /// Requests taken from the ring and answered since the queue first started (mirrored in
@@ -238,6 +270,7 @@ impl<E: Engine> QueueWorker<E> {
             bounce_bytes: 0,
             zero_range_supported: true,
             parked: None,
+            throttled: None,
             followups: Vec::with_capacity(size),
             admitted,
             retired: admitted,
@@ -278,6 +311,7 @@ impl<E: Engine> Served for QueueWorker<E> {
             self.engine.reap(|tag, result| core.complete(tag, result));
         }
         let mut progress = before - core.slots.in_flight().min(before);
+        progress += core.resume_throttled(&mut self.engine);
         progress += core.resume_parked(&mut self.engine);
         // Resubmitted work counts as progress: the next round submits it before sleeping.
         progress += core.send_followups(&mut self.engine);
@@ -300,7 +334,9 @@ impl<E: Engine> Served for QueueWorker<E> {
             return true;
         }
         let core = &mut self.core;
-        if !core.accepting() {
+        // A queue that takes nothing now (a request held for its limits or parked) wants no
+        // kicks: it wakes for its timer or its completions.
+        if !core.takes_requests() {
             return false;
         }
         let arrived = core.queue.enable_notifications();
@@ -315,26 +351,34 @@ impl<E: Engine> Served for QueueWorker<E> {
 
     fn disarm(&mut self) {
         self.engine.disarm();
-        if self.core.accepting() {
+        if self.core.takes_requests() {
             self.core.queue.disable_notifications();
             self.core.log_used_ring();
         }
     }
 
     fn kick_fd(&self) -> Option<RawFd> {
-        self.core.kick.as_ref().filter(|_| self.core.accepting()).map(AsRawFd::as_raw_fd)
+        self.core.kick.as_ref().filter(|_| self.core.takes_requests()).map(AsRawFd::as_raw_fd)
     }
 
     fn kickless(&self) -> bool {
-        self.core.accepting() && self.core.kick.is_none()
+        self.core.takes_requests() && self.core.kick.is_none()
     }
 
     fn completion_fd(&self) -> Option<RawFd> {
         self.engine.completion_fd()
     }
 
-    fn merge_due(&mut self) -> Option<Duration> {
-        self.core.sampler.merge_before_sleep(&self.core.stats.histograms)
+    fn timer_due(&mut self) -> Option<Duration> {
+        let merge = self.core.sampler.merge_before_sleep(&self.core.stats.histograms);
+        let held = self
+            .core
+            .throttled
+            .map(|h| Duration::from_nanos(h.until_ns.saturating_sub(qos::now_ns())));
+        match (merge, held) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     fn begin_stop(&mut self) {
@@ -359,15 +403,20 @@ impl<E: Engine> Served for QueueWorker<E> {
 }
 
 impl Core {
-    /// Takes new requests from the avail ring, as many as there are free slots.
+    /// Serving the ring: neither leaving its thread nor broken by the guest.
     fn accepting(&self) -> bool {
         !self.stopping && !self.broken
+    }
+
+    /// Taking new requests from the ring now: accepting, and no request waits before them.
+    fn takes_requests(&self) -> bool {
+        self.accepting() && self.parked.is_none() && self.throttled.is_none()
     }
 
     /// Takes new requests from the avail ring: at most `budget`, and as many as there are
     /// free slots.
     fn fetch(&mut self, engine: &mut impl Engine, budget: usize) -> usize {
-        if self.parked.is_some() {
+        if self.parked.is_some() || self.throttled.is_some() {
             return 0;
         }
         self.sampler.round_begins();
@@ -395,6 +444,10 @@ impl Core {
         self.admitted += batch as u64;
         self.stats.admitted.store(self.admitted, Ordering::SeqCst);
         let limits = self.disk.limits();
+        // One relaxed load per batch when the export has no limits; the clock is read once
+        // per batch, and only if it has.
+        let throttling = self.disk.throttle.active();
+        let mut now_ns = None;
         let mut taken = 0;
         for _ in 0..batch {
             let head = if resubmitting {
@@ -439,6 +492,13 @@ impl Core {
             }
             match parsed.result {
                 Ok(req) => {
+                    if let (true, Some(cost)) = (throttling, throttle_cost(&req)) {
+                        let now = *now_ns.get_or_insert_with(qos::now_ns);
+                        if let Err(wait_ns) = self.disk.throttle.admit(now, cost) {
+                            self.hold(tag, req, now, wait_ns);
+                            break;
+                        }
+                    }
                     if let Some(req) = self.start(engine, tag, req) {
                         self.park(tag, req);
                         break;
@@ -481,6 +541,53 @@ impl Core {
             align::Aligned::Wait => return Some(req),
         }
         None
+    }
+
+    /// A request over the export's limits stays in its slot until [`Core::resume_throttled`]
+    /// lets it go; the queue takes nothing more meanwhile.
+    fn hold(&mut self, tag: u16, req: Request, now_ns: u64, wait_ns: u64) {
+        self.slots[tag].request = Some(req);
+        self.throttled = Some(Held {
+            tag,
+            since_ns: now_ns,
+            until_ns: now_ns + wait_ns.min(THROTTLE_RECHECK_NS),
+        });
+        self.stats.counters.throttled_requests.add(1);
+        self.count_throttle_queue();
+    }
+
+    /// Publishes how many requests wait for the limits: the one held and those behind it in
+    /// the ring.
+    fn count_throttle_queue(&mut self) {
+        let behind = self.queue.avail_count().map_or(0, u64::from);
+        self.stats.counters.throttle_queued.set(1 + behind);
+    }
+
+    /// Starts the request held for the limits once they let it (or at once if the queue is
+    /// stopping: it leaves its thread with nothing held). Returns 1 if it went.
+    fn resume_throttled(&mut self, engine: &mut impl Engine) -> usize {
+        let Some(held) = self.throttled else { return 0 };
+        let now = qos::now_ns();
+        if now < held.until_ns && !self.stopping {
+            return 0;
+        }
+        let cost = self.slots[held.tag].request.as_ref().and_then(throttle_cost);
+        if let (Some(cost), false) = (cost, self.stopping) {
+            if let Err(wait_ns) = self.disk.throttle.admit(now, cost) {
+                self.throttled = Some(Held { until_ns: now + wait_ns.min(THROTTLE_RECHECK_NS), ..held });
+                self.count_throttle_queue();
+                return 0;
+            }
+        }
+        self.throttled = None;
+        let c = &self.stats.counters;
+        c.throttled_ns.add(now.saturating_sub(held.since_ns));
+        c.throttle_queued.set(0);
+        let Some(req) = self.slots[held.tag].request.take() else { return 0 };
+        if let Some(req) = self.start(engine, held.tag, req) {
+            self.park(held.tag, req);
+        }
+        1
     }
 
     /// A request that must wait goes back into its slot until [`Core::resume_parked`] can

@@ -1,0 +1,300 @@
+//! The limits of an export or a throttle group as the operator writes them, in QEMU's and
+//! libvirt's vocabulary: `iops-total`, `iops-read`, `iops-write`, `bps-total`, `bps-read`,
+//! `bps-write`, each with a `-max` burst rate and a `-max-length` (seconds the burst may be
+//! sustained), and `iops-size` (a request larger than this counts as several). Checked as
+//! QEMU checks them, with the same meaning, so that a VM's limits move between the two.
+
+use std::fmt;
+
+/// Largest value any limit key takes (QEMU's THROTTLE_VALUE_MAX).
+pub const MAX_LIMIT_VALUE: u64 = 1_000_000_000_000_000;
+/// Longest `-max-length`, in seconds: a day.
+pub const MAX_BURST_LENGTH_S: u64 = 86_400;
+/// Largest `iops-size`: a request counts as at least one operation per this many bytes.
+pub const MAX_IOPS_SIZE_BYTES: u64 = 1 << 30;
+
+/// What a limit counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unit {
+    Iops,
+    Bps,
+}
+
+/// Which requests a limit counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    Total,
+    Read,
+    Write,
+}
+
+/// The six limits, in the order of [`ThrottleConfig::limits`].
+pub const LIMITS: [(Unit, Direction); 6] = [
+    (Unit::Iops, Direction::Total),
+    (Unit::Iops, Direction::Read),
+    (Unit::Iops, Direction::Write),
+    (Unit::Bps, Direction::Total),
+    (Unit::Bps, Direction::Read),
+    (Unit::Bps, Direction::Write),
+];
+
+/// The key of limit `i` of [`LIMITS`].
+pub fn limit_key(i: usize) -> &'static str {
+    ["iops-total", "iops-read", "iops-write", "bps-total", "bps-read", "bps-write"][i]
+}
+
+/// Every key this module reads, for help texts and error messages.
+pub const THROTTLE_KEYS: &str = "iops-total, iops-read, iops-write, bps-total, bps-read, \
+bps-write (each also with -max and -max-length), iops-size, throttle-group";
+
+/// One limit: `avg` units per second on average (0: no limit), bursts up to `max` units per
+/// second (0: none beyond the default tenth of a second's worth) for `max_length_s` seconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limit {
+    pub avg: u64,
+    pub max: u64,
+    /// 0 when not given (then 1 second, QEMU's default).
+    pub max_length_s: u64,
+}
+
+impl Limit {
+    /// Seconds a burst at `max` may last, as configured (QEMU's default 1).
+    pub fn burst_length_s(&self) -> u64 {
+        if self.max_length_s == 0 {
+            1
+        } else {
+            self.max_length_s
+        }
+    }
+}
+
+/// Every limit of one export or throttle group.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ThrottleConfig {
+    /// Indexed as [`LIMITS`].
+    pub limits: [Limit; 6],
+    /// A read or write larger than this counts as `bytes / iops_size` operations (0: every
+    /// request counts as one).
+    pub iops_size: u64,
+}
+
+/// A bad limit: one line naming it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThrottleError(pub String);
+
+impl fmt::Display for ThrottleError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl ThrottleConfig {
+    /// No limit at all: the data path skips throttling entirely.
+    pub fn is_unlimited(&self) -> bool {
+        self.limits.iter().all(|l| l.avg == 0)
+    }
+
+    /// Takes one key if it is a limit key: Ok(true). Ok(false): not a limit key. Values are
+    /// whole numbers; byte rates and `iops-size` also take K, M, G, T suffixes (binary).
+    pub fn take_key(&mut self, key: &str, value: &str) -> Result<bool, ThrottleError> {
+        if key == "iops-size" {
+            let n = parse_value(key, value, true)?;
+            if n > MAX_IOPS_SIZE_BYTES {
+                return Err(ThrottleError(format!("iops-size={value}: at most 1G")));
+            }
+            self.iops_size = n;
+            return Ok(true);
+        }
+        let Some(i) = (0..LIMITS.len()).find(|&i| key.starts_with(limit_key(i))) else {
+            return Ok(false);
+        };
+        let bytes = LIMITS[i].0 == Unit::Bps;
+        let limit = &mut self.limits[i];
+        match &key[limit_key(i).len()..] {
+            "" => limit.avg = parse_value(key, value, bytes)?,
+            "-max" => limit.max = parse_value(key, value, bytes)?,
+            "-max-length" => {
+                let n = parse_value(key, value, false)?;
+                if !(1..=MAX_BURST_LENGTH_S).contains(&n) {
+                    return Err(ThrottleError(format!(
+                        "{key}={value}: 1 to {MAX_BURST_LENGTH_S} seconds"
+                    )));
+                }
+                limit.max_length_s = n;
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// Checks the limits together, with QEMU's rules.
+    pub fn check(&self) -> Result<(), ThrottleError> {
+        for unit in [Unit::Iops, Unit::Bps] {
+            let of = |d: Direction| {
+                let i = LIMITS.iter().position(|&l| l == (unit, d)).unwrap_or(0);
+                (limit_key(i), self.limits[i].avg)
+            };
+            let (total, t) = of(Direction::Total);
+            let ((read, r), (write, w)) = (of(Direction::Read), of(Direction::Write));
+            if t > 0 && (r > 0 || w > 0) {
+                return Err(ThrottleError(format!(
+                    "{total} and {read}/{write} exclude each other (a total limit, or one per direction)"
+                )));
+            }
+        }
+        for (i, l) in self.limits.iter().enumerate() {
+            let key = limit_key(i);
+            if l.max > 0 && l.avg == 0 {
+                return Err(ThrottleError(format!("{key}-max needs {key} (the average it bursts above)")));
+            }
+            if l.max > 0 && l.max < l.avg {
+                return Err(ThrottleError(format!(
+                    "{key}-max={} is below {key}={}: a burst goes faster than the average",
+                    l.max, l.avg
+                )));
+            }
+            if l.max_length_s > 0 && l.max == 0 {
+                return Err(ThrottleError(format!(
+                    "{key}-max-length needs {key}-max (the rate the burst goes at)"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The keys that give these limits back (only those set), for `list-exports` and
+    /// `dump-config`.
+    pub fn to_pairs(&self) -> Vec<(&'static str, u64)> {
+        const MAX_KEYS: [&str; 6] = [
+            "iops-total-max",
+            "iops-read-max",
+            "iops-write-max",
+            "bps-total-max",
+            "bps-read-max",
+            "bps-write-max",
+        ];
+        const LENGTH_KEYS: [&str; 6] = [
+            "iops-total-max-length",
+            "iops-read-max-length",
+            "iops-write-max-length",
+            "bps-total-max-length",
+            "bps-read-max-length",
+            "bps-write-max-length",
+        ];
+        let mut pairs = Vec::new();
+        for (i, l) in self.limits.iter().enumerate() {
+            if l.avg > 0 {
+                pairs.push((limit_key(i), l.avg));
+            }
+            if l.max > 0 {
+                pairs.push((MAX_KEYS[i], l.max));
+                pairs.push((LENGTH_KEYS[i], l.burst_length_s()));
+            }
+        }
+        if self.iops_size > 0 {
+            pairs.push(("iops-size", self.iops_size));
+        }
+        pairs
+    }
+
+    /// Parses limits given as key/value pairs (`set-throttle`'s arguments), checked.
+    pub fn from_pairs<'a>(
+        pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<ThrottleConfig, ThrottleError> {
+        let mut config = ThrottleConfig::default();
+        for (k, v) in pairs {
+            if !config.take_key(k, v)? {
+                return Err(ThrottleError(format!(
+                    "'{k}' is not a limit (limits: {})",
+                    THROTTLE_KEYS.trim_end_matches(", throttle-group")
+                )));
+            }
+        }
+        config.check()?;
+        Ok(config)
+    }
+}
+
+/// A limit's value: a whole number up to [`MAX_LIMIT_VALUE`]; with `sizes`, K/M/G/T suffixes.
+fn parse_value(key: &str, value: &str, sizes: bool) -> Result<u64, ThrottleError> {
+    let n = if sizes {
+        crate::export::parse_size(value).map_err(|e| ThrottleError(format!("{key}={value}: {e}")))?
+    } else {
+        value
+            .parse::<u64>()
+            .map_err(|_| ThrottleError(format!("{key}={value}: not a whole number")))?
+    };
+    if n > MAX_LIMIT_VALUE {
+        return Err(ThrottleError(format!("{key}={value}: at most {MAX_LIMIT_VALUE}")));
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(spec: &str) -> Result<ThrottleConfig, ThrottleError> {
+        ThrottleConfig::from_pairs(spec.split(',').filter(|s| !s.is_empty()).map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap();
+            (k, v)
+        }))
+    }
+
+    #[test]
+    fn every_key_parses_and_comes_back() {
+        let c = parse(
+            "iops-read=100,iops-read-max=400,iops-read-max-length=5,iops-write=50,bps-total=10M,bps-total-max=20M,iops-size=8K",
+        )
+        .unwrap();
+        assert_eq!(c.limits[1], Limit { avg: 100, max: 400, max_length_s: 5 });
+        assert_eq!(c.limits[2], Limit { avg: 50, max: 0, max_length_s: 0 });
+        assert_eq!(c.limits[3], Limit { avg: 10 << 20, max: 20 << 20, max_length_s: 0 });
+        assert_eq!(c.iops_size, 8192);
+        let pairs = c.to_pairs();
+        assert_eq!(
+            pairs,
+            [
+                ("iops-read", 100),
+                ("iops-read-max", 400),
+                ("iops-read-max-length", 5),
+                ("iops-write", 50),
+                ("bps-total", 10 << 20),
+                ("bps-total-max", 20 << 20),
+                ("bps-total-max-length", 1),
+                ("iops-size", 8192),
+            ]
+        );
+        let text: Vec<(String, String)> =
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let again =
+            ThrottleConfig::from_pairs(text.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        // An explicit length of 1 is the default's meaning.
+        let mut want = c.clone();
+        want.limits[3].max_length_s = 1;
+        assert_eq!(again.unwrap(), want);
+        assert!(parse("").unwrap().is_unlimited());
+        assert!(!c.is_unlimited());
+    }
+
+    #[test]
+    fn bad_limits_name_the_problem() {
+        let cases = [
+            ("iops-total=100,iops-read=10", "iops-total and iops-read/iops-write exclude each other (a total limit, or one per direction)"),
+            ("bps-write=1M,bps-total=2M", "bps-total and bps-read/bps-write exclude each other (a total limit, or one per direction)"),
+            ("iops-total-max=100", "iops-total-max needs iops-total (the average it bursts above)"),
+            ("iops-total=100,iops-total-max=50", "iops-total-max=50 is below iops-total=100: a burst goes faster than the average"),
+            ("iops-total=100,iops-total-max-length=5", "iops-total-max-length needs iops-total-max (the rate the burst goes at)"),
+            ("iops-total=100,iops-total-max=200,iops-total-max-length=0", "iops-total-max-length=0: 1 to 86400 seconds"),
+            ("iops-total=lots", "iops-total=lots: not a whole number"),
+            ("iops-total=1K", "iops-total=1K: not a whole number"),
+            ("bps-read=fast", "bps-read=fast: 'fast' is not a size (e.g. 1048576, 64K, 1G)"),
+            ("iops-total=1000000000000001", "iops-total=1000000000000001: at most 1000000000000000"),
+            ("iops-size=2G", "iops-size=2G: at most 1G"),
+            ("iops-totall=5", "'iops-totall' is not a limit (limits: iops-total, iops-read, iops-write, bps-total, bps-read, bps-write (each also with -max and -max-length), iops-size)"),
+        ];
+        for (spec, want) in cases {
+            assert_eq!(parse(spec).unwrap_err().0, want, "{spec}");
+        }
+    }
+}
