@@ -96,7 +96,12 @@ impl ThrottleReport {
     fn of(t: &Throttle) -> ThrottleReport {
         ThrottleReport {
             group: t.group.clone(),
-            limits: t.config().to_pairs().into_iter().map(|(k, v)| (k.to_string(), v.into())).collect(),
+            limits: t
+                .config()
+                .to_pairs()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.into()))
+                .collect(),
         }
     }
 }
@@ -577,12 +582,10 @@ impl Daemon {
             (None, Some(g)) => crate::qos::throttle::find_group(g).ok_or_else(|| {
                 ControlError::new("not-found", format!("no export is in throttle group '{g}'"))
             })?,
-            _ => {
-                return Err(ControlError::new(
-                    "invalid-argument",
-                    "set-throttle takes 'id' (an export) or 'group' (a throttle group), one of them",
-                ))
-            }
+            _ => return Err(ControlError::new(
+                "invalid-argument",
+                "set-throttle takes 'id' (an export) or 'group' (a throttle group), one of them",
+            )),
         };
         throttle.set(config);
         let exports: Vec<String> = self

@@ -90,8 +90,9 @@ impl Disk {
         // The image lock's waiting is logged from here.
         let _in_span = span.enter();
         // Before the image is opened: a group that refuses this export's limits costs nothing.
-        let throttle = crate::qos::throttle::join(config.throttle_group.as_deref(), &config.throttle)
-            .map_err(OpenError::Config)?;
+        let throttle =
+            crate::qos::throttle::join(config.throttle_group.as_deref(), &config.throttle)
+                .map_err(OpenError::Config)?;
         let mut nbd_target = None;
         #[cfg(feature = "rbd")]
         let mut rbd_image = None;

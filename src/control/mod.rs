@@ -313,8 +313,9 @@ fn run_command(
                     _ => limits.push((k, v)),
                 }
             }
-            let config = ThrottleConfig::from_pairs(limits.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-                .map_err(|e| bad_arg(e.0))?;
+            let config =
+                ThrottleConfig::from_pairs(limits.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                    .map_err(|e| bad_arg(e.0))?;
             daemon.set_throttle(id.as_deref(), group.as_deref(), &config)
         }
         "dump-config" => {

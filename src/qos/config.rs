@@ -145,7 +145,9 @@ impl ThrottleConfig {
         for (i, l) in self.limits.iter().enumerate() {
             let key = limit_key(i);
             if l.max > 0 && l.avg == 0 {
-                return Err(ThrottleError(format!("{key}-max needs {key} (the average it bursts above)")));
+                return Err(ThrottleError(format!(
+                    "{key}-max needs {key} (the average it bursts above)"
+                )));
             }
             if l.max > 0 && l.max < l.avg {
                 return Err(ThrottleError(format!(
@@ -218,7 +220,8 @@ impl ThrottleConfig {
 /// A limit's value: a whole number up to [`MAX_LIMIT_VALUE`]; with `sizes`, K/M/G/T suffixes.
 fn parse_value(key: &str, value: &str, sizes: bool) -> Result<u64, ThrottleError> {
     let n = if sizes {
-        crate::export::parse_size(value).map_err(|e| ThrottleError(format!("{key}={value}: {e}")))?
+        crate::export::parse_size(value)
+            .map_err(|e| ThrottleError(format!("{key}={value}: {e}")))?
     } else {
         value
             .parse::<u64>()
@@ -267,8 +270,7 @@ mod tests {
         );
         let text: Vec<(String, String)> =
             pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let again =
-            ThrottleConfig::from_pairs(text.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let again = ThrottleConfig::from_pairs(text.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         // An explicit length of 1 is the default's meaning.
         let mut want = c.clone();
         want.limits[3].max_length_s = 1;

@@ -3,8 +3,8 @@
 //! forward by its cost. A request conforms when, after taking its cost, the TAT is no further
 //! ahead of now than the limit's burst allows. One atomic word per limit, so that queues on
 //! different I/O threads can share a limit (a throttle group) with a compare-and-swap and no
-//! lock; and a refused request learns exactly how long to wait, so that the I/O thread can
-//! sleep on a timer instead of polling.
+//! lock; and a request learns exactly when it may go, so that the I/O thread can sleep on a
+//! timer instead of polling.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -31,7 +31,7 @@ impl Default for Gcra {
 
 impl Gcra {
     /// `rate` > 0 units per second; `burst` units may go at once after an idle period (and
-    /// always one request, however costly, see `try_take`).
+    /// always one request, however costly, see `reserve`).
     pub fn new(rate: u64, burst: u64) -> Gcra {
         let g = Gcra::default();
         let rate = rate.max(1);
@@ -48,39 +48,33 @@ impl Gcra {
         self.tat_ns.store(0, Ordering::Release);
     }
 
-    /// Takes `cost` units at time `now_ns` if they conform: Ok. Otherwise takes nothing and
-    /// returns how many nanoseconds from now they would. A single request costlier than the
-    /// burst goes when the limit is idle (it would otherwise never go) and pushes the TAT
-    /// ahead by its full cost, so the average holds.
-    pub fn try_take(&self, now_ns: u64, cost: u64) -> Result<(), u64> {
+    /// Reserves `cost` units for a request offered at `now_ns` and returns how many
+    /// nanoseconds from now it may go (0: at once). The reservation is taken now, so that
+    /// requests are served in the order they asked, whichever queue or thread they come
+    /// from: in a throttle group, each queue holds at most one reserved request, and the
+    /// queues take turns. A request costlier than the whole burst goes when the limit is
+    /// idle (it would otherwise never go), and pushes the TAT ahead by its full cost, so
+    /// the average holds.
+    pub fn reserve(&self, now_ns: u64, cost: u64) -> u64 {
         let step = cost_ns(cost, self.rate.load(Ordering::Relaxed));
         let tolerance_ns = self.tolerance_ns.load(Ordering::Relaxed);
         let mut tat = self.tat_ns.load(Ordering::Acquire);
         loop {
             let start = tat.max(now_ns);
-            let ahead = start - now_ns;
             let new_tat = start.saturating_add(step);
-            if ahead > 0 && new_tat - now_ns > tolerance_ns {
-                return Err((new_tat - now_ns - tolerance_ns).min(ahead));
-            }
+            // The earliest time at which the TAT after this request is within the burst,
+            // but never later than the limit's idle moment.
+            let go_at = new_tat.saturating_sub(tolerance_ns).min(start).max(now_ns);
             match self.tat_ns.compare_exchange_weak(
                 tat,
                 new_tat,
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
-                Ok(_) => return Ok(()),
+                Ok(_) => return go_at - now_ns,
                 Err(seen) => tat = seen,
             }
         }
-    }
-
-    /// Gives back `cost` units taken by `try_take` (a request that another limit refused).
-    pub fn give_back(&self, cost: u64) {
-        let step = cost_ns(cost, self.rate.load(Ordering::Relaxed));
-        let _ = self
-            .tat_ns
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| Some(t.saturating_sub(step)));
     }
 }
 
@@ -96,79 +90,79 @@ mod tests {
 
     use super::*;
 
-    /// Requests of `cost` offered every `gap_ns` for `span_ns`: how many were admitted.
-    fn admitted(g: &Gcra, cost: u64, gap_ns: u64, span_ns: u64) -> u64 {
-        let mut n = 0;
-        let mut now = 0;
-        while now < span_ns {
-            if g.try_take(now, cost).is_ok() {
-                n += 1;
+    /// Requests of `cost` offered back to back from t=0, each when the one before may go:
+    /// how many may go by `until_ns`.
+    fn flood(g: &Gcra, cost: u64, until_ns: u64) -> u64 {
+        let (mut now, mut n) = (0, 0);
+        loop {
+            now += g.reserve(now, cost);
+            if now > until_ns {
+                return n;
             }
-            now += gap_ns;
+            n += 1;
         }
-        n
     }
 
     #[test]
     fn a_flood_gets_the_rate_plus_the_burst() {
-        // 1000 IOPS with a burst of 100, offered 1M IOPS for 10 s.
-        let g = Gcra::new(1000, 100);
-        let n = admitted(&g, 1, 1000, 10_000_000_000);
-        assert!((10_099..=10_100).contains(&n), "{n}");
+        // 1000 per second with a burst of 100, for 10 s.
+        assert_eq!(flood(&Gcra::new(1000, 100), 1, 10_000_000_000), 10_100);
     }
 
     #[test]
     fn the_burst_goes_at_once_then_the_rate() {
         let g = Gcra::new(1000, 100);
-        // At t=0 exactly the burst.
-        let at_once = (0..1000).filter(|_| g.try_take(0, 1).is_ok()).count();
+        let at_once = (0..100).filter(|_| g.reserve(0, 1) == 0).count();
         assert_eq!(at_once, 100);
-        // Then one per millisecond, and the wait says when.
-        assert_eq!(g.try_take(0, 1), Err(1_000_000));
-        assert_eq!(g.try_take(999_999, 1), Err(1));
-        assert_eq!(g.try_take(1_000_000, 1), Ok(()));
+        // Then one per millisecond, each told when.
+        assert_eq!(g.reserve(0, 1), 1_000_000);
+        assert_eq!(g.reserve(0, 1), 2_000_000);
+        assert_eq!(g.reserve(1_500_000, 1), 1_500_000);
     }
 
     #[test]
     fn bytes_are_costs() {
-        // 1 MB/s with a 64 KiB burst: a 1 MiB request goes on an idle limit, then the next
-        // waits for about a second.
+        // 1 MB/s with a 64 KiB burst: a 1 MiB request goes on an idle limit; the next waits
+        // until the TAT is within the burst again.
         let g = Gcra::new(1_000_000, 65536);
-        assert_eq!(g.try_take(0, 1 << 20), Ok(()));
-        let wait = g.try_take(0, 4096).unwrap_err();
-        assert_eq!(wait, cost_ns((1 << 20) + 4096 - 65536, 1_000_000));
+        assert_eq!(g.reserve(0, 1 << 20), 0);
+        assert_eq!(g.reserve(0, 4096), cost_ns((1 << 20) + 4096 - 65536, 1_000_000));
     }
 
     #[test]
-    fn giving_back_undoes_a_take() {
+    fn a_change_starts_idle() {
         let g = Gcra::new(10, 0);
-        assert_eq!(g.try_take(0, 1), Ok(()));
-        assert!(g.try_take(0, 1).is_err());
-        g.give_back(1);
-        assert_eq!(g.try_take(0, 1), Ok(()));
+        assert_eq!(g.reserve(0, 1), 0);
+        assert_eq!(g.reserve(0, 1), 100_000_000);
+        g.set(1000, 0);
+        assert_eq!(g.reserve(0, 1), 0);
+        assert_eq!(g.reserve(0, 1), 1_000_000);
     }
 
     #[test]
     fn threads_sharing_a_limit_get_it_together() {
-        // Four threads flooding one limit at the same instant take exactly the burst.
+        // Four threads asking at the same instant: exactly the burst goes at once, and the
+        // others are spaced at the rate, one after another, whoever asked.
         let g = std::sync::Arc::new(Gcra::new(1000, 1000));
-        let taken: u64 = (0..4)
+        let mut delays: Vec<u64> = (0..4)
             .map(|_| {
                 let g = std::sync::Arc::clone(&g);
-                std::thread::spawn(move || {
-                    (0..10_000).filter(|_| g.try_take(5, 1).is_ok()).count() as u64
-                })
+                std::thread::spawn(move || (0..2000).map(|_| g.reserve(5, 1)).collect::<Vec<u64>>())
             })
             .collect::<Vec<_>>()
             .into_iter()
-            .map(|h| h.join().unwrap())
-            .sum();
-        assert_eq!(taken, 1000);
+            .flat_map(|h| h.join().unwrap())
+            .collect();
+        delays.sort_unstable();
+        assert_eq!(delays.iter().filter(|&&d| d == 0).count(), 1000);
+        for (i, d) in delays[1000..].iter().enumerate() {
+            assert_eq!(*d, (i as u64 + 1) * 1_000_000);
+        }
     }
 
     proptest! {
-        /// Whatever the offered load, over any span the admitted cost is at most
-        /// rate × span + burst + one request (the one an idle limit always lets through).
+        /// Whatever the requests and their timing, those that may go by any time T cost at
+        /// most rate × T + burst + one request (the one an idle limit always lets through).
         #[test]
         fn never_more_than_rate_times_time_plus_burst(
             rate in 1u64..1_000_000,
@@ -177,17 +171,20 @@ mod tests {
         ) {
             let g = Gcra::new(rate, burst);
             let mut now = 0u64;
-            let mut taken = 0u128;
-            let mut max_cost = 0u64;
+            let mut goes: Vec<(u64, u64)> = Vec::new();
             for (gap, cost) in offers {
                 now += gap;
-                if g.try_take(now, cost).is_ok() {
-                    taken += u128::from(cost);
-                    max_cost = max_cost.max(cost);
-                }
+                goes.push((now + g.reserve(now, cost), cost));
             }
-            let allowed = u128::from(rate) * u128::from(now) / NS_PER_S + u128::from(burst) + u128::from(max_cost) + 1;
-            prop_assert!(taken <= allowed, "took {} of at most {}", taken, allowed);
+            goes.sort_unstable();
+            let mut taken = 0u128;
+            let mut max_cost = 0u64;
+            for (at, cost) in goes {
+                taken += u128::from(cost);
+                max_cost = max_cost.max(cost);
+                let allowed = u128::from(rate) * u128::from(at) / NS_PER_S + u128::from(burst) + u128::from(max_cost) + 1;
+                prop_assert!(taken <= allowed, "{} by {} ns, at most {}", taken, at, allowed);
+            }
         }
     }
 }

@@ -37,6 +37,8 @@ pub struct Throttle {
     /// Bytes one operation stands for in the iops buckets (their units are bytes then);
     /// 0: an operation is a unit.
     iops_size: AtomicU64,
+    /// Counts the `set`s (see [`Throttle::generation`]).
+    generation: AtomicU64,
     /// The configuration in force, for the control side (never read on the data path).
     config: Mutex<ThrottleConfig>,
 }
@@ -48,6 +50,7 @@ impl Throttle {
             buckets: Default::default(),
             active: AtomicU32::new(0),
             iops_size: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
             config: Mutex::new(ThrottleConfig::default()),
         };
         t.set(config);
@@ -69,9 +72,8 @@ impl Throttle {
     }
 
     /// Puts `config` in force now, buckets empty (the whole burst available again).
-    /// Queues waiting for the old limits look again when their timer fires: they wait at
-    /// most what the old limits told them (a tenth of a second for one request without a
-    /// burst configured).
+    /// Requests waiting under the old limits ask again within a tenth of a second (their
+    /// queue looks that often).
     pub fn set(&self, config: &ThrottleConfig) {
         let mut current = self.config.lock().unwrap_or_else(|p| p.into_inner());
         // Off while the buckets change, so no request sees half of the new limits.
@@ -100,16 +102,19 @@ impl Throttle {
             }
         }
         self.iops_size.store(config.iops_size, Ordering::Relaxed);
+        self.generation.fetch_add(1, Ordering::Relaxed);
         self.active.store(active, Ordering::SeqCst);
         *current = config.clone();
     }
 
-    /// Takes what a request costs at `now_ns` from every limit that counts it. Ok: it may
-    /// go. Err(ns): it must wait at least that long, and nothing was taken.
-    pub fn admit(&self, now_ns: u64, cost: Cost) -> Result<(), u64> {
+    /// Reserves what a request costs at `now_ns` in every limit that counts it, and
+    /// returns how many nanoseconds from now it may go (0: at once). The request must then
+    /// go at that time, without asking again (unless the limits changed: see
+    /// [`Throttle::generation`]).
+    pub fn admit(&self, now_ns: u64, cost: Cost) -> u64 {
         let active = self.active.load(Ordering::Relaxed);
         if active == 0 {
-            return Ok(());
+            return 0;
         }
         let (direction, bytes) = match cost {
             Cost::Read(b) => (Direction::Read, b),
@@ -119,30 +124,24 @@ impl Throttle {
             0 => 1,
             size => bytes.max(size),
         };
-        // At most four limits count a request (iops and bps, total and its direction), two
-        // buckets each.
-        let mut taken: [(usize, usize, u64); 8] = [(0, 0, 0); 8];
-        let mut n = 0;
+        let mut wait_ns = 0;
         for (i, &(unit, d)) in LIMITS.iter().enumerate() {
             if d != Direction::Total && d != direction {
                 continue;
             }
             let units = if unit == Unit::Iops { iops_units } else { bytes };
             for j in 0..2 {
-                if active & (1 << (2 * i + j)) == 0 || units == 0 {
-                    continue;
+                if active & (1 << (2 * i + j)) != 0 && units > 0 {
+                    wait_ns = wait_ns.max(self.buckets[i][j].reserve(now_ns, units));
                 }
-                if let Err(wait_ns) = self.buckets[i][j].try_take(now_ns, units) {
-                    for &(ti, tj, tu) in &taken[..n] {
-                        self.buckets[ti][tj].give_back(tu);
-                    }
-                    return Err(wait_ns.max(1));
-                }
-                taken[n] = (i, j, units);
-                n += 1;
             }
         }
-        Ok(())
+        wait_ns
+    }
+
+    /// Changes with every `set`: a request that reserved under older limits asks again.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
     }
 }
 
@@ -201,24 +200,24 @@ mod tests {
         ThrottleConfig::from_pairs(pairs.iter().copied()).unwrap()
     }
 
-    /// Requests of `cost` offered back to back from t=0, each as soon as admitted (a guest
-    /// at infinite depth): how many went by `until_ns`.
+    /// Requests of `cost` offered back to back from t=0, each when the one before may go
+    /// (one queue): how many may go by `until_ns`.
     fn flood(t: &Throttle, cost: Cost, until_ns: u64) -> u64 {
         let (mut now, mut n) = (0, 0);
-        while now <= until_ns {
-            match t.admit(now, cost) {
-                Ok(()) => n += 1,
-                Err(wait) => now += wait,
+        loop {
+            now += t.admit(now, cost);
+            if now > until_ns {
+                return n;
             }
+            n += 1;
         }
-        n
     }
 
     #[test]
     fn no_limit_admits_everything() {
         let t = Throttle::own(&ThrottleConfig::default());
         assert!(!t.active());
-        assert_eq!(t.admit(0, Cost::Read(1 << 30)), Ok(()));
+        assert_eq!(t.admit(0, Cost::Read(1 << 30)), 0);
     }
 
     #[test]
@@ -267,23 +266,27 @@ mod tests {
     }
 
     #[test]
-    fn a_refused_request_takes_nothing() {
-        // iops allows it, bps does not: the iops bucket must not be charged.
-        let c = config(&[("iops-total", "1000"), ("bps-total", "4096")]);
+    fn every_limit_that_counts_a_request_has_its_say() {
+        // iops would let it go at once, bps not: the later of the two.
+        let c = config(&[("iops-total", "1000"), ("bps-total", "40960")]);
         let t = Throttle::own(&c);
-        assert_eq!(t.admit(0, Cost::Read(4096)), Ok(()));
+        assert_eq!(t.admit(0, Cost::Read(4096)), 0);
+        // 4 KiB is 100 ms at 40 KiB/s, the whole burst: the next one at 100 ms.
+        assert_eq!(t.admit(0, Cost::Read(4096)), 100 * MS);
+        // Write limits do not count reads.
+        let t = Throttle::own(&config(&[("iops-write", "1")]));
         for _ in 0..1000 {
-            assert!(t.admit(0, Cost::Read(4096)).is_err());
+            assert_eq!(t.admit(0, Cost::Read(4096)), 0);
         }
-        // Had the refusals been charged, 1000 iops would be ~1 s in debt now.
-        assert_eq!(t.admit(2000 * MS, Cost::Read(0)), Ok(()));
     }
 
     #[test]
     fn a_change_applies_at_once() {
         let t = Throttle::own(&config(&[("iops-total", "10")]));
         assert_eq!(flood(&t, Cost::Read(1), 0), 1);
+        let before = t.generation();
         t.set(&config(&[("iops-total", "10000")]));
+        assert_ne!(t.generation(), before);
         assert_eq!(flood(&t, Cost::Read(1), 0), 1000);
         t.set(&ThrottleConfig::default());
         assert!(!t.active());

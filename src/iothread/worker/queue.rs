@@ -174,13 +174,16 @@ pub(crate) fn start<E: Engine + 'static>(
     Ok(Box::new(worker))
 }
 
-/// A request held for the export's limits: in slot `tag` since `since_ns`, to be looked at
-/// again at `until_ns` (on the clock of `qos::now_ns`).
+/// A request held for the export's limits: in slot `tag` since `since_ns`, free to go at
+/// `go_ns` (its reservation under the limits of `generation`), looked at again by
+/// `check_ns` at the latest (on the clock of `qos::now_ns`).
 #[derive(Clone, Copy)]
 pub(super) struct Held {
     tag: u16,
     since_ns: u64,
-    until_ns: u64,
+    go_ns: u64,
+    check_ns: u64,
+    generation: u64,
 }
 
 /// Requests an earlier daemon left in flight, taken again before anything new.
@@ -374,7 +377,7 @@ impl<E: Engine> Served for QueueWorker<E> {
         let held = self
             .core
             .throttled
-            .map(|h| Duration::from_nanos(h.until_ns.saturating_sub(qos::now_ns())));
+            .map(|h| Duration::from_nanos(h.check_ns.saturating_sub(qos::now_ns())));
         match (merge, held) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -494,8 +497,10 @@ impl Core {
                 Ok(req) => {
                     if let (true, Some(cost)) = (throttling, throttle_cost(&req)) {
                         let now = *now_ns.get_or_insert_with(qos::now_ns);
-                        if let Err(wait_ns) = self.disk.throttle.admit(now, cost) {
-                            self.hold(tag, req, now, wait_ns);
+                        let generation = self.disk.throttle.generation();
+                        let wait_ns = self.disk.throttle.admit(now, cost);
+                        if wait_ns > 0 {
+                            self.hold(tag, req, now, wait_ns, generation);
                             break;
                         }
                     }
@@ -544,13 +549,16 @@ impl Core {
     }
 
     /// A request over the export's limits stays in its slot until [`Core::resume_throttled`]
-    /// lets it go; the queue takes nothing more meanwhile.
-    fn hold(&mut self, tag: u16, req: Request, now_ns: u64, wait_ns: u64) {
+    /// lets it go at its reserved time; the queue takes nothing more meanwhile.
+    fn hold(&mut self, tag: u16, req: Request, now_ns: u64, wait_ns: u64, generation: u64) {
         self.slots[tag].request = Some(req);
+        let go_ns = now_ns + wait_ns;
         self.throttled = Some(Held {
             tag,
             since_ns: now_ns,
-            until_ns: now_ns + wait_ns.min(THROTTLE_RECHECK_NS),
+            go_ns,
+            check_ns: go_ns.min(now_ns + THROTTLE_RECHECK_NS),
+            generation,
         });
         self.stats.counters.throttled_requests.add(1);
         self.count_throttle_queue();
@@ -563,21 +571,28 @@ impl Core {
         self.stats.counters.throttle_queued.set(1 + behind);
     }
 
-    /// Starts the request held for the limits once they let it (or at once if the queue is
-    /// stopping: it leaves its thread with nothing held). Returns 1 if it went.
+    /// Starts the request held for the limits once its reserved time has come (or at once if
+    /// the queue is stopping: it leaves its thread with nothing held). If the limits changed
+    /// meanwhile, it reserves again under the new ones. Returns 1 if it went.
     fn resume_throttled(&mut self, engine: &mut impl Engine) -> usize {
-        let Some(held) = self.throttled else { return 0 };
+        let Some(mut held) = self.throttled else { return 0 };
         let now = qos::now_ns();
-        if now < held.until_ns && !self.stopping {
+        if now < held.check_ns && !self.stopping {
             return 0;
         }
-        let cost = self.slots[held.tag].request.as_ref().and_then(throttle_cost);
-        if let (Some(cost), false) = (cost, self.stopping) {
-            if let Err(wait_ns) = self.disk.throttle.admit(now, cost) {
-                self.throttled = Some(Held { until_ns: now + wait_ns.min(THROTTLE_RECHECK_NS), ..held });
-                self.count_throttle_queue();
-                return 0;
-            }
+        let throttle = &self.disk.throttle;
+        let generation = throttle.generation();
+        if now < held.go_ns && generation != held.generation && !self.stopping {
+            let cost = self.slots[held.tag].request.as_ref().and_then(throttle_cost);
+            let wait_ns = cost.map_or(0, |c| throttle.admit(now, c));
+            held.go_ns = now + wait_ns;
+            held.generation = generation;
+        }
+        if now < held.go_ns && !self.stopping {
+            held.check_ns = held.go_ns.min(now + THROTTLE_RECHECK_NS);
+            self.throttled = Some(held);
+            self.count_throttle_queue();
+            return 0;
         }
         self.throttled = None;
         let c = &self.stats.counters;
