@@ -89,6 +89,12 @@ pub struct BenchArgs {
     /// --size or its share of 4 GiB, whichever is smaller.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
     pub tenants: Option<u16>,
+    /// With --tenants: the noisy-neighbour run. Tenant 0 floods at queue depth 32
+    /// (randread-4k-qd32) while the others run the workloads; each cell is measured with the
+    /// flooder idle, flooding, and flooding under these limits (export keys, e.g.
+    /// iops-total=2000, set live with set-throttle). blkplane targets only.
+    #[arg(long, value_name = "KEYS")]
+    pub flood_limit: Option<String>,
     /// Write every figure as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,

@@ -123,6 +123,15 @@ pub fn client_main(a: ClientArgs) -> Result<String, BenchError> {
     serde_json::to_string(&run).map_err(|e| BenchError(e.to_string()))
 }
 
+/// What tenant 0 does instead of the plan's workload (the noisy-neighbour run).
+#[derive(Clone, Copy)]
+enum FirstTenant {
+    /// Connected and idle.
+    Idle,
+    /// This workload (a flood).
+    Runs(Workload),
+}
+
 /// How the tenants' clients run.
 struct ClientPlan<'a> {
     w: Workload,
@@ -132,6 +141,8 @@ struct ClientPlan<'a> {
     runtime: Duration,
     client_cpus: Option<&'a [usize]>,
     idle: bool,
+    /// Tenant 0 apart, if set.
+    first: Option<FirstTenant>,
 }
 
 /// Starts one client process per export of `daemon`, all set to begin at the same moment.
@@ -141,13 +152,18 @@ fn start_clients(
     daemon: &DaemonProcess,
     plan: &ClientPlan<'_>,
 ) -> Result<(Vec<std::process::Child>, u64), BenchError> {
-    let ClientPlan { w, mode, span, warmup, runtime, client_cpus, idle } = *plan;
+    let ClientPlan { w, mode, span, warmup, runtime, client_cpus, idle, first } = *plan;
     let exe = std::env::current_exe().map_err(|e| BenchError(format!("finding blkplane: {e}")))?;
     let tenants = daemon.sockets.len();
     // Time to start and connect every client before the common start.
     let start_at = now_ms() + 1000 + 20 * tenants as u64;
     let mut children = Vec::with_capacity(tenants);
-    for socket in &daemon.sockets {
+    for (i, socket) in daemon.sockets.iter().enumerate() {
+        let (w, idle) = match (i, first) {
+            (0, Some(FirstTenant::Idle)) => (w, true),
+            (0, Some(FirstTenant::Runs(flood))) => (flood, false),
+            _ => (w, idle),
+        };
         let mut cmd = Command::new(&exe);
         cmd.arg("bench-client")
             .args(["--target", target.name()])
@@ -202,6 +218,17 @@ fn run_tenants(
     daemon: &DaemonProcess,
     plan: &ClientPlan<'_>,
 ) -> Result<RunResult, BenchError> {
+    let (each, cpu_used, foreign_cpus) = run_clients(target, daemon, plan)?;
+    Ok(summarize(target, plan.w, plan.mode, each, cpu_used, foreign_cpus))
+}
+
+/// Runs every tenant's client once: what each measured, the daemon's CPU time (ns) and the
+/// CPUs other processes used meanwhile.
+fn run_clients(
+    target: TargetKind,
+    daemon: &DaemonProcess,
+    plan: &ClientPlan<'_>,
+) -> Result<(Vec<TenantRun>, u64, f64), BenchError> {
     let (children, _) = start_clients(target, daemon, plan)?;
     // The clients are ours too (counted once waited for): only load from other processes
     // makes figures incomparable.
@@ -211,8 +238,84 @@ fn run_tenants(
     let cpu_before = cpu::process_cpu_total_ns(daemon.pid());
     let each = collect(target, children)?;
     let cpu_used = cpu::process_cpu_total_ns(daemon.pid()).saturating_sub(cpu_before);
-    let foreign_cpus = load.foreign_cpus();
-    Ok(summarize(target, plan.w, plan.mode, each, cpu_used, foreign_cpus))
+    Ok((each, cpu_used, load.foreign_cpus()))
+}
+
+/// The workload tenant 0 floods with in the noisy-neighbour run.
+const FLOOD: &str = "randread-4k-qd32";
+
+/// One cell of the noisy-neighbour run (`--flood-limit`): the other tenants' figures with
+/// tenant 0 idle, flooding, and flooding under `limit` (set live on export0 and lifted
+/// after). Returns the three rows and a note with the verdict.
+fn noisy_neighbour(
+    target: TargetKind,
+    daemon: &DaemonProcess,
+    plan: &ClientPlan<'_>,
+    limit: &str,
+) -> Result<(Vec<RunResult>, String), BenchError> {
+    let flood: Workload = FLOOD.parse().map_err(BenchError)?;
+    let control = daemon
+        .control
+        .as_deref()
+        .ok_or_else(|| BenchError(format!("{target} has no control socket to set limits on")))?;
+    let set_limit = |keys: &str| -> Result<(), BenchError> {
+        let mut args = serde_json::Map::new();
+        args.insert("id".into(), "export0".into());
+        for (k, v) in crate::export::split_pairs(keys, crate::qos::THROTTLE_KEYS)
+            .map_err(|e| BenchError(e.0))?
+        {
+            args.insert(k, v.into());
+        }
+        let mut c = crate::control::ControlClient::connect_named(control)
+            .map_err(|e| BenchError(e.to_string()))?;
+        let reply = c
+            .call("set-throttle", serde_json::Value::Object(args))
+            .map_err(|e| BenchError(format!("set-throttle: {e}")))?;
+        match reply.get("error") {
+            Some(e) => Err(BenchError(format!("set-throttle {keys}: {}", e["message"]))),
+            None => Ok(()),
+        }
+    };
+    let phases = [
+        ("alone", FirstTenant::Idle, None),
+        ("+flood", FirstTenant::Runs(flood), None),
+        ("+limited flood", FirstTenant::Runs(flood), Some(limit)),
+    ];
+    let mut rows = Vec::new();
+    let mut flooder_iops = Vec::new();
+    for (phase, first, limit) in phases {
+        if let Some(keys) = limit {
+            set_limit(keys)?;
+        }
+        let run = run_clients(target, daemon, &ClientPlan { first: Some(first), ..*plan });
+        if limit.is_some() {
+            set_limit("")?;
+        }
+        let (mut each, cpu_used, foreign_cpus) = run?;
+        let flooder = each.remove(0);
+        flooder_iops.push(flooder.iops);
+        let mut r = summarize(target, plan.w, plan.mode, each, cpu_used, foreign_cpus);
+        r.workload = format!("{} {phase}", r.workload);
+        // The daemon's CPU went to the flood too: per QD1 request it says nothing.
+        r.daemon_cpu_us_per_io = None;
+        rows.push(r);
+    }
+    let p99 = |i: usize| rows[i].p99_us;
+    let note = format!(
+        "noisy neighbour, {target} {} {}: the other tenants' worst p99 {:.1} us alone, \
+         {:.1} us ({:.2}x) beside tenant 0's QD32 flood ({:.0} IOPS), {:.1} us ({:.2}x, target at \
+         most 1.5x) with the flood limited to {limit} ({:.0} IOPS)",
+        plan.w.name,
+        plan.mode,
+        p99(0),
+        p99(1),
+        p99(1) / p99(0),
+        flooder_iops[1],
+        p99(2),
+        p99(2) / p99(0),
+        flooder_iops[2],
+    );
+    Ok((rows, note))
 }
 
 fn summarize(
@@ -286,6 +389,7 @@ fn measure_idle(
         runtime: period + Duration::from_secs(1),
         client_cpus: None,
         idle: true,
+        first: None,
     };
     let rss_before = rss_bytes(daemon.pid());
     let (children, start_at) = start_clients(target, daemon, &plan)?;
@@ -341,6 +445,22 @@ pub fn run(args: super::BenchArgs, tenants: usize) -> Result<Report, BenchError>
         notes.push("the host target has no exports to share: skipped with --tenants".to_string());
         targets.retain(|t| *t != TargetKind::Host);
     }
+    if let Some(keys) = &args.flood_limit {
+        let pairs = crate::export::split_pairs(keys, crate::qos::THROTTLE_KEYS)
+            .map_err(|e| BenchError(format!("--flood-limit: {e}")))?;
+        crate::qos::ThrottleConfig::from_pairs(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .map_err(|e| BenchError(format!("--flood-limit: {e}")))?;
+        if tenants < 2 {
+            return Err(BenchError(
+                "--flood-limit needs --tenants 2 or more (a flooder and the others)".into(),
+            ));
+        }
+        let before = targets.len();
+        targets.retain(|t| !t.is_qsd());
+        if targets.len() < before {
+            notes.push("--flood-limit: qemu-storage-daemon targets skipped (limits are set with blkplane's set-throttle)".into());
+        }
+    }
     let qsd = super::find_qsd(&args, &mut targets, &mut notes)?;
     let base_dir = super::image_dir(&args);
     let work = tempfile::Builder::new()
@@ -376,7 +496,15 @@ pub fn run(args: super::BenchArgs, tenants: usize) -> Result<Report, BenchError>
                     runtime: Duration::from_secs_f64(args.runtime),
                     client_cpus: client_cpus.as_deref(),
                     idle: false,
+                    first: None,
                 };
+                if let Some(limit) = &args.flood_limit {
+                    let (rows, note) = noisy_neighbour(*t, daemon, &plan, limit)?;
+                    notes.push(note);
+                    results.extend(rows);
+                    progress.done += 1;
+                    continue;
+                }
                 let r = run_tenants(*t, daemon, &plan)?;
                 if r.foreign_cpus > cpu::FOREIGN_LOAD_WARN_CPUS {
                     notes.push(format!(
