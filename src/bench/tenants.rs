@@ -246,12 +246,13 @@ const FLOOD: &str = "randread-4k-qd32";
 
 /// One cell of the noisy-neighbour run (`--flood-limit`): the other tenants' figures with
 /// tenant 0 idle, flooding, and flooding under `limit` (set live on export0 and lifted
-/// after). Returns the three rows and a note with the verdict.
+/// after), `repeat` rounds. Returns the three rows and a note with the verdict.
 fn noisy_neighbour(
     target: TargetKind,
     daemon: &DaemonProcess,
     plan: &ClientPlan<'_>,
     limit: &str,
+    repeat: usize,
 ) -> Result<(Vec<RunResult>, String), BenchError> {
     let flood: Workload = FLOOD.parse().map_err(BenchError)?;
     let control = daemon
@@ -281,37 +282,57 @@ fn noisy_neighbour(
         ("+flood", FirstTenant::Runs(flood), None),
         ("+limited flood", FirstTenant::Runs(flood), Some(limit)),
     ];
+    // Each round runs the three phases one after the other, so that a slow moment of the
+    // machine falls on all three alike; each phase's row is its median round (by p99).
+    let mut runs: Vec<Vec<(RunResult, f64)>> = vec![Vec::new(); phases.len()];
+    for _ in 0..repeat {
+        for (i, &(phase, first, limit)) in phases.iter().enumerate() {
+            if let Some(keys) = limit {
+                set_limit(keys)?;
+            }
+            let run = run_clients(target, daemon, &ClientPlan { first: Some(first), ..*plan });
+            if limit.is_some() {
+                set_limit("")?;
+            }
+            let (mut each, cpu_used, foreign_cpus) = run?;
+            let flooder = each.remove(0);
+            let mut r = summarize(target, plan.w, plan.mode, each, cpu_used, foreign_cpus);
+            r.workload = format!("{} {phase}", r.workload);
+            // The daemon's CPU went to the flood too: per QD1 request it says nothing.
+            r.daemon_cpu_us_per_io = None;
+            runs[i].push((r, flooder.iops));
+        }
+    }
     let mut rows = Vec::new();
     let mut flooder_iops = Vec::new();
-    for (phase, first, limit) in phases {
-        if let Some(keys) = limit {
-            set_limit(keys)?;
-        }
-        let run = run_clients(target, daemon, &ClientPlan { first: Some(first), ..*plan });
-        if limit.is_some() {
-            set_limit("")?;
-        }
-        let (mut each, cpu_used, foreign_cpus) = run?;
-        let flooder = each.remove(0);
-        flooder_iops.push(flooder.iops);
-        let mut r = summarize(target, plan.w, plan.mode, each, cpu_used, foreign_cpus);
-        r.workload = format!("{} {phase}", r.workload);
-        // The daemon's CPU went to the flood too: per QD1 request it says nothing.
-        r.daemon_cpu_us_per_io = None;
+    let mut ranges = Vec::new();
+    for mut phase_runs in runs {
+        phase_runs.sort_by(|a, b| a.0.p99_us.total_cmp(&b.0.p99_us));
+        let (lo, hi) = (phase_runs[0].0.p99_us, phase_runs[phase_runs.len() - 1].0.p99_us);
+        ranges.push(if phase_runs.len() > 1 {
+            format!(" [{lo:.0}-{hi:.0}]")
+        } else {
+            String::new()
+        });
+        let (r, iops) = phase_runs.swap_remove(phase_runs.len() / 2);
         rows.push(r);
+        flooder_iops.push(iops);
     }
     let p99 = |i: usize| rows[i].p99_us;
     let note = format!(
-        "noisy neighbour, {target} {} {}: the other tenants' worst p99 {:.1} us alone, \
-         {:.1} us ({:.2}x) beside tenant 0's QD32 flood ({:.0} IOPS), {:.1} us ({:.2}x, target at \
-         most 1.5x) with the flood limited to {limit} ({:.0} IOPS)",
+        "noisy neighbour, {target} {} {}, median of {repeat}: the other tenants' worst p99 \
+         {:.1} us{} alone, {:.1} us{} ({:.2}x) beside tenant 0's QD32 flood ({:.0} IOPS), \
+         {:.1} us{} ({:.2}x, target at most 1.5x) with the flood limited to {limit} ({:.0} IOPS)",
         plan.w.name,
         plan.mode,
         p99(0),
+        ranges[0],
         p99(1),
+        ranges[1],
         p99(1) / p99(0),
         flooder_iops[1],
         p99(2),
+        ranges[2],
         p99(2) / p99(0),
         flooder_iops[2],
     );
@@ -499,7 +520,8 @@ pub fn run(args: super::BenchArgs, tenants: usize) -> Result<Report, BenchError>
                     first: None,
                 };
                 if let Some(limit) = &args.flood_limit {
-                    let (rows, note) = noisy_neighbour(*t, daemon, &plan, limit)?;
+                    let (rows, note) =
+                        noisy_neighbour(*t, daemon, &plan, limit, args.repeat as usize)?;
                     notes.push(note);
                     results.extend(rows);
                     progress.done += 1;

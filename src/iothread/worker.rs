@@ -161,11 +161,17 @@ impl EventLoop {
             }
             self.mark_busy(false);
             let in_flight = self.queues.iter().any(|e| e.queue.in_flight() > 0);
+            // Every queue waits for its limits' timer: there is nothing to poll for.
+            let only_timers = !in_flight && self.queues.iter().all(|e| e.queue.held());
             if !poller.polling() {
                 // Where this idle period polls, looked up once (not per round).
                 self.polling_on = current_cpu();
             }
-            if !self.exiting && poller.keep_polling(&self.poll, in_flight) && !self.cpu_wanted() {
+            if !self.exiting
+                && !only_timers
+                && poller.keep_polling(&self.poll, in_flight)
+                && !self.cpu_wanted()
+            {
                 if in_flight {
                     // Let a kernel worker finishing our I/O (io_uring punts writes that cannot
                     // be issued without blocking) have this CPU while we wait for it.
