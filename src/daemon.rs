@@ -391,11 +391,25 @@ impl Daemon {
             Some(want) => want == id,
             None => r.id.is_none() && c.socket == r.socket,
         };
+        // Limits alone are changed live, as set-throttle does, also under a connected VM.
+        let limits_only = |r: &ExportConfig, c: &ExportConfig| {
+            same(
+                &ExportConfig { throttle: ThrottleConfig::default(), ..r.clone() },
+                &ExportConfig { throttle: ThrottleConfig::default(), ..c.clone() },
+            )
+        };
         let mut kept = Vec::new();
         let mut to_add = Vec::new();
         for c in &wanted {
             match running.iter().find(|(id, r)| matches(c, id, r)) {
                 Some((id, r)) if same(r, c) => kept.push(id.clone()),
+                Some((id, r)) if limits_only(r, c) => {
+                    if let Err(e) = self.set_throttle(Some(id), None, &c.throttle) {
+                        problems.push(format!("export '{id}': its new limits were not set: {}", e.message));
+                    }
+                    self.set_running_config(id, c);
+                    kept.push(id.clone());
+                }
                 Some((id, _)) => match self.remove(id, false) {
                     Ok(()) => to_add.push(c.clone()),
                     Err(e) => {
@@ -430,6 +444,14 @@ impl Daemon {
         }
         self.set_from_file(kept);
         problems
+    }
+
+    /// Records `config` as what an export was started with (its limits changed by a
+    /// reload), so that the next reload compares the file with it.
+    fn set_running_config(&self, id: &str, config: &ExportConfig) {
+        if let Some(e) = self.exports().iter_mut().find(|e| e.id == id) {
+            e.config.throttle = config.throttle.clone();
+        }
     }
 
     pub fn list(&self) -> Vec<ExportInfo> {

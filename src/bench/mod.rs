@@ -107,7 +107,8 @@ pub struct BenchArgs {
     /// Seconds to measure the daemons' CPU with a client connected and no I/O (0: skip).
     #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
     pub idle: f64,
-    /// Extra export keys for the blkplane targets (e.g. cache=none,queue-size=128).
+    /// Extra export keys for this build's blkplane targets, not the baseline (e.g.
+    /// cache=none,queue-size=128).
     #[arg(long, value_name = "KEYS", default_value = "")]
     pub blkplane_opts: String,
     /// Another blkplane binary to measure beside this one (target `baseline`, added to the

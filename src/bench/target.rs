@@ -239,7 +239,8 @@ pub fn start_daemon(spec: DaemonSpec<'_>) -> Result<DaemonProcess, BenchError> {
                 if spec.kind == TargetKind::BlkplaneDedicated {
                     export.push_str(",iothread=dedicated");
                 }
-                if !spec.blkplane_opts.is_empty() {
+                // The baseline runs with its defaults: keys this build knows may be new to it.
+                if !spec.blkplane_opts.is_empty() && spec.kind != TargetKind::Baseline {
                     export.push(',');
                     export.push_str(spec.blkplane_opts);
                 }
