@@ -45,8 +45,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn main() {
     let n: u64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(10_000_000);
     let none = Throttle::own(&ThrottleConfig::default());
-    let limits = ThrottleConfig::from_pairs([("iops-total", "1000000000000"), ("bps-total", "1000000000000000")])
-        .expect("limits");
+    let limits = ThrottleConfig::from_pairs([
+        ("iops-total", "1000000000000"),
+        ("bps-total", "1000000000000000"),
+    ])
+    .expect("limits");
     let limited = Throttle::own(&limits);
     println!("ns per request (median of 5 runs of {n} requests per thread)");
     for (what, t, threads) in [

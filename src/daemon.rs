@@ -405,7 +405,10 @@ impl Daemon {
                 Some((id, r)) if same(r, c) => kept.push(id.clone()),
                 Some((id, r)) if limits_only(r, c) => {
                     if let Err(e) = self.set_throttle(Some(id), None, &c.throttle) {
-                        problems.push(format!("export '{id}': its new limits were not set: {}", e.message));
+                        problems.push(format!(
+                            "export '{id}': its new limits were not set: {}",
+                            e.message
+                        ));
                     }
                     self.set_running_config(id, c);
                     kept.push(id.clone());

@@ -84,7 +84,21 @@ inside a value.
   socket-mode=MODE, socket-group=GROUP, socket-owner=USER
                      who may connect: the socket is created 0600 (owner only); these widen
                      it on purpose, e.g. for QEMU run by libvirt as its own user
-                     (socket-group=libvirt-qemu,socket-mode=0660). socket-owner needs root.";
+                     (socket-group=libvirt-qemu,socket-mode=0660). socket-owner needs root.
+  image=nbd+unix:///EXPORT?socket=PATH, image=nbd://HOST[:PORT]/EXPORT
+                     an NBD server's export; reconnect-delay=SECONDS (default 10) is how long
+                     requests wait for a lost server before they fail.
+  image=rbd:POOL/IMAGE[@SNAP][:conf=PATH][:id=USER], or pool=, rbd-image=, ceph-conf=,
+  ceph-user=         a Ceph RBD image (a snapshot is served read-only); ceph-op-timeout=
+                     SECONDS fails requests the cluster does not answer (default 0: wait).
+  iops-total=N, iops-read=N, iops-write=N, bps-total=BYTES, bps-read=BYTES, bps-write=BYTES
+                     rate limits, per second (QEMU's meaning). Each also takes -max (the rate
+                     of a burst) and -max-length (seconds a burst at -max may last, default
+                     1). A total and a per-direction limit of one unit exclude each other.
+  iops-size=BYTES    a larger request counts as BYTES-sized operations.
+  throttle-group=NAME
+                     exports naming one group share its limits (given by its first export);
+                     change them live with ctl set-throttle id=ID|group=NAME KEY=VALUE...";
 
 /// Where `ctl` and `stat` look for the control socket when neither --control nor
 /// BLKPLANE_CONTROL says: the path of contrib/'s unit and configuration.

@@ -450,7 +450,11 @@ fn a_reload_that_changes_only_limits_applies_them_under_a_connected_vm() {
         std::fs::write(&cfg, text).unwrap();
     };
     write_config(100);
-    let daemon = Daemon::start_with(d, &["--config".into(), cfg.display().to_string()], &[ctl_path.clone(), sock.clone()]);
+    let daemon = Daemon::start_with(
+        d,
+        &["--config".into(), cfg.display().to_string()],
+        &[ctl_path.clone(), sock.clone()],
+    );
     let mut c = Client::connect(&sock, 1);
     assert_eq!(ctl_ok(&ctl_path, &["list-exports"])[0]["spec"]["iops-total"], 100);
     write_config(4000);
@@ -460,6 +464,11 @@ fn a_reload_that_changes_only_limits_applies_them_under_a_connected_vm() {
     });
     // Not replaced: the same client goes on, at the new rate (far above 100 per second).
     let times = flood(&mut c, false, 4096, NULL_BYTES, 2.0);
-    assert_near("IOPS after the reload", count(&times, 0.0, 2.0) as f64 / 2.0, 4000.0 + 200.0, 10.0);
+    assert_near(
+        "IOPS after the reload",
+        count(&times, 0.0, 2.0) as f64 / 2.0,
+        4000.0 + 200.0,
+        10.0,
+    );
     assert!(!daemon.log().contains("was not replaced"), "{}", daemon.log());
 }
