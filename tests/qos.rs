@@ -121,12 +121,18 @@ fn null_export(d: &Path, id: &str, keys: &str) -> String {
     )
 }
 
+/// A daemon serving one null export `id` with `keys`, and a client connected to it.
+fn serve_null(d: &Path, id: &str, keys: &str) -> (Daemon, PathBuf, Client) {
+    let (daemon, control) = daemon(d, &[null_export(d, id, keys)], &[]);
+    let client = Client::connect(&d.join(format!("{id}.sock")), 1);
+    (daemon, control, client)
+}
+
 #[test]
 fn iops_total_holds_a_qd32_flood_to_its_rate() {
     let dir = tmpdir();
     let d = dir.path();
-    let (_daemon, _) = daemon(d, &[null_export(d, "e", ",iops-total=1000")], &[]);
-    let mut c = Client::connect(&d.join("e.sock"), 1);
+    let (_daemon, _, mut c) = serve_null(d, "e", ",iops-total=1000");
     let times = flood(&mut c, false, 4096, NULL_BYTES, 10.0);
     // 1000 per second and a tenth of a second's worth at once: 10 100 in 10 s.
     let n = count(&times, 0.0, 10.0) as f64;
@@ -148,8 +154,7 @@ fn a_burst_goes_at_its_rate_for_its_capacity() {
     // -max and -max-length): a tenth of a second of the burst rate at once, then 1000/s
     // until the capacity is spent (at 1.125 s, 800 net per second), then 200/s.
     let keys = ",iops-total=200,iops-total-max=1000,iops-total-max-length=1";
-    let (_daemon, _) = daemon(d, &[null_export(d, "b", keys)], &[]);
-    let mut c = Client::connect(&d.join("b.sock"), 1);
+    let (_daemon, _, mut c) = serve_null(d, "b", keys);
     let times = flood(&mut c, false, 4096, NULL_BYTES, 5.0);
     assert_near("completions in the first second", count(&times, 0.0, 1.0) as f64, 1100.0, 5.0);
     assert_near("completions in 5 s", count(&times, 0.0, 5.0) as f64, 2000.0, 5.0);
@@ -198,8 +203,7 @@ fn bps_total_holds_bytes_and_every_write_lands() {
 fn directions_are_limited_apart() {
     let dir = tmpdir();
     let d = dir.path();
-    let (_daemon, _) = daemon(d, &[null_export(d, "r", ",iops-read=100")], &[]);
-    let mut c = Client::connect(&d.join("r.sock"), 1);
+    let (_daemon, _, mut c) = serve_null(d, "r", ",iops-read=100");
     let reads = flood(&mut c, false, 4096, NULL_BYTES, 3.0);
     assert_near("reads in 3 s", count(&reads, 0.0, 3.0) as f64, 310.0, 5.0);
     // Writes are not limited: far beyond 100 per second.
@@ -363,9 +367,8 @@ fn a_held_queue_sleeps_and_shows_in_the_stats() {
 fn flushes_go_free_and_a_held_request_does_not_hold_up_a_reset() {
     let dir = tmpdir();
     let d = dir.path();
-    let (mut daemon, _) = daemon(d, &[null_export(d, "f", ",iops-total=1")], &[]);
+    let (mut daemon, _, mut c) = serve_null(d, "f", ",iops-total=1");
     let sock = d.join("f.sock");
-    let mut c = Client::connect(&sock, 1);
     // The idle bucket lets one read through; flushes cost nothing (1 per second would
     // take 20 s).
     c.read_at(0, 0, 4096, 0).unwrap();

@@ -84,23 +84,28 @@ pub fn cost_ns(units: u64, rate: u64) -> u64 {
     u64::try_from(ns).unwrap_or(u64::MAX)
 }
 
+/// Requests offered back to back from t=0 by one queue, each when the one before may go
+/// (`wait_at(now)` reserves one and says how long it waits): how many may go by `until_ns`.
+#[cfg(test)]
+pub(super) fn requests_by(until_ns: u64, mut wait_at: impl FnMut(u64) -> u64) -> u64 {
+    let (mut now, mut n) = (0, 0);
+    loop {
+        now += wait_at(now);
+        if now > until_ns {
+            return n;
+        }
+        n += 1;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
 
     use super::*;
 
-    /// Requests of `cost` offered back to back from t=0, each when the one before may go:
-    /// how many may go by `until_ns`.
     fn flood(g: &Gcra, cost: u64, until_ns: u64) -> u64 {
-        let (mut now, mut n) = (0, 0);
-        loop {
-            now += g.reserve(now, cost);
-            if now > until_ns {
-                return n;
-            }
-            n += 1;
-        }
+        requests_by(until_ns, |now| g.reserve(now, cost))
     }
 
     #[test]

@@ -200,17 +200,8 @@ mod tests {
         ThrottleConfig::from_pairs(pairs.iter().copied()).unwrap()
     }
 
-    /// Requests of `cost` offered back to back from t=0, each when the one before may go
-    /// (one queue): how many may go by `until_ns`.
     fn flood(t: &Throttle, cost: Cost, until_ns: u64) -> u64 {
-        let (mut now, mut n) = (0, 0);
-        loop {
-            now += t.admit(now, cost);
-            if now > until_ns {
-                return n;
-            }
-            n += 1;
-        }
+        crate::qos::gcra::requests_by(until_ns, |now| t.admit(now, cost))
     }
 
     #[test]
