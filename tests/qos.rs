@@ -237,8 +237,10 @@ fn a_throttle_group_shares_its_budget() {
     // The three together: 900 per second and 90 at once (the clients start within a few
     // milliseconds of each other).
     assert_near("the group's completions in 6 s", total as f64, 900.0 * 6.0 + 90.0, 5.0);
+    // And they take turns: none far from a third (a queue that grabbed every turn due
+    // within its thread's wake-up gave one export half of what the others got).
     for (i, n) in each.iter().enumerate() {
-        assert!(*n * 6 >= total, "export g{i} got {n} of {total}: {each:?}");
+        assert!(*n * 4 >= total, "export g{i} got {n} of {total}: {each:?}");
     }
     // Every member shows the group's limits; another export may not bring its own.
     let list = ctl_ok(&control, &["list-exports"]);

@@ -34,10 +34,11 @@ pub(super) const KICKLESS_POLL_MS: i32 = 1;
 /// raised or lifted from the control socket takes effect within this time, whatever the old
 /// limit told the request to wait.
 const THROTTLE_RECHECK_NS: u64 = 100_000_000;
-/// A held request is let go no sooner than this after it was held (or looked at): the ones
-/// whose turns came meanwhile go together, one wake-up of the thread and one interrupt of the
-/// guest for several requests instead of one each. The buckets allow a tenth of a second of
-/// burst at least, so starting up to this late loses nothing of the rate.
+/// The granularity of a queue's turns: a held request is looked at no sooner than this after
+/// it was held, so that the requests whose turns came meanwhile go together (one wake-up of
+/// the thread and one interrupt of the guest for several requests instead of one each), and
+/// one request whose turn is at most this far off may go early. The buckets allow a tenth of
+/// a second of burst at least, so going up to this late or early changes nothing of the rate.
 const THROTTLE_TICK_NS: u64 = 5_000_000;
 
 /// When a request held at `now_ns` and free to go at `go_ns` is looked at next.
@@ -246,6 +247,8 @@ pub(super) struct Core {
     /// A request that waits for the export's limits (see crate::qos); the rest wait in the
     /// ring behind it, so the order holds and nothing more is taken or buffered.
     pub(super) throttled: Option<Held>,
+    /// The turn of the last request that went before it (see `go_early`).
+    pub(super) early_until_ns: u64,
     /// Requests whose first operation completed and that need another (tags; preallocated).
     pub(super) followups: Vec<(u16, followup::Followup)>,
     /// Requests taken from the ring and answered since the queue first started (mirrored in
@@ -287,6 +290,7 @@ impl<E: Engine> QueueWorker<E> {
             zero_range_supported: true,
             parked: None,
             throttled: None,
+            early_until_ns: 0,
             followups: Vec::with_capacity(size),
             admitted,
             retired: admitted,
@@ -516,7 +520,7 @@ impl Core {
                         let now = *now_ns.get_or_insert_with(qos::now_ns);
                         let generation = self.disk.throttle.generation();
                         let wait_ns = self.disk.throttle.admit(now, cost);
-                        if wait_ns > 0 {
+                        if wait_ns > 0 && !self.go_early(now, now + wait_ns) {
                             self.hold(tag, req, now, wait_ns, generation);
                             break;
                         }
@@ -581,6 +585,19 @@ impl Core {
         self.count_throttle_queue();
     }
 
+    /// Whether a request whose turn is at `go_ns` may go now, at `now_ns`: if its turn is
+    /// within the tick and no other request of this queue went before its turn and is still
+    /// early. The buckets' burst absorbs going early; one early request per queue keeps the
+    /// queues of a group taking turns (a queue that took every turn within the tick would
+    /// take them from the others).
+    fn go_early(&mut self, now_ns: u64, go_ns: u64) -> bool {
+        if go_ns > now_ns + THROTTLE_TICK_NS || self.early_until_ns > now_ns {
+            return false;
+        }
+        self.early_until_ns = go_ns;
+        true
+    }
+
     /// Publishes how many requests wait for the limits: the one held and those behind it in
     /// the ring.
     fn count_throttle_queue(&mut self) {
@@ -605,7 +622,7 @@ impl Core {
             held.go_ns = now + wait_ns;
             held.generation = generation;
         }
-        if now < held.go_ns && !self.stopping {
+        if now < held.go_ns && !self.stopping && !self.go_early(now, held.go_ns) {
             held.check_ns = check_at(now, held.go_ns);
             self.throttled = Some(held);
             self.count_throttle_queue();
