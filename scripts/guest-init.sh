@@ -2,7 +2,7 @@
 # /init of the guest test's initramfs. It checks the disk blkplane serves as /dev/vda and
 # reports on the console: BLKPLANE-CHECK lines as it goes, BLKPLANE-MD5 for the host to
 # compare with the image, then BLKPLANE-PASS or BLKPLANE-FAIL. Parameters come from the
-# kernel command line: blkplane.mode=rw|ro, blkplane.runid, blkplane.sectors,
+# kernel command line: blkplane.mode=rw|ro|resize|restart|migrate|limit, blkplane.runid, blkplane.sectors,
 # blkplane.serial, blkplane.queues, blkplane.wce (1 = write back).
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
@@ -89,6 +89,17 @@ if [ "$MODE" = resize ]; then
     dd if=/tmp/tail of=/dev/vda bs=512 seek=$last count=8 oflag=direct 2>/dev/null || fail "write at the new end"
     echo "BLKPLANE-MD5 $((last * 512)) 4096 $(md5sum < /tmp/tail | cut -d' ' -f1)"
     check "wrote the last 4 KiB of the grown disk"
+    echo "BLKPLANE-PASS"
+    poweroff -f
+fi
+
+if [ "$MODE" = limit ]; then
+    # The host serves the disk under a rate limit and checks the figure fio prints here:
+    # random reads at depth 16 for 6 s (terse output: field 8 is the read IOPS).
+    fio --name=limit --filename=/dev/vda --eta=never --direct=1 --ioengine=libaio --iodepth=16 \
+        --rw=randread --bs=4k --time_based=1 --runtime=6 --output-format=terse \
+        --terse-version=3 --output=/tmp/fio || { cat /tmp/fio; fail "fio under the limit"; }
+    echo "BLKPLANE-IOPS $(cut -d';' -f8 /tmp/fio)"
     echo "BLKPLANE-PASS"
     poweroff -f
 fi

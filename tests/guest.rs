@@ -334,6 +334,40 @@ fn linux_guest_on_rbd() {
     });
 }
 
+/// A Linux guest's own fio, at depth 16, is held to its disk's rate limit (iops-total=300):
+/// the IOPS fio reports in the guest are the limit's, a tenth of a second's burst spread
+/// over its 6 s included.
+#[test]
+fn linux_guest_is_held_to_its_limit() {
+    let cache = assets();
+    let dir = tmpdir();
+    let image = dir.path().join("disk.raw");
+    let sock = dir.path().join("blk.sock");
+    make_image(&image, IMAGE_BYTES, 78);
+    let export = format!("id=disk,socket={},image={},iops-total=300", sock.display(), image.display());
+    let mut daemon = Daemon::start_with(dir.path(), &["--export".into(), export], &[sock.clone()]);
+    let append = "console=ttyS0 panic=-1 quiet loglevel=4 blkplane.mode=limit";
+    let console_path = dir.path().join("console.log");
+    let console = fs::File::create(&console_path).unwrap();
+    let status = qemu(cache, 1, &[(&sock, 1)], false, append)
+        .stdin(Stdio::null())
+        .stdout(console.try_clone().unwrap())
+        .stderr(console)
+        .status()
+        .expect("run QEMU");
+    let console = fs::read_to_string(&console_path).unwrap_or_default();
+    assert!(daemon.stop().success(), "{}", daemon.log());
+    assert!(status.code() != Some(124), "the guest timed out\n{console}");
+    assert!(console.contains("BLKPLANE-PASS"), "no verdict from the guest\n{console}");
+    let iops: f64 = console
+        .lines()
+        .find_map(|l| l.strip_prefix("BLKPLANE-IOPS "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no IOPS figure from the guest\n{console}"));
+    eprintln!("the guest's fio under iops-total=300: {iops} IOPS");
+    assert!((285.0..=320.0).contains(&iops), "{iops} IOPS in the guest under iops-total=300\n{console}");
+}
+
 /// Requests the exports have answered since their daemon started (query-stats on the control
 /// socket); None while the daemon does not answer.
 fn answered(ctl: &Path) -> Option<u64> {
