@@ -344,12 +344,20 @@ fn linux_guest_is_held_to_its_limit() {
     let image = dir.path().join("disk.raw");
     let sock = dir.path().join("blk.sock");
     make_image(&image, IMAGE_BYTES, 78);
-    let export = format!("id=disk,socket={},image={},iops-total=300", sock.display(), image.display());
+    let export = format!(
+        "id=disk,socket={},image={},serial=limited,iops-total=300",
+        sock.display(),
+        image.display()
+    );
     let mut daemon = Daemon::start_with(dir.path(), &["--export".into(), export], &[sock.clone()]);
-    let append = "console=ttyS0 panic=-1 quiet loglevel=4 blkplane.mode=limit";
+    let append = format!(
+        "console=ttyS0 panic=-1 quiet loglevel=4 blkplane.mode=limit blkplane.sectors={} \
+         blkplane.serial=limited blkplane.queues=1 blkplane.wce=1",
+        IMAGE_BYTES / 512
+    );
     let console_path = dir.path().join("console.log");
     let console = fs::File::create(&console_path).unwrap();
-    let status = qemu(cache, 1, &[(&sock, 1)], false, append)
+    let status = qemu(cache, 1, &[(&sock, 1)], false, &append)
         .stdin(Stdio::null())
         .stdout(console.try_clone().unwrap())
         .stderr(console)
@@ -365,7 +373,10 @@ fn linux_guest_is_held_to_its_limit() {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no IOPS figure from the guest\n{console}"));
     eprintln!("the guest's fio under iops-total=300: {iops} IOPS");
-    assert!((285.0..=320.0).contains(&iops), "{iops} IOPS in the guest under iops-total=300\n{console}");
+    assert!(
+        (285.0..=320.0).contains(&iops),
+        "{iops} IOPS in the guest under iops-total=300\n{console}"
+    );
 }
 
 /// Requests the exports have answered since their daemon started (query-stats on the control
