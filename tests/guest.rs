@@ -349,7 +349,8 @@ fn linux_guest_is_held_to_its_limit() {
         sock.display(),
         image.display()
     );
-    let mut daemon = Daemon::start_with(dir.path(), &["--export".into(), export], &[sock.clone()]);
+    let mut daemon =
+        Daemon::start_with(dir.path(), &["--export".into(), export], std::slice::from_ref(&sock));
     let append = format!(
         "console=ttyS0 panic=-1 quiet loglevel=4 blkplane.mode=limit blkplane.sectors={} \
          blkplane.serial=limited blkplane.queues=1 blkplane.wce=1",
