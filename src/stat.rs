@@ -97,6 +97,10 @@ struct Totals {
     bytes: u64,
     errors: u64,
     in_flight: u64,
+    queues: u64,
+    /// Time requests waited for the export's rate limits, summed over its queues.
+    throttled_ns: u64,
+    throttle_queued: u64,
     latency: Buckets,
     /// Per stage, in the daemon's order.
     stages: Vec<(String, Buckets)>,
@@ -117,6 +121,9 @@ fn totals(stats: &Value) -> Vec<(String, Totals)> {
             t.bytes += sum_map(&q["bytes"]);
             t.errors += sum_map(&q["errors_ioerr"]) + sum_map(&q["errors_unsupp"]);
             t.in_flight += q["in_flight"].as_u64().unwrap_or(0);
+            t.queues += 1;
+            t.throttled_ns += q["throttled_ns"].as_u64().unwrap_or(0);
+            t.throttle_queued += q["throttle_queued"].as_u64().unwrap_or(0);
             t.latency.add(&Buckets::from_report(&q["latency"]));
             for (i, s) in q["stages"].as_array().into_iter().flatten().enumerate() {
                 if t.stages.len() <= i {
@@ -170,6 +177,10 @@ pub struct ExportView {
     pub mb_per_s: f64,
     pub errors: u64,
     pub in_flight: u64,
+    /// Share of the interval its queues held a request for the rate limits (averaged over
+    /// the queues), and the requests waiting for them now.
+    pub throttled_percent: f64,
+    pub throttle_queued: u64,
     /// Every request answered in the interval, seen → notified.
     pub latency: IntervalLatency,
     pub stages: Vec<IntervalStage>,
@@ -247,6 +258,11 @@ fn view(now: &[(String, Totals)], before: &HashMap<String, Totals>, seconds: f64
                 mb_per_s: t1.bytes.saturating_sub(t0.bytes) as f64 / seconds / 1e6,
                 errors: t1.errors.saturating_sub(t0.errors),
                 in_flight: t1.in_flight,
+                throttled_percent: 100.0 * t1.throttled_ns.saturating_sub(t0.throttled_ns) as f64
+                    / 1e9
+                    / seconds
+                    / t1.queues.max(1) as f64,
+                throttle_queued: t1.throttle_queued,
                 latency: IntervalLatency::of(&t1.latency.since(&t0.latency)),
                 stages: stage_delta
                     .iter()
@@ -294,15 +310,33 @@ pub fn render(v: &View) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<16} {:>10} {:>9} {:>9} {:>9} {:>9} {:>7} {:>9}",
-        "export", "IOPS", "MB/s", "mean µs", "p50 µs", "p99 µs", "errors", "in-flight"
+        "{:<16} {:>10} {:>9} {:>9} {:>9} {:>9} {:>7} {:>9} {:>7} {:>7}",
+        "export",
+        "IOPS",
+        "MB/s",
+        "mean µs",
+        "p50 µs",
+        "p99 µs",
+        "errors",
+        "in-flight",
+        "held %",
+        "queued"
     );
     for e in &v.exports {
         let l = &e.latency;
         let _ = writeln!(
             out,
-            "{:<16} {:>10.0} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>7} {:>9}",
-            e.id, e.iops, e.mb_per_s, l.mean_us, l.p50_us, l.p99_us, e.errors, e.in_flight
+            "{:<16} {:>10.0} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>7} {:>9} {:>7.1} {:>7}",
+            e.id,
+            e.iops,
+            e.mb_per_s,
+            l.mean_us,
+            l.p50_us,
+            l.p99_us,
+            e.errors,
+            e.in_flight,
+            e.throttled_percent,
+            e.throttle_queued
         );
         let sampled = e.stages.iter().map(|s| s.samples).max().unwrap_or(0);
         if sampled == 0 {

@@ -313,7 +313,7 @@ fn a_held_queue_sleeps_and_shows_in_the_stats() {
     let sock = d.join("h.sock");
     let run = std::thread::spawn(move || {
         let mut c = Client::connect(&sock, 1);
-        flood(&mut c, false, 4096, NULL_BYTES, 4.0)
+        flood(&mut c, false, 4096, NULL_BYTES, 5.0)
     });
     std::thread::sleep(Duration::from_millis(1000));
     let cpu = || {
@@ -360,6 +360,16 @@ fn a_held_queue_sleeps_and_shows_in_the_stats() {
     assert!((25.0..=32.0).contains(&metric("blkplane_throttle_queued_requests")));
     assert!(metric("blkplane_throttled_seconds_total") > 2.0);
     assert!(metric("blkplane_throttled_requests_total") >= 40.0);
+    // `blkplane stat`: the queue held a request nearly all the interval.
+    let out = std::process::Command::new(common::daemon_bin())
+        .args(["stat", "--json", "--count", "1", "--interval", "0.5", "--control"])
+        .arg(&control)
+        .output()
+        .unwrap();
+    let view: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let e = &view["exports"][0];
+    assert!(e["throttled_percent"].as_f64().unwrap() > 80.0, "{view}");
+    assert!(e["throttle_queued"].as_u64().unwrap() >= 25, "{view}");
     run.join().unwrap();
     // Idle again: nothing waits.
     assert_eq!(queue_stats(&control, "h")["throttle_queued"], 0);
