@@ -38,9 +38,19 @@ pub const LIMITS: [(Unit, Direction); 6] = [
     (Unit::Bps, Direction::Write),
 ];
 
-/// The key of limit `i` of [`LIMITS`].
+/// The keys of each limit of [`LIMITS`]: its average, its burst rate, its burst length.
+const KEYS: [[&str; 3]; 6] = [
+    ["iops-total", "iops-total-max", "iops-total-max-length"],
+    ["iops-read", "iops-read-max", "iops-read-max-length"],
+    ["iops-write", "iops-write-max", "iops-write-max-length"],
+    ["bps-total", "bps-total-max", "bps-total-max-length"],
+    ["bps-read", "bps-read-max", "bps-read-max-length"],
+    ["bps-write", "bps-write-max", "bps-write-max-length"],
+];
+
+/// The key of limit `i` of [`LIMITS`] (its average).
 pub fn limit_key(i: usize) -> &'static str {
-    ["iops-total", "iops-read", "iops-write", "bps-total", "bps-read", "bps-write"][i]
+    KEYS[i][0]
 }
 
 /// Every key this module reads, for help texts and error messages.
@@ -105,15 +115,19 @@ impl ThrottleConfig {
             self.iops_size = n;
             return Ok(true);
         }
-        let Some(i) = (0..LIMITS.len()).find(|&i| key.starts_with(limit_key(i))) else {
+        let Some((i, j)) = KEYS
+            .iter()
+            .enumerate()
+            .find_map(|(i, keys)| keys.iter().position(|k| *k == key).map(|j| (i, j)))
+        else {
             return Ok(false);
         };
         let bytes = LIMITS[i].0 == Unit::Bps;
         let limit = &mut self.limits[i];
-        match &key[limit_key(i).len()..] {
-            "" => limit.avg = parse_value(key, value, bytes)?,
-            "-max" => limit.max = parse_value(key, value, bytes)?,
-            "-max-length" => {
+        match j {
+            0 => limit.avg = parse_value(key, value, bytes)?,
+            1 => limit.max = parse_value(key, value, bytes)?,
+            _ => {
                 let n = parse_value(key, value, false)?;
                 if !(1..=MAX_BURST_LENGTH_S).contains(&n) {
                     return Err(ThrottleError(format!(
@@ -122,7 +136,6 @@ impl ThrottleConfig {
                 }
                 limit.max_length_s = n;
             }
-            _ => return Ok(false),
         }
         Ok(true)
     }
@@ -167,30 +180,14 @@ impl ThrottleConfig {
     /// The keys that give these limits back (only those set), for `list-exports` and
     /// `dump-config`.
     pub fn to_pairs(&self) -> Vec<(&'static str, u64)> {
-        const MAX_KEYS: [&str; 6] = [
-            "iops-total-max",
-            "iops-read-max",
-            "iops-write-max",
-            "bps-total-max",
-            "bps-read-max",
-            "bps-write-max",
-        ];
-        const LENGTH_KEYS: [&str; 6] = [
-            "iops-total-max-length",
-            "iops-read-max-length",
-            "iops-write-max-length",
-            "bps-total-max-length",
-            "bps-read-max-length",
-            "bps-write-max-length",
-        ];
         let mut pairs = Vec::new();
-        for (i, l) in self.limits.iter().enumerate() {
+        for (l, [avg, max, length]) in self.limits.iter().zip(KEYS) {
             if l.avg > 0 {
-                pairs.push((limit_key(i), l.avg));
+                pairs.push((avg, l.avg));
             }
             if l.max > 0 {
-                pairs.push((MAX_KEYS[i], l.max));
-                pairs.push((LENGTH_KEYS[i], l.burst_length_s()));
+                pairs.push((max, l.max));
+                pairs.push((length, l.burst_length_s()));
             }
         }
         if self.iops_size > 0 {
