@@ -308,7 +308,8 @@ impl<E: Engine> QueueWorker<E> {
 
 impl<E: Engine> Served for QueueWorker<E> {
     fn fetch(&mut self, budget: usize) -> usize {
-        if !self.core.accepting() {
+        // A request held for the limits or parked goes before any new one.
+        if !self.core.takes_requests() {
             return 0;
         }
         self.core.fetch(&mut self.engine, budget)
@@ -440,9 +441,6 @@ impl Core {
     /// Takes new requests from the avail ring: at most `budget`, and as many as there are
     /// free slots.
     fn fetch(&mut self, engine: &mut impl Engine, budget: usize) -> usize {
-        if self.parked.is_some() || self.throttled.is_some() {
-            return 0;
-        }
         self.sampler.round_begins();
         // What an earlier daemon left in flight goes first, before the avail ring is read.
         let resubmitting = self.resubmit.pending() > 0;
