@@ -626,7 +626,7 @@ fn run_single(args: BenchArgs) -> Result<Report, BenchError> {
                     };
                     progress.show(&format!("{t} {} {mode}{of}", w.name));
                     if let (TargetKind::Host, Some(r)) = (t, &remote) {
-                        let f = remote::fio_rbd(
+                        results.push(remote::fio_rbd(
                             r,
                             w,
                             mode,
@@ -634,25 +634,7 @@ fn run_single(args: BenchArgs) -> Result<Report, BenchError> {
                             span,
                             warmup,
                             runtime,
-                        )?;
-                        results.push(RunResult {
-                            workload: w.name.to_string(),
-                            mode,
-                            target: t,
-                            iops: f.iops,
-                            mb_per_s: f.iops * w.block_bytes as f64 / 1e6,
-                            p50_us: f.p50_us,
-                            p99_us: f.p99_us,
-                            p999_us: f.p999_us,
-                            mean_us: f.mean_us,
-                            ios: f.ios,
-                            errors: f.errors,
-                            daemon_cpu_us_per_io: None,
-                            foreign_cpus: 0.0,
-                            tenants: None,
-                            layers: None,
-                            spread: None,
-                        });
+                        )?);
                         progress.done += 1;
                         continue;
                     }

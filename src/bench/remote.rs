@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::report::RunResult;
+use super::target::TargetKind;
 use super::workload::{ClientMode, Workload};
 use super::BenchError;
 
@@ -171,19 +173,8 @@ pub fn qsd_has_rbd(qsd: &Path) -> bool {
     }
 }
 
-/// What fio measured.
-pub struct FioResult {
-    pub iops: f64,
-    pub p50_us: f64,
-    pub p99_us: f64,
-    pub p999_us: f64,
-    pub mean_us: f64,
-    pub ios: u64,
-    pub errors: u64,
-}
-
 /// fio's `rbd` engine on the image: `queues` jobs at the workload's depth (busy-polling its
-/// completions in poll mode), after `warmup`, for `runtime`.
+/// completions in poll mode), after `warmup`, for `runtime`: the host row of the table.
 pub fn fio_rbd(
     remote: &Remote,
     w: Workload,
@@ -192,7 +183,7 @@ pub fn fio_rbd(
     span: u64,
     warmup: Duration,
     runtime: Duration,
-) -> Result<FioResult, BenchError> {
+) -> Result<RunResult, BenchError> {
     let Remote::Rbd { pool, image, conf } = remote else {
         return Err(BenchError("fio's rbd engine needs --backend rbd".into()));
     };
@@ -220,27 +211,37 @@ pub fn fio_rbd(
             .args(["--percentile_list=50:99:99.9", "--output-format=json"]),
         "fio --ioengine=rbd",
     )?;
-    parse_fio(&out, w.write)
+    parse_fio(&out, w, mode)
 }
 
-/// The figures of fio's JSON output for one direction.
-fn parse_fio(json: &str, write: bool) -> Result<FioResult, BenchError> {
+/// The figures of fio's JSON output for the workload's direction, as the host's row.
+fn parse_fio(json: &str, w: Workload, mode: ClientMode) -> Result<RunResult, BenchError> {
     // fio may print warnings before the JSON.
     let start = json.find('{').ok_or_else(|| BenchError("fio printed no JSON".into()))?;
     let v: serde_json::Value =
         serde_json::from_str(&json[start..]).map_err(|e| BenchError(format!("fio's JSON: {e}")))?;
     let job = &v["jobs"][0];
-    let side = &job[if write { "write" } else { "read" }];
+    let side = &job[if w.write { "write" } else { "read" }];
     let lat = &side["lat_ns"];
     let pct = |p: &str| lat["percentile"][p].as_f64().unwrap_or(0.0) / 1000.0;
-    let result = FioResult {
-        iops: side["iops"].as_f64().unwrap_or(0.0),
+    let iops = side["iops"].as_f64().unwrap_or(0.0);
+    let result = RunResult {
+        workload: w.name.to_string(),
+        mode,
+        target: TargetKind::Host,
+        iops,
+        mb_per_s: iops * w.block_bytes as f64 / 1e6,
         p50_us: pct("50.000000"),
         p99_us: pct("99.000000"),
         p999_us: pct("99.900000"),
         mean_us: lat["mean"].as_f64().unwrap_or(0.0) / 1000.0,
         ios: side["total_ios"].as_u64().unwrap_or(0),
         errors: job["error"].as_u64().unwrap_or(0),
+        daemon_cpu_us_per_io: None,
+        foreign_cpus: 0.0,
+        tenants: None,
+        layers: None,
+        spread: None,
     };
     if result.ios == 0 || result.p50_us == 0.0 {
         return Err(BenchError("fio --ioengine=rbd completed no I/O".into()));
@@ -258,11 +259,16 @@ mod tests {
 {"jobs":[{"error":0,"read":{"iops":1234.5,"total_ios":5000,
  "lat_ns":{"mean":81000.0,"percentile":{"50.000000":80000,"99.000000":150000,"99.900000":300000}}},
  "write":{"iops":0,"total_ios":0,"lat_ns":{"mean":0}}}]}"#;
-        let r = parse_fio(json, false).unwrap();
+        let [read, write, ..] = crate::bench::workload::WORKLOADS;
+        let r = parse_fio(json, read, ClientMode::Block).unwrap();
         assert_eq!(
             (r.iops, r.p50_us, r.p99_us, r.p999_us, r.mean_us, r.ios),
             (1234.5, 80.0, 150.0, 300.0, 81.0, 5000)
         );
-        assert_eq!(parse_fio(json, true).err().unwrap().0, "fio --ioengine=rbd completed no I/O");
+        assert_eq!((r.target, r.mb_per_s), (TargetKind::Host, 1234.5 * 4096.0 / 1e6));
+        assert_eq!(
+            parse_fio(json, write, ClientMode::Block).err().unwrap().0,
+            "fio --ioengine=rbd completed no I/O"
+        );
     }
 }
