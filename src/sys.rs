@@ -279,9 +279,18 @@ mod tests {
         assert_eq!(super::parse_schedstat("123 456 7\n"), Some((123, 456)));
         assert_eq!(super::parse_schedstat("123"), None);
         assert_eq!(super::parse_schedstat("x 1 2"), None);
-        // The running slice is counted when the thread leaves the CPU: leave it once.
-        let spin = std::time::Instant::now();
-        while spin.elapsed() < std::time::Duration::from_millis(2) {
+        // Spin until this thread has had 2 ms of CPU (by its own CPU clock: on a loaded
+        // machine 2 ms of wall time may hold far less), then leave the CPU once: the running
+        // slice is counted when the thread leaves it.
+        let thread_cpu_ns = || {
+            let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+            // SAFETY: ts is a valid timespec for clock_gettime to fill.
+            let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+            assert_eq!(rc, 0);
+            ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+        };
+        let start_ns = thread_cpu_ns();
+        while thread_cpu_ns() - start_ns < 2_000_000 {
             std::hint::spin_loop();
         }
         std::thread::sleep(std::time::Duration::from_millis(1));
