@@ -20,43 +20,196 @@
 //! poll-max-us = 32
 //! ```
 //!
-//! `pool-threads = N` sizes the shared pool (default: the CPUs the process may use).
-//!
-//! Each export table is turned into an --export spec and parsed by the same code.
+//! The top-level keys are [`DaemonSettings`]'s table; an export table's keys are those of
+//! `--export` (`export.rs`), an iothread table's those of `--iothread`. Values go to the
+//! same rows with their TOML type (a string stays a string). Every problem of a file is
+//! reported, each with its line and column.
 
 use std::path::{Path, PathBuf};
 
-use crate::export::{spec_from_pairs, ExportConfig, SpecValue};
-use crate::iothread::registry::{IoThreadConfig, MAX_POOL_THREADS};
+use toml_edit::{ImDocument, Item, Table};
 
+use crate::export::ExportConfig;
+use crate::iothread::registry::{IoThreadConfig, MAX_POOL_THREADS};
+use crate::spec::{err, Key, Kind, Options, SpecError, Value};
+
+/// What a configuration file says.
 #[derive(Debug, Default)]
 pub struct ConfigFile {
-    pub exports: Vec<ExportConfig>,
-    pub control: Option<PathBuf>,
-    pub metrics: Option<String>,
-    pub log_level: Option<String>,
-    pub log_format: Option<String>,
-    pub max_mapped_guest_memory: Option<String>,
+    pub settings: DaemonSettings,
     pub iothreads: Vec<IoThreadConfig>,
-    pub pool_threads: Option<usize>,
-    pub image_lock_wait_ms: Option<u64>,
+    pub exports: Vec<ExportConfig>,
 }
 
-/// Reads and validates `path`. Errors name the file and the problem in one line.
-/// The daemon-wide settings in force, as the file's top-level keys name them (for
-/// `dump-config`; exports and I/O threads come from the running daemon).
-#[derive(Clone, Debug, Default)]
+/// The daemon-wide settings: the file's top-level keys, and the command-line options of
+/// the same names. Also what `dump-config` writes of them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DaemonSettings {
     pub control: Option<PathBuf>,
     pub metrics: Option<String>,
     pub log_level: Option<String>,
     pub log_format: Option<String>,
-    pub max_mapped_guest_memory: Option<String>,
+    pub max_mapped_guest_memory_bytes: Option<u64>,
     pub pool_threads: Option<usize>,
     pub image_lock_wait_ms: Option<u64>,
 }
 
-fn table_of(pairs: Vec<(&'static str, SpecValue)>) -> toml::Table {
+/// One of `words`.
+fn choice(key: &str, v: &Value, words: &[&str]) -> Result<String, SpecError> {
+    let text = v.text(key)?;
+    if !words.contains(&text.as_str()) {
+        return err(format!("{key}={text}: one of {}", words.join(", ")));
+    }
+    Ok(text)
+}
+
+pub const LOG_LEVELS: &[&str] = &["off", "error", "warn", "info", "debug", "trace"];
+pub const LOG_FORMATS: &[&str] = &["text", "json"];
+
+impl Options for DaemonSettings {
+    const KEYS: &'static [Key<DaemonSettings>] = &[
+        Key {
+            name: "control",
+            aliases: &[],
+            kind: Kind::Path,
+            usage: "control=PATH",
+            help: "the control socket (JSON lines; mode 0600).",
+            set: |s, v| {
+                s.control = Some(v.path("control")?);
+                Ok(())
+            },
+            get: |s| s.control.as_ref().map(|p| Value::Str(p.display().to_string())),
+        },
+        Key {
+            name: "metrics",
+            aliases: &[],
+            kind: Kind::Text,
+            usage: "metrics=ADDR:PORT",
+            help: "serve Prometheus metrics at http://ADDR:PORT/metrics.",
+            set: |s, v| {
+                s.metrics = Some(v.text("metrics")?);
+                Ok(())
+            },
+            get: |s| s.metrics.clone().map(Value::Str),
+        },
+        Key {
+            name: "log-level",
+            aliases: &[],
+            kind: Kind::Choice(LOG_LEVELS),
+            usage: "log-level=LEVEL",
+            help: "error, warn, info (default), debug or trace.",
+            set: |s, v| {
+                s.log_level = Some(choice("log-level", v, LOG_LEVELS)?);
+                Ok(())
+            },
+            get: |s| s.log_level.clone().map(Value::Str),
+        },
+        Key {
+            name: "log-format",
+            aliases: &[],
+            kind: Kind::Choice(LOG_FORMATS),
+            usage: "log-format=FORMAT",
+            help: "text (default) or json.",
+            set: |s, v| {
+                s.log_format = Some(choice("log-format", v, LOG_FORMATS)?);
+                Ok(())
+            },
+            get: |s| s.log_format.clone().map(Value::Str),
+        },
+        Key {
+            name: "max-mapped-guest-memory",
+            aliases: &[],
+            kind: Kind::Size,
+            usage: "max-mapped-guest-memory=SIZE",
+            help: "the most guest memory the daemon maps for all its frontends (default 64T).",
+            set: |s, v| {
+                let bytes = v.size("max-mapped-guest-memory")?;
+                if bytes == 0 {
+                    return err("max-mapped-guest-memory=0: guests need some memory");
+                }
+                s.max_mapped_guest_memory_bytes = Some(bytes);
+                Ok(())
+            },
+            get: |s| s.max_mapped_guest_memory_bytes.map(Value::Int),
+        },
+        Key {
+            name: "pool-threads",
+            aliases: &[],
+            kind: Kind::Number,
+            usage: "pool-threads=N",
+            help: "threads of the shared I/O thread pool (default: one per CPU).",
+            set: |s, v| {
+                let n: usize = v.number("pool-threads")?;
+                if n == 0 || n > MAX_POOL_THREADS {
+                    return err(format!("pool-threads={n}: from 1 to {MAX_POOL_THREADS}"));
+                }
+                s.pool_threads = Some(n);
+                Ok(())
+            },
+            get: |s| s.pool_threads.map(|n| Value::Int(n as u64)),
+        },
+        Key {
+            name: "image-lock-wait-ms",
+            aliases: &[],
+            kind: Kind::Number,
+            usage: "image-lock-wait-ms=MS",
+            help: "how long to wait for an image another process has locked (default 5000).",
+            set: |s, v| {
+                let ms: u64 = v.number("image-lock-wait-ms")?;
+                let max = crate::engine::lock::MAX_LOCK_WAIT_MS;
+                if ms > max {
+                    return err(format!("image-lock-wait-ms={ms}: at most {max}"));
+                }
+                s.image_lock_wait_ms = Some(ms);
+                Ok(())
+            },
+            get: |s| s.image_lock_wait_ms.map(Value::Int),
+        },
+    ];
+}
+
+impl DaemonSettings {
+    /// `other`'s settings where it has them, ours elsewhere (the command line over the file).
+    pub fn overridden_by(&self, other: &DaemonSettings) -> DaemonSettings {
+        DaemonSettings {
+            control: other.control.clone().or_else(|| self.control.clone()),
+            metrics: other.metrics.clone().or_else(|| self.metrics.clone()),
+            log_level: other.log_level.clone().or_else(|| self.log_level.clone()),
+            log_format: other.log_format.clone().or_else(|| self.log_format.clone()),
+            max_mapped_guest_memory_bytes: other
+                .max_mapped_guest_memory_bytes
+                .or(self.max_mapped_guest_memory_bytes),
+            pool_threads: other.pool_threads.or(self.pool_threads),
+            image_lock_wait_ms: other.image_lock_wait_ms.or(self.image_lock_wait_ms),
+        }
+    }
+}
+
+/// A problem of a file, where it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// 1-based; 0 when the file has no position for it.
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "line {}, column {}: {}", self.line, self.column, self.message)
+    }
+}
+
+/// Every problem of a file, one per line, each after the file's name.
+pub fn describe(path: &Path, problems: &[Problem]) -> String {
+    let lines: Vec<String> = problems
+        .iter()
+        .map(|p| format!("{}:{}:{}: {}", path.display(), p.line, p.column, p.message))
+        .collect();
+    lines.join("\n")
+}
+
+fn table_of(pairs: Vec<(&'static str, Value)>) -> toml::Table {
     pairs.into_iter().map(|(k, v)| (k.to_string(), v.to_toml())).collect()
 }
 
@@ -66,120 +219,153 @@ pub fn render(
     iothreads: &[IoThreadConfig],
     exports: &[ExportConfig],
 ) -> String {
-    let mut top = toml::Table::new();
-    let mut put = |key: &str, value: Option<toml::Value>| {
-        if let Some(v) = value {
-            top.insert(key.to_string(), v);
-        }
-    };
-    let string = |s: &str| toml::Value::String(s.to_string());
-    put("control", settings.control.as_ref().map(|p| string(&p.display().to_string())));
-    put("metrics", settings.metrics.as_deref().map(string));
-    put("log-level", settings.log_level.as_deref().map(string));
-    put("log-format", settings.log_format.as_deref().map(string));
-    put("max-mapped-guest-memory", settings.max_mapped_guest_memory.as_deref().map(string));
-    put("pool-threads", settings.pool_threads.map(|n| SpecValue::Int(n as u64).to_toml()));
-    put("image-lock-wait-ms", settings.image_lock_wait_ms.map(|n| SpecValue::Int(n).to_toml()));
+    let mut top = table_of(settings.pairs());
     let list = |tables: Vec<toml::Table>| {
         (!tables.is_empty())
             .then(|| toml::Value::Array(tables.into_iter().map(toml::Value::Table).collect()))
     };
-    put("iothread", list(iothreads.iter().map(|t| table_of(t.to_pairs())).collect()));
-    put("export", list(exports.iter().map(|e| table_of(e.to_pairs())).collect()));
+    if let Some(l) = list(iothreads.iter().map(|t| table_of(t.pairs())).collect()) {
+        top.insert("iothread".into(), l);
+    }
+    if let Some(l) = list(exports.iter().map(|e| table_of(e.to_pairs())).collect()) {
+        top.insert("export".into(), l);
+    }
     format!(
         "# The running configuration of blkplane (dump-config); blkplane serve --config FILE\n# reads it back.\n{}",
         toml::to_string(&top).unwrap_or_default()
     )
 }
 
+/// Reads and checks the file at `path`; every problem, each with the file's name, line and
+/// column, one per line.
 pub fn load(path: &Path) -> Result<ConfigFile, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    parse(&text).map_err(|problems| describe(path, &problems))
 }
 
-pub fn parse(text: &str) -> Result<ConfigFile, String> {
-    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| e.message().to_string())?;
+/// Where a byte offset of `text` is: line and column, 1-based.
+fn position(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+/// Reads a whole file; every problem it has, in the order of the file.
+pub fn parse(text: &str) -> Result<ConfigFile, Vec<Problem>> {
+    let at = |span: Option<std::ops::Range<usize>>, message: String| {
+        let (line, column) = span.map_or((0, 0), |s| position(text, s.start));
+        Problem { line, column, message }
+    };
+    let doc = ImDocument::parse(text).map_err(|e| vec![at(e.span(), e.message().to_string())])?;
     let mut cfg = ConfigFile::default();
-    for (key, value) in &table {
-        match key.as_str() {
-            "control" => cfg.control = Some(PathBuf::from(string(key, value)?)),
-            "metrics" => cfg.metrics = Some(string(key, value)?),
-            "log-level" => cfg.log_level = Some(string(key, value)?),
-            "log-format" => cfg.log_format = Some(string(key, value)?),
-            "max-mapped-guest-memory" => cfg.max_mapped_guest_memory = Some(string(key, value)?),
-            "image-lock-wait-ms" => {
-                let ms = value.as_integer().and_then(|n| u64::try_from(n).ok());
-                cfg.image_lock_wait_ms =
-                    Some(ms.ok_or("'image-lock-wait-ms' must be a number of milliseconds")?);
-            }
-            "pool-threads" => {
-                let n = value.as_integer().and_then(|n| usize::try_from(n).ok());
-                cfg.pool_threads = Some(n.filter(|n| (1..=MAX_POOL_THREADS).contains(n)).ok_or(
-                    format!("'pool-threads' must be a number from 1 to {MAX_POOL_THREADS}"),
-                )?);
-            }
-            "iothread" => {
-                let list =
-                    value.as_array().ok_or("'iothread' must be a list of tables ([[iothread]])")?;
-                for (i, item) in list.iter().enumerate() {
-                    let t = item.as_table().ok_or(format!("iothread {}: not a table", i + 1))?;
-                    let pairs = pairs_of(t).map_err(|e| format!("iothread {}: {e}", i + 1))?;
-                    cfg.iothreads.push(
-                        IoThreadConfig::from_pairs(&pairs)
-                            .map_err(|e| format!("iothread {}: {e}", i + 1))?,
-                    );
+    let mut problems = Vec::new();
+    for (key, item) in doc.as_table().iter() {
+        let span = doc.as_table().key(key).and_then(|k| k.span());
+        match key {
+            "iothread" | "export" => {
+                let Some(tables) = item.as_array_of_tables() else {
+                    problems
+                        .push(at(span, format!("'{key}' must be a list of tables ([[{key}]])")));
+                    continue;
+                };
+                for (i, table) in tables.iter().enumerate() {
+                    let read = if key == "export" {
+                        read_export(table).map(|e| cfg.exports.push(e))
+                    } else {
+                        read_iothread(table).map(|t| cfg.iothreads.push(t))
+                    };
+                    if let Err(errors) = read {
+                        problems.extend(errors.into_iter().map(|(span, e)| {
+                            let span = span.or_else(|| table.span());
+                            at(span, format!("{key} {}: {e}", i + 1))
+                        }));
+                    }
                 }
             }
-            "export" => {
-                let list =
-                    value.as_array().ok_or("'export' must be a list of tables ([[export]])")?;
-                for (i, item) in list.iter().enumerate() {
-                    let t = item.as_table().ok_or(format!("export {}: not a table", i + 1))?;
-                    let spec = spec_of(t).map_err(|e| format!("export {}: {e}", i + 1))?;
-                    cfg.exports.push(
-                        ExportConfig::parse(&spec).map_err(|e| format!("export {}: {e}", i + 1))?,
-                    );
-                }
-            }
-            other => {
-                return Err(format!(
-                    "unknown key '{other}' (keys: control, metrics, log-level, log-format, max-mapped-guest-memory, pool-threads, image-lock-wait-ms, iothread, export)"
-                ))
-            }
+            _ => match value_of(key, item) {
+                Err(e) => problems.push(at(item.span().or(span), e.0)),
+                Ok(value) => match cfg.settings.set_key(key, &value) {
+                    Some((_, Ok(()))) => {}
+                    Some((_, Err(e))) => problems.push(at(item.span().or(span), e.0)),
+                    None => problems.push(at(
+                        span,
+                        format!(
+                            "unknown key '{key}' (keys: {}, iothread, export)",
+                            settings_keys()
+                        ),
+                    )),
+                },
+            },
         }
     }
-    Ok(cfg)
-}
-
-fn string(key: &str, v: &toml::Value) -> Result<String, String> {
-    v.as_str().map(str::to_string).ok_or_else(|| format!("'{key}' must be a string"))
-}
-
-fn spec_of(t: &toml::Table) -> Result<String, String> {
-    let pairs = pairs_of(t)?;
-    spec_from_pairs(pairs.iter().map(|(k, v)| (k.as_str(), v.clone()))).map_err(|e| e.0)
-}
-
-/// A table's keys and values as the key/value pairs of a command-line spec.
-fn pairs_of(t: &toml::Table) -> Result<Vec<(String, String)>, String> {
-    let mut pairs = Vec::with_capacity(t.len());
-    for (k, v) in t {
-        let value = match v {
-            toml::Value::String(s) => s.clone(),
-            toml::Value::Integer(n) => n.to_string(),
-            toml::Value::Boolean(b) => if *b { "on" } else { "off" }.to_string(),
-            _ => return Err(format!("'{k}' must be a string, integer or boolean")),
-        };
-        pairs.push((k.clone(), value));
+    if problems.is_empty() {
+        Ok(cfg)
+    } else {
+        problems.sort_by_key(|p| (p.line, p.column));
+        Err(problems)
     }
-    Ok(pairs)
+}
+
+fn settings_keys() -> String {
+    DaemonSettings::infos().map(|k| k.name).collect::<Vec<_>>().join(", ")
+}
+
+type Located = Vec<(Option<std::ops::Range<usize>>, SpecError)>;
+
+/// A table's keys and values, typed as the file gives them, with where each value is.
+fn pairs_of(t: &Table) -> Result<Vec<(String, Value, Option<std::ops::Range<usize>>)>, Located> {
+    let mut pairs = Vec::with_capacity(t.len());
+    let mut problems = Vec::new();
+    for (k, item) in t.iter() {
+        match value_of(k, item) {
+            Ok(v) => pairs.push((k.to_string(), v, item.span())),
+            Err(e) => problems.push((item.span(), e)),
+        }
+    }
+    if problems.is_empty() {
+        Ok(pairs)
+    } else {
+        Err(problems)
+    }
+}
+
+fn read_export(t: &Table) -> Result<ExportConfig, Located> {
+    let pairs = pairs_of(t)?;
+    let spans: Vec<_> = pairs.iter().map(|(_, _, s)| s.clone()).collect();
+    ExportConfig::read(pairs.into_iter().map(|(k, v, _)| (k, v))).map_err(|problems| {
+        problems.into_iter().map(|(i, e)| (i.and_then(|i| spans[i].clone()), e)).collect()
+    })
+}
+
+fn read_iothread(t: &Table) -> Result<IoThreadConfig, Located> {
+    let pairs = pairs_of(t)?;
+    let plain: Vec<(String, Value)> =
+        pairs.iter().map(|(k, v, _)| (k.clone(), v.clone())).collect();
+    IoThreadConfig::from_pairs(&plain).map_err(|e| vec![(None, e)])
+}
+
+/// A TOML value as a key's [`Value`]: strings, non-negative integers and booleans.
+fn value_of(key: &str, item: &Item) -> Result<Value, SpecError> {
+    let v = item.as_value();
+    if let Some(s) = v.and_then(|v| v.as_str()) {
+        return Ok(Value::Str(s.to_string()));
+    }
+    if let Some(b) = v.and_then(|v| v.as_bool()) {
+        return Ok(Value::Bool(b));
+    }
+    match v.and_then(|v| v.as_integer()).map(u64::try_from) {
+        Some(Ok(n)) => Ok(Value::Int(n)),
+        Some(Err(_)) => err(format!("'{key}' must not be negative")),
+        None => err(format!("'{key}' must be a string, integer or boolean")),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::export::BackendSpec;
+    use crate::disk::BackendSpec;
 
     #[test]
     fn a_full_file() {
@@ -200,29 +386,48 @@ mod tests {
             "#,
         )
         .unwrap();
-        assert_eq!(cfg.control, Some(PathBuf::from("/run/c.sock")));
-        assert_eq!(cfg.metrics.as_deref(), Some("127.0.0.1:9180"));
+        assert_eq!(cfg.settings.control, Some(PathBuf::from("/run/c.sock")));
+        assert_eq!(cfg.settings.metrics.as_deref(), Some("127.0.0.1:9180"));
         assert_eq!(cfg.exports.len(), 2);
         assert_eq!(cfg.exports[0].id.as_deref(), Some("vm1"));
-        assert_eq!(cfg.exports[0].backend, BackendSpec::Image("/img/a,b.raw".into()));
-        assert!(cfg.exports[0].readonly);
-        assert_eq!(cfg.exports[0].queues, 2);
-        assert_eq!(cfg.exports[1].backend, BackendSpec::Null { size_bytes: 1 << 30 });
+        assert_eq!(cfg.exports[0].disk.backend, BackendSpec::Image("/img/a,b.raw".into()));
+        assert!(cfg.exports[0].disk.readonly);
+        assert_eq!(cfg.exports[0].disk.queues, 2);
+        assert_eq!(cfg.exports[1].disk.backend, BackendSpec::Null { size_bytes: 1 << 30 });
+    }
+
+    fn messages(text: &str) -> Vec<String> {
+        parse(text).unwrap_err().iter().map(|p| p.to_string()).collect()
     }
 
     #[test]
-    fn errors_name_the_problem() {
+    fn every_problem_is_named_with_its_line_and_column() {
         assert_eq!(
-            parse("colour = 1").unwrap_err(),
-            "unknown key 'colour' (keys: control, metrics, log-level, log-format, max-mapped-guest-memory, pool-threads, image-lock-wait-ms, iothread, export)"
+            messages("colour = 1"),
+            [format!(
+                "line 1, column 1: unknown key 'colour' (keys: {}, iothread, export)",
+                settings_keys()
+            )]
         );
-        assert_eq!(parse("control = 5").unwrap_err(), "'control' must be a string");
-        assert!(parse("[[export]]\nsocket = \"/s\"\nqueues = 0")
-            .unwrap_err()
-            .starts_with("export 1: queues=0"));
-        assert!(parse("[[export]]\nsocket = [1]")
-            .unwrap_err()
-            .starts_with("export 1: 'socket' must be"));
-        assert!(parse("this is not toml").is_err());
+        assert_eq!(
+            messages("control = true"),
+            ["line 1, column 11: control: expected a string, not true"]
+        );
+        assert_eq!(
+            messages("[[export]]\nsocket = \"/s\"\nqueues = 0\nimage = \"/i\"\ncache = \"fast\"\n"),
+            [
+                "line 3, column 10: export 1: queues=0: must be 1 to 64",
+                "line 5, column 9: export 1: unknown cache mode 'fast' (one of none, directsync, writeback, writethrough, unsafe)",
+            ]
+        );
+        assert_eq!(
+            messages("[[export]]\nsocket = [1]"),
+            ["line 2, column 10: export 1: 'socket' must be a string, integer or boolean"]
+        );
+        assert_eq!(
+            messages("[[export]]\nsocket = \"/s\"")[0],
+            "line 1, column 1: export 1: missing image=PATH (or engine=null,size=BYTES)"
+        );
+        assert_eq!(messages("this is not toml")[0].split(':').next(), Some("line 1, column 6"));
     }
 }

@@ -10,10 +10,11 @@ use serde::Serialize;
 use tracing::info;
 
 use crate::config_file::DaemonSettings;
-use crate::disk::Disk;
-use crate::export::{BackendSpec, ExportConfig};
-use crate::iothread::poll::{PollMode, PollPolicy, MAX_POLL_MAX_US};
+use crate::disk::{BackendSpec, Disk};
+use crate::export::ExportConfig;
+use crate::iothread::poll::{PollMode, PollPolicy};
 use crate::iothread::registry::{IoThreadConfig, IoThreadInfo, IoThreads, ThreadChoice};
+use crate::iothread::Placement;
 use crate::qos::{Throttle, ThrottleConfig};
 use crate::trace::QueueReport;
 use crate::vhost_user::{apply_socket_access, bind_socket, ExportServer};
@@ -42,6 +43,8 @@ struct Export {
     id: String,
     config: ExportConfig,
     server: Arc<ExportServer>,
+    /// Which I/O threads serve it (for a dedicated export, their polling).
+    placement: Placement,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -106,25 +109,29 @@ impl ThrottleReport {
     }
 }
 
+/// The polling of an export's dedicated threads as it is now (set-polling may change it).
+fn dedicated_poll(e: &Export) -> PollPolicy {
+    match &e.placement {
+        Placement::Dedicated { poll, .. } => poll.get(),
+        _ => e.config.threads.poll,
+    }
+}
+
 fn info_of(e: &Export) -> ExportInfo {
     let disk = e.server.disk();
-    let poll = disk.poll.get();
+    let poll = dedicated_poll(e);
+    let d = &e.config.disk;
     ExportInfo {
         id: e.id.clone(),
         socket: e.server.socket_path().display().to_string(),
-        backend: match &e.config.backend {
-            BackendSpec::Image(p) => p.display().to_string(),
-            BackendSpec::Null { .. } => "null".into(),
-            BackendSpec::Nbd { spec, .. } => spec.to_string(),
-            BackendSpec::Rbd { spec, .. } => format!("rbd:{}", spec.name()),
-        },
+        backend: d.backend.describe(),
         size_bytes: disk.capacity_bytes(),
-        queues: e.config.queues,
-        queue_size: e.config.queue_size,
-        cache: e.config.cache.to_string(),
-        readonly: e.config.readonly,
-        serial: e.config.serial.clone(),
-        iothread: e.config.iothread.to_string(),
+        queues: d.queues,
+        queue_size: d.queue_size,
+        cache: d.cache.to_string(),
+        readonly: d.readonly,
+        serial: d.serial.clone(),
+        iothread: e.config.threads.iothread.to_string(),
         poll: poll.mode.to_string(),
         poll_max_us: poll.max_us,
         stats: disk.stats_on,
@@ -144,25 +151,27 @@ fn running_config(e: &Export) -> ExportConfig {
     let mut config = e.config.clone();
     config.id = Some(e.id.clone());
     // An inherited socket with a path is shown by it (a later daemon can bind it).
-    if config.socket.as_os_str().is_empty() && e.server.socket_path().is_absolute() {
-        config.socket = e.server.socket_path().to_path_buf();
+    if config.socket.path.as_os_str().is_empty() && e.server.socket_path().is_absolute() {
+        config.socket.path = e.server.socket_path().to_path_buf();
     }
-    if let BackendSpec::Null { size_bytes } = &mut config.backend {
+    if let BackendSpec::Null { size_bytes } = &mut config.disk.backend {
         *size_bytes = disk.capacity_bytes();
     }
-    if config.iothread == ThreadChoice::Dedicated {
-        config.poll = disk.poll.get();
-    }
+    config.threads.poll = dedicated_poll(e);
     // Limits changed with set-throttle (an export's own, or its group's).
-    config.throttle = disk.throttle.config();
+    config.limits.throttle = disk.throttle.config();
     config
 }
 
 /// Where an export listens, for its log lines and `list-exports`: its `socket=`, or the path
 /// of its inherited socket (`socket-fd:N` if it has none), checked to be a listening one.
 fn socket_path_of(c: &ExportConfig) -> Result<std::path::PathBuf, String> {
-    match c.socket_fd {
-        None => Ok(c.socket.clone()),
+    match c.socket.fd {
+        None if c.socket.path.as_os_str().is_empty() => Err(format!(
+            "missing socket=PATH (or socket-fd=N, or a socket systemd passes named '{}')",
+            c.id.as_deref().unwrap_or_default()
+        )),
+        None => Ok(c.socket.path.clone()),
         Some(fd) => {
             let path = crate::sys::inspect_listening_socket(fd)?;
             Ok(if path.as_os_str().is_empty() { format!("socket-fd:{fd}").into() } else { path })
@@ -192,7 +201,13 @@ pub struct Daemon {
     from_file: Mutex<Vec<String>>,
     /// The daemon-wide settings in force, for `dump-config`.
     settings: Mutex<DaemonSettings>,
+    /// What re-reads the whole configuration file (`serve` sets it: it owns the sockets and
+    /// the log this daemon does not); `ctl reload` and SIGHUP call it.
+    reloader: Mutex<Option<Reloader>>,
 }
+
+/// See `Daemon::reloader`.
+pub type Reloader = Arc<dyn Fn() -> Result<Value, ControlError> + Send + Sync>;
 
 impl Daemon {
     /// A daemon with no exports yet: a shared pool of `pool_threads` I/O threads and the
@@ -214,6 +229,7 @@ impl Daemon {
             resizing: Mutex::default(),
             from_file: Mutex::default(),
             settings: Mutex::default(),
+            reloader: Mutex::default(),
         })
     }
 
@@ -250,7 +266,7 @@ impl Daemon {
         let exports = self.exports();
         let mut reserved = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
         let mut ids: Vec<String> = exports.iter().map(|e| e.id.clone()).collect();
-        let mut sockets: Vec<_> = exports.iter().map(|e| e.config.socket.clone()).collect();
+        let mut sockets: Vec<_> = exports.iter().map(|e| e.config.socket.path.clone()).collect();
         ids.extend(reserved.iter().map(|(id, _)| id.clone()));
         sockets.extend(reserved.iter().map(|(_, s)| s.clone()));
         let mut named = Vec::with_capacity(configs.len());
@@ -272,17 +288,18 @@ impl Daemon {
                 ));
             }
             // (An inherited socket has no path here; its descriptor is taken only once.)
-            if !c.socket.as_os_str().is_empty() && sockets.contains(&c.socket) {
+            let path = &c.socket.path;
+            if !path.as_os_str().is_empty() && sockets.contains(path) {
                 return Err(ControlError::new(
                     "exists",
-                    format!("socket {} is given to two exports", c.socket.display()),
+                    format!("socket {} is given to two exports", path.display()),
                 ));
             }
             ids.push(id.clone());
-            sockets.push(c.socket.clone());
+            sockets.push(path.clone());
             named.push((id, c));
         }
-        reserved.extend(named.iter().map(|(id, c)| (id.clone(), c.socket.clone())));
+        reserved.extend(named.iter().map(|(id, c)| (id.clone(), c.socket.path.clone())));
         Ok(named)
     }
 
@@ -294,34 +311,35 @@ impl Daemon {
     ) -> Result<Vec<Export>, ControlError> {
         let mut disks = Vec::with_capacity(named.len());
         for (id, c) in named {
-            let placement = self.iothreads.placement(&c.iothread).map_err(|e| {
-                ControlError::new("not-found", format!("iothread={}: {e}", c.iothread))
+            let t = &c.threads;
+            let placement = self.iothreads.placement(t).map_err(|e| {
+                ControlError::new("not-found", format!("iothread={}: {e}", t.iothread))
             })?;
             let socket = socket_path_of(c).map_err(|e| ControlError::new("bind-failed", e))?;
-            let c = ExportConfig { id: Some(id.clone()), socket: socket.clone(), ..c.clone() };
-            let disk = Disk::open(&c, placement)
+            let disk = Disk::open(id, &socket, &c.disk, &c.limits)
                 .map_err(|e| ControlError::new("open-failed", e.to_string()))?;
-            disks.push((disk, socket));
+            disks.push((disk, placement, socket));
         }
         let mut servers = Vec::with_capacity(named.len());
-        for ((_, c), (disk, socket)) in named.iter().zip(disks) {
+        for ((_, c), (disk, placement, socket)) in named.iter().zip(disks) {
             let bind_failed = |e| ControlError::new("bind-failed", e);
-            let (listener, owns_path) = match c.socket_fd {
+            let (listener, owns_path) = match c.socket.fd {
                 Some(fd) => (crate::sys::take_listening_socket(fd).map_err(bind_failed)?, false),
-                None => (bind_socket(&c.socket).map_err(bind_failed)?, true),
+                None => (bind_socket(&c.socket.path).map_err(bind_failed)?, true),
             };
-            let server = ExportServer::new(Arc::new(disk), socket, listener, owns_path)
-                .map_err(|e| ControlError::new("failed", e.to_string()))?;
+            let server =
+                ExportServer::new(Arc::new(disk), placement.clone(), socket, listener, owns_path)
+                    .map_err(|e| ControlError::new("failed", e.to_string()))?;
             // The server removes its socket when dropped, also on the failures below.
             let server = Arc::new(server);
             // An inherited socket's permissions are its parent's choice.
             if owns_path {
-                apply_socket_access(&c.socket, &c.socket_access).map_err(bind_failed)?;
+                apply_socket_access(&c.socket.path, &c.socket.access).map_err(bind_failed)?;
             }
-            servers.push(server);
+            servers.push((server, placement));
         }
         let mut started = Vec::with_capacity(servers.len());
-        for ((id, config), server) in named.iter().zip(servers) {
+        for ((id, config), (server, placement)) in named.iter().zip(servers) {
             let s = Arc::clone(&server);
             let thread = std::thread::Builder::new()
                 .name(format!("blkplane-ctl-{id}"))
@@ -342,6 +360,7 @@ impl Daemon {
                 id: id.clone(),
                 config: config.clone(),
                 server,
+                placement,
                 thread: Some(thread),
             });
         }
@@ -361,7 +380,33 @@ impl Daemon {
         crate::config_file::render(&settings, &self.iothreads.named_configs(), &exports)
     }
 
-    /// Remembers which running exports came from the config file (see `reload`).
+    pub fn set_reloader(&self, reloader: Reloader) {
+        *self.reloader.lock().unwrap_or_else(|p| p.into_inner()) = Some(reloader);
+    }
+
+    /// Re-reads the configuration file and applies all of it (`ctl reload`).
+    pub fn reload(&self) -> Result<Value, ControlError> {
+        let reloader = self.reloader.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match reloader {
+            Some(reload) => reload(),
+            None => Err(ControlError::new(
+                "no-config",
+                "the daemon was started without --config; there is no file to re-read",
+            )),
+        }
+    }
+
+    /// The daemon-wide settings in force.
+    pub fn settings(&self) -> DaemonSettings {
+        self.settings.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The named I/O threads as they run.
+    pub fn named_iothreads(&self) -> Vec<IoThreadConfig> {
+        self.iothreads.named_configs()
+    }
+
+    /// Remembers which running exports came from the config file (see `reload_exports`).
     pub fn set_from_file(&self, ids: Vec<String>) {
         *self.from_file.lock().unwrap_or_else(|p| p.into_inner()) = ids;
     }
@@ -371,7 +416,7 @@ impl Daemon {
     /// touched. An export with a frontend connected is neither removed nor replaced (it is
     /// reported). Exports given otherwise (--export, add-export) are left alone. Returns one
     /// line per thing not done.
-    pub fn reload(&self, wanted: Vec<ExportConfig>) -> Vec<String> {
+    pub fn reload_exports(&self, wanted: Vec<ExportConfig>) -> Vec<String> {
         let mut problems = Vec::new();
         let previous = self.from_file.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let running: Vec<(String, ExportConfig)> = self
@@ -383,20 +428,26 @@ impl Daemon {
         // Inherited descriptors (socket-fd, or systemd's LISTEN_FDS, which the file does not
         // show) are fixed at start: they are no change, and could not be taken again.
         let same = |r: &ExportConfig, c: &ExportConfig| {
-            ExportConfig { socket_fd: None, ..r.clone() }
-                == ExportConfig { socket_fd: None, ..c.clone() }
+            let without_fd = |e: &ExportConfig| {
+                let mut e = e.clone();
+                e.socket.fd = None;
+                e
+            };
+            without_fd(r) == without_fd(c)
         };
         // An entry of the file is the running export with its id, or (without one) its socket.
         let matches = |c: &ExportConfig, id: &str, r: &ExportConfig| match &c.id {
             Some(want) => want == id,
-            None => r.id.is_none() && c.socket == r.socket,
+            None => r.id.is_none() && c.socket.path == r.socket.path,
         };
         // Limits alone are changed live, as set-throttle does, also under a connected VM.
         let limits_only = |r: &ExportConfig, c: &ExportConfig| {
-            same(
-                &ExportConfig { throttle: ThrottleConfig::default(), ..r.clone() },
-                &ExportConfig { throttle: ThrottleConfig::default(), ..c.clone() },
-            )
+            let without_limits = |e: &ExportConfig| {
+                let mut e = e.clone();
+                e.limits.throttle = ThrottleConfig::default();
+                e
+            };
+            same(&without_limits(r), &without_limits(c))
         };
         let mut kept = Vec::new();
         let mut to_add = Vec::new();
@@ -404,7 +455,7 @@ impl Daemon {
             match running.iter().find(|(id, r)| matches(c, id, r)) {
                 Some((id, r)) if same(r, c) => kept.push(id.clone()),
                 Some((id, r)) if limits_only(r, c) => {
-                    if let Err(e) = self.set_throttle(Some(id), None, &c.throttle) {
+                    if let Err(e) = self.set_throttle(Some(id), None, &c.limits.throttle) {
                         problems.push(format!(
                             "export '{id}': its new limits were not set: {}",
                             e.message
@@ -439,7 +490,7 @@ impl Daemon {
             }
         }
         for c in to_add {
-            let name = c.id.clone().unwrap_or_else(|| c.socket.display().to_string());
+            let name = c.id.clone().unwrap_or_else(|| c.socket.path.display().to_string());
             match self.add_exports(vec![c]) {
                 Ok(infos) => kept.extend(infos.into_iter().map(|i| i.id)),
                 Err(e) => problems.push(format!("export {name} was not added: {}", e.message)),
@@ -453,7 +504,7 @@ impl Daemon {
     /// reload), so that the next reload compares the file with it.
     fn set_running_config(&self, id: &str, config: &ExportConfig) {
         if let Some(e) = self.exports().iter_mut().find(|e| e.id == id) {
-            e.config.throttle = config.throttle.clone();
+            e.config.limits.throttle = config.limits.throttle.clone();
         }
     }
 
@@ -546,35 +597,26 @@ impl Daemon {
         mode: Option<PollMode>,
         max_us: Option<u32>,
     ) -> Result<Value, ControlError> {
-        if let Some(m) = max_us {
-            if m > MAX_POLL_MAX_US {
-                return Err(ControlError::new(
-                    "invalid-argument",
-                    format!("max-us {m}: at most {MAX_POLL_MAX_US}"),
-                ));
-            }
-        }
         let exports = self.exports();
         if let Some(id) = id {
             let Some(e) = exports.iter().find(|e| e.id == id) else {
                 return Err(ControlError::new("not-found", format!("no export with id '{id}'")));
             };
-            if e.config.iothread != ThreadChoice::Dedicated {
+            if e.config.threads.iothread != ThreadChoice::Dedicated {
                 return Err(ControlError::new(
                     "invalid-argument",
                     format!(
                         "export '{id}' runs on shared I/O threads (iothread={}); their polling is \
                          set with set-polling iothread=NAME",
-                        e.config.iothread
+                        e.config.threads.iothread
                     ),
                 ));
             }
         }
         let mut exports_changed = Vec::new();
-        let dedicated = exports.iter().filter(|e| e.config.iothread == ThreadChoice::Dedicated);
         if iothread.is_none() {
-            for e in dedicated.filter(|e| id.is_none_or(|id| e.id == id)) {
-                let settings = &e.server.disk().poll;
+            for e in exports.iter().filter(|e| id.is_none_or(|id| e.id == id)) {
+                let Placement::Dedicated { poll: settings, .. } = &e.placement else { continue };
                 let old = settings.get();
                 settings.set(PollPolicy {
                     mode: mode.unwrap_or(old.mode),

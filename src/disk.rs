@@ -1,8 +1,10 @@
 //! The disk behind an export ([`Disk`]): its backing, capacity, block sizes and cache mode,
 //! shared read-mostly (atomics only) between the export's control thread and its I/O
-//! threads. This is what the data path reads; `export.rs` only turns `--export` specs into
-//! the [`ExportConfig`] a disk is opened from.
+//! threads. This is what the data path reads. Its options ([`DiskOptions`], the disk's
+//! export keys in one table) are opened into a [`Disk`]; `export.rs` composes them with the
+//! other layers' keys.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -12,12 +14,11 @@ use crate::blk::config::{config_space, ConfigInputs, CONFIG_SPACE_BYTES};
 use crate::blk::request::DiskLimits;
 use crate::blk::{feature, ID_BYTES, SECTOR_SIZE};
 use crate::engine::nbd::engine::NbdTarget;
-use crate::engine::nbd::{self, wire};
+use crate::engine::nbd::{self, wire, NbdOptions, NbdSpec};
+use crate::engine::rbd::{RbdOptions, RbdSpec};
 use crate::engine::{lock, Backing, CacheMode, EngineKind, OpenError};
-use crate::export::{BackendSpec, ExportConfig};
-use crate::iothread::poll::PollSettings;
-use crate::iothread::Placement;
-use crate::qos::Throttle;
+use crate::qos::{LimitOptions, Throttle};
+use crate::spec::{err, Key, Kind, Options, SpecError, Value};
 use crate::trace::QueueStats;
 
 /// How long a shrinking resize waits for requests checked against the old size.
@@ -25,21 +26,522 @@ const RESIZE_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs
 /// Largest size of an engine=null export (and of a resize of one).
 pub const MAX_NULL_BYTES: u64 = 1 << 60;
 
+/// What is served.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BackendSpec {
+    Image(PathBuf),
+    Null {
+        size_bytes: u64,
+    },
+    /// An NBD server's export (`image=nbd://...` or `nbd+unix://...`).
+    Nbd {
+        spec: NbdSpec,
+        options: NbdOptions,
+    },
+    /// A Ceph RBD image (`image=rbd:POOL/IMAGE...` or `pool=`, `rbd-image=`).
+    Rbd(RbdOptions),
+}
+
+impl BackendSpec {
+    /// What the export serves, in one word or path (for list-exports and messages).
+    pub fn describe(&self) -> String {
+        match self {
+            BackendSpec::Image(p) => p.display().to_string(),
+            BackendSpec::Null { .. } => "null".into(),
+            BackendSpec::Nbd { spec, .. } => spec.to_string(),
+            BackendSpec::Rbd(o) => format!("rbd:{}", o.spec.name()),
+        }
+    }
+}
+
+/// `discard=`: whether the guest's discards free the backing's blocks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DiscardMode {
+    /// Discards punch holes, and write-zeroes that allow it unmap (the default here).
+    #[default]
+    Unmap,
+    /// Discards succeed and do nothing, write-zeroes always allocate: the image stays as
+    /// allocated as it was (QEMU's and libvirt's default). The guest still sees the
+    /// DISCARD feature, so that a VM moves between daemons without its features changing.
+    Ignore,
+}
+
+impl DiscardMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            DiscardMode::Unmap => "unmap",
+            DiscardMode::Ignore => "ignore",
+        }
+    }
+}
+
+/// Default `max-guest-memory`: 1 TiB, more than a VM on one host has, far less than the
+/// address space every tenant shares.
+pub const DEFAULT_MAX_GUEST_MEMORY_BYTES: u64 = 1 << 40;
+pub const DEFAULT_QUEUES: u16 = 1;
+pub const DEFAULT_QUEUE_SIZE: u16 = 256;
+pub const MAX_QUEUES: u16 = 64;
+pub const MAX_QUEUE_SIZE: u16 = 1024;
+
+/// The disk an export serves, as its keys say: what backs it and how the guest sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskOptions {
+    pub backend: BackendSpec,
+    pub queues: u16,
+    pub queue_size: u16,
+    pub cache: CacheMode,
+    /// The engine for an image (io_uring, native or threads).
+    pub aio: EngineKind,
+    pub readonly: bool,
+    pub serial: String,
+    /// Counters and sampled per-layer timestamps (default on).
+    pub stats: bool,
+    /// Serve the image even if another process locks it, and let others use it too.
+    pub force_share: bool,
+    /// The destination of a live migration: the image's write permission is taken when the
+    /// guest first starts a ring here, not at open (see `Disk::activate`).
+    pub incoming: bool,
+    /// Block sizes the guest sees (512 or 4096); default: what the backing needs.
+    pub logical_block_bytes: Option<u32>,
+    pub physical_block_bytes: Option<u32>,
+    /// The most guest RAM one frontend of this export may have the daemon map.
+    pub max_guest_memory_bytes: u64,
+    pub discard: DiscardMode,
+    /// While the keys are read: what they said of the backend, resolved by `check`.
+    pending: PendingBackend,
+}
+
+/// The backend keys as given, before `DiskOptions::check` makes one [`BackendSpec`] of them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct PendingBackend {
+    image: Option<String>,
+    null: bool,
+    size_bytes: Option<u64>,
+    aio_given: bool,
+    readonly_given: bool,
+    nbd: NbdOptions,
+    rbd: RbdOptions,
+}
+
+impl Default for DiskOptions {
+    fn default() -> Self {
+        DiskOptions {
+            backend: BackendSpec::Null { size_bytes: 0 },
+            queues: DEFAULT_QUEUES,
+            queue_size: DEFAULT_QUEUE_SIZE,
+            cache: CacheMode::None,
+            aio: EngineKind::IoUring,
+            readonly: false,
+            serial: String::new(),
+            stats: true,
+            force_share: false,
+            incoming: false,
+            logical_block_bytes: None,
+            physical_block_bytes: None,
+            max_guest_memory_bytes: DEFAULT_MAX_GUEST_MEMORY_BYTES,
+            discard: DiscardMode::default(),
+            pending: PendingBackend::default(),
+        }
+    }
+}
+
+impl DiskOptions {
+    /// The NBD keys while they are read (`reconnect-delay`), before the backend is known.
+    pub fn nbd_keys(&mut self) -> &mut NbdOptions {
+        &mut self.pending.nbd
+    }
+
+    /// The RBD keys while they are read (`pool`, `rbd-image`, ...).
+    pub fn rbd_keys(&mut self) -> &mut RbdOptions {
+        &mut self.pending.rbd
+    }
+
+    /// Makes the backend of the keys given (`image=` a path or a URI, `engine=null,size=`,
+    /// `pool=,rbd-image=`), and checks the keys that depend on it. `nbd_keys` and
+    /// `rbd_keys` say whether keys of those engines were given.
+    pub fn check(&mut self, nbd_keys: bool, rbd_keys: bool) -> Result<(), SpecError> {
+        let p = std::mem::take(&mut self.pending);
+        let image = match p.image {
+            Some(uri) if RbdSpec::is_uri(&uri) => {
+                Some(Image::Rbd(p.rbd.with_uri(&uri).map_err(SpecError)?))
+            }
+            Some(uri) if NbdSpec::is_uri(&uri) => {
+                Some(Image::Nbd(NbdSpec::parse(&uri).map_err(SpecError)?))
+            }
+            Some(path) => Some(Image::File(PathBuf::from(path))),
+            None if p.rbd.located() => {
+                p.rbd.check_located().map_err(SpecError)?;
+                Some(Image::Rbd(p.rbd.clone()))
+            }
+            None => None,
+        };
+        self.backend = match (image, p.null, p.size_bytes) {
+            (Some(_), true, _) => return err("image= and engine=null exclude each other"),
+            (Some(_), false, Some(_)) => {
+                return err("size= goes with engine=null; an image's size is its file size")
+            }
+            (Some(Image::File(path)), false, None) => BackendSpec::Image(path),
+            (Some(Image::Nbd(spec)), false, None) => BackendSpec::Nbd { spec, options: p.nbd },
+            (Some(Image::Rbd(rbd)), false, None) => {
+                if rbd.spec.snapshot.is_some() && !self.readonly {
+                    if p.readonly_given {
+                        return err(format!("{}: a snapshot is served read-only", rbd.spec.name()));
+                    }
+                    self.readonly = true;
+                }
+                BackendSpec::Rbd(rbd)
+            }
+            (None, true, Some(bytes)) => {
+                if bytes == 0 || bytes % SECTOR_SIZE != 0 || bytes > MAX_NULL_BYTES {
+                    return err(format!(
+                        "size={bytes}: must be a non-zero multiple of 512, at most 2^60"
+                    ));
+                }
+                BackendSpec::Null { size_bytes: bytes }
+            }
+            (None, true, None) => return err("engine=null needs size=BYTES"),
+            (None, false, _) => return err("missing image=PATH (or engine=null,size=BYTES)"),
+        };
+        let network = match &self.backend {
+            BackendSpec::Nbd { .. } => Some("an NBD export"),
+            BackendSpec::Rbd(_) => Some("an RBD image"),
+            _ => None,
+        };
+        if let (Some(what), true) = (network, p.aio_given) {
+            return err(format!(
+                "aio= chooses how an image file is read; {what} has its own engine"
+            ));
+        }
+        if nbd_keys && !matches!(self.backend, BackendSpec::Nbd { .. }) {
+            return err("reconnect-delay= is for NBD exports (image=nbd://... or nbd+unix://...)");
+        }
+        if rbd_keys && !matches!(self.backend, BackendSpec::Rbd(_)) {
+            return err("ceph-conf=, ceph-user= and ceph-op-timeout= are for RBD images (pool=, rbd-image=)");
+        }
+        Ok(())
+    }
+
+    fn set_block_size(key: &str, value: &Value) -> Result<Option<u32>, SpecError> {
+        match value.text(key)?.as_str() {
+            "512" => Ok(Some(512)),
+            "4096" | "4K" | "4k" => Ok(Some(4096)),
+            _ => err(format!("{key}={value}: 512 or 4096")),
+        }
+    }
+}
+
+/// What `image=` named, before the other keys are checked against it.
+enum Image {
+    File(PathBuf),
+    Nbd(NbdSpec),
+    Rbd(RbdOptions),
+}
+
+fn on_off(b: bool) -> Option<Value> {
+    Some(Value::Bool(b))
+}
+
+impl Options for DiskOptions {
+    const KEYS: &'static [Key<DiskOptions>] = &[
+        Key {
+            name: "image",
+            aliases: &[],
+            kind: Kind::Path,
+            usage: "image=PATH",
+            help: "raw image file or host block device to serve. Never created or\n\
+                   truncated; its size must be a non-zero multiple of 512 bytes.\n\
+                   Or an NBD server's export: nbd+unix:///EXPORT?socket=PATH or\n\
+                   nbd://HOST[:PORT]/EXPORT; or a Ceph RBD image:\n\
+                   rbd:POOL/IMAGE[@SNAP][:conf=PATH][:id=USER] (a snapshot is read-only).",
+            set: |d, v| {
+                let text = v.text("image")?;
+                d.pending.image = Some(if NbdSpec::is_uri(&text) || RbdSpec::is_uri(&text) {
+                    text
+                } else {
+                    v.path("image")?.display().to_string()
+                });
+                Ok(())
+            },
+            get: |d| match &d.backend {
+                BackendSpec::Image(p) => Some(Value::Str(p.display().to_string())),
+                BackendSpec::Nbd { spec, .. } => Some(Value::Str(spec.to_string())),
+                _ => None,
+            },
+        },
+        Key {
+            name: "aio",
+            aliases: &[],
+            kind: Kind::Choice(&["io_uring", "native", "threads"]),
+            usage: "aio=ENGINE",
+            help: "I/O engine for an image: io_uring (default); native (Linux AIO, for\n\
+                   O_DIRECT on block devices); threads (a pool of worker threads doing\n\
+                   preadv/pwritev, for filesystems where the others block).",
+            set: |d, v| {
+                d.aio = match v.text("aio")?.as_str() {
+                    "io_uring" => EngineKind::IoUring,
+                    "native" => EngineKind::Native,
+                    "threads" => EngineKind::Threads,
+                    other => {
+                        return err(format!(
+                            "aio={other}: supported engines: io_uring, native, threads"
+                        ))
+                    }
+                };
+                d.pending.aio_given = true;
+                Ok(())
+            },
+            get: |d| {
+                let name = match d.aio {
+                    EngineKind::Native => "native",
+                    EngineKind::Threads => "threads",
+                    EngineKind::IoUring => "io_uring",
+                };
+                matches!(d.backend, BackendSpec::Image(_)).then(|| Value::Str(name.into()))
+            },
+        },
+        Key {
+            name: "engine",
+            aliases: &[],
+            kind: Kind::Choice(&["null"]),
+            usage: "engine=null",
+            help: "no backing at all: reads return zeroes, writes are discarded. Measures\n\
+                   the daemon's own overhead. Needs size=.",
+            set: |d, v| match v.text("engine")?.as_str() {
+                "null" => {
+                    d.pending.null = true;
+                    Ok(())
+                }
+                other => err(format!("engine={other}: the only engine= value is null")),
+            },
+            get: |d| {
+                matches!(d.backend, BackendSpec::Null { .. }).then(|| Value::Str("null".into()))
+            },
+        },
+        Key {
+            name: "size",
+            aliases: &[],
+            kind: Kind::Size,
+            usage: "size=BYTES",
+            help: "size of an engine=null export (suffixes K, M, G, T).",
+            set: |d, v| {
+                d.pending.size_bytes = Some(v.size("size")?);
+                Ok(())
+            },
+            get: |d| match d.backend {
+                BackendSpec::Null { size_bytes } => Some(Value::Int(size_bytes)),
+                _ => None,
+            },
+        },
+        Key {
+            name: "queues",
+            aliases: &["num-queues"],
+            kind: Kind::Number,
+            usage: "queues=N",
+            help: "virtqueues offered to the guest (default 1, max 64).",
+            set: |d, v| {
+                let n: u16 = v.number("queues")?;
+                if n == 0 || n > MAX_QUEUES {
+                    return err(format!("queues={v}: must be 1 to {MAX_QUEUES}"));
+                }
+                d.queues = n;
+                Ok(())
+            },
+            get: |d| Some(Value::Int(d.queues.into())),
+        },
+        Key {
+            name: "queue-size",
+            aliases: &[],
+            kind: Kind::Number,
+            usage: "queue-size=N",
+            help: "largest virtqueue the guest may set up (power of two, default 256).",
+            set: |d, v| {
+                let n: u16 = v.number("queue-size")?;
+                if !n.is_power_of_two() || !(4..=MAX_QUEUE_SIZE).contains(&n) {
+                    return err(format!(
+                        "queue-size={v}: must be a power of two from 4 to {MAX_QUEUE_SIZE}"
+                    ));
+                }
+                d.queue_size = n;
+                Ok(())
+            },
+            get: |d| Some(Value::Int(d.queue_size.into())),
+        },
+        Key {
+            name: "cache",
+            aliases: &[],
+            kind: Kind::Choice(&["none", "directsync", "writeback", "writethrough", "unsafe"]),
+            usage: "cache=MODE",
+            help: "none (default): O_DIRECT, guest write cache on, FLUSH = fdatasync.\n\
+                   directsync: O_DIRECT|O_DSYNC, write cache off.\n\
+                   writeback: host page cache, write cache on, FLUSH = fdatasync.\n\
+                   writethrough: host page cache with O_DSYNC, write cache off.\n\
+                   unsafe: host page cache, FLUSH ignored: a host crash or power loss\n\
+                   may lose data the guest was told is on disk. For scratch disks only.",
+            set: |d, v| {
+                d.cache = v.text("cache")?.parse().map_err(SpecError)?;
+                Ok(())
+            },
+            get: |d| Some(Value::Str(d.cache.to_string())),
+        },
+        Key {
+            name: "readonly",
+            aliases: &["read-only"],
+            kind: Kind::Bool,
+            usage: "readonly=on|off",
+            help: "refuse writes, discards and write-zeroes (default off).",
+            set: |d, v| {
+                d.readonly = v.bool("readonly")?;
+                d.pending.readonly_given = true;
+                Ok(())
+            },
+            get: |d| on_off(d.readonly),
+        },
+        Key {
+            name: "writable",
+            aliases: &[],
+            kind: Kind::Bool,
+            usage: "writable=on|off",
+            help: "qemu-storage-daemon's opposite of readonly (exports here are writable\n\
+                   by default).",
+            set: |d, v| {
+                d.readonly = !v.bool("writable")?;
+                d.pending.readonly_given = true;
+                Ok(())
+            },
+            get: |_| None,
+        },
+        Key {
+            name: "discard",
+            aliases: &[],
+            kind: Kind::Choice(&["unmap", "ignore"]),
+            usage: "discard=MODE",
+            help: "unmap (default): the guest's discards punch holes in the image and its\n\
+                   write-zeroes may too. ignore: discards succeed and do nothing, write-\n\
+                   zeroes allocate; the image stays allocated (QEMU's and libvirt's default).",
+            set: |d, v| {
+                d.discard = match v.text("discard")?.as_str() {
+                    // QEMU's -drive spellings too.
+                    "unmap" | "on" => DiscardMode::Unmap,
+                    "ignore" | "off" => DiscardMode::Ignore,
+                    _ => return err(format!("discard={v}: unmap or ignore")),
+                };
+                Ok(())
+            },
+            get: |d| Some(Value::Str(d.discard.name().into())),
+        },
+        Key {
+            name: "serial",
+            aliases: &[],
+            kind: Kind::Text,
+            usage: "serial=STR",
+            help: "serial number the guest reads with GET_ID (up to 20 bytes).",
+            set: |d, v| {
+                let serial = v.text("serial")?;
+                if serial.len() > ID_BYTES {
+                    return err(format!("serial={serial}: at most {ID_BYTES} bytes"));
+                }
+                d.serial = serial;
+                Ok(())
+            },
+            get: |d| Some(Value::Str(d.serial.clone())),
+        },
+        Key {
+            name: "stats",
+            aliases: &[],
+            kind: Kind::Bool,
+            usage: "stats=on|off",
+            help: "per-queue counters and sampled per-layer latency (default on).",
+            set: |d, v| {
+                d.stats = v.bool("stats")?;
+                Ok(())
+            },
+            get: |d| on_off(d.stats),
+        },
+        Key {
+            name: "force-share",
+            aliases: &[],
+            kind: Kind::Bool,
+            usage: "force-share=on",
+            help: "serve an image that another process (QEMU, qemu-storage-daemon, another\n\
+                   blkplane) has locked, and let others use it too. blkplane takes\n\
+                   QEMU-compatible locks, so by default two of them cannot write one image.",
+            set: |d, v| {
+                d.force_share = v.bool("force-share")?;
+                Ok(())
+            },
+            get: |d| on_off(d.force_share),
+        },
+        Key {
+            name: "incoming",
+            aliases: &[],
+            kind: Kind::Bool,
+            usage: "incoming=on",
+            help: "the destination of a live migration: the image may still be written\n\
+                   by the source (another export or daemon on the same image); this export\n\
+                   takes the write permission only when the migrated guest starts its\n\
+                   rings, waiting for the source to give it up (--image-lock-wait-ms).\n\
+                   A source gives it up when the guest's rings stop while its frontend\n\
+                   logs dirty pages (the switch-over), and takes it back if they restart.",
+            set: |d, v| {
+                d.incoming = v.bool("incoming")?;
+                Ok(())
+            },
+            get: |d| on_off(d.incoming),
+        },
+        Key {
+            name: "logical-block-size",
+            aliases: &[],
+            kind: Kind::Choice(&["512", "4096"]),
+            usage: "logical-block-size=512|4096, physical-block-size=512|4096",
+            help: "block sizes the guest sees (default: what the backing needs). Reads\n\
+                   and writes not on a logical block fail. Smaller than O_DIRECT needs\n\
+                   (512 on a 4K-sector disk with cache=none) works with queues=1: writes\n\
+                   off the backing's blocks are then read-modify-write, slowly.",
+            set: |d, v| {
+                d.logical_block_bytes = DiskOptions::set_block_size("logical-block-size", v)?;
+                Ok(())
+            },
+            get: |d| d.logical_block_bytes.map(|n| Value::Int(n.into())),
+        },
+        Key {
+            name: "physical-block-size",
+            aliases: &[],
+            kind: Kind::Choice(&["512", "4096"]),
+            usage: "physical-block-size=512|4096",
+            help: "",
+            set: |d, v| {
+                d.physical_block_bytes = DiskOptions::set_block_size("physical-block-size", v)?;
+                Ok(())
+            },
+            get: |d| d.physical_block_bytes.map(|n| Value::Int(n.into())),
+        },
+        Key {
+            name: "max-guest-memory",
+            aliases: &[],
+            kind: Kind::Size,
+            usage: "max-guest-memory=SIZE",
+            help: "the most guest RAM one frontend may have the daemon map (default 1T);\n\
+                   a larger memory table is refused.",
+            set: |d, v| {
+                let bytes = v.size("max-guest-memory")?;
+                if bytes == 0 {
+                    return err("max-guest-memory=0: a guest needs some memory");
+                }
+                d.max_guest_memory_bytes = bytes;
+                Ok(())
+            },
+            get: |d| Some(Value::Int(d.max_guest_memory_bytes)),
+        },
+    ];
+}
+
 /// The disk behind an export, as its threads share it.
 pub struct Disk {
-    /// The export's id (its socket path where it has none, in unit tests).
-    pub name: String,
     /// The export's identity in every log line it causes, whichever thread logs it:
     /// `export{export=ID socket=PATH}` (an error-level span, so that it exists whenever
     /// anything is logged). Events name it as their parent; nothing enters it on the data path.
     pub span: tracing::Span,
-    pub backing: Option<Backing>,
-    /// An NBD export's server, what it said at open and how long requests wait for it.
-    pub nbd: Option<Arc<NbdTarget>>,
-    /// An RBD export's image, open for the export's life.
-    #[cfg(feature = "rbd")]
-    pub rbd: Option<Arc<crate::engine::rbd::cluster::RbdHandle>>,
-    pub engine: EngineKind,
+    pub backend: Backend,
     pub cache: CacheMode,
     pub readonly: bool,
     pub serial: [u8; ID_BYTES],
@@ -54,14 +556,9 @@ pub struct Disk {
     /// Guest buffers must start and end on this boundary to go to the backing as they are
     /// (O_DIRECT's rule); others are bounced. 1 when the backing takes any buffer.
     pub dio_mem_align: usize,
-    /// Which I/O threads serve the queues.
-    pub placement: Placement,
-    /// Polling and pinning of the export's dedicated threads (`Placement::Dedicated`).
-    pub poll: Arc<PollSettings>,
-    pub cpus: Vec<usize>,
     pub stats_on: bool,
     /// Whether discards free blocks (`discard=`).
-    pub discard: crate::export::DiscardMode,
+    pub discard: DiscardMode,
     /// Per-queue statistics; they outlive the I/O threads (which restart on reconfiguration).
     pub stats: Vec<Arc<QueueStats>>,
     /// The most guest RAM one frontend may have mapped (`max-guest-memory`).
@@ -80,23 +577,35 @@ pub struct Disk {
     write_lock: Option<Mutex<bool>>,
 }
 
+/// What a disk reads and writes, open.
+pub enum Backend {
+    /// An image file or block device, and the engine that reads it (io_uring, native, threads).
+    File { backing: Backing, engine: EngineKind },
+    /// Nothing: reads are zeroes, writes are dropped.
+    Null,
+    /// An NBD server's export, what it said at open and how long requests wait for it.
+    Nbd(Arc<NbdTarget>),
+    /// An RBD image, open for the export's life.
+    #[cfg(feature = "rbd")]
+    Rbd(Arc<crate::engine::rbd::cluster::RbdHandle>),
+}
+
 impl Disk {
-    /// Opens the backing of `config`, to be served on the threads `placement` gives. Creates
-    /// and truncates nothing.
-    pub fn open(config: &ExportConfig, placement: Placement) -> Result<Disk, OpenError> {
-        let export_id = config.id.clone().unwrap_or_else(|| config.socket.display().to_string());
-        let span =
-            tracing::error_span!("export", export = %export_id, socket = %config.socket.display());
+    /// Opens the backing `config` names, for the export `id` on `socket`, obeying `limits`.
+    /// Creates and truncates nothing.
+    pub fn open(
+        id: &str,
+        socket: &std::path::Path,
+        config: &DiskOptions,
+        limits: &LimitOptions,
+    ) -> Result<Disk, OpenError> {
+        let span = tracing::error_span!("export", export = %id, socket = %socket.display());
         // The image lock's waiting is logged from here.
         let _in_span = span.enter();
         // Before the image is opened: a group that refuses this export's limits costs nothing.
-        let throttle =
-            crate::qos::throttle::join(config.throttle_group.as_deref(), &config.throttle)
-                .map_err(OpenError::Config)?;
-        let mut nbd_target = None;
-        #[cfg(feature = "rbd")]
-        let mut rbd_image = None;
-        let (backing, engine, capacity, logical, physical) = match &config.backend {
+        let throttle = crate::qos::throttle::join(limits.group.as_deref(), &limits.throttle)
+            .map_err(OpenError::Config)?;
+        let (backend, capacity, logical, physical) = match &config.backend {
             BackendSpec::Image(path) => {
                 let b = Backing::open(
                     path,
@@ -106,22 +615,21 @@ impl Disk {
                     config.incoming,
                 )?;
                 let (c, l, p) = (b.capacity_bytes, b.logical_block_bytes, b.physical_block_bytes);
-                (Some(b), config.aio, c, l, p)
+                (Backend::File { backing: b, engine: config.aio }, c, l, p)
             }
-            BackendSpec::Null { size_bytes } => (None, EngineKind::Null, *size_bytes, 512, 4096),
-            BackendSpec::Nbd { spec, reconnect_delay_s } => {
-                let target = open_nbd(config, spec, *reconnect_delay_s, &span)?;
+            BackendSpec::Null { size_bytes } => (Backend::Null, *size_bytes, 512, 4096),
+            BackendSpec::Nbd { spec, options } => {
+                let target = open_nbd(config, spec, options.reconnect_delay_s, &span)?;
                 let n = target.negotiated;
                 // The server's minimum block (1 for qemu-nbd on a file, 4096 on a 4K-sector
                 // disk with O_DIRECT) is the guest's logical block: requests off it would be
                 // refused. Its preferred block is what the guest should align to.
                 let logical = n.min_block.max(512);
                 let physical = n.preferred_block.clamp(logical, 4096);
-                nbd_target = Some(Arc::new(target));
-                (None, EngineKind::Nbd, n.size_bytes, logical, physical)
+                (Backend::Nbd(Arc::new(target)), n.size_bytes, logical, physical)
             }
             #[cfg(feature = "rbd")]
-            BackendSpec::Rbd { spec, op_timeout_s } => {
+            BackendSpec::Rbd(RbdOptions { spec, op_timeout_s }) => {
                 use crate::engine::rbd::cluster::RbdHandle;
                 let image = RbdHandle::open(
                     spec,
@@ -138,12 +646,11 @@ impl Disk {
                         spec.name()
                     )));
                 }
-                rbd_image = Some(Arc::new(image));
                 // RBD stores objects of 4 MiB; 4 KiB is what its writes align to best.
-                (None, EngineKind::Rbd, size, 512, 4096)
+                (Backend::Rbd(Arc::new(image)), size, 512, 4096)
             }
             #[cfg(not(feature = "rbd"))]
-            BackendSpec::Rbd { spec, .. } => {
+            BackendSpec::Rbd(RbdOptions { spec, .. }) => {
                 return Err(OpenError::Remote(format!(
                     "RBD {}: this blkplane was built without RBD support (cargo feature rbd)",
                     spec.name()
@@ -151,10 +658,8 @@ impl Disk {
             }
         };
         let name = || match &config.backend {
-            BackendSpec::Image(p) => p.clone(),
             BackendSpec::Null { .. } => "engine=null".into(),
-            BackendSpec::Nbd { spec, .. } => spec.to_string().into(),
-            BackendSpec::Rbd { spec, .. } => format!("rbd:{}", spec.name()).into(),
+            other => PathBuf::from(other.describe()),
         };
         // O_DIRECT needs offsets on the backing's blocks; the page cache takes any. The guest
         // sees the backing's block size unless told otherwise. Smaller blocks than O_DIRECT
@@ -164,6 +669,10 @@ impl Disk {
         let direct_block = if config.cache.direct() { logical } else { SECTOR_SIZE as u32 };
         let engine_block = logical;
         let logical = config.logical_block_bytes.unwrap_or(logical);
+        let backing = match &backend {
+            Backend::File { backing, .. } => Some(backing),
+            _ => None,
+        };
         if backing.is_none() && logical < engine_block {
             // Read-modify-write works on a file only; a network engine's smallest block is
             // the server's rule for every cache mode.
@@ -209,18 +718,13 @@ impl Disk {
                 ),
             ));
         }
-        let dio_mem_align = backing.as_ref().map_or(1, |b| b.dio_mem_align as usize);
+        let dio_mem_align = backing.map_or(1, |b| b.dio_mem_align as usize);
         let mut serial = [0u8; ID_BYTES];
         serial[..config.serial.len()].copy_from_slice(config.serial.as_bytes());
         let has_write_lock = backing.is_some() && !config.readonly && !config.force_share;
         Ok(Disk {
-            name: export_id,
             span: span.clone(),
-            backing,
-            nbd: nbd_target,
-            #[cfg(feature = "rbd")]
-            rbd: rbd_image,
-            engine,
+            backend,
             cache: config.cache,
             readonly: config.readonly,
             serial,
@@ -230,9 +734,6 @@ impl Disk {
             physical_block_bytes: physical,
             dio_mem_align,
             rmw_block_bytes,
-            placement,
-            poll: Arc::new(PollSettings::new(config.poll)),
-            cpus: config.cpus.clone(),
             stats_on: config.stats,
             discard: config.discard,
             stats: (0..config.queues).map(|_| Arc::new(QueueStats::default())).collect(),
@@ -250,7 +751,9 @@ impl Disk {
     /// migration), waiting for another holder to give it up (`--image-lock-wait-ms`). Called
     /// before a ring starts; a ring never runs without it.
     pub fn activate(&self) -> Result<(), String> {
-        let (Some(state), Some(backing)) = (&self.write_lock, &self.backing) else { return Ok(()) };
+        let (Some(state), Some(backing)) = (&self.write_lock, self.backing()) else {
+            return Ok(());
+        };
         let mut active = state.lock().unwrap_or_else(|p| p.into_inner());
         if !*active {
             lock::lock_image(&backing.file, false, false)?;
@@ -263,7 +766,7 @@ impl Disk {
     /// Gives the image's write permission up: the guest's rings all stopped while its frontend
     /// logged dirty pages, which is a migration's switch-over; the destination may now write.
     pub fn inactivate(&self) {
-        let (Some(state), Some(backing)) = (&self.write_lock, &self.backing) else { return };
+        let (Some(state), Some(backing)) = (&self.write_lock, self.backing()) else { return };
         let mut active = state.lock().unwrap_or_else(|p| p.into_inner());
         if *active {
             match lock::lock_inactive(&backing.file) {
@@ -275,6 +778,14 @@ impl Disk {
                     warn!(parent: &self.span, "cannot give up the image's write permission: {e}")
                 }
             }
+        }
+    }
+
+    /// The image file or block device, if the disk has one.
+    pub fn backing(&self) -> Option<&Backing> {
+        match &self.backend {
+            Backend::File { backing, .. } => Some(backing),
+            _ => None,
         }
     }
 
@@ -311,14 +822,14 @@ impl Disk {
                 "size {new_bytes} is not a non-zero multiple of the {block}-byte block size"
             ));
         }
-        if let Some(target) = &self.nbd {
+        if let Backend::Nbd(target) = &self.backend {
             return Err(format!(
                 "an NBD export is as large as its server says ({}); resize it there",
                 target.spec
             ));
         }
         #[cfg(feature = "rbd")]
-        if let Some(image) = &self.rbd {
+        if let Backend::Rbd(image) = &self.backend {
             if self.readonly {
                 return Err("a read-only RBD export cannot be resized".into());
             }
@@ -333,7 +844,7 @@ impl Disk {
             self.drain_admitted(RESIZE_DRAIN_TIMEOUT)?;
             return image.resize(new_bytes);
         }
-        let file = match &self.backing {
+        let file = match self.backing() {
             None => {
                 if new_bytes > MAX_NULL_BYTES {
                     return Err(format!(
@@ -406,7 +917,7 @@ impl Disk {
     /// with the server.
     pub fn flush_failed_with(&self, errno: i32, stats: &QueueStats) {
         stats.counters.flush_errors.add(1);
-        if self.backing.is_none() {
+        if self.backing().is_none() {
             return;
         }
         if !self.flush_failed.swap(true, Ordering::AcqRel) {
@@ -476,7 +987,7 @@ impl Disk {
 /// Connects to an NBD export's server once, to learn the export and check that it can be
 /// served as asked; the queues make connections of their own.
 fn open_nbd(
-    config: &ExportConfig,
+    config: &DiskOptions,
     spec: &nbd::NbdSpec,
     reconnect_delay_s: u32,
     span: &tracing::Span,

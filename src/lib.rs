@@ -9,6 +9,7 @@
 pub mod advice;
 pub mod bench;
 pub mod blk;
+pub mod cli;
 pub mod config_file;
 pub mod control;
 pub mod daemon;
@@ -20,7 +21,9 @@ pub mod listener;
 pub mod logging;
 pub mod qos;
 pub mod ratelimit;
+pub mod serve;
 pub mod service;
+pub mod spec;
 pub mod stat;
 pub mod sys;
 pub mod trace;

@@ -1,21 +1,42 @@
-//! A Unix-socket listener whose accept loop another thread can stop: the export servers and
-//! the control socket both wait in it.
+//! A listener whose accept loop another thread can stop: the export servers, the control
+//! socket and the metrics endpoint all wait in one (a reload moves the last two).
 
 use std::io;
+use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use vmm_sys_util::eventfd::EventFd;
 
-pub struct StoppableListener {
-    listener: UnixListener,
+/// A listening socket: Unix or TCP.
+pub trait Listening: AsRawFd {
+    type Stream;
+    fn accept_stream(&self) -> io::Result<Self::Stream>;
+}
+
+impl Listening for UnixListener {
+    type Stream = UnixStream;
+    fn accept_stream(&self) -> io::Result<UnixStream> {
+        self.accept().map(|(s, _)| s)
+    }
+}
+
+impl Listening for TcpListener {
+    type Stream = TcpStream;
+    fn accept_stream(&self) -> io::Result<TcpStream> {
+        self.accept().map(|(s, _)| s)
+    }
+}
+
+pub struct StoppableListener<L: Listening = UnixListener> {
+    listener: L,
     stopped: AtomicBool,
     wake: EventFd,
 }
 
-impl StoppableListener {
-    pub fn new(listener: UnixListener) -> io::Result<StoppableListener> {
+impl<L: Listening> StoppableListener<L> {
+    pub fn new(listener: L) -> io::Result<StoppableListener<L>> {
         Ok(StoppableListener {
             listener,
             stopped: AtomicBool::new(false),
@@ -25,7 +46,7 @@ impl StoppableListener {
 
     /// Waits for the next connection. `None` once `stop` was called; an accept error is
     /// returned for the caller to log, and the listener stays usable.
-    pub fn accept(&self) -> Option<io::Result<UnixStream>> {
+    pub fn accept(&self) -> Option<io::Result<L::Stream>> {
         loop {
             let mut fds = [
                 libc::pollfd { fd: self.listener.as_raw_fd(), events: libc::POLLIN, revents: 0 },
@@ -33,11 +54,13 @@ impl StoppableListener {
             ];
             // SAFETY: a valid pollfd array for the duration of the call.
             unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-            if self.is_stopped() {
+            // A descriptor closed under us (POLLNVAL) would be reported for ever: the loop
+            // ends instead of spinning.
+            if self.is_stopped() || fds[0].revents & libc::POLLNVAL != 0 {
                 return None;
             }
             if fds[0].revents != 0 {
-                return Some(self.listener.accept().map(|(stream, _)| stream));
+                return Some(self.listener.accept_stream());
             }
         }
     }
@@ -50,6 +73,10 @@ impl StoppableListener {
 
     pub fn is_stopped(&self) -> bool {
         self.stopped.load(Ordering::Acquire)
+    }
+
+    pub fn local(&self) -> &L {
+        &self.listener
     }
 }
 

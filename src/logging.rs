@@ -6,6 +6,11 @@
 
 use std::fmt;
 use std::os::unix::fs::MetadataExt;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use tracing::level_filters::LevelFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::fmt::format::Writer;
@@ -75,28 +80,72 @@ where
 
 /// Installs the daemon's logger: `format` on stderr at `level` and above; with `journal`,
 /// priority prefixes and no timestamps or colours (the journal keeps its own time).
-pub fn init(level: tracing::level_filters::LevelFilter, format: LogFormat, journal: bool) {
+/// The most verbose level logged now: `init` sets it, a reload may change it (0: off, then
+/// error, warn, info, debug, trace).
+static LEVEL: AtomicU8 = AtomicU8::new(3);
+
+fn rank(level: LevelFilter) -> u8 {
+    match level.into_level() {
+        None => 0,
+        Some(Level::ERROR) => 1,
+        Some(Level::WARN) => 2,
+        Some(Level::INFO) => 3,
+        Some(Level::DEBUG) => 4,
+        Some(Level::TRACE) => 5,
+    }
+}
+
+/// Changes the level logged from now on (a reload of `log-level`).
+pub fn set_level(level: LevelFilter) {
+    LEVEL.store(rank(level), Ordering::Relaxed);
+}
+
+/// The level logged now.
+pub fn level() -> LevelFilter {
+    [
+        LevelFilter::OFF,
+        LevelFilter::ERROR,
+        LevelFilter::WARN,
+        LevelFilter::INFO,
+        LevelFilter::DEBUG,
+        LevelFilter::TRACE,
+    ][usize::from(LEVEL.load(Ordering::Relaxed)).min(5)]
+}
+
+pub fn init(level: LevelFilter, format: LogFormat, journal: bool) {
+    set_level(level);
     let ansi = !journal && std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
-        .with_max_level(level)
+        .with_max_level(LevelFilter::TRACE)
         .with_writer(std::io::stderr)
         .with_ansi(ansi);
     let text = tracing_subscriber::fmt::format().with_ansi(ansi);
     let json =
         tracing_subscriber::fmt::format().json().with_current_span(true).with_span_list(false);
+    // Asked at each event (no callsite caches it), so that a change of level applies at
+    // once; the data path logs nothing, so this costs nothing there.
+    let by_level = tracing_subscriber::filter::filter_fn(|meta| {
+        rank(LevelFilter::from_level(*meta.level())) <= LEVEL.load(Ordering::Relaxed)
+    });
     // A second logger (tests that start several daemons in one process) is no error.
     let _ = match (format, journal) {
-        (LogFormat::Text, false) => builder.event_format(text).try_init(),
-        (LogFormat::Text, true) => {
-            builder.event_format(JournalPriority(text.without_time())).try_init()
-        }
+        (LogFormat::Text, false) => builder.event_format(text).finish().with(by_level).try_init(),
+        (LogFormat::Text, true) => builder
+            .event_format(JournalPriority(text.without_time()))
+            .finish()
+            .with(by_level)
+            .try_init(),
         (LogFormat::Json, false) => builder
             .event_format(json)
             .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+            .finish()
+            .with(by_level)
             .try_init(),
         (LogFormat::Json, true) => builder
             .event_format(JournalPriority(json))
             .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+            .finish()
+            .with(by_level)
             .try_init(),
     };
 }

@@ -9,8 +9,10 @@ use std::path::PathBuf;
 use serde_json::Value;
 
 use super::{Host, HUGE_PAGE_BYTES};
-use crate::export::{format_cpu_list, BackendSpec, ExportConfig};
+use crate::disk::BackendSpec;
+use crate::export::ExportConfig;
 use crate::iothread::registry::ThreadChoice;
+use crate::spec::format_cpu_list;
 
 /// The VMM to write for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -42,19 +44,17 @@ impl ExportShape {
     pub fn from_config(c: &ExportConfig) -> ExportShape {
         ExportShape {
             id: c.id.clone().unwrap_or_else(|| "export0".into()),
-            socket: c.socket.clone(),
-            queues: c.queues,
-            queue_size: c.queue_size,
-            io_cpus: if c.iothread == ThreadChoice::Dedicated {
-                c.cpus.clone()
+            socket: c.socket.path.clone(),
+            queues: c.disk.queues,
+            queue_size: c.disk.queue_size,
+            io_cpus: if c.threads.iothread == ThreadChoice::Dedicated {
+                c.threads.cpus.clone()
             } else {
                 Vec::new()
             },
-            image: match &c.backend {
+            image: match &c.disk.backend {
                 BackendSpec::Image(p) => Some(p.clone()),
-                BackendSpec::Null { .. } | BackendSpec::Nbd { .. } | BackendSpec::Rbd { .. } => {
-                    None
-                }
+                BackendSpec::Null { .. } | BackendSpec::Nbd { .. } | BackendSpec::Rbd(_) => None,
             },
         }
     }

@@ -17,7 +17,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::export::{parse_cpu_list, parse_size};
+use crate::spec::{parse_cpu_list, parse_size};
 use report::{Machine, Report, RunResult};
 use target::{start_daemon, DaemonProcess, DaemonSpec, TargetKind};
 use workload::{ClientMode, Workload, WORKLOADS};

@@ -262,10 +262,10 @@ fn noisy_neighbour(
     let set_limit = |keys: &str| -> Result<(), BenchError> {
         let mut args = serde_json::Map::new();
         args.insert("id".into(), "export0".into());
-        for (k, v) in crate::export::split_pairs(keys, crate::qos::THROTTLE_KEYS)
+        for (k, v) in crate::spec::split_pairs(keys, crate::qos::THROTTLE_KEYS)
             .map_err(|e| BenchError(e.0))?
         {
-            args.insert(k, v.into());
+            args.insert(k, v.to_json());
         }
         let mut c = crate::control::ControlClient::connect_named(control)
             .map_err(|e| BenchError(e.to_string()))?;
@@ -467,9 +467,9 @@ pub fn run(args: super::BenchArgs, tenants: usize) -> Result<Report, BenchError>
         targets.retain(|t| *t != TargetKind::Host);
     }
     if let Some(keys) = &args.flood_limit {
-        let pairs = crate::export::split_pairs(keys, crate::qos::THROTTLE_KEYS)
+        let pairs = crate::spec::split_pairs(keys, crate::qos::THROTTLE_KEYS)
             .map_err(|e| BenchError(format!("--flood-limit: {e}")))?;
-        crate::qos::ThrottleConfig::from_pairs(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        crate::qos::ThrottleConfig::from_pairs(pairs.iter().map(|(k, v)| (k.as_str(), v)))
             .map_err(|e| BenchError(format!("--flood-limit: {e}")))?;
         if tenants < 2 {
             return Err(BenchError(

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tracing::info;
 
 use crate::daemon::Daemon;
-use crate::listener::ConnectionLimit;
+use crate::listener::{ConnectionLimit, StoppableListener};
 use crate::ratelimit::RateLimiter;
 use crate::trace::{LatencyReport, QueueReport, BUCKET_BOUNDS_NS};
 use crate::warn_limited;
@@ -27,18 +27,20 @@ pub const READ_DEADLINE: Duration = Duration::from_secs(5);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Binds the metrics listener.
-pub fn bind(addr: &str) -> Result<TcpListener, String> {
-    TcpListener::bind(addr).map_err(|e| format!("cannot listen for metrics on {addr}: {e}"))
+pub fn bind(addr: &str) -> Result<Arc<StoppableListener<TcpListener>>, String> {
+    let listener =
+        TcpListener::bind(addr).map_err(|e| format!("cannot listen for metrics on {addr}: {e}"))?;
+    StoppableListener::new(listener).map(Arc::new).map_err(|e| format!("eventfd: {e}"))
 }
 
-/// Serves `/metrics` until the process ends.
-pub fn run(listener: TcpListener, daemon: Arc<Daemon>) {
-    if let Ok(addr) = listener.local_addr() {
+/// Serves `/metrics` until the listener is stopped (the process ends, or a reload moves it).
+pub fn run(listener: Arc<StoppableListener<TcpListener>>, daemon: Arc<Daemon>) {
+    if let Ok(addr) = listener.local().local_addr() {
         info!(%addr, "metrics listening");
     }
     let scrapes = ConnectionLimit::new(MAX_SCRAPES);
     let mut log = RateLimiter::default();
-    for stream in listener.incoming() {
+    while let Some(stream) = listener.accept() {
         let stream = match stream {
             Ok(s) => s,
             Err(e) => {

@@ -24,11 +24,13 @@ use serde_json::{json, Map, Value};
 use tracing::info;
 
 use crate::daemon::{ControlError, Daemon};
-use crate::export::{parse_size, spec_from_pairs, ExportConfig};
+use crate::export::ExportConfig;
+use crate::iothread::poll::PollPolicy;
 use crate::iothread::registry::IoThreadConfig;
 use crate::listener::{ConnectionLimit, StoppableListener};
 use crate::qos::ThrottleConfig;
 use crate::ratelimit::RateLimiter;
+use crate::spec::Value as SpecValue;
 use crate::vhost_user::bind_socket;
 use crate::warn_limited;
 
@@ -42,8 +44,24 @@ pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60)
 /// A client that does not read its replies for this long is closed.
 const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-pub const COMMANDS: &str = "list-exports, add-export, remove-export, resize, query-stats, \
-set-polling, set-throttle, list-iothreads, add-iothread, remove-iothread, dump-config";
+/// Every command, for errors, help and completions (docs/control.md describes each).
+pub const COMMAND_NAMES: &[&str] = &[
+    "list-exports",
+    "add-export",
+    "remove-export",
+    "resize",
+    "query-stats",
+    "set-polling",
+    "set-throttle",
+    "list-iothreads",
+    "add-iothread",
+    "remove-iothread",
+    "dump-config",
+    "reload",
+];
+
+/// The fields a request may have.
+const REQUEST_FIELDS: &[&str] = &["id", "command", "args"];
 
 /// The control socket's listener.
 pub struct ControlServer {
@@ -168,6 +186,18 @@ pub fn handle_line(line: &[u8], daemon: &Daemon) -> Value {
         );
     };
     let id = obj.get("id").cloned().unwrap_or(Value::Null);
+    if let Some(field) = obj.keys().find(|k| !REQUEST_FIELDS.contains(&k.as_str())) {
+        return error_reply(
+            id,
+            ControlError::new(
+                "invalid-request",
+                format!(
+                    "unknown field \"{field}\" (a request has {}; arguments go in \"args\")",
+                    REQUEST_FIELDS.join(", ")
+                ),
+            ),
+        );
+    }
     let Some(command) = obj.get("command").and_then(Value::as_str) else {
         return error_reply(
             id,
@@ -210,36 +240,29 @@ fn only_keys(
     }
 }
 
-fn opt_str<'a>(args: &'a Map<String, Value>, key: &str) -> Result<Option<&'a str>, ControlError> {
-    match args.get(key) {
-        None => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(v) => Err(bad_arg(format!("'{key}' must be a string, not {v}"))),
-    }
+/// An argument's value, typed as the request gave it.
+fn arg(args: &Map<String, Value>, key: &str) -> Result<Option<SpecValue>, ControlError> {
+    args.get(key).map(|v| SpecValue::from_json(key, v).map_err(|e| bad_arg(e.0))).transpose()
 }
 
-fn req_str<'a>(args: &'a Map<String, Value>, key: &str) -> Result<&'a str, ControlError> {
+/// A text argument: a string, or a number whose digits are the text.
+fn opt_str(args: &Map<String, Value>, key: &str) -> Result<Option<String>, ControlError> {
+    arg(args, key)?.map(|v| v.text(key).map_err(|e| bad_arg(e.0))).transpose()
+}
+
+fn req_str(args: &Map<String, Value>, key: &str) -> Result<String, ControlError> {
     opt_str(args, key)?.ok_or_else(|| bad_arg(format!("missing '{key}'")))
 }
 
+/// true/false, or the words the export keys take (on/off ...).
 fn opt_bool(args: &Map<String, Value>, key: &str) -> Result<Option<bool>, ControlError> {
-    match args.get(key) {
-        None => Ok(None),
-        Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(v) => Err(bad_arg(format!("'{key}' must be true or false, not {v}"))),
-    }
+    arg(args, key)?.map(|v| v.bool(key).map_err(|e| bad_arg(e.0))).transpose()
 }
 
 /// A size as a number of bytes, or a string with a suffix ("10G").
 fn req_size(args: &Map<String, Value>, key: &str) -> Result<u64, ControlError> {
-    match args.get(key) {
-        None => Err(bad_arg(format!("missing '{key}'"))),
-        Some(Value::Number(n)) => n
-            .as_u64()
-            .ok_or_else(|| bad_arg(format!("'{key}' must be a whole number of bytes, not {n}"))),
-        Some(Value::String(s)) => parse_size(s).map_err(|e| bad_arg(format!("'{key}': {e}"))),
-        Some(v) => Err(bad_arg(format!("'{key}' must be a number of bytes, not {v}"))),
-    }
+    let v = arg(args, key)?.ok_or_else(|| bad_arg(format!("missing '{key}'")))?;
+    v.size(key).map_err(|e| bad_arg(e.0))
 }
 
 fn to_json<T: serde::Serialize>(v: T) -> Result<Value, ControlError> {
@@ -257,41 +280,50 @@ fn run_command(
             to_json(daemon.list())
         }
         "add-export" => {
-            let spec = spec_from_args(args)?;
-            let config = ExportConfig::parse(&spec).map_err(|e| bad_arg(e.0))?;
+            let pairs = pairs_from_args(args)?;
+            // The daemon's working directory is not its client's: a relative path would
+            // name another file than the one meant.
+            if let Some((k, v)) = pairs.iter().find(|(k, v)| {
+                ExportConfig::is_path_key(k) && !v.to_string().starts_with('/') && !is_uri(v)
+            }) {
+                return Err(bad_arg(format!(
+                    "'{k}' must be an absolute path, not {v} (blkplane ctl makes its paths absolute)"
+                )));
+            }
+            let config = ExportConfig::from_pairs(pairs).map_err(|e| bad_arg(e.0))?;
             let mut infos = daemon.add_exports(vec![config])?;
             to_json(infos.pop())
         }
         "remove-export" => {
             only_keys(command, args, &["id", "force"])?;
             let id = req_str(args, "id")?;
-            daemon.remove(id, opt_bool(args, "force")?.unwrap_or(false))?;
+            daemon.remove(&id, opt_bool(args, "force")?.unwrap_or(false))?;
             Ok(json!({"removed": id}))
         }
         "resize" => {
             only_keys(command, args, &["id", "size"])?;
             let id = req_str(args, "id")?;
             let size = req_size(args, "size")?;
-            to_json(daemon.resize(id, size)?)
+            to_json(daemon.resize(&id, size)?)
         }
         "query-stats" => {
             only_keys(command, args, &["id"])?;
-            to_json(daemon.stats(opt_str(args, "id")?)?)
+            to_json(daemon.stats(opt_str(args, "id")?.as_deref())?)
         }
         "set-polling" => {
             only_keys(command, args, &["id", "iothread", "mode", "max-us"])?;
-            let mode = match opt_str(args, "mode")? {
-                Some(m) => Some(m.parse().map_err(bad_arg)?),
-                None => None,
+            // The same checks as the poll and poll-max-us keys.
+            let mut policy = PollPolicy::default();
+            let mode = match arg(args, "mode")? {
+                Some(m) => policy.set_mode(&m).map(|()| Some(policy.mode)),
+                None => Ok(None),
             };
-            let max_us = match args.get("max-us") {
-                None => None,
-                Some(v) => {
-                    Some(v.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| {
-                        bad_arg(format!("'max-us' must be a number of microseconds, not {v}"))
-                    })?)
-                }
+            let max_us = match arg(args, "max-us")? {
+                Some(m) => policy.set_max_us(&m).map(|()| Some(policy.max_us)),
+                None => Ok(None),
             };
+            let (mode, max_us) =
+                (mode.map_err(|e| bad_arg(e.0))?, max_us.map_err(|e| bad_arg(e.0))?);
             if mode.is_none() && max_us.is_none() {
                 return Err(bad_arg("set-polling needs 'mode' or 'max-us'".into()));
             }
@@ -301,21 +333,22 @@ fn run_command(
                     "set-polling takes 'id' (an export) or 'iothread', not both".into(),
                 ));
             }
-            daemon.set_polling(id, iothread, mode, max_us)
+            daemon.set_polling(id.as_deref(), iothread.as_deref(), mode, max_us)
         }
         "set-throttle" => {
             let (mut id, mut group) = (None, None);
             let mut limits = Vec::new();
             for (k, v) in pairs_from_args(args)? {
                 match k.as_str() {
-                    "id" => id = Some(v),
-                    "group" => group = Some(v),
+                    "id" | "group" => {
+                        let text = v.text(&k).map_err(|e| bad_arg(e.0))?;
+                        *(if k == "id" { &mut id } else { &mut group }) = Some(text);
+                    }
                     _ => limits.push((k, v)),
                 }
             }
-            let config =
-                ThrottleConfig::from_pairs(limits.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-                    .map_err(|e| bad_arg(e.0))?;
+            let config = ThrottleConfig::from_pairs(limits.iter().map(|(k, v)| (k.as_str(), v)))
+                .map_err(|e| bad_arg(e.0))?;
             daemon.set_throttle(id.as_deref(), group.as_deref(), &config)
         }
         "dump-config" => {
@@ -328,46 +361,37 @@ fn run_command(
         }
         "add-iothread" => {
             let pairs = pairs_from_args(args)?;
-            let config = IoThreadConfig::from_pairs(&pairs).map_err(bad_arg)?;
+            let config = IoThreadConfig::from_pairs(&pairs).map_err(|e| bad_arg(e.0))?;
             to_json(daemon.add_iothread(&config)?)
         }
         "remove-iothread" => {
             only_keys(command, args, &["id"])?;
             let id = req_str(args, "id")?;
-            daemon.remove_iothread(id)?;
+            daemon.remove_iothread(&id)?;
             Ok(json!({"removed": id}))
+        }
+        "reload" => {
+            only_keys(command, args, &[])?;
+            daemon.reload()
         }
         other => Err(ControlError::new(
             "unknown-command",
-            format!("unknown command '{other}' (commands: {COMMANDS})"),
+            format!("unknown command '{other}' (commands: {})", COMMAND_NAMES.join(", ")),
         )),
     }
 }
 
-/// Turns add-export's arguments into an --export spec, so both are parsed by the same code.
-fn spec_from_args(args: &Map<String, Value>) -> Result<String, ControlError> {
-    let pairs = pairs_from_args(args)?;
-    spec_from_pairs(pairs.iter().map(|(k, v)| (k.as_str(), v.clone()))).map_err(|e| bad_arg(e.0))
+/// Whether an image value is a network URI rather than a path.
+fn is_uri(v: &SpecValue) -> bool {
+    let text = v.to_string();
+    crate::engine::nbd::NbdSpec::is_uri(&text) || crate::engine::rbd::RbdSpec::is_uri(&text)
 }
 
-/// A command's arguments as the key/value pairs of a command-line spec. Values may be
-/// strings, numbers or booleans (true/false become on/off).
-fn pairs_from_args(args: &Map<String, Value>) -> Result<Vec<(String, String)>, ControlError> {
-    let mut pairs = Vec::with_capacity(args.len());
-    for (k, v) in args {
-        let value = match v {
-            Value::String(s) => s.clone(),
-            Value::Number(n) => n.to_string(),
-            Value::Bool(b) => if *b { "on" } else { "off" }.to_string(),
-            other => {
-                return Err(bad_arg(format!(
-                    "'{k}' must be a string, number or boolean, not {other}"
-                )))
-            }
-        };
-        pairs.push((k.clone(), value));
-    }
-    Ok(pairs)
+/// A command's arguments as typed key/value pairs, for the key tables.
+fn pairs_from_args(args: &Map<String, Value>) -> Result<Vec<(String, SpecValue)>, ControlError> {
+    args.iter()
+        .map(|(k, v)| Ok((k.clone(), SpecValue::from_json(k, v).map_err(|e| bad_arg(e.0))?)))
+        .collect()
 }
 
 /// A client of the control socket (for `blkplane ctl` and `blkplane stat`).

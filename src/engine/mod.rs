@@ -26,12 +26,6 @@ pub enum EngineKind {
     Native,
     /// A pool of worker threads doing preadv/pwritev on the backing file.
     Threads,
-    /// No backing: reads return zeroes, writes are dropped.
-    Null,
-    /// An NBD server's export, one connection per queue (`engine/nbd/`).
-    Nbd,
-    /// A Ceph RBD image through librbd (`engine/rbd/`).
-    Rbd,
 }
 
 /// One operation for an engine, built from a validated request.

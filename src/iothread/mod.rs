@@ -24,7 +24,7 @@ use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::disk::Disk;
+use crate::disk::{Backend, Disk};
 use crate::engine::aio::AioEngine;
 use crate::engine::nbd::engine::NbdEngine;
 use crate::engine::null::NullEngine;
@@ -81,8 +81,9 @@ pub enum Placement {
     /// On these threads, queue i on thread i % len (QEMU's iothread-vq-mapping).
     Threads(Vec<Arc<IoThread>>),
     /// Each queue on a thread of its own, started and ended with it, polling by the export's
-    /// settings and pinned by its `cpus` (queue i on cpus[i % len]).
-    Dedicated,
+    /// settings (changeable with set-polling) and pinned by its `cpus` (queue i on
+    /// cpus[i % len]).
+    Dedicated { poll: Arc<PollSettings>, cpus: Vec<usize> },
 }
 
 /// A running I/O thread.
@@ -201,11 +202,15 @@ impl QueueHandle {
     }
 }
 
-/// Starts serving `setup`'s queue of `disk` where the disk's placement says. Returns once
-/// the queue is validated and its engine is up, or with the reason it could not start.
-pub fn start_queue(disk: &Arc<Disk>, setup: QueueSetup) -> io::Result<QueueHandle> {
+/// Starts serving `setup`'s queue of `disk` where `placement` says. Returns once the queue
+/// is validated and its engine is up, or with the reason it could not start.
+pub fn start_queue(
+    placement: &Placement,
+    disk: &Arc<Disk>,
+    setup: QueueSetup,
+) -> io::Result<QueueHandle> {
     let index = usize::from(setup.index);
-    let (thread, dedicated) = match &disk.placement {
+    let (thread, dedicated) = match placement {
         Placement::Pool(pool) => {
             let least = pool.iter().min_by_key(|t| t.stats.queues.load(Ordering::Relaxed));
             (Arc::clone(least.ok_or_else(|| io::Error::other("no I/O threads"))?), false)
@@ -214,10 +219,10 @@ pub fn start_queue(disk: &Arc<Disk>, setup: QueueSetup) -> io::Result<QueueHandl
             (Arc::clone(&threads[index % threads.len()]), false)
         }
         Placement::Threads(_) => return Err(io::Error::other("no I/O threads")),
-        Placement::Dedicated => {
-            let cpus = disk.cpus.get(index % disk.cpus.len().max(1)).into_iter().copied().collect();
+        Placement::Dedicated { poll, cpus } => {
+            let cpus = cpus.get(index % cpus.len().max(1)).into_iter().copied().collect();
             let name = format!("q{index}");
-            (IoThread::spawn(&name, cpus, Arc::clone(&disk.poll), u32::from(setup.size))?, true)
+            (IoThread::spawn(&name, cpus, Arc::clone(poll), u32::from(setup.size))?, true)
         }
     };
     let disk = Arc::clone(disk);
@@ -243,40 +248,35 @@ fn make_queue(
     ring: &std::rc::Rc<crate::engine::uring::SharedRing>,
 ) -> io::Result<Box<dyn Served>> {
     use std::os::fd::AsRawFd;
-    let fd = disk.backing.as_ref().map(|b| b.file.as_raw_fd());
     let size = setup.size;
-    match (disk.engine, fd) {
-        (EngineKind::Null, _) => worker::queue::start(disk, setup, NullEngine::new(size)),
-        (EngineKind::Nbd, _) => {
-            let target = disk
-                .nbd
-                .clone()
-                .ok_or_else(|| io::Error::other("an NBD export without its server"))?;
-            worker::queue::start(disk, setup, NbdEngine::new(target, size)?)
+    match &disk.backend {
+        Backend::Null => worker::queue::start(disk, setup, NullEngine::new(size)),
+        Backend::Nbd(target) => {
+            let engine = NbdEngine::new(Arc::clone(target), size)?;
+            worker::queue::start(disk, setup, engine)
         }
         #[cfg(feature = "rbd")]
-        (EngineKind::Rbd, _) => {
+        Backend::Rbd(image) => {
             use crate::engine::rbd::engine::RbdEngine;
-            let image = disk
-                .rbd
-                .clone()
-                .ok_or_else(|| io::Error::other("an RBD export without its image"))?;
-            worker::queue::start(disk, setup, RbdEngine::new(image, size)?)
-        }
-        #[cfg(not(feature = "rbd"))]
-        (EngineKind::Rbd, _) => Err(io::Error::other("built without RBD support")),
-        (EngineKind::IoUring, Some(fd)) => {
-            worker::queue::start(disk, setup, UringEngine::on(ring, fd, size))
-        }
-        (EngineKind::Native, Some(fd)) => {
-            let engine = AioEngine::new(fd, size)?;
+            let engine = RbdEngine::new(Arc::clone(image), size)?;
             worker::queue::start(disk, setup, engine)
         }
-        (EngineKind::Threads, Some(fd)) => {
-            let engine = ThreadsEngine::new(fd, size)?;
-            worker::queue::start(disk, setup, engine)
+        Backend::File { backing, engine } => {
+            let fd = backing.file.as_raw_fd();
+            match engine {
+                EngineKind::Native => {
+                    let engine = AioEngine::new(fd, size)?;
+                    worker::queue::start(disk, setup, engine)
+                }
+                EngineKind::Threads => {
+                    let engine = ThreadsEngine::new(fd, size)?;
+                    worker::queue::start(disk, setup, engine)
+                }
+                EngineKind::IoUring => {
+                    worker::queue::start(disk, setup, UringEngine::on(ring, fd, size))
+                }
+            }
         }
-        (_, None) => Err(io::Error::other("an export without a backing file needs engine=null")),
     }
 }
 

@@ -232,7 +232,7 @@ fn serve<E: Engine + 'static>(
         inflight: None,
         log: None,
     };
-    let fd = disk.backing.as_ref().unwrap().file.as_raw_fd();
+    let fd = disk.backing().unwrap().file.as_raw_fd();
     let log = Arc::clone(log);
     let thread = IoThread::spawn("order-test", Vec::new(), default_poll(), 64).unwrap();
     let queue = thread
@@ -264,8 +264,8 @@ fn disk_in(dir: &std::path::Path, keys: &str) -> (std::path::PathBuf, Arc<Disk>)
     let image = dir.join("disk.raw");
     std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
     let spec = format!("socket={}/unused.sock,image={},{keys}", dir.display(), image.display());
-    let disk =
-        Arc::new(Disk::open(&ExportConfig::parse(&spec).unwrap(), Placement::Dedicated).unwrap());
+    let c = ExportConfig::parse(&spec).unwrap();
+    let disk = Arc::new(Disk::open("test", &c.socket.path, &c.disk, &c.limits).unwrap());
     (image, disk)
 }
 
@@ -283,7 +283,7 @@ fn contract<E: Engine + 'static>(cache: &str, wce_off: bool, make: MakeEngine<E>
     }
     let mode = disk.cache;
     let fd_flags = {
-        let fd = disk.backing.as_ref().unwrap().file.as_raw_fd();
+        let fd = disk.backing().unwrap().file.as_raw_fd();
         // SAFETY: F_GETFL on an open descriptor has no other effect.
         unsafe { libc::fcntl(fd, libc::F_GETFL) }
     };

@@ -23,6 +23,8 @@
 
 use std::fmt;
 use std::str::FromStr;
+
+use crate::spec::{err, Key, Kind, Options, SpecError, Value};
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
@@ -80,6 +82,50 @@ const MISSES_BEFORE_SHRINKING: u32 = 3;
 const SLEEPS_BETWEEN_PROBES: u32 = 256;
 /// Windows shorter than this are not worth the clock reads: treat as zero.
 const MIN_WINDOW: Duration = Duration::from_micros(1);
+
+impl PollPolicy {
+    /// `poll=`: the one place the mode is read.
+    pub fn set_mode(&mut self, value: &Value) -> Result<(), SpecError> {
+        self.mode = value.text("poll")?.parse().map_err(SpecError)?;
+        Ok(())
+    }
+
+    /// `poll-max-us=` (also set-polling's `max-us`): the one place the bound is checked.
+    pub fn set_max_us(&mut self, value: &Value) -> Result<(), SpecError> {
+        let max_us: u32 = value.number("poll-max-us")?;
+        if max_us > MAX_POLL_MAX_US {
+            return err(format!("poll-max-us={value}: at most {MAX_POLL_MAX_US}"));
+        }
+        self.max_us = max_us;
+        Ok(())
+    }
+}
+
+/// The polling keys, of a named I/O thread and of an export's dedicated threads.
+impl Options for PollPolicy {
+    const KEYS: &'static [Key<PollPolicy>] = &[
+        Key {
+            name: "poll",
+            aliases: &[],
+            kind: Kind::Choice(&["adaptive", "always", "never"]),
+            usage: "poll=MODE",
+            help: "adaptive (default): after work, poll the rings for a self-tuning window\n\
+                   (up to poll-max-us) before sleeping; an idle export costs no CPU.\n\
+                   always: never sleep (for dedicated cores). never: sleep at once.",
+            set: PollPolicy::set_mode,
+            get: |p| Some(Value::Str(p.mode.to_string())),
+        },
+        Key {
+            name: "poll-max-us",
+            aliases: &[],
+            kind: Kind::Number,
+            usage: "poll-max-us=N",
+            help: "bound of the adaptive polling window in µs (default 64, at most 100000).",
+            set: PollPolicy::set_max_us,
+            get: |p| Some(Value::Int(p.max_us.into())),
+        },
+    ];
+}
 
 impl Default for PollPolicy {
     fn default() -> Self {

@@ -9,9 +9,9 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
-use super::poll::{PollMode, PollPolicy, PollSettings, MAX_POLL_MAX_US};
+use super::poll::{PollMode, PollPolicy, PollSettings};
 use super::{IoThread, Placement};
-use crate::export::{is_name, MAX_NAME_BYTES};
+use crate::spec::{self, Key, Kind, Options, SpecError, Value, MAX_NAME_BYTES};
 
 /// Submission entries of a shared thread's ring: room for several busy queues at once (more
 /// wait in the ring buffer of the kernel, never lost).
@@ -22,7 +22,7 @@ pub const MAX_POOL_THREADS: usize = 1024;
 pub const MAX_NAMED_THREADS: usize = 256;
 
 /// A named I/O thread as `--iothread id=NAME[,cpus=LIST][,poll=MODE][,poll-max-us=N]` gives it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct IoThreadConfig {
     pub id: String,
     /// CPUs the thread may run on (its affinity); empty: wherever the process may.
@@ -30,27 +30,71 @@ pub struct IoThreadConfig {
     pub poll: PollPolicy,
 }
 
-impl IoThreadConfig {
-    /// Every key with its value, as the config file writes them (see `ExportConfig::to_pairs`).
-    pub fn to_pairs(&self) -> Vec<(&'static str, crate::export::SpecValue)> {
-        use crate::export::SpecValue::{Int, Str};
-        let mut pairs = vec![("id", Str(self.id.clone()))];
-        if !self.cpus.is_empty() {
-            pairs.push(("cpus", Str(crate::export::format_cpu_list(&self.cpus))));
-        }
-        pairs.push(("poll", Str(self.poll.mode.to_string())));
-        pairs.push(("poll-max-us", Int(self.poll.max_us.into())));
-        pairs
+/// `cpus=`: a CPU list of CPUs this process may run on (its affinity mask, which a cpuset
+/// narrows), not merely CPUs that exist.
+pub fn cpu_list(value: &Value) -> Result<Vec<usize>, SpecError> {
+    let text = value.text("cpus")?;
+    let bad = |e: SpecError| SpecError(format!("cpus={text}: {e}"));
+    let cpus = spec::parse_cpu_list(&text).map_err(bad)?;
+    let allowed = crate::sys::allowed_cpus();
+    if let Some(c) = cpus.iter().find(|c| !allowed.contains(c)) {
+        return Err(bad(SpecError(format!(
+            "CPU {c} is not one this process may use (allowed: {})",
+            spec::format_cpu_list(&allowed)
+        ))));
     }
+    Ok(cpus)
 }
 
-/// The keys of an `--iothread` spec.
-pub const IOTHREAD_KEYS: &[&str] = &["id", "cpus", "poll", "poll-max-us"];
+fn cpus_value(cpus: &[usize]) -> Option<Value> {
+    (!cpus.is_empty()).then(|| Value::Str(spec::format_cpu_list(cpus)))
+}
+
+const CPUS_HELP: &str = "pin the threads: queue i on the i-th CPU of LIST (e.g. 1 or 2-3).";
+
+impl Options for IoThreadConfig {
+    const KEYS: &'static [Key<IoThreadConfig>] = &[
+        Key {
+            name: "id",
+            aliases: &[],
+            kind: Kind::Text,
+            usage: "id=NAME",
+            help: "the thread's name, for iothread=NAME.",
+            set: |t, v| {
+                let id = v.text("id")?;
+                check_name(&id).map_err(SpecError)?;
+                t.id = id;
+                Ok(())
+            },
+            get: |t| Some(Value::Str(t.id.clone())),
+        },
+        Key {
+            name: "cpus",
+            aliases: &[],
+            kind: Kind::Text,
+            usage: "cpus=LIST",
+            help: "the thread's affinity (`,,` between CPUs: cpus=0,,2).",
+            set: |t, v| {
+                t.cpus = cpu_list(v)?;
+                Ok(())
+            },
+            get: |t| cpus_value(&t.cpus),
+        },
+        PollPolicy::KEYS[0].lifted(
+            |t: &mut IoThreadConfig, v| t.poll.set_mode(v),
+            |t| (PollPolicy::KEYS[0].get)(&t.poll),
+        ),
+        PollPolicy::KEYS[1].lifted(
+            |t: &mut IoThreadConfig, v| t.poll.set_max_us(v),
+            |t| (PollPolicy::KEYS[1].get)(&t.poll),
+        ),
+    ];
+}
 
 /// Whether `name` can name an I/O thread (or an export's list of them): letters, digits,
 /// `-`, `_` and `.`, and not the words the `iothread=` key gives a meaning.
 pub fn check_name(name: &str) -> Result<(), String> {
-    if !is_name(name) {
+    if !spec::is_name(name) {
         return Err(format!(
             "'{name}' is not an I/O thread name (1 to {MAX_NAME_BYTES} letters, digits, '-', '_', '.')"
         ));
@@ -64,45 +108,133 @@ pub fn check_name(name: &str) -> Result<(), String> {
 impl IoThreadConfig {
     /// Parses `id=NAME[,cpus=LIST][,poll=MODE][,poll-max-us=N]` (`,,` for a comma inside a
     /// value, as in `cpus=0,,2`).
-    pub fn parse(spec: &str) -> Result<IoThreadConfig, String> {
-        let pairs = crate::export::split_pairs(spec, &IOTHREAD_KEYS.join(", ")).map_err(|e| e.0)?;
-        Self::from_pairs(&pairs)
+    pub fn parse(spec: &str) -> Result<IoThreadConfig, SpecError> {
+        Self::from_pairs(&spec::split_pairs(spec, &Self::key_list())?)
+    }
+
+    fn key_list() -> String {
+        Self::infos().map(|k| k.name).collect::<Vec<_>>().join(", ")
     }
 
     /// From key/value pairs (a parsed spec, a config-file table, a control request).
-    pub fn from_pairs(pairs: &[(String, String)]) -> Result<IoThreadConfig, String> {
-        let mut id = None;
-        let mut cpus = Vec::new();
-        let mut poll = PollPolicy::default();
+    pub fn from_pairs(pairs: &[(String, Value)]) -> Result<IoThreadConfig, SpecError> {
+        let mut config = IoThreadConfig::default();
+        let mut seen = Vec::new();
         for (key, value) in pairs {
-            match key.as_str() {
-                "id" => {
-                    check_name(value)?;
-                    id = Some(value.clone());
+            match config.set_key(key, value) {
+                Some((name, _)) if seen.contains(&name) => {
+                    return spec::err(format!("key '{name}' given twice"))
                 }
-                "cpus" => {
-                    cpus = crate::export::parse_cpu_list(value)
-                        .map_err(|e| format!("cpus={value}: {}", e.0))?
+                Some((name, result)) => {
+                    result?;
+                    seen.push(name);
                 }
-                "poll" => poll.mode = value.parse()?,
-                "poll-max-us" => {
-                    poll.max_us =
-                        value.parse().map_err(|_| format!("poll-max-us={value}: not a number"))?;
-                    if poll.max_us > MAX_POLL_MAX_US {
-                        return Err(format!("poll-max-us={value}: at most {MAX_POLL_MAX_US}"));
-                    }
-                }
-                other => {
-                    return Err(format!(
-                        "unknown key '{other}' (keys: {})",
-                        IOTHREAD_KEYS.join(", ")
-                    ))
+                None => {
+                    return spec::err(format!("unknown key '{key}' (keys: {})", Self::key_list()))
                 }
             }
         }
-        let id = id.ok_or("an I/O thread needs id=NAME")?;
-        Ok(IoThreadConfig { id, cpus, poll })
+        if !seen.contains(&"id") {
+            return spec::err("an I/O thread needs id=NAME");
+        }
+        Ok(config)
     }
+}
+
+/// Which threads serve an export's queues, and the polling and pinning of threads of its
+/// own: the export keys `iothread`, `poll`, `poll-max-us` and `cpus`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ThreadOptions {
+    pub iothread: ThreadChoice,
+    /// Polling of the export's dedicated threads.
+    pub poll: PollPolicy,
+    /// CPUs the dedicated threads are pinned to, queue i on cpus[i % len]; empty: not pinned.
+    pub cpus: Vec<usize>,
+    /// While the keys are read: `iothread=` as given, and the first key that describes
+    /// threads of the export's own (which implies them). Both `None` once checked.
+    given: Option<ThreadChoice>,
+    own_thread_key: Option<&'static str>,
+}
+
+impl ThreadOptions {
+    fn own(&mut self, key: &'static str) {
+        self.own_thread_key.get_or_insert(key);
+    }
+
+    /// poll, poll-max-us and cpus describe threads of the export's own: they ask for them
+    /// when no iothread= is given, and make no sense on threads shared with others (those
+    /// have their own settings, on --iothread).
+    pub fn check(&mut self) -> Result<(), SpecError> {
+        self.iothread = match (self.given.take(), self.own_thread_key.take()) {
+            (None, Some(_)) | (Some(ThreadChoice::Dedicated), _) => ThreadChoice::Dedicated,
+            (choice, None) => choice.unwrap_or_default(),
+            (Some(shared), Some(key)) => {
+                return spec::err(format!(
+                    "{key}= is a setting of the export's own I/O threads (iothread=dedicated); \
+                     iothread={shared} shares threads, whose polling and CPUs are set on --iothread"
+                ))
+            }
+        };
+        Ok(())
+    }
+
+    fn dedicated(&self) -> bool {
+        self.iothread == ThreadChoice::Dedicated
+    }
+}
+
+impl Options for ThreadOptions {
+    const KEYS: &'static [Key<ThreadOptions>] = &[
+        Key {
+            name: "iothread",
+            aliases: &[],
+            kind: Kind::Text,
+            usage: "iothread=WHERE",
+            help: "which I/O threads serve the queues. Default: the shared pool (each queue\n\
+                   on its least busy thread). NAME or NAME:NAME...: threads made with\n\
+                   --iothread, queue i on the i-th name, round-robin. dedicated: a thread of\n\
+                   the export's own per queue, with the polling and pinning keys below.",
+            set: |t, v| {
+                t.given = Some(ThreadChoice::parse(&v.text("iothread")?).map_err(SpecError)?);
+                Ok(())
+            },
+            get: |t| Some(Value::Str(t.iothread.to_string())),
+        },
+        PollPolicy::KEYS[0]
+            .lifted(
+                |t: &mut ThreadOptions, v| {
+                    t.own("poll");
+                    t.poll.set_mode(v)
+                },
+                |t| t.dedicated().then(|| Value::Str(t.poll.mode.to_string())),
+            )
+            .with_help(
+                "(dedicated threads; giving it implies iothread=dedicated)\n\
+                 adaptive (default): after work, poll the rings for a self-tuning window\n\
+                 (up to poll-max-us) before sleeping; an idle export costs no CPU.\n\
+                 always: never sleep (for dedicated cores). never: sleep at once.",
+            ),
+        PollPolicy::KEYS[1].lifted(
+            |t: &mut ThreadOptions, v| {
+                t.own("poll-max-us");
+                t.poll.set_max_us(v)
+            },
+            |t| t.dedicated().then(|| Value::Int(t.poll.max_us.into())),
+        ),
+        Key {
+            name: "cpus",
+            aliases: &[],
+            kind: Kind::Text,
+            usage: "cpus=LIST",
+            help: CPUS_HELP,
+            set: |t, v| {
+                t.own("cpus");
+                t.cpus = cpu_list(v)?;
+                Ok(())
+            },
+            get: |t| if t.dedicated() { cpus_value(&t.cpus) } else { None },
+        },
+    ];
 }
 
 /// One I/O thread as `list-iothreads` shows it.
@@ -133,7 +265,7 @@ fn info_of(thread: &IoThread, kind: &'static str) -> IoThreadInfo {
     IoThreadInfo {
         id: thread.id.clone(),
         kind,
-        cpus: crate::export::format_cpu_list(&thread.cpus),
+        cpus: spec::format_cpu_list(&thread.cpus),
         poll: policy.mode.to_string(),
         poll_max_us: policy.max_us,
         queues: s.queues.load(Ordering::Relaxed),
@@ -264,10 +396,15 @@ impl IoThreads {
     }
 
     /// Where an export's queues go. Errors name the unknown thread.
-    pub fn placement(&self, choice: &ThreadChoice) -> Result<Placement, String> {
-        match choice {
+    /// Where an export's queues run: on the threads `options` name, or (dedicated) on
+    /// threads of their own, polling and pinned as `options` say.
+    pub fn placement(&self, options: &ThreadOptions) -> Result<Placement, String> {
+        match &options.iothread {
             ThreadChoice::Pool => Ok(Placement::Pool(Arc::clone(&self.pool))),
-            ThreadChoice::Dedicated => Ok(Placement::Dedicated),
+            ThreadChoice::Dedicated => Ok(Placement::Dedicated {
+                poll: Arc::new(PollSettings::new(options.poll)),
+                cpus: options.cpus.clone(),
+            }),
             ThreadChoice::Named(names) => {
                 let named = self.named();
                 let threads = names

@@ -4,7 +4,7 @@
 //! sustained), and `iops-size` (a request larger than this counts as several). Checked as
 //! QEMU checks them, with the same meaning, so that a VM's limits move between the two.
 
-use std::fmt;
+use crate::spec::{self, Key, Kind, Options, SpecError, Value};
 
 /// Largest value any limit key takes (QEMU's THROTTLE_VALUE_MAX).
 pub const MAX_LIMIT_VALUE: u64 = 1_000_000_000_000_000;
@@ -88,16 +88,6 @@ pub struct ThrottleConfig {
     pub iops_size: u64,
 }
 
-/// A bad limit: one line naming it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ThrottleError(pub String);
-
-impl fmt::Display for ThrottleError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
 impl ThrottleConfig {
     /// No limit at all: the data path skips throttling entirely.
     pub fn is_unlimited(&self) -> bool {
@@ -106,11 +96,11 @@ impl ThrottleConfig {
 
     /// Takes one key if it is a limit key: Ok(true). Ok(false): not a limit key. Values are
     /// whole numbers; byte rates and `iops-size` also take K, M, G, T suffixes (binary).
-    pub fn take_key(&mut self, key: &str, value: &str) -> Result<bool, ThrottleError> {
+    pub fn take_key(&mut self, key: &str, value: &Value) -> Result<bool, SpecError> {
         if key == "iops-size" {
             let n = parse_value(key, value, true)?;
             if n > MAX_IOPS_SIZE_BYTES {
-                return Err(ThrottleError(format!("iops-size={value}: at most 1G")));
+                return Err(SpecError(format!("iops-size={value}: at most 1G")));
             }
             self.iops_size = n;
             return Ok(true);
@@ -130,7 +120,7 @@ impl ThrottleConfig {
             _ => {
                 let n = parse_value(key, value, false)?;
                 if !(1..=MAX_BURST_LENGTH_S).contains(&n) {
-                    return Err(ThrottleError(format!(
+                    return Err(SpecError(format!(
                         "{key}={value}: 1 to {MAX_BURST_LENGTH_S} seconds"
                     )));
                 }
@@ -141,7 +131,7 @@ impl ThrottleConfig {
     }
 
     /// Checks the limits together, with QEMU's rules.
-    pub fn check(&self) -> Result<(), ThrottleError> {
+    pub fn check(&self) -> Result<(), SpecError> {
         for unit in [Unit::Iops, Unit::Bps] {
             let of = |d: Direction| {
                 let i = LIMITS.iter().position(|&l| l == (unit, d)).unwrap_or(0);
@@ -150,7 +140,7 @@ impl ThrottleConfig {
             let (total, t) = of(Direction::Total);
             let ((read, r), (write, w)) = (of(Direction::Read), of(Direction::Write));
             if t > 0 && (r > 0 || w > 0) {
-                return Err(ThrottleError(format!(
+                return Err(SpecError(format!(
                     "{total} and {read}/{write} exclude each other (a total limit, or one per direction)"
                 )));
             }
@@ -158,18 +148,18 @@ impl ThrottleConfig {
         for (i, l) in self.limits.iter().enumerate() {
             let key = limit_key(i);
             if l.max > 0 && l.avg == 0 {
-                return Err(ThrottleError(format!(
+                return Err(SpecError(format!(
                     "{key}-max needs {key} (the average it bursts above)"
                 )));
             }
             if l.max > 0 && l.max < l.avg {
-                return Err(ThrottleError(format!(
+                return Err(SpecError(format!(
                     "{key}-max={} is below {key}={}: a burst goes faster than the average",
                     l.max, l.avg
                 )));
             }
             if l.max_length_s > 0 && l.max == 0 {
-                return Err(ThrottleError(format!(
+                return Err(SpecError(format!(
                     "{key}-max-length needs {key}-max (the rate the burst goes at)"
                 )));
             }
@@ -198,12 +188,12 @@ impl ThrottleConfig {
 
     /// Parses limits given as key/value pairs (`set-throttle`'s arguments), checked.
     pub fn from_pairs<'a>(
-        pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
-    ) -> Result<ThrottleConfig, ThrottleError> {
+        pairs: impl IntoIterator<Item = (&'a str, &'a Value)>,
+    ) -> Result<ThrottleConfig, SpecError> {
         let mut config = ThrottleConfig::default();
         for (k, v) in pairs {
             if !config.take_key(k, v)? {
-                return Err(ThrottleError(format!(
+                return Err(SpecError(format!(
                     "'{k}' is not a limit (limits: {})",
                     THROTTLE_KEYS.trim_end_matches(", throttle-group")
                 )));
@@ -215,30 +205,109 @@ impl ThrottleConfig {
 }
 
 /// A limit's value: a whole number up to [`MAX_LIMIT_VALUE`]; with `sizes`, K/M/G/T suffixes.
-fn parse_value(key: &str, value: &str, sizes: bool) -> Result<u64, ThrottleError> {
-    let n = if sizes {
-        crate::export::parse_size(value)
-            .map_err(|e| ThrottleError(format!("{key}={value}: {e}")))?
-    } else {
-        value
-            .parse::<u64>()
-            .map_err(|_| ThrottleError(format!("{key}={value}: not a whole number")))?
+fn parse_value(key: &str, value: &Value, sizes: bool) -> Result<u64, SpecError> {
+    let n = match value {
+        Value::Int(n) => *n,
+        Value::Str(text) if sizes => {
+            spec::parse_size(text).map_err(|e| SpecError(format!("{key}={value}: {e}")))?
+        }
+        _ => value
+            .number::<u64>(key)
+            .map_err(|_| SpecError(format!("{key}={value}: not a whole number")))?,
     };
     if n > MAX_LIMIT_VALUE {
-        return Err(ThrottleError(format!("{key}={value}: at most {MAX_LIMIT_VALUE}")));
+        return Err(SpecError(format!("{key}={value}: at most {MAX_LIMIT_VALUE}")));
     }
     Ok(n)
+}
+
+/// An export's limits and its throttle group: the limit keys of `--export`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LimitOptions {
+    /// The export's own limits, or with `group` the group's, shared with every export that
+    /// names it.
+    pub throttle: ThrottleConfig,
+    pub group: Option<String>,
+}
+
+impl LimitOptions {
+    fn value_of(&self, key: &str) -> Option<Value> {
+        self.throttle.to_pairs().into_iter().find(|(k, _)| *k == key).map(|(_, v)| Value::Int(v))
+    }
+}
+
+/// One row per limit key; all set through `take_key`, which knows the family.
+macro_rules! limit_rows {
+    ($(($name:literal, $kind:expr, $usage:literal, $help:literal)),* $(,)?) => {
+        &[$(Key {
+            name: $name,
+            aliases: &[],
+            kind: $kind,
+            usage: $usage,
+            help: $help,
+            set: |o, v| o.throttle.take_key($name, v).map(|_| ()),
+            get: |o| o.value_of($name),
+        }),*]
+    };
+}
+
+impl Options for LimitOptions {
+    const KEYS: &'static [Key<LimitOptions>] = {
+        const N: Kind = Kind::Number;
+        const S: Kind = Kind::Size;
+        const ROWS: &[Key<LimitOptions>] = limit_rows![
+            ("iops-total", N, "iops-total=N, iops-read=N, iops-write=N, bps-total=BYTES, bps-read=BYTES, bps-write=BYTES",
+             "rate limits, per second (QEMU's meaning). Each also takes -max (the rate\n\
+              of a burst) and -max-length (seconds a burst at -max may last, default\n\
+              1). A total and a per-direction limit of one unit exclude each other."),
+            ("iops-total-max", N, "iops-total-max=N", ""),
+            ("iops-total-max-length", N, "iops-total-max-length=SECONDS", ""),
+            ("iops-read", N, "iops-read=N", ""),
+            ("iops-read-max", N, "iops-read-max=N", ""),
+            ("iops-read-max-length", N, "iops-read-max-length=SECONDS", ""),
+            ("iops-write", N, "iops-write=N", ""),
+            ("iops-write-max", N, "iops-write-max=N", ""),
+            ("iops-write-max-length", N, "iops-write-max-length=SECONDS", ""),
+            ("bps-total", S, "bps-total=BYTES", ""),
+            ("bps-total-max", S, "bps-total-max=BYTES", ""),
+            ("bps-total-max-length", N, "bps-total-max-length=SECONDS", ""),
+            ("bps-read", S, "bps-read=BYTES", ""),
+            ("bps-read-max", S, "bps-read-max=BYTES", ""),
+            ("bps-read-max-length", N, "bps-read-max-length=SECONDS", ""),
+            ("bps-write", S, "bps-write=BYTES", ""),
+            ("bps-write-max", S, "bps-write-max=BYTES", ""),
+            ("bps-write-max-length", N, "bps-write-max-length=SECONDS", ""),
+            ("iops-size", S, "iops-size=BYTES", "a larger request counts as BYTES-sized operations."),
+        ];
+        ROWS
+    };
+}
+
+impl LimitOptions {
+    /// The throttle group's key, a row of the export's limit keys (`KEYS` has the limits
+    /// alone, which is what `set-throttle` takes).
+    pub const GROUP_KEYS: &'static [Key<LimitOptions>] = &[Key {
+        name: "throttle-group",
+        aliases: &[],
+        kind: Kind::Text,
+        usage: "throttle-group=NAME",
+        help: "exports naming one group share its limits (given by its first export);\n\
+               change them live with ctl set-throttle id=ID|group=NAME KEY=VALUE...",
+        set: |o, v| {
+            o.group = Some(spec::name("throttle-group", v)?);
+            Ok(())
+        },
+        get: |o| o.group.clone().map(Value::Str),
+    }];
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn parse(spec: &str) -> Result<ThrottleConfig, ThrottleError> {
-        ThrottleConfig::from_pairs(spec.split(',').filter(|s| !s.is_empty()).map(|kv| {
-            let (k, v) = kv.split_once('=').unwrap();
-            (k, v)
-        }))
+    fn parse(text: &str) -> Result<ThrottleConfig, SpecError> {
+        let pairs = spec::split_pairs(text, "").unwrap();
+        ThrottleConfig::from_pairs(pairs.iter().map(|(k, v)| (k.as_str(), v)))
     }
 
     #[test]
@@ -265,9 +334,8 @@ mod tests {
                 ("iops-size", 8192),
             ]
         );
-        let text: Vec<(String, String)> =
-            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let again = ThrottleConfig::from_pairs(text.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let values: Vec<(&str, Value)> = pairs.iter().map(|(k, v)| (*k, Value::Int(*v))).collect();
+        let again = ThrottleConfig::from_pairs(values.iter().map(|(k, v)| (*k, v)));
         // An explicit length of 1 is the default's meaning.
         let mut want = c.clone();
         want.limits[3].max_length_s = 1;

@@ -18,7 +18,7 @@ pub mod throttle;
 use std::sync::OnceLock;
 use std::time::Instant;
 
-pub use config::{ThrottleConfig, THROTTLE_KEYS};
+pub use config::{LimitOptions, ThrottleConfig, THROTTLE_KEYS};
 pub use throttle::{Cost, Throttle};
 
 /// Nanoseconds on the clock every throttle counts in (monotonic, from the first call; never

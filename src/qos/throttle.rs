@@ -197,7 +197,9 @@ mod tests {
     const MS: u64 = 1_000_000;
 
     fn config(pairs: &[(&str, &str)]) -> ThrottleConfig {
-        ThrottleConfig::from_pairs(pairs.iter().copied()).unwrap()
+        let values: Vec<(&str, crate::spec::Value)> =
+            pairs.iter().map(|(k, v)| (*k, crate::spec::Value::Str(v.to_string()))).collect();
+        ThrottleConfig::from_pairs(values.iter().map(|(k, v)| (*k, v))).unwrap()
     }
 
     fn flood(t: &Throttle, cost: Cost, until_ns: u64) -> u64 {

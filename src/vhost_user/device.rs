@@ -20,7 +20,7 @@ use vhost::VhostUserMemoryRegionBase;
 use crate::blk::config::offset::WRITEBACK;
 use crate::blk::feature;
 use crate::disk::Disk;
-use crate::iothread::{start_queue, QueueHandle, QueueSetup};
+use crate::iothread::{start_queue, Placement, QueueHandle, QueueSetup};
 use crate::ratelimit::RateLimiter;
 use crate::sys::checked_eventfd;
 use crate::virtq::dirty::{DirtyLog, QueueLog};
@@ -52,6 +52,8 @@ struct Vring {
 /// One connected frontend's view of an export.
 pub struct BlkDevice {
     disk: Arc<Disk>,
+    /// Which I/O threads serve the queues.
+    placement: Placement,
     acked_features: u64,
     acked_protocol_features: u64,
     memory: Arc<GuestMemory>,
@@ -73,11 +75,17 @@ fn handler_error(e: impl std::fmt::Display) -> Error {
 }
 
 impl BlkDevice {
-    pub fn new(disk: Arc<Disk>, hangup: Arc<OwnedFd>, log: Arc<Mutex<RateLimiter>>) -> BlkDevice {
+    pub fn new(
+        disk: Arc<Disk>,
+        placement: Placement,
+        hangup: Arc<OwnedFd>,
+        log: Arc<Mutex<RateLimiter>>,
+    ) -> BlkDevice {
         let vrings = (0..disk.num_queues).map(|_| Vring::default()).collect();
         disk.reset_writeback();
         BlkDevice {
             disk,
+            placement,
             acked_features: 0,
             acked_protocol_features: 0,
             memory: Arc::new(GuestMemory::default()),
@@ -207,7 +215,7 @@ impl BlkDevice {
             inflight: self.inflight.clone(),
             log,
         };
-        match start_queue(&self.disk, setup) {
+        match start_queue(&self.placement, &self.disk, setup) {
             Ok(thread) => {
                 self.vrings[index].thread = Some(thread);
                 Ok(())

@@ -7,4 +7,4 @@ pub mod device;
 pub mod server;
 
 pub use device::BlkDevice;
-pub use server::{apply_socket_access, bind_socket, ExportServer};
+pub use server::{apply_socket_access, bind_socket, ExportServer, SocketAccess, SocketOptions};

@@ -14,10 +14,142 @@ use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
 use super::backend_channel::{self, BackendChannel};
 use super::device::BlkDevice;
 use crate::disk::Disk;
-use crate::export::SocketAccess;
+use crate::iothread::Placement;
 use crate::listener::StoppableListener;
 use crate::ratelimit::RateLimiter;
+use crate::spec::{err, Key, Kind, Options, SpecError, Value};
 use crate::{info_limited, warn_limited};
+
+/// Permissions of an export's socket. The socket is created owner-only; these widen it on
+/// purpose (for a VMM that runs as another user, as libvirt's QEMU does).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SocketAccess {
+    /// Mode bits (e.g. 0o660); `None`: 0600.
+    pub mode: Option<u32>,
+    /// Group name or number.
+    pub group: Option<String>,
+    /// Owner name or number (the daemon must run as root to give it away).
+    pub owner: Option<String>,
+}
+
+/// Where an export listens and who may connect: the socket keys of `--export`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SocketOptions {
+    /// The socket's path (absolute); empty for an inherited socket until it is looked up.
+    pub path: PathBuf,
+    /// A listening Unix socket inherited from the parent (`socket-fd=N`, or systemd's
+    /// LISTEN_FDS matched by the export's id) to serve on instead of binding `path`; its
+    /// path is left alone when the export goes.
+    pub fd: Option<i32>,
+    pub access: SocketAccess,
+}
+
+impl SocketOptions {
+    /// Checks the keys together: one of `socket=` and `socket-fd=`, or neither when the
+    /// export's socket is found by its id among the sockets systemd passed (`by_name`).
+    pub fn check(&self, by_name: bool) -> Result<(), SpecError> {
+        match (self.path.as_os_str().is_empty(), self.fd) {
+            (false, Some(_)) => err("socket= and socket-fd= exclude each other"),
+            (true, None) if !by_name => err("missing socket=PATH (or socket-fd=N)"),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn set_name(slot: &mut Option<String>, key: &str, v: &Value) -> Result<(), SpecError> {
+    let name = v.text(key)?;
+    if name.is_empty() {
+        return err(format!("{key}= is empty"));
+    }
+    *slot = Some(name);
+    Ok(())
+}
+
+impl Options for SocketOptions {
+    const KEYS: &'static [Key<SocketOptions>] = &[
+        Key {
+            name: "socket",
+            aliases: &["addr.path"],
+            kind: Kind::Path,
+            usage: "socket=PATH",
+            help: "vhost-user socket to listen on (required, or socket-fd). A stale socket\n\
+                   file is replaced; a socket another server listens on is refused. Under\n\
+                   systemd socket activation an export whose id is the name of a passed\n\
+                   socket (FileDescriptorName=) uses it without this key.",
+            set: |o, v| {
+                o.path = v.path("socket")?;
+                Ok(())
+            },
+            get: |o| {
+                (o.fd.is_none() || !o.path.as_os_str().is_empty())
+                    .then(|| Value::Str(o.path.display().to_string()))
+            },
+        },
+        Key {
+            name: "socket-fd",
+            aliases: &[],
+            kind: Kind::Number,
+            usage: "socket-fd=N",
+            help: "serve on listening Unix socket N, inherited from the parent (an\n\
+                   orchestrator, a test harness); its file is left alone when the export\n\
+                   goes.",
+            set: |o, v| match v.number::<i32>("socket-fd") {
+                Ok(fd) if fd >= 0 => {
+                    o.fd = Some(fd);
+                    Ok(())
+                }
+                _ => err(format!("socket-fd={v}: a descriptor number")),
+            },
+            // An inherited socket is shown by its path when it has one: a later daemon
+            // binds that path itself.
+            get: |o| match o.fd {
+                Some(fd) if o.path.as_os_str().is_empty() => Some(Value::Int(fd as u64)),
+                _ => None,
+            },
+        },
+        Key {
+            name: "socket-mode",
+            aliases: &[],
+            kind: Kind::Text,
+            usage: "socket-mode=MODE, socket-group=GROUP, socket-owner=USER",
+            help: "who may connect: the socket is created 0600 (owner only); these widen\n\
+                   it on purpose, e.g. for QEMU run by libvirt as its own user\n\
+                   (socket-group=libvirt-qemu,socket-mode=0660). socket-owner needs root.",
+            set: |o, v| {
+                let text = v.text("socket-mode")?;
+                match u32::from_str_radix(&text, 8).ok().filter(|m| *m <= 0o777) {
+                    Some(m) if m & 0o600 == 0o600 => {
+                        o.access.mode = Some(m);
+                        Ok(())
+                    }
+                    Some(_) => err(format!(
+                        "socket-mode={text}: the owner needs read and write (0600 at least)"
+                    )),
+                    None => err(format!("socket-mode={text}: an octal mode like 0660")),
+                }
+            },
+            get: |o| o.access.mode.map(|m| Value::Str(format!("{m:04o}"))),
+        },
+        Key {
+            name: "socket-group",
+            aliases: &[],
+            kind: Kind::Text,
+            usage: "socket-group=GROUP",
+            help: "",
+            set: |o, v| set_name(&mut o.access.group, "socket-group", v),
+            get: |o| o.access.group.clone().map(Value::Str),
+        },
+        Key {
+            name: "socket-owner",
+            aliases: &[],
+            kind: Kind::Text,
+            usage: "socket-owner=USER",
+            help: "",
+            set: |o, v| set_name(&mut o.access.owner, "socket-owner", v),
+            get: |o| o.access.owner.clone().map(Value::Str),
+        },
+    ];
+}
 
 /// Binds a vhost-user socket at `path`. Refuses a path in use by a live server and anything
 /// that is not a socket; a stale socket file (nobody listening) is replaced.
@@ -91,6 +223,8 @@ fn ends_connection(e: &VhostError) -> bool {
 /// One export's listener and its (at most one) connected frontend.
 pub struct ExportServer {
     disk: Arc<Disk>,
+    /// Which I/O threads serve the queues.
+    placement: Placement,
     socket_path: PathBuf,
     owns_path: bool,
     listener: StoppableListener,
@@ -109,12 +243,14 @@ impl ExportServer {
     /// socket inherited from the parent, whose path is the parent's).
     pub fn new(
         disk: Arc<Disk>,
+        placement: Placement,
         socket_path: PathBuf,
         listener: UnixListener,
         owns_path: bool,
     ) -> io::Result<ExportServer> {
         Ok(ExportServer {
             disk,
+            placement,
             socket_path,
             owns_path,
             listener: StoppableListener::new(listener)?,
@@ -200,6 +336,7 @@ impl ExportServer {
         let hangup = Arc::new(std::os::fd::OwnedFd::from(hangup));
         let device = Arc::new(Mutex::new(BlkDevice::new(
             Arc::clone(&self.disk),
+            self.placement.clone(),
             hangup,
             Arc::clone(&self.log),
         )));

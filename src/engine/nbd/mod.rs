@@ -20,9 +20,46 @@ use std::time::Duration;
 pub use handshake::{connect, Negotiated};
 pub use uri::{NbdAddr, NbdSpec};
 
+use crate::spec::{err, Key, Kind, Options, Value};
+
 /// How long connecting and the negotiation may take, each time.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default `reconnect-delay`: how long requests wait for a lost server before they fail.
 pub const DEFAULT_RECONNECT_DELAY_S: u32 = 10;
 /// Largest `reconnect-delay`.
 pub const MAX_RECONNECT_DELAY_S: u32 = 3600;
+
+/// The export keys of an NBD export besides its `image=nbd://...`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NbdOptions {
+    /// How long requests wait for a lost server before they fail.
+    pub reconnect_delay_s: u32,
+}
+
+impl Default for NbdOptions {
+    fn default() -> Self {
+        NbdOptions { reconnect_delay_s: DEFAULT_RECONNECT_DELAY_S }
+    }
+}
+
+impl Options for NbdOptions {
+    const KEYS: &'static [Key<NbdOptions>] = &[Key {
+        name: "reconnect-delay",
+        aliases: &[],
+        kind: Kind::Number,
+        usage: "reconnect-delay=SECONDS",
+        help: "(NBD) how long requests wait for a lost server before they fail\n\
+               (default 10, at most 3600).",
+        set: |o, v| {
+            let delay: u32 = v.number("reconnect-delay")?;
+            if delay > MAX_RECONNECT_DELAY_S {
+                return err(format!(
+                    "reconnect-delay={v}: at most {MAX_RECONNECT_DELAY_S} seconds"
+                ));
+            }
+            o.reconnect_delay_s = delay;
+            Ok(())
+        },
+        get: |o| Some(Value::Int(o.reconnect_delay_s.into())),
+    }];
+}

@@ -15,7 +15,7 @@ pub mod engine;
 mod ffi;
 pub mod spec;
 
-pub use spec::RbdSpec;
+pub use spec::{RbdOptions, RbdSpec};
 
 /// Largest `ceph-op-timeout` (seconds).
 pub const MAX_OP_TIMEOUT_S: u32 = 3600;

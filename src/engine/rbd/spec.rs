@@ -4,11 +4,13 @@
 
 use std::path::PathBuf;
 
+use crate::spec::{err, Key, Kind, Options, Value};
+
 /// Longest a pool, image or snapshot name may be here (Ceph's own limits are lower in
 /// practice; this only keeps a spec's size bounded).
 const MAX_NAME_BYTES: usize = 256;
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RbdSpec {
     pub pool: String,
     pub image: String,
@@ -92,6 +94,127 @@ impl RbdSpec {
             None => format!("{}/{}", self.pool, self.image),
         }
     }
+}
+
+/// An RBD export's keys: where the image is (`pool=`, `rbd-image=`, `ceph-conf=`,
+/// `ceph-user=`, or all of them from `image=rbd:...`) and `ceph-op-timeout=`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RbdOptions {
+    pub spec: RbdSpec,
+    /// Requests fail after this many seconds without an answer from the cluster (0: they
+    /// wait).
+    pub op_timeout_s: u32,
+}
+
+impl RbdOptions {
+    /// Whether `pool=` or `rbd-image=` named the image.
+    pub fn located(&self) -> bool {
+        !self.spec.pool.is_empty() || !self.spec.image.is_empty()
+    }
+
+    /// The image an `image=rbd:...` string names, with the connection keys given beside it
+    /// (`ceph-conf=`, `ceph-user=`) over what the string says.
+    pub fn with_uri(&self, uri: &str) -> Result<RbdOptions, String> {
+        if self.located() {
+            return Err("image= and pool=/rbd-image= exclude each other".into());
+        }
+        let mut spec = RbdSpec::parse(uri)?;
+        spec.conf = self.spec.conf.clone().or(spec.conf);
+        spec.user = self.spec.user.clone().or(spec.user);
+        Ok(RbdOptions { spec, op_timeout_s: self.op_timeout_s })
+    }
+
+    /// Checks an image named by `pool=` and `rbd-image=`.
+    pub fn check_located(&self) -> Result<(), String> {
+        match (self.spec.pool.is_empty(), self.spec.image.is_empty()) {
+            (false, true) => Err("pool= needs rbd-image=IMAGE".into()),
+            (true, false) => Err("rbd-image= needs pool=POOL".into()),
+            _ => self.spec.check().map_err(|e| format!("rbd:{}: {e}", self.spec.name())),
+        }
+    }
+}
+
+impl Options for RbdOptions {
+    const KEYS: &'static [Key<RbdOptions>] = &[
+        Key {
+            name: "pool",
+            aliases: &[],
+            kind: Kind::Text,
+            usage: "pool=POOL, rbd-image=IMAGE[@SNAP], ceph-conf=PATH, ceph-user=USER",
+            help: "(RBD) a Ceph RBD image by keys, as image=rbd:POOL/IMAGE[@SNAP][:conf=PATH]\n\
+                   [:id=USER] names it (a snapshot is served read-only).",
+            set: |o, v| {
+                o.spec.pool = v.text("pool")?;
+                Ok(())
+            },
+            get: |o| Some(Value::Str(o.spec.pool.clone())),
+        },
+        Key {
+            name: "rbd-image",
+            aliases: &[],
+            kind: Kind::Text,
+            usage: "rbd-image=IMAGE[@SNAP]",
+            help: "",
+            set: |o, v| {
+                let text = v.text("rbd-image")?;
+                let (image, snapshot) = match text.split_once('@') {
+                    Some((i, s)) => (i.to_string(), Some(s.to_string())),
+                    None => (text, None),
+                };
+                (o.spec.image, o.spec.snapshot) = (image, snapshot);
+                Ok(())
+            },
+            get: |o| {
+                Some(Value::Str(match &o.spec.snapshot {
+                    Some(snap) => format!("{}@{snap}", o.spec.image),
+                    None => o.spec.image.clone(),
+                }))
+            },
+        },
+        Key {
+            name: "ceph-conf",
+            aliases: &[],
+            kind: Kind::Path,
+            usage: "ceph-conf=PATH",
+            help: "",
+            set: |o, v| {
+                o.spec.conf = Some(v.path("ceph-conf")?);
+                Ok(())
+            },
+            get: |o| o.spec.conf.as_ref().map(|p| Value::Str(p.display().to_string())),
+        },
+        Key {
+            name: "ceph-user",
+            aliases: &[],
+            kind: Kind::Text,
+            usage: "ceph-user=USER",
+            help: "",
+            set: |o, v| {
+                o.spec.user = Some(v.text("ceph-user")?);
+                Ok(())
+            },
+            get: |o| o.spec.user.clone().map(Value::Str),
+        },
+        Key {
+            name: "ceph-op-timeout",
+            aliases: &[],
+            kind: Kind::Number,
+            usage: "ceph-op-timeout=SECONDS",
+            help: "(RBD) fail requests the cluster does not answer within it (default 0: wait).",
+            set: |o, v| {
+                let timeout: u32 = v.number("ceph-op-timeout")?;
+                if timeout > super::MAX_OP_TIMEOUT_S {
+                    return err(format!(
+                        "ceph-op-timeout={v}: at most {} seconds",
+                        super::MAX_OP_TIMEOUT_S
+                    ));
+                }
+                o.op_timeout_s = timeout;
+                Ok(())
+            },
+            get: |o| Some(Value::Int(o.op_timeout_s.into())),
+        },
+    ];
 }
 
 /// Splits at `sep` where it is not escaped by a backslash; removes the escapes.

@@ -149,12 +149,8 @@ impl Core {
         skip: usize,
         data: &std::ops::Range<usize>,
     ) -> Result<u32, RequestError> {
-        let fd = self
-            .disk
-            .backing
-            .as_ref()
-            .map(|b| b.file.as_raw_fd())
-            .ok_or(RequestError::Host(libc::EIO))?;
+        let fd =
+            self.disk.backing().map(|b| b.file.as_raw_fd()).ok_or(RequestError::Host(libc::EIO))?;
         let flags = if self.disk.write_needs_dsync() { libc::RWF_DSYNC } else { 0 };
         let slot = &mut self.slots[tag];
         let whole = |n: isize| match n {
