@@ -17,6 +17,7 @@ root=${DESTDIR:-}
 
 install -Dm755 "$bin" "$root$prefix/bin/blkplane"
 install -Dm644 "$here/blkplane.service" "$root$prefix/lib/systemd/system/blkplane.service"
+install -Dm644 "$here/blkplane-vm1.socket" "$root$prefix/share/doc/blkplane/examples/blkplane-vm1.socket"
 install -Dm644 "$here/blkplane.tmpfiles.conf" "$root$prefix/lib/tmpfiles.d/blkplane.conf"
 if [ ! -e "$root/etc/blkplane/blkplane.toml" ]; then
     install -Dm644 "$here/blkplane.toml" "$root/etc/blkplane/blkplane.toml"

@@ -20,7 +20,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use blkplane::virtq::InflightRegion;
+use blkplane::InflightRegion;
 use frontend::TestFrontend;
 use spin::{median, run};
 use std::os::fd::AsRawFd;

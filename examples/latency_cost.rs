@@ -22,8 +22,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use blkplane::trace::sample::Sampler;
-use blkplane::trace::LatencyHistograms;
+use blkplane::LatencyHistograms;
+use blkplane::Sampler;
 use frontend::TestFrontend;
 use spin::{median, run};
 

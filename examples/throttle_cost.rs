@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use blkplane::qos::{now_ns, Cost, Throttle, ThrottleConfig};
+use blkplane::{now_ns, Cost, Throttle, ThrottleConfig, Value};
 
 /// `threads` threads each admit `n` 4 KiB reads on `t`, one clock read per 32 (as a fetch
 /// batch does): nanoseconds per request per thread.
@@ -45,11 +45,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn main() {
     let n: u64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(10_000_000);
     let none = Throttle::own(&ThrottleConfig::default());
-    let limits = ThrottleConfig::from_pairs([
-        ("iops-total", "1000000000000"),
-        ("bps-total", "1000000000000000"),
-    ])
-    .expect("limits");
+    let (iops, bps) = (Value::Int(1_000_000_000_000), Value::Int(1_000_000_000_000_000));
+    let limits =
+        ThrottleConfig::from_pairs([("iops-total", &iops), ("bps-total", &bps)]).expect("limits");
     let limited = Throttle::own(&limits);
     println!("ns per request (median of 5 runs of {n} requests per thread)");
     for (what, t, threads) in [

@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 
 use toml_edit::{ImDocument, Item, Table};
 
-use crate::export::ExportConfig;
+use crate::export::{At, ExportConfig};
 use crate::iothread::registry::{IoThreadConfig, MAX_POOL_THREADS};
 use crate::spec::{err, Key, Kind, Options, SpecError, Value};
 
@@ -314,13 +314,16 @@ fn settings_keys() -> String {
 
 type Located = Vec<(Option<std::ops::Range<usize>>, SpecError)>;
 
-/// A table's keys and values, typed as the file gives them, with where each value is.
-fn pairs_of(t: &Table) -> Result<Vec<(String, Value, Option<std::ops::Range<usize>>)>, Located> {
+type Span = Option<std::ops::Range<usize>>;
+
+/// A table's keys and values, typed as the file gives them, with where each key and value is.
+fn pairs_of(t: &Table) -> Result<Vec<(String, Value, Span, Span)>, Located> {
     let mut pairs = Vec::with_capacity(t.len());
     let mut problems = Vec::new();
     for (k, item) in t.iter() {
+        let key_span = t.key(k).and_then(|k| k.span());
         match value_of(k, item) {
-            Ok(v) => pairs.push((k.to_string(), v, item.span())),
+            Ok(v) => pairs.push((k.to_string(), v, key_span, item.span())),
             Err(e) => problems.push((item.span(), e)),
         }
     }
@@ -333,16 +336,22 @@ fn pairs_of(t: &Table) -> Result<Vec<(String, Value, Option<std::ops::Range<usiz
 
 fn read_export(t: &Table) -> Result<ExportConfig, Located> {
     let pairs = pairs_of(t)?;
-    let spans: Vec<_> = pairs.iter().map(|(_, _, s)| s.clone()).collect();
-    ExportConfig::read(pairs.into_iter().map(|(k, v, _)| (k, v))).map_err(|problems| {
-        problems.into_iter().map(|(i, e)| (i.and_then(|i| spans[i].clone()), e)).collect()
+    let spans: Vec<(Span, Span)> =
+        pairs.iter().map(|(_, _, k, v)| (k.clone(), v.clone())).collect();
+    ExportConfig::read(pairs.into_iter().map(|(k, v, _, _)| (k, v))).map_err(|problems| {
+        let span = |at| match at {
+            At::Key(i) => spans[i].0.clone(),
+            At::Value(i) => spans[i].1.clone(),
+            At::Whole => None,
+        };
+        problems.into_iter().map(|(at, e)| (span(at), e)).collect()
     })
 }
 
 fn read_iothread(t: &Table) -> Result<IoThreadConfig, Located> {
     let pairs = pairs_of(t)?;
     let plain: Vec<(String, Value)> =
-        pairs.iter().map(|(k, v, _)| (k.clone(), v.clone())).collect();
+        pairs.iter().map(|(k, v, _, _)| (k.clone(), v.clone())).collect();
     IoThreadConfig::from_pairs(&plain).map_err(|e| vec![(None, e)])
 }
 

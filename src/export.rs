@@ -12,7 +12,7 @@ use crate::engine::nbd::NbdOptions;
 use crate::engine::rbd::RbdOptions;
 use crate::iothread::registry::ThreadOptions;
 use crate::qos::LimitOptions;
-use crate::spec::{self, err, Key, KeyInfo, Kind, Options, SpecError, Value};
+use crate::spec::{self, Key, KeyInfo, Kind, Options, SpecError, Value};
 use crate::vhost_user::SocketOptions;
 
 /// One `--export` specification, checked.
@@ -130,6 +130,30 @@ const QSD_ONLY: [(&str, &str); 7] = [
     ("cache.no-flush", "cache=unsafe (on)"),
 ];
 
+/// What a problem found by `ExportConfig::read` is about: the key of pair i, its value, or
+/// the keys together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum At {
+    Key(usize),
+    Value(usize),
+    Whole,
+}
+
+struct KeyProblem {
+    of_value: bool,
+    error: SpecError,
+}
+
+impl KeyProblem {
+    fn at(&self, i: usize) -> At {
+        if self.of_value {
+            At::Value(i)
+        } else {
+            At::Key(i)
+        }
+    }
+}
+
 /// Every key an export takes, with what its row says of it.
 pub fn key_infos() -> Vec<KeyInfo> {
     TABLES.iter().flat_map(|t| t.infos()).collect()
@@ -165,22 +189,21 @@ impl ExportConfig {
         Self::read(pairs).map_err(|mut problems| problems.swap_remove(0).1)
     }
 
-    /// As `from_pairs`, with every problem: the index of the pair it is about (`None`: the
-    /// keys together).
+    /// As `from_pairs`, with every problem and what it is about.
     pub fn read(
         pairs: impl IntoIterator<Item = (String, Value)>,
-    ) -> Result<ExportConfig, Vec<(Option<usize>, SpecError)>> {
+    ) -> Result<ExportConfig, Vec<(At, SpecError)>> {
         let mut c = ExportConfig::default();
         let mut seen: Vec<(&'static str, Table)> = Vec::new();
         let mut problems = Vec::new();
         for (i, (key, value)) in pairs.into_iter().enumerate() {
             if let Err(e) = c.set(&key, &value, &mut seen) {
-                problems.push((Some(i), e));
+                problems.push((e.at(i), e.error));
             }
         }
         if problems.is_empty() {
             if let Err(e) = c.check(&seen) {
-                problems.push((None, e));
+                problems.push((At::Whole, e));
             }
         }
         if problems.is_empty() {
@@ -196,21 +219,22 @@ impl ExportConfig {
         key: &str,
         value: &Value,
         seen: &mut Vec<(&'static str, Table)>,
-    ) -> Result<(), SpecError> {
+    ) -> Result<(), KeyProblem> {
+        let of_key = |error| KeyProblem { of_value: false, error };
         if let Some((k, instead)) = QSD_ONLY.iter().find(|(theirs, _)| *theirs == key) {
-            return err(format!(
+            return Err(of_key(SpecError(format!(
                 "unknown key '{k}' (a qemu-storage-daemon key; blkplane: {instead})"
-            ));
+            ))));
         }
         let found = TABLES.iter().find_map(|t| t.set(self, key, value).map(|r| (*t, r)));
         let Some((table, (name, result))) = found else {
-            return err(format!("unknown key '{key}' (keys: {})", key_names()));
+            return Err(of_key(SpecError(format!("unknown key '{key}' (keys: {})", key_names()))));
         };
         if seen.iter().any(|(k, _)| *k == name) {
-            return err(format!("key '{name}' given twice"));
+            return Err(of_key(SpecError(format!("key '{name}' given twice"))));
         }
         seen.push((name, table));
-        result
+        result.map_err(|error| KeyProblem { of_value: true, error })
     }
 
     /// The checks of keys together, once every key is read.
@@ -231,6 +255,7 @@ impl ExportConfig {
     }
 
     /// The export as one `--export` spec.
+    #[cfg(test)]
     pub fn to_spec(&self) -> String {
         spec::join_pairs(&self.to_pairs())
     }

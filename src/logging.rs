@@ -100,18 +100,6 @@ pub fn set_level(level: LevelFilter) {
     LEVEL.store(rank(level), Ordering::Relaxed);
 }
 
-/// The level logged now.
-pub fn level() -> LevelFilter {
-    [
-        LevelFilter::OFF,
-        LevelFilter::ERROR,
-        LevelFilter::WARN,
-        LevelFilter::INFO,
-        LevelFilter::DEBUG,
-        LevelFilter::TRACE,
-    ][usize::from(LEVEL.load(Ordering::Relaxed)).min(5)]
-}
-
 pub fn init(level: LevelFilter, format: LogFormat, journal: bool) {
     set_level(level);
     let ansi = !journal && std::io::IsTerminal::is_terminal(&std::io::stderr());

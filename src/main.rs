@@ -1,5 +1,5 @@
 //! The `blkplane` binary: the command line is `blkplane::cli`.
 
 fn main() -> std::process::ExitCode {
-    blkplane::cli::main()
+    blkplane::main()
 }

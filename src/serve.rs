@@ -318,9 +318,12 @@ struct Runtime {
     cli: DaemonSettings,
     /// The threads `--iothread` made: not the file's to remove.
     cli_iothreads: Vec<String>,
-    control: Mutex<Option<(Arc<ControlServer>, Option<JoinHandle<()>>)>>,
+    control: Mutex<Option<Control>>,
     metrics: Mutex<Option<Arc<StoppableListener<TcpListener>>>>,
 }
+
+/// The control socket and the thread that accepts on it (none until it is started).
+type Control = (Arc<ControlServer>, Option<JoinHandle<()>>);
 
 /// A key a reload did not apply, and why.
 struct NotApplied {

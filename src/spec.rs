@@ -379,6 +379,7 @@ pub fn split_pairs(spec: &str, keys: &str) -> Result<Vec<(String, Value)>, SpecE
 }
 
 /// Writes pairs as a spec `split_pairs` reads back (`,` in a value doubled).
+#[cfg(test)]
 pub fn join_pairs<'a>(pairs: impl IntoIterator<Item = &'a (&'static str, Value)>) -> String {
     let parts: Vec<String> = pairs
         .into_iter()

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use blkio::ReqFlags;
-use blkplane::control::ControlClient;
+use blkplane::ControlClient;
 use common::{make_image, pattern, tmpdir, Client, Daemon};
 
 /// A loop device, detached when dropped.

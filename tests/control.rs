@@ -262,8 +262,13 @@ fn every_command_with_io_running() {
         ctl.raw(r#"{"id": 5, "command": "list-exports", "args": 3}"#)["error"]["code"],
         "invalid-request"
     );
-    assert_eq!(ctl.err("remove-export", json!({"id": 5})).0, "invalid-argument");
-    assert_eq!(ctl.err("remove-export", json!({"id": "a", "force": "yes"})).0, "invalid-argument");
+    // A number where text is meant is its digits: no export has the id "5".
+    assert_eq!(ctl.err("remove-export", json!({"id": 5})).0, "not-found");
+    assert_eq!(ctl.err("remove-export", json!({"id": true})).0, "invalid-argument");
+    assert_eq!(
+        ctl.err("remove-export", json!({"id": "a", "force": "maybe"})).0,
+        "invalid-argument"
+    );
     assert_eq!(ctl.err("list-exports", json!({"verbose": true})).0, "invalid-argument");
     assert_eq!(ctl.ok("list-exports", json!({})).as_array().unwrap().len(), 2);
 
@@ -529,13 +534,13 @@ fn config_file_and_check_config() {
     assert_eq!(out.status.code(), Some(2));
     assert_eq!(
         String::from_utf8_lossy(&out.stderr),
-        "blkplane: error: cannot listen for metrics on 9180: invalid socket address\n"
+        "blkplane: error: metrics=9180: not an ADDRESS:PORT\n"
     );
     let out = check_with(&["--control", "/nonexistent/dir/ctl.sock"]);
     assert_eq!(out.status.code(), Some(2));
     assert_eq!(
         String::from_utf8_lossy(&out.stderr),
-        "blkplane: error: cannot bind socket /nonexistent/dir/ctl.sock: No such file or directory (os error 2)\n"
+        "blkplane: error: control socket /nonexistent/dir/ctl.sock: no directory /nonexistent/dir\n"
     );
 
     let _daemon = Daemon::start_with(
@@ -564,7 +569,7 @@ fn config_file_and_check_config() {
         Command::new(BIN).args(["serve", "--check-config", "--config"]).arg(&bad).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("bad.toml: unknown key 'colour'"), "{err}");
+    assert!(err.contains("bad.toml:1:1: unknown key 'colour'"), "{err}");
 }
 
 /// Runtime changes can be kept: `list-exports` gives each export's whole spec as it runs,

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 
 use blkio::ReqFlags;
-use blkplane::control::ControlClient;
+use blkplane::ControlClient;
 use common::{make_image, pattern, tmpdir, Client, Daemon, Mount};
 
 const EIO: i32 = -libc::EIO;

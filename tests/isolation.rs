@@ -13,7 +13,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use blkplane::bench::cpu::process_cpu_total_ns;
+use blkplane::process_cpu_total_ns;
 use common::disk_dir;
 use common::frontend::*;
 use common::raw::*;
@@ -496,7 +496,7 @@ fn the_control_socket_bounds_lines_and_clients() {
     std::thread::sleep(Duration::from_millis(200));
     // An idle client is closed after a minute; a working one is served.
     let mut idle = UnixStream::connect(&ctl).unwrap();
-    let mut ctl_client = blkplane::control::ControlClient::connect(&ctl).unwrap();
+    let mut ctl_client = blkplane::ControlClient::connect(&ctl).unwrap();
     let r = ctl_client.call("list-exports", serde_json::json!({})).unwrap();
     assert_eq!(r["result"].as_array().unwrap().len(), 2);
     let start = Instant::now();
@@ -619,7 +619,7 @@ fn a_frontend_cannot_flood_the_log() {
 // 11. Resize: block multiples only; serialized; a shrink is not undone by writes in flight.
 
 fn ctl_ok(
-    ctl: &mut blkplane::control::ControlClient,
+    ctl: &mut blkplane::ControlClient,
     command: &str,
     args: serde_json::Value,
 ) -> serde_json::Value {
@@ -630,7 +630,7 @@ fn ctl_ok(
 #[test]
 fn resizes_are_whole_blocks_serialized_and_a_shrink_stays_shrunk() {
     let (mut t, ctl_path) = tenants_with_control(",logical-block-size=4096,queues=2", &[]);
-    let mut ctl = blkplane::control::ControlClient::connect(&ctl_path).unwrap();
+    let mut ctl = blkplane::ControlClient::connect(&ctl_path).unwrap();
     let r = ctl.call("resize", serde_json::json!({"id": "a", "size": (8 << 20) + 512})).unwrap();
     assert_eq!(r["error"]["code"], "invalid-size", "{r}");
     assert_eq!(fs::metadata(&t.a_image).unwrap().len(), 8 << 20, "the file changed");
@@ -683,7 +683,7 @@ fn resizes_are_whole_blocks_serialized_and_a_shrink_stays_shrunk() {
         .map(|k| {
             let p = ctl_path.clone();
             std::thread::spawn(move || {
-                let mut ctl = blkplane::control::ControlClient::connect(&p).unwrap();
+                let mut ctl = blkplane::ControlClient::connect(&p).unwrap();
                 for i in 0..40 {
                     let size = sizes[(i * (k + 1)) % sizes.len()];
                     ctl_ok(&mut ctl, "resize", serde_json::json!({"id": "a", "size": size}));

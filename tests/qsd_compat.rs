@@ -165,6 +165,52 @@ fn systemd_socket_activation_matches_names_to_export_ids() {
     assert!(pa.exists() && pb.exists(), "inherited socket files are the parent's");
 }
 
+/// An export whose id names a socket systemd passed needs no socket= (serve --help says
+/// so), on the command line and in the config file.
+#[test]
+fn an_export_found_only_by_its_systemd_socket_name_serves() {
+    let dir = tmpdir();
+    let (pa, pb) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
+    let (la, lb) = (UnixListener::bind(&pa).unwrap(), UnixListener::bind(&pb).unwrap());
+    let cfg = dir.path().join("blkplane.toml");
+    std::fs::write(&cfg, "[[export]]\nid = \"vm-b\"\nengine = \"null\"\nsize = \"2M\"\n").unwrap();
+    let ctl = dir.path().join("ctl.sock");
+    let child = spawn_with_fds(
+        dir.path(),
+        &[la.as_raw_fd(), lb.as_raw_fd()],
+        &[
+            "--control".into(),
+            ctl.display().to_string(),
+            "--config".into(),
+            cfg.display().to_string(),
+            "--export".into(),
+            "id=vm-a,engine=null,size=1M".into(),
+        ],
+        Some("vm-a:vm-b"),
+    );
+    wait_until("the control socket", Duration::from_secs(10), || ctl.exists());
+    let c = Client::connect(&pa, 1);
+    assert_eq!(c.capacity(), 1 << 20);
+    drop(c);
+    let c = Client::connect(&pb, 1);
+    assert_eq!(c.capacity(), 2 << 20);
+    drop(c);
+    assert!(stop(child).success());
+    // Without a passed socket of its name, the export says what it misses.
+    let out = Command::new(common::daemon_bin())
+        .args(["serve", "--export", "id=vm-c,engine=null,size=1M"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "missing socket=PATH (or socket-fd=N, or a socket systemd passes named 'vm-c')"
+        ),
+        "{err}"
+    );
+}
+
 #[test]
 fn a_bad_socket_fd_is_refused_with_one_line() {
     let dir = tmpdir();

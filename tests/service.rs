@@ -174,6 +174,20 @@ fn the_contrib_files_are_valid() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "systemd-analyze verify: {stderr}");
     assert!(!stderr.contains("blkplane.service"), "systemd-analyze verify warns: {stderr}");
+    // The example socket unit (socket activation by the export's id) verifies beside it.
+    let socket = usr.join("share/doc/blkplane/examples/blkplane-vm1.socket");
+    let socket_path = dir.path().join("blkplane-vm1.socket");
+    std::fs::copy(&socket, &socket_path).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&socket_path)
+        .arg(&unit_path)
+        .env("MANPATH", usr.join("share/man"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "systemd-analyze verify of the socket unit: {stderr}");
+    assert!(!stderr.contains("blkplane-vm1.socket"), "systemd-analyze verify warns: {stderr}");
 
     let toml = std::fs::read_to_string(contrib.join("blkplane.toml")).unwrap();
     let d = dir.path().display().to_string();

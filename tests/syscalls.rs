@@ -10,7 +10,7 @@ use std::path::Path;
 
 use std::time::{Duration, Instant};
 
-use blkplane::bench::cpu::process_cpu_ns;
+use blkplane::process_cpu_ns;
 use common::{make_image, tmpdir, Client, Daemon, Strace};
 
 const REQUESTS: u64 = 2000;

@@ -78,7 +78,6 @@ pub struct ExportFacts {
     pub image: Option<PathBuf>,
     pub cache: String,
     pub aio: String,
-    pub queues: u64,
     pub queue_size: u64,
     /// CPUs its I/O threads are pinned to; empty: not pinned.
     pub io_cpus: Vec<usize>,
@@ -93,7 +92,6 @@ impl ExportFacts {
             image: spec["image"].as_str().map(PathBuf::from),
             cache: text("cache"),
             aio: text("aio"),
-            queues: spec["queues"].as_u64().unwrap_or(1),
             queue_size: spec["queue-size"].as_u64().unwrap_or(256),
             io_cpus: super::io_cpus_of(spec, iothreads),
         }

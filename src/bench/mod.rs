@@ -20,7 +20,7 @@ use std::time::Duration;
 use crate::spec::{parse_cpu_list, parse_size};
 use report::{Machine, Report, RunResult};
 use target::{start_daemon, DaemonProcess, DaemonSpec, TargetKind};
-use workload::{ClientMode, Workload, WORKLOADS};
+use workload::{ClientMode, Workload};
 
 /// A benchmark failure: one line saying what went wrong.
 #[derive(Debug)]
@@ -87,7 +87,7 @@ pub struct BenchArgs {
     /// depth, all at once; reports aggregate IOPS, per-tenant p50/p99 and fairness (slowest
     /// tenant over the mean), compared with qemu-storage-daemon. Each tenant's image is
     /// --size or its share of 4 GiB, whichever is smaller.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=tenants::MAX_TENANTS as i64))]
     pub tenants: Option<u16>,
     /// With --tenants: the noisy-neighbour run. Tenant 0 floods at queue depth 32
     /// (randread-4k-qd32) while the others run the workloads; each cell is measured with the
@@ -752,11 +752,6 @@ fn run_single(args: BenchArgs) -> Result<Report, BenchError> {
         disk: None,
     };
     Ok(report)
-}
-
-/// The workloads `blkplane bench` knows, for help text.
-pub fn workload_names() -> String {
-    WORKLOADS.iter().map(|w| w.name).collect::<Vec<_>>().join(", ")
 }
 
 #[cfg(test)]

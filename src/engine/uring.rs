@@ -139,11 +139,6 @@ impl UringEngine {
         UringEngine { ring: Rc::clone(ring), fd, queue }
     }
 
-    /// A handle on a ring of its own (for a queue served alone, and for tests).
-    pub fn new(fd: RawFd, queue_size: u16) -> io::Result<UringEngine> {
-        Ok(UringEngine::on(&SharedRing::new(u32::from(queue_size))?, fd, queue_size))
-    }
-
     fn entry(&self, tag: u16, op: IoOp<'_>) -> squeue::Entry {
         let fd = types::Fd(self.fd);
         let entry = match op {

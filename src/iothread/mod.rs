@@ -33,7 +33,7 @@ use crate::engine::uring::UringEngine;
 use crate::engine::EngineKind;
 use crate::virtq::dirty::QueueLog;
 use crate::virtq::{GuestMemory, InflightRegion, RingAddrs};
-use poll::{PollPolicy, PollSettings};
+use poll::PollSettings;
 use worker::{Command, LoopSetup, MakeQueue};
 
 pub(crate) use worker::queue::Served;
@@ -281,8 +281,9 @@ fn make_queue(
 }
 
 /// The default polling of shared threads.
+#[cfg(test)]
 pub fn default_poll() -> Arc<PollSettings> {
-    Arc::new(PollSettings::new(PollPolicy::default()))
+    Arc::new(PollSettings::new(poll::PollPolicy::default()))
 }
 
 /// Ends the process if an I/O thread panics. Unwinding would free the slot table and bounce

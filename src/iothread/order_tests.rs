@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{default_poll, worker, IoThread, Placement, QueueHandle, QueueSetup};
+use super::{default_poll, worker, IoThread, QueueHandle, QueueSetup};
 use crate::blk::{req_type, status};
 use crate::disk::Disk;
 use crate::engine::aio::AioEngine;
@@ -27,7 +27,7 @@ use crate::engine::threads::ThreadsEngine;
 use crate::engine::uring::SharedRing;
 use crate::engine::uring::UringEngine;
 use crate::engine::{CacheMode, Engine, IoOp};
-use crate::export::ExportConfig;
+use crate::spec::Options;
 use crate::virtq::testing::{descriptor, guest_ram, read, request_header, write, USER_BASE};
 use crate::virtq::{GuestMemory, RingAddrs};
 
@@ -263,9 +263,14 @@ impl Running {
 fn disk_in(dir: &std::path::Path, keys: &str) -> (std::path::PathBuf, Arc<Disk>) {
     let image = dir.join("disk.raw");
     std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
-    let spec = format!("socket={}/unused.sock,image={},{keys}", dir.display(), image.display());
-    let c = ExportConfig::parse(&spec).unwrap();
-    let disk = Arc::new(Disk::open("test", &c.socket.path, &c.disk, &c.limits).unwrap());
+    let spec = format!("image={},{keys}", image.display());
+    let mut options = crate::disk::DiskOptions::default();
+    for (k, v) in crate::spec::split_pairs(&spec, "").unwrap() {
+        options.set_key(&k, &v).unwrap().1.unwrap();
+    }
+    options.check(false, false).unwrap();
+    let limits = crate::qos::LimitOptions::default();
+    let disk = Arc::new(Disk::open("test", std::path::Path::new("-"), &options, &limits).unwrap());
     (image, disk)
 }
 

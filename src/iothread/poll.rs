@@ -303,6 +303,7 @@ impl Poller {
     }
 
     /// The window an idle period with (or without) I/O in flight would use.
+    #[cfg(test)]
     pub fn window(&self, in_flight: bool) -> Duration {
         self.windows[usize::from(in_flight)]
     }

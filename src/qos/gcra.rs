@@ -32,6 +32,7 @@ impl Default for Gcra {
 impl Gcra {
     /// `rate` > 0 units per second; `burst` units may go at once after an idle period (and
     /// always one request, however costly, see `reserve`).
+    #[cfg(test)]
     pub fn new(rate: u64, burst: u64) -> Gcra {
         let g = Gcra::default();
         let rate = rate.max(1);

@@ -6,5 +6,4 @@ pub mod backend_channel;
 pub mod device;
 pub mod server;
 
-pub use device::BlkDevice;
-pub use server::{apply_socket_access, bind_socket, ExportServer, SocketAccess, SocketOptions};
+pub use server::{apply_socket_access, bind_socket, ExportServer, SocketOptions};

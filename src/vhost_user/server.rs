@@ -274,14 +274,6 @@ impl ExportServer {
         self.connection.lock().unwrap_or_else(|p| p.into_inner()).is_some()
     }
 
-    /// Hangs up on the connected frontend (its queues stop after in-flight I/O); the export
-    /// goes on accepting.
-    pub fn disconnect_client(&self) {
-        if let Some(conn) = self.connection.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            let _ = conn.shutdown(std::net::Shutdown::Both);
-        }
-    }
-
     /// Tells the connected frontend that the config space changed (after a resize). Returns
     /// false if there is no frontend with a backend channel to tell.
     pub fn notify_config_change(&self) -> io::Result<bool> {

@@ -79,6 +79,7 @@ impl DirtyLog {
     }
 
     /// Whether the page holding `gpa` is marked (for tests).
+    #[cfg(test)]
     pub fn is_marked(&self, gpa: u64) -> bool {
         let page = gpa / LOG_PAGE_BYTES;
         page / 8 < self.bytes

@@ -203,18 +203,6 @@ impl MappedRegion {
         fault::faulted(&self.registration)
     }
 
-    pub fn guest_phys_addr(&self) -> u64 {
-        self.guest_phys_addr
-    }
-
-    pub fn size(&self) -> u64 {
-        self.size
-    }
-
-    pub fn user_addr(&self) -> u64 {
-        self.user_addr
-    }
-
     /// Host address of the region's first byte; `size` bytes from it are mapped.
     pub(super) fn host(&self) -> *mut u8 {
         self.host
@@ -429,16 +417,6 @@ impl GuestIov {
         self.0.iov_len -= n.min(self.0.iov_len);
     }
 
-    /// The range made of the last byte of this one.
-    pub fn last_byte(&self) -> Option<GuestIov> {
-        if self.0.iov_len == 0 {
-            return None;
-        }
-        let mut b = *self;
-        b.advance(self.0.iov_len - 1);
-        Some(b)
-    }
-
     /// Writes one byte at the start of the range (the status byte of a request).
     pub fn write_u8(&self, value: u8) {
         if self.0.iov_len >= 1 {
@@ -611,6 +589,7 @@ static BOUNCE_BYTES: AtomicU64 = AtomicU64::new(0);
 pub const BOUNCE_DAEMON_LIMIT_BYTES: u64 = 1 << 30;
 
 /// Bounce memory the daemon holds now (bytes).
+#[cfg(test)]
 pub fn bounce_bytes() -> u64 {
     BOUNCE_BYTES.load(Ordering::Relaxed)
 }

@@ -14,4 +14,4 @@ pub use memory::{
     copy_from_guest, copy_to_guest, iovs_aligned, zero_guest, zero_guest_range, BounceBuffer,
     GuestIov, GuestMemory, MappedRegion, MemoryError,
 };
-pub use split::{ChainError, ChainOutcome, ChainSink, QueueError, RingAddrs, SplitQueue};
+pub use split::{ChainOutcome, ChainSink, QueueError, RingAddrs, SplitQueue};

@@ -204,10 +204,6 @@ impl SplitQueue {
         Ok(q)
     }
 
-    pub fn size(&self) -> u16 {
-        self.size
-    }
-
     pub fn next_avail(&self) -> u16 {
         self.next_avail
     }

@@ -17,8 +17,8 @@ pub mod wire;
 
 use std::time::Duration;
 
-pub use handshake::{connect, Negotiated};
-pub use uri::{NbdAddr, NbdSpec};
+pub use handshake::connect;
+pub use uri::NbdSpec;
 
 use crate::spec::{err, Key, Kind, Options, Value};
 

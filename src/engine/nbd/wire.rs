@@ -13,7 +13,6 @@ pub const FLAG_NO_ZEROES: u16 = 1 << 1;
 
 pub const OPT_GO: u32 = 7;
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
-pub const OPT_ABORT: u32 = 2;
 
 pub const REP_ACK: u32 = 1;
 pub const REP_INFO: u32 = 3;
@@ -26,7 +25,6 @@ pub const INFO_EXPORT: u16 = 0;
 pub const INFO_BLOCK_SIZE: u16 = 3;
 
 // Transmission flags (per export).
-pub const TFLAG_HAS_FLAGS: u16 = 1 << 0;
 pub const TFLAG_READ_ONLY: u16 = 1 << 1;
 pub const TFLAG_SEND_FLUSH: u16 = 1 << 2;
 pub const TFLAG_SEND_FUA: u16 = 1 << 3;
