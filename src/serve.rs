@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use clap::builder::PossibleValuesParser;
 use clap::Args;
 use serde_json::{json, Value};
 use tracing::level_filters::LevelFilter;
@@ -55,11 +56,11 @@ pub struct ServeOptions {
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics: Option<String>,
     /// Log level: error, warn, info, debug or trace.
-    #[arg(long, value_name = "LEVEL")]
+    #[arg(long, value_name = "LEVEL", value_parser = PossibleValuesParser::new(config_file::LOG_LEVELS))]
     pub log_level: Option<String>,
     /// Log lines as text (default) or JSON objects, on stderr. Under systemd (stderr is the
     /// journal) each line also carries its priority, so journalctl -p works.
-    #[arg(long, value_name = "FORMAT")]
+    #[arg(long, value_name = "FORMAT", value_parser = PossibleValuesParser::new(config_file::LOG_FORMATS))]
     pub log_format: Option<String>,
     /// A named I/O thread: id=NAME[,cpus=LIST][,poll=MODE][,poll-max-us=N]. Exports put
     /// their queues on it with iothread=NAME. cpus= is the thread's affinity (`,,` between
@@ -198,6 +199,7 @@ fn check(plan: &Plan) -> Vec<String> {
 }
 
 pub fn serve(o: ServeOptions) -> ExitCode {
+    crate::sys::note_inherited_fds();
     let mut plan = match plan(&o) {
         Ok(p) => p,
         Err(e) => return usage_error(e),
@@ -395,7 +397,8 @@ impl Runtime {
                 "the daemon was started without --config; there is no file to re-read",
             ));
         };
-        let file = config_file::load(path).map_err(|e| ControlError::new("invalid-config", e))?;
+        let file = config_file::load(path)
+            .map_err(|e| ControlError::new("invalid-config", format!("{e}\nnothing changed")))?;
         let mut not_applied = Vec::new();
         let mut applied = Vec::new();
         let settings = self.reload_settings(&file.settings, &mut applied, &mut not_applied);

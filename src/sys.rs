@@ -192,6 +192,24 @@ pub fn utc_now_text() -> String {
     format!("{year:04}-{month:02}-{day:02} {:02}:{:02} UTC", rest / 3600, rest % 3600 / 60)
 }
 
+/// The descriptors open when the process started (`note_inherited_fds`): only these may be
+/// taken as an export's socket (`socket-fd=`); any other number is one of the daemon's own
+/// (an export's socket, the control socket), which a second owner would close under it.
+static INHERITED_FDS: std::sync::OnceLock<Vec<i32>> = std::sync::OnceLock::new();
+
+/// Records the descriptors this process inherited. Call first thing, before anything opens
+/// a descriptor.
+pub fn note_inherited_fds() {
+    let listed: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .map(|dir| dir.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect())
+        .unwrap_or_default();
+    // The listing's own descriptor was in it and is closed now: keep those still open.
+    // SAFETY: F_GETFD only reads a descriptor's flags; a closed one is an error return.
+    let open: Vec<i32> =
+        listed.into_iter().filter(|&fd| unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0).collect();
+    let _ = INHERITED_FDS.set(open);
+}
+
 /// Descriptors taken over as listening sockets ([`take_listening_socket`]): each only once,
 /// since after the first owner closes it the number may name something else.
 static TAKEN_FDS: std::sync::Mutex<Vec<i32>> = std::sync::Mutex::new(Vec::new());
@@ -231,6 +249,12 @@ pub fn inspect_listening_socket(fd: i32) -> Result<std::path::PathBuf, String> {
     }
     if sockopt_int(fd, libc::SO_ACCEPTCONN).map_err(what)? == 0 {
         return Err(format!("socket-fd={fd}: not listening"));
+    }
+    if !INHERITED_FDS.get().is_some_and(|fds| fds.contains(&fd)) {
+        return Err(format!(
+            "socket-fd={fd}: not a descriptor the daemon inherited at start (the daemon's own \
+             sockets cannot be given to an export)"
+        ));
     }
     if TAKEN_FDS.lock().unwrap_or_else(|p| p.into_inner()).contains(&fd) {
         return Err(format!("socket-fd={fd}: already taken by another export"));

@@ -211,6 +211,67 @@ fn an_export_found_only_by_its_systemd_socket_name_serves() {
     );
 }
 
+/// `socket-fd=` takes only descriptors inherited at start: none of the daemon's own (an
+/// export's listening socket, the control socket) can be handed to a second owner, which
+/// would close it under the first (issue 28, 5).
+#[test]
+fn add_export_cannot_take_a_socket_the_daemon_owns() {
+    let dir = tmpdir();
+    let victim = dir.path().join("victim.sock");
+    let ctl = dir.path().join("ctl.sock");
+    let mut daemon = common::Daemon::start_with(
+        dir.path(),
+        &[
+            "--control".into(),
+            ctl.display().to_string(),
+            "--export".into(),
+            format!("id=victim,socket={},engine=null,size=1M", victim.display()),
+        ],
+        &[victim.clone(), ctl.clone()],
+    );
+    let sockets: Vec<i32> = std::fs::read_dir(format!("/proc/{}/fd", daemon.pid()))
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().starts_with("socket:"))
+        })
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    assert!(sockets.len() >= 2, "the daemon's sockets: {sockets:?}");
+    for fd in sockets {
+        let out = common::ctl(
+            &ctl,
+            &["add-export", &format!("socket-fd={fd}"), "engine=null", "size=1M"],
+        );
+        assert_eq!(out.status.code(), Some(1), "socket-fd={fd} was taken");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let refused = err
+            .contains(&format!("socket-fd={fd}: not a descriptor the daemon inherited at start"))
+            || err.contains(&format!("socket-fd={fd}: not listening"));
+        assert!(refused, "socket-fd={fd}: {err}");
+    }
+    // Everything still serves, and nothing spins.
+    let mut c = Client::connect(&victim, 1);
+    assert!(c.read_at(0, 0, 4096, 0).is_ok());
+    drop(c);
+    assert!(common::ctl(&ctl, &["list-exports"]).status.success());
+    let cpu = || {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", daemon.pid())).unwrap();
+        let fields: Vec<u64> = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        fields[10] + fields[11]
+    };
+    let before = cpu();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(cpu() - before < 20, "the daemon spins: {} ticks in 1 s", cpu() - before);
+    assert!(daemon.stop().success());
+}
+
 #[test]
 fn a_bad_socket_fd_is_refused_with_one_line() {
     let dir = tmpdir();
