@@ -6,8 +6,6 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tracing::{info, warn};
-
 use crate::blk::config::{config_space, ConfigInputs, CONFIG_SPACE_BYTES};
 use crate::blk::request::DiskLimits;
 use crate::blk::{feature, ID_BYTES, SECTOR_SIZE};
@@ -248,34 +246,46 @@ impl Disk {
     /// Takes the image's write permission if the export does not hold it (a migration's
     /// destination when its guest arrives, a source whose guest comes back after a failed
     /// migration), waiting for another holder to give it up (`--image-lock-wait-ms`). Called
-    /// before a ring starts; a ring never runs without it.
-    pub fn activate(&self) -> Result<(), String> {
-        let (Some(state), Some(backing)) = (&self.write_lock, &self.backing) else { return Ok(()) };
+    /// before a ring starts; a ring never runs without it. Returns whether it was taken now (the
+    /// caller logs it through its export's rate limiter).
+    pub fn activate(&self) -> Result<bool, String> {
+        let (Some(state), Some(backing)) = (&self.write_lock, &self.backing) else {
+            return Ok(false);
+        };
         let mut active = state.lock().unwrap_or_else(|p| p.into_inner());
-        if !*active {
-            lock::lock_image(&backing.file, false, false)?;
-            *active = true;
-            info!(parent: &self.span, "took the image's write permission");
+        if *active {
+            return Ok(false);
         }
-        Ok(())
+        lock::lock_image(&backing.file, false, false)?;
+        *active = true;
+        Ok(true)
     }
 
     /// Gives the image's write permission up: the guest's rings all stopped while its frontend
     /// logged dirty pages, which is a migration's switch-over; the destination may now write.
-    pub fn inactivate(&self) {
-        let (Some(state), Some(backing)) = (&self.write_lock, &self.backing) else { return };
+    /// Returns whether it was given up now (the caller logs it, through its export's rate
+    /// limiter: a frontend can make this happen at will).
+    ///
+    /// Flushes first, as QEMU does before it inactivates an image: with `cache=writeback` (or
+    /// `unsafe`) writes the guest saw complete may still be in this host's page cache, and a
+    /// destination on another host would read the image without them. A flush that fails, now
+    /// or before, keeps the permission here: the destination then waits for an image it cannot
+    /// have rather than run on one that lost writes.
+    pub fn inactivate(&self) -> Result<bool, String> {
+        let (Some(state), Some(backing)) = (&self.write_lock, &self.backing) else {
+            return Ok(false);
+        };
         let mut active = state.lock().unwrap_or_else(|p| p.into_inner());
-        if *active {
-            match lock::lock_inactive(&backing.file) {
-                Ok(()) => {
-                    *active = false;
-                    info!(parent: &self.span, "gave up the image's write permission (migration switch-over)");
-                }
-                Err(e) => {
-                    warn!(parent: &self.span, "cannot give up the image's write permission: {e}")
-                }
-            }
+        if !*active {
+            return Ok(false);
         }
+        if self.flush_failed() {
+            return Err("a flush failed earlier: written data may be lost".into());
+        }
+        backing.file.sync_data().map_err(|e| format!("flushing the image failed: {e}"))?;
+        lock::lock_inactive(&backing.file)?;
+        *active = false;
+        Ok(true)
     }
 
     pub fn capacity_bytes(&self) -> u64 {
