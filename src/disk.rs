@@ -16,6 +16,7 @@ use crate::export::{BackendSpec, ExportConfig};
 use crate::iothread::poll::PollSettings;
 use crate::iothread::Placement;
 use crate::qos::Throttle;
+use crate::ratelimit::RateLimiter;
 use crate::trace::QueueStats;
 
 /// How long a shrinking resize waits for requests checked against the old size.
@@ -62,6 +63,10 @@ pub struct Disk {
     pub discard: crate::export::DiscardMode,
     /// Per-queue statistics; they outlive the I/O threads (which restart on reconfiguration).
     pub stats: Vec<Arc<QueueStats>>,
+    /// Per-queue log budgets, kept across the queue's restarts so that a frontend restarting
+    /// a queue in a loop (one message each) gets no fresh budget: a queue takes its limiter
+    /// when it starts and gives it back when it is dropped (no lock while it runs).
+    pub queue_logs: Vec<Mutex<RateLimiter>>,
     /// The most guest RAM one frontend may have mapped (`max-guest-memory`).
     pub max_guest_memory_bytes: u64,
     /// The rate limits the queues obey: the export's own, or its throttle group's.
@@ -234,6 +239,7 @@ impl Disk {
             stats_on: config.stats,
             discard: config.discard,
             stats: (0..config.queues).map(|_| Arc::new(QueueStats::default())).collect(),
+            queue_logs: (0..config.queues).map(|_| Mutex::default()).collect(),
             max_guest_memory_bytes: config.max_guest_memory_bytes,
             throttle,
             capacity_bytes: AtomicU64::new(capacity),
