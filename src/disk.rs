@@ -8,8 +8,6 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tracing::{info, warn};
-
 use crate::blk::config::{config_space, ConfigInputs, CONFIG_SPACE_BYTES};
 use crate::blk::request::DiskLimits;
 use crate::blk::{feature, ID_BYTES, SECTOR_SIZE};
@@ -18,6 +16,7 @@ use crate::engine::nbd::{self, wire, NbdOptions, NbdSpec};
 use crate::engine::rbd::{RbdOptions, RbdSpec};
 use crate::engine::{lock, Backing, CacheMode, EngineKind, OpenError};
 use crate::qos::{LimitOptions, Throttle};
+use crate::ratelimit::RateLimiter;
 use crate::spec::{err, Key, Kind, Options, SpecError, Value};
 use crate::trace::QueueStats;
 
@@ -561,6 +560,10 @@ pub struct Disk {
     pub discard: DiscardMode,
     /// Per-queue statistics; they outlive the I/O threads (which restart on reconfiguration).
     pub stats: Vec<Arc<QueueStats>>,
+    /// Per-queue log budgets, kept across the queue's restarts so that a frontend restarting
+    /// a queue in a loop (one message each) gets no fresh budget: a queue takes its limiter
+    /// when it starts and gives it back when it is dropped (no lock while it runs).
+    pub queue_logs: Vec<Mutex<RateLimiter>>,
     /// The most guest RAM one frontend may have mapped (`max-guest-memory`).
     pub max_guest_memory_bytes: u64,
     /// The rate limits the queues obey: the export's own, or its throttle group's.
@@ -737,6 +740,7 @@ impl Disk {
             stats_on: config.stats,
             discard: config.discard,
             stats: (0..config.queues).map(|_| Arc::new(QueueStats::default())).collect(),
+            queue_logs: (0..config.queues).map(|_| Mutex::default()).collect(),
             max_guest_memory_bytes: config.max_guest_memory_bytes,
             throttle,
             capacity_bytes: AtomicU64::new(capacity),
@@ -749,36 +753,46 @@ impl Disk {
     /// Takes the image's write permission if the export does not hold it (a migration's
     /// destination when its guest arrives, a source whose guest comes back after a failed
     /// migration), waiting for another holder to give it up (`--image-lock-wait-ms`). Called
-    /// before a ring starts; a ring never runs without it.
-    pub fn activate(&self) -> Result<(), String> {
+    /// before a ring starts; a ring never runs without it. Returns whether it was taken now (the
+    /// caller logs it through its export's rate limiter).
+    pub fn activate(&self) -> Result<bool, String> {
         let (Some(state), Some(backing)) = (&self.write_lock, self.backing()) else {
-            return Ok(());
+            return Ok(false);
         };
         let mut active = state.lock().unwrap_or_else(|p| p.into_inner());
-        if !*active {
-            lock::lock_image(&backing.file, false, false)?;
-            *active = true;
-            info!(parent: &self.span, "took the image's write permission");
+        if *active {
+            return Ok(false);
         }
-        Ok(())
+        lock::lock_image(&backing.file, false, false)?;
+        *active = true;
+        Ok(true)
     }
 
     /// Gives the image's write permission up: the guest's rings all stopped while its frontend
     /// logged dirty pages, which is a migration's switch-over; the destination may now write.
-    pub fn inactivate(&self) {
-        let (Some(state), Some(backing)) = (&self.write_lock, self.backing()) else { return };
+    /// Returns whether it was given up now (the caller logs it, through its export's rate
+    /// limiter: a frontend can make this happen at will).
+    ///
+    /// Flushes first, as QEMU does before it inactivates an image: with `cache=writeback` (or
+    /// `unsafe`) writes the guest saw complete may still be in this host's page cache, and a
+    /// destination on another host would read the image without them. A flush that fails, now
+    /// or before, keeps the permission here: the destination then waits for an image it cannot
+    /// have rather than run on one that lost writes.
+    pub fn inactivate(&self) -> Result<bool, String> {
+        let (Some(state), Some(backing)) = (&self.write_lock, self.backing()) else {
+            return Ok(false);
+        };
         let mut active = state.lock().unwrap_or_else(|p| p.into_inner());
-        if *active {
-            match lock::lock_inactive(&backing.file) {
-                Ok(()) => {
-                    *active = false;
-                    info!(parent: &self.span, "gave up the image's write permission (migration switch-over)");
-                }
-                Err(e) => {
-                    warn!(parent: &self.span, "cannot give up the image's write permission: {e}")
-                }
-            }
+        if !*active {
+            return Ok(false);
         }
+        if self.flush_failed() {
+            return Err("a flush failed earlier: written data may be lost".into());
+        }
+        backing.file.sync_data().map_err(|e| format!("flushing the image failed: {e}"))?;
+        lock::lock_inactive(&backing.file)?;
+        *active = false;
+        Ok(true)
     }
 
     /// The image file or block device, if the disk has one.

@@ -37,6 +37,7 @@ pub use cli::main;
 pub use control::ControlClient;
 pub use qos::{now_ns, Cost, Throttle, ThrottleConfig};
 pub use spec::Value;
+pub use sys::filesystem_of;
 pub use trace::sample::Sampler;
 pub use trace::LatencyHistograms;
 pub use virtq::InflightRegion;

@@ -172,6 +172,19 @@ pub fn filesystem_of(path: &std::path::Path) -> Option<String> {
         .map(|(_, fstype)| fstype)
 }
 
+/// The file system type (`f_type`, its magic number) of the file `fd` is open on.
+pub fn filesystem_magic(fd: RawFd) -> io::Result<u64> {
+    let mut stat = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: fstatfs writes one statfs into the buffer we pass, which outlives the call.
+    if unsafe { libc::fstatfs(fd, stat.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fstatfs returned 0, so it filled the whole struct.
+    let stat = unsafe { stat.assume_init() };
+    // f_type is signed on some targets; the magic numbers are 32-bit patterns.
+    Ok(stat.f_type as u64 & 0xffff_ffff)
+}
+
 /// Now, in UTC, as `2026-11-22 22:51 UTC`.
 pub fn utc_now_text() -> String {
     let secs = std::time::SystemTime::now()

@@ -85,16 +85,38 @@ struct Fds {
     call: EventFd,
     /// A pipe's read end (and its write end, kept open with it).
     pipe: (File, File),
+    /// A regular file on the root file system (ext4): long enough to map, but a page fault
+    /// on it waits for the disk, so the daemon must never map it.
     file: File,
+    /// /dev/zero: a character device that mmap takes.
+    zero: File,
 }
+
+/// The name of [`Fds::file`] in its directory.
+const PLAIN_FILE: &str = "plain-file";
 
 impl Fds {
     fn new(dir: &Path) -> Fds {
+        let file = File::create(dir.join(PLAIN_FILE)).unwrap();
+        file.set_len(RAM_BYTES as u64).unwrap();
+        let zero = std::fs::OpenOptions::new().read(true).write(true).open("/dev/zero").unwrap();
         Fds {
             kick: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             call: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             pipe: pipe(),
-            file: File::create(dir.join("plain-file")).unwrap(),
+            file,
+            zero,
+        }
+    }
+
+    /// Memory to map for an inflight region or a dirty log: the guest RAM's memfd, or a file
+    /// no page fault may touch (ext4, a pipe, /dev/zero).
+    fn memory_fd(&self, rng: &mut Rng, ram: &GuestRam) -> RawFd {
+        let odd = [self.file.as_raw_fd(), self.pipe.0.as_raw_fd(), self.zero.as_raw_fd()];
+        if rng.chance(50) {
+            ram.file.as_raw_fd()
+        } else {
+            rng.pick(&odd)
         }
     }
 
@@ -147,7 +169,7 @@ fn message(
         ),
         3 => (GET_PROTOCOL_FEATURES, vec![], vec![]),
         4 => {
-            let features = PROTOCOL_FEATURES | PROTOCOL_INFLIGHT_SHMFD;
+            let features = PROTOCOL_FEATURES | PROTOCOL_INFLIGHT_SHMFD | PROTOCOL_LOG_SHMFD;
             (SET_PROTOCOL_FEATURES, rng.fuzzed(features).to_le_bytes().to_vec(), vec![])
         }
         5 => {
@@ -193,8 +215,20 @@ fn message(
             u32s(q, if !rng.1 || rng.chance(90) { 1 } else { rng.below(3) as u32 }),
             vec![],
         ),
+        12 => log_base(rng, ram, fds),
         _ => random_message(rng, ram, fds),
     }
+}
+
+/// SET_LOG_BASE: a log of the size guest RAM needs, none, or an absurd one (the export's
+/// max-guest-memory of 64 MiB allows 2 KiB), in guest RAM's memfd or in odd files; often
+/// before any memory table.
+fn log_base(rng: &mut Rng, ram: &GuestRam, fds: &Fds) -> (u32, Vec<u8>, Vec<RawFd>) {
+    let fits = RAM_BYTES as u64 / 4096 / 8;
+    let size = rng.pick(&[fits, fits, 0, 1, 2048, 2056, RAM_BYTES as u64, 1 << 40, u64::MAX]);
+    let mut payload = rng.fuzzed(size).to_le_bytes().to_vec();
+    payload.extend(rng.fuzzed(0).to_le_bytes());
+    (SET_LOG_BASE, payload, vec![fds.memory_fd(rng, ram)])
 }
 
 /// Any message: a known request with a random payload, or an unknown one.
@@ -218,20 +252,19 @@ fn random_message(rng: &mut Rng, ram: &GuestRam, fds: &Fds) -> (u32, Vec<u8>, Ve
         );
     }
     if (request == GET_INFLIGHT_FD || request == SET_INFLIGHT_FD) && rng.chance(70) {
-        // mmap_size, mmap_offset, num_queues, queue_size (and padding). A SET hands the
-        // guest RAM over as the region: whatever the rings left there is what it says.
-        let queues = rng.below(4);
-        let any = rng.below(65536);
-        let size = rng.pick(&[1u64, 16, 128, 256, 1024, any]);
-        payload =
-            rng.fuzzed(queues * ((16 + 16 * size).next_multiple_of(64))).to_le_bytes().to_vec();
-        payload.extend(rng.fuzzed(0).to_le_bytes());
-        payload.extend((queues as u16).to_le_bytes());
-        payload.extend((size as u16).to_le_bytes());
-        payload.extend([0u8; 4]);
+        // A SET hands over guest RAM as the region (whatever the rings left there is what it
+        // says) or an odd file.
+        let queues = rng.below(4) as u16;
+        let any = rng.below(65536) as u16;
+        let size = rng.pick(&[1u16, 16, 128, 256, 1024, any]);
+        let bytes = rng.fuzzed(inflight_bytes(queues, size));
+        payload = inflight_payload(bytes, rng.fuzzed(0), queues, size);
         if request == SET_INFLIGHT_FD {
-            return (request, payload, vec![ram.file.as_raw_fd()]);
+            return (request, payload, vec![fds.memory_fd(rng, ram)]);
         }
+    }
+    if request == SET_LOG_BASE && rng.chance(70) {
+        return log_base(rng, ram, fds);
     }
     let fd = match rng.below(6) {
         0 => vec![ram.file.as_raw_fd()],
@@ -307,11 +340,23 @@ fn ring_round(rng: &mut Rng, ram: &GuestRam, fds: &Fds, qsize: u32, avail_idx: &
     let _ = fds.kick.write(1);
 }
 
-/// One hostile frontend, start to hang-up.
-fn case(rng: &mut Rng, sock: &Path, dir: &Path) {
+/// The daemon's mappings of memory a page fault could stall on (the ext4 file, /dev/zero):
+/// there must be none, whatever a case sent.
+fn stallable_mappings(pid: i32, dir: &Path) -> Vec<String> {
+    let plain = dir.join(PLAIN_FILE).display().to_string();
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    maps.lines()
+        .filter(|l| l.contains(&plain) || l.contains("/dev/zero"))
+        .map(String::from)
+        .collect()
+}
+
+/// One hostile frontend, start to hang-up. Returns the stallable mappings it found the
+/// daemon holding (none, unless the daemon maps what it must not).
+fn case(rng: &mut Rng, sock: &Path, dir: &Path, pid: i32) -> Vec<String> {
     let ram = GuestRam::memfd();
     let fds = Fds::new(dir);
-    let Ok(conn) = std::os::unix::net::UnixStream::connect(sock) else { return };
+    let Ok(conn) = std::os::unix::net::UnixStream::connect(sock) else { return Vec::new() };
     conn.set_nonblocking(true).unwrap();
     let raw = RawFrontend { sock: conn };
     let qsize = if rng.1 { rng.pick(&QSIZES) } else { rng.pick(&[16, 64, 256]) };
@@ -325,6 +370,11 @@ fn case(rng: &mut Rng, sock: &Path, dir: &Path) {
             steps.retain(|_| rng.chance(80));
         }
     }
+    if rng.chance(40) {
+        // A dirty log, anywhere: before the memory table in most cases.
+        let at = rng.below(steps.len() as u64 + 1) as usize;
+        steps.insert(at, 12);
+    }
     let drain = |raw: &RawFrontend| {
         let mut buf = [0u8; 4096];
         while matches!((&raw.sock).read(&mut buf), Ok(n) if n > 0) {}
@@ -333,16 +383,18 @@ fn case(rng: &mut Rng, sock: &Path, dir: &Path) {
         let (request, payload, fd) = message(rng, step, &ram, &fds, qsize);
         let need_reply = rng.chance(50);
         if raw.send(request, need_reply, &payload, &fd).is_err() {
-            return;
+            return Vec::new();
         }
         drain(&raw);
     }
-    // A round trip, so the rings are written while the queue runs (in most cases).
+    // A round trip, so the rings are written while the queue runs (in most cases), and
+    // every message before it has been handled.
     if raw.send(GET_QUEUE_NUM, false, &[], &[]).is_ok() {
         raw.sock.set_nonblocking(false).unwrap();
         let _ = raw.reply();
         raw.sock.set_nonblocking(true).unwrap();
     }
+    let stallable = stallable_mappings(pid, dir);
     let mut avail_idx = 0u16;
     for _ in 0..rng.below(12) {
         ring_round(rng, &ram, &fds, qsize, &mut avail_idx);
@@ -361,6 +413,7 @@ fn case(rng: &mut Rng, sock: &Path, dir: &Path) {
         drain(&raw);
     }
     std::thread::sleep(Duration::from_millis(rng.below(3)));
+    stallable
 }
 
 #[test]
@@ -383,7 +436,7 @@ fn fuzz_the_daemon_over_its_socket() {
         dir.path(),
         &[
             format!(
-                "id=a,socket={},image={},queues=2,queue-size=256",
+                "id=a,socket={},image={},queues=2,queue-size=256,max-guest-memory=64M",
                 a_sock.display(),
                 a_img.display()
             ),
@@ -397,8 +450,15 @@ fn fuzz_the_daemon_over_its_socket() {
     let mut peak_rss = 0;
     while Instant::now() < deadline {
         let case_seed = rng.next();
-        case(&mut Rng(case_seed, case_seed.is_multiple_of(3)), &a_sock, dir.path());
+        let pid = daemon.pid();
+        let stallable =
+            case(&mut Rng(case_seed, case_seed.is_multiple_of(3)), &a_sock, dir.path(), pid);
         cases += 1;
+        assert!(
+            stallable.is_empty(),
+            "case {cases} (seed {case_seed}): the daemon mapped memory a fault could stall on: \
+             {stallable:?}"
+        );
         assert!(
             daemon.alive(),
             "case {cases} (seed {case_seed}) killed the daemon:\n{}",

@@ -616,6 +616,189 @@ fn a_frontend_cannot_flood_the_log() {
     t.stops();
 }
 
+// 15. Memory a page fault could stall on: guest RAM, inflight regions and dirty logs only
+// from memfd/tmpfs and hugetlbfs. (A file on FUSE or a hung NFS mount would put the I/O
+// thread that touches it, and every queue it serves, to sleep for as long as the tenant
+// likes; a file on ext4 is refused by the same check, by file-system type.)
+
+/// The refusal of a file on the root file system (ext4 on the test machines).
+const ON_EXT4: &str = "guest memory on ext4 (0xef53): only memfd, tmpfs or hugetlbfs can be \
+                       mapped without a page fault stalling an I/O thread";
+
+/// A file of `bytes` on the root file system (/var/tmp is never tmpfs there).
+fn disk_file(dir: &Path, bytes: u64) -> fs::File {
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dir.join("ram-on-disk"))
+        .unwrap();
+    file.set_len(bytes).unwrap();
+    file
+}
+
+/// The daemon's mappings (/proc/PID/maps lines) of files whose path contains `part`.
+fn mappings_of(pid: i32, part: &str) -> Vec<String> {
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    maps.lines().filter(|l| l.contains(part)).map(str::to_string).collect()
+}
+
+#[test]
+fn guest_memory_a_fault_could_stall_on_is_refused_by_file_system() {
+    let mut t = tenants("");
+    let disk = disk_dir();
+    let fs_type = blkplane::filesystem_of(disk.path());
+    assert_eq!(fs_type.as_deref(), Some("ext4"), "the test wants /var/tmp on ext4");
+    let file = disk_file(disk.path(), RAM_BYTES as u64);
+    let path = disk.path().join("ram-on-disk").display().to_string();
+    let raw = RawFrontend::connect(&t.a_sock);
+    raw.negotiate_with(PROTOCOL_INFLIGHT_SHMFD | PROTOCOL_LOG_SHMFD);
+    let fd = [file.as_raw_fd()];
+    let table = mem_table(&[(0, RAM_BYTES as u64, 0x7000_0000_0000, 0)]);
+    assert_ne!(raw.ack(SET_MEM_TABLE, &table, &fd).unwrap(), 0, "guest RAM on ext4 was mapped");
+    let region = one_region(0, RAM_BYTES as u64, 0x7000_0000_0000, 0);
+    assert_ne!(raw.ack(ADD_MEM_REG, &region, &fd).unwrap(), 0, "a region on ext4 was mapped");
+    let region = inflight_payload(inflight_bytes(1, 64), 0, 1, 64);
+    let status = raw.ack(SET_INFLIGHT_FD, &region, &fd).unwrap();
+    assert_ne!(status, 0, "an inflight region on ext4 was mapped");
+    assert_eq!(mappings_of(t.daemon.pid(), &path), Vec::<String>::new(), "mapped from ext4");
+    // The connection goes on: guest RAM in a memfd is taken.
+    let ram = memfd(RAM_BYTES as u64);
+    assert_eq!(raw.ack(SET_MEM_TABLE, &table, &[ram.as_raw_fd()]).unwrap(), 0);
+    // A dirty log on ext4: SET_LOG_BASE has no error reply, so the connection ends.
+    assert!(!raw.set_log_base(RAM_BYTES as u64 / 4096 / 8, file.as_raw_fd()), "log on ext4");
+    assert!(mappings_of(t.daemon.pid(), &path).is_empty(), "mapped from ext4");
+    let log = t.daemon.log();
+    for (what, times) in [
+        ("refused a memory region: ", 2),
+        ("device: inflight region: ", 1),
+        ("closing the connection: dirty log: ", 1),
+    ] {
+        let line = format!("{what}{ON_EXT4}");
+        assert_eq!(log.matches(&line).count(), times, "'{line}' in:\n{log}");
+    }
+    drop(raw);
+    t.neighbour_serves();
+    t.own_export_serves();
+    t.stops();
+}
+
+// 16. The dirty log is at most the bitmap of the connection's max-guest-memory, inside its
+// budget: a log with no guest RAM cannot take the daemon-wide budget from other tenants.
+
+#[test]
+fn a_dirty_log_cannot_take_the_daemon_wide_budget() {
+    let mut t =
+        tenants_with(",max-guest-memory=32M", &["--max-mapped-guest-memory", "64M"], tmpdir());
+    let ram = memfd(64 << 20);
+    let attacker = RawFrontend::connect(&t.a_sock);
+    attacker.negotiate_with(PROTOCOL_LOG_SHMFD);
+    // 48 MiB of "log" before any memory table: within the daemon's 64 MiB, far over the 1 KiB
+    // of bitmap 32 MiB of guest memory needs. Refused; the connection ends.
+    assert!(!attacker.set_log_base(48 << 20, ram.as_raw_fd()), "a 48 MiB log was taken");
+    // The victim's guest RAM still fits the daemon's budget.
+    let (victim, status) = map_ram(&t.b_sock, 32 << 20, &ram);
+    assert_eq!(status, 0, "the victim's SET_MEM_TABLE was refused:\n{}", t.daemon.log());
+    drop(victim);
+    let log = t.daemon.log();
+    let want = "a dirty log of 50331648 bytes is over the 1024 bytes of bitmap this export's \
+                max-guest-memory needs";
+    assert!(log.contains(want), "{log}");
+    // The bitmap of max-guest-memory itself is taken, and one word more is not.
+    for (bytes, taken) in [(1024u64, true), (1032, false)] {
+        let raw = RawFrontend::connect(&t.a_sock);
+        raw.negotiate_with(PROTOCOL_LOG_SHMFD);
+        assert_eq!(raw.set_log_base(bytes, ram.as_raw_fd()), taken, "a log of {bytes} bytes");
+    }
+    // Nothing stayed mapped: the whole daemon-wide budget is there for one tenant again.
+    std::thread::sleep(Duration::from_millis(300));
+    let (_b, status) = map_ram(&t.b_sock, 64 << 20, &ram);
+    assert_eq!(status, 0, "mapped memory did not come back:\n{}", t.daemon.log());
+    drop(_b);
+    t.neighbour_serves();
+    t.own_export_serves();
+    t.stops();
+}
+
+// 17. Lines a frontend triggers by ordinary messages (dirty logging on and off, a migration's
+// switch-over and its undoing) go through the export's rate limiter.
+
+#[test]
+fn toggling_dirty_logging_cannot_flood_the_log() {
+    let mut t = tenants("");
+    // The switch-over and the guest's return, 200 times: every ring stopped with logging
+    // on gives the image up, a ring that starts takes it back.
+    let extra = vhost::vhost_user::message::VhostUserProtocolFeatures::LOG_SHMFD;
+    let mut fe = TestFrontend::connect_with_protocol(&t.a_sock, 1, QSIZE, WANT, extra);
+    let log_bytes = RAM_BYTES as u64 / 4096 / 8;
+    let bitmap = memfd(log_bytes);
+    let region = vhost::VhostUserDirtyLogRegion {
+        mmap_size: log_bytes,
+        mmap_offset: 0,
+        mmap_handle: bitmap.as_raw_fd(),
+    };
+    fe.fe.set_log_base(0, Some(region)).unwrap();
+    fe.fe.set_features(fe.features | F_LOG_ALL).unwrap();
+    for _ in 0..200 {
+        fe.fe.get_vring_base(0).unwrap();
+        fe.fe.set_vring_kick(0, &fe.queues[0].kick).unwrap();
+    }
+    frontend_reads(&mut fe, 1);
+    drop(fe);
+    let lines = t.daemon.log().matches("image's write permission").count();
+    assert!((1..=20).contains(&lines), "{lines} lines for 200 switch-overs and returns");
+    // Dirty logging on and off, 2000 times.
+    let raw = RawFrontend::connect(&t.a_sock);
+    raw.negotiate_with(PROTOCOL_LOG_SHMFD);
+    let features = raw.get_u64(GET_FEATURES).unwrap() & FEATURES;
+    for i in 0..2000u64 {
+        let logging = if i % 2 == 0 { F_LOG_ALL } else { 0 };
+        raw.send(SET_FEATURES, false, &(features | logging).to_le_bytes(), &[]).unwrap();
+    }
+    assert_eq!(raw.get_u64(GET_QUEUE_NUM).unwrap(), 1, "the connection stopped answering");
+    drop(raw);
+    let lines = t.daemon.log().matches("dirty logging").count();
+    assert!((1..=20).contains(&lines), "{lines} lines for 2000 toggles of dirty logging");
+    t.neighbour_serves();
+    t.own_export_serves();
+    t.stops();
+}
+
+/// Waits up to 5 s for `efd` (non-blocking) to be signalled; whether it was.
+fn signalled_within_5s(efd: &vmm_sys_util::eventfd::EventFd) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if efd.read().is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    false
+}
+
+#[test]
+fn a_queue_broken_and_restarted_in_a_loop_cannot_flood_the_log() {
+    let mut t = tenants("");
+    let mut fe = TestFrontend::connect(&t.a_sock, 1, QSIZE, WANT);
+    let err = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    fe.fe.set_vring_err(0, &err).unwrap();
+    // avail->idx 1000 ahead of a ring of 64 breaks the queue at its first look; every
+    // SET_VRING_KICK starts it afresh, and it breaks again.
+    fe.set_avail_idx(0, 1000);
+    for round in 0..200 {
+        fe.kick(0);
+        assert!(signalled_within_5s(&err), "round {round}: the queue did not break");
+        fe.fe.set_vring_kick(0, &fe.queues[0].kick).unwrap();
+    }
+    drop(fe);
+    let lines = t.daemon.log().matches("queue broken by the guest").count();
+    assert!((1..=20).contains(&lines), "{lines} lines for 200 queues broken");
+    t.neighbour_serves();
+    t.own_export_serves();
+    t.stops();
+}
+
 // 11. Resize: block multiples only; serialized; a shrink is not undone by writes in flight.
 
 fn ctl_ok(

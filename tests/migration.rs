@@ -287,3 +287,53 @@ fn the_image_passes_from_source_to_destination_at_the_switch_over() {
     assert!(daemon.log().contains("cannot start the ring"), "{}", daemon.log());
     assert!(daemon.alive());
 }
+
+/// At the switch-over the source flushes before it gives the image up: with cache=writeback
+/// the guest's writes may still be in this host's page cache, and a destination on another
+/// host would read the image without them. strace shows the order: the image's fdatasync,
+/// then the release of its write permission (byte 101, QEMU's WRITE bit, unlocked). A
+/// neighbour export serves throughout.
+#[test]
+fn the_source_flushes_the_image_before_it_gives_it_up() {
+    let dir = common::disk_dir();
+    let (image, neighbour_image) = (dir.path().join("disk.raw"), dir.path().join("b.raw"));
+    make_image(&image, IMAGE_BYTES, SEED);
+    make_image(&neighbour_image, IMAGE_BYTES, 2);
+    let (a, b) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
+    let mut daemon = Daemon::start(
+        dir.path(),
+        &[
+            format!("id=src,socket={},image={},cache=writeback", a.display(), image.display()),
+            format!("id=b,socket={},image={}", b.display(), neighbour_image.display()),
+        ],
+    );
+    let mut src = connect(&a);
+    let (c, _) = src.request(0, T_OUT, 64, &pattern(99, 0, 4096), 0);
+    assert_eq!(c.status, S_OK);
+    let bitmap = Bitmap::new(RAM_BYTES / PAGE as usize / 8);
+    start_logging(&mut src, &bitmap);
+    let out = dir.path().join("strace.out");
+    let trace = "trace=fdatasync,fsync,fcntl";
+    let strace = common::Strace::attach(daemon.pid(), &["-e", trace], &out);
+    src.fe.get_vring_base(0).expect("GET_VRING_BASE");
+    let calls = strace.finish();
+    // "PID fdatasync(FD) = 0" and "PID fcntl(FD, F_OFD_SETLK, {l_type=F_UNLCK, ...,
+    // l_start=101, l_len=1}) = 0".
+    let fd_of = |line: &str| line.split('(').nth(1)?.split([')', ',']).next().map(str::to_string);
+    let lines: Vec<&str> = calls.lines().collect();
+    let released = lines
+        .iter()
+        .position(|l| l.contains("F_UNLCK") && l.contains("l_start=101"))
+        .unwrap_or_else(|| panic!("the write permission was not released:\n{calls}"));
+    let image_fd = fd_of(lines[released]);
+    let flushed = lines[..released]
+        .iter()
+        .any(|l| l.contains("fdatasync(") && l.ends_with("= 0") && fd_of(l) == image_fd);
+    assert!(flushed, "no fdatasync of the image before its write lock was released:\n{calls}");
+    assert!(daemon.log().contains("gave up the image's write permission"), "{}", daemon.log());
+    let mut neighbour = common::Client::connect(&b, 1);
+    assert_eq!(neighbour.read_at(0, 4096, 4096, 0).unwrap(), pattern(2, 4096, 4096));
+    drop(neighbour);
+    drop(src);
+    assert!(daemon.stop().success(), "{}", daemon.log());
+}

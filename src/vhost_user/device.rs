@@ -8,7 +8,7 @@ use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tracing::{debug, info};
+use tracing::debug;
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
     VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
@@ -23,13 +23,13 @@ use crate::disk::Disk;
 use crate::iothread::{start_queue, Placement, QueueHandle, QueueSetup};
 use crate::ratelimit::RateLimiter;
 use crate::sys::checked_eventfd;
-use crate::virtq::dirty::{DirtyLog, QueueLog};
+use crate::virtq::dirty::{self, DirtyLog, QueueLog};
 use crate::virtq::memory::MAX_MEM_REGIONS;
 use crate::virtq::{inflight, split};
 use crate::virtq::{
     GuestMemory, InflightError, InflightRegion, MappedRegion, MemoryError, RingAddrs,
 };
-use crate::warn_limited;
+use crate::{info_limited, warn_limited};
 
 #[derive(Default)]
 struct Vring {
@@ -195,9 +195,15 @@ impl BlkDevice {
         }
         let log = self.queue_log(index)?;
         // A migration's destination takes the image's write permission as its guest arrives.
-        if let Err(e) = self.disk.activate() {
-            warn_limited!(self.log(), parent: &self.disk.span, queue = index, "cannot start the ring: {e}");
-            return Err(handler_error(e));
+        match self.disk.activate() {
+            Ok(true) => {
+                info_limited!(self.log(), parent: &self.disk.span, "took the image's write permission");
+            }
+            Ok(false) => {}
+            Err(e) => {
+                warn_limited!(self.log(), parent: &self.disk.span, queue = index, "cannot start the ring: {e}");
+                return Err(handler_error(e));
+            }
         }
         let clone = |f: &Option<File>| f.as_ref().map(File::try_clone).transpose();
         let v = &self.vrings[index];
@@ -351,7 +357,7 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         let logging = features & feature::VHOST_LOG_ALL;
         if logging != self.acked_features & feature::VHOST_LOG_ALL {
             let state = if logging != 0 { "on (live migration)" } else { "off" };
-            info!(parent: &self.disk.span, "dirty logging {state}");
+            info_limited!(self.log(), parent: &self.disk.span, "dirty logging {state}");
         }
         self.acked_features = features;
         self.apply_running()
@@ -441,7 +447,15 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         if self.acked_features & feature::VHOST_LOG_ALL != 0
             && self.vrings.iter().all(|v| v.thread.is_none())
         {
-            self.disk.inactivate();
+            match self.disk.inactivate() {
+                Ok(true) => {
+                    info_limited!(self.log(), parent: &self.disk.span, "gave up the image's write permission (migration switch-over)");
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    warn_limited!(self.log(), parent: &self.disk.span, "kept the image's write permission at the switch-over: {e}");
+                }
+            }
         }
         Ok(state)
     }
@@ -643,8 +657,11 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         // SET_LOG_BASE has no error reply (its reply echoes the request): a log we cannot use
         // ends the connection, so the frontend learns of it rather than migrate a guest whose
         // writes go unlogged.
-        let mapped =
-            DirtyLog::map(&file, log.mmap_offset, log.mmap_size, Some(Arc::clone(&self.hangup)));
+        // At most the bitmap of the connection's max-guest-memory: the log is part of the
+        // connection's budget, and cannot take the daemon-wide one from other tenants.
+        let limit_bytes = dirty::max_log_bytes(self.disk.max_guest_memory_bytes);
+        let hangup = Some(Arc::clone(&self.hangup));
+        let mapped = DirtyLog::map(&file, log.mmap_offset, log.mmap_size, limit_bytes, hangup);
         let dirty = match mapped {
             Ok(d) if d.covers(self.memory.gpa_end()) => d,
             Ok(d) => {

@@ -26,6 +26,13 @@ pub fn bitmap_bytes_for(end: u64) -> u64 {
     end.div_ceil(LOG_PAGE_BYTES).div_ceil(8)
 }
 
+/// The most bitmap a connection may map: the bitmap of its `max-guest-memory`, rounded up
+/// to whole 64-bit words (QEMU sizes its log in them). The log is thus inside the
+/// connection's own budget, as its guest RAM is, and never more than 1/32768 of it.
+pub fn max_log_bytes(max_guest_memory_bytes: u64) -> u64 {
+    bitmap_bytes_for(max_guest_memory_bytes).next_multiple_of(8)
+}
+
 /// The frontend's dirty bitmap, mapped.
 pub struct DirtyLog {
     mapping: MappedRegion,
@@ -33,14 +40,20 @@ pub struct DirtyLog {
 }
 
 impl DirtyLog {
-    /// Maps `mmap_size` bytes of `file` from `mmap_offset` (SET_LOG_BASE). If the file
-    /// shrinks under the mapping, the bits land in zeroes and `hangup` is shut down.
+    /// Maps `mmap_size` bytes of `file` from `mmap_offset` (SET_LOG_BASE), if they are at most
+    /// `limit_bytes` ([`max_log_bytes`]); the mapping counts in the daemon-wide budget as
+    /// guest RAM does. If the file shrinks under the mapping, the bits land in zeroes and
+    /// `hangup` is shut down.
     pub fn map(
         file: &File,
         mmap_offset: u64,
         mmap_size: u64,
+        limit_bytes: u64,
         hangup: Option<Arc<OwnedFd>>,
     ) -> Result<DirtyLog, MemoryError> {
+        if mmap_size > limit_bytes {
+            return Err(MemoryError::LogLimit { log_bytes: mmap_size, limit_bytes });
+        }
         let mapping = MappedRegion::map(file, mmap_offset, 0, mmap_size, 0, hangup)?;
         Ok(DirtyLog { mapping, bytes: mmap_size })
     }
@@ -126,7 +139,7 @@ mod tests {
         assert_eq!(bitmap_bytes_for(8 * 4096), 1);
         assert_eq!(bitmap_bytes_for(8 * 4096 + 1), 2);
         let (file, _) = guest_ram(4096);
-        let log = DirtyLog::map(&file, 0, 4096, None).unwrap();
+        let log = DirtyLog::map(&file, 0, 4096, 4096, None).unwrap();
         assert!(log.covers(4096 * 8 * 4096));
         assert!(!log.covers(4096 * 8 * 4096 + 1));
         log.mark(4095, 2); // pages 0 and 1
@@ -135,5 +148,20 @@ mod tests {
         assert_eq!(marked, vec![0, 1, 10]);
         // Beyond the bitmap: nothing, and no fault.
         log.mark(u64::MAX - 10, 100);
+    }
+
+    #[test]
+    fn a_log_is_at_most_the_bitmap_of_max_guest_memory() {
+        // 1 TiB of guest memory: 2^28 pages, 32 MiB of bitmap.
+        assert_eq!(max_log_bytes(1 << 40), 32 << 20);
+        // 16 MiB + 1 byte: 4097 pages, 513 bytes, rounded up to a word.
+        assert_eq!(max_log_bytes((16 << 20) + 1), 520);
+        let (file, _) = guest_ram(8192);
+        let e = DirtyLog::map(&file, 0, 8192, 4096, None).err().expect("a log over its limit");
+        assert_eq!(
+            e.to_string(),
+            "a dirty log of 8192 bytes is over the 4096 bytes of bitmap this export's \
+             max-guest-memory needs"
+        );
     }
 }

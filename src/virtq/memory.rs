@@ -83,12 +83,67 @@ pub enum MemoryError {
     TooManyRegions { max: usize },
     /// The connection's guest memory would exceed its `max-guest-memory`.
     ConnectionLimit { total: u64, limit: u64 },
+    /// A dirty log bigger than the bitmap of the connection's `max-guest-memory`.
+    LogLimit { log_bytes: u64, limit_bytes: u64 },
     /// The daemon's mapped guest memory would exceed `--max-mapped-guest-memory`.
     DaemonLimit { asked: u64, mapped: u64, limit: u64 },
     /// The daemon maps as many guest regions as it can track.
     TooManyMappings,
+    /// The file is not one whose page faults only the kernel's own memory serves (see
+    /// [`check_backing`]): touching it could put an I/O thread to sleep for as long as a
+    /// tenant, or a hung server, likes.
+    MayStall { fs: &'static str, magic: u64, regular: bool },
     /// mmap or fstat failed.
     Io(io::Error),
+}
+
+/// tmpfs, and shmem in general: memfd_create, /dev/shm, SysV and anonymous shared memory.
+const TMPFS_MAGIC: u64 = 0x0102_1994;
+const HUGETLBFS_MAGIC: u64 = 0x9584_58f6;
+
+/// Names for the file systems a frontend might hand us, for the refusal (the magic numbers
+/// of linux/magic.h).
+const FILESYSTEM_NAMES: &[(u64, &str)] = &[
+    (TMPFS_MAGIC, "tmpfs"),
+    (HUGETLBFS_MAGIC, "hugetlbfs"),
+    (0xef53, "ext4"),
+    (0x5846_5342, "xfs"),
+    (0x9123_683e, "btrfs"),
+    (0xf2f5_2010, "f2fs"),
+    (0x6573_5546, "fuse"),
+    (0x6969, "nfs"),
+    (0xff53_4d42, "cifs"),
+    (0xfe53_4d42, "smb2"),
+    (0x00c3_6400, "ceph"),
+    (0x0102_1997, "9p"),
+    (0x794c_7630, "overlayfs"),
+    (0x2fc1_2fc1, "zfs"),
+    (0x8584_58f6, "ramfs"),
+    (0x5049_5045, "pipefs"),
+    (0x534f_434b, "sockfs"),
+    (0x0904_1934, "anon_inode"),
+    (0x5345_434d, "secretmem"),
+    (0x9fa0, "proc"),
+    (0x6265_6572, "sysfs"),
+];
+
+fn filesystem_name(magic: u64) -> &'static str {
+    FILESYSTEM_NAMES.iter().find(|(m, _)| *m == magic).map_or("an unknown file system", |(_, n)| n)
+}
+
+/// Refuses a file to map for a tenant unless a page fault on it is served from memory the
+/// kernel holds (shmem/tmpfs pages, possibly from swap; hugetlbfs's reserved pool), never by
+/// a process or a server: a regular file on tmpfs (memfd included) or hugetlbfs. A file on
+/// FUSE, NFS or a local disk file system could block the I/O thread that touches it for as
+/// long as its server or device likes, and with it every queue that thread serves. The file
+/// system of an open file cannot change, so checking once, before mapping, is enough.
+pub fn check_backing(file: &File) -> Result<(), MemoryError> {
+    let magic = crate::sys::filesystem_magic(file.as_raw_fd()).map_err(MemoryError::Io)?;
+    let regular = file.metadata().map_err(MemoryError::Io)?.is_file();
+    if regular && (magic == TMPFS_MAGIC || magic == HUGETLBFS_MAGIC) {
+        return Ok(());
+    }
+    Err(MemoryError::MayStall { fs: filesystem_name(magic), magic, regular })
 }
 
 impl fmt::Display for MemoryError {
@@ -111,6 +166,11 @@ impl fmt::Display for MemoryError {
                 f,
                 "guest memory of {total} bytes is over this export's max-guest-memory of {limit}"
             ),
+            MemoryError::LogLimit { log_bytes, limit_bytes } => write!(
+                f,
+                "a dirty log of {log_bytes} bytes is over the {limit_bytes} bytes of bitmap this \
+                 export's max-guest-memory needs"
+            ),
             MemoryError::DaemonLimit { asked, mapped, limit } => write!(
                 f,
                 "mapping {asked} more bytes of guest memory would exceed the daemon's limit of \
@@ -118,6 +178,14 @@ impl fmt::Display for MemoryError {
             ),
             MemoryError::TooManyMappings => {
                 write!(f, "the daemon maps {} guest regions already", fault::MAX_MAPPINGS)
+            }
+            MemoryError::MayStall { fs, magic, regular } => {
+                let what = if *regular { "on" } else { "not a regular file, on" };
+                write!(
+                    f,
+                    "guest memory {what} {fs} ({magic:#x}): only memfd, tmpfs or hugetlbfs can \
+                     be mapped without a page fault stalling an I/O thread"
+                )
             }
             MemoryError::Io(e) => write!(f, "mapping guest memory: {e}"),
         }
@@ -130,6 +198,8 @@ impl MappedRegion {
     /// Maps `size` bytes of `file` from `mmap_offset`, to be found at `guest_phys_addr` in the
     /// guest and at `user_addr` in the frontend's address space. If the file shrinks under
     /// the mapping later, `hangup` (the frontend's connection) is shut down (see `fault.rs`).
+    /// Only memory whose page faults cannot stall is taken ([`check_backing`]): every
+    /// mapping a tenant gives us (guest RAM, inflight region, dirty log) comes through here.
     pub fn map(
         file: &File,
         mmap_offset: u64,
@@ -146,10 +216,11 @@ impl MappedRegion {
             return Err(bad);
         }
         let end_in_file = mmap_offset.checked_add(size).ok_or(bad)?;
+        check_backing(file)?;
         let meta = file.metadata().map_err(MemoryError::Io)?;
-        // Regular files and memfds have a length; touching a page past it raises SIGBUS, so a
-        // frontend must not be able to make us map one. (hugetlbfs and memfd both report it.)
-        if meta.is_file() && meta.len() < end_in_file {
+        // A file has a length; touching a page past it raises SIGBUS, so a frontend must not
+        // be able to make us map one. (hugetlbfs and memfd both report it.)
+        if meta.len() < end_in_file {
             return Err(MemoryError::FileTooShort { needed: end_in_file, actual: meta.len() });
         }
         let page = crate::sys::page_size();
@@ -768,5 +839,34 @@ mod tests {
         assert!(small.prepare(4096), "the budget came back");
         drop(small);
         assert_eq!(bounce_bytes(), before);
+    }
+
+    /// Only a regular file on tmpfs (memfd) or hugetlbfs is mapped; a file on a disk file
+    /// system, whose page faults wait for the device, and a pipe are refused by name.
+    #[test]
+    fn only_memory_that_cannot_stall_a_fault_is_mapped() {
+        let (memfd, _) = guest_ram(4096);
+        assert!(check_backing(&memfd).is_ok());
+        // /var/tmp is on the root file system, a disk (ext4 here), never tmpfs.
+        let disk = tempfile::tempfile_in("/var/tmp").unwrap();
+        disk.set_len(4096).unwrap();
+        let magic = crate::sys::filesystem_magic(disk.as_raw_fd()).unwrap();
+        let e = MappedRegion::map(&disk, 0, 0, 4096, 0, None).err().expect("mapped a disk file");
+        let want = format!(
+            "guest memory on {} ({magic:#x}): only memfd, tmpfs or hugetlbfs can be mapped \
+             without a page fault stalling an I/O thread",
+            filesystem_name(magic)
+        );
+        assert_eq!(e.to_string(), want);
+        let mut fds = [0; 2];
+        // SAFETY: pipe writes two descriptors into the array, which we then own.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: fresh descriptors, each handed to one File.
+        let (pipe, _w) = unsafe {
+            use std::os::fd::FromRawFd;
+            (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1]))
+        };
+        let e = MappedRegion::map(&pipe, 0, 0, 4096, 0, None).err().expect("mapped a pipe");
+        assert!(e.to_string().starts_with("guest memory not a regular file, on pipefs"), "{e}");
     }
 }

@@ -13,6 +13,7 @@ pub const GET_FEATURES: u32 = 1;
 pub const SET_FEATURES: u32 = 2;
 pub const SET_OWNER: u32 = 3;
 pub const SET_MEM_TABLE: u32 = 5;
+pub const SET_LOG_BASE: u32 = 6;
 pub const SET_VRING_NUM: u32 = 8;
 pub const SET_VRING_ADDR: u32 = 9;
 pub const SET_VRING_BASE: u32 = 10;
@@ -36,6 +37,10 @@ const FLAG_NEED_REPLY: u32 = 0x8;
 pub const PROTOCOL_FEATURES: u64 = (1 << 0) | (1 << 3) | (1 << 9) | (1 << 15);
 /// Protocol feature INFLIGHT_SHMFD.
 pub const PROTOCOL_INFLIGHT_SHMFD: u64 = 1 << 12;
+/// Protocol feature LOG_SHMFD (the dirty log of a live migration, SET_LOG_BASE).
+pub const PROTOCOL_LOG_SHMFD: u64 = 1 << 1;
+/// Virtio feature VHOST_F_LOG_ALL: the frontend migrates the guest, writes are logged.
+pub const F_LOG_ALL: u64 = 1 << 26;
 /// Virtio features: VERSION_1 and vhost-user's PROTOCOL_FEATURES bit.
 pub const FEATURES: u64 = (1 << 32) | (1 << 30);
 
@@ -96,12 +101,26 @@ impl RawFrontend {
 
     /// The usual opening: owner, features, protocol features with REPLY_ACK.
     pub fn negotiate(&self) {
+        self.negotiate_with(0);
+    }
+
+    /// The usual opening, with the protocol features `extra` as well (those offered).
+    pub fn negotiate_with(&self, extra: u64) {
         self.send(SET_OWNER, false, &[], &[]).unwrap();
         let offered = self.get_u64(GET_FEATURES).unwrap();
         self.send(SET_FEATURES, false, &(offered & FEATURES).to_le_bytes(), &[]).unwrap();
         let proto = self.get_u64(GET_PROTOCOL_FEATURES).unwrap();
-        let want = proto & PROTOCOL_FEATURES;
+        let want = proto & (PROTOCOL_FEATURES | extra);
         self.send(SET_PROTOCOL_FEATURES, false, &want.to_le_bytes(), &[]).unwrap();
+    }
+
+    /// SET_LOG_BASE of `mmap_size` bytes of `fd`: whether the log was taken (its reply, an
+    /// echo, came back). The message has no error reply; a refused log ends the connection.
+    pub fn set_log_base(&self, mmap_size: u64, fd: RawFd) -> bool {
+        let mut payload = mmap_size.to_le_bytes().to_vec();
+        payload.extend(0u64.to_le_bytes());
+        self.send(SET_LOG_BASE, false, &payload, &[fd]).is_ok()
+            && matches!(self.reply(), Ok((SET_LOG_BASE, echo)) if echo == payload)
     }
 }
 
@@ -116,6 +135,28 @@ pub fn mem_table(regions: &[(u64, u64, u64, u64)]) -> Vec<u8> {
         }
     }
     p
+}
+
+/// A GET_INFLIGHT_FD / SET_INFLIGHT_FD payload: mmap_size, mmap_offset, num_queues,
+/// queue_size (and padding).
+pub fn inflight_payload(
+    mmap_size: u64,
+    mmap_offset: u64,
+    num_queues: u16,
+    queue_size: u16,
+) -> Vec<u8> {
+    let mut p = mmap_size.to_le_bytes().to_vec();
+    p.extend(mmap_offset.to_le_bytes());
+    p.extend(num_queues.to_le_bytes());
+    p.extend(queue_size.to_le_bytes());
+    p.extend([0u8; 4]);
+    p
+}
+
+/// Bytes of an inflight region for `num_queues` rings of `queue_size` (each queue's part
+/// 16 + 16 per descriptor, on a 64-byte boundary: the vhost-user split-ring layout).
+pub fn inflight_bytes(num_queues: u16, queue_size: u16) -> u64 {
+    u64::from(num_queues) * (16 + 16 * u64::from(queue_size)).next_multiple_of(64)
 }
 
 /// An ADD_MEM_REG / REM_MEM_REG payload for one region.

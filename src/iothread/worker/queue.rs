@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tracing::{debug, error, info};
+use tracing::debug;
 
 use super::slots::{self, Slots};
 use super::{align, followup};
@@ -26,7 +26,7 @@ use crate::trace::sample::Sampler;
 use crate::trace::{Kind, QueueStats};
 use crate::virtq::dirty::QueueLog;
 use crate::virtq::{copy_to_guest, GuestMemory, InflightQueue, QueueError, SplitQueue};
-use crate::warn_limited;
+use crate::{info_limited, log_limited, warn_limited};
 
 /// Sleep bound when the frontend gave no kick fd and we must poll the ring.
 pub(super) const KICKLESS_POLL_MS: i32 = 1;
@@ -144,6 +144,8 @@ pub(crate) fn start<E: Engine + 'static>(
     )
     .map_err(|e| invalid(&e))?;
     let mut resubmit = Vec::new();
+    // (batch_fixed, next_avail, frontend_base), logged once the queue has its log budget.
+    let mut recovered = None;
     let inflight = match setup.inflight.take() {
         Some(region) => {
             let mut tracked = region.queue(setup.index, setup.size).map_err(|e| invalid(&e))?;
@@ -154,15 +156,7 @@ pub(crate) fn start<E: Engine + 'static>(
                 // The last process took exactly what it answered plus what is still marked.
                 let resume = queue.used_index().wrapping_add(resubmit.len() as u16);
                 if !resubmit.is_empty() || found.batch_fixed > 0 || resume != setup.next_avail {
-                    info!(
-                        parent: &disk.span,
-                        queue = setup.index,
-                        resubmit = resubmit.len(),
-                        batch_fixed = found.batch_fixed,
-                        next_avail = resume,
-                        frontend_base = setup.next_avail,
-                        "recovered the queue from its inflight region"
-                    );
+                    recovered = Some((found.batch_fixed, resume, setup.next_avail));
                 }
                 queue.resume_at(resume);
                 // Completions the last process published while the frontend was switching
@@ -181,6 +175,11 @@ pub(crate) fn start<E: Engine + 'static>(
     worker.core.inflight = inflight;
     worker.core.dirty = dirty;
     worker.core.resubmit = Resubmission { heads: resubmit, ..Resubmission::default() };
+    if let Some((batch_fixed, next_avail, frontend_base)) = recovered {
+        let core = &mut worker.core;
+        let resubmit = core.resubmit.heads.len();
+        info_limited!(core.log, parent: &core.disk.span, queue = core.index, resubmit, batch_fixed, next_avail, frontend_base, "recovered the queue from its inflight region");
+    }
     // Kicks stay off while the thread is awake: it looks at the ring itself.
     worker.core.queue.disable_notifications();
     worker.core.log_used_ring();
@@ -274,6 +273,10 @@ impl<E: Engine> QueueWorker<E> {
         let disk_stats_on = disk.stats_on;
         // A queue restarted (new memory table, reconnect) goes on counting where it was.
         let admitted = stats.admitted.load(Ordering::SeqCst);
+        let log = disk
+            .queue_logs
+            .get(usize::from(setup.index))
+            .map(|budget| std::mem::take(&mut *budget.lock().unwrap_or_else(|p| p.into_inner())));
         let core = Core {
             disk,
             memory: setup.memory,
@@ -294,7 +297,7 @@ impl<E: Engine> QueueWorker<E> {
             followups: Vec::with_capacity(size),
             admitted,
             retired: admitted,
-            log: RateLimiter::default(),
+            log: log.unwrap_or_default(),
             stats_on: disk_stats_on,
             stats,
             sampler: Sampler::new(disk_stats_on, size),
@@ -427,6 +430,15 @@ impl<E: Engine> Served for QueueWorker<E> {
     }
 }
 
+impl Drop for Core {
+    /// Gives the queue's log budget back to its export, for the queue's next start.
+    fn drop(&mut self) {
+        if let Some(budget) = self.disk.queue_logs.get(usize::from(self.index)) {
+            *budget.lock().unwrap_or_else(|p| p.into_inner()) = std::mem::take(&mut self.log);
+        }
+    }
+}
+
 impl Core {
     /// Serving the ring: neither leaving its thread nor broken by the guest.
     fn accepting(&self) -> bool {
@@ -547,7 +559,8 @@ impl Core {
             .filter(|k| done.kinds[**k as usize] > 0)
             .map(|k| format!("{} {}", done.kinds[*k as usize], k.name()))
             .collect();
-        info!(
+        info_limited!(
+            self.log,
             parent: &self.disk.span,
             queue = self.index,
             "resubmitted {} requests left in flight by the last daemon: {}",
@@ -870,7 +883,7 @@ impl Core {
 
     fn break_queue(&mut self, e: QueueError) {
         if !self.broken {
-            error!(parent: &self.disk.span, queue = self.index, "queue broken by the guest: {e}; it serves nothing more until reset");
+            log_limited!(tracing::Level::ERROR, self.log, parent: &self.disk.span, queue = self.index, "queue broken by the guest: {e}; it serves nothing more until reset");
         }
         self.broken = true;
         if let Some(err) = self.err.as_mut() {
