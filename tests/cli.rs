@@ -305,12 +305,7 @@ fn version_names_the_commit() {
 #[test]
 fn ctl_and_stat_find_the_control_socket_without_control() {
     let dir = tmpdir();
-    let control = dir.path().join("ctl.sock");
-    let _daemon = Daemon::start_with(
-        dir.path(),
-        &["--control".into(), control.display().to_string()],
-        std::slice::from_ref(&control),
-    );
+    let (_daemon, control) = Daemon::control_only(dir.path());
     for args in [&["ctl", "list-exports"][..], &["stat", "--count", "1", "--interval", "0.1"]] {
         let out = Command::new(common::daemon_bin())
             .args(args)

@@ -40,12 +40,7 @@ fn scrape_status(port: u16) -> Result<String, std::io::Error> {
 #[test]
 fn ctl_sends_values_as_given_and_the_control_socket_keeps_their_type() {
     let dir = tmpdir();
-    let control = dir.path().join("ctl.sock");
-    let _daemon = Daemon::start_with(
-        dir.path(),
-        &["--control".into(), control.display().to_string()],
-        std::slice::from_ref(&control),
-    );
+    let (_daemon, control) = Daemon::control_only(dir.path());
     let socket = |n: &str| format!("socket={}", dir.path().join(n).display());
     ctl_ok(
         &control,

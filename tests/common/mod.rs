@@ -86,6 +86,13 @@ impl Daemon {
         daemon
     }
 
+    /// Starts a daemon with a control socket (`DIR/ctl.sock`) and no export yet.
+    pub fn control_only(dir: &Path) -> (Daemon, PathBuf) {
+        let control = dir.join("ctl.sock");
+        let args = ["--control".to_string(), control.display().to_string()];
+        (Self::start_with(dir, &args, std::slice::from_ref(&control)), control)
+    }
+
     /// Starts `blkplane serve ARGS` and waits until every socket of `wait_for` answers.
     pub fn start_with(dir: &Path, args: &[String], wait_for: &[PathBuf]) -> Daemon {
         let log_path = dir
