@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use common::{background_io, ctl, tmpdir, wait_until, Client, Daemon, BIN};
+use common::{background_io, ctl, tmpdir, wait_until, Client, Daemon};
 
 /// `blkplane ctl ARGS` that must succeed; its JSON output.
 fn ctl_ok(control: &Path, args: &[&str]) -> Value {
@@ -93,7 +93,7 @@ fn relative_paths_come_out_absolute_everywhere() {
     common::make_image(&d.join("disks/vm1.raw"), 1 << 20, 1);
     // The daemon runs in d and is given paths relative to it.
     let log = std::fs::File::create(d.join("daemon.log")).unwrap();
-    let child = Command::new(BIN)
+    let child = Command::new(common::daemon_bin())
         .current_dir(d)
         .args([
             "serve",
@@ -120,7 +120,7 @@ fn relative_paths_come_out_absolute_everywhere() {
     // ctl makes its own relative paths absolute, in its working directory.
     let sub = d.join("sub");
     std::fs::create_dir(&sub).unwrap();
-    let out = Command::new(BIN)
+    let out = Command::new(common::daemon_bin())
         .current_dir(&sub)
         .args([
             "ctl",
@@ -142,7 +142,7 @@ fn relative_paths_come_out_absolute_everywhere() {
         vec!["--id", "vm1", "--control", "ctl.sock"],
         vec!["--export", "socket=vm1.sock,image=disks/vm1.raw"],
     ] {
-        let out = Command::new(BIN)
+        let out = Command::new(common::daemon_bin())
             .current_dir(d)
             .args(["vm-config", "--for", "libvirt"])
             .args(&args)
@@ -297,7 +297,7 @@ fn check_config_checks_the_file_of_a_running_daemon() {
         &[a.clone(), control.clone()],
     );
     let check = || {
-        Command::new(BIN).args(["serve", "--check-config", "--config"]).arg(&cfg).output().unwrap()
+        Command::new(common::daemon_bin()).args(["serve", "--check-config", "--config"]).arg(&cfg).output().unwrap()
     };
     let out = check();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -325,7 +325,7 @@ fn every_qsd_key_of_the_readme_is_taken_or_refused_with_its_spelling() {
     let image = dir.path().join("i.raw");
     common::make_image(&image, 1 << 20, 3);
     let check = |spec: String| {
-        Command::new(BIN).args(["serve", "--check-config", "--export", &spec]).output().unwrap()
+        Command::new(common::daemon_bin()).args(["serve", "--check-config", "--export", &spec]).output().unwrap()
     };
     let base =
         format!("addr.path={},image={}", dir.path().join("s.sock").display(), image.display());
