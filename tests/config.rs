@@ -297,7 +297,11 @@ fn check_config_checks_the_file_of_a_running_daemon() {
         &[a.clone(), control.clone()],
     );
     let check = || {
-        Command::new(common::daemon_bin()).args(["serve", "--check-config", "--config"]).arg(&cfg).output().unwrap()
+        Command::new(common::daemon_bin())
+            .args(["serve", "--check-config", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap()
     };
     let out = check();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -325,7 +329,10 @@ fn every_qsd_key_of_the_readme_is_taken_or_refused_with_its_spelling() {
     let image = dir.path().join("i.raw");
     common::make_image(&image, 1 << 20, 3);
     let check = |spec: String| {
-        Command::new(common::daemon_bin()).args(["serve", "--check-config", "--export", &spec]).output().unwrap()
+        Command::new(common::daemon_bin())
+            .args(["serve", "--check-config", "--export", &spec])
+            .output()
+            .unwrap()
     };
     let base =
         format!("addr.path={},image={}", dir.path().join("s.sock").display(), image.display());
