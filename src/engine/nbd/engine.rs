@@ -11,32 +11,34 @@
 //! reconnecting thread's eventfd: the I/O thread sleeps through a full send buffer, a dead
 //! server and a reconnection alike.
 //!
-//! A lost connection (EOF, a reset, a reply that breaks the protocol) is closed and a thread
-//! of the engine's own connects again in the background; requests wait for it, new ones too,
+//! A lost connection (EOF, a reset, a reply that breaks the protocol, a request unanswered for
+//! [`REQUEST_TIMEOUT_S`]) is closed and the export's connector thread for this queue index
+//! (`connector.rs`) connects again in the background; requests wait for it, new ones too,
 //! up to `reconnect-delay`; then they fail (IOERR) and new ones fail at once until the server
 //! is back. On reconnection every request not yet answered is sent again: reads, writes,
 //! trims and zeroes are idempotent, and a flush sent again still covers every write the guest
-//! saw completed before it.
+//! saw completed before it. A request unanswered for the timeout a second time fails.
+//!
+//! A queue that stops gives the server [`STOP_WAIT_S`] to answer what is in flight, then
+//! fails it and closes the connection, so stopping an export never waits on the server.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
-use tracing::{info, warn};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
+use super::connector::{self, Slots, Wish};
 use super::handshake::{self, Negotiated};
 use super::wire::*;
 use super::NbdSpec;
 use crate::engine::{Engine, IoOp};
 use crate::ratelimit::RateLimiter;
 use crate::virtq::{copy_to_guest, zero_guest_range, GuestIov};
-use crate::warn_limited;
+use crate::{info_limited, warn_limited};
 
 /// Receive buffer: replies of a round are read with one `recv` into it.
 const RECV_BUFFER_BYTES: usize = 256 * 1024;
@@ -45,10 +47,25 @@ const RECV_BUFFER_BYTES: usize = 256 * 1024;
 const MAX_CHUNK_META_BYTES: usize = 64 * 1024;
 /// Entries of one `sendmsg`.
 const IOV_MAX: usize = 1024;
-/// Back-off between connection attempts, growing from the first to the last.
-const RECONNECT_BACKOFF_MS: (u64, u64) = (50, 1000);
+/// A request the server has not answered after this long counts as a lost connection (the
+/// connection is made again and the request sent again; a second time, it fails). The
+/// Linux block layer's default request timeout (`io_timeout`, 30 s): longer than any honest
+/// server takes (a flush of a large cache on a slow disk takes seconds), short enough that a
+/// server that swallows requests does not hold the guest's I/O for minutes.
+pub const REQUEST_TIMEOUT_S: u64 = 30;
+/// How often the age of requests in flight is counted (only while some are in flight): a
+/// request times out between `REQUEST_TIMEOUT_S` and one tick later.
+const REQUEST_TICK_S: u64 = 5;
+/// How long a stopping queue waits for the server to answer what is in flight before it
+/// fails it (IOERR) and closes the connection: an honest server answers in milliseconds, and
+/// with queues stopped in parallel this keeps SIGTERM and `remove-export force=true` within
+/// a few seconds whatever the server does.
+pub const STOP_WAIT_S: u64 = 5;
+/// Separate ranges a read's structured reply may have covered at once (see `Cover`).
+const COVER_RANGES: usize = 4;
 
-/// What an export's queues share: where the server is and what it said at open.
+/// What an export's queues share: where the server is and what it said at open, the
+/// threads that connect them and the limit on the lines they log.
 pub struct NbdTarget {
     pub spec: NbdSpec,
     /// The negotiation at open: every later connection must agree on the size.
@@ -57,6 +74,101 @@ pub struct NbdTarget {
     pub reconnect_delay: Duration,
     /// The export's log span.
     pub span: tracing::Span,
+    /// One connector slot (at most one thread) per queue index.
+    pub(super) connectors: Slots,
+    /// Every line the export's queues and connectors log about the server: the export's,
+    /// outliving its queues, so that restarting them gives no fresh budget.
+    log: Mutex<RateLimiter>,
+}
+
+impl NbdTarget {
+    pub fn new(
+        spec: NbdSpec,
+        negotiated: Negotiated,
+        readonly: bool,
+        reconnect_delay: Duration,
+        span: tracing::Span,
+        queues: u16,
+    ) -> NbdTarget {
+        NbdTarget {
+            spec,
+            negotiated,
+            readonly,
+            reconnect_delay,
+            span,
+            connectors: Slots::new(queues),
+            log: Mutex::new(RateLimiter::default()),
+        }
+    }
+
+    /// The export's limiter (locked on error paths only).
+    pub(super) fn log(&self) -> MutexGuard<'_, RateLimiter> {
+        self.log.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The ranges of a read that a structured reply covered so far: disjoint, never touching
+/// (touching ones are merged), at most `COVER_RANGES` of them, in no order. No allocation.
+///
+/// Exact: a chunk that overlaps a covered byte is refused (the protocol forbids overlapping
+/// chunks), so each covered byte was covered by one chunk alone, and a read completes OK only
+/// when the ranges have merged into the one range `[0, len)`: every byte covered exactly once,
+/// whatever the byte counts say. Servers send a read's chunks in order (qemu-nbd, nbdkit),
+/// which keeps one range; the protocol allows any order, and a reply that would need more than
+/// `COVER_RANGES` separate ranges at once is refused (its read fails, the connection goes on).
+#[derive(Clone, Copy)]
+struct Cover {
+    /// (start, end) byte offsets in the read, end exclusive; the first `count` are in use.
+    ranges: [(u32, u32); COVER_RANGES],
+    count: u8,
+}
+
+impl Cover {
+    const NONE: Cover = Cover { ranges: [(0, 0); COVER_RANGES], count: 0 };
+
+    /// Everything: a simple reply's data is the whole read.
+    fn all(len: u32) -> Cover {
+        let mut c = Cover::NONE;
+        c.ranges[0] = (0, len);
+        c.count = u8::from(len > 0);
+        c
+    }
+
+    /// Adds `[start, end)`. False (nothing added): it is empty, it overlaps a covered byte, or
+    /// it would be one range too many.
+    fn add(&mut self, start: u32, end: u32) -> bool {
+        let used = usize::from(self.count);
+        let ranges = &mut self.ranges[..used];
+        if start >= end || ranges.iter().any(|&(s, e)| s < end && start < e) {
+            return false;
+        }
+        let left = ranges.iter().position(|&(_, e)| e == start);
+        let right = ranges.iter().position(|&(s, _)| s == end);
+        match (left, right) {
+            (Some(l), Some(r)) => {
+                ranges[l].1 = ranges[r].1;
+                ranges[r] = ranges[used - 1];
+                self.count -= 1;
+            }
+            (Some(l), None) => ranges[l].1 = end,
+            (None, Some(r)) => ranges[r].0 = start,
+            (None, None) if used == COVER_RANGES => return false,
+            (None, None) => {
+                self.ranges[used] = (start, end);
+                self.count += 1;
+            }
+        }
+        true
+    }
+
+    /// Whether exactly `[0, len)` is covered.
+    fn whole(&self, len: u32) -> bool {
+        match self.count {
+            0 => len == 0,
+            1 => self.ranges[0] == (0, len),
+            _ => false,
+        }
+    }
 }
 
 /// One request as the engine keeps it until its reply: enough to send it again.
@@ -71,8 +183,12 @@ struct Op {
     iovcnt: usize,
     /// A write that must be made durable and the server has no FUA: a FLUSH follows it.
     then_flush: bool,
-    /// Bytes a structured read reply covered so far (data and holes).
-    covered: u64,
+    /// What a structured read reply covered so far (data and holes).
+    cover: Cover,
+    /// Request ticks (`REQUEST_TICK_S`) since the request was last sent.
+    ticks: u8,
+    /// It went unanswered for `REQUEST_TIMEOUT_S` once already: a second time, it fails.
+    timed_out: bool,
     /// An error a chunk reported (negative errno), reported when the reply is done.
     error: i32,
     /// The result once the write part is done and its flush is under way.
@@ -100,7 +216,9 @@ const IDLE_OP: Op = Op {
     iov: std::ptr::null(),
     iovcnt: 0,
     then_flush: false,
-    covered: 0,
+    cover: Cover::NONE,
+    ticks: 0,
+    timed_out: false,
     error: 0,
     result: 0,
 };
@@ -121,23 +239,29 @@ struct Conn {
     negotiated: Negotiated,
 }
 
-/// The background connector: its result arrives on `ready`, signalled on `event`.
-struct Connector {
-    stop: Arc<AtomicBool>,
-    ready: mpsc::Receiver<handshake::Connection>,
-}
-
 pub struct NbdEngine {
     target: Arc<NbdTarget>,
+    /// The queue's index: which connector slot of the export makes its connections.
+    index: u16,
     conn: Option<Conn>,
-    connector: Option<Connector>,
-    /// The engine's own epoll: socket, timer, connector event.
+    /// A connection asked of the slot's thread, not yet taken.
+    wish: Option<Arc<Wish>>,
+    /// The engine's own epoll: socket, timers, connector event.
     epoll: Epoll,
     /// Whether the socket is registered for writability (output is waiting for room).
     wants_out: bool,
-    /// Fires when waiting requests have waited `reconnect-delay` for a connection
-    /// (non-blocking: reading it before it fired fails with EAGAIN).
+    /// Fires when waiting requests have waited `reconnect-delay` for a connection, or a
+    /// stopping queue `STOP_WAIT_S` for its requests (non-blocking: reading it before it
+    /// fired fails with EAGAIN).
     timer: TimerFd,
+    /// Ticks every `REQUEST_TICK_S` while requests are in flight (armed by the first, left
+    /// running while the flow goes on, disarmed by a tick that finds none): it wakes a
+    /// sleeping thread to count their age. Non-blocking.
+    watchdog: TimerFd,
+    watchdog_armed: bool,
+    /// When the watchdog's next tick is due: a busy thread (which does not sleep) compares
+    /// the clock (vDSO, no system call) instead of reading the timer every round.
+    next_tick: Instant,
     /// The connector thread signals a connection on it.
     connected_event: Arc<EventFd>,
     /// The reconnect delay passed without a server: requests fail at once.
@@ -152,19 +276,17 @@ pub struct NbdEngine {
     parse: Parse,
     done: Vec<(u16, i32)>,
     in_flight: usize,
-    /// Connector signals not yet read from `connected_event` (each connector writes once,
-    /// after handing its connection over): read until none is left, so that a signal never
-    /// stays pending and keeps the I/O thread awake.
-    events_expected: u64,
-    /// The reconnect delay is counting (see `start_delay`).
+    /// The reconnect delay (or the stop wait) is counting (see `start_delay`).
     delay_armed: bool,
-    log: RateLimiter,
+    /// The queue is leaving its thread (see `begin_stop`).
+    stopping: bool,
 }
 
-// Epoll data values of the engine's three descriptors.
+// Epoll data values of the engine's descriptors.
 const EV_SOCKET: u64 = 1;
 const EV_TIMER: u64 = 2;
 const EV_CONNECTED: u64 = 3;
+const EV_WATCHDOG: u64 = 4;
 
 /// Watches `fd` for `events` in the engine's epoll (`op`: add or modify).
 fn watch(
@@ -178,14 +300,25 @@ fn watch(
 }
 
 impl NbdEngine {
-    /// An engine for one queue of `queue_size` requests. It starts without a connection: the
-    /// first one is made in the background as any later one, and requests wait for it.
-    pub fn new(target: Arc<NbdTarget>, queue_size: u16) -> io::Result<NbdEngine> {
+    /// An engine for queue `index` of `queue_size` requests. It starts without a connection:
+    /// the first one is made in the background as any later one, and requests wait for it.
+    pub fn new(target: Arc<NbdTarget>, index: u16, queue_size: u16) -> io::Result<NbdEngine> {
+        let mut engine = NbdEngine::unconnected(target, index, queue_size)?;
+        engine.start_connector()?;
+        engine.start_delay();
+        Ok(engine)
+    }
+
+    /// The engine with nothing connecting yet.
+    fn unconnected(target: Arc<NbdTarget>, index: u16, queue_size: u16) -> io::Result<Self> {
         let epoll = Epoll::new()?;
         let timer = TimerFd::new()?;
         crate::sys::set_status_flags(timer.as_raw_fd(), libc::O_NONBLOCK, 0)?;
+        let watchdog = TimerFd::new()?;
+        crate::sys::set_status_flags(watchdog.as_raw_fd(), libc::O_NONBLOCK, 0)?;
         let connected_event = Arc::new(EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK)?);
         watch(&epoll, ControlOperation::Add, timer.as_raw_fd(), EventSet::IN, EV_TIMER)?;
+        watch(&epoll, ControlOperation::Add, watchdog.as_raw_fd(), EventSet::IN, EV_WATCHDOG)?;
         watch(
             &epoll,
             ControlOperation::Add,
@@ -194,13 +327,17 @@ impl NbdEngine {
             EV_CONNECTED,
         )?;
         let size = usize::from(queue_size);
-        let mut engine = NbdEngine {
+        Ok(NbdEngine {
             target,
+            index,
             conn: None,
-            connector: None,
+            wish: None,
             epoll,
             wants_out: false,
             timer,
+            watchdog,
+            watchdog_armed: false,
+            next_tick: Instant::now(),
             connected_event,
             failing: false,
             ops: vec![IDLE_OP; size].into_boxed_slice(),
@@ -213,27 +350,20 @@ impl NbdEngine {
             parse: Parse::Header,
             done: Vec::with_capacity(size),
             in_flight: 0,
-            events_expected: 0,
             delay_armed: false,
-            log: RateLimiter::default(),
-        };
-        engine.start_connector()?;
-        engine.start_delay();
-        Ok(engine)
+            stopping: false,
+        })
     }
 
-    /// Starts the background connector and the reconnect-delay timer.
+    /// Asks the queue's connector slot for a connection (calling off one asked before).
     fn start_connector(&mut self) -> io::Result<()> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (send, ready) = mpsc::sync_channel(1);
-        let target = Arc::clone(&self.target);
-        let event = Arc::clone(&self.connected_event);
-        let thread_stop = Arc::clone(&stop);
-        std::thread::Builder::new()
-            .name("blkplane-nbd-connect".into())
-            .spawn(move || connect_until_stopped(&target, &thread_stop, &send, &event))?;
-        self.connector = Some(Connector { stop, ready });
-        self.events_expected += 1;
+        if let Some(old) = self.wish.take() {
+            old.call_off();
+            // It may have signalled already: nothing must stay readable.
+            let _ = self.connected_event.read();
+        }
+        let ready = Arc::clone(&self.connected_event);
+        self.wish = Some(connector::ask(&self.target, self.index, ready)?);
         Ok(())
     }
 
@@ -247,9 +377,10 @@ impl NbdEngine {
         }
     }
 
-    /// The server answered: the connection works, the delay starts afresh at the next loss.
+    /// The server answered: the connection works, the delay starts afresh at the next loss
+    /// (a stopping queue's wait goes on).
     fn healthy(&mut self) {
-        if self.delay_armed {
+        if self.delay_armed && !self.stopping {
             self.delay_armed = false;
             self.disarm_timer();
         }
@@ -264,8 +395,60 @@ impl NbdEngine {
         let _ = self.timer.clear();
     }
 
+    /// Starts the request ticks (the first request in flight after a quiet tick).
+    fn arm_watchdog(&mut self) {
+        let tick = Duration::from_secs(REQUEST_TICK_S);
+        // The clock before the timer: when the timer fires, the clock has passed `next_tick`.
+        self.next_tick = Instant::now() + tick;
+        let _ = self.watchdog.reset(tick, Some(tick));
+        self.watchdog_armed = true;
+    }
+
+    /// A request tick: every request in flight is a tick older; one unanswered for the
+    /// timeout costs the connection (see `time_out`).
+    fn tick(&mut self) {
+        // Non-blocking: empties the timer's count, or fails if it did not fire yet.
+        let _ = self.watchdog.wait();
+        self.next_tick += Duration::from_secs(REQUEST_TICK_S);
+        if self.in_flight == 0 {
+            let _ = self.watchdog.clear();
+            self.watchdog_armed = false;
+            return;
+        }
+        let limit = (REQUEST_TIMEOUT_S / REQUEST_TICK_S) as u8;
+        let mut overdue = false;
+        for op in self.ops.iter_mut().filter(|o| o.busy) {
+            op.ticks = op.ticks.saturating_add(1);
+            overdue |= op.ticks > limit;
+        }
+        // Without a connection, the reconnect delay is what bounds the wait.
+        if overdue && self.conn.is_some() {
+            self.time_out(limit);
+        }
+    }
+
+    /// Requests went unanswered for the timeout: the connection counts as lost (closed, so
+    /// that no late reply can meet a reused tag, and made again). Those that timed out once
+    /// before fail; the others are sent again on the new connection.
+    fn time_out(&mut self, limit: u8) {
+        self.lose(&format!("a request unanswered for {REQUEST_TIMEOUT_S} s"));
+        for tag in 0..self.ops.len() {
+            let op = &mut self.ops[tag];
+            if !op.busy || op.ticks <= limit {
+                continue;
+            }
+            if op.timed_out {
+                op.then_flush = false;
+                self.finish(tag as u16, -libc::EIO);
+            } else {
+                op.timed_out = true;
+            }
+        }
+    }
+
     /// Appends request `tag`'s header (and a write's data) to the output.
     fn push_out(&mut self, tag: u16) {
+        self.ops[usize::from(tag)].ticks = 0;
         let op = self.ops[usize::from(tag)];
         let header = &self.headers[usize::from(tag)];
         self.out.push_back(libc::iovec {
@@ -375,8 +558,8 @@ impl NbdEngine {
     /// The connection is gone (or broke the protocol): close it and connect again in the
     /// background; requests not yet answered wait for the new one.
     fn lose(&mut self, why: &str) {
-        warn!(parent: &self.target.span, server = %self.target.spec, waiting = self.in_flight,
-            "lost the NBD connection ({why}); connecting again");
+        warn_limited!(self.target.log(), parent: &self.target.span, server = %self.target.spec,
+            waiting = self.in_flight, "lost the NBD connection ({why}); connecting again");
         self.start_delay();
         self.close();
     }
@@ -392,11 +575,11 @@ impl NbdEngine {
         self.in_end = 0;
         self.parse = Parse::Header;
         for op in self.ops.iter_mut().filter(|o| o.busy) {
-            op.covered = 0;
+            op.cover = Cover::NONE;
             op.error = 0;
         }
         if let Err(e) = self.start_connector() {
-            warn_limited!(self.log, parent: &self.target.span, "cannot start the NBD connector: {e}");
+            warn_limited!(self.target.log(), parent: &self.target.span, "cannot start the NBD connector: {e}");
             self.fail_waiting();
             self.failing = true;
         }
@@ -412,31 +595,28 @@ impl NbdEngine {
         }
     }
 
-    fn drain_connected_event(&mut self) {
-        if let Ok(n) = self.connected_event.read() {
-            self.events_expected = self.events_expected.saturating_sub(n);
-        }
-    }
-
     /// Takes a connection the connector made and sends every waiting request on it.
     fn take_connection(&mut self) {
-        let Some(connector) = &self.connector else { return };
-        let Ok(connection) = connector.ready.try_recv() else { return };
-        self.connector = None;
+        let Some(wish) = &self.wish else { return };
+        let Some(connection) = wish.take() else { return };
+        self.wish = None;
+        // The thread signalled before the connection could be seen: this empties the signal.
+        let _ = self.connected_event.read();
         let fd = connection.fd;
         let watched =
             crate::sys::set_status_flags(fd.as_raw_fd(), libc::O_NONBLOCK, 0).and_then(|()| {
                 watch(&self.epoll, ControlOperation::Add, fd.as_raw_fd(), EventSet::IN, EV_SOCKET)
             });
         if let Err(e) = watched {
-            warn_limited!(self.log, parent: &self.target.span, "cannot watch the NBD socket: {e}");
+            warn_limited!(self.target.log(), parent: &self.target.span, "cannot watch the NBD socket: {e}");
             let _ = self.start_connector();
             return;
         }
         let negotiated = connection.negotiated;
         self.conn = Some(Conn { fd, negotiated });
         if self.failing {
-            info!(parent: &self.target.span, server = %self.target.spec, "NBD server is back");
+            info_limited!(self.target.log(), parent: &self.target.span, server = %self.target.spec,
+                "NBD server is back");
         }
         self.failing = false;
         for tag in 0..self.ops.len() {
@@ -469,9 +649,15 @@ impl NbdEngine {
             // Nothing waited (a first connection no request has used yet).
             return;
         }
-        warn!(parent: &self.target.span, server = %self.target.spec, failed = self.in_flight,
-            delay_s = self.target.reconnect_delay.as_secs_f64(),
-            "NBD server unreachable for the reconnect delay; requests fail until it is back");
+        if self.stopping {
+            warn_limited!(self.target.log(), parent: &self.target.span, server = %self.target.spec,
+                failed = self.in_flight, wait_s = STOP_WAIT_S,
+                "NBD server left requests unanswered while the queue stopped; they fail");
+        } else {
+            warn_limited!(self.target.log(), parent: &self.target.span, server = %self.target.spec,
+                failed = self.in_flight, delay_s = self.target.reconnect_delay.as_secs_f64(),
+                "NBD server unreachable for the reconnect delay; requests fail until it is back");
+        }
         // A connection that answers nothing (a server that breaks each one the same way) is
         // closed before its requests fail, so their tags are free for good.
         self.close();
@@ -569,8 +755,8 @@ impl NbdEngine {
                         Ok(true) => {}
                         Ok(false) => return true,
                         Err(why) => {
-                            warn_limited!(self.log, parent: &self.target.span, server = %self.target.spec,
-                                "NBD server broke the protocol: {why}");
+                            warn_limited!(self.target.log(), parent: &self.target.span,
+                                server = %self.target.spec, "NBD server broke the protocol: {why}");
                             self.lose(&format!("protocol error: {why}"));
                             return false;
                         }
@@ -606,7 +792,7 @@ impl NbdEngine {
             self.finish(tag, errno_of(error));
         } else if op.command == CMD_READ {
             // The data is the whole reply: count it covered when it has arrived.
-            self.ops[usize::from(tag)].covered = u64::from(op.len);
+            self.ops[usize::from(tag)].cover = Cover::all(op.len);
             self.parse =
                 Parse::Data { tag, at: 0, remaining: u64::from(op.len), deliver: true, done: true };
         } else {
@@ -640,20 +826,17 @@ impl NbdEngine {
             }
             let offset = u64::from_be_bytes(body[0..8].try_into().unwrap());
             let data = (length - 8) as u64;
-            let at = offset.checked_sub(op.offset);
-            let inside = op.command == CMD_READ
-                && at.is_some_and(|a| a.checked_add(data).is_some_and(|e| e <= end));
-            if !inside {
+            let range = within(op, offset, data);
+            let deliver = range.is_some_and(|(a, e)| self.cover(tag, a, e, offset, data));
+            if range.is_none() {
                 self.refuse_chunk(
                     tag,
                     &format!("data chunk at {offset}+{data} outside the read {}+{end}", op.offset),
                 );
-            } else {
-                self.ops[usize::from(tag)].covered += data;
             }
             self.in_start += CHUNK_HEADER_BYTES + 8;
-            self.parse =
-                Parse::Data { tag, at: at.unwrap_or(0), remaining: data, deliver: inside, done };
+            let at = range.map_or(0, |(a, _)| u64::from(a));
+            self.parse = Parse::Data { tag, at, remaining: data, deliver, done };
             return Ok(true);
         }
         if length > MAX_CHUNK_META_BYTES {
@@ -669,13 +852,13 @@ impl NbdEngine {
             REPLY_TYPE_OFFSET_HOLE if length == 12 => {
                 let offset = u64::from_be_bytes(body[0..8].try_into().unwrap());
                 let hole = u64::from(u32::from_be_bytes(body[8..12].try_into().unwrap()));
-                let at = offset.checked_sub(op.offset);
-                match at {
-                    Some(a) if op.command == CMD_READ && a + hole <= end => {
-                        zero_guest_range(op.iovs(), a as usize, hole as usize);
-                        self.ops[usize::from(tag)].covered += hole;
+                match within(op, offset, hole) {
+                    Some((a, e)) => {
+                        if self.cover(tag, a, e, offset, hole) {
+                            zero_guest_range(op.iovs(), a as usize, hole as usize);
+                        }
                     }
-                    _ => self.refuse_chunk(
+                    None => self.refuse_chunk(
                         tag,
                         &format!(
                             "hole chunk at {offset}+{hole} outside the read {}+{end}",
@@ -697,7 +880,7 @@ impl NbdEngine {
                 }
                 let message = String::from_utf8_lossy(&body[6..6 + message_len]).into_owned();
                 let errno = if error == 0 { -libc::EIO } else { errno_of(error) };
-                warn_limited!(self.log, parent: &self.target.span, server = %self.target.spec,
+                warn_limited!(self.target.log(), parent: &self.target.span, server = %self.target.spec,
                     "NBD server reports error {error} for a request at {}: {message}", op.offset);
                 let op = &mut self.ops[usize::from(tag)];
                 if op.error == 0 {
@@ -713,10 +896,24 @@ impl NbdEngine {
         Ok(true)
     }
 
+    /// Counts `[start, end)` of request `tag` covered by a chunk (at `offset`+`bytes` on the
+    /// wire, for the log). False: the chunk is refused (it overlaps what the reply covered,
+    /// is empty, or leaves too many gaps), its bytes must not reach the guest.
+    fn cover(&mut self, tag: u16, start: u32, end: u32, offset: u64, bytes: u64) -> bool {
+        if self.ops[usize::from(tag)].cover.add(start, end) {
+            return true;
+        }
+        self.refuse_chunk(
+            tag,
+            &format!("chunk at {offset}+{bytes} overlapping the reply's earlier chunks, empty, or one gap too many"),
+        );
+        false
+    }
+
     /// A chunk the request cannot take: the request fails (EIO) once its reply is done; the
     /// connection goes on, as the chunk's length kept the stream in step.
     fn refuse_chunk(&mut self, tag: u16, why: &str) {
-        warn_limited!(self.log, parent: &self.target.span, server = %self.target.spec, "NBD server sent {why}");
+        warn_limited!(self.target.log(), parent: &self.target.span, server = %self.target.spec, "NBD server sent {why}");
         let op = &mut self.ops[usize::from(tag)];
         if op.error == 0 {
             op.error = -libc::EIO;
@@ -729,9 +926,11 @@ impl NbdEngine {
         let op = self.ops[usize::from(tag)];
         let result = if op.error != 0 {
             op.error
-        } else if op.command == CMD_READ && op.covered != u64::from(op.len) {
-            warn_limited!(self.log, parent: &self.target.span, server = %self.target.spec,
-                "NBD server answered a read of {} bytes with {}", op.len, op.covered);
+        } else if op.command == CMD_READ && !op.cover.whole(op.len) {
+            let covered: u32 =
+                op.cover.ranges[..usize::from(op.cover.count)].iter().map(|&(s, e)| e - s).sum();
+            warn_limited!(self.target.log(), parent: &self.target.span, server = %self.target.spec,
+                "NBD server answered a read of {} bytes with {covered}", op.len);
             -libc::EIO
         } else if op.command == CMD_READ || op.command == CMD_WRITE {
             op.len as i32
@@ -742,47 +941,19 @@ impl NbdEngine {
     }
 }
 
-/// The connector thread: connects until it succeeds with a server that agrees on the export
-/// (or the engine stops it), then hands the connection over and ends.
-fn connect_until_stopped(
-    target: &NbdTarget,
-    stop: &AtomicBool,
-    ready: &mpsc::SyncSender<handshake::Connection>,
-    event: &EventFd,
-) {
-    let mut backoff_ms = RECONNECT_BACKOFF_MS.0;
-    let mut last_error = String::new();
-    while !stop.load(Ordering::Relaxed) {
-        let attempt = handshake::connect(&target.spec, super::CONNECT_TIMEOUT).and_then(|c| {
-            let n = c.negotiated;
-            if n.size_bytes != target.negotiated.size_bytes {
-                Err(format!(
-                    "NBD server {}: the export is now {} bytes, was {}",
-                    target.spec, n.size_bytes, target.negotiated.size_bytes
-                ))
-            } else if !target.readonly && n.has(TFLAG_READ_ONLY) {
-                Err(format!("NBD server {}: the export is now read-only", target.spec))
-            } else {
-                Ok(c)
-            }
-        });
-        match attempt {
-            Ok(connection) => {
-                if ready.send(connection).is_ok() {
-                    let _ = event.write(1);
-                }
-                return;
-            }
-            Err(e) => {
-                if e != last_error {
-                    warn!(parent: &target.span, "{e}");
-                    last_error = e;
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_millis(backoff_ms));
-        backoff_ms = (backoff_ms * 2).min(RECONNECT_BACKOFF_MS.1);
+/// Where a chunk of `bytes` at the wire's `offset` falls in read `op`: (start, end) in the
+/// read, if it lies wholly inside (overflow-safe: a server's numbers may be anything).
+fn within(op: Op, offset: u64, bytes: u64) -> Option<(u32, u32)> {
+    if op.command != CMD_READ {
+        return None;
     }
+    let start = offset.checked_sub(op.offset)?;
+    let end = start.checked_add(bytes)?;
+    if end > u64::from(op.len) {
+        return None;
+    }
+    // Both at most op.len, a u32.
+    Some((start as u32, end as u32))
 }
 
 impl Drop for NbdEngine {
@@ -792,9 +963,10 @@ impl Drop for NbdEngine {
                 handshake::say_goodbye(&conn.fd);
             }
         }
-        // The connector ends at its next attempt; nothing waits for it.
-        if let Some(c) = &self.connector {
-            c.stop.store(true, Ordering::Relaxed);
+        // The slot's thread stops waiting at once, and ends unless a newer engine of the
+        // queue wants a connection.
+        if let Some(wish) = &self.wish {
+            wish.call_off();
         }
     }
 }
@@ -852,7 +1024,7 @@ impl Engine for NbdEngine {
         let len = match u32::try_from(len) {
             Ok(l) if !payload || l <= n.max_payload => l,
             _ => {
-                warn_limited!(self.log, parent: &self.target.span,
+                warn_limited!(self.target.log(), parent: &self.target.span,
                     "a request of {len} bytes is beyond the NBD server's {} maximum", n.max_payload);
                 return Err(io::Error::from_raw_os_error(libc::EINVAL));
             }
@@ -874,11 +1046,16 @@ impl Engine for NbdEngine {
             iov: iov.as_ptr(),
             iovcnt: iov.len(),
             then_flush,
-            covered: 0,
+            cover: Cover::NONE,
+            ticks: 0,
+            timed_out: false,
             error: 0,
             result: 0,
         };
         self.in_flight += 1;
+        if !self.watchdog_armed {
+            self.arm_watchdog();
+        }
         self.set_header(tag);
         if self.conn.is_some() {
             self.push_out(tag);
@@ -900,8 +1077,8 @@ impl Engine for NbdEngine {
         if self.delay_armed {
             self.check_delay();
         }
-        if self.events_expected > 0 {
-            self.drain_connected_event();
+        if self.watchdog_armed && Instant::now() >= self.next_tick {
+            self.tick();
         }
         if self.conn.is_some() {
             if self.wants_out {
@@ -918,5 +1095,18 @@ impl Engine for NbdEngine {
 
     fn completion_fd(&self) -> Option<RawFd> {
         Some(self.epoll.as_raw_fd())
+    }
+
+    /// The queue is leaving: the server has `STOP_WAIT_S` to answer what is in flight (with
+    /// or without a connection), then it fails, so the stop never waits on the server.
+    fn begin_stop(&mut self) {
+        if self.stopping {
+            return;
+        }
+        self.stopping = true;
+        if self.in_flight > 0 {
+            self.delay_armed = true;
+            self.arm_timer(Duration::from_secs(STOP_WAIT_S));
+        }
     }
 }

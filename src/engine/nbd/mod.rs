@@ -10,6 +10,7 @@
 //!   pipelined with the slot tag as cookie, replies read into guest memory, and a lost
 //!   connection re-established while its requests wait.
 
+pub mod connector;
 pub mod engine;
 pub mod handshake;
 pub mod uri;
@@ -20,7 +21,7 @@ use std::time::Duration;
 pub use handshake::{connect, Negotiated};
 pub use uri::{NbdAddr, NbdSpec};
 
-/// How long connecting and the negotiation may take, each time.
+/// How long one connection attempt (connect and negotiation together) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default `reconnect-delay`: how long requests wait for a lost server before they fail.
 pub const DEFAULT_RECONNECT_DELAY_S: u32 = 10;
