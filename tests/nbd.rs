@@ -7,6 +7,7 @@ mod common;
 
 use std::fs;
 use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -15,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use blkio::ReqFlags;
+use common::frontend::{TestFrontend, S_IOERR, S_OK, T_IN};
 use common::nbd::{NbdServer, Server};
 use common::{
     assert_usage_error, make_image, pattern, serve_refused, tmpdir, wait_until, Client, Daemon,
@@ -256,6 +258,16 @@ const UNKNOWN_COOKIE_AT: u64 = 5 << 20;
 const HUGE_CHUNK_AT: u64 = 6 << 20;
 const OVERFLOWING_CHUNK_AT: u64 = 7 << 20;
 const SIMPLE_WITH_BAD_MAGIC_AT: u64 = 8 << 20;
+/// A hole chunk at an offset that wraps: for a read of 8192 bytes at 4096, a hole of 8192 at
+/// 2^64 - 4096 (offset - read start + length wraps to 0, and its length is the read's).
+const WRAPPING_HOLE_AT: u64 = 4096;
+/// The first half's data chunk twice, and nothing for the second half (the byte count adds
+/// up, the range does not).
+const SAME_DATA_TWICE_AT: u64 = 9 << 20;
+/// The right data in two chunks, the second half first (the protocol allows any order).
+const HALVES_REVERSED_AT: u64 = 10 << 20;
+/// A read taken and never answered (the server goes on answering others).
+const NEVER_ANSWERED_AT: u64 = 11 << 20;
 
 struct Hostile {
     socket: PathBuf,
@@ -263,6 +275,11 @@ struct Hostile {
     size: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     connections: Arc<AtomicU64>,
+    /// Cleared: the server takes no new connection (see `stop_accepting`).
+    accepting: Arc<AtomicBool>,
+    listener_fd: RawFd,
+    /// Connections of the test's own that fill the listen backlog.
+    backlog: Mutex<Vec<UnixStream>>,
 }
 
 impl Hostile {
@@ -278,10 +295,17 @@ impl Hostile {
         let size = Arc::new(AtomicU64::new(size));
         let stop = Arc::new(AtomicBool::new(false));
         let connections = Arc::new(AtomicU64::new(0));
+        let accepting = Arc::new(AtomicBool::new(true));
+        let listener_fd = listener.as_raw_fd();
         let data = Arc::new(Mutex::new(pattern(40, 0, 16 << 20)));
         let (s, st, n) = (Arc::clone(&size), Arc::clone(&stop), Arc::clone(&connections));
+        let acc = Arc::clone(&accepting);
         std::thread::spawn(move || {
             while !st.load(Ordering::Relaxed) {
+                if !acc.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                }
                 match listener.accept() {
                     Ok((conn, _)) => {
                         conn.set_nonblocking(false).unwrap();
@@ -296,11 +320,31 @@ impl Hostile {
                 }
             }
         });
-        Hostile { socket, size, stop, connections }
+        Hostile {
+            socket,
+            size,
+            stop,
+            connections,
+            accepting,
+            listener_fd,
+            backlog: Mutex::new(Vec::new()),
+        }
     }
 
     fn uri(&self) -> String {
         format!("nbd+unix:///?socket={}", self.socket.display())
+    }
+
+    /// The server stops accepting and its listen backlog fills up: a connect to it can
+    /// only wait (a blocking one, for ever).
+    fn stop_accepting(&self) {
+        self.accepting.store(false, Ordering::Relaxed);
+        // The accept loop looks at the flag every 5 ms.
+        std::thread::sleep(Duration::from_millis(50));
+        // SAFETY: listen(2) again on our own listening socket sets its backlog to 0 (the
+        // kernel then queues one connection at most).
+        assert_eq!(unsafe { libc::listen(self.listener_fd, 0) }, 0);
+        self.backlog.lock().unwrap().push(UnixStream::connect(&self.socket).unwrap());
     }
 }
 
@@ -430,6 +474,28 @@ fn serve_hostile(
                         m.extend_from_slice(&[0u8; 12]);
                         s.write_all(&m)?;
                     }
+                    WRAPPING_HOLE_AT => {
+                        let mut hole = at(offset.wrapping_sub(len as u64));
+                        hole.extend_from_slice(&(len as u32).to_be_bytes());
+                        chunk(&mut s, DONE, 2, cookie, &hole)?;
+                    }
+                    SAME_DATA_TWICE_AT => {
+                        let half = len / 2;
+                        let mut p = at(offset);
+                        p.extend_from_slice(&truth[..half]);
+                        chunk(&mut s, 0, 1, cookie, &p)?;
+                        chunk(&mut s, DONE, 1, cookie, &p)?;
+                    }
+                    HALVES_REVERSED_AT => {
+                        let half = len / 2;
+                        let mut p = at(offset + half as u64);
+                        p.extend_from_slice(&truth[half..]);
+                        chunk(&mut s, 0, 1, cookie, &p)?;
+                        let mut p = at(offset);
+                        p.extend_from_slice(&truth[..half]);
+                        chunk(&mut s, DONE, 1, cookie, &p)?;
+                    }
+                    NEVER_ANSWERED_AT => {}
                     _ => {
                         let mut p = at(offset);
                         p.extend_from_slice(&truth);
@@ -538,4 +604,63 @@ fn the_servers_minimum_block_is_the_guests_logical_block() {
     let mut c = Client::connect(&sock, 1);
     assert_eq!(c.blkio.get_i32("request-alignment").unwrap(), 4096);
     assert!(c.read_at(0, 8192, 4096, 0).unwrap() == pattern(40, 8192, 4096));
+}
+
+/// A file export beside the attacked one: the victim, whose reads must go on being answered.
+fn victim(dir: &Path) -> (PathBuf, String) {
+    let image = dir.join("victim.raw");
+    make_image(&image, 8 << 20, 77);
+    let sock = dir.join("victim.sock");
+    let spec = format!("id=victim,socket={},image={}", sock.display(), image.display());
+    (sock, spec)
+}
+
+/// The victim answers a read with its image's bytes.
+fn victim_reads(sock: &Path) {
+    let mut c = Client::connect(sock, 1);
+    assert!(c.read_at(0, 1 << 20, 65536, 0).unwrap() == pattern(77, 1 << 20, 65536), "victim");
+}
+
+/// A read completes OK only when the reply covered each of its bytes exactly once: a hole at
+/// an offset that wraps, or one data chunk sent twice (the byte count adds up, the range does
+/// not), fail it (IOERR) instead of leaving the guest's own stale bytes as the data. Honest
+/// replies, also in chunks out of order, go on being served.
+#[test]
+fn a_reply_that_does_not_cover_the_read_exactly_once_fails_it() {
+    let dir = tmpdir();
+    let sock = dir.path().join("blk.sock");
+    let hostile = Hostile::start(dir.path(), 16 << 20);
+    let (victim_sock, victim_spec) = victim(dir.path());
+    let daemon = Daemon::start(dir.path(), &[nbd_export(&sock, &hostile.uri(), ""), victim_spec]);
+    let mut fe = TestFrontend::connect(&sock, 1, 64, 0);
+    let truth = |offset: u64| pattern(40, offset, 8192);
+    for at in [WRAPPING_HOLE_AT, SAME_DATA_TWICE_AT] {
+        let (done, data) = fe.request(0, T_IN, at / 512, &[], 8192);
+        let stale = data.iter().filter(|&&b| b == 0xEE).count();
+        assert_eq!(
+            done.status,
+            S_IOERR,
+            "read at {at:#x}: status {}, {stale} of its 8192 bytes still the guest's stale 0xEE\n{}",
+            done.status,
+            daemon.log()
+        );
+        let (done, data) = fe.request(0, T_IN, 0, &[], 8192);
+        assert_eq!((done.status, data == truth(0)), (S_OK, true), "an honest read after {at:#x}");
+    }
+    let (done, data) = fe.request(0, T_IN, HALVES_REVERSED_AT / 512, &[], 8192);
+    assert_eq!(done.status, S_OK, "halves in reverse order\n{}", daemon.log());
+    assert!(data == truth(HALVES_REVERSED_AT), "halves in reverse order: the data");
+    let (done, data) = fe.request(0, T_IN, HOLE_THEN_DATA_AT / 512, &[], 8192);
+    assert_eq!(done.status, S_OK);
+    assert!(
+        data[..4096].iter().all(|&b| b == 0) && data[4096..] == truth(HOLE_THEN_DATA_AT)[4096..]
+    );
+    victim_reads(&victim_sock);
+    let log = daemon.log();
+    for want in [
+        "hole chunk at 18446744073709547520+8192 outside the read 4096+8192",
+        "chunk at 9437184+4096 overlapping the reply's earlier chunks",
+    ] {
+        assert!(log.contains(want), "log lacks {want:?}:\n{log}");
+    }
 }
