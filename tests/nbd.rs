@@ -664,3 +664,122 @@ fn a_reply_that_does_not_cover_the_read_exactly_once_fails_it() {
         assert!(log.contains(want), "log lacks {want:?}:\n{log}");
     }
 }
+
+/// A request the server takes and never answers (while it answers others) counts as a lost
+/// connection once unanswered for 30 s: the connection is made again and the request sent
+/// again, and after the reconnect delay without an answer it fails (IOERR). The export's
+/// other requests and the export beside it are served throughout.
+#[test]
+fn a_request_the_server_never_answers_fails_after_the_request_timeout() {
+    let dir = tmpdir();
+    let sock = dir.path().join("blk.sock");
+    let hostile = Hostile::start(dir.path(), 16 << 20);
+    let (victim_sock, victim_spec) = victim(dir.path());
+    let uri = hostile.uri();
+    let daemon =
+        Daemon::start(dir.path(), &[nbd_export(&sock, &uri, ",reconnect-delay=1"), victim_spec]);
+    let mut c = Client::connect(&sock, 1);
+    let started = Instant::now();
+    let buf = c.buf_ptr(1 << 20);
+    c.queues[0].read(NEVER_ANSWERED_AT, buf, 4096, 9, ReqFlags::empty());
+    c.queues[0].do_io(&mut [], 0, None, None).unwrap();
+    // Meanwhile the same queue's other reads are answered, and the victim's.
+    assert!(c.read_at(0, 0, 8192, 0).unwrap() == pattern(40, 0, 8192));
+    victim_reads(&victim_sock);
+    let done = c.completions(0, 1, Duration::from_secs(60));
+    let waited = started.elapsed();
+    assert_eq!(done, vec![(9, EIO)], "after {waited:?}\n{}", daemon.log());
+    assert!(waited >= Duration::from_secs(30), "failed after {waited:?}, before the timeout");
+    assert!(waited < Duration::from_secs(45), "failed only after {waited:?}");
+    // New requests fail at once until a connection is made again, as after any delay.
+    wait_until("the export serves again", Duration::from_secs(10), || {
+        c.read_at(0, 0, 8192, 0).is_ok_and(|b| b == pattern(40, 0, 8192))
+    });
+    victim_reads(&victim_sock);
+    let log = daemon.log();
+    assert!(log.contains("lost the NBD connection (a request unanswered for 30 s)"), "{log}");
+}
+
+/// A daemon with a control socket, export `a` on a server (`hostile`) that answers all but
+/// reads at `NEVER_ANSWERED_AT`, and the victim. Returns it, its control socket, a's socket
+/// and the victim's.
+fn beside_a_silent_server(d: &Path, hostile: &Hostile) -> (Daemon, PathBuf, PathBuf, PathBuf) {
+    let (victim_sock, victim_spec) = victim(d);
+    let control = d.join("ctl.sock");
+    let a = d.join("a.sock");
+    let args: Vec<String> = vec![
+        "--control".into(),
+        control.display().to_string(),
+        "--export".into(),
+        format!("id=a,{}", nbd_export(&a, &hostile.uri(), "")),
+        "--export".into(),
+        victim_spec,
+    ];
+    let daemon = Daemon::start_with(d, &args, &[a.clone(), victim_sock.clone()]);
+    (daemon, control, a, victim_sock)
+}
+
+/// A client of `sock` with a read in flight that the server will never answer (tag 1).
+fn read_never_answered(sock: &Path) -> Client {
+    let mut c = Client::connect(sock, 1);
+    // An answer first: the connection is healthy (no reconnect delay is counting).
+    assert!(c.read_at(0, 0, 8192, 0).unwrap() == pattern(40, 0, 8192));
+    let buf = c.buf_ptr(0);
+    c.queues[0].read(NEVER_ANSWERED_AT, buf, 4096, 1, ReqFlags::empty());
+    c.queues[0].do_io(&mut [], 0, None, None).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    c
+}
+
+/// `remove-export force=true` does not wait on a server that never answers: the request in
+/// flight fails (IOERR) within the stop's wait, the removal returns, and the export beside
+/// keeps serving.
+#[test]
+fn remove_export_force_never_waits_on_a_server_that_does_not_answer() {
+    let dir = tmpdir();
+    let hostile = Hostile::start(dir.path(), 16 << 20);
+    let (daemon, control, a, victim_sock) = beside_a_silent_server(dir.path(), &hostile);
+    let mut c = read_never_answered(&a);
+    let started = Instant::now();
+    let (send, answer) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = send.send(common::ctl(&control, &["remove-export", "id=a", "force=true"]));
+    });
+    let out = answer.recv_timeout(Duration::from_secs(20)).unwrap_or_else(|_| {
+        panic!("remove-export force=true did not return within 20 s\n{}", daemon.log())
+    });
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(started.elapsed() < Duration::from_secs(10), "removal took {:?}", started.elapsed());
+    assert_eq!(c.completions(0, 1, Duration::from_secs(5)), vec![(1, EIO)]);
+    victim_reads(&victim_sock);
+    assert!(daemon.log().contains("left requests unanswered while the queue stopped"));
+}
+
+/// SIGTERM does not wait on a server that never answers: the daemon ends within 10 s.
+#[test]
+fn sigterm_never_waits_on_a_server_that_does_not_answer() {
+    let dir = tmpdir();
+    let hostile = Hostile::start(dir.path(), 16 << 20);
+    let (mut daemon, _control, a, victim_sock) = beside_a_silent_server(dir.path(), &hostile);
+    let _c = read_never_answered(&a);
+    victim_reads(&victim_sock);
+    let pid = daemon.pid();
+    let started = Instant::now();
+    common::signal(pid, libc::SIGTERM);
+    while !proc_is_zombie(pid) {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "SIGTERM did not end the daemon within 10 s\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(daemon.stop_after_signal().success(), "{}", daemon.log());
+}
+
+/// Whether process `pid` has ended and waits for its parent to reap it.
+fn proc_is_zombie(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')))
+        .unwrap_or(true)
+}
