@@ -19,9 +19,10 @@ use blkio::ReqFlags;
 use common::frontend::{TestFrontend, S_IOERR, S_OK, T_IN};
 use common::nbd::{NbdServer, Server};
 use common::{
-    assert_usage_error, make_image, pattern, serve_refused, tmpdir, wait_until, Client, Daemon,
-    KillOnDrop,
+    assert_usage_error, fd_count, make_image, pattern, serve_refused, thread_count, tmpdir,
+    wait_until, Client, Daemon, KillOnDrop,
 };
+use vhost::VhostBackend;
 
 const IMAGE_BYTES: u64 = 64 << 20;
 const EIO: i32 = -libc::EIO;
@@ -782,4 +783,107 @@ fn proc_is_zombie(pid: i32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| s.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')))
         .unwrap_or(true)
+}
+
+/// 2000 queue restarts (a SET_VRING_CALL each) while the server has stopped accepting (its
+/// listen backlog full, where a blocking connect waits for ever): the export connects each
+/// queue index with one thread at most, each attempt under a deadline and called off when
+/// its queue goes, so the daemon's threads and descriptors stay bounded and return to where
+/// they were when the frontend goes; the lines logged stay within the export's rate limit;
+/// the export beside keeps serving.
+#[test]
+fn queue_restarts_against_a_server_that_stopped_accepting_pile_nothing_up() {
+    let dir = tmpdir();
+    let sock = dir.path().join("blk.sock");
+    let hostile = Hostile::start(dir.path(), 16 << 20);
+    let (victim_sock, victim_spec) = victim(dir.path());
+    let daemon = Daemon::start(dir.path(), &[nbd_export(&sock, &hostile.uri(), ""), victim_spec]);
+    let pid = daemon.pid();
+    let mut victim = Client::connect(&victim_sock, 1);
+    let (threads, fds) = (thread_count(pid), fd_count(pid));
+    let mut fe = TestFrontend::connect(&sock, 1, 64, 0);
+    let (done, data) = fe.request(0, T_IN, 0, &[], 8192);
+    assert_eq!((done.status, data == pattern(40, 0, 8192)), (S_OK, true));
+    hostile.stop_accepting();
+    let log_before = daemon.log().len();
+    let started = Instant::now();
+    let (mut most_threads, mut most_fds) = (0, 0);
+    for i in 0..2000 {
+        fe.fe.set_vring_call(0, &fe.queues[0].call).unwrap();
+        if i % 100 == 99 {
+            most_threads = most_threads.max(thread_count(pid));
+            most_fds = most_fds.max(fd_count(pid));
+            assert!(victim.read_at(0, 0, 4096, 0).unwrap() == pattern(77, 0, 4096), "victim");
+        }
+    }
+    let storm = started.elapsed();
+    eprintln!("2000 restarts in {storm:?}: threads {threads} before, {most_threads} at most; fds {fds} before, {most_fds} at most");
+    // The connected queue's own, whatever the count of restarts: its slot's thread; the
+    // connection's socket and its duplicates, kick, call, err, the engine's epoll, two timers,
+    // eventfd, the wish's eventfd and the socket being connected.
+    assert!(
+        most_threads <= threads + 1 && most_fds <= fds + 24,
+        "daemon threads {most_threads} (before: {threads}), fds {most_fds} (before: {fds}) \
+         during 2000 restarts in {storm:?}\n{}",
+        daemon.log().lines().filter(|l| l.contains("NBD")).take(20).collect::<Vec<_>>().join("\n")
+    );
+    assert!(victim.read_at(0, 1 << 20, 65536, 0).unwrap() == pattern(77, 1 << 20, 65536));
+    fe.hang_up();
+    wait_until("threads and fds as before", Duration::from_secs(10), || {
+        thread_count(pid) == threads && fd_count(pid) == fds
+    });
+    // The export's limiter: 10 lines per 5 s, and a line saying how many were dropped.
+    let log = daemon.log();
+    let nbd_lines = log[log_before..].lines().filter(|l| l.contains("NBD")).count();
+    let allowed = 10 * (storm.as_secs() as usize / 5 + 2);
+    eprintln!("{nbd_lines} NBD lines logged (limit {allowed})");
+    assert!(nbd_lines <= allowed, "{nbd_lines} NBD lines in {storm:?}, above {allowed}");
+}
+
+/// A queue with nothing in flight leaves its I/O thread asleep whatever its engine's
+/// descriptors say: a connection handed over, a reconnect delay that ran out, a server that
+/// closed the idle connection.
+#[test]
+fn an_idle_nbd_queue_leaves_its_thread_asleep() {
+    let dir = tmpdir();
+    let sock = dir.path().join("blk.sock");
+    let mut nbd =
+        NbdServer::start(Server::QemuNbd, &disk_with(dir.path()), &dir.path().join("n.sock"));
+    let daemon = Daemon::start(dir.path(), &[nbd_export(&sock, &nbd.uri(), ",reconnect-delay=1")]);
+    let pid = daemon.pid();
+    // Connected, no request ever: the connection is handed over, the delay runs out.
+    let _fe = TestFrontend::connect(&sock, 1, 64, 0);
+    std::thread::sleep(Duration::from_millis(1500));
+    let busy = cpu_ticks_over(pid, Duration::from_secs(2));
+    assert!(
+        busy < 20,
+        "the daemon used {busy} clock ticks (1/100 s) of CPU in 2 s with an idle queue"
+    );
+    // The server goes away under the idle connection (EOF on its socket).
+    nbd.kill();
+    std::thread::sleep(Duration::from_millis(500));
+    let busy = cpu_ticks_over(pid, Duration::from_secs(2));
+    assert!(
+        busy < 20,
+        "the daemon used {busy} clock ticks (1/100 s) of CPU in 2 s after the server went"
+    );
+}
+
+fn disk_with(dir: &Path) -> PathBuf {
+    let image = dir.join("disk.raw");
+    make_image(&image, 16 << 20, 5);
+    image
+}
+
+/// Clock ticks (1/100 s) of CPU process `pid` used over `window`.
+fn cpu_ticks_over(pid: i32, window: Duration) -> u64 {
+    let ticks = || {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+        // utime and stime: fields 14 and 15 of stat, 11 and 12 after the ')' (0: the state).
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    };
+    let before = ticks();
+    std::thread::sleep(window);
+    ticks() - before
 }

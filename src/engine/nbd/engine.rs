@@ -276,8 +276,10 @@ pub struct NbdEngine {
     parse: Parse,
     done: Vec<(u16, i32)>,
     in_flight: usize,
-    /// The reconnect delay (or the stop wait) is counting (see `start_delay`).
+    /// The reconnect delay (or the stop wait) is counting (see `start_delay`), until
+    /// `delay_due`.
     delay_armed: bool,
+    delay_due: Instant,
     /// The queue is leaving its thread (see `begin_stop`).
     stopping: bool,
 }
@@ -351,6 +353,7 @@ impl NbdEngine {
             done: Vec::with_capacity(size),
             in_flight: 0,
             delay_armed: false,
+            delay_due: Instant::now(),
             stopping: false,
         })
     }
@@ -387,8 +390,31 @@ impl NbdEngine {
     }
 
     fn arm_timer(&mut self, after: Duration) {
+        // The clock before the timer: when the timer fires, the clock has passed `delay_due`.
+        self.delay_due = Instant::now() + after;
         // A zero duration disarms; a zero delay still fires, at once.
         let _ = self.timer.reset(after.max(Duration::from_nanos(1)), None);
+    }
+
+    /// What the engine must do whether requests are in flight or not: take a connection
+    /// made, notice the reconnect delay (or the stop wait) and the request ticks. The I/O
+    /// thread reaps only queues with requests in flight, so this also runs before it sleeps
+    /// (`arm`): a timer that fired or a connection handed over would otherwise keep the
+    /// engine's descriptor readable and the thread awake. The clock is read (vDSO), the
+    /// timers only once due.
+    fn housekeep(&mut self) {
+        if self.conn.is_none() && self.wish.is_some() {
+            self.take_connection();
+        }
+        if self.delay_armed || self.watchdog_armed {
+            let now = Instant::now();
+            if self.delay_armed && now >= self.delay_due {
+                self.check_delay();
+            }
+            if self.watchdog_armed && now >= self.next_tick {
+                self.tick();
+            }
+        }
     }
 
     fn disarm_timer(&mut self) {
@@ -1071,15 +1097,7 @@ impl Engine for NbdEngine {
     }
 
     fn reap(&mut self, mut on_complete: impl FnMut(u16, i32)) {
-        if self.conn.is_none() {
-            self.take_connection();
-        }
-        if self.delay_armed {
-            self.check_delay();
-        }
-        if self.watchdog_armed && Instant::now() >= self.next_tick {
-            self.tick();
-        }
+        self.housekeep();
         if self.conn.is_some() {
             if self.wants_out {
                 self.flush_out();
@@ -1095,6 +1113,17 @@ impl Engine for NbdEngine {
 
     fn completion_fd(&self) -> Option<RawFd> {
         Some(self.epoll.as_raw_fd())
+    }
+
+    /// Before the thread sleeps: the housekeeping a queue with nothing in flight is not
+    /// reaped for. Its socket is read here too (one `recv`, EAGAIN when all is well): a server
+    /// that went away (EOF) or sends what nobody asked for would otherwise keep it readable.
+    fn arm(&mut self) -> bool {
+        self.housekeep();
+        if self.in_flight == 0 && self.conn.is_some() {
+            self.receive();
+        }
+        !self.done.is_empty()
     }
 
     /// The queue is leaving: the server has `STOP_WAIT_S` to answer what is in flight (with
