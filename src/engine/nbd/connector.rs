@@ -160,7 +160,7 @@ fn run(target: &NbdTarget, index: u16) {
             Err(e) => {
                 // Each new kind of failure once per thread, and the export's limit over all.
                 if e != last_error {
-                    warn_limited!(target.log(), parent: &target.span, queue = index, "{e}");
+                    warn_limited!(target.connection_log(), parent: &target.span, queue = index, "{e}");
                     last_error = e;
                 }
                 pause(&wish, Duration::from_millis(backoff_ms));
