@@ -3,8 +3,9 @@
 //!
 //! - `uri.rs`: the standard URI syntax (`nbd+unix:///EXPORT?socket=PATH`, `nbd://HOST:PORT/EXPORT`).
 //! - `handshake.rs`: connecting and the fixed newstyle negotiation (structured replies, GO
-//!   with the export's size, flags and block sizes), blocking, with time limits; done by the
-//!   control thread at open, and by a reconnecting thread, never by an I/O thread.
+//!   with the export's size, flags and block sizes), each attempt under one deadline; done
+//!   by the control thread at open, and by the connector threads, never by an I/O thread.
+//! - `connector.rs`: the connector threads, at most one per queue index of an export.
 //! - `wire.rs`: the transmission phase's constants and the request header.
 //! - `engine.rs`: one connection per queue as an [`Engine`](super::Engine): requests
 //!   pipelined with the slot tag as cookie, replies read into guest memory, and a lost
