@@ -891,3 +891,48 @@ fn cpu_ticks_over(pid: i32, window: Duration) -> u64 {
     std::thread::sleep(window);
     ticks() - before
 }
+
+/// A server that sends its greeting a byte a second (each byte within any per-read time
+/// limit) is given one deadline for the whole attempt, over TCP as over a Unix socket: the
+/// export is refused after 5 s, not after the greeting's 18 seconds and more.
+#[test]
+fn a_server_that_dribbles_its_handshake_has_one_deadline() {
+    let dir = tmpdir();
+    let sock = dir.path().join("blk.sock");
+    let unix = dir.path().join("dribble.sock");
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = tcp.local_addr().unwrap().port();
+    let unix_listener = UnixListener::bind(&unix).unwrap();
+    let greeting = [NBDMAGIC.to_be_bytes(), IHAVEOPT.to_be_bytes()].concat();
+    let dribble = move |mut s: Box<dyn Write + Send>| {
+        for b in greeting.iter().chain([0u8, 3].iter()) {
+            if s.write_all(&[*b]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        std::thread::sleep(Duration::from_secs(30));
+    };
+    let d = dribble.clone();
+    std::thread::spawn(move || {
+        while let Ok((s, _)) = tcp.accept() {
+            let d = d.clone();
+            std::thread::spawn(move || d(Box::new(s)));
+        }
+    });
+    std::thread::spawn(move || {
+        while let Ok((s, _)) = unix_listener.accept() {
+            let d = dribble.clone();
+            std::thread::spawn(move || d(Box::new(s)));
+        }
+    });
+    for uri in
+        [format!("nbd://127.0.0.1:{port}/x"), format!("nbd+unix:///x?socket={}", unix.display())]
+    {
+        let started = Instant::now();
+        let out = serve_refused(&[nbd_export(&sock, &uri, "")]);
+        let took = started.elapsed();
+        assert_usage_error(&out, &format!("NBD server {uri}: handshake: timed out"));
+        assert!(took < Duration::from_secs(8), "{uri}: refused after {took:?}");
+    }
+}
