@@ -246,6 +246,18 @@ enum Parse {
     Data { tag: u16, at: u64, remaining: u64, deliver: bool, done: bool },
 }
 
+/// Where the queue is in its life, for the stop wait.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Serving,
+    /// Leaving its thread, nothing in flight yet to wait for.
+    Stopping,
+    /// Leaving, the stop wait counting (on `timer`).
+    Waiting,
+    /// Leaving, the stop wait ran out: requests fail at once.
+    Over,
+}
+
 /// The connection, when there is one.
 struct Conn {
     fd: OwnedFd,
@@ -293,8 +305,8 @@ pub struct NbdEngine {
     /// `delay_due`.
     delay_armed: bool,
     delay_due: Instant,
-    /// The queue is leaving its thread (see `begin_stop`).
-    stopping: bool,
+    /// Whether the queue is leaving its thread (see `begin_stop`).
+    phase: Phase,
 }
 
 // Epoll data values of the engine's descriptors.
@@ -367,7 +379,7 @@ impl NbdEngine {
             in_flight: 0,
             delay_armed: false,
             delay_due: Instant::now(),
-            stopping: false,
+            phase: Phase::Serving,
         })
     }
 
@@ -393,10 +405,20 @@ impl NbdEngine {
         }
     }
 
+    /// Starts the stop wait (once): what is in flight then, or is issued later while the
+    /// queue stops (a request its limits held), fails when it runs out.
+    fn start_stop_wait(&mut self) {
+        if self.phase == Phase::Stopping {
+            self.phase = Phase::Waiting;
+            self.delay_armed = true;
+            self.arm_timer(Duration::from_secs(STOP_WAIT_S));
+        }
+    }
+
     /// The server answered: the connection works, the delay starts afresh at the next loss
     /// (a stopping queue's wait goes on).
     fn healthy(&mut self) {
-        if self.delay_armed && !self.stopping {
+        if self.delay_armed && self.phase == Phase::Serving {
             self.delay_armed = false;
             self.disarm_timer();
         }
@@ -684,11 +706,14 @@ impl NbdEngine {
             return;
         }
         self.delay_armed = false;
+        if self.phase == Phase::Waiting {
+            self.phase = Phase::Over;
+        }
         if self.in_flight == 0 {
             // Nothing waited (a first connection no request has used yet).
             return;
         }
-        if self.stopping {
+        if self.phase == Phase::Over {
             warn_limited!(self.target.connection_log(), parent: &self.target.span, server = %self.target.spec,
                 failed = self.in_flight, wait_s = STOP_WAIT_S,
                 "NBD server left requests unanswered while the queue stopped; they fail");
@@ -1071,7 +1096,7 @@ impl Engine for NbdEngine {
         if index >= self.ops.len() || self.ops[index].busy {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
-        if self.failing {
+        if self.failing || self.phase == Phase::Over {
             self.done.push((tag, -libc::EIO));
             return Ok(());
         }
@@ -1094,6 +1119,7 @@ impl Engine for NbdEngine {
         if !self.watchdog_armed {
             self.arm_watchdog();
         }
+        self.start_stop_wait();
         self.set_header(tag);
         if self.conn.is_some() {
             self.push_out(tag);
@@ -1141,13 +1167,11 @@ impl Engine for NbdEngine {
     /// The queue is leaving: the server has `STOP_WAIT_S` to answer what is in flight (with
     /// or without a connection), then it fails, so the stop never waits on the server.
     fn begin_stop(&mut self) {
-        if self.stopping {
-            return;
+        if self.phase == Phase::Serving {
+            self.phase = Phase::Stopping;
         }
-        self.stopping = true;
         if self.in_flight > 0 {
-            self.delay_armed = true;
-            self.arm_timer(Duration::from_secs(STOP_WAIT_S));
+            self.start_stop_wait();
         }
     }
 }
