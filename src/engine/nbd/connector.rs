@@ -79,12 +79,6 @@ impl Slots {
         let i = usize::from(index) % self.0.len();
         self.0[i].lock().unwrap_or_else(|p| p.into_inner())
     }
-
-    /// Whether the slot of queue `index` has a thread running (for the tests).
-    #[cfg(test)]
-    pub fn running(&self, index: u16) -> bool {
-        self.slot(index).running
-    }
 }
 
 /// Asks queue `index`'s slot of `target` for a connection, signalled on `ready`. A wish
