@@ -1029,11 +1029,12 @@ fn open_nbd(
             config.queues
         ));
     }
-    Ok(NbdTarget {
-        spec: spec.clone(),
-        negotiated: n,
-        readonly: config.readonly,
-        reconnect_delay: std::time::Duration::from_secs(u64::from(reconnect_delay_s)),
-        span: span.clone(),
-    })
+    Ok(NbdTarget::new(
+        spec.clone(),
+        n,
+        config.readonly,
+        std::time::Duration::from_secs(u64::from(reconnect_delay_s)),
+        span.clone(),
+        config.queues,
+    ))
 }

@@ -7,6 +7,7 @@ mod common;
 
 use std::fs;
 use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -15,11 +16,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use blkio::ReqFlags;
+use common::frontend::{TestFrontend, S_IOERR, S_OK, T_IN};
 use common::nbd::{NbdServer, Server};
 use common::{
-    assert_usage_error, make_image, pattern, serve_refused, tmpdir, wait_until, Client, Daemon,
-    KillOnDrop,
+    assert_usage_error, fd_count, make_image, pattern, serve_refused, thread_count, tmpdir,
+    wait_until, Client, Daemon, KillOnDrop,
 };
+use vhost::VhostBackend;
 
 const IMAGE_BYTES: u64 = 64 << 20;
 const EIO: i32 = -libc::EIO;
@@ -256,6 +259,16 @@ const UNKNOWN_COOKIE_AT: u64 = 5 << 20;
 const HUGE_CHUNK_AT: u64 = 6 << 20;
 const OVERFLOWING_CHUNK_AT: u64 = 7 << 20;
 const SIMPLE_WITH_BAD_MAGIC_AT: u64 = 8 << 20;
+/// A hole chunk at an offset that wraps: for a read of 8192 bytes at 4096, a hole of 8192 at
+/// 2^64 - 4096 (offset - read start + length wraps to 0, and its length is the read's).
+const WRAPPING_HOLE_AT: u64 = 4096;
+/// The first half's data chunk twice, and nothing for the second half (the byte count adds
+/// up, the range does not).
+const SAME_DATA_TWICE_AT: u64 = 9 << 20;
+/// The right data in two chunks, the second half first (the protocol allows any order).
+const HALVES_REVERSED_AT: u64 = 10 << 20;
+/// A read taken and never answered (the server goes on answering others).
+const NEVER_ANSWERED_AT: u64 = 11 << 20;
 
 struct Hostile {
     socket: PathBuf,
@@ -263,6 +276,11 @@ struct Hostile {
     size: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     connections: Arc<AtomicU64>,
+    /// Cleared: the server takes no new connection (see `stop_accepting`).
+    accepting: Arc<AtomicBool>,
+    listener_fd: RawFd,
+    /// Connections of the test's own that fill the listen backlog.
+    backlog: Mutex<Vec<UnixStream>>,
 }
 
 impl Hostile {
@@ -278,10 +296,17 @@ impl Hostile {
         let size = Arc::new(AtomicU64::new(size));
         let stop = Arc::new(AtomicBool::new(false));
         let connections = Arc::new(AtomicU64::new(0));
+        let accepting = Arc::new(AtomicBool::new(true));
+        let listener_fd = listener.as_raw_fd();
         let data = Arc::new(Mutex::new(pattern(40, 0, 16 << 20)));
         let (s, st, n) = (Arc::clone(&size), Arc::clone(&stop), Arc::clone(&connections));
+        let acc = Arc::clone(&accepting);
         std::thread::spawn(move || {
             while !st.load(Ordering::Relaxed) {
+                if !acc.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                }
                 match listener.accept() {
                     Ok((conn, _)) => {
                         conn.set_nonblocking(false).unwrap();
@@ -296,11 +321,31 @@ impl Hostile {
                 }
             }
         });
-        Hostile { socket, size, stop, connections }
+        Hostile {
+            socket,
+            size,
+            stop,
+            connections,
+            accepting,
+            listener_fd,
+            backlog: Mutex::new(Vec::new()),
+        }
     }
 
     fn uri(&self) -> String {
         format!("nbd+unix:///?socket={}", self.socket.display())
+    }
+
+    /// The server stops accepting and its listen backlog fills up: a connect to it can
+    /// only wait (a blocking one, for ever).
+    fn stop_accepting(&self) {
+        self.accepting.store(false, Ordering::Relaxed);
+        // The accept loop looks at the flag every 5 ms.
+        std::thread::sleep(Duration::from_millis(50));
+        // SAFETY: listen(2) again on our own listening socket sets its backlog to 0 (the
+        // kernel then queues one connection at most).
+        assert_eq!(unsafe { libc::listen(self.listener_fd, 0) }, 0);
+        self.backlog.lock().unwrap().push(UnixStream::connect(&self.socket).unwrap());
     }
 }
 
@@ -430,6 +475,28 @@ fn serve_hostile(
                         m.extend_from_slice(&[0u8; 12]);
                         s.write_all(&m)?;
                     }
+                    WRAPPING_HOLE_AT => {
+                        let mut hole = at(offset.wrapping_sub(len as u64));
+                        hole.extend_from_slice(&(len as u32).to_be_bytes());
+                        chunk(&mut s, DONE, 2, cookie, &hole)?;
+                    }
+                    SAME_DATA_TWICE_AT => {
+                        let half = len / 2;
+                        let mut p = at(offset);
+                        p.extend_from_slice(&truth[..half]);
+                        chunk(&mut s, 0, 1, cookie, &p)?;
+                        chunk(&mut s, DONE, 1, cookie, &p)?;
+                    }
+                    HALVES_REVERSED_AT => {
+                        let half = len / 2;
+                        let mut p = at(offset + half as u64);
+                        p.extend_from_slice(&truth[half..]);
+                        chunk(&mut s, 0, 1, cookie, &p)?;
+                        let mut p = at(offset);
+                        p.extend_from_slice(&truth[..half]);
+                        chunk(&mut s, DONE, 1, cookie, &p)?;
+                    }
+                    NEVER_ANSWERED_AT => {}
                     _ => {
                         let mut p = at(offset);
                         p.extend_from_slice(&truth);
@@ -482,6 +549,9 @@ fn a_hostile_server_costs_only_its_requests() {
     // the connection is made again and the request sent again, which gets the same lie,
     // until the reconnect delay fails it.
     for at in [UNKNOWN_COOKIE_AT, HUGE_CHUNK_AT, SIMPLE_WITH_BAD_MAGIC_AT] {
+        // Each lie breaks connection after connection until the delay: the export's limiter
+        // of connection lines (10 per 5 s) is spent; the next lie's lines need a new window.
+        std::thread::sleep(Duration::from_secs(5));
         let before = hostile.connections.load(Ordering::Relaxed);
         assert_eq!(c.read_at(0, at, 8192, 0), Err(EIO), "read at {at:#x}");
         assert!(hostile.connections.load(Ordering::Relaxed) > before, "reconnected for {at:#x}");
@@ -493,6 +563,7 @@ fn a_hostile_server_costs_only_its_requests() {
     assert_eq!(c.write_at(0, 12 << 20, &data, 0), 0);
     assert!(c.read_at(0, 12 << 20, 8192, 0).unwrap() == data);
     // A server that comes back with another size is not taken back.
+    std::thread::sleep(Duration::from_secs(5));
     hostile.size.store(32 << 20, Ordering::Relaxed);
     assert_eq!(c.read_at(0, UNKNOWN_COOKIE_AT, 8192, 0), Err(EIO));
     assert_eq!(c.read_at(0, 0, 8192, 0), Err(EIO), "a server of another size is refused");
@@ -538,4 +609,330 @@ fn the_servers_minimum_block_is_the_guests_logical_block() {
     let mut c = Client::connect(&sock, 1);
     assert_eq!(c.blkio.get_i32("request-alignment").unwrap(), 4096);
     assert!(c.read_at(0, 8192, 4096, 0).unwrap() == pattern(40, 8192, 4096));
+}
+
+/// A file export beside the attacked one: the victim, whose reads must go on being answered.
+fn victim(dir: &Path) -> (PathBuf, String) {
+    let image = dir.join("victim.raw");
+    make_image(&image, 8 << 20, 77);
+    let sock = dir.join("victim.sock");
+    let spec = format!("id=victim,socket={},image={}", sock.display(), image.display());
+    (sock, spec)
+}
+
+/// The victim answers a read with its image's bytes.
+fn victim_reads(sock: &Path) {
+    let mut c = Client::connect(sock, 1);
+    assert!(c.read_at(0, 1 << 20, 65536, 0).unwrap() == pattern(77, 1 << 20, 65536), "victim");
+}
+
+/// A read completes OK only when the reply covered each of its bytes exactly once: a hole at
+/// an offset that wraps, or one data chunk sent twice (the byte count adds up, the range does
+/// not), fail it (IOERR) instead of leaving the guest's own stale bytes as the data. Honest
+/// replies, also in chunks out of order, go on being served.
+#[test]
+fn a_reply_that_does_not_cover_the_read_exactly_once_fails_it() {
+    let dir = tmpdir();
+    let sock = dir.path().join("blk.sock");
+    let hostile = Hostile::start(dir.path(), 16 << 20);
+    let (victim_sock, victim_spec) = victim(dir.path());
+    let daemon = Daemon::start(dir.path(), &[nbd_export(&sock, &hostile.uri(), ""), victim_spec]);
+    let mut fe = TestFrontend::connect(&sock, 1, 64, 0);
+    let truth = |offset: u64| pattern(40, offset, 8192);
+    for at in [WRAPPING_HOLE_AT, SAME_DATA_TWICE_AT] {
+        let (done, data) = fe.request(0, T_IN, at / 512, &[], 8192);
+        let stale = data.iter().filter(|&&b| b == 0xEE).count();
+        assert_eq!(
+            done.status,
+            S_IOERR,
+            "read at {at:#x}: status {}, {stale} of its 8192 bytes still the guest's stale 0xEE\n{}",
+            done.status,
+            daemon.log()
+        );
+        let (done, data) = fe.request(0, T_IN, 0, &[], 8192);
+        assert_eq!((done.status, data == truth(0)), (S_OK, true), "an honest read after {at:#x}");
+    }
+    let (done, data) = fe.request(0, T_IN, HALVES_REVERSED_AT / 512, &[], 8192);
+    assert_eq!(done.status, S_OK, "halves in reverse order\n{}", daemon.log());
+    assert!(data == truth(HALVES_REVERSED_AT), "halves in reverse order: the data");
+    let (done, data) = fe.request(0, T_IN, HOLE_THEN_DATA_AT / 512, &[], 8192);
+    assert_eq!(done.status, S_OK);
+    assert!(
+        data[..4096].iter().all(|&b| b == 0) && data[4096..] == truth(HOLE_THEN_DATA_AT)[4096..]
+    );
+    victim_reads(&victim_sock);
+    let log = daemon.log();
+    for want in [
+        "hole chunk at 18446744073709547520+8192 outside the read 4096+8192",
+        "chunk at 9437184+4096 overlapping the reply's earlier chunks",
+    ] {
+        assert!(log.contains(want), "log lacks {want:?}:\n{log}");
+    }
+}
+
+/// A request the server takes and never answers (while it answers others) counts as a lost
+/// connection once unanswered for 30 s: the connection is made again and the request sent
+/// again, and after the reconnect delay without an answer it fails (IOERR). The export's
+/// other requests and the export beside it are served throughout.
+#[test]
+fn a_request_the_server_never_answers_fails_after_the_request_timeout() {
+    let dir = tmpdir();
+    let sock = dir.path().join("blk.sock");
+    let hostile = Hostile::start(dir.path(), 16 << 20);
+    let (victim_sock, victim_spec) = victim(dir.path());
+    let uri = hostile.uri();
+    let daemon =
+        Daemon::start(dir.path(), &[nbd_export(&sock, &uri, ",reconnect-delay=1"), victim_spec]);
+    let mut c = Client::connect(&sock, 1);
+    let started = Instant::now();
+    let buf = c.buf_ptr(1 << 20);
+    c.queues[0].read(NEVER_ANSWERED_AT, buf, 4096, 9, ReqFlags::empty());
+    c.queues[0].do_io(&mut [], 0, None, None).unwrap();
+    // Meanwhile the same queue's other reads are answered, and the victim's.
+    assert!(c.read_at(0, 0, 8192, 0).unwrap() == pattern(40, 0, 8192));
+    victim_reads(&victim_sock);
+    let done = c.completions(0, 1, Duration::from_secs(60));
+    let waited = started.elapsed();
+    assert_eq!(done, vec![(9, EIO)], "after {waited:?}\n{}", daemon.log());
+    assert!(waited >= Duration::from_secs(30), "failed after {waited:?}, before the timeout");
+    assert!(waited < Duration::from_secs(45), "failed only after {waited:?}");
+    // New requests fail at once until a connection is made again, as after any delay.
+    wait_until("the export serves again", Duration::from_secs(10), || {
+        c.read_at(0, 0, 8192, 0).is_ok_and(|b| b == pattern(40, 0, 8192))
+    });
+    victim_reads(&victim_sock);
+    let log = daemon.log();
+    assert!(log.contains("lost the NBD connection (a request unanswered for 30 s)"), "{log}");
+}
+
+/// A daemon with a control socket, export `a` on a server (`hostile`) that answers all but
+/// reads at `NEVER_ANSWERED_AT`, and the victim. Returns it, its control socket, a's socket
+/// and the victim's.
+fn beside_a_silent_server(d: &Path, hostile: &Hostile) -> (Daemon, PathBuf, PathBuf, PathBuf) {
+    let (victim_sock, victim_spec) = victim(d);
+    let control = d.join("ctl.sock");
+    let a = d.join("a.sock");
+    let args: Vec<String> = vec![
+        "--control".into(),
+        control.display().to_string(),
+        "--export".into(),
+        format!("id=a,{}", nbd_export(&a, &hostile.uri(), "")),
+        "--export".into(),
+        victim_spec,
+    ];
+    let daemon = Daemon::start_with(d, &args, &[a.clone(), victim_sock.clone()]);
+    (daemon, control, a, victim_sock)
+}
+
+/// A client of `sock` with a read in flight that the server will never answer (tag 1).
+fn read_never_answered(sock: &Path) -> Client {
+    let mut c = Client::connect(sock, 1);
+    // An answer first: the connection is healthy (no reconnect delay is counting).
+    assert!(c.read_at(0, 0, 8192, 0).unwrap() == pattern(40, 0, 8192));
+    let buf = c.buf_ptr(0);
+    c.queues[0].read(NEVER_ANSWERED_AT, buf, 4096, 1, ReqFlags::empty());
+    c.queues[0].do_io(&mut [], 0, None, None).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    c
+}
+
+/// `remove-export force=true` does not wait on a server that never answers: the request in
+/// flight fails (IOERR) within the stop's wait, the removal returns, and the export beside
+/// keeps serving.
+#[test]
+fn remove_export_force_never_waits_on_a_server_that_does_not_answer() {
+    let dir = tmpdir();
+    let hostile = Hostile::start(dir.path(), 16 << 20);
+    let (daemon, control, a, victim_sock) = beside_a_silent_server(dir.path(), &hostile);
+    let mut c = read_never_answered(&a);
+    let started = Instant::now();
+    let (send, answer) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = send.send(common::ctl(&control, &["remove-export", "id=a", "force=true"]));
+    });
+    let out = answer.recv_timeout(Duration::from_secs(20)).unwrap_or_else(|_| {
+        panic!("remove-export force=true did not return within 20 s\n{}", daemon.log())
+    });
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(started.elapsed() < Duration::from_secs(10), "removal took {:?}", started.elapsed());
+    assert_eq!(c.completions(0, 1, Duration::from_secs(5)), vec![(1, EIO)]);
+    victim_reads(&victim_sock);
+    assert!(daemon.log().contains("left requests unanswered while the queue stopped"));
+}
+
+/// SIGTERM does not wait on a server that never answers: the daemon ends within 10 s.
+#[test]
+fn sigterm_never_waits_on_a_server_that_does_not_answer() {
+    let dir = tmpdir();
+    let hostile = Hostile::start(dir.path(), 16 << 20);
+    let (mut daemon, _control, a, victim_sock) = beside_a_silent_server(dir.path(), &hostile);
+    let _c = read_never_answered(&a);
+    victim_reads(&victim_sock);
+    let pid = daemon.pid();
+    let started = Instant::now();
+    common::signal(pid, libc::SIGTERM);
+    while !proc_is_zombie(pid) {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "SIGTERM did not end the daemon within 10 s\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(daemon.stop_after_signal().success(), "{}", daemon.log());
+}
+
+/// Whether process `pid` has ended and waits for its parent to reap it.
+fn proc_is_zombie(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')))
+        .unwrap_or(true)
+}
+
+/// 2000 queue restarts (a SET_VRING_CALL each) while the server has stopped accepting (its
+/// listen backlog full, where a blocking connect waits for ever): the export connects each
+/// queue index with one thread at most, each attempt under a deadline and called off when
+/// its queue goes, so the daemon's threads and descriptors stay bounded and return to where
+/// they were when the frontend goes; the lines logged stay within the export's rate limit;
+/// the export beside keeps serving.
+#[test]
+fn queue_restarts_against_a_server_that_stopped_accepting_pile_nothing_up() {
+    let dir = tmpdir();
+    let sock = dir.path().join("blk.sock");
+    let hostile = Hostile::start(dir.path(), 16 << 20);
+    let (victim_sock, victim_spec) = victim(dir.path());
+    let daemon = Daemon::start(dir.path(), &[nbd_export(&sock, &hostile.uri(), ""), victim_spec]);
+    let pid = daemon.pid();
+    let mut victim = Client::connect(&victim_sock, 1);
+    let (threads, fds) = (thread_count(pid), fd_count(pid));
+    let mut fe = TestFrontend::connect(&sock, 1, 64, 0);
+    let (done, data) = fe.request(0, T_IN, 0, &[], 8192);
+    assert_eq!((done.status, data == pattern(40, 0, 8192)), (S_OK, true));
+    hostile.stop_accepting();
+    let log_before = daemon.log().len();
+    let started = Instant::now();
+    let (mut most_threads, mut most_fds) = (0, 0);
+    for i in 0..2000 {
+        fe.fe.set_vring_call(0, &fe.queues[0].call).unwrap();
+        if i % 100 == 99 {
+            most_threads = most_threads.max(thread_count(pid));
+            most_fds = most_fds.max(fd_count(pid));
+            assert!(victim.read_at(0, 0, 4096, 0).unwrap() == pattern(77, 0, 4096), "victim");
+        }
+    }
+    let storm = started.elapsed();
+    eprintln!("2000 restarts in {storm:?}: threads {threads} before, {most_threads} at most; fds {fds} before, {most_fds} at most");
+    // The connected queue's own, whatever the count of restarts: its slot's thread; the
+    // connection's socket and its duplicates, kick, call, err, the engine's epoll, two timers,
+    // eventfd, the wish's eventfd and the socket being connected.
+    assert!(
+        most_threads <= threads + 1 && most_fds <= fds + 24,
+        "daemon threads {most_threads} (before: {threads}), fds {most_fds} (before: {fds}) \
+         during 2000 restarts in {storm:?}\n{}",
+        daemon.log().lines().filter(|l| l.contains("NBD")).take(20).collect::<Vec<_>>().join("\n")
+    );
+    assert!(victim.read_at(0, 1 << 20, 65536, 0).unwrap() == pattern(77, 1 << 20, 65536));
+    fe.hang_up();
+    wait_until("threads and fds as before", Duration::from_secs(10), || {
+        thread_count(pid) == threads && fd_count(pid) == fds
+    });
+    // The export's limiter of connection lines: 10 per 5 s (a dropped count rides on the next).
+    let log = daemon.log();
+    let nbd_lines = log[log_before..].lines().filter(|l| l.contains("NBD")).count();
+    let allowed = 10 * (storm.as_secs() as usize / 5 + 2);
+    eprintln!("{nbd_lines} NBD lines logged (limit {allowed})");
+    assert!(nbd_lines <= allowed, "{nbd_lines} NBD lines in {storm:?}, above {allowed}");
+}
+
+/// A queue with nothing in flight leaves its I/O thread asleep whatever its engine's
+/// descriptors say: a connection handed over, a reconnect delay that ran out, a server that
+/// closed the idle connection.
+#[test]
+fn an_idle_nbd_queue_leaves_its_thread_asleep() {
+    let dir = tmpdir();
+    let sock = dir.path().join("blk.sock");
+    let mut nbd =
+        NbdServer::start(Server::QemuNbd, &disk_with(dir.path()), &dir.path().join("n.sock"));
+    let daemon = Daemon::start(dir.path(), &[nbd_export(&sock, &nbd.uri(), ",reconnect-delay=1")]);
+    let pid = daemon.pid();
+    // Connected, no request ever: the connection is handed over, the delay runs out.
+    let _fe = TestFrontend::connect(&sock, 1, 64, 0);
+    std::thread::sleep(Duration::from_millis(1500));
+    let busy = cpu_ticks_over(pid, Duration::from_secs(2));
+    assert!(
+        busy < 20,
+        "the daemon used {busy} clock ticks (1/100 s) of CPU in 2 s with an idle queue"
+    );
+    // The server goes away under the idle connection (EOF on its socket).
+    nbd.kill();
+    std::thread::sleep(Duration::from_millis(500));
+    let busy = cpu_ticks_over(pid, Duration::from_secs(2));
+    assert!(
+        busy < 20,
+        "the daemon used {busy} clock ticks (1/100 s) of CPU in 2 s after the server went"
+    );
+}
+
+fn disk_with(dir: &Path) -> PathBuf {
+    let image = dir.join("disk.raw");
+    make_image(&image, 16 << 20, 5);
+    image
+}
+
+/// Clock ticks (1/100 s) of CPU process `pid` used over `window`.
+fn cpu_ticks_over(pid: i32, window: Duration) -> u64 {
+    let ticks = || {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+        // utime and stime: fields 14 and 15 of stat, 11 and 12 after the ')' (0: the state).
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    };
+    let before = ticks();
+    std::thread::sleep(window);
+    ticks() - before
+}
+
+/// A server that sends its greeting a byte a second (each byte within any per-read time
+/// limit) is given one deadline for the whole attempt, over TCP as over a Unix socket: the
+/// export is refused after 5 s, not after the greeting's 18 seconds and more.
+#[test]
+fn a_server_that_dribbles_its_handshake_has_one_deadline() {
+    let dir = tmpdir();
+    let sock = dir.path().join("blk.sock");
+    let unix = dir.path().join("dribble.sock");
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = tcp.local_addr().unwrap().port();
+    let unix_listener = UnixListener::bind(&unix).unwrap();
+    let greeting = [NBDMAGIC.to_be_bytes(), IHAVEOPT.to_be_bytes()].concat();
+    let dribble = move |mut s: Box<dyn Write + Send>| {
+        for b in greeting.iter().chain([0u8, 3].iter()) {
+            if s.write_all(&[*b]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        std::thread::sleep(Duration::from_secs(30));
+    };
+    let d = dribble.clone();
+    std::thread::spawn(move || {
+        while let Ok((s, _)) = tcp.accept() {
+            let d = d.clone();
+            std::thread::spawn(move || d(Box::new(s)));
+        }
+    });
+    std::thread::spawn(move || {
+        while let Ok((s, _)) = unix_listener.accept() {
+            let d = dribble.clone();
+            std::thread::spawn(move || d(Box::new(s)));
+        }
+    });
+    for uri in
+        [format!("nbd://127.0.0.1:{port}/x"), format!("nbd+unix:///x?socket={}", unix.display())]
+    {
+        let started = Instant::now();
+        let out = serve_refused(&[nbd_export(&sock, &uri, "")]);
+        let took = started.elapsed();
+        assert_usage_error(&out, &format!("NBD server {uri}: handshake: timed out"));
+        assert!(took < Duration::from_secs(8), "{uri}: refused after {took:?}");
+    }
 }

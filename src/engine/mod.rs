@@ -91,4 +91,10 @@ pub trait Engine {
 
     /// The I/O thread is awake again (after a sleep, or instead of one).
     fn disarm(&mut self) {}
+
+    /// The queue is leaving its thread and waits for what is in flight. An engine whose
+    /// backend may never answer (a network server) bounds that wait here: it completes what
+    /// is left (with an error) within a bound of its own. Engines whose operations the kernel
+    /// holds (their buffers in use until it completes them) cannot, and wait.
+    fn begin_stop(&mut self) {}
 }

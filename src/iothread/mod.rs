@@ -187,16 +187,34 @@ impl QueueHandle {
     /// avail index at which it stopped (what GET_VRING_BASE answers). The thread's other
     /// queues are served throughout.
     pub fn stop(self) -> u16 {
+        self.leave().wait()
+    }
+
+    /// Asks the thread to take the queue off (see `stop`) without waiting: several queues
+    /// leave at once, so that stopping them all takes as long as the slowest, not the sum.
+    pub fn leave(self) -> Leaving {
         let (reply, answer) = mpsc::sync_channel(1);
-        let next_avail = match self.thread.send(Command::Detach { id: self.id, reply }) {
-            Ok(()) => answer.recv().ok(),
-            Err(_) => None,
-        };
-        if self.dedicated {
-            self.thread.shut_down();
+        let sent = self.thread.send(Command::Detach { id: self.id, reply }).is_ok();
+        Leaving { handle: self, answer: sent.then_some(answer) }
+    }
+}
+
+/// A queue asked to leave its thread.
+pub struct Leaving {
+    handle: QueueHandle,
+    answer: Option<mpsc::Receiver<u16>>,
+}
+
+impl Leaving {
+    /// Waits until the queue has left; returns the avail index at which it stopped.
+    pub fn wait(self) -> u16 {
+        let next_avail = self.answer.and_then(|a| a.recv().ok());
+        let thread = &self.handle.thread;
+        if self.handle.dedicated {
+            thread.shut_down();
         }
         next_avail.unwrap_or_else(|| {
-            tracing::error!(thread = %self.thread.id, "an I/O thread ended with a queue on it");
+            tracing::error!(thread = %thread.id, "an I/O thread ended with a queue on it");
             0
         })
     }
@@ -252,7 +270,7 @@ fn make_queue(
     match &disk.backend {
         Backend::Null => worker::queue::start(disk, setup, NullEngine::new(size)),
         Backend::Nbd(target) => {
-            let engine = NbdEngine::new(Arc::clone(target), size)?;
+            let engine = NbdEngine::new(Arc::clone(target), setup.index, size)?;
             worker::queue::start(disk, setup, engine)
         }
         #[cfg(feature = "rbd")]

@@ -301,10 +301,17 @@ impl BlkDevice {
         self.acked_protocol_features & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0
     }
 
-    /// Stops every queue; in-flight requests complete first. Called on disconnect.
+    /// Stops every queue; in-flight requests complete first. Called on disconnect. The
+    /// queues leave together: the wait is the slowest one's, not the sum.
     pub fn stop_all(&mut self) {
-        for i in 0..self.vrings.len() {
-            self.stop_thread(i);
+        let leaving: Vec<_> = self
+            .vrings
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, v)| v.thread.take().map(|t| (i, t.leave())))
+            .collect();
+        for (i, l) in leaving {
+            self.vrings[i].next_avail = l.wait();
         }
     }
 

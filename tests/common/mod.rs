@@ -185,6 +185,21 @@ impl Drop for Daemon {
     }
 }
 
+/// How many threads process `pid` has (from /proc/PID/task), not counting io_uring's
+/// workers (`iou-wrk-*`: the kernel's, started and ended with the I/O it punts).
+pub fn thread_count(pid: i32) -> usize {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    tasks
+        .filter_map(|t| fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| !name.starts_with("iou-"))
+        .count()
+}
+
+/// How many descriptors process `pid` has open (from /proc/PID/fd).
+pub fn fd_count(pid: i32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
 /// `blkplane ctl --control CONTROL ARGS...`, run to its end.
 pub fn ctl(control: &Path, args: &[&str]) -> std::process::Output {
     Command::new(daemon_bin())

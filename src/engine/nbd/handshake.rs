@@ -1,12 +1,18 @@
-//! Connecting to an NBD server and the fixed newstyle negotiation, blocking, each step under
-//! [`CONNECT_TIMEOUT`](super::CONNECT_TIMEOUT). Everything the server says is checked: a
-//! lying or broken server gets a one-line error here, not a confused data path later.
+//! Connecting to an NBD server and the fixed newstyle negotiation, each attempt (connect and
+//! negotiation together) under one deadline, [`CONNECT_TIMEOUT`](super::CONNECT_TIMEOUT).
+//! The socket is non-blocking from the start and every wait is a poll(2) that also watches a
+//! descriptor the caller may make readable to call the attempt off: a server that never
+//! accepts (a full listen backlog), never answers or answers a byte at a time costs one
+//! attempt's deadline at most, and a queue that goes stops its attempt at once. Everything the
+//! server says is checked: a lying or broken server gets a one-line error here, not a confused
+//! data path later.
 
 use std::io::{self, Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
-use std::os::fd::OwnedFd;
-use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 use super::uri::{NbdAddr, NbdSpec};
 use super::wire::*;
@@ -37,52 +43,259 @@ impl Negotiated {
     }
 }
 
-/// A connected, negotiated socket, blocking, ready for the transmission phase.
+/// A socket, non-blocking, connected and negotiated, ready for the transmission phase.
 pub struct Connection {
     pub fd: OwnedFd,
     pub negotiated: Negotiated,
 }
 
-/// Connects to `spec`'s server and negotiates its export. The error says what failed, in one
-/// line, naming the server.
+/// What one attempt may spend: everything by `deadline`, and no more once `cancel` (an
+/// eventfd of the caller's, if any) is readable.
+#[derive(Clone, Copy)]
+struct Limits {
+    deadline: Instant,
+    cancel: Option<RawFd>,
+}
+
+impl Limits {
+    /// Waits until `fd` is ready for `events`: Err(TimedOut) at the deadline, and an error
+    /// saying "cancelled" once the attempt is called off.
+    fn wait(&self, fd: RawFd, events: libc::c_short) -> io::Result<()> {
+        loop {
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "timed out"));
+            }
+            let cancel = self.cancel.unwrap_or(-1);
+            let mut fds = [
+                libc::pollfd { fd, events, revents: 0 },
+                // A negative fd is skipped by poll(2).
+                libc::pollfd { fd: cancel, events: libc::POLLIN, revents: 0 },
+            ];
+            // Rounded up: a wait never ends just short of the deadline only to wait again.
+            let ms = (left.as_millis() + 1).min(i32::MAX as u128) as i32;
+            // SAFETY: a valid array of two pollfds for the duration of the call.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if fds[1].revents != 0 {
+                // Not ErrorKind::Interrupted: read_exact would retry that for ever.
+                return Err(io::Error::other(CANCELLED));
+            }
+            if fds[0].revents != 0 {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// The error text of an attempt called off by its caller.
+pub const CANCELLED: &str = "cancelled";
+
+/// The negotiation's byte stream: a non-blocking socket whose every wait is under `limits`.
+struct Stream {
+    fd: OwnedFd,
+    limits: Limits,
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            // SAFETY: recv into the caller's buffer, within its length.
+            let n =
+                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::WouldBlock => self.limits.wait(self.fd.as_raw_fd(), libc::POLLIN)?,
+                io::ErrorKind::Interrupted => {}
+                _ => return Err(e),
+            }
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        loop {
+            // SAFETY: send from the caller's buffer, within its length; MSG_NOSIGNAL: a closed
+            // peer is an error, not SIGPIPE.
+            let n = unsafe {
+                libc::send(self.fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL)
+            };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::WouldBlock => {
+                    self.limits.wait(self.fd.as_raw_fd(), libc::POLLOUT)?
+                }
+                io::ErrorKind::Interrupted => {}
+                _ => return Err(e),
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Connects to `spec`'s server and negotiates its export, all within `timeout`. The error
+/// says what failed, in one line, naming the server.
 pub fn connect(spec: &NbdSpec, timeout: Duration) -> Result<Connection, String> {
+    attempt(spec, Limits { deadline: Instant::now() + timeout, cancel: None })
+}
+
+/// Like [`connect`], called off (with an error saying "cancelled") as soon as `cancel` is
+/// readable.
+pub fn connect_unless(
+    spec: &NbdSpec,
+    timeout: Duration,
+    cancel: RawFd,
+) -> Result<Connection, String> {
+    attempt(spec, Limits { deadline: Instant::now() + timeout, cancel: Some(cancel) })
+}
+
+fn attempt(spec: &NbdSpec, limits: Limits) -> Result<Connection, String> {
     let fail = |what: &str, e: &dyn std::fmt::Display| format!("NBD server {spec}: {what}: {e}");
-    let fd: OwnedFd = match &spec.addr {
+    let fd = match &spec.addr {
         NbdAddr::Unix(path) => {
-            let s = UnixStream::connect(path).map_err(|e| fail("cannot connect", &e))?;
-            s.set_read_timeout(Some(timeout)).map_err(|e| fail("socket", &e))?;
-            s.set_write_timeout(Some(timeout)).map_err(|e| fail("socket", &e))?;
-            let mut s = s;
-            let negotiated = negotiate(&mut s, &spec.export).map_err(|e| fail("handshake", &e))?;
-            return Ok(Connection { fd: s.into(), negotiated });
+            connect_unix(path, limits).map_err(|e| fail("cannot connect", &e))?
         }
         NbdAddr::Tcp { host, port } => {
+            // Name resolution is the C library's, blocking, bounded by the resolver's own
+            // time limits (resolv.conf); it holds only the calling thread.
             let addrs: Vec<_> = (host.as_str(), *port)
                 .to_socket_addrs()
                 .map_err(|e| fail("cannot resolve the host", &e))?
                 .collect();
             let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
-            let mut stream = None;
+            let mut connected = None;
             for a in addrs {
-                match TcpStream::connect_timeout(&a, timeout) {
-                    Ok(s) => {
-                        stream = Some(s);
+                match connect_tcp(&a, limits) {
+                    Ok(fd) => {
+                        connected = Some(fd);
                         break;
                     }
                     Err(e) => last = e,
                 }
             }
-            let Some(s) = stream else { return Err(fail("cannot connect", &last)) };
-            // Requests are small and pipelined: Nagle would hold them for the previous ACK.
-            s.set_nodelay(true).map_err(|e| fail("socket", &e))?;
-            s.set_read_timeout(Some(timeout)).map_err(|e| fail("socket", &e))?;
-            s.set_write_timeout(Some(timeout)).map_err(|e| fail("socket", &e))?;
-            s.into()
+            connected.ok_or_else(|| fail("cannot connect", &last))?
         }
     };
-    let mut stream = TcpStream::from(fd);
+    let mut stream = Stream { fd, limits };
     let negotiated = negotiate(&mut stream, &spec.export).map_err(|e| fail("handshake", &e))?;
-    Ok(Connection { fd: stream.into(), negotiated })
+    Ok(Connection { fd: stream.fd, negotiated })
+}
+
+/// A new non-blocking stream socket of `domain`.
+fn stream_socket(domain: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: socket(2) with constant arguments; a descriptor it returns is ours alone.
+    let fd = unsafe {
+        libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0)
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Connects the non-blocking `fd` to `addr` (a `sockaddr_*` of the socket's family), waiting
+/// under `limits` for a connection in progress.
+fn connect_raw<T>(fd: &OwnedFd, addr: &T, limits: Limits) -> io::Result<()> {
+    let len = std::mem::size_of::<T>() as libc::socklen_t;
+    // SAFETY: `addr` is a whole sockaddr of the socket's family, `len` its size.
+    let r = unsafe { libc::connect(fd.as_raw_fd(), (addr as *const T).cast(), len) };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        // A Unix socket whose listen backlog is full refuses a non-blocking connect at once;
+        // the caller tries again later (a blocking one would wait for room without a limit).
+        Some(libc::EAGAIN) => {
+            Err(io::Error::new(io::ErrorKind::WouldBlock, "the server's listen backlog is full"))
+        }
+        Some(libc::EINPROGRESS) | Some(libc::EINTR) => {
+            limits.wait(fd.as_raw_fd(), libc::POLLOUT)?;
+            let mut error: libc::c_int = 0;
+            let mut size = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: SO_ERROR into an int of ours, `size` its size.
+            let r = unsafe {
+                libc::getsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_ERROR,
+                    (&mut error as *mut libc::c_int).cast(),
+                    &mut size,
+                )
+            };
+            match (r, error) {
+                (0, 0) => Ok(()),
+                (0, error) => Err(io::Error::from_raw_os_error(error)),
+                _ => Err(io::Error::last_os_error()),
+            }
+        }
+        _ => Err(e),
+    }
+}
+
+fn connect_unix(path: &Path, limits: Limits) -> io::Result<OwnedFd> {
+    // SAFETY: sockaddr_un is plain data; zeroed, its path is NUL-terminated.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "the socket path is too long"));
+    }
+    for (to, from) in addr.sun_path.iter_mut().zip(bytes) {
+        *to = *from as libc::c_char;
+    }
+    let fd = stream_socket(libc::AF_UNIX)?;
+    connect_raw(&fd, &addr, limits)?;
+    Ok(fd)
+}
+
+fn connect_tcp(to: &SocketAddr, limits: Limits) -> io::Result<OwnedFd> {
+    let fd = match to {
+        SocketAddr::V4(a) => {
+            let fd = stream_socket(libc::AF_INET)?;
+            let addr = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) },
+                sin_zero: [0; 8],
+            };
+            connect_raw(&fd, &addr, limits)?;
+            fd
+        }
+        SocketAddr::V6(a) => {
+            let fd = stream_socket(libc::AF_INET6)?;
+            let addr = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
+                sin6_scope_id: a.scope_id(),
+            };
+            connect_raw(&fd, &addr, limits)?;
+            fd
+        }
+    };
+    // Requests are small and pipelined: Nagle would hold them for the previous ACK.
+    let stream = TcpStream::from(fd);
+    stream.set_nodelay(true)?;
+    Ok(stream.into())
 }
 
 fn bad(why: String) -> io::Error {
@@ -236,7 +449,6 @@ fn negotiate<S: Read + Write>(s: &mut S, export: &str) -> io::Result<Negotiated>
 /// Tells the server we are going (NBD_CMD_DISC), best effort, without waiting: on a
 /// connection with nothing half-sent, before it is closed.
 pub fn say_goodbye(fd: &OwnedFd) {
-    use std::os::fd::AsRawFd;
     let header = request_header(0, CMD_DISC, 0, 0, 0);
     // SAFETY: sends our own 28-byte buffer; MSG_NOSIGNAL: a closed peer is an error, not
     // SIGPIPE; MSG_DONTWAIT: never blocks the caller.

@@ -3,13 +3,15 @@
 //!
 //! - `uri.rs`: the standard URI syntax (`nbd+unix:///EXPORT?socket=PATH`, `nbd://HOST:PORT/EXPORT`).
 //! - `handshake.rs`: connecting and the fixed newstyle negotiation (structured replies, GO
-//!   with the export's size, flags and block sizes), blocking, with time limits; done by the
-//!   control thread at open, and by a reconnecting thread, never by an I/O thread.
+//!   with the export's size, flags and block sizes), each attempt under one deadline; done
+//!   by the control thread at open, and by the connector threads, never by an I/O thread.
+//! - `connector.rs`: the connector threads, at most one per queue index of an export.
 //! - `wire.rs`: the transmission phase's constants and the request header.
 //! - `engine.rs`: one connection per queue as an [`Engine`](super::Engine): requests
 //!   pipelined with the slot tag as cookie, replies read into guest memory, and a lost
 //!   connection re-established while its requests wait.
 
+pub mod connector;
 pub mod engine;
 pub mod handshake;
 pub mod uri;
@@ -22,7 +24,7 @@ pub use uri::NbdSpec;
 
 use crate::spec::{err, Key, Kind, Options, Value};
 
-/// How long connecting and the negotiation may take, each time.
+/// How long one connection attempt (connect and negotiation together) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default `reconnect-delay`: how long requests wait for a lost server before they fail.
 pub const DEFAULT_RECONNECT_DELAY_S: u32 = 10;

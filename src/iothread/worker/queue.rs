@@ -407,6 +407,7 @@ impl<E: Engine> Served for QueueWorker<E> {
 
     fn begin_stop(&mut self) {
         self.core.stopping = true;
+        self.engine.begin_stop();
     }
 
     fn held(&self) -> bool {
