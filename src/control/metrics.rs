@@ -210,7 +210,13 @@ fn escape(v: &str) -> String {
 /// A Prometheus histogram's series (`_bucket` for each bound and `+Inf`, `_sum`, `_count`)
 /// for one set of labels: every bound of [`BUCKET_BOUNDS_NS`], or with `coarse` those of
 /// [`EXPORT_BUCKET_BOUNDS_NS`].
-fn write_histogram(out: &mut String, name: &str, labels: &str, latency: &LatencyReport, coarse: bool) {
+fn write_histogram(
+    out: &mut String,
+    name: &str,
+    labels: &str,
+    latency: &LatencyReport,
+    coarse: bool,
+) {
     for (bound_ns, count) in BUCKET_BOUNDS_NS.iter().zip(&latency.buckets) {
         if coarse && !EXPORT_BUCKET_BOUNDS_NS.contains(bound_ns) {
             continue;
@@ -370,12 +376,23 @@ fn write_exports(out: &mut String, stats: &[ExportStats], infos: &[ExportInfo]) 
     }
     family(out, "blkplane_capacity_bytes", "gauge", "Size of the export as the guest sees it.");
     for e in stats {
-        let _ = writeln!(out, "blkplane_capacity_bytes{{export=\"{}\"}} {}", escape(&e.id), e.size_bytes);
+        let _ = writeln!(
+            out,
+            "blkplane_capacity_bytes{{export=\"{}\"}} {}",
+            escape(&e.id),
+            e.size_bytes
+        );
     }
-    family(out, "blkplane_client_connected", "gauge", "1 while a vhost-user frontend is connected.");
+    family(
+        out,
+        "blkplane_client_connected",
+        "gauge",
+        "1 while a vhost-user frontend is connected.",
+    );
     for e in stats {
         let connected = u8::from(e.client_connected);
-        let _ = writeln!(out, "blkplane_client_connected{{export=\"{}\"}} {connected}", escape(&e.id));
+        let _ =
+            writeln!(out, "blkplane_client_connected{{export=\"{}\"}} {connected}", escape(&e.id));
     }
 }
 
@@ -385,7 +402,10 @@ struct Row {
     q: QueueReport,
 }
 
-fn add_counts(into: &mut serde_json::Map<String, serde_json::Value>, from: &serde_json::Map<String, serde_json::Value>) {
+fn add_counts(
+    into: &mut serde_json::Map<String, serde_json::Value>,
+    from: &serde_json::Map<String, serde_json::Value>,
+) {
     for (k, v) in from {
         let sum = into.get(k).and_then(|x| x.as_u64()).unwrap_or(0) + v.as_u64().unwrap_or(0);
         into.insert(k.clone(), sum.into());
