@@ -252,3 +252,37 @@ fn queue_detail_adds_the_queue_label_and_the_stages() {
     assert_eq!(series_of(&body, "e-1").len(), 3 + QUEUES * (38 + 10 * 28));
     promtool_check(&body, d);
 }
+
+#[test]
+fn a_reload_changes_the_metrics_detail() {
+    let dir = tmpdir();
+    let d = dir.path();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let (control, sock, cfg) = (d.join("ctl.sock"), d.join("r.sock"), d.join("blkplane.toml"));
+    let file = |detail: &str| {
+        format!(
+            "control = \"{}\"\nmetrics = \"{addr}\"\n{detail}\n[[export]]\nid = \"r\"\nsocket = \"{}\"\nengine = \"null\"\nsize = \"64M\"\nqueues = 2\n",
+            control.display(),
+            sock.display()
+        )
+    };
+    std::fs::write(&cfg, file("")).unwrap();
+    let args = ["--config".to_string(), cfg.display().to_string()];
+    let _daemon = Daemon::start_with(d, &args, std::slice::from_ref(&sock));
+    let labels_of = || {
+        let body = String::from_utf8(http_get(&addr, "/metrics", "").1).unwrap();
+        let line = "blkplane_requests_in_flight{";
+        body.lines().filter(|l| l.starts_with(line)).map(String::from).collect::<Vec<_>>()
+    };
+    assert_eq!(labels_of(), ["blkplane_requests_in_flight{export=\"r\"} 0"]);
+    std::fs::write(&cfg, file("metrics-detail = \"queue\"")).unwrap();
+    let out = common::ctl(&control, &["reload"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        labels_of(),
+        [
+            "blkplane_requests_in_flight{export=\"r\",queue=\"0\"} 0",
+            "blkplane_requests_in_flight{export=\"r\",queue=\"1\"} 0"
+        ]
+    );
+}
