@@ -654,3 +654,26 @@ fn write_stages(out: &mut String, rows: &[Row]) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_coarse_bound_is_an_exported_bound() {
+        // write_histogram picks the coarse buckets out of the fine ones by value.
+        for b in EXPORT_BUCKET_BOUNDS_NS {
+            assert!(BUCKET_BOUNDS_NS.contains(&b), "{b}");
+        }
+    }
+
+    #[test]
+    fn gzip_only_when_the_scraper_names_it() {
+        let head = |h: &str| format!("GET /metrics HTTP/1.1\r\n{h}\r\n\r\n");
+        assert!(accepts_gzip(&head("Accept-Encoding: gzip")));
+        assert!(accepts_gzip(&head("accept-encoding: identity, gzip;q=0.5")));
+        assert!(!accepts_gzip(&head("Accept-Encoding: identity")));
+        assert!(!accepts_gzip(&head("X-Gzip: gzip")));
+        assert!(!accepts_gzip("GET /gzip HTTP/1.1\r\n\r\n"));
+    }
+}
