@@ -455,3 +455,25 @@ impl QueueStats {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_latency_is_kept_by_kind_and_sums_to_all() {
+        let mut mine = LatencyHistograms::default();
+        mine.record_request(LatencyKind::of(Kind::Read), 1_000);
+        mine.record_request(LatencyKind::of(Kind::Read), 3_000);
+        mine.record_request(LatencyKind::of(Kind::Write), 20_000);
+        mine.record_request(LatencyKind::of(Kind::Discard), 7);
+        let mut shared = LatencyHistograms::default();
+        mine.merge_into(&mut shared);
+        let counts: Vec<u64> =
+            LatencyKind::ALL.iter().map(|&k| shared.requests(k).count()).collect();
+        assert_eq!(counts, [2, 1, 0, 1], "read, write, flush, other");
+        let all = shared.all_requests().report();
+        assert_eq!((all.count, all.sum_ns), (4, 24_007));
+        assert_eq!(mine.all_requests().count(), 0, "handed over");
+    }
+}
