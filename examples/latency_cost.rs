@@ -41,7 +41,7 @@ fn sampler_ns_per_request(on: bool, rounds: u64) -> f64 {
         }
         sampler.submitted();
         for tag in first..first + 32 {
-            sampler.completed(std::hint::black_box(tag));
+            sampler.completed(std::hint::black_box(tag), blkplane::RequestKind::Read);
         }
         if sampler.waiting() {
             let published = sampler.has_done().then(Instant::now);

@@ -47,6 +47,8 @@ pub struct ConfigFile {
 pub struct DaemonSettings {
     pub control: Option<PathBuf>,
     pub metrics: Option<String>,
+    /// What a scrape shows: `export` (default) or `queue` (see `control/metrics.rs`).
+    pub metrics_detail: Option<String>,
     pub log_level: Option<String>,
     pub log_format: Option<String>,
     pub max_mapped_guest_memory_bytes: Option<u64>,
@@ -91,6 +93,19 @@ impl Options for DaemonSettings {
                 Ok(())
             },
             get: |s| s.metrics.clone().map(Value::Str),
+        },
+        Key {
+            name: "metrics-detail",
+            aliases: &[],
+            kind: Kind::Choice(crate::control::metrics::DETAILS),
+            usage: "metrics-detail=DETAIL",
+            help: "export (default: one set of series per export, queues summed) or queue (per queue, with every latency bucket and the per-stage histograms).",
+            set: |s, v| {
+                let words = crate::control::metrics::DETAILS;
+                s.metrics_detail = Some(choice("metrics-detail", v, words)?);
+                Ok(())
+            },
+            get: |s| s.metrics_detail.clone().map(Value::Str),
         },
         Key {
             name: "log-level",
@@ -174,6 +189,7 @@ impl DaemonSettings {
         DaemonSettings {
             control: other.control.clone().or_else(|| self.control.clone()),
             metrics: other.metrics.clone().or_else(|| self.metrics.clone()),
+            metrics_detail: other.metrics_detail.clone().or_else(|| self.metrics_detail.clone()),
             log_level: other.log_level.clone().or_else(|| self.log_level.clone()),
             log_format: other.log_format.clone().or_else(|| self.log_format.clone()),
             max_mapped_guest_memory_bytes: other

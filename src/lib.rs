@@ -39,5 +39,5 @@ pub use qos::{now_ns, Cost, Throttle, ThrottleConfig};
 pub use spec::Value;
 pub use sys::filesystem_of;
 pub use trace::sample::Sampler;
-pub use trace::LatencyHistograms;
+pub use trace::{Kind as RequestKind, LatencyHistograms};
 pub use virtq::InflightRegion;

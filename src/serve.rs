@@ -55,6 +55,10 @@ pub struct ServeOptions {
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics.
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics: Option<String>,
+    /// What a scrape shows: export (default; queues summed) or queue (per queue, every
+    /// latency bucket, the per-stage histograms: about 10 times the series).
+    #[arg(long, value_name = "DETAIL", value_parser = PossibleValuesParser::new(metrics::DETAILS))]
+    pub metrics_detail: Option<String>,
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL", value_parser = PossibleValuesParser::new(config_file::LOG_LEVELS))]
     pub log_level: Option<String>,
@@ -90,6 +94,7 @@ impl ServeOptions {
         let given = [
             ("control", self.control.as_ref().map(|p| SpecValue::Str(p.display().to_string()))),
             ("metrics", text(&self.metrics)),
+            ("metrics-detail", text(&self.metrics_detail)),
             ("log-level", text(&self.log_level)),
             ("log-format", text(&self.log_format)),
             ("max-mapped-guest-memory", text(&self.max_mapped_guest_memory)),
@@ -462,6 +467,10 @@ impl Runtime {
                 "metrics" => self
                     .move_metrics(wanted.metrics.as_deref())
                     .map(|()| now.metrics = wanted.metrics.clone()),
+                "metrics-detail" => {
+                    now.metrics_detail = wanted.metrics_detail.clone();
+                    Ok(())
+                }
                 "max-mapped-guest-memory" | "image-lock-wait-ms" => {
                     now.max_mapped_guest_memory_bytes = wanted.max_mapped_guest_memory_bytes;
                     now.image_lock_wait_ms = wanted.image_lock_wait_ms;

@@ -414,6 +414,10 @@ fn mapped_guest_memory_is_capped_per_connection_and_per_daemon() {
 
 // 9. The metrics endpoint.
 
+/// Scrape slots and reading slots of the metrics endpoint (src/control/metrics.rs).
+const MAX_SCRAPES: usize = 4;
+const MAX_READERS: usize = 64;
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -452,14 +456,25 @@ fn the_metrics_endpoint_bounds_requests_and_serves_scrapes_side_by_side() {
     let (status, took) = scrape(port);
     assert_eq!(status, "HTTP/1.0 200 OK");
     assert!(took < Duration::from_secs(2), "a scrape waited {took:?} behind a silent client");
-    // Four silent clients take every scrape slot: the next is told 503 at once; after the
-    // read deadline (5 s) they are gone and scrapes are served again.
-    let _more: Vec<_> =
-        (0..3).map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
+    // Silent clients hold only reading slots, not the scrape slots: with as many as there
+    // are scrape slots a scrape is still served at once.
+    let more: Vec<_> = (1..MAX_SCRAPES)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
     std::thread::sleep(Duration::from_millis(200));
+    let (status, took) = scrape(port);
+    assert_eq!(status, "HTTP/1.0 200 OK");
+    assert!(took < Duration::from_secs(1), "a scrape waited {took:?} behind silent clients");
+    drop(more);
+    // Silent clients in every reading slot: the next is told 503 at once; after the read
+    // deadline (1 s) they are gone and scrapes are served again.
+    let _more: Vec<_> = (0..MAX_READERS)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
     let (status, _) = scrape(port);
     assert_eq!(status, "HTTP/1.0 503 Service Unavailable");
-    std::thread::sleep(Duration::from_secs(6));
+    std::thread::sleep(Duration::from_millis(1500));
     let (status, _) = scrape(port);
     assert_eq!(status, "HTTP/1.0 200 OK");
     t.neighbour_serves();

@@ -1,7 +1,16 @@
 //! `--metrics ADDR:PORT`: the figures of `query-stats` in the Prometheus text format at
-//! `/metrics`, over a small HTTP/1.0 server: one request per connection, a few scrapes served
-//! at once (one thread each), and every connection bounded in the bytes it may send, the time
-//! it may take to send them and the time it may take to read the answer.
+//! `/metrics` (any query string ignored; gzip when the scraper accepts it), over a small
+//! HTTP/1.0 server: one request per connection. A connection first only reads its request
+//! head, within a short deadline, on one of [`MAX_READERS`] reading slots; only a whole head
+//! then takes one of the [`MAX_SCRAPES`] rendering slots, so clients that connect and send
+//! nothing cannot keep a scrape out. Every connection is bounded in the bytes it may send,
+//! the time it may take to send them and the time it may take to read the answer.
+//!
+//! What a scrape says is the daemon setting `metrics-detail`: `export` (the default) sums
+//! each export's queues into one set of series, with read, write and flush latency in
+//! coarse buckets; `queue` adds the `queue` label, every bucket and the per-stage
+//! histograms. It is daemon-wide rather than an export key because it is the monitoring
+//! system's size that it guards, not a tenant's choice.
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -11,20 +20,59 @@ use std::time::{Duration, Instant};
 
 use tracing::info;
 
-use crate::daemon::Daemon;
+use crate::daemon::{Daemon, ExportInfo, ExportStats};
 use crate::listener::{ConnectionLimit, StoppableListener};
 use crate::ratelimit::RateLimiter;
 use crate::trace::{LatencyReport, QueueReport, BUCKET_BOUNDS_NS};
 use crate::warn_limited;
 
-/// Scrapes served at once; more get 503 at once.
+/// Connections reading their request head at once; more get 503 at once.
+pub const MAX_READERS: usize = 64;
+/// Scrapes rendered at once (each holds a copy of every figure); more get 503 at once.
 pub const MAX_SCRAPES: usize = 4;
 /// The longest request head (request line and headers) read.
 pub const MAX_REQUEST_BYTES: usize = 8 << 10;
-/// Time a client has to send its whole request head.
-pub const READ_DEADLINE: Duration = Duration::from_secs(5);
+/// Time a client has to send its whole request head: a scraper sends it at once.
+pub const READ_DEADLINE: Duration = Duration::from_secs(1);
 /// Time a client has to read the answer.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The latency bucket bounds of the default (per export) series: a subset of
+/// [`BUCKET_BOUNDS_NS`] coarse enough that read, write and flush latency fit the budget of
+/// series per export, fine enough for `histogram_quantile` from a null backend to a stall.
+pub const EXPORT_BUCKET_BOUNDS_NS: [u64; 10] = [
+    2_500,
+    10_000,
+    25_000,
+    100_000,
+    250_000,
+    1_000_000,
+    2_500_000,
+    10_000_000,
+    100_000_000,
+    1_000_000_000,
+];
+/// The latency kinds a default scrape shows (the rare rest only with `queue` detail).
+const EXPORT_LATENCY_KINDS: [&str; 3] = ["read", "write", "flush"];
+
+/// `metrics-detail`: what a scrape shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Detail {
+    /// One set of series per export, queues summed.
+    Export,
+    /// Per queue, every bucket, and the per-stage histograms.
+    Queue,
+}
+
+pub const DETAILS: &[&str] = &["export", "queue"];
+
+impl Detail {
+    fn of(daemon: &Daemon) -> Detail {
+        match daemon.settings().metrics_detail.as_deref() {
+            Some("queue") => Detail::Queue,
+            _ => Detail::Export,
+        }
+    }
+}
 
 /// Binds the metrics listener.
 pub fn bind(addr: &str) -> Result<Arc<StoppableListener<TcpListener>>, String> {
@@ -38,7 +86,8 @@ pub fn run(listener: Arc<StoppableListener<TcpListener>>, daemon: Arc<Daemon>) {
     if let Ok(addr) = listener.local().local_addr() {
         info!(%addr, "metrics listening");
     }
-    let scrapes = ConnectionLimit::new(MAX_SCRAPES);
+    let readers = ConnectionLimit::new(MAX_READERS);
+    let scrapes = Arc::new(ConnectionLimit::new(MAX_SCRAPES));
     let mut log = RateLimiter::default();
     while let Some(stream) = listener.accept() {
         let stream = match stream {
@@ -49,14 +98,14 @@ pub fn run(listener: Arc<StoppableListener<TcpListener>>, daemon: Arc<Daemon>) {
             }
         };
         let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
-        let Some(permit) = scrapes.try_take() else {
-            let _ = respond(&stream, "503 Service Unavailable", "text/plain", "busy\n");
+        let Some(reading) = readers.try_take() else {
+            let _ = respond(&stream, "503 Service Unavailable", "text/plain", b"busy\n", false);
             continue;
         };
-        let d = Arc::clone(&daemon);
+        let (d, s) = (Arc::clone(&daemon), Arc::clone(&scrapes));
         let spawned = std::thread::Builder::new().name("blkplane-scrape".into()).spawn(move || {
-            let _permit = permit;
-            answer(stream, &d)
+            let _reading = reading;
+            answer(stream, &d, &s)
         });
         if let Err(e) = spawned {
             warn_limited!(log, "metrics: cannot start a scrape thread: {e}");
@@ -91,47 +140,99 @@ fn respond(
     mut out: &TcpStream,
     status: &str,
     content_type: &str,
-    body: &str,
+    body: &[u8],
+    gzipped: bool,
 ) -> std::io::Result<()> {
+    let encoding = if gzipped { "Content-Encoding: gzip\r\n" } else { "" };
     write!(
         out,
-        "HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\n{encoding}Content-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
-    )
+    )?;
+    out.write_all(body)
 }
 
-fn answer(stream: TcpStream, daemon: &Daemon) {
+/// Whether the head has an `Accept-Encoding` header that names gzip.
+fn accepts_gzip(head: &str) -> bool {
+    head.lines().skip(1).any(|l| {
+        l.split_once(':').is_some_and(|(name, value)| {
+            name.trim().eq_ignore_ascii_case("accept-encoding")
+                && value.split(',').any(|c| c.trim().starts_with("gzip"))
+        })
+    })
+}
+
+fn gzip(body: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut encoder = flate2::write::GzEncoder::new(
+        Vec::with_capacity(body.len() / 8),
+        flate2::Compression::fast(),
+    );
+    encoder.write_all(body)?;
+    encoder.finish()
+}
+
+fn answer(stream: TcpStream, daemon: &Daemon, scrapes: &ConnectionLimit) {
     let Some(head) = read_head(&stream) else {
-        let _ = respond(&stream, "400 Bad Request", "text/plain", "bad or slow request\n");
+        let _ = respond(&stream, "400 Bad Request", "text/plain", b"bad or slow request\n", false);
         return;
     };
-    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
+    let head = String::from_utf8_lossy(&head);
+    let line = head.lines().next().unwrap_or_default();
     let mut parts = line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let method = parts.next().unwrap_or("");
+    // A query string (`/metrics?x`) is ignored, as Prometheus' own exporters do.
+    let path = parts.next().unwrap_or("").split('?').next().unwrap_or("");
     let _ = match (method, path) {
         ("GET", "/metrics") => {
-            respond(&stream, "200 OK", "text/plain; version=0.0.4", &render(daemon))
+            let Some(_scrape) = scrapes.try_take() else {
+                let _ = respond(&stream, "503 Service Unavailable", "text/plain", b"busy\n", false);
+                return;
+            };
+            let body = render(daemon);
+            match accepts_gzip(&head).then(|| gzip(body.as_bytes())) {
+                Some(Ok(zipped)) => respond(&stream, "200 OK", TEXT_FORMAT, &zipped, true),
+                _ => respond(&stream, "200 OK", TEXT_FORMAT, body.as_bytes(), false),
+            }
         }
-        ("GET", _) => respond(&stream, "404 Not Found", "text/plain", "only /metrics is here\n"),
-        _ => respond(&stream, "405 Method Not Allowed", "text/plain", "GET only\n"),
+        ("GET", _) => {
+            respond(&stream, "404 Not Found", "text/plain", b"only /metrics is here\n", false)
+        }
+        _ => respond(&stream, "405 Method Not Allowed", "text/plain", b"GET only\n", false),
     };
 }
+
+const TEXT_FORMAT: &str = "text/plain; version=0.0.4";
 
 fn escape(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 /// A Prometheus histogram's series (`_bucket` for each bound and `+Inf`, `_sum`, `_count`)
-/// for one set of labels.
-fn write_histogram(out: &mut String, name: &str, labels: &str, latency: &LatencyReport) {
+/// for one set of labels: every bound of [`BUCKET_BOUNDS_NS`], or with `coarse` those of
+/// [`EXPORT_BUCKET_BOUNDS_NS`].
+fn write_histogram(
+    out: &mut String,
+    name: &str,
+    labels: &str,
+    latency: &LatencyReport,
+    coarse: bool,
+) {
     for (bound_ns, count) in BUCKET_BOUNDS_NS.iter().zip(&latency.buckets) {
+        if coarse && !EXPORT_BUCKET_BOUNDS_NS.contains(bound_ns) {
+            continue;
+        }
         let le = *bound_ns as f64 / 1e9;
         let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {count}");
     }
     let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", latency.count);
     let _ = writeln!(out, "{name}_sum{{{labels}}} {}", latency.sum_ns as f64 / 1e9);
     let _ = writeln!(out, "{name}_count{{{labels}}} {}", latency.count);
+}
+
+/// A family's HELP and TYPE lines; its samples follow.
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
 /// The figures of the daemon's own process, from /proc/self.
@@ -173,27 +274,32 @@ fn process_figures() -> ProcessFigures {
     p
 }
 
-/// The exposition text for every export and queue, the I/O threads and the process.
+/// The exposition text for every export (or queue, with `metrics-detail = "queue"`), the
+/// I/O threads and the process.
 pub fn render(daemon: &Daemon) -> String {
+    let detail = Detail::of(daemon);
     let stats = daemon.stats(None).unwrap_or_default();
     let mut out = String::new();
-    let mut family = |name: &str, kind: &str, help: &str, samples: &mut dyn FnMut(&mut String)| {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-        samples(&mut out);
-    };
-    family(
-        "blkplane_build_info",
-        "gauge",
-        "Always 1; the labels say which build runs.",
-        &mut |o| {
-            let _ = writeln!(
-                o,
-                "blkplane_build_info{{version=\"{}\",commit=\"{}\"}} 1",
-                env!("CARGO_PKG_VERSION"),
-                env!("BLKPLANE_COMMIT")
-            );
-        },
+    write_process(&mut out);
+    write_exports(&mut out, &stats, &daemon.list());
+    let rows = rows(&stats, detail);
+    write_counters(&mut out, &rows);
+    write_scalars(&mut out, &rows);
+    write_iothreads(&mut out, &daemon.list_iothreads());
+    write_latency(&mut out, &rows, detail);
+    if detail == Detail::Queue {
+        write_stages(&mut out, &rows);
+    }
+    out
+}
+
+fn write_process(out: &mut String) {
+    family(out, "blkplane_build_info", "gauge", "Always 1; the labels say which build runs.");
+    let _ = writeln!(
+        out,
+        "blkplane_build_info{{version=\"{}\",commit=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION"),
+        env!("BLKPLANE_COMMIT")
     );
     let process = process_figures();
     let per_process: [(&str, &str, &str, f64); 7] = [
@@ -226,40 +332,149 @@ pub fn render(daemon: &Daemon) -> String {
         ),
     ];
     for (name, kind, help, value) in per_process {
-        family(name, kind, help, &mut |o| {
-            let _ = writeln!(o, "{name} {value}");
-        });
+        family(out, name, kind, help);
+        let _ = writeln!(out, "{name} {value}");
+    }
+}
+
+/// The export's limits as `key=value` pairs (its throttle group first), or `none`.
+fn limits_text(e: &ExportStats) -> String {
+    let group = e.throttle.group.iter().map(|g| format!("group={g}"));
+    let limits = e.throttle.limits.iter().map(|(k, v)| match v {
+        serde_json::Value::String(s) => format!("{k}={s}"),
+        v => format!("{k}={v}"),
+    });
+    let all: Vec<String> = group.chain(limits).collect();
+    if all.is_empty() {
+        "none".into()
+    } else {
+        all.join(",")
+    }
+}
+
+/// The per-export series that have no queue: what it is (info), its size, its frontend.
+fn write_exports(out: &mut String, stats: &[ExportStats], infos: &[ExportInfo]) {
+    family(
+        out,
+        "blkplane_export_info",
+        "gauge",
+        "Always 1; the labels say what the export serves and how.",
+    );
+    for e in stats {
+        let Some(i) = infos.iter().find(|i| i.id == e.id) else { continue };
+        let aio = i.spec.get("aio").and_then(|v| v.as_str()).unwrap_or("");
+        let _ = writeln!(
+            out,
+            "blkplane_export_info{{export=\"{}\",image=\"{}\",cache=\"{}\",aio=\"{}\",iothread=\"{}\",limits=\"{}\"}} 1",
+            escape(&e.id),
+            escape(&i.backend),
+            escape(&i.cache),
+            escape(aio),
+            escape(&i.iothread),
+            escape(&limits_text(e))
+        );
+    }
+    family(out, "blkplane_capacity_bytes", "gauge", "Size of the export as the guest sees it.");
+    for e in stats {
+        let _ = writeln!(
+            out,
+            "blkplane_capacity_bytes{{export=\"{}\"}} {}",
+            escape(&e.id),
+            e.size_bytes
+        );
     }
     family(
-        "blkplane_capacity_bytes",
-        "gauge",
-        "Size of the export as the guest sees it.",
-        &mut |o| {
-            for e in &stats {
-                let _ = writeln!(
-                    o,
-                    "blkplane_capacity_bytes{{export=\"{}\"}} {}",
-                    escape(&e.id),
-                    e.size_bytes
-                );
-            }
-        },
-    );
-    family(
+        out,
         "blkplane_client_connected",
         "gauge",
         "1 while a vhost-user frontend is connected.",
-        &mut |o| {
-            for e in &stats {
-                let _ = writeln!(
-                    o,
-                    "blkplane_client_connected{{export=\"{}\"}} {}",
-                    escape(&e.id),
-                    u8::from(e.client_connected)
-                );
-            }
-        },
     );
+    for e in stats {
+        let connected = u8::from(e.client_connected);
+        let _ =
+            writeln!(out, "blkplane_client_connected{{export=\"{}\"}} {connected}", escape(&e.id));
+    }
+}
+
+/// The figures of one export (its queues summed) or one queue, and the labels that say which.
+struct Row {
+    labels: String,
+    q: QueueReport,
+}
+
+fn add_counts(
+    into: &mut serde_json::Map<String, serde_json::Value>,
+    from: &serde_json::Map<String, serde_json::Value>,
+) {
+    for (k, v) in from {
+        let sum = into.get(k).and_then(|x| x.as_u64()).unwrap_or(0) + v.as_u64().unwrap_or(0);
+        into.insert(k.clone(), sum.into());
+    }
+}
+
+/// Adds `from`'s counts, sum and buckets to `into` (its mean and percentiles stay `into`'s:
+/// the exposition has no use for them).
+fn add_latency(into: &mut LatencyReport, from: &LatencyReport) {
+    into.count += from.count;
+    into.sum_ns = into.sum_ns.wrapping_add(from.sum_ns);
+    for (a, b) in into.buckets.iter_mut().zip(&from.buckets) {
+        *a += b;
+    }
+}
+
+/// `into` plus `q`: counters and every-request latency; the stages are not summed.
+fn add_queue(into: &mut QueueReport, q: &QueueReport) {
+    for (a, b) in [
+        (&mut into.requests, &q.requests),
+        (&mut into.bytes, &q.bytes),
+        (&mut into.errors_ioerr, &q.errors_ioerr),
+        (&mut into.errors_unsupp, &q.errors_unsupp),
+    ] {
+        add_counts(a, b);
+    }
+    let scalars = [
+        (&mut into.in_flight, q.in_flight),
+        (&mut into.bounce_buffers, q.bounce_buffers),
+        (&mut into.flush_errors, q.flush_errors),
+        (&mut into.notifications_sent, q.notifications_sent),
+        (&mut into.notifications_suppressed, q.notifications_suppressed),
+        (&mut into.poll_ns, q.poll_ns),
+        (&mut into.poll_hits, q.poll_hits),
+        (&mut into.sleeps, q.sleeps),
+        (&mut into.throttled_requests, q.throttled_requests),
+        (&mut into.throttled_ns, q.throttled_ns),
+        (&mut into.throttle_queued, q.throttle_queued),
+    ];
+    for (a, b) in scalars {
+        *a += b;
+    }
+    add_latency(&mut into.latency, &q.latency);
+    for (a, b) in into.latency_by_kind.iter_mut().zip(&q.latency_by_kind) {
+        add_latency(&mut a.latency, &b.latency);
+    }
+}
+
+fn rows(stats: &[ExportStats], detail: Detail) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for e in stats {
+        let export = escape(&e.id);
+        match detail {
+            Detail::Queue => rows.extend(e.queues.iter().map(|q| Row {
+                labels: format!("export=\"{export}\",queue=\"{}\"", q.queue),
+                q: q.clone(),
+            })),
+            Detail::Export => {
+                let Some((first, others)) = e.queues.split_first() else { continue };
+                let mut q = first.clone();
+                others.iter().for_each(|o| add_queue(&mut q, o));
+                rows.push(Row { labels: format!("export=\"{export}\""), q });
+            }
+        }
+    }
+    rows
+}
+
+fn write_counters(out: &mut String, rows: &[Row]) {
     type KindField = fn(&QueueReport) -> &serde_json::Map<String, serde_json::Value>;
     let per_kind: [(&str, &str, KindField); 2] = [
         ("blkplane_requests_total", "Requests answered, by kind, failed ones included.", |q| {
@@ -268,43 +483,33 @@ pub fn render(daemon: &Daemon) -> String {
         ("blkplane_bytes_total", "Bytes moved by successful requests, by kind.", |q| &q.bytes),
     ];
     for (name, help, field) in per_kind {
-        family(name, "counter", help, &mut |o| {
-            for e in &stats {
-                for q in &e.queues {
-                    for (kind, v) in field(q) {
-                        let _ = writeln!(
-                            o,
-                            "{name}{{export=\"{}\",queue=\"{}\",kind=\"{kind}\"}} {v}",
-                            escape(&e.id),
-                            q.queue
-                        );
-                    }
-                }
+        family(out, name, "counter", help);
+        for r in rows {
+            for (kind, v) in field(&r.q) {
+                let _ = writeln!(out, "{name}{{{},kind=\"{kind}\"}} {v}", r.labels);
             }
-        });
+        }
     }
     family(
+        out,
         "blkplane_errors_total",
         "counter",
         "Requests that failed, by kind and by the status the guest got (ioerr, unsupp).",
-        &mut |o| {
-            for e in &stats {
-                for q in &e.queues {
-                    for (status, map) in [("ioerr", &q.errors_ioerr), ("unsupp", &q.errors_unsupp)]
-                    {
-                        for (kind, v) in map {
-                            let _ = writeln!(
-                                o,
-                                "blkplane_errors_total{{export=\"{}\",queue=\"{}\",kind=\"{kind}\",status=\"{status}\"}} {v}",
-                                escape(&e.id),
-                                q.queue
-                            );
-                        }
-                    }
-                }
-            }
-        },
     );
+    for r in rows {
+        for (status, map) in [("ioerr", &r.q.errors_ioerr), ("unsupp", &r.q.errors_unsupp)] {
+            for (kind, v) in map {
+                let _ = writeln!(
+                    out,
+                    "blkplane_errors_total{{{},kind=\"{kind}\",status=\"{status}\"}} {v}",
+                    r.labels
+                );
+            }
+        }
+    }
+}
+
+fn write_scalars(out: &mut String, rows: &[Row]) {
     type Field = fn(&QueueReport) -> f64;
     let scalars: [(&str, &str, &str, Field); 10] = [
         (
@@ -363,26 +568,31 @@ pub fn render(daemon: &Daemon) -> String {
         ),
     ];
     for (name, kind, help, field) in scalars {
-        family(name, kind, help, &mut |o| {
-            for e in &stats {
-                for q in &e.queues {
-                    let _ = writeln!(
-                        o,
-                        "{name}{{export=\"{}\",queue=\"{}\"}} {}",
-                        escape(&e.id),
-                        q.queue,
-                        field(q)
-                    );
-                }
-            }
-        });
+        family(out, name, kind, help);
+        for r in rows {
+            let _ = writeln!(out, "{name}{{{}}} {}", r.labels, field(&r.q));
+        }
     }
-    let threads = daemon.list_iothreads();
+}
+
+fn write_iothreads(out: &mut String, threads: &[crate::iothread::registry::IoThreadInfo]) {
     type ThreadField = fn(&crate::iothread::registry::IoThreadInfo) -> f64;
-    let per_thread: [(&str, &str, &str, ThreadField); 4] = [
+    let per_thread: [(&str, &str, &str, ThreadField); 6] = [
         ("blkplane_iothread_queues", "gauge", "Queues the I/O thread serves now.", |t| {
             t.queues as f64
         }),
+        (
+            "blkplane_iothread_cpu_seconds_total",
+            "counter",
+            "CPU time the I/O thread used (the scheduler's statistics).",
+            |t| t.cpu_ns as f64 / 1e9,
+        ),
+        (
+            "blkplane_iothread_runqueue_wait_seconds_total",
+            "counter",
+            "Time the I/O thread was ready to run but waited for a CPU: the host is short of CPU for it.",
+            |t| t.runqueue_wait_ns as f64 / 1e9,
+        ),
         (
             "blkplane_iothread_poll_seconds_total",
             "counter",
@@ -400,44 +610,70 @@ pub fn render(daemon: &Daemon) -> String {
         }),
     ];
     for (name, kind, help, field) in per_thread {
-        family(name, kind, help, &mut |o| {
-            for t in &threads {
-                let _ = writeln!(o, "{name}{{iothread=\"{}\"}} {}", escape(&t.id), field(t));
-            }
-        });
+        family(out, name, kind, help);
+        for t in threads {
+            let _ = writeln!(out, "{name}{{iothread=\"{}\"}} {}", escape(&t.id), field(t));
+        }
     }
+}
+
+/// Every request's latency by kind: read, write and flush in coarse buckets per export, or
+/// every kind and bucket per queue.
+fn write_latency(out: &mut String, rows: &[Row], detail: Detail) {
+    let name = "blkplane_request_latency_seconds";
     family(
-        "blkplane_request_latency_seconds",
+        out,
+        name,
         "histogram",
-        "Every request's time at the daemon: seen in the avail ring (the fetch round that took it) until the guest was notified.",
-        &mut |o| {
-            for e in &stats {
-                for q in &e.queues {
-                    let labels = format!("export=\"{}\",queue=\"{}\"", escape(&e.id), q.queue);
-                    write_histogram(o, "blkplane_request_latency_seconds", &labels, &q.latency);
-                }
-            }
-        },
+        "Every request's time at the daemon, by kind: seen in the avail ring (the fetch round that took it) until the guest was notified.",
     );
+    let coarse = detail == Detail::Export;
+    for r in rows {
+        for k in &r.q.latency_by_kind {
+            if coarse && !EXPORT_LATENCY_KINDS.contains(&k.kind) {
+                continue;
+            }
+            let labels = format!("{},kind=\"{}\"", r.labels, k.kind);
+            write_histogram(out, name, &labels, &k.latency, coarse);
+        }
+    }
+}
+
+fn write_stages(out: &mut String, rows: &[Row]) {
+    let name = "blkplane_stage_latency_seconds";
     family(
-        "blkplane_stage_latency_seconds",
+        out,
+        name,
         "histogram",
         "Time of a sampled request (one in 64) in each layer of the request path (parse, submit, backend, publish, notify) and in all (total).",
-        &mut |o| {
-            for e in &stats {
-                for q in &e.queues {
-                    for s in &q.stages {
-                        let labels = format!(
-                            "export=\"{}\",queue=\"{}\",stage=\"{}\"",
-                            escape(&e.id),
-                            q.queue,
-                            s.stage
-                        );
-                        write_histogram(o, "blkplane_stage_latency_seconds", &labels, &s.latency);
-                    }
-                }
-            }
-        },
     );
-    out
+    for r in rows {
+        for s in &r.q.stages {
+            let labels = format!("{},stage=\"{}\"", r.labels, s.stage);
+            write_histogram(out, name, &labels, &s.latency, false);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_coarse_bound_is_an_exported_bound() {
+        // write_histogram picks the coarse buckets out of the fine ones by value.
+        for b in EXPORT_BUCKET_BOUNDS_NS {
+            assert!(BUCKET_BOUNDS_NS.contains(&b), "{b}");
+        }
+    }
+
+    #[test]
+    fn gzip_only_when_the_scraper_names_it() {
+        let head = |h: &str| format!("GET /metrics HTTP/1.1\r\n{h}\r\n\r\n");
+        assert!(accepts_gzip(&head("Accept-Encoding: gzip")));
+        assert!(accepts_gzip(&head("accept-encoding: identity, gzip;q=0.5")));
+        assert!(!accepts_gzip(&head("Accept-Encoding: identity")));
+        assert!(!accepts_gzip(&head("X-Gzip: gzip")));
+        assert!(!accepts_gzip("GET /gzip HTTP/1.1\r\n\r\n"));
+    }
 }

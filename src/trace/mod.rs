@@ -104,6 +104,40 @@ impl Kind {
     }
 }
 
+/// The kinds whose every-request latency is kept apart: reads, writes and flushes each
+/// have their own histogram, the rare rest (discard, write zeroes, get id, other) share
+/// one. Four histograms per queue rather than seven keep the memory per queue small.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LatencyKind {
+    Read,
+    Write,
+    Flush,
+    Other,
+}
+
+impl LatencyKind {
+    pub const ALL: [LatencyKind; 4] =
+        [LatencyKind::Read, LatencyKind::Write, LatencyKind::Flush, LatencyKind::Other];
+
+    pub fn of(kind: Kind) -> LatencyKind {
+        match kind {
+            Kind::Read => LatencyKind::Read,
+            Kind::Write => LatencyKind::Write,
+            Kind::Flush => LatencyKind::Flush,
+            Kind::GetId | Kind::Discard | Kind::WriteZeroes | Kind::Other => LatencyKind::Other,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LatencyKind::Read => "read",
+            LatencyKind::Write => "write",
+            LatencyKind::Flush => "flush",
+            LatencyKind::Other => "other",
+        }
+    }
+}
+
 /// Upper bounds of the exported latency buckets, in nanoseconds: 1-2.5-5 steps from 100 ns
 /// (a null-backend stage) to 10 s (a device that stalls). Above the last is `+Inf`.
 pub const BUCKET_BOUNDS_NS: [u64; 25] = [
@@ -211,11 +245,16 @@ impl Latency {
 
     /// Adds `self` to `other` and starts again from nothing.
     fn merge_into(&mut self, other: &mut Latency) {
-        // Same bounds on both sides: adding cannot fail.
-        let _ = other.histogram.add(&self.histogram);
-        other.sum_ns = other.sum_ns.wrapping_add(self.sum_ns);
+        other.add(self);
         self.histogram.reset();
         self.sum_ns = 0;
+    }
+
+    /// Adds what `other` recorded to `self`.
+    fn add(&mut self, other: &Latency) {
+        // Same bounds on both sides: adding cannot fail.
+        let _ = self.histogram.add(&other.histogram);
+        self.sum_ns = self.sum_ns.wrapping_add(other.sum_ns);
     }
 
     pub fn count(&self) -> u64 {
@@ -259,11 +298,12 @@ impl Latency {
 }
 
 /// The latency histograms of a queue (or of one I/O thread's share of it before a merge):
-/// each stage of the sampled requests, and every request's seen → notified.
+/// each stage of the sampled requests, and every request's seen → notified by
+/// [`LatencyKind`].
 #[derive(Default)]
 pub struct LatencyHistograms {
     stages: [Latency; Stage::ALL.len()],
-    requests: Latency,
+    requests: [Latency; LatencyKind::ALL.len()],
 }
 
 impl LatencyHistograms {
@@ -271,23 +311,34 @@ impl LatencyHistograms {
         self.stages[stage as usize].record(ns);
     }
 
-    pub fn record_request(&mut self, ns: u64) {
-        self.requests.record(ns);
+    pub fn record_request(&mut self, kind: LatencyKind, ns: u64) {
+        self.requests[kind as usize].record(ns);
     }
 
     pub fn merge_into(&mut self, other: &mut LatencyHistograms) {
         for (mine, theirs) in self.stages.iter_mut().zip(other.stages.iter_mut()) {
             mine.merge_into(theirs);
         }
-        self.requests.merge_into(&mut other.requests);
+        for (mine, theirs) in self.requests.iter_mut().zip(other.requests.iter_mut()) {
+            mine.merge_into(theirs);
+        }
     }
 
     pub fn get(&self, stage: Stage) -> &Latency {
         &self.stages[stage as usize]
     }
 
-    pub fn requests(&self) -> &Latency {
-        &self.requests
+    pub fn requests(&self, kind: LatencyKind) -> &Latency {
+        &self.requests[kind as usize]
+    }
+
+    /// Every request's latency, whatever its kind (a new histogram: not for the data path).
+    pub fn all_requests(&self) -> Latency {
+        let mut all = Latency::default();
+        for l in &self.requests {
+            all.add(l);
+        }
+        all
     }
 }
 
@@ -324,6 +375,14 @@ pub struct StageReport {
     pub share: f64,
 }
 
+/// The every-request latency of one [`LatencyKind`].
+#[derive(Clone, Debug, Serialize)]
+pub struct KindLatencyReport {
+    pub kind: &'static str,
+    #[serde(flatten)]
+    pub latency: LatencyReport,
+}
+
 /// A queue's figures as `query-stats` reports them.
 #[derive(Clone, Debug, Serialize)]
 pub struct QueueReport {
@@ -345,6 +404,8 @@ pub struct QueueReport {
     pub throttle_queued: u64,
     /// Every request, seen → notified.
     pub latency: LatencyReport,
+    /// The same by kind: read, write, flush, other (discard, write zeroes, get id, other).
+    pub latency_by_kind: Vec<KindLatencyReport>,
     /// The sampled requests, per layer.
     pub stages: Vec<StageReport>,
 }
@@ -385,8 +446,34 @@ impl QueueStats {
             throttled_requests: c.throttled_requests.get(),
             throttled_ns: c.throttled_ns.get(),
             throttle_queued: c.throttle_queued.get(),
-            latency: hist.requests().report(),
+            latency: hist.all_requests().report(),
+            latency_by_kind: LatencyKind::ALL
+                .iter()
+                .map(|&k| KindLatencyReport { kind: k.name(), latency: hist.requests(k).report() })
+                .collect(),
             stages,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_latency_is_kept_by_kind_and_sums_to_all() {
+        let mut mine = LatencyHistograms::default();
+        mine.record_request(LatencyKind::of(Kind::Read), 1_000);
+        mine.record_request(LatencyKind::of(Kind::Read), 3_000);
+        mine.record_request(LatencyKind::of(Kind::Write), 20_000);
+        mine.record_request(LatencyKind::of(Kind::Discard), 7);
+        let mut shared = LatencyHistograms::default();
+        mine.merge_into(&mut shared);
+        let counts: Vec<u64> =
+            LatencyKind::ALL.iter().map(|&k| shared.requests(k).count()).collect();
+        assert_eq!(counts, [2, 1, 0, 1], "read, write, flush, other");
+        let all = shared.all_requests().report();
+        assert_eq!((all.count, all.sum_ns), (4, 24_007));
+        assert_eq!(mine.all_requests().count(), 0, "handed over");
     }
 }

@@ -8,7 +8,7 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::{LatencyHistograms, Stage, MERGE_EVERY, SAMPLE_EVERY};
+use super::{Kind, LatencyHistograms, LatencyKind, Stage, MERGE_EVERY, SAMPLE_EVERY};
 
 /// Layer-boundary timestamps of a sampled request.
 #[derive(Clone, Copy)]
@@ -37,8 +37,9 @@ pub struct Sampler {
     seen_at: Box<[Instant]>,
     /// The current fetch round's time, read when it takes its first request.
     round_seen: Option<Instant>,
-    /// Seen times of the requests answered this round, waiting for their notify time.
-    answered: Vec<Instant>,
+    /// Seen times and kinds of the requests answered this round, waiting for their notify
+    /// time (reserved for every slot at start: pushing never allocates).
+    answered: Vec<(Instant, LatencyKind)>,
     /// Sampled requests handed to the engine this round, waiting for their submit time.
     submitting: Vec<u16>,
     /// Sampled requests finished this round, waiting for their publish and notify times.
@@ -125,19 +126,20 @@ impl Sampler {
         self.submitting.clear();
     }
 
-    /// The request in slot `tag` is answered (its used entry is pushed).
-    pub fn completed(&mut self, tag: u16) {
+    /// The request of `kind` in slot `tag` is answered (its used entry is pushed).
+    pub fn completed(&mut self, tag: u16, kind: Kind) {
         if !self.on {
             return;
         }
         let i = usize::from(tag);
+        let kind = LatencyKind::of(kind);
         if self.answered.len() < self.answered.capacity() {
-            self.answered.push(self.seen_at[i]);
+            self.answered.push((self.seen_at[i], kind));
         } else {
             // More answers in one round than slots (a slot answered at once and taken again
             // in the same fetch): this one is timed now, without its notification.
             let ns = self.seen_at[i].elapsed().as_nanos() as u64;
-            self.histograms.record_request(ns);
+            self.histograms.record_request(kind, ns);
             self.unmerged = true;
         }
         if std::mem::take(&mut self.sampled[i]) {
@@ -167,8 +169,8 @@ impl Sampler {
     ) {
         let ns = |a: Instant, b: Instant| b.saturating_duration_since(a).as_nanos() as u64;
         let h = &mut self.histograms;
-        for &seen in &self.answered {
-            h.record_request(ns(seen, notified));
+        for &(seen, kind) in &self.answered {
+            h.record_request(kind, ns(seen, notified));
         }
         self.answered.clear();
         let published = published.unwrap_or(notified);

@@ -609,3 +609,22 @@ pub fn shell_words(text: &str) -> Vec<String> {
         .map(String::from)
         .collect()
 }
+
+/// A port free on the loopback now (a test's daemon or Prometheus binds it next).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `GET path` over HTTP/1.0 with `headers` (each ending in CRLF): the response head and body.
+pub fn http_get(addr: &str, path: &str, headers: &str) -> (String, Vec<u8>) {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    // A daemon that refuses at once (503) may close before the request is written.
+    let _ = write!(s, "GET {path} HTTP/1.0\r\n{headers}\r\n");
+    let mut reply = Vec::new();
+    let _ = s.read_to_end(&mut reply);
+    let split = reply.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(reply.len());
+    let head = String::from_utf8_lossy(&reply[..split]).to_string();
+    (head, reply.get(split + 4..).unwrap_or_default().to_vec())
+}

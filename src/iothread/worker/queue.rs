@@ -830,8 +830,9 @@ impl Core {
                 Err(_) => c.errors_ioerr[kind].add(1),
             }
         }
+        let kind = slot.kind;
         self.slots.give_back(tag);
-        self.sampler.completed(tag);
+        self.sampler.completed(tag, kind);
         self.count_retired(1);
     }
 
