@@ -65,6 +65,9 @@ fn choice(key: &str, v: &Value, words: &[&str]) -> Result<String, SpecError> {
     Ok(text)
 }
 
+/// The words of `metrics-detail` (`control::metrics::Detail`): one set of series per export,
+/// or per queue with the per-stage histograms.
+pub const METRICS_DETAILS: &[&str] = &["export", "queue"];
 pub const LOG_LEVELS: &[&str] = &["off", "error", "warn", "info", "debug", "trace"];
 pub const LOG_FORMATS: &[&str] = &["text", "json"];
 
@@ -97,11 +100,11 @@ impl Options for DaemonSettings {
         Key {
             name: "metrics-detail",
             aliases: &[],
-            kind: Kind::Choice(crate::control::metrics::DETAILS),
+            kind: Kind::Choice(METRICS_DETAILS),
             usage: "metrics-detail=DETAIL",
             help: "export (default: one set of series per export, queues summed) or queue (per queue, with every latency bucket and the per-stage histograms).",
             set: |s, v| {
-                let words = crate::control::metrics::DETAILS;
+                let words = METRICS_DETAILS;
                 s.metrics_detail = Some(choice("metrics-detail", v, words)?);
                 Ok(())
             },

@@ -63,7 +63,7 @@ pub enum Detail {
     Queue,
 }
 
-pub const DETAILS: &[&str] = &["export", "queue"];
+pub use crate::config_file::METRICS_DETAILS as DETAILS;
 
 impl Detail {
     fn of(daemon: &Daemon) -> Detail {
