@@ -51,7 +51,7 @@ enum Command {
     /// Send one command to a running daemon's control socket and print the reply.
     #[command(
         after_help = "Commands: list-exports, add-export KEY=VALUE..., remove-export id=ID [force=true], reload, \
-resize id=ID size=BYTES, query-stats [id=ID], set-polling [id=ID|iothread=NAME] [mode=adaptive|always|never] [max-us=N], \
+resize id=ID size=BYTES [shrink=on], query-stats [id=ID], set-polling [id=ID|iothread=NAME] [mode=adaptive|always|never] [max-us=N], \
 set-throttle id=ID|group=NAME [iops-total=N] [bps-read=BYTES] ... (the limit keys of --export; those not given are lifted), \
 list-iothreads, add-iothread id=NAME [cpus=LIST] [poll=MODE] [poll-max-us=N], remove-iothread id=NAME, \
 dump-config (prints the running configuration as the TOML --config reads: keep runtime changes with \

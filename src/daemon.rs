@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use serde::Serialize;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config_file::DaemonSettings;
 use crate::disk::{BackendSpec, Disk};
@@ -545,12 +545,38 @@ impl Daemon {
     }
 
     /// Changes an export's size and tells a connected VMM (config-change message).
-    pub fn resize(&self, id: &str, size_bytes: u64) -> Result<ExportInfo, ControlError> {
+    /// Resizes an export; a smaller size only with `shrink` (the bytes past the new end are
+    /// lost, and a typo in a size must not be how that happens: qemu-img asks the same).
+    pub fn resize(
+        &self,
+        id: &str,
+        size_bytes: u64,
+        shrink: bool,
+    ) -> Result<ExportInfo, ControlError> {
         let server = self.with_export(id, |e| Arc::clone(&e.server))?;
         // One resize at a time: two interleaved (publish, drain, truncate) sequences could
-        // leave the file and the published capacity disagreeing.
+        // leave the file and the published capacity disagreeing; and the size compared
+        // against here is the one this resize changes.
         let _one_at_a_time = self.resizing.lock().unwrap_or_else(|p| p.into_inner());
+        let old_size_bytes = server.disk().capacity_bytes();
+        if size_bytes < old_size_bytes && !shrink {
+            return Err(ControlError::new(
+                "invalid-size",
+                format!(
+                    "size {size_bytes} is below the export's {old_size_bytes} bytes; \
+                     a shrink loses data: say shrink=on"
+                ),
+            ));
+        }
         server.disk().resize(size_bytes).map_err(|e| ControlError::new("invalid-size", e))?;
+        if size_bytes < old_size_bytes {
+            warn!(
+                parent: &server.disk().span,
+                old_size_bytes,
+                new_size_bytes = size_bytes,
+                "export shrunk: the bytes past the new end are gone"
+            );
+        }
         // Outside the exports lock: the VMM answers by reading the config space, which the
         // export's own thread serves.
         if let Err(e) = server.notify_config_change() {
