@@ -1,7 +1,6 @@
 //! `blkplane serve`: the set of running exports, changed at start-up and through the control
 //! socket, and a clean shutdown on SIGTERM or SIGINT.
 
-use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -725,42 +724,4 @@ impl Daemon {
         }
         self.iothreads.shut_down();
     }
-}
-
-/// Signals the main thread handles: SIGTERM and SIGINT end the daemon, SIGHUP reloads its
-/// configuration file (without this, SIGHUP's default action would kill it at once).
-fn shutdown_signals() -> libc::sigset_t {
-    // SAFETY: sigemptyset/sigaddset initialise and fill the set we own.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGHUP);
-        set
-    }
-}
-
-/// Blocks SIGTERM, SIGINT and SIGHUP in this thread and every thread started after, so that only
-/// `wait_for_shutdown_signal` receives them. Call before starting any thread.
-pub fn block_shutdown_signals() -> io::Result<()> {
-    let signals = shutdown_signals();
-    // SAFETY: a valid signal set; no old mask is requested.
-    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut()) };
-    if rc != 0 {
-        return Err(io::Error::from_raw_os_error(rc));
-    }
-    Ok(())
-}
-
-/// Waits for SIGTERM, SIGINT or SIGHUP; returns the signal number.
-pub fn wait_for_shutdown_signal() -> io::Result<i32> {
-    let signals = shutdown_signals();
-    let mut signal: libc::c_int = 0;
-    // SAFETY: a valid set and a valid out-pointer.
-    let rc = unsafe { libc::sigwait(&signals, &mut signal) };
-    if rc != 0 {
-        return Err(io::Error::from_raw_os_error(rc));
-    }
-    Ok(signal)
 }
