@@ -59,7 +59,7 @@ install -Dm644 "$here/blkplane.sysusers.conf" "$root$prefix/lib/sysusers.d/blkpl
 if [ ! -e "$root/etc/blkplane/blkplane.toml" ]; then
     install -Dm644 "$here/blkplane.toml" "$root/etc/blkplane/blkplane.toml"
 fi
-"$bin" manpages --dir "$root$prefix/share/man/man1" >/dev/null
+"$bin" manpages --dir "$root$prefix/share/man" >/dev/null
 mkdir -p "$root$prefix/share/bash-completion/completions" \
     "$root$prefix/share/zsh/vendor-completions" \
     "$root$prefix/share/fish/vendor_completions.d"

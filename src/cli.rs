@@ -127,9 +127,9 @@ export-aio, device-scheduler, device-queue-depth, device-write-cache, device-num
         after_help = "Example:\n  blkplane completions bash > /usr/share/bash-completion/completions/blkplane"
     )]
     Completions { shell: clap_complete::Shell },
-    /// Write the man pages (blkplane.1, and blkplane-serve.1 and so on for the subcommands)
-    /// into a directory.
-    #[command(after_help = "Example:\n  blkplane manpages --dir /usr/share/man/man1")]
+    /// Write the man pages into a man directory: man1/blkplane.1, man1/blkplane-serve.1 and
+    /// so on for the subcommands, and man5/blkplane.toml.5 for the configuration file.
+    #[command(after_help = "Example:\n  blkplane manpages --dir /usr/share/man")]
     Manpages {
         /// Where to write them (created if missing).
         #[arg(long, value_name = "DIR", default_value = ".")]
@@ -312,28 +312,6 @@ fn client_exit(result: Result<(), ClientFailure>) -> ExitCode {
     }
 }
 
-/// Renders blkplane.1 and a page per visible subcommand (blkplane-serve.1, ...) into `dir`
-/// from the clap definitions. Returns the files written.
-fn write_manpages(dir: &std::path::Path) -> std::io::Result<Vec<PathBuf>> {
-    std::fs::create_dir_all(dir)?;
-    let cmd = Cli::command();
-    let mut pages = vec![("blkplane".to_string(), cmd.clone())];
-    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
-        let name = format!("blkplane-{}", sub.get_name());
-        let version = cmd.get_version().unwrap_or_default().to_string();
-        pages.push((name.clone(), sub.clone().name(name).version(version)));
-    }
-    let mut written = Vec::new();
-    for (name, page) in pages {
-        let path = dir.join(format!("{name}.1"));
-        let mut out = Vec::new();
-        clap_mangen::Man::new(page).render(&mut out)?;
-        std::fs::write(&path, out)?;
-        written.push(path);
-    }
-    Ok(written)
-}
-
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -349,12 +327,12 @@ pub fn main() -> ExitCode {
         Command::VmConfig(args) => vm_config(args),
         Command::Doctor { control, json, root } => doctor(&control, json, &root),
         Command::Completions { shell } => {
-            let mut cmd = Cli::command();
+            let mut cmd = crate::manpages::for_completion(Cli::command());
             let mut out = Vec::new();
             clap_complete::generate(shell, &mut cmd, "blkplane", &mut out);
             client_exit(print_out(&String::from_utf8_lossy(&out)))
         }
-        Command::Manpages { dir } => match write_manpages(&dir) {
+        Command::Manpages { dir } => match crate::manpages::write(Cli::command(), &dir) {
             Ok(written) => {
                 for path in written {
                     println!("{}", path.display());

@@ -251,7 +251,7 @@ fn the_contrib_files_are_valid() {
 }
 
 /// What install.sh installs under the prefix, for install and uninstall alike.
-const INSTALLED: [&str; 12] = [
+const INSTALLED: [&str; 13] = [
     "bin/blkplane",
     "lib/systemd/system/blkplane.service",
     "lib/tmpfiles.d/blkplane.conf",
@@ -260,6 +260,7 @@ const INSTALLED: [&str; 12] = [
     "share/man/man1/blkplane-serve.1",
     "share/man/man1/blkplane-ctl.1",
     "share/man/man1/blkplane-stat.1",
+    "share/man/man5/blkplane.toml.5",
     "share/bash-completion/completions/blkplane",
     "share/zsh/vendor-completions/_blkplane",
     "share/fish/vendor_completions.d/blkplane.fish",
@@ -636,4 +637,109 @@ fn under_journald_lines_carry_their_priority() {
     assert!(warned, "no warning with priority 4");
     common::signal(child.id() as i32, libc::SIGTERM);
     assert!(child.wait().unwrap().success());
+}
+
+/// `blkplane manpages --dir DIR` into a fresh directory: the paths it wrote.
+fn manpages() -> (tempfile::TempDir, Vec<std::path::PathBuf>) {
+    let dir = tmpdir();
+    let out = Command::new(common::daemon_bin())
+        .args(["manpages", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let pages = String::from_utf8_lossy(&out.stdout).lines().map(Into::into).collect();
+    (dir, pages)
+}
+
+/// Every page renders without a groff warning (the key tables were pre-formatted text that
+/// roff filled), refers only to pages that exist, and offers only options its command takes.
+#[test]
+fn every_man_page_renders_clean_and_refers_to_pages_that_exist() {
+    let (dir, pages) = manpages();
+    let names: Vec<String> =
+        pages.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    for want in ["man1/blkplane.1", "man1/blkplane-serve.1", "man5/blkplane.toml.5"] {
+        assert!(dir.path().join(want).is_file(), "no {want} among {names:?}");
+    }
+    for page in &pages {
+        let out =
+            Command::new("groff").args(["-ww", "-z", "-Tutf8", "-man"]).arg(page).output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stderr), "", "groff -ww on {}", page.display());
+        let text = std::fs::read_to_string(page).unwrap();
+        for (at, _) in text.match_indices("(1)").chain(text.match_indices("(5)")) {
+            let start = text[..at].rfind(|c: char| c.is_whitespace() || c == ',').unwrap() + 1;
+            let name =
+                text[start..at + 3].replace("\\-", "-").replace("\\fB", "").replace("\\fR", "");
+            let file = format!("{}.{}", &name[..name.len() - 3], &name[name.len() - 2..][..1]);
+            assert!(names.contains(&file), "{} refers to {name}, not generated", page.display());
+        }
+        let sub = names.iter().any(|n| page.ends_with(n) && n.starts_with("blkplane-"));
+        assert!(!(sub && text.contains("\\-V")), "{} offers -V", page.display());
+    }
+    for (page, sections) in [
+        ("man1/blkplane.1", &["SIGNALS", "FILES", "EXIT STATUS"][..]),
+        ("man1/blkplane-serve.1", &["SIGNALS", "FILES", "EXIT STATUS", "EXPORT KEYS"]),
+        ("man5/blkplane.toml.5", &["DAEMON KEYS", "IOTHREAD TABLES", "EXPORT TABLES", "FILES"]),
+    ] {
+        let text = std::fs::read_to_string(dir.path().join(page)).unwrap();
+        for s in sections {
+            assert!(
+                text.contains(&format!("\n.SH \"{s}\"\n"))
+                    || text.contains(&format!("\n.SH {s}\n")),
+                "{page}: no {s}"
+            );
+        }
+    }
+    let toml5 = std::fs::read_to_string(dir.path().join("man5/blkplane.toml.5")).unwrap();
+    for key in [
+        "image\\-lock\\-wait\\-ms",
+        "pool\\-threads",
+        "poll\\-max\\-us",
+        "socket\\-mode",
+        "iops\\-total",
+    ] {
+        assert!(toml5.contains(&format!("\\fB{key}")), "blkplane.toml(5) lacks {key}");
+    }
+}
+
+/// What the installed-style bash completion offers for a command line that ends in a space.
+fn bash_completes(line: &str) -> String {
+    let dir = tmpdir();
+    let script = dir.path().join("blkplane.bash");
+    let out = Command::new(common::daemon_bin()).args(["completions", "bash"]).output().unwrap();
+    std::fs::write(&script, out.stdout).unwrap();
+    let words: Vec<&str> = line.split(' ').collect();
+    let words_array: Vec<String> = words.iter().map(|w| format!("'{w}'")).collect();
+    let script = format!(
+        "source {}; COMP_WORDS=({}); COMP_CWORD={}; COMP_LINE='{line}'; COMP_POINT={}; _blkplane blkplane '{}' '{}'; echo ${{COMPREPLY[@]}}",
+        script.display(),
+        words_array.join(" "),
+        words.len() - 1,
+        line.len(),
+        words[words.len() - 1],
+        words[words.len() - 2],
+    );
+    let out = Command::new("bash").arg("-c").arg(&script).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Completions offer the export keys after --export, the control commands after ctl, the log
+/// levels, and no hidden command.
+#[test]
+fn bash_completes_export_keys_ctl_commands_and_log_levels() {
+    let keys = bash_completes("blkplane serve --export ");
+    for key in ["id=", "socket=", "image=", "cache=", "iops-total=", "socket-mode="] {
+        assert!(keys.split(' ').any(|k| k == key), "{key} not offered after --export: {keys}");
+    }
+    let commands = bash_completes("blkplane ctl ");
+    let commands: Vec<&str> = commands.split(' ').filter(|w| !w.starts_with('-')).collect();
+    assert_eq!(
+        commands.join(" "),
+        "list-exports add-export remove-export resize query-stats set-polling set-throttle \
+         list-iothreads add-iothread remove-iothread dump-config reload"
+    );
+    assert_eq!(bash_completes("blkplane serve --log-level "), "off error warn info debug trace");
+    assert_eq!(bash_completes("blkplane b"), "bench");
 }
