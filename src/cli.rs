@@ -330,6 +330,9 @@ pub fn main() -> ExitCode {
             let mut cmd = crate::manpages::for_completion(Cli::command());
             let mut out = Vec::new();
             clap_complete::generate(shell, &mut cmd, "blkplane", &mut out);
+            if shell == clap_complete::Shell::Fish {
+                out.extend_from_slice(crate::manpages::fish_extra().as_bytes());
+            }
             client_exit(print_out(&String::from_utf8_lossy(&out)))
         }
         Command::Manpages { dir } => match crate::manpages::write(Cli::command(), &dir) {

@@ -182,3 +182,12 @@ pub fn for_completion(cmd: Command) -> Command {
     }
     root
 }
+
+/// What clap's fish script leaves out: fish completes no positional argument's values, so
+/// the control commands after `ctl` are added by hand.
+pub fn fish_extra() -> String {
+    format!(
+        "complete -c blkplane -n \"__fish_blkplane_using_subcommand ctl\" -f -a \"{}\"\n",
+        crate::control::COMMAND_NAMES.join(" ")
+    )
+}
