@@ -51,7 +51,7 @@ enum Command {
     /// Send one command to a running daemon's control socket and print the reply.
     #[command(
         after_help = "Commands: list-exports, add-export KEY=VALUE..., remove-export id=ID [force=true], reload, \
-resize id=ID size=BYTES, query-stats [id=ID], set-polling [id=ID|iothread=NAME] [mode=adaptive|always|never] [max-us=N], \
+resize id=ID size=BYTES [shrink=on], query-stats [id=ID], set-polling [id=ID|iothread=NAME] [mode=adaptive|always|never] [max-us=N], \
 set-throttle id=ID|group=NAME [iops-total=N] [bps-read=BYTES] ... (the limit keys of --export; those not given are lifted), \
 list-iothreads, add-iothread id=NAME [cpus=LIST] [poll=MODE] [poll-max-us=N], remove-iothread id=NAME, \
 dump-config (prints the running configuration as the TOML --config reads: keep runtime changes with \
@@ -127,9 +127,9 @@ export-aio, device-scheduler, device-queue-depth, device-write-cache, device-num
         after_help = "Example:\n  blkplane completions bash > /usr/share/bash-completion/completions/blkplane"
     )]
     Completions { shell: clap_complete::Shell },
-    /// Write the man pages (blkplane.1, and blkplane-serve.1 and so on for the subcommands)
-    /// into a directory.
-    #[command(after_help = "Example:\n  blkplane manpages --dir /usr/share/man/man1")]
+    /// Write the man pages into a man directory: man1/blkplane.1, man1/blkplane-serve.1 and
+    /// so on for the subcommands, and man5/blkplane.toml.5 for the configuration file.
+    #[command(after_help = "Example:\n  blkplane manpages --dir /usr/share/man")]
     Manpages {
         /// Where to write them (created if missing).
         #[arg(long, value_name = "DIR", default_value = ".")]
@@ -312,28 +312,6 @@ fn client_exit(result: Result<(), ClientFailure>) -> ExitCode {
     }
 }
 
-/// Renders blkplane.1 and a page per visible subcommand (blkplane-serve.1, ...) into `dir`
-/// from the clap definitions. Returns the files written.
-fn write_manpages(dir: &std::path::Path) -> std::io::Result<Vec<PathBuf>> {
-    std::fs::create_dir_all(dir)?;
-    let cmd = Cli::command();
-    let mut pages = vec![("blkplane".to_string(), cmd.clone())];
-    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
-        let name = format!("blkplane-{}", sub.get_name());
-        let version = cmd.get_version().unwrap_or_default().to_string();
-        pages.push((name.clone(), sub.clone().name(name).version(version)));
-    }
-    let mut written = Vec::new();
-    for (name, page) in pages {
-        let path = dir.join(format!("{name}.1"));
-        let mut out = Vec::new();
-        clap_mangen::Man::new(page).render(&mut out)?;
-        std::fs::write(&path, out)?;
-        written.push(path);
-    }
-    Ok(written)
-}
-
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -349,12 +327,15 @@ pub fn main() -> ExitCode {
         Command::VmConfig(args) => vm_config(args),
         Command::Doctor { control, json, root } => doctor(&control, json, &root),
         Command::Completions { shell } => {
-            let mut cmd = Cli::command();
+            let mut cmd = crate::manpages::for_completion(Cli::command());
             let mut out = Vec::new();
             clap_complete::generate(shell, &mut cmd, "blkplane", &mut out);
+            if shell == clap_complete::Shell::Fish {
+                out.extend_from_slice(crate::manpages::fish_extra().as_bytes());
+            }
             client_exit(print_out(&String::from_utf8_lossy(&out)))
         }
-        Command::Manpages { dir } => match write_manpages(&dir) {
+        Command::Manpages { dir } => match crate::manpages::write(Cli::command(), &dir) {
             Ok(written) => {
                 for path in written {
                     println!("{}", path.display());

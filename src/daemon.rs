@@ -1,13 +1,12 @@
 //! `blkplane serve`: the set of running exports, changed at start-up and through the control
 //! socket, and a clean shutdown on SIGTERM or SIGINT.
 
-use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use serde::Serialize;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config_file::DaemonSettings;
 use crate::disk::{BackendSpec, Disk};
@@ -545,12 +544,38 @@ impl Daemon {
     }
 
     /// Changes an export's size and tells a connected VMM (config-change message).
-    pub fn resize(&self, id: &str, size_bytes: u64) -> Result<ExportInfo, ControlError> {
+    /// Resizes an export; a smaller size only with `shrink` (the bytes past the new end are
+    /// lost, and a typo in a size must not be how that happens: qemu-img asks the same).
+    pub fn resize(
+        &self,
+        id: &str,
+        size_bytes: u64,
+        shrink: bool,
+    ) -> Result<ExportInfo, ControlError> {
         let server = self.with_export(id, |e| Arc::clone(&e.server))?;
         // One resize at a time: two interleaved (publish, drain, truncate) sequences could
-        // leave the file and the published capacity disagreeing.
+        // leave the file and the published capacity disagreeing; and the size compared
+        // against here is the one this resize changes.
         let _one_at_a_time = self.resizing.lock().unwrap_or_else(|p| p.into_inner());
+        let old_size_bytes = server.disk().capacity_bytes();
+        if size_bytes < old_size_bytes && !shrink {
+            return Err(ControlError::new(
+                "invalid-size",
+                format!(
+                    "size {size_bytes} is below the export's {old_size_bytes} bytes; \
+                     a shrink loses data: say shrink=on"
+                ),
+            ));
+        }
         server.disk().resize(size_bytes).map_err(|e| ControlError::new("invalid-size", e))?;
+        if size_bytes < old_size_bytes {
+            warn!(
+                parent: &server.disk().span,
+                old_size_bytes,
+                new_size_bytes = size_bytes,
+                "export shrunk: the bytes past the new end are gone"
+            );
+        }
         // Outside the exports lock: the VMM answers by reading the config space, which the
         // export's own thread serves.
         if let Err(e) = server.notify_config_change() {
@@ -699,42 +724,4 @@ impl Daemon {
         }
         self.iothreads.shut_down();
     }
-}
-
-/// Signals the main thread handles: SIGTERM and SIGINT end the daemon, SIGHUP reloads its
-/// configuration file (without this, SIGHUP's default action would kill it at once).
-fn shutdown_signals() -> libc::sigset_t {
-    // SAFETY: sigemptyset/sigaddset initialise and fill the set we own.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGHUP);
-        set
-    }
-}
-
-/// Blocks SIGTERM, SIGINT and SIGHUP in this thread and every thread started after, so that only
-/// `wait_for_shutdown_signal` receives them. Call before starting any thread.
-pub fn block_shutdown_signals() -> io::Result<()> {
-    let signals = shutdown_signals();
-    // SAFETY: a valid signal set; no old mask is requested.
-    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut()) };
-    if rc != 0 {
-        return Err(io::Error::from_raw_os_error(rc));
-    }
-    Ok(())
-}
-
-/// Waits for SIGTERM, SIGINT or SIGHUP; returns the signal number.
-pub fn wait_for_shutdown_signal() -> io::Result<i32> {
-    let signals = shutdown_signals();
-    let mut signal: libc::c_int = 0;
-    // SAFETY: a valid set and a valid out-pointer.
-    let rc = unsafe { libc::sigwait(&signals, &mut signal) };
-    if rc != 0 {
-        return Err(io::Error::from_raw_os_error(rc));
-    }
-    Ok(signal)
 }

@@ -19,6 +19,7 @@ mod export;
 mod iothread;
 mod listener;
 mod logging;
+mod manpages;
 mod qos;
 mod ratelimit;
 mod serve;

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use clap::builder::PossibleValuesParser;
 use clap::Args;
@@ -16,7 +17,7 @@ use tracing::level_filters::LevelFilter;
 
 use crate::config_file::{self, ConfigFile, DaemonSettings};
 use crate::control::{metrics, ControlServer};
-use crate::daemon::{self, ControlError, Daemon};
+use crate::daemon::{ControlError, Daemon};
 use crate::disk::BackendSpec;
 use crate::engine::lock;
 use crate::export::ExportConfig;
@@ -230,7 +231,7 @@ pub fn serve(o: ServeOptions) -> ExitCode {
     // Before any thread starts (the I/O threads start here): a thread that does not block
     // them could take SIGTERM or SIGHUP while the main thread is not in sigwait, and their
     // default action would end the daemon at once, without its drain.
-    if let Err(e) = daemon::block_shutdown_signals() {
+    if let Err(e) = crate::sys::block_shutdown_signals() {
         eprintln!("blkplane: error: {e}");
         return ExitCode::FAILURE;
     }
@@ -279,14 +280,11 @@ pub fn serve(o: ServeOptions) -> ExitCode {
     }));
     tracing::info!(exports = daemon.list().len(), "serving");
     crate::service::ready(daemon.list().len());
-    let signal = loop {
-        match daemon::wait_for_shutdown_signal() {
-            Ok(libc::SIGHUP) => runtime.reload_on_signal(),
-            Ok(s) => break s,
-            Err(e) => {
-                eprintln!("blkplane: error: {e}");
-                return ExitCode::FAILURE;
-            }
+    let signal = match runtime.wait_for_shutdown() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("blkplane: error: {e}");
+            return ExitCode::FAILURE;
         }
     };
     tracing::info!(signal, "shutting down after in-flight I/O");
@@ -381,6 +379,30 @@ impl Runtime {
         if let Some(old) = self.metrics.lock().unwrap_or_else(|p| p.into_inner()).replace(listener)
         {
             old.stop();
+        }
+    }
+
+    /// The main loop: reloads on SIGHUP, feeds the service manager's watchdog, and returns
+    /// the signal that ends the daemon (SIGTERM, SIGINT). The watchdog is fed by the clock,
+    /// not by each wake-up, so that a stream of SIGHUPs cannot starve it.
+    fn wait_for_shutdown(&self) -> std::io::Result<i32> {
+        // Without a watchdog the wait still ends now and then; nothing is sent.
+        let ping_every = crate::service::watchdog_ping_interval();
+        let wait = ping_every.unwrap_or(Duration::from_secs(3600));
+        let mut next_ping = Instant::now() + wait;
+        loop {
+            let left = next_ping.saturating_duration_since(Instant::now());
+            match crate::sys::wait_for_shutdown_signal(left)? {
+                Some(libc::SIGHUP) => self.reload_on_signal(),
+                Some(signal) => return Ok(signal),
+                None => {}
+            }
+            if Instant::now() >= next_ping {
+                if ping_every.is_some() {
+                    crate::service::watchdog_ping();
+                }
+                next_ping = Instant::now() + wait;
+            }
         }
     }
 

@@ -1,7 +1,10 @@
 //! Telling the service manager how the daemon is doing (systemd's `Type=notify` protocol: a
 //! datagram to `$NOTIFY_SOCKET`): ready once every export listens, the export count as its
 //! status, reloading while a SIGHUP re-reads the configuration, stopping when a shutdown
-//! signal came. Without `NOTIFY_SOCKET` these do nothing.
+//! signal came, and alive (WATCHDOG=1) while the service manager watches (`WatchdogSec=`).
+//! Without `NOTIFY_SOCKET` these do nothing.
+
+use std::time::Duration;
 
 use sd_notify::NotifyState;
 use tracing::warn;
@@ -59,4 +62,16 @@ pub fn reloading() {
         Ok(now) => send(&[NotifyState::Reloading, now]),
         Err(e) => warn!("cannot read the monotonic clock for the service manager: {e}"),
     }
+}
+
+/// How often the main loop says it runs: half the service manager's watchdog interval
+/// (`WATCHDOG_USEC`, for this process), so that one late wake-up is not a restart; None
+/// without a watchdog.
+pub fn watchdog_ping_interval() -> Option<Duration> {
+    sd_notify::watchdog_enabled().map(|timeout| timeout / 2).filter(|d| !d.is_zero())
+}
+
+/// The main loop runs: the service manager's watchdog is fed.
+pub fn watchdog_ping() {
+    send(&[NotifyState::Watchdog]);
 }

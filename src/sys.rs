@@ -51,6 +51,53 @@ pub fn with_umask<T>(mask: libc::mode_t, f: impl FnOnce() -> T) -> T {
     result
 }
 
+/// Signals the main thread handles: SIGTERM and SIGINT end the daemon, SIGHUP reloads its
+/// configuration file (without this, SIGHUP's default action would kill it at once).
+fn shutdown_signals() -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset initialise and fill the set we own.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        set
+    }
+}
+
+/// Blocks SIGTERM, SIGINT and SIGHUP in this thread and every thread started after, so that
+/// only `wait_for_shutdown_signal` receives them. Call before starting any thread.
+pub fn block_shutdown_signals() -> io::Result<()> {
+    let signals = shutdown_signals();
+    // SAFETY: a valid signal set; no old mask is requested.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
+}
+
+/// Waits at most `timeout` for SIGTERM, SIGINT or SIGHUP: the signal number, or None when
+/// the time ran out (or another signal's handler interrupted the wait), so that the caller
+/// can do its periodic work (the service manager's watchdog) and wait again.
+pub fn wait_for_shutdown_signal(timeout: std::time::Duration) -> io::Result<Option<i32>> {
+    let signals = shutdown_signals();
+    let timeout = libc::timespec {
+        tv_sec: timeout.as_secs().min(i32::MAX as u64) as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: a valid set and timeout; no siginfo is asked for (null).
+    let signal = unsafe { libc::sigtimedwait(&signals, std::ptr::null_mut(), &timeout) };
+    if signal >= 0 {
+        return Ok(Some(signal));
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EAGAIN | libc::EINTR) => Ok(None),
+        _ => Err(e),
+    }
+}
+
 /// The CPU ids this process may run on (its affinity mask, which cpusets narrow).
 pub fn allowed_cpus() -> Vec<usize> {
     // SAFETY: an all-zero cpu_set_t is valid; sched_getaffinity writes at most its size.

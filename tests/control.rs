@@ -235,8 +235,8 @@ fn every_command_with_io_running() {
     assert_eq!(ca.read_at(0, 32 << 20, 4096, 0), Err(EIO), "the new end is the end");
     for (args, code) in [
         (json!({"id": "a", "size": -1}), "invalid-argument"),
-        (json!({"id": "a", "size": 1000}), "invalid-size"),
-        (json!({"id": "a", "size": 0}), "invalid-size"),
+        (json!({"id": "a", "size": 1000, "shrink": "on"}), "invalid-size"),
+        (json!({"id": "a", "size": 0, "shrink": "on"}), "invalid-size"),
         (json!({"id": "a", "size": "lots"}), "invalid-argument"),
         (json!({"id": "a", "size": true}), "invalid-argument"),
         (json!({"id": "a"}), "invalid-argument"),

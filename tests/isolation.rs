@@ -861,7 +861,7 @@ fn resizes_are_whole_blocks_serialized_and_a_shrink_stays_shrunk() {
         })
     };
     for round in 0..30 {
-        ctl_ok(&mut ctl, "resize", serde_json::json!({"id": "a", "size": 7 << 20}));
+        ctl_ok(&mut ctl, "resize", serde_json::json!({"id": "a", "size": 7 << 20, "shrink": "on"}));
         std::thread::sleep(Duration::from_millis(5));
         let len = fs::metadata(&t.a_image).unwrap().len();
         assert_eq!(
@@ -884,7 +884,8 @@ fn resizes_are_whole_blocks_serialized_and_a_shrink_stays_shrunk() {
                 let mut ctl = blkplane::ControlClient::connect(&p).unwrap();
                 for i in 0..40 {
                     let size = sizes[(i * (k + 1)) % sizes.len()];
-                    ctl_ok(&mut ctl, "resize", serde_json::json!({"id": "a", "size": size}));
+                    let args = serde_json::json!({"id": "a", "size": size, "shrink": true});
+                    ctl_ok(&mut ctl, "resize", args);
                 }
             })
         })
@@ -897,6 +898,57 @@ fn resizes_are_whole_blocks_serialized_and_a_shrink_stays_shrunk() {
         .as_u64()
         .unwrap();
     assert_eq!(fs::metadata(&t.a_image).unwrap().len(), size, "file and capacity disagree");
+    t.neighbour_serves();
+    t.stops();
+}
+
+// 11b. A shrink is never an accident: refused unless the request says shrink=on.
+
+#[test]
+fn a_resize_to_a_smaller_size_is_refused_without_shrink_on() {
+    let (mut t, ctl_path) = tenants_with_control("", &[]);
+    let before = fs::read(&t.a_image).unwrap();
+    assert_eq!(before, pattern(1, 0, IMAGE_BYTES as usize), "the image as made");
+    let want = "size 4194304 is below the export's 8388608 bytes; a shrink loses data: \
+                say shrink=on";
+    let mut ctl = blkplane::ControlClient::connect(&ctl_path).unwrap();
+    for args in [
+        serde_json::json!({"id": "a", "size": 4 << 20}),
+        serde_json::json!({"id": "a", "size": "4M", "shrink": "off"}),
+        serde_json::json!({"id": "a", "size": 4 << 20, "shrink": false}),
+    ] {
+        let r = ctl.call("resize", args.clone()).unwrap();
+        assert_eq!(r["error"]["code"], "invalid-size", "{args}: {r}");
+        assert_eq!(r["error"]["message"], want, "{args}: {r}");
+    }
+    // The command line says the same, and fails.
+    let out = common::ctl(&ctl_path, &["resize", "id=a", "size=4M"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!("blkplane: resize: {want} (invalid-size)\n")
+    );
+    let r = ctl.call("resize", serde_json::json!({"id": "a", "size": 4 << 20, "shrink": "maybe"}));
+    assert_eq!(r.unwrap()["error"]["code"], "invalid-argument");
+    assert_eq!(fs::read(&t.a_image).unwrap(), before, "a refused shrink changed the image");
+    assert!(!t.daemon.log().contains("export shrunk"), "{}", t.daemon.log());
+
+    // Growing needs no word; shrinking back with shrink=on does, and is a warning.
+    ctl_ok(&mut ctl, "resize", serde_json::json!({"id": "a", "size": 12 << 20}));
+    let out = common::ctl(&ctl_path, &["resize", "id=a", "size=4M", "shrink=on"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(fs::metadata(&t.a_image).unwrap().len(), 4 << 20);
+    assert_eq!(fs::read(&t.a_image).unwrap(), before[..4 << 20], "the kept bytes changed");
+    let log = t.daemon.log();
+    let warned: Vec<_> = log.lines().filter(|l| l.contains("export shrunk")).collect();
+    assert_eq!(warned.len(), 1, "{log}");
+    assert!(
+        warned[0].contains("WARN")
+            && warned[0].contains("old_size_bytes=12582912")
+            && warned[0].contains("new_size_bytes=4194304"),
+        "{}",
+        warned[0]
+    );
     t.neighbour_serves();
     t.stops();
 }
@@ -943,7 +995,8 @@ fn a_backend_channel_nobody_reads_times_out() {
     for i in 0..20_000u64 {
         use std::io::BufRead;
         let size = if i % 2 == 0 { 4 << 20 } else { 8 << 20 };
-        let line = serde_json::json!({"command": "resize", "args": {"id": "a", "size": size}});
+        let args = serde_json::json!({"id": "a", "size": size, "shrink": "on"});
+        let line = serde_json::json!({"command": "resize", "args": args});
         ctl.write_all(format!("{line}\n").as_bytes()).unwrap();
         let mut reply = String::new();
         reader.read_line(&mut reply).expect("resize never returned: the channel write blocked");

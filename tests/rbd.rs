@@ -157,7 +157,8 @@ fn resize_resizes_the_image() {
         ],
         std::slice::from_ref(&sock),
     );
-    let resize = |bytes: u64| common::ctl(&ctl, &["resize", "id=r", &format!("size={bytes}")]);
+    let resize =
+        |bytes: u64| common::ctl(&ctl, &["resize", "id=r", &format!("size={bytes}"), "shrink=on"]);
     let mut c = Client::connect(&sock, 1);
     let data = pattern(50, 0, 65536);
     assert_eq!(c.write_at(0, 0, &data, 0), 0);

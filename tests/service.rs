@@ -8,7 +8,7 @@ use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{make_image, tmpdir};
+use common::{make_image, tmpdir, KillOnDrop};
 
 /// The next notification, as text.
 fn next(sock: &UnixDatagram) -> String {
@@ -64,6 +64,68 @@ fn the_service_manager_hears_ready_status_and_stopping() {
     assert!(daemon.wait().unwrap().success());
 }
 
+/// Starts `blkplane serve` (a null export and a control socket) with `NOTIFY_SOCKET` the
+/// manager's socket and `env` besides; returns once READY=1 arrived.
+fn serve_under_manager(
+    dir: &std::path::Path,
+    env: &[(&str, String)],
+) -> (KillOnDrop, UnixDatagram) {
+    let notify = dir.join("notify.sock");
+    let manager = UnixDatagram::bind(&notify).unwrap();
+    manager.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let sock = dir.join("a.sock");
+    let daemon = Command::new(common::daemon_bin())
+        .args(["serve", "--control"])
+        .arg(dir.join("ctl.sock"))
+        .arg("--export")
+        .arg(format!("id=a,socket={},engine=null,size=1M", sock.display()))
+        .env("NOTIFY_SOCKET", &notify)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    while !next(&manager).contains("READY=1") {}
+    (KillOnDrop(daemon), manager)
+}
+
+/// The notifications that arrive within `span`.
+fn heard_within(manager: &UnixDatagram, span: Duration) -> Vec<String> {
+    let end = std::time::Instant::now() + span;
+    let mut heard = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Some(left) = end.checked_duration_since(std::time::Instant::now()) {
+        manager.set_read_timeout(Some(left.max(Duration::from_millis(1)))).unwrap();
+        if let Ok(n) = manager.recv(&mut buf) {
+            heard.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    heard
+}
+
+/// WatchdogSec=: with WATCHDOG_USEC set for this process the main loop sends WATCHDOG=1 at
+/// half the interval; for another process's WATCHDOG_PID, or without it, nothing.
+#[test]
+fn the_main_loop_feeds_the_watchdog() {
+    let dir = tmpdir();
+    let (mut daemon, manager) =
+        serve_under_manager(dir.path(), &[("WATCHDOG_USEC", "200000".into())]);
+    let heard = heard_within(&manager, Duration::from_millis(1500));
+    let pings = heard.iter().filter(|h| *h == "WATCHDOG=1\n").count();
+    // One every 100 ms: 15 in 1.5 s, give or take a loaded machine.
+    assert!((8..=17).contains(&pings), "{pings} pings in 1.5 s: {heard:?}");
+    assert_eq!(pings, heard.len(), "{heard:?}");
+    common::signal(daemon.0.id() as i32, libc::SIGTERM);
+    assert!(daemon.0.wait().unwrap().success());
+
+    for env in [vec![("WATCHDOG_USEC", "200000".to_string()), ("WATCHDOG_PID", "1".into())], vec![]]
+    {
+        let dir = tmpdir();
+        let (_daemon, manager) = serve_under_manager(dir.path(), &env);
+        let heard = heard_within(&manager, Duration::from_millis(600));
+        assert_eq!(heard, Vec::<String>::new(), "{env:?}");
+    }
+}
+
 /// Without NOTIFY_SOCKET nothing is sent and nothing fails; with one that goes nowhere the
 /// daemon says so and serves on.
 #[test]
@@ -98,37 +160,20 @@ fn a_missing_service_manager_is_not_an_error() {
     assert!(log.contains("cannot notify the service manager"), "{log}");
 }
 
-/// contrib/: install.sh puts the binary, the unit, the tmpfiles entry, the configuration,
-/// the man pages and the completions in place (into a staging tree); the installed unit
-/// passes `systemd-analyze verify` (with ExecStart pointed at the installed binary, and its
-/// Documentation= man pages found among those installed); the installed bash completion
-/// completes; the example configuration passes `--check-config` (with its paths moved into
-/// a temporary directory and its group made one this machine has).
+/// contrib/: install.sh puts the binary, the unit, the sysusers and tmpfiles entries, the
+/// configuration, the man pages and the completions in place (into a staging root) and makes
+/// the unit's directories; the installed unit passes `systemd-analyze verify` (with ExecStart
+/// pointed at the installed binary, and its Documentation= man pages found among those
+/// installed) and `systemd-analyze security` rates it below 5.0; the installed bash
+/// completion completes; the example configuration passes `--check-config` and serves (with
+/// its paths moved into the staging root and its group made one this machine has).
 #[test]
 fn the_contrib_files_are_valid() {
-    let contrib = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib");
     let dir = tmpdir();
     let staging = dir.path().join("root");
-    let out = Command::new("sh")
-        .arg(contrib.join("install.sh"))
-        .env("DESTDIR", &staging)
-        .env("BLKPLANE_BIN", common::daemon_bin())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "install.sh: {}", String::from_utf8_lossy(&out.stderr));
+    install_sh(&staging, &[]);
     let usr = staging.join("usr");
-    for file in [
-        "bin/blkplane",
-        "lib/systemd/system/blkplane.service",
-        "lib/tmpfiles.d/blkplane.conf",
-        "share/man/man1/blkplane.1",
-        "share/man/man1/blkplane-serve.1",
-        "share/man/man1/blkplane-ctl.1",
-        "share/man/man1/blkplane-stat.1",
-        "share/bash-completion/completions/blkplane",
-        "share/zsh/vendor-completions/_blkplane",
-        "share/fish/vendor_completions.d/blkplane.fish",
-    ] {
+    for file in INSTALLED {
         assert!(usr.join(file).is_file(), "install.sh did not install {file}");
     }
     assert!(staging.join("etc/blkplane/blkplane.toml").is_file());
@@ -161,7 +206,18 @@ fn the_contrib_files_are_valid() {
     assert_eq!(words.trim(), "serve stat", "{}", String::from_utf8_lossy(&out.stderr));
 
     let unit = std::fs::read_to_string(usr.join("lib/systemd/system/blkplane.service")).unwrap();
-    assert!(unit.contains("Type=notify"));
+    for line in [
+        "Type=notify\n",
+        "WatchdogSec=30s\n",
+        "Wants=network-online.target\n",
+        "After=network-online.target local-fs.target\n",
+        "ReadWritePaths=-/var/lib/blkplane -/run/blkplane\n",
+    ] {
+        assert!(unit.contains(line), "the unit lacks {line:?}");
+    }
+    // It would re-own /run/blkplane at every start, undoing the tmpfiles entry's group.
+    assert!(!unit.lines().any(|l| l.starts_with("RuntimeDirectory")), "{unit}");
+    staged_directories_are_made(&staging);
     let unit_path = dir.path().join("blkplane.service");
     let installed_bin = usr.join("bin/blkplane").display().to_string();
     std::fs::write(&unit_path, unit.replace("/usr/bin/blkplane", &installed_bin)).unwrap();
@@ -174,6 +230,8 @@ fn the_contrib_files_are_valid() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "systemd-analyze verify: {stderr}");
     assert!(!stderr.contains("blkplane.service"), "systemd-analyze verify warns: {stderr}");
+    let exposure = security_exposure(&unit_path);
+    assert!(exposure < 5.0, "systemd-analyze security rates the unit {exposure}");
     // The example socket unit (socket activation by the export's id) verifies beside it.
     let socket = usr.join("share/doc/blkplane/examples/blkplane-vm1.socket");
     let socket_path = dir.path().join("blkplane-vm1.socket");
@@ -189,22 +247,148 @@ fn the_contrib_files_are_valid() {
     assert!(out.status.success(), "systemd-analyze verify of the socket unit: {stderr}");
     assert!(!stderr.contains("blkplane-vm1.socket"), "systemd-analyze verify warns: {stderr}");
 
-    let toml = std::fs::read_to_string(contrib.join("blkplane.toml")).unwrap();
-    let d = dir.path().display().to_string();
-    let toml = toml
-        .replace("/run/blkplane", &d)
-        .replace("/var/lib/blkplane", &d)
-        .replace("127.0.0.1:9180", "127.0.0.1:0")
-        .replace("\"kvm\"", "\"root\"");
-    let config = dir.path().join("blkplane.toml");
-    std::fs::write(&config, toml).unwrap();
-    make_image(&dir.path().join("vm1.raw"), 1 << 20, 1);
-    let out = Command::new(common::daemon_bin())
-        .args(["serve", "--check-config", "--config"])
-        .arg(&config)
+    the_example_configuration_serves(&staging, dir.path());
+}
+
+/// What install.sh installs under the prefix, for install and uninstall alike.
+const INSTALLED: [&str; 13] = [
+    "bin/blkplane",
+    "lib/systemd/system/blkplane.service",
+    "lib/tmpfiles.d/blkplane.conf",
+    "lib/sysusers.d/blkplane.conf",
+    "share/man/man1/blkplane.1",
+    "share/man/man1/blkplane-serve.1",
+    "share/man/man1/blkplane-ctl.1",
+    "share/man/man1/blkplane-stat.1",
+    "share/man/man5/blkplane.toml.5",
+    "share/bash-completion/completions/blkplane",
+    "share/zsh/vendor-completions/_blkplane",
+    "share/fish/vendor_completions.d/blkplane.fish",
+    "share/doc/blkplane/examples/blkplane-vm1.socket",
+];
+
+/// `DESTDIR=staging contrib/install.sh ARGS`, which must succeed.
+fn install_sh(staging: &std::path::Path, args: &[&str]) -> String {
+    let contrib = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib");
+    let out = Command::new("sh")
+        .arg(contrib.join("install.sh"))
+        .args(args)
+        .env("DESTDIR", staging)
+        .env("BLKPLANE_BIN", common::daemon_bin())
         .output()
         .unwrap();
-    assert!(out.status.success(), "check-config: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "install.sh {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// install.sh made the unit's directories as the tmpfiles entry says: 0750, root, group kvm
+/// (made in the staging root's /etc/group by the sysusers entry where there was none).
+fn staged_directories_are_made(staging: &std::path::Path) {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let groups = std::fs::read_to_string(staging.join("etc/group")).unwrap();
+    let kvm: u32 = groups
+        .lines()
+        .find_map(|l| l.strip_prefix("kvm:x:")?.split(':').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no group kvm in the staging root: {groups}"));
+    for d in ["run/blkplane", "var/lib/blkplane"] {
+        let m = std::fs::metadata(staging.join(d)).unwrap_or_else(|e| panic!("{d}: {e}"));
+        assert!(m.is_dir(), "{d}");
+        assert_eq!(
+            (m.permissions().mode() & 0o7777, m.uid(), m.gid()),
+            (0o750, 0, kvm),
+            "{d}: mode, owner, group"
+        );
+    }
+}
+
+/// The "Overall exposure level" `systemd-analyze security` gives the unit file.
+fn security_exposure(unit: &std::path::Path) -> f64 {
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--no-pager"])
+        .arg(unit)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains("Overall exposure level for blkplane.service: "))
+        .unwrap_or_else(|| panic!("no rating: {text}{}", String::from_utf8_lossy(&out.stderr)));
+    let figure = line.split(": ").nth(1).and_then(|r| r.split(' ').next());
+    figure.and_then(|f| f.parse().ok()).unwrap_or_else(|| panic!("no figure in {line:?}"))
+}
+
+/// The example configuration, with the staged paths: `--check-config` passes as installed
+/// (the control socket alone: an export would need an image the operator has not made) and
+/// with its export uncommented once the image is made; as installed the daemon starts and
+/// answers on its control socket.
+fn the_example_configuration_serves(staging: &std::path::Path, dir: &std::path::Path) {
+    let toml = std::fs::read_to_string(staging.join("etc/blkplane/blkplane.toml")).unwrap();
+    let staged = |text: &str| {
+        text.replace("/run/blkplane", &staging.join("run/blkplane").display().to_string())
+            .replace("/var/lib/blkplane", &staging.join("var/lib/blkplane").display().to_string())
+            .replace("127.0.0.1:9180", "127.0.0.1:0")
+            .replace("\"kvm\"", "\"root\"")
+    };
+    let config = dir.join("blkplane.toml");
+    let with_export = dir.join("with-export.toml");
+    std::fs::write(&config, staged(&toml)).unwrap();
+    // Commented-out settings have no space after the '#'; comments have one.
+    let uncommented: Vec<&str> = toml
+        .lines()
+        .map(|l| if l.starts_with("# ") { l } else { l.trim_start_matches('#') })
+        .collect();
+    assert!(uncommented.contains(&"[[export]]"), "the example has no export to uncomment");
+    std::fs::write(&with_export, staged(&uncommented.join("\n"))).unwrap();
+    make_image(&staging.join("var/lib/blkplane/vm1.raw"), 1 << 20, 1);
+    for file in [&config, &with_export] {
+        let out = Command::new(common::daemon_bin())
+            .args(["serve", "--check-config", "--config"])
+            .arg(file)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "check-config {}: {stderr}", file.display());
+    }
+    let control = staging.join("run/blkplane/control.sock");
+    let child = Command::new(common::daemon_bin())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let daemon = KillOnDrop(child);
+    common::wait_until("the control socket", Duration::from_secs(20), || {
+        std::os::unix::net::UnixStream::connect(&control).is_ok()
+    });
+    let out = common::ctl(&control, &["list-exports"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "[]\n");
+    common::signal(daemon.0.id() as i32, libc::SIGTERM);
+}
+
+/// `install.sh --uninstall` removes what install.sh installed, and keeps the configuration
+/// and the images (data).
+#[test]
+fn the_install_can_be_undone() {
+    let dir = tmpdir();
+    let staging = dir.path().join("root");
+    install_sh(&staging, &[]);
+    std::fs::write(staging.join("var/lib/blkplane/vm1.raw"), b"data").unwrap();
+    let said = install_sh(&staging, &["--uninstall"]);
+    assert_eq!(
+        said,
+        format!(
+            "removed blkplane from {0}; kept {0}/etc/blkplane and {0}/var/lib/blkplane\n",
+            staging.display()
+        )
+    );
+    for file in INSTALLED {
+        assert!(!staging.join("usr").join(file).exists(), "--uninstall left {file}");
+    }
+    let man1 = std::fs::read_dir(staging.join("usr/share/man/man1")).unwrap().count();
+    assert_eq!(man1, 0, "--uninstall left man pages");
+    assert!(!staging.join("run/blkplane").exists());
+    assert!(staging.join("etc/blkplane/blkplane.toml").is_file());
+    assert_eq!(std::fs::read(staging.join("var/lib/blkplane/vm1.raw")).unwrap(), b"data");
 }
 
 /// SIGHUP re-reads --config: a new export is added, a vanished one removed, an unchanged one
@@ -453,4 +637,109 @@ fn under_journald_lines_carry_their_priority() {
     assert!(warned, "no warning with priority 4");
     common::signal(child.id() as i32, libc::SIGTERM);
     assert!(child.wait().unwrap().success());
+}
+
+/// `blkplane manpages --dir DIR` into a fresh directory: the paths it wrote.
+fn manpages() -> (tempfile::TempDir, Vec<std::path::PathBuf>) {
+    let dir = tmpdir();
+    let out = Command::new(common::daemon_bin())
+        .args(["manpages", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let pages = String::from_utf8_lossy(&out.stdout).lines().map(Into::into).collect();
+    (dir, pages)
+}
+
+/// Every page renders without a groff warning (the key tables were pre-formatted text that
+/// roff filled), refers only to pages that exist, and offers only options its command takes.
+#[test]
+fn every_man_page_renders_clean_and_refers_to_pages_that_exist() {
+    let (dir, pages) = manpages();
+    let names: Vec<String> =
+        pages.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    for want in ["man1/blkplane.1", "man1/blkplane-serve.1", "man5/blkplane.toml.5"] {
+        assert!(dir.path().join(want).is_file(), "no {want} among {names:?}");
+    }
+    for page in &pages {
+        let out =
+            Command::new("groff").args(["-ww", "-z", "-Tutf8", "-man"]).arg(page).output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stderr), "", "groff -ww on {}", page.display());
+        let text = std::fs::read_to_string(page).unwrap();
+        for (at, _) in text.match_indices("(1)").chain(text.match_indices("(5)")) {
+            let start = text[..at].rfind(|c: char| c.is_whitespace() || c == ',').unwrap() + 1;
+            let name =
+                text[start..at + 3].replace("\\-", "-").replace("\\fB", "").replace("\\fR", "");
+            let file = format!("{}.{}", &name[..name.len() - 3], &name[name.len() - 2..][..1]);
+            assert!(names.contains(&file), "{} refers to {name}, not generated", page.display());
+        }
+        let sub = names.iter().any(|n| page.ends_with(n) && n.starts_with("blkplane-"));
+        assert!(!(sub && text.contains("\\-V")), "{} offers -V", page.display());
+    }
+    for (page, sections) in [
+        ("man1/blkplane.1", &["SIGNALS", "FILES", "EXIT STATUS"][..]),
+        ("man1/blkplane-serve.1", &["SIGNALS", "FILES", "EXIT STATUS", "EXPORT KEYS"]),
+        ("man5/blkplane.toml.5", &["DAEMON KEYS", "IOTHREAD TABLES", "EXPORT TABLES", "FILES"]),
+    ] {
+        let text = std::fs::read_to_string(dir.path().join(page)).unwrap();
+        for s in sections {
+            assert!(
+                text.contains(&format!("\n.SH \"{s}\"\n"))
+                    || text.contains(&format!("\n.SH {s}\n")),
+                "{page}: no {s}"
+            );
+        }
+    }
+    let toml5 = std::fs::read_to_string(dir.path().join("man5/blkplane.toml.5")).unwrap();
+    for key in [
+        "image\\-lock\\-wait\\-ms",
+        "pool\\-threads",
+        "poll\\-max\\-us",
+        "socket\\-mode",
+        "iops\\-total",
+    ] {
+        assert!(toml5.contains(&format!("\\fB{key}")), "blkplane.toml(5) lacks {key}");
+    }
+}
+
+/// What the installed-style bash completion offers for a command line that ends in a space.
+fn bash_completes(line: &str) -> String {
+    let dir = tmpdir();
+    let script = dir.path().join("blkplane.bash");
+    let out = Command::new(common::daemon_bin()).args(["completions", "bash"]).output().unwrap();
+    std::fs::write(&script, out.stdout).unwrap();
+    let words: Vec<&str> = line.split(' ').collect();
+    let words_array: Vec<String> = words.iter().map(|w| format!("'{w}'")).collect();
+    let script = format!(
+        "source {}; COMP_WORDS=({}); COMP_CWORD={}; COMP_LINE='{line}'; COMP_POINT={}; _blkplane blkplane '{}' '{}'; echo ${{COMPREPLY[@]}}",
+        script.display(),
+        words_array.join(" "),
+        words.len() - 1,
+        line.len(),
+        words[words.len() - 1],
+        words[words.len() - 2],
+    );
+    let out = Command::new("bash").arg("-c").arg(&script).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Completions offer the export keys after --export, the control commands after ctl, the log
+/// levels, and no hidden command.
+#[test]
+fn bash_completes_export_keys_ctl_commands_and_log_levels() {
+    let keys = bash_completes("blkplane serve --export ");
+    for key in ["id=", "socket=", "image=", "cache=", "iops-total=", "socket-mode="] {
+        assert!(keys.split(' ').any(|k| k == key), "{key} not offered after --export: {keys}");
+    }
+    let commands = bash_completes("blkplane ctl ");
+    let commands: Vec<&str> = commands.split(' ').filter(|w| !w.starts_with('-')).collect();
+    assert_eq!(
+        commands.join(" "),
+        "list-exports add-export remove-export resize query-stats set-polling set-throttle \
+         list-iothreads add-iothread remove-iothread dump-config reload"
+    );
+    assert_eq!(bash_completes("blkplane serve --log-level "), "off error warn info debug trace");
+    assert_eq!(bash_completes("blkplane b"), "bench");
 }

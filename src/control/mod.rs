@@ -7,7 +7,7 @@
 //! ```
 //!
 //! Commands: list-exports, add-export (the keys of --export), remove-export (id, force),
-//! resize (id, size), query-stats (id), set-polling (id or iothread, mode, max-us),
+//! resize (id, size, shrink), query-stats (id), set-polling (id or iothread, mode, max-us),
 //! set-throttle (id or group, and the limit keys of --export: those not given are lifted),
 //! list-iothreads, add-iothread (the keys of --iothread), remove-iothread (id), dump-config
 //! (the running configuration as a TOML config file, in a string). A bad request gets an
@@ -301,10 +301,11 @@ fn run_command(
             Ok(json!({"removed": id}))
         }
         "resize" => {
-            only_keys(command, args, &["id", "size"])?;
+            only_keys(command, args, &["id", "size", "shrink"])?;
             let id = req_str(args, "id")?;
             let size = req_size(args, "size")?;
-            to_json(daemon.resize(&id, size)?)
+            let shrink = opt_bool(args, "shrink")?.unwrap_or(false);
+            to_json(daemon.resize(&id, size, shrink)?)
         }
         "query-stats" => {
             only_keys(command, args, &["id"])?;
