@@ -16,7 +16,7 @@ use crate::iothread::registry::{IoThreadConfig, IoThreadInfo, IoThreads, ThreadC
 use crate::iothread::Placement;
 use crate::qos::{Throttle, ThrottleConfig};
 use crate::trace::QueueReport;
-use crate::vhost_user::{apply_socket_access, bind_socket, ExportServer};
+use crate::vhost_user::{apply_socket_access, bind_socket, open_to_others, ExportServer};
 use serde_json::Value;
 
 /// An error answered on the control socket: a stable code and a sentence.
@@ -320,7 +320,7 @@ impl Daemon {
             disks.push((disk, placement, socket));
         }
         let mut servers = Vec::with_capacity(named.len());
-        for ((_, c), (disk, placement, socket)) in named.iter().zip(disks) {
+        for ((id, c), (disk, placement, socket)) in named.iter().zip(disks) {
             let bind_failed = |e| ControlError::new("bind-failed", e);
             let (listener, owns_path) = match c.socket.fd {
                 Some(fd) => (crate::sys::take_listening_socket(fd).map_err(bind_failed)?, false),
@@ -334,6 +334,7 @@ impl Daemon {
             // An inherited socket's permissions are its parent's choice.
             if owns_path {
                 apply_socket_access(&c.socket.path, &c.socket.access).map_err(bind_failed)?;
+                warn_if_open_to_others(id, c);
             }
             servers.push((server, placement));
         }
@@ -723,5 +724,18 @@ impl Daemon {
             }
         }
         self.iothreads.shut_down();
+    }
+}
+
+/// Says once, as the export starts, that its socket mode lets any local user connect: a
+/// socket-mode with "other" bits is accepted (a test bed may want it) but is seldom meant.
+fn warn_if_open_to_others(id: &str, c: &ExportConfig) {
+    if let Some(mode) = c.socket.access.mode.filter(|m| open_to_others(*m)) {
+        tracing::warn!(
+            export = %id,
+            "socket-mode={mode:04o} opens {} to users outside its owner and group: whoever \
+             connects controls the disk",
+            c.socket.path.display()
+        );
     }
 }

@@ -589,7 +589,6 @@ pub enum Backend {
     /// An NBD server's export, what it said at open and how long requests wait for it.
     Nbd(Arc<NbdTarget>),
     /// An RBD image, open for the export's life.
-    #[cfg(feature = "rbd")]
     Rbd(Arc<crate::engine::rbd::cluster::RbdHandle>),
 }
 
@@ -631,7 +630,6 @@ impl Disk {
                 let physical = n.preferred_block.clamp(logical, 4096);
                 (Backend::Nbd(Arc::new(target)), n.size_bytes, logical, physical)
             }
-            #[cfg(feature = "rbd")]
             BackendSpec::Rbd(RbdOptions { spec, op_timeout_s }) => {
                 use crate::engine::rbd::cluster::RbdHandle;
                 let image = RbdHandle::open(
@@ -651,13 +649,6 @@ impl Disk {
                 }
                 // RBD stores objects of 4 MiB; 4 KiB is what its writes align to best.
                 (Backend::Rbd(Arc::new(image)), size, 512, 4096)
-            }
-            #[cfg(not(feature = "rbd"))]
-            BackendSpec::Rbd(RbdOptions { spec, .. }) => {
-                return Err(OpenError::Remote(format!(
-                    "RBD {}: this blkplane was built without RBD support (cargo feature rbd)",
-                    spec.name()
-                )))
             }
         };
         let name = || match &config.backend {
@@ -842,7 +833,6 @@ impl Disk {
                 target.spec
             ));
         }
-        #[cfg(feature = "rbd")]
         if let Backend::Rbd(image) = &self.backend {
             if self.readonly {
                 return Err("a read-only RBD export cannot be resized".into());

@@ -394,3 +394,61 @@ mod tests {
         assert_eq!(&now[..10], String::from_utf8_lossy(&date.stdout).trim());
     }
 }
+
+/// Which name-service database a name is looked up in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdKind {
+    User,
+    Group,
+}
+
+/// Largest buffer a passwd or group entry may need (a group of many members is the large
+/// case); getpwnam_r/getgrnam_r answer ERANGE until the buffer holds the entry.
+const MAX_ENTRY_BYTES: usize = 1 << 20;
+
+/// The uid or gid of `name` through the system's name service (getpwnam_r/getgrnam_r, so
+/// whatever nsswitch.conf names: files, LDAP, sssd, systemd-userdb); `None` if it has none.
+pub fn id_of(kind: IdKind, name: &str) -> io::Result<Option<u32>> {
+    let name = std::ffi::CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a name with a NUL byte"))?;
+    let mut buf_bytes = 1024;
+    loop {
+        let mut buf = vec![0 as libc::c_char; buf_bytes];
+        let (rc, id) = match kind {
+            IdKind::User => user_entry(&name, &mut buf),
+            IdKind::Group => group_entry(&name, &mut buf),
+        };
+        match rc {
+            0 => return Ok(id),
+            libc::ERANGE if buf_bytes < MAX_ENTRY_BYTES => buf_bytes *= 4,
+            // What the manual lists besides 0 for a name that is not there.
+            libc::ENOENT | libc::ESRCH => return Ok(None),
+            rc => return Err(io::Error::from_raw_os_error(rc)),
+        }
+    }
+}
+
+/// getpwnam_r into `buf`: its return code and the uid if found.
+fn user_entry(name: &std::ffi::CStr, buf: &mut [libc::c_char]) -> (libc::c_int, Option<u32>) {
+    let mut entry = std::mem::MaybeUninit::<libc::passwd>::uninit();
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: `name` is NUL-terminated; `entry`, `buf` (with its true length) and `found`
+    // are ours and outlive the call, which writes only into them.
+    let rc = unsafe {
+        libc::getpwnam_r(name.as_ptr(), entry.as_mut_ptr(), buf.as_mut_ptr(), buf.len(), &mut found)
+    };
+    // SAFETY: a non-null `found` points to `entry`, which the call filled.
+    (rc, (rc == 0 && !found.is_null()).then(|| unsafe { (*found).pw_uid }))
+}
+
+/// getgrnam_r into `buf`: its return code and the gid if found.
+fn group_entry(name: &std::ffi::CStr, buf: &mut [libc::c_char]) -> (libc::c_int, Option<u32>) {
+    let mut entry = std::mem::MaybeUninit::<libc::group>::uninit();
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: as in `user_entry`, for the group database.
+    let rc = unsafe {
+        libc::getgrnam_r(name.as_ptr(), entry.as_mut_ptr(), buf.as_mut_ptr(), buf.len(), &mut found)
+    };
+    // SAFETY: a non-null `found` points to `entry`, which the call filled.
+    (rc, (rc == 0 && !found.is_null()).then(|| unsafe { (*found).gr_gid }))
+}

@@ -273,7 +273,6 @@ fn make_queue(
             let engine = NbdEngine::new(Arc::clone(target), setup.index, size)?;
             worker::queue::start(disk, setup, engine)
         }
-        #[cfg(feature = "rbd")]
         Backend::Rbd(image) => {
             use crate::engine::rbd::engine::RbdEngine;
             let engine = RbdEngine::new(Arc::clone(image), size)?;

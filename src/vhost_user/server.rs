@@ -18,6 +18,7 @@ use crate::iothread::Placement;
 use crate::listener::StoppableListener;
 use crate::ratelimit::RateLimiter;
 use crate::spec::{err, Key, Kind, Options, SpecError, Value};
+use crate::sys::IdKind;
 use crate::{info_limited, warn_limited};
 
 /// Permissions of an export's socket. The socket is created owner-only; these widen it on
@@ -114,7 +115,10 @@ impl Options for SocketOptions {
             usage: "socket-mode=MODE, socket-group=GROUP, socket-owner=USER",
             help: "who may connect: the socket is created 0600 (owner only); these widen\n\
                    it on purpose, e.g. for QEMU run by libvirt as its own user\n\
-                   (socket-group=libvirt-qemu,socket-mode=0660). socket-owner needs root.",
+                   (socket-group=libvirt-qemu,socket-mode=0660). Names go through the\n\
+                   system's name service (LDAP, sssd too). socket-owner needs root. A mode\n\
+                   open to other users (0606, 0777) is warned about: they could take the\n\
+                   disk over.",
             set: |o, v| {
                 let text = v.text("socket-mode")?;
                 match u32::from_str_radix(&text, 8).ok().filter(|m| *m <= 0o777) {
@@ -179,8 +183,9 @@ pub fn apply_socket_access(path: &Path, access: &SocketAccess) -> Result<(), Str
     let fail = |what: &str, e: &dyn std::fmt::Display| {
         format!("cannot set the {what} of socket {}: {e}", path.display())
     };
-    let owner = access.owner.as_deref().map(|o| lookup_id("/etc/passwd", o)).transpose()?;
-    let group = access.group.as_deref().map(|g| lookup_id("/etc/group", g)).transpose()?;
+    let owner = access.owner.as_deref().map(|o| lookup_id("socket-owner", IdKind::User, o));
+    let group = access.group.as_deref().map(|g| lookup_id("socket-group", IdKind::Group, g));
+    let (owner, group) = (owner.transpose()?, group.transpose()?);
     if owner.is_some() || group.is_some() {
         std::os::unix::fs::chown(path, owner, group).map_err(|e| fail("owner or group", &e))?;
     }
@@ -191,17 +196,27 @@ pub fn apply_socket_access(path: &Path, access: &SocketAccess) -> Result<(), Str
     Ok(())
 }
 
-/// A user or group id: a number, or a name looked up in `/etc/passwd` or `/etc/group`.
-fn lookup_id(db: &str, name: &str) -> Result<u32, String> {
+/// A user or group id for `key`: a number, or a name looked up through the system's name
+/// service (so users and groups from LDAP, sssd or systemd-userdb are found too).
+fn lookup_id(key: &str, kind: IdKind, name: &str) -> Result<u32, String> {
     if let Ok(id) = name.parse::<u32>() {
         return Ok(id);
     }
-    let text = std::fs::read_to_string(db).map_err(|e| format!("reading {db}: {e}"))?;
-    text.lines()
-        .map(|line| line.split(':').collect::<Vec<_>>())
-        .find(|f| f.len() > 2 && f[0] == name)
-        .and_then(|f| f[2].parse().ok())
-        .ok_or_else(|| format!("no '{name}' in {db}"))
+    let what = match kind {
+        IdKind::User => "user",
+        IdKind::Group => "group",
+    };
+    match crate::sys::id_of(kind, name) {
+        Ok(Some(id)) => Ok(id),
+        Ok(None) => Err(format!("{key}={name}: no such {what}")),
+        Err(e) => Err(format!("{key}={name}: cannot look the {what} up: {e}")),
+    }
+}
+
+/// Whether `mode` lets users outside the socket's owner and group at it: whoever can
+/// connect controls the disk.
+pub fn open_to_others(mode: u32) -> bool {
+    mode & 0o007 != 0
 }
 
 /// How long the rest of a message, or the frontend's reading of a reply, may take.

@@ -5,6 +5,7 @@ pub mod behind;
 pub mod ceph;
 pub mod frontend;
 pub mod nbd;
+pub mod no_ceph;
 pub mod raw;
 
 use std::fs;
@@ -95,10 +96,20 @@ impl Daemon {
 
     /// Starts `blkplane serve ARGS` and waits until every socket of `wait_for` answers.
     pub fn start_with(dir: &Path, args: &[String], wait_for: &[PathBuf]) -> Daemon {
+        Self::start_command(dir, Command::new(daemon_bin()), args, wait_for)
+    }
+
+    /// As [`Daemon::start_with`], with `cmd` (the daemon binary, or a command that ends in
+    /// executing it, as [`no_ceph::hiding_ceph`] does) as the program.
+    pub fn start_command(
+        dir: &Path,
+        mut cmd: Command,
+        args: &[String],
+        wait_for: &[PathBuf],
+    ) -> Daemon {
         let log_path = dir
             .join(format!("daemon-{}.log", std::process::id() as u64 * 1000 + rand_u16() as u64));
         let log = fs::File::create(&log_path).unwrap();
-        let mut cmd = Command::new(daemon_bin());
         cmd.arg("serve").arg("--log-level").arg("debug").args(args);
         let child = cmd.stdout(Stdio::null()).stderr(log).spawn().expect("spawn blkplane");
         let mut d = Daemon { child: Some(child), log_path, backends: Vec::new() };

@@ -5,7 +5,7 @@ use std::ffi::CString;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use super::ffi::*;
+use super::ffi::{self, Ceph, RadosIoctxT, RadosT, RbdImageT};
 use super::spec::RbdSpec;
 use crate::engine::CacheMode;
 
@@ -23,6 +23,7 @@ struct ClusterKey {
 
 /// One connection to a cluster (a `rados_t`), shut down when its last image is closed.
 pub struct Cluster {
+    ceph: &'static Ceph,
     handle: RadosT,
     key: ClusterKey,
 }
@@ -37,7 +38,7 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         // SAFETY: created by rados_create2; every ioctx and image on it is gone (they hold
         // an Arc to this cluster).
-        unsafe { rados_shutdown(self.handle) };
+        unsafe { (self.ceph.rados_shutdown)(self.handle) };
     }
 }
 
@@ -83,16 +84,18 @@ impl Cluster {
     }
 
     fn connect(key: ClusterKey) -> Result<Cluster, String> {
+        // The first RBD export loads the libraries.
+        let ceph = ffi::load()?;
         let user = format!("client.{}", key.user.as_deref().unwrap_or("admin"));
         let name = cstring("the user", &user)?;
         let mut handle: RadosT = std::ptr::null_mut();
         // SAFETY: out-pointer to a local; strings are NUL-terminated and outlive the call.
-        let rc = unsafe { rados_create2(&mut handle, c"ceph".as_ptr(), name.as_ptr(), 0) };
+        let rc = unsafe { (ceph.rados_create2)(&mut handle, c"ceph".as_ptr(), name.as_ptr(), 0) };
         if rc < 0 {
             return Err(format!("cannot create a Ceph client: {}", errno_text(rc)));
         }
         // From here on Drop shuts the handle down on any error.
-        let cluster = Cluster { handle, key };
+        let cluster = Cluster { ceph, handle, key };
         let conf = match &cluster.key.conf {
             Some(p) => {
                 if !p.is_file() {
@@ -104,7 +107,7 @@ impl Cluster {
         };
         // SAFETY: a live handle; a null path means Ceph's default search.
         let rc = unsafe {
-            rados_conf_read_file(
+            (ceph.rados_conf_read_file)(
                 cluster.handle,
                 conf.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
             )
@@ -131,7 +134,7 @@ impl Cluster {
             cluster.set(k, v)?;
         }
         // SAFETY: a configured handle. Blocks up to client_mount_timeout.
-        let rc = unsafe { rados_connect(cluster.handle) };
+        let rc = unsafe { (ceph.rados_connect)(cluster.handle) };
         if rc < 0 {
             return Err(format!(
                 "cannot connect to the Ceph cluster as {user}: {}",
@@ -144,7 +147,7 @@ impl Cluster {
     fn set(&self, key: &str, value: &str) -> Result<(), String> {
         let (k, v) = (cstring("a Ceph option", key)?, cstring("a Ceph option", value)?);
         // SAFETY: a live handle; NUL-terminated strings outliving the call.
-        let rc = unsafe { rados_conf_set(self.handle, k.as_ptr(), v.as_ptr()) };
+        let rc = unsafe { (self.ceph.rados_conf_set)(self.handle, k.as_ptr(), v.as_ptr()) };
         if rc < 0 {
             return Err(format!("Ceph option {key}={value}: {}", errno_text(rc)));
         }
@@ -160,6 +163,8 @@ pub struct RbdImage {
     /// wants durable is followed by a flush.
     pub cached: bool,
     pub handle: RbdImageT,
+    /// The Ceph functions, for the engine's calls on `handle`.
+    pub ceph: &'static Ceph,
     ioctx: RadosIoctxT,
     /// Keeps the connection up while the image is open.
     cluster: Arc<Cluster>,
@@ -176,8 +181,8 @@ impl Drop for RbdImage {
         // SAFETY: opened by rbd_open on ioctx; no request is in flight (engines drain before
         // they drop, and hold this image until then).
         unsafe {
-            rbd_close(self.handle);
-            rados_ioctx_destroy(self.ioctx);
+            (self.ceph.rbd_close)(self.handle);
+            (self.ceph.rados_ioctx_destroy)(self.ioctx);
         }
     }
 }
@@ -193,10 +198,11 @@ impl RbdImage {
         op_timeout_s: u32,
     ) -> Result<RbdImage, String> {
         let cluster = Cluster::get(spec, op_timeout_s)?;
+        let ceph = cluster.ceph;
         let pool = cstring("the pool", &spec.pool)?;
         let mut ioctx: RadosIoctxT = std::ptr::null_mut();
         // SAFETY: a connected cluster; out-pointer to a local.
-        let rc = unsafe { rados_ioctx_create(cluster.handle, pool.as_ptr(), &mut ioctx) };
+        let rc = unsafe { (ceph.rados_ioctx_create)(cluster.handle, pool.as_ptr(), &mut ioctx) };
         if rc == -libc::ENOENT {
             return Err(format!("pool '{}' does not exist", spec.pool));
         }
@@ -218,22 +224,22 @@ impl RbdImage {
                 .and_then(|()| cluster.set("rbd_cache_max_dirty", max_dirty));
             if let Err(e) = set {
                 // SAFETY: created above, unused.
-                unsafe { rados_ioctx_destroy(ioctx) };
+                unsafe { (ceph.rados_ioctx_destroy)(ioctx) };
                 return Err(e);
             }
             let snap_ptr = snap.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
             // SAFETY: a live ioctx; NUL-terminated names; out-pointer to a local.
             unsafe {
                 if readonly || snap.is_some() {
-                    rbd_open_read_only(ioctx, image_name.as_ptr(), &mut handle, snap_ptr)
+                    (ceph.rbd_open_read_only)(ioctx, image_name.as_ptr(), &mut handle, snap_ptr)
                 } else {
-                    rbd_open(ioctx, image_name.as_ptr(), &mut handle, snap_ptr)
+                    (ceph.rbd_open)(ioctx, image_name.as_ptr(), &mut handle, snap_ptr)
                 }
             }
         };
         if rc < 0 {
             // SAFETY: created above; no image was opened on it.
-            unsafe { rados_ioctx_destroy(ioctx) };
+            unsafe { (ceph.rados_ioctx_destroy)(ioctx) };
             return Err(if rc == -libc::ENOENT {
                 match &spec.snapshot {
                     Some(s) => format!(
@@ -248,13 +254,13 @@ impl RbdImage {
                 format!("cannot open image {}: {}", spec.name(), errno_text(rc))
             });
         }
-        Ok(RbdImage { spec: spec.clone(), cached, handle, ioctx, cluster })
+        Ok(RbdImage { spec: spec.clone(), cached, handle, ceph, ioctx, cluster })
     }
 
     pub fn size_bytes(&self) -> Result<u64, String> {
         let mut size = 0u64;
         // SAFETY: an open image; out-pointer to a local.
-        let rc = unsafe { rbd_get_size(self.handle, &mut size) };
+        let rc = unsafe { (self.ceph.rbd_get_size)(self.handle, &mut size) };
         if rc < 0 {
             return Err(format!("image {}: size: {}", self.spec.name(), errno_text(rc)));
         }
@@ -263,7 +269,7 @@ impl RbdImage {
 
     pub fn resize(&self, bytes: u64) -> Result<(), String> {
         // SAFETY: an open image.
-        let rc = unsafe { rbd_resize(self.handle, bytes) };
+        let rc = unsafe { (self.ceph.rbd_resize)(self.handle, bytes) };
         if rc < 0 {
             return Err(format!("resizing image {}: {}", self.spec.name(), errno_text(rc)));
         }

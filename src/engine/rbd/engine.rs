@@ -18,7 +18,7 @@ use std::sync::Arc;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::cluster::{RbdHandle, RbdImage, EBLOCKLISTED};
-use super::ffi::*;
+use super::ffi::{Ceph, RbdCompletionT, RBD_WRITE_ZEROES_FLAG_THICK_PROVISION};
 use crate::engine::{Engine, IoOp};
 use crate::virtq::GuestIov;
 
@@ -30,6 +30,8 @@ struct Slot {
 
 /// What librbd's threads write and the I/O thread reads.
 struct Completions {
+    /// The Ceph functions (the callback releases the completion with them).
+    ceph: &'static Ceph,
     event: EventFd,
     /// The I/O thread sleeps, or is about to: completions must write `event`.
     sleeping: AtomicBool,
@@ -53,8 +55,8 @@ unsafe extern "C" fn rbd_done(c: RbdCompletionT, arg: *mut c_void) {
     let shared = unsafe { &*slot.owner };
     // SAFETY: c is this request's completion, released here and never used again.
     let result = unsafe {
-        let r = rbd_aio_get_return_value(c);
-        rbd_aio_release(c);
+        let r = (shared.ceph.rbd_aio_get_return_value)(c);
+        (shared.ceph.rbd_aio_release)(c);
         r
     };
     let tag = usize::from(slot.tag);
@@ -87,6 +89,7 @@ impl RbdEngine {
         let size = usize::from(queue_size);
         let event = EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK)?;
         let shared = Arc::new_cyclic(|me| Completions {
+            ceph: image.ceph,
             event,
             sleeping: AtomicBool::new(false),
             ready: (0..size.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
@@ -108,10 +111,15 @@ impl RbdEngine {
     /// Starts one librbd request for `tag`.
     fn start(&mut self, tag: u16, op: &IoOp<'_>) -> io::Result<()> {
         let slot = &self.shared.slots[usize::from(tag)];
+        let ceph = self.image.ceph;
         let mut c: RbdCompletionT = std::ptr::null_mut();
         // SAFETY: out-pointer to a local; the argument (the tag's slot) outlives the request.
         let rc = unsafe {
-            rbd_aio_create_completion(slot as *const Slot as *mut c_void, Some(rbd_done), &mut c)
+            (ceph.rbd_aio_create_completion)(
+                slot as *const Slot as *mut c_void,
+                Some(rbd_done),
+                &mut c,
+            )
         };
         if rc < 0 {
             return Err(io::Error::from_raw_os_error(-rc));
@@ -123,22 +131,26 @@ impl RbdEngine {
         let rc = unsafe {
             match *op {
                 IoOp::Read { offset, iov } => {
-                    rbd_aio_readv(image, GuestIov::as_iovec_ptr(iov), iovcnt(iov), offset, c)
+                    (ceph.rbd_aio_readv)(image, GuestIov::as_iovec_ptr(iov), iovcnt(iov), offset, c)
                 }
-                IoOp::Write { offset, iov, .. } => {
-                    rbd_aio_writev(image, GuestIov::as_iovec_ptr(iov), iovcnt(iov), offset, c)
-                }
-                IoOp::Flush => rbd_aio_flush(image, c),
-                IoOp::Discard { offset, bytes } => rbd_aio_discard(image, offset, bytes, c),
+                IoOp::Write { offset, iov, .. } => (ceph.rbd_aio_writev)(
+                    image,
+                    GuestIov::as_iovec_ptr(iov),
+                    iovcnt(iov),
+                    offset,
+                    c,
+                ),
+                IoOp::Flush => (ceph.rbd_aio_flush)(image, c),
+                IoOp::Discard { offset, bytes } => (ceph.rbd_aio_discard)(image, offset, bytes, c),
                 IoOp::WriteZeroes { offset, bytes, unmap } => {
                     let flags = if unmap { 0 } else { RBD_WRITE_ZEROES_FLAG_THICK_PROVISION };
-                    rbd_aio_write_zeroes(image, offset, bytes as usize, c, flags, 0)
+                    (ceph.rbd_aio_write_zeroes)(image, offset, bytes as usize, c, flags, 0)
                 }
             }
         };
         if rc < 0 {
             // SAFETY: librbd refused the request, so the completion is still ours alone.
-            unsafe { rbd_aio_release(c) };
+            unsafe { (ceph.rbd_aio_release)(c) };
             return Err(io::Error::from_raw_os_error(-rc));
         }
         Ok(())

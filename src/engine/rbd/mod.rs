@@ -1,17 +1,15 @@
-//! The RBD engine: an export served from a Ceph RBD image through librbd (cargo feature
-//! `rbd`, on by default; it links librbd and librados).
+//! The RBD engine: an export served from a Ceph RBD image through librbd, which is loaded
+//! when the first RBD export opens (nothing is linked: a host without Ceph builds and runs
+//! everything else).
 //!
-//! - `spec.rs`: the image's name as QEMU writes it, or as export keys (always built, so that
-//!   a build without the feature still explains itself).
-//! - `ffi.rs`: the librados and librbd functions used, declared by hand.
+//! - `spec.rs`: the image's name as QEMU writes it, or as export keys.
+//! - `ffi.rs`: the librados and librbd functions used, declared by hand and found at run
+//!   time.
 //! - `cluster.rs`: cluster connections shared by the daemon's exports, and open images.
 //! - `engine.rs`: a queue's requests as librbd aio calls, completions through an eventfd.
 
-#[cfg(feature = "rbd")]
 pub mod cluster;
-#[cfg(feature = "rbd")]
 pub mod engine;
-#[cfg(feature = "rbd")]
 mod ffi;
 pub mod spec;
 
