@@ -235,14 +235,40 @@ pub fn serve(o: ServeOptions) -> ExitCode {
         eprintln!("blkplane: error: {e}");
         return ExitCode::FAILURE;
     }
+    let runtime = match start(o.config.clone(), plan, level) {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    let signal = match runtime.wait_for_shutdown() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("blkplane: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(signal, "shutting down after in-flight I/O");
+    crate::service::stopping();
+    runtime.close_control();
+    runtime.daemon.shutdown();
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}
+
+/// Starts the daemon, its exports, control socket and metrics as `plan` says, and tells the
+/// service manager once every export listens. A failure is the exit status to end with.
+fn start(
+    config: Option<PathBuf>,
+    plan: Plan,
+    level: LevelFilter,
+) -> Result<Arc<Runtime>, ExitCode> {
     let pool = plan.settings.pool_threads.unwrap_or_else(IoThreads::default_pool_size);
     let daemon = match Daemon::new(pool, &plan.iothreads) {
         Ok(d) => Arc::new(d),
-        Err(e) => return usage_error(e),
+        Err(e) => return Err(usage_error(e)),
     };
     let runtime = Arc::new(Runtime {
         daemon: Arc::clone(&daemon),
-        config: o.config.clone(),
+        config,
         cli: plan.cli.clone(),
         cli_iothreads: plan.iothreads[plan.iothreads_from_file..]
             .iter()
@@ -252,11 +278,11 @@ pub fn serve(o: ServeOptions) -> ExitCode {
         metrics: Mutex::default(),
     });
     if let Err(e) = runtime.open_control(plan.settings.control.as_deref()) {
-        return usage_error(e);
+        return Err(usage_error(e));
     }
     let metrics = match plan.settings.metrics.as_deref().map(metrics::bind).transpose() {
         Ok(m) => m,
-        Err(e) => return usage_error(e),
+        Err(e) => return Err(usage_error(e)),
     };
     let mut settings = plan.settings.clone();
     settings.log_level = Some(level.to_string().to_lowercase());
@@ -267,7 +293,7 @@ pub fn serve(o: ServeOptions) -> ExitCode {
     match daemon.add_exports(plan.exports) {
         Ok(infos) => daemon
             .set_from_file(infos.into_iter().take(plan.exports_from_file).map(|i| i.id).collect()),
-        Err(e) => return usage_error(e),
+        Err(e) => return Err(usage_error(e)),
     }
     runtime.start_control();
     if let Some(l) = metrics {
@@ -280,19 +306,7 @@ pub fn serve(o: ServeOptions) -> ExitCode {
     }));
     tracing::info!(exports = daemon.list().len(), "serving");
     crate::service::ready(daemon.list().len());
-    let signal = match runtime.wait_for_shutdown() {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("blkplane: error: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    tracing::info!(signal, "shutting down after in-flight I/O");
-    crate::service::stopping();
-    runtime.close_control();
-    daemon.shutdown();
-    tracing::info!("stopped");
-    ExitCode::SUCCESS
+    Ok(runtime)
 }
 
 /// `wanted` with what a key left out means: its default (as filled in at start), and for

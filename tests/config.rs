@@ -14,17 +14,13 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use common::{background_io, ctl, tmpdir, wait_until, Client, Daemon};
+use common::{background_io, ctl, free_port, tmpdir, wait_until, Client, Daemon};
 
 /// `blkplane ctl ARGS` that must succeed; its JSON output.
 fn ctl_ok(control: &Path, args: &[&str]) -> Value {
     let out = ctl(control, args);
     assert!(out.status.success(), "ctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// The status line of a GET /metrics, or the connection's error.

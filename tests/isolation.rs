@@ -17,7 +17,9 @@ use blkplane::process_cpu_total_ns;
 use common::disk_dir;
 use common::frontend::*;
 use common::raw::*;
-use common::{make_image, pattern, pipe, proc_status_bytes, tmpdir, Client, Daemon, Mount};
+use common::{
+    free_port, make_image, pattern, pipe, proc_status_bytes, tmpdir, Client, Daemon, Mount,
+};
 use vhost::VhostBackend;
 
 const IMAGE_BYTES: u64 = 8 << 20;
@@ -417,10 +419,6 @@ fn mapped_guest_memory_is_capped_per_connection_and_per_daemon() {
 /// Scrape slots and reading slots of the metrics endpoint (src/control/metrics.rs).
 const MAX_SCRAPES: usize = 4;
 const MAX_READERS: usize = 64;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 /// One scrape: the status line and how long it took.
 fn scrape(port: u16) -> (String, Duration) {
