@@ -255,7 +255,7 @@ fn args_to_json(args: &[String]) -> Result<Value, String> {
     let mut map = Map::new();
     for a in args {
         let (k, v) = a.split_once('=').ok_or_else(|| format!("'{a}' is not KEY=VALUE"))?;
-        let value = if ExportConfig::is_path_key(k) && !is_uri(v) {
+        let value = if ExportConfig::is_path_key(k) && !crate::disk::is_network_image(v) {
             crate::spec::Value::Str(v.to_string()).path(k).map_err(|e| e.0)?.display().to_string()
         } else {
             v.to_string()
@@ -263,10 +263,6 @@ fn args_to_json(args: &[String]) -> Result<Value, String> {
         map.insert(k.to_string(), Value::String(value));
     }
     Ok(Value::Object(map))
-}
-
-fn is_uri(image: &str) -> bool {
-    crate::engine::nbd::NbdSpec::is_uri(image) || crate::engine::rbd::RbdSpec::is_uri(image)
 }
 
 fn ctl(control: PathBuf, command: String, args: Vec<String>) -> ExitCode {

@@ -53,6 +53,12 @@ impl BackendSpec {
     }
 }
 
+/// Whether an `image=` value names a network backend (an NBD or RBD URI) rather than a path:
+/// such a value is never made absolute.
+pub fn is_network_image(text: &str) -> bool {
+    NbdSpec::is_uri(text) || RbdSpec::is_uri(text)
+}
+
 /// `discard=`: whether the guest's discards free the backing's blocks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum DiscardMode {
@@ -254,7 +260,7 @@ impl Options for DiskOptions {
                    rbd:POOL/IMAGE[@SNAP][:conf=PATH][:id=USER] (a snapshot is read-only).",
             set: |d, v| {
                 let text = v.text("image")?;
-                d.pending.image = Some(if NbdSpec::is_uri(&text) || RbdSpec::is_uri(&text) {
+                d.pending.image = Some(if is_network_image(&text) {
                     text
                 } else {
                     v.path("image")?.display().to_string()

@@ -156,9 +156,6 @@ fn log_format(settings: &DaemonSettings) -> LogFormat {
 fn take_passed_sockets(exports: &mut [ExportConfig]) {
     for (fd, name) in crate::service::listen_fds() {
         match exports.iter_mut().find(|e| e.id.as_deref() == Some(name.as_str())) {
-            Some(e) if e.socket.fd.is_none() && e.socket.path.as_os_str().is_empty() => {
-                e.socket.fd = Some(fd)
-            }
             Some(e) if e.socket.fd.is_none() => e.socket.fd = Some(fd),
             _ => tracing::warn!(fd, name, "systemd passed a socket no export has the id of"),
         }

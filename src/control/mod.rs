@@ -284,7 +284,10 @@ fn run_command(
             // The daemon's working directory is not its client's: a relative path would
             // name another file than the one meant.
             if let Some((k, v)) = pairs.iter().find(|(k, v)| {
-                ExportConfig::is_path_key(k) && !v.to_string().starts_with('/') && !is_uri(v)
+                let text = v.to_string();
+                ExportConfig::is_path_key(k)
+                    && !text.starts_with('/')
+                    && !crate::disk::is_network_image(&text)
             }) {
                 return Err(bad_arg(format!(
                     "'{k}' must be an absolute path, not {v} (blkplane ctl makes its paths absolute)"
@@ -380,12 +383,6 @@ fn run_command(
             format!("unknown command '{other}' (commands: {})", COMMAND_NAMES.join(", ")),
         )),
     }
-}
-
-/// Whether an image value is a network URI rather than a path.
-fn is_uri(v: &SpecValue) -> bool {
-    let text = v.to_string();
-    crate::engine::nbd::NbdSpec::is_uri(&text) || crate::engine::rbd::RbdSpec::is_uri(&text)
 }
 
 /// A command's arguments as typed key/value pairs, for the key tables.
