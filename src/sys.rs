@@ -194,6 +194,17 @@ pub fn parse_schedstat(text: &str) -> Option<(u64, u64)> {
     Some((fields.next()??, fields.next()??))
 }
 
+/// The CPU time the calling thread has used, in ns (0 if the clock cannot be read).
+pub fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: ts is a valid timespec for clock_gettime to fill.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// CPU time and run-queue wait of one of this process's threads
 /// (`/proc/self/task/TID/schedstat`).
 pub fn thread_schedstat(tid: u32) -> Option<(u64, u64)> {
@@ -366,15 +377,9 @@ mod tests {
         // Spin until this thread has had 2 ms of CPU (by its own CPU clock: on a loaded
         // machine 2 ms of wall time may hold far less), then leave the CPU once: the running
         // slice is counted when the thread leaves it.
-        let thread_cpu_ns = || {
-            let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-            // SAFETY: ts is a valid timespec for clock_gettime to fill.
-            let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-            assert_eq!(rc, 0);
-            ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-        };
-        let start_ns = thread_cpu_ns();
-        while thread_cpu_ns() - start_ns < 2_000_000 {
+        let start_ns = super::thread_cpu_ns();
+        assert!(start_ns > 0);
+        while super::thread_cpu_ns() - start_ns < 2_000_000 {
             std::hint::spin_loop();
         }
         std::thread::sleep(std::time::Duration::from_millis(1));

@@ -16,6 +16,14 @@
 //! every few hundred sleeps the cap is probed one step up, so a workload that changes is
 //! followed.
 //!
+//! Whether a thread polls at all is chosen above the windows, by what polling does to the
+//! thread's whole loop (`Chooser`): in turn, each way runs for a few milliseconds, and the
+//! thread polls if polling buys at least as much wall time per unit of work as it spends
+//! CPU. Timing each wait alone cannot tell: on a host whose idle CPUs halt, a thread that
+//! polls after interrupting a sleeping frontend keeps its CPU busy, so the scheduler wakes the
+//! frontend on a halted CPU and its next request comes later, while polling for that same
+//! request on tmpfs, where the other CPU stays awake, halves the latency (issue 27).
+//!
 //! A thread keeps two windows: one for idle periods with its own I/O in flight (what ends
 //! them is the backing's completion, so it learns the backing's latency: completions that
 //! take longer than `poll_max` are not polled for) and one for idle periods with nothing in
@@ -80,6 +88,12 @@ const FIRST_WINDOW: Duration = Duration::from_micros(4);
 const MISSES_BEFORE_SHRINKING: u32 = 3;
 /// Sleeps after which a window's cap is probed one step up.
 const SLEEPS_BETWEEN_PROBES: u32 = 256;
+/// How long each way is tried (see `Chooser`).
+pub const TRIAL_FOR: Duration = Duration::from_millis(10);
+/// The first part of a trial, while the host settles into the way tried: not counted.
+pub const SETTLE_FOR: Duration = Duration::from_millis(3);
+/// How long the better way is used before both are tried again.
+pub const EXPLOIT_FOR: Duration = Duration::from_millis(200);
 /// Windows shorter than this are not worth the clock reads: treat as zero.
 const MIN_WINDOW: Duration = Duration::from_micros(1);
 
@@ -110,7 +124,8 @@ impl Options for PollPolicy {
             kind: Kind::Choice(&["adaptive", "always", "never"]),
             usage: "poll=MODE",
             help: "adaptive (default): after work, poll the rings for a self-tuning window\n\
-                   (up to poll-max-us) before sleeping; an idle export costs no CPU.\n\
+                   (up to poll-max-us) before sleeping, where short trials show polling buys\n\
+                   more time than it costs CPU; an idle export costs no CPU.\n\
                    always: never sleep (for dedicated cores). never: sleep at once.",
             set: PollPolicy::set_mode,
             get: |p| Some(Value::Str(p.mode.to_string())),
@@ -167,6 +182,124 @@ impl PollSettings {
     }
 }
 
+/// Which of its two ways an adaptive thread uses now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Way {
+    /// The adaptive windows (`Poller`).
+    Poll,
+    /// Sleep as soon as a round finds nothing.
+    Sleep,
+}
+
+/// One way's figures from its last trial: wall time and thread CPU per unit of work.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Score {
+    wall_ns_per_work: f64,
+    cpu_ns_per_work: f64,
+}
+
+/// Where the chooser is in its schedule: a trial of each way, then the better one.
+#[derive(Clone, Copy, Debug)]
+enum Phase {
+    Trial { way: Way, began: Instant },
+    Exploit { began: Instant },
+}
+
+/// Chooses, per I/O thread, between polling and sleeping by what each does to the whole
+/// loop, not to one wait: which way is better depends on where the host's scheduler puts the
+/// frontends a thread wakes, and on whether idle CPUs halt, which builds up over
+/// milliseconds and couples every wait of the loop (ARCHITECTURE.md, the round's step 5).
+///
+/// Every [`EXPLOIT_FOR`] it tries each way for [`TRIAL_FOR`] (the first [`SETTLE_FOR`] of a
+/// trial does not count), measuring wall time and the thread's CPU per unit of work done
+/// (requests fetched plus answered). It then polls if polling buys at least as much wall
+/// time as it spends CPU: `wall_sleep - wall_poll >= cpu_poll - cpu_sleep`. A trial that saw
+/// no work decides nothing: an idle thread sleeps.
+#[derive(Debug)]
+pub struct Chooser {
+    phase: Phase,
+    poll: Option<Score>,
+    sleep: Option<Score>,
+    /// Work and CPU since the current trial settled (None while it settles).
+    counted: Option<(Instant, u64, u64)>,
+    work: u64,
+}
+
+impl Chooser {
+    pub fn new(now: Instant) -> Chooser {
+        Chooser {
+            phase: Phase::Trial { way: Way::Poll, began: now },
+            poll: None,
+            sleep: None,
+            counted: None,
+            work: 0,
+        }
+    }
+
+    /// A round did `work` units of work.
+    pub fn worked(&mut self, work: usize) {
+        self.work += work as u64;
+    }
+
+    /// Whether the thread may poll in an idle period starting `now`. `cpu_ns` reads the
+    /// thread's CPU clock: called only at the edges of trials.
+    pub fn polls(&mut self, now: Instant, cpu_ns: impl Fn() -> u64) -> bool {
+        match self.phase {
+            Phase::Trial { way, began } => {
+                let elapsed = now.duration_since(began);
+                if elapsed >= SETTLE_FOR && self.counted.is_none() {
+                    self.counted = Some((now, self.work, cpu_ns()));
+                }
+                if elapsed >= TRIAL_FOR {
+                    self.end_trial(way, now, cpu_ns());
+                }
+            }
+            Phase::Exploit { began } => {
+                if now.duration_since(began) >= EXPLOIT_FOR {
+                    self.phase = Phase::Trial { way: Way::Poll, began: now };
+                }
+            }
+        }
+        self.way() == Way::Poll
+    }
+
+    fn end_trial(&mut self, way: Way, now: Instant, cpu_ns: u64) {
+        let score = self.counted.take().and_then(|(since, work0, cpu0)| {
+            let work = self.work.saturating_sub(work0);
+            (work > 0).then(|| Score {
+                wall_ns_per_work: now.duration_since(since).as_nanos() as f64 / work as f64,
+                cpu_ns_per_work: cpu_ns.saturating_sub(cpu0) as f64 / work as f64,
+            })
+        });
+        match way {
+            Way::Poll => {
+                self.poll = score;
+                self.phase = Phase::Trial { way: Way::Sleep, began: now };
+            }
+            Way::Sleep => {
+                self.sleep = score;
+                self.phase = Phase::Exploit { began: now };
+            }
+        }
+    }
+
+    /// The way in use now.
+    fn way(&self) -> Way {
+        match self.phase {
+            Phase::Trial { way, .. } => way,
+            Phase::Exploit { .. } => match (self.poll, self.sleep) {
+                (Some(p), Some(s))
+                    if s.wall_ns_per_work - p.wall_ns_per_work
+                        >= p.cpu_ns_per_work - s.cpu_ns_per_work =>
+                {
+                    Way::Poll
+                }
+                _ => Way::Sleep,
+            },
+        }
+    }
+}
+
 /// One I/O thread's polling state.
 pub struct Poller {
     mode: PollMode,
@@ -182,6 +315,10 @@ pub struct Poller {
     sleeps_since_probe: [u32; 2],
     /// When the current run of empty rounds began.
     idle_since: Option<Instant>,
+    /// Whether adaptive polling polls at all now, and whether the current period sleeps
+    /// because it does not.
+    chooser: Chooser,
+    sleeps_by_choice: bool,
 }
 
 impl Poller {
@@ -195,7 +332,14 @@ impl Poller {
             misses: [0; 2],
             sleeps_since_probe: [0; 2],
             idle_since: None,
+            chooser: Chooser::new(Instant::now()),
+            sleeps_by_choice: false,
         }
+    }
+
+    /// A round did `work` units of work (requests fetched plus answered).
+    pub fn worked(&mut self, work: usize) {
+        self.chooser.worked(work);
     }
 
     /// A round found work. Returns how long we had been polling, if we were.
@@ -246,6 +390,8 @@ impl Poller {
                 self.windows[i] = self.windows[i].min(self.caps[i]);
             }
             self.current = usize::from(in_flight);
+            self.sleeps_by_choice = self.mode == PollMode::Adaptive
+                && !self.chooser.polls(Instant::now(), crate::sys::thread_cpu_ns);
         }
         match self.mode {
             PollMode::Never => false,
@@ -255,7 +401,7 @@ impl Poller {
             }
             PollMode::Adaptive => {
                 let window = self.windows[self.current];
-                if window.is_zero() {
+                if window.is_zero() || self.sleeps_by_choice {
                     return false;
                 }
                 let now = Instant::now();
@@ -270,7 +416,8 @@ impl Poller {
     pub fn slept(&mut self, slept: Duration) {
         let idle = self.polled_for() + slept;
         self.idle_since = None;
-        if self.mode != PollMode::Adaptive {
+        if self.mode != PollMode::Adaptive || self.sleeps_by_choice {
+            // A period that did not try to poll says nothing about the windows.
             return;
         }
         let c = self.current;
@@ -313,9 +460,13 @@ impl Poller {
 mod tests {
     use super::*;
 
+    /// An adaptive poller whose chooser stays in its trial of polling (it began in an hour):
+    /// the windows alone are under test.
     fn adaptive(max_us: u32) -> (Poller, PollSettings) {
         let policy = PollPolicy { mode: PollMode::Adaptive, max_us };
-        (Poller::new(policy), PollSettings::new(policy))
+        let mut p = Poller::new(policy);
+        p.chooser = Chooser::new(Instant::now() + Duration::from_secs(3600));
+        (p, PollSettings::new(policy))
     }
 
     #[test]
@@ -424,5 +575,68 @@ mod tests {
             p.slept(Duration::from_micros(60));
         }
         assert!(polled < Duration::from_micros(1000 * 2), "{polled:?} over 1000 periods");
+    }
+
+    /// Drives a chooser through one trial of each way, with `(wall_us, cpu_us)` per unit of
+    /// work for polling and for sleeping, and returns whether it then polls.
+    fn choose_after_trials(poll: (u64, u64), sleep: (u64, u64)) -> bool {
+        let t0 = Instant::now();
+        let mut c = Chooser::new(t0);
+        let cpu = std::cell::Cell::new(0u64);
+        let mut now = t0;
+        for (way_polls, (wall_us, cpu_us)) in [(true, poll), (false, sleep)] {
+            let began = now;
+            while now.duration_since(began) < TRIAL_FOR {
+                assert_eq!(c.polls(now, || cpu.get()), way_polls, "the way under trial");
+                c.worked(1);
+                now += Duration::from_micros(wall_us);
+                cpu.set(cpu.get() + cpu_us * 1000);
+            }
+        }
+        c.polls(now, || cpu.get())
+    }
+
+    #[test]
+    fn the_chooser_polls_where_it_buys_more_time_than_it_costs() {
+        // tmpfs, sleeping client (issue 27): polling 21 µs a request at 21 µs of CPU,
+        // sleeping 45 µs at 15: polling buys 24 µs for 6 µs more CPU.
+        assert!(choose_after_trials((21, 21), (45, 15)));
+        // The disk, sleeping client: polling made the cycle longer (100 µs against 81), at
+        // 71 µs of CPU against 39.
+        assert!(!choose_after_trials((100, 71), (81, 39)));
+        // Polling that gains 10 µs for 20 µs more CPU does not pay.
+        assert!(!choose_after_trials((50, 40), (60, 20)));
+    }
+
+    #[test]
+    fn the_chooser_sleeps_without_work_and_tries_again_later() {
+        let t0 = Instant::now();
+        let mut c = Chooser::new(t0);
+        let cpu = || 0;
+        assert!(c.polls(t0, cpu), "the first trial polls");
+        let after_trials = t0 + 2 * TRIAL_FOR;
+        c.polls(t0 + TRIAL_FOR, cpu);
+        assert!(!c.polls(after_trials, cpu), "no work seen: sleep");
+        assert!(!c.polls(after_trials + EXPLOIT_FOR / 2, cpu));
+        assert!(c.polls(after_trials + EXPLOIT_FOR, cpu), "a new trial of polling");
+    }
+
+    #[test]
+    fn a_thread_that_chose_to_sleep_does_not_poll() {
+        let (mut p, s) = adaptive(64);
+        // Windows grown by short sleeps while polling is on trial.
+        for _ in 0..6 {
+            assert!(!p.keep_polling(&s, false) || p.window(false) > Duration::ZERO);
+            p.slept(Duration::from_micros(20));
+        }
+        assert!(p.keep_polling(&s, false));
+        p.work_found();
+        // The chooser settles on sleeping (no work seen in its trials).
+        p.chooser = Chooser::new(Instant::now() - 3 * TRIAL_FOR);
+        p.chooser.polls(Instant::now() - 2 * TRIAL_FOR, || 0);
+        assert!(!p.keep_polling(&s, false), "sleeps at once");
+        let window = p.window(false);
+        p.slept(Duration::from_millis(5));
+        assert_eq!(p.window(false), window, "a sleep by choice leaves the windows alone");
     }
 }

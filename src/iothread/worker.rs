@@ -148,6 +148,7 @@ impl EventLoop {
             self.let_go_of_drained();
             if progress > 0 {
                 self.mark_busy(true);
+                poller.worked(progress);
                 if let Some(polled) = poller.work_found() {
                     self.stats.poll_ns.fetch_add(polled.as_nanos() as u64, Ordering::Relaxed);
                     self.stats.poll_hits.fetch_add(1, Ordering::Relaxed);
