@@ -156,6 +156,10 @@ fn plan(o: &ServeOptions) -> Result<Plan, String> {
         }
         None => file.nbd_server,
     };
+    // Unreadable credentials are a usage error, said before anything starts.
+    if let Some(nbd) = &nbd_server {
+        nbd.check_files().map_err(|e| format!("nbd-server: {e}"))?;
+    }
     Ok(Plan {
         settings,
         cli,
@@ -206,9 +210,6 @@ fn check(plan: &Plan) -> Vec<String> {
     if let Some(nbd) = &plan.nbd_server {
         if let Some(path) = &nbd.unix {
             dir_of("nbd-server: unix", path, &mut problems);
-        }
-        if let Err(e) = nbd.check_files() {
-            problems.push(format!("nbd-server: {e}"));
         }
     }
     let names: Vec<&str> = plan.iothreads.iter().map(|t| t.id.as_str()).collect();
