@@ -462,7 +462,7 @@ mod tests {
         assert_eq!(
             messages("colour = 1"),
             [format!(
-                "line 1, column 1: unknown key 'colour' (keys: {}, iothread, export)",
+                "line 1, column 1: unknown key 'colour' (keys: {}, iothread, export, nbd-server)",
                 settings_keys()
             )]
         );
