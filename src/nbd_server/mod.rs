@@ -151,33 +151,14 @@ impl Options for NbdServerOptions {
             },
             get: |o| on_off(o.verify_peer),
         },
-        Key {
-            name: "socket-mode",
-            aliases: &[],
-            kind: Kind::Text,
-            usage: "socket-mode=MODE, socket-group=GROUP, socket-owner=USER",
-            help: "who may connect to the Unix socket, as for an export's socket.",
-            set: |o, v| set_access(o, "socket-mode", v),
-            get: |o| get_access(o, "socket-mode"),
-        },
-        Key {
-            name: "socket-group",
-            aliases: &[],
-            kind: Kind::Text,
-            usage: "socket-group=GROUP",
-            help: "",
-            set: |o, v| set_access(o, "socket-group", v),
-            get: |o| get_access(o, "socket-group"),
-        },
-        Key {
-            name: "socket-owner",
-            aliases: &[],
-            kind: Kind::Text,
-            usage: "socket-owner=USER",
-            help: "",
-            set: |o, v| set_access(o, "socket-owner", v),
-            get: |o| get_access(o, "socket-owner"),
-        },
+        // The export socket's access keys, its rows (2, 3, 4: see the test) on our socket.
+        SocketOptions::KEYS[2]
+            .lifted(|o, v| set_access(o, "socket-mode", v), |o| get_access(o, "socket-mode"))
+            .with_help("who may connect to the Unix socket, as for an export's socket."),
+        SocketOptions::KEYS[3]
+            .lifted(|o, v| set_access(o, "socket-group", v), |o| get_access(o, "socket-group")),
+        SocketOptions::KEYS[4]
+            .lifted(|o, v| set_access(o, "socket-owner", v), |o| get_access(o, "socket-owner")),
         Key {
             name: "max-connections",
             aliases: &[],
@@ -586,4 +567,32 @@ impl Drop for NbdServer {
 fn quiet(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
     matches!(e.kind(), UnexpectedEof | BrokenPipe | ConnectionReset | NotConnected)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_socket_access_rows_are_the_export_sockets() {
+        let names: Vec<&str> = NbdServerOptions::KEYS[5..8].iter().map(|k| k.name).collect();
+        assert_eq!(names, ["socket-mode", "socket-group", "socket-owner"]);
+        let o =
+            NbdServerOptions::parse("unix=/run/n.sock,socket-mode=0660,socket-group=kvm").unwrap();
+        assert_eq!(o.access.mode, Some(0o660));
+        assert_eq!(o.access.group.as_deref(), Some("kvm"));
+        let pairs = o.pairs();
+        assert!(pairs.contains(&("socket-mode", Value::Str("0660".into()))), "{pairs:?}");
+    }
+
+    #[test]
+    fn tcp_needs_tls_or_says_it_does_without() {
+        let e = NbdServerOptions::parse("addr=127.0.0.1:10809").unwrap_err().0;
+        assert!(e.contains("needs tls-creds=DIR, or tls=off"), "{e}");
+        assert!(NbdServerOptions::parse("addr=127.0.0.1:10809,tls=off").is_ok());
+        assert!(NbdServerOptions::parse("addr=10809,tls=off").is_err());
+        assert!(NbdServerOptions::parse("unix=/n,verify-peer=off").is_err());
+        assert!(NbdServerOptions::parse("unix=/n,max-connections=0").is_err());
+        assert!(NbdServerOptions::parse("unix=/n,unix=/m").is_err());
+    }
 }
