@@ -55,7 +55,8 @@ resize id=ID size=BYTES [shrink=on], query-stats [id=ID], set-polling [id=ID|iot
 set-throttle id=ID|group=NAME [iops-total=N] [bps-read=BYTES] ... (the limit keys of --export; those not given are lifted), \
 list-iothreads, add-iothread id=NAME [cpus=LIST] [poll=MODE] [poll-max-us=N], remove-iothread id=NAME, \
 dump-config (prints the running configuration as the TOML --config reads: keep runtime changes with \
-`blkplane ctl dump-config > /etc/blkplane/blkplane.toml`).\n\
+`blkplane ctl dump-config > /etc/blkplane/blkplane.toml`), nbd-export id=ID [name=NAME] [writable=on], \
+nbd-unexport id=ID, nbd-list (the NBD server of serve --nbd-server).\n\
 Values are sent as strings, as given; paths of export keys are made absolute first. \
 docs/control.md describes every command, its arguments and its errors."
     )]

@@ -18,6 +18,10 @@
 //! id = "fast"
 //! cpus = "2-3"
 //! poll-max-us = 32
+//!
+//! [nbd-server]                      # the NBD server, keys of --nbd-server (optional)
+//! addr = "0.0.0.0:10809"
+//! tls-creds = "/etc/blkplane/tls"
 //! ```
 //!
 //! The top-level keys are [`DaemonSettings`]'s table; an export table's keys are those of
@@ -31,6 +35,7 @@ use toml_edit::{ImDocument, Item, Table};
 
 use crate::export::{At, ExportConfig};
 use crate::iothread::registry::{IoThreadConfig, MAX_POOL_THREADS};
+use crate::nbd_server::NbdServerOptions;
 use crate::spec::{err, Key, Kind, Options, SpecError, Value};
 
 /// What a configuration file says.
@@ -39,6 +44,8 @@ pub struct ConfigFile {
     pub settings: DaemonSettings,
     pub iothreads: Vec<IoThreadConfig>,
     pub exports: Vec<ExportConfig>,
+    /// The `[nbd-server]` table.
+    pub nbd_server: Option<NbdServerOptions>,
 }
 
 /// The daemon-wide settings: the file's top-level keys, and the command-line options of
@@ -237,8 +244,12 @@ pub fn render(
     settings: &DaemonSettings,
     iothreads: &[IoThreadConfig],
     exports: &[ExportConfig],
+    nbd_server: Option<&NbdServerOptions>,
 ) -> String {
     let mut top = table_of(settings.pairs());
+    if let Some(nbd) = nbd_server {
+        top.insert("nbd-server".into(), toml::Value::Table(table_of(nbd.pairs())));
+    }
     let list = |tables: Vec<toml::Table>| {
         (!tables.is_empty())
             .then(|| toml::Value::Array(tables.into_iter().map(toml::Value::Table).collect()))
@@ -303,6 +314,24 @@ pub fn parse(text: &str) -> Result<ConfigFile, Vec<Problem>> {
                     }
                 }
             }
+            "nbd-server" => {
+                let Some(table) = item.as_table() else {
+                    problems.push(at(span, "'nbd-server' must be a table ([nbd-server])".into()));
+                    continue;
+                };
+                match pairs_of(table).map_err(|mut p| p.remove(0)) {
+                    Ok(pairs) => {
+                        let plain = pairs.into_iter().map(|(k, v, _, _)| (k, v)).collect();
+                        match NbdServerOptions::from_pairs(plain) {
+                            Ok(o) => cfg.nbd_server = Some(o),
+                            Err(e) => {
+                                problems.push(at(table.span().or(span), format!("nbd-server: {e}")))
+                            }
+                        }
+                    }
+                    Err((s, e)) => problems.push(at(s.or(span), format!("nbd-server: {e}"))),
+                }
+            }
             _ => match value_of(key, item) {
                 Err(e) => problems.push(at(item.span().or(span), e.0)),
                 Ok(value) => match cfg.settings.set_key(key, &value) {
@@ -311,7 +340,7 @@ pub fn parse(text: &str) -> Result<ConfigFile, Vec<Problem>> {
                     None => problems.push(at(
                         span,
                         format!(
-                            "unknown key '{key}' (keys: {}, iothread, export)",
+                            "unknown key '{key}' (keys: {}, iothread, export, nbd-server)",
                             settings_keys()
                         ),
                     )),
@@ -433,7 +462,7 @@ mod tests {
         assert_eq!(
             messages("colour = 1"),
             [format!(
-                "line 1, column 1: unknown key 'colour' (keys: {}, iothread, export)",
+                "line 1, column 1: unknown key 'colour' (keys: {}, iothread, export, nbd-server)",
                 settings_keys()
             )]
         );

@@ -14,6 +14,7 @@ use crate::export::ExportConfig;
 use crate::iothread::poll::{PollMode, PollPolicy};
 use crate::iothread::registry::{IoThreadConfig, IoThreadInfo, IoThreads, ThreadChoice};
 use crate::iothread::Placement;
+use crate::nbd_server::{ExposedInfo, NbdServer};
 use crate::qos::{Throttle, ThrottleConfig};
 use crate::trace::QueueReport;
 use crate::vhost_user::{apply_socket_access, bind_socket, open_to_others, ExportServer};
@@ -203,6 +204,8 @@ pub struct Daemon {
     /// What re-reads the whole configuration file (`serve` sets it: it owns the sockets and
     /// the log this daemon does not); `ctl reload` and SIGHUP call it.
     reloader: Mutex<Option<Reloader>>,
+    /// The NBD server (`--nbd-server`), if one runs.
+    nbd: Mutex<Option<Arc<NbdServer>>>,
 }
 
 /// See `Daemon::reloader`.
@@ -229,6 +232,7 @@ impl Daemon {
             from_file: Mutex::default(),
             settings: Mutex::default(),
             reloader: Mutex::default(),
+            nbd: Mutex::default(),
         })
     }
 
@@ -377,7 +381,13 @@ impl Daemon {
     pub fn dump_config(&self) -> String {
         let settings = self.settings.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let exports: Vec<ExportConfig> = self.exports().iter().map(running_config).collect();
-        crate::config_file::render(&settings, &self.iothreads.named_configs(), &exports)
+        let nbd = self.nbd_server();
+        crate::config_file::render(
+            &settings,
+            &self.iothreads.named_configs(),
+            &exports,
+            nbd.as_ref().map(|n| n.options()),
+        )
     }
 
     pub fn set_reloader(&self, reloader: Reloader) {
@@ -534,6 +544,15 @@ impl Daemon {
                     "busy",
                     format!("export '{id}' has a client connected; remove it with force=true to disconnect it"),
                 ));
+            }
+            if let Some(nbd) = self.nbd_server() {
+                if nbd.has_clients(id) && !force {
+                    return Err(ControlError::new(
+                        "busy",
+                        format!("export '{id}' has NBD clients connected; remove it with force=true to disconnect them"),
+                    ));
+                }
+                nbd.unexpose(id);
             }
             exports.remove(pos)
         };
@@ -713,7 +732,57 @@ impl Daemon {
     }
 
     /// Stops every export: no new connections, clients hung up after in-flight I/O.
+    /// The NBD server, started by `serve` (none: `nbd-export` is refused).
+    pub fn set_nbd_server(&self, server: Option<Arc<NbdServer>>) {
+        *self.nbd.lock().unwrap_or_else(|p| p.into_inner()) = server;
+    }
+
+    pub fn nbd_server(&self) -> Option<Arc<NbdServer>> {
+        self.nbd.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn nbd_or_refuse(&self) -> Result<Arc<NbdServer>, ControlError> {
+        self.nbd_server().ok_or_else(|| {
+            ControlError::new(
+                "no-nbd-server",
+                "the daemon runs no NBD server (serve --nbd-server, or an [nbd-server] table)",
+            )
+        })
+    }
+
+    /// Exposes export `id` over NBD as `name` (default: its id).
+    pub fn nbd_export(
+        &self,
+        id: &str,
+        name: Option<&str>,
+        writable: bool,
+    ) -> Result<ExposedInfo, ControlError> {
+        let nbd = self.nbd_or_refuse()?;
+        // Under the exports' lock: the export cannot be removed between its lookup and its
+        // exposure (remove unexposes under the same lock).
+        let exports = self.exports();
+        let e = exports
+            .iter()
+            .find(|e| e.id == id)
+            .ok_or_else(|| ControlError::new("not-found", format!("no export with id '{id}'")))?;
+        nbd.expose(id, name.unwrap_or(id), e.server.disk(), writable)
+            .map_err(|m| ControlError::new("refused", m))
+    }
+
+    /// Stops exposing export `id` over NBD; its NBD clients are disconnected.
+    pub fn nbd_unexport(&self, id: &str) -> Result<(), ControlError> {
+        if self.nbd_or_refuse()?.unexpose(id) {
+            Ok(())
+        } else {
+            Err(ControlError::new("not-found", format!("export '{id}' is not exposed over NBD")))
+        }
+    }
+
     pub fn shutdown(&self) {
+        // NBD clients first: they read and write the exports' disks.
+        if let Some(nbd) = self.nbd.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            nbd.shutdown();
+        }
         let exports: Vec<Export> = std::mem::take(&mut *self.exports());
         for e in &exports {
             e.server.shutdown();

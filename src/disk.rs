@@ -5,7 +5,7 @@
 //! other layers' keys.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::blk::config::{config_space, ConfigInputs, CONFIG_SPACE_BYTES};
@@ -584,6 +584,25 @@ pub struct Disk {
     /// hand over (read-only, force-share, engine=null); Some(false) between a migration's
     /// switch-over and the guest's arrival.
     write_lock: Option<Mutex<bool>>,
+    /// Rings a frontend started and has not stopped: the guest is running on this disk
+    /// (the NBD server refuses to write to it then). Counted by [`RunningQueue`].
+    running_queues: AtomicUsize,
+}
+
+/// A started ring of the disk's guest, counted while it lives (held by its `QueueHandle`).
+pub struct RunningQueue(Arc<Disk>);
+
+impl RunningQueue {
+    pub fn new(disk: &Arc<Disk>) -> RunningQueue {
+        disk.running_queues.fetch_add(1, Ordering::SeqCst);
+        RunningQueue(Arc::clone(disk))
+    }
+}
+
+impl Drop for RunningQueue {
+    fn drop(&mut self) {
+        self.0.running_queues.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// What a disk reads and writes, open.
@@ -744,6 +763,7 @@ impl Disk {
             writeback: AtomicBool::new(config.cache.write_cache()),
             flush_failed: AtomicBool::new(false),
             write_lock: has_write_lock.then(|| Mutex::new(!config.incoming)),
+            running_queues: AtomicUsize::new(0),
         })
     }
 
@@ -790,6 +810,11 @@ impl Disk {
         lock::lock_inactive(&backing.file)?;
         *active = false;
         Ok(true)
+    }
+
+    /// Whether a guest runs on the disk: a frontend has a ring of it started.
+    pub fn guest_running(&self) -> bool {
+        self.running_queues.load(Ordering::SeqCst) > 0
     }
 
     /// The image file or block device, if the disk has one.

@@ -20,6 +20,7 @@ mod iothread;
 mod listener;
 mod logging;
 mod manpages;
+mod nbd_server;
 mod qos;
 mod ratelimit;
 mod serve;

@@ -10,6 +10,7 @@ use clap::Command;
 
 use crate::config_file::DaemonSettings;
 use crate::iothread::registry::IoThreadConfig;
+use crate::nbd_server::NbdServerOptions;
 use crate::spec::{KeyInfo, Options};
 
 const SIGNALS: &str = ".TP\n\\fBSIGTERM\\fR, \\fBSIGINT\\fR\nStop taking requests, finish \
@@ -105,6 +106,14 @@ dump\\-config\\fR prints the running configuration in this form.\n",
     out += &section("DAEMON KEYS", &key_paragraphs(DaemonSettings::infos()));
     out += &section("IOTHREAD TABLES", &key_paragraphs(IoThreadConfig::infos()));
     out += &section("EXPORT TABLES", &key_paragraphs(crate::export::key_infos()));
+    out += &section(
+        "NBD-SERVER TABLE",
+        &format!(
+            "The \\fB[nbd\\-server]\\fR table starts the NBD server, with the keys of \\fB\\-\\-nbd\\-server\\fR \
+(which wins over it); a reload names a changed table and leaves the server as it is.\n{}",
+            key_paragraphs(NbdServerOptions::infos())
+        ),
+    );
     out += &section("EXAMPLE", &format!(".nf\n{example}\n.fi\n"));
     out += &section("FILES", FILES);
     out += &section("SEE ALSO", "\\fBblkplane\\fR(1), \\fBblkplane\\-serve\\fR(1)\n");
@@ -138,7 +147,20 @@ pub fn write(cmd: Command, dir: &Path) -> std::io::Result<Vec<PathBuf>> {
                              of EXPORT KEYS below.",
                 )
             });
-            extra = vec![("EXPORT KEYS", keys), signals.clone(), files.clone(), exit.clone()];
+            sub = sub.mut_arg("nbd_server", |a| {
+                a.long_help(
+                    "Serve exports over NBD (ctl nbd-export chooses which): comma-separated \
+                     key=value pairs, the keys of NBD SERVER KEYS below.",
+                )
+            });
+            let nbd = key_paragraphs(NbdServerOptions::infos());
+            extra = vec![
+                ("EXPORT KEYS", keys),
+                ("NBD SERVER KEYS", nbd),
+                signals.clone(),
+                files.clone(),
+                exit.clone(),
+            ];
         }
         pages.push((format!("man1/{name}.1"), page(sub, &source, &extra)?));
     }
@@ -159,15 +181,20 @@ pub fn write(cmd: Command, dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 pub fn for_completion(cmd: Command) -> Command {
     let export_keys: Vec<String> =
         crate::export::key_infos().iter().map(|k| format!("{}=", k.name)).collect();
+    let nbd_keys: Vec<String> = NbdServerOptions::infos().map(|k| format!("{}=", k.name)).collect();
     let visible: Vec<Command> = cmd
         .get_subcommands()
         .filter(|s| !s.is_hide_set())
         .cloned()
         .map(|s| match s.get_name() {
             // --log-level lists LOG_LEVELS already.
-            "serve" => s.mut_arg("exports", |a| {
-                a.value_parser(PossibleValuesParser::new(export_keys.clone()))
-            }),
+            "serve" => s
+                .mut_arg("exports", |a| {
+                    a.value_parser(PossibleValuesParser::new(export_keys.clone()))
+                })
+                .mut_arg("nbd_server", |a| {
+                    a.value_parser(PossibleValuesParser::new(nbd_keys.clone()))
+                }),
             "ctl" => s.mut_arg("command", |a| {
                 a.value_parser(PossibleValuesParser::new(crate::control::COMMAND_NAMES))
             }),

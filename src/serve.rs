@@ -24,6 +24,7 @@ use crate::export::ExportConfig;
 use crate::iothread::registry::{IoThreadConfig, IoThreads};
 use crate::listener::StoppableListener;
 use crate::logging::LogFormat;
+use crate::nbd_server::{NbdServer, NbdServerOptions};
 use crate::spec::{Options, SpecError, Value as SpecValue};
 use crate::virtq::memory::{set_mapped_limit_bytes, DEFAULT_MAPPED_LIMIT_BYTES};
 
@@ -85,6 +86,11 @@ pub struct ServeOptions {
     /// I/O completes; its successor waits for it rather than fail.
     #[arg(long, value_name = "MS")]
     pub image_lock_wait_ms: Option<String>,
+    /// Serve exports over NBD (ctl nbd-export chooses which): unix=PATH[,socket-mode=..],
+    /// or addr=HOST:PORT,tls-creds=DIR (x509 as QEMU's tls-creds-x509; tls=off for plain
+    /// TCP, said on purpose). Wins over the file's [nbd-server] table.
+    #[arg(long, value_name = "SPEC", long_help = crate::nbd_server::help())]
+    pub nbd_server: Option<String>,
 }
 
 impl ServeOptions {
@@ -122,6 +128,9 @@ struct Plan {
     exports: Vec<ExportConfig>,
     exports_from_file: usize,
     iothreads_from_file: usize,
+    nbd_server: Option<NbdServerOptions>,
+    /// `--nbd-server` was given: the file's table is not the server's.
+    nbd_from_cli: bool,
 }
 
 fn plan(o: &ServeOptions) -> Result<Plan, String> {
@@ -141,7 +150,26 @@ fn plan(o: &ServeOptions) -> Result<Plan, String> {
         iothreads.push(IoThreadConfig::parse(spec).map_err(|e| format!("--iothread {spec}: {e}"))?);
     }
     let settings = file.settings.overridden_by(&cli);
-    Ok(Plan { settings, cli, iothreads, exports, exports_from_file, iothreads_from_file })
+    let nbd_server = match &o.nbd_server {
+        Some(spec) => {
+            Some(NbdServerOptions::parse(spec).map_err(|e| format!("--nbd-server {spec}: {e}"))?)
+        }
+        None => file.nbd_server,
+    };
+    // Unreadable credentials are a usage error, said before anything starts.
+    if let Some(nbd) = &nbd_server {
+        nbd.check_files().map_err(|e| format!("nbd-server: {e}"))?;
+    }
+    Ok(Plan {
+        settings,
+        cli,
+        iothreads,
+        exports,
+        exports_from_file,
+        iothreads_from_file,
+        nbd_server,
+        nbd_from_cli: o.nbd_server.is_some(),
+    })
 }
 
 fn log_level(settings: &DaemonSettings) -> LevelFilter {
@@ -177,6 +205,11 @@ fn check(plan: &Plan) -> Vec<String> {
     if let Some(m) = &plan.settings.metrics {
         if std::net::ToSocketAddrs::to_socket_addrs(m.as_str()).is_err() {
             problems.push(format!("metrics={m}: not an ADDRESS:PORT"));
+        }
+    }
+    if let Some(nbd) = &plan.nbd_server {
+        if let Some(path) = &nbd.unix {
+            dir_of("nbd-server: unix", path, &mut problems);
         }
     }
     let names: Vec<&str> = plan.iothreads.iter().map(|t| t.id.as_str()).collect();
@@ -218,7 +251,7 @@ pub fn serve(o: ServeOptions) -> ExitCode {
     let level = log_level(&plan.settings);
     crate::logging::init(level, log_format(&plan.settings), crate::logging::stderr_is_journal());
     take_passed_sockets(&mut plan.exports);
-    if plan.exports.is_empty() && plan.settings.control.is_none() {
+    if plan.exports.is_empty() && plan.settings.control.is_none() && plan.nbd_server.is_none() {
         return usage_error("nothing to serve: give --export, a --config with exports, or --control to add them later");
     }
     apply_limits(&plan.settings);
@@ -267,6 +300,7 @@ fn start(
         daemon: Arc::clone(&daemon),
         config,
         cli: plan.cli.clone(),
+        nbd_from_cli: plan.nbd_from_cli,
         cli_iothreads: plan.iothreads[plan.iothreads_from_file..]
             .iter()
             .map(|t| t.id.clone())
@@ -276,6 +310,10 @@ fn start(
     });
     if let Err(e) = runtime.open_control(plan.settings.control.as_deref()) {
         return Err(usage_error(e));
+    }
+    if let Some(options) = &plan.nbd_server {
+        let server = NbdServer::bind(options).map_err(usage_error)?;
+        daemon.set_nbd_server(Some(Arc::new(server)));
     }
     let metrics = match plan.settings.metrics.as_deref().map(metrics::bind).transpose() {
         Ok(m) => m,
@@ -293,6 +331,14 @@ fn start(
         Err(e) => return Err(usage_error(e)),
     }
     runtime.start_control();
+    if let Some(nbd) = daemon.nbd_server() {
+        let spawned =
+            std::thread::Builder::new().name("blkplane-nbd".into()).spawn(move || nbd.run());
+        if let Err(e) = spawned {
+            eprintln!("blkplane: error: cannot start the NBD server's thread: {e}");
+            return Err(ExitCode::FAILURE);
+        }
+    }
     if let Some(l) = metrics {
         runtime.serve_metrics(l);
     }
@@ -334,6 +380,8 @@ struct Runtime {
     cli: DaemonSettings,
     /// The threads `--iothread` made: not the file's to remove.
     cli_iothreads: Vec<String>,
+    /// `--nbd-server` was given: it wins over the file's table.
+    nbd_from_cli: bool,
     control: Mutex<Option<Control>>,
     metrics: Mutex<Option<Arc<StoppableListener<TcpListener>>>>,
 }
@@ -446,6 +494,9 @@ impl Runtime {
             not_applied.push(NotApplied { key: "export".into(), why: problem });
         }
         self.reload_iothreads(&file.iothreads, &mut applied, &mut not_applied, false);
+        if let Some(why) = self.nbd_server_change(file.nbd_server.as_ref()) {
+            not_applied.push(NotApplied { key: "nbd-server".into(), why });
+        }
         for n in &not_applied {
             tracing::warn!("reload: {} not applied: {}", n.key, n.why);
         }
@@ -522,6 +573,18 @@ impl Runtime {
             }
         }
         now
+    }
+
+    /// Why the file's `[nbd-server]` table cannot be applied, if it differs from the server
+    /// running: the server's socket, credentials and limits are fixed at start (what it
+    /// exposes changes with nbd-export and nbd-unexport).
+    fn nbd_server_change(&self, wanted: Option<&NbdServerOptions>) -> Option<String> {
+        // --nbd-server wins over the file, at start and at reloads.
+        let running = self.daemon.nbd_server();
+        if self.nbd_from_cli || running.as_ref().map(|n| n.options()) == wanted {
+            return None;
+        }
+        Some("the NBD server is set at start; restart to change it".into())
     }
 
     fn move_control(&self, path: Option<&Path>) -> Result<(), String> {

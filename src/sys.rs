@@ -36,6 +36,35 @@ pub fn set_status_flags(fd: RawFd, add: libc::c_int, remove: libc::c_int) -> io:
     Ok(())
 }
 
+/// fallocate(2) on an open file: `mode` is FALLOC_FL_PUNCH_HOLE or FALLOC_FL_ZERO_RANGE
+/// (with FALLOC_FL_KEEP_SIZE where wanted). For the NBD server's trim and write-zeroes.
+pub fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    };
+    // SAFETY: fallocate on a descriptor `file` keeps open; it takes no pointers.
+    if unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, len) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// lseek(2) with SEEK_DATA or SEEK_HOLE from `offset`: the next offset of that kind, or
+/// `None` when there is none before the end (ENXIO).
+pub fn seek_extent(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    let Ok(offset) = i64::try_from(offset) else {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    };
+    // SAFETY: lseek on a descriptor `file` keeps open; it takes no pointers. The NBD server
+    // reads with pread only, so moving the file offset disturbs no one.
+    let at = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
+    if at < 0 {
+        let e = io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::ENXIO) { Ok(None) } else { Err(e) };
+    }
+    Ok(Some(at as u64))
+}
+
 /// Serializes the code that changes the process's umask (it is process-wide).
 static UMASK: Mutex<()> = Mutex::new(());
 

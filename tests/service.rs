@@ -194,6 +194,7 @@ fn the_contrib_files_are_valid() {
         }
     }
     assert!(page.contains("discard=MODE") && page.contains("--check-config"), "{page}");
+    assert!(page.contains("NBD SERVER KEYS") && page.contains("tls-creds=DIR"), "{page}");
     let out = Command::new(usr.join("bin/blkplane")).arg("--version").output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("blkplane 0.1.0 (commit "));
     // The bash completion loads and completes the subcommands.
@@ -738,8 +739,13 @@ fn bash_completes_export_keys_ctl_commands_and_log_levels() {
     assert_eq!(
         commands.join(" "),
         "list-exports add-export remove-export resize query-stats set-polling set-throttle \
-         list-iothreads add-iothread remove-iothread dump-config reload"
+         list-iothreads add-iothread remove-iothread dump-config reload nbd-export nbd-unexport \
+         nbd-list"
     );
+    let nbd_keys = bash_completes("blkplane serve --nbd-server ");
+    for key in ["unix=", "addr=", "tls-creds=", "tls=", "verify-peer=", "max-connections="] {
+        assert!(nbd_keys.split(' ').any(|k| k == key), "{key} not offered: {nbd_keys}");
+    }
     assert_eq!(bash_completes("blkplane serve --log-level "), "off error warn info debug trace");
     assert_eq!(bash_completes("blkplane b"), "bench");
 }

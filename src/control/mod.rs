@@ -10,7 +10,8 @@
 //! resize (id, size, shrink), query-stats (id), set-polling (id or iothread, mode, max-us),
 //! set-throttle (id or group, and the limit keys of --export: those not given are lifted),
 //! list-iothreads, add-iothread (the keys of --iothread), remove-iothread (id), dump-config
-//! (the running configuration as a TOML config file, in a string). A bad request gets an
+//! (the running configuration as a TOML config file, in a string), reload, nbd-export (id,
+//! name, writable), nbd-unexport (id), nbd-list. A bad request gets an
 //! error reply naming the problem; the connection stays open and nothing changes.
 
 pub mod metrics;
@@ -58,6 +59,9 @@ pub const COMMAND_NAMES: &[&str] = &[
     "remove-iothread",
     "dump-config",
     "reload",
+    "nbd-export",
+    "nbd-unexport",
+    "nbd-list",
 ];
 
 /// The fields a request may have.
@@ -377,6 +381,26 @@ fn run_command(
         "reload" => {
             only_keys(command, args, &[])?;
             daemon.reload()
+        }
+        "nbd-export" => {
+            only_keys(command, args, &["id", "name", "writable"])?;
+            let id = req_str(args, "id")?;
+            let name = opt_str(args, "name")?;
+            let writable = opt_bool(args, "writable")?.unwrap_or(false);
+            to_json(daemon.nbd_export(&id, name.as_deref(), writable)?)
+        }
+        "nbd-unexport" => {
+            only_keys(command, args, &["id"])?;
+            let id = req_str(args, "id")?;
+            daemon.nbd_unexport(&id)?;
+            Ok(json!({"unexported": id}))
+        }
+        "nbd-list" => {
+            only_keys(command, args, &[])?;
+            match daemon.nbd_server() {
+                Some(nbd) => Ok(json!({"address": nbd.address, "exports": to_json(nbd.list())?})),
+                None => Ok(json!({"address": null, "exports": []})),
+            }
         }
         other => Err(ControlError::new(
             "unknown-command",

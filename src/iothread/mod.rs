@@ -24,7 +24,7 @@ use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::disk::{Backend, Disk};
+use crate::disk::{Backend, Disk, RunningQueue};
 use crate::engine::aio::AioEngine;
 use crate::engine::nbd::engine::NbdEngine;
 use crate::engine::null::NullEngine;
@@ -162,7 +162,7 @@ impl IoThread {
         let (reply, answer) = mpsc::sync_channel(1);
         self.send(Command::Attach { make, reply })?;
         let id = answer.recv().map_err(|_| io::Error::other("I/O thread ended"))??;
-        Ok(QueueHandle { thread: Arc::clone(self), id, dedicated: false })
+        Ok(QueueHandle { thread: Arc::clone(self), id, dedicated: false, running: None })
     }
 
     /// Ends the thread once it serves no queue (the caller stopped them) and waits for it.
@@ -180,6 +180,8 @@ pub struct QueueHandle {
     id: u64,
     /// The thread exists for this queue alone and ends with it.
     dedicated: bool,
+    /// Counts the ring as its guest's while it is served (see `Disk::guest_running`).
+    running: Option<RunningQueue>,
 }
 
 impl QueueHandle {
@@ -243,11 +245,13 @@ pub fn start_queue(
             (IoThread::spawn(&name, cpus, Arc::clone(poll), u32::from(setup.size))?, true)
         }
     };
+    let running = RunningQueue::new(disk);
     let disk = Arc::clone(disk);
     let attached = thread.attach_with(Box::new(move |ring| make_queue(disk, setup, ring)));
     match attached {
         Ok(mut handle) => {
             handle.dedicated = dedicated;
+            handle.running = Some(running);
             Ok(handle)
         }
         Err(e) => {

@@ -6,4 +6,6 @@ pub mod backend_channel;
 pub mod device;
 pub mod server;
 
-pub use server::{apply_socket_access, bind_socket, open_to_others, ExportServer, SocketOptions};
+pub use server::{
+    apply_socket_access, bind_socket, open_to_others, ExportServer, SocketAccess, SocketOptions,
+};
