@@ -55,7 +55,9 @@ resize id=ID size=BYTES [shrink=on], query-stats [id=ID], set-polling [id=ID|iot
 set-throttle id=ID|group=NAME [iops-total=N] [bps-read=BYTES] ... (the limit keys of --export; those not given are lifted), \
 list-iothreads, add-iothread id=NAME [cpus=LIST] [poll=MODE] [poll-max-us=N], remove-iothread id=NAME, \
 dump-config (prints the running configuration as the TOML --config reads: keep runtime changes with \
-`blkplane ctl dump-config > /etc/blkplane/blkplane.toml`).\n\
+`blkplane ctl dump-config > /etc/blkplane/blkplane.toml`), \
+mirror id=ID target=PATH|nbd://...|nbd+unix://... [speed=BYTES] (copies the export's image to the target while the guest runs), \
+query-jobs, job-cancel id=ID, job-complete id=ID.\n\
 Values are sent as strings, as given; paths of export keys are made absolute first. \
 docs/control.md describes every command, its arguments and its errors."
     )]
@@ -255,7 +257,9 @@ fn args_to_json(args: &[String]) -> Result<Value, String> {
     let mut map = Map::new();
     for a in args {
         let (k, v) = a.split_once('=').ok_or_else(|| format!("'{a}' is not KEY=VALUE"))?;
-        let value = if ExportConfig::is_path_key(k) && !crate::disk::is_network_image(v) {
+        // A mirror's target= takes what image= takes.
+        let path_key = ExportConfig::is_path_key(k) || k == "target";
+        let value = if path_key && !crate::disk::is_network_image(v) {
             crate::spec::Value::Str(v.to_string()).path(k).map_err(|e| e.0)?.display().to_string()
         } else {
             v.to_string()

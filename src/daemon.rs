@@ -14,6 +14,8 @@ use crate::export::ExportConfig;
 use crate::iothread::poll::{PollMode, PollPolicy};
 use crate::iothread::registry::{IoThreadConfig, IoThreadInfo, IoThreads, ThreadChoice};
 use crate::iothread::Placement;
+use crate::jobs::{JobError, Jobs};
+use crate::mirror::JobInfo;
 use crate::qos::{Throttle, ThrottleConfig};
 use crate::trace::QueueReport;
 use crate::vhost_user::{apply_socket_access, bind_socket, open_to_others, ExportServer};
@@ -29,6 +31,12 @@ pub struct ControlError {
 impl ControlError {
     pub fn new(code: &'static str, message: impl Into<String>) -> ControlError {
         ControlError { code, message: message.into() }
+    }
+}
+
+impl From<JobError> for ControlError {
+    fn from(e: JobError) -> ControlError {
+        ControlError::new(e.code, e.message)
     }
 }
 
@@ -203,6 +211,8 @@ pub struct Daemon {
     /// What re-reads the whole configuration file (`serve` sets it: it owns the sockets and
     /// the log this daemon does not); `ctl reload` and SIGHUP call it.
     reloader: Mutex<Option<Reloader>>,
+    /// The exports' mirror jobs.
+    jobs: Jobs,
 }
 
 /// See `Daemon::reloader`.
@@ -229,6 +239,7 @@ impl Daemon {
             from_file: Mutex::default(),
             settings: Mutex::default(),
             reloader: Mutex::default(),
+            jobs: Jobs::default(),
         })
     }
 
@@ -538,6 +549,7 @@ impl Daemon {
             exports.remove(pos)
         };
         let span = export.server.disk().span.clone();
+        self.jobs.forget(id);
         stop_export(&mut export);
         info!(parent: &span, "export removed");
         crate::service::status(self.list().len());
@@ -708,12 +720,38 @@ impl Daemon {
         self.iothreads.remove(id).map_err(|(code, message)| ControlError::new(code, message))
     }
 
+    /// Starts mirroring export `id` to `target` (`ctl mirror`).
+    pub fn mirror(
+        &self,
+        id: &str,
+        target: &str,
+        speed_bytes_per_s: u64,
+    ) -> Result<JobInfo, ControlError> {
+        let disk = self.with_export(id, |e| Arc::clone(e.server.disk()))?;
+        let pivot: crate::mirror::job::Pivot =
+            Box::new(|_| Err("switching an export to its target is not implemented yet".into()));
+        Ok(self.jobs.start_mirror(id, &disk, target, speed_bytes_per_s, pivot)?)
+    }
+
+    pub fn query_jobs(&self) -> Vec<JobInfo> {
+        self.jobs.list()
+    }
+
+    pub fn job_cancel(&self, id: &str) -> Result<JobInfo, ControlError> {
+        Ok(self.jobs.cancel(id)?)
+    }
+
+    pub fn job_complete(&self, id: &str) -> Result<JobInfo, ControlError> {
+        Ok(self.jobs.complete(id)?)
+    }
+
     pub fn list_iothreads(&self) -> Vec<IoThreadInfo> {
         self.iothreads.list()
     }
 
     /// Stops every export: no new connections, clients hung up after in-flight I/O.
     pub fn shutdown(&self) {
+        self.jobs.cancel_all();
         let exports: Vec<Export> = std::mem::take(&mut *self.exports());
         for e in &exports {
             e.server.shutdown();

@@ -15,6 +15,7 @@ use crate::engine::nbd::engine::NbdTarget;
 use crate::engine::nbd::{self, wire, NbdOptions, NbdSpec};
 use crate::engine::rbd::{RbdOptions, RbdSpec};
 use crate::engine::{lock, Backing, CacheMode, EngineKind, OpenError};
+use crate::mirror::MirrorSlot;
 use crate::qos::{LimitOptions, Throttle};
 use crate::ratelimit::RateLimiter;
 use crate::spec::{err, Key, Kind, Options, SpecError, Value};
@@ -57,6 +58,20 @@ impl BackendSpec {
 /// such a value is never made absolute.
 pub fn is_network_image(text: &str) -> bool {
     NbdSpec::is_uri(text) || RbdSpec::is_uri(text)
+}
+
+/// What a mirror's `target=` names: any value `image=` takes (an image file or block device,
+/// an NBD URI, an RBD image), read by the same key.
+pub fn parse_target(text: &str) -> Result<BackendSpec, SpecError> {
+    let mut options = DiskOptions::default();
+    if let Some((_, result)) = options.set_key("image", &Value::Str(text.to_string())) {
+        result?;
+    }
+    options.check(false, false).map_err(|e| SpecError(format!("target={text}: {}", e.0)))?;
+    if options.readonly {
+        return err(format!("target={text}: a snapshot is read-only; a mirror writes its target"));
+    }
+    Ok(options.backend)
 }
 
 /// `discard=`: whether the guest's discards free the backing's blocks.
@@ -584,6 +599,9 @@ pub struct Disk {
     /// hand over (read-only, force-share, engine=null); Some(false) between a migration's
     /// switch-over and the guest's arrival.
     write_lock: Option<Mutex<bool>>,
+    /// The export's mirror job, if one runs: the I/O threads copy the guest's writes to its
+    /// target too (see crate::mirror).
+    pub mirror: Arc<MirrorSlot>,
 }
 
 /// What a disk reads and writes, open.
@@ -744,6 +762,7 @@ impl Disk {
             writeback: AtomicBool::new(config.cache.write_cache()),
             flush_failed: AtomicBool::new(false),
             write_lock: has_write_lock.then(|| Mutex::new(!config.incoming)),
+            mirror: Arc::default(),
         })
     }
 
