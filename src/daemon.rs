@@ -727,10 +727,8 @@ impl Daemon {
         target: &str,
         speed_bytes_per_s: u64,
     ) -> Result<JobInfo, ControlError> {
-        let disk = self.with_export(id, |e| Arc::clone(e.server.disk()))?;
-        let pivot: crate::mirror::job::Pivot =
-            Box::new(|_| Err("switching an export to its target is not implemented yet".into()));
-        Ok(self.jobs.start_mirror(id, &disk, target, speed_bytes_per_s, pivot)?)
+        let disk = self.with_export(id, |e| e.server.disk())?;
+        Ok(self.jobs.start_mirror(id, &disk, target, speed_bytes_per_s)?)
     }
 
     pub fn query_jobs(&self) -> Vec<JobInfo> {
@@ -741,8 +739,32 @@ impl Daemon {
         Ok(self.jobs.cancel(id)?)
     }
 
+    /// Switches export `id` to its ready mirror job's target (the guest sees a pause), then
+    /// lets the old image go (closed, and its lock with it).
     pub fn job_complete(&self, id: &str) -> Result<JobInfo, ControlError> {
-        Ok(self.jobs.complete(id)?)
+        let (mirror, target) = self.jobs.of(id)?;
+        let (server, mut config) =
+            self.with_export(id, |e| (Arc::clone(&e.server), e.config.disk.clone()))?;
+        config.backend = target.clone();
+        let switched = mirror.complete(|take| {
+            server.switch_disk(|old| {
+                let target = take().ok_or("the job's target is gone (cancelled, or it failed)")?;
+                old.switched_to(&config, target)
+            })
+        });
+        if !mirror.state().mirrors() {
+            // Ended (completed, or failed in the pivot): its thread lets the source go.
+            self.jobs.ended(id);
+        }
+        switched.map_err(|e| {
+            let code = if e.contains("not ready") { "not-ready" } else { "failed" };
+            ControlError::new(code, e)
+        })?;
+        if let Some(e) = self.exports().iter_mut().find(|e| e.id == id) {
+            e.config.disk.backend = target;
+        }
+        info!(parent: &server.disk().span, "export switched to its mirror's target");
+        Ok(mirror.info())
     }
 
     pub fn list_iothreads(&self) -> Vec<IoThreadInfo> {

@@ -15,6 +15,7 @@ use crate::engine::nbd::engine::NbdTarget;
 use crate::engine::nbd::{self, wire, NbdOptions, NbdSpec};
 use crate::engine::rbd::{RbdOptions, RbdSpec};
 use crate::engine::{lock, Backing, CacheMode, EngineKind, OpenError};
+use crate::mirror::target::Target;
 use crate::mirror::MirrorSlot;
 use crate::qos::{LimitOptions, Throttle};
 use crate::ratelimit::RateLimiter;
@@ -645,14 +646,7 @@ impl Disk {
             }
             BackendSpec::Null { size_bytes } => (Backend::Null, *size_bytes, 512, 4096),
             BackendSpec::Nbd { spec, options } => {
-                let target = open_nbd(config, spec, options.reconnect_delay_s, &span)?;
-                let n = target.negotiated;
-                // The server's minimum block (1 for qemu-nbd on a file, 4096 on a 4K-sector
-                // disk with O_DIRECT) is the guest's logical block: requests off it would be
-                // refused. Its preferred block is what the guest should align to.
-                let logical = n.min_block.max(512);
-                let physical = n.preferred_block.clamp(logical, 4096);
-                (Backend::Nbd(Arc::new(target)), n.size_bytes, logical, physical)
+                nbd_backend(open_nbd(config, spec, options.reconnect_delay_s, &span)?)
             }
             BackendSpec::Rbd(RbdOptions { spec, op_timeout_s }) => {
                 use crate::engine::rbd::cluster::RbdHandle;
@@ -675,6 +669,20 @@ impl Disk {
                 (Backend::Rbd(Arc::new(image)), size, 512, 4096)
             }
         };
+        Disk::assemble(config, span.clone(), throttle, backend, capacity, logical, physical)
+    }
+
+    /// The disk around an opened `backend` of `capacity` bytes with the backend's `logical`
+    /// and `physical` block sizes: checks the block sizes the export's keys ask for.
+    fn assemble(
+        config: &DiskOptions,
+        span: tracing::Span,
+        throttle: Arc<Throttle>,
+        backend: Backend,
+        capacity: u64,
+        logical: u32,
+        physical: u32,
+    ) -> Result<Disk, OpenError> {
         let name = || match &config.backend {
             BackendSpec::Null { .. } => "engine=null".into(),
             other => PathBuf::from(other.describe()),
@@ -741,7 +749,7 @@ impl Disk {
         serial[..config.serial.len()].copy_from_slice(config.serial.as_bytes());
         let has_write_lock = backing.is_some() && !config.readonly && !config.force_share;
         Ok(Disk {
-            span: span.clone(),
+            span,
             backend,
             cache: config.cache,
             readonly: config.readonly,
@@ -764,6 +772,63 @@ impl Disk {
             write_lock: has_write_lock.then(|| Mutex::new(!config.incoming)),
             mirror: Arc::default(),
         })
+    }
+
+    /// The disk a mirror's pivot switches the export to: `target`, already open (and locked)
+    /// by the job, served with the export's keys (`config`, whose backend names the target),
+    /// keeping this disk's statistics, limits, log identity and the guest's write-cache bit.
+    pub fn switched_to(&self, config: &DiskOptions, target: Target) -> Result<Disk, String> {
+        let (backend, capacity, logical, physical) = match (target, &config.backend) {
+            (Target::File { backing, .. }, _) => {
+                let (c, l, p) = (
+                    backing.capacity_bytes,
+                    backing.logical_block_bytes,
+                    backing.physical_block_bytes,
+                );
+                (Backend::File { backing, engine: config.aio }, c, l, p)
+            }
+            (Target::Nbd(connection), BackendSpec::Nbd { spec, options }) => {
+                // The export's queues make connections of their own.
+                drop(connection);
+                nbd_backend(
+                    open_nbd(config, spec, options.reconnect_delay_s, &self.span)
+                        .map_err(|e| e.to_string())?,
+                )
+            }
+            (Target::Rbd(image), _) => {
+                // RBD stores objects of 4 MiB; 4 KiB is what its writes align to best.
+                let size = image.size_bytes()?;
+                (Backend::Rbd(image), size, 512, 4096)
+            }
+            (Target::Nbd(_), other) => {
+                return Err(format!("an NBD target for the backend {}", other.describe()))
+            }
+        };
+        if capacity != self.capacity_bytes() {
+            return Err(format!(
+                "the target has {capacity} bytes, the export {}",
+                self.capacity_bytes()
+            ));
+        }
+        let mut disk = Disk::assemble(
+            config,
+            self.span.clone(),
+            Arc::clone(&self.throttle),
+            backend,
+            capacity,
+            logical,
+            physical,
+        )
+        .map_err(|e| e.to_string())?;
+        if disk.logical_block_bytes != self.logical_block_bytes {
+            return Err(format!(
+                "the target's {}-byte blocks are not the guest's {}",
+                disk.logical_block_bytes, self.logical_block_bytes
+            ));
+        }
+        disk.stats = self.stats.clone();
+        disk.set_writeback(self.writeback());
+        Ok(disk)
     }
 
     /// Takes the image's write permission if the export does not hold it (a migration's
@@ -1011,6 +1076,16 @@ impl Disk {
             writeback: self.writeback(),
         })
     }
+}
+
+/// An NBD export's backend with its size and block sizes. The server's minimum block (1 for
+/// qemu-nbd on a file, 4096 on a 4K-sector disk with O_DIRECT) is the guest's logical block:
+/// requests off it would be refused. Its preferred block is what the guest should align to.
+fn nbd_backend(target: NbdTarget) -> (Backend, u64, u32, u32) {
+    let n = target.negotiated;
+    let logical = n.min_block.max(512);
+    let physical = n.preferred_block.clamp(logical, 4096);
+    (Backend::Nbd(Arc::new(target)), n.size_bytes, logical, physical)
 }
 
 /// Connects to an NBD export's server once, to learn the export and check that it can be

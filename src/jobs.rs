@@ -4,18 +4,15 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
 
 use crate::disk::{parse_target, BackendSpec, Disk};
 use crate::engine::backing::Backing;
 use crate::engine::nbd::blocking::BlockingNbd;
 use crate::engine::nbd::wire;
-use crate::mirror::job::Pivot;
+use crate::engine::rbd::cluster::RbdHandle;
+use crate::engine::rbd::RbdOptions;
 use crate::mirror::target::Target;
-use crate::mirror::{JobInfo, JobState, Mirror};
-
-/// How long job-complete waits for the pivot to be done.
-const COMPLETE_TIMEOUT: Duration = Duration::from_secs(60);
+use crate::mirror::{JobInfo, Mirror};
 
 /// A refused job command: a stable code and a sentence (the control socket's error).
 #[derive(Debug)]
@@ -30,6 +27,8 @@ fn refuse<T>(code: &'static str, message: impl Into<String>) -> Result<T, JobErr
 
 struct Job {
     mirror: Arc<Mirror>,
+    /// What the target is, as an export's backend (for the pivot).
+    target: BackendSpec,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -41,9 +40,7 @@ pub struct Jobs {
 
 /// Opens what `target=` names, writable and locked as an export would open it, with the
 /// export's cache mode.
-fn open_target(text: &str, disk: &Disk) -> Result<Target, JobError> {
-    let spec =
-        parse_target(text).map_err(|e| JobError { code: "invalid-argument", message: e.0 })?;
+fn open_target(spec: BackendSpec, text: &str, disk: &Disk) -> Result<Target, JobError> {
     match spec {
         BackendSpec::Image(path) => {
             let backing = Backing::open(&path, false, disk.cache, false, false)
@@ -58,10 +55,17 @@ fn open_target(text: &str, disk: &Disk) -> Result<Target, JobError> {
             }
             Ok(Target::Nbd(nbd))
         }
-        BackendSpec::Rbd(_) => {
-            refuse("unsupported", format!("target={text}: mirroring to RBD is not supported yet"))
+        BackendSpec::Rbd(RbdOptions { spec, op_timeout_s }) => {
+            let image = RbdHandle::open(&spec, false, disk.cache, op_timeout_s, disk.span.clone())
+                .map_err(|e| JobError {
+                    code: "failed",
+                    message: format!("RBD {}: {e}", spec.name()),
+                })?;
+            Ok(Target::Rbd(Arc::new(image)))
         }
-        BackendSpec::Null { .. } => refuse("invalid-argument", "target= names an image"),
+        BackendSpec::Null { .. } => {
+            refuse("invalid-argument", format!("target={text}: a mirror's target is an image"))
+        }
     }
 }
 
@@ -71,14 +75,13 @@ impl Jobs {
     }
 
     /// Starts mirroring export `id` (serving `disk`) to `target`, at most `speed_bytes_per_s`
-    /// (0: no limit); `pivot` switches the export to the target at job-complete.
+    /// (0: no limit).
     pub fn start_mirror(
         &self,
         id: &str,
         disk: &Arc<Disk>,
         target: &str,
         speed_bytes_per_s: u64,
-        pivot: Pivot,
     ) -> Result<JobInfo, JobError> {
         let Some(backing) = disk.backing() else {
             return refuse(
@@ -89,7 +92,9 @@ impl Jobs {
         if self.jobs().iter().any(|j| j.mirror.id == id && j.mirror.state().mirrors()) {
             return refuse("busy", format!("export '{id}' has a mirror job running"));
         }
-        let target = open_target(target, disk)?;
+        let spec = parse_target(target)
+            .map_err(|e| JobError { code: "invalid-argument", message: e.0 })?;
+        let target = open_target(spec.clone(), target, disk)?;
         let source = backing
             .file
             .try_clone()
@@ -105,7 +110,7 @@ impl Jobs {
         let runs = Arc::clone(&mirror);
         let thread = std::thread::Builder::new()
             .name("blkplane-mirror".into())
-            .spawn(move || runs.run(slot, pivot));
+            .spawn(move || runs.run(slot));
         let thread = match thread {
             Ok(t) => t,
             Err(e) => {
@@ -116,7 +121,7 @@ impl Jobs {
         tracing::info!(parent: &disk.span, "mirror to {} started", mirror.target_name);
         jobs.retain(|j| j.mirror.id != id);
         let info = mirror.info();
-        jobs.push(Job { mirror, thread: Some(thread) });
+        jobs.push(Job { mirror, target: spec, thread: Some(thread) });
         Ok(info)
     }
 
@@ -125,10 +130,7 @@ impl Jobs {
     }
 
     fn find(&self, id: &str) -> Result<Arc<Mirror>, JobError> {
-        match self.jobs().iter().find(|j| j.mirror.id == id) {
-            Some(j) => Ok(Arc::clone(&j.mirror)),
-            None => refuse("not-found", format!("no job with id '{id}'")),
-        }
+        self.of(id).map(|(mirror, _)| mirror)
     }
 
     /// Waits for the thread of job `id` to end.
@@ -148,25 +150,17 @@ impl Jobs {
         Ok(mirror.info())
     }
 
-    /// Switches export `id` to its ready job's target and waits until it did.
-    pub fn complete(&self, id: &str) -> Result<JobInfo, JobError> {
-        let mirror = self.find(id)?;
-        mirror.request_complete().map_err(|message| JobError { code: "not-ready", message })?;
-        let deadline = Instant::now() + COMPLETE_TIMEOUT;
-        while mirror.state() == JobState::Ready && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
+    /// Job `id`, and its target as an export's backend: for job-complete.
+    pub fn of(&self, id: &str) -> Result<(Arc<Mirror>, BackendSpec), JobError> {
+        match self.jobs().iter().find(|j| j.mirror.id == id) {
+            Some(j) => Ok((Arc::clone(&j.mirror), j.target.clone())),
+            None => refuse("not-found", format!("no job with id '{id}'")),
         }
-        match mirror.state() {
-            JobState::Completed => {
-                self.join(id);
-                Ok(mirror.info())
-            }
-            JobState::Ready => refuse("failed", "the pivot did not finish within 60 s"),
-            _ => refuse(
-                "failed",
-                mirror.info().error.unwrap_or_else(|| "the job ended otherwise".into()),
-            ),
-        }
+    }
+
+    /// Job `id` completed (or failed to): waits for its thread, which lets the old image go.
+    pub fn ended(&self, id: &str) {
+        self.join(id);
     }
 
     /// Export `id` goes: its job is cancelled and forgotten.

@@ -118,6 +118,17 @@ struct Written {
 /// write-zeroes and discards, a flush after each batch), reads back and checks, until
 /// stopped. Starts from the image's content `initial`.
 fn verified_writer(sock: PathBuf, initial: Vec<u8>, stop: Arc<AtomicBool>) -> JoinHandle<Written> {
+    writer_with(sock, initial, stop, true)
+}
+
+/// As [`verified_writer`]; without `discards` (RBD may skip a discard of part of an object,
+/// which a discard allows: the model could not say what it reads).
+fn writer_with(
+    sock: PathBuf,
+    initial: Vec<u8>,
+    stop: Arc<AtomicBool>,
+    discards: bool,
+) -> JoinHandle<Written> {
     std::thread::spawn(move || {
         let mut c = Client::connect(&sock, 1);
         let mut w = Written { requests: 0, failures: 0, model: initial };
@@ -145,13 +156,16 @@ fn verified_writer(sock: PathBuf, initial: Vec<u8>, stop: Arc<AtomicBool>) -> Jo
                 let range = offset as usize..(offset + len) as usize;
                 match next() % 10 {
                     0 => {
-                        c.queues[0].write_zeroes(offset, len, i, ReqFlags::empty());
+                        c.queues[0].write_zeroes(offset, len, i, ReqFlags::NO_UNMAP);
                         w.model[range].fill(0);
                     }
                     1 => {
-                        // A discard may leave the data or zeroes (it is a hint): write
-                        // zeroes with unmap allowed instead, whose result is defined.
-                        c.queues[0].write_zeroes(offset, len, i, ReqFlags::MAY_UNMAP);
+                        c.queues[0].write_zeroes(offset, len, i, ReqFlags::empty());
+                        w.model[range].fill(0);
+                    }
+                    2 if discards => {
+                        // discard=unmap (the default) punches a hole, which reads as zeroes.
+                        c.queues[0].discard(offset, len, i, ReqFlags::empty());
                         w.model[range].fill(0);
                     }
                     _ => {
@@ -264,7 +278,7 @@ fn mirror_to_a_file_under_verified_writes() {
     ctl_refused(
         &s.control,
         &["mirror", "id=vm1", &format!("target={}", s.image.display())],
-        "lock",
+        "does not share the \"write\" permission",
     );
     ctl_refused(&s.control, &["mirror", "id=vm1"], "missing 'target'");
     ctl_refused(
@@ -359,4 +373,85 @@ fn mirror_to_qemu_nbd_and_a_target_that_dies() {
     assert_eq!(w.failures, 0, "no guest request failed\n{}", s.daemon.log());
     assert!(fs::read(&s.image).unwrap() == w.model, "the source holds every write");
     assert!(s.daemon.log().contains("failed"), "{}", s.daemon.log());
+}
+
+/// Whether process `pid` has `path` open.
+fn holds_open(pid: i32, path: &Path) -> bool {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .any(|e| fs::read_link(e.unwrap().path()).is_ok_and(|l| l == path))
+}
+
+/// job-complete under a running writer: the export switches to the target (no request fails,
+/// every write reads back), the old image is closed (and unlocked: qemu-img can write it),
+/// list-exports names the target, and the old image changes no more.
+#[test]
+fn pivot_to_a_file_under_a_running_writer() {
+    let s = setup(tmpdir());
+    let target = s._dir.path().join("target.raw");
+    blank_image(&target);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = verified_writer(s.sock.clone(), fs::read(&s.image).unwrap(), Arc::clone(&stop));
+    ctl_refused(&s.control, &["job-complete", "id=vm1"], "no job with id 'vm1'");
+    ctl_ok(&s.control, &["mirror", "id=vm1", &format!("target={}", target.display()), "speed=32M"]);
+    ctl_refused(&s.control, &["job-complete", "id=vm1"], "not ready");
+    wait_for_state(&s.control, "vm1", "ready", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(200));
+    let done = ctl_ok(&s.control, &["job-complete", "id=vm1"]);
+    assert_eq!(done["state"], "completed", "{done}");
+    let pid = s.daemon.pid();
+    assert!(!holds_open(pid, &s.image), "the old image is closed after job-complete");
+    assert!(holds_open(pid, &target), "the export serves the target");
+    let exports = ctl_ok(&s.control, &["list-exports"]);
+    assert_eq!(exports[0]["backend"], target.display().to_string(), "{exports}");
+    let old = fs::read(&s.image).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let w = writer.join().unwrap();
+    assert!(w.requests > 100, "{}", w.requests);
+    assert_eq!(w.failures, 0, "no request failed across the pivot\n{}", s.daemon.log());
+    assert!(fs::read(&target).unwrap() == w.model, "the target holds every write");
+    assert!(fs::read(&s.image).unwrap() == old, "nothing reaches the old image after the pivot");
+    // Its lock went with it: another writer may have it.
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write 0 4k"])
+        .arg(&s.image)
+        .output()
+        .expect("run qemu-io");
+    assert!(
+        out.status.success(),
+        "qemu-io writes the old image: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ctl_refused(&s.control, &["job-complete", "id=vm1"], "completed, not ready");
+}
+
+/// The showcase: a file-backed export moved to an RBD image on the test cluster under a
+/// running libblkio writer: no request fails, the image holds every write, and the file is
+/// no longer open.
+#[test]
+fn pivot_from_a_file_to_rbd_under_a_running_writer() {
+    use common::ceph::TestImage;
+    let s = setup(tmpdir());
+    let image = TestImage::create(IMAGE_BYTES);
+    let target = format!("rbd:rbd/{}:conf={}", image.name, common::ceph::ceph_conf().display());
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = writer_with(s.sock.clone(), fs::read(&s.image).unwrap(), Arc::clone(&stop), false);
+    let started = ctl_ok(&s.control, &["mirror", "id=vm1", &format!("target={target}")]);
+    assert_eq!(started["target"], format!("rbd:rbd/{}", image.name), "{started}");
+    wait_for_state(&s.control, "vm1", "ready", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(300));
+    let done = ctl_ok(&s.control, &["job-complete", "id=vm1"]);
+    assert_eq!(done["state"], "completed", "{done}");
+    assert!(!holds_open(s.daemon.pid(), &s.image), "the file is closed after the pivot");
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let w = writer.join().unwrap();
+    assert!(w.requests > 50, "{}", w.requests);
+    assert_eq!(w.failures, 0, "no request failed across the pivot\n{}", s.daemon.log());
+    let exported = s._dir.path().join("exported.raw");
+    image.export_to(&exported);
+    let got = fs::read(&exported).unwrap();
+    let differs = got.iter().zip(&w.model).position(|(a, b)| a != b);
+    assert_eq!(differs, None, "the RBD image holds every write");
 }

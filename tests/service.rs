@@ -738,7 +738,8 @@ fn bash_completes_export_keys_ctl_commands_and_log_levels() {
     assert_eq!(
         commands.join(" "),
         "list-exports add-export remove-export resize query-stats set-polling set-throttle \
-         list-iothreads add-iothread remove-iothread dump-config reload"
+         list-iothreads add-iothread remove-iothread dump-config reload mirror query-jobs \
+         job-cancel job-complete"
     );
     assert_eq!(bash_completes("blkplane serve --log-level "), "off error warn info debug trace");
     assert_eq!(bash_completes("blkplane b"), "bench");

@@ -17,18 +17,16 @@ use super::{AlignedBuffer, JobState, Mirror, MirrorSlot};
 /// How often a ready (or speed-limited) job looks for job-complete and job-cancel.
 const WAKE_MS: u64 = 20;
 
-/// What the job thread does at job-complete, given the target: switch the export to it.
-pub type Pivot = Box<dyn FnOnce(&Mirror) -> Result<(), String> + Send>;
-
 impl Mirror {
     /// Takes the target out of the job (for the pivot): from now on the job writes nothing.
     pub fn take_target(&self) -> Option<super::Target> {
         self.target.write().unwrap_or_else(|p| p.into_inner()).take()
     }
 
-    /// The job's thread: copy, then wait for its end; `slot` is emptied when it ends, and the
-    /// target closed unless `pivot` took it.
-    pub fn run(self: Arc<Self>, slot: Arc<MirrorSlot>, pivot: Pivot) {
+    /// The job's thread: copy, then wait, ready, until job-complete or job-cancel ends the
+    /// job; `slot` is emptied when it ends, the source let go, and the target closed unless
+    /// the pivot took it.
+    pub fn run(self: Arc<Self>, slot: Arc<MirrorSlot>) {
         let mut buffer = AlignedBuffer::new(PIECE_BYTES);
         if let Err(why) = self.copy_all(&mut buffer) {
             self.fail(why);
@@ -41,22 +39,13 @@ impl Mirror {
             }
         }
         while self.state() == JobState::Ready && !self.cancel.load(Ordering::Acquire) {
-            if self.complete.load(Ordering::Acquire) {
-                match pivot(&self) {
-                    Ok(()) => {
-                        self.state.store(JobState::Completed as u8, Ordering::Release);
-                        tracing::info!(export = %self.id, "the export now serves {}", self.target_name);
-                    }
-                    Err(why) => self.fail(format!("the pivot failed: {why}")),
-                }
-                break;
-            }
             std::thread::sleep(Duration::from_millis(WAKE_MS));
         }
         if self.cancel.load(Ordering::Acquire) && self.set_state(JobState::Cancelled) {
             tracing::info!(export = %self.id, "mirror to {} cancelled", self.target_name);
         }
         slot.remove();
+        drop(self.source.write().unwrap_or_else(|p| p.into_inner()).take());
         // Closes the target (and gives its lock up) unless the pivot took it.
         drop(self.take_target());
     }

@@ -102,8 +102,9 @@ pub struct Mirror {
     /// The export's id (the job's).
     pub id: String,
     pub target_name: String,
-    /// The export's image, read by the copy (the same open file as the export's).
-    source: File,
+    /// The export's image, read by the copy (the same open file as the export's); None once
+    /// the job ended, so that a pivot's old image closes.
+    source: RwLock<Option<File>>,
     size_bytes: u64,
     /// What reads and writes must be aligned to, on both sides.
     align_bytes: u64,
@@ -117,8 +118,6 @@ pub struct Mirror {
     error: Mutex<Option<String>>,
     /// job-cancel asked for.
     cancel: AtomicBool,
-    /// job-complete asked for (the job thread pivots).
-    complete: AtomicBool,
     /// Bytes a second the copy may read (0: no limit).
     speed_bytes_per_s: AtomicU64,
     started: Instant,
@@ -165,10 +164,10 @@ impl Mirror {
             ));
         }
         let align_bytes = source_align.max(target.block_bytes()).max(512);
-        if !align_bytes.is_power_of_two() || CHUNK_BYTES % align_bytes != 0 {
+        if !align_bytes.is_power_of_two() || !CHUNK_BYTES.is_multiple_of(align_bytes) {
             return Err(format!("the target's block size {align_bytes} is not supported"));
         }
-        if size_bytes % align_bytes != 0 {
+        if !size_bytes.is_multiple_of(align_bytes) {
             return Err(format!(
                 "the export's size {size_bytes} is not a multiple of the target's {align_bytes}-byte blocks"
             ));
@@ -176,7 +175,7 @@ impl Mirror {
         Ok(Mirror {
             id: id.to_string(),
             target_name,
-            source,
+            source: RwLock::new(Some(source)),
             size_bytes,
             align_bytes,
             target: RwLock::new(Some(target)),
@@ -185,7 +184,6 @@ impl Mirror {
             state: AtomicU8::new(JobState::Running as u8),
             error: Mutex::new(None),
             cancel: AtomicBool::new(false),
-            complete: AtomicBool::new(false),
             speed_bytes_per_s: AtomicU64::new(speed_bytes_per_s),
             started: Instant::now(),
             copied_after_ns: AtomicU64::new(0),
@@ -228,14 +226,40 @@ impl Mirror {
         self.cancel.store(true, Ordering::Release);
     }
 
-    /// Asks a ready job to pivot. Err if it is not ready.
-    pub fn request_complete(&self) -> Result<(), String> {
-        match self.state() {
-            JobState::Ready => {
-                self.complete.store(true, Ordering::Release);
+    /// Switches a ready job's export to its target: `switch` gets the target (and the job's
+    /// part in the export ends) once the export's rings stopped, and returns once they run on
+    /// it. Err if the job is not ready or the switch failed (then the job fails and the
+    /// export goes on with its source).
+    pub fn complete(
+        &self,
+        switch: impl FnOnce(&dyn Fn() -> Option<Target>) -> Result<(), String>,
+    ) -> Result<(), String> {
+        if self.state() != JobState::Ready {
+            return Err(format!("the job is {}, not ready", self.state().name()));
+        }
+        let take = || {
+            let target = self.take_target()?;
+            // Writes the guest was answered for are durable on the target before it serves.
+            match target.flush() {
+                Ok(()) => Some(target),
+                Err(why) => {
+                    self.fail(why);
+                    None
+                }
+            }
+        };
+        match switch(&take) {
+            Ok(()) => {
+                // Even if job-cancel came meanwhile: the export serves the target now.
+                self.state.store(JobState::Completed as u8, Ordering::Release);
+                tracing::info!(export = %self.id, "the export now serves {}", self.target_name);
                 Ok(())
             }
-            other => Err(format!("the job is {}, not ready", other.name())),
+            Err(why) => {
+                let why = format!("the pivot failed: {why}");
+                self.fail(why.clone());
+                Err(why)
+            }
         }
     }
 
@@ -289,7 +313,10 @@ impl Mirror {
     /// pieces through `buffer`. Returns the bytes read.
     fn copy(&self, buffer: &mut AlignedBuffer, range: Range<u64>) -> Result<u64, String> {
         let target = self.target.read().unwrap_or_else(|p| p.into_inner());
-        let Some(target) = target.as_ref() else { return Ok(0) };
+        let source = self.source.read().unwrap_or_else(|p| p.into_inner());
+        let (Some(target), Some(source)) = (target.as_ref(), source.as_ref()) else {
+            return Ok(0);
+        };
         let zero_hole = |start: u64, end: u64, buffer: &mut AlignedBuffer| {
             let zeroes = buffer.get(PIECE_BYTES);
             zeroes.fill(0);
@@ -298,7 +325,7 @@ impl Mirror {
         let mut read_bytes = 0;
         let mut at = range.start;
         while at < range.end {
-            let extent = crate::engine::backing::next_data(&self.source, at, range.end)
+            let extent = crate::engine::backing::next_data(source, at, range.end)
                 .map_err(|e| format!("looking for data in the source: {e}"))?;
             let (data_start, data_end) = extent.unwrap_or((range.end, range.end));
             // Extents from the file system are on its blocks, which our alignment divides.
@@ -311,7 +338,7 @@ impl Mirror {
             while at < data_end {
                 let n = (data_end - at).min(PIECE_BYTES as u64) as usize;
                 let piece = buffer.get(n);
-                self.source
+                source
                     .read_exact_at(piece, at)
                     .map_err(|e| format!("reading the source at {at}: {e}"))?;
                 read_bytes += n as u64;

@@ -258,12 +258,10 @@ mod tests {
             }
             let i = which % self.guests.len();
             let next = match &self.guests[i] {
-                GuestAt::Landed { offset, bytes } => {
-                    match self.progress.guest_wrote(*offset, *bytes) {
-                        Some(range) => Some(GuestAt::Passed { range }),
-                        None => None,
-                    }
-                }
+                GuestAt::Landed { offset, bytes } => self
+                    .progress
+                    .guest_wrote(*offset, *bytes)
+                    .map(|range| GuestAt::Passed { range }),
                 GuestAt::Passed { range } => {
                     if self.lock_held {
                         return;

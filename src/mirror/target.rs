@@ -7,6 +7,8 @@ use std::path::PathBuf;
 
 use crate::engine::backing::{self, Backing};
 use crate::engine::nbd::blocking::BlockingNbd;
+use crate::engine::rbd::cluster::RbdHandle;
+use std::sync::Arc;
 
 /// The largest piece written at once (and the largest buffer of zeroes a target without a
 /// way to zero a range is written from).
@@ -18,6 +20,8 @@ pub enum Target {
     File { backing: Backing, path: PathBuf },
     /// An NBD server's export, through one blocking connection.
     Nbd(BlockingNbd),
+    /// A Ceph RBD image, open as an export would open it (the pivot serves this handle).
+    Rbd(Arc<RbdHandle>),
 }
 
 impl Target {
@@ -26,6 +30,7 @@ impl Target {
         match self {
             Target::File { path, .. } => path.display().to_string(),
             Target::Nbd(nbd) => nbd.spec.to_string(),
+            Target::Rbd(image) => format!("rbd:{}", image.image().0.spec.name()),
         }
     }
 
@@ -33,6 +38,7 @@ impl Target {
         match self {
             Target::File { backing, .. } => backing.capacity_bytes,
             Target::Nbd(nbd) => nbd.negotiated.size_bytes,
+            Target::Rbd(image) => image.size_bytes().unwrap_or(0),
         }
     }
 
@@ -43,6 +49,7 @@ impl Target {
                 u64::from(backing.logical_block_bytes.max(backing.dio_mem_align))
             }
             Target::Nbd(nbd) => u64::from(nbd.negotiated.min_block.max(1)),
+            Target::Rbd(_) => 512,
         }
     }
 
@@ -53,6 +60,7 @@ impl Target {
                 .write_all_at(data, offset)
                 .map_err(|e| format!("writing {}: {e}", path.display())),
             Target::Nbd(nbd) => nbd.write_at(offset, data),
+            Target::Rbd(image) => image.image().0.write_at(offset, data),
         }
     }
 
@@ -74,6 +82,7 @@ impl Target {
                 Err(e) => Err(format!("zeroing {}: {e}", path.display())),
             },
             Target::Nbd(nbd) => nbd.write_zeroes(offset, bytes),
+            Target::Rbd(image) => image.image().0.write_zeroes(offset, bytes),
         }
     }
 
@@ -83,6 +92,7 @@ impl Target {
                 backing.file.sync_data().map_err(|e| format!("flushing {}: {e}", path.display()))
             }
             Target::Nbd(nbd) => nbd.flush(),
+            Target::Rbd(image) => image.image().0.flush(),
         }
     }
 }
