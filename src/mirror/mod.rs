@@ -292,7 +292,7 @@ impl Mirror {
         let end = offset.saturating_add(bytes).saturating_add(mask) & !mask;
         let Some(passed) = self.progress().guest_wrote(start, end - start) else { return };
         let mut buffer = self.guest_copy.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(why) = self.copy(&mut buffer, passed) {
+        if let Err(why) = self.copy(&mut buffer, passed, None) {
             self.fail(why);
         }
     }
@@ -309,9 +309,19 @@ impl Mirror {
         }
     }
 
-    /// Copies `range` of the source to the target: holes and zeroes as write-zeroes, data in
-    /// pieces through `buffer`. Returns the bytes read.
-    fn copy(&self, buffer: &mut AlignedBuffer, range: Range<u64>) -> Result<u64, String> {
+    /// Copies `range` of the source to the target: zeroes as write-zeroes, data in pieces
+    /// through `buffer`. Returns the bytes read. With `extent` (the job's copy), holes are
+    /// found with SEEK_DATA/SEEK_HOLE and the last data extent found is kept there: a seek
+    /// costs the file system a walk to the extent's end (tmpfs walks its pages under the
+    /// inode's lock, which the guest's writes wait for), so it is done once per extent, not
+    /// per piece. Without (a guest's write copied again: small, and its latency counts), the
+    /// range is read as data; zeroes still become write-zeroes.
+    fn copy(
+        &self,
+        buffer: &mut AlignedBuffer,
+        range: Range<u64>,
+        mut extent: Option<&mut (u64, u64)>,
+    ) -> Result<u64, String> {
         let target = self.target.read().unwrap_or_else(|p| p.into_inner());
         let source = self.source.read().unwrap_or_else(|p| p.into_inner());
         let (Some(target), Some(source)) = (target.as_ref(), source.as_ref()) else {
@@ -325,16 +335,30 @@ impl Mirror {
         let mut read_bytes = 0;
         let mut at = range.start;
         while at < range.end {
-            let extent = crate::engine::backing::next_data(source, at, range.end)
-                .map_err(|e| format!("looking for data in the source: {e}"))?;
-            let (data_start, data_end) = extent.unwrap_or((range.end, range.end));
+            let (data_start, data_end) = match extent.as_deref_mut() {
+                None => (at, range.end),
+                // A data extent found before stays data: at worst it reads zeroes a guest
+                // discarded since (written as zeroes). Holes are never taken from it.
+                Some(known) if known.0 <= at && at < known.1 => *known,
+                Some(known) => {
+                    let found = crate::engine::backing::next_data(source, at, self.size_bytes)
+                        .map_err(|e| format!("looking for data in the source: {e}"))?;
+                    *known = found.unwrap_or((self.size_bytes, self.size_bytes));
+                    *known
+                }
+            };
+            let (data_start, data_end) = (data_start.min(range.end), data_end.min(range.end));
             // Extents from the file system are on its blocks, which our alignment divides.
             let data_start = (data_start & !(self.align_bytes - 1)).max(at);
             if data_start > at {
                 zero_hole(at, data_start, buffer)?;
             }
             at = data_start;
-            let data_end = data_end.next_multiple_of(self.align_bytes).min(range.end);
+            // At least one block: a file system that says an empty extent still gets read.
+            let data_end = data_end
+                .next_multiple_of(self.align_bytes)
+                .max(at + self.align_bytes)
+                .min(range.end);
             while at < data_end {
                 let n = (data_end - at).min(PIECE_BYTES as u64) as usize;
                 let piece = buffer.get(n);
