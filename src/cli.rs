@@ -56,7 +56,9 @@ set-throttle id=ID|group=NAME [iops-total=N] [bps-read=BYTES] ... (the limit key
 list-iothreads, add-iothread id=NAME [cpus=LIST] [poll=MODE] [poll-max-us=N], remove-iothread id=NAME, \
 dump-config (prints the running configuration as the TOML --config reads: keep runtime changes with \
 `blkplane ctl dump-config > /etc/blkplane/blkplane.toml`), nbd-export id=ID [name=NAME] [writable=on], \
-nbd-unexport id=ID, nbd-list (the NBD server of serve --nbd-server).\n\
+nbd-unexport id=ID, nbd-list (the NBD server of serve --nbd-server), \
+mirror id=ID target=PATH|nbd://...|nbd+unix://... [speed=BYTES] (copies the export's image to the target while the guest runs), \
+query-jobs, job-cancel id=ID, job-complete id=ID.\n\
 Values are sent as strings, as given; paths of export keys are made absolute first. \
 docs/control.md describes every command, its arguments and its errors."
     )]
@@ -256,7 +258,9 @@ fn args_to_json(args: &[String]) -> Result<Value, String> {
     let mut map = Map::new();
     for a in args {
         let (k, v) = a.split_once('=').ok_or_else(|| format!("'{a}' is not KEY=VALUE"))?;
-        let value = if ExportConfig::is_path_key(k) && !crate::disk::is_network_image(v) {
+        // A mirror's target= takes what image= takes.
+        let path_key = ExportConfig::is_path_key(k) || k == "target";
+        let value = if path_key && !crate::disk::is_network_image(v) {
             crate::spec::Value::Str(v.to_string()).path(k).map_err(|e| e.0)?.display().to_string()
         } else {
             v.to_string()

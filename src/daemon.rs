@@ -14,6 +14,8 @@ use crate::export::ExportConfig;
 use crate::iothread::poll::{PollMode, PollPolicy};
 use crate::iothread::registry::{IoThreadConfig, IoThreadInfo, IoThreads, ThreadChoice};
 use crate::iothread::Placement;
+use crate::jobs::{JobError, Jobs};
+use crate::mirror::JobInfo;
 use crate::nbd_server::{ExposedInfo, NbdServer};
 use crate::qos::{Throttle, ThrottleConfig};
 use crate::trace::QueueReport;
@@ -30,6 +32,12 @@ pub struct ControlError {
 impl ControlError {
     pub fn new(code: &'static str, message: impl Into<String>) -> ControlError {
         ControlError { code, message: message.into() }
+    }
+}
+
+impl From<JobError> for ControlError {
+    fn from(e: JobError) -> ControlError {
+        ControlError::new(e.code, e.message)
     }
 }
 
@@ -206,6 +214,8 @@ pub struct Daemon {
     reloader: Mutex<Option<Reloader>>,
     /// The NBD server (`--nbd-server`), if one runs.
     nbd: Mutex<Option<Arc<NbdServer>>>,
+    /// The exports' mirror jobs.
+    jobs: Jobs,
 }
 
 /// See `Daemon::reloader`.
@@ -233,6 +243,7 @@ impl Daemon {
             settings: Mutex::default(),
             reloader: Mutex::default(),
             nbd: Mutex::default(),
+            jobs: Jobs::default(),
         })
     }
 
@@ -557,6 +568,7 @@ impl Daemon {
             exports.remove(pos)
         };
         let span = export.server.disk().span.clone();
+        self.jobs.forget(id);
         stop_export(&mut export);
         info!(parent: &span, "export removed");
         crate::service::status(self.list().len());
@@ -727,6 +739,53 @@ impl Daemon {
         self.iothreads.remove(id).map_err(|(code, message)| ControlError::new(code, message))
     }
 
+    /// Starts mirroring export `id` to `target` (`ctl mirror`).
+    pub fn mirror(
+        &self,
+        id: &str,
+        target: &str,
+        speed_bytes_per_s: u64,
+    ) -> Result<JobInfo, ControlError> {
+        let disk = self.with_export(id, |e| e.server.disk())?;
+        Ok(self.jobs.start_mirror(id, &disk, target, speed_bytes_per_s)?)
+    }
+
+    pub fn query_jobs(&self) -> Vec<JobInfo> {
+        self.jobs.list()
+    }
+
+    pub fn job_cancel(&self, id: &str) -> Result<JobInfo, ControlError> {
+        Ok(self.jobs.cancel(id)?)
+    }
+
+    /// Switches export `id` to its ready mirror job's target (the guest sees a pause), then
+    /// lets the old image go (closed, and its lock with it).
+    pub fn job_complete(&self, id: &str) -> Result<JobInfo, ControlError> {
+        let (mirror, target) = self.jobs.of(id)?;
+        let (server, mut config) =
+            self.with_export(id, |e| (Arc::clone(&e.server), e.config.disk.clone()))?;
+        config.backend = target.clone();
+        let switched = mirror.complete(|take| {
+            server.switch_disk(|old| {
+                let target = take().ok_or("the job's target is gone (cancelled, or it failed)")?;
+                old.switched_to(&config, target)
+            })
+        });
+        if !mirror.state().mirrors() {
+            // Ended (completed, or failed in the pivot): its thread lets the source go.
+            self.jobs.ended(id);
+        }
+        switched.map_err(|e| {
+            let code = if e.contains("not ready") { "not-ready" } else { "failed" };
+            ControlError::new(code, e)
+        })?;
+        if let Some(e) = self.exports().iter_mut().find(|e| e.id == id) {
+            e.config.disk.backend = target;
+        }
+        info!(parent: &server.disk().span, "export switched to its mirror's target");
+        Ok(mirror.info())
+    }
+
     pub fn list_iothreads(&self) -> Vec<IoThreadInfo> {
         self.iothreads.list()
     }
@@ -765,7 +824,7 @@ impl Daemon {
             .iter()
             .find(|e| e.id == id)
             .ok_or_else(|| ControlError::new("not-found", format!("no export with id '{id}'")))?;
-        nbd.expose(id, name.unwrap_or(id), e.server.disk(), writable)
+        nbd.expose(id, name.unwrap_or(id), &e.server.disk(), writable)
             .map_err(|m| ControlError::new("refused", m))
     }
 
@@ -783,6 +842,7 @@ impl Daemon {
         if let Some(nbd) = self.nbd.lock().unwrap_or_else(|p| p.into_inner()).take() {
             nbd.shutdown();
         }
+        self.jobs.cancel_all();
         let exports: Vec<Export> = std::mem::take(&mut *self.exports());
         for e in &exports {
             e.server.shutdown();

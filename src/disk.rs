@@ -15,6 +15,8 @@ use crate::engine::nbd::engine::NbdTarget;
 use crate::engine::nbd::{self, wire, NbdOptions, NbdSpec};
 use crate::engine::rbd::{RbdOptions, RbdSpec};
 use crate::engine::{lock, Backing, CacheMode, EngineKind, OpenError};
+use crate::mirror::target::Target;
+use crate::mirror::MirrorSlot;
 use crate::qos::{LimitOptions, Throttle};
 use crate::ratelimit::RateLimiter;
 use crate::spec::{err, Key, Kind, Options, SpecError, Value};
@@ -57,6 +59,20 @@ impl BackendSpec {
 /// such a value is never made absolute.
 pub fn is_network_image(text: &str) -> bool {
     NbdSpec::is_uri(text) || RbdSpec::is_uri(text)
+}
+
+/// What a mirror's `target=` names: any value `image=` takes (an image file or block device,
+/// an NBD URI, an RBD image), read by the same key.
+pub fn parse_target(text: &str) -> Result<BackendSpec, SpecError> {
+    let mut options = DiskOptions::default();
+    if let Some((_, result)) = options.set_key("image", &Value::Str(text.to_string())) {
+        result?;
+    }
+    options.check(false, false).map_err(|e| SpecError(format!("target={text}: {}", e.0)))?;
+    if options.readonly {
+        return err(format!("target={text}: a snapshot is read-only; a mirror writes its target"));
+    }
+    Ok(options.backend)
 }
 
 /// `discard=`: whether the guest's discards free the backing's blocks.
@@ -587,6 +603,9 @@ pub struct Disk {
     /// Rings a frontend started and has not stopped: the guest is running on this disk
     /// (the NBD server refuses to write to it then). Counted by [`RunningQueue`].
     running_queues: AtomicUsize,
+    /// The export's mirror job, if one runs: the I/O threads copy the guest's writes to its
+    /// target too (see crate::mirror).
+    pub mirror: Arc<MirrorSlot>,
 }
 
 /// A started ring of the disk's guest, counted while it lives (held by its `QueueHandle`).
@@ -646,14 +665,7 @@ impl Disk {
             }
             BackendSpec::Null { size_bytes } => (Backend::Null, *size_bytes, 512, 4096),
             BackendSpec::Nbd { spec, options } => {
-                let target = open_nbd(config, spec, options.reconnect_delay_s, &span)?;
-                let n = target.negotiated;
-                // The server's minimum block (1 for qemu-nbd on a file, 4096 on a 4K-sector
-                // disk with O_DIRECT) is the guest's logical block: requests off it would be
-                // refused. Its preferred block is what the guest should align to.
-                let logical = n.min_block.max(512);
-                let physical = n.preferred_block.clamp(logical, 4096);
-                (Backend::Nbd(Arc::new(target)), n.size_bytes, logical, physical)
+                nbd_backend(open_nbd(config, spec, options.reconnect_delay_s, &span)?)
             }
             BackendSpec::Rbd(RbdOptions { spec, op_timeout_s }) => {
                 use crate::engine::rbd::cluster::RbdHandle;
@@ -676,6 +688,20 @@ impl Disk {
                 (Backend::Rbd(Arc::new(image)), size, 512, 4096)
             }
         };
+        Disk::assemble(config, span.clone(), throttle, backend, capacity, logical, physical)
+    }
+
+    /// The disk around an opened `backend` of `capacity` bytes with the backend's `logical`
+    /// and `physical` block sizes: checks the block sizes the export's keys ask for.
+    fn assemble(
+        config: &DiskOptions,
+        span: tracing::Span,
+        throttle: Arc<Throttle>,
+        backend: Backend,
+        capacity: u64,
+        logical: u32,
+        physical: u32,
+    ) -> Result<Disk, OpenError> {
         let name = || match &config.backend {
             BackendSpec::Null { .. } => "engine=null".into(),
             other => PathBuf::from(other.describe()),
@@ -742,7 +768,7 @@ impl Disk {
         serial[..config.serial.len()].copy_from_slice(config.serial.as_bytes());
         let has_write_lock = backing.is_some() && !config.readonly && !config.force_share;
         Ok(Disk {
-            span: span.clone(),
+            span,
             backend,
             cache: config.cache,
             readonly: config.readonly,
@@ -764,7 +790,65 @@ impl Disk {
             flush_failed: AtomicBool::new(false),
             write_lock: has_write_lock.then(|| Mutex::new(!config.incoming)),
             running_queues: AtomicUsize::new(0),
+            mirror: Arc::default(),
         })
+    }
+
+    /// The disk a mirror's pivot switches the export to: `target`, already open (and locked)
+    /// by the job, served with the export's keys (`config`, whose backend names the target),
+    /// keeping this disk's statistics, limits, log identity and the guest's write-cache bit.
+    pub fn switched_to(&self, config: &DiskOptions, target: Target) -> Result<Disk, String> {
+        let (backend, capacity, logical, physical) = match (target, &config.backend) {
+            (Target::File { backing, .. }, _) => {
+                let (c, l, p) = (
+                    backing.capacity_bytes,
+                    backing.logical_block_bytes,
+                    backing.physical_block_bytes,
+                );
+                (Backend::File { backing, engine: config.aio }, c, l, p)
+            }
+            (Target::Nbd(connection), BackendSpec::Nbd { spec, options }) => {
+                // The export's queues make connections of their own.
+                drop(connection);
+                nbd_backend(
+                    open_nbd(config, spec, options.reconnect_delay_s, &self.span)
+                        .map_err(|e| e.to_string())?,
+                )
+            }
+            (Target::Rbd(image), _) => {
+                // RBD stores objects of 4 MiB; 4 KiB is what its writes align to best.
+                let size = image.size_bytes()?;
+                (Backend::Rbd(image), size, 512, 4096)
+            }
+            (Target::Nbd(_), other) => {
+                return Err(format!("an NBD target for the backend {}", other.describe()))
+            }
+        };
+        if capacity != self.capacity_bytes() {
+            return Err(format!(
+                "the target has {capacity} bytes, the export {}",
+                self.capacity_bytes()
+            ));
+        }
+        let mut disk = Disk::assemble(
+            config,
+            self.span.clone(),
+            Arc::clone(&self.throttle),
+            backend,
+            capacity,
+            logical,
+            physical,
+        )
+        .map_err(|e| e.to_string())?;
+        if disk.logical_block_bytes != self.logical_block_bytes {
+            return Err(format!(
+                "the target's {}-byte blocks are not the guest's {}",
+                disk.logical_block_bytes, self.logical_block_bytes
+            ));
+        }
+        disk.stats = self.stats.clone();
+        disk.set_writeback(self.writeback());
+        Ok(disk)
     }
 
     /// Takes the image's write permission if the export does not hold it (a migration's
@@ -1017,6 +1101,16 @@ impl Disk {
             writeback: self.writeback(),
         })
     }
+}
+
+/// An NBD export's backend with its size and block sizes. The server's minimum block (1 for
+/// qemu-nbd on a file, 4096 on a 4K-sector disk with O_DIRECT) is the guest's logical block:
+/// requests off it would be refused. Its preferred block is what the guest should align to.
+fn nbd_backend(target: NbdTarget) -> (Backend, u64, u32, u32) {
+    let n = target.negotiated;
+    let logical = n.min_block.max(512);
+    let physical = n.preferred_block.clamp(logical, 4096);
+    (Backend::Nbd(Arc::new(target)), n.size_bytes, logical, physical)
 }
 
 /// Connects to an NBD export's server once, to learn the export and check that it can be

@@ -740,7 +740,7 @@ fn bash_completes_export_keys_ctl_commands_and_log_levels() {
         commands.join(" "),
         "list-exports add-export remove-export resize query-stats set-polling set-throttle \
          list-iothreads add-iothread remove-iothread dump-config reload nbd-export nbd-unexport \
-         nbd-list"
+         nbd-list mirror query-jobs job-cancel job-complete"
     );
     let nbd_keys = bash_completes("blkplane serve --nbd-server ");
     for key in ["unix=", "addr=", "tls-creds=", "tls=", "verify-peer=", "max-connections="] {

@@ -62,6 +62,10 @@ pub const COMMAND_NAMES: &[&str] = &[
     "nbd-export",
     "nbd-unexport",
     "nbd-list",
+    "mirror",
+    "query-jobs",
+    "job-cancel",
+    "job-complete",
 ];
 
 /// The fields a request may have.
@@ -401,6 +405,33 @@ fn run_command(
                 Some(nbd) => Ok(json!({"address": nbd.address, "exports": to_json(nbd.list())?})),
                 None => Ok(json!({"address": null, "exports": []})),
             }
+        }
+        "mirror" => {
+            only_keys(command, args, &["id", "target", "speed"])?;
+            let id = req_str(args, "id")?;
+            let target = req_str(args, "target")?;
+            if !target.starts_with('/') && !crate::disk::is_network_image(&target) {
+                return Err(bad_arg(format!(
+                    "'target' must be an absolute path or an NBD or RBD URI, not {target}"
+                )));
+            }
+            let speed = match arg(args, "speed")? {
+                Some(v) => v.size("speed").map_err(|e| bad_arg(e.0))?,
+                None => 0,
+            };
+            to_json(daemon.mirror(&id, &target, speed)?)
+        }
+        "query-jobs" => {
+            only_keys(command, args, &[])?;
+            to_json(daemon.query_jobs())
+        }
+        "job-cancel" => {
+            only_keys(command, args, &["id"])?;
+            to_json(daemon.job_cancel(&req_str(args, "id")?)?)
+        }
+        "job-complete" => {
+            only_keys(command, args, &["id"])?;
+            to_json(daemon.job_complete(&req_str(args, "id")?)?)
         }
         other => Err(ControlError::new(
             "unknown-command",

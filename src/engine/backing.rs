@@ -255,3 +255,65 @@ impl Backing {
         })
     }
 }
+
+/// Where data lies in a file from `offset` on, as `lseek(SEEK_DATA/SEEK_HOLE)` say: the next
+/// extent `(start, end)` holding data (allocated, or not known to be a hole), or None if only
+/// holes follow. A file system (or block device) that cannot tell says all of it is data.
+pub fn next_data(file: &File, offset: u64, size_bytes: u64) -> io::Result<Option<(u64, u64)>> {
+    if offset >= size_bytes {
+        return Ok(None);
+    }
+    let seek = |from: u64, whence: libc::c_int| -> io::Result<Option<u64>> {
+        // SAFETY: lseek takes a valid descriptor and plain integers and touches no memory of
+        // ours; it moves the file's offset, which no I/O of the daemon uses (every read and
+        // write names its own offset).
+        let at = unsafe { libc::lseek(file.as_raw_fd(), from as libc::off_t, whence) };
+        if at >= 0 {
+            return Ok(Some(at as u64));
+        }
+        match io::Error::last_os_error() {
+            // No data at or after `from`.
+            e if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+            e => Err(e),
+        }
+    };
+    let start = match seek(offset, libc::SEEK_DATA) {
+        Ok(Some(start)) => start,
+        Ok(None) => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(Some((offset, size_bytes))),
+        Err(e) => return Err(e),
+    };
+    if start >= size_bytes {
+        return Ok(None);
+    }
+    let end = seek(start, libc::SEEK_HOLE)?.unwrap_or(size_bytes).min(size_bytes);
+    Ok(Some((start, end.max(start))))
+}
+
+/// Makes `bytes` at `offset` of an image read as zeroes, without writing them if the file
+/// system or device can: fallocate(ZERO_RANGE), else a punched hole (files), else
+/// BLKZEROOUT (block devices). Err(Unsupported) when none can; the caller writes zeroes.
+pub fn zero_range(backing: &Backing, offset: u64, bytes: u64) -> io::Result<()> {
+    let fd = backing.file.as_raw_fd();
+    if backing.is_block_device {
+        const BLKZEROOUT: libc::c_ulong = 0x127f;
+        let range = [offset, bytes];
+        // SAFETY: BLKZEROOUT reads two u64 (start, length) from the pointer, which points at
+        // an array of two.
+        let rc = unsafe { libc::ioctl(fd, BLKZEROOUT, range.as_ptr()) };
+        return if rc == 0 { Ok(()) } else { Err(io::ErrorKind::Unsupported.into()) };
+    }
+    for mode in [libc::FALLOC_FL_ZERO_RANGE, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE]
+    {
+        // SAFETY: fallocate takes a valid descriptor and integers and touches no memory.
+        let rc = unsafe { libc::fallocate(fd, mode, offset as libc::off_t, bytes as libc::off_t) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if !matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)) {
+            return Err(e);
+        }
+    }
+    Err(io::ErrorKind::Unsupported.into())
+}

@@ -267,6 +267,35 @@ impl BlkDevice {
         Ok(log)
     }
 
+    /// Stops every running ring (their requests in flight complete first) and returns which
+    /// ran, for `restart_on`.
+    pub fn stop_running(&mut self) -> Vec<usize> {
+        let running: Vec<usize> =
+            (0..self.vrings.len()).filter(|&i| self.vrings[i].thread.is_some()).collect();
+        for &i in &running {
+            self.stop_thread(i);
+        }
+        running
+    }
+
+    /// Serves `disk` from now on (a mirror's pivot), and starts `rings` again on it where
+    /// they stopped. The guest's write-cache bit carries over.
+    pub fn restart_on(
+        &mut self,
+        disk: Arc<Disk>,
+        rings: &[usize],
+    ) -> std::result::Result<(), String> {
+        disk.set_writeback(self.disk.writeback());
+        self.disk = disk;
+        let mut result = Ok(());
+        for &i in rings {
+            if let Err(e) = self.apply(i) {
+                result = Err(format!("restarting ring {i}: {e}"));
+            }
+        }
+        result
+    }
+
     /// Re-applies every ring that is running (after a change that affects them all).
     fn apply_running(&mut self) -> Result<()> {
         let mut result = Ok(());

@@ -6,7 +6,7 @@ use std::io;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use tracing::info;
 use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
@@ -237,7 +237,10 @@ fn ends_connection(e: &VhostError) -> bool {
 
 /// One export's listener and its (at most one) connected frontend.
 pub struct ExportServer {
-    disk: Arc<Disk>,
+    /// What the export serves; a mirror's pivot replaces it (`switch_disk`).
+    disk: Mutex<Arc<Disk>>,
+    /// The connected frontend's device, for a pivot to stop and restart its rings.
+    device: Mutex<Weak<Mutex<BlkDevice>>>,
     /// Which I/O threads serve the queues.
     placement: Placement,
     socket_path: PathBuf,
@@ -264,7 +267,8 @@ impl ExportServer {
         owns_path: bool,
     ) -> io::Result<ExportServer> {
         Ok(ExportServer {
-            disk,
+            disk: Mutex::new(disk),
+            device: Mutex::new(Weak::new()),
             placement,
             socket_path,
             owns_path,
@@ -280,8 +284,40 @@ impl ExportServer {
         &self.socket_path
     }
 
-    pub fn disk(&self) -> &Arc<Disk> {
-        &self.disk
+    pub fn disk(&self) -> Arc<Disk> {
+        Arc::clone(&self.disk.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Switches the export to the disk `make` opens (given the current one), under a running
+    /// guest: the frontend's rings stop (their requests in flight complete first; the device's
+    /// lock keeps the frontend's messages out meanwhile), `make` runs, and the rings start again
+    /// on the new disk where they stopped. The guest sees a pause. If `make` fails the rings
+    /// start again on the old disk.
+    pub fn switch_disk(
+        &self,
+        make: impl FnOnce(&Arc<Disk>) -> Result<Disk, String>,
+    ) -> Result<(), String> {
+        // Held throughout: a frontend that connects meanwhile gets the new disk.
+        let mut disk = self.disk.lock().unwrap_or_else(|p| p.into_inner());
+        let device = self.device.lock().unwrap_or_else(|p| p.into_inner()).upgrade();
+        let mut device = device.as_ref().map(|d| d.lock().unwrap_or_else(|p| p.into_inner()));
+        let running = device.as_mut().map(|d| d.stop_running()).unwrap_or_default();
+        let new = match make(&disk) {
+            Ok(new) => Arc::new(new),
+            Err(e) => {
+                if let Some(d) = device.as_mut() {
+                    if let Err(again) = d.restart_on(Arc::clone(&disk), &running) {
+                        return Err(format!("{e}; and restarting on the old disk: {again}"));
+                    }
+                }
+                return Err(e);
+            }
+        };
+        *disk = Arc::clone(&new);
+        match device.as_mut() {
+            Some(d) => d.restart_on(new, &running),
+            None => Ok(()),
+        }
     }
 
     /// Whether a frontend is connected.
@@ -301,7 +337,7 @@ impl ExportServer {
 
     /// Serves frontends one after another until `shutdown`.
     pub fn run(&self) {
-        info!(parent: &self.disk.span, "listening");
+        info!(parent: &self.disk().span, "listening");
         while let Some(stream) = self.accept() {
             self.serve(stream);
         }
@@ -320,7 +356,7 @@ impl ExportServer {
         loop {
             match self.listener.accept()? {
                 Ok(stream) => return Some(stream),
-                Err(e) => warn_limited!(self.log(), parent: &self.disk.span, "accept: {e}"),
+                Err(e) => warn_limited!(self.log(), parent: &self.disk().span, "accept: {e}"),
             }
         }
     }
@@ -338,15 +374,21 @@ impl ExportServer {
         if self.listener.is_stopped() {
             return;
         }
-        info_limited!(self.connections_log(), parent: &self.disk.span, "frontend connected");
+        info_limited!(self.connections_log(), parent: &self.disk().span, "frontend connected");
         let Ok(hangup) = stream.try_clone() else { return };
         let hangup = Arc::new(std::os::fd::OwnedFd::from(hangup));
-        let device = Arc::new(Mutex::new(BlkDevice::new(
-            Arc::clone(&self.disk),
-            self.placement.clone(),
-            hangup,
-            Arc::clone(&self.log),
-        )));
+        let device = {
+            // Made and registered under the disk's lock: a pivot sees it or comes before it.
+            let disk = self.disk.lock().unwrap_or_else(|p| p.into_inner());
+            let device = Arc::new(Mutex::new(BlkDevice::new(
+                Arc::clone(&disk),
+                self.placement.clone(),
+                hangup,
+                Arc::clone(&self.log),
+            )));
+            *self.device.lock().unwrap_or_else(|p| p.into_inner()) = Arc::downgrade(&device);
+            device
+        };
         let Ok(peek) = stream.try_clone() else { return };
         let mut handler = BackendReqHandler::from_stream(stream, Arc::clone(&device));
         loop {
@@ -354,7 +396,7 @@ impl ExportServer {
             match backend_channel::peek_header(&peek) {
                 Ok(None) => break,
                 Err(e) => {
-                    warn_limited!(self.log(), parent: &self.disk.span, "closing the connection: {e}");
+                    warn_limited!(self.log(), parent: &self.disk().span, "closing the connection: {e}");
                     break;
                 }
                 Ok(Some(h)) if h.request == backend_channel::SET_BACKEND_REQ_FD => {
@@ -365,7 +407,7 @@ impl ExportServer {
                                 Some(channel);
                         }
                         Err(e) => {
-                            warn_limited!(self.log(), parent: &self.disk.span, "closing the connection: bad SET_BACKEND_REQ_FD: {e}");
+                            warn_limited!(self.log(), parent: &self.disk().span, "closing the connection: bad SET_BACKEND_REQ_FD: {e}");
                             break;
                         }
                     }
@@ -377,25 +419,25 @@ impl ExportServer {
                 Ok(()) => {}
                 Err(e) if ends_connection(&e) => {
                     if !matches!(e, VhostError::Disconnected | VhostError::PartialMessage) {
-                        warn_limited!(self.log(), parent: &self.disk.span, "closing the connection: {e}");
+                        warn_limited!(self.log(), parent: &self.disk().span, "closing the connection: {e}");
                     }
                     break;
                 }
                 Err(e) => {
-                    warn_limited!(self.log(), parent: &self.disk.span, "refused a request: {e}");
+                    warn_limited!(self.log(), parent: &self.disk().span, "refused a request: {e}");
                 }
             }
         }
         // Queues stop after their in-flight requests complete.
         let mut device = device.lock().unwrap_or_else(|p| p.into_inner());
         if device.memory_faulted() {
-            warn_limited!(self.log(), parent: &self.disk.span, "closing the connection: the frontend's guest memory file shrank under a mapped region (truncated); its pages now read as zeroes and nothing more is served to it");
+            warn_limited!(self.log(), parent: &self.disk().span, "closing the connection: the frontend's guest memory file shrank under a mapped region (truncated); its pages now read as zeroes and nothing more is served to it");
         }
         device.stop_all();
         drop(device);
         *self.backend_channel.lock().unwrap_or_else(|p| p.into_inner()) = None;
         *self.connection.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        info_limited!(self.connections_log(), parent: &self.disk.span, "frontend disconnected");
+        info_limited!(self.connections_log(), parent: &self.disk().span, "frontend disconnected");
     }
 
     /// Asks `run` to return: wakes the accept loop and hangs up on the frontend.

@@ -11,6 +11,7 @@
 //!   pipelined with the slot tag as cookie, replies read into guest memory, and a lost
 //!   connection re-established while its requests wait.
 
+pub mod blocking;
 pub mod connector;
 pub mod engine;
 pub mod handshake;

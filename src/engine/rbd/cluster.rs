@@ -277,6 +277,62 @@ impl RbdImage {
     }
 }
 
+/// Blocking writes, for a mirror job's target (`mirror/target.rs`): one aio call each,
+/// waited for.
+impl RbdImage {
+    fn wait_for(
+        &self,
+        what: &str,
+        start: impl FnOnce(ffi::RbdCompletionT) -> std::ffi::c_int,
+    ) -> Result<(), String> {
+        let fail = |rc: i32| format!("RBD {}: {what}: {}", self.spec.name(), errno_text(rc));
+        let mut c: ffi::RbdCompletionT = std::ptr::null_mut();
+        // SAFETY: out-pointer to a local; no callback, so no argument to outlive anything.
+        let rc =
+            unsafe { (self.ceph.rbd_aio_create_completion)(std::ptr::null_mut(), None, &mut c) };
+        if rc < 0 {
+            return Err(fail(rc));
+        }
+        let rc = start(c);
+        if rc < 0 {
+            // SAFETY: librbd refused the request, so the completion is still ours alone.
+            unsafe { (self.ceph.rbd_aio_release)(c) };
+            return Err(fail(rc));
+        }
+        // SAFETY: a completion librbd took a request on; waited for, then released once.
+        let result = unsafe {
+            (self.ceph.rbd_aio_wait_for_complete)(c);
+            let r = (self.ceph.rbd_aio_get_return_value)(c);
+            (self.ceph.rbd_aio_release)(c);
+            r
+        };
+        if result < 0 {
+            return Err(fail(result as i32));
+        }
+        Ok(())
+    }
+
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), String> {
+        let iov = libc::iovec { iov_base: data.as_ptr() as *mut _, iov_len: data.len() };
+        // SAFETY: an open image; `iov` and `data` outlive the request (wait_for waits for it).
+        self.wait_for("write", |c| unsafe {
+            (self.ceph.rbd_aio_writev)(self.handle, &iov, 1, offset, c)
+        })
+    }
+
+    pub fn write_zeroes(&self, offset: u64, bytes: u64) -> Result<(), String> {
+        // SAFETY: an open image; nothing of ours is referenced.
+        self.wait_for("write-zeroes", |c| unsafe {
+            (self.ceph.rbd_aio_write_zeroes)(self.handle, offset, bytes as usize, c, 0, 0)
+        })
+    }
+
+    pub fn flush(&self) -> Result<(), String> {
+        // SAFETY: an open image.
+        self.wait_for("flush", |c| unsafe { (self.ceph.rbd_aio_flush)(self.handle, c) })
+    }
+}
+
 /// The errno librados gives every request of a client the cluster has blocklisted
 /// (EBLOCKLISTED, which is ESHUTDOWN on Linux).
 pub const EBLOCKLISTED: i32 = libc::ESHUTDOWN;

@@ -51,6 +51,7 @@ pub struct Ceph {
         unsafe extern "C" fn(*mut c_void, RbdCallbackT, *mut Completion) -> c_int,
     pub rbd_aio_get_return_value: unsafe extern "C" fn(Completion) -> isize,
     pub rbd_aio_release: unsafe extern "C" fn(Completion),
+    pub rbd_aio_wait_for_complete: unsafe extern "C" fn(Completion) -> c_int,
     /// (image, iov, iovcnt, offset, completion)
     pub rbd_aio_readv:
         unsafe extern "C" fn(Image, *const libc::iovec, c_int, u64, Completion) -> c_int,
@@ -130,6 +131,7 @@ impl Ceph {
                 rbd_aio_create_completion: function(b.0, b.1, "rbd_aio_create_completion")?,
                 rbd_aio_get_return_value: function(b.0, b.1, "rbd_aio_get_return_value")?,
                 rbd_aio_release: function(b.0, b.1, "rbd_aio_release")?,
+                rbd_aio_wait_for_complete: function(b.0, b.1, "rbd_aio_wait_for_complete")?,
                 rbd_aio_readv: function(b.0, b.1, "rbd_aio_readv")?,
                 rbd_aio_writev: function(b.0, b.1, "rbd_aio_writev")?,
                 rbd_aio_flush: function(b.0, b.1, "rbd_aio_flush")?,

@@ -70,6 +70,18 @@ fn bytes_of(req: &Request) -> u64 {
     }
 }
 
+/// Tells a mirror job of a request that succeeded on the source (see crate::mirror).
+#[cold]
+fn mirror_request(mirror: &crate::mirror::Mirror, request: &Request) {
+    match request {
+        Request::Write { offset, bytes, .. }
+        | Request::Discard { offset, bytes }
+        | Request::WriteZeroes { offset, bytes, .. } => mirror.guest_wrote(*offset, *bytes),
+        Request::Flush => mirror.guest_flushed(),
+        Request::Read { .. } | Request::GetId { .. } => {}
+    }
+}
+
 /// A request's kind, from its header's type (also for one that failed to parse).
 fn kind_of_type(req_type: u32) -> Kind {
     match req_type {
@@ -784,7 +796,14 @@ impl Core {
     /// `Ok(n)`: n bytes of data were written into the guest's buffers.
     pub(super) fn finish(&mut self, tag: u16, result: Result<u32, RequestError>) {
         let slot = &mut self.slots[tag];
-        slot.request = None;
+        let request = slot.request.take();
+        if let (Some(request), Ok(_)) = (&request, &result) {
+            // A mirror job copies what the guest changed before the guest hears of it.
+            if let Some(mirror) = self.disk.mirror.job() {
+                mirror_request(&mirror, request);
+            }
+        }
+        let slot = &mut self.slots[tag];
         if slot.bounced {
             slot.bounced = false;
             self.bounce_bytes -= slot.bounce.iovs()[0].len();

@@ -1,0 +1,181 @@
+//! The daemon's block jobs (`ctl mirror`, `query-jobs`, `job-cancel`, `job-complete`): at most
+//! one mirror per export, its job id the export's id. A job that ended stays listed (with its
+//! state and error) until the next job of its export, or the export, goes.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use crate::disk::{parse_target, BackendSpec, Disk};
+use crate::engine::backing::Backing;
+use crate::engine::nbd::blocking::BlockingNbd;
+use crate::engine::nbd::wire;
+use crate::engine::rbd::cluster::RbdHandle;
+use crate::engine::rbd::RbdOptions;
+use crate::mirror::target::Target;
+use crate::mirror::{JobInfo, Mirror};
+
+/// A refused job command: a stable code and a sentence (the control socket's error).
+#[derive(Debug)]
+pub struct JobError {
+    pub code: &'static str,
+    pub message: String,
+}
+
+fn refuse<T>(code: &'static str, message: impl Into<String>) -> Result<T, JobError> {
+    Err(JobError { code, message: message.into() })
+}
+
+struct Job {
+    mirror: Arc<Mirror>,
+    /// What the target is, as an export's backend (for the pivot).
+    target: BackendSpec,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// The jobs of the daemon's exports.
+#[derive(Default)]
+pub struct Jobs {
+    jobs: Mutex<Vec<Job>>,
+}
+
+/// Opens what `target=` names, writable and locked as an export would open it, with the
+/// export's cache mode.
+fn open_target(spec: BackendSpec, text: &str, disk: &Disk) -> Result<Target, JobError> {
+    match spec {
+        BackendSpec::Image(path) => {
+            let backing = Backing::open(&path, false, disk.cache, false, false)
+                .map_err(|e| JobError { code: "failed", message: e.to_string() })?;
+            Ok(Target::File { backing, path })
+        }
+        BackendSpec::Nbd { spec, .. } => {
+            let nbd = BlockingNbd::connect(&spec)
+                .map_err(|message| JobError { code: "failed", message })?;
+            if nbd.negotiated.has(wire::TFLAG_READ_ONLY) {
+                return refuse("failed", format!("NBD server {spec}: the export is read-only"));
+            }
+            Ok(Target::Nbd(nbd))
+        }
+        BackendSpec::Rbd(RbdOptions { spec, op_timeout_s }) => {
+            let image = RbdHandle::open(&spec, false, disk.cache, op_timeout_s, disk.span.clone())
+                .map_err(|e| JobError {
+                    code: "failed",
+                    message: format!("RBD {}: {e}", spec.name()),
+                })?;
+            Ok(Target::Rbd(Arc::new(image)))
+        }
+        BackendSpec::Null { .. } => {
+            refuse("invalid-argument", format!("target={text}: a mirror's target is an image"))
+        }
+    }
+}
+
+impl Jobs {
+    fn jobs(&self) -> MutexGuard<'_, Vec<Job>> {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts mirroring export `id` (serving `disk`) to `target`, at most `speed_bytes_per_s`
+    /// (0: no limit).
+    pub fn start_mirror(
+        &self,
+        id: &str,
+        disk: &Arc<Disk>,
+        target: &str,
+        speed_bytes_per_s: u64,
+    ) -> Result<JobInfo, JobError> {
+        let Some(backing) = disk.backing() else {
+            return refuse(
+                "unsupported",
+                "only an export of an image file or block device can be mirrored",
+            );
+        };
+        if self.jobs().iter().any(|j| j.mirror.id == id && j.mirror.state().mirrors()) {
+            return refuse("busy", format!("export '{id}' has a mirror job running"));
+        }
+        let spec = parse_target(target)
+            .map_err(|e| JobError { code: "invalid-argument", message: e.0 })?;
+        let target = open_target(spec.clone(), target, disk)?;
+        let source = backing
+            .file
+            .try_clone()
+            .map_err(|e| JobError { code: "failed", message: format!("the source: {e}") })?;
+        let align = u64::from(backing.logical_block_bytes.max(backing.dio_mem_align));
+        let mirror =
+            Mirror::new(id, source, disk.capacity_bytes(), align, target, speed_bytes_per_s)
+                .map_err(|message| JobError { code: "invalid-argument", message })?;
+        let mirror = Arc::new(mirror);
+        let mut jobs = self.jobs();
+        disk.mirror.install(&mirror).map_err(|message| JobError { code: "busy", message })?;
+        let slot = Arc::clone(&disk.mirror);
+        let runs = Arc::clone(&mirror);
+        let thread = std::thread::Builder::new()
+            .name("blkplane-mirror".into())
+            .spawn(move || runs.run(slot));
+        let thread = match thread {
+            Ok(t) => t,
+            Err(e) => {
+                disk.mirror.remove();
+                return refuse("failed", format!("starting the job's thread: {e}"));
+            }
+        };
+        tracing::info!(parent: &disk.span, "mirror to {} started", mirror.target_name);
+        jobs.retain(|j| j.mirror.id != id);
+        let info = mirror.info();
+        jobs.push(Job { mirror, target: spec, thread: Some(thread) });
+        Ok(info)
+    }
+
+    pub fn list(&self) -> Vec<JobInfo> {
+        self.jobs().iter().map(|j| j.mirror.info()).collect()
+    }
+
+    fn find(&self, id: &str) -> Result<Arc<Mirror>, JobError> {
+        self.of(id).map(|(mirror, _)| mirror)
+    }
+
+    /// Waits for the thread of job `id` to end.
+    fn join(&self, id: &str) {
+        let thread =
+            self.jobs().iter_mut().find(|j| j.mirror.id == id).and_then(|j| j.thread.take());
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+    }
+
+    /// Stops job `id` (if it still runs) and waits for it: the export goes on as it was.
+    pub fn cancel(&self, id: &str) -> Result<JobInfo, JobError> {
+        let mirror = self.find(id)?;
+        mirror.cancel();
+        self.join(id);
+        Ok(mirror.info())
+    }
+
+    /// Job `id`, and its target as an export's backend: for job-complete.
+    pub fn of(&self, id: &str) -> Result<(Arc<Mirror>, BackendSpec), JobError> {
+        match self.jobs().iter().find(|j| j.mirror.id == id) {
+            Some(j) => Ok((Arc::clone(&j.mirror), j.target.clone())),
+            None => refuse("not-found", format!("no job with id '{id}'")),
+        }
+    }
+
+    /// Job `id` completed (or failed to): waits for its thread, which lets the old image go.
+    pub fn ended(&self, id: &str) {
+        self.join(id);
+    }
+
+    /// Export `id` goes: its job is cancelled and forgotten.
+    pub fn forget(&self, id: &str) {
+        if self.find(id).is_ok() {
+            let _ = self.cancel(id);
+            self.jobs().retain(|j| j.mirror.id != id);
+        }
+    }
+
+    /// The daemon stops: every job is cancelled.
+    pub fn cancel_all(&self) {
+        let ids: Vec<String> = self.jobs().iter().map(|j| j.mirror.id.clone()).collect();
+        for id in ids {
+            let _ = self.cancel(&id);
+        }
+    }
+}

@@ -1,0 +1,456 @@
+//! Mirror jobs (`ctl mirror`, `query-jobs`, `job-cancel`, `job-complete`) against the real
+//! daemon, a libblkio client writing verified data all along, and real targets: an image
+//! file, and qemu-nbd (which the test kills mid-copy). `qemu-img compare` judges the copies.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use blkio::ReqFlags;
+use common::nbd::{NbdServer, Server};
+use common::{ctl, pattern, tmpdir, wait_until, Client, Daemon};
+use serde_json::Value;
+
+const IMAGE_BYTES: u64 = 32 << 20;
+const BLOCK: u64 = 4096;
+
+/// An image whose first half holds a pattern and whose second half is a hole but for one
+/// MiB of pattern in its middle (so the copy meets data, holes and zeroes).
+fn make_sparse_image(path: &Path, seed: u64) {
+    let f = fs::File::create(path).unwrap();
+    f.set_len(IMAGE_BYTES).unwrap();
+    for at in (0..IMAGE_BYTES / 2).step_by(1 << 20) {
+        f.write_all_at(&pattern(seed, at, 1 << 20), at).unwrap();
+    }
+    let middle = IMAGE_BYTES * 3 / 4;
+    f.write_all_at(&pattern(seed, middle, 1 << 20), middle).unwrap();
+}
+
+fn blank_image(path: &Path) {
+    let f = fs::File::create(path).unwrap();
+    f.set_len(IMAGE_BYTES).unwrap();
+    // Garbage the copy must overwrite, holes included.
+    f.write_all_at(&[0xA5; 1 << 20], IMAGE_BYTES - (1 << 20)).unwrap();
+    f.write_all_at(&[0x5A; 1 << 20], IMAGE_BYTES / 2 + (1 << 20)).unwrap();
+}
+
+/// `ctl CMD ARGS` that must succeed: its JSON result.
+fn ctl_ok(control: &Path, args: &[&str]) -> Value {
+    let out = ctl(control, args);
+    assert!(
+        out.status.success(),
+        "ctl {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("ctl {args:?} printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stdout))
+    })
+}
+
+/// `ctl CMD ARGS` that the daemon must refuse (exit 1) with `want` in its message.
+fn ctl_refused(control: &Path, args: &[&str], want: &str) {
+    let out = ctl(control, args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "ctl {args:?}: {stderr}");
+    assert!(stderr.contains(want), "ctl {args:?}: wanted {want:?} in: {stderr}");
+}
+
+fn job(control: &Path, id: &str) -> Value {
+    let jobs = ctl_ok(control, &["query-jobs"]);
+    jobs.as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["id"] == id)
+        .cloned()
+        .unwrap_or_else(|| panic!("no job {id} in {jobs}"))
+}
+
+fn wait_for_state(control: &Path, id: &str, state: &str, timeout: Duration) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let j = job(control, id);
+        if j["state"] == state {
+            return j;
+        }
+        assert!(Instant::now() < deadline, "job {id} never became {state}: {j}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `qemu-img compare` of two raw images (shared locks: the daemon holds them open).
+fn qemu_img_compare(a: &Path, b: &Path) -> std::process::Output {
+    Command::new("qemu-img")
+        .args(["compare", "-U", "-f", "raw", "-F", "raw"])
+        .arg(a)
+        .arg(b)
+        .output()
+        .expect("run qemu-img")
+}
+
+fn assert_same(a: &Path, b: &Path) {
+    let out = qemu_img_compare(a, b);
+    assert!(
+        out.status.success(),
+        "qemu-img compare {} {}: {}{}",
+        a.display(),
+        b.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// What the writer did: its requests, those that failed, and the image as it must read.
+struct Written {
+    requests: u64,
+    failures: u64,
+    model: Vec<u8>,
+}
+
+/// A libblkio client that writes (8 requests in flight at distinct places, some of them
+/// write-zeroes and discards, a flush after each batch), reads back and checks, until
+/// stopped. Starts from the image's content `initial`.
+fn verified_writer(sock: PathBuf, initial: Vec<u8>, stop: Arc<AtomicBool>) -> JoinHandle<Written> {
+    writer_with(sock, initial, stop, true)
+}
+
+/// As [`verified_writer`]; without `discards` (RBD may skip a discard of part of an object,
+/// which a discard allows: the model could not say what it reads).
+fn writer_with(
+    sock: PathBuf,
+    initial: Vec<u8>,
+    stop: Arc<AtomicBool>,
+    discards: bool,
+) -> JoinHandle<Written> {
+    std::thread::spawn(move || {
+        let mut c = Client::connect(&sock, 1);
+        let mut w = Written { requests: 0, failures: 0, model: initial };
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let blocks = IMAGE_BYTES / BLOCK;
+        let mut batch = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            batch += 1;
+            let mut taken: Vec<u64> = Vec::new();
+            for i in 0..8usize {
+                // 1 to 8 blocks anywhere, not overlapping the others of the batch.
+                let len_blocks = 1 + next() % 8;
+                let first = next() % (blocks - len_blocks);
+                if taken.iter().any(|&t| first < t + 8 && t < first + len_blocks) {
+                    continue;
+                }
+                taken.push(first);
+                let (offset, len) = (first * BLOCK, len_blocks * BLOCK);
+                let range = offset as usize..(offset + len) as usize;
+                match next() % 10 {
+                    0 => {
+                        c.queues[0].write_zeroes(offset, len, i, ReqFlags::NO_UNMAP);
+                        w.model[range].fill(0);
+                    }
+                    1 => {
+                        c.queues[0].write_zeroes(offset, len, i, ReqFlags::empty());
+                        w.model[range].fill(0);
+                    }
+                    2 if discards => {
+                        // discard=unmap (the default) punches a hole, which reads as zeroes.
+                        c.queues[0].discard(offset, len, i, ReqFlags::empty());
+                        w.model[range].fill(0);
+                    }
+                    _ => {
+                        let data = pattern(1000 + batch, offset, len as usize);
+                        let at = i * (64 << 10);
+                        c.buf_slice(at, data.len()).copy_from_slice(&data);
+                        let iovs = c.segments(at, data.len());
+                        c.queues[0].writev(
+                            offset,
+                            iovs.as_ptr(),
+                            iovs.len() as u32,
+                            i,
+                            ReqFlags::empty(),
+                        );
+                        w.model[range].copy_from_slice(&data);
+                    }
+                }
+                w.requests += 1;
+            }
+            let done = c.completions(0, taken.len(), Duration::from_secs(30));
+            assert_eq!(done.len(), taken.len(), "every request of the batch answered");
+            w.failures += done.iter().filter(|(_, r)| *r != 0).count() as u64;
+            w.failures += u64::from(c.flush(0) != 0);
+            let check = (next() % blocks) * BLOCK;
+            match c.read_at(0, check, 8192.min((IMAGE_BYTES - check) as usize), 1 << 20) {
+                Ok(back) => {
+                    let want = &w.model[check as usize..check as usize + back.len()];
+                    assert!(back == want, "read back at {check} differs from what was written");
+                }
+                Err(_) => w.failures += 1,
+            }
+            w.requests += 2;
+        }
+        w
+    })
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    image: PathBuf,
+    sock: PathBuf,
+    control: PathBuf,
+    daemon: Daemon,
+}
+
+fn setup(dir: tempfile::TempDir) -> Setup {
+    let image = dir.path().join("source.raw");
+    let sock = dir.path().join("vm1.sock");
+    let control = dir.path().join("ctl.sock");
+    make_sparse_image(&image, 7);
+    let args = [
+        "--control".to_string(),
+        control.display().to_string(),
+        "--export".to_string(),
+        format!("id=vm1,socket={},image={}", sock.display(), image.display()),
+    ];
+    let daemon = Daemon::start_with(dir.path(), &args, &[sock.clone(), control.clone()]);
+    Setup { _dir: dir, image, sock, control, daemon }
+}
+
+/// Runs a mirror of vm1 to `target` under the verified writer until it is ready and a while
+/// after; then stops the writer and checks the client, the source and the target.
+fn mirror_under_writes(s: &Setup, target: &str, target_file: &Path) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = verified_writer(s.sock.clone(), fs::read(&s.image).unwrap(), Arc::clone(&stop));
+    std::thread::sleep(Duration::from_millis(200));
+    // 16 MiB/s: the copy of 32 MiB (of which 23 MiB data) takes over a second, with
+    // guest writes ahead of it, behind it and into the chunk it copies.
+    let started =
+        ctl_ok(&s.control, &["mirror", "id=vm1", &format!("target={target}"), "speed=16M"]);
+    assert_eq!(started["state"], "running", "{started}");
+    assert_eq!(started["total_bytes"], IMAGE_BYTES);
+    // Generous: the machine may be busy (a job of 2 s at its speed).
+    let ready = wait_for_state(&s.control, "vm1", "ready", Duration::from_secs(120));
+    assert_eq!(ready["done_bytes"], IMAGE_BYTES, "{ready}");
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let w = writer.join().unwrap();
+    assert!(w.requests > 100, "the writer wrote: {} requests", w.requests);
+    assert_eq!(w.failures, 0, "no request failed\n{}", s.daemon.log());
+    let j = job(&s.control, "vm1");
+    assert_eq!(j["state"], "ready", "{j}");
+    assert!(j["recopied_bytes"].as_u64().unwrap() > 0, "guest writes were mirrored: {j}");
+    assert!(fs::read(&s.image).unwrap() == w.model, "the source holds every write");
+    assert_same(&s.image, target_file);
+}
+
+/// A mirror to an image file under verified writes converges; the file then compares equal;
+/// job-cancel of the ready job leaves the export on its source, serving, and closes the
+/// target. The commands' errors are exact.
+#[test]
+fn mirror_to_a_file_under_verified_writes() {
+    let s = setup(tmpdir());
+    let target = s._dir.path().join("target.raw");
+    blank_image(&target);
+    // Refusals first: nothing starts.
+    let small = s._dir.path().join("small.raw");
+    fs::File::create(&small).unwrap().set_len(IMAGE_BYTES / 2).unwrap();
+    ctl_refused(
+        &s.control,
+        &["mirror", "id=vm1", &format!("target={}", small.display())],
+        "must be equal",
+    );
+    ctl_refused(
+        &s.control,
+        &["mirror", "id=nope", &format!("target={}", target.display())],
+        "no export with id 'nope'",
+    );
+    ctl_refused(
+        &s.control,
+        &["mirror", "id=vm1", &format!("target={}", s.image.display())],
+        "does not share the \"write\" permission",
+    );
+    ctl_refused(&s.control, &["mirror", "id=vm1"], "missing 'target'");
+    ctl_refused(
+        &s.control,
+        &["mirror", "id=vm1", "target=/x", "bogus=1"],
+        "takes no argument 'bogus'",
+    );
+    ctl_refused(&s.control, &["job-cancel", "id=vm1"], "no job with id 'vm1'");
+    assert_eq!(ctl_ok(&s.control, &["query-jobs"]), serde_json::json!([]));
+
+    mirror_under_writes(&s, &target.display().to_string(), &target);
+    ctl_refused(
+        &s.control,
+        &["mirror", "id=vm1", &format!("target={}", small.display())],
+        "has a mirror job running",
+    );
+    let pid = s.daemon.pid();
+    let holds = |p: &Path| {
+        fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .any(|e| fs::read_link(e.unwrap().path()).is_ok_and(|l| l == p))
+    };
+    assert!(holds(&target), "the job holds its target open");
+    let cancelled = ctl_ok(&s.control, &["job-cancel", "id=vm1"]);
+    assert_eq!(cancelled["state"], "cancelled", "{cancelled}");
+    assert!(!holds(&target), "the target is closed once the job ended");
+    assert!(holds(&s.image), "the export still serves its image");
+    ctl_refused(&s.control, &["job-complete", "id=vm1"], "cancelled, not ready");
+    // The export serves on, from its source, and nothing goes to the old target.
+    let before = fs::read(&target).unwrap();
+    let mut c = Client::connect(&s.sock, 1);
+    assert_eq!(c.write_at(0, 0, &[0x77; 4096], 0), 0);
+    assert_eq!(c.read_at(0, 0, 4096, 0).unwrap(), vec![0x77; 4096]);
+    assert!(fs::read(&target).unwrap() == before, "the target is left alone after cancel");
+}
+
+/// job-cancel in the middle of the copy: the source is untouched (it holds exactly what the
+/// client wrote), the job says cancelled, and the daemon serves on.
+#[test]
+fn cancel_mid_copy_leaves_the_source_untouched() {
+    let s = setup(tmpdir());
+    let target = s._dir.path().join("target.raw");
+    blank_image(&target);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = verified_writer(s.sock.clone(), fs::read(&s.image).unwrap(), Arc::clone(&stop));
+    ctl_ok(&s.control, &["mirror", "id=vm1", &format!("target={}", target.display()), "speed=4M"]);
+    wait_until("some progress", Duration::from_secs(10), || {
+        job(&s.control, "vm1")["done_bytes"].as_u64().unwrap() >= 2 << 20
+    });
+    let cancelled = ctl_ok(&s.control, &["job-cancel", "id=vm1"]);
+    assert_eq!(cancelled["state"], "cancelled");
+    let done = cancelled["done_bytes"].as_u64().unwrap();
+    assert!(done < IMAGE_BYTES, "cancelled before the end: {cancelled}");
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let w = writer.join().unwrap();
+    assert_eq!(w.failures, 0, "{}", s.daemon.log());
+    assert!(fs::read(&s.image).unwrap() == w.model, "the source holds every write, nothing else");
+    assert!(s.daemon.log().contains("mirror to"), "{}", s.daemon.log());
+}
+
+/// A mirror to qemu-nbd under verified writes converges and compares equal; a second mirror
+/// to a qemu-nbd killed mid-copy fails with an error naming the server, while the client's
+/// I/O goes on without an error.
+#[test]
+fn mirror_to_qemu_nbd_and_a_target_that_dies() {
+    let s = setup(tmpdir());
+    let target = s._dir.path().join("nbd-target.raw");
+    blank_image(&target);
+    let nbd = NbdServer::start(Server::QemuNbd, &target, &s._dir.path().join("nbd.sock"));
+    mirror_under_writes(&s, &nbd.uri(), &target);
+    assert_eq!(ctl_ok(&s.control, &["job-cancel", "id=vm1"])["state"], "cancelled");
+    drop(nbd);
+
+    let doomed = s._dir.path().join("doomed.raw");
+    blank_image(&doomed);
+    let mut nbd = NbdServer::start(Server::QemuNbd, &doomed, &s._dir.path().join("nbd2.sock"));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = verified_writer(s.sock.clone(), fs::read(&s.image).unwrap(), Arc::clone(&stop));
+    ctl_ok(&s.control, &["mirror", "id=vm1", &format!("target={}", nbd.uri()), "speed=4M"]);
+    wait_until("some progress", Duration::from_secs(10), || {
+        job(&s.control, "vm1")["done_bytes"].as_u64().unwrap() >= 2 << 20
+    });
+    nbd.kill();
+    let failed = wait_for_state(&s.control, "vm1", "failed", Duration::from_secs(40));
+    let error = failed["error"].as_str().unwrap();
+    assert!(error.contains("NBD server"), "the error names the target: {failed}");
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let w = writer.join().unwrap();
+    assert!(w.requests > 50, "{}", w.requests);
+    assert_eq!(w.failures, 0, "no guest request failed\n{}", s.daemon.log());
+    assert!(fs::read(&s.image).unwrap() == w.model, "the source holds every write");
+    assert!(s.daemon.log().contains("failed"), "{}", s.daemon.log());
+}
+
+/// Whether process `pid` has `path` open.
+fn holds_open(pid: i32, path: &Path) -> bool {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .any(|e| fs::read_link(e.unwrap().path()).is_ok_and(|l| l == path))
+}
+
+/// job-complete under a running writer: the export switches to the target (no request fails,
+/// every write reads back), the old image is closed (and unlocked: qemu-img can write it),
+/// list-exports names the target, and the old image changes no more.
+#[test]
+fn pivot_to_a_file_under_a_running_writer() {
+    let s = setup(tmpdir());
+    let target = s._dir.path().join("target.raw");
+    blank_image(&target);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = verified_writer(s.sock.clone(), fs::read(&s.image).unwrap(), Arc::clone(&stop));
+    ctl_refused(&s.control, &["job-complete", "id=vm1"], "no job with id 'vm1'");
+    ctl_ok(&s.control, &["mirror", "id=vm1", &format!("target={}", target.display()), "speed=32M"]);
+    ctl_refused(&s.control, &["job-complete", "id=vm1"], "not ready");
+    wait_for_state(&s.control, "vm1", "ready", Duration::from_secs(120));
+    std::thread::sleep(Duration::from_millis(200));
+    let done = ctl_ok(&s.control, &["job-complete", "id=vm1"]);
+    assert_eq!(done["state"], "completed", "{done}");
+    let pid = s.daemon.pid();
+    assert!(!holds_open(pid, &s.image), "the old image is closed after job-complete");
+    assert!(holds_open(pid, &target), "the export serves the target");
+    let exports = ctl_ok(&s.control, &["list-exports"]);
+    assert_eq!(exports[0]["backend"], target.display().to_string(), "{exports}");
+    let old = fs::read(&s.image).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let w = writer.join().unwrap();
+    assert!(w.requests > 100, "{}", w.requests);
+    assert_eq!(w.failures, 0, "no request failed across the pivot\n{}", s.daemon.log());
+    assert!(fs::read(&target).unwrap() == w.model, "the target holds every write");
+    assert!(fs::read(&s.image).unwrap() == old, "nothing reaches the old image after the pivot");
+    // Its lock went with it: another writer may have it.
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write 0 4k"])
+        .arg(&s.image)
+        .output()
+        .expect("run qemu-io");
+    assert!(
+        out.status.success(),
+        "qemu-io writes the old image: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ctl_refused(&s.control, &["job-complete", "id=vm1"], "completed, not ready");
+}
+
+/// The showcase: a file-backed export moved to an RBD image on the test cluster under a
+/// running libblkio writer: no request fails, the image holds every write, and the file is
+/// no longer open.
+#[test]
+fn pivot_from_a_file_to_rbd_under_a_running_writer() {
+    use common::ceph::TestImage;
+    let s = setup(tmpdir());
+    let image = TestImage::create(IMAGE_BYTES);
+    let target = format!("rbd:rbd/{}:conf={}", image.name, common::ceph::ceph_conf().display());
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = writer_with(s.sock.clone(), fs::read(&s.image).unwrap(), Arc::clone(&stop), false);
+    let started = ctl_ok(&s.control, &["mirror", "id=vm1", &format!("target={target}")]);
+    assert_eq!(started["target"], format!("rbd:rbd/{}", image.name), "{started}");
+    wait_for_state(&s.control, "vm1", "ready", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(300));
+    let done = ctl_ok(&s.control, &["job-complete", "id=vm1"]);
+    assert_eq!(done["state"], "completed", "{done}");
+    assert!(!holds_open(s.daemon.pid(), &s.image), "the file is closed after the pivot");
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let w = writer.join().unwrap();
+    assert!(w.requests > 50, "{}", w.requests);
+    assert_eq!(w.failures, 0, "no request failed across the pivot\n{}", s.daemon.log());
+    let exported = s._dir.path().join("exported.raw");
+    image.export_to(&exported);
+    let got = fs::read(&exported).unwrap();
+    let differs = got.iter().zip(&w.model).position(|(a, b)| a != b);
+    assert_eq!(differs, None, "the RBD image holds every write");
+}
