@@ -420,7 +420,7 @@ mod tests {
         assert_eq!(cfg.exports[0].id.as_deref(), Some("vm1"));
         assert_eq!(cfg.exports[0].disk.backend, BackendSpec::Image("/img/a,b.raw".into()));
         assert!(cfg.exports[0].disk.readonly);
-        assert_eq!(cfg.exports[0].disk.queues, 2);
+        assert_eq!(cfg.exports[0].disk.queues, Some(2));
         assert_eq!(cfg.exports[1].disk.backend, BackendSpec::Null { size_bytes: 1 << 30 });
     }
 

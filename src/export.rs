@@ -284,7 +284,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.socket.path, PathBuf::from("/s"));
         assert_eq!(c.disk.backend, BackendSpec::Image(PathBuf::from("/i,x")));
-        assert_eq!((c.disk.queues, c.disk.queue_size), (4, 128));
+        assert_eq!((c.disk.queues, c.disk.queue_size), (Some(4), 128));
         assert_eq!(c.disk.cache, CacheMode::Writeback);
         assert!(c.disk.readonly);
         assert_eq!(c.disk.serial, "abc");
@@ -337,7 +337,7 @@ mod tests {
     fn qemu_storage_daemon_key_names_work_where_they_mean_the_same() {
         let c = ExportConfig::parse("addr.path=/s,image=/i,num-queues=4,writable=off").unwrap();
         assert_eq!(c.socket.path, PathBuf::from("/s"));
-        assert_eq!(c.disk.queues, 4);
+        assert_eq!(c.disk.queues, Some(4));
         assert!(c.disk.readonly);
         assert!(!ExportConfig::parse("socket=/s,image=/i,writable=on").unwrap().disk.readonly);
         assert!(ExportConfig::parse("socket=/s,image=/i,read-only=on").unwrap().disk.readonly);

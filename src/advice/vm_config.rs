@@ -45,7 +45,7 @@ impl ExportShape {
         ExportShape {
             id: c.id.clone().unwrap_or_else(|| "export0".into()),
             socket: c.socket.path.clone(),
-            queues: c.disk.queues,
+            queues: c.disk.queues.unwrap_or(crate::disk::MAX_QUEUES),
             queue_size: c.disk.queue_size,
             io_cpus: if c.threads.iothread == ThreadChoice::Dedicated {
                 c.threads.cpus.clone()
