@@ -444,7 +444,7 @@ mod tests {
         assert_eq!(
             messages("[[export]]\nsocket = \"/s\"\nqueues = 0\nimage = \"/i\"\ncache = \"fast\"\n"),
             [
-                "line 3, column 10: export 1: queues=0: must be 1 to 64",
+                "line 3, column 10: export 1: queues=0: must be 1 to 256",
                 "line 5, column 9: export 1: unknown cache mode 'fast' (one of none, directsync, writeback, writethrough, unsafe)",
             ]
         );
