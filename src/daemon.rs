@@ -148,6 +148,17 @@ fn info_of(e: &Export) -> ExportInfo {
     }
 }
 
+/// The figures of every queue started since the export opened; queue 0's zeros while none
+/// has, so that an export nobody used yet still has its figures (metrics, `stat`).
+fn queue_reports(disk: &Disk) -> Vec<QueueReport> {
+    let mut queues: Vec<QueueReport> =
+        disk.started_queue_stats().map(|(i, q)| q.report(i)).collect();
+    if queues.is_empty() {
+        queues.push(crate::trace::QueueStats::default().report(0));
+    }
+    queues
+}
+
 /// The export's configuration as it runs now: its id, its current size (null engine) and
 /// polling (dedicated threads), which the control socket may have changed.
 fn running_config(e: &Export) -> ExportConfig {
@@ -615,7 +626,7 @@ impl Daemon {
                     client_connected: e.server.has_client(),
                     flush_failed: disk.flush_failed(),
                     throttle: ThrottleReport::of(&disk.throttle),
-                    queues: disk.started_queue_stats().map(|(i, q)| q.report(i)).collect(),
+                    queues: queue_reports(disk),
                 }
             })
             .collect())
