@@ -2,7 +2,7 @@
 # /init of the guest test's initramfs. It checks the disk blkplane serves as /dev/vda and
 # reports on the console: BLKPLANE-CHECK lines as it goes, BLKPLANE-MD5 for the host to
 # compare with the image, then BLKPLANE-PASS or BLKPLANE-FAIL. Parameters come from the
-# kernel command line: blkplane.mode=rw|ro|resize|restart|migrate|limit, blkplane.runid, blkplane.sectors,
+# kernel command line: blkplane.mode=rw|ro|resize|restart|migrate|limit|many, blkplane.runid, blkplane.sectors,
 # blkplane.serial, blkplane.queues, blkplane.wce (1 = write back).
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
@@ -184,6 +184,42 @@ if [ "$MODE" = migrate ]; then
     if dmesg | grep -iE 'I/O error|blk_update_request|Buffer I/O|critical medium'; then
         fail "the guest kernel logged I/O errors"
     fi
+    echo "BLKPLANE-PASS"
+    poweroff -f
+fi
+
+if [ "$MODE" = many ]; then
+    # Two disks QEMU gave as many queues as it liked: vda with QEMU's default (one per vCPU,
+    # checked above against blkplane.queues), vdb with num-queues=blkplane.queues2, of which
+    # virtio-blk uses one per CPU. On each CPU in turn, 1 MiB is written to each disk with
+    # O_DIRECT and read back, so every queue the guest uses carries verified I/O.
+    i=0
+    while [ ! -b /dev/vdb ]; do
+        i=$((i + 1))
+        [ $i -gt 100 ] && fail "no /dev/vdb"
+        sleep 0.1
+    done
+    cpus=$(nproc)
+    nq=$(ls /sys/block/vdb/mq | wc -l)
+    [ "$nq" = "$cpus" ] || fail "vdb (num-queues=$(param queues2)) has $nq queues, $cpus CPUs"
+    check "vdb: num-queues=$(param queues2), $nq queues in use"
+    printf 'BLKPLANE-RUN-%s' "$RUNID" > /tmp/id
+    for d in vda vdb; do
+        dd if=/tmp/id of=/dev/$d bs=512 count=1 conv=sync oflag=direct 2>/dev/null || fail "write run id to $d"
+    done
+    cpu=0
+    while [ $cpu -lt "$cpus" ]; do
+        for d in vda vdb; do
+            off=$((8 + cpu))
+            dd if=/dev/urandom of=/tmp/pat bs=1M count=1 2>/dev/null
+            taskset -c $cpu dd if=/tmp/pat of=/dev/$d bs=1M seek=$off oflag=direct 2>/dev/null || fail "write $d on CPU $cpu"
+            taskset -c $cpu dd if=/dev/$d of=/tmp/back bs=1M skip=$off count=1 iflag=direct 2>/dev/null || fail "read $d on CPU $cpu"
+            cmp /tmp/pat /tmp/back || fail "$d read back on CPU $cpu differs"
+            echo "BLKPLANE-MD5-$d $((off << 20)) 1048576 $(md5sum < /tmp/pat | cut -d' ' -f1)"
+        done
+        cpu=$((cpu + 1))
+    done
+    check "1 MiB written and read back on each disk from each of $cpus CPUs"
     echo "BLKPLANE-PASS"
     poweroff -f
 fi

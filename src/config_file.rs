@@ -449,7 +449,7 @@ mod tests {
         assert_eq!(cfg.exports[0].id.as_deref(), Some("vm1"));
         assert_eq!(cfg.exports[0].disk.backend, BackendSpec::Image("/img/a,b.raw".into()));
         assert!(cfg.exports[0].disk.readonly);
-        assert_eq!(cfg.exports[0].disk.queues, 2);
+        assert_eq!(cfg.exports[0].disk.queues, Some(2));
         assert_eq!(cfg.exports[1].disk.backend, BackendSpec::Null { size_bytes: 1 << 30 });
     }
 
@@ -473,7 +473,7 @@ mod tests {
         assert_eq!(
             messages("[[export]]\nsocket = \"/s\"\nqueues = 0\nimage = \"/i\"\ncache = \"fast\"\n"),
             [
-                "line 3, column 10: export 1: queues=0: must be 1 to 64",
+                "line 3, column 10: export 1: queues=0: must be 1 to 256",
                 "line 5, column 9: export 1: unknown cache mode 'fast' (one of none, directsync, writeback, writethrough, unsafe)",
             ]
         );

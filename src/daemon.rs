@@ -91,6 +91,11 @@ pub struct ExportStats {
     pub flush_failed: bool,
     /// The limits in force and whose they are.
     pub throttle: ThrottleReport,
+    /// The connected frontend's guest memory table: regions and their bytes (0 without one).
+    pub memory_regions: u64,
+    pub memory_bytes: u64,
+    /// The queues started since the export opened (those the VMM asked for), each with its
+    /// index.
     pub queues: Vec<QueueReport>,
 }
 
@@ -134,7 +139,7 @@ fn info_of(e: &Export) -> ExportInfo {
         socket: e.server.socket_path().display().to_string(),
         backend: d.backend.describe(),
         size_bytes: disk.capacity_bytes(),
-        queues: d.queues,
+        queues: disk.num_queues,
         queue_size: d.queue_size,
         cache: d.cache.to_string(),
         readonly: d.readonly,
@@ -150,6 +155,17 @@ fn info_of(e: &Export) -> ExportInfo {
             .map(|(k, v)| (k.to_string(), v.to_json()))
             .collect(),
     }
+}
+
+/// The figures of every queue started since the export opened; queue 0's zeros while none
+/// has, so that an export nobody used yet still has its figures (metrics, `stat`).
+fn queue_reports(disk: &Disk) -> Vec<QueueReport> {
+    let mut queues: Vec<QueueReport> =
+        disk.started_queue_stats().map(|(i, q)| q.report(i)).collect();
+    if queues.is_empty() {
+        queues.push(crate::trace::QueueStats::default().report(0));
+    }
+    queues
 }
 
 /// The export's configuration as it runs now: its id, its current size (null engine) and
@@ -632,13 +648,16 @@ impl Daemon {
             .filter(|e| id.is_none_or(|id| e.id == id))
             .map(|e| {
                 let disk = e.server.disk();
+                let (memory_regions, memory_bytes) = disk.guest_memory();
                 ExportStats {
+                    memory_regions,
+                    memory_bytes,
                     id: e.id.clone(),
                     size_bytes: disk.capacity_bytes(),
                     client_connected: e.server.has_client(),
                     flush_failed: disk.flush_failed(),
                     throttle: ThrottleReport::of(&disk.throttle),
-                    queues: disk.stats.iter().enumerate().map(|(i, q)| q.report(i)).collect(),
+                    queues: queue_reports(&disk),
                 }
             })
             .collect())

@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::blk::config::{config_space, ConfigInputs, CONFIG_SPACE_BYTES};
 use crate::blk::request::DiskLimits;
@@ -99,16 +99,25 @@ impl DiscardMode {
 /// Default `max-guest-memory`: 1 TiB, more than a VM on one host has, far less than the
 /// address space every tenant shares.
 pub const DEFAULT_MAX_GUEST_MEMORY_BYTES: u64 = 1 << 40;
-pub const DEFAULT_QUEUES: u16 = 1;
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
-pub const MAX_QUEUES: u16 = 64;
+/// The most queues an export offers, and what it offers without `queues=`, so that a VM
+/// gets as many as its VMM asks for (QEMU's vhost-user-blk-pci asks for one per vCPU by
+/// default and refuses to start with fewer). 256, not QEMU's 1024 (VIRTIO_QUEUE_MAX): the
+/// vhost-user messages that hand over a ring's kick, call and err descriptors carry the
+/// ring's index in 8 bits (bits 0-7 of their payload, bit 8 is "no descriptor"), so ring
+/// 256 would be taken for ring 0. Offering 256 makes a VMM asking for more fail at start
+/// with the number, instead of a queue that never starts. A queue costs memory only once
+/// the VMM starts it (see ARCHITECTURE.md, "Resource budget").
+pub const MAX_QUEUES: u16 = 256;
 pub const MAX_QUEUE_SIZE: u16 = 1024;
 
 /// The disk an export serves, as its keys say: what backs it and how the guest sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskOptions {
     pub backend: BackendSpec,
-    pub queues: u16,
+    /// The operator's cap on the queues offered (`queues=`); None: as many as the VMM asks,
+    /// up to [`MAX_QUEUES`] (see [`Disk::num_queues`]).
+    pub queues: Option<u16>,
     pub queue_size: u16,
     pub cache: CacheMode,
     /// The engine for an image (io_uring, native or threads).
@@ -148,7 +157,7 @@ impl Default for DiskOptions {
     fn default() -> Self {
         DiskOptions {
             backend: BackendSpec::Null { size_bytes: 0 },
-            queues: DEFAULT_QUEUES,
+            queues: None,
             queue_size: DEFAULT_QUEUE_SIZE,
             cache: CacheMode::None,
             aio: EngineKind::IoUring,
@@ -358,16 +367,19 @@ impl Options for DiskOptions {
             aliases: &["num-queues"],
             kind: Kind::Number,
             usage: "queues=N",
-            help: "virtqueues offered to the guest (default 1, max 64).",
+            help: "the most virtqueues offered to the guest, 1 to 256 (default: as many\n\
+                   as the VMM asks, up to 256, vhost-user's limit; 1 where read-modify-write\n\
+                   or an NBD server without multi-conn needs it). The guest sees this number\n\
+                   when it is set.",
             set: |d, v| {
                 let n: u16 = v.number("queues")?;
                 if n == 0 || n > MAX_QUEUES {
                     return err(format!("queues={v}: must be 1 to {MAX_QUEUES}"));
                 }
-                d.queues = n;
+                d.queues = Some(n);
                 Ok(())
             },
-            get: |d| Some(Value::Int(d.queues.into())),
+            get: |d| d.queues.map(|n| Value::Int(n.into())),
         },
         Key {
             name: "queue-size",
@@ -566,6 +578,8 @@ pub struct Disk {
     pub cache: CacheMode,
     pub readonly: bool,
     pub serial: [u8; ID_BYTES],
+    /// The queues offered (GET_QUEUE_NUM, the config space's num_queues): `queues=`, or
+    /// [`MAX_QUEUES`] (1 where only one can be served). The VMM starts those it wants.
     pub num_queues: u16,
     pub max_queue_size: u16,
     pub logical_block_bytes: u32,
@@ -580,8 +594,9 @@ pub struct Disk {
     pub stats_on: bool,
     /// Whether discards free blocks (`discard=`).
     pub discard: DiscardMode,
-    /// Per-queue statistics; they outlive the I/O threads (which restart on reconfiguration).
-    pub stats: Vec<Arc<QueueStats>>,
+    /// Per-queue statistics, made when the queue first starts (a queue never started costs
+    /// one empty cell); they outlive the I/O threads (which restart on reconfiguration).
+    stats: Box<[OnceLock<Arc<QueueStats>>]>,
     /// Per-queue log budgets, kept across the queue's restarts so that a frontend restarting
     /// a queue in a loop (one message each) gets no fresh budget: a queue takes its limiter
     /// when it starts and gives it back when it is dropped (no lock while it runs).
@@ -591,6 +606,10 @@ pub struct Disk {
     /// The rate limits the queues obey: the export's own, or its throttle group's.
     pub throttle: Arc<Throttle>,
     capacity_bytes: AtomicU64,
+    /// The connected frontend's memory table: its regions and their bytes (0 when none is
+    /// connected), for query-stats; written by the export's control thread on every change.
+    guest_memory_regions: AtomicU64,
+    guest_memory_bytes: AtomicU64,
     /// The write-cache-enable bit as the guest sees it; the guest may turn it off (CONFIG_WCE).
     writeback: AtomicBool,
     /// An fdatasync failed. Linux reports a writeback error once per open file, so a later
@@ -727,7 +746,7 @@ impl Disk {
             ));
         }
         let rmw_block_bytes = if logical < direct_block && backing.is_some() {
-            if config.queues != 1 {
+            if config.queues.is_some_and(|n| n != 1) {
                 return Err(OpenError::BlockSize(
                     name(),
                     format!(
@@ -767,13 +786,14 @@ impl Disk {
         let mut serial = [0u8; ID_BYTES];
         serial[..config.serial.len()].copy_from_slice(config.serial.as_bytes());
         let has_write_lock = backing.is_some() && !config.readonly && !config.force_share;
+        let num_queues = offered_queues(config, &backend, rmw_block_bytes);
         Ok(Disk {
             span,
             backend,
             cache: config.cache,
             readonly: config.readonly,
             serial,
-            num_queues: config.queues,
+            num_queues,
             max_queue_size: config.queue_size,
             logical_block_bytes: logical,
             physical_block_bytes: physical,
@@ -781,11 +801,13 @@ impl Disk {
             rmw_block_bytes,
             stats_on: config.stats,
             discard: config.discard,
-            stats: (0..config.queues).map(|_| Arc::new(QueueStats::default())).collect(),
-            queue_logs: (0..config.queues).map(|_| Mutex::default()).collect(),
+            stats: (0..num_queues).map(|_| OnceLock::new()).collect(),
+            queue_logs: (0..num_queues).map(|_| Mutex::default()).collect(),
             max_guest_memory_bytes: config.max_guest_memory_bytes,
             throttle,
             capacity_bytes: AtomicU64::new(capacity),
+            guest_memory_regions: AtomicU64::new(0),
+            guest_memory_bytes: AtomicU64::new(0),
             writeback: AtomicBool::new(config.cache.write_cache()),
             flush_failed: AtomicBool::new(false),
             write_lock: has_write_lock.then(|| Mutex::new(!config.incoming)),
@@ -909,6 +931,18 @@ impl Disk {
         }
     }
 
+    /// Records the connected frontend's memory table: `regions` of `bytes` together.
+    pub fn note_guest_memory(&self, regions: usize, bytes: u64) {
+        self.guest_memory_regions.store(regions as u64, Ordering::Relaxed);
+        self.guest_memory_bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    /// The connected frontend's memory table: (regions, bytes).
+    pub fn guest_memory(&self) -> (u64, u64) {
+        let regions = self.guest_memory_regions.load(Ordering::Relaxed);
+        (regions, self.guest_memory_bytes.load(Ordering::Relaxed))
+    }
+
     pub fn capacity_bytes(&self) -> u64 {
         self.capacity_bytes.load(Ordering::Relaxed)
     }
@@ -1005,13 +1039,27 @@ impl Disk {
         Ok(())
     }
 
+    /// Queue `index`'s statistics, made when it first starts (`index` < `num_queues`).
+    pub fn queue_stats(&self, index: u16) -> Arc<QueueStats> {
+        match self.stats.get(usize::from(index)) {
+            Some(cell) => Arc::clone(cell.get_or_init(Arc::default)),
+            None => Arc::default(),
+        }
+    }
+
+    /// The statistics of every queue started since the export opened, with its index.
+    pub fn started_queue_stats(&self) -> impl Iterator<Item = (usize, &Arc<QueueStats>)> {
+        self.stats.iter().enumerate().filter_map(|(i, cell)| cell.get().map(|q| (i, q)))
+    }
+
     /// Waits until every request admitted so far, on every queue, has been answered.
     fn drain_admitted(&self, timeout: std::time::Duration) -> Result<(), String> {
+        // A queue never started has admitted nothing; one starting now reads the new size.
+        let started: Vec<&Arc<QueueStats>> = self.stats.iter().filter_map(OnceLock::get).collect();
         let admitted: Vec<u64> =
-            self.stats.iter().map(|q| q.admitted.load(Ordering::SeqCst)).collect();
+            started.iter().map(|q| q.admitted.load(Ordering::SeqCst)).collect();
         let deadline = std::time::Instant::now() + timeout;
-        while self.stats.iter().zip(&admitted).any(|(q, &a)| q.retired.load(Ordering::Acquire) < a)
-        {
+        while started.iter().zip(&admitted).any(|(q, &a)| q.retired.load(Ordering::Acquire) < a) {
             if std::time::Instant::now() > deadline {
                 return Err(format!(
                     "requests in flight did not finish within {} s; the guest sees the new size, \
@@ -1113,6 +1161,17 @@ fn nbd_backend(target: NbdTarget) -> (Backend, u64, u32, u32) {
     (Backend::Nbd(Arc::new(target)), n.size_bytes, logical, physical)
 }
 
+/// The queues an export offers: its `queues=`, or as many as a VMM may ask for, except where
+/// only one can be served (read-modify-write; an NBD server without multi-conn).
+fn offered_queues(config: &DiskOptions, backend: &Backend, rmw_block_bytes: u64) -> u16 {
+    match (config.queues, backend) {
+        (Some(n), _) => n,
+        (None, Backend::Nbd(t)) if !t.negotiated.has(wire::TFLAG_CAN_MULTI_CONN) => 1,
+        (None, _) if rmw_block_bytes != 0 => 1,
+        (None, _) => MAX_QUEUES,
+    }
+}
+
 /// Connects to an NBD export's server once, to learn the export and check that it can be
 /// served as asked; the queues make connections of their own.
 fn open_nbd(
@@ -1137,11 +1196,11 @@ fn open_nbd(
     if n.has(wire::TFLAG_READ_ONLY) && !config.readonly {
         return refuse("the export is read-only; serve it with readonly=on".into());
     }
-    if config.queues > 1 && !n.has(wire::TFLAG_CAN_MULTI_CONN) {
+    let multi_conn = n.has(wire::TFLAG_CAN_MULTI_CONN);
+    if let Some(queues) = config.queues.filter(|&q| q > 1 && !multi_conn) {
         return refuse(format!(
-            "queues={} needs a connection per queue, which the server does not allow \
-             (no multi-conn; qemu-nbd allows it with --shared=N); use queues=1",
-            config.queues
+            "queues={queues} needs a connection per queue, which the server does not allow \
+             (no multi-conn; qemu-nbd allows it with --shared=N); use queues=1"
         ));
     }
     Ok(NbdTarget::new(
@@ -1150,6 +1209,6 @@ fn open_nbd(
         config.readonly,
         std::time::Duration::from_secs(u64::from(reconnect_delay_s)),
         span.clone(),
-        config.queues,
+        config.queues.unwrap_or(if multi_conn { MAX_QUEUES } else { 1 }),
     ))
 }

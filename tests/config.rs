@@ -256,7 +256,7 @@ fn ctl_reload_names_what_it_refuses_and_a_bad_file_changes_nothing() {
         "{err}"
     );
     assert!(
-        err.contains(&format!("{}:9:10: export 1: queues=0: must be 1 to 64", cfg.display())),
+        err.contains(&format!("{}:9:10: export 1: queues=0: must be 1 to 256", cfg.display())),
         "{err}"
     );
     assert!(err.contains("(invalid-config)"), "{err}");
@@ -302,7 +302,7 @@ fn check_config_checks_the_file_of_a_running_daemon() {
     let out = check();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "configuration OK: 1 export(s)");
-    write_config(&cfg, &format!("{text}cache = \"fast\"\nqueues = 99\n"));
+    write_config(&cfg, &format!("{text}cache = \"fast\"\nqueues = 999\n"));
     let out = check();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -311,7 +311,7 @@ fn check_config_checks_the_file_of_a_running_daemon() {
         "{err}"
     );
     assert!(
-        err.contains(&format!("{}:8:10: export 1: queues=99: must be 1 to 64", cfg.display())),
+        err.contains(&format!("{}:8:10: export 1: queues=999: must be 1 to 256", cfg.display())),
         "{err}"
     );
     // The running daemon was not disturbed.

@@ -827,3 +827,85 @@ fn linux_guest_migrates_while_writing() {
 fn linux_guest_migrates_while_reading() {
     migrate_run("read");
 }
+
+/// QEMU's defaults start against blkplane's: a VM with 2 vCPUs and no `num-queues` on its
+/// disk (QEMU then asks for one queue per vCPU) against an export with no `queues=`, and a
+/// second disk with `num-queues=128`, over 64, the most blkplane offered before (QEMU
+/// refused to start either: "The maximum number of queues supported by the backend is 1",
+/// "... is 64"). The guest uses one queue per vCPU on each disk, checked in /sys, and writes
+/// and reads back 1 MiB on each disk from each vCPU; query-stats shows the queues it used.
+#[test]
+fn linux_guest_gets_a_queue_per_vcpu_with_qemus_defaults_and_starts_with_128() {
+    const VCPUS: u16 = 2;
+    let cache = assets();
+    let dir = tmpdir();
+    let ctl = dir.path().join("ctl.sock");
+    let mut args = vec!["--control".to_string(), ctl.display().to_string()];
+    let mut waits = vec![ctl.clone()];
+    for (id, seed) in [("a", 78), ("b", 79)] {
+        let image = dir.path().join(format!("{id}.raw"));
+        make_image(&image, IMAGE_BYTES, seed);
+        let sock = dir.path().join(format!("{id}.sock"));
+        args.push("--export".into());
+        args.push(format!(
+            "id={id},serial={id},socket={},image={}",
+            sock.display(),
+            image.display()
+        ));
+        waits.push(sock);
+    }
+    let mut daemon = Daemon::start_with(dir.path(), &args, &waits);
+    let runid = format!("{:04x}{:04x}{}", rand_u16(), rand_u16(), std::process::id());
+    let append = format!(
+        "console=ttyS0 panic=-1 quiet loglevel=4 blkplane.mode=many blkplane.runid={runid} \
+         blkplane.sectors={} blkplane.serial=a blkplane.queues={VCPUS} blkplane.queues2=128 \
+         blkplane.wce=1",
+        IMAGE_BYTES / 512
+    );
+    let console_path = dir.path().join("console.log");
+    let console = fs::File::create(&console_path).unwrap();
+    let mut cmd = qemu_base(cache, &append);
+    cmd.args(["-m", "512M", "-smp", &VCPUS.to_string()])
+        .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
+        .args(["-numa", "node,memdev=mem"])
+        .args(["-chardev", &format!("socket,id=char0,path={}", waits[1].display())])
+        .args(["-device", "vhost-user-blk-pci,chardev=char0"])
+        .args(["-chardev", &format!("socket,id=char1,path={}", waits[2].display())])
+        .args(["-device", "vhost-user-blk-pci,chardev=char1,num-queues=128"]);
+    let status = cmd
+        .stdin(Stdio::null())
+        .stdout(console.try_clone().unwrap())
+        .stderr(console)
+        .status()
+        .expect("run QEMU");
+    let console = fs::read_to_string(&console_path).unwrap_or_default();
+    let stats = common::ctl(&ctl, &["query-stats"]);
+    let stats: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap_or_default();
+    let alive = daemon.alive();
+    daemon.stop();
+    let report = || format!("--- console ---\n{console}\n--- daemon log ---\n{}", daemon.log());
+    assert!(alive, "the daemon died\n{}", report());
+    assert!(status.success(), "QEMU: {status}\n{}", report());
+    assert!(console.contains("BLKPLANE-PASS"), "no pass from the guest\n{}", report());
+    for (i, id) in ["a", "b"].iter().enumerate() {
+        let img = fs::read(dir.path().join(format!("{id}.raw"))).unwrap();
+        let disk = if i == 0 { "vda" } else { "vdb" };
+        let checked = check_md5s(&console, &format!("BLKPLANE-MD5-{disk} "), &img, dir.path());
+        assert_eq!(checked, usize::from(VCPUS), "{disk}: checksums\n{}", report());
+        let mark = format!("BLKPLANE-RUN-{runid}");
+        assert_eq!(&img[..mark.len()], mark.as_bytes(), "{disk}: run id not in the image");
+        // The queues the guest used, one per vCPU, each with the writes and reads of its CPU.
+        let export = stats.as_array().into_iter().flatten().find(|e| e["id"] == *id);
+        let queues = export.map(|e| e["queues"].clone()).unwrap_or_default();
+        let queues = queues.as_array().cloned().unwrap_or_default();
+        assert_eq!(queues.len(), usize::from(VCPUS), "export {id}: {stats}");
+        for q in &queues {
+            assert!(q["requests"]["write"].as_u64() >= Some(1), "export {id}: {q}");
+            assert!(q["requests"]["read"].as_u64() >= Some(1), "export {id}: {q}");
+        }
+    }
+    eprintln!(
+        "{}",
+        console.lines().filter(|l| l.starts_with("BLKPLANE")).collect::<Vec<_>>().join("\n")
+    );
+}

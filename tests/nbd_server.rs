@@ -220,8 +220,8 @@ fn qemu_img_copies_an_export_over_tcp_with_tls_and_foreign_clients_are_refused()
     for creds in ["foreign", "nocert"] {
         let out = convert_tls(port, &dir.path().join(creds), &copy);
         assert!(!out.status.success(), "{creds}: the copy was served");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains("TLS"), "{creds}: {stderr}");
+        // What qemu-img says depends on when it sees the server close (a TLS alert, or a reset
+        // connection under load); the daemon's log below names each refusal.
     }
     wait_until("the refusals logged", Duration::from_secs(5), || {
         daemon.log().matches("TLS handshake failed").count() == 2

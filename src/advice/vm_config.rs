@@ -45,7 +45,7 @@ impl ExportShape {
         ExportShape {
             id: c.id.clone().unwrap_or_else(|| "export0".into()),
             socket: c.socket.path.clone(),
-            queues: c.disk.queues,
+            queues: c.disk.queues.unwrap_or(crate::disk::MAX_QUEUES),
             queue_size: c.disk.queue_size,
             io_cpus: if c.threads.iothread == ThreadChoice::Dedicated {
                 c.threads.cpus.clone()
@@ -74,7 +74,11 @@ impl ExportShape {
         Ok(ExportShape {
             id: text("id").ok_or(format!("no 'id' in {spec}"))?,
             socket: text("socket").ok_or(format!("no 'socket' in {spec}"))?.into(),
-            queues: number("queues")?,
+            // What the export offers: its queues=, or as many as a VMM may ask for.
+            queues: export["queues"]
+                .as_u64()
+                .and_then(|n| u16::try_from(n).ok())
+                .ok_or(format!("no 'queues' in {export}"))?,
             queue_size: number("queue-size")?,
             io_cpus,
             image: spec["image"].as_str().map(PathBuf::from),

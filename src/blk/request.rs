@@ -12,23 +12,27 @@ use super::{
     req_type, status, HEADER_BYTES, ID_BYTES, MAX_DISCARD_SECTORS, SECTOR_SIZE, SEGMENT_BYTES,
     SIZE_MAX_BYTES,
 };
-use crate::virtq::{copy_from_guest, ChainOutcome, ChainSink, GuestIov};
+use crate::virtq::{copy_from_guest, ChainOutcome, ChainSink, GuestIov, IovTable};
 
-/// The buffers of one descriptor chain, in chain order. Preallocated per slot.
+/// The buffers of one descriptor chain, in chain order. Preallocated per slot, in a table
+/// that costs resident memory only once used (see `virtq::iov_tables`).
 pub struct ChainBuf {
-    iov: Box<[GuestIov]>,
+    iov: IovTable,
     len: usize,
     /// Index of the first device-writable buffer (== len while there is none).
     writable_from: usize,
 }
 
 impl ChainBuf {
+    #[cfg(test)]
     pub fn with_capacity(capacity: usize) -> ChainBuf {
-        ChainBuf {
-            iov: vec![GuestIov::EMPTY; capacity].into_boxed_slice(),
-            len: 0,
-            writable_from: 0,
-        }
+        let table = crate::virtq::iov_tables(1, capacity).pop();
+        ChainBuf::on(table.expect("iov_tables gives one table"))
+    }
+
+    /// A chain buffer of `table`'s capacity (a slot's, from one arena per queue).
+    pub fn on(table: IovTable) -> ChainBuf {
+        ChainBuf { iov: table, len: 0, writable_from: 0 }
     }
 
     pub fn clear(&mut self) {

@@ -250,7 +250,7 @@ fn flush(disk: &Disk) -> Outcome {
         return Ok(Sent::No);
     }
     if let Err(e) = f.sync_data() {
-        disk.flush_failed_with(e.raw_os_error().unwrap_or(libc::EIO), &disk.stats[0]);
+        disk.flush_failed_with(e.raw_os_error().unwrap_or(libc::EIO), &disk.queue_stats(0));
         return Err(Refusal(EIO, "flush failed"));
     }
     Ok(Sent::No)

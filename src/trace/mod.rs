@@ -223,46 +223,61 @@ pub struct QueueCounters {
 }
 
 /// One latency distribution, in nanoseconds, with the exact sum of what it recorded.
+///
+/// Its histogram (3968 counters, 31 KiB, all written when made) is made when the first value
+/// lands, or up front with [`Latency::allocated`]: a queue's shared histograms are made at
+/// the first merge that brings them a value, so a started queue that stays idle pays for
+/// none of them; the I/O thread's own, recorded into per request, are made when the queue
+/// starts, so the data path never allocates.
+#[derive(Default)]
 pub struct Latency {
-    histogram: Histogram<u64>,
+    histogram: Option<Histogram<u64>>,
     sum_ns: u64,
 }
 
-impl Default for Latency {
-    fn default() -> Self {
-        // 1 ns to 100 s, 2 significant digits: bounds that cannot fail.
-        let histogram =
-            Histogram::new_with_bounds(1, 100_000_000_000, 2).expect("histogram bounds");
-        Latency { histogram, sum_ns: 0 }
-    }
+fn new_histogram() -> Histogram<u64> {
+    // 1 ns to 100 s, 2 significant digits: bounds that cannot fail.
+    Histogram::new_with_bounds(1, 100_000_000_000, 2).expect("histogram bounds")
 }
 
 impl Latency {
+    /// With its histogram made now (see the type).
+    pub fn allocated() -> Latency {
+        Latency { histogram: Some(new_histogram()), sum_ns: 0 }
+    }
+
     pub fn record(&mut self, ns: u64) {
-        self.histogram.saturating_record(ns.max(1));
+        self.histogram.get_or_insert_with(new_histogram).saturating_record(ns.max(1));
         self.sum_ns = self.sum_ns.wrapping_add(ns);
     }
 
-    /// Adds `self` to `other` and starts again from nothing.
+    /// Adds `self` to `other` and starts again from nothing. An empty one is left as it is:
+    /// resetting writes all its counters (making an idle queue's pages resident for nothing).
     fn merge_into(&mut self, other: &mut Latency) {
-        other.add(self);
-        self.histogram.reset();
+        let Some(mine) = self.histogram.as_mut().filter(|h| !h.is_empty()) else {
+            return;
+        };
+        // Same bounds on both sides: adding cannot fail.
+        let _ = other.histogram.get_or_insert_with(new_histogram).add(&*mine);
+        other.sum_ns = other.sum_ns.wrapping_add(self.sum_ns);
+        mine.reset();
         self.sum_ns = 0;
     }
 
     /// Adds what `other` recorded to `self`.
     fn add(&mut self, other: &Latency) {
-        // Same bounds on both sides: adding cannot fail.
-        let _ = self.histogram.add(&other.histogram);
+        if let Some(theirs) = other.histogram.as_ref().filter(|h| !h.is_empty()) {
+            let _ = self.histogram.get_or_insert_with(new_histogram).add(theirs);
+        }
         self.sum_ns = self.sum_ns.wrapping_add(other.sum_ns);
     }
 
     pub fn count(&self) -> u64 {
-        self.histogram.len()
+        self.histogram.as_ref().map_or(0, Histogram::len)
     }
 
     pub fn mean_ns(&self) -> f64 {
-        self.histogram.mean()
+        self.histogram.as_ref().map_or(0.0, Histogram::mean)
     }
 
     /// Values recorded at or below each of [`BUCKET_BOUNDS_NS`] (cumulative, as Prometheus
@@ -270,8 +285,9 @@ impl Latency {
     /// either side of it.
     pub fn buckets(&self) -> Vec<u64> {
         let mut counts = vec![0u64; BUCKET_BOUNDS_NS.len()];
-        for v in self.histogram.iter_recorded() {
-            let value = self.histogram.median_equivalent(v.value_iterated_to());
+        let Some(h) = &self.histogram else { return counts };
+        for v in h.iter_recorded() {
+            let value = h.median_equivalent(v.value_iterated_to());
             if let Some(i) = BUCKET_BOUNDS_NS.iter().position(|&b| value <= b) {
                 counts[i] += v.count_at_value();
             }
@@ -285,13 +301,14 @@ impl Latency {
     }
 
     pub fn report(&self) -> LatencyReport {
-        let h = &self.histogram;
+        let quantile_us =
+            |q: f64| self.histogram.as_ref().map_or(0, |h| h.value_at_quantile(q)) as f64 / 1000.0;
         LatencyReport {
-            count: h.len(),
+            count: self.count(),
             sum_ns: self.sum_ns,
-            mean_us: h.mean() / 1000.0,
-            p50_us: h.value_at_quantile(0.5) as f64 / 1000.0,
-            p99_us: h.value_at_quantile(0.99) as f64 / 1000.0,
+            mean_us: self.mean_ns() / 1000.0,
+            p50_us: quantile_us(0.5),
+            p99_us: quantile_us(0.99),
             buckets: self.buckets(),
         }
     }
@@ -307,6 +324,14 @@ pub struct LatencyHistograms {
 }
 
 impl LatencyHistograms {
+    /// Every histogram made now: an I/O thread's own, recorded into per request.
+    pub fn allocated() -> LatencyHistograms {
+        LatencyHistograms {
+            stages: std::array::from_fn(|_| Latency::allocated()),
+            requests: std::array::from_fn(|_| Latency::allocated()),
+        }
+    }
+
     pub fn record(&mut self, stage: Stage, ns: u64) {
         self.stages[stage as usize].record(ns);
     }

@@ -64,7 +64,7 @@ impl Sampler {
             answered: Vec::with_capacity(slots),
             submitting: Vec::with_capacity(slots),
             done: Vec::with_capacity(slots),
-            histograms: LatencyHistograms::default(),
+            histograms: LatencyHistograms::allocated(),
             unmerged: false,
             last_merge: now,
         }

@@ -57,6 +57,9 @@ pub struct BlkDevice {
     acked_features: u64,
     acked_protocol_features: u64,
     memory: Arc<GuestMemory>,
+    /// The rings the frontend has named so far (up to the highest index it used, at most
+    /// the export's `num_queues`): an export offering 1024 queues to a VM that uses 2 keeps
+    /// 2 here.
     vrings: Vec<Vring>,
     /// The frontend's connection (a duplicate): shut down if its guest RAM shrinks under us.
     hangup: Arc<OwnedFd>,
@@ -81,7 +84,6 @@ impl BlkDevice {
         hangup: Arc<OwnedFd>,
         log: Arc<Mutex<RateLimiter>>,
     ) -> BlkDevice {
-        let vrings = (0..disk.num_queues).map(|_| Vring::default()).collect();
         disk.reset_writeback();
         BlkDevice {
             disk,
@@ -89,7 +91,7 @@ impl BlkDevice {
             acked_features: 0,
             acked_protocol_features: 0,
             memory: Arc::new(GuestMemory::default()),
-            vrings,
+            vrings: Vec::new(),
             hangup,
             log,
             inflight: None,
@@ -167,8 +169,19 @@ impl BlkDevice {
         self.memory.faulted()
     }
 
+    /// Ring `index`, made when the frontend first names it; an index past the queues the
+    /// export offers is refused.
     fn vring(&mut self, index: u32) -> Result<&mut Vring> {
-        self.vrings.get_mut(index as usize).ok_or(Error::InvalidParam)
+        let i = index as usize;
+        if i >= usize::from(self.disk.num_queues) {
+            let offered = self.disk.num_queues;
+            warn_limited!(self.log(), parent: &self.disk.span, "ring {index} refused: the export offers {offered} queues (0 to {})", offered - 1);
+            return Err(Error::InvalidParam);
+        }
+        if i >= self.vrings.len() {
+            self.vrings.resize_with(i + 1, Vring::default);
+        }
+        Ok(&mut self.vrings[i])
     }
 
     /// A ring runs once it has a size, addresses, a kick (or "poll"), memory, and is enabled
@@ -312,6 +325,7 @@ impl BlkDevice {
     fn set_memory(&mut self, memory: GuestMemory) -> Result<()> {
         // A running thread keeps the table it started with (its pointers came from it), so
         // swapping first is safe; apply() then restarts each ring on the new table.
+        self.disk.note_guest_memory(memory.regions().len(), memory.total_bytes());
         self.memory = Arc::new(memory);
         let mut result = Ok(());
         for i in 0..self.vrings.len() {
@@ -346,11 +360,10 @@ impl BlkDevice {
 
     fn reset(&mut self) {
         self.stop_all();
-        for v in &mut self.vrings {
-            *v = Vring::default();
-        }
+        self.vrings = Vec::new();
         self.acked_features = 0;
         self.memory = Arc::new(GuestMemory::default());
+        self.disk.note_guest_memory(0, 0);
         // A reset device starts its rings afresh; the frontend asks for a new region, and
         // gives a new log if it migrates.
         self.inflight = None;
@@ -362,6 +375,7 @@ impl BlkDevice {
 impl Drop for BlkDevice {
     fn drop(&mut self) {
         self.stop_all();
+        self.disk.note_guest_memory(0, 0);
     }
 }
 
@@ -660,16 +674,26 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         )
         .map_err(|e| self.memory_error(e))?;
         let memory = self.memory.with_region(mapped).map_err(|e| self.memory_error(e))?;
+        let regions = memory.regions().len();
         self.set_memory(memory)?;
+        let (gpa, size) = (region.guest_phys_addr, region.memory_size);
+        debug!(parent: &self.disk.span, regions, "memory region {gpa:#x}+{size:#x} added");
         Ok(None)
     }
 
+    /// Takes a region out of the table. The queues restart on the table without it, each
+    /// after its in-flight requests are answered (`set_memory`); the mapping goes when the
+    /// last table holding it does, so nothing touches it once it is unmapped.
     fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> Result<()> {
-        let memory = self
-            .memory
-            .without_region(region.guest_phys_addr, region.memory_size)
-            .map_err(|e| self.memory_error(e))?;
-        self.set_memory(memory)
+        let (gpa, size) = (region.guest_phys_addr, region.memory_size);
+        let memory = self.memory.without_region(gpa, size).map_err(|e| self.memory_error(e))?;
+        let used = self.memory.regions().iter().any(|r| r.guest_phys_addr() == gpa && r.used());
+        let regions = memory.regions().len();
+        self.set_memory(memory)?;
+        info_limited!(self.log(), parent: &self.disk.span, regions,
+            "memory region {gpa:#x}+{size:#x} removed (guest requests used it: {})",
+            if used { "yes" } else { "no" });
+        Ok(())
     }
 
     fn set_device_state_fd(

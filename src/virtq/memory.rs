@@ -10,7 +10,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::ptr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::fault;
@@ -32,6 +32,10 @@ pub struct MappedRegion {
     registration: fault::Registration,
     /// The connection hung up on if the region's file shrinks; kept open while registered.
     _hangup: Option<Arc<OwnedFd>>,
+    /// Whether a request's buffer (or header) was translated into it: told when the region
+    /// is removed, so an operator (and a hot-plug test) sees the guest used it. Set with a
+    /// plain load and store, never a read-modify-write, so I/O threads do not contend on it.
+    used: AtomicBool,
 }
 
 /// Guest memory mapped by the whole daemon, every connection's regions together (bytes).
@@ -266,6 +270,7 @@ impl MappedRegion {
             mmap_len,
             registration,
             _hangup: hangup,
+            used: AtomicBool::new(false),
         })
     }
 
@@ -282,6 +287,25 @@ impl MappedRegion {
     fn contains_gpa(&self, gpa: u64) -> bool {
         gpa >= self.guest_phys_addr && gpa - self.guest_phys_addr < self.size
     }
+
+    fn end_gpa(&self) -> u64 {
+        self.guest_phys_addr + self.size
+    }
+
+    pub fn guest_phys_addr(&self) -> u64 {
+        self.guest_phys_addr
+    }
+
+    /// Whether a request's buffer was ever translated into this region.
+    pub fn used(&self) -> bool {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn note_use(&self) {
+        if !self.used.load(Ordering::Relaxed) {
+            self.used.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Drop for MappedRegion {
@@ -297,15 +321,17 @@ impl Drop for MappedRegion {
     }
 }
 
-/// Most regions a frontend may register (GET_MAX_MEM_SLOTS). Translation searches them
-/// linearly, which is the fastest choice for the handful a VM really has.
-pub const MAX_MEM_REGIONS: usize = 64;
+/// Most regions a frontend may register (GET_MAX_MEM_SLOTS): KVM's slot limit, as rust-vmm
+/// and QEMU use it, which memory hot-plug (DIMMs, virtio-mem) needs. Translation finds a
+/// region by binary search over the table kept sorted by guest address: 9 steps at 509.
+pub const MAX_MEM_REGIONS: usize = 509;
 
 /// An immutable snapshot of the guest's memory table. The control thread builds a new one for
 /// every change and hands it to I/O threads; an I/O thread keeps the one it started with for
 /// its whole life, so every pointer it translated stays mapped while it may use it.
 #[derive(Clone, Default)]
 pub struct GuestMemory {
+    /// Sorted by guest-physical address; no two overlap.
     regions: Vec<Arc<MappedRegion>>,
 }
 
@@ -343,15 +369,20 @@ impl GuestMemory {
             return Err(MemoryError::TooManyRegions { max: MAX_MEM_REGIONS });
         }
         let start = region.guest_phys_addr;
-        let end = start + region.size;
-        for r in &self.regions {
-            let r_end = r.guest_phys_addr + r.size;
-            if start < r_end && r.guest_phys_addr < end {
-                return Err(MemoryError::Overlap { guest_phys_addr: start });
-            }
+        let end = region.end_gpa();
+        // The table is sorted and without overlaps: only the neighbours can overlap.
+        let pos = self.regions.partition_point(|r| r.guest_phys_addr < start);
+        let before = pos.checked_sub(1).map(|i| &self.regions[i]);
+        let after = self.regions.get(pos);
+        if before.is_some_and(|r| r.end_gpa() > start)
+            || after.is_some_and(|r| r.guest_phys_addr < end)
+        {
+            return Err(MemoryError::Overlap { guest_phys_addr: start });
         }
-        let mut regions = self.regions.clone();
+        let mut regions = Vec::with_capacity(self.regions.len() + 1);
+        regions.extend_from_slice(&self.regions[..pos]);
         regions.push(Arc::new(region));
+        regions.extend_from_slice(&self.regions[pos..]);
         Ok(GuestMemory { regions })
     }
 
@@ -363,12 +394,20 @@ impl GuestMemory {
     ) -> Result<GuestMemory, MemoryError> {
         let pos = self
             .regions
-            .iter()
-            .position(|r| r.guest_phys_addr == guest_phys_addr && r.size == size)
+            .binary_search_by_key(&guest_phys_addr, |r| r.guest_phys_addr)
+            .ok()
+            .filter(|&i| self.regions[i].size == size)
             .ok_or(MemoryError::NotFound { guest_phys_addr, size })?;
         let mut regions = self.regions.clone();
         regions.remove(pos);
         Ok(GuestMemory { regions })
+    }
+
+    /// The region holding guest-physical address `gpa`: a binary search.
+    fn region_of(&self, gpa: u64) -> Option<&MappedRegion> {
+        let pos = self.regions.partition_point(|r| r.guest_phys_addr <= gpa);
+        let r = &self.regions[pos.checked_sub(1)?];
+        r.contains_gpa(gpa).then_some(&**r)
     }
 
     /// The guest-physical address of host address `addr`, if it lies in one of the regions
@@ -382,7 +421,7 @@ impl GuestMemory {
 
     /// The end of the highest region (guest-physical): what a dirty log must cover.
     pub fn gpa_end(&self) -> u64 {
-        self.regions.iter().map(|r| r.guest_phys_addr + r.size).max().unwrap_or(0)
+        self.regions.last().map_or(0, |r| r.end_gpa())
     }
 
     /// Host pointer to `len` bytes at frontend virtual address `uva` (how vring addresses are
@@ -403,8 +442,8 @@ impl GuestMemory {
     /// region.
     pub fn translate_contiguous(&self, gpa: u64, len: u64) -> Option<*mut u8> {
         let end = gpa.checked_add(len)?;
-        let r = self.regions.iter().find(|r| r.contains_gpa(gpa))?;
-        if end > r.guest_phys_addr + r.size {
+        let r = self.region_of(gpa)?;
+        if end > r.end_gpa() {
             return None;
         }
         // SAFETY: gpa - guest_phys_addr + len <= size, inside the mapping.
@@ -424,9 +463,10 @@ impl GuestMemory {
             if left == 0 {
                 return true;
             }
-            let Some(r) = self.regions.iter().find(|r| r.contains_gpa(addr)) else {
+            let Some(r) = self.region_of(addr) else {
                 return false;
             };
+            r.note_use();
             let offset = addr - r.guest_phys_addr;
             let chunk = left.min(r.size - offset);
             // SAFETY: offset < size and offset + chunk <= size: inside the mapping.
@@ -505,6 +545,102 @@ impl GuestIov {
     /// The bytes a list of ranges covers.
     pub fn total_len(iovs: &[GuestIov]) -> u64 {
         iovs.iter().map(|i| i.len() as u64).sum()
+    }
+}
+
+/// The iovec tables of a queue's slots, `count` of `each` entries, in one allocation that
+/// costs resident memory only where a request has used it: an anonymous mapping, whose
+/// pages the kernel fills with zeroes on first touch (and all-zero bytes are
+/// [`GuestIov::EMPTY`]). A slot table of 256 slots holds 1 MiB of iovecs; a started queue
+/// that stays idle, or serves one request at a time (free slots are reused last in, first
+/// out), touches a page or two of it. Falls back to the heap if the mapping fails.
+pub fn iov_tables(count: usize, each: usize) -> Vec<IovTable> {
+    let arena = Arc::new(IovArena::new(count.saturating_mul(each)));
+    (0..count)
+        .map(|i| IovTable {
+            // SAFETY: i * each + each <= count * each, the arena's length: inside it.
+            start: unsafe { arena.base.add(i * each) },
+            len: each,
+            _arena: Arc::clone(&arena),
+        })
+        .collect()
+}
+
+/// The memory behind [`iov_tables`]: an anonymous mapping, or a leaked box if mapping failed.
+struct IovArena {
+    base: *mut GuestIov,
+    len: usize,
+    mapped: bool,
+}
+
+// SAFETY: plain memory; every access goes through an `IovTable`, each of which covers a range
+// no other covers, and which is `Send` but not `Sync`-shared mutably.
+unsafe impl Send for IovArena {}
+// SAFETY: as above: the arena itself is never read or written through `&IovArena`.
+unsafe impl Sync for IovArena {}
+
+impl IovArena {
+    fn new(len: usize) -> IovArena {
+        let bytes = len.saturating_mul(std::mem::size_of::<GuestIov>());
+        if bytes > 0 {
+            // SAFETY: a fresh private anonymous mapping; the kernel picks the address.
+            let base = unsafe {
+                libc::mmap(
+                    ptr::null_mut(),
+                    bytes,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                )
+            };
+            if base != libc::MAP_FAILED {
+                return IovArena { base: base.cast(), len, mapped: true };
+            }
+        }
+        let heap = vec![GuestIov::EMPTY; len].into_boxed_slice();
+        IovArena { base: Box::into_raw(heap).cast(), len, mapped: false }
+    }
+}
+
+impl Drop for IovArena {
+    fn drop(&mut self) {
+        if self.mapped {
+            // SAFETY: the mapping made in new(), of this length; every IovTable that pointed
+            // into it held the Arc being dropped now.
+            unsafe { libc::munmap(self.base.cast(), self.len * std::mem::size_of::<GuestIov>()) };
+        } else {
+            // SAFETY: the box leaked in new(), of this length, rebuilt once.
+            drop(unsafe { Box::from_raw(ptr::slice_from_raw_parts_mut(self.base, self.len)) });
+        }
+    }
+}
+
+/// One slot's iovec table, a range of an arena made by [`iov_tables`] that no other table
+/// covers.
+pub struct IovTable {
+    start: *mut GuestIov,
+    len: usize,
+    _arena: Arc<IovArena>,
+}
+
+// SAFETY: the table's range belongs to it alone and the arena lives as long as it does.
+unsafe impl Send for IovTable {}
+
+impl std::ops::Deref for IovTable {
+    type Target = [GuestIov];
+    fn deref(&self) -> &[GuestIov] {
+        // SAFETY: start..start + len lies inside the arena this table keeps alive; its bytes
+        // are valid GuestIovs (zero, or written through this table); no other table covers
+        // them, and `&self` excludes this table's own mutable borrows.
+        unsafe { std::slice::from_raw_parts(self.start, self.len) }
+    }
+}
+
+impl std::ops::DerefMut for IovTable {
+    fn deref_mut(&mut self) -> &mut [GuestIov] {
+        // SAFETY: as for deref; `&mut self` makes this the only borrow of the range.
+        unsafe { std::slice::from_raw_parts_mut(self.start, self.len) }
     }
 }
 

@@ -11,7 +11,7 @@ pub(crate) mod testing;
 
 pub use inflight::{InflightError, InflightQueue, InflightRegion};
 pub use memory::{
-    copy_from_guest, copy_to_guest, iovs_aligned, zero_guest, zero_guest_range, BounceBuffer,
-    GuestIov, GuestMemory, MappedRegion, MemoryError,
+    copy_from_guest, copy_to_guest, iov_tables, iovs_aligned, zero_guest, zero_guest_range,
+    BounceBuffer, GuestIov, GuestMemory, IovTable, MappedRegion, MemoryError,
 };
 pub use split::{ChainOutcome, ChainSink, QueueError, RingAddrs, SplitQueue};

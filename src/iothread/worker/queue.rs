@@ -281,7 +281,7 @@ pub(super) struct Core {
 impl<E: Engine> QueueWorker<E> {
     fn new(disk: Arc<Disk>, setup: QueueSetup, queue: SplitQueue, engine: E) -> Self {
         let size = usize::from(setup.size);
-        let stats = disk.stats.get(usize::from(setup.index)).cloned().unwrap_or_default();
+        let stats = disk.queue_stats(setup.index);
         let disk_stats_on = disk.stats_on;
         // A queue restarted (new memory table, reconnect) goes on counting where it was.
         let admitted = stats.admitted.load(Ordering::SeqCst);

@@ -7,7 +7,7 @@ use std::ops::{Index, IndexMut};
 use crate::blk::request::{ChainBuf, Request};
 use crate::blk::SEG_MAX;
 use crate::trace::Kind;
-use crate::virtq::{BounceBuffer, GuestIov};
+use crate::virtq::{iov_tables, BounceBuffer, GuestIov};
 
 /// Buffers one slot can hold: header + seg_max data segments + status, plus slack for
 /// segments that cross a memory-region boundary and so become two host ranges.
@@ -44,10 +44,12 @@ pub(super) struct Slots {
 impl Slots {
     /// A slot for each of `size` ring entries, all free.
     pub(super) fn new(size: u16) -> Slots {
-        let table = (0..size)
-            .map(|_| Slot {
+        // One arena for every slot's iovecs: an idle queue's slots cost no resident memory.
+        let table = iov_tables(usize::from(size), SLOT_IOVS)
+            .into_iter()
+            .map(|iovs| Slot {
                 head: 0,
-                chain: ChainBuf::with_capacity(SLOT_IOVS),
+                chain: ChainBuf::on(iovs),
                 status: None,
                 request: None,
                 kind: Kind::Other,
