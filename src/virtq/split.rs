@@ -47,6 +47,12 @@ pub enum QueueError {
     HeadOutOfRange { head: u16, size: u16 },
     /// A descriptor chain broke the rules (see the variant).
     Chain(ChainError),
+    /// A packed ring's size is 0 or above 2^15.
+    PackedSize { size: u16 },
+    /// A packed ring's VRING_BASE names a position beyond the ring.
+    PackedBase { base: u32, size: u16 },
+    /// A packed ring's chain carries a buffer ID that is not below the queue size.
+    BufferIdOutOfRange { id: u16, size: u16 },
 }
 
 /// Structural faults in one descriptor chain.
@@ -68,6 +74,8 @@ pub enum ChainError {
     IndirectOutsideMemory,
     /// A device-readable descriptor after a device-writable one.
     ReadableAfterWritable,
+    /// A packed ring's indirect descriptor after direct ones in the same chain.
+    IndirectAfterDirect,
 }
 
 impl fmt::Display for QueueError {
@@ -82,6 +90,15 @@ impl fmt::Display for QueueError {
                 write!(f, "avail head {head} out of range for queue size {size}")
             }
             QueueError::Chain(e) => write!(f, "bad descriptor chain: {e:?}"),
+            QueueError::PackedSize { size } => {
+                write!(f, "packed ring size {size} is not between 1 and 32768")
+            }
+            QueueError::PackedBase { base, size } => {
+                write!(f, "packed ring base {base:#x} names a position beyond queue size {size}")
+            }
+            QueueError::BufferIdOutOfRange { id, size } => {
+                write!(f, "buffer ID {id} out of range for queue size {size}")
+            }
         }
     }
 }
