@@ -148,6 +148,7 @@ pub(crate) fn start<E: Engine + 'static>(
     let mut resubmit = Vec::new();
     // (batch_fixed, next_avail, frontend_base), logged once the queue has its log budget.
     let mut recovered = None;
+    let had_inflight = setup.inflight.is_some();
     let inflight = match (setup.inflight.take(), &mut queue) {
         (Some(region), Ring::Split(split)) => {
             let mut tracked = region.queue(setup.index, setup.size).map_err(|e| invalid(&e))?;
@@ -164,11 +165,18 @@ pub(crate) fn start<E: Engine + 'static>(
             }
             Some(tracked)
         }
-        (Some(_), Ring::Packed(_)) => None,
         (None, _) => None,
+        // Not tracked yet on a packed ring (its layout of the region is not written): said
+        // once the queue has its log budget, below.
+        (Some(_), Ring::Packed(_)) => None,
     };
     let dirty = setup.log.take();
+    let untracked = had_inflight && queue.format() == RingFormat::Packed;
     let mut worker = QueueWorker::new(disk, setup, queue, engine);
+    if untracked {
+        let core = &mut worker.core;
+        warn_limited!(core.log, parent: &core.disk.span, queue = core.index, "the frontend gave an inflight region, but requests on a packed ring are not tracked in it: those in flight when the daemon dies are not resubmitted");
+    }
     worker.core.inflight = inflight;
     worker.core.dirty = dirty;
     worker.core.resubmit = Resubmission { heads: resubmit, ..Resubmission::default() };
