@@ -13,7 +13,7 @@ use std::ptr;
 use std::sync::atomic::{fence, AtomicU16, AtomicU32, Ordering};
 
 use super::memory::GuestMemory;
-use super::split::{ChainError, ChainOutcome, ChainSink, QueueError, RingAddrs};
+use super::split::{read_raw_desc, ChainError, ChainOutcome, ChainSink, QueueError, RingAddrs};
 
 const DESC_F_NEXT: u16 = 1;
 const DESC_F_WRITE: u16 = 2;
@@ -99,10 +99,8 @@ struct Desc {
 /// # Safety
 /// `table` must point to at least `index + 1` descriptors inside a live guest mapping.
 unsafe fn read_desc(table: *const u8, index: u16) -> Desc {
-    // SAFETY: the caller guarantees the 16 bytes at this offset are mapped. The guest may
-    // change them concurrently; one volatile read takes one snapshot that we then validate.
-    let raw: [u8; 16] =
-        unsafe { ptr::read_volatile(table.add(usize::from(index) * 16).cast::<[u8; 16]>()) };
+    // SAFETY: the caller's guarantee, passed on.
+    let raw = unsafe { read_raw_desc(table, index) };
     Desc {
         addr: u64::from_le_bytes(raw[0..8].try_into().unwrap_or_default()),
         len: u32::from_le_bytes(raw[8..12].try_into().unwrap_or_default()),

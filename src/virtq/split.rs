@@ -130,15 +130,23 @@ struct Desc {
     next: u16,
 }
 
-/// Reads descriptor `index` of a table at `table`.
+/// Reads the 16 bytes of descriptor `index` of a table at `table` (either ring layout).
 ///
 /// # Safety
 /// `table` must point to at least `index + 1` descriptors inside a live guest mapping.
-unsafe fn read_desc(table: *const u8, index: u16) -> Desc {
+pub(super) unsafe fn read_raw_desc(table: *const u8, index: u16) -> [u8; 16] {
     // SAFETY: the caller guarantees the 16 bytes at this offset are mapped. The guest may
     // change them concurrently; one volatile read takes one snapshot that we then validate.
-    let raw: [u8; 16] =
-        unsafe { ptr::read_volatile(table.add(usize::from(index) * 16).cast::<[u8; 16]>()) };
+    unsafe { ptr::read_volatile(table.add(usize::from(index) * 16).cast::<[u8; 16]>()) }
+}
+
+/// Reads descriptor `index` of a table at `table`.
+///
+/// # Safety
+/// As [`read_raw_desc`].
+unsafe fn read_desc(table: *const u8, index: u16) -> Desc {
+    // SAFETY: the caller's guarantee, passed on.
+    let raw = unsafe { read_raw_desc(table, index) };
     Desc {
         addr: u64::from_le_bytes(raw[0..8].try_into().unwrap_or_default()),
         len: u32::from_le_bytes(raw[8..12].try_into().unwrap_or_default()),

@@ -162,23 +162,20 @@ impl PackedDriver {
 
     /// Moves the avail position `n` on, flipping its wrap counter past the end.
     pub fn advance_avail(&mut self, n: u16, size: u16) {
-        let next = self.avail + n;
-        if next >= size {
-            self.avail = next - size;
-            self.avail_wrap = !self.avail_wrap;
-        } else {
-            self.avail = next;
-        }
+        advance(&mut self.avail, &mut self.avail_wrap, n, size);
     }
 
     fn advance_used(&mut self, n: u16, size: u16) {
-        let next = self.used + n;
-        if next >= size {
-            self.used = next - size;
-            self.used_wrap = !self.used_wrap;
-        } else {
-            self.used = next;
-        }
+        advance(&mut self.used, &mut self.used_wrap, n, size);
+    }
+}
+
+/// Moves a packed ring position `n` on, flipping its wrap counter past the end.
+fn advance(pos: &mut u16, wrap: &mut bool, n: u16, size: u16) {
+    *pos += n;
+    if *pos >= size {
+        *pos -= size;
+        *wrap = !*wrap;
     }
 }
 

@@ -5,7 +5,7 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::blk::request::ChainBuf;
-use crate::virtq::testing::{read, write, USER_BASE};
+use crate::virtq::testing::{packed_descriptor as packed_desc, read, write, USER_BASE};
 use crate::virtq::GuestIov;
 
 const RAM: u64 = 1 << 20;
@@ -33,16 +33,6 @@ fn fresh_base() -> u32 {
 
 fn queue(mem: &GuestMemory, size: u16, event_idx: bool, indirect: bool) -> PackedQueue {
     PackedQueue::new(mem, addrs(), size, fresh_base(), event_idx, indirect, 8).unwrap()
-}
-
-/// One packed descriptor as the guest lays it out.
-fn packed_desc(addr: u64, len: u32, id: u16, flags: u16) -> [u8; 16] {
-    let mut raw = [0u8; 16];
-    raw[0..8].copy_from_slice(&addr.to_le_bytes());
-    raw[8..12].copy_from_slice(&len.to_le_bytes());
-    raw[12..14].copy_from_slice(&id.to_le_bytes());
-    raw[14..16].copy_from_slice(&flags.to_le_bytes());
-    raw
 }
 
 fn avail_flags(wrap: bool) -> u16 {
