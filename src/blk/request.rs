@@ -40,12 +40,6 @@ impl ChainBuf {
         &self.iov[range]
     }
 
-    /// Every buffer pushed, in chain order (for tests).
-    #[cfg(test)]
-    pub fn pushed(&self) -> &[GuestIov] {
-        &self.iov[..self.len]
-    }
-
     /// The device-writable buffers (data in, status): what a request may write into.
     pub fn writable(&self) -> &[GuestIov] {
         &self.iov[self.writable_from.min(self.len)..self.len]
