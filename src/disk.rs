@@ -1123,6 +1123,7 @@ impl Disk {
         let mut f = feature::VERSION_1
             | feature::RING_INDIRECT_DESC
             | feature::RING_EVENT_IDX
+            | feature::RING_PACKED
             | feature::VHOST_USER_PROTOCOL_FEATURES
             | feature::VHOST_LOG_ALL
             | feature::SEG_MAX

@@ -21,7 +21,10 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::frontend::{descriptor, header, GuestRam, DESC_F_INDIRECT, RAM_BYTES};
+use common::frontend::{
+    descriptor, header, packed_descriptor, GuestRam, DESC_F_INDIRECT, PACKED_F_AVAIL,
+    PACKED_F_USED, RAM_BYTES,
+};
 use common::raw::*;
 use common::{make_image, pattern, pipe, proc_status_bytes, Client, Daemon};
 use vmm_sys_util::eventfd::EventFd;
@@ -157,14 +160,16 @@ fn message(
     ram: &GuestRam,
     fds: &Fds,
     qsize: u32,
+    packed: bool,
 ) -> (u32, Vec<u8>, Vec<RawFd>) {
+    let ring_packed = if packed { F_RING_PACKED } else { 0 };
     let q = if !rng.1 || rng.chance(90) { 0 } else { rng.below(4) as u32 };
     match step {
         0 => (SET_OWNER, vec![], vec![]),
         1 => (GET_FEATURES, vec![], vec![]),
         2 => (
             SET_FEATURES,
-            rng.fuzzed(FEATURES | (1 << 28) | (1 << 29)).to_le_bytes().to_vec(),
+            rng.fuzzed(FEATURES | (1 << 28) | (1 << 29) | ring_packed).to_le_bytes().to_vec(),
             vec![],
         ),
         3 => (GET_PROTOCOL_FEATURES, vec![], vec![]),
@@ -198,7 +203,11 @@ fn message(
             }
             (SET_VRING_ADDR, p, vec![])
         }
-        8 => (SET_VRING_BASE, u32s(q, rng.fuzzed(0) as u32), vec![]),
+        // A packed ring starts at position 0 with wrap counter 1 (bit 15) on both sides.
+        8 => {
+            let base = if packed { 0x8000_8000 } else { 0 };
+            (SET_VRING_BASE, u32s(q, rng.fuzzed(base) as u32), vec![])
+        }
         9 => {
             (SET_VRING_CALL, u64::from(q).to_le_bytes().to_vec(), fds.vring_fd(rng, ram, &fds.call))
         }
@@ -340,6 +349,89 @@ fn ring_round(rng: &mut Rng, ram: &GuestRam, fds: &Fds, qsize: u32, avail_idx: &
     let _ = fds.kick.write(1);
 }
 
+/// VIRTIO_F_RING_PACKED.
+const F_RING_PACKED: u64 = 1 << 34;
+
+/// A packed ring's driver position: where the next chain goes, and the lap's wrap counter.
+struct PackedPos {
+    index: u16,
+    wrap: bool,
+}
+
+/// The packed ring's round: random chains (mostly requests) made available from the
+/// driver's position on, head last, with flags and wrap bits that sometimes lie, indirect
+/// tables, wild IDs; then a kick.
+fn packed_round(rng: &mut Rng, ram: &GuestRam, fds: &Fds, qsize: u32, pos: &mut PackedPos) {
+    let qsize = qsize.clamp(1, 256) as u16;
+    let n = rng.below(u64::from(qsize)) as u16 + 1;
+    for i in 0..n {
+        let slot = HEADERS + u64::from(i) * 64;
+        let kind = rng.pick(&[0u32, 0, 1, 1, 4, 8, 13, 99]);
+        let any = rng.next();
+        let sector = rng.pick(&[0u64, 8, IMAGE_BYTES / 512 - 8, IMAGE_BYTES / 512, any]);
+        write_ram(ram, slot, &header(kind, sector));
+        let data_len = rng.pick(&[512u32, 4096, 65536, 1 << 20, 1000, 0]);
+        let near = DATA + rng.below(8) * 4096;
+        let data_gpa = rng.fuzzed(near);
+        let mut chain = vec![(slot, 16u32, 0u16)];
+        if kind != 4 {
+            chain.push((data_gpa, data_len, if kind == 1 { 0 } else { 2 }));
+        }
+        chain.push((slot + 40, 1, 2));
+        let id = if rng.chance(95) { pos.index } else { rng.next() as u16 };
+        let avail = |wrap: bool| if wrap { PACKED_F_AVAIL } else { PACKED_F_USED };
+        if rng.chance(15) {
+            for (k, &(addr, len, write)) in chain.iter().enumerate() {
+                let d = packed_descriptor(rng.fuzzed(addr), len, 0, write);
+                write_ram(ram, INDIRECT + u64::from(i) * 0x400 + 16 * k as u64, &d);
+            }
+            let table = rng.fuzzed(INDIRECT + u64::from(i) * 0x400);
+            let mut flags = DESC_F_INDIRECT | avail(pos.wrap);
+            if rng.chance(5) {
+                flags = rng.next() as u16;
+            }
+            let d = packed_descriptor(table, 16 * chain.len() as u32, id, flags);
+            write_ram(ram, DESC + 16 * u64::from(pos.index), &d);
+            advance(pos, 1, qsize);
+            continue;
+        }
+        let head = pos.index;
+        let mut head_desc = None;
+        for (k, &(addr, len, write)) in chain.iter().enumerate() {
+            let last = k + 1 == chain.len();
+            let mut flags = write | if last { 0 } else { 1 } | avail(pos.wrap);
+            if rng.chance(3) {
+                // Any flags: lying wrap bits, NEXT round the ring, INDIRECT mid-chain.
+                flags = rng.next() as u16;
+            }
+            let len = if rng.chance(97) { len } else { rng.next() as u32 };
+            let d = packed_descriptor(rng.fuzzed(addr), len, id, flags);
+            if k == 0 {
+                head_desc = Some(d);
+            } else {
+                write_ram(ram, DESC + 16 * u64::from(pos.index), &d);
+            }
+            advance(pos, 1, qsize);
+        }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        if let Some(d) = head_desc {
+            write_ram(ram, DESC + 16 * u64::from(head), &d);
+        }
+    }
+    if rng.chance(3) {
+        pos.wrap = !pos.wrap;
+    }
+    let _ = fds.kick.write(1);
+}
+
+fn advance(pos: &mut PackedPos, n: u16, qsize: u16) {
+    pos.index += n;
+    if pos.index >= qsize {
+        pos.index -= qsize;
+        pos.wrap = !pos.wrap;
+    }
+}
+
 /// The daemon's mappings of memory a page fault could stall on (the ext4 file, /dev/zero):
 /// there must be none, whatever a case sent.
 fn stallable_mappings(pid: i32, dir: &Path) -> Vec<String> {
@@ -360,6 +452,8 @@ fn case(rng: &mut Rng, sock: &Path, dir: &Path, pid: i32) -> Vec<String> {
     conn.set_nonblocking(true).unwrap();
     let raw = RawFrontend { sock: conn };
     let qsize = if rng.1 { rng.pick(&QSIZES) } else { rng.pick(&[16, 64, 256]) };
+    // Half the cases negotiate packed rings (unless the features are garbled).
+    let packed = rng.chance(50);
     let mut steps: Vec<u32> = (0..12).collect();
     if rng.1 {
         for _ in 0..rng.below(6) {
@@ -380,7 +474,7 @@ fn case(rng: &mut Rng, sock: &Path, dir: &Path, pid: i32) -> Vec<String> {
         while matches!((&raw.sock).read(&mut buf), Ok(n) if n > 0) {}
     };
     for step in steps {
-        let (request, payload, fd) = message(rng, step, &ram, &fds, qsize);
+        let (request, payload, fd) = message(rng, step, &ram, &fds, qsize, packed);
         let need_reply = rng.chance(50);
         if raw.send(request, need_reply, &payload, &fd).is_err() {
             return Vec::new();
@@ -396,8 +490,13 @@ fn case(rng: &mut Rng, sock: &Path, dir: &Path, pid: i32) -> Vec<String> {
     }
     let stallable = stallable_mappings(pid, dir);
     let mut avail_idx = 0u16;
+    let mut pos = PackedPos { index: 0, wrap: true };
     for _ in 0..rng.below(12) {
-        ring_round(rng, &ram, &fds, qsize, &mut avail_idx);
+        if packed {
+            packed_round(rng, &ram, &fds, qsize, &mut pos);
+        } else {
+            ring_round(rng, &ram, &fds, qsize, &mut avail_idx);
+        }
         if rng.chance(30) {
             std::thread::sleep(Duration::from_millis(rng.below(5)));
         }
@@ -480,11 +579,16 @@ fn fuzz_the_daemon_over_its_socket() {
     drop(c);
     drop(neighbour);
     let log = daemon.log();
+    let packed_started = log.matches("ring=\"packed\"").count();
+    // Half the cases ask for packed rings: after a few dozen, some must have started.
+    assert!(cases < 100 || packed_started > 0, "no queue started on a packed ring");
     eprintln!(
-        "fuzz: {cases} cases in {secs} s, peak RSS {} MiB; the daemon started {} queues, \
-         broke {}, failed {} requests, refused {} messages, dropped {} shrunk guest RAMs",
+        "fuzz: {cases} cases in {secs} s, peak RSS {} MiB; the daemon started {} queues ({} \
+         on packed rings), broke {}, failed {} requests, refused {} messages, dropped {} shrunk \
+         guest RAMs",
         peak_rss >> 20,
         log.matches("queue started").count(),
+        packed_started,
         log.matches("queue broken").count(),
         log.matches("request failed").count(),
         log.matches("refused").count(),

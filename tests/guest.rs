@@ -47,6 +47,8 @@ struct Scenario {
     /// The image behind a network backend instead of served from the file (it is written
     /// back to the file when the daemon stops, for the same checks).
     behind: Option<common::behind::Behind>,
+    /// The rings' layout QEMU asks for; the daemon's statistics must show it in use.
+    ring: Ring,
 }
 
 /// QEMU (TCG) booting the test's kernel and initramfs with `append`, under `timeout`, without
@@ -75,6 +77,35 @@ fn qemu(
     reconnect: bool,
     append: &str,
 ) -> Command {
+    qemu_on(cache, vcpus, disks, reconnect, append, Ring::Split)
+}
+
+/// The virtqueue layout QEMU's vhost-user-blk-pci device asks for (its `packed` property).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ring {
+    Split,
+    Packed,
+}
+
+impl Ring {
+    fn name(self) -> &'static str {
+        match self {
+            Ring::Split => "split",
+            Ring::Packed => "packed",
+        }
+    }
+}
+
+/// [`qemu`] with the disks' rings in layout `ring`.
+fn qemu_on(
+    cache: &Path,
+    vcpus: u16,
+    disks: &[(&Path, u16)],
+    reconnect: bool,
+    append: &str,
+    ring: Ring,
+) -> Command {
+    let packed = if ring == Ring::Packed { ",packed=on" } else { "" };
     let mut cmd = qemu_base(cache, append);
     cmd.args(["-m", "512M", "-smp", &vcpus.to_string()]).args([
         "-object",
@@ -85,7 +116,10 @@ fn qemu(
     for (i, (sock, queues)) in disks.iter().enumerate() {
         let reconnect = if reconnect { ",reconnect=1" } else { "" };
         cmd.args(["-chardev", &format!("socket,id=char{i},path={}{reconnect}", sock.display())])
-            .args(["-device", &format!("vhost-user-blk-pci,chardev=char{i},num-queues={queues}")]);
+            .args([
+                "-device",
+                &format!("vhost-user-blk-pci,chardev=char{i},num-queues={queues}{packed}"),
+            ]);
     }
     cmd
 }
@@ -182,7 +216,7 @@ fn run(s: &Scenario) {
         cmd.args(vm_config_args(&ctl, "disk", s.vcpus));
         cmd
     } else {
-        qemu(cache, s.vcpus, &[(&sock, s.queues)], false, &append)
+        qemu_on(cache, s.vcpus, &[(&sock, s.queues)], false, &append, s.ring)
     };
     let mut guest = guest
         .stdin(Stdio::null())
@@ -208,6 +242,7 @@ fn run(s: &Scenario) {
     }
     let status = guest.wait().expect("wait for QEMU");
     let console = fs::read_to_string(&console_path).unwrap_or_default();
+    let rings = rings_used(&ctl);
     let daemon_alive = daemon.alive();
     let stopped = daemon.stop();
     if let Some((_, Some(b))) = &backend {
@@ -235,6 +270,13 @@ fn run(s: &Scenario) {
         report()
     );
 
+    // Every queue the guest used ran on the ring layout QEMU was told to ask for.
+    assert_eq!(
+        rings,
+        vec![s.ring.name(); usize::from(s.queues)],
+        "{}: the queues' rings (query-stats)",
+        s.name
+    );
     // The guest's bytes are in the image file.
     let img = fs::read(&image).unwrap();
     let checked = check_md5s(&console, "BLKPLANE-MD5 ", &img, dir.path());
@@ -266,6 +308,7 @@ fn linux_guest_one_vcpu_one_queue() {
         serial: "guest-disk-1",
         vm_config: false,
         behind: None,
+        ring: Ring::Split,
     });
 }
 
@@ -283,6 +326,24 @@ fn linux_guest_two_vcpus_two_queues() {
         serial: "guest-disk-2",
         vm_config: true,
         behind: None,
+        ring: Ring::Split,
+    });
+}
+
+/// `packed=on`: the guest's verified I/O runs on packed rings, and the daemon says so.
+#[test]
+fn linux_guest_on_packed_rings() {
+    run(&Scenario {
+        name: "2 vCPUs, 2 packed queues",
+        resize_to: None,
+        vcpus: 2,
+        queues: 2,
+        readonly: false,
+        cache: "none",
+        serial: "guest-disk-packed",
+        vm_config: false,
+        behind: None,
+        ring: Ring::Packed,
     });
 }
 
@@ -298,6 +359,7 @@ fn linux_guest_readonly() {
         serial: "guest-disk-ro",
         vm_config: false,
         behind: None,
+        ring: Ring::Split,
     });
 }
 
@@ -313,6 +375,7 @@ fn linux_guest_sees_a_resize_without_reboot() {
         serial: "guest-disk-rs",
         vm_config: false,
         behind: None,
+        ring: Ring::Split,
     });
 }
 
@@ -331,6 +394,7 @@ fn linux_guest_on_rbd() {
         serial: "guest-disk-rbd",
         vm_config: false,
         behind: Some(common::behind::Behind::Rbd),
+        ring: Ring::Split,
     });
 }
 
@@ -383,13 +447,7 @@ fn linux_guest_is_held_to_its_limit() {
 /// Requests the exports have answered since their daemon started (query-stats on the control
 /// socket); None while the daemon does not answer.
 fn answered(ctl: &Path) -> Option<u64> {
-    use std::io::{BufRead, BufReader, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(ctl).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(b"{\"id\":1,\"command\":\"query-stats\"}\n").ok()?;
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&line).ok()?;
+    let v = query_stats(ctl)?;
     let exports = v["result"].as_array()?;
     Some(
         exports
@@ -399,6 +457,30 @@ fn answered(ctl: &Path) -> Option<u64> {
             .filter_map(|n| n.as_u64())
             .sum(),
     )
+}
+
+/// query-stats on the control socket; None while the daemon does not answer.
+fn query_stats(ctl: &Path) -> Option<serde_json::Value> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(ctl).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"{\"id\":1,\"command\":\"query-stats\"}\n").ok()?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).ok()?;
+    serde_json::from_str(&line).ok()
+}
+
+/// The ring layout ("split", "packed") of every queue that answered requests, as
+/// query-stats reports it.
+fn rings_used(ctl: &Path) -> Vec<String> {
+    let v = query_stats(ctl).unwrap_or_default();
+    let queues = v["result"].as_array().into_iter().flatten().flat_map(|e| {
+        e["queues"].as_array().into_iter().flatten().filter(|q| {
+            let requests = q["requests"].as_object().into_iter().flat_map(|m| m.values());
+            requests.filter_map(|n| n.as_u64()).sum::<u64>() > 0
+        })
+    });
+    queues.map(|q| q["ring"].as_str().unwrap_or("none").to_string()).collect()
 }
 
 /// Types `word` on the guest's console, again every second, until `done` (a line can be lost
@@ -687,7 +769,7 @@ impl Qmp {
 /// are blkplane exports of the one image (the destination's with `incoming=on`). The
 /// migration completes, fio finishes on the destination without a verify error, and the
 /// image holds the guest's data.
-fn migrate_run(workload: &str) {
+fn migrate_run(workload: &str, ring: Ring) {
     let cache = assets();
     let dir = tmpdir();
     let image = dir.path().join("disk.raw");
@@ -714,14 +796,14 @@ fn migrate_run(workload: &str) {
     let console = |name: &str| dir.path().join(format!("console-{name}.log"));
     let qmp = |name: &str| dir.path().join(format!("qmp-{name}.sock"));
     let migration = dir.path().join("migration.sock");
-    let mut src = qemu(cache, 1, &[(&a, 1)], false, &append)
+    let mut src = qemu_on(cache, 1, &[(&a, 1)], false, &append, ring)
         .args(["-qmp", &format!("unix:{},server=on,wait=off", qmp("src").display())])
         .stdin(Stdio::null())
         .stdout(fs::File::create(console("src")).unwrap())
         .stderr(fs::File::create(dir.path().join("stderr-src.log")).unwrap())
         .spawn()
         .expect("start the source QEMU");
-    let mut dst = qemu(cache, 1, &[(&b, 1)], false, &append)
+    let mut dst = qemu_on(cache, 1, &[(&b, 1)], false, &append, ring)
         .args(["-qmp", &format!("unix:{},server=on,wait=off", qmp("dst").display())])
         .args(["-incoming", &format!("unix:{}", migration.display())])
         .stdin(Stdio::piped())
@@ -800,6 +882,19 @@ fn migrate_run(workload: &str) {
     assert!(log.contains("dirty logging on"), "the source never logged\n{report}");
     assert!(log.contains("gave up the image's write permission"), "{report}");
     assert!(log.contains("took the image's write permission"), "{report}");
+    // Both sides' queues ran on the layout QEMU asked for once the guest's kernel drove
+    // them (SeaBIOS looks for a boot disk on a split ring before): at least once on each
+    // side, and never on the other layout after the first start on this one.
+    let other = if ring == Ring::Packed { Ring::Split } else { Ring::Packed };
+    let mark = |r: Ring| format!("ring=\"{}\"", r.name());
+    let starts = log.matches(&mark(ring)).count();
+    assert!(starts >= 2, "queues started on {} rings: {starts}\n{report}", ring.name());
+    let first = log.find(&mark(ring)).unwrap_or(0);
+    assert!(
+        !log[first..].contains(&mark(other)),
+        "a queue went back to {}\n{report}",
+        other.name()
+    );
     assert!(daemon.alive());
     assert!(daemon.stop().success());
     let img = fs::read(&image).unwrap();
@@ -820,12 +915,19 @@ fn migrate_run(workload: &str) {
 
 #[test]
 fn linux_guest_migrates_while_writing() {
-    migrate_run("write");
+    migrate_run("write", Ring::Split);
 }
 
 #[test]
 fn linux_guest_migrates_while_reading() {
-    migrate_run("read");
+    migrate_run("read", Ring::Split);
+}
+
+/// The device writes a packed ring's used elements into its descriptor ring: the log must
+/// mark those pages, or the destination's guest finds requests that never complete.
+#[test]
+fn linux_guest_migrates_while_writing_on_packed_rings() {
+    migrate_run("write", Ring::Packed);
 }
 
 /// QEMU's defaults start against blkplane's: a VM with 2 vCPUs and no `num-queues` on its

@@ -35,7 +35,22 @@ fn setup(extra: &str) -> Setup {
 }
 
 fn connect(sock: &Path) -> TestFrontend {
-    TestFrontend::connect(sock, 2, QSIZE, F_RING_INDIRECT_DESC | F_RING_EVENT_IDX)
+    connect_ring(sock, Ring::Split)
+}
+
+/// The two virtqueue layouts; every hostile case runs on both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ring {
+    Split,
+    Packed,
+}
+
+fn connect_ring(sock: &Path, ring: Ring) -> TestFrontend {
+    let packed = if ring == Ring::Packed { F_RING_PACKED } else { 0 };
+    let fe =
+        TestFrontend::connect(sock, 2, QSIZE, F_RING_INDIRECT_DESC | F_RING_EVENT_IDX | packed);
+    assert_eq!(fe.features & F_RING_PACKED, packed, "packed ring negotiated");
+    fe
 }
 
 /// The queue still answers a good read with the image's bytes.
@@ -54,8 +69,17 @@ fn assert_image_intact(image: &Path) {
 
 #[test]
 fn well_formed_requests_get_exact_answers() {
+    exact_answers(Ring::Split);
+}
+
+#[test]
+fn well_formed_requests_get_exact_answers_on_a_packed_ring() {
+    exact_answers(Ring::Packed);
+}
+
+fn exact_answers(ring: Ring) {
     let mut s = setup(",serial=blkplane-serial-1");
-    let mut fe = connect(&s.sock);
+    let mut fe = connect_ring(&s.sock, ring);
     assert_eq!(fe.features & F_RING_EVENT_IDX, F_RING_EVENT_IDX);
 
     // Config space: capacity, num_queues, writeback on for cache=none.
@@ -109,10 +133,19 @@ fn well_formed_requests_get_exact_answers() {
 }
 
 #[test]
-#[allow(clippy::type_complexity)]
 fn bad_requests_get_the_right_status_and_change_nothing() {
+    bad_requests(Ring::Split);
+}
+
+#[test]
+fn bad_requests_get_the_right_status_and_change_nothing_on_a_packed_ring() {
+    bad_requests(Ring::Packed);
+}
+
+#[allow(clippy::type_complexity)]
+fn bad_requests(ring: Ring) {
     let mut s = setup("");
-    let mut fe = connect(&s.sock);
+    let mut fe = connect_ring(&s.sock, ring);
     let cases: Vec<(&str, u32, u64, Vec<u8>, u32, u8)> = vec![
         ("unknown type", 99, 0, vec![], 512, S_UNSUPP),
         ("GET_LIFETIME", 10, 0, vec![], 16, S_UNSUPP),
@@ -231,8 +264,17 @@ fn assert_breaks_only_its_queue(
     what: &str,
     break_it: impl FnOnce(&mut TestFrontend),
 ) {
+    assert_breaks_only_its_queue_on(s, Ring::Split, what, break_it)
+}
+
+fn assert_breaks_only_its_queue_on(
+    s: &mut Setup,
+    ring: Ring,
+    what: &str,
+    break_it: impl FnOnce(&mut TestFrontend),
+) {
     let broken_before = s.daemon.log().matches("queue broken by the guest").count();
-    let mut fe = connect(&s.sock);
+    let mut fe = connect_ring(&s.sock, ring);
     break_it(&mut fe);
     fe.kick(0);
     assert_eq!(fe.wait_used(0, Duration::from_millis(500)), None, "{what}: broken queue answered");
@@ -240,7 +282,7 @@ fn assert_breaks_only_its_queue(
     assert!(s.daemon.alive(), "{what}: daemon died:\n{}", s.daemon.log());
     drop(fe);
     // A new connection starts from a clean slate.
-    let mut fe = connect(&s.sock);
+    let mut fe = connect_ring(&s.sock, ring);
     assert_queue_serves(&mut fe, 0);
     assert_queue_serves(&mut fe, 1);
     let broken_after = s.daemon.log().matches("queue broken by the guest").count();
@@ -305,6 +347,107 @@ fn broken_rings_break_only_their_queue() {
     assert_image_intact(&s.image);
 }
 
+/// Makes packed ring 0's descriptors `descs` (addr, len, id, flags without the avail bits)
+/// available from position 0 in the first lap, the head's flags last.
+fn offer_packed(fe: &mut TestFrontend, descs: &[(u64, u32, u16, u16)]) {
+    let avail = fe.queues[0].packed.as_ref().unwrap().avail_bits();
+    for (i, &(addr, len, id, flags)) in descs.iter().enumerate().skip(1) {
+        fe.set_packed_desc(0, i as u16, addr, len, id, flags | avail);
+    }
+    let (addr, len, id, flags) = descs[0];
+    fe.set_packed_desc(0, 0, addr, len, id, flags | avail);
+}
+
+#[test]
+fn broken_packed_rings_break_only_their_queue() {
+    let mut s = setup("");
+    let status = (HEADER_AREA + 64, 1, 0, DESC_F_WRITE);
+    assert_breaks_only_its_queue_on(&mut s, Ring::Packed, "a chain round the ring", |fe| {
+        fe.ram.write(HEADER_AREA, &header(T_IN, 0));
+        let descs: Vec<_> =
+            (0..QSIZE).map(|_| (DATA_AREA, 512, 0, DESC_F_NEXT | DESC_F_WRITE)).collect();
+        offer_packed(fe, &descs);
+    });
+    assert_breaks_only_its_queue_on(&mut s, Ring::Packed, "buffer ID out of range", |fe| {
+        fe.ram.write(HEADER_AREA, &header(T_IN, 0));
+        offer_packed(
+            fe,
+            &[(HEADER_AREA, 16, QSIZE, DESC_F_NEXT), (HEADER_AREA + 64, 1, QSIZE, DESC_F_WRITE)],
+        );
+    });
+    assert_breaks_only_its_queue_on(&mut s, Ring::Packed, "readable after writable", |fe| {
+        offer_packed(
+            fe,
+            &[
+                (HEADER_AREA, 16, 0, DESC_F_NEXT),
+                (DATA_AREA, 512, 0, DESC_F_NEXT | DESC_F_WRITE),
+                (DATA_AREA, 512, 0, DESC_F_NEXT),
+                status,
+            ],
+        );
+    });
+    assert_breaks_only_its_queue_on(&mut s, Ring::Packed, "indirect after direct", |fe| {
+        offer_packed(
+            fe,
+            &[(HEADER_AREA, 16, 0, DESC_F_NEXT), (INDIRECT_AREA, 32, 0, DESC_F_INDIRECT)],
+        );
+    });
+    assert_breaks_only_its_queue_on(&mut s, Ring::Packed, "indirect with next", |fe| {
+        offer_packed(fe, &[(INDIRECT_AREA, 32, 0, DESC_F_INDIRECT | DESC_F_NEXT), status]);
+    });
+    assert_breaks_only_its_queue_on(&mut s, Ring::Packed, "indirect table outside memory", |fe| {
+        offer_packed(fe, &[(1 << 40, 64, 0, DESC_F_INDIRECT)]);
+    });
+    assert_breaks_only_its_queue_on(
+        &mut s,
+        Ring::Packed,
+        "indirect length not a multiple of 16",
+        |fe| {
+            offer_packed(fe, &[(INDIRECT_AREA, 40, 0, DESC_F_INDIRECT)]);
+        },
+    );
+    assert!(s.daemon.stop().success());
+    assert_image_intact(&s.image);
+}
+
+/// Wrap counters that lie only hide a request: the daemon sees nothing available, breaks
+/// nothing, and answers the first honest request at that position.
+#[test]
+fn lying_wrap_counters_hide_a_request_and_break_nothing() {
+    let mut s = setup("");
+    let mut fe = connect_ring(&s.sock, Ring::Packed);
+    fe.ram.write(HEADER_AREA, &header(T_IN, 8));
+    fe.ram.write(HEADER_AREA + 64, &[0xAA]);
+    for (what, bits) in [
+        ("AVAIL and USED both set: a used descriptor", PACKED_F_AVAIL | PACKED_F_USED),
+        ("neither set: used in the lap before", 0),
+        ("available only in the next lap (wrap counter 0)", PACKED_F_USED),
+    ] {
+        fe.set_packed_desc(0, 1, HEADER_AREA + 64, 1, 0, DESC_F_WRITE | bits);
+        fe.set_packed_desc(0, 0, HEADER_AREA, 16, 0, DESC_F_NEXT | bits);
+        let head = fe.ram.read(fe.queues[0].desc, 16);
+        fe.kick(0);
+        std::thread::sleep(Duration::from_millis(300));
+        // An answer would have overwritten the head with a used element, and the status.
+        assert_eq!(fe.ram.read(fe.queues[0].desc, 16), head, "{what}: answered");
+        assert_eq!(fe.ram.read(HEADER_AREA + 64, 1)[0], 0xAA, "{what}: status written");
+    }
+    assert_queue_serves(&mut fe, 0);
+    assert_queue_serves(&mut fe, 1);
+    assert_eq!(s.daemon.log().matches("queue broken by the guest").count(), 0);
+    // A whole lap and more of honest requests: the wrap counters turn over on both sides.
+    for n in 0..(QSIZE as u64 + 10) {
+        let (c, data) = fe.request(0, T_IN, n, &[], 512);
+        assert_eq!(c.status, S_OK, "request {n}");
+        assert_eq!(data, pattern(42, n * 512, 512), "request {n}");
+    }
+    let p = fe.queues[0].packed.clone().unwrap();
+    assert!(!p.avail_wrap && !p.used_wrap, "the wrap counters turned over: {p:?}");
+    drop(fe);
+    assert!(s.daemon.stop().success());
+    assert_image_intact(&s.image);
+}
+
 #[test]
 fn indirect_without_negotiation_breaks_the_queue() {
     let mut s = setup("");
@@ -320,6 +463,19 @@ fn indirect_without_negotiation_breaks_the_queue() {
     );
     assert_eq!(r, None);
     // Without EVENT_IDX, queue 1 still works through flags-based notification.
+    assert_queue_serves(&mut fe, 1);
+    drop(fe);
+    // The same on a packed ring (its event suppression without EVENT_IDX: ENABLE/DISABLE).
+    let mut fe = TestFrontend::connect(&s.sock, 2, QSIZE, F_RING_PACKED);
+    assert_eq!(fe.features & (F_RING_INDIRECT_DESC | F_RING_PACKED), F_RING_PACKED);
+    let r = fe.submit_indirect(
+        0,
+        &[
+            Buf { gpa: HEADER_AREA, len: 16, writable: false },
+            Buf { gpa: HEADER_AREA + 64, len: 1, writable: true },
+        ],
+    );
+    assert_eq!(r, None);
     assert_queue_serves(&mut fe, 1);
     drop(fe);
     assert!(s.daemon.stop().success());

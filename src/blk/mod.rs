@@ -37,6 +37,7 @@ pub mod feature {
     pub const WRITE_ZEROES: u64 = 1 << 14;
     pub const RING_INDIRECT_DESC: u64 = 1 << 28;
     pub const RING_EVENT_IDX: u64 = 1 << 29;
+    pub const RING_PACKED: u64 = 1 << 34;
     /// vhost's own bit: the backend logs its writes to guest memory (live migration).
     pub const VHOST_LOG_ALL: u64 = 1 << 26;
     /// vhost-user's own bit: the backend speaks protocol features.

@@ -32,7 +32,7 @@ use crate::engine::threads::ThreadsEngine;
 use crate::engine::uring::UringEngine;
 use crate::engine::EngineKind;
 use crate::virtq::dirty::QueueLog;
-use crate::virtq::{GuestMemory, InflightRegion, RingAddrs};
+use crate::virtq::{GuestMemory, InflightRegion, RingAddrs, RingFormat};
 use poll::PollSettings;
 use worker::{Command, LoopSetup, MakeQueue};
 
@@ -44,7 +44,9 @@ pub struct QueueSetup {
     pub memory: Arc<GuestMemory>,
     pub addrs: RingAddrs,
     pub size: u16,
-    pub next_avail: u16,
+    /// VRING_BASE: where the ring resumes (see virtq::RingSetup::base).
+    pub base: u32,
+    pub format: RingFormat,
     pub event_idx: bool,
     pub indirect: bool,
     /// The guest's kick eventfd; `None` if the frontend asked us to poll instead.
@@ -186,9 +188,9 @@ pub struct QueueHandle {
 
 impl QueueHandle {
     /// Takes the queue off its thread after its in-flight requests complete; returns the
-    /// avail index at which it stopped (what GET_VRING_BASE answers). The thread's other
+    /// ring state at which it stopped (what GET_VRING_BASE answers). The thread's other
     /// queues are served throughout.
-    pub fn stop(self) -> u16 {
+    pub fn stop(self) -> u32 {
         self.leave().wait()
     }
 
@@ -204,18 +206,18 @@ impl QueueHandle {
 /// A queue asked to leave its thread.
 pub struct Leaving {
     handle: QueueHandle,
-    answer: Option<mpsc::Receiver<u16>>,
+    answer: Option<mpsc::Receiver<u32>>,
 }
 
 impl Leaving {
-    /// Waits until the queue has left; returns the avail index at which it stopped.
-    pub fn wait(self) -> u16 {
-        let next_avail = self.answer.and_then(|a| a.recv().ok());
+    /// Waits until the queue has left; returns the ring state at which it stopped.
+    pub fn wait(self) -> u32 {
+        let base = self.answer.and_then(|a| a.recv().ok());
         let thread = &self.handle.thread;
         if self.handle.dedicated {
             thread.shut_down();
         }
-        next_avail.unwrap_or_else(|| {
+        base.unwrap_or_else(|| {
             tracing::error!(thread = %thread.id, "an I/O thread ended with a queue on it");
             0
         })

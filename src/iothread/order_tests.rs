@@ -220,7 +220,8 @@ fn serve<E: Engine + 'static>(
             used_user_addr: USER_BASE + USED,
         },
         size: QSIZE,
-        next_avail: 0,
+        base: 0,
+        format: crate::virtq::RingFormat::Split,
         event_idx: false,
         indirect: false,
         kick: guest.kick.as_ref().map(|k| {

@@ -44,7 +44,7 @@ pub(crate) enum Command {
     Attach { make: MakeQueue, reply: SyncSender<io::Result<u64>> },
     /// Stop serving a queue once its in-flight requests complete; answered with the avail
     /// index where it stopped.
-    Detach { id: u64, reply: SyncSender<u16> },
+    Detach { id: u64, reply: SyncSender<u32> },
     /// End the loop (it has no queues left: the caller saw to that).
     Exit,
 }
@@ -66,7 +66,7 @@ struct Entry {
     id: u64,
     queue: Box<dyn Served>,
     /// Set once the control side asked the queue to leave.
-    leaving: Option<SyncSender<u16>>,
+    leaving: Option<SyncSender<u32>>,
     /// Descriptors registered with the epoll set for this queue (kick: edge-triggered, never
     /// read; completion: level-triggered, emptied by the engine's reap).
     kick_registered: Option<RawFd>,
@@ -272,7 +272,7 @@ impl EventLoop {
             let mut e = self.queues.swap_remove(i);
             self.register(None, e.kick_registered.take(), EventSet::IN | EventSet::EDGE_TRIGGERED);
             self.register(None, e.completion_registered.take(), EventSet::IN);
-            let next_avail = e.queue.finish();
+            let base = e.queue.finish();
             self.stats.queues.fetch_sub(1, Ordering::Relaxed);
             let reply = e.leaving.take();
             // The queue (its disk, memory snapshot, descriptors, engine) is gone before the
@@ -280,7 +280,7 @@ impl EventLoop {
             // export removed right after holds no thread or memory through it.
             drop(e);
             if let Some(reply) = reply {
-                let _ = reply.send(next_avail);
+                let _ = reply.send(base);
             }
         }
     }

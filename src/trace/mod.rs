@@ -377,6 +377,8 @@ pub struct QueueStats {
     /// admitted before it is answered (see `Disk::resize`).
     pub admitted: std::sync::atomic::AtomicU64,
     pub retired: std::sync::atomic::AtomicU64,
+    /// The ring layout the frontend negotiated, set when the queue starts (VIRTIO_F_RING_PACKED).
+    pub packed_ring: std::sync::atomic::AtomicBool,
 }
 
 /// A latency distribution as reported: since the export was opened, percentiles and mean
@@ -412,6 +414,8 @@ pub struct KindLatencyReport {
 #[derive(Clone, Debug, Serialize)]
 pub struct QueueReport {
     pub queue: usize,
+    /// "packed" or "split": the layout of the queue's ring as it last started.
+    pub ring: &'static str,
     pub requests: serde_json::Map<String, serde_json::Value>,
     pub bytes: serde_json::Map<String, serde_json::Value>,
     pub errors_ioerr: serde_json::Map<String, serde_json::Value>,
@@ -454,8 +458,10 @@ impl QueueStats {
                 }
             })
             .collect();
+        let packed = self.packed_ring.load(std::sync::atomic::Ordering::Relaxed);
         QueueReport {
             queue,
+            ring: if packed { "packed" } else { "split" },
             requests: by_kind(&c.requests),
             bytes: by_kind(&c.bytes),
             errors_ioerr: by_kind(&c.errors_ioerr),

@@ -24,10 +24,10 @@ use crate::iothread::{start_queue, Placement, QueueHandle, QueueSetup};
 use crate::ratelimit::RateLimiter;
 use crate::sys::checked_eventfd;
 use crate::virtq::dirty::{self, DirtyLog, QueueLog};
+use crate::virtq::inflight;
 use crate::virtq::memory::MAX_MEM_REGIONS;
-use crate::virtq::{inflight, split};
 use crate::virtq::{
-    GuestMemory, InflightError, InflightRegion, MappedRegion, MemoryError, RingAddrs,
+    GuestMemory, InflightError, InflightRegion, MappedRegion, MemoryError, RingAddrs, RingFormat,
 };
 use crate::{info_limited, warn_limited};
 
@@ -35,8 +35,9 @@ use crate::{info_limited, warn_limited};
 struct Vring {
     size: u16,
     addrs: Option<RingAddrs>,
-    /// Where the next request will be taken from; updated whenever the I/O thread stops.
-    next_avail: u16,
+    /// VRING_BASE: where the next request will be taken from (and, for a packed ring, where
+    /// the next used element goes); updated whenever the I/O thread stops.
+    base: u32,
     /// SET_VRING_KICK arrived since the last stop (with an fd, or "poll instead").
     kick_set: bool,
     kick: Option<File>,
@@ -169,6 +170,15 @@ impl BlkDevice {
         self.memory.faulted()
     }
 
+    /// The ring layout the frontend negotiated (VIRTIO_F_RING_PACKED).
+    fn ring_format(&self) -> RingFormat {
+        if self.acked_features & feature::RING_PACKED != 0 {
+            RingFormat::Packed
+        } else {
+            RingFormat::Split
+        }
+    }
+
     /// Ring `index`, made when the frontend first names it; an index past the queues the
     /// export offers is refused.
     fn vring(&mut self, index: u32) -> Result<&mut Vring> {
@@ -195,7 +205,7 @@ impl BlkDevice {
     fn stop_thread(&mut self, index: usize) {
         let v = &mut self.vrings[index];
         if let Some(thread) = v.thread.take() {
-            v.next_avail = thread.stop();
+            v.base = thread.stop();
         }
     }
 
@@ -225,7 +235,8 @@ impl BlkDevice {
             memory: Arc::clone(&self.memory),
             addrs: v.addrs.unwrap_or_default(),
             size: v.size,
-            next_avail: v.next_avail,
+            base: v.base,
+            format: self.ring_format(),
             event_idx: self.acked_features & feature::RING_EVENT_IDX != 0,
             indirect: self.acked_features & feature::RING_INDIRECT_DESC != 0,
             kick: clone(&v.kick).map_err(Error::ReqHandlerError)?,
@@ -254,7 +265,7 @@ impl BlkDevice {
             return Ok(None);
         }
         let v = &self.vrings[index];
-        let used_bytes = split::used_ring_bytes(v.size);
+        let used_bytes = self.ring_format().used_area_bytes(v.size);
         let problem = match &self.dirty {
             None => Some("logging is on (LOG_ALL) but no log was given (SET_LOG_BASE)".to_string()),
             Some(log) if !log.covers(self.memory.gpa_end()) => Some(format!(
@@ -354,7 +365,7 @@ impl BlkDevice {
             .filter_map(|(i, v)| v.thread.take().map(|t| (i, t.leave())))
             .collect();
         for (i, l) in leaving {
-            self.vrings[i].next_avail = l.wait();
+            self.vrings[i].base = l.wait();
         }
     }
 
@@ -475,10 +486,14 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
     }
 
     fn set_vring_base(&mut self, index: u32, base: u32) -> Result<()> {
-        let base = u16::try_from(base).map_err(|_| Error::InvalidParam)?;
+        // A split ring's base is its 16-bit avail index; a packed ring's carries both
+        // positions and wrap counters in 32 bits (virtq::packed::split_base).
+        if self.ring_format() == RingFormat::Split && base > u32::from(u16::MAX) {
+            return Err(Error::InvalidParam);
+        }
         self.vring(index)?;
         self.stop_thread(index as usize);
-        self.vrings[index as usize].next_avail = base;
+        self.vrings[index as usize].base = base;
         Ok(())
     }
 
@@ -489,8 +504,8 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         // The ring is stopped until the frontend sends a new kick.
         v.kick_set = false;
         v.kick = None;
-        let base = v.next_avail;
-        let state = VhostUserVringState::new(index, u32::from(base));
+        let base = v.base;
+        let state = VhostUserVringState::new(index, base);
         debug!(parent: &self.disk.span, queue = index, base, "ring stopped");
         // Every ring stopped while the frontend logs dirty pages: the migration's switch-over.
         // The destination may now take the image; ours comes back if a ring restarts here.

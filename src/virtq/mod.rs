@@ -5,6 +5,8 @@ pub mod dirty;
 pub mod fault;
 pub mod inflight;
 pub mod memory;
+pub mod packed;
+pub mod ring;
 pub mod split;
 #[cfg(test)]
 pub(crate) mod testing;
@@ -14,4 +16,5 @@ pub use memory::{
     copy_from_guest, copy_to_guest, iov_tables, iovs_aligned, zero_guest, zero_guest_range,
     BounceBuffer, GuestIov, GuestMemory, IovTable, MappedRegion, MemoryError,
 };
+pub use ring::{Ring, RingFormat, RingSetup};
 pub use split::{ChainOutcome, ChainSink, QueueError, RingAddrs, SplitQueue};

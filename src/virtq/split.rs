@@ -47,6 +47,12 @@ pub enum QueueError {
     HeadOutOfRange { head: u16, size: u16 },
     /// A descriptor chain broke the rules (see the variant).
     Chain(ChainError),
+    /// A packed ring's size is 0 or above 2^15.
+    PackedSize { size: u16 },
+    /// A packed ring's VRING_BASE names a position beyond the ring.
+    PackedBase { base: u32, size: u16 },
+    /// A packed ring's chain carries a buffer ID that is not below the queue size.
+    BufferIdOutOfRange { id: u16, size: u16 },
 }
 
 /// Structural faults in one descriptor chain.
@@ -68,6 +74,8 @@ pub enum ChainError {
     IndirectOutsideMemory,
     /// A device-readable descriptor after a device-writable one.
     ReadableAfterWritable,
+    /// A packed ring's indirect descriptor after direct ones in the same chain.
+    IndirectAfterDirect,
 }
 
 impl fmt::Display for QueueError {
@@ -82,6 +90,15 @@ impl fmt::Display for QueueError {
                 write!(f, "avail head {head} out of range for queue size {size}")
             }
             QueueError::Chain(e) => write!(f, "bad descriptor chain: {e:?}"),
+            QueueError::PackedSize { size } => {
+                write!(f, "packed ring size {size} is not between 1 and 32768")
+            }
+            QueueError::PackedBase { base, size } => {
+                write!(f, "packed ring base {base:#x} names a position beyond queue size {size}")
+            }
+            QueueError::BufferIdOutOfRange { id, size } => {
+                write!(f, "buffer ID {id} out of range for queue size {size}")
+            }
         }
     }
 }
@@ -113,15 +130,23 @@ struct Desc {
     next: u16,
 }
 
-/// Reads descriptor `index` of a table at `table`.
+/// Reads the 16 bytes of descriptor `index` of a table at `table` (either ring layout).
 ///
 /// # Safety
 /// `table` must point to at least `index + 1` descriptors inside a live guest mapping.
-unsafe fn read_desc(table: *const u8, index: u16) -> Desc {
+pub(super) unsafe fn read_raw_desc(table: *const u8, index: u16) -> [u8; 16] {
     // SAFETY: the caller guarantees the 16 bytes at this offset are mapped. The guest may
     // change them concurrently; one volatile read takes one snapshot that we then validate.
-    let raw: [u8; 16] =
-        unsafe { ptr::read_volatile(table.add(usize::from(index) * 16).cast::<[u8; 16]>()) };
+    unsafe { ptr::read_volatile(table.add(usize::from(index) * 16).cast::<[u8; 16]>()) }
+}
+
+/// Reads descriptor `index` of a table at `table`.
+///
+/// # Safety
+/// As [`read_raw_desc`].
+unsafe fn read_desc(table: *const u8, index: u16) -> Desc {
+    // SAFETY: the caller's guarantee, passed on.
+    let raw = unsafe { read_raw_desc(table, index) };
     Desc {
         addr: u64::from_le_bytes(raw[0..8].try_into().unwrap_or_default()),
         len: u32::from_le_bytes(raw[8..12].try_into().unwrap_or_default()),

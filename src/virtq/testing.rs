@@ -48,6 +48,14 @@ pub fn descriptor(addr: u64, len: u32, flags: u16, next: u16) -> [u8; 16] {
     raw
 }
 
+/// One packed-ring descriptor as the guest lays it out: addr, len, buffer ID, flags.
+pub fn packed_descriptor(addr: u64, len: u32, id: u16, flags: u16) -> [u8; 16] {
+    let mut raw = descriptor(addr, len, 0, 0);
+    raw[12..14].copy_from_slice(&id.to_le_bytes());
+    raw[14..16].copy_from_slice(&flags.to_le_bytes());
+    raw
+}
+
 /// A virtio-blk request header: type, reserved, sector.
 pub fn request_header(kind: u32, sector: u64) -> [u8; 16] {
     let mut h = [0u8; 16];

@@ -35,6 +35,11 @@ pub const F_RING_INDIRECT_DESC: u64 = 1 << 28;
 pub const F_RING_EVENT_IDX: u64 = 1 << 29;
 pub const F_PROTOCOL_FEATURES: u64 = 1 << 30;
 pub const F_VERSION_1: u64 = 1 << 32;
+pub const F_RING_PACKED: u64 = 1 << 34;
+
+/// Packed-ring descriptor flags (virtio 1.1, 2.8): whose turn a descriptor is.
+pub const PACKED_F_AVAIL: u16 = 1 << 7;
+pub const PACKED_F_USED: u16 = 1 << 15;
 
 /// Guest RAM: one memfd, guest physical address 0 at its start.
 pub const RAM_BYTES: usize = 16 << 20;
@@ -119,6 +124,59 @@ pub struct TestQueue {
     pub last_used: u16,
     pub kick: EventFd,
     pub call: EventFd,
+    /// The driver's side of a packed ring (F_RING_PACKED acked): `desc` is the descriptor
+    /// ring, `avail` the driver event area, `used` the device event area.
+    pub packed: Option<PackedDriver>,
+}
+
+/// Where a packed ring's driver makes the next chain available and expects the next used
+/// element, with the wrap counters (2.8.1), and how many descriptors each buffer ID took.
+#[derive(Debug, Clone)]
+pub struct PackedDriver {
+    pub avail: u16,
+    pub avail_wrap: bool,
+    pub used: u16,
+    pub used_wrap: bool,
+    pub descs_by_id: Vec<u16>,
+}
+
+impl PackedDriver {
+    fn new(size: u16) -> PackedDriver {
+        PackedDriver {
+            avail: 0,
+            avail_wrap: true,
+            used: 0,
+            used_wrap: true,
+            descs_by_id: vec![1; usize::from(size)],
+        }
+    }
+
+    /// The AVAIL/USED bits that make a descriptor available in the driver's current lap.
+    pub fn avail_bits(&self) -> u16 {
+        if self.avail_wrap {
+            PACKED_F_AVAIL
+        } else {
+            PACKED_F_USED
+        }
+    }
+
+    /// Moves the avail position `n` on, flipping its wrap counter past the end.
+    pub fn advance_avail(&mut self, n: u16, size: u16) {
+        advance(&mut self.avail, &mut self.avail_wrap, n, size);
+    }
+
+    fn advance_used(&mut self, n: u16, size: u16) {
+        advance(&mut self.used, &mut self.used_wrap, n, size);
+    }
+}
+
+/// Moves a packed ring position `n` on, flipping its wrap counter past the end.
+fn advance(pos: &mut u16, wrap: &mut bool, n: u16, size: u16) {
+    *pos += n;
+    if *pos >= size {
+        *pos -= size;
+        *wrap = !*wrap;
+    }
 }
 
 /// One buffer of a chain to build.
@@ -343,8 +401,11 @@ impl TestFrontend {
                 last_used: 0,
                 kick: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
                 call: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+                packed: (features & F_RING_PACKED != 0).then(|| PackedDriver::new(size)),
             });
-            t.start_ring(i, 0).expect("start ring");
+            // A packed ring starts at position 0 with wrap counter 1 (bit 15).
+            let base = if features & F_RING_PACKED != 0 { 0x8000 } else { 0 };
+            t.start_ring(i, base).expect("start ring");
         }
         t
     }
@@ -492,6 +553,9 @@ impl TestFrontend {
 
     /// Waits up to `timeout` for the next used entry of queue `q`.
     pub fn wait_used(&mut self, q: usize, timeout: Duration) -> Option<(u32, u32)> {
+        if self.queues[q].packed.is_some() {
+            return self.wait_packed_used(q, timeout);
+        }
         let deadline = Instant::now() + timeout;
         let used = self.queues[q].used;
         loop {
@@ -513,9 +577,82 @@ impl TestFrontend {
         }
     }
 
+    /// Waits up to `timeout` for the next used element of packed queue `q`: (id, len).
+    fn wait_packed_used(&mut self, q: usize, timeout: Duration) -> Option<(u32, u32)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (size, at, wrap) = {
+                let tq = &self.queues[q];
+                let p = tq.packed.as_ref().unwrap();
+                (tq.size, tq.desc + 16 * u64::from(p.used), p.used_wrap)
+            };
+            let flags = self.ram.read_u16(at + 14);
+            if (flags & PACKED_F_AVAIL != 0) == wrap && (flags & PACKED_F_USED != 0) == wrap {
+                fence(Ordering::SeqCst);
+                let e = self.ram.read(at + 8, 6);
+                let len = u32::from_le_bytes(e[0..4].try_into().unwrap());
+                let id = u16::from_le_bytes([e[4], e[5]]);
+                let p = self.queues[q].packed.as_mut().unwrap();
+                let descs = p.descs_by_id.get(usize::from(id)).copied().unwrap_or(1);
+                p.advance_used(descs, size);
+                return Some((u32::from(id), len));
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Writes packed ring `q`'s descriptor at position `pos` as the guest would.
+    pub fn set_packed_desc(&self, q: usize, pos: u16, addr: u64, len: u32, id: u16, flags: u16) {
+        let at = self.queues[q].desc + 16 * u64::from(pos);
+        self.ram.write(at, &packed_descriptor(addr, len, id, flags));
+    }
+
+    /// Makes `bufs` available on packed ring `q` as buffer `id` (descriptors from the avail
+    /// position on, the head's flags written last) and kicks; does not wait.
+    pub fn post_packed(&mut self, q: usize, id: u16, bufs: &[Buf]) {
+        let size = self.queues[q].size;
+        let mut p = self.queues[q].packed.clone().expect("a packed ring");
+        let head = (p.avail, p.avail_bits());
+        for (i, b) in bufs.iter().enumerate() {
+            let last = i + 1 == bufs.len();
+            let flags = p.avail_bits()
+                | if b.writable { DESC_F_WRITE } else { 0 }
+                | if last { 0 } else { DESC_F_NEXT };
+            if i == 0 {
+                self.set_packed_desc(q, p.avail, b.gpa, b.len, id, flags & !head.1);
+            } else {
+                self.set_packed_desc(q, p.avail, b.gpa, b.len, id, flags);
+            }
+            p.advance_avail(1, size);
+        }
+        fence(Ordering::SeqCst);
+        // The head's own avail bits last: the chain becomes available at once.
+        let at = self.queues[q].desc + 16 * u64::from(head.0) + 14;
+        let head_flags = self.ram.read_u16(at) | head.1;
+        self.ram.write_u16(at, head_flags);
+        fence(Ordering::SeqCst);
+        if let Some(n) = p.descs_by_id.get_mut(usize::from(id)) {
+            *n = bufs.len() as u16;
+        }
+        self.queues[q].packed = Some(p);
+        self.kick(q);
+    }
+
     /// Lays out `bufs` as a chain in descriptors 0.. of queue `q`, submits it, and waits for
     /// the answer. The status byte is read from the last buffer's last byte.
     pub fn submit_chain(&mut self, q: usize, bufs: &[Buf]) -> Option<Completed> {
+        if self.queues[q].packed.is_some() {
+            let status_gpa = bufs.last().map(|b| b.gpa + u64::from(b.len) - 1);
+            if let Some(s) = status_gpa {
+                self.ram.write(s, &[0xAA]);
+            }
+            let id = self.queues[q].packed.as_ref().unwrap().avail;
+            self.post_packed(q, id, bufs);
+            return self.packed_answer(q, status_gpa);
+        }
         for (i, b) in bufs.iter().enumerate() {
             let last = i + 1 == bufs.len();
             let flags =
@@ -525,8 +662,37 @@ impl TestFrontend {
         self.submit_head(q, 0, bufs.last().map(|b| b.gpa + u64::from(b.len) - 1))
     }
 
+    /// Waits 5 s at most for packed queue `q`'s next used element; reads the status.
+    fn packed_answer(&mut self, q: usize, status_gpa: Option<u64>) -> Option<Completed> {
+        let (id, used_len) = self.wait_used(q, Duration::from_secs(5))?;
+        let status = status_gpa.map(|s| self.ram.read(s, 1)[0]).unwrap_or(0xAA);
+        Some(Completed { id, used_len, status })
+    }
+
     /// Same, with the chain in an indirect table referenced by descriptor 0.
     pub fn submit_indirect(&mut self, q: usize, bufs: &[Buf]) -> Option<Completed> {
+        if self.queues[q].packed.is_some() {
+            // Packed indirect tables (2.8.19): entries in order, only WRITE means anything.
+            for (i, b) in bufs.iter().enumerate() {
+                let flags = if b.writable { DESC_F_WRITE } else { 0 };
+                let d = packed_descriptor(b.gpa, b.len, 0, flags);
+                self.ram.write(INDIRECT_AREA + 16 * i as u64, &d);
+            }
+            let status_gpa = bufs.last().map(|b| b.gpa + u64::from(b.len) - 1);
+            if let Some(s) = status_gpa {
+                self.ram.write(s, &[0xAA]);
+            }
+            let p = self.queues[q].packed.clone().unwrap();
+            let table = 16 * bufs.len() as u32;
+            let flags = p.avail_bits() | DESC_F_INDIRECT;
+            self.set_packed_desc(q, p.avail, INDIRECT_AREA, table, p.avail, flags);
+            let size = self.queues[q].size;
+            let p = self.queues[q].packed.as_mut().unwrap();
+            p.descs_by_id[usize::from(p.avail)] = 1;
+            p.advance_avail(1, size);
+            self.kick(q);
+            return self.packed_answer(q, status_gpa);
+        }
         for (i, b) in bufs.iter().enumerate() {
             let last = i + 1 == bufs.len();
             let flags =
@@ -601,6 +767,16 @@ pub fn header(kind: u32, sector: u64) -> [u8; 16] {
     h[0..4].copy_from_slice(&kind.to_le_bytes());
     h[8..16].copy_from_slice(&sector.to_le_bytes());
     h
+}
+
+/// One packed-ring descriptor as the guest lays it out: addr, len, buffer id, flags.
+pub fn packed_descriptor(addr: u64, len: u32, id: u16, flags: u16) -> [u8; 16] {
+    let mut d = [0u8; 16];
+    d[0..8].copy_from_slice(&addr.to_le_bytes());
+    d[8..12].copy_from_slice(&len.to_le_bytes());
+    d[12..14].copy_from_slice(&id.to_le_bytes());
+    d[14..16].copy_from_slice(&flags.to_le_bytes());
+    d
 }
 
 /// One split-ring descriptor as the guest lays it out.

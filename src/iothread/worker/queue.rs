@@ -25,7 +25,9 @@ use crate::ratelimit::RateLimiter;
 use crate::trace::sample::Sampler;
 use crate::trace::{Kind, QueueStats};
 use crate::virtq::dirty::QueueLog;
-use crate::virtq::{copy_to_guest, GuestMemory, InflightQueue, QueueError, SplitQueue};
+use crate::virtq::{
+    copy_to_guest, GuestMemory, InflightQueue, QueueError, Ring, RingFormat, RingSetup, SplitQueue,
+};
 use crate::{info_limited, log_limited, warn_limited};
 
 /// Sleep bound when the frontend gave no kick fd and we must poll the ring.
@@ -131,8 +133,8 @@ pub(crate) trait Served {
     /// A request waits for the export's limits: nothing happens on this queue before its
     /// timer (polling for it would only burn the CPU).
     fn held(&self) -> bool;
-    /// The queue leaves its thread: returns the avail index at which it stopped.
-    fn finish(&mut self) -> u16;
+    /// The queue leaves its thread: returns the ring state at which it stopped (VRING_BASE).
+    fn finish(&mut self) -> u32;
     fn stats(&self) -> &QueueStats;
 }
 
@@ -145,32 +147,27 @@ pub(crate) fn start<E: Engine + 'static>(
 ) -> io::Result<Box<dyn Served>> {
     let invalid =
         |e: &dyn std::fmt::Display| io::Error::new(io::ErrorKind::InvalidInput, e.to_string());
-    let mut queue = SplitQueue::new(
-        &setup.memory,
-        setup.addrs,
-        setup.size,
-        setup.next_avail,
-        setup.event_idx,
-        setup.indirect,
-        slots::SLOT_IOVS,
-    )
-    .map_err(|e| invalid(&e))?;
+    let ring = RingSetup {
+        addrs: setup.addrs,
+        size: setup.size,
+        base: setup.base,
+        format: setup.format,
+        event_idx: setup.event_idx,
+        indirect: setup.indirect,
+        max_chain_len: slots::SLOT_IOVS,
+    };
+    let mut queue = Ring::new(&setup.memory, &ring).map_err(|e| invalid(&e))?;
     let mut resubmit = Vec::new();
     // (batch_fixed, next_avail, frontend_base), logged once the queue has its log budget.
     let mut recovered = None;
-    let inflight = match setup.inflight.take() {
-        Some(region) => {
+    let had_inflight = setup.inflight.is_some();
+    let inflight = match (setup.inflight.take(), &mut queue) {
+        (Some(region), Ring::Split(split)) => {
             let mut tracked = region.queue(setup.index, setup.size).map_err(|e| invalid(&e))?;
-            let found = tracked
-                .recover(queue.used_index(), queue.avail_index(), &mut resubmit)
-                .map_err(|e| invalid(&e))?;
-            if !found.fresh {
-                // The last process took exactly what it answered plus what is still marked.
-                let resume = queue.used_index().wrapping_add(resubmit.len() as u16);
-                if !resubmit.is_empty() || found.batch_fixed > 0 || resume != setup.next_avail {
-                    recovered = Some((found.batch_fixed, resume, setup.next_avail));
-                }
-                queue.resume_at(resume);
+            if let Some(found) = recover_split(&mut tracked, split, setup.base, &mut resubmit)
+                .map_err(|e| invalid(&e))?
+            {
+                recovered = Some(found);
                 // Completions the last process published while the frontend was switching
                 // to new call fds may never have been signalled; one interrupt too many is
                 // harmless, one too few leaves the guest waiting.
@@ -180,10 +177,18 @@ pub(crate) fn start<E: Engine + 'static>(
             }
             Some(tracked)
         }
-        None => None,
+        (None, _) => None,
+        // Not tracked yet on a packed ring (its layout of the region is not written): said
+        // once the queue has its log budget, below.
+        (Some(_), Ring::Packed(_)) => None,
     };
     let dirty = setup.log.take();
+    let untracked = had_inflight && queue.format() == RingFormat::Packed;
     let mut worker = QueueWorker::new(disk, setup, queue, engine);
+    if untracked {
+        let core = &mut worker.core;
+        warn_limited!(core.log, parent: &core.disk.span, queue = core.index, "the frontend gave an inflight region, but requests on a packed ring are not tracked in it: those in flight when the daemon dies are not resubmitted");
+    }
     worker.core.inflight = inflight;
     worker.core.dirty = dirty;
     worker.core.resubmit = Resubmission { heads: resubmit, ..Resubmission::default() };
@@ -195,8 +200,29 @@ pub(crate) fn start<E: Engine + 'static>(
     // Kicks stay off while the thread is awake: it looks at the ring itself.
     worker.core.queue.disable_notifications();
     worker.core.log_used_ring();
-    debug!(parent: &worker.core.disk.span, queue = worker.core.index, "queue started");
+    let ring = worker.core.queue.format().name();
+    debug!(parent: &worker.core.disk.span, queue = worker.core.index, ring, "queue started");
     Ok(Box::new(worker))
+}
+
+/// Reads what an earlier daemon left in flight on a split ring and resumes after it.
+/// Returns (batch_fixed, next_avail, frontend_base) if that differs from a clean stop.
+fn recover_split(
+    tracked: &mut InflightQueue,
+    queue: &mut SplitQueue,
+    base: u32,
+    resubmit: &mut Vec<u16>,
+) -> Result<Option<(u16, u16, u16)>, crate::virtq::InflightError> {
+    let found = tracked.recover(queue.used_index(), queue.avail_index(), resubmit)?;
+    if found.fresh {
+        return Ok(None);
+    }
+    // The last process took exactly what it answered plus what is still marked.
+    let resume = queue.used_index().wrapping_add(resubmit.len() as u16);
+    queue.resume_at(resume);
+    let frontend_base = base as u16;
+    let changed = !resubmit.is_empty() || found.batch_fixed > 0 || resume != frontend_base;
+    Ok(changed.then_some((found.batch_fixed, resume, frontend_base)))
 }
 
 /// A request held for the export's limits: in slot `tag` since `since_ns`, free to go at
@@ -237,7 +263,7 @@ pub(super) struct Core {
     pub(super) disk: Arc<Disk>,
     /// Held for the thread's whole life: every GuestIov in `slots` points into it.
     pub(super) memory: Arc<GuestMemory>,
-    pub(super) queue: SplitQueue,
+    pub(super) queue: Ring,
     pub(super) index: u16,
     pub(super) slots: Slots,
     /// Used entries pushed since the last publish.
@@ -279,10 +305,12 @@ pub(super) struct Core {
 }
 
 impl<E: Engine> QueueWorker<E> {
-    fn new(disk: Arc<Disk>, setup: QueueSetup, queue: SplitQueue, engine: E) -> Self {
+    fn new(disk: Arc<Disk>, setup: QueueSetup, queue: Ring, engine: E) -> Self {
         let size = usize::from(setup.size);
         let stats = disk.queue_stats(setup.index);
         let disk_stats_on = disk.stats_on;
+        let packed = queue.format() == RingFormat::Packed;
+        stats.packed_ring.store(packed, Ordering::Relaxed);
         // A queue restarted (new memory table, reconnect) goes on counting where it was.
         let admitted = stats.admitted.load(Ordering::SeqCst);
         let log = disk
@@ -430,12 +458,12 @@ impl<E: Engine> Served for QueueWorker<E> {
         self.core.stopping && self.core.slots.in_flight() == 0 && !self.engine.has_unsubmitted()
     }
 
-    fn finish(&mut self) -> u16 {
+    fn finish(&mut self) -> u32 {
         let core = &mut self.core;
         core.sampler.merge(&core.stats.histograms);
         core.stats.counters.in_flight.set(0);
         debug!(parent: &core.disk.span, queue = core.index, "queue stopped");
-        core.queue.next_avail()
+        core.queue.base()
     }
 
     fn stats(&self) -> &QueueStats {
@@ -497,38 +525,39 @@ impl Core {
         let mut now_ns = None;
         let mut taken = 0;
         for _ in 0..batch {
-            let head = if resubmitting {
+            let Some(tag) = self.slots.take() else { break };
+            self.sampler.seen(tag);
+            let slot = &mut self.slots[tag];
+            let popped = if resubmitting {
                 let head = self.resubmit.heads[self.resubmit.next];
                 self.resubmit.next += 1;
-                head
+                self.queue
+                    .walk_split_chain(&self.memory, head, &mut slot.chain)
+                    .map(|outcome| Some((head, outcome)))
+                    .map_err(QueueError::Chain)
             } else {
-                match self.queue.pop_head() {
-                    Ok(Some(head)) => head,
-                    Ok(None) => break,
-                    Err(e) => {
-                        self.break_queue(e);
-                        break;
-                    }
+                self.queue.pop(&self.memory, &mut slot.chain)
+            };
+            let (head, outcome) = match popped {
+                Ok(Some(popped)) => popped,
+                Ok(None) => {
+                    self.slots.give_back(tag);
+                    break;
+                }
+                Err(e) => {
+                    // Not a chain (or not a ring): we cannot even find its status byte.
+                    self.slots.give_back(tag);
+                    self.break_queue(e);
+                    break;
                 }
             };
-            let Some(tag) = self.slots.take(head) else { break };
+            slot.head = head;
             taken += 1;
             // Marked before the request can start; a resubmitted head still is.
             if let (Some(inflight), false) = (self.inflight.as_mut(), resubmitting) {
                 inflight.taken(head);
             }
-            self.sampler.seen(tag);
             let slot = &mut self.slots[tag];
-            let outcome = match self.queue.walk_chain(&self.memory, head, &mut slot.chain) {
-                Ok(outcome) => outcome,
-                Err(e) => {
-                    // The chain is not a chain: we cannot even find its status byte.
-                    self.slots.give_back(tag);
-                    taken -= 1;
-                    self.break_queue(QueueError::Chain(e));
-                    break;
-                }
-            };
             let parsed = request::parse(&mut slot.chain, outcome, &limits);
             slot.status = parsed.status;
             slot.kind = parsed.req_type.map_or(Kind::Other, kind_of_type);
@@ -899,6 +928,12 @@ impl Core {
     fn log_used_ring(&self) {
         if let Some(log) = &self.dirty {
             log.mark_used_ring();
+            // A packed ring's used elements are written into its descriptor ring.
+            if let Some((host, bytes)) = self.queue.device_written_ring() {
+                if let Some(gpa) = self.memory.gpa_of_host(host) {
+                    log.log.mark(gpa, bytes);
+                }
+            }
         }
     }
 

@@ -78,12 +78,12 @@ impl Slots {
         self.in_flight
     }
 
-    /// Takes a free slot for the chain at `head`, cleared for it; its index is the tag.
-    pub(super) fn take(&mut self, head: u16) -> Option<u16> {
+    /// Takes a free slot, cleared for a chain (whose head the caller sets once the walk
+    /// found it); its index is the tag.
+    pub(super) fn take(&mut self) -> Option<u16> {
         let tag = self.free.pop()?;
         self.in_flight += 1;
         let slot = &mut self.table[usize::from(tag)];
-        slot.head = head;
         slot.chain.clear();
         slot.punched = false;
         slot.synced = false;
