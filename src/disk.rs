@@ -128,6 +128,9 @@ pub struct DiskOptions {
     pub stats: bool,
     /// Serve the image even if another process locks it, and let others use it too.
     pub force_share: bool,
+    /// Offer packed virtqueues (VIRTIO_F_RING_PACKED). Off by default until a packed ring's
+    /// requests are tracked across a restart of the daemon (the inflight region).
+    pub packed_ring: bool,
     /// The destination of a live migration: the image's write permission is taken when the
     /// guest first starts a ring here, not at open (see `Disk::activate`).
     pub incoming: bool,
@@ -165,6 +168,7 @@ impl Default for DiskOptions {
             serial: String::new(),
             stats: true,
             force_share: false,
+            packed_ring: false,
             incoming: false,
             logical_block_bytes: None,
             physical_block_bytes: None,
@@ -491,6 +495,21 @@ impl Options for DiskOptions {
             get: |d| on_off(d.stats),
         },
         Key {
+            name: "packed-ring",
+            aliases: &[],
+            kind: Kind::Bool,
+            usage: "packed-ring=on",
+            help: "offer packed virtqueues (VIRTIO_F_RING_PACKED: QEMU's packed=on). Off by\n\
+                   default: a packed ring's requests are not yet tracked across a crash of\n\
+                   the daemon, so such a guest does not resume after a SIGKILL restart\n\
+                   (a SIGTERM restart is safe).",
+            set: |d, v| {
+                d.packed_ring = v.bool("packed-ring")?;
+                Ok(())
+            },
+            get: |d| on_off(d.packed_ring),
+        },
+        Key {
             name: "force-share",
             aliases: &[],
             kind: Kind::Bool,
@@ -577,6 +596,8 @@ pub struct Disk {
     pub backend: Backend,
     pub cache: CacheMode,
     pub readonly: bool,
+    /// VIRTIO_F_RING_PACKED is offered (`packed-ring=on`).
+    packed_ring: bool,
     pub serial: [u8; ID_BYTES],
     /// The queues offered (GET_QUEUE_NUM, the config space's num_queues): `queues=`, or
     /// [`MAX_QUEUES`] (1 where only one can be served). The VMM starts those it wants.
@@ -792,6 +813,7 @@ impl Disk {
             backend,
             cache: config.cache,
             readonly: config.readonly,
+            packed_ring: config.packed_ring,
             serial,
             num_queues,
             max_queue_size: config.queue_size,
@@ -1123,7 +1145,6 @@ impl Disk {
         let mut f = feature::VERSION_1
             | feature::RING_INDIRECT_DESC
             | feature::RING_EVENT_IDX
-            | feature::RING_PACKED
             | feature::VHOST_USER_PROTOCOL_FEATURES
             | feature::VHOST_LOG_ALL
             | feature::SEG_MAX
@@ -1133,6 +1154,9 @@ impl Disk {
             | feature::FLUSH
             | feature::CONFIG_WCE
             | feature::MQ;
+        if self.packed_ring {
+            f |= feature::RING_PACKED;
+        }
         if self.readonly {
             f |= feature::RO;
         } else {

@@ -359,7 +359,7 @@ mod tests {
     fn the_whole_spec_parses_back_to_the_same_export() {
         for spec in [
             "socket=/s,image=/i",
-            "id=vm-1,socket=/run/a,,b.sock,image=/img/x,,y.raw,queues=4,queue-size=128,cache=writeback,aio=threads,readonly=on,discard=ignore,serial=SN 1,stats=off,force-share=on,incoming=on,logical-block-size=4096,physical-block-size=4096,max-guest-memory=2G,socket-mode=0660,socket-group=kvm,socket-owner=qemu",
+            "id=vm-1,socket=/run/a,,b.sock,image=/img/x,,y.raw,queues=4,queue-size=128,cache=writeback,aio=threads,readonly=on,discard=ignore,serial=SN 1,stats=off,packed-ring=on,force-share=on,incoming=on,logical-block-size=4096,physical-block-size=4096,max-guest-memory=2G,socket-mode=0660,socket-group=kvm,socket-owner=qemu",
             "socket=/s,engine=null,size=1G,iothread=dedicated,poll=always,poll-max-us=10,cpus=0",
             "socket=/s,image=/i,iothread=a:b",
             "socket=/s,image=/i,iops-read=100,iops-read-max=300,iops-read-max-length=10,bps-write=4M,iops-size=16K,throttle-group=tenant-7",
@@ -388,6 +388,7 @@ mod tests {
                 "discard",
                 "serial",
                 "stats",
+                "packed-ring",
                 "force-share",
                 "incoming",
                 "max-guest-memory",

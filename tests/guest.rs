@@ -172,13 +172,14 @@ fn run(s: &Scenario) {
     make_image(&image, IMAGE_BYTES, 77);
     let original = fs::read(&image).unwrap();
     let spec = format!(
-        "socket={},image={},queues={},cache={},serial={},readonly={}",
+        "socket={},image={},queues={},cache={},serial={},readonly={},packed-ring={}",
         sock.display(),
         image.display(),
         s.queues,
         s.cache,
         s.serial,
-        if s.readonly { "on" } else { "off" }
+        if s.readonly { "on" } else { "off" },
+        if s.ring == Ring::Packed { "on" } else { "off" }
     );
     let ctl = dir.path().join("ctl.sock");
     let backend = s.behind.map(|b| common::behind::spec_behind(b, &spec, dir.path()));
@@ -775,13 +776,19 @@ fn migrate_run(workload: &str, ring: Ring) {
     let image = dir.path().join("disk.raw");
     let (a, b) = (dir.path().join("src.sock"), dir.path().join("dst.sock"));
     make_image(&image, IMAGE_BYTES, 80);
+    // Packed rings are offered only on request.
+    let packed = if ring == Ring::Packed { ",packed-ring=on" } else { "" };
     let args: Vec<String> = vec![
         "--image-lock-wait-ms".into(),
         "30000".into(),
         "--export".into(),
-        format!("id=src,socket={},image={},serial=mig", a.display(), image.display()),
+        format!("id=src,socket={},image={},serial=mig{packed}", a.display(), image.display()),
         "--export".into(),
-        format!("id=dst,socket={},image={},serial=mig,incoming=on", b.display(), image.display()),
+        format!(
+            "id=dst,socket={},image={},serial=mig,incoming=on{packed}",
+            b.display(),
+            image.display()
+        ),
     ];
     let mut daemon = Daemon::start_with(dir.path(), &args, &[a.clone(), b.clone()]);
     let runid = format!("{:04x}{:04x}{}", rand_u16(), rand_u16(), std::process::id());
