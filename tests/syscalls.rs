@@ -51,15 +51,28 @@ fn count_syscalls(dir: &Path, spec: &str) -> HashMap<String, u64> {
 /// works on its I/O (so a kernel worker may use the CPU): it is waiting, not per-request work.
 const WAITING: &[&str] = &["sched_yield"];
 
+/// Memory calls a queue makes a few times in its life, not per request: its shared latency
+/// histograms are made at their first merge (glibc grows the I/O thread's arena with
+/// mprotect, or maps a new one). Each is allowed up to this many calls in all.
+const ONCE_PER_QUEUE: &[(&str, u64)] = &[("mprotect", 32), ("mmap", 8), ("brk", 8)];
+
 fn assert_per_request(calls: &HashMap<String, u64>, allowed: &[(&str, f64)]) {
-    for name in calls.keys() {
+    let once = |name: &str| ONCE_PER_QUEUE.iter().find(|(n, _)| *n == name).map(|(_, max)| *max);
+    for (name, n) in calls {
+        if let Some(max) = once(name) {
+            assert!(*n <= max, "{name}: {n} calls, more than once per queue: {calls:?}");
+            continue;
+        }
         assert!(
             allowed.iter().any(|(a, _)| a == name) || WAITING.contains(&name.as_str()),
             "unexpected system call {name} on the data path: {calls:?}"
         );
     }
-    let total: u64 =
-        calls.iter().filter(|(name, _)| !WAITING.contains(&name.as_str())).map(|(_, n)| n).sum();
+    let total: u64 = calls
+        .iter()
+        .filter(|(name, _)| !WAITING.contains(&name.as_str()) && once(name).is_none())
+        .map(|(_, n)| n)
+        .sum();
     let budget: f64 = allowed.iter().map(|(_, per)| per).sum();
     for (name, per) in allowed {
         let n = calls.get(*name).copied().unwrap_or(0) as f64;
