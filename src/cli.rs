@@ -222,10 +222,7 @@ fn doctor(control: &std::path::Path, json: bool, root: &std::path::Path) -> Exit
                 .as_array()
                 .into_iter()
                 .flatten()
-                .filter_map(|t| {
-                    let tid = t["tid"].as_u64().and_then(|n| u32::try_from(n).ok())?;
-                    Some(ThreadFacts { id: t["id"].as_str()?.to_string(), tid })
-                })
+                .filter_map(ThreadFacts::from_daemon)
                 .collect();
             (e, t, None)
         }

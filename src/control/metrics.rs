@@ -615,6 +615,18 @@ fn write_iothreads(out: &mut String, threads: &[crate::iothread::registry::IoThr
             let _ = writeln!(out, "{name}{{iothread=\"{}\"}} {}", escape(&t.id), field(t));
         }
     }
+    let name = "blkplane_iothread_poll_choices_total";
+    family(
+        out,
+        name,
+        "counter",
+        "Adaptive polling's decisions after its trials, by the way chosen: poll (polling bought more wall time than it cost CPU) or sleep.",
+    );
+    for t in threads {
+        let id = escape(&t.id);
+        let _ = writeln!(out, "{name}{{iothread=\"{id}\",way=\"poll\"}} {}", t.chose_poll);
+        let _ = writeln!(out, "{name}{{iothread=\"{id}\",way=\"sleep\"}} {}", t.chose_sleep);
+    }
 }
 
 /// Every request's latency by kind: read, write and flush in coarse buckets per export, or

@@ -18,7 +18,7 @@ mod worker;
 
 use std::fs::File;
 use std::io;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -72,6 +72,72 @@ pub struct ThreadStats {
     /// Polling periods that found work before their window ended.
     pub poll_hits: AtomicU64,
     pub sleeps: AtomicU64,
+    /// What adaptive polling chose at its last trials (`poll::Chooser`).
+    pub choice: ChoiceStats,
+}
+
+/// An adaptive thread's polling decisions as the control plane reads them: written by the I/O
+/// thread once per pair of trials (a few times a second), never per request.
+#[derive(Default)]
+pub struct ChoiceStats {
+    /// 0: no decision yet, 1: polls, 2: sleeps.
+    now: AtomicU8,
+    pub chose_poll: AtomicU64,
+    pub chose_sleep: AtomicU64,
+    /// Per request, in ns, from the last trials: polling's wall time and CPU, then
+    /// sleeping's (`u64::MAX`: the trial saw no work).
+    figures_ns: [AtomicU64; 4],
+}
+
+/// [`ChoiceStats`] read at one moment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChoiceSnapshot {
+    /// `None` before the first decision.
+    pub polls: Option<bool>,
+    pub chose_poll: u64,
+    pub chose_sleep: u64,
+    /// Polling's wall and CPU ns per request, then sleeping's, where the trial saw work.
+    pub poll_ns: Option<(u64, u64)>,
+    pub sleep_ns: Option<(u64, u64)>,
+}
+
+impl ChoiceStats {
+    /// Units of work a request is: it is fetched, and answered.
+    const WORK_PER_REQUEST: f64 = 2.0;
+
+    pub fn record(&self, c: &poll::Choice) {
+        let per_request = |score: Option<poll::Score>| match score {
+            Some(s) => [
+                (s.wall_ns_per_work * Self::WORK_PER_REQUEST) as u64,
+                (s.cpu_ns_per_work * Self::WORK_PER_REQUEST) as u64,
+            ],
+            None => [u64::MAX; 2],
+        };
+        let [pw, pc] = per_request(c.poll);
+        let [sw, sc] = per_request(c.sleep);
+        for (cell, v) in self.figures_ns.iter().zip([pw, pc, sw, sc]) {
+            cell.store(v, Ordering::Relaxed);
+        }
+        let counter = if c.polls { &self.chose_poll } else { &self.chose_sleep };
+        counter.fetch_add(1, Ordering::Relaxed);
+        self.now.store(if c.polls { 1 } else { 2 }, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> ChoiceSnapshot {
+        let f: Vec<u64> = self.figures_ns.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        let pair = |wall: u64, cpu: u64| (wall != u64::MAX).then_some((wall, cpu));
+        ChoiceSnapshot {
+            polls: match self.now.load(Ordering::Relaxed) {
+                1 => Some(true),
+                2 => Some(false),
+                _ => None,
+            },
+            chose_poll: self.chose_poll.load(Ordering::Relaxed),
+            chose_sleep: self.chose_sleep.load(Ordering::Relaxed),
+            poll_ns: pair(f[0], f[1]),
+            sleep_ns: pair(f[2], f[3]),
+        }
+    }
 }
 
 /// Where an export's queues run.

@@ -256,12 +256,35 @@ pub struct IoThreadInfo {
     /// congestion figure), from the scheduler's statistics.
     pub cpu_ns: u64,
     pub runqueue_wait_ns: u64,
+    /// Adaptive polling's choice at its last trials: `poll`, `sleep`, or null (no decision
+    /// yet, or not adaptive), how often it chose each, and per request in µs the wall time
+    /// and CPU each way took in its last trial (null: that trial saw no work).
+    pub chosen: Option<&'static str>,
+    pub chose_poll: u64,
+    pub chose_sleep: u64,
+    pub trial_poll_us: Option<WallAndCpu>,
+    pub trial_sleep_us: Option<WallAndCpu>,
+}
+
+/// Per request: wall time and the thread's CPU, in µs.
+#[derive(Serialize, Debug, Clone, Copy, PartialEq)]
+pub struct WallAndCpu {
+    pub wall: f64,
+    pub cpu: f64,
+}
+
+impl WallAndCpu {
+    fn from_ns((wall, cpu): (u64, u64)) -> WallAndCpu {
+        WallAndCpu { wall: wall as f64 / 1e3, cpu: cpu as f64 / 1e3 }
+    }
 }
 
 fn info_of(thread: &IoThread, kind: &'static str) -> IoThreadInfo {
     let policy = thread.poll.get();
     let (cpu_ns, runqueue_wait_ns) = crate::sys::thread_schedstat(thread.tid).unwrap_or_default();
     let s = &thread.stats;
+    let choice = s.choice.snapshot();
+    let adaptive = policy.mode == PollMode::Adaptive;
     IoThreadInfo {
         id: thread.id.clone(),
         kind,
@@ -275,6 +298,15 @@ fn info_of(thread: &IoThread, kind: &'static str) -> IoThreadInfo {
         tid: thread.tid,
         cpu_ns,
         runqueue_wait_ns,
+        chosen: match choice.polls.filter(|_| adaptive) {
+            Some(true) => Some("poll"),
+            Some(false) => Some("sleep"),
+            None => None,
+        },
+        chose_poll: choice.chose_poll,
+        chose_sleep: choice.chose_sleep,
+        trial_poll_us: choice.poll_ns.map(WallAndCpu::from_ns),
+        trial_sleep_us: choice.sleep_ns.map(WallAndCpu::from_ns),
     }
 }
 
