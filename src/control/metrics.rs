@@ -620,12 +620,13 @@ fn write_iothreads(out: &mut String, threads: &[crate::iothread::registry::IoThr
         out,
         name,
         "counter",
-        "Adaptive polling's decisions after its trials, by the way chosen: poll (polling bought more wall time than it cost CPU) or sleep.",
+        "Adaptive polling's decisions after its trials, by the way chosen: poll (for requests and completions), poll-requests (for the next request only) or sleep.",
     );
     for t in threads {
         let id = escape(&t.id);
-        let _ = writeln!(out, "{name}{{iothread=\"{id}\",way=\"poll\"}} {}", t.chose_poll);
-        let _ = writeln!(out, "{name}{{iothread=\"{id}\",way=\"sleep\"}} {}", t.chose_sleep);
+        for (way, n) in &t.choices {
+            let _ = writeln!(out, "{name}{{iothread=\"{id}\",way=\"{way}\"}} {n}");
+        }
     }
 }
 

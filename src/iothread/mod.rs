@@ -77,28 +77,26 @@ pub struct ThreadStats {
 }
 
 /// An adaptive thread's polling decisions as the control plane reads them: written by the I/O
-/// thread once per pair of trials (a few times a second), never per request.
+/// thread once per round of trials (a few times a second), never per request.
 #[derive(Default)]
 pub struct ChoiceStats {
-    /// 0: no decision yet, 1: polls, 2: sleeps.
+    /// 0: no decision yet; else 1 + the index of the way chosen in `poll::Way::ALL`.
     now: AtomicU8,
-    pub chose_poll: AtomicU64,
-    pub chose_sleep: AtomicU64,
-    /// Per request, in ns, from the last trials: polling's wall time and CPU, then
-    /// sleeping's (`u64::MAX`: the trial saw no work).
-    figures_ns: [AtomicU64; 4],
+    /// Per way: how often it was chosen.
+    pub chosen: [AtomicU64; 3],
+    /// Per way, per request in ns from its trials: wall time, then CPU (`u64::MAX`: its
+    /// last trial saw no work).
+    figures_ns: [[AtomicU64; 2]; 3],
 }
 
-/// [`ChoiceStats`] read at one moment.
+/// [`ChoiceStats`] read at one moment; arrays are indexed as `poll::Way::ALL`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChoiceSnapshot {
     /// `None` before the first decision.
-    pub polls: Option<bool>,
-    pub chose_poll: u64,
-    pub chose_sleep: u64,
-    /// Polling's wall and CPU ns per request, then sleeping's, where the trial saw work.
-    pub poll_ns: Option<(u64, u64)>,
-    pub sleep_ns: Option<(u64, u64)>,
+    pub way: Option<poll::Way>,
+    pub chosen: [u64; 3],
+    /// Wall time and CPU in ns per request, where the way's trials saw work.
+    pub figures_ns: [Option<(u64, u64)>; 3],
 }
 
 impl ChoiceStats {
@@ -106,36 +104,33 @@ impl ChoiceStats {
     const WORK_PER_REQUEST: f64 = 2.0;
 
     pub fn record(&self, c: &poll::Choice) {
-        let per_request = |score: Option<poll::Score>| match score {
-            Some(s) => [
-                (s.wall_ns_per_work * Self::WORK_PER_REQUEST) as u64,
-                (s.cpu_ns_per_work * Self::WORK_PER_REQUEST) as u64,
-            ],
-            None => [u64::MAX; 2],
-        };
-        let [pw, pc] = per_request(c.poll);
-        let [sw, sc] = per_request(c.sleep);
-        for (cell, v) in self.figures_ns.iter().zip([pw, pc, sw, sc]) {
-            cell.store(v, Ordering::Relaxed);
+        for (cells, score) in self.figures_ns.iter().zip(c.scores) {
+            let [wall, cpu] = match score {
+                Some(s) => [s.wall_ns_per_work, s.cpu_ns_per_work]
+                    .map(|ns| (ns * Self::WORK_PER_REQUEST) as u64),
+                None => [u64::MAX; 2],
+            };
+            cells[0].store(wall, Ordering::Relaxed);
+            cells[1].store(cpu, Ordering::Relaxed);
         }
-        let counter = if c.polls { &self.chose_poll } else { &self.chose_sleep };
-        counter.fetch_add(1, Ordering::Relaxed);
-        self.now.store(if c.polls { 1 } else { 2 }, Ordering::Relaxed);
+        let i = poll::Way::ALL.iter().position(|w| *w == c.way).unwrap_or(2);
+        self.chosen[i].fetch_add(1, Ordering::Relaxed);
+        self.now.store(i as u8 + 1, Ordering::Relaxed);
     }
 
     pub fn snapshot(&self) -> ChoiceSnapshot {
-        let f: Vec<u64> = self.figures_ns.iter().map(|c| c.load(Ordering::Relaxed)).collect();
-        let pair = |wall: u64, cpu: u64| (wall != u64::MAX).then_some((wall, cpu));
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let way = (self.now.load(Ordering::Relaxed) as usize)
+            .checked_sub(1)
+            .and_then(|i| poll::Way::ALL.get(i).copied());
         ChoiceSnapshot {
-            polls: match self.now.load(Ordering::Relaxed) {
-                1 => Some(true),
-                2 => Some(false),
-                _ => None,
-            },
-            chose_poll: self.chose_poll.load(Ordering::Relaxed),
-            chose_sleep: self.chose_sleep.load(Ordering::Relaxed),
-            poll_ns: pair(f[0], f[1]),
-            sleep_ns: pair(f[2], f[3]),
+            way,
+            chosen: self.chosen.each_ref().map(load),
+            figures_ns: self.figures_ns.each_ref().map(|[wall, cpu]| {
+                let (wall, cpu) = (load(wall), load(cpu));
+                // Before the first decision the cells hold nothing measured.
+                (way.is_some() && wall != u64::MAX).then_some((wall, cpu))
+            }),
         }
     }
 }
