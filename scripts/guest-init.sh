@@ -215,64 +215,46 @@ if [ "$MODE" = hotplug ]; then
         touch /tmp/stopped
     ) &
     echo "BLKPLANE-IO-START"
-    i=0
-    while [ "$(blocks | wc -l)" -le "$(wc -l < /tmp/old-blocks)" ]; do
-        i=$((i + 1))
-        [ $i -gt 1200 ] && fail "no new memory block"
-        sleep 0.1
-    done
+    # Runs "$@" every 0.1 s until it succeeds; fails the test with $2 after $1 tries.
+    poll() {
+        tries=$1; what=$2; shift 2
+        i=0
+        until "$@"; do
+            i=$((i + 1))
+            [ $i -gt "$tries" ] && fail "$what"
+            sleep 0.1
+        done
+    }
+    old=$(wc -l < /tmp/old-blocks)
+    more_blocks() { [ "$(blocks | wc -l)" -gt "$old" ]; }
+    old_blocks_only() { [ "$(blocks | wc -l)" = "$old" ]; }
+    online() { [ "$(cat $mem/memory$1/state)" = online ]; }
+    take_offline() { echo offline > $mem/memory$1/state 2>/dev/null; }
+    poll 1200 "no new memory block" more_blocks
     sleep 1
     blocks | grep -vxF -f /tmp/old-blocks > /tmp/new-blocks
     for b in $(cat /tmp/new-blocks); do
-        i=0
-        while [ "$(cat $mem/memory$b/state)" != online ]; do
-            i=$((i + 1))
-            [ $i -gt 100 ] && fail "memory block $b is $(cat $mem/memory$b/state)"
-            sleep 0.1
-        done
+        poll 100 "memory block $b does not come online" online $b
         zone=$(cat $mem/memory$b/valid_zones)
         [ "$zone" = Movable ] || fail "memory block $b onlined in zone $zone"
     done
     check "DIMM online: blocks $(echo $(cat /tmp/new-blocks)) in zone Movable, MemTotal $(awk '/^MemTotal:/ {print $2}' /proc/meminfo) kB"
     # The host lets fio run whole rounds on the new memory, then says "offline".
     echo "BLKPLANE-ONLINE"
-    i=0
-    until host_says offline 1; do
-        i=$((i + 1))
-        [ $i -gt 120 ] && fail "the host never said offline"
-    done
+    poll 120 "the host never said offline" host_says offline 1
     used=$(awk '/^Node .* zone +Movable/ {m=1; next} /^Node/ {m=0} m && /present/ {p=$2} m && /nr_free_pages/ {f=$2} END {print p - f}' /proc/zoneinfo)
     check "pages in use in the DIMM's zone before it goes out of use: $used"
     rm -f /fill/old
     for b in $(cat /tmp/new-blocks); do
-        i=0
-        until echo offline > $mem/memory$b/state 2>/dev/null; do
-            i=$((i + 1))
-            [ $i -gt 50 ] && fail "memory block $b does not go offline"
-            sleep 0.2
-        done
+        poll 100 "memory block $b does not go offline" take_offline $b
     done
     check "DIMM offline: blocks $(echo $(cat /tmp/new-blocks))"
     echo "BLKPLANE-OFFLINE"
-    i=0
-    while [ "$(blocks | wc -l)" -gt "$(wc -l < /tmp/old-blocks)" ]; do
-        i=$((i + 1))
-        [ $i -gt 1200 ] && fail "the DIMM's memory blocks are still there"
-        sleep 0.1
-    done
+    poll 1200 "the DIMM's memory blocks are still there" old_blocks_only
     check "DIMM removed: MemTotal $(awk '/^MemTotal:/ {print $2}' /proc/meminfo) kB"
-    i=0
-    until host_says stop 1; do
-        i=$((i + 1))
-        [ $i -gt 120 ] && fail "the host never said stop"
-    done
+    poll 120 "the host never said stop" host_says stop 1
     touch /tmp/stop
-    i=0
-    while [ ! -e /tmp/stopped ]; do
-        i=$((i + 1))
-        [ $i -gt 600 ] && fail "fio did not stop"
-        sleep 0.1
-    done
+    poll 600 "fio did not stop" [ -e /tmp/stopped ]
     fio_job --verify_only
     check "fio data of the last round verified"
     if dmesg | grep -iE 'I/O error|blk_update_request|Buffer I/O|critical medium'; then
