@@ -764,9 +764,10 @@ impl Daemon {
         id: &str,
         target: &str,
         speed_bytes_per_s: u64,
+        tls_creds: Option<&std::path::Path>,
     ) -> Result<JobInfo, ControlError> {
         let disk = self.with_export(id, |e| e.server.disk())?;
-        Ok(self.jobs.start_mirror(id, &disk, target, speed_bytes_per_s)?)
+        Ok(self.jobs.start_mirror(id, &disk, target, speed_bytes_per_s, tls_creds)?)
     }
 
     pub fn query_jobs(&self) -> Vec<JobInfo> {
