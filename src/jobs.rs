@@ -49,9 +49,13 @@ fn open_target(
     disk: &Disk,
     tls_creds: Option<&Path>,
 ) -> Result<Target, JobError> {
-    if tls_creds.is_some() && !matches!(&spec, BackendSpec::Nbd { spec, .. } if matches!(spec.addr, NbdAddr::Tcp { .. }))
+    if tls_creds.is_some()
+        && !matches!(&spec, BackendSpec::Nbd { spec, .. } if matches!(spec.addr, NbdAddr::Tcp { .. }))
     {
-        return refuse("invalid-argument", format!("tls-creds= is for an nbd:// target, not {text}"));
+        return refuse(
+            "invalid-argument",
+            format!("tls-creds= is for an nbd:// target, not {text}"),
+        );
     }
     match spec {
         BackendSpec::Image(path) => {

@@ -7,6 +7,7 @@ pub mod frontend;
 pub mod nbd;
 pub mod no_ceph;
 pub mod raw;
+pub mod tls;
 
 use std::fs;
 use std::io::Read;

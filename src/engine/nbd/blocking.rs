@@ -133,10 +133,9 @@ impl BlockingNbd {
             Stream::Unix(s) => s.write_all(&header).and_then(|()| s.write_all(payload)),
             Stream::Tcp(s) => s.write_all(&header).and_then(|()| s.write_all(payload)),
             // One record for both where they fit, and the data on the wire before the wait.
-            Stream::Tls(s) => s
-                .write_all(&header)
-                .and_then(|()| s.write_all(payload))
-                .and_then(|()| s.flush()),
+            Stream::Tls(s) => {
+                s.write_all(&header).and_then(|()| s.write_all(payload)).and_then(|()| s.flush())
+            }
         };
         sent.map_err(|e| fail("sending a request", &e))?;
         let reader: &mut dyn Read = match stream {

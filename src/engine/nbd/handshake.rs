@@ -218,8 +218,7 @@ fn attempt_with(
     let mut stream = Stream { fd, limits };
     greet(&mut stream).map_err(|e| fail("handshake", &e))?;
     let Some(tls) = tls else {
-        let negotiated =
-            negotiate(&mut stream, &spec.export).map_err(|e| fail("handshake", &e))?;
+        let negotiated = negotiate(&mut stream, &spec.export).map_err(|e| fail("handshake", &e))?;
         return Ok((Connection { fd: stream.fd, negotiated }, None));
     };
     let mut session = start_tls(&mut stream, tls).map_err(|e| fail("TLS", &e))?;
