@@ -785,6 +785,31 @@ fn migrate(q: &mut Qmp, uri: &str, deadline: Instant) -> serde_json::Value {
     }
 }
 
+/// After a migration: tells the guest on the destination `dst` (whose console `console`
+/// reads) to stop and waits for its verdict and exit; ends the source `src` (paused after a
+/// migration until told to go, if it has not gone already) through its QMP `q`. Returns the
+/// destination's exit status.
+fn end_migrated(
+    dst: &mut std::process::Child,
+    src: &mut std::process::Child,
+    q: &mut Qmp,
+    deadline: Instant,
+    console: impl Fn() -> String,
+) -> std::process::ExitStatus {
+    type_until(dst.stdin.as_mut().unwrap(), "stop", deadline, || {
+        let text = console();
+        text.contains("BLKPLANE-PASS") || text.contains("BLKPLANE-FAIL")
+    });
+    let status = dst.wait().unwrap();
+    {
+        use std::io::Write;
+        let _ = writeln!(q.writer, "{}", serde_json::json!({"execute": "quit"}));
+    }
+    let _ = src.kill();
+    let _ = src.wait();
+    status
+}
+
 /// A guest runs fio with verification (`workload`: write, or read of data written first)
 /// while QEMU live-migrates it to a second QEMU on this host through QMP `migrate`; both disks
 /// are blkplane exports of the one image (the destination's with `incoming=on`). The
@@ -871,17 +896,7 @@ fn migrate_run(workload: &str, ring: Ring) {
 
     // The guest runs on the destination now, in the middle of the round the switch-over
     // interrupted: it ends with that round.
-    type_until(dst.stdin.as_mut().unwrap(), "stop", deadline, || {
-        read("dst").contains("BLKPLANE-PASS") || read("dst").contains("BLKPLANE-FAIL")
-    });
-    let dst_status = dst.wait().unwrap();
-    // The source stays paused after a migration until told to go (it may have gone already).
-    {
-        use std::io::Write;
-        let _ = writeln!(q.writer, "{}", serde_json::json!({"execute": "quit"}));
-    }
-    let _ = src.kill();
-    let _ = src.wait();
+    let dst_status = end_migrated(&mut dst, &mut src, &mut q, deadline, || read("dst"));
     let report = report(&daemon);
     assert!(dst_status.code() != Some(124), "the destination guest timed out\n{report}");
     let console_dst = read("dst");
@@ -1109,16 +1124,7 @@ fn linux_guest_migrates_to_another_host_and_image_through_a_tls_mirror() {
 
     // The guest runs on host B now, in the middle of the round the switch-over interrupted:
     // it ends with that round and verifies its data once more.
-    type_until(dst.stdin.as_mut().unwrap(), "stop", deadline, || {
-        read("dst").contains("BLKPLANE-PASS") || read("dst").contains("BLKPLANE-FAIL")
-    });
-    let dst_status = dst.wait().unwrap();
-    {
-        use std::io::Write;
-        let _ = writeln!(q.writer, "{}", serde_json::json!({"execute": "quit"}));
-    }
-    let _ = src.kill();
-    let _ = src.wait();
+    let dst_status = end_migrated(&mut dst, &mut src, &mut q, deadline, || read("dst"));
     let report = report(&daemon_a, &daemon_b);
     assert!(dst_status.code() != Some(124), "the destination guest timed out\n{report}");
     let console_dst = read("dst");
