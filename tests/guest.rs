@@ -957,6 +957,19 @@ fn linux_guest_migrates_while_writing_on_packed_rings() {
     migrate_run("write", Ring::Packed);
 }
 
+/// A QEMU under `timeout` (through `ip netns exec`, which runs it in place) that a failing
+/// test does not leave behind: SIGTERM, which `timeout` passes on to QEMU, when dropped.
+struct Vm(std::process::Child);
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            common::signal(self.0.id() as i32, libc::SIGTERM);
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// `ctl ARGS` on the daemon at `control` that must succeed: its JSON answer.
 fn ctl_json(control: &Path, args: &[&str]) -> serde_json::Value {
     let out = common::ctl(control, args);
@@ -1031,6 +1044,7 @@ fn linux_guest_migrates_to_another_host_and_image_through_a_tls_mirror() {
         .stderr(stderr("src"))
         .spawn()
         .expect("start the source QEMU");
+    let mut src = Vm(src);
     let migration_uri = format!("tcp:{}:4444", NetPair::ADDR_B);
     let mut dst = qemu(cache, 1, &[(&sock_b, 1)], false, &append);
     dst.args(["-qmp", &format!("unix:{},server=on,wait=off", qmp("dst").display())]).args([
@@ -1044,6 +1058,7 @@ fn linux_guest_migrates_to_another_host_and_image_through_a_tls_mirror() {
         .stderr(stderr("dst"))
         .spawn()
         .expect("start the destination QEMU");
+    let mut dst = Vm(dst);
     let t0 = Instant::now();
     let deadline = t0 + Duration::from_secs(u64::from(GUEST_TIMEOUT_S) - 20);
     let read = |name: &str| fs::read_to_string(console(name)).unwrap_or_default();
@@ -1124,7 +1139,7 @@ fn linux_guest_migrates_to_another_host_and_image_through_a_tls_mirror() {
 
     // The guest runs on host B now, in the middle of the round the switch-over interrupted:
     // it ends with that round and verifies its data once more.
-    let dst_status = end_migrated(&mut dst, &mut src, &mut q, deadline, || read("dst"));
+    let dst_status = end_migrated(&mut dst.0, &mut src.0, &mut q, deadline, || read("dst"));
     let report = report(&daemon_a, &daemon_b);
     assert!(dst_status.code() != Some(124), "the destination guest timed out\n{report}");
     let console_dst = read("dst");
