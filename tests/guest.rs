@@ -1038,7 +1038,7 @@ fn linux_guest_migrates_to_another_host_and_image_through_a_tls_mirror() {
     let stderr = |name: &str| fs::File::create(d.join(format!("stderr-{name}.log"))).unwrap();
     let mut src = qemu(cache, 1, &[(&sock_a, 1)], false, &append);
     src.args(["-qmp", &format!("unix:{},server=on,wait=off", qmp("src").display())]);
-    let mut src = NetPair::exec_in(&net.a, &src)
+    let src = NetPair::exec_in(&net.a, &src)
         .stdin(Stdio::null())
         .stdout(fs::File::create(console("src")).unwrap())
         .stderr(stderr("src"))
@@ -1052,7 +1052,7 @@ fn linux_guest_migrates_to_another_host_and_image_through_a_tls_mirror() {
         &migration_uri,
         "-S",
     ]);
-    let mut dst = NetPair::exec_in(&net.b, &dst)
+    let dst = NetPair::exec_in(&net.b, &dst)
         .stdin(Stdio::piped())
         .stdout(fs::File::create(console("dst")).unwrap())
         .stderr(stderr("dst"))
