@@ -791,6 +791,51 @@ impl Qmp {
     }
 }
 
+/// Migrates the VM behind `q` to `uri` through QMP: fast, but kept from finishing for 3 s
+/// (no downtime allowed) so that the guest's I/O goes on into pages the migration has sent
+/// already, which only the daemon's log can get sent again; then it may finish. Returns
+/// query-migrate's answer once it completed or failed (or at `deadline`).
+fn migrate(q: &mut Qmp, uri: &str, deadline: Instant) -> serde_json::Value {
+    let limit = |ms: u64| serde_json::json!({"max-bandwidth": 1u64 << 30, "downtime-limit": ms});
+    q.call("migrate-set-parameters", limit(0));
+    q.call("migrate", serde_json::json!({ "uri": uri }));
+    std::thread::sleep(Duration::from_secs(3));
+    q.call("migrate-set-parameters", limit(300));
+    loop {
+        let info = q.call("query-migrate", serde_json::json!({}));
+        let status = info["status"].as_str().unwrap_or("").to_string();
+        if status == "completed" || status == "failed" || Instant::now() > deadline {
+            return info;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// After a migration: tells the guest on the destination `dst` (whose console `console`
+/// reads) to stop and waits for its verdict and exit; ends the source `src` (paused after a
+/// migration until told to go, if it has not gone already) through its QMP `q`. Returns the
+/// destination's exit status.
+fn end_migrated(
+    dst: &mut std::process::Child,
+    src: &mut std::process::Child,
+    q: &mut Qmp,
+    deadline: Instant,
+    console: impl Fn() -> String,
+) -> std::process::ExitStatus {
+    type_until(dst.stdin.as_mut().unwrap(), "stop", deadline, || {
+        let text = console();
+        text.contains("BLKPLANE-PASS") || text.contains("BLKPLANE-FAIL")
+    });
+    let status = dst.wait().unwrap();
+    {
+        use std::io::Write;
+        let _ = writeln!(q.writer, "{}", serde_json::json!({"execute": "quit"}));
+    }
+    let _ = src.kill();
+    let _ = src.wait();
+    status
+}
+
 /// A guest runs fio with verification (`workload`: write, or read of data written first)
 /// while QEMU live-migrates it to a second QEMU on this host through QMP `migrate`; both disks
 /// are blkplane exports of the one image (the destination's with `incoming=on`). The
@@ -862,25 +907,10 @@ fn migrate_run(workload: &str, ring: Ring) {
     assert!(!read("src").contains("BLKPLANE-FAIL"), "{}", report(&daemon));
     std::thread::sleep(Duration::from_millis(1500));
 
-    // Fast, but kept from finishing for 3 s (no downtime allowed): the guest's I/O goes on
-    // into pages the migration has already sent, which only the daemon's log can get sent
-    // again. Then it may finish.
     let rounds_before = read("src").matches("BLKPLANE-ROUND").count();
     let mut q = Qmp::connect(&qmp("src"), deadline);
-    let limit = |ms: u64| serde_json::json!({"max-bandwidth": 1u64 << 30, "downtime-limit": ms});
-    q.call("migrate-set-parameters", limit(0));
     let started = Instant::now();
-    q.call("migrate", serde_json::json!({"uri": format!("unix:{}", migration.display())}));
-    std::thread::sleep(Duration::from_secs(3));
-    q.call("migrate-set-parameters", limit(300));
-    let status = loop {
-        let info = q.call("query-migrate", serde_json::json!({}));
-        let status = info["status"].as_str().unwrap_or("").to_string();
-        if status == "completed" || status == "failed" || Instant::now() > deadline {
-            break info;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = migrate(&mut q, &format!("unix:{}", migration.display()), deadline);
     assert_eq!(status["status"], "completed", "migration: {status}\n{}", report(&daemon));
     let rounds_during = read("src").matches("BLKPLANE-ROUND").count() - rounds_before;
     eprintln!(
@@ -892,17 +922,7 @@ fn migrate_run(workload: &str, ring: Ring) {
 
     // The guest runs on the destination now, in the middle of the round the switch-over
     // interrupted: it ends with that round.
-    type_until(dst.stdin.as_mut().unwrap(), "stop", deadline, || {
-        read("dst").contains("BLKPLANE-PASS") || read("dst").contains("BLKPLANE-FAIL")
-    });
-    let dst_status = dst.wait().unwrap();
-    // The source stays paused after a migration until told to go (it may have gone already).
-    {
-        use std::io::Write;
-        let _ = writeln!(q.writer, "{}", serde_json::json!({"execute": "quit"}));
-    }
-    let _ = src.kill();
-    let _ = src.wait();
+    let dst_status = end_migrated(&mut dst, &mut src, &mut q, deadline, || read("dst"));
     let report = report(&daemon);
     assert!(dst_status.code() != Some(124), "the destination guest timed out\n{report}");
     let console_dst = read("dst");
@@ -961,6 +981,216 @@ fn linux_guest_migrates_while_reading() {
 #[test]
 fn linux_guest_migrates_while_writing_on_packed_rings() {
     migrate_run("write", Ring::Packed);
+}
+
+/// A QEMU under `timeout` (through `ip netns exec`, which runs it in place) that a failing
+/// test does not leave behind: SIGTERM, which `timeout` passes on to QEMU, when dropped.
+struct Vm(std::process::Child);
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            common::signal(self.0.id() as i32, libc::SIGTERM);
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// `ctl ARGS` on the daemon at `control` that must succeed: its JSON answer.
+fn ctl_json(control: &Path, args: &[&str]) -> serde_json::Value {
+    let out = common::ctl(control, args);
+    assert!(out.status.success(), "ctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Live migration without shared storage between two hosts: network namespaces joined by a
+/// veth pair. Daemon A (host A) serves image A to the source QEMU; daemon B (host B) serves a
+/// different image B with `incoming=on`, exposed writable by its NBD server over TCP with
+/// TLS (certificates made here; the server asks for the client's). While the guest runs fio
+/// with verification, A mirrors image A to B (`ctl mirror ... tls-creds=`); once the job is
+/// ready, QEMU migrates the guest over TCP to the destination QEMU on host B, started with
+/// `-S` so that it waits, as libvirt's destination does, until it is told to run. At that
+/// point (the source's rings stopped) the two images compare equal: every write the guest
+/// was answered for is on B. The source's job is cancelled (no write to B), B's exposure
+/// ended, the destination resumed: fio finishes and verifies on B without an error.
+#[test]
+fn linux_guest_migrates_to_another_host_and_image_through_a_tls_mirror() {
+    use common::netns::NetPair;
+    let cache = assets();
+    let dir = tmpdir();
+    let d = dir.path();
+    let net = NetPair::new("mig");
+    common::tls::make_certs(d, &[NetPair::ADDR_B]);
+    let (image_a, image_b) = (d.join("a.raw"), d.join("b.raw"));
+    make_image(&image_a, IMAGE_BYTES, 81);
+    // B starts as another disk's bytes: whatever the mirror does not copy shows.
+    make_image(&image_b, IMAGE_BYTES, 82);
+    let (sock_a, sock_b, ctl_a, ctl_b) =
+        (d.join("a.sock"), d.join("b.sock"), d.join("ctl-a.sock"), d.join("ctl-b.sock"));
+    let nbd_addr = format!("{}:10809", NetPair::ADDR_B);
+    let daemon_in = |ns: &str| NetPair::exec_in(ns, &Command::new(common::daemon_bin()));
+    let args_b: Vec<String> = vec![
+        "--control".into(),
+        ctl_b.display().to_string(),
+        "--nbd-server".into(),
+        format!("addr={nbd_addr},tls-creds={}", d.join("srv").display()),
+        "--export".into(),
+        format!(
+            "id=vm,socket={},image={},serial=mig,incoming=on",
+            sock_b.display(),
+            image_b.display()
+        ),
+    ];
+    let mut daemon_b =
+        Daemon::start_command(d, daemon_in(&net.b), &args_b, &[ctl_b.clone(), sock_b.clone()]);
+    ctl_json(&ctl_b, &["nbd-export", "id=vm", "writable=on"]);
+    let args_a: Vec<String> = vec![
+        "--control".into(),
+        ctl_a.display().to_string(),
+        "--export".into(),
+        format!("id=vm,socket={},image={},serial=mig", sock_a.display(), image_a.display()),
+    ];
+    let mut daemon_a =
+        Daemon::start_command(d, daemon_in(&net.a), &args_a, &[ctl_a.clone(), sock_a.clone()]);
+
+    let runid = format!("{:04x}{:04x}{}", rand_u16(), rand_u16(), std::process::id());
+    let append = format!(
+        "console=ttyS0 panic=-1 quiet loglevel=4 init_on_alloc=0 blkplane.mode=migrate blkplane.runid={runid} \
+         blkplane.sectors={} blkplane.serial=mig blkplane.queues=1 blkplane.wce=1 blkplane.workload=write",
+        IMAGE_BYTES / 512
+    );
+    let console = |name: &str| d.join(format!("console-{name}.log"));
+    let qmp = |name: &str| d.join(format!("qmp-{name}.sock"));
+    let stderr = |name: &str| fs::File::create(d.join(format!("stderr-{name}.log"))).unwrap();
+    let mut src = qemu(cache, 1, &[(&sock_a, 1)], false, &append);
+    src.args(["-qmp", &format!("unix:{},server=on,wait=off", qmp("src").display())]);
+    let src = NetPair::exec_in(&net.a, &src)
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(console("src")).unwrap())
+        .stderr(stderr("src"))
+        .spawn()
+        .expect("start the source QEMU");
+    let mut src = Vm(src);
+    let migration_uri = format!("tcp:{}:4444", NetPair::ADDR_B);
+    let mut dst = qemu(cache, 1, &[(&sock_b, 1)], false, &append);
+    dst.args(["-qmp", &format!("unix:{},server=on,wait=off", qmp("dst").display())]).args([
+        "-incoming",
+        &migration_uri,
+        "-S",
+    ]);
+    let dst = NetPair::exec_in(&net.b, &dst)
+        .stdin(Stdio::piped())
+        .stdout(fs::File::create(console("dst")).unwrap())
+        .stderr(stderr("dst"))
+        .spawn()
+        .expect("start the destination QEMU");
+    let mut dst = Vm(dst);
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs(u64::from(GUEST_TIMEOUT_S) - 20);
+    let read = |name: &str| fs::read_to_string(console(name)).unwrap_or_default();
+    let report = |a: &Daemon, b: &Daemon| {
+        format!(
+            "--- source console ---\n{}\n--- destination console ---\n{}\n--- QEMU stderr ---\n{}{}\n--- daemon A ---\n{}\n--- daemon B ---\n{}",
+            read("src"),
+            read("dst"),
+            fs::read_to_string(d.join("stderr-src.log")).unwrap_or_default(),
+            fs::read_to_string(d.join("stderr-dst.log")).unwrap_or_default(),
+            a.log(),
+            b.log()
+        )
+    };
+    wait_for("the guest's I/O", deadline, || {
+        read("src").contains("BLKPLANE-IO-START") || read("src").contains("BLKPLANE-FAIL")
+    });
+    assert!(!read("src").contains("BLKPLANE-FAIL"), "{}", report(&daemon_a, &daemon_b));
+
+    // fio under way (it starts a while after the guest says so).
+    std::thread::sleep(Duration::from_millis(1500));
+
+    // The mirror, from host A to host B, inside TLS; at 32 MiB/s it copies for 2 s, the
+    // guest writing into what it has copied, what it copies and what it has not reached.
+    let target = format!("target=nbd://{nbd_addr}/vm");
+    let creds = format!("tls-creds={}", d.join("good").display());
+    let started = ctl_json(&ctl_a, &["mirror", "id=vm", &target, &creds, "speed=32M"]);
+    assert_eq!(started["state"], "running", "{started}");
+    let mirror_t0 = Instant::now();
+    let job = || ctl_json(&ctl_a, &["query-jobs"])[0].clone();
+    wait_for("the mirror ready", deadline, || job()["state"] != "running");
+    let ready = job();
+    assert_eq!(ready["state"], "ready", "{ready}\n{}", report(&daemon_a, &daemon_b));
+    let mirror_s = mirror_t0.elapsed();
+    std::thread::sleep(Duration::from_secs(1));
+
+    let mut q = Qmp::connect(&qmp("src"), deadline);
+    let migration_t0 = Instant::now();
+    let status = migrate(&mut q, &migration_uri, deadline);
+    assert_eq!(
+        status["status"],
+        "completed",
+        "migration: {status}\n{}",
+        report(&daemon_a, &daemon_b)
+    );
+    let migration_s = migration_t0.elapsed();
+    // The destination has the guest, paused (-S): its rings have not started.
+    let mut qd = Qmp::connect(&qmp("dst"), deadline);
+    wait_for("the destination paused", deadline, || {
+        qd.call("query-status", serde_json::json!({}))["status"] == "paused"
+    });
+    // The source's rings stopped at the switch-over: the mirror flushed the target then.
+    assert!(
+        daemon_a.log().contains("migration switch-over: the ready mirror flushed"),
+        "{}",
+        report(&daemon_a, &daemon_b)
+    );
+    let cancelled = ctl_json(&ctl_a, &["job-cancel", "id=vm"]);
+    assert_eq!(cancelled["state"], "cancelled", "{cancelled}");
+    let recopied = cancelled["recopied_bytes"].as_u64().unwrap();
+    assert!(recopied > 0, "the guest's writes were mirrored: {cancelled}");
+    // Every write the guest was answered for on host A is on host B.
+    let out = Command::new("qemu-img")
+        .args(["compare", "-U", "-f", "raw", "-F", "raw"])
+        .arg(&image_a)
+        .arg(&image_b)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the images differ at the switch-over: {}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        report(&daemon_a, &daemon_b)
+    );
+    ctl_json(&ctl_b, &["nbd-unexport", "id=vm"]);
+    qd.call("cont", serde_json::json!({}));
+
+    // The guest runs on host B now, in the middle of the round the switch-over interrupted:
+    // it ends with that round and verifies its data once more.
+    let dst_status = end_migrated(&mut dst.0, &mut src.0, &mut q, deadline, || read("dst"));
+    let report = report(&daemon_a, &daemon_b);
+    assert!(dst_status.code() != Some(124), "the destination guest timed out\n{report}");
+    let console_dst = read("dst");
+    assert!(!console_dst.contains("BLKPLANE-FAIL"), "the guest failed on host B\n{report}");
+    assert!(console_dst.contains("BLKPLANE-PASS"), "no verdict from host B\n{report}");
+    assert!(daemon_a.log().contains("gave up the image's write permission"), "{report}");
+    assert!(daemon_b.log().contains("took the image's write permission"), "{report}");
+    assert!(daemon_a.alive() && daemon_b.alive(), "{report}");
+    assert!(daemon_a.stop().success());
+    assert!(daemon_b.stop().success());
+    let img = fs::read(&image_b).unwrap();
+    let id = format!("BLKPLANE-RUN-{runid}");
+    assert_eq!(&img[..id.len()], id.as_bytes(), "run id not in image B");
+    eprintln!(
+        "migration without shared storage: mirror ready after {mirror_s:?} ({recopied} bytes \
+         copied again for the guest's writes by the end), migration {migration_s:?} ({} ms \
+         downtime), whole test {:?}\n{}",
+        status["downtime"],
+        t0.elapsed(),
+        console_dst
+            .lines()
+            .filter(|l| l.starts_with("BLKPLANE-CHECK"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 }
 
 /// QEMU's defaults start against blkplane's: a VM with 2 vCPUs and no `num-queues` on its

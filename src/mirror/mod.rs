@@ -309,6 +309,33 @@ impl Mirror {
         }
     }
 
+    /// The guest's rings all stopped for a migration's switch-over: no guest write comes
+    /// any more, and each one answered is on the target (written before its answer). The
+    /// target is flushed so that they are durable there too. The job goes on (ready, or
+    /// copying): a migration that fails brings the guest back here, still mirrored; after one
+    /// that completed, job-cancel ends it without another write to the target.
+    pub fn switch_over(&self) {
+        if !self.state().mirrors() {
+            return;
+        }
+        let state = self.state().name();
+        self.guest_flushed();
+        match self.state() {
+            JobState::Ready => tracing::info!(
+                export = %self.id,
+                "migration switch-over: the ready mirror flushed {}", self.target_name
+            ),
+            // The copy has not reached the end: a destination that runs on the target now
+            // reads what was not copied yet. The VMM must migrate only once the job is ready.
+            JobState::Running => tracing::error!(
+                export = %self.id,
+                "migration switch-over before the mirror to {} was ready ({state}): the \
+                 target lacks what is not copied yet", self.target_name
+            ),
+            _ => {}
+        }
+    }
+
     /// Copies `range` of the source to the target: zeroes as write-zeroes, data in pieces
     /// through `buffer`. Returns the bytes read. With `extent` (the job's copy), holes are
     /// found with SEEK_DATA/SEEK_HOLE and the last data extent found is kept there: a seek
