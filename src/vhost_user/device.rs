@@ -633,7 +633,8 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         // "no inflight tracking"): the frontend goes on without it, and learns why from us.
         let no_region = VhostUserInflight { mmap_size: 0, mmap_offset: 0, ..*inflight };
         let created = self.inflight_geometry(inflight).and_then(|(num_queues, queue_size)| {
-            InflightRegion::create(num_queues, queue_size, Some(Arc::clone(&self.hangup)))
+            let format = self.ring_format();
+            InflightRegion::create(format, num_queues, queue_size, Some(Arc::clone(&self.hangup)))
                 .map_err(|e| self.inflight_error(e))
                 .map(|(region, file)| (region, file, num_queues, queue_size))
         });
@@ -642,7 +643,7 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
             return Ok((no_region, file));
         };
         let reply = VhostUserInflight {
-            mmap_size: inflight::region_bytes(num_queues, queue_size),
+            mmap_size: inflight::region_bytes(self.ring_format(), num_queues, queue_size),
             mmap_offset: 0,
             num_queues,
             queue_size,
@@ -659,6 +660,7 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
             &file,
             inflight.mmap_offset,
             inflight.mmap_size,
+            self.ring_format(),
             num_queues,
             queue_size,
             Some(Arc::clone(&self.hangup)),

@@ -4,7 +4,7 @@
 
 use super::memory::GuestMemory;
 use super::packed::{self, PackedQueue};
-use super::split::{self, ChainError, ChainOutcome, ChainSink, QueueError, RingAddrs, SplitQueue};
+use super::split::{self, ChainOutcome, ChainSink, QueueError, RingAddrs, SplitQueue};
 
 /// The two virtqueue layouts of virtio 1.1.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -108,19 +108,6 @@ impl Ring {
                 Ok(Some((head, outcome)))
             }
             Ring::Packed(q) => q.pop(mem, sink),
-        }
-    }
-
-    /// Walks the split ring's chain at `head` again (an inflight resubmission).
-    pub fn walk_split_chain(
-        &self,
-        mem: &GuestMemory,
-        head: u16,
-        sink: &mut impl ChainSink,
-    ) -> Result<ChainOutcome, ChainError> {
-        match self {
-            Ring::Split(q) => q.walk_chain(mem, head, sink),
-            Ring::Packed(_) => Err(ChainError::IndexOutOfRange),
         }
     }
 
