@@ -28,6 +28,7 @@ use crate::virtq::inflight;
 use crate::virtq::memory::MAX_MEM_REGIONS;
 use crate::virtq::{
     GuestMemory, InflightError, InflightRegion, MappedRegion, MemoryError, RingAddrs, RingFormat,
+    RingSetup,
 };
 use crate::{info_limited, warn_limited};
 
@@ -233,12 +234,14 @@ impl BlkDevice {
         let setup = QueueSetup {
             index: index as u16,
             memory: Arc::clone(&self.memory),
-            addrs: v.addrs.unwrap_or_default(),
-            size: v.size,
-            base: v.base,
-            format: self.ring_format(),
-            event_idx: self.acked_features & feature::RING_EVENT_IDX != 0,
-            indirect: self.acked_features & feature::RING_INDIRECT_DESC != 0,
+            ring: RingSetup {
+                addrs: v.addrs.unwrap_or_default(),
+                size: v.size,
+                base: v.base,
+                format: self.ring_format(),
+                event_idx: self.acked_features & feature::RING_EVENT_IDX != 0,
+                indirect: self.acked_features & feature::RING_INDIRECT_DESC != 0,
+            },
             kick: clone(&v.kick).map_err(Error::ReqHandlerError)?,
             call: clone(&v.call).map_err(Error::ReqHandlerError)?,
             err: clone(&v.err).map_err(Error::ReqHandlerError)?,

@@ -33,7 +33,7 @@ impl RingFormat {
 }
 
 /// How a queue is laid out and where it starts, as the frontend set it up.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct RingSetup {
     pub addrs: RingAddrs,
     pub size: u16,
@@ -43,7 +43,6 @@ pub struct RingSetup {
     pub format: RingFormat,
     pub event_idx: bool,
     pub indirect: bool,
-    pub max_chain_len: usize,
 }
 
 /// A virtqueue being served by one I/O thread.
@@ -53,8 +52,9 @@ pub enum Ring {
 }
 
 impl Ring {
-    /// Validates the rings in guest memory and starts serving them.
-    pub fn new(mem: &GuestMemory, s: &RingSetup) -> Result<Ring, QueueError> {
+    /// Validates the rings in guest memory and starts serving them, walking chains of at
+    /// most `max_chain_len` buffers (the serving thread's bound, not the frontend's).
+    pub fn new(mem: &GuestMemory, s: &RingSetup, max_chain_len: usize) -> Result<Ring, QueueError> {
         Ok(match s.format {
             RingFormat::Split => Ring::Split(SplitQueue::new(
                 mem,
@@ -63,7 +63,7 @@ impl Ring {
                 s.base as u16,
                 s.event_idx,
                 s.indirect,
-                s.max_chain_len,
+                max_chain_len,
             )?),
             RingFormat::Packed => Ring::Packed(PackedQueue::new(
                 mem,
@@ -72,7 +72,7 @@ impl Ring {
                 s.base,
                 s.event_idx,
                 s.indirect,
-                s.max_chain_len,
+                max_chain_len,
             )?),
         })
     }

@@ -28,8 +28,7 @@ use crate::virtq::dirty::QueueLog;
 use crate::virtq::inflight::PackedInflight;
 use crate::virtq::packed::PackedQueue;
 use crate::virtq::{
-    copy_to_guest, GuestMemory, InflightError, InflightQueue, Ring, RingFormat, RingSetup,
-    SplitQueue, Tracker,
+    copy_to_guest, GuestMemory, InflightError, InflightQueue, Ring, RingFormat, SplitQueue, Tracker,
 };
 use crate::{info_limited, log_limited, warn_limited};
 
@@ -150,29 +149,22 @@ pub(crate) fn start<E: Engine + 'static>(
 ) -> io::Result<Box<dyn Served>> {
     let invalid =
         |e: &dyn std::fmt::Display| io::Error::new(io::ErrorKind::InvalidInput, e.to_string());
-    let ring = RingSetup {
-        addrs: setup.addrs,
-        size: setup.size,
-        base: setup.base,
-        format: setup.format,
-        event_idx: setup.event_idx,
-        indirect: setup.indirect,
-        max_chain_len: slots::SLOT_IOVS,
-    };
-    let mut queue = Ring::new(&setup.memory, &ring).map_err(|e| invalid(&e))?;
+    let mut queue =
+        Ring::new(&setup.memory, &setup.ring, slots::SLOT_IOVS).map_err(|e| invalid(&e))?;
     let mut resubmit = Vec::new();
     // (batch_fixed, next_avail, frontend_base), logged once the queue has its log budget.
     let mut recovered = None;
     let inflight = match setup.inflight.take() {
         Some(region) => {
-            let mut tracker =
-                region.tracker(setup.index, queue.format(), setup.size).map_err(|e| invalid(&e))?;
+            let mut tracker = region
+                .tracker(setup.index, queue.format(), setup.ring.size)
+                .map_err(|e| invalid(&e))?;
             let found = match (&mut tracker, &mut queue) {
                 (Tracker::Split(t), Ring::Split(q)) => {
-                    recover_split(t, q, setup.base, &mut resubmit)
+                    recover_split(t, q, setup.ring.base, &mut resubmit)
                 }
                 (Tracker::Packed(t), Ring::Packed(q)) => {
-                    recover_packed(t, q, setup.base, &mut resubmit)
+                    recover_packed(t, q, setup.ring.base, &mut resubmit)
                 }
                 // The region's layout was checked against the ring's by `tracker`.
                 _ => Ok(None),
@@ -331,7 +323,7 @@ pub(super) struct Core {
 
 impl<E: Engine> QueueWorker<E> {
     fn new(disk: Arc<Disk>, setup: QueueSetup, queue: Ring, engine: E) -> Self {
-        let size = usize::from(setup.size);
+        let size = usize::from(setup.ring.size);
         let stats = disk.queue_stats(setup.index);
         let disk_stats_on = disk.stats_on;
         let packed = queue.format() == RingFormat::Packed;
@@ -347,7 +339,7 @@ impl<E: Engine> QueueWorker<E> {
             memory: setup.memory,
             queue,
             index: setup.index,
-            slots: Slots::new(setup.size),
+            slots: Slots::new(setup.ring.size),
             unpublished: 0,
             kick: setup.kick,
             call: setup.call,
