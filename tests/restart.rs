@@ -145,6 +145,29 @@ fn resubmitted_count(log: &str) -> Option<usize> {
     after.split_whitespace().next()?.parse().ok()
 }
 
+/// The four requests the kill tests leave in flight: a write of fresh data to sector 8
+/// (returned), reads of sectors 64 and 128, a flush.
+fn post_four(fe: &mut TestFrontend) -> ([Req; 4], Vec<u8>) {
+    let a = pattern(1000, 0, 4096);
+    let reqs = [
+        post(fe, 0, T_OUT, 8, Some(&a), 0),
+        post(fe, 1, T_IN, 64, None, 4096),
+        post(fe, 2, T_IN, 128, None, 4096),
+        post(fe, 3, T_FLUSH, 0, None, 0),
+    ];
+    (reqs, a)
+}
+
+/// Once all four are answered: each OK, the reads' exact bytes, the write `a` in the image.
+fn check_four(s: &Setup, fe: &TestFrontend, reqs: &[Req; 4], a: &[u8]) {
+    for r in reqs {
+        assert_eq!(fe.ram.read(r.status, 1)[0], S_OK, "request {} status", r.head);
+    }
+    assert_eq!(fe.ram.read(reqs[1].data, reqs[1].len as usize), pattern(SEED, 64 * 512, 4096));
+    assert_eq!(fe.ram.read(reqs[2].data, reqs[2].len as usize), pattern(SEED, 128 * 512, 4096));
+    assert_eq!(s.image_at(8 * 512, 4096), a, "the write landed");
+}
+
 #[test]
 fn requests_in_flight_at_a_kill_are_resubmitted_once_by_the_next_daemon() {
     let s = Setup::new();
@@ -159,13 +182,7 @@ fn requests_in_flight_at_a_kill_are_resubmitted_once_by_the_next_daemon() {
         assert!(region.marked(0).is_empty());
     }
 
-    let a = pattern(1000, 0, 4096);
-    let reqs = [
-        post(&mut fe, 0, T_OUT, 8, Some(&a), 0),
-        post(&mut fe, 1, T_IN, 64, None, 4096),
-        post(&mut fe, 2, T_IN, 128, None, 4096),
-        post(&mut fe, 3, T_FLUSH, 0, None, 0),
-    ];
+    let (reqs, a) = post_four(&mut fe);
     let posted: Vec<u16> = reqs.iter().map(|r| r.head).collect();
     assert_eq!(posted, vec![0, 3, 6, 9]);
     // The daemon takes all four at once; the cgroup lets one I/O through per second.
@@ -206,12 +223,7 @@ fn requests_in_flight_at_a_kill_are_resubmitted_once_by_the_next_daemon() {
     let mut sorted = used.clone();
     sorted.sort_unstable();
     assert_eq!(sorted, posted, "each request answered exactly once: used ring {used:?}");
-    for r in &reqs {
-        assert_eq!(fe.ram.read(r.status, 1)[0], S_OK, "request {} status", r.head);
-    }
-    assert_eq!(fe.ram.read(reqs[1].data, reqs[1].len as usize), pattern(SEED, 64 * 512, 4096));
-    assert_eq!(fe.ram.read(reqs[2].data, reqs[2].len as usize), pattern(SEED, 128 * 512, 4096));
-    assert_eq!(s.image_at(8 * 512, 4096), a, "the write landed");
+    check_four(&s, &fe, &reqs, &a);
     let region = fe.inflight.as_ref().unwrap();
     assert!(region.marked(0).is_empty(), "marks left after everything was answered");
     assert_eq!(region.used_idx(0), 4);
@@ -261,13 +273,7 @@ fn requests_in_flight_on_a_packed_ring_at_a_kill_are_resubmitted_once() {
 
     let throttle = Throttle::new(&s.image, 1);
     throttle.add(daemon.pid());
-    let a = pattern(1000, 0, 4096);
-    let reqs = [
-        post(&mut fe, 0, T_OUT, 8, Some(&a), 0),
-        post(&mut fe, 1, T_IN, 64, None, 4096),
-        post(&mut fe, 2, T_IN, 128, None, 4096),
-        post(&mut fe, 3, T_FLUSH, 0, None, 0),
-    ];
+    let (reqs, a) = post_four(&mut fe);
     let mut answered = Vec::new();
     wait_until("all four taken", WAIT, || {
         answered.extend(packed_answers(&mut fe));
@@ -298,12 +304,7 @@ fn requests_in_flight_on_a_packed_ring_at_a_kill_are_resubmitted_once() {
     let mut ids: Vec<u16> = answered.iter().map(|&(id, _)| id).collect();
     ids.sort_unstable();
     assert_eq!(ids, vec![0, 1, 2, 3], "each request answered exactly once: {answered:?}");
-    for r in &reqs {
-        assert_eq!(fe.ram.read(r.status, 1)[0], S_OK, "request {} status", r.head);
-    }
-    assert_eq!(fe.ram.read(reqs[1].data, reqs[1].len as usize), pattern(SEED, 64 * 512, 4096));
-    assert_eq!(fe.ram.read(reqs[2].data, reqs[2].len as usize), pattern(SEED, 128 * 512, 4096));
-    assert_eq!(s.image_at(8 * 512, 4096), a, "the write landed");
+    check_four(&s, &fe, &reqs, &a);
     wait_until("the resubmission logged", WAIT, || resubmitted_count(&daemon2.log()).is_some());
     assert_eq!(resubmitted_count(&daemon2.log()), Some(at_kill.len()), "{}", daemon2.log());
 
