@@ -128,8 +128,7 @@ pub struct DiskOptions {
     pub stats: bool,
     /// Serve the image even if another process locks it, and let others use it too.
     pub force_share: bool,
-    /// Offer packed virtqueues (VIRTIO_F_RING_PACKED). Off by default until a packed ring's
-    /// requests are tracked across a restart of the daemon (the inflight region).
+    /// Offer packed virtqueues (VIRTIO_F_RING_PACKED; default on).
     pub packed_ring: bool,
     /// The destination of a live migration: the image's write permission is taken when the
     /// guest first starts a ring here, not at open (see `Disk::activate`).
@@ -168,7 +167,7 @@ impl Default for DiskOptions {
             serial: String::new(),
             stats: true,
             force_share: false,
-            packed_ring: false,
+            packed_ring: true,
             incoming: false,
             logical_block_bytes: None,
             physical_block_bytes: None,
@@ -498,11 +497,11 @@ impl Options for DiskOptions {
             name: "packed-ring",
             aliases: &[],
             kind: Kind::Bool,
-            usage: "packed-ring=on",
-            help: "offer packed virtqueues (VIRTIO_F_RING_PACKED: QEMU's packed=on). Off by\n\
-                   default: a packed ring's requests are not yet tracked across a crash of\n\
-                   the daemon, so such a guest does not resume after a SIGKILL restart\n\
-                   (a SIGTERM restart is safe).",
+            usage: "packed-ring=off",
+            help: "offer packed virtqueues (VIRTIO_F_RING_PACKED: QEMU's packed=on; default\n\
+                   on). Their requests are tracked in the inflight region like a split\n\
+                   ring's, so a guest on them resumes after any restart. Off: a VMM that\n\
+                   asks for packed rings gets split ones.",
             set: |d, v| {
                 d.packed_ring = v.bool("packed-ring")?;
                 Ok(())
@@ -596,7 +595,7 @@ pub struct Disk {
     pub backend: Backend,
     pub cache: CacheMode,
     pub readonly: bool,
-    /// VIRTIO_F_RING_PACKED is offered (`packed-ring=on`).
+    /// VIRTIO_F_RING_PACKED is offered (`packed-ring`, default on).
     packed_ring: bool,
     pub serial: [u8; ID_BYTES],
     /// The queues offered (GET_QUEUE_NUM, the config space's num_queues): `queues=`, or

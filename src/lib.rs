@@ -44,4 +44,5 @@ pub use spec::Value;
 pub use sys::filesystem_of;
 pub use trace::sample::Sampler;
 pub use trace::{Kind as RequestKind, LatencyHistograms};
-pub use virtq::InflightRegion;
+pub use virtq::packed::{Desc as PackedDesc, RingPos};
+pub use virtq::{InflightRegion, RingFormat, Tracker};

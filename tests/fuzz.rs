@@ -535,7 +535,7 @@ fn fuzz_the_daemon_over_its_socket() {
         dir.path(),
         &[
             format!(
-                "id=a,socket={},image={},queues=2,queue-size=256,max-guest-memory=64M,packed-ring=on",
+                "id=a,socket={},image={},queues=2,queue-size=256,max-guest-memory=64M",
                 a_sock.display(),
                 a_img.display()
             ),

@@ -29,13 +29,8 @@ fn setup(extra: &str) -> Setup {
     let image = dir.path().join("disk.raw");
     let sock = dir.path().join("blk.sock");
     make_image(&image, IMAGE_BYTES, 42);
-    // Packed rings are offered only on request (packed-ring=on); split-ring frontends are
-    // served the same either way.
-    let spec = format!(
-        "socket={},image={},queues=2,packed-ring=on{extra}",
-        sock.display(),
-        image.display()
-    );
+    // Packed rings are offered by default; a frontend that does not ask gets split rings.
+    let spec = format!("socket={},image={},queues=2{extra}", sock.display(), image.display());
     let daemon = Daemon::start(dir.path(), &[spec]);
     Setup { image, sock, daemon, _dir: dir }
 }
@@ -365,17 +360,28 @@ fn offer_packed(fe: &mut TestFrontend, descs: &[(u64, u32, u16, u16)]) {
 }
 
 #[test]
-fn packed_rings_are_offered_only_with_packed_ring_on() {
-    // Until a packed ring's requests survive a crash of the daemon (inflight tracking), an
-    // export offers packed rings only when told to: a frontend asking gets split rings.
+fn packed_rings_are_offered_by_default_and_not_with_packed_ring_off() {
+    // Packed rings are tracked across a crash like split ones (the inflight region), so an
+    // export offers them unless told not to; with packed-ring=off a frontend asking for them
+    // gets split rings, and is served.
     let dir = tmpdir();
+    let sock = |name: &str| dir.path().join(name);
     let image = dir.path().join("disk.raw");
-    let sock = dir.path().join("blk.sock");
     make_image(&image, IMAGE_BYTES, 42);
-    let spec = format!("socket={},image={}", sock.display(), image.display());
-    let mut daemon = Daemon::start(dir.path(), &[spec]);
-    let mut fe = TestFrontend::connect(&sock, 1, QSIZE, F_RING_PACKED);
-    assert_eq!(fe.features & F_RING_PACKED, 0, "packed offered without packed-ring=on");
+    let spec = |name: &str, extra: &str| {
+        format!("id={name},socket={},image={}{extra}", sock(name).display(), image.display())
+    };
+    let mut daemon = Daemon::start(
+        dir.path(),
+        &[spec("on", ""), spec("off", ",packed-ring=off,force-share=on")],
+    );
+    let mut fe = TestFrontend::connect(&sock("on"), 1, QSIZE, F_RING_PACKED);
+    assert_ne!(fe.features & F_RING_PACKED, 0, "packed not offered by default");
+    assert_queue_serves(&mut fe, 0);
+    drop(fe);
+    let mut fe = TestFrontend::connect(&sock("off"), 1, QSIZE, F_RING_PACKED);
+    assert_eq!(fe.features & F_RING_PACKED, 0, "packed offered with packed-ring=off");
+    assert!(fe.queues[0].packed.is_none());
     assert_queue_serves(&mut fe, 0);
     drop(fe);
     assert!(daemon.stop().success());

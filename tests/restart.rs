@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::frontend::{
-    handshake, header, Buf, TestFrontend, DATA_AREA, HEADER_AREA, S_OK, T_FLUSH, T_IN, T_OUT,
+    handshake, header, Buf, TestFrontend, DATA_AREA, F_RING_PACKED, HEADER_AREA, S_OK, T_FLUSH,
+    T_IN, T_OUT,
 };
 use common::{disk_dir, make_image, pattern, wait_until, Daemon, Throttle};
 use vhost::vhost_user::message::VhostUserInflight;
@@ -34,7 +35,8 @@ fn status_gpa(k: u64) -> u64 {
     HEADER_AREA + k * 128 + 64
 }
 
-/// Lays out and posts request number `k` (descriptors from `3 * k`) without waiting.
+/// Lays out and posts request number `k` without waiting: on a split ring in descriptors
+/// from `3 * k` (its head), on a packed ring as buffer ID `k` from the avail position on.
 fn post(
     fe: &mut TestFrontend,
     k: u64,
@@ -61,7 +63,12 @@ fn post(
         len = in_len;
     }
     bufs.push(Buf { gpa: status, len: 1, writable: true });
-    let head = fe.post(0, 3 * k as u16, &bufs);
+    let head = if fe.queues[0].packed.is_some() {
+        fe.post_packed(0, k as u16, &bufs);
+        k as u16
+    } else {
+        fe.post(0, 3 * k as u16, &bufs)
+    };
     Req { head, status, data, len }
 }
 
@@ -110,8 +117,12 @@ impl Setup {
     }
 
     fn daemon(&self) -> Daemon {
+        self.daemon_with("")
+    }
+
+    fn daemon_with(&self, extra: &str) -> Daemon {
         let spec = format!(
-            "id=disk,socket={},image={},cache=none,queues=2",
+            "id=disk,socket={},image={},cache=none,queues=2{extra}",
             self.sock.display(),
             self.image.display()
         );
@@ -134,6 +145,29 @@ fn resubmitted_count(log: &str) -> Option<usize> {
     after.split_whitespace().next()?.parse().ok()
 }
 
+/// The four requests the kill tests leave in flight: a write of fresh data to sector 8
+/// (returned), reads of sectors 64 and 128, a flush.
+fn post_four(fe: &mut TestFrontend) -> ([Req; 4], Vec<u8>) {
+    let a = pattern(1000, 0, 4096);
+    let reqs = [
+        post(fe, 0, T_OUT, 8, Some(&a), 0),
+        post(fe, 1, T_IN, 64, None, 4096),
+        post(fe, 2, T_IN, 128, None, 4096),
+        post(fe, 3, T_FLUSH, 0, None, 0),
+    ];
+    (reqs, a)
+}
+
+/// Once all four are answered: each OK, the reads' exact bytes, the write `a` in the image.
+fn check_four(s: &Setup, fe: &TestFrontend, reqs: &[Req; 4], a: &[u8]) {
+    for r in reqs {
+        assert_eq!(fe.ram.read(r.status, 1)[0], S_OK, "request {} status", r.head);
+    }
+    assert_eq!(fe.ram.read(reqs[1].data, reqs[1].len as usize), pattern(SEED, 64 * 512, 4096));
+    assert_eq!(fe.ram.read(reqs[2].data, reqs[2].len as usize), pattern(SEED, 128 * 512, 4096));
+    assert_eq!(s.image_at(8 * 512, 4096), a, "the write landed");
+}
+
 #[test]
 fn requests_in_flight_at_a_kill_are_resubmitted_once_by_the_next_daemon() {
     let s = Setup::new();
@@ -148,13 +182,7 @@ fn requests_in_flight_at_a_kill_are_resubmitted_once_by_the_next_daemon() {
         assert!(region.marked(0).is_empty());
     }
 
-    let a = pattern(1000, 0, 4096);
-    let reqs = [
-        post(&mut fe, 0, T_OUT, 8, Some(&a), 0),
-        post(&mut fe, 1, T_IN, 64, None, 4096),
-        post(&mut fe, 2, T_IN, 128, None, 4096),
-        post(&mut fe, 3, T_FLUSH, 0, None, 0),
-    ];
+    let (reqs, a) = post_four(&mut fe);
     let posted: Vec<u16> = reqs.iter().map(|r| r.head).collect();
     assert_eq!(posted, vec![0, 3, 6, 9]);
     // The daemon takes all four at once; the cgroup lets one I/O through per second.
@@ -195,12 +223,7 @@ fn requests_in_flight_at_a_kill_are_resubmitted_once_by_the_next_daemon() {
     let mut sorted = used.clone();
     sorted.sort_unstable();
     assert_eq!(sorted, posted, "each request answered exactly once: used ring {used:?}");
-    for r in &reqs {
-        assert_eq!(fe.ram.read(r.status, 1)[0], S_OK, "request {} status", r.head);
-    }
-    assert_eq!(fe.ram.read(reqs[1].data, reqs[1].len as usize), pattern(SEED, 64 * 512, 4096));
-    assert_eq!(fe.ram.read(reqs[2].data, reqs[2].len as usize), pattern(SEED, 128 * 512, 4096));
-    assert_eq!(s.image_at(8 * 512, 4096), a, "the write landed");
+    check_four(&s, &fe, &reqs, &a);
     let region = fe.inflight.as_ref().unwrap();
     assert!(region.marked(0).is_empty(), "marks left after everything was answered");
     assert_eq!(region.used_idx(0), 4);
@@ -221,6 +244,82 @@ fn requests_in_flight_at_a_kill_are_resubmitted_once_by_the_next_daemon() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(s.image_at(8 * 512, 4096), b, "an old write landed after a newer one");
     assert_eq!(fe.used_idx(0), 5, "a request was answered twice");
+}
+
+/// Takes every used element packed queue 0 has published so far: (buffer ID, length).
+fn packed_answers(fe: &mut TestFrontend) -> Vec<(u16, u32)> {
+    std::iter::from_fn(|| fe.wait_used(0, Duration::ZERO))
+        .map(|(id, len)| (id as u16, len))
+        .collect()
+}
+
+#[test]
+fn requests_in_flight_on_a_packed_ring_at_a_kill_are_resubmitted_once() {
+    let s = Setup::new();
+    let mut daemon = s.daemon_with(",packed-ring=on");
+    let mut fe = TestFrontend::connect_inflight(&s.sock, 1, RING, F_RING_PACKED);
+    assert_ne!(fe.features & F_RING_PACKED, 0, "packed ring not negotiated");
+    let region = fe.inflight.as_ref().unwrap();
+    assert_eq!(region.info.mmap_size, (32 + 32 * 256u64).next_multiple_of(64));
+    assert_eq!(region.packed_header(0), (1, 0x8000), "a fresh packed region, at 0 in lap 1");
+    // Five flushes first (2 descriptors each), so that the requests below cross the ring's
+    // end: positions 10..21 of a ring of 16, wrap counters flipping on both sides.
+    for k in 10..15 {
+        post(&mut fe, k, T_FLUSH, 0, None, 0);
+        let (id, _) = fe.wait_used(0, WAIT).expect("a flush answered");
+        assert_eq!(u64::from(id), k);
+    }
+    assert_eq!(fe.inflight.as_ref().unwrap().packed_header(0), (1, 10 | 0x8000));
+
+    let throttle = Throttle::new(&s.image, 1);
+    throttle.add(daemon.pid());
+    let (reqs, a) = post_four(&mut fe);
+    let mut answered = Vec::new();
+    wait_until("all four taken", WAIT, || {
+        answered.extend(packed_answers(&mut fe));
+        fe.inflight.as_ref().unwrap().packed_marked_ids(0).len() + answered.len() == 4
+    });
+    daemon.kill();
+    drop(throttle);
+    answered.extend(packed_answers(&mut fe));
+    let answered_ids: BTreeSet<u16> = answered.iter().map(|&(id, _)| id).collect();
+    let at_kill: BTreeSet<u16> = (0..4).filter(|id| !answered_ids.contains(id)).collect();
+    assert!(!at_kill.is_empty(), "everything finished before the kill: the throttle did not hold");
+    let marked: BTreeSet<u16> =
+        fe.inflight.as_ref().unwrap().packed_marked_ids(0).into_iter().collect();
+    assert!(marked.is_superset(&at_kill), "in flight {at_kill:?}, marked {marked:?}");
+    for id in &at_kill {
+        assert_eq!(fe.ram.read(reqs[usize::from(*id)].status, 1)[0], 0xAA, "{id} answered");
+    }
+
+    // The next daemon; the frontend reconnects as QEMU 7.2 does, with a stale packed base.
+    let daemon2 = s.daemon_with(",packed-ring=on");
+    for started in fe.reconnect(&s.sock) {
+        started.expect("ring restarts on the region");
+    }
+    for _ in 0..at_kill.len() {
+        let (id, len) = fe.wait_used(0, WAIT).expect("a resubmitted request answered");
+        answered.push((id as u16, len));
+    }
+    let mut ids: Vec<u16> = answered.iter().map(|&(id, _)| id).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, vec![0, 1, 2, 3], "each request answered exactly once: {answered:?}");
+    check_four(&s, &fe, &reqs, &a);
+    wait_until("the resubmission logged", WAIT, || resubmitted_count(&daemon2.log()).is_some());
+    assert_eq!(resubmitted_count(&daemon2.log()), Some(at_kill.len()), "{}", daemon2.log());
+
+    // The ring goes on where it stood: a new write to the same sector is answered once, at
+    // the next position, and an old write does not land after it.
+    let b = pattern(2000, 0, 4096);
+    let w2 = post(&mut fe, 5, T_OUT, 8, Some(&b), 0);
+    assert_eq!(fe.wait_used(0, WAIT), Some((5, 1)), "the new write's used element");
+    assert_eq!(fe.ram.read(w2.status, 1)[0], S_OK);
+    assert_eq!(fe.wait_used(0, Duration::from_millis(300)), None, "an answer too many");
+    assert_eq!(s.image_at(8 * 512, 4096), b, "an old write landed after a newer one");
+    let region = fe.inflight.as_ref().unwrap();
+    assert!(region.packed_marked_ids(0).is_empty(), "marks left after everything was answered");
+    // 10 + 11 + 3 descriptors: position 8 in the second lap (wrap counter 0).
+    assert_eq!(region.packed_header(0), (1, 8));
 }
 
 #[test]

@@ -32,7 +32,7 @@ use crate::engine::threads::ThreadsEngine;
 use crate::engine::uring::UringEngine;
 use crate::engine::EngineKind;
 use crate::virtq::dirty::QueueLog;
-use crate::virtq::{GuestMemory, InflightRegion, RingAddrs, RingFormat};
+use crate::virtq::{GuestMemory, InflightRegion, RingSetup};
 use poll::PollSettings;
 use worker::{Command, LoopSetup, MakeQueue};
 
@@ -42,13 +42,8 @@ pub(crate) use worker::queue::Served;
 pub struct QueueSetup {
     pub index: u16,
     pub memory: Arc<GuestMemory>,
-    pub addrs: RingAddrs,
-    pub size: u16,
-    /// VRING_BASE: where the ring resumes (see virtq::RingSetup::base).
-    pub base: u32,
-    pub format: RingFormat,
-    pub event_idx: bool,
-    pub indirect: bool,
+    /// The ring's layout, addresses, size and VRING_BASE, as the frontend set them up.
+    pub ring: RingSetup,
     /// The guest's kick eventfd; `None` if the frontend asked us to poll instead.
     pub kick: Option<File>,
     /// Our interrupt eventfd towards the guest; `None`: the frontend polls the used ring.
@@ -305,7 +300,7 @@ pub fn start_queue(
         Placement::Dedicated { poll, cpus } => {
             let cpus = cpus.get(index % cpus.len().max(1)).into_iter().copied().collect();
             let name = format!("q{index}");
-            (IoThread::spawn(&name, cpus, Arc::clone(poll), u32::from(setup.size))?, true)
+            (IoThread::spawn(&name, cpus, Arc::clone(poll), u32::from(setup.ring.size))?, true)
         }
     };
     let running = RunningQueue::new(disk);
@@ -333,7 +328,7 @@ fn make_queue(
     ring: &std::rc::Rc<crate::engine::uring::SharedRing>,
 ) -> io::Result<Box<dyn Served>> {
     use std::os::fd::AsRawFd;
-    let size = setup.size;
+    let size = setup.ring.size;
     match &disk.backend {
         Backend::Null => worker::queue::start(disk, setup, NullEngine::new(size)),
         Backend::Nbd(target) => {

@@ -29,7 +29,7 @@ use crate::engine::uring::UringEngine;
 use crate::engine::{CacheMode, Engine, IoOp};
 use crate::spec::Options;
 use crate::virtq::testing::{descriptor, guest_ram, read, request_header, write, USER_BASE};
-use crate::virtq::{GuestMemory, RingAddrs};
+use crate::virtq::{GuestMemory, RingAddrs, RingSetup};
 
 /// How long the recorder sits on every completion before the I/O thread may see it.
 const HOLD: Duration = Duration::from_millis(30);
@@ -214,16 +214,15 @@ fn serve<E: Engine + 'static>(
     let setup = QueueSetup {
         index: 0,
         memory: Arc::clone(&guest.mem),
-        addrs: RingAddrs {
-            desc_user_addr: USER_BASE + DESC,
-            avail_user_addr: USER_BASE + AVAIL,
-            used_user_addr: USER_BASE + USED,
+        ring: RingSetup {
+            addrs: RingAddrs {
+                desc_user_addr: USER_BASE + DESC,
+                avail_user_addr: USER_BASE + AVAIL,
+                used_user_addr: USER_BASE + USED,
+            },
+            size: QSIZE,
+            ..RingSetup::default()
         },
-        size: QSIZE,
-        base: 0,
-        format: crate::virtq::RingFormat::Split,
-        event_idx: false,
-        indirect: false,
         kick: guest.kick.as_ref().map(|k| {
             // SAFETY: dup of an eventfd we hold; the File owns the new descriptor.
             unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(libc::dup(k.as_raw_fd())) }
@@ -240,7 +239,7 @@ fn serve<E: Engine + 'static>(
         .attach_with(Box::new(move |ring: &Rc<SharedRing>| {
             let always_ready = EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK)?;
             always_ready.write(1)?;
-            let size = setup.size;
+            let size = setup.ring.size;
             let ops = vec![Op::Read; usize::from(size)];
             let inner = make(ring, fd, size)?;
             worker::queue::start(

@@ -28,6 +28,7 @@ use crate::virtq::inflight;
 use crate::virtq::memory::MAX_MEM_REGIONS;
 use crate::virtq::{
     GuestMemory, InflightError, InflightRegion, MappedRegion, MemoryError, RingAddrs, RingFormat,
+    RingSetup,
 };
 use crate::{info_limited, warn_limited};
 
@@ -233,12 +234,14 @@ impl BlkDevice {
         let setup = QueueSetup {
             index: index as u16,
             memory: Arc::clone(&self.memory),
-            addrs: v.addrs.unwrap_or_default(),
-            size: v.size,
-            base: v.base,
-            format: self.ring_format(),
-            event_idx: self.acked_features & feature::RING_EVENT_IDX != 0,
-            indirect: self.acked_features & feature::RING_INDIRECT_DESC != 0,
+            ring: RingSetup {
+                addrs: v.addrs.unwrap_or_default(),
+                size: v.size,
+                base: v.base,
+                format: self.ring_format(),
+                event_idx: self.acked_features & feature::RING_EVENT_IDX != 0,
+                indirect: self.acked_features & feature::RING_INDIRECT_DESC != 0,
+            },
             kick: clone(&v.kick).map_err(Error::ReqHandlerError)?,
             call: clone(&v.call).map_err(Error::ReqHandlerError)?,
             err: clone(&v.err).map_err(Error::ReqHandlerError)?,
@@ -638,7 +641,8 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         // "no inflight tracking"): the frontend goes on without it, and learns why from us.
         let no_region = VhostUserInflight { mmap_size: 0, mmap_offset: 0, ..*inflight };
         let created = self.inflight_geometry(inflight).and_then(|(num_queues, queue_size)| {
-            InflightRegion::create(num_queues, queue_size, Some(Arc::clone(&self.hangup)))
+            let format = self.ring_format();
+            InflightRegion::create(format, num_queues, queue_size, Some(Arc::clone(&self.hangup)))
                 .map_err(|e| self.inflight_error(e))
                 .map(|(region, file)| (region, file, num_queues, queue_size))
         });
@@ -647,7 +651,7 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
             return Ok((no_region, file));
         };
         let reply = VhostUserInflight {
-            mmap_size: inflight::region_bytes(num_queues, queue_size),
+            mmap_size: inflight::region_bytes(self.ring_format(), num_queues, queue_size),
             mmap_offset: 0,
             num_queues,
             queue_size,
@@ -664,6 +668,7 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
             &file,
             inflight.mmap_offset,
             inflight.mmap_size,
+            self.ring_format(),
             num_queues,
             queue_size,
             Some(Arc::clone(&self.hangup)),

@@ -1,6 +1,7 @@
-//! The inflight region: which requests of each split ring were taken from the avail ring and
-//! not yet answered, kept in shared memory that the frontend holds across our restarts
-//! (vhost-user `INFLIGHT_SHMFD`, "Inflight I/O tracking", split virtqueues).
+//! The inflight region: which requests of each ring were taken and not yet answered, kept in
+//! shared memory that the frontend holds across our restarts (vhost-user `INFLIGHT_SHMFD`,
+//! "Inflight I/O tracking"). This file lays out the region and tracks split rings; a packed
+//! ring's part has the spec's other layout and its own procedure (`inflight/packed.rs`).
 //!
 //! A daemon that dies (SIGKILL, OOM, a crash) leaves the region behind with the frontend; the
 //! next daemon is handed it back (`SET_INFLIGHT_FD`) and resubmits exactly what was marked, in
@@ -31,6 +32,12 @@ use std::sync::atomic::{AtomicU16, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use super::memory::{MappedRegion, MemoryError};
+use super::ring::{Ring, RingFormat};
+use super::split::{ChainOutcome, ChainSink, QueueError};
+use super::GuestMemory;
+
+mod packed;
+pub use packed::PackedInflight;
 
 /// The one layout version we write and read.
 pub const VERSION: u16 = 1;
@@ -49,14 +56,19 @@ const DESC_OFF_INFLIGHT: usize = 0;
 const DESC_OFF_NEXT: usize = 6;
 const DESC_OFF_COUNTER: usize = 8;
 
-/// Bytes one queue of `queue_size` descriptors takes in the region.
-pub fn queue_bytes(queue_size: u16) -> u64 {
-    (HEADER_BYTES + DESC_STATE_BYTES * u64::from(queue_size)).next_multiple_of(QUEUE_ALIGN)
+/// Bytes one queue of `queue_size` descriptors takes in the region: the spec's
+/// `QueueRegionSplit` or `QueueRegionPacked`, for the ring layout the frontend negotiated.
+pub fn queue_bytes(format: RingFormat, queue_size: u16) -> u64 {
+    let (header, state) = match format {
+        RingFormat::Split => (HEADER_BYTES, DESC_STATE_BYTES),
+        RingFormat::Packed => (packed::HEADER_BYTES, packed::DESC_STATE_BYTES),
+    };
+    (header + state * u64::from(queue_size)).next_multiple_of(QUEUE_ALIGN)
 }
 
 /// Bytes of the whole region for `num_queues` queues of `queue_size`.
-pub fn region_bytes(num_queues: u16, queue_size: u16) -> u64 {
-    u64::from(num_queues) * queue_bytes(queue_size)
+pub fn region_bytes(format: RingFormat, num_queues: u16, queue_size: u16) -> u64 {
+    u64::from(num_queues) * queue_bytes(format, queue_size)
 }
 
 #[derive(Debug)]
@@ -103,6 +115,17 @@ pub enum InflightError {
         head: u16,
         ring: u16,
     },
+    /// The region was laid out for one ring layout and the ring uses the other (the
+    /// frontend asked for it before negotiating VIRTIO_F_RING_PACKED, or changed it since).
+    Layout {
+        region: RingFormat,
+        ring: RingFormat,
+    },
+    /// A packed ring's part names a position, entry or chain that does not fit the ring.
+    PackedState(&'static str),
+    /// A packed ring has more descriptors in flight than its region has entries: the guest
+    /// made descriptors available that the device still owns.
+    OutOfEntries,
 }
 
 impl fmt::Display for InflightError {
@@ -141,6 +164,17 @@ impl fmt::Display for InflightError {
                 f,
                 "inflight region names head {head}, outside the ring of {ring}"
             ),
+            InflightError::Layout { region, ring } => write!(
+                f,
+                "inflight region laid out for {} rings, but the ring is {}",
+                region.name(),
+                ring.name()
+            ),
+            InflightError::PackedState(what) => write!(f, "inflight region (packed ring): {what}"),
+            InflightError::OutOfEntries => write!(
+                f,
+                "more descriptors in flight on the packed ring than it has: the guest reused descriptors the device owns"
+            ),
         }
     }
 }
@@ -168,9 +202,11 @@ pub fn no_region_file() -> std::io::Result<File> {
     sealable_memfd()
 }
 
-/// A mapped inflight region: `num_queues` queue parts of `queue_size` descriptors each.
+/// A mapped inflight region: `num_queues` queue parts of `queue_size` descriptors each, laid
+/// out for the ring format the frontend negotiated when it asked for the region.
 pub struct InflightRegion {
     mapping: MappedRegion,
+    format: RingFormat,
     num_queues: u16,
     queue_size: u16,
 }
@@ -179,11 +215,12 @@ impl InflightRegion {
     /// A fresh, zeroed region (GET_INFLIGHT_FD), and the memfd to hand the frontend. The
     /// memfd is sealed against shrinking, so the frontend cannot pull pages from under us.
     pub fn create(
+        format: RingFormat,
         num_queues: u16,
         queue_size: u16,
         hangup: Option<Arc<OwnedFd>>,
     ) -> Result<(InflightRegion, File), InflightError> {
-        let bytes = region_bytes(num_queues, queue_size);
+        let bytes = region_bytes(format, num_queues, queue_size);
         let file = sealable_memfd().map_err(InflightError::Create)?;
         let fd = file.as_raw_fd();
         file.set_len(bytes).map_err(InflightError::Create)?;
@@ -198,21 +235,23 @@ impl InflightRegion {
         {
             return Err(InflightError::Create(std::io::Error::last_os_error()));
         }
-        let region = InflightRegion::map(&file, 0, bytes, num_queues, queue_size, hangup)?;
+        let region = InflightRegion::map(&file, 0, bytes, format, num_queues, queue_size, hangup)?;
         Ok((region, file))
     }
 
     /// Maps a region the frontend hands back (SET_INFLIGHT_FD). If its file shrinks later,
     /// the mapping reads zeroes and `hangup` is shut down (see `fault.rs`), as for guest RAM.
+    #[allow(clippy::too_many_arguments)]
     pub fn map(
         file: &File,
         mmap_offset: u64,
         mmap_size: u64,
+        format: RingFormat,
         num_queues: u16,
         queue_size: u16,
         hangup: Option<Arc<OwnedFd>>,
     ) -> Result<InflightRegion, InflightError> {
-        let needed = region_bytes(num_queues, queue_size);
+        let needed = region_bytes(format, num_queues, queue_size);
         if needed == 0 {
             return Err(InflightError::TooSmall { needed: QUEUE_ALIGN, given: mmap_size });
         }
@@ -225,7 +264,7 @@ impl InflightRegion {
         // Only what the geometry needs is mapped: a huge mmap_size buys the frontend nothing.
         let mapping = MappedRegion::map(file, mmap_offset, 0, needed, 0, hangup)
             .map_err(InflightError::Map)?;
-        Ok(InflightRegion { mapping, num_queues, queue_size })
+        Ok(InflightRegion { mapping, format, num_queues, queue_size })
     }
 
     pub fn num_queues(&self) -> u16 {
@@ -236,22 +275,55 @@ impl InflightRegion {
         self.queue_size
     }
 
-    /// Queue `index`'s part, for a ring of `ring_size` descriptors.
-    pub fn queue(
+    /// Queue `index`'s part for a ring of `format` and `ring_size` descriptors, as the
+    /// tracker of that layout.
+    pub fn tracker(
         self: &Arc<Self>,
         index: u16,
+        format: RingFormat,
         ring_size: u16,
-    ) -> Result<InflightQueue, InflightError> {
+    ) -> Result<Tracker, InflightError> {
+        if format != self.format {
+            return Err(InflightError::Layout { region: self.format, ring: format });
+        }
+        Ok(match format {
+            RingFormat::Split => Tracker::Split(self.queue(index, ring_size)?),
+            RingFormat::Packed => {
+                let base = self.queue_base(index, ring_size)?;
+                Tracker::Packed(PackedInflight::new(
+                    Arc::clone(self),
+                    base,
+                    self.queue_size,
+                    ring_size,
+                ))
+            }
+        })
+    }
+
+    /// Where queue `index`'s part begins, once checked to lie in the region.
+    fn queue_base(&self, index: u16, ring_size: u16) -> Result<*mut u8, InflightError> {
         if index >= self.num_queues {
             return Err(InflightError::NoSuchQueue { index, num_queues: self.num_queues });
         }
         if ring_size > self.queue_size {
             return Err(InflightError::RingTooLarge { ring: ring_size, tracked: self.queue_size });
         }
-        let offset = u64::from(index) * queue_bytes(self.queue_size);
+        let offset = u64::from(index) * queue_bytes(self.format, self.queue_size);
         // SAFETY: index < num_queues, so the queue's part (queue_bytes) lies inside the
-        // mapping of region_bytes(num_queues, queue_size) bytes.
-        let base = unsafe { self.mapping.host().add(offset as usize) };
+        // mapping of region_bytes(format, num_queues, queue_size) bytes.
+        Ok(unsafe { self.mapping.host().add(offset as usize) })
+    }
+
+    /// Queue `index`'s part of a split-ring region, for a ring of `ring_size` descriptors.
+    pub fn queue(
+        self: &Arc<Self>,
+        index: u16,
+        ring_size: u16,
+    ) -> Result<InflightQueue, InflightError> {
+        if self.format != RingFormat::Split {
+            return Err(InflightError::Layout { region: self.format, ring: RingFormat::Split });
+        }
+        let base = self.queue_base(index, ring_size)?;
         Ok(InflightQueue {
             _region: Arc::clone(self),
             base,
@@ -451,20 +523,90 @@ impl InflightQueue {
     }
 }
 
+/// One queue's part of the region, whichever ring layout it tracks: what the I/O thread
+/// calls at each step of a request (the procedure above, or the one in `inflight/packed.rs`).
+pub enum Tracker {
+    Split(InflightQueue),
+    Packed(PackedInflight),
+}
+
+impl Tracker {
+    /// `ring` just gave request `head` (a split ring's head, a packed ring's buffer ID):
+    /// marked before it starts. Fails only on a packed ring the guest overfilled.
+    #[inline]
+    pub fn taken(&mut self, ring: &Ring, head: u16) -> Result<(), InflightError> {
+        match (self, ring) {
+            (Tracker::Split(t), _) => {
+                t.taken(head);
+                Ok(())
+            }
+            (Tracker::Packed(t), Ring::Packed(q)) => t.taken(q.popped_descs(), head),
+            (Tracker::Packed(_), Ring::Split(_)) => {
+                Err(InflightError::Layout { region: RingFormat::Packed, ring: RingFormat::Split })
+            }
+        }
+    }
+
+    /// Request `head`'s used element was written (not yet published).
+    #[inline]
+    pub fn used(&mut self, head: u16) {
+        match self {
+            Tracker::Split(t) => t.used(head),
+            Tracker::Packed(t) => t.used(head),
+        }
+    }
+
+    /// The ring is about to publish its batch of used elements.
+    #[inline]
+    pub fn publishing(&mut self, ring: &Ring) {
+        if let Tracker::Packed(t) = self {
+            t.publishing(super::packed::RingPos::from_bits(ring.used_index()));
+        }
+    }
+
+    /// The ring published its batch of `count` used elements.
+    #[inline]
+    pub fn published(&mut self, count: u16, ring: &Ring) {
+        match self {
+            Tracker::Split(t) => t.published(count, ring.used_index()),
+            Tracker::Packed(t) => t.published(),
+        }
+    }
+
+    /// Takes request `item` of a resubmission again (a split ring's head, a packed ring's
+    /// entry in the region): its buffer's tag and what the chain walk found.
+    pub fn resubmit(
+        &self,
+        ring: &mut Ring,
+        mem: &GuestMemory,
+        item: u16,
+        sink: &mut impl ChainSink,
+    ) -> Result<(u16, ChainOutcome), QueueError> {
+        match (self, ring) {
+            (Tracker::Split(_), Ring::Split(q)) => {
+                q.walk_chain(mem, item, sink).map(|o| (item, o)).map_err(QueueError::Chain)
+            }
+            (Tracker::Packed(t), Ring::Packed(q)) => q.resubmit(mem, t.chain(item), sink),
+            // `InflightRegion::tracker` made the tracker for the ring's own layout.
+            _ => Err(QueueError::Chain(super::split::ChainError::IndexOutOfRange)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn region(queues: u16, size: u16) -> Arc<InflightRegion> {
-        Arc::new(InflightRegion::create(queues, size, None).unwrap().0)
+        Arc::new(InflightRegion::create(RingFormat::Split, queues, size, None).unwrap().0)
     }
 
     #[test]
     fn layout_matches_the_spec_structs() {
         // 16-byte header + 16 bytes per descriptor, each queue on a 64-byte boundary.
-        assert_eq!(queue_bytes(128), 16 + 16 * 128 + 48);
-        assert_eq!(queue_bytes(1), 64);
-        assert_eq!(region_bytes(2, 256), 2 * (16 + 16 * 256 + 48));
+        assert_eq!(queue_bytes(RingFormat::Split, 128), 16 + 16 * 128 + 48);
+        assert_eq!(queue_bytes(RingFormat::Split, 1), 64);
+        assert_eq!(region_bytes(RingFormat::Split, 2, 256), 2 * (16 + 16 * 256 + 48));
     }
 
     #[test]
@@ -550,18 +692,18 @@ mod tests {
         q.u16_at(OFF_VERSION).store(7, Ordering::Relaxed);
         assert!(matches!(q.recover(0, 1, &mut Vec::new()), Err(InflightError::UnknownVersion(7))));
         // Too small for its geometry, misaligned.
-        let (_, file) = InflightRegion::create(1, 8, None).unwrap();
+        let (_, file) = InflightRegion::create(RingFormat::Split, 1, 8, None).unwrap();
         assert!(matches!(
-            InflightRegion::map(&file, 0, 64, 2, 8, None),
+            InflightRegion::map(&file, 0, 64, RingFormat::Split, 2, 8, None),
             Err(InflightError::TooSmall { .. })
         ));
         assert!(matches!(
-            InflightRegion::map(&file, 8, 4096, 1, 8, None),
+            InflightRegion::map(&file, 8, 4096, RingFormat::Split, 1, 8, None),
             Err(InflightError::Misaligned(8))
         ));
         // Bigger than its file: refused before anything is mapped.
         assert!(matches!(
-            InflightRegion::map(&file, 0, 1 << 20, 64, 256, None),
+            InflightRegion::map(&file, 0, 1 << 20, RingFormat::Split, 64, 256, None),
             Err(InflightError::Map(_))
         ));
     }

@@ -11,10 +11,10 @@ pub mod split;
 #[cfg(test)]
 pub(crate) mod testing;
 
-pub use inflight::{InflightError, InflightQueue, InflightRegion};
+pub use inflight::{InflightError, InflightQueue, InflightRegion, Tracker};
 pub use memory::{
     copy_from_guest, copy_to_guest, iov_tables, iovs_aligned, zero_guest, zero_guest_range,
     BounceBuffer, GuestIov, GuestMemory, IovTable, MappedRegion, MemoryError,
 };
 pub use ring::{Ring, RingFormat, RingSetup};
-pub use split::{ChainOutcome, ChainSink, QueueError, RingAddrs, SplitQueue};
+pub use split::{ChainOutcome, ChainSink, RingAddrs, SplitQueue};

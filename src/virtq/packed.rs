@@ -86,12 +86,14 @@ pub fn split_base(base: u32) -> (RingPos, RingPos) {
     (avail, used)
 }
 
-#[derive(Clone, Copy)]
-struct Desc {
-    addr: u64,
-    len: u32,
-    id: u16,
-    flags: u16,
+/// One descriptor of the ring or of an indirect table, as read (or as the inflight region
+/// keeps a copy of it, see `inflight/packed.rs`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Desc {
+    pub addr: u64,
+    pub len: u32,
+    pub id: u16,
+    pub flags: u16,
 }
 
 /// Reads descriptor `index` of a table or ring at `table`.
@@ -129,6 +131,9 @@ pub struct PackedQueue {
     /// The first used element written since the last publish: its position and the flags
     /// that make it used, written last so the guest sees the whole batch at once.
     unpublished_first: Option<(u16, u16)>,
+    /// Where the last chain `pop` took began, and how many ring descriptors it took: what
+    /// the inflight region copies (see [`PackedQueue::popped_descs`]).
+    last_popped: (u16, u16),
     /// Used elements written since the guest was last notified (EVENT_IDX arithmetic).
     unsignalled: u32,
     signalled_valid: bool,
@@ -191,6 +196,7 @@ impl PackedQueue {
             used,
             chain_descs: vec![1; usize::from(size)].into_boxed_slice(),
             unpublished_first: None,
+            last_popped: (0, 0),
             unsignalled: 0,
             signalled_valid: false,
             event_idx,
@@ -282,28 +288,95 @@ impl PackedQueue {
         if !self.head_available() {
             return Ok(None);
         }
-        let (id, ring_descs, outcome) = self.walk(mem, sink).map_err(QueueError::Chain)?;
+        let start = self.avail.index;
+        let (id, ring_descs, outcome) = self
+            .walk(mem, sink, self.ring_descs_from(start, self.size))
+            .map_err(QueueError::Chain)?;
         if id >= self.size {
             return Err(QueueError::BufferIdOutOfRange { id, size: self.size });
         }
         self.chain_descs[usize::from(id)] = ring_descs;
+        self.last_popped = (start, ring_descs);
         self.avail.advance(ring_descs, self.size);
         Ok(Some((id, outcome)))
     }
 
-    /// Walks the chain at the next available position: (buffer ID, ring descriptors taken,
-    /// outcome).
+    /// Takes a chain again from copies of its descriptors (an inflight resubmission: the
+    /// ring itself may have been overwritten by used elements since), as `pop` would.
+    pub fn resubmit(
+        &mut self,
+        mem: &GuestMemory,
+        descs: impl Iterator<Item = Desc>,
+        sink: &mut impl ChainSink,
+    ) -> Result<(u16, ChainOutcome), QueueError> {
+        let (id, ring_descs, outcome) = self.walk(mem, sink, descs).map_err(QueueError::Chain)?;
+        if id >= self.size {
+            return Err(QueueError::BufferIdOutOfRange { id, size: self.size });
+        }
+        self.chain_descs[usize::from(id)] = ring_descs;
+        Ok((id, outcome))
+    }
+
+    /// The ring descriptors of the chain the last `pop` took, read again for the inflight
+    /// region's copies (nothing overwrites them before that chain is answered).
+    pub fn popped_descs(&self) -> impl Iterator<Item = Desc> + '_ {
+        let (start, count) = self.last_popped;
+        self.ring_descs_from(start, count)
+    }
+
+    /// `count` (at most `size`) descriptors of the ring from position `start` on, wrapping.
+    fn ring_descs_from(&self, start: u16, count: u16) -> impl Iterator<Item = Desc> + '_ {
+        let mut index = start;
+        (0..count.min(self.size)).map(move |_| {
+            // SAFETY: index < size (start is a ring position, wrapped below), and the ring
+            // was validated to hold size descriptors.
+            let d = unsafe { read_desc(self.desc, index) };
+            index = if index + 1 == self.size { 0 } else { index + 1 };
+            d
+        })
+    }
+
+    /// Resumes after a daemon that died: used elements go from `used` on, and the
+    /// `in_flight_descs` descriptors after it belong to the chains being resubmitted, so the
+    /// next new chain is looked for past them. Those positions are the device's; any used
+    /// element the dead daemon wrote there but never published is made to read as not used
+    /// again, or the guest would take it once our first batch lands before it.
+    pub fn resume(&mut self, used: RingPos, in_flight_descs: u16) {
+        self.used = used;
+        let mut pos = used;
+        for _ in 0..in_flight_descs.min(self.size) {
+            let flags = u16::from_le(self.flags_at(pos.index).load(Ordering::Relaxed));
+            let lap = if pos.wrap { DESC_F_AVAIL } else { DESC_F_USED };
+            let flags = flags & !(DESC_F_AVAIL | DESC_F_USED) | lap;
+            self.flags_at(pos.index).store(flags.to_le(), Ordering::Relaxed);
+            pos.advance(1, self.size);
+        }
+        self.avail = pos;
+    }
+
+    /// Whether the device made the descriptor at `pos` used in that lap (or the driver has
+    /// gone past it), i.e. it no longer reads as available: how the inflight recovery tells a
+    /// batch that was published from one that was not (its first element's flags go last).
+    pub fn published_at(&self, pos: RingPos) -> bool {
+        if pos.index >= self.size {
+            return false;
+        }
+        let flags = u16::from_le(self.flags_at(pos.index).load(Ordering::Acquire));
+        !is_avail(flags, pos.wrap)
+    }
+
+    /// Walks the chain whose descriptors `descs` gives in order (the ring from the next
+    /// available position, or an inflight region's copies): (buffer ID, ring descriptors
+    /// taken, outcome). A chain that does not end within `descs` is too long.
     fn walk(
         &self,
         mem: &GuestMemory,
         sink: &mut impl ChainSink,
+        descs: impl Iterator<Item = Desc>,
     ) -> Result<(u16, u16, ChainOutcome), ChainError> {
         let mut walk = Walk::default();
-        let mut index = self.avail.index;
         let mut ring_descs = 0u16;
-        loop {
-            // SAFETY: index < size (wrapped below), and the ring holds size descriptors.
-            let d = unsafe { read_desc(self.desc, index) };
+        for d in descs {
             ring_descs += 1;
             if d.flags & DESC_F_INDIRECT != 0 {
                 if ring_descs > 1 {
@@ -317,11 +390,8 @@ impl PackedQueue {
             if last {
                 return Ok((d.id, ring_descs, walk.outcome));
             }
-            if ring_descs >= self.size {
-                return Err(ChainError::TooLong);
-            }
-            index = if index + 1 == self.size { 0 } else { index + 1 };
         }
+        Err(ChainError::TooLong)
     }
 
     /// The buffers of an indirect table (2.8.19): entries one after the other, only their

@@ -4,7 +4,7 @@
 
 use super::memory::GuestMemory;
 use super::packed::{self, PackedQueue};
-use super::split::{self, ChainError, ChainOutcome, ChainSink, QueueError, RingAddrs, SplitQueue};
+use super::split::{self, ChainOutcome, ChainSink, QueueError, RingAddrs, SplitQueue};
 
 /// The two virtqueue layouts of virtio 1.1.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -33,7 +33,7 @@ impl RingFormat {
 }
 
 /// How a queue is laid out and where it starts, as the frontend set it up.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct RingSetup {
     pub addrs: RingAddrs,
     pub size: u16,
@@ -43,7 +43,6 @@ pub struct RingSetup {
     pub format: RingFormat,
     pub event_idx: bool,
     pub indirect: bool,
-    pub max_chain_len: usize,
 }
 
 /// A virtqueue being served by one I/O thread.
@@ -53,8 +52,9 @@ pub enum Ring {
 }
 
 impl Ring {
-    /// Validates the rings in guest memory and starts serving them.
-    pub fn new(mem: &GuestMemory, s: &RingSetup) -> Result<Ring, QueueError> {
+    /// Validates the rings in guest memory and starts serving them, walking chains of at
+    /// most `max_chain_len` buffers (the serving thread's bound, not the frontend's).
+    pub fn new(mem: &GuestMemory, s: &RingSetup, max_chain_len: usize) -> Result<Ring, QueueError> {
         Ok(match s.format {
             RingFormat::Split => Ring::Split(SplitQueue::new(
                 mem,
@@ -63,7 +63,7 @@ impl Ring {
                 s.base as u16,
                 s.event_idx,
                 s.indirect,
-                s.max_chain_len,
+                max_chain_len,
             )?),
             RingFormat::Packed => Ring::Packed(PackedQueue::new(
                 mem,
@@ -72,7 +72,7 @@ impl Ring {
                 s.base,
                 s.event_idx,
                 s.indirect,
-                s.max_chain_len,
+                max_chain_len,
             )?),
         })
     }
@@ -108,19 +108,6 @@ impl Ring {
                 Ok(Some((head, outcome)))
             }
             Ring::Packed(q) => q.pop(mem, sink),
-        }
-    }
-
-    /// Walks the split ring's chain at `head` again (an inflight resubmission).
-    pub fn walk_split_chain(
-        &self,
-        mem: &GuestMemory,
-        head: u16,
-        sink: &mut impl ChainSink,
-    ) -> Result<ChainOutcome, ChainError> {
-        match self {
-            Ring::Split(q) => q.walk_chain(mem, head, sink),
-            Ring::Packed(_) => Err(ChainError::IndexOutOfRange),
         }
     }
 

@@ -25,8 +25,10 @@ use crate::ratelimit::RateLimiter;
 use crate::trace::sample::Sampler;
 use crate::trace::{Kind, QueueStats};
 use crate::virtq::dirty::QueueLog;
+use crate::virtq::inflight::PackedInflight;
+use crate::virtq::packed::PackedQueue;
 use crate::virtq::{
-    copy_to_guest, GuestMemory, InflightQueue, QueueError, Ring, RingFormat, RingSetup, SplitQueue,
+    copy_to_guest, GuestMemory, InflightError, InflightQueue, Ring, RingFormat, SplitQueue, Tracker,
 };
 use crate::{info_limited, log_limited, warn_limited};
 
@@ -147,26 +149,28 @@ pub(crate) fn start<E: Engine + 'static>(
 ) -> io::Result<Box<dyn Served>> {
     let invalid =
         |e: &dyn std::fmt::Display| io::Error::new(io::ErrorKind::InvalidInput, e.to_string());
-    let ring = RingSetup {
-        addrs: setup.addrs,
-        size: setup.size,
-        base: setup.base,
-        format: setup.format,
-        event_idx: setup.event_idx,
-        indirect: setup.indirect,
-        max_chain_len: slots::SLOT_IOVS,
-    };
-    let mut queue = Ring::new(&setup.memory, &ring).map_err(|e| invalid(&e))?;
+    let mut queue =
+        Ring::new(&setup.memory, &setup.ring, slots::SLOT_IOVS).map_err(|e| invalid(&e))?;
     let mut resubmit = Vec::new();
     // (batch_fixed, next_avail, frontend_base), logged once the queue has its log budget.
     let mut recovered = None;
-    let had_inflight = setup.inflight.is_some();
-    let inflight = match (setup.inflight.take(), &mut queue) {
-        (Some(region), Ring::Split(split)) => {
-            let mut tracked = region.queue(setup.index, setup.size).map_err(|e| invalid(&e))?;
-            if let Some(found) = recover_split(&mut tracked, split, setup.base, &mut resubmit)
-                .map_err(|e| invalid(&e))?
-            {
+    let inflight = match setup.inflight.take() {
+        Some(region) => {
+            let mut tracker = region
+                .tracker(setup.index, queue.format(), setup.ring.size)
+                .map_err(|e| invalid(&e))?;
+            let found = match (&mut tracker, &mut queue) {
+                (Tracker::Split(t), Ring::Split(q)) => {
+                    recover_split(t, q, setup.ring.base, &mut resubmit)
+                }
+                (Tracker::Packed(t), Ring::Packed(q)) => {
+                    recover_packed(t, q, setup.ring.base, &mut resubmit)
+                }
+                // The region's layout was checked against the ring's by `tracker`.
+                _ => Ok(None),
+            }
+            .map_err(|e| invalid(&e))?;
+            if let Some(found) = found {
                 recovered = Some(found);
                 // Completions the last process published while the frontend was switching
                 // to new call fds may never have been signalled; one interrupt too many is
@@ -175,20 +179,12 @@ pub(crate) fn start<E: Engine + 'static>(
                     let _ = call.write(&1u64.to_ne_bytes());
                 }
             }
-            Some(tracked)
+            Some(tracker)
         }
-        (None, _) => None,
-        // Not tracked yet on a packed ring (its layout of the region is not written): said
-        // once the queue has its log budget, below.
-        (Some(_), Ring::Packed(_)) => None,
+        None => None,
     };
     let dirty = setup.log.take();
-    let untracked = had_inflight && queue.format() == RingFormat::Packed;
     let mut worker = QueueWorker::new(disk, setup, queue, engine);
-    if untracked {
-        let core = &mut worker.core;
-        warn_limited!(core.log, parent: &core.disk.span, queue = core.index, "the frontend gave an inflight region, but requests on a packed ring are not tracked in it: those in flight when the daemon dies are not resubmitted");
-    }
     worker.core.inflight = inflight;
     worker.core.dirty = dirty;
     worker.core.resubmit = Resubmission { heads: resubmit, ..Resubmission::default() };
@@ -212,7 +208,7 @@ fn recover_split(
     queue: &mut SplitQueue,
     base: u32,
     resubmit: &mut Vec<u16>,
-) -> Result<Option<(u16, u16, u16)>, crate::virtq::InflightError> {
+) -> Result<Option<(u16, u32, u32)>, InflightError> {
     let found = tracked.recover(queue.used_index(), queue.avail_index(), resubmit)?;
     if found.fresh {
         return Ok(None);
@@ -222,7 +218,27 @@ fn recover_split(
     queue.resume_at(resume);
     let frontend_base = base as u16;
     let changed = !resubmit.is_empty() || found.batch_fixed > 0 || resume != frontend_base;
-    Ok(changed.then_some((found.batch_fixed, resume, frontend_base)))
+    Ok(changed.then_some((found.batch_fixed, u32::from(resume), u32::from(frontend_base))))
+}
+
+/// Reads what an earlier daemon left in flight on a packed ring and resumes where the region
+/// says: after a crash the frontend's base is stale (QEMU cannot read a packed ring's
+/// positions from guest memory), the region's used position is not. Returns
+/// (batch committed, resumed base, frontend_base) if that differs from a clean stop.
+fn recover_packed(
+    tracked: &mut PackedInflight,
+    queue: &mut PackedQueue,
+    base: u32,
+    resubmit: &mut Vec<u16>,
+) -> Result<Option<(u16, u32, u32)>, InflightError> {
+    let found = tracked.recover(queue.next_used(), |pos| queue.published_at(pos), resubmit)?;
+    if found.fresh {
+        return Ok(None);
+    }
+    queue.resume(found.used, found.in_flight_descs);
+    let resumed = queue.base();
+    let changed = !resubmit.is_empty() || found.committed || resumed != base;
+    Ok(changed.then_some((u16::from(found.committed), resumed, base)))
 }
 
 /// A request held for the export's limits: in slot `tag` since `since_ns`, free to go at
@@ -240,7 +256,8 @@ pub(super) struct Held {
 /// Requests an earlier daemon left in flight, taken again before anything new.
 #[derive(Default)]
 pub(super) struct Resubmission {
-    /// Heads in the order they were first taken.
+    /// In the order they were first taken: heads (split ring) or the region's head entries
+    /// of their copies (packed ring).
     heads: Vec<u16>,
     next: usize,
     /// How many of each kind went, for the line logged when all have.
@@ -298,7 +315,7 @@ pub(super) struct Core {
     /// Per-layer timestamps of one request in SAMPLE_EVERY (see crate::trace).
     pub(super) sampler: Sampler,
     /// The queue's part of the frontend's inflight region, if it gave one.
-    pub(super) inflight: Option<InflightQueue>,
+    pub(super) inflight: Option<Tracker>,
     pub(super) resubmit: Resubmission,
     /// While the guest migrates: where the queue marks the guest pages it writes.
     pub(super) dirty: Option<QueueLog>,
@@ -306,7 +323,7 @@ pub(super) struct Core {
 
 impl<E: Engine> QueueWorker<E> {
     fn new(disk: Arc<Disk>, setup: QueueSetup, queue: Ring, engine: E) -> Self {
-        let size = usize::from(setup.size);
+        let size = usize::from(setup.ring.size);
         let stats = disk.queue_stats(setup.index);
         let disk_stats_on = disk.stats_on;
         let packed = queue.format() == RingFormat::Packed;
@@ -322,7 +339,7 @@ impl<E: Engine> QueueWorker<E> {
             memory: setup.memory,
             queue,
             index: setup.index,
-            slots: Slots::new(setup.size),
+            slots: Slots::new(setup.ring.size),
             unpublished: 0,
             kick: setup.kick,
             call: setup.call,
@@ -528,15 +545,13 @@ impl Core {
             let Some(tag) = self.slots.take() else { break };
             self.sampler.seen(tag);
             let slot = &mut self.slots[tag];
-            let popped = if resubmitting {
-                let head = self.resubmit.heads[self.resubmit.next];
-                self.resubmit.next += 1;
-                self.queue
-                    .walk_split_chain(&self.memory, head, &mut slot.chain)
-                    .map(|outcome| Some((head, outcome)))
-                    .map_err(QueueError::Chain)
-            } else {
-                self.queue.pop(&self.memory, &mut slot.chain)
+            let popped = match (&self.inflight, resubmitting) {
+                (Some(tracker), true) => {
+                    let item = self.resubmit.heads[self.resubmit.next];
+                    self.resubmit.next += 1;
+                    tracker.resubmit(&mut self.queue, &self.memory, item, &mut slot.chain).map(Some)
+                }
+                _ => self.queue.pop(&self.memory, &mut slot.chain),
             };
             let (head, outcome) = match popped {
                 Ok(Some(popped)) => popped,
@@ -551,12 +566,16 @@ impl Core {
                     break;
                 }
             };
-            slot.head = head;
-            taken += 1;
-            // Marked before the request can start; a resubmitted head still is.
+            // Marked before the request can start; a resubmitted one still is.
             if let (Some(inflight), false) = (self.inflight.as_mut(), resubmitting) {
-                inflight.taken(head);
+                if let Err(e) = inflight.taken(&self.queue, head) {
+                    self.slots.give_back(tag);
+                    self.break_queue(e);
+                    break;
+                }
             }
+            self.slots[tag].head = head;
+            taken += 1;
             let slot = &mut self.slots[tag];
             let parsed = request::parse(&mut slot.chain, outcome, &limits);
             slot.status = parsed.status;
@@ -897,11 +916,15 @@ impl Core {
             return;
         }
         let count = std::mem::take(&mut self.unpublished);
+        // The region records the batch before the ring publishes it, and unmarks it only
+        // once the ring covers it (see virtq/inflight.rs and virtq/inflight/packed.rs).
+        if let Some(inflight) = self.inflight.as_mut() {
+            inflight.publishing(&self.queue);
+        }
         self.queue.publish_used();
         self.log_used_ring();
-        // Unmarked only once used->idx covers them (see virtq/inflight.rs).
         if let Some(inflight) = self.inflight.as_mut() {
-            inflight.published(count, self.queue.used_index());
+            inflight.published(count, &self.queue);
         }
         let published = self.sampler.has_done().then(Instant::now);
         if self.queue.needs_notification() {
@@ -937,7 +960,7 @@ impl Core {
         }
     }
 
-    fn break_queue(&mut self, e: QueueError) {
+    fn break_queue(&mut self, e: impl std::fmt::Display) {
         if !self.broken {
             log_limited!(tracing::Level::ERROR, self.log, parent: &self.disk.span, queue = self.index, "queue broken by the guest: {e}; it serves nothing more until reset");
         }

@@ -333,6 +333,63 @@ fn notifications_from_the_guest_are_turned_off_and_on() {
     assert!(q.enable_notifications(), "a request arrived meanwhile");
 }
 
+/// After a daemon died with a batch written but not published: the next one resumes at the
+/// committed used position, past the chains it resubmits from copies, and the dead daemon's
+/// unpublished used elements no longer read as used, so the driver takes only new answers.
+#[test]
+fn a_resumed_ring_hides_unpublished_answers_and_resubmits_from_copies() {
+    let (_file, mem) = guest_ram();
+    let mut q = queue(&mem, 8, false, false);
+    let mut driver = Driver::new(8);
+    // Position 6 on: chains of 2 and 3 descriptors, the second crossing the ring's end.
+    for n in 0..3u16 {
+        driver.offer(&mem, n, &[(DATA_GPA, 16, false), (DATA_GPA + 512, 1, true)]);
+        let (id, _) = pop(&mut q, &mem).unwrap().unwrap();
+        q.push_used(id, 1);
+        q.publish_used();
+        assert_eq!(driver.take_used(&mem, 2), Some((n, 1)));
+    }
+    driver.offer(&mem, 4, &[(DATA_GPA, 16, false), (DATA_GPA + 512, 1, true)]);
+    let bufs = [(DATA_GPA + 1024, 16, false), (DATA_GPA + 2048, 4096, true), (DATA_GPA, 1, true)];
+    driver.offer(&mem, 5, &bufs);
+    let mut copies = Vec::new();
+    for want in [4, 5] {
+        let (id, _) = pop(&mut q, &mem).unwrap().unwrap();
+        assert_eq!(id, want);
+        copies.push(q.popped_descs().collect::<Vec<_>>());
+    }
+    assert_eq!(copies[1].len(), 3);
+    assert_eq!(
+        (copies[1][0].addr, copies[1][1].len, copies[1][2].flags & DESC_F_NEXT),
+        (DATA_GPA + 1024, 4096, 0)
+    );
+    // 4 answered (its element at 6, flags held back), then 5 (at 0 in the next lap, its
+    // flags written): neither published when the daemon dies.
+    q.push_used(4, 1);
+    q.push_used(5, 1);
+    let committed = RingPos { index: 6, wrap: true };
+    assert!(!q.published_at(committed), "the batch's first element is not published");
+
+    let mut q2 = PackedQueue::new(&mem, addrs(), 8, fresh_base(), false, false, 8).unwrap();
+    q2.resume(committed, 5);
+    assert_eq!(q2.next_used(), committed);
+    assert_eq!(q2.next_avail(), RingPos { index: 3, wrap: false });
+    assert_eq!(driver.take_used(&mem, 2), None, "a dead daemon's answer shows");
+    let mut sink = Sink::default();
+    let (id, _) = q2.resubmit(&mem, copies[1].iter().copied(), &mut sink).unwrap();
+    assert_eq!((id, sink.0.len()), (5, 3));
+    assert!(q2.resubmit(&mem, copies[1][..2].iter().copied(), &mut Sink::default()).is_err());
+    q2.resubmit(&mem, copies[0].iter().copied(), &mut Sink::default()).unwrap();
+    q2.push_used(4, 7);
+    q2.publish_used();
+    assert_eq!(driver.take_used(&mem, 2), Some((4, 7)));
+    assert_eq!(driver.take_used(&mem, 3), None, "the element the dead daemon wrote shows");
+    q2.push_used(5, 9);
+    q2.publish_used();
+    assert_eq!(driver.take_used(&mem, 3), Some((5, 9)));
+    assert!(q2.published_at(committed));
+}
+
 #[test]
 fn vring_base_carries_both_positions_and_wrap_counters() {
     let (_file, mem) = guest_ram();
