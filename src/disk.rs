@@ -104,8 +104,9 @@ pub const DEFAULT_QUEUE_SIZE: u16 = 256;
 /// gets as many as its VMM asks for (QEMU's vhost-user-blk-pci asks for one per vCPU by
 /// default and refuses to start with fewer). 256, not QEMU's 1024 (VIRTIO_QUEUE_MAX): the
 /// vhost-user messages that hand over a ring's kick, call and err descriptors carry the
-/// ring's index in 8 bits (bits 0-7 of their payload, bit 8 is "no descriptor"), so ring
-/// 256 would be taken for ring 0. Offering 256 makes a VMM asking for more fail at start
+/// ring's index in 8 bits (bits 0-7 of their payload, bit 8 is "no descriptor"; QEMU's
+/// vhost-user code masks the index with 0xff when it sends them), so ring 256 would be taken
+/// for ring 0. Offering 256 makes a VMM asking for more fail at start
 /// with the number, instead of a queue that never starts. A queue costs memory only once
 /// the VMM starts it (see ARCHITECTURE.md, "Resource budget").
 pub const MAX_QUEUES: u16 = 256;
