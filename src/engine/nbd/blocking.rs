@@ -1,7 +1,8 @@
 //! A blocking NBD client of one connection, one request at a time: what a mirror job writes its
-//! target through (from its own thread, and from I/O threads copying a guest's write again).
-//! Not an [`Engine`](crate::engine::Engine): a mirror's writes are few and large, and each
-//! waits for its answer anyway. Every wait is bounded by the socket's timeouts.
+//! target through, and reads an NBD source through (from its own threads, and from I/O threads
+//! copying a guest's write again). Not an [`Engine`](crate::engine::Engine): a mirror's
+//! requests are few and large, and each waits for its answer anyway. Every wait is bounded by
+//! the socket's timeouts.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -64,7 +65,13 @@ impl BlockingNbd {
     /// Writes `data` at `offset` (within the server's largest payload: the caller's pieces are
     /// smaller).
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), String> {
-        self.request(wire::CMD_WRITE, 0, offset, data.len() as u32, data)
+        self.request(wire::CMD_WRITE, 0, offset, data.len() as u32, data, None)
+    }
+
+    /// Reads `into.len()` bytes at `offset` (within the server's largest payload: the
+    /// caller's pieces are smaller). Hole chunks of a structured reply read as zeroes.
+    pub fn read_at(&self, offset: u64, into: &mut [u8]) -> Result<(), String> {
+        self.request(wire::CMD_READ, 0, offset, into.len() as u32, &[], Some(into))
     }
 
     /// Makes `bytes` at `offset` zeroes (write-zeroes if the server has it, else writes).
@@ -82,7 +89,7 @@ impl BlockingNbd {
         let mut at = offset;
         while at < offset + bytes {
             let n = (offset + bytes - at).min(MAX_RANGE_BYTES);
-            self.request(wire::CMD_WRITE_ZEROES, 0, at, n as u32, &[])?;
+            self.request(wire::CMD_WRITE_ZEROES, 0, at, n as u32, &[], None)?;
             at += n;
         }
         Ok(())
@@ -92,10 +99,11 @@ impl BlockingNbd {
         if !self.negotiated.has(wire::TFLAG_SEND_FLUSH) {
             return Ok(());
         }
-        self.request(wire::CMD_FLUSH, 0, 0, 0, &[])
+        self.request(wire::CMD_FLUSH, 0, 0, 0, &[], None)
     }
 
-    /// Sends one request and reads its answer (simple, or structured chunks up to the last).
+    /// Sends one request and reads its answer (simple, or structured chunks up to the last);
+    /// a read's data lands in `read`, which is `length` bytes.
     fn request(
         &self,
         command: u16,
@@ -103,6 +111,7 @@ impl BlockingNbd {
         offset: u64,
         length: u32,
         payload: &[u8],
+        read: Option<&mut [u8]>,
     ) -> Result<(), String> {
         let mut guard = self.stream.lock().unwrap_or_else(|p| p.into_inner());
         let (stream, next_cookie) = &mut *guard;
@@ -121,12 +130,19 @@ impl BlockingNbd {
             Stream::Unix(s) => s,
             Stream::Tcp(s) => s,
         };
-        read_answer(reader, cookie).map_err(|e| fail("reading its answer", &e))
+        read_answer(reader, cookie, offset, read).map_err(|e| fail("reading its answer", &e))
     }
 }
 
-/// Reads the answer to request `cookie`: Ok, or the error the server gave.
-fn read_answer(r: &mut dyn Read, cookie: u64) -> io::Result<()> {
+/// Reads the answer to request `cookie`: Ok, or the error the server gave. A read's data
+/// (`read`, of the request at `offset`) must be covered exactly: a chunk outside it, or a
+/// total other than its length, is an error (servers send no overlapping chunks).
+fn read_answer(
+    r: &mut dyn Read,
+    cookie: u64,
+    offset: u64,
+    mut read: Option<&mut [u8]>,
+) -> io::Result<()> {
     let bad = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
     let mut magic = [0u8; 4];
     r.read_exact(&mut magic)?;
@@ -142,10 +158,14 @@ fn read_answer(r: &mut dyn Read, cookie: u64) -> io::Result<()> {
             if error != 0 {
                 return Err(io::Error::from_raw_os_error(-wire::errno_of(error)));
             }
+            if let Some(data) = read {
+                r.read_exact(data)?;
+            }
             Ok(())
         }
         wire::STRUCTURED_REPLY_MAGIC => {
             let mut magic_next = None;
+            let mut covered = 0u64;
             loop {
                 if let Some(m) = magic_next.take() {
                     if m != wire::STRUCTURED_REPLY_MAGIC {
@@ -161,19 +181,32 @@ fn read_answer(r: &mut dyn Read, cookie: u64) -> io::Result<()> {
                 if got != cookie {
                     return Err(bad(format!("an answer to request {got}, not {cookie}")));
                 }
-                if length > 64 * 1024 {
-                    return Err(bad(format!("a {length}-byte chunk to a write")));
-                }
-                let mut body = vec![0u8; length as usize];
-                r.read_exact(&mut body)?;
-                if kind & wire::REPLY_TYPE_ERROR_BIT != 0 {
+                if kind == wire::REPLY_TYPE_OFFSET_DATA || kind == wire::REPLY_TYPE_OFFSET_HOLE {
+                    let Some(data) = read.as_deref_mut() else {
+                        return Err(bad(format!("a data chunk of type {kind} to a write")));
+                    };
+                    covered += read_chunk(r, kind, length, offset, data)?;
+                } else {
+                    if length > 64 * 1024 {
+                        return Err(bad(format!("a {length}-byte chunk of type {kind}")));
+                    }
+                    let mut body = vec![0u8; length as usize];
+                    r.read_exact(&mut body)?;
+                    if kind & wire::REPLY_TYPE_ERROR_BIT != 0 {
                     let error = body
                         .get(0..4)
                         .map_or(5, |b| u32::from_be_bytes(b.try_into().unwrap_or_default()));
-                    return Err(io::Error::from_raw_os_error(-wire::errno_of(error)));
+                        return Err(io::Error::from_raw_os_error(-wire::errno_of(error)));
+                    }
                 }
                 if flags & wire::REPLY_FLAG_DONE != 0 {
-                    return Ok(());
+                    return match read {
+                        Some(data) if covered != data.len() as u64 => Err(bad(format!(
+                            "{covered} bytes of a {}-byte read answered",
+                            data.len()
+                        ))),
+                        _ => Ok(()),
+                    };
                 }
                 r.read_exact(&mut magic)?;
                 magic_next = Some(u32::from_be_bytes(magic));
@@ -181,4 +214,41 @@ fn read_answer(r: &mut dyn Read, cookie: u64) -> io::Result<()> {
         }
         other => Err(bad(format!("a reply magic {other:#x}"))),
     }
+}
+
+/// Reads one data or hole chunk of `length` bytes (after its header) into `data`, the read at
+/// `offset`; returns the bytes of the read it covers.
+fn read_chunk(
+    r: &mut dyn Read,
+    kind: u16,
+    length: u32,
+    offset: u64,
+    data: &mut [u8],
+) -> io::Result<u64> {
+    let bad = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
+    let hole = kind == wire::REPLY_TYPE_OFFSET_HOLE;
+    if (hole && length != 12) || (!hole && length < 8) {
+        return Err(bad(format!("a chunk of type {kind} of {length} bytes")));
+    }
+    let mut at = [0u8; 8];
+    r.read_exact(&mut at)?;
+    let at = u64::from_be_bytes(at);
+    let bytes = if hole {
+        let mut hole_bytes = [0u8; 4];
+        r.read_exact(&mut hole_bytes)?;
+        u64::from(u32::from_be_bytes(hole_bytes))
+    } else {
+        u64::from(length - 8)
+    };
+    let start = at
+        .checked_sub(offset)
+        .filter(|s| s.checked_add(bytes).is_some_and(|end| end <= data.len() as u64))
+        .ok_or_else(|| bad(format!("a chunk of {bytes} bytes at {at}, outside the read")))?;
+    let range = start as usize..(start + bytes) as usize;
+    if hole {
+        data[range].fill(0);
+    } else {
+        r.read_exact(&mut data[range])?;
+    }
+    Ok(bytes)
 }
