@@ -314,7 +314,9 @@ fn mirror_jobs_are_in_the_scrape() {
     let state_of = |body: &str| -> Vec<String> {
         ["running", "ready", "completed", "failed", "cancelled"]
             .iter()
-            .filter(|s| sample(body, &format!("blkplane_job_state{{{labels},state=\"{s}\"}}")) == 1.0)
+            .filter(|s| {
+                sample(body, &format!("blkplane_job_state{{{labels},state=\"{s}\"}}")) == 1.0
+            })
             .map(|s| s.to_string())
             .collect()
     };

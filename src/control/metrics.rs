@@ -638,11 +638,9 @@ fn write_jobs(out: &mut String, jobs: &[crate::mirror::JobInfo]) {
         ("blkplane_job_total_bytes", "Bytes the job copies in all (the export's size).", |j| {
             j.total_bytes
         }),
-        (
-            "blkplane_job_recopied_bytes",
-            "Bytes the job copied again for guest writes.",
-            |j| j.recopied_bytes,
-        ),
+        ("blkplane_job_recopied_bytes", "Bytes the job copied again for guest writes.", |j| {
+            j.recopied_bytes
+        }),
     ];
     for (name, help, field) in per_job {
         family(out, name, "gauge", help);

@@ -193,9 +193,9 @@ fn read_answer(
                     let mut body = vec![0u8; length as usize];
                     r.read_exact(&mut body)?;
                     if kind & wire::REPLY_TYPE_ERROR_BIT != 0 {
-                    let error = body
-                        .get(0..4)
-                        .map_or(5, |b| u32::from_be_bytes(b.try_into().unwrap_or_default()));
+                        let error = body
+                            .get(0..4)
+                            .map_or(5, |b| u32::from_be_bytes(b.try_into().unwrap_or_default()));
                         return Err(io::Error::from_raw_os_error(-wire::errno_of(error)));
                     }
                 }
