@@ -6,9 +6,10 @@
 //! either would stall every other queue an I/O thread serves. The I/O threads only copy the
 //! guest's own writes again, which the guest waits for anyway.
 //!
-//! A chunk's pieces are copied by [`COPY_DEPTH`] worker threads at once, each reading and
-//! writing one piece at a time through a buffer of its own, so reads go on while writes land
-//! and the target has several writes in flight. Threads rather than io_uring on the job's
+//! A chunk's pieces are copied by [`COPY_DEPTH`] workers at once (the job's thread and
+//! threads started for the chunk), each reading and writing one piece at a time through a
+//! buffer of its own, so reads go on while writes land and the target has several writes in
+//! flight. Threads rather than io_uring on the job's
 //! thread: every target (a file, an NBD connection, librbd) and source has a blocking call
 //! already, the same for all of them, and the workers live for one chunk (scoped: they
 //! borrow the job's buffers, and no request outlives the chunk's bookkeeping).
@@ -157,18 +158,16 @@ impl Mirror {
     }
 }
 
-/// Copies `pieces` (offset, bytes) with one worker thread per buffer (fewer if there are
-/// fewer pieces), each taking the next piece not taken; the first error stops the others and
-/// is returned once every worker ended.
+/// Copies `pieces` (offset, bytes) with one worker per buffer (fewer if there are fewer
+/// pieces): this thread and threads started for the chunk, each taking the next piece not
+/// taken; the first error stops the others and is returned once every worker ended.
 fn copy_pieces(
     source: &super::Source,
     target: &super::Target,
     buffers: &mut [AlignedBuffer],
     pieces: &[(u64, usize)],
 ) -> Result<(), String> {
-    if let ([(at, n)], Some(buffer)) = (pieces, buffers.first_mut()) {
-        return copy_piece(source, target, buffer, *at, *n);
-    }
+    let Some((mine, others)) = buffers.split_first_mut() else { return Ok(()) };
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     let work = |buffer: &mut AlignedBuffer| -> Result<(), String> {
@@ -184,23 +183,20 @@ fn copy_pieces(
     };
     let work = &work;
     std::thread::scope(|scope| {
-        let workers: Vec<_> = buffers
+        let helpers: Vec<_> = others
             .iter_mut()
-            .take(pieces.len())
+            .take(pieces.len().saturating_sub(1))
             .map(|buffer| {
                 std::thread::Builder::new()
                     .name("blkplane-mirror".into())
                     .spawn_scoped(scope, move || work(buffer))
             })
             .collect();
-        let mut result = Ok(());
-        for worker in workers {
-            let ended = match worker {
-                Ok(w) => w.join().unwrap_or_else(|_| Err("a copy worker panicked".into())),
-                Err(e) => {
-                    stop.store(true, Ordering::Relaxed);
-                    Err(format!("starting a copy worker: {e}"))
-                }
+        let mut result = work(mine);
+        for helper in helpers {
+            let ended = match helper {
+                Ok(h) => h.join().unwrap_or_else(|_| Err("a copy worker panicked".into())),
+                Err(e) => Err(format!("starting a copy worker: {e}")),
             };
             result = result.and(ended);
         }

@@ -37,8 +37,8 @@ use target::{Target, PIECE_BYTES};
 /// [`COPY_DEPTH`] at a time (job.rs), so it holds several of them: the workers are drained
 /// at each chunk's end (the chunk is on the target before it counts as copied).
 pub const CHUNK_BYTES: u64 = 8 << 20;
-/// Pieces the job copies at once, each read and written by a worker thread of the job
-/// through a buffer of its own: reads overlap writes, and the target has several writes in
+/// Pieces the job copies at once, each read and written by a worker (the job's thread and
+/// threads started for the chunk) through a buffer of its own: reads overlap writes, and the target has several writes in
 /// flight (a disk's O_DIRECT write of one piece at a time leaves it idle between them).
 pub const COPY_DEPTH: usize = 4;
 /// The alignment of the copy buffers (any O_DIRECT rule).
