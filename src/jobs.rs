@@ -81,8 +81,10 @@ fn open_source(disk: &Disk) -> Result<(Source, u64), JobError> {
             Ok((Source::File(file), align))
         }
         Backend::Nbd(export) => {
-            let nbd = BlockingNbd::connect(&export.spec)
+            let nbd = BlockingNbd::connect_for_block_status(&export.spec)
                 .map_err(|e| failed(format!("connecting to the source: {e}")))?;
+            let extents = if nbd.has_block_status() { "block status" } else { "none: read whole" };
+            tracing::info!(parent: &disk.span, "mirror source {}: extents from {extents}", export.spec);
             let align = u64::from(nbd.negotiated.min_block.max(1));
             Ok((Source::Nbd(nbd), align))
         }

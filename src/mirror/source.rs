@@ -17,8 +17,8 @@ use crate::engine::rbd::cluster::RbdHandle;
 pub enum Source {
     /// An image file or block device: extents found with SEEK_DATA/SEEK_HOLE.
     File(File),
-    /// An NBD server's export: read whole (every extent counts as data; all-zero pieces
-    /// still become write-zeroes on the target).
+    /// An NBD server's export: extents from block status (`base:allocation`) where the
+    /// server has it, else read whole (all-zero pieces still become write-zeroes).
     Nbd(BlockingNbd),
     /// A Ceph RBD image: read whole, as NBD.
     Rbd(Arc<RbdHandle>),
@@ -42,9 +42,40 @@ impl Source {
         match self {
             Source::File(file) => backing::next_data(file, offset, size_bytes)
                 .map_err(|e| format!("looking for data in the source: {e}")),
+            Source::Nbd(nbd) if nbd.has_block_status() => nbd_next_data(nbd, offset, size_bytes),
             Source::Nbd(_) | Source::Rbd(_) => {
                 Ok((offset < size_bytes).then_some((offset, size_bytes)))
             }
         }
     }
+}
+
+/// [`Source::next_data`] by NBD block status: the first run of extents from `offset` that do
+/// not read as zeroes (a server may describe less than asked: it is asked again from there).
+fn nbd_next_data(
+    nbd: &BlockingNbd,
+    offset: u64,
+    size_bytes: u64,
+) -> Result<Option<(u64, u64)>, String> {
+    let mut at = offset;
+    while at < size_bytes {
+        // The length is 32 bits; 1 GiB keeps it aligned.
+        let ask = (size_bytes - at).min(1 << 30) as u32;
+        let mut start = None;
+        for (bytes, zero) in nbd.block_status(at, ask)? {
+            match (zero, start) {
+                (false, None) => start = Some(at),
+                (true, Some(s)) => return Ok(Some((s, at))),
+                _ => {}
+            }
+            at = at.saturating_add(bytes).min(size_bytes);
+            if at >= size_bytes {
+                break;
+            }
+        }
+        if let Some(s) = start {
+            return Ok(Some((s, at)));
+        }
+    }
+    Ok(None)
 }

@@ -36,7 +36,20 @@ pub struct BlockingNbd {
 impl BlockingNbd {
     /// Connects and negotiates within the connection timeout.
     pub fn connect(spec: &NbdSpec) -> Result<BlockingNbd, String> {
-        let connection = super::connect(spec, super::CONNECT_TIMEOUT)?;
+        Self::from(spec, super::connect(spec, super::CONNECT_TIMEOUT)?)
+    }
+
+    /// Like [`connect`](Self::connect), asking for block status (`base:allocation`) too:
+    /// for reading a mirror's source.
+    pub fn connect_for_block_status(spec: &NbdSpec) -> Result<BlockingNbd, String> {
+        let timeout = super::CONNECT_TIMEOUT;
+        Self::from(spec, super::handshake::connect_for_block_status(spec, timeout)?)
+    }
+
+    fn from(
+        spec: &NbdSpec,
+        connection: super::handshake::Connection,
+    ) -> Result<BlockingNbd, String> {
         let fail = |e: io::Error| format!("NBD server {spec}: {e}");
         crate::sys::set_status_flags(connection.fd.as_raw_fd(), 0, libc::O_NONBLOCK)
             .map_err(fail)?;
@@ -65,13 +78,46 @@ impl BlockingNbd {
     /// Writes `data` at `offset` (within the server's largest payload: the caller's pieces are
     /// smaller).
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), String> {
-        self.request(wire::CMD_WRITE, 0, offset, data.len() as u32, data, None)
+        self.request(wire::CMD_WRITE, 0, offset, data.len() as u32, data, None, None)
     }
 
     /// Reads `into.len()` bytes at `offset` (within the server's largest payload: the
     /// caller's pieces are smaller). Hole chunks of a structured reply read as zeroes.
     pub fn read_at(&self, offset: u64, into: &mut [u8]) -> Result<(), String> {
-        self.request(wire::CMD_READ, 0, offset, into.len() as u32, &[], Some(into))
+        self.request(wire::CMD_READ, 0, offset, into.len() as u32, &[], Some(into), None)
+    }
+
+    /// Whether block status can be asked: the server has the `base:allocation` context.
+    pub fn has_block_status(&self) -> bool {
+        self.negotiated.allocation_context.is_some()
+    }
+
+    /// The extents from `offset` (at most `bytes`, within the export) as the server describes
+    /// them in `base:allocation`: (length, reads as zeroes), in order, at least one. Err if
+    /// the server has no such context or answers out of the rules.
+    pub fn block_status(&self, offset: u64, bytes: u32) -> Result<Vec<(u64, bool)>, String> {
+        let Some(context) = self.negotiated.allocation_context else {
+            return Err(format!("NBD server {}: no block status", self.spec));
+        };
+        let mut status = Vec::new();
+        self.request(wire::CMD_BLOCK_STATUS, 0, offset, bytes, &[], None, Some(&mut status))?;
+        let bad = |why: &str| format!("NBD server {}: block status: {why}", self.spec);
+        let words = status.get(4..).ok_or_else(|| bad("no block status chunk"))?;
+        if status[0..4] != context.to_be_bytes() || words.len() % 8 != 0 || words.is_empty() {
+            return Err(bad("a chunk of another context, or of no whole extent"));
+        }
+        let extents: Vec<(u64, bool)> = words
+            .chunks_exact(8)
+            .map(|e| {
+                let length = u32::from_be_bytes([e[0], e[1], e[2], e[3]]);
+                let flags = u32::from_be_bytes([e[4], e[5], e[6], e[7]]);
+                (u64::from(length), flags & wire::STATE_ZERO != 0)
+            })
+            .collect();
+        if extents[0].0 == 0 {
+            return Err(bad("an empty first extent"));
+        }
+        Ok(extents)
     }
 
     /// Makes `bytes` at `offset` zeroes (write-zeroes if the server has it, else writes).
@@ -89,7 +135,7 @@ impl BlockingNbd {
         let mut at = offset;
         while at < offset + bytes {
             let n = (offset + bytes - at).min(MAX_RANGE_BYTES);
-            self.request(wire::CMD_WRITE_ZEROES, 0, at, n as u32, &[], None)?;
+            self.request(wire::CMD_WRITE_ZEROES, 0, at, n as u32, &[], None, None)?;
             at += n;
         }
         Ok(())
@@ -99,11 +145,13 @@ impl BlockingNbd {
         if !self.negotiated.has(wire::TFLAG_SEND_FLUSH) {
             return Ok(());
         }
-        self.request(wire::CMD_FLUSH, 0, 0, 0, &[], None)
+        self.request(wire::CMD_FLUSH, 0, 0, 0, &[], None, None)
     }
 
     /// Sends one request and reads its answer (simple, or structured chunks up to the last);
-    /// a read's data lands in `read`, which is `length` bytes.
+    /// a read's data lands in `read`, which is `length` bytes; a block status chunk's body
+    /// in `status`.
+    #[allow(clippy::too_many_arguments)]
     fn request(
         &self,
         command: u16,
@@ -112,6 +160,7 @@ impl BlockingNbd {
         length: u32,
         payload: &[u8],
         read: Option<&mut [u8]>,
+        status: Option<&mut Vec<u8>>,
     ) -> Result<(), String> {
         let mut guard = self.stream.lock().unwrap_or_else(|p| p.into_inner());
         let (stream, next_cookie) = &mut *guard;
@@ -130,7 +179,8 @@ impl BlockingNbd {
             Stream::Unix(s) => s,
             Stream::Tcp(s) => s,
         };
-        read_answer(reader, cookie, offset, read).map_err(|e| fail("reading its answer", &e))
+        read_answer(reader, cookie, offset, read, status)
+            .map_err(|e| fail("reading its answer", &e))
     }
 }
 
@@ -142,6 +192,7 @@ fn read_answer(
     cookie: u64,
     offset: u64,
     mut read: Option<&mut [u8]>,
+    mut status: Option<&mut Vec<u8>>,
 ) -> io::Result<()> {
     let bad = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
     let mut magic = [0u8; 4];
@@ -192,6 +243,12 @@ fn read_answer(
                     }
                     let mut body = vec![0u8; length as usize];
                     r.read_exact(&mut body)?;
+                    if kind == wire::REPLY_TYPE_BLOCK_STATUS {
+                        if let Some(into) = status.as_deref_mut().filter(|v| v.is_empty()) {
+                            *into = body;
+                            body = Vec::new();
+                        }
+                    }
                     if kind & wire::REPLY_TYPE_ERROR_BIT != 0 {
                         let error = body
                             .get(0..4)
