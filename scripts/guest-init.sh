@@ -2,7 +2,7 @@
 # /init of the guest test's initramfs. It checks the disk blkplane serves as /dev/vda and
 # reports on the console: BLKPLANE-CHECK lines as it goes, BLKPLANE-MD5 for the host to
 # compare with the image, then BLKPLANE-PASS or BLKPLANE-FAIL. Parameters come from the
-# kernel command line: blkplane.mode=rw|ro|resize|restart|migrate|limit|many, blkplane.runid, blkplane.sectors,
+# kernel command line: blkplane.mode=rw|ro|resize|restart|migrate|limit|many|hotplug, blkplane.runid, blkplane.sectors,
 # blkplane.serial, blkplane.queues, blkplane.wce (1 = write back).
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
@@ -181,6 +181,82 @@ if [ "$MODE" = migrate ]; then
         fio_job --verify_only
         check "fio data of the last round verified after $round rounds"
     fi
+    if dmesg | grep -iE 'I/O error|blk_update_request|Buffer I/O|critical medium'; then
+        fail "the guest kernel logged I/O errors"
+    fi
+    echo "BLKPLANE-PASS"
+    poweroff -f
+fi
+
+if [ "$MODE" = hotplug ]; then
+    # The host plugs a DIMM into this VM, waits for us to take it out of use, unplugs it and
+    # types "stop"; fio writes and verifies all along (in the background). The kernel onlines
+    # the DIMM as movable memory (memhp_default_state=online_movable), which user pages, fio's
+    # buffers among them, take before any other zone; the old memory is filled with a tmpfs
+    # file as well, so the buffers of every fio round after the plug come from the DIMM.
+    printf 'BLKPLANE-RUN-%s' "$RUNID" > /tmp/id
+    dd if=/tmp/id of=/dev/vda bs=512 count=1 conv=sync oflag=direct 2>/dev/null || fail "write run id"
+    mem=/sys/devices/system/memory
+    blocks() { ls -d $mem/memory* | sed 's,.*/memory,,' | sort -n; }
+    blocks > /tmp/old-blocks
+    mkdir -p /fill
+    mount -t tmpfs -o size=100% fill /fill
+    free_mib=$(( $(awk '/^MemFree:/ {print $2}' /proc/meminfo) / 1024 ))
+    # 48 MiB stay free: fio, the shell, and the DIMM's pages when it goes out of use.
+    dd if=/dev/zero of=/fill/old bs=1M count=$((free_mib - 48)) 2>/dev/null || fail "fill the old memory"
+    check "old memory filled: $((free_mib - 48)) of $free_mib MiB free taken, $(wc -l < /tmp/old-blocks) memory blocks"
+    (
+        round=0
+        while [ ! -e /tmp/stop ]; do
+            round=$((round + 1))
+            fio_job --verify_backlog=256 --do_verify=1
+            echo "BLKPLANE-ROUND $round"
+        done
+        touch /tmp/stopped
+    ) &
+    echo "BLKPLANE-IO-START"
+    # Runs "$@" every 0.1 s until it succeeds; fails the test with $2 after $1 tries.
+    poll() {
+        tries=$1; what=$2; shift 2
+        i=0
+        until "$@"; do
+            i=$((i + 1))
+            [ $i -gt "$tries" ] && fail "$what"
+            sleep 0.1
+        done
+    }
+    old=$(wc -l < /tmp/old-blocks)
+    more_blocks() { [ "$(blocks | wc -l)" -gt "$old" ]; }
+    old_blocks_only() { [ "$(blocks | wc -l)" = "$old" ]; }
+    online() { [ "$(cat $mem/memory$1/state)" = online ]; }
+    take_offline() { echo offline > $mem/memory$1/state 2>/dev/null; }
+    poll 1200 "no new memory block" more_blocks
+    sleep 1
+    blocks | grep -vxF -f /tmp/old-blocks > /tmp/new-blocks
+    for b in $(cat /tmp/new-blocks); do
+        poll 100 "memory block $b does not come online" online $b
+        zone=$(cat $mem/memory$b/valid_zones)
+        [ "$zone" = Movable ] || fail "memory block $b onlined in zone $zone"
+    done
+    check "DIMM online: blocks $(echo $(cat /tmp/new-blocks)) in zone Movable, MemTotal $(awk '/^MemTotal:/ {print $2}' /proc/meminfo) kB"
+    # The host lets fio run whole rounds on the new memory, then says "offline".
+    echo "BLKPLANE-ONLINE"
+    poll 120 "the host never said offline" host_says offline 1
+    used=$(awk '/^Node .* zone +Movable/ {m=1; next} /^Node/ {m=0} m && /present/ {p=$2} m && /nr_free_pages/ {f=$2} END {print p - f}' /proc/zoneinfo)
+    check "pages in use in the DIMM's zone before it goes out of use: $used"
+    rm -f /fill/old
+    for b in $(cat /tmp/new-blocks); do
+        poll 100 "memory block $b does not go offline" take_offline $b
+    done
+    check "DIMM offline: blocks $(echo $(cat /tmp/new-blocks))"
+    echo "BLKPLANE-OFFLINE"
+    poll 1200 "the DIMM's memory blocks are still there" old_blocks_only
+    check "DIMM removed: MemTotal $(awk '/^MemTotal:/ {print $2}' /proc/meminfo) kB"
+    poll 120 "the host never said stop" host_says stop 1
+    touch /tmp/stop
+    poll 600 "fio did not stop" [ -e /tmp/stopped ]
+    fio_job --verify_only
+    check "fio data of the last round verified"
     if dmesg | grep -iE 'I/O error|blk_update_request|Buffer I/O|critical medium'; then
         fail "the guest kernel logged I/O errors"
     fi

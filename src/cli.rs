@@ -57,7 +57,7 @@ list-iothreads, add-iothread id=NAME [cpus=LIST] [poll=MODE] [poll-max-us=N], re
 dump-config (prints the running configuration as the TOML --config reads: keep runtime changes with \
 `blkplane ctl dump-config > /etc/blkplane/blkplane.toml`), nbd-export id=ID [name=NAME] [writable=on], \
 nbd-unexport id=ID, nbd-list (the NBD server of serve --nbd-server), \
-mirror id=ID target=PATH|nbd://...|nbd+unix://... [speed=BYTES] (copies the export's image to the target while the guest runs), \
+mirror id=ID target=PATH|nbd://...|nbd+unix://... [speed=BYTES] [tls-creds=DIR] (copies the export's image to the target while the guest runs), \
 query-jobs, job-cancel id=ID, job-complete id=ID.\n\
 Values are sent as strings, as given; paths of export keys are made absolute first. \
 docs/control.md describes every command, its arguments and its errors."
@@ -222,10 +222,7 @@ fn doctor(control: &std::path::Path, json: bool, root: &std::path::Path) -> Exit
                 .as_array()
                 .into_iter()
                 .flatten()
-                .filter_map(|t| {
-                    let tid = t["tid"].as_u64().and_then(|n| u32::try_from(n).ok())?;
-                    Some(ThreadFacts { id: t["id"].as_str()?.to_string(), tid })
-                })
+                .filter_map(ThreadFacts::from_daemon)
                 .collect();
             (e, t, None)
         }

@@ -764,9 +764,10 @@ impl Daemon {
         id: &str,
         target: &str,
         speed_bytes_per_s: u64,
+        tls_creds: Option<&std::path::Path>,
     ) -> Result<JobInfo, ControlError> {
         let disk = self.with_export(id, |e| e.server.disk())?;
-        Ok(self.jobs.start_mirror(id, &disk, target, speed_bytes_per_s)?)
+        Ok(self.jobs.start_mirror(id, &disk, target, speed_bytes_per_s, tls_creds)?)
     }
 
     pub fn query_jobs(&self) -> Vec<JobInfo> {
@@ -801,7 +802,20 @@ impl Daemon {
         if let Some(e) = self.exports().iter_mut().find(|e| e.id == id) {
             e.config.disk.backend = target;
         }
-        info!(parent: &server.disk().span, "export switched to its mirror's target");
+        let disk = server.disk();
+        info!(parent: &disk.span, "export switched to its mirror's target");
+        // An NBD exposure would keep the old image open: it follows the export, or ends.
+        match self.nbd_server().and_then(|nbd| nbd.follow(id, &disk)) {
+            Some(true) => info!(
+                parent: &disk.span,
+                "the NBD exposure now serves the mirror's target; its clients were disconnected"
+            ),
+            Some(false) => info!(
+                parent: &disk.span,
+                "unexposed over NBD: the server does not expose the new backend (NBD or RBD)"
+            ),
+            None => {}
+        }
         Ok(mirror.info())
     }
 

@@ -2,12 +2,15 @@
 //! one mirror per export, its job id the export's id. A job that ended stays listed (with its
 //! state and error) until the next job of its export, or the export, goes.
 
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use crate::disk::{parse_target, Backend, BackendSpec, Disk};
 use crate::engine::backing::Backing;
 use crate::engine::nbd::blocking::BlockingNbd;
+use crate::engine::nbd::tls::ClientTls;
+use crate::engine::nbd::uri::NbdAddr;
 use crate::engine::nbd::wire;
 use crate::engine::rbd::cluster::RbdHandle;
 use crate::engine::rbd::RbdOptions;
@@ -41,7 +44,20 @@ pub struct Jobs {
 
 /// Opens what `target=` names, writable and locked as an export would open it, with the
 /// export's cache mode.
-fn open_target(spec: BackendSpec, text: &str, disk: &Disk) -> Result<Target, JobError> {
+fn open_target(
+    spec: BackendSpec,
+    text: &str,
+    disk: &Disk,
+    tls_creds: Option<&Path>,
+) -> Result<Target, JobError> {
+    if tls_creds.is_some()
+        && !matches!(&spec, BackendSpec::Nbd { spec, .. } if matches!(spec.addr, NbdAddr::Tcp { .. }))
+    {
+        return refuse(
+            "invalid-argument",
+            format!("tls-creds= is for an nbd:// target, not {text}"),
+        );
+    }
     match spec {
         BackendSpec::Image(path) => {
             let backing = Backing::open(&path, false, disk.cache, false, false)
@@ -49,7 +65,14 @@ fn open_target(spec: BackendSpec, text: &str, disk: &Disk) -> Result<Target, Job
             Ok(Target::File { backing, path })
         }
         BackendSpec::Nbd { spec, .. } => {
-            let nbd = BlockingNbd::connect(&spec)
+            let tls = match (tls_creds, &spec.addr) {
+                (Some(dir), NbdAddr::Tcp { host, .. }) => Some(
+                    ClientTls::load(dir, host)
+                        .map_err(|message| JobError { code: "invalid-argument", message })?,
+                ),
+                _ => None,
+            };
+            let nbd = BlockingNbd::connect(&spec, tls.as_ref())
                 .map_err(|message| JobError { code: "failed", message })?;
             if nbd.negotiated.has(wire::TFLAG_READ_ONLY) {
                 return refuse("failed", format!("NBD server {spec}: the export is read-only"));
@@ -104,13 +127,14 @@ impl Jobs {
     }
 
     /// Starts mirroring export `id` (serving `disk`) to `target`, at most `speed_bytes_per_s`
-    /// (0: no limit).
+    /// (0: no limit), an NBD target inside TLS with the credentials in `tls_creds`.
     pub fn start_mirror(
         &self,
         id: &str,
         disk: &Arc<Disk>,
         target: &str,
         speed_bytes_per_s: u64,
+        tls_creds: Option<&Path>,
     ) -> Result<JobInfo, JobError> {
         if self.jobs().iter().any(|j| j.mirror.id == id && j.mirror.state().mirrors()) {
             return refuse("busy", format!("export '{id}' has a mirror job running"));
@@ -118,7 +142,7 @@ impl Jobs {
         let spec = parse_target(target)
             .map_err(|e| JobError { code: "invalid-argument", message: e.0 })?;
         let (source, align) = open_source(disk)?;
-        let target = open_target(spec.clone(), target, disk)?;
+        let target = open_target(spec.clone(), target, disk, tls_creds)?;
         let mirror =
             Mirror::new(id, source, disk.capacity_bytes(), align, target, speed_bytes_per_s)
                 .map_err(|message| JobError { code: "invalid-argument", message })?;

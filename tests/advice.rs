@@ -300,6 +300,7 @@ fn healthy_host(root: &Path) {
     put(root, "proc/sys/fs/aio-nr", "0");
     put(root, "proc/self/limits", "Limit                     Soft Limit           Hard Limit           Units\nMax locked memory         unlimited            unlimited            bytes");
     put(root, "sys/devices/system/node/node0/cpulist", "0-3");
+    put(root, "sys/module/kvm/parameters/halt_poll_ns", "200000");
 }
 
 fn doctor(root: &Path, control: &Path) -> Vec<serde_json::Value> {
@@ -347,6 +348,8 @@ fn doctor_finds_nothing_on_a_host_that_follows_the_advice() {
             ("transparent-huge-pages", "ok"),
             ("aio-max-nr", "ok"),
             ("memlock", "ok"),
+            ("kvm-halt-poll", "ok"),
+            ("guest-halt-poll", "ok"),
         ]
     );
 }
@@ -432,6 +435,20 @@ fn doctor_reports_each_departure_of_the_host_with_its_fix() {
             found: "this shell's (no daemon asked) locked-memory limit is 64 KiB",
             fix: "LimitMEMLOCK=infinity in the unit (contrib/blkplane.service has it), or ulimit -l unlimited",
         },
+        Case {
+            change: &[("sys/module/kvm/parameters/halt_poll_ns", "0")],
+            check: "kvm-halt-poll",
+            severity: "note",
+            found: "KVM halt polling is off (halt_poll_ns = 0)",
+            fix: "echo 200000 > /sys/module/kvm/parameters/halt_poll_ns (the kernel's default; options kvm halt_poll_ns=200000 in /etc/modprobe.d/ keeps it)",
+        },
+        Case {
+            change: &[("sys/module/haltpoll/parameters/guest_halt_poll_ns", "0")],
+            check: "guest-halt-poll",
+            severity: "note",
+            found: "this host is a VM whose idle CPUs halt at once (guest_halt_poll_ns = 0)",
+            fix: "echo 200000 > /sys/module/haltpoll/parameters/guest_halt_poll_ns (haltpoll.guest_halt_poll_ns=200000 on the kernel command line keeps it)",
+        },
     ];
     for case in cases {
         let dir = tmpdir();
@@ -485,6 +502,7 @@ fn doctor_reports_what_the_exports_and_io_threads_do_against_the_advice() {
     put(&root, "sys/devices/system/node/node0/cpulist", "0-1");
     put(&root, "sys/devices/system/node/node1/cpulist", "2-3");
     let (ctl, sock) = (dir.path().join("ctl.sock"), dir.path().join("vm.sock"));
+    let slow_sock = dir.path().join("slow.sock");
     let _daemon = Daemon::start_with(
         dir.path(),
         &[
@@ -494,14 +512,21 @@ fn doctor_reports_what_the_exports_and_io_threads_do_against_the_advice() {
             "1".into(),
             "--iothread".into(),
             "id=io0,cpus=0".into(),
+            "--iothread".into(),
+            "id=spin,poll=always".into(),
             "--export".into(),
             format!(
                 "id=vm,socket={},image={},aio=native,cache=unsafe,iothread=io0",
                 sock.display(),
                 image.display()
             ),
+            "--export".into(),
+            format!(
+                "id=slow,socket={},engine=null,size=1M,iothread=dedicated,poll=never",
+                slow_sock.display()
+            ),
         ],
-        &[ctl.clone(), sock],
+        &[ctl.clone(), sock, slow_sock.clone()],
     );
     // The threads' scheduler statistics: io0 waited a quarter of its runnable time.
     let threads: serde_json::Value = {
@@ -536,12 +561,25 @@ fn doctor_reports_what_the_exports_and_io_threads_do_against_the_advice() {
         [
             ("critical", "device-write-cache", "export vm"),
             ("warning", "congestion", "iothread io0"),
+            ("warning", "polling", "iothread spin"),
             ("warning", "export-cache", "export vm"),
             ("warning", "export-aio", "export vm"),
             ("warning", "device-scheduler", "export vm"),
             ("warning", "device-numa", "export vm"),
             ("note", "device-queue-depth", "export vm"),
+            ("note", "polling", "export slow"),
         ]
+    );
+    let f = find(&findings, "polling", "iothread spin");
+    assert_eq!(f["found"], "poll=always on CPUs it shares with everything else (not pinned)");
+    assert_eq!(f["fix"], "blkplane ctl set-polling iothread=spin mode=adaptive (and poll=adaptive, the default, in its configuration), or pin it to CPUs of its own (cpus=LIST) that no vCPU uses");
+    let f = find(&findings, "polling", "export slow");
+    assert_eq!(f["found"], "poll=never");
+    assert_eq!(f["fix"], "blkplane ctl set-polling id=slow mode=adaptive (and poll=adaptive, the default, in its configuration)");
+    // No work yet: adaptive threads have not chosen, and say so.
+    assert_eq!(
+        find(&findings, "polling", "iothread io0")["found"],
+        "poll=adaptive (no decision yet: no work seen)"
     );
     let f = find(&findings, "device-numa", "export vm");
     assert_eq!(
@@ -668,4 +706,76 @@ fn vm_config_puts_guest_memory_on_the_devices_node() {
     // One node: nothing is bound.
     std::fs::remove_dir_all(root.join("sys/devices/system/node/node1")).unwrap();
     assert!(!run("qemu").contains("host-nodes"));
+}
+
+/// A thread with work has chosen how to wait after its trials, and says so, with the figures
+/// it chose by, in `list-iothreads`, the metrics and `doctor`.
+#[test]
+fn adaptive_polling_shows_what_it_chose_and_why() {
+    let dir = tmpdir();
+    let (ctl, sock) = (dir.path().join("ctl.sock"), dir.path().join("vm.sock"));
+    let image = dir.path().join("vm.raw");
+    common::make_image(&image, 4 << 20, 5);
+    let addr = format!("127.0.0.1:{}", common::free_port());
+    let _daemon = Daemon::start_with(
+        dir.path(),
+        &[
+            "--control".into(),
+            ctl.display().to_string(),
+            "--metrics".into(),
+            addr.clone(),
+            "--pool-threads".into(),
+            "1".into(),
+            "--export".into(),
+            format!("id=vm,socket={},image={}", sock.display(), image.display()),
+        ],
+        &[ctl.clone(), sock.clone()],
+    );
+    let pool_thread = || {
+        let out = common::ctl(&ctl, &["list-iothreads"]);
+        let threads: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        threads.as_array().unwrap().iter().find(|t| t["id"] == "pool.0").unwrap().clone()
+    };
+    assert_eq!(pool_thread()["chosen"], serde_json::Value::Null, "no work, no choice");
+    // I/O without pause until the thread has been through its three trials (30 ms) with
+    // work in each (a pause in the client would leave a trial without work).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let io = common::background_io(sock.clone(), stop.clone());
+    let mut thread = pool_thread();
+    let twenty_s = std::time::Duration::from_secs(20);
+    common::wait_until("a choice made with work in every trial", twenty_s, || {
+        thread = pool_thread();
+        let measured = |w: &str| !thread["trials_us"][w].is_null();
+        !thread["chosen"].is_null()
+            && ["poll", "poll-requests", "sleep"].iter().all(|w| measured(w))
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (n, failed) = io.join().unwrap();
+    assert_eq!(failed, 0, "{n} requests");
+    let chosen = thread["chosen"].as_str().unwrap();
+    assert!(["poll", "poll-requests", "sleep"].contains(&chosen), "{thread}");
+    assert!(thread["choices"][chosen].as_u64().unwrap() >= 1, "{thread}");
+    for way in ["poll", "poll-requests", "sleep"] {
+        let (wall, cpu) = (&thread["trials_us"][way]["wall"], &thread["trials_us"][way]["cpu"]);
+        let (wall, cpu) = (wall.as_f64().unwrap(), cpu.as_f64().unwrap());
+        // One thread cannot use more CPU than the time that passed.
+        assert!(wall > 0.0 && cpu > 0.0 && cpu <= wall * 1.01, "{way}: {thread}");
+    }
+    let (_, body) = common::http_get(&addr, "/metrics", "");
+    let body = String::from_utf8(body).unwrap();
+    let line =
+        format!("blkplane_iothread_poll_choices_total{{iothread=\"pool.0\",way=\"{chosen}\"}} ");
+    let count: u64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix(&line))
+        .unwrap_or_else(|| panic!("no {line} in the metrics"))
+        .parse()
+        .unwrap();
+    assert!(count >= 1);
+    let findings = doctor(Path::new("/"), &ctl);
+    let found =
+        find(&findings, "polling", "iothread pool.0")["found"].as_str().unwrap().to_string();
+    assert!(found.starts_with("poll=adaptive "), "{found}");
+    assert!(found.contains("per request in its trials: poll "), "{found}");
+    assert!(found.contains(", poll-requests ") && found.contains(", sleep "), "{found}");
 }

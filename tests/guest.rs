@@ -722,6 +722,8 @@ fn linux_guest_survives_daemon_kills_and_restarts() {
 struct Qmp {
     reader: std::io::BufReader<std::os::unix::net::UnixStream>,
     writer: std::os::unix::net::UnixStream,
+    /// Events read while waiting for a command's return, for [`Qmp::event`].
+    events: Vec<serde_json::Value>,
 }
 
 impl Qmp {
@@ -736,8 +738,11 @@ impl Qmp {
             }
         };
         stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut q =
-            Qmp { writer: stream.try_clone().unwrap(), reader: std::io::BufReader::new(stream) };
+        let mut q = Qmp {
+            writer: stream.try_clone().unwrap(),
+            reader: std::io::BufReader::new(stream),
+            events: Vec::new(),
+        };
         q.line(); // the greeting
         q.call("qmp_capabilities", serde_json::json!({}));
         q
@@ -750,7 +755,7 @@ impl Qmp {
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("QMP said {line:?}: {e}"))
     }
 
-    /// Runs a command; returns its "return" (events on the way are skipped).
+    /// Runs a command; returns its "return" (events on the way are kept for [`Qmp::event`]).
     fn call(&mut self, command: &str, args: serde_json::Value) -> serde_json::Value {
         use std::io::Write;
         let msg = serde_json::json!({"execute": command, "arguments": args});
@@ -761,8 +766,74 @@ impl Qmp {
                 return r.clone();
             }
             assert!(v.get("error").is_none(), "QMP {command}: {v}");
+            if v.get("event").is_some() {
+                self.events.push(v);
+            }
         }
     }
+
+    /// Waits for the event `name` whose data matches `pick` (one already seen counts).
+    fn event(
+        &mut self,
+        name: &str,
+        pick: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let matches = |v: &serde_json::Value| v["event"] == name && pick(&v["data"]);
+        if let Some(i) = self.events.iter().position(matches) {
+            return self.events.remove(i);
+        }
+        loop {
+            let v = self.line();
+            if matches(&v) {
+                return v;
+            }
+        }
+    }
+}
+
+/// Migrates the VM behind `q` to `uri` through QMP: fast, but kept from finishing for 3 s
+/// (no downtime allowed) so that the guest's I/O goes on into pages the migration has sent
+/// already, which only the daemon's log can get sent again; then it may finish. Returns
+/// query-migrate's answer once it completed or failed (or at `deadline`).
+fn migrate(q: &mut Qmp, uri: &str, deadline: Instant) -> serde_json::Value {
+    let limit = |ms: u64| serde_json::json!({"max-bandwidth": 1u64 << 30, "downtime-limit": ms});
+    q.call("migrate-set-parameters", limit(0));
+    q.call("migrate", serde_json::json!({ "uri": uri }));
+    std::thread::sleep(Duration::from_secs(3));
+    q.call("migrate-set-parameters", limit(300));
+    loop {
+        let info = q.call("query-migrate", serde_json::json!({}));
+        let status = info["status"].as_str().unwrap_or("").to_string();
+        if status == "completed" || status == "failed" || Instant::now() > deadline {
+            return info;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// After a migration: tells the guest on the destination `dst` (whose console `console`
+/// reads) to stop and waits for its verdict and exit; ends the source `src` (paused after a
+/// migration until told to go, if it has not gone already) through its QMP `q`. Returns the
+/// destination's exit status.
+fn end_migrated(
+    dst: &mut std::process::Child,
+    src: &mut std::process::Child,
+    q: &mut Qmp,
+    deadline: Instant,
+    console: impl Fn() -> String,
+) -> std::process::ExitStatus {
+    type_until(dst.stdin.as_mut().unwrap(), "stop", deadline, || {
+        let text = console();
+        text.contains("BLKPLANE-PASS") || text.contains("BLKPLANE-FAIL")
+    });
+    let status = dst.wait().unwrap();
+    {
+        use std::io::Write;
+        let _ = writeln!(q.writer, "{}", serde_json::json!({"execute": "quit"}));
+    }
+    let _ = src.kill();
+    let _ = src.wait();
+    status
 }
 
 /// A guest runs fio with verification (`workload`: write, or read of data written first)
@@ -836,25 +907,10 @@ fn migrate_run(workload: &str, ring: Ring) {
     assert!(!read("src").contains("BLKPLANE-FAIL"), "{}", report(&daemon));
     std::thread::sleep(Duration::from_millis(1500));
 
-    // Fast, but kept from finishing for 3 s (no downtime allowed): the guest's I/O goes on
-    // into pages the migration has already sent, which only the daemon's log can get sent
-    // again. Then it may finish.
     let rounds_before = read("src").matches("BLKPLANE-ROUND").count();
     let mut q = Qmp::connect(&qmp("src"), deadline);
-    let limit = |ms: u64| serde_json::json!({"max-bandwidth": 1u64 << 30, "downtime-limit": ms});
-    q.call("migrate-set-parameters", limit(0));
     let started = Instant::now();
-    q.call("migrate", serde_json::json!({"uri": format!("unix:{}", migration.display())}));
-    std::thread::sleep(Duration::from_secs(3));
-    q.call("migrate-set-parameters", limit(300));
-    let status = loop {
-        let info = q.call("query-migrate", serde_json::json!({}));
-        let status = info["status"].as_str().unwrap_or("").to_string();
-        if status == "completed" || status == "failed" || Instant::now() > deadline {
-            break info;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = migrate(&mut q, &format!("unix:{}", migration.display()), deadline);
     assert_eq!(status["status"], "completed", "migration: {status}\n{}", report(&daemon));
     let rounds_during = read("src").matches("BLKPLANE-ROUND").count() - rounds_before;
     eprintln!(
@@ -866,17 +922,7 @@ fn migrate_run(workload: &str, ring: Ring) {
 
     // The guest runs on the destination now, in the middle of the round the switch-over
     // interrupted: it ends with that round.
-    type_until(dst.stdin.as_mut().unwrap(), "stop", deadline, || {
-        read("dst").contains("BLKPLANE-PASS") || read("dst").contains("BLKPLANE-FAIL")
-    });
-    let dst_status = dst.wait().unwrap();
-    // The source stays paused after a migration until told to go (it may have gone already).
-    {
-        use std::io::Write;
-        let _ = writeln!(q.writer, "{}", serde_json::json!({"execute": "quit"}));
-    }
-    let _ = src.kill();
-    let _ = src.wait();
+    let dst_status = end_migrated(&mut dst, &mut src, &mut q, deadline, || read("dst"));
     let report = report(&daemon);
     assert!(dst_status.code() != Some(124), "the destination guest timed out\n{report}");
     let console_dst = read("dst");
@@ -935,6 +981,216 @@ fn linux_guest_migrates_while_reading() {
 #[test]
 fn linux_guest_migrates_while_writing_on_packed_rings() {
     migrate_run("write", Ring::Packed);
+}
+
+/// A QEMU under `timeout` (through `ip netns exec`, which runs it in place) that a failing
+/// test does not leave behind: SIGTERM, which `timeout` passes on to QEMU, when dropped.
+struct Vm(std::process::Child);
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            common::signal(self.0.id() as i32, libc::SIGTERM);
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// `ctl ARGS` on the daemon at `control` that must succeed: its JSON answer.
+fn ctl_json(control: &Path, args: &[&str]) -> serde_json::Value {
+    let out = common::ctl(control, args);
+    assert!(out.status.success(), "ctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Live migration without shared storage between two hosts: network namespaces joined by a
+/// veth pair. Daemon A (host A) serves image A to the source QEMU; daemon B (host B) serves a
+/// different image B with `incoming=on`, exposed writable by its NBD server over TCP with
+/// TLS (certificates made here; the server asks for the client's). While the guest runs fio
+/// with verification, A mirrors image A to B (`ctl mirror ... tls-creds=`); once the job is
+/// ready, QEMU migrates the guest over TCP to the destination QEMU on host B, started with
+/// `-S` so that it waits, as libvirt's destination does, until it is told to run. At that
+/// point (the source's rings stopped) the two images compare equal: every write the guest
+/// was answered for is on B. The source's job is cancelled (no write to B), B's exposure
+/// ended, the destination resumed: fio finishes and verifies on B without an error.
+#[test]
+fn linux_guest_migrates_to_another_host_and_image_through_a_tls_mirror() {
+    use common::netns::NetPair;
+    let cache = assets();
+    let dir = tmpdir();
+    let d = dir.path();
+    let net = NetPair::new("mig");
+    common::tls::make_certs(d, &[NetPair::ADDR_B]);
+    let (image_a, image_b) = (d.join("a.raw"), d.join("b.raw"));
+    make_image(&image_a, IMAGE_BYTES, 81);
+    // B starts as another disk's bytes: whatever the mirror does not copy shows.
+    make_image(&image_b, IMAGE_BYTES, 82);
+    let (sock_a, sock_b, ctl_a, ctl_b) =
+        (d.join("a.sock"), d.join("b.sock"), d.join("ctl-a.sock"), d.join("ctl-b.sock"));
+    let nbd_addr = format!("{}:10809", NetPair::ADDR_B);
+    let daemon_in = |ns: &str| NetPair::exec_in(ns, &Command::new(common::daemon_bin()));
+    let args_b: Vec<String> = vec![
+        "--control".into(),
+        ctl_b.display().to_string(),
+        "--nbd-server".into(),
+        format!("addr={nbd_addr},tls-creds={}", d.join("srv").display()),
+        "--export".into(),
+        format!(
+            "id=vm,socket={},image={},serial=mig,incoming=on",
+            sock_b.display(),
+            image_b.display()
+        ),
+    ];
+    let mut daemon_b =
+        Daemon::start_command(d, daemon_in(&net.b), &args_b, &[ctl_b.clone(), sock_b.clone()]);
+    ctl_json(&ctl_b, &["nbd-export", "id=vm", "writable=on"]);
+    let args_a: Vec<String> = vec![
+        "--control".into(),
+        ctl_a.display().to_string(),
+        "--export".into(),
+        format!("id=vm,socket={},image={},serial=mig", sock_a.display(), image_a.display()),
+    ];
+    let mut daemon_a =
+        Daemon::start_command(d, daemon_in(&net.a), &args_a, &[ctl_a.clone(), sock_a.clone()]);
+
+    let runid = format!("{:04x}{:04x}{}", rand_u16(), rand_u16(), std::process::id());
+    let append = format!(
+        "console=ttyS0 panic=-1 quiet loglevel=4 init_on_alloc=0 blkplane.mode=migrate blkplane.runid={runid} \
+         blkplane.sectors={} blkplane.serial=mig blkplane.queues=1 blkplane.wce=1 blkplane.workload=write",
+        IMAGE_BYTES / 512
+    );
+    let console = |name: &str| d.join(format!("console-{name}.log"));
+    let qmp = |name: &str| d.join(format!("qmp-{name}.sock"));
+    let stderr = |name: &str| fs::File::create(d.join(format!("stderr-{name}.log"))).unwrap();
+    let mut src = qemu(cache, 1, &[(&sock_a, 1)], false, &append);
+    src.args(["-qmp", &format!("unix:{},server=on,wait=off", qmp("src").display())]);
+    let src = NetPair::exec_in(&net.a, &src)
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(console("src")).unwrap())
+        .stderr(stderr("src"))
+        .spawn()
+        .expect("start the source QEMU");
+    let mut src = Vm(src);
+    let migration_uri = format!("tcp:{}:4444", NetPair::ADDR_B);
+    let mut dst = qemu(cache, 1, &[(&sock_b, 1)], false, &append);
+    dst.args(["-qmp", &format!("unix:{},server=on,wait=off", qmp("dst").display())]).args([
+        "-incoming",
+        &migration_uri,
+        "-S",
+    ]);
+    let dst = NetPair::exec_in(&net.b, &dst)
+        .stdin(Stdio::piped())
+        .stdout(fs::File::create(console("dst")).unwrap())
+        .stderr(stderr("dst"))
+        .spawn()
+        .expect("start the destination QEMU");
+    let mut dst = Vm(dst);
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs(u64::from(GUEST_TIMEOUT_S) - 20);
+    let read = |name: &str| fs::read_to_string(console(name)).unwrap_or_default();
+    let report = |a: &Daemon, b: &Daemon| {
+        format!(
+            "--- source console ---\n{}\n--- destination console ---\n{}\n--- QEMU stderr ---\n{}{}\n--- daemon A ---\n{}\n--- daemon B ---\n{}",
+            read("src"),
+            read("dst"),
+            fs::read_to_string(d.join("stderr-src.log")).unwrap_or_default(),
+            fs::read_to_string(d.join("stderr-dst.log")).unwrap_or_default(),
+            a.log(),
+            b.log()
+        )
+    };
+    wait_for("the guest's I/O", deadline, || {
+        read("src").contains("BLKPLANE-IO-START") || read("src").contains("BLKPLANE-FAIL")
+    });
+    assert!(!read("src").contains("BLKPLANE-FAIL"), "{}", report(&daemon_a, &daemon_b));
+
+    // fio under way (it starts a while after the guest says so).
+    std::thread::sleep(Duration::from_millis(1500));
+
+    // The mirror, from host A to host B, inside TLS; at 32 MiB/s it copies for 2 s, the
+    // guest writing into what it has copied, what it copies and what it has not reached.
+    let target = format!("target=nbd://{nbd_addr}/vm");
+    let creds = format!("tls-creds={}", d.join("good").display());
+    let started = ctl_json(&ctl_a, &["mirror", "id=vm", &target, &creds, "speed=32M"]);
+    assert_eq!(started["state"], "running", "{started}");
+    let mirror_t0 = Instant::now();
+    let job = || ctl_json(&ctl_a, &["query-jobs"])[0].clone();
+    wait_for("the mirror ready", deadline, || job()["state"] != "running");
+    let ready = job();
+    assert_eq!(ready["state"], "ready", "{ready}\n{}", report(&daemon_a, &daemon_b));
+    let mirror_s = mirror_t0.elapsed();
+    std::thread::sleep(Duration::from_secs(1));
+
+    let mut q = Qmp::connect(&qmp("src"), deadline);
+    let migration_t0 = Instant::now();
+    let status = migrate(&mut q, &migration_uri, deadline);
+    assert_eq!(
+        status["status"],
+        "completed",
+        "migration: {status}\n{}",
+        report(&daemon_a, &daemon_b)
+    );
+    let migration_s = migration_t0.elapsed();
+    // The destination has the guest, paused (-S): its rings have not started.
+    let mut qd = Qmp::connect(&qmp("dst"), deadline);
+    wait_for("the destination paused", deadline, || {
+        qd.call("query-status", serde_json::json!({}))["status"] == "paused"
+    });
+    // The source's rings stopped at the switch-over: the mirror flushed the target then.
+    assert!(
+        daemon_a.log().contains("migration switch-over: the ready mirror flushed"),
+        "{}",
+        report(&daemon_a, &daemon_b)
+    );
+    let cancelled = ctl_json(&ctl_a, &["job-cancel", "id=vm"]);
+    assert_eq!(cancelled["state"], "cancelled", "{cancelled}");
+    let recopied = cancelled["recopied_bytes"].as_u64().unwrap();
+    assert!(recopied > 0, "the guest's writes were mirrored: {cancelled}");
+    // Every write the guest was answered for on host A is on host B.
+    let out = Command::new("qemu-img")
+        .args(["compare", "-U", "-f", "raw", "-F", "raw"])
+        .arg(&image_a)
+        .arg(&image_b)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the images differ at the switch-over: {}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        report(&daemon_a, &daemon_b)
+    );
+    ctl_json(&ctl_b, &["nbd-unexport", "id=vm"]);
+    qd.call("cont", serde_json::json!({}));
+
+    // The guest runs on host B now, in the middle of the round the switch-over interrupted:
+    // it ends with that round and verifies its data once more.
+    let dst_status = end_migrated(&mut dst.0, &mut src.0, &mut q, deadline, || read("dst"));
+    let report = report(&daemon_a, &daemon_b);
+    assert!(dst_status.code() != Some(124), "the destination guest timed out\n{report}");
+    let console_dst = read("dst");
+    assert!(!console_dst.contains("BLKPLANE-FAIL"), "the guest failed on host B\n{report}");
+    assert!(console_dst.contains("BLKPLANE-PASS"), "no verdict from host B\n{report}");
+    assert!(daemon_a.log().contains("gave up the image's write permission"), "{report}");
+    assert!(daemon_b.log().contains("took the image's write permission"), "{report}");
+    assert!(daemon_a.alive() && daemon_b.alive(), "{report}");
+    assert!(daemon_a.stop().success());
+    assert!(daemon_b.stop().success());
+    let img = fs::read(&image_b).unwrap();
+    let id = format!("BLKPLANE-RUN-{runid}");
+    assert_eq!(&img[..id.len()], id.as_bytes(), "run id not in image B");
+    eprintln!(
+        "migration without shared storage: mirror ready after {mirror_s:?} ({recopied} bytes \
+         copied again for the guest's writes by the end), migration {migration_s:?} ({} ms \
+         downtime), whole test {:?}\n{}",
+        status["downtime"],
+        t0.elapsed(),
+        console_dst
+            .lines()
+            .filter(|l| l.starts_with("BLKPLANE-CHECK"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 }
 
 /// QEMU's defaults start against blkplane's: a VM with 2 vCPUs and no `num-queues` on its
@@ -1016,5 +1272,175 @@ fn linux_guest_gets_a_queue_per_vcpu_with_qemus_defaults_and_starts_with_128() {
     eprintln!(
         "{}",
         console.lines().filter(|l| l.starts_with("BLKPLANE")).collect::<Vec<_>>().join("\n")
+    );
+}
+
+/// Bytes of QEMU's guest memory (its memfds, "memory-backend-memfd") the process `pid` maps,
+/// from /proc/PID/maps.
+fn guest_memory_mapped_bytes(pid: i32) -> u64 {
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    let span = |line: &str| {
+        let (start, end) = line.split_whitespace().next()?.split_once('-')?;
+        Some(u64::from_str_radix(end, 16).ok()? - u64::from_str_radix(start, 16).ok()?)
+    };
+    maps.lines().filter(|l| l.contains("memfd:memory-backend-memfd")).filter_map(span).sum()
+}
+
+/// Memory hot-plug while a guest writes and verifies with fio: a VM started with 384 MiB (the
+/// least its 84 MiB initramfs unpacks in) gets a 256 MiB `pc-dimm` (its own shared memfd) over QMP; the guest kernel onlines it as
+/// movable memory, which user pages take first, with its old memory filled besides, so the
+/// buffers of fio's later rounds are in the DIMM, and the daemon says so when the region is
+/// removed ("guest requests used it: yes"). The guest then takes the DIMM out of use (its
+/// memory blocks offline), QEMU unplugs it (`device_del`, DEVICE_DELETED), and fio goes on:
+/// no request fails, no data differs, and the daemon maps exactly the memory it mapped
+/// before the plug. (QEMU 7.2, with CONFIGURE_MEM_SLOTS negotiated, sent the boot RAM's
+/// region and the DIMM's as ADD_MEM_REG and the unplug as REM_MEM_REG in this test's runs:
+/// the checks below find the DIMM's region in the daemon's lines for those two.)
+#[test]
+fn linux_guest_memory_hot_plug_and_unplug_under_io() {
+    const DIMM_BYTES: u64 = 256 << 20;
+    let cache = assets();
+    let dir = tmpdir();
+    let image = dir.path().join("disk.raw");
+    let sock = dir.path().join("blk.sock");
+    let ctl = dir.path().join("ctl.sock");
+    make_image(&image, IMAGE_BYTES, 81);
+    let export =
+        format!("id=disk,socket={},image={},serial=hotplug", sock.display(), image.display());
+    let args = ["--control".into(), ctl.display().to_string(), "--export".into(), export];
+    let mut daemon = Daemon::start_with(dir.path(), &args, &[ctl.clone(), sock.clone()]);
+    let runid = format!("{:04x}{:04x}{}", rand_u16(), rand_u16(), std::process::id());
+    let append = format!(
+        "console=ttyS0 panic=-1 quiet loglevel=4 memhp_default_state=online_movable \
+         blkplane.mode=hotplug blkplane.runid={runid} blkplane.sectors={} \
+         blkplane.serial=hotplug blkplane.queues=1 blkplane.wce=1",
+        IMAGE_BYTES / 512
+    );
+    let console_path = dir.path().join("console.log");
+    let qmp_path = dir.path().join("qmp.sock");
+    let mut guest = qemu_base(cache, &append)
+        .args(["-m", "384M,slots=2,maxmem=1G", "-smp", "1"])
+        .args(["-object", "memory-backend-memfd,id=mem,size=384M,share=on"])
+        .args(["-numa", "node,memdev=mem"])
+        .args(["-chardev", &format!("socket,id=char0,path={}", sock.display())])
+        .args(["-device", "vhost-user-blk-pci,chardev=char0,num-queues=1"])
+        .args(["-qmp", &format!("unix:{},server=on,wait=off", qmp_path.display())])
+        .stdin(Stdio::piped())
+        .stdout(fs::File::create(&console_path).unwrap())
+        .stderr(fs::File::create(dir.path().join("stderr.log")).unwrap())
+        .spawn()
+        .expect("start QEMU");
+    let mut typing = guest.stdin.take().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(u64::from(GUEST_TIMEOUT_S) - 20);
+    let read = || fs::read_to_string(&console_path).unwrap_or_default();
+    let report = |daemon: &Daemon| {
+        format!(
+            "--- console ---\n{}\n--- QEMU stderr ---\n{}\n--- daemon log ---\n{}",
+            read(),
+            fs::read_to_string(dir.path().join("stderr.log")).unwrap_or_default(),
+            daemon.log()
+        )
+    };
+    let failed = || read().contains("BLKPLANE-FAIL");
+    // Waits for `cond`, failing with the consoles and the log at the deadline.
+    let wait = |what: &str, daemon: &Daemon, cond: &dyn Fn() -> bool| {
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}\n{}", report(daemon));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let rounds = || read().matches("BLKPLANE-ROUND").count();
+    wait("the guest's I/O", &daemon, &|| read().contains("BLKPLANE-IO-START") || failed());
+    assert!(!failed(), "{}", report(&daemon));
+    let pid = daemon.pid();
+    let mapped_before = guest_memory_mapped_bytes(pid);
+    assert!(
+        mapped_before >= 383 << 20,
+        "guest memory mapped: {mapped_before}\n{}",
+        report(&daemon)
+    );
+    let regions = || query_stats(&ctl).map(|v| v["result"][0]["memory_regions"].clone());
+    let regions_before = regions();
+
+    // The plug, while fio runs.
+    let mut q = Qmp::connect(&qmp_path, deadline);
+    let size = serde_json::json!(DIMM_BYTES);
+    q.call(
+        "object-add",
+        serde_json::json!({"qom-type": "memory-backend-memfd", "id": "dimm-mem", "size": size, "share": true}),
+    );
+    q.call(
+        "device_add",
+        serde_json::json!({"driver": "pc-dimm", "id": "dimm0", "memdev": "dimm-mem"}),
+    );
+    wait("the daemon to map the DIMM", &daemon, &|| {
+        guest_memory_mapped_bytes(pid) == mapped_before + DIMM_BYTES
+    });
+    wait("the guest to online the DIMM", &daemon, &|| {
+        read().contains("BLKPLANE-ONLINE") || failed()
+    });
+    assert!(!failed(), "{}", report(&daemon));
+    // A whole fio round (at least) with the DIMM online, then the guest takes it out of use.
+    let online_rounds = rounds();
+    wait("fio rounds on the DIMM", &daemon, &|| rounds() >= online_rounds + 2 || failed());
+    type_until(&mut typing, "offline", deadline, || {
+        read().contains("BLKPLANE-OFFLINE") || failed()
+    });
+    assert!(!failed(), "{}", report(&daemon));
+
+    // The unplug, while fio runs: the daemon lets go of the region's mapping.
+    let offline_rounds = rounds();
+    q.call("device_del", serde_json::json!({"id": "dimm0"}));
+    q.event("DEVICE_DELETED", |d| d["device"] == "dimm0");
+    q.call("object-del", serde_json::json!({"id": "dimm-mem"}));
+    wait("the daemon to unmap the DIMM", &daemon, &|| {
+        guest_memory_mapped_bytes(pid) == mapped_before
+    });
+    assert_eq!(regions(), regions_before, "memory regions after the unplug");
+    wait("fio rounds after the unplug", &daemon, &|| rounds() >= offline_rounds + 2 || failed());
+    type_until(&mut typing, "stop", deadline, || read().contains("BLKPLANE-PASS") || failed());
+    let status = guest.wait().expect("wait for QEMU");
+    let stats = query_stats(&ctl).unwrap_or_default();
+    let alive = daemon.alive();
+    let report = report(&daemon);
+    assert!(alive, "the daemon died\n{report}");
+    assert!(daemon.stop().success(), "daemon exit\n{report}");
+    assert!(status.success(), "QEMU: {status}\n{report}");
+    assert!(!report.contains("BLKPLANE-FAIL"), "the guest reported a failure\n{report}");
+    assert!(report.contains("BLKPLANE-PASS"), "no verdict from the guest\n{report}");
+
+    // The DIMM was a region of its own, added and removed while the queue ran, and guest
+    // requests used it.
+    let log = daemon.log();
+    let region = log
+        .lines()
+        .find_map(|l| {
+            let at = l.find("memory region ")? + "memory region ".len();
+            let (gpa, rest) = l[at..].split_once('+')?;
+            rest.starts_with(&format!("{DIMM_BYTES:#x} added")).then(|| gpa.to_string())
+        })
+        .unwrap_or_else(|| panic!("no region of the DIMM's size added\n{report}"));
+    let removed =
+        format!("memory region {region}+{DIMM_BYTES:#x} removed (guest requests used it: yes)");
+    assert!(log.contains(&removed), "wanted {removed:?}\n{report}");
+    // No request failed on the daemon's side either.
+    for q in stats["result"][0]["queues"].as_array().into_iter().flatten() {
+        for kind in ["errors_ioerr", "errors_unsupp"] {
+            let n: u64 = q[kind]
+                .as_object()
+                .into_iter()
+                .flat_map(|m| m.values())
+                .filter_map(|v| v.as_u64())
+                .sum();
+            assert_eq!(n, 0, "{kind}: {q}");
+        }
+    }
+    let img = fs::read(&image).unwrap();
+    let id = format!("BLKPLANE-RUN-{runid}");
+    assert_eq!(&img[..id.len()], id.as_bytes(), "run id not in the image");
+    eprintln!(
+        "memory hot-plug: {} fio rounds, {online_rounds} before the DIMM was online, {offline_rounds} before it went out of use\n{}",
+        rounds(),
+        report.lines().filter(|l| l.starts_with("BLKPLANE-CHECK")).collect::<Vec<_>>().join("\n")
     );
 }

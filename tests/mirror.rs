@@ -229,13 +229,20 @@ fn setup(dir: tempfile::TempDir) -> Setup {
 /// Runs a mirror of vm1 to `target` under the verified writer until it is ready and a while
 /// after; then stops the writer and checks the client, the source and the target.
 fn mirror_under_writes(s: &Setup, target: &str, target_file: &Path) {
+    mirror_under_writes_with(s, target, target_file, &[]);
+}
+
+/// [`mirror_under_writes`] with more `ctl mirror` arguments.
+fn mirror_under_writes_with(s: &Setup, target: &str, target_file: &Path, more: &[&str]) {
     let stop = Arc::new(AtomicBool::new(false));
     let writer = verified_writer(s.sock.clone(), fs::read(&s.image).unwrap(), Arc::clone(&stop));
     std::thread::sleep(Duration::from_millis(200));
     // 16 MiB/s: the copy of 32 MiB (of which 23 MiB data) takes over a second, with
     // guest writes ahead of it, behind it and into the chunk it copies.
-    let started =
-        ctl_ok(&s.control, &["mirror", "id=vm1", &format!("target={target}"), "speed=16M"]);
+    let target_arg = format!("target={target}");
+    let mut args = vec!["mirror", "id=vm1", &target_arg, "speed=16M"];
+    args.extend_from_slice(more);
+    let started = ctl_ok(&s.control, &args);
     assert_eq!(started["state"], "running", "{started}");
     assert_eq!(started["total_bytes"], IMAGE_BYTES);
     // Generous: the machine may be busy (a job of 2 s at its speed).
@@ -554,4 +561,155 @@ fn mirror_from_an_rbd_source_under_verified_writes() {
         rbd.export_to(&exported);
         exported.clone()
     });
+}
+
+/// A second daemon with export vm1 of `image` as a migration's destination (`incoming=on`)
+/// and an NBD server (`--nbd-server nbd`), vm1 exposed writable; its control socket.
+fn destination(dir: &Path, image: &Path, nbd: &str) -> (Daemon, PathBuf) {
+    let control = dir.join("dst-ctl.sock");
+    let sock = dir.join("dst-vm1.sock");
+    let args = [
+        "--control".to_string(),
+        control.display().to_string(),
+        "--nbd-server".to_string(),
+        nbd.to_string(),
+        "--export".to_string(),
+        format!("id=vm1,socket={},image={},incoming=on", sock.display(), image.display()),
+    ];
+    let daemon = Daemon::start_with(dir, &args, &[sock, control.clone()]);
+    let exposed = ctl_ok(&control, &["nbd-export", "id=vm1", "writable=on"]);
+    assert_eq!(exposed["writable"], true, "{exposed}");
+    (daemon, control)
+}
+
+/// Through blkplane's own NBD server to another blkplane: the second daemon serves the
+/// target image as an `incoming=on` export exposed over a Unix socket; the mirror under
+/// verified writes converges, the two images compare equal, and job-cancel leaves the
+/// destination as it was (no write after the end), which can then be unexposed.
+#[test]
+fn mirror_through_blkplanes_nbd_server_to_another_blkplane() {
+    let s = setup(tmpdir());
+    let target = s._dir.path().join("dst.raw");
+    blank_image(&target);
+    let nbd = s._dir.path().join("dst-nbd.sock");
+    let (mut dst, dst_control) =
+        destination(s._dir.path(), &target, &format!("unix={}", nbd.display()));
+    let uri = format!("nbd+unix:///vm1?socket={}", nbd.display());
+    mirror_under_writes(&s, &uri, &target);
+    let before = fs::read(&target).unwrap();
+    assert_eq!(ctl_ok(&s.control, &["job-cancel", "id=vm1"])["state"], "cancelled");
+    let mut c = Client::connect(&s.sock, 1);
+    assert_eq!(c.write_at(0, 0, &[0x66; 4096], 0), 0);
+    drop(c);
+    assert!(fs::read(&target).unwrap() == before, "the destination is left alone after cancel");
+    ctl_ok(&dst_control, &["nbd-unexport", "id=vm1"]);
+    assert!(dst.alive(), "{}", dst.log());
+}
+
+/// The same over TCP with TLS (certificates made here): the mirror's client shows its
+/// certificate; without TLS, without a client certificate, or with one from another CA the
+/// job is refused with the reason, and nothing is written.
+#[test]
+fn mirror_over_tcp_with_tls_to_another_blkplane() {
+    let s = setup(tmpdir());
+    let dir = s._dir.path();
+    common::tls::make_certs(dir, &["127.0.0.1"]);
+    let target = dir.join("dst.raw");
+    blank_image(&target);
+    let blank = fs::read(&target).unwrap();
+    let port = common::free_port();
+    let nbd = format!("addr=127.0.0.1:{port},tls-creds={}", dir.join("srv").display());
+    let (mut dst, _) = destination(dir, &target, &nbd);
+    let uri = format!("nbd://127.0.0.1:{port}/vm1");
+    let creds = |name: &str| format!("tls-creds={}", dir.join(name).display());
+    ctl_refused(&s.control, &["mirror", "id=vm1", &format!("target={uri}")], "requires TLS");
+    ctl_refused(
+        &s.control,
+        &["mirror", "id=vm1", &format!("target={uri}"), &creds("nocert")],
+        "CertificateRequired",
+    );
+    ctl_refused(
+        &s.control,
+        &["mirror", "id=vm1", &format!("target={uri}"), &creds("foreign")],
+        "UnknownCA",
+    );
+    ctl_refused(
+        &s.control,
+        &["mirror", "id=vm1", &format!("target={}", target.display()), &creds("good")],
+        "tls-creds= is for an nbd:// target",
+    );
+    ctl_refused(
+        &s.control,
+        &["mirror", "id=vm1", &format!("target={uri}"), "tls-creds=relative"],
+        "absolute path",
+    );
+    assert!(fs::read(&target).unwrap() == blank, "refused mirrors wrote nothing");
+    mirror_under_writes_with(&s, &uri, &target, &[&creds("good")]);
+    assert_eq!(ctl_ok(&s.control, &["job-cancel", "id=vm1"])["state"], "cancelled");
+    assert!(dst.alive(), "{}", dst.log());
+}
+
+/// After a pivot an NBD exposure serves the export's new image, not the old one (which it
+/// held open before): the old file is closed, a client connected before is disconnected, and
+/// what NBD reads compares equal to the target.
+#[test]
+fn an_nbd_exposure_follows_the_pivot() {
+    let dir = tmpdir();
+    let image = dir.path().join("source.raw");
+    let sock = dir.path().join("vm1.sock");
+    let control = dir.path().join("ctl.sock");
+    let nbd = dir.path().join("nbd.sock");
+    make_sparse_image(&image, 9);
+    let args = [
+        "--control".to_string(),
+        control.display().to_string(),
+        "--nbd-server".to_string(),
+        format!("unix={}", nbd.display()),
+        "--export".to_string(),
+        format!("id=vm1,socket={},image={}", sock.display(), image.display()),
+    ];
+    let daemon = Daemon::start_with(dir.path(), &args, &[sock.clone(), control.clone()]);
+    ctl_ok(&control, &["nbd-export", "id=vm1"]);
+    let uri = format!("nbd+unix:///vm1?socket={}", nbd.display());
+    // A client connected to the exposure across the pivot (qemu-io reads its commands).
+    let mut held = Command::new("qemu-io")
+        .args(["-f", "raw", &uri])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run qemu-io");
+    let target = dir.path().join("target.raw");
+    blank_image(&target);
+    ctl_ok(&control, &["mirror", "id=vm1", &format!("target={}", target.display())]);
+    wait_for_state(&control, "vm1", "ready", Duration::from_secs(60));
+    let mut c = Client::connect(&sock, 1);
+    assert_eq!(c.write_at(0, 0, &[0x42; 4096], 0), 0);
+    drop(c);
+    let pid = daemon.pid();
+    assert!(holds_open(pid, &image), "before the pivot the NBD exposure reads the image");
+    assert_eq!(ctl_ok(&control, &["job-complete", "id=vm1"])["state"], "completed");
+    wait_until("the old image closed", Duration::from_secs(10), || !holds_open(pid, &image));
+    assert!(daemon.log().contains("the NBD exposure now serves the mirror's target"));
+    let listed = ctl_ok(&control, &["nbd-list"]);
+    assert_eq!(listed["exports"][0]["name"], "vm1", "{listed}");
+    {
+        use std::io::Write;
+        let stdin = held.stdin.as_mut().unwrap();
+        let _ = stdin.write_all(b"read 0 4k\nquit\n");
+    }
+    let out = held.wait_with_output().unwrap();
+    let said =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!said.contains("read 4096/4096 bytes"), "the old connection still read: {said}");
+    // A new client reads the target through the exposure.
+    let copy = dir.path().join("copy.raw");
+    let out = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw", &uri])
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_same(&target, &copy);
+    assert_eq!(&fs::read(&copy).unwrap()[..4096], &[0x42; 4096][..]);
 }

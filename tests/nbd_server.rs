@@ -154,35 +154,6 @@ fn qemu_img_copies_exports_over_a_unix_socket() {
     ctl_refused(&control, &["nbd-unexport", "id=vm1"], "not exposed");
 }
 
-/// Makes `dir`/{srv,good,foreign,nocert}: the server's credentials (a CA, and a certificate
-/// for 127.0.0.1 it signed), a client's of the same CA, a client's whose certificate another
-/// CA signed (its ca-cert.pem trusts both, so that the client itself accepts the server and
-/// its own certificate), and a client with no certificate at all.
-fn make_certs(dir: &Path) {
-    let script = r#"
-set -e
-ca() { openssl req -x509 -newkey rsa:2048 -nodes -keyout $1-key.pem -out $1-cert.pem -days 2 -subj "/CN=$1"; }
-leaf() {
-  openssl req -newkey rsa:2048 -nodes -keyout $1-key.pem -out $1.csr -subj "/CN=$1"
-  printf '%s\n' "$3" > $1.ext
-  openssl x509 -req -in $1.csr -CA $2-cert.pem -CAkey $2-key.pem -CAcreateserial -out $1-cert.pem -days 2 -extfile $1.ext
-}
-ca ca; ca otherca
-leaf server ca "subjectAltName=IP:127.0.0.1,DNS:localhost
-extendedKeyUsage=serverAuth"
-leaf client ca "extendedKeyUsage=clientAuth"
-leaf foreign otherca "extendedKeyUsage=clientAuth"
-mkdir srv good foreign nocert
-cp ca-cert.pem server-cert.pem server-key.pem srv/
-cp ca-cert.pem good/; cp client-cert.pem client-key.pem good/
-cat ca-cert.pem otherca-cert.pem > foreign/ca-cert.pem
-cp foreign-cert.pem foreign/client-cert.pem; cp foreign-key.pem foreign/client-key.pem
-cp ca-cert.pem nocert/
-"#;
-    let out = run(Command::new("bash").arg("-c").arg(script).current_dir(dir));
-    assert_ran(&out, "making certificates with openssl");
-}
-
 /// `qemu-img convert` from NBD over TCP with TLS, with the client credentials in `creds`.
 fn convert_tls(port: u16, creds: &Path, to: &Path) -> std::process::Output {
     let _ = std::fs::remove_file(to);
@@ -197,7 +168,7 @@ fn convert_tls(port: u16, creds: &Path, to: &Path) -> std::process::Output {
 #[test]
 fn qemu_img_copies_an_export_over_tcp_with_tls_and_foreign_clients_are_refused() {
     let dir = tmpdir();
-    make_certs(dir.path());
+    common::tls::make_certs(dir.path(), &["127.0.0.1"]);
     let img = dir.path().join("a.raw");
     make_sparse_image(&img, 3);
     let port = free_port();

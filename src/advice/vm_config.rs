@@ -174,6 +174,14 @@ fn plan(export: &ExportShape, vm: VmShape, host: &Host) -> Plan {
              moves data between the device and memory on one node"
         ));
     }
+    notes.push(
+        "guest: boot its kernel with cpuidle_haltpoll.force=1 (Linux 5.4 and later): an idle \
+         vCPU then polls up to 200 µs before it halts, so its disk's completion finds it awake \
+         (a depth-1 reader on a VM whose CPUs halted at once: p50 63 against 45-49 µs on ext4, \
+         IOPS up by 10-35 %), for guest CPU spent while it waits; the export's I/O threads \
+         choose their own polling by measurement (poll=adaptive)"
+            .into(),
+    );
     Plan { huge_pages, queues, guest_cpus, memory_node, notes }
 }
 
@@ -394,6 +402,8 @@ mod tests {
         let out = render(Vmm::Qemu, &export(vec![]), vm, &h);
         assert!(out.contains("size=1G,share=on \\\n"), "{out}");
         assert!(out.contains("# huge pages: 511 free 2 MiB pages, the guest needs 512"), "{out}");
+        // The guest's own polling, which the I/O threads' cannot replace.
+        assert!(out.contains("\n# guest: boot its kernel with cpuidle_haltpoll.force=1 "), "{out}");
     }
 
     #[test]

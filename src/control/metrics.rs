@@ -616,6 +616,19 @@ fn write_iothreads(out: &mut String, threads: &[crate::iothread::registry::IoThr
             let _ = writeln!(out, "{name}{{iothread=\"{}\"}} {}", escape(&t.id), field(t));
         }
     }
+    let name = "blkplane_iothread_poll_choices_total";
+    family(
+        out,
+        name,
+        "counter",
+        "Adaptive polling's decisions after its trials, by the way chosen: poll (for requests and completions), poll-requests (for the next request only) or sleep.",
+    );
+    for t in threads {
+        let id = escape(&t.id);
+        for (way, n) in &t.choices {
+            let _ = writeln!(out, "{name}{{iothread=\"{id}\",way=\"{way}\"}} {n}");
+        }
+    }
 }
 
 /// The block jobs query-jobs lists (a job that ended stays until its export's next one):

@@ -407,7 +407,7 @@ fn run_command(
             }
         }
         "mirror" => {
-            only_keys(command, args, &["id", "target", "speed"])?;
+            only_keys(command, args, &["id", "target", "speed", "tls-creds"])?;
             let id = req_str(args, "id")?;
             let target = req_str(args, "target")?;
             if !target.starts_with('/') && !crate::disk::is_network_image(&target) {
@@ -419,7 +419,11 @@ fn run_command(
                 Some(v) => v.size("speed").map_err(|e| bad_arg(e.0))?,
                 None => 0,
             };
-            to_json(daemon.mirror(&id, &target, speed)?)
+            let tls_creds = opt_str(args, "tls-creds")?.map(PathBuf::from);
+            if tls_creds.as_ref().is_some_and(|p| !p.is_absolute()) {
+                return Err(bad_arg("'tls-creds' must be an absolute path (a directory)".into()));
+            }
+            to_json(daemon.mirror(&id, &target, speed, tls_creds.as_deref())?)
         }
         "query-jobs" => {
             only_keys(command, args, &[])?;

@@ -18,7 +18,7 @@ mod worker;
 
 use std::fs::File;
 use std::io;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -72,6 +72,67 @@ pub struct ThreadStats {
     /// Polling periods that found work before their window ended.
     pub poll_hits: AtomicU64,
     pub sleeps: AtomicU64,
+    /// What adaptive polling chose at its last trials (`poll::Chooser`).
+    pub choice: ChoiceStats,
+}
+
+/// An adaptive thread's polling decisions as the control plane reads them: written by the I/O
+/// thread once per round of trials (a few times a second), never per request.
+#[derive(Default)]
+pub struct ChoiceStats {
+    /// 0: no decision yet; else 1 + the index of the way chosen in `poll::Way::ALL`.
+    now: AtomicU8,
+    /// Per way: how often it was chosen.
+    pub chosen: [AtomicU64; 3],
+    /// Per way, per request in ns from its trials: wall time, then CPU (`u64::MAX`: its
+    /// last trial saw no work).
+    figures_ns: [[AtomicU64; 2]; 3],
+}
+
+/// [`ChoiceStats`] read at one moment; arrays are indexed as `poll::Way::ALL`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChoiceSnapshot {
+    /// `None` before the first decision.
+    pub way: Option<poll::Way>,
+    pub chosen: [u64; 3],
+    /// Wall time and CPU in ns per request, where the way's trials saw work.
+    pub figures_ns: [Option<(u64, u64)>; 3],
+}
+
+impl ChoiceStats {
+    /// Units of work a request is: it is fetched, and answered.
+    const WORK_PER_REQUEST: f64 = 2.0;
+
+    pub fn record(&self, c: &poll::Choice) {
+        for (cells, score) in self.figures_ns.iter().zip(c.scores) {
+            let [wall, cpu] = match score {
+                Some(s) => [s.wall_ns_per_work, s.cpu_ns_per_work]
+                    .map(|ns| (ns * Self::WORK_PER_REQUEST) as u64),
+                None => [u64::MAX; 2],
+            };
+            cells[0].store(wall, Ordering::Relaxed);
+            cells[1].store(cpu, Ordering::Relaxed);
+        }
+        let i = poll::Way::ALL.iter().position(|w| *w == c.way).unwrap_or(2);
+        self.chosen[i].fetch_add(1, Ordering::Relaxed);
+        self.now.store(i as u8 + 1, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> ChoiceSnapshot {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let way = (self.now.load(Ordering::Relaxed) as usize)
+            .checked_sub(1)
+            .and_then(|i| poll::Way::ALL.get(i).copied());
+        ChoiceSnapshot {
+            way,
+            chosen: self.chosen.each_ref().map(load),
+            figures_ns: self.figures_ns.each_ref().map(|[wall, cpu]| {
+                let (wall, cpu) = (load(wall), load(cpu));
+                // Before the first decision the cells hold nothing measured.
+                (way.is_some() && wall != u64::MAX).then_some((wall, cpu))
+            }),
+        }
+    }
 }
 
 /// Where an export's queues run.

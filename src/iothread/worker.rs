@@ -167,6 +167,9 @@ impl EventLoop {
             if !poller.polling() {
                 // Where this idle period polls, looked up once (not per round).
                 self.polling_on = current_cpu();
+                if let Some(choice) = poller.take_choice() {
+                    self.stats.choice.record(&choice);
+                }
             }
             if !self.exiting
                 && !only_timers

@@ -317,6 +317,33 @@ impl Mirror {
         }
     }
 
+    /// The guest's rings all stopped for a migration's switch-over: no guest write comes
+    /// any more, and each one answered is on the target (written before its answer). The
+    /// target is flushed so that they are durable there too. The job goes on (ready, or
+    /// copying): a migration that fails brings the guest back here, still mirrored; after one
+    /// that completed, job-cancel ends it without another write to the target.
+    pub fn switch_over(&self) {
+        if !self.state().mirrors() {
+            return;
+        }
+        let state = self.state().name();
+        self.guest_flushed();
+        match self.state() {
+            JobState::Ready => tracing::info!(
+                export = %self.id,
+                "migration switch-over: the ready mirror flushed {}", self.target_name
+            ),
+            // The copy has not reached the end: a destination that runs on the target now
+            // reads what was not copied yet. The VMM must migrate only once the job is ready.
+            JobState::Running => tracing::error!(
+                export = %self.id,
+                "migration switch-over before the mirror to {} was ready ({state}): the \
+                 target lacks what is not copied yet", self.target_name
+            ),
+            _ => {}
+        }
+    }
+
     /// Copies `range` (a guest's write, small, whose latency counts) of the source to the
     /// target through `buffer`, read as data without looking for holes (tmpfs answers
     /// SEEK_HOLE under the inode's lock, which other guest writes wait for); zeroes still

@@ -525,6 +525,34 @@ impl NbdServer {
         removed
     }
 
+    /// Export `id` now serves `disk` (a pivot): its exposure follows it, under the same name,
+    /// and the clients connected to it are disconnected (they were reading the old disk,
+    /// which they would hold open; they may connect again). A disk the server cannot expose
+    /// (NBD, RBD) ends the exposure. Returns None if `id` was not exposed, else whether the
+    /// exposure follows.
+    pub fn follow(&self, id: &str, disk: &Arc<Disk>) -> Option<bool> {
+        let follows = matches!(disk.backend, Backend::File { .. } | Backend::Null);
+        {
+            let mut exports = self.exports();
+            let at = exports.iter().position(|e| e.id == id)?;
+            let old = exports.remove(at);
+            if follows {
+                let writable = old.writable && !disk.readonly;
+                let exposed = Exposed {
+                    name: old.name.clone(),
+                    id: id.into(),
+                    disk: Arc::clone(disk),
+                    writable,
+                };
+                exports.insert(at, Arc::new(exposed));
+            }
+        }
+        for c in self.clients().iter().filter(|c| c.export.as_deref() == Some(id)) {
+            c.socket.shutdown();
+        }
+        Some(follows)
+    }
+
     /// Whether NBD clients are connected to export `id`.
     pub fn has_clients(&self, id: &str) -> bool {
         self.clients().iter().any(|c| c.export.as_deref() == Some(id))

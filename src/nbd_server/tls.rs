@@ -7,34 +7,17 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 
-fn certificates(dir: &Path, name: &str) -> Result<Vec<CertificateDer<'static>>, String> {
-    let path = dir.join(name);
-    let certs: Vec<_> = CertificateDer::pem_file_iter(&path)
-        .map_err(|e| format!("tls-creds: {}: {e}", path.display()))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("tls-creds: {}: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!("tls-creds: {} holds no certificate", path.display()));
-    }
-    Ok(certs)
-}
+use crate::engine::nbd::tls::{certificates, private_key, provider};
 
 /// The TLS configuration of the credentials in `dir`, checked whole: every file there and
 /// readable, the key matching the certificate.
 pub fn load(dir: &Path, verify_peer: bool) -> Result<Arc<ServerConfig>, String> {
-    // ring, without post-quantum key exchange (which the GnuTLS of QEMU's tools does not
-    // need): aws-lc-rs would add a large C build for it.
-    #[allow(deprecated)]
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = provider();
     let chain = certificates(dir, "server-cert.pem")?;
-    let key_path = dir.join("server-key.pem");
-    let key = PrivateKeyDer::from_pem_file(&key_path)
-        .map_err(|e| format!("tls-creds: {}: {e}", key_path.display()))?;
+    let key = private_key(dir, "server-key.pem")?;
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("tls-creds: {e}"))?;

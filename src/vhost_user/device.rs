@@ -512,6 +512,11 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         if self.acked_features & feature::VHOST_LOG_ALL != 0
             && self.vrings.iter().all(|v| v.thread.is_none())
         {
+            // A mirror (migration without shared storage) has every write the guest was
+            // answered for on its target already; it is made durable there now.
+            if let Some(job) = self.disk.mirror.job() {
+                job.switch_over();
+            }
             match self.disk.inactivate() {
                 Ok(true) => {
                     info_limited!(self.log(), parent: &self.disk.span, "gave up the image's write permission (migration switch-over)");

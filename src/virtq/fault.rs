@@ -21,15 +21,21 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Once, OnceLock};
 
-/// Guest mappings the whole daemon may hold at once (every connection's regions together).
-pub const MAX_MAPPINGS: usize = 4096;
+/// Guest mappings the whole daemon may hold at once (every connection's regions, inflight
+/// regions and dirty logs together). A frontend holds at most 509 regions, an inflight region
+/// and a dirty log (two while a new log replaces one): 512. 32768 serves 64 frontends at that
+/// worst case at once (and any number of ordinary VMs, which use a few regions each), and
+/// stays under half of Linux's default `vm.max_map_count` (65530), which also counts the
+/// daemon's own mappings (thread stacks, rings, heaps). The table is zero-initialised (no
+/// space in the binary) and scanned only when a mapping is registered or faults.
+pub const MAX_MAPPINGS: usize = 32768;
 
 struct Entry {
     /// Mapping start; 0 = free, 1 = being filled in.
     start: AtomicUsize,
     len: AtomicUsize,
-    /// Socket to shut down when the mapping faults; -1: none.
-    hangup_fd: AtomicI32,
+    /// The socket to shut down when the mapping faults, plus one; 0: none.
+    hangup_fd_plus_1: AtomicI32,
     faulted: AtomicBool,
 }
 
@@ -37,7 +43,7 @@ static TABLE: [Entry; MAX_MAPPINGS] = [const {
     Entry {
         start: AtomicUsize::new(0),
         len: AtomicUsize::new(0),
-        hangup_fd: AtomicI32::new(-1),
+        hangup_fd_plus_1: AtomicI32::new(0),
         faulted: AtomicBool::new(false),
     }
 }; MAX_MAPPINGS];
@@ -55,9 +61,12 @@ pub struct Registration(usize);
 pub fn register(start: usize, len: usize, hangup_fd: Option<RawFd>) -> Option<Registration> {
     INSTALL.call_once(install);
     for (i, e) in TABLE.iter().enumerate() {
-        if e.start.compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed).is_ok() {
+        // A plain load first: a full table is passed over without a locked instruction per entry.
+        if e.start.load(Ordering::Relaxed) == 0
+            && e.start.compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed).is_ok()
+        {
             e.len.store(len, Ordering::Relaxed);
-            e.hangup_fd.store(hangup_fd.unwrap_or(-1), Ordering::Relaxed);
+            e.hangup_fd_plus_1.store(hangup_fd.map_or(0, |fd| fd + 1), Ordering::Relaxed);
             e.faulted.store(false, Ordering::Relaxed);
             // Publishes len and fd with the start (the handler loads start with Acquire).
             e.start.store(start, Ordering::Release);
@@ -75,7 +84,7 @@ pub fn faulted(r: &Registration) -> bool {
 /// Forgets a mapping; call before unmapping it.
 pub fn unregister(r: &Registration) {
     let e = &TABLE[r.0];
-    e.hangup_fd.store(-1, Ordering::Relaxed);
+    e.hangup_fd_plus_1.store(0, Ordering::Relaxed);
     e.start.store(0, Ordering::Release);
 }
 
@@ -121,7 +130,7 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
             );
         }
         e.faulted.store(true, Ordering::Release);
-        let fd = e.hangup_fd.load(Ordering::Relaxed);
+        let fd = e.hangup_fd_plus_1.load(Ordering::Relaxed) - 1;
         if fd >= 0 {
             // SAFETY: shutdown has no memory-safety preconditions; the fd stays open while
             // the mapping is registered (the contract of `register`).

@@ -333,6 +333,10 @@ pub const MAX_MEM_REGIONS: usize = 509;
 pub struct GuestMemory {
     /// Sorted by guest-physical address; no two overlap.
     regions: Vec<Arc<MappedRegion>>,
+    /// Indexes into `regions` in the order of their host addresses, for the dirty log's
+    /// host-to-guest lookup ([`GuestMemory::gpa_of_host`]): a binary search, like the other
+    /// way. (Mappings never overlap in the host either.)
+    by_host: Vec<u16>,
 }
 
 impl GuestMemory {
@@ -383,7 +387,7 @@ impl GuestMemory {
         regions.extend_from_slice(&self.regions[..pos]);
         regions.push(Arc::new(region));
         regions.extend_from_slice(&self.regions[pos..]);
-        Ok(GuestMemory { regions })
+        Ok(GuestMemory::sorted(regions))
     }
 
     /// This table minus the region at `guest_phys_addr` of `size` bytes (REM_MEM_REG).
@@ -400,7 +404,15 @@ impl GuestMemory {
             .ok_or(MemoryError::NotFound { guest_phys_addr, size })?;
         let mut regions = self.regions.clone();
         regions.remove(pos);
-        Ok(GuestMemory { regions })
+        Ok(GuestMemory::sorted(regions))
+    }
+
+    /// A table of `regions`, already sorted by guest address, with its host-ordered index.
+    fn sorted(regions: Vec<Arc<MappedRegion>>) -> GuestMemory {
+        // MAX_MEM_REGIONS (509) indexes fit in u16.
+        let mut by_host: Vec<u16> = (0..regions.len() as u16).collect();
+        by_host.sort_unstable_by_key(|&i| regions[usize::from(i)].host as usize);
+        GuestMemory { regions, by_host }
     }
 
     /// The region holding guest-physical address `gpa`: a binary search.
@@ -413,10 +425,11 @@ impl GuestMemory {
     /// The guest-physical address of host address `addr`, if it lies in one of the regions
     /// (for the dirty log, which counts in guest pages).
     pub fn gpa_of_host(&self, addr: usize) -> Option<u64> {
-        self.regions.iter().find_map(|r| {
-            let offset = (addr as u64).checked_sub(r.host as u64)?;
-            (offset < r.size).then(|| r.guest_phys_addr + offset)
-        })
+        let pos =
+            self.by_host.partition_point(|&i| self.regions[usize::from(i)].host as usize <= addr);
+        let r = &self.regions[usize::from(self.by_host[pos.checked_sub(1)?])];
+        let offset = (addr - r.host as usize) as u64;
+        (offset < r.size).then(|| r.guest_phys_addr + offset)
     }
 
     /// The end of the highest region (guest-physical): what a dirty log must cover.
@@ -959,6 +972,41 @@ mod tests {
             let mut now = vec![0u8; total];
             copy_from_guest(&iovs, 0, &mut now);
             prop_assert_eq!(now, expected);
+        }
+    }
+
+    /// The dirty log's host-to-guest lookup finds every byte of every region, whatever the
+    /// order of the regions' host addresses against their guest addresses, and nothing
+    /// outside them; removing a region takes it out of the lookup.
+    #[test]
+    fn host_addresses_map_back_to_their_guest_addresses() {
+        const PAGE: u64 = 4096;
+        let (file, _) = guest_ram(64 * PAGE);
+        let mut mem = GuestMemory::default();
+        // Guest addresses in an order unrelated to the mapping order (hence the host order).
+        let gpas: Vec<u64> = (0..32u64).map(|i| ((i * 13) % 32) * 3 * PAGE).collect();
+        for (i, &gpa) in gpas.iter().enumerate() {
+            let region = MappedRegion::map(&file, i as u64 * PAGE, gpa, PAGE, gpa, None).unwrap();
+            mem = mem.with_region(region).unwrap();
+        }
+        for &gpa in &gpas {
+            let host = mem.translate_contiguous(gpa, PAGE).unwrap() as usize;
+            assert_eq!(mem.gpa_of_host(host), Some(gpa));
+            assert_eq!(mem.gpa_of_host(host + 4095), Some(gpa + 4095));
+        }
+        let lowest = mem.regions().iter().map(|r| r.host() as usize).min().unwrap();
+        assert_eq!(mem.gpa_of_host(lowest - 1), None, "below every region");
+        assert_eq!(mem.gpa_of_host(0), None);
+        assert_eq!(mem.gpa_of_host(usize::MAX), None);
+        let gone = gpas[7];
+        let host = mem.translate_contiguous(gone, PAGE).unwrap() as usize;
+        let fewer = mem.without_region(gone, PAGE).unwrap();
+        // (The mapping stays while `mem` holds it: the address is not reused meanwhile.)
+        assert_eq!(fewer.gpa_of_host(host), None, "a removed region");
+        assert_eq!(fewer.gpa_of_host(host + 100), None);
+        for &gpa in gpas.iter().filter(|&&g| g != gone) {
+            let host = fewer.translate_contiguous(gpa, PAGE).unwrap() as usize;
+            assert_eq!(fewer.gpa_of_host(host + 8), Some(gpa + 8));
         }
     }
 

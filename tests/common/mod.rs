@@ -5,8 +5,10 @@ pub mod behind;
 pub mod ceph;
 pub mod frontend;
 pub mod nbd;
+pub mod netns;
 pub mod no_ceph;
 pub mod raw;
+pub mod tls;
 
 use std::fs;
 use std::io::Read;

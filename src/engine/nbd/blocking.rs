@@ -12,6 +12,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use super::handshake::Negotiated;
+use super::tls::ClientTls;
 use super::uri::NbdAddr;
 use super::{wire, NbdSpec};
 
@@ -23,6 +24,8 @@ const MAX_RANGE_BYTES: u64 = 1 << 30;
 enum Stream {
     Unix(UnixStream),
     Tcp(TcpStream),
+    /// TCP inside TLS (`tls-creds=`).
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
 }
 
 /// One connection to an NBD server's export, negotiated, shared by the threads that write
@@ -34,21 +37,34 @@ pub struct BlockingNbd {
 }
 
 impl BlockingNbd {
-    /// Connects and negotiates within the connection timeout.
-    pub fn connect(spec: &NbdSpec) -> Result<BlockingNbd, String> {
-        Self::from(spec, super::connect(spec, super::CONNECT_TIMEOUT)?)
+    /// Connects and negotiates within the connection timeout, inside TLS with `tls` (a TCP
+    /// server only).
+    pub fn connect(spec: &NbdSpec, tls: Option<&ClientTls>) -> Result<BlockingNbd, String> {
+        let (connection, session) = match tls {
+            None => (super::connect(spec, super::CONNECT_TIMEOUT)?, None),
+            Some(tls) => {
+                if matches!(spec.addr, NbdAddr::Unix(_)) {
+                    return Err(format!("NBD server {spec}: TLS is for nbd:// (TCP) servers"));
+                }
+                let (connection, session) =
+                    super::handshake::connect_tls(spec, super::CONNECT_TIMEOUT, tls)?;
+                (connection, Some(session))
+            }
+        };
+        Self::from(spec, connection, session)
     }
 
-    /// Like [`connect`](Self::connect), asking for block status (`base:allocation`) too:
-    /// for reading a mirror's source.
+    /// Like [`connect`](Self::connect) (without TLS), asking for block status
+    /// (`base:allocation`) too: for reading a mirror's source.
     pub fn connect_for_block_status(spec: &NbdSpec) -> Result<BlockingNbd, String> {
         let timeout = super::CONNECT_TIMEOUT;
-        Self::from(spec, super::handshake::connect_for_block_status(spec, timeout)?)
+        Self::from(spec, super::handshake::connect_for_block_status(spec, timeout)?, None)
     }
 
     fn from(
         spec: &NbdSpec,
         connection: super::handshake::Connection,
+        session: Option<rustls::ClientConnection>,
     ) -> Result<BlockingNbd, String> {
         let fail = |e: io::Error| format!("NBD server {spec}: {e}");
         crate::sys::set_status_flags(connection.fd.as_raw_fd(), 0, libc::O_NONBLOCK)
@@ -65,7 +81,10 @@ impl BlockingNbd {
                 s.set_read_timeout(Some(REQUEST_TIMEOUT)).map_err(fail)?;
                 s.set_write_timeout(Some(REQUEST_TIMEOUT)).map_err(fail)?;
                 let _ = s.set_nodelay(true);
-                Stream::Tcp(s)
+                match session {
+                    Some(session) => Stream::Tls(Box::new(rustls::StreamOwned::new(session, s))),
+                    None => Stream::Tcp(s),
+                }
             }
         };
         Ok(BlockingNbd {
@@ -173,11 +192,16 @@ impl BlockingNbd {
         let sent = match stream {
             Stream::Unix(s) => s.write_all(&header).and_then(|()| s.write_all(payload)),
             Stream::Tcp(s) => s.write_all(&header).and_then(|()| s.write_all(payload)),
+            // One record for both where they fit, and the data on the wire before the wait.
+            Stream::Tls(s) => {
+                s.write_all(&header).and_then(|()| s.write_all(payload)).and_then(|()| s.flush())
+            }
         };
         sent.map_err(|e| fail("sending a request", &e))?;
         let reader: &mut dyn Read = match stream {
             Stream::Unix(s) => s,
             Stream::Tcp(s) => s,
+            Stream::Tls(s) => s.as_mut(),
         };
         read_answer(reader, cookie, offset, read, status)
             .map_err(|e| fail("reading its answer", &e))

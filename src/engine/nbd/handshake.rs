@@ -12,8 +12,10 @@ use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::tls::ClientTls;
 use super::uri::{NbdAddr, NbdSpec};
 use super::wire::*;
 
@@ -173,7 +175,29 @@ pub fn connect_unless(
     attempt(spec, Limits { deadline: Instant::now() + timeout, cancel: Some(cancel) }, false)
 }
 
+/// Like [`connect`], inside TLS (NBD_OPT_STARTTLS before any other option): the connection,
+/// and the TLS session to go on with on its socket.
+pub fn connect_tls(
+    spec: &NbdSpec,
+    timeout: Duration,
+    tls: &ClientTls,
+) -> Result<(Connection, rustls::ClientConnection), String> {
+    let limits = Limits { deadline: Instant::now() + timeout, cancel: None };
+    let (connection, session) = attempt_with(spec, limits, Some(tls), false)?;
+    let session = session.ok_or_else(|| format!("NBD server {spec}: no TLS session"))?;
+    Ok((connection, session))
+}
+
 fn attempt(spec: &NbdSpec, limits: Limits, allocation: bool) -> Result<Connection, String> {
+    attempt_with(spec, limits, None, allocation).map(|(connection, _)| connection)
+}
+
+fn attempt_with(
+    spec: &NbdSpec,
+    limits: Limits,
+    tls: Option<&ClientTls>,
+    allocation: bool,
+) -> Result<(Connection, Option<rustls::ClientConnection>), String> {
     let fail = |what: &str, e: &dyn std::fmt::Display| format!("NBD server {spec}: {what}: {e}");
     let fd = match &spec.addr {
         NbdAddr::Unix(path) => {
@@ -201,9 +225,33 @@ fn attempt(spec: &NbdSpec, limits: Limits, allocation: bool) -> Result<Connectio
         }
     };
     let mut stream = Stream { fd, limits };
+    greet(&mut stream).map_err(|e| fail("handshake", &e))?;
+    let Some(tls) = tls else {
+        let negotiated =
+            negotiate(&mut stream, &spec.export, allocation).map_err(|e| fail("handshake", &e))?;
+        return Ok((Connection { fd: stream.fd, negotiated }, None));
+    };
+    let mut session = start_tls(&mut stream, tls).map_err(|e| fail("TLS", &e))?;
     let negotiated =
-        negotiate(&mut stream, &spec.export, allocation).map_err(|e| fail("handshake", &e))?;
-    Ok(Connection { fd: stream.fd, negotiated })
+        negotiate(&mut rustls::Stream::new(&mut session, &mut stream), &spec.export, allocation)
+            .map_err(|e| fail("handshake", &e))?;
+    Ok((Connection { fd: stream.fd, negotiated }, Some(session)))
+}
+
+/// NBD_OPT_STARTTLS, then the TLS handshake, under the stream's limits.
+fn start_tls(stream: &mut Stream, tls: &ClientTls) -> io::Result<rustls::ClientConnection> {
+    send_option(stream, OPT_STARTTLS, &[])?;
+    let (kind, data) = read_option_reply(stream, OPT_STARTTLS)?;
+    if kind != REP_ACK {
+        return Err(bad(format!("the server refused STARTTLS: {}", describe_error(kind, &data))));
+    }
+    let mut session =
+        rustls::ClientConnection::new(Arc::clone(&tls.config), tls.server_name.clone())
+            .map_err(io::Error::other)?;
+    while session.is_handshaking() {
+        session.complete_io(stream)?;
+    }
+    Ok(session)
 }
 
 /// A new non-blocking stream socket of `domain`.
@@ -373,7 +421,8 @@ fn describe_error(kind: u32, data: &[u8]) -> String {
     }
 }
 
-fn negotiate<S: Read + Write>(s: &mut S, export: &str, allocation: bool) -> io::Result<Negotiated> {
+/// The server's greeting and our flags: what comes before the first option.
+fn greet<S: Read + Write>(s: &mut S) -> io::Result<()> {
     let magic = read_u64(s)?;
     if magic != NBDMAGIC {
         return Err(bad(format!("not an NBD server (greeting {magic:#018x})")));
@@ -387,8 +436,11 @@ fn negotiate<S: Read + Write>(s: &mut S, export: &str, allocation: bool) -> io::
         return Err(bad("the server lacks fixed newstyle negotiation".into()));
     }
     let client_flags = u32::from(server_flags & (FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES));
-    s.write_all(&client_flags.to_be_bytes())?;
+    s.write_all(&client_flags.to_be_bytes())
+}
 
+/// The options after the greeting: structured replies, then GO with `export`.
+fn negotiate<S: Read + Write>(s: &mut S, export: &str, allocation: bool) -> io::Result<Negotiated> {
     send_option(s, OPT_STRUCTURED_REPLY, &[])?;
     let (kind, _) = read_option_reply(s, OPT_STRUCTURED_REPLY)?;
     let structured = kind == REP_ACK;

@@ -6,6 +6,7 @@
 //!   with the export's size, flags and block sizes), each attempt under one deadline; done
 //!   by the control thread at open, and by the connector threads, never by an I/O thread.
 //! - `connector.rs`: the connector threads, at most one per queue index of an export.
+//! - `tls.rs`: TLS as a client (a mirror's `tls-creds=DIR`), and the certificate files.
 //! - `wire.rs`: the transmission phase's constants and the request header.
 //! - `engine.rs`: one connection per queue as an [`Engine`](super::Engine): requests
 //!   pipelined with the slot tag as cookie, replies read into guest memory, and a lost
@@ -15,6 +16,7 @@ pub mod blocking;
 pub mod connector;
 pub mod engine;
 pub mod handshake;
+pub mod tls;
 pub mod uri;
 pub mod wire;
 
