@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use crate::disk::{parse_target, BackendSpec, Disk};
+use crate::disk::{parse_target, Backend, BackendSpec, Disk};
 use crate::engine::backing::Backing;
 use crate::engine::nbd::blocking::BlockingNbd;
 use crate::engine::nbd::tls::ClientTls;
@@ -14,6 +14,7 @@ use crate::engine::nbd::uri::NbdAddr;
 use crate::engine::nbd::wire;
 use crate::engine::rbd::cluster::RbdHandle;
 use crate::engine::rbd::RbdOptions;
+use crate::mirror::source::Source;
 use crate::mirror::target::Target;
 use crate::mirror::{JobInfo, Mirror};
 
@@ -92,6 +93,34 @@ fn open_target(
     }
 }
 
+/// What a mirror of `disk` reads, and the alignment its reads need: the export's own image
+/// file or RBD handle, or a connection of its own to the export's NBD server.
+fn open_source(disk: &Disk) -> Result<(Source, u64), JobError> {
+    let failed = |message: String| JobError { code: "failed", message };
+    match &disk.backend {
+        Backend::File { backing, .. } => {
+            let file = backing.file.try_clone().map_err(|e| failed(format!("the source: {e}")))?;
+            let align = u64::from(backing.logical_block_bytes.max(backing.dio_mem_align));
+            Ok((Source::File(file), align))
+        }
+        Backend::Nbd(export) => {
+            let nbd = BlockingNbd::connect_for_block_status(&export.spec)
+                .map_err(|e| failed(format!("connecting to the source: {e}")))?;
+            let extents = if nbd.has_block_status() { "block status" } else { "none: read whole" };
+            tracing::info!(parent: &disk.span, "mirror source {}: extents from {extents}", export.spec);
+            let align = u64::from(nbd.negotiated.min_block.max(1));
+            Ok((Source::Nbd(nbd), align))
+        }
+        Backend::Rbd(image) => Ok((Source::Rbd(Arc::clone(image)), 512)),
+        // Nothing to copy: its reads are made-up zeroes and its writes are dropped, so a
+        // target "equal" to it would be a blank image, and the guest's data is nowhere.
+        Backend::Null => refuse(
+            "unsupported",
+            "an export of engine=null has no data to mirror (its writes are dropped)",
+        ),
+    }
+}
+
 impl Jobs {
     fn jobs(&self) -> MutexGuard<'_, Vec<Job>> {
         self.jobs.lock().unwrap_or_else(|p| p.into_inner())
@@ -107,23 +136,13 @@ impl Jobs {
         speed_bytes_per_s: u64,
         tls_creds: Option<&Path>,
     ) -> Result<JobInfo, JobError> {
-        let Some(backing) = disk.backing() else {
-            return refuse(
-                "unsupported",
-                "only an export of an image file or block device can be mirrored",
-            );
-        };
         if self.jobs().iter().any(|j| j.mirror.id == id && j.mirror.state().mirrors()) {
             return refuse("busy", format!("export '{id}' has a mirror job running"));
         }
         let spec = parse_target(target)
             .map_err(|e| JobError { code: "invalid-argument", message: e.0 })?;
+        let (source, align) = open_source(disk)?;
         let target = open_target(spec.clone(), target, disk, tls_creds)?;
-        let source = backing
-            .file
-            .try_clone()
-            .map_err(|e| JobError { code: "failed", message: format!("the source: {e}") })?;
-        let align = u64::from(backing.logical_block_bytes.max(backing.dio_mem_align));
         let mirror =
             Mirror::new(id, source, disk.capacity_bytes(), align, target, speed_bytes_per_s)
                 .map_err(|message| JobError { code: "invalid-argument", message })?;

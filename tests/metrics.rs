@@ -283,3 +283,82 @@ fn a_reload_changes_the_metrics_detail() {
     // No frontend started a queue: queue 0's zeros stand for the export.
     assert_eq!(labels_of(), ["blkplane_requests_in_flight{export=\"r\",queue=\"0\"} 0"]);
 }
+
+/// A mirror job in the scrape: its bytes done and total, and its state as one series per
+/// state, while it runs (speed-limited), once ready, and once cancelled; promtool passes the
+/// scrape with a job in it.
+#[test]
+fn mirror_jobs_are_in_the_scrape() {
+    let dir = tmpdir();
+    let d = dir.path();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let (control, sock, image, target) =
+        (d.join("ctl.sock"), d.join("m.sock"), d.join("m.raw"), d.join("target.raw"));
+    let size: u64 = 64 << 20;
+    for path in [&image, &target] {
+        std::fs::File::create(path).unwrap().set_len(size).unwrap();
+    }
+    std::fs::write(&image, vec![0x5Au8; 16 << 20]).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&image).unwrap().set_len(size).unwrap();
+    let args = [
+        "--metrics".to_string(),
+        addr.clone(),
+        "--control".to_string(),
+        control.display().to_string(),
+        "--export".to_string(),
+        format!("id=m,socket={},image={}", sock.display(), image.display()),
+    ];
+    let _daemon = Daemon::start_with(d, &args, &[sock.clone(), control.clone()]);
+    let scrape = || String::from_utf8(http_get(&addr, "/metrics", "").1).unwrap();
+    let labels = format!("export=\"m\",type=\"mirror\",target=\"{}\"", target.display());
+    let state_of = |body: &str| -> Vec<String> {
+        ["running", "ready", "completed", "failed", "cancelled"]
+            .iter()
+            .filter(|s| {
+                sample(body, &format!("blkplane_job_state{{{labels},state=\"{s}\"}}")) == 1.0
+            })
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let body = scrape();
+    assert!(!body.contains("blkplane_job_state{"), "no job, no job series");
+    let ctl_ok = |args: &[&str]| {
+        let out = common::ctl(&control, args);
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    // 4 MiB/s: the job runs for seconds after its first chunk.
+    ctl_ok(&["mirror", "id=m", &format!("target={}", target.display()), "speed=4M"]);
+    let done_of = |body: &str| sample(body, &format!("blkplane_job_done_bytes{{{labels}}}"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let body = loop {
+        let body = scrape();
+        if done_of(&body) > 0.0 {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "no progress: {body}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(state_of(&body), ["running"], "{body}");
+    let done = done_of(&body);
+    assert!(done > 0.0 && done < size as f64, "running: {done} of {size}");
+    assert_eq!(sample(&body, &format!("blkplane_job_total_bytes{{{labels}}}")), size as f64);
+    assert_eq!(sample(&body, &format!("blkplane_job_recopied_bytes{{{labels}}}")), 0.0);
+    promtool_check(&body, d);
+    ctl_ok(&["job-cancel", "id=m"]);
+    let body = scrape();
+    assert_eq!(state_of(&body), ["cancelled"], "{body}");
+    // Without a limit the job reaches ready: everything done.
+    ctl_ok(&["mirror", "id=m", &format!("target={}", target.display())]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let body = loop {
+        let body = scrape();
+        if state_of(&body) == ["ready"] {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "never ready: {body}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(done_of(&body), size as f64);
+    promtool_check(&body, d);
+    ctl_ok(&["job-cancel", "id=m"]);
+}

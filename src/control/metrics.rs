@@ -286,6 +286,7 @@ pub fn render(daemon: &Daemon) -> String {
     write_counters(&mut out, &rows);
     write_scalars(&mut out, &rows);
     write_iothreads(&mut out, &daemon.list_iothreads());
+    write_jobs(&mut out, &daemon.query_jobs());
     write_latency(&mut out, &rows, detail);
     if detail == Detail::Queue {
         write_stages(&mut out, &rows);
@@ -626,6 +627,50 @@ fn write_iothreads(out: &mut String, threads: &[crate::iothread::registry::IoThr
         let id = escape(&t.id);
         for (way, n) in &t.choices {
             let _ = writeln!(out, "{name}{{iothread=\"{id}\",way=\"{way}\"}} {n}");
+        }
+    }
+}
+
+/// The block jobs query-jobs lists (a job that ended stays until its export's next one):
+/// bytes done and total, and the state as one series per state, 1 for the job's.
+fn write_jobs(out: &mut String, jobs: &[crate::mirror::JobInfo]) {
+    use crate::mirror::JobState;
+    const STATES: [JobState; 5] = [
+        JobState::Running,
+        JobState::Ready,
+        JobState::Completed,
+        JobState::Failed,
+        JobState::Cancelled,
+    ];
+    let labels = |j: &crate::mirror::JobInfo| {
+        format!("export=\"{}\",type=\"{}\",target=\"{}\"", escape(&j.id), j.kind, escape(&j.target))
+    };
+    type JobField = fn(&crate::mirror::JobInfo) -> u64;
+    let per_job: [(&str, &str, JobField); 3] = [
+        ("blkplane_job_done_bytes", "Bytes the job has copied for good.", |j| j.done_bytes),
+        ("blkplane_job_total_bytes", "Bytes the job copies in all (the export's size).", |j| {
+            j.total_bytes
+        }),
+        ("blkplane_job_recopied_bytes", "Bytes the job copied again for guest writes.", |j| {
+            j.recopied_bytes
+        }),
+    ];
+    for (name, help, field) in per_job {
+        family(out, name, "gauge", help);
+        for j in jobs {
+            let _ = writeln!(out, "{name}{{{}}} {}", labels(j), field(j));
+        }
+    }
+    family(out, "blkplane_job_state", "gauge", "1 for the state the job is in, 0 for the others.");
+    for j in jobs {
+        for state in STATES {
+            let on = u8::from(j.state == state.name());
+            let _ = writeln!(
+                out,
+                "blkplane_job_state{{{},state=\"{}\"}} {on}",
+                labels(j),
+                state.name()
+            );
         }
     }
 }

@@ -4,8 +4,10 @@
 //!
 //! - `progress.rs`: the bookkeeping, pure (what is copied, the chunk being copied, what a
 //!   guest write means), with its property test.
+//! - `source.rs`: the export's image as the copy reads it (a file, NBD, RBD), blocking.
 //! - `target.rs`: the target, written through blocking calls.
-//! - `job.rs`: the job's own thread: the copy, chunk by chunk, at most `speed` bytes a second.
+//! - `job.rs`: the job's own thread: the copy, chunk by chunk (each chunk's pieces by a few
+//!   workers at once), at most `speed` bytes a second.
 //!
 //! The data path meets a mirror in one place: an I/O thread that answers a successful write,
 //! discard or write-zeroes asks its disk's [`MirrorSlot`] (one atomic load when no job runs)
@@ -18,21 +20,27 @@
 
 pub mod job;
 pub mod progress;
+pub mod source;
 pub mod target;
 
-use std::fs::File;
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Instant;
 
 use progress::Progress;
+use source::Source;
 use target::{Target, PIECE_BYTES};
 
 /// The copy's unit: a guest write to the chunk being copied makes the job copy this much
-/// again. The bookkeeping's size is constant whatever the image's.
-pub const CHUNK_BYTES: u64 = 1 << 20;
+/// again. The bookkeeping's size is constant whatever the image's. Its pieces are copied
+/// [`COPY_DEPTH`] at a time (job.rs), so it holds several of them: the workers are drained
+/// at each chunk's end (the chunk is on the target before it counts as copied).
+pub const CHUNK_BYTES: u64 = 8 << 20;
+/// Pieces the job copies at once, each read and written by a worker (the job's thread and
+/// threads started for the chunk) through a buffer of its own: reads overlap writes, and the target has several writes in
+/// flight (a disk's O_DIRECT write of one piece at a time leaves it idle between them).
+pub const COPY_DEPTH: usize = 4;
 /// The alignment of the copy buffers (any O_DIRECT rule).
 const BUFFER_ALIGN: usize = 4096;
 
@@ -102,9 +110,9 @@ pub struct Mirror {
     /// The export's id (the job's).
     pub id: String,
     pub target_name: String,
-    /// The export's image, read by the copy (the same open file as the export's); None once
-    /// the job ended, so that a pivot's old image closes.
-    source: RwLock<Option<File>>,
+    /// The export's image, read by the copy (the same open file, RBD handle or NBD export as
+    /// the export's); None once the job ended, so that a pivot's old image closes.
+    source: RwLock<Option<Source>>,
     size_bytes: u64,
     /// What reads and writes must be aligned to, on both sides.
     align_bytes: u64,
@@ -150,7 +158,7 @@ impl Mirror {
     /// to `target`, which must be exactly as large.
     pub fn new(
         id: &str,
-        source: File,
+        source: Source,
         size_bytes: u64,
         source_align: u64,
         target: Target,
@@ -292,7 +300,7 @@ impl Mirror {
         let end = offset.saturating_add(bytes).saturating_add(mask) & !mask;
         let Some(passed) = self.progress().guest_wrote(start, end - start) else { return };
         let mut buffer = self.guest_copy.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(why) = self.copy(&mut buffer, passed, None) {
+        if let Err(why) = self.copy(&mut buffer, passed) {
             self.fail(why);
         }
     }
@@ -336,73 +344,49 @@ impl Mirror {
         }
     }
 
-    /// Copies `range` of the source to the target: zeroes as write-zeroes, data in pieces
-    /// through `buffer`. Returns the bytes read. With `extent` (the job's copy), holes are
-    /// found with SEEK_DATA/SEEK_HOLE and the last data extent found is kept there: a seek
-    /// costs the file system a walk to the extent's end (tmpfs walks its pages under the
-    /// inode's lock, which the guest's writes wait for), so it is done once per extent, not
-    /// per piece. Without (a guest's write copied again: small, and its latency counts), the
-    /// range is read as data; zeroes still become write-zeroes.
-    fn copy(
-        &self,
-        buffer: &mut AlignedBuffer,
-        range: Range<u64>,
-        mut extent: Option<&mut (u64, u64)>,
-    ) -> Result<u64, String> {
+    /// Copies `range` (a guest's write, small, whose latency counts) of the source to the
+    /// target through `buffer`, read as data without looking for holes (tmpfs answers
+    /// SEEK_HOLE under the inode's lock, which other guest writes wait for); zeroes still
+    /// become write-zeroes.
+    fn copy(&self, buffer: &mut AlignedBuffer, range: Range<u64>) -> Result<(), String> {
         let target = self.target.read().unwrap_or_else(|p| p.into_inner());
         let source = self.source.read().unwrap_or_else(|p| p.into_inner());
         let (Some(target), Some(source)) = (target.as_ref(), source.as_ref()) else {
-            return Ok(0);
+            return Ok(());
         };
-        let zero_hole = |start: u64, end: u64, buffer: &mut AlignedBuffer| {
-            let zeroes = buffer.get(PIECE_BYTES);
-            zeroes.fill(0);
-            target.write_zeroes(start, end - start, zeroes)
-        };
-        let mut read_bytes = 0;
         let mut at = range.start;
         while at < range.end {
-            let (data_start, data_end) = match extent.as_deref_mut() {
-                None => (at, range.end),
-                // A data extent found before stays data: at worst it reads zeroes a guest
-                // discarded since (written as zeroes). Holes are never taken from it.
-                Some(known) if known.0 <= at && at < known.1 => *known,
-                Some(known) => {
-                    let found = crate::engine::backing::next_data(source, at, self.size_bytes)
-                        .map_err(|e| format!("looking for data in the source: {e}"))?;
-                    *known = found.unwrap_or((self.size_bytes, self.size_bytes));
-                    *known
-                }
-            };
-            let (data_start, data_end) = (data_start.min(range.end), data_end.min(range.end));
-            // Extents from the file system are on its blocks, which our alignment divides.
-            let data_start = (data_start & !(self.align_bytes - 1)).max(at);
-            if data_start > at {
-                zero_hole(at, data_start, buffer)?;
-            }
-            at = data_start;
-            // At least one block: a file system that says an empty extent still gets read.
-            let data_end = data_end
-                .next_multiple_of(self.align_bytes)
-                .max(at + self.align_bytes)
-                .min(range.end);
-            while at < data_end {
-                let n = (data_end - at).min(PIECE_BYTES as u64) as usize;
-                let piece = buffer.get(n);
-                source
-                    .read_exact_at(piece, at)
-                    .map_err(|e| format!("reading the source at {at}: {e}"))?;
-                read_bytes += n as u64;
-                if piece.iter().all(|&b| b == 0) {
-                    zero_hole(at, at + n as u64, buffer)?;
-                } else {
-                    target.write_at(at, piece)?;
-                }
-                at += n as u64;
-            }
+            let n = (range.end - at).min(PIECE_BYTES as u64) as usize;
+            copy_piece(source, target, buffer, at, n)?;
+            at += n as u64;
         }
-        Ok(read_bytes)
+        Ok(())
     }
+}
+
+/// Copies `n` bytes (at most [`PIECE_BYTES`]) at `at` through `buffer`: read from `source`,
+/// then written to `target`, or zeroed there if they are all zeroes.
+fn copy_piece(
+    source: &Source,
+    target: &Target,
+    buffer: &mut AlignedBuffer,
+    at: u64,
+    n: usize,
+) -> Result<(), String> {
+    let piece = buffer.get(n);
+    source.read_at(at, piece)?;
+    if is_zero(piece) {
+        target.write_zeroes(at, n as u64, piece)
+    } else {
+        target.write_at(at, piece)
+    }
+}
+
+/// Whether `bytes` are all zeroes (eight at a time: the copy looks at every byte it reads).
+fn is_zero(bytes: &[u8]) -> bool {
+    let (words, rest) = bytes.split_at(bytes.len() & !7);
+    words.chunks_exact(8).all(|w| u64::from_ne_bytes(w.try_into().unwrap_or([1; 8])) == 0)
+        && rest.iter().all(|&b| b == 0)
 }
 
 /// Where an export's I/O threads find its mirror job, if one runs: one atomic load when none

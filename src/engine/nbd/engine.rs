@@ -1207,6 +1207,7 @@ mod tests {
             min_block: 1,
             preferred_block: 4096,
             max_payload: 32 << 20,
+            allocation_context: None,
         }
     }
 

@@ -37,6 +37,9 @@ pub struct Negotiated {
     pub min_block: u32,
     pub preferred_block: u32,
     pub max_payload: u32,
+    /// The id of the `base:allocation` metadata context, if it was asked for (a mirror
+    /// reading an NBD source) and the server has it: block status answers in it.
+    pub allocation_context: Option<u32>,
 }
 
 impl Negotiated {
@@ -154,7 +157,12 @@ impl Write for Stream {
 /// Connects to `spec`'s server and negotiates its export, all within `timeout`. The error
 /// says what failed, in one line, naming the server.
 pub fn connect(spec: &NbdSpec, timeout: Duration) -> Result<Connection, String> {
-    attempt(spec, Limits { deadline: Instant::now() + timeout, cancel: None })
+    attempt(spec, Limits { deadline: Instant::now() + timeout, cancel: None }, false)
+}
+
+/// Like [`connect`], asking for the `base:allocation` context too (block status).
+pub fn connect_for_block_status(spec: &NbdSpec, timeout: Duration) -> Result<Connection, String> {
+    attempt(spec, Limits { deadline: Instant::now() + timeout, cancel: None }, true)
 }
 
 /// Like [`connect`], called off (with an error saying "cancelled") as soon as `cancel` is
@@ -164,7 +172,7 @@ pub fn connect_unless(
     timeout: Duration,
     cancel: RawFd,
 ) -> Result<Connection, String> {
-    attempt(spec, Limits { deadline: Instant::now() + timeout, cancel: Some(cancel) })
+    attempt(spec, Limits { deadline: Instant::now() + timeout, cancel: Some(cancel) }, false)
 }
 
 /// Like [`connect`], inside TLS (NBD_OPT_STARTTLS before any other option): the connection,
@@ -175,19 +183,20 @@ pub fn connect_tls(
     tls: &ClientTls,
 ) -> Result<(Connection, rustls::ClientConnection), String> {
     let limits = Limits { deadline: Instant::now() + timeout, cancel: None };
-    let (connection, session) = attempt_with(spec, limits, Some(tls))?;
+    let (connection, session) = attempt_with(spec, limits, Some(tls), false)?;
     let session = session.ok_or_else(|| format!("NBD server {spec}: no TLS session"))?;
     Ok((connection, session))
 }
 
-fn attempt(spec: &NbdSpec, limits: Limits) -> Result<Connection, String> {
-    attempt_with(spec, limits, None).map(|(connection, _)| connection)
+fn attempt(spec: &NbdSpec, limits: Limits, allocation: bool) -> Result<Connection, String> {
+    attempt_with(spec, limits, None, allocation).map(|(connection, _)| connection)
 }
 
 fn attempt_with(
     spec: &NbdSpec,
     limits: Limits,
     tls: Option<&ClientTls>,
+    allocation: bool,
 ) -> Result<(Connection, Option<rustls::ClientConnection>), String> {
     let fail = |what: &str, e: &dyn std::fmt::Display| format!("NBD server {spec}: {what}: {e}");
     let fd = match &spec.addr {
@@ -218,12 +227,14 @@ fn attempt_with(
     let mut stream = Stream { fd, limits };
     greet(&mut stream).map_err(|e| fail("handshake", &e))?;
     let Some(tls) = tls else {
-        let negotiated = negotiate(&mut stream, &spec.export).map_err(|e| fail("handshake", &e))?;
+        let negotiated =
+            negotiate(&mut stream, &spec.export, allocation).map_err(|e| fail("handshake", &e))?;
         return Ok((Connection { fd: stream.fd, negotiated }, None));
     };
     let mut session = start_tls(&mut stream, tls).map_err(|e| fail("TLS", &e))?;
-    let negotiated = negotiate(&mut rustls::Stream::new(&mut session, &mut stream), &spec.export)
-        .map_err(|e| fail("handshake", &e))?;
+    let negotiated =
+        negotiate(&mut rustls::Stream::new(&mut session, &mut stream), &spec.export, allocation)
+            .map_err(|e| fail("handshake", &e))?;
     Ok((Connection { fd: stream.fd, negotiated }, Some(session)))
 }
 
@@ -429,13 +440,15 @@ fn greet<S: Read + Write>(s: &mut S) -> io::Result<()> {
 }
 
 /// The options after the greeting: structured replies, then GO with `export`.
-fn negotiate<S: Read + Write>(s: &mut S, export: &str) -> io::Result<Negotiated> {
+fn negotiate<S: Read + Write>(s: &mut S, export: &str, allocation: bool) -> io::Result<Negotiated> {
     send_option(s, OPT_STRUCTURED_REPLY, &[])?;
     let (kind, _) = read_option_reply(s, OPT_STRUCTURED_REPLY)?;
     let structured = kind == REP_ACK;
     if kind != REP_ACK && kind & REP_FLAG_ERROR == 0 {
         return Err(bad(format!("option reply type {kind} to STRUCTURED_REPLY")));
     }
+    let allocation_context =
+        if allocation && structured { allocation_context(s, export)? } else { None };
 
     let mut go = Vec::with_capacity(8 + export.len());
     go.extend_from_slice(&(export.len() as u32).to_be_bytes());
@@ -459,6 +472,7 @@ fn negotiate<S: Read + Write>(s: &mut S, export: &str) -> io::Result<Negotiated>
                     min_block: blocks.0,
                     preferred_block: blocks.1,
                     max_payload: blocks.2,
+                    allocation_context,
                 });
             }
             REP_INFO if data.len() >= 2 => {
@@ -494,6 +508,34 @@ fn negotiate<S: Read + Write>(s: &mut S, export: &str) -> io::Result<Negotiated>
         }
     }
     Err(bad("the server never finished GO".into()))
+}
+
+/// Asks for the `base:allocation` metadata context (SET_META_CONTEXT): its id, or None if the
+/// server has none (or refuses the option: block status is then not used).
+fn allocation_context<S: Read + Write>(s: &mut S, export: &str) -> io::Result<Option<u32>> {
+    const CONTEXT: &str = "base:allocation";
+    let mut data = Vec::with_capacity(12 + export.len() + CONTEXT.len());
+    data.extend_from_slice(&(export.len() as u32).to_be_bytes());
+    data.extend_from_slice(export.as_bytes());
+    data.extend_from_slice(&1u32.to_be_bytes());
+    data.extend_from_slice(&(CONTEXT.len() as u32).to_be_bytes());
+    data.extend_from_slice(CONTEXT.as_bytes());
+    send_option(s, OPT_SET_META_CONTEXT, &data)?;
+    let mut id = None;
+    for _ in 0..MAX_OPTION_REPLIES {
+        let (kind, reply) = read_option_reply(s, OPT_SET_META_CONTEXT)?;
+        match kind {
+            REP_ACK => return Ok(id),
+            REP_META_CONTEXT if reply.len() >= 4 => {
+                if &reply[4..] == CONTEXT.as_bytes() {
+                    id = Some(u32::from_be_bytes([reply[0], reply[1], reply[2], reply[3]]));
+                }
+            }
+            k if k & REP_FLAG_ERROR != 0 => return Ok(None),
+            k => return Err(bad(format!("option reply type {k} to SET_META_CONTEXT"))),
+        }
+    }
+    Err(bad("the server never finished SET_META_CONTEXT".into()))
 }
 
 /// Tells the server we are going (NBD_CMD_DISC), best effort, without waiting: on a

@@ -277,8 +277,8 @@ impl RbdImage {
     }
 }
 
-/// Blocking writes, for a mirror job's target (`mirror/target.rs`): one aio call each,
-/// waited for.
+/// Blocking reads and writes, for a mirror job's source and target (`mirror/source.rs`,
+/// `mirror/target.rs`): one aio call each, waited for.
 impl RbdImage {
     fn wait_for(
         &self,
@@ -310,6 +310,16 @@ impl RbdImage {
             return Err(fail(result as i32));
         }
         Ok(())
+    }
+
+    /// Reads `into.len()` bytes at `offset`, within the image.
+    pub fn read_at(&self, offset: u64, into: &mut [u8]) -> Result<(), String> {
+        let iov = libc::iovec { iov_base: into.as_mut_ptr().cast(), iov_len: into.len() };
+        // SAFETY: an open image; `iov` and `into` outlive the request (wait_for waits for it),
+        // and nothing else touches `into` meanwhile (it is borrowed mutably).
+        self.wait_for("read", |c| unsafe {
+            (self.ceph.rbd_aio_readv)(self.handle, &iov, 1, offset, c)
+        })
     }
 
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), String> {
