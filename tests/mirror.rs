@@ -234,8 +234,24 @@ fn mirror_under_writes(s: &Setup, target: &str, target_file: &Path) {
 
 /// [`mirror_under_writes`] with more `ctl mirror` arguments.
 fn mirror_under_writes_with(s: &Setup, target: &str, target_file: &Path, more: &[&str]) {
+    mirror_while_writing(s, target, target_file, more, true, &|| s.image.clone());
+}
+
+/// Mirrors vm1 to `target` (whose data lands in `target_file`) with `more` `ctl mirror`
+/// arguments, under a verified writer (with or without discards), until ready and a while
+/// after; returns what the writer wrote, once the target compares equal to `source_now()`
+/// (the source's content then) and to the writer's model. The job stays ready.
+fn mirror_while_writing(
+    s: &Setup,
+    target: &str,
+    target_file: &Path,
+    more: &[&str],
+    discards: bool,
+    source_now: &dyn Fn() -> PathBuf,
+) -> Written {
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = verified_writer(s.sock.clone(), fs::read(&s.image).unwrap(), Arc::clone(&stop));
+    let writer =
+        writer_with(s.sock.clone(), fs::read(&s.image).unwrap(), Arc::clone(&stop), discards);
     std::thread::sleep(Duration::from_millis(200));
     // 16 MiB/s: the copy of 32 MiB (of which 23 MiB data) takes over a second, with
     // guest writes ahead of it, behind it and into the chunk it copies.
@@ -256,8 +272,10 @@ fn mirror_under_writes_with(s: &Setup, target: &str, target_file: &Path, more: &
     let j = job(&s.control, "vm1");
     assert_eq!(j["state"], "ready", "{j}");
     assert!(j["recopied_bytes"].as_u64().unwrap() > 0, "guest writes were mirrored: {j}");
-    assert!(fs::read(&s.image).unwrap() == w.model, "the source holds every write");
-    assert_same(&s.image, target_file);
+    let source = source_now();
+    assert!(fs::read(&source).unwrap() == w.model, "the source holds every write");
+    assert_same(&source, target_file);
+    w
 }
 
 /// A mirror to an image file under verified writes converges; the file then compares equal;
@@ -480,37 +498,16 @@ fn setup_serving(dir: tempfile::TempDir, keys: &str, image: PathBuf) -> Setup {
     Setup { _dir: dir, image, sock, control, daemon }
 }
 
-/// Mirrors vm1 to the file `target` under a verified writer (with or without discards) until
-/// ready and a while after; returns what the writer wrote, once the target compares equal
-/// to `source_now()` (the source's content then) and to the writer's model.
+/// [`mirror_while_writing`] to the file `target` from an export whose source is not its
+/// image file (`source_now()` gives what it holds), then job-cancel.
 fn mirror_source_under_writes(
     s: &Setup,
     target: &Path,
     discards: bool,
     source_now: &dyn Fn() -> PathBuf,
 ) -> Written {
-    let stop = Arc::new(AtomicBool::new(false));
-    let initial = fs::read(&s.image).unwrap();
-    let writer = writer_with(s.sock.clone(), initial, Arc::clone(&stop), discards);
-    std::thread::sleep(Duration::from_millis(200));
-    let started = ctl_ok(
-        &s.control,
-        &["mirror", "id=vm1", &format!("target={}", target.display()), "speed=16M"],
-    );
-    assert_eq!(started["state"], "running", "{started}");
-    let ready = wait_for_state(&s.control, "vm1", "ready", Duration::from_secs(120));
-    assert_eq!(ready["done_bytes"], IMAGE_BYTES, "{ready}");
-    std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::Relaxed);
-    let w = writer.join().unwrap();
-    assert!(w.requests > 100, "the writer wrote: {} requests", w.requests);
-    assert_eq!(w.failures, 0, "no request failed\n{}", s.daemon.log());
-    let j = job(&s.control, "vm1");
-    assert_eq!(j["state"], "ready", "{j}");
-    assert!(j["recopied_bytes"].as_u64().unwrap() > 0, "guest writes were mirrored: {j}");
-    let source = source_now();
-    assert!(fs::read(&source).unwrap() == w.model, "the source holds every write");
-    assert_same(&source, target);
+    let uri = target.display().to_string();
+    let w = mirror_while_writing(s, &uri, target, &[], discards, source_now);
     assert_eq!(ctl_ok(&s.control, &["job-cancel", "id=vm1"])["state"], "cancelled");
     w
 }
