@@ -283,11 +283,12 @@ pub struct Choice {
     pub scores: [Option<Score>; 3],
 }
 
-/// Where the chooser is in its schedule: a trial of each way, then the best one.
+/// Where the chooser is in its schedule: a trial of each way, then the best one (chosen
+/// once, when the last trial ends).
 #[derive(Clone, Copy, Debug)]
 enum Phase {
     Trial { way: Way, began: Instant },
-    Exploit { began: Instant },
+    Exploit { way: Way, began: Instant },
 }
 
 /// Chooses, per I/O thread, how to wait (a [`Way`]) by what each way does to the whole loop,
@@ -342,13 +343,15 @@ impl Chooser {
                     self.end_trial(way, now, cpu_ns());
                 }
             }
-            Phase::Exploit { began } => {
+            Phase::Exploit { began, .. } => {
                 if now.duration_since(began) >= EXPLOIT_FOR {
                     self.phase = Phase::Trial { way: Way::Poll, began: now };
                 }
             }
         }
-        self.way()
+        match self.phase {
+            Phase::Trial { way, .. } | Phase::Exploit { way, .. } => way,
+        }
     }
 
     fn end_trial(&mut self, way: Way, now: Instant, cpu_ns: u64) {
@@ -364,30 +367,24 @@ impl Chooser {
         match Way::ALL.get(i + 1) {
             Some(&next) => self.phase = Phase::Trial { way: next, began: now },
             None => {
-                self.phase = Phase::Exploit { began: now };
                 let scores = self.trials.map(|t| t.map(|t| t.median()));
-                self.fresh = Some(Choice { way: self.way(), scores });
+                let way = Self::cheapest(&scores);
+                self.phase = Phase::Exploit { way, began: now };
+                self.fresh = Some(Choice { way, scores });
             }
         }
     }
 
-    /// The way in use now: the one on trial, or the cheapest, if every trial saw work.
-    fn way(&self) -> Way {
-        match self.phase {
-            Phase::Trial { way, .. } => way,
-            Phase::Exploit { .. } => {
-                let mut best = Way::Sleep;
-                let mut best_cost = f64::INFINITY;
-                for way in Way::ALL {
-                    let Some(trials) = self.trials[way.index()] else { return Way::Sleep };
-                    let score = trials.median();
-                    if score.cost() < best_cost {
-                        (best, best_cost) = (way, score.cost());
-                    }
-                }
-                best
+    /// The way of least cost, if every way's trials saw work; else sleep.
+    fn cheapest(scores: &[Option<Score>; 3]) -> Way {
+        let mut best = (Way::Sleep, f64::INFINITY);
+        for (way, score) in Way::ALL.into_iter().zip(scores) {
+            let Some(score) = score else { return Way::Sleep };
+            if score.cost() < best.1 {
+                best = (way, score.cost());
             }
         }
+        best.0
     }
 }
 
