@@ -84,6 +84,8 @@ fn unix_uri(name: &str, socket: &Path) -> String {
     format!("nbd+unix:///{name}?socket={}", socket.display())
 }
 
+/// qemu-img, and nbdkit's nbd plugin relaying to qemu-img, copy exposed exports over a Unix
+/// socket; block status gives the holes; exposing and unexposing are checked.
 #[test]
 fn qemu_img_copies_exports_over_a_unix_socket() {
     let dir = tmpdir();
@@ -147,6 +149,28 @@ fn qemu_img_copies_exports_over_a_unix_socket() {
             (41 << 20, IMAGE_BYTES - (41 << 20), false)
         ]
     );
+    // nbdkit's nbd plugin as the client, serving what it reads to qemu-img in turn.
+    let relay_sock = dir.path().join("relay.sock");
+    let mut relay = Command::new("nbdkit")
+        .args(["-f", "-U"])
+        .arg(&relay_sock)
+        .arg("nbd")
+        .arg(format!("socket={}", nbd.display()))
+        .arg("export=vm1")
+        .spawn()
+        .expect("start nbdkit");
+    common::wait_until("nbdkit's socket", std::time::Duration::from_secs(10), || {
+        relay_sock.exists()
+    });
+    let relayed = dir.path().join("relayed.raw");
+    let out = run(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw"])
+        .arg(format!("nbd+unix:///?socket={}", relay_sock.display()))
+        .arg(&relayed));
+    let _ = relay.kill();
+    let _ = relay.wait();
+    assert_ran(&out, "qemu-img convert through nbdkit's nbd plugin");
+    assert_same(&img, &relayed);
     // Unexported: its name is gone.
     ctl_ok(&control, &["nbd-unexport", "id=vm1"]);
     let out = run(Command::new("qemu-img").arg("info").arg(unix_uri("vm1", &nbd)));
