@@ -141,6 +141,11 @@ fn vm_config_args(control: &Path, id: &str, vcpus: u16) -> Vec<String> {
     args
 }
 
+/// The guest's `BLKPLANE-CHECK` lines of `console` (what it verified), one a line.
+fn check_lines(console: &str) -> String {
+    console.lines().filter(|l| l.starts_with("BLKPLANE-CHECK")).collect::<Vec<_>>().join("\n")
+}
+
 /// Checks every "PREFIX offset length md5" line of the guest's console against `image`;
 /// returns how many there were.
 fn check_md5s(console: &str, prefix: &str, image: &[u8], dir: &Path) -> usize {
@@ -742,11 +747,7 @@ fn restart_run(ring: Ring, stops: &[(Stop, bool)], flush_kill: bool) {
     let wb = fs::read(&wb_image).unwrap();
     let checked = check_md5s(&console, "BLKPLANE-MD5-VDB ", &wb, dir.path());
     assert_eq!(checked, 1, "no checksum of the flushed data\n{report}");
-    eprintln!(
-        "guest passed:\n{}\n{}",
-        console.lines().filter(|l| l.starts_with("BLKPLANE-CHECK")).collect::<Vec<_>>().join("\n"),
-        resubmitted.join("\n")
-    );
+    eprintln!("guest passed:\n{}\n{}", check_lines(&console), resubmitted.join("\n"));
 }
 
 /// A QMP connection to a QEMU: the greeting read and capabilities negotiated.
@@ -989,11 +990,7 @@ fn migrate_run(workload: &str, ring: Ring) {
     assert_eq!(checked, usize::from(workload == "read"), "checksums from the guest\n{report}");
     eprintln!(
         "migration ({workload}): guest passed on the destination\n{}",
-        console_dst
-            .lines()
-            .filter(|l| l.starts_with("BLKPLANE-CHECK"))
-            .collect::<Vec<_>>()
-            .join("\n")
+        check_lines(&console_dst)
     );
 }
 
@@ -1216,11 +1213,7 @@ fn linux_guest_migrates_to_another_host_and_image_through_a_tls_mirror() {
          downtime), whole test {:?}\n{}",
         status["downtime"],
         t0.elapsed(),
-        console_dst
-            .lines()
-            .filter(|l| l.starts_with("BLKPLANE-CHECK"))
-            .collect::<Vec<_>>()
-            .join("\n")
+        check_lines(&console_dst)
     );
 }
 
@@ -1472,6 +1465,6 @@ fn linux_guest_memory_hot_plug_and_unplug_under_io() {
     eprintln!(
         "memory hot-plug: {} fio rounds, {online_rounds} before the DIMM was online, {offline_rounds} before it went out of use\n{}",
         rounds(),
-        report.lines().filter(|l| l.starts_with("BLKPLANE-CHECK")).collect::<Vec<_>>().join("\n")
+        check_lines(&report)
     );
 }
