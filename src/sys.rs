@@ -259,6 +259,10 @@ pub fn filesystem_of(path: &std::path::Path) -> Option<String> {
         .map(|(_, fstype)| fstype)
 }
 
+/// tmpfs, and shmem in general: memfd_create, /dev/shm, SysV and anonymous shared memory.
+pub const TMPFS_MAGIC: u64 = 0x0102_1994;
+pub const HUGETLBFS_MAGIC: u64 = 0x9584_58f6;
+
 /// The file system type (`f_type`, its magic number) of the file `fd` is open on.
 pub fn filesystem_magic(fd: RawFd) -> io::Result<u64> {
     let mut stat = std::mem::MaybeUninit::<libc::statfs>::uninit();

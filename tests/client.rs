@@ -7,13 +7,55 @@ use std::fs;
 use std::path::Path;
 
 use blkio::ReqFlags;
-use common::{make_image, pattern, tmpdir, Client, Daemon};
+use common::{io_uring_workers, make_image, pattern, tmpdir, Client, Daemon, Mount};
 
 const IMAGE_BYTES: u64 = 64 << 20;
 const EIO: i32 = -libc::EIO;
 
 fn export(sock: &Path, image: &Path, extra: &str) -> String {
     format!("socket={},image={}{extra}", sock.display(), image.display())
+}
+
+/// On tmpfs, reads and writes of up to 64 KiB are done on the I/O thread itself (tmpfs cannot
+/// try one without waiting, so io_uring would hand each to a kernel worker); larger ones still
+/// go through the ring to those workers. Both move the exact bytes, and the image holds
+/// exactly what was written.
+#[test]
+fn small_io_on_tmpfs_is_done_on_the_io_thread_and_large_io_by_io_urings_workers() {
+    let dir = tmpdir();
+    let shm = Mount::new("tmpfs", Some("size=80m"), &dir.path().join("shm"))
+        .expect("mounting a tmpfs needs root");
+    let image = shm.0.join("disk.raw");
+    let sock = dir.path().join("blk.sock");
+    make_image(&image, IMAGE_BYTES, 3);
+    let mut expected = fs::read(&image).unwrap();
+    let mut daemon = Daemon::start(dir.path(), &[export(&sock, &image, "")]);
+    let mut c = Client::connect(&sock, 1);
+    let mut write_and_read = |c: &mut Client, seed: u64, offset: u64, len: usize| {
+        let data = pattern(seed, offset, len);
+        assert_eq!(c.write_at(0, offset, &data, 0), 0, "write of {len} at {offset}");
+        assert!(c.read_at(0, offset, len, 1 << 20).unwrap() == data, "read of {len} at {offset}");
+        expected[offset as usize..offset as usize + len].copy_from_slice(&data);
+    };
+    for i in 0..200u64 {
+        // 512 bytes to 64 KiB, spread over the image.
+        let len = 512usize << (i % 8);
+        let offset = (i * 7919 * 4096) % (IMAGE_BYTES - (64 << 10)) + (i % 3) * 512;
+        write_and_read(&mut c, 100 + i, offset, len);
+    }
+    assert_eq!(
+        io_uring_workers(daemon.pid()),
+        0,
+        "an I/O of 64 KiB or less went to io_uring's workers"
+    );
+    write_and_read(&mut c, 1, 5 << 20, (64 << 10) + 4096);
+    assert!(
+        io_uring_workers(daemon.pid()) > 0,
+        "a 68 KiB I/O on tmpfs did not go to io_uring's workers"
+    );
+    drop(c);
+    assert!(daemon.stop().success());
+    assert!(fs::read(&image).unwrap() == expected, "the image differs from what was written");
 }
 
 /// Writes at many offsets and sizes, reads them back through the client, and after the daemon

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use blkplane::process_cpu_ns;
-use common::{make_image, tmpdir, Client, Daemon, Strace};
+use common::{disk_dir, make_image, tmpdir, Client, Daemon, Strace};
 
 const REQUESTS: u64 = 2000;
 
@@ -103,11 +103,23 @@ fn null_engine_makes_one_syscall_per_request_the_interrupt() {
 
 #[test]
 fn io_uring_engine_adds_one_io_uring_enter_per_request() {
-    let dir = tmpdir();
+    let dir = disk_dir();
     let image = dir.path().join("disk.raw");
     make_image(&image, 8 << 20, 1);
     let calls = count_syscalls(dir.path(), &format!("image={},poll=always", image.display()));
     assert_per_request(&calls, &[("io_uring_enter", 1.0), ("write", 1.0)]);
+}
+
+/// On tmpfs a small read is one preadv2 on the I/O thread, in place of the io_uring_enter
+/// that would hand it to a kernel worker.
+#[test]
+fn io_uring_engine_on_tmpfs_reads_with_one_preadv2_per_request() {
+    let dir = tmpdir();
+    assert_eq!(blkplane::filesystem_of(dir.path()).as_deref(), Some("tmpfs"));
+    let image = dir.path().join("disk.raw");
+    make_image(&image, 8 << 20, 1);
+    let calls = count_syscalls(dir.path(), &format!("image={},poll=always", image.display()));
+    assert_per_request(&calls, &[("preadv2", 1.0), ("write", 1.0)]);
 }
 
 /// With default (adaptive) polling, an export whose client went quiet stops polling: its

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::fault;
+use crate::sys::{HUGETLBFS_MAGIC, TMPFS_MAGIC};
 
 /// One region of guest memory, mapped into this process with `MAP_SHARED`.
 ///
@@ -100,10 +101,6 @@ pub enum MemoryError {
     /// mmap or fstat failed.
     Io(io::Error),
 }
-
-/// tmpfs, and shmem in general: memfd_create, /dev/shm, SysV and anonymous shared memory.
-const TMPFS_MAGIC: u64 = 0x0102_1994;
-const HUGETLBFS_MAGIC: u64 = 0x9584_58f6;
 
 /// Names for the file systems a frontend might hand us, for the refusal (the magic numbers
 /// of linux/magic.h).

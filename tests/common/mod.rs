@@ -208,6 +208,16 @@ pub fn thread_count(pid: i32) -> usize {
         .count()
 }
 
+/// How many of io_uring's kernel workers (`iou-wrk-*`, which run the operations a ring
+/// punts) process `pid` has now.
+pub fn io_uring_workers(pid: i32) -> usize {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    tasks
+        .filter_map(|t| fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with("iou-wrk"))
+        .count()
+}
+
 /// How many descriptors process `pid` has open (from /proc/PID/fd).
 pub fn fd_count(pid: i32) -> usize {
     fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
