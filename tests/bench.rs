@@ -15,6 +15,18 @@ fn have_qsd() -> bool {
         .unwrap_or(false)
 }
 
+/// Runs `blkplane bench ARGS --json DIR/bench.json`, which must succeed: its stdout, its
+/// stderr and the JSON report.
+fn bench_json(dir: &std::path::Path, args: &[&str]) -> (String, String, serde_json::Value) {
+    let json = dir.join("bench.json");
+    let out = Command::new(BIN).arg("bench").args(args).arg("--json").arg(&json).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "bench {args:?} failed:\n{stdout}\n{stderr}");
+    let report = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    (stdout, stderr, report)
+}
+
 #[test]
 fn every_target_produces_numbers() {
     let dir = tmpdir();
@@ -162,27 +174,12 @@ fn bad_input_fails_cleanly() {
 #[test]
 fn a_default_run_also_measures_a_disk_and_repeats_give_ranges() {
     let dir = tmpdir();
-    let json = dir.path().join("bench.json");
     let run = |extra: &[&str]| {
-        let out = Command::new(BIN)
-            .args(["bench", "--size", "16M", "--runtime", "0.2", "--warmup", "0.05", "--idle", "0"])
-            .args([
-                "--workloads",
-                "randread-4k-qd1",
-                "--modes",
-                "poll",
-                "--targets",
-                "blkplane,blkplane-null",
-            ])
-            .args(extra)
-            .arg("--json")
-            .arg(&json)
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-        assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-        let report: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        let mut args = vec!["--size", "16M", "--runtime", "0.2", "--warmup", "0.05", "--idle", "0"];
+        args.extend(["--workloads", "randread-4k-qd1", "--modes", "poll"]);
+        args.extend(["--targets", "blkplane,blkplane-null"]);
+        args.extend(extra);
+        let (stdout, _, report) = bench_json(dir.path(), &args);
         (stdout, report)
     };
     let (stdout, report) = run(&["--repeat", "2"]);
@@ -279,4 +276,88 @@ fn network_backends_produce_numbers() {
     }
     // The bench's RBD image is gone afterwards.
     assert!(!common::ceph::rbd(&["ls", "rbd"]).contains("blkplane-bench-"));
+}
+
+/// `--tenants` with `--repeat`: every cell runs once a round, and the row is the median run
+/// with the ranges of the aggregate IOPS, the fairness and the median tenant's p50, in the
+/// JSON and the table; against qsd, a verdict gives the IOPS ratio of the medians and of each
+/// round side by side, and both fairness figures.
+#[test]
+fn tenants_repeat_gives_medians_with_their_ranges() {
+    let dir = tmpdir();
+    let targets = if have_qsd() { "blkplane,qsd" } else { "blkplane" };
+    let mut args = vec!["--tenants", "2", "--repeat", "2", "--runtime", "0.3", "--warmup", "0.1"];
+    args.extend(["--targets", targets, "--size", "16M", "--idle", "0"]);
+    args.extend(["--workloads", "randread-4k-qd1", "--modes", "block"]);
+    args.extend(["--dir", dir.path().to_str().unwrap()]);
+    let (stdout, stderr, report) = bench_json(dir.path(), &args);
+    // Each cell ran once a round, every target in a round before the next round.
+    let rounds: Vec<&str> = stderr.lines().filter(|l| l.contains(" x2")).collect();
+    assert_eq!(rounds.len(), 2 * targets.split(',').count(), "{stderr}");
+    assert!(
+        rounds[0].ends_with("(round 1 of 2)")
+            && rounds[rounds.len() - 1].ends_with("(round 2 of 2)"),
+        "{stderr}"
+    );
+    assert_eq!(report["tenants"], 2);
+    let results = report["results"].as_array().unwrap();
+    assert_eq!(results.len(), targets.split(',').count(), "{report}");
+    let f = |v: &serde_json::Value| v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"));
+    for r in results {
+        let (sp, t) = (&r["spread"], &r["tenants"]);
+        assert_eq!(sp["runs"], 2, "{r}");
+        assert_eq!(t["each"].as_array().unwrap().len(), 2, "{r}");
+        // Two runs: the median is their mean, the range their lowest and highest.
+        let by_round: Vec<f64> = sp["iops_by_round"].as_array().unwrap().iter().map(f).collect();
+        assert_eq!(by_round.len(), 2, "{r}");
+        let (lo, hi) = (by_round[0].min(by_round[1]), by_round[0].max(by_round[1]));
+        assert_eq!((f(&sp["iops_min"]), f(&sp["iops_max"])), (lo, hi), "{r}");
+        assert!(lo > 0.0 && (f(&r["iops"]) - (lo + hi) / 2.0).abs() < 1e-6 * hi, "{r}");
+        let fairness = f(&t["fairness"]);
+        assert!(f(&sp["fairness_min"]) <= fairness && fairness <= f(&sp["fairness_max"]), "{r}");
+        assert!(f(&sp["fairness_min"]) > 0.0 && f(&sp["fairness_max"]) <= 1.0, "{r}");
+        let p50 = f(&r["p50_us"]);
+        assert!(f(&sp["p50_min_us"]) <= p50 && p50 <= f(&sp["p50_max_us"]), "{r}");
+        // The table shows the median and the ranges.
+        let row = stdout
+            .lines()
+            .find(|l| {
+                l.starts_with("randread-4k-qd1 x2")
+                    && l.contains(&format!(" {} ", r["target"].as_str().unwrap()))
+            })
+            .unwrap_or_else(|| panic!("no row for {r}:\n{stdout}"));
+        let ranges = format!(
+            "fairness {fairness:.2}  2 runs: IOPS {lo:.0}–{hi:.0}, p50 {:.1}–{:.1}, fairness {:.2}–{:.2}",
+            f(&sp["p50_min_us"]),
+            f(&sp["p50_max_us"]),
+            f(&sp["fairness_min"]),
+            f(&sp["fairness_max"])
+        );
+        assert!(row.ends_with(&ranges), "{row}\n{ranges}");
+    }
+    if have_qsd() {
+        let find = |t: &str| results.iter().find(|r| r["target"] == t).unwrap();
+        let (b, q) = (find("blkplane"), find("qsd"));
+        let round =
+            |i: usize| f(&b["spread"]["iops_by_round"][i]) / f(&q["spread"]["iops_by_round"][i]);
+        let verdict = format!(
+            "randread-4k-qd1 x2 block, blkplane against qsd: aggregate IOPS {:.2}x (medians of 2 runs, {:.0} against {:.0}; round by round {:.2}x, {:.2}x); fairness {:.2} ({:.2}–{:.2}) against {:.2} ({:.2}–{:.2})",
+            f(&b["iops"]) / f(&q["iops"]),
+            f(&b["iops"]),
+            f(&q["iops"]),
+            round(0),
+            round(1),
+            f(&b["tenants"]["fairness"]),
+            f(&b["spread"]["fairness_min"]),
+            f(&b["spread"]["fairness_max"]),
+            f(&q["tenants"]["fairness"]),
+            f(&q["spread"]["fairness_min"]),
+            f(&q["spread"]["fairness_max"]),
+        );
+        assert!(stdout.lines().any(|l| l == verdict), "{verdict}\n{stdout}");
+    }
+    // The images are gone.
+    let left: Vec<_> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, ["bench.json"]);
 }

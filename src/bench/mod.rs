@@ -117,7 +117,10 @@ pub struct BenchArgs {
     pub baseline: Option<PathBuf>,
     /// Run every cell (workload, mode, target) this many times, interleaved (each round runs
     /// every cell once), and report the median with the spread; verdicts then say "within
-    /// noise" when the ranges overlap.
+    /// noise" when the ranges overlap. With --tenants: the run of median aggregate IOPS, with
+    /// the ranges of aggregate IOPS, fairness and the median tenant's p50, and a verdict
+    /// giving the IOPS ratio to qsd of the medians and of each round. With --flood-limit:
+    /// each of the three phases this many times.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
     pub repeat: u32,
     /// The qemu-storage-daemon binary (default: from PATH).

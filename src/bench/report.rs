@@ -46,6 +46,13 @@ pub struct Spread {
     pub iops_max: f64,
     pub p50_min_us: f64,
     pub p50_max_us: f64,
+    /// Each run's IOPS, round by round: two targets' runs of the same round ran side by side.
+    pub iops_by_round: Vec<f64>,
+    /// With `--tenants`: the range of the runs' fairness (`tenants.fairness` is the median).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fairness_min: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fairness_max: Option<f64>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -58,10 +65,15 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// The lowest and the highest of `v`.
+fn range(v: &[f64]) -> (f64, f64) {
+    v.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| (lo.min(x), hi.max(x)))
+}
+
 /// Folds repeated runs of a cell into one result: the run with the median IOPS stands for
-/// the cell (its latency percentiles, CPU and layers), with IOPS, MB/s and p50 replaced by
-/// the medians over the runs and their ranges in `spread`. Cells keep the order of their
-/// first run.
+/// the cell (its latency percentiles, CPU, layers and tenants), with IOPS, MB/s, p50 and a
+/// tenants run's fairness replaced by the medians over the runs and their ranges in
+/// `spread`. Cells keep the order of their first run, and their runs the order of the rounds.
 pub fn combine_repeats(runs: Vec<RunResult>) -> Vec<RunResult> {
     let mut cells: Vec<Vec<RunResult>> = Vec::new();
     for r in runs {
@@ -73,33 +85,43 @@ pub fn combine_repeats(runs: Vec<RunResult>) -> Vec<RunResult> {
             None => cells.push(vec![r]),
         }
     }
-    cells
-        .into_iter()
-        .map(|mut cell| {
-            if cell.len() == 1 {
-                return cell.remove(0);
-            }
-            let iops: Vec<f64> = cell.iter().map(|r| r.iops).collect();
-            let p50: Vec<f64> = cell.iter().map(|r| r.p50_us).collect();
-            let spread = Spread {
-                runs: cell.len(),
-                iops_min: iops.iter().copied().fold(f64::INFINITY, f64::min),
-                iops_max: iops.iter().copied().fold(0.0, f64::max),
-                p50_min_us: p50.iter().copied().fold(f64::INFINITY, f64::min),
-                p50_max_us: p50.iter().copied().fold(0.0, f64::max),
-            };
-            let (median_iops, median_p50) = (median(iops), median(p50));
-            cell.sort_by(|a, b| a.iops.total_cmp(&b.iops));
-            let mut r = cell.swap_remove(cell.len() / 2);
-            r.mb_per_s *= median_iops / r.iops.max(1e-9);
-            r.iops = median_iops;
-            r.p50_us = median_p50;
-            r.ios += cell.iter().map(|c| c.ios).sum::<u64>();
-            r.errors += cell.iter().map(|c| c.errors).sum::<u64>();
-            r.spread = Some(spread);
-            r
-        })
-        .collect()
+    cells.into_iter().map(combine_cell).collect()
+}
+
+/// One cell's runs, in the order of the rounds, as one result (see [`combine_repeats`]).
+fn combine_cell(mut cell: Vec<RunResult>) -> RunResult {
+    if cell.len() == 1 {
+        return cell.remove(0);
+    }
+    let iops: Vec<f64> = cell.iter().map(|r| r.iops).collect();
+    let p50: Vec<f64> = cell.iter().map(|r| r.p50_us).collect();
+    let fairness: Option<Vec<f64>> =
+        cell.iter().map(|r| r.tenants.as_ref().map(|t| t.fairness)).collect();
+    let ((iops_min, iops_max), (p50_min_us, p50_max_us)) = (range(&iops), range(&p50));
+    let fairness_range = fairness.as_deref().map(range);
+    let spread = Spread {
+        runs: cell.len(),
+        iops_min,
+        iops_max,
+        p50_min_us,
+        p50_max_us,
+        iops_by_round: iops.clone(),
+        fairness_min: fairness_range.map(|(lo, _)| lo),
+        fairness_max: fairness_range.map(|(_, hi)| hi),
+    };
+    let (median_iops, median_p50) = (median(iops), median(p50));
+    cell.sort_by(|a, b| a.iops.total_cmp(&b.iops));
+    let mut r = cell.swap_remove(cell.len() / 2);
+    r.mb_per_s *= median_iops / r.iops.max(1e-9);
+    r.iops = median_iops;
+    r.p50_us = median_p50;
+    if let (Some(t), Some(f)) = (r.tenants.as_mut(), fairness) {
+        t.fairness = median(f);
+    }
+    r.ios += cell.iter().map(|c| c.ios).sum::<u64>();
+    r.errors += cell.iter().map(|c| c.errors).sum::<u64>();
+    r.spread = Some(spread);
+    r
 }
 
 /// Where a request's time went, in µs (means): the client's latency, split into the
@@ -271,6 +293,9 @@ impl Report {
                         "  {} runs: IOPS {:.0}–{:.0}, p50 {:.1}–{:.1}",
                         sp.runs, sp.iops_min, sp.iops_max, sp.p50_min_us, sp.p50_max_us
                     );
+                    if let (Some(lo), Some(hi)) = (sp.fairness_min, sp.fairness_max) {
+                        let _ = write!(errors, ", fairness {lo:.2}–{hi:.2}");
+                    }
                 }
                 let _ = writeln!(
                     out,
@@ -290,7 +315,7 @@ impl Report {
             }
         }
         if self.tenants > 0 {
-            out.push_str("ref = qsd (one iothread for every export); IOPS is the tenants' sum, p50 the median tenant's, p99 the worst tenant's; fairness = slowest tenant's IOPS / mean\n");
+            out.push_str("ref = qsd (one iothread for every export); IOPS is the tenants' sum, p50 the median tenant's, p99 the worst tenant's; fairness = slowest tenant's IOPS / mean; with runs, IOPS, p50 and fairness are the medians over the runs\n");
         } else {
             out.push_str("ref = host for real backends, qsd-null for null backends\n");
         }
@@ -411,6 +436,7 @@ impl Report {
                     }
                 }
                 lines.push(line);
+                lines.extend(q.and_then(|q| tenants_verdict(&workload, mode, b, q)));
             }
         }
         for i in &self.idle {
@@ -430,6 +456,57 @@ impl Report {
     pub fn svg(&self) -> String {
         super::plot::svg(self)
     }
+}
+
+/// For two targets' tenants runs of one workload and mode: `ours`'s aggregate IOPS against
+/// `theirs`'s (the medians' ratio, and with repeats each round's, side by side), and both
+/// fairness figures with their ranges. None unless both are tenants runs.
+fn tenants_verdict(
+    workload: &str,
+    mode: ClientMode,
+    ours: &RunResult,
+    theirs: &RunResult,
+) -> Option<String> {
+    let (b, q) = (ours.tenants.as_ref()?, theirs.tenants.as_ref()?);
+    if theirs.iops <= 0.0 {
+        return None;
+    }
+    let mut line = format!(
+        "{workload} {mode}, {} against {}: aggregate IOPS {:.2}x (",
+        ours.target.name(),
+        theirs.target.name(),
+        ours.iops / theirs.iops
+    );
+    if let (Some(x), Some(y)) = (&ours.spread, &theirs.spread) {
+        let rounds: Vec<String> = x
+            .iops_by_round
+            .iter()
+            .zip(&y.iops_by_round)
+            .map(|(a, b)| if *b > 0.0 { format!("{:.2}x", a / b) } else { "-".into() })
+            .collect();
+        let _ = write!(
+            line,
+            "medians of {} runs, {:.0} against {:.0}; round by round {}",
+            x.runs,
+            ours.iops,
+            theirs.iops,
+            rounds.join(", ")
+        );
+    } else {
+        let _ = write!(line, "{:.0} against {:.0}", ours.iops, theirs.iops);
+    }
+    let fairness =
+        |f: f64, sp: &Option<Spread>| match sp.as_ref().map(|s| (s.fairness_min, s.fairness_max)) {
+            Some((Some(lo), Some(hi))) => format!("{f:.2} ({lo:.2}–{hi:.2})"),
+            _ => format!("{f:.2}"),
+        };
+    let _ = write!(
+        line,
+        "); fairness {} against {}",
+        fairness(b.fairness, &ours.spread),
+        fairness(q.fairness, &theirs.spread)
+    );
+    Some(line)
 }
 
 #[cfg(test)]
@@ -499,6 +576,97 @@ mod tests {
         assert_eq!(
             (sp.runs, sp.iops_min, sp.iops_max, sp.p50_min_us, sp.p50_max_us),
             (3, 100.0, 300.0, 8.0, 10.0)
+        );
+    }
+
+    /// A tenants run of two tenants, the slower one at `fairness` of the mean.
+    fn tenants_result(target: TargetKind, iops: f64, p50_us: f64, fairness: f64) -> RunResult {
+        let tenant = |iops: f64| crate::bench::tenants::TenantRun {
+            iops,
+            p50_us,
+            p99_us: p50_us * 2.0,
+            ios: 10,
+            total_ios: 10,
+            errors: 0,
+        };
+        let min_iops = fairness * iops / 2.0;
+        RunResult {
+            workload: "randread-4k-qd1 x2".into(),
+            mode: ClientMode::Block,
+            tenants: Some(crate::bench::tenants::TenantFigures {
+                tenants: 2,
+                fairness,
+                min_iops,
+                each: vec![tenant(min_iops), tenant(iops - min_iops)],
+            }),
+            ..result(target, iops, p50_us)
+        }
+    }
+
+    #[test]
+    fn repeated_tenants_runs_become_medians_with_ranges_and_side_by_side_ratios() {
+        // Three rounds, each running blkplane then qsd.
+        let runs = vec![
+            tenants_result(TargetKind::Blkplane, 100.0, 10.0, 0.6),
+            tenants_result(TargetKind::Qsd, 50.0, 20.0, 0.8),
+            tenants_result(TargetKind::Blkplane, 300.0, 8.0, 0.9),
+            tenants_result(TargetKind::Qsd, 100.0, 12.0, 0.5),
+            tenants_result(TargetKind::Blkplane, 200.0, 9.0, 0.7),
+            tenants_result(TargetKind::Qsd, 80.0, 14.0, 0.45),
+        ];
+        let mut r = report(combine_repeats(runs));
+        r.tenants = 2;
+        let b = &r.results[0];
+        let (bt, sp) = (b.tenants.as_ref().unwrap(), b.spread.as_ref().unwrap());
+        // The run of median IOPS (the third) stands for the cell: its tenants, the medians.
+        assert_eq!((b.target, b.iops, b.p50_us, b.ios), (TargetKind::Blkplane, 200.0, 9.0, 300));
+        assert_eq!(
+            (bt.fairness, bt.min_iops, bt.each[0].iops, bt.each[1].iops),
+            (0.7, 70.0, 70.0, 130.0)
+        );
+        assert_eq!(
+            (sp.runs, sp.iops_min, sp.iops_max, sp.p50_min_us, sp.p50_max_us),
+            (3, 100.0, 300.0, 8.0, 10.0)
+        );
+        assert_eq!((sp.fairness_min, sp.fairness_max), (Some(0.6), Some(0.9)));
+        assert_eq!(sp.iops_by_round, [100.0, 300.0, 200.0]);
+        let q = &r.results[1];
+        assert_eq!((q.iops, q.p50_us, q.tenants.as_ref().unwrap().fairness), (80.0, 14.0, 0.5));
+        let verdicts = r.verdicts();
+        assert_eq!(
+            verdicts[1],
+            "randread-4k-qd1 x2 block, blkplane against qsd: aggregate IOPS 2.50x (medians of 3 \
+             runs, 200 against 80; round by round 2.00x, 3.00x, 2.50x); fairness 0.70 \
+             (0.60–0.90) against 0.50 (0.45–0.80)"
+        );
+        let table = r.table();
+        let row = table.lines().find(|l| l.contains(" blkplane ")).unwrap();
+        assert!(
+            row.ends_with(
+                "  fairness 0.70  3 runs: IOPS 100–300, p50 8.0–10.0, fairness 0.60–0.90"
+            ),
+            "{row}"
+        );
+        // The IOPS ratio to qsd in the table is the medians'.
+        assert!(row.contains(" 2.50     0.64"), "{row}");
+        // Two runs: the medians are the means; single runs: no ranges.
+        let two = combine_repeats(vec![
+            tenants_result(TargetKind::Blkplane, 100.0, 10.0, 0.6),
+            tenants_result(TargetKind::Blkplane, 300.0, 8.0, 0.9),
+        ]);
+        assert_eq!(
+            (two[0].iops, two[0].p50_us, two[0].tenants.as_ref().unwrap().fairness),
+            (200.0, 9.0, 0.75)
+        );
+        let mut once = report(vec![
+            tenants_result(TargetKind::Blkplane, 150.0, 10.0, 0.6),
+            tenants_result(TargetKind::Qsd, 100.0, 20.0, 0.8),
+        ]);
+        once.tenants = 2;
+        assert_eq!(
+            once.verdicts()[1],
+            "randread-4k-qd1 x2 block, blkplane against qsd: aggregate IOPS 1.50x (150 against \
+             100); fairness 0.60 against 0.80"
         );
     }
 

@@ -2,7 +2,8 @@
 //! its own (`blkplane bench-client`, hidden), all started together. Reports the aggregate
 //! IOPS, each tenant's IOPS, p50 and p99, and fairness (the slowest tenant's IOPS over the
 //! mean), against qemu-storage-daemon with the same exports on one iothread and on an iothread
-//! each.
+//! each. With `--repeat` every cell runs once a round, and `report::combine_repeats` keeps
+//! each cell's median run with the ranges.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -69,7 +70,8 @@ pub struct TenantRun {
 #[derive(Clone, Debug, Serialize)]
 pub struct TenantFigures {
     pub tenants: usize,
-    /// The slowest tenant's IOPS over the mean.
+    /// The slowest tenant's IOPS over the mean; with `--repeat`, the median over the runs
+    /// (then `min_iops` and `each` are the median run's, and `spread` has the range).
     pub fairness: f64,
     pub min_iops: f64,
     pub each: Vec<TenantRun>,
@@ -433,6 +435,102 @@ fn measure_idle(
     })
 }
 
+/// Every (workload, mode, target) cell of a tenants run.
+struct Cells<'a> {
+    args: &'a super::BenchArgs,
+    daemons: &'a [(TargetKind, DaemonProcess)],
+    span: u64,
+    client_cpus: Option<&'a [usize]>,
+}
+
+impl Cells<'_> {
+    fn plan(&self, w: Workload, mode: ClientMode) -> ClientPlan<'_> {
+        ClientPlan {
+            w,
+            mode,
+            span: self.span,
+            warmup: Duration::from_secs_f64(self.args.warmup),
+            runtime: Duration::from_secs_f64(self.args.runtime),
+            client_cpus: self.client_cpus,
+            idle: false,
+            first: None,
+        }
+    }
+
+    fn progress(&self, rounds: usize) -> super::Progress {
+        super::Progress {
+            total: self.args.workloads.len() * self.args.modes.len() * self.daemons.len() * rounds,
+            done: 0,
+            tty: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        }
+    }
+
+    /// Runs every cell `--repeat` times, round after round (each round runs every cell once,
+    /// so that a slow moment of the machine falls on every target alike), and folds each
+    /// cell's runs into its median with the ranges.
+    fn measure(&self, notes: &mut Vec<String>) -> Result<Vec<RunResult>, BenchError> {
+        let repeat = self.args.repeat as usize;
+        let mut progress = self.progress(repeat);
+        let mut results = Vec::new();
+        for round in 1..=repeat {
+            let of =
+                if repeat > 1 { format!(" (round {round} of {repeat})") } else { String::new() };
+            for &w in &self.args.workloads {
+                for &mode in &self.args.modes {
+                    for (t, daemon) in self.daemons {
+                        let tenants = daemon.sockets.len();
+                        progress.show(&format!("{t} {} {mode} x{tenants}{of}", w.name));
+                        let r = run_tenants(*t, daemon, &self.plan(w, mode))?;
+                        if r.foreign_cpus > cpu::FOREIGN_LOAD_WARN_CPUS {
+                            notes.push(format!(
+                                "warning: other processes used {:.2} CPUs during {t} {} {mode}{of}",
+                                r.foreign_cpus, w.name
+                            ));
+                        }
+                        if r.ios == 0 {
+                            return Err(BenchError(format!(
+                                "{t} completed no I/O in {} {mode}",
+                                w.name
+                            )));
+                        }
+                        results.push(r);
+                        progress.done += 1;
+                    }
+                }
+            }
+        }
+        progress.finish();
+        Ok(super::report::combine_repeats(results))
+    }
+
+    /// The noisy-neighbour run of every cell (`--flood-limit`), which repeats each of its
+    /// three phases `--repeat` times itself.
+    fn noisy_neighbours(
+        &self,
+        limit: &str,
+        notes: &mut Vec<String>,
+    ) -> Result<Vec<RunResult>, BenchError> {
+        let mut progress = self.progress(1);
+        let mut results = Vec::new();
+        for &w in &self.args.workloads {
+            for &mode in &self.args.modes {
+                for (t, daemon) in self.daemons {
+                    let tenants = daemon.sockets.len();
+                    progress.show(&format!("{t} {} {mode} x{tenants}", w.name));
+                    let plan = self.plan(w, mode);
+                    let (rows, note) =
+                        noisy_neighbour(*t, daemon, &plan, limit, self.args.repeat as usize)?;
+                    notes.push(note);
+                    results.extend(rows);
+                    progress.done += 1;
+                }
+            }
+        }
+        progress.finish();
+        Ok(results)
+    }
+}
+
 /// `blkplane bench --tenants N`.
 pub fn run(args: super::BenchArgs, tenants: usize) -> Result<Report, BenchError> {
     let date = crate::sys::utc_now_text();
@@ -499,50 +597,11 @@ pub fn run(args: super::BenchArgs, tenants: usize) -> Result<Report, BenchError>
     let client_cpus = args.cpus.as_ref().map(|(c, _)| c.clone());
     let daemons =
         super::start_daemons(&args, &targets, &images, span, work.path(), qsd.as_deref(), None)?;
-    let mut progress = super::Progress {
-        total: args.workloads.len() * args.modes.len() * targets.len(),
-        done: 0,
-        tty: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    let cells = Cells { args: &args, daemons: &daemons, span, client_cpus: client_cpus.as_deref() };
+    let results = match &args.flood_limit {
+        Some(limit) => cells.noisy_neighbours(limit, &mut notes)?,
+        None => cells.measure(&mut notes)?,
     };
-    let mut results = Vec::new();
-    for &w in &args.workloads {
-        for &mode in &args.modes {
-            for (t, daemon) in &daemons {
-                progress.show(&format!("{t} {} {mode} x{tenants}", w.name));
-                let plan = ClientPlan {
-                    w,
-                    mode,
-                    span,
-                    warmup: Duration::from_secs_f64(args.warmup),
-                    runtime: Duration::from_secs_f64(args.runtime),
-                    client_cpus: client_cpus.as_deref(),
-                    idle: false,
-                    first: None,
-                };
-                if let Some(limit) = &args.flood_limit {
-                    let (rows, note) =
-                        noisy_neighbour(*t, daemon, &plan, limit, args.repeat as usize)?;
-                    notes.push(note);
-                    results.extend(rows);
-                    progress.done += 1;
-                    continue;
-                }
-                let r = run_tenants(*t, daemon, &plan)?;
-                if r.foreign_cpus > cpu::FOREIGN_LOAD_WARN_CPUS {
-                    notes.push(format!(
-                        "warning: other processes used {:.2} CPUs during {t} {} {mode}",
-                        r.foreign_cpus, w.name
-                    ));
-                }
-                if r.ios == 0 {
-                    return Err(BenchError(format!("{t} completed no I/O in {} {mode}", w.name)));
-                }
-                results.push(r);
-                progress.done += 1;
-            }
-        }
-    }
-    progress.finish();
     let mut idle = Vec::new();
     if args.idle > 0.0 {
         for (t, d) in &daemons {
