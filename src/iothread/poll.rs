@@ -92,8 +92,15 @@ const SLEEPS_BETWEEN_PROBES: u32 = 256;
 pub const TRIAL_FOR: Duration = Duration::from_millis(10);
 /// The first part of a trial, while the host settles into the way tried: not counted.
 pub const SETTLE_FOR: Duration = Duration::from_millis(3);
-/// How long the better way is used before both are tried again.
+/// How long the best way is used before the ways are tried again, after a choice that
+/// differs from the one before.
 pub const EXPLOIT_FOR: Duration = Duration::from_millis(200);
+/// How long that grows to, doubling each time the trials choose the same way again: the
+/// trials of the ways not chosen (20 ms in every 230 at first) cost what those ways cost.
+pub const MAX_EXPLOIT_FOR: Duration = Duration::from_millis(1600);
+/// A thread whose rate of work (units per second) moved by more than this factor from its
+/// trials' tries again (after [`EXPLOIT_FOR`] at least): its load changed.
+const LOAD_CHANGE: f64 = 2.0;
 /// What a µs of the thread's CPU is worth in µs of wall time per request: polling must buy
 /// twice the time it spends. The CPU a thread spins on is taken from the host's other work
 /// (other tenants' vCPUs and threads), and on a disk polling buys little: on this machine's
@@ -287,8 +294,16 @@ pub struct Choice {
 /// once, when the last trial ends).
 #[derive(Clone, Copy, Debug)]
 enum Phase {
-    Trial { way: Way, began: Instant },
-    Exploit { way: Way, began: Instant },
+    Trial {
+        way: Way,
+        began: Instant,
+    },
+    /// `work`: the thread's work count when it began.
+    Exploit {
+        way: Way,
+        began: Instant,
+        work: u64,
+    },
 }
 
 /// Chooses, per I/O thread, how to wait (a [`Way`]) by what each way does to the whole loop,
@@ -296,12 +311,14 @@ enum Phase {
 /// a thread wakes, and on whether idle CPUs halt, which builds up over milliseconds and
 /// couples every wait of the loop (ARCHITECTURE.md, the round's step 5).
 ///
-/// Every [`EXPLOIT_FOR`] it tries each way for [`TRIAL_FOR`] (the first [`SETTLE_FOR`] of a
-/// trial does not count), measuring wall time and the thread's CPU per unit of work done
-/// (requests fetched plus answered); a way's figures are the medians of its last three
-/// trials. It then uses the way of least `wall + 2 cpu` ([`CPU_WEIGHT`]): to
-/// poll more, a way must buy twice the wall time it spends in CPU. A trial that saw no work
-/// decides nothing: an idle thread sleeps.
+/// It tries each way for [`TRIAL_FOR`] (the first [`SETTLE_FOR`] of a trial does not count),
+/// measuring wall time and the thread's CPU per unit of work done (requests fetched plus
+/// answered); a way's figures are the medians of its last three trials. It then uses the
+/// way of least `wall + 2 cpu` ([`CPU_WEIGHT`]): to poll more, a way must buy twice the wall
+/// time it spends in CPU. A trial that saw no work decides nothing: an idle thread sleeps.
+/// The chosen way is used for [`EXPLOIT_FOR`], twice as long each time the same way is
+/// chosen again (up to [`MAX_EXPLOIT_FOR`]), and the trials come back early when the
+/// thread's rate of work moves by more than [`LOAD_CHANGE`] from what they saw.
 #[derive(Debug)]
 pub struct Chooser {
     phase: Phase,
@@ -312,6 +329,11 @@ pub struct Chooser {
     work: u64,
     /// The last decision, until someone takes it (`Poller::take_choice`).
     fresh: Option<Choice>,
+    /// The way the last trials chose, and for how long it is used now.
+    last_way: Option<Way>,
+    exploit_for: Duration,
+    /// Units of work per ns in the chosen way's trials (0 if they saw none).
+    trial_rate: f64,
 }
 
 impl Chooser {
@@ -322,6 +344,9 @@ impl Chooser {
             counted: None,
             work: 0,
             fresh: None,
+            last_way: None,
+            exploit_for: EXPLOIT_FOR,
+            trial_rate: 0.0,
         }
     }
 
@@ -343,8 +368,14 @@ impl Chooser {
                     self.end_trial(way, now, cpu_ns());
                 }
             }
-            Phase::Exploit { began, .. } => {
-                if now.duration_since(began) >= EXPLOIT_FOR {
+            Phase::Exploit { began, work, .. } => {
+                let elapsed = now.duration_since(began);
+                let changed = elapsed >= EXPLOIT_FOR && self.load_changed(elapsed, work);
+                if changed {
+                    // Whatever was chosen was chosen for another load: start afresh.
+                    self.last_way = None;
+                }
+                if changed || elapsed >= self.exploit_for {
                     self.phase = Phase::Trial { way: Way::Poll, began: now };
                 }
             }
@@ -369,9 +400,32 @@ impl Chooser {
             None => {
                 let scores = self.trials.map(|t| t.map(|t| t.median()));
                 let way = Self::cheapest(&scores);
-                self.phase = Phase::Exploit { way, began: now };
+                self.exploit_for = match self.last_way {
+                    Some(last) if last == way => (self.exploit_for * 2).min(MAX_EXPLOIT_FOR),
+                    _ => EXPLOIT_FOR,
+                };
+                self.last_way = Some(way);
+                self.trial_rate =
+                    scores[way.index()].map_or(0.0, |s| 1.0 / s.wall_ns_per_work.max(1.0));
+                self.phase = Phase::Exploit { way, began: now, work: self.work };
                 self.fresh = Some(Choice { way, scores });
             }
+        }
+    }
+
+    /// Whether the rate of work since the exploit period began (`elapsed` ago, at `work0`)
+    /// is more than [`LOAD_CHANGE`] away from the trials' rate.
+    fn load_changed(&self, elapsed: Duration, work0: u64) -> bool {
+        let rate = self.work.saturating_sub(work0) as f64 / elapsed.as_nanos().max(1) as f64;
+        rate > self.trial_rate * LOAD_CHANGE || rate * LOAD_CHANGE < self.trial_rate
+    }
+
+    /// When the current exploit period ends unless the load changes (tests).
+    #[cfg(test)]
+    fn exploit_ends(&self) -> Option<Instant> {
+        match self.phase {
+            Phase::Exploit { began, .. } => Some(began + self.exploit_for),
+            Phase::Trial { .. } => None,
         }
     }
 
@@ -742,6 +796,76 @@ mod tests {
         // The disk, polling client: polling for the next request buys the wake-up (60 µs
         // against 45), polling for completions too but spends their whole 30 µs in CPU.
         assert_eq!(choose_after_trials([(43, 41), (48, 22), (60, 20)]), Way::PollRequests);
+    }
+
+    /// Works at one unit every `wall_us` from `now` while `c` exploits; returns when the
+    /// trials begin again.
+    fn exploit_at(
+        c: &mut Chooser,
+        mut now: Instant,
+        cpu: &std::cell::Cell<u64>,
+        wall_us: u64,
+    ) -> Instant {
+        while c.way_at(now, || cpu.get()) != Way::Poll || c.exploit_ends().is_some() {
+            c.worked(1);
+            now += Duration::from_micros(wall_us);
+        }
+        now
+    }
+
+    #[test]
+    fn the_same_choice_is_kept_longer_each_time_up_to_a_bound() {
+        let t0 = Instant::now();
+        let mut c = Chooser::new(t0);
+        let cpu = std::cell::Cell::new(0);
+        let disk = [(50, 47), (53, 40), (55, 27)];
+        let mut at = t0;
+        let mut lengths = Vec::new();
+        for _ in 0..6 {
+            assert_eq!(run_trials(&mut c, at, &cpu, disk), Way::Sleep);
+            let began = at + 3 * TRIAL_FOR;
+            at = exploit_at(&mut c, began, &cpu, 55);
+            lengths.push(at.duration_since(began).as_millis() / 10 * 10);
+        }
+        assert_eq!(lengths, [200, 400, 800, 1600, 1600, 1600]);
+        // Another choice (the second trial that favours it makes the median) starts over.
+        let tmpfs = [(21, 21), (40, 16), (45, 15)];
+        assert_eq!(run_trials(&mut c, at, &cpu, tmpfs), Way::Sleep);
+        at = exploit_at(&mut c, at + 3 * TRIAL_FOR, &cpu, 21);
+        assert_eq!(run_trials(&mut c, at, &cpu, tmpfs), Way::Poll);
+        assert_eq!(ms_until_trials(&c, at + 3 * TRIAL_FOR), 200);
+    }
+
+    /// Whole 10 ms until the exploit period of `c` that began about `began` ends.
+    fn ms_until_trials(c: &Chooser, began: Instant) -> u128 {
+        c.exploit_ends().expect("exploiting").duration_since(began).as_millis() / 10 * 10
+    }
+
+    #[test]
+    fn a_change_of_load_brings_the_trials_back_early() {
+        let t0 = Instant::now();
+        let mut c = Chooser::new(t0);
+        let cpu = std::cell::Cell::new(0);
+        let disk = [(50, 47), (53, 40), (55, 27)];
+        let mut at = t0;
+        for _ in 0..4 {
+            run_trials(&mut c, at, &cpu, disk);
+            at = exploit_at(&mut c, at + 3 * TRIAL_FOR, &cpu, 55);
+        }
+        run_trials(&mut c, at, &cpu, disk);
+        let began = at + 3 * TRIAL_FOR;
+        assert_eq!(ms_until_trials(&c, began), 1600);
+        // Three times the work (more tenants on the thread): new trials after 200 ms.
+        let back = exploit_at(&mut c, began, &cpu, 18);
+        assert_eq!(back.duration_since(began).as_millis() / 10 * 10, 200);
+        run_trials(&mut c, back, &cpu, disk);
+        let began = back + 3 * TRIAL_FOR;
+        assert_eq!(ms_until_trials(&c, began), 200, "a changed load starts over");
+        // Within the factor of two (55 µs against 40): the period doubles again.
+        let next = exploit_at(&mut c, began, &cpu, 40);
+        assert_eq!(next.duration_since(began).as_millis() / 10 * 10, 200);
+        run_trials(&mut c, next, &cpu, disk);
+        assert_eq!(ms_until_trials(&c, next + 3 * TRIAL_FOR), 400);
     }
 
     #[test]

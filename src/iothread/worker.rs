@@ -90,6 +90,14 @@ struct EventLoop {
     busy_on: Option<usize>,
     /// The CPU the current idle period polls on.
     polling_on: usize,
+    /// The queue that goes first in the current round (see [`EventLoop::round`]).
+    first: usize,
+}
+
+/// `items` from the one at `first`, round to the one before it.
+fn in_turn<T>(items: &mut [T], first: usize) -> impl Iterator<Item = &mut T> {
+    let (before, after) = items.split_at_mut(first.min(items.len()));
+    after.iter_mut().chain(before.iter_mut())
 }
 
 /// Data of the epoll entries; the loop looks at every queue after any wake-up, so it needs
@@ -132,6 +140,7 @@ pub(crate) fn run(setup: LoopSetup, ready: SyncSender<io::Result<u32>>) {
         exiting: false,
         busy_on: None,
         polling_on: 0,
+        first: 0,
     };
     lp.run();
 }
@@ -199,15 +208,21 @@ impl EventLoop {
     }
 
     /// One round over every queue. Returns the work done.
+    ///
+    /// Which queue goes first turns by one each round. The first queue answered is the
+    /// first frontend woken, and when the CPUs are fewer than the frontends that want one,
+    /// the frontend woken first asks again first: with a fixed order, the first of four
+    /// tenants on tmpfs had 2.5 times the IOPS of the slowest.
     fn round(&mut self) -> usize {
-        for e in &mut self.queues {
+        self.first = if self.first + 1 >= self.queues.len() { 0 } else { self.first + 1 };
+        for e in in_turn(&mut self.queues, self.first) {
             e.progress = e.queue.fetch(FAIR_BATCH);
         }
-        for e in &mut self.queues {
+        for e in in_turn(&mut self.queues, self.first) {
             e.queue.submit();
         }
         let mut progress = 0;
-        for e in &mut self.queues {
+        for e in in_turn(&mut self.queues, self.first) {
             e.progress += e.queue.complete();
             progress += e.progress;
         }
@@ -415,5 +430,22 @@ fn pin_to(cpus: &[usize]) {
     };
     if rc != 0 {
         warn!(?cpus, "cannot pin the I/O thread: {}", io::Error::last_os_error());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::in_turn;
+
+    #[test]
+    fn each_round_begins_one_queue_further_on() {
+        let mut queues = [0, 1, 2, 3];
+        let order = |q: &mut [i32], first| in_turn(q, first).map(|x| *x).collect::<Vec<_>>();
+        assert_eq!(order(&mut queues, 0), [0, 1, 2, 3]);
+        assert_eq!(order(&mut queues, 1), [1, 2, 3, 0]);
+        assert_eq!(order(&mut queues, 3), [3, 0, 1, 2]);
+        // A queue left since: never past the end.
+        assert_eq!(order(&mut queues[..2], 3), [0, 1]);
+        assert_eq!(order(&mut [], 0), Vec::<i32>::new());
     }
 }
