@@ -361,3 +361,64 @@ fn tenants_repeat_gives_medians_with_their_ranges() {
         std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(left, ["bench.json"]);
 }
+
+/// `--tenants` with the host target: each tenant's client runs on its own image through
+/// io_uring, no daemon, as the ceiling a daemon is measured against; its row has the tenants'
+/// figures and no daemon CPU, `--idle` leaves it out (no daemon), and the verdict gives
+/// blkplane's aggregate IOPS as a fraction of the host's.
+#[test]
+fn tenants_run_the_host_as_the_ceiling() {
+    let dir = tmpdir();
+    let mut args = vec!["--tenants", "2", "--targets", "host,blkplane", "--repeat", "1"];
+    args.extend(["--runtime", "0.3", "--warmup", "0.1", "--size", "16M", "--idle", "0.3"]);
+    args.extend(["--workloads", "randread-4k-qd1", "--modes", "block"]);
+    args.extend(["--dir", dir.path().to_str().unwrap()]);
+    let (stdout, stderr, report) = bench_json(dir.path(), &args);
+    assert!(!stdout.contains("skipped"), "{stdout}");
+    assert!(stderr.contains("host randread-4k-qd1 block x2"), "{stderr}");
+    let results = report["results"].as_array().unwrap();
+    let targets: Vec<&str> = results.iter().map(|r| r["target"].as_str().unwrap()).collect();
+    assert_eq!(targets, ["host", "blkplane"], "{report}");
+    let f = |v: &serde_json::Value| v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"));
+    let (h, b) = (&results[0], &results[1]);
+    assert_eq!(h["workload"], "randread-4k-qd1 x2", "{h}");
+    let each = h["tenants"]["each"].as_array().unwrap();
+    assert_eq!((h["tenants"]["tenants"].as_u64(), each.len()), (Some(2), 2), "{h}");
+    for t in each {
+        assert!(t["ios"].as_u64().unwrap() > 0 && t["errors"] == 0, "{h}");
+    }
+    assert_eq!(
+        h["ios"].as_u64().unwrap(),
+        each.iter().map(|t| t["ios"].as_u64().unwrap()).sum::<u64>()
+    );
+    assert!(h["daemon_cpu_us_per_io"].is_null(), "{h}");
+    assert!(f(&b["daemon_cpu_us_per_io"]) > 0.0, "{b}");
+    let fairness = f(&h["tenants"]["fairness"]);
+    assert!(fairness > 0.0 && fairness <= 1.0, "{h}");
+    // The median tenant's p50 and the worst p99, from the tenants' own figures.
+    let p99 = each.iter().map(|t| f(&t["p99_us"])).fold(0.0, f64::max);
+    assert_eq!(f(&h["p99_us"]), p99, "{h}");
+    // --idle measures the daemon only.
+    let idle: Vec<&str> =
+        report["idle"].as_array().unwrap().iter().map(|i| i["target"].as_str().unwrap()).collect();
+    assert_eq!(idle, ["blkplane"], "{report}");
+    // No qsd ran: blkplane's tenants are set against the host's.
+    let verdict = format!(
+        "randread-4k-qd1 x2 block, blkplane against host: aggregate IOPS {:.2}x ({:.0} against {:.0}); fairness {:.2} against {:.2}",
+        f(&b["iops"]) / f(&h["iops"]),
+        f(&b["iops"]),
+        f(&h["iops"]),
+        f(&b["tenants"]["fairness"]),
+        fairness,
+    );
+    assert!(stdout.lines().any(|l| l == verdict), "{verdict}\n{stdout}");
+    let first = format!(
+        "randread-4k-qd1 x2 block, blkplane: no qemu-storage-daemon figure to compare with; {:.2}x the host's p50, {:.0}% of its IOPS",
+        f(&b["p50_us"]) / f(&h["p50_us"]),
+        100.0 * f(&b["iops"]) / f(&h["iops"]),
+    );
+    assert!(stdout.lines().any(|l| l == first), "{first}\n{stdout}");
+    let left: Vec<_> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, ["bench.json"]);
+}

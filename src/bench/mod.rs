@@ -72,7 +72,8 @@ pub struct BenchArgs {
     pub modes: Vec<ClientMode>,
     /// Targets: host, qsd, blkplane, qsd-null, blkplane-null, blkplane-dedicated (a thread
     /// per queue), qsd-iothreads (an iothread per export). With --tenants the default is
-    /// blkplane, blkplane-dedicated, qsd, qsd-iothreads.
+    /// host (each tenant's client on its own image, no daemon), blkplane, blkplane-dedicated,
+    /// qsd, qsd-iothreads.
     #[arg(
         long,
         value_name = "LIST",
@@ -85,8 +86,9 @@ pub struct BenchArgs {
     pub queues: u16,
     /// N exports in one daemon, each driven by a client process of its own at the workload's
     /// depth, all at once; reports aggregate IOPS, per-tenant p50/p99 and fairness (slowest
-    /// tenant over the mean), compared with qemu-storage-daemon. Each tenant's image is
-    /// --size or its share of 4 GiB, whichever is smaller.
+    /// tenant over the mean), compared with qemu-storage-daemon and with the host (the same
+    /// clients straight on the images, no daemon). Each tenant's image is --size or its share
+    /// of 4 GiB, whichever is smaller.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=tenants::MAX_TENANTS as i64))]
     pub tenants: Option<u16>,
     /// With --tenants: the noisy-neighbour run. Tenant 0 floods at queue depth 32
@@ -119,8 +121,9 @@ pub struct BenchArgs {
     /// every cell once), and report the median with the spread; verdicts then say "within
     /// noise" when the ranges overlap. With --tenants: the run of median aggregate IOPS, with
     /// the ranges of aggregate IOPS, fairness and the median tenant's p50, and a verdict
-    /// giving the IOPS ratio to qsd of the medians and of each round. With --flood-limit:
-    /// each of the three phases this many times.
+    /// giving the IOPS ratio to qsd of the medians and of each round (and each daemon's
+    /// median as a fraction of the host's). With --flood-limit: each of the three phases this
+    /// many times.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
     pub repeat: u32,
     /// The qemu-storage-daemon binary (default: from PATH).

@@ -207,7 +207,8 @@ pub struct Report {
 
 impl Report {
     /// What a target's ratios are taken against: with tenants, qsd with one shared iothread
-    /// (there is no host equivalent of many exports); otherwise the target's baseline.
+    /// (the targets for many tenants are set against it; the verdicts give the host's share
+    /// apart); otherwise the target's baseline.
     fn reference(&self, target: TargetKind) -> TargetKind {
         match (self.tenants > 0, target.is_null()) {
             (true, false) => TargetKind::Qsd,
@@ -315,7 +316,7 @@ impl Report {
             }
         }
         if self.tenants > 0 {
-            out.push_str("ref = qsd (one iothread for every export); IOPS is the tenants' sum, p50 the median tenant's, p99 the worst tenant's; fairness = slowest tenant's IOPS / mean; with runs, IOPS, p50 and fairness are the medians over the runs\n");
+            out.push_str("ref = qsd (one iothread for every export); host = each tenant's client on its own image through io_uring, no daemon; IOPS is the tenants' sum, p50 the median tenant's, p99 the worst tenant's; fairness = slowest tenant's IOPS / mean; with runs, IOPS, p50 and fairness are the medians over the runs\n");
         } else {
             out.push_str("ref = host for real backends, qsd-null for null backends\n");
         }
@@ -436,7 +437,11 @@ impl Report {
                     }
                 }
                 lines.push(line);
-                lines.extend(q.and_then(|q| tenants_verdict(&workload, mode, b, q)));
+                // Without a qsd figure, blkplane's tenants against the host's.
+                let host_row = self.find(&workload, mode, TargetKind::Host);
+                let against = q.or(h);
+                lines
+                    .extend(against.and_then(|q| tenants_verdict(&workload, mode, b, q, host_row)));
             }
         }
         for i in &self.idle {
@@ -460,12 +465,16 @@ impl Report {
 
 /// For two targets' tenants runs of one workload and mode: `ours`'s aggregate IOPS against
 /// `theirs`'s (the medians' ratio, and with repeats each round's, side by side), and both
-/// fairness figures with their ranges. None unless both are tenants runs.
+/// fairness figures with their ranges. With a `host` run (the tenants straight on their
+/// images, no daemon), each one's aggregate IOPS as a fraction of the host's, and the host's
+/// against `theirs`: a ratio to `theirs` beyond that one is more than the storage gave the
+/// same clients without a daemon. None unless both are tenants runs.
 fn tenants_verdict(
     workload: &str,
     mode: ClientMode,
     ours: &RunResult,
     theirs: &RunResult,
+    host: Option<&RunResult>,
 ) -> Option<String> {
     let (b, q) = (ours.tenants.as_ref()?, theirs.tenants.as_ref()?);
     if theirs.iops <= 0.0 {
@@ -506,6 +515,25 @@ fn tenants_verdict(
         fairness(b.fairness, &ours.spread),
         fairness(q.fairness, &theirs.spread)
     );
+    let host = host.filter(|h| {
+        h.tenants.is_some()
+            && h.iops > 0.0
+            && theirs.target != TargetKind::Host
+            && !ours.target.is_null()
+    });
+    if let Some(h) = host {
+        let _ = write!(
+            line,
+            "; host {:.0}: {} {:.2}x host, {} {:.2}x host (host {:.2}x {})",
+            h.iops,
+            ours.target.name(),
+            ours.iops / h.iops,
+            theirs.target.name(),
+            theirs.iops / h.iops,
+            h.iops / theirs.iops,
+            theirs.target.name()
+        );
+    }
     Some(line)
 }
 
@@ -603,6 +631,11 @@ mod tests {
         }
     }
 
+    /// A report of two-tenant runs.
+    fn tenants_report(results: Vec<RunResult>) -> Report {
+        Report { tenants: 2, ..report(results) }
+    }
+
     #[test]
     fn repeated_tenants_runs_become_medians_with_ranges_and_side_by_side_ratios() {
         // Three rounds, each running blkplane then qsd.
@@ -614,8 +647,7 @@ mod tests {
             tenants_result(TargetKind::Blkplane, 200.0, 9.0, 0.7),
             tenants_result(TargetKind::Qsd, 80.0, 14.0, 0.45),
         ];
-        let mut r = report(combine_repeats(runs));
-        r.tenants = 2;
+        let r = tenants_report(combine_repeats(runs));
         let b = &r.results[0];
         let (bt, sp) = (b.tenants.as_ref().unwrap(), b.spread.as_ref().unwrap());
         // The run of median IOPS (the third) stands for the cell: its tenants, the medians.
@@ -658,16 +690,58 @@ mod tests {
             (two[0].iops, two[0].p50_us, two[0].tenants.as_ref().unwrap().fairness),
             (200.0, 9.0, 0.75)
         );
-        let mut once = report(vec![
+        let once = tenants_report(vec![
             tenants_result(TargetKind::Blkplane, 150.0, 10.0, 0.6),
             tenants_result(TargetKind::Qsd, 100.0, 20.0, 0.8),
         ]);
-        once.tenants = 2;
         assert_eq!(
             once.verdicts()[1],
             "randread-4k-qd1 x2 block, blkplane against qsd: aggregate IOPS 1.50x (150 against \
              100); fairness 0.60 against 0.80"
         );
+    }
+
+    #[test]
+    fn tenants_verdicts_give_each_daemon_as_a_fraction_of_the_host() {
+        let mut r = tenants_report(vec![
+            tenants_result(TargetKind::Host, 200.0, 5.0, 0.9),
+            tenants_result(TargetKind::Blkplane, 100.0, 10.0, 0.6),
+            tenants_result(TargetKind::Qsd, 80.0, 20.0, 0.8),
+            tenants_result(TargetKind::QsdIothreads, 120.0, 8.0, 0.7),
+        ]);
+        let verdicts = r.verdicts();
+        assert_eq!(
+            verdicts,
+            [
+                "randread-4k-qd1 x2 block, blkplane: faster than qsd (p50 0.50x, IOPS 1.25x); \
+                 2.00x the host's p50, 50% of its IOPS",
+                "randread-4k-qd1 x2 block, blkplane against qsd: aggregate IOPS 1.25x (100 \
+                 against 80); fairness 0.60 against 0.80; host 200: blkplane 0.50x host, qsd \
+                 0.40x host (host 2.50x qsd)",
+                "randread-4k-qd1 x2 block, blkplane: slower than qsd-iothreads (p50 1.25x, IOPS \
+                 0.83x)",
+                "randread-4k-qd1 x2 block, blkplane against qsd-iothreads: aggregate IOPS 0.83x \
+                 (100 against 120); fairness 0.60 against 0.70; host 200: blkplane 0.50x host, \
+                 qsd-iothreads 0.60x host (host 1.67x qsd-iothreads)",
+            ]
+        );
+        // The host's row is in the table, with no daemon CPU, its IOPS against qsd's.
+        let table = r.table();
+        let row = table.lines().find(|l| l.contains(" host ")).unwrap();
+        assert!(row.contains("   -     2.50     0.25  fairness 0.90"), "{row}");
+        // Without qsd, blkplane's tenants are set against the host's; without the host, no
+        // host fractions.
+        let no_qsd = tenants_report(vec![
+            tenants_result(TargetKind::Host, 200.0, 5.0, 0.9),
+            tenants_result(TargetKind::Blkplane, 100.0, 10.0, 0.6),
+        ]);
+        assert_eq!(
+            no_qsd.verdicts()[1],
+            "randread-4k-qd1 x2 block, blkplane against host: aggregate IOPS 0.50x (100 against \
+             200); fairness 0.60 against 0.90"
+        );
+        r.results.remove(0);
+        assert!(r.verdicts().iter().all(|l| !l.contains("host")), "{:?}", r.verdicts());
     }
 
     #[test]

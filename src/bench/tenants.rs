@@ -2,8 +2,10 @@
 //! its own (`blkplane bench-client`, hidden), all started together. Reports the aggregate
 //! IOPS, each tenant's IOPS, p50 and p99, and fairness (the slowest tenant's IOPS over the
 //! mean), against qemu-storage-daemon with the same exports on one iothread and on an iothread
-//! each. With `--repeat` every cell runs once a round, and `report::combine_repeats` keeps
-//! each cell's median run with the ranges.
+//! each, and against the host: N clients each on its own tenant's image through io_uring, no
+//! daemon, what the storage itself gives at the same number of requests outstanding. With
+//! `--repeat` every cell runs once a round, and `report::combine_repeats` keeps each cell's
+//! median run with the ranges.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -34,6 +36,7 @@ pub fn tenant_image_bytes(size: u64, tenants: usize) -> u64 {
 pub struct ClientArgs {
     #[arg(long)]
     pub target: TargetKind,
+    /// The export's vhost-user socket; for the host target, the tenant's image.
     #[arg(long)]
     pub socket: PathBuf,
     #[arg(long)]
@@ -147,20 +150,51 @@ struct ClientPlan<'a> {
     first: Option<FirstTenant>,
 }
 
-/// Starts one client process per export of `daemon`, all set to begin at the same moment.
+/// One target of a tenants run: what each tenant's client opens, and the daemon, if any.
+struct Served {
+    target: TargetKind,
+    /// A path per tenant: the daemon's export sockets, or for the host the images themselves.
+    paths: Vec<PathBuf>,
+    /// None for the host.
+    daemon: Option<DaemonProcess>,
+}
+
+/// Starts every target of a tenants run in `targets`' order: a daemon serving an export per
+/// image, or for the host nothing (its clients open the images).
+fn start_targets(
+    args: &super::BenchArgs,
+    targets: &[TargetKind],
+    images: &[PathBuf],
+    span: u64,
+    dir: &std::path::Path,
+    qsd: Option<&std::path::Path>,
+) -> Result<Vec<Served>, BenchError> {
+    let mut served = Vec::with_capacity(targets.len());
+    for &target in targets {
+        if target == TargetKind::Host {
+            served.push(Served { target, paths: images.to_vec(), daemon: None });
+            continue;
+        }
+        for (_, d) in super::start_daemons(args, &[target], images, span, dir, qsd, None)? {
+            served.push(Served { target, paths: d.sockets.clone(), daemon: Some(d) });
+        }
+    }
+    Ok(served)
+}
+
+/// Starts one client process per path of `served`, all set to begin at the same moment.
 /// Returns them and that moment.
 fn start_clients(
-    target: TargetKind,
-    daemon: &DaemonProcess,
+    served: &Served,
     plan: &ClientPlan<'_>,
 ) -> Result<(Vec<std::process::Child>, u64), BenchError> {
     let ClientPlan { w, mode, span, warmup, runtime, client_cpus, idle, first } = *plan;
     let exe = std::env::current_exe().map_err(|e| BenchError(format!("finding blkplane: {e}")))?;
-    let tenants = daemon.sockets.len();
+    let tenants = served.paths.len();
     // Time to start and connect every client before the common start.
     let start_at = now_ms() + 1000 + 20 * tenants as u64;
     let mut children = Vec::with_capacity(tenants);
-    for (i, socket) in daemon.sockets.iter().enumerate() {
+    for (i, socket) in served.paths.iter().enumerate() {
         let (w, idle) = match (i, first) {
             (0, Some(FirstTenant::Idle)) => (w, true),
             (0, Some(FirstTenant::Runs(flood))) => (flood, false),
@@ -168,7 +202,7 @@ fn start_clients(
         };
         let mut cmd = Command::new(&exe);
         cmd.arg("bench-client")
-            .args(["--target", target.name()])
+            .args(["--target", served.target.name()])
             .arg("--socket")
             .arg(socket)
             .args(["--workload", w.name, "--mode", &mode.to_string()])
@@ -214,32 +248,29 @@ fn collect(
     }
 }
 
-/// Runs a workload on every export of `daemon` at once, one client process per export.
-fn run_tenants(
-    target: TargetKind,
-    daemon: &DaemonProcess,
-    plan: &ClientPlan<'_>,
-) -> Result<RunResult, BenchError> {
-    let (each, cpu_used, foreign_cpus) = run_clients(target, daemon, plan)?;
-    Ok(summarize(target, plan.w, plan.mode, each, cpu_used, foreign_cpus))
+/// Runs a workload on every tenant of `served` at once, one client process per tenant.
+fn run_tenants(served: &Served, plan: &ClientPlan<'_>) -> Result<RunResult, BenchError> {
+    let (each, cpu_used, foreign_cpus) = run_clients(served, plan)?;
+    Ok(summarize(served.target, plan.w, plan.mode, each, cpu_used, foreign_cpus))
 }
 
-/// Runs every tenant's client once: what each measured, the daemon's CPU time (ns) and the
-/// CPUs other processes used meanwhile.
+/// Runs every tenant's client once: what each measured, the daemon's CPU time (ns; None for
+/// the host, which has no daemon) and the CPUs other processes used meanwhile.
 fn run_clients(
-    target: TargetKind,
-    daemon: &DaemonProcess,
+    served: &Served,
     plan: &ClientPlan<'_>,
-) -> Result<(Vec<TenantRun>, u64, f64), BenchError> {
-    let (children, _) = start_clients(target, daemon, plan)?;
+) -> Result<(Vec<TenantRun>, Option<u64>, f64), BenchError> {
+    let (children, _) = start_clients(served, plan)?;
+    let pid = served.daemon.as_ref().map(DaemonProcess::pid);
     // The clients are ours too (counted once waited for): only load from other processes
     // makes figures incomparable.
-    let load = cpu::LoadWindow::start(&[daemon.pid()]);
+    let load = cpu::LoadWindow::start(pid.as_slice());
     // All of the process's CPU, threads that ended included (dedicated threads end with
     // their client).
-    let cpu_before = cpu::process_cpu_total_ns(daemon.pid());
-    let each = collect(target, children)?;
-    let cpu_used = cpu::process_cpu_total_ns(daemon.pid()).saturating_sub(cpu_before);
+    let cpu_before = pid.map(cpu::process_cpu_total_ns);
+    let each = collect(served.target, children)?;
+    let cpu_used =
+        pid.zip(cpu_before).map(|(p, before)| cpu::process_cpu_total_ns(p).saturating_sub(before));
     Ok((each, cpu_used, load.foreign_cpus()))
 }
 
@@ -250,17 +281,17 @@ const FLOOD: &str = "randread-4k-qd32";
 /// tenant 0 idle, flooding, and flooding under `limit` (set live on export0 and lifted
 /// after), `repeat` rounds. Returns the three rows and a note with the verdict.
 fn noisy_neighbour(
-    target: TargetKind,
-    daemon: &DaemonProcess,
+    served: &Served,
     plan: &ClientPlan<'_>,
     limit: &str,
     repeat: usize,
 ) -> Result<(Vec<RunResult>, String), BenchError> {
+    let target = served.target;
     let flood: Workload = FLOOD.parse().map_err(BenchError)?;
-    let control = daemon
-        .control
-        .as_deref()
-        .ok_or_else(|| BenchError(format!("{target} has no control socket to set limits on")))?;
+    let control =
+        served.daemon.as_ref().and_then(|d| d.control.as_deref()).ok_or_else(|| {
+            BenchError(format!("{target} has no control socket to set limits on"))
+        })?;
     let set_limit = |keys: &str| -> Result<(), BenchError> {
         let mut args = serde_json::Map::new();
         args.insert("id".into(), "export0".into());
@@ -292,7 +323,7 @@ fn noisy_neighbour(
             if let Some(keys) = limit {
                 set_limit(keys)?;
             }
-            let run = run_clients(target, daemon, &ClientPlan { first: Some(first), ..*plan });
+            let run = run_clients(served, &ClientPlan { first: Some(first), ..*plan });
             if limit.is_some() {
                 set_limit("")?;
             }
@@ -346,7 +377,7 @@ fn summarize(
     w: Workload,
     mode: ClientMode,
     each: Vec<TenantRun>,
-    cpu_used_ns: u64,
+    cpu_used_ns: Option<u64>,
     foreign_cpus: f64,
 ) -> RunResult {
     let n = each.len().max(1) as f64;
@@ -370,8 +401,9 @@ fn summarize(
         mean_us: 0.0,
         ios: each.iter().map(|t| t.ios).sum(),
         errors: each.iter().map(|t| t.errors).sum(),
-        daemon_cpu_us_per_io: (total_ios > 0)
-            .then(|| cpu_used_ns as f64 / 1000.0 / total_ios as f64),
+        daemon_cpu_us_per_io: cpu_used_ns
+            .filter(|_| total_ios > 0)
+            .map(|ns| ns as f64 / 1000.0 / total_ios as f64),
         foreign_cpus,
         tenants: Some(TenantFigures {
             tenants: each.len(),
@@ -396,9 +428,9 @@ fn rss_bytes(pid: u32) -> u64 {
         .map_or(0, |kib| kib << 10)
 }
 
-/// CPU and memory of a daemon with every tenant connected and idle.
+/// CPU and memory of `served`'s daemon with every tenant connected and idle.
 fn measure_idle(
-    target: TargetKind,
+    served: &Served,
     daemon: &DaemonProcess,
     span: u64,
     period: Duration,
@@ -415,17 +447,17 @@ fn measure_idle(
         first: None,
     };
     let rss_before = rss_bytes(daemon.pid());
-    let (children, start_at) = start_clients(target, daemon, &plan)?;
+    let (children, start_at) = start_clients(served, &plan)?;
     // Measure from half a second after every client connected and sent its request.
     std::thread::sleep(Duration::from_millis(start_at.saturating_sub(now_ms()) + 500));
     let before = cpu::process_cpu_ns(daemon.pid());
     std::thread::sleep(period);
     let used = cpu::process_cpu_ns(daemon.pid()).saturating_sub(before);
     let rss_connected = rss_bytes(daemon.pid());
-    collect(target, children)?;
+    collect(served.target, children)?;
     let tenants = daemon.sockets.len().max(1) as u64;
     Ok(IdleResult {
-        target,
+        target: served.target,
         seconds: period.as_secs_f64(),
         cpu_percent: 100.0 * used as f64 / period.as_nanos() as f64,
         connected: daemon.sockets.len(),
@@ -438,7 +470,7 @@ fn measure_idle(
 /// Every (workload, mode, target) cell of a tenants run.
 struct Cells<'a> {
     args: &'a super::BenchArgs,
-    daemons: &'a [(TargetKind, DaemonProcess)],
+    targets: &'a [Served],
     span: u64,
     client_cpus: Option<&'a [usize]>,
 }
@@ -459,7 +491,7 @@ impl Cells<'_> {
 
     fn progress(&self, rounds: usize) -> super::Progress {
         super::Progress {
-            total: self.args.workloads.len() * self.args.modes.len() * self.daemons.len() * rounds,
+            total: self.args.workloads.len() * self.args.modes.len() * self.targets.len() * rounds,
             done: 0,
             tty: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         }
@@ -477,10 +509,10 @@ impl Cells<'_> {
                 if repeat > 1 { format!(" (round {round} of {repeat})") } else { String::new() };
             for &w in &self.args.workloads {
                 for &mode in &self.args.modes {
-                    for (t, daemon) in self.daemons {
-                        let tenants = daemon.sockets.len();
+                    for served in self.targets {
+                        let (t, tenants) = (served.target, served.paths.len());
                         progress.show(&format!("{t} {} {mode} x{tenants}{of}", w.name));
-                        let r = run_tenants(*t, daemon, &self.plan(w, mode))?;
+                        let r = run_tenants(served, &self.plan(w, mode))?;
                         if r.foreign_cpus > cpu::FOREIGN_LOAD_WARN_CPUS {
                             notes.push(format!(
                                 "warning: other processes used {:.2} CPUs during {t} {} {mode}{of}",
@@ -514,12 +546,12 @@ impl Cells<'_> {
         let mut results = Vec::new();
         for &w in &self.args.workloads {
             for &mode in &self.args.modes {
-                for (t, daemon) in self.daemons {
-                    let tenants = daemon.sockets.len();
+                for served in self.targets {
+                    let (t, tenants) = (served.target, served.paths.len());
                     progress.show(&format!("{t} {} {mode} x{tenants}", w.name));
                     let plan = self.plan(w, mode);
                     let (rows, note) =
-                        noisy_neighbour(*t, daemon, &plan, limit, self.args.repeat as usize)?;
+                        noisy_neighbour(served, &plan, limit, self.args.repeat as usize)?;
                     notes.push(note);
                     results.extend(rows);
                     progress.done += 1;
@@ -547,8 +579,11 @@ pub fn run(args: super::BenchArgs, tenants: usize) -> Result<Report, BenchError>
         TargetKind::QsdNull,
         TargetKind::BlkplaneNull,
     ];
+    // The host stays in the default, as in ordinary runs: what the storage gives N clients
+    // with no daemon shows whether a ratio to qsd is one the storage allows at all.
     let mut targets = if args.targets == classic_default {
         vec![
+            TargetKind::Host,
             TargetKind::Blkplane,
             TargetKind::BlkplaneDedicated,
             TargetKind::Qsd,
@@ -559,10 +594,6 @@ pub fn run(args: super::BenchArgs, tenants: usize) -> Result<Report, BenchError>
     };
     if args.baseline.is_some() && !targets.contains(&TargetKind::Baseline) {
         targets.push(TargetKind::Baseline);
-    }
-    if targets.contains(&TargetKind::Host) {
-        notes.push("the host target has no exports to share: skipped with --tenants".to_string());
-        targets.retain(|t| *t != TargetKind::Host);
     }
     if let Some(keys) = &args.flood_limit {
         let pairs = crate::spec::split_pairs(keys, crate::qos::THROTTLE_KEYS)
@@ -575,9 +606,9 @@ pub fn run(args: super::BenchArgs, tenants: usize) -> Result<Report, BenchError>
             ));
         }
         let before = targets.len();
-        targets.retain(|t| !t.is_qsd());
+        targets.retain(|t| !t.is_qsd() && *t != TargetKind::Host);
         if targets.len() < before {
-            notes.push("--flood-limit: qemu-storage-daemon targets skipped (limits are set with blkplane's set-throttle)".into());
+            notes.push("--flood-limit: host and qemu-storage-daemon targets skipped (limits are set with blkplane's set-throttle)".into());
         }
     }
     let qsd = super::find_qsd(&args, &mut targets, &mut notes)?;
@@ -595,21 +626,23 @@ pub fn run(args: super::BenchArgs, tenants: usize) -> Result<Report, BenchError>
         super::make_image(image, span)?;
     }
     let client_cpus = args.cpus.as_ref().map(|(c, _)| c.clone());
-    let daemons =
-        super::start_daemons(&args, &targets, &images, span, work.path(), qsd.as_deref(), None)?;
-    let cells = Cells { args: &args, daemons: &daemons, span, client_cpus: client_cpus.as_deref() };
+    let served = start_targets(&args, &targets, &images, span, work.path(), qsd.as_deref())?;
+    let cells = Cells { args: &args, targets: &served, span, client_cpus: client_cpus.as_deref() };
     let results = match &args.flood_limit {
         Some(limit) => cells.noisy_neighbours(limit, &mut notes)?,
         None => cells.measure(&mut notes)?,
     };
     let mut idle = Vec::new();
     if args.idle > 0.0 {
-        for (t, d) in &daemons {
+        for s in &served {
+            // The host has no daemon to spend CPU while its clients idle.
+            let Some(d) = &s.daemon else { continue };
+            let t = s.target;
             eprintln!("measuring {t} idle for {} s with {tenants} clients connected", args.idle);
-            idle.push(measure_idle(*t, d, span, Duration::from_secs_f64(args.idle))?);
+            idle.push(measure_idle(s, d, span, Duration::from_secs_f64(args.idle))?);
         }
     }
-    drop(daemons);
+    drop(served);
     Ok(Report {
         command: std::env::args().collect::<Vec<_>>().join(" "),
         date,
