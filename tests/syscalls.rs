@@ -10,6 +10,7 @@ use std::path::Path;
 
 use std::time::{Duration, Instant};
 
+use blkio::ReqFlags;
 use blkplane::process_cpu_ns;
 use common::{disk_dir, make_image, tmpdir, Client, Daemon, Strace};
 
@@ -29,7 +30,14 @@ fn count_syscalls(dir: &Path, spec: &str) -> HashMap<String, u64> {
         assert!(c.read_at(0, (i % 1000) * 4096, 4096, 0).is_ok());
     }
     eprintln!("{REQUESTS} requests under strace took {:?}", started.elapsed());
-    let table = strace.finish();
+    let calls = counts(&strace.finish());
+    drop(c);
+    drop(daemon);
+    calls
+}
+
+/// Calls per system call name from `strace -c`'s table.
+fn counts(table: &str) -> HashMap<String, u64> {
     eprintln!("{table}");
     let mut calls = HashMap::new();
     for line in table.lines() {
@@ -42,8 +50,6 @@ fn count_syscalls(dir: &Path, spec: &str) -> HashMap<String, u64> {
             }
         }
     }
-    drop(c);
-    drop(daemon);
     calls
 }
 
@@ -139,4 +145,46 @@ fn an_idle_export_sleeps() {
     std::thread::sleep(Duration::from_secs(1));
     let used = process_cpu_ns(daemon.pid() as u32) - before;
     assert!(used < 50_000_000, "the idle daemon used {} ms of CPU in 1 s", used / 1_000_000);
+}
+
+/// A batch of 32 reads that reaches the I/O thread at once is handed to the kernel four at a
+/// time (`SUBMIT_CHUNK`): the kernel starts the block requests of one io_uring_enter only
+/// when the call ends, so a whole batch in one call kept the disk waiting for its last entry.
+#[test]
+fn a_batch_of_32_reads_goes_to_the_kernel_four_at_a_time() {
+    const BATCHES: u64 = 50;
+    let dir = disk_dir();
+    let image = dir.path().join("disk.raw");
+    make_image(&image, 8 << 20, 1);
+    let sock = dir.path().join("blk.sock");
+    // The thread sleeps between batches, so each arrives whole, with the client's one kick.
+    let spec = format!("socket={},image={},poll=never", sock.display(), image.display());
+    let daemon = Daemon::start(dir.path(), &[spec]);
+    let mut c = Client::connect(&sock, 1);
+    let mut batch = |c: &mut Client, b: u64| {
+        for i in 0..32u64 {
+            let iov = c.segments(i as usize * 4096, 4096);
+            let offset = (b * 32 + i) % 2048 * 4096;
+            c.queues[0].readv(offset, iov.as_ptr(), 1, i as usize, ReqFlags::empty());
+        }
+        let done = c.completions(0, 32, Duration::from_secs(20));
+        assert_eq!(done.len(), 32, "batch {b}");
+        assert!(done.iter().all(|(_, ret)| *ret == 0), "batch {b}: {done:?}");
+    };
+    batch(&mut c, 0);
+    let strace = Strace::attach(
+        daemon.pid(),
+        &["-c", "-e", "trace=io_uring_enter"],
+        &dir.path().join("strace.out"),
+    );
+    for b in 1..=BATCHES {
+        batch(&mut c, b);
+    }
+    let enters = counts(&strace.finish()).get("io_uring_enter").copied().unwrap_or(0);
+    assert!(
+        (7 * BATCHES..=9 * BATCHES).contains(&enters),
+        "{enters} io_uring_enter calls for {BATCHES} batches of 32 reads: not 8 a batch"
+    );
+    drop(c);
+    drop(daemon);
 }
