@@ -161,7 +161,7 @@ fn a_batch_of_32_reads_goes_to_the_kernel_four_at_a_time() {
     let spec = format!("socket={},image={},poll=never", sock.display(), image.display());
     let daemon = Daemon::start(dir.path(), &[spec]);
     let mut c = Client::connect(&sock, 1);
-    let mut batch = |c: &mut Client, b: u64| {
+    let batch = |c: &mut Client, b: u64| {
         for i in 0..32u64 {
             let iov = c.segments(i as usize * 4096, 4096);
             let offset = (b * 32 + i) % 2048 * 4096;
