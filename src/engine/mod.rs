@@ -64,7 +64,8 @@ pub trait Engine {
     /// unmoved until the completion for `tag` has been reaped.
     unsafe fn queue(&mut self, tag: u16, op: IoOp<'_>) -> io::Result<()>;
 
-    /// Submits everything queued since the last call, in one system call at most.
+    /// Submits everything queued since the last call, with as few system calls as the
+    /// engine allows (io_uring: one per `SUBMIT_CHUNK` entries).
     fn submit(&mut self) -> io::Result<()>;
 
     /// Calls `on_complete(tag, result)` for every finished operation, where `result` is the

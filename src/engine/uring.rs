@@ -2,18 +2,20 @@
 //! guest memory, fdatasync for FLUSH, fallocate for DISCARD and WRITE_ZEROES.
 //!
 //! One ring per I/O thread ([`SharedRing`]), shared by every queue the thread serves, so that
-//! one `io_uring_enter` submits the round's work of all of them. Each queue drives it through
+//! the round's work of all of them is submitted together ([`SUBMIT_CHUNK`] per call). Each queue drives it through
 //! its own [`UringEngine`] handle: an operation's `user_data` carries the queue's number on
 //! the ring beside the slot tag, and whichever handle reaps first sorts every completion into
 //! its queue's preallocated list, from which each handle takes its own.
 //!
-//! Reads and writes of up to [`INLINE_MAX_BYTES`] on a tmpfs file are done on the I/O thread
-//! itself, with one `preadv2`/`pwritev2`, and their results go straight into the queue's
-//! list. tmpfs cannot try an operation without waiting (no `RWF_NOWAIT`), so io_uring hands
-//! every one of them to a kernel worker: a wake-up, a context switch and task work to post
-//! the completion, where the copy itself takes a microsecond. tmpfs never waits for a device,
-//! so the copy is all the I/O thread pays for; larger operations keep going to the workers,
-//! so that one request cannot hold the thread's other queues for long.
+//! Reads and writes of up to [`INLINE_MAX_BYTES`] on a regular file on tmpfs are done on the
+//! I/O thread itself, with one `preadv2`/`pwritev2`, and their results go straight into the
+//! queue's list. tmpfs cannot try an operation without waiting (no `RWF_NOWAIT`), so io_uring
+//! hands every one of them to a kernel worker: a wake-up, a context switch and task work to
+//! post the completion, where the copy itself takes a microsecond. tmpfs waits for no device
+//! (only for memory: a page swapped out, or reclaim for a write), so the copy is what the
+//! I/O thread pays for. Larger operations, and those past [`INLINE_ROUND_BYTES`] in one
+//! round, keep going to the workers, so that the thread's other queues wait for little.
+//! (A device node's `fstatfs` says tmpfs too, from devtmpfs: only regular files qualify.)
 
 use std::cell::RefCell;
 use std::io;
@@ -36,6 +38,8 @@ struct RingState {
     ring: IoUring,
     /// Entries pushed since the last submit.
     unsubmitted: u32,
+    /// Bytes the queues may still copy inline before the round's submit.
+    inline_left: u64,
     /// Completions reaped but not yet taken, per queue number: (tag, result). Each list has
     /// room for its queue's size (a tag has one operation in flight at a time), so sorting
     /// never allocates.
@@ -56,7 +60,12 @@ impl SharedRing {
             .build(entries)?;
         let fd = ring.as_raw_fd();
         Ok(Rc::new(SharedRing {
-            state: RefCell::new(RingState { ring, unsubmitted: 0, done: Vec::new() }),
+            state: RefCell::new(RingState {
+                ring,
+                unsubmitted: 0,
+                inline_left: INLINE_ROUND_BYTES,
+                done: Vec::new(),
+            }),
             fd,
         }))
     }
@@ -76,15 +85,26 @@ impl SharedRing {
         self.state.borrow().done.iter().flatten().any(|list| !list.is_empty())
     }
 
-    /// Submits everything pushed since the last call, with one system call (none if nothing
-    /// was pushed).
+    /// Submits everything pushed since the last call, [`SUBMIT_CHUNK`] entries per system
+    /// call (none if nothing was pushed). Ends the round's inline budget.
     pub fn submit(&self) -> io::Result<()> {
-        self.state.borrow_mut().submit()
+        let mut state = self.state.borrow_mut();
+        state.inline_left = INLINE_ROUND_BYTES;
+        state.submit()
     }
 
     /// Takes every completion off the ring into its queue's list.
     fn sort_completions(state: &mut RingState) {
         let RingState { ring, done, .. } = state;
+        if ring.submission().cq_overflow() {
+            // Completions the kernel held back for a full CQ (IORING_FEAT_NODROP) come only
+            // with GETEVENTS; a submit would pass it, but a thread with nothing to submit
+            // would otherwise wake for them forever.
+            // SAFETY: no argument is passed (None).
+            let _ = unsafe {
+                ring.submitter().enter::<libc::sigset_t>(0, 0, IORING_ENTER_GETEVENTS, None)
+            };
+        }
         for cqe in ring.completion() {
             let data = cqe.user_data();
             let queue = (data >> 16) as usize;
@@ -154,8 +174,12 @@ impl RingState {
 }
 
 /// Largest read or write done on the I/O thread on a tmpfs file (the module comment says
-/// why): about 10 µs of copying, so a thread's other queues wait no longer than that for it.
+/// why): about 10 µs of copying.
 pub const INLINE_MAX_BYTES: u64 = 64 << 10;
+/// Most bytes a thread copies inline in one round, all its queues together (about 30 µs):
+/// the rest of the round's operations go through the ring, so the queues fetched after a
+/// burst of inline copies wait no longer than that.
+pub const INLINE_ROUND_BYTES: u64 = 256 << 10;
 
 /// One queue's handle on its thread's ring, for operations on one backing file.
 pub struct UringEngine {
@@ -172,7 +196,8 @@ impl UringEngine {
     /// The caller keeps `fd` open for the engine's lifetime.
     pub fn on(ring: &Rc<SharedRing>, fd: RawFd, queue_size: u16) -> UringEngine {
         let queue = ring.register(queue_size);
-        let inline = crate::sys::filesystem_magic(fd).ok() == Some(crate::sys::TMPFS_MAGIC);
+        let inline = crate::sys::is_regular_file(fd)
+            && crate::sys::filesystem_magic(fd).ok() == Some(crate::sys::TMPFS_MAGIC);
         UringEngine { ring: Rc::clone(ring), fd, queue, inline }
     }
 
@@ -182,6 +207,9 @@ impl UringEngine {
     /// # Safety
     /// As for [`Engine::queue`]: the iovecs and the guest memory they name are valid.
     unsafe fn try_inline(&self, op: &IoOp<'_>) -> Option<i32> {
+        if !self.inline {
+            return None;
+        }
         let (offset, iov, flags, write) = match *op {
             IoOp::Read { offset, iov } => (offset, iov, 0, false),
             IoOp::Write { offset, iov, dsync } => {
@@ -189,8 +217,13 @@ impl UringEngine {
             }
             _ => return None,
         };
-        if !self.inline || GuestIov::total_len(iov) > INLINE_MAX_BYTES {
-            return None;
+        let bytes = GuestIov::total_len(iov);
+        {
+            let mut state = self.ring.state.borrow_mut();
+            if bytes > INLINE_MAX_BYTES || bytes > state.inline_left {
+                return None;
+            }
+            state.inline_left -= bytes;
         }
         let (ptr, count) = (GuestIov::as_iovec_ptr(iov), iov.len() as libc::c_int);
         loop {
@@ -291,7 +324,8 @@ impl Engine for UringEngine {
         let mut state = self.ring.state.borrow_mut();
         SharedRing::sort_completions(&mut state);
         let Some(Some(list)) = state.done.get_mut(usize::from(self.queue)) else { return };
-        // Taken out while the callback runs: it may queue follow-ups on this ring.
+        // Taken out while the callbacks run (they answer requests; follow-ups are queued
+        // after the reap, since the reap holds the engine).
         let mut mine = std::mem::take(list);
         drop(state);
         for (tag, result) in mine.drain(..) {
@@ -315,5 +349,31 @@ impl Engine for UringEngine {
     fn completion_fd(&self) -> Option<RawFd> {
         // The ring's own fd polls readable while completions wait in the CQ.
         Some(self.ring.fd())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inline_on(path: &std::path::Path) -> bool {
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+        let ring = SharedRing::new(8).unwrap();
+        UringEngine::on(&ring, file.as_raw_fd(), 8).inline
+    }
+
+    #[test]
+    fn only_regular_files_on_tmpfs_are_read_and_written_inline() {
+        let shm = tempfile::NamedTempFile::new_in("/dev/shm").unwrap();
+        assert!(inline_on(shm.path()), "a file on tmpfs");
+        let disk = tempfile::NamedTempFile::new_in("/var/tmp").unwrap();
+        assert!(!inline_on(disk.path()), "a file on a disk file system");
+        // A device node: its fstatfs is devtmpfs's, which says tmpfs.
+        assert_eq!(
+            crate::sys::filesystem_magic(std::fs::File::open("/dev/null").unwrap().as_raw_fd())
+                .unwrap(),
+            crate::sys::TMPFS_MAGIC
+        );
+        assert!(!inline_on(std::path::Path::new("/dev/null")), "a device node on devtmpfs");
     }
 }

@@ -298,10 +298,12 @@ enum Phase {
         way: Way,
         began: Instant,
     },
-    /// `work`: the thread's work count when it began.
+    /// `window` and `work`: when the current window of [`EXPLOIT_FOR`] began, and the
+    /// thread's work count then (the rate of work is checked per window).
     Exploit {
         way: Way,
         began: Instant,
+        window: Instant,
         work: u64,
     },
 }
@@ -317,8 +319,9 @@ enum Phase {
 /// way of least `wall + 2 cpu` ([`CPU_WEIGHT`]): to poll more, a way must buy twice the wall
 /// time it spends in CPU. A trial that saw no work decides nothing: an idle thread sleeps.
 /// The chosen way is used for [`EXPLOIT_FOR`], twice as long each time the same way is
-/// chosen again (up to [`MAX_EXPLOIT_FOR`]), and the trials come back early when the
-/// thread's rate of work moves by more than [`LOAD_CHANGE`] from what they saw.
+/// chosen again (up to [`MAX_EXPLOIT_FOR`]), and the trials come back early, afresh, when
+/// the thread's rate of work in a window of [`EXPLOIT_FOR`] moves by more than
+/// [`LOAD_CHANGE`] from what they saw.
 #[derive(Debug)]
 pub struct Chooser {
     phase: Phase,
@@ -368,15 +371,18 @@ impl Chooser {
                     self.end_trial(way, now, cpu_ns());
                 }
             }
-            Phase::Exploit { began, work, .. } => {
-                let elapsed = now.duration_since(began);
-                let changed = elapsed >= EXPLOIT_FOR && self.load_changed(elapsed, work);
+            Phase::Exploit { way, began, window, work } => {
+                let in_window = now.duration_since(window);
+                let changed = in_window >= EXPLOIT_FOR && self.load_changed(in_window, work);
                 if changed {
                     // Whatever was chosen was chosen for another load: start afresh.
                     self.last_way = None;
+                    self.trials = [None; 3];
                 }
-                if changed || elapsed >= self.exploit_for {
+                if changed || now.duration_since(began) >= self.exploit_for {
                     self.phase = Phase::Trial { way: Way::Poll, began: now };
+                } else if in_window >= EXPLOIT_FOR {
+                    self.phase = Phase::Exploit { way, began, window: now, work: self.work };
                 }
             }
         }
@@ -407,14 +413,14 @@ impl Chooser {
                 self.last_way = Some(way);
                 self.trial_rate =
                     scores[way.index()].map_or(0.0, |s| 1.0 / s.wall_ns_per_work.max(1.0));
-                self.phase = Phase::Exploit { way, began: now, work: self.work };
+                self.phase = Phase::Exploit { way, began: now, window: now, work: self.work };
                 self.fresh = Some(Choice { way, scores });
             }
         }
     }
 
-    /// Whether the rate of work since the exploit period began (`elapsed` ago, at `work0`)
-    /// is more than [`LOAD_CHANGE`] away from the trials' rate.
+    /// Whether the rate of work in the window that began `elapsed` ago (at `work0`) is more
+    /// than [`LOAD_CHANGE`] away from the trials' rate.
     fn load_changed(&self, elapsed: Duration, work0: u64) -> bool {
         let rate = self.work.saturating_sub(work0) as f64 / elapsed.as_nanos().max(1) as f64;
         rate > self.trial_rate * LOAD_CHANGE || rate * LOAD_CHANGE < self.trial_rate
@@ -761,15 +767,13 @@ mod tests {
         let t0 = Instant::now();
         let mut c = Chooser::new(t0);
         let cpu = std::cell::Cell::new(0);
-        let period = EXPLOIT_FOR + 4 * TRIAL_FOR;
         let usual = [(50, 47), (53, 40), (55, 27)];
+        let mut at = t0;
         for i in 0..4 {
-            let at = t0 + period * i;
-            c.way_at(at, || cpu.get());
             assert_eq!(run_trials(&mut c, at, &cpu, usual), Way::Sleep, "trials {i}");
+            // Sleeping at the pace its trials saw, until the next trials.
+            at = exploit_at(&mut c, at + 3 * TRIAL_FOR, &cpu, 55);
         }
-        let at = t0 + period * 4;
-        c.way_at(at, || cpu.get());
         let slow = [(50, 47), (53, 40), (120, 40)];
         assert_eq!(run_trials(&mut c, at, &cpu, slow), Way::Sleep, "the slow trial alone");
         let fresh = c.fresh.take().expect("a decision to show");
@@ -831,7 +835,9 @@ mod tests {
         // Another choice (the second trial that favours it makes the median) starts over.
         let tmpfs = [(21, 21), (40, 16), (45, 15)];
         assert_eq!(run_trials(&mut c, at, &cpu, tmpfs), Way::Sleep);
-        at = exploit_at(&mut c, at + 3 * TRIAL_FOR, &cpu, 21);
+        // Exploited at the rate it was chosen at (the median still says 55 µs): no change
+        // of load, so what starts over below is the new choice.
+        at = exploit_at(&mut c, at + 3 * TRIAL_FOR, &cpu, 55);
         assert_eq!(run_trials(&mut c, at, &cpu, tmpfs), Way::Poll);
         assert_eq!(ms_until_trials(&c, at + 3 * TRIAL_FOR), 200);
     }
@@ -866,6 +872,34 @@ mod tests {
         assert_eq!(next.duration_since(began).as_millis() / 10 * 10, 200);
         run_trials(&mut c, next, &cpu, disk);
         assert_eq!(ms_until_trials(&c, next + 3 * TRIAL_FOR), 400);
+    }
+
+    #[test]
+    fn a_change_of_load_late_in_a_long_period_is_seen_within_two_windows() {
+        let t0 = Instant::now();
+        let mut c = Chooser::new(t0);
+        let cpu = std::cell::Cell::new(0);
+        let disk = [(50, 47), (53, 40), (55, 27)];
+        let mut at = t0;
+        for _ in 0..4 {
+            run_trials(&mut c, at, &cpu, disk);
+            at = exploit_at(&mut c, at + 3 * TRIAL_FOR, &cpu, 55);
+        }
+        run_trials(&mut c, at, &cpu, disk);
+        let began = at + 3 * TRIAL_FOR;
+        assert_eq!(ms_until_trials(&c, began), 1600);
+        // A second at the old pace, then three times the work.
+        let mut now = began;
+        while now < began + Duration::from_secs(1) {
+            assert!(c.exploit_ends().is_some(), "no new trials at the old pace");
+            c.way_at(now, || cpu.get());
+            c.worked(1);
+            now += Duration::from_micros(55);
+        }
+        let changed_at = now;
+        let back = exploit_at(&mut c, now, &cpu, 18);
+        assert!(back.duration_since(changed_at) <= 2 * EXPLOIT_FOR, "{:?}", back - changed_at);
+        assert!(c.trials.iter().all(Option::is_none), "the old load's trials were kept");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! An I/O thread's event loop over every queue it serves: one round fetches from each
-//! queue's ring (a bounded batch per queue, so none starves the others), submits the whole
-//! round with one `io_uring_enter` on the thread's ring, answers what completed and
+//! queue's ring (a bounded batch per queue, so none starves the others; the queue that goes
+//! first turns each round), submits the whole round on the thread's ring (four entries per
+//! `io_uring_enter`), answers what completed and
 //! publishes each queue's used ring once. A round that found nothing polls for a window
 //! (`poll.rs`); then the thread sleeps in one `epoll_wait` covering every kick, every engine's
 //! completions and its command channel.
