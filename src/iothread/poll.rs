@@ -767,10 +767,9 @@ mod tests {
         let t0 = Instant::now();
         let mut c = Chooser::new(t0);
         let cpu = std::cell::Cell::new(0);
-        let usual = [(50, 47), (53, 40), (55, 27)];
         let mut at = t0;
         for i in 0..4 {
-            assert_eq!(run_trials(&mut c, at, &cpu, usual), Way::Sleep, "trials {i}");
+            assert_eq!(run_trials(&mut c, at, &cpu, DISK), Way::Sleep, "trials {i}");
             // Sleeping at the pace its trials saw, until the next trials.
             at = exploit_at(&mut c, at + 3 * TRIAL_FOR, &cpu, 55);
         }
@@ -822,11 +821,10 @@ mod tests {
         let t0 = Instant::now();
         let mut c = Chooser::new(t0);
         let cpu = std::cell::Cell::new(0);
-        let disk = [(50, 47), (53, 40), (55, 27)];
         let mut at = t0;
         let mut lengths = Vec::new();
         for _ in 0..6 {
-            assert_eq!(run_trials(&mut c, at, &cpu, disk), Way::Sleep);
+            assert_eq!(run_trials(&mut c, at, &cpu, DISK), Way::Sleep);
             let began = at + 3 * TRIAL_FOR;
             at = exploit_at(&mut c, began, &cpu, 55);
             lengths.push(at.duration_since(began).as_millis() / 10 * 10);
@@ -847,47 +845,45 @@ mod tests {
         c.exploit_ends().expect("exploiting").duration_since(began).as_millis() / 10 * 10
     }
 
-    #[test]
-    fn a_change_of_load_brings_the_trials_back_early() {
+    /// ext4, sleeping client: each way's wall and CPU µs per unit of work.
+    const DISK: Trials = [(50, 47), (53, 40), (55, 27)];
+
+    /// A chooser that chose to sleep on [`DISK`]'s figures five times in a row, at the start
+    /// of its longest exploit period: the chooser, its CPU clock and when that period began.
+    fn settled_on_the_disk() -> (Chooser, std::cell::Cell<u64>, Instant) {
         let t0 = Instant::now();
         let mut c = Chooser::new(t0);
         let cpu = std::cell::Cell::new(0);
-        let disk = [(50, 47), (53, 40), (55, 27)];
         let mut at = t0;
         for _ in 0..4 {
-            run_trials(&mut c, at, &cpu, disk);
+            run_trials(&mut c, at, &cpu, DISK);
             at = exploit_at(&mut c, at + 3 * TRIAL_FOR, &cpu, 55);
         }
-        run_trials(&mut c, at, &cpu, disk);
+        run_trials(&mut c, at, &cpu, DISK);
         let began = at + 3 * TRIAL_FOR;
         assert_eq!(ms_until_trials(&c, began), 1600);
+        (c, cpu, began)
+    }
+
+    #[test]
+    fn a_change_of_load_brings_the_trials_back_early() {
+        let (mut c, cpu, began) = settled_on_the_disk();
         // Three times the work (more tenants on the thread): new trials after 200 ms.
         let back = exploit_at(&mut c, began, &cpu, 18);
         assert_eq!(back.duration_since(began).as_millis() / 10 * 10, 200);
-        run_trials(&mut c, back, &cpu, disk);
+        run_trials(&mut c, back, &cpu, DISK);
         let began = back + 3 * TRIAL_FOR;
         assert_eq!(ms_until_trials(&c, began), 200, "a changed load starts over");
         // Within the factor of two (55 µs against 40): the period doubles again.
         let next = exploit_at(&mut c, began, &cpu, 40);
         assert_eq!(next.duration_since(began).as_millis() / 10 * 10, 200);
-        run_trials(&mut c, next, &cpu, disk);
+        run_trials(&mut c, next, &cpu, DISK);
         assert_eq!(ms_until_trials(&c, next + 3 * TRIAL_FOR), 400);
     }
 
     #[test]
     fn a_change_of_load_late_in_a_long_period_is_seen_within_two_windows() {
-        let t0 = Instant::now();
-        let mut c = Chooser::new(t0);
-        let cpu = std::cell::Cell::new(0);
-        let disk = [(50, 47), (53, 40), (55, 27)];
-        let mut at = t0;
-        for _ in 0..4 {
-            run_trials(&mut c, at, &cpu, disk);
-            at = exploit_at(&mut c, at + 3 * TRIAL_FOR, &cpu, 55);
-        }
-        run_trials(&mut c, at, &cpu, disk);
-        let began = at + 3 * TRIAL_FOR;
-        assert_eq!(ms_until_trials(&c, began), 1600);
+        let (mut c, cpu, began) = settled_on_the_disk();
         // A second at the old pace, then three times the work.
         let mut now = began;
         while now < began + Duration::from_secs(1) {
