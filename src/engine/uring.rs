@@ -2,10 +2,11 @@
 //! guest memory, fdatasync for FLUSH, fallocate for DISCARD and WRITE_ZEROES.
 //!
 //! One ring per I/O thread ([`SharedRing`]), shared by every queue the thread serves, so that
-//! the round's work of all of them is submitted together ([`SUBMIT_CHUNK`] per call). Each queue drives it through
-//! its own [`UringEngine`] handle: an operation's `user_data` carries the queue's number on
-//! the ring beside the slot tag, and whichever handle reaps first sorts every completion into
-//! its queue's preallocated list, from which each handle takes its own.
+//! the round's work of all of them is submitted together ([`SUBMIT_CHUNK`] entries per call).
+//! Each queue drives it through its own [`UringEngine`] handle: an operation's `user_data`
+//! carries the queue's number on the ring beside the slot tag, and whichever handle reaps
+//! first sorts every completion into its queue's preallocated list, from which each handle
+//! takes its own.
 //!
 //! Reads and writes of up to [`INLINE_MAX_BYTES`] on a regular file on tmpfs are done on the
 //! I/O thread itself, with one `preadv2`/`pwritev2`, and their results go straight into the
@@ -294,10 +295,13 @@ impl Engine for UringEngine {
         // SAFETY: passed on from our caller (the contract of Engine::queue).
         if let Some(result) = unsafe { self.try_inline(&op) } {
             let mut state = self.ring.state.borrow_mut();
-            if let Some(Some(list)) = state.done.get_mut(usize::from(self.queue)) {
-                // Room for it: the list holds one entry per tag, and this tag had none.
-                list.push((tag, result));
-            }
+            let Some(Some(list)) = state.done.get_mut(usize::from(self.queue)) else {
+                // Never so (the list lives as long as this handle); answered as failed rather
+                // than never.
+                return Err(io::Error::other("the queue has no completion list on its ring"));
+            };
+            // Room for it: the list holds one entry per tag, and this tag had none.
+            list.push((tag, result));
             return Ok(());
         }
         let entry = self.entry(tag, op);
