@@ -263,18 +263,6 @@ pub fn filesystem_of(path: &std::path::Path) -> Option<String> {
 pub const TMPFS_MAGIC: u64 = 0x0102_1994;
 pub const HUGETLBFS_MAGIC: u64 = 0x9584_58f6;
 
-/// Whether `fd` is open on a regular file.
-pub fn is_regular_file(fd: RawFd) -> bool {
-    let mut stat = std::mem::MaybeUninit::<libc::stat>::uninit();
-    // SAFETY: fstat writes one stat into the buffer we pass, which outlives the call.
-    if unsafe { libc::fstat(fd, stat.as_mut_ptr()) } != 0 {
-        return false;
-    }
-    // SAFETY: fstat returned 0, so it filled the whole struct.
-    let stat = unsafe { stat.assume_init() };
-    stat.st_mode & libc::S_IFMT == libc::S_IFREG
-}
-
 /// The file system type (`f_type`, its magic number) of the file `fd` is open on.
 pub fn filesystem_magic(fd: RawFd) -> io::Result<u64> {
     let mut stat = std::mem::MaybeUninit::<libc::statfs>::uninit();

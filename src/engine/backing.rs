@@ -130,6 +130,9 @@ pub struct Backing {
     /// O_DIRECT). Guest buffers that miss it go through a bounce buffer.
     pub dio_mem_align: u32,
     pub is_block_device: bool,
+    /// A regular file on tmpfs: the io_uring engine does its small reads and writes on the
+    /// I/O thread (`engine::uring`). Not a device node: devtmpfs says tmpfs too.
+    pub on_tmpfs: bool,
 }
 
 // Block-device ioctls (linux/fs.h).
@@ -207,6 +210,7 @@ impl Backing {
         if !meta.is_file() && !is_block_device {
             return Err(OpenError::NotFileOrDevice(path.into()));
         }
+        let on_tmpfs = regular_on_tmpfs(&file, &meta);
         // Back to blocking I/O for the engines that expect it (threads, read-modify-write),
         // and O_DIRECT for the cache modes that bypass the page cache.
         let direct = if cache.direct() { libc::O_DIRECT } else { 0 };
@@ -252,8 +256,16 @@ impl Backing {
             physical_block_bytes: clamp_block(physical).max(logical_block_bytes),
             dio_mem_align: dio_mem_align.next_power_of_two(),
             is_block_device,
+            on_tmpfs,
         })
     }
+}
+
+/// Whether `file` (with `meta`) is a regular file on tmpfs. A device node's fstatfs names
+/// the file system it lives on, devtmpfs, which says tmpfs too.
+fn regular_on_tmpfs(file: &File, meta: &std::fs::Metadata) -> bool {
+    meta.is_file()
+        && crate::sys::filesystem_magic(file.as_raw_fd()).ok() == Some(crate::sys::TMPFS_MAGIC)
 }
 
 /// Where data lies in a file from `offset` on, as `lseek(SEEK_DATA/SEEK_HOLE)` say: the next
@@ -316,4 +328,29 @@ pub fn zero_range(backing: &Backing, offset: u64, bytes: u64) -> io::Result<()> 
         }
     }
     Err(io::ErrorKind::Unsupported.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn on_tmpfs(path: &Path) -> bool {
+        let file = File::open(path).unwrap();
+        regular_on_tmpfs(&file, &file.metadata().unwrap())
+    }
+
+    #[test]
+    fn only_regular_files_on_tmpfs_count_as_on_tmpfs() {
+        let shm = tempfile::NamedTempFile::new_in("/dev/shm").unwrap();
+        assert!(on_tmpfs(shm.path()), "a file on tmpfs");
+        let disk = tempfile::NamedTempFile::new_in("/var/tmp").unwrap();
+        assert!(!on_tmpfs(disk.path()), "a file on a disk file system");
+        // A device node: its fstatfs is devtmpfs's, which says tmpfs.
+        let null = File::open("/dev/null").unwrap();
+        assert_eq!(
+            crate::sys::filesystem_magic(null.as_raw_fd()).unwrap(),
+            crate::sys::TMPFS_MAGIC
+        );
+        assert!(!on_tmpfs(Path::new("/dev/null")), "a device node on devtmpfs");
+    }
 }

@@ -188,18 +188,17 @@ pub struct UringEngine {
     fd: RawFd,
     /// This queue's number on the ring (the high bits of user_data).
     queue: u16,
-    /// The file is on tmpfs: small reads and writes are done inline.
+    /// Small reads and writes are done inline (the file is a regular file on tmpfs).
     inline: bool,
 }
 
 impl UringEngine {
-    /// A handle on `ring` for a queue of at most `queue_size` operations in flight on `fd`.
-    /// The caller keeps `fd` open for the engine's lifetime.
-    pub fn on(ring: &Rc<SharedRing>, fd: RawFd, queue_size: u16) -> UringEngine {
+    /// A handle on `ring` for a queue of at most `queue_size` operations in flight on `fd`,
+    /// doing small reads and writes inline if `on_tmpfs` (`Backing::on_tmpfs`). The caller
+    /// keeps `fd` open for the engine's lifetime.
+    pub fn on(ring: &Rc<SharedRing>, fd: RawFd, queue_size: u16, on_tmpfs: bool) -> UringEngine {
         let queue = ring.register(queue_size);
-        let inline = crate::sys::is_regular_file(fd)
-            && crate::sys::filesystem_magic(fd).ok() == Some(crate::sys::TMPFS_MAGIC);
-        UringEngine { ring: Rc::clone(ring), fd, queue, inline }
+        UringEngine { ring: Rc::clone(ring), fd, queue, inline: on_tmpfs }
     }
 
     /// Does `op` at once if it is a small read or write on tmpfs, and returns its result (the
@@ -353,31 +352,5 @@ impl Engine for UringEngine {
     fn completion_fd(&self) -> Option<RawFd> {
         // The ring's own fd polls readable while completions wait in the CQ.
         Some(self.ring.fd())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn inline_on(path: &std::path::Path) -> bool {
-        let file = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
-        let ring = SharedRing::new(8).unwrap();
-        UringEngine::on(&ring, file.as_raw_fd(), 8).inline
-    }
-
-    #[test]
-    fn only_regular_files_on_tmpfs_are_read_and_written_inline() {
-        let shm = tempfile::NamedTempFile::new_in("/dev/shm").unwrap();
-        assert!(inline_on(shm.path()), "a file on tmpfs");
-        let disk = tempfile::NamedTempFile::new_in("/var/tmp").unwrap();
-        assert!(!inline_on(disk.path()), "a file on a disk file system");
-        // A device node: its fstatfs is devtmpfs's, which says tmpfs.
-        assert_eq!(
-            crate::sys::filesystem_magic(std::fs::File::open("/dev/null").unwrap().as_raw_fd())
-                .unwrap(),
-            crate::sys::TMPFS_MAGIC
-        );
-        assert!(!inline_on(std::path::Path::new("/dev/null")), "a device node on devtmpfs");
     }
 }

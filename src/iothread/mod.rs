@@ -352,7 +352,8 @@ fn make_queue(
                     worker::queue::start(disk, setup, engine)
                 }
                 EngineKind::IoUring => {
-                    worker::queue::start(disk, setup, UringEngine::on(ring, fd, size))
+                    let engine = UringEngine::on(ring, fd, size, backing.on_tmpfs);
+                    worker::queue::start(disk, setup, engine)
                 }
             }
         }
