@@ -499,6 +499,12 @@ fn no_thread_can_take_the_handled_signals() {
         // A short-lived thread (a kernel io worker of a ring) may be gone by now.
         let Ok(status) = std::fs::read_to_string(task.path().join("status")) else { continue };
         let name = status.lines().next().unwrap_or("").to_string();
+        // A thread that is exiting (here: the control client thread of Daemon::start's
+        // readiness probe) has let go of the process's signal handling and can take no
+        // signal; /proc then shows every set empty and "Threads: 0" (seen: 4 runs in 400).
+        if status.lines().any(|l| l.split_whitespace().eq(["Threads:", "0"])) {
+            continue;
+        }
         let blocked = status
             .lines()
             .find_map(|l| l.strip_prefix("SigBlk:"))
