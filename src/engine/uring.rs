@@ -2,7 +2,8 @@
 //! guest memory, fdatasync for FLUSH, fallocate for DISCARD and WRITE_ZEROES.
 //!
 //! One ring per I/O thread ([`SharedRing`]), shared by every queue the thread serves, so that
-//! the round's work of all of them is submitted together ([`SUBMIT_CHUNK`] entries per call).
+//! they share one reap and one completion descriptor; the loop submits each queue's batch
+//! as soon as it is fetched ([`SUBMIT_CHUNK`] entries per call).
 //! Each queue drives it through its own [`UringEngine`] handle: an operation's `user_data`
 //! carries the queue's number on the ring beside the slot tag, and whichever handle reaps
 //! first sorts every completion into its queue's preallocated list, from which each handle

@@ -8,6 +8,8 @@
 //! the used ring. An acknowledgement given before the engine finished would therefore be seen
 //! by the guest well before the matching "done" is logged, and a skipped flush leaves no
 //! flush in the log: both fail the checks below.
+//!
+//! The same log shows when a round hands each queue's work to the kernel (`Submitted`).
 
 use std::fs::File;
 use std::io;
@@ -19,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
+use super::poll::{PollMode, PollPolicy, PollSettings};
 use super::{default_poll, worker, IoThread, QueueHandle, QueueSetup};
 use crate::blk::{req_type, status};
 use crate::disk::Disk;
@@ -49,6 +52,8 @@ enum Op {
 enum Event {
     /// The I/O thread handed the operation to the engine (by tag).
     Queued(u16, Op),
+    /// The queue asked its engine to submit, with operations queued since it last did.
+    Submitted,
     /// The engine reported the operation done, with its result.
     Done(u16, Op, i32),
     /// The guest found a request of this type in the used ring, with this status byte.
@@ -67,6 +72,8 @@ struct Recorder<E> {
     log: Log,
     ops: Vec<Op>,
     held: Vec<(u16, i32, Instant)>,
+    /// Operations queued since the last submit.
+    unsubmitted: usize,
     /// Written once and never read.
     always_ready: EventFd,
 }
@@ -81,11 +88,16 @@ impl<E: Engine> Engine for Recorder<E> {
         };
         self.ops[usize::from(tag)] = kind;
         record(&self.log, Event::Queued(tag, kind));
+        self.unsubmitted += 1;
         // SAFETY: the caller's promise about `op`'s buffers is passed on unchanged.
         unsafe { self.inner.queue(tag, op) }
     }
 
     fn submit(&mut self) -> io::Result<()> {
+        if self.unsubmitted > 0 {
+            record(&self.log, Event::Submitted);
+            self.unsubmitted = 0;
+        }
         self.inner.submit()
     }
 
@@ -159,6 +171,13 @@ impl Guest {
     /// Makes a request available (header, optional data, status byte) and waits until the
     /// device puts it in the used ring; logs that moment and returns the status byte.
     fn request(&mut self, log: &Log, kind: u32, sector: u64, data: Option<&[u8]>) -> u8 {
+        self.post(kind, sector, data);
+        self.kick();
+        self.wait_used(log, kind)
+    }
+
+    /// Makes a request available in the avail ring, without a kick.
+    fn post(&mut self, kind: u32, sector: u64, data: Option<&[u8]>) {
         const NEXT: u16 = 1;
         const WRITE: u16 = 2;
         self.write(HEADER, &request_header(kind, sector));
@@ -175,10 +194,17 @@ impl Guest {
         self.avail_idx = self.avail_idx.wrapping_add(1);
         fence(Ordering::SeqCst);
         self.write(AVAIL + 2, &self.avail_idx.to_le_bytes());
+    }
+
+    fn kick(&self) {
         if let Some(kick) = &self.kick {
             kick.write(1).unwrap();
         }
+    }
 
+    /// Waits until the device puts the request in the used ring; logs that moment and
+    /// returns the status byte.
+    fn wait_used(&mut self, log: &Log, kind: u32) -> u8 {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let used_idx = u16::from_le_bytes(self.read(USED + 2, 2).try_into().unwrap());
@@ -211,6 +237,19 @@ fn serve<E: Engine + 'static>(
     log: &Log,
     make: MakeEngine<E>,
 ) -> Running {
+    let thread = IoThread::spawn("order-test", Vec::new(), default_poll(), 64).unwrap();
+    let queue = attach(&thread, disk, guest, log, make);
+    Running { thread, queue }
+}
+
+/// Puts the guest's queue on `thread`, through a recorder around the engine `make` builds.
+fn attach<E: Engine + 'static>(
+    thread: &Arc<IoThread>,
+    disk: Arc<Disk>,
+    guest: &Guest,
+    log: &Log,
+    make: MakeEngine<E>,
+) -> QueueHandle {
     let setup = QueueSetup {
         index: 0,
         memory: Arc::clone(&guest.mem),
@@ -234,8 +273,7 @@ fn serve<E: Engine + 'static>(
     };
     let fd = disk.backing().unwrap().file.as_raw_fd();
     let log = Arc::clone(log);
-    let thread = IoThread::spawn("order-test", Vec::new(), default_poll(), 64).unwrap();
-    let queue = thread
+    thread
         .attach_with(Box::new(move |ring: &Rc<SharedRing>| {
             let always_ready = EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK)?;
             always_ready.write(1)?;
@@ -245,11 +283,10 @@ fn serve<E: Engine + 'static>(
             worker::queue::start(
                 disk,
                 setup,
-                Recorder { inner, log, ops, held: Vec::new(), always_ready },
+                Recorder { inner, log, ops, held: Vec::new(), unsubmitted: 0, always_ready },
             )
         }))
-        .unwrap();
-    Running { thread, queue }
+        .unwrap()
 }
 
 impl Running {
@@ -492,4 +529,48 @@ fn work_the_kernel_refused_is_submitted_without_another_kick() {
     assert!(start.elapsed() >= RELUCTANT_FOR * 3, "the refusals were not exercised");
     served.stop();
     assert_eq!(&std::fs::read(&image).unwrap()[..3 * 4096], &vec![0x5a; 3 * 4096][..]);
+}
+
+/// A round hands each queue's requests to the kernel before it fetches the next queue's.
+/// With many frontends of one request each (tenants at depth 1), a request that waited for
+/// the whole round's fetch reached the disk later: on ext4, 16 tenants got 9 % fewer IOPS.
+#[test]
+fn a_round_submits_each_queues_requests_before_it_fetches_the_next_queues() {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let log: Log = Arc::default();
+    // Sleeps as soon as a round finds nothing, so that both requests wait for one round.
+    let never = PollPolicy { mode: PollMode::Never, max_us: 0 };
+    let thread =
+        IoThread::spawn("order-test", Vec::new(), Arc::new(PollSettings::new(never)), 64).unwrap();
+    let mut guests = [Guest::new(), Guest::new()];
+    let mut queues = Vec::new();
+    for (guest, dir) in guests.iter_mut().zip(&dirs) {
+        guest.kick = Some(EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK).unwrap());
+        // stats=off: no statistics timer that would wake the thread between the two posts.
+        let (_, disk) = disk_in(dir.path(), "cache=writeback,stats=off");
+        queues.push(attach(&thread, disk, guest, &log, uring));
+    }
+    // Both queues are armed and the thread asleep: the first kick wakes it for both.
+    std::thread::sleep(Duration::from_millis(50));
+    let data = vec![0xa5; 4096];
+    guests[0].post(req_type::OUT, 0, Some(&data));
+    guests[1].post(req_type::OUT, 8, Some(&data));
+    guests[0].kick();
+    assert_eq!(guests[0].wait_used(&log, req_type::OUT), status::OK);
+    assert_eq!(guests[1].wait_used(&log, req_type::OUT), status::OK);
+    for queue in queues {
+        queue.stop();
+    }
+    thread.shut_down();
+
+    let log = log.lock().unwrap().clone();
+    let steps: Vec<&str> = log
+        .iter()
+        .filter_map(|e| match e {
+            Event::Queued(..) => Some("queued"),
+            Event::Submitted => Some("submitted"),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(steps, ["queued", "submitted", "queued", "submitted"], "{log:#?}");
 }

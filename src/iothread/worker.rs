@@ -1,7 +1,7 @@
 //! An I/O thread's event loop over every queue it serves: one round fetches from each
 //! queue's ring (a bounded batch per queue, so none starves the others; the queue that goes
-//! first turns each round), submits the whole round on the thread's ring (four entries per
-//! `io_uring_enter`), answers what completed and
+//! first turns each round) and submits that queue's batch on the thread's ring at once (four
+//! entries per `io_uring_enter`), answers what completed and
 //! publishes each queue's used ring once. A round that found nothing polls for a window
 //! (`poll.rs`); then the thread sleeps in one `epoll_wait` covering every kick, every engine's
 //! completions and its command channel.
@@ -210,6 +210,10 @@ impl EventLoop {
 
     /// One round over every queue. Returns the work done.
     ///
+    /// Each queue's batch goes to the kernel before the next queue is fetched, so that the
+    /// disk starts on it at once: with many frontends of one request each, a request that
+    /// waited for the whole round's fetch got there later (ext4, 16 tenants: 9 % fewer IOPS).
+    ///
     /// Which queue goes first turns by one each round. The first queue answered is the
     /// first frontend woken, and when the CPUs are fewer than the frontends that want one,
     /// the frontend woken first asks again first: with a fixed order, the first of four
@@ -218,8 +222,6 @@ impl EventLoop {
         self.first = if self.first + 1 >= self.queues.len() { 0 } else { self.first + 1 };
         for e in in_turn(&mut self.queues, self.first) {
             e.progress = e.queue.fetch(FAIR_BATCH);
-        }
-        for e in in_turn(&mut self.queues, self.first) {
             e.queue.submit();
         }
         let mut progress = 0;

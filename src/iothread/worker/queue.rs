@@ -105,8 +105,8 @@ fn kind_of_type(req_type: u32) -> Kind {
 pub(crate) trait Served {
     /// Takes at most `budget` new requests from the ring and starts them.
     fn fetch(&mut self, budget: usize) -> usize;
-    /// Hands the round's operations to the kernel (for a shared ring: the first queue's call
-    /// submits for all, the others find nothing left).
+    /// Hands the operations fetched so far to the kernel (for a shared ring: whatever is on
+    /// it, which after each queue's fetch is that queue's batch).
     fn submit(&mut self);
     /// Answers what completed, sends follow-ups, publishes and notifies. Returns the work done.
     fn complete(&mut self) -> usize;
