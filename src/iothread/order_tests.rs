@@ -543,18 +543,19 @@ fn a_round_submits_each_queues_requests_before_it_fetches_the_next_queues() {
     let thread =
         IoThread::spawn("order-test", Vec::new(), Arc::new(PollSettings::new(never)), 64).unwrap();
     let mut guests = [Guest::new(), Guest::new()];
-    let mut queues = Vec::new();
+    let (mut queues, mut images) = (Vec::new(), Vec::new());
     for (guest, dir) in guests.iter_mut().zip(&dirs) {
         guest.kick = Some(EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK).unwrap());
         // stats=off: no statistics timer that would wake the thread between the two posts.
-        let (_, disk) = disk_in(dir.path(), "cache=writeback,stats=off");
+        let (image, disk) = disk_in(dir.path(), "cache=writeback,stats=off");
         queues.push(attach(&thread, disk, guest, &log, uring));
+        images.push(image);
     }
     // Both queues are armed and the thread asleep: the first kick wakes it for both.
     std::thread::sleep(Duration::from_millis(50));
-    let data = vec![0xa5; 4096];
-    guests[0].post(req_type::OUT, 0, Some(&data));
-    guests[1].post(req_type::OUT, 8, Some(&data));
+    let (data0, data1) = (vec![0xa5; 4096], vec![0x5a; 4096]);
+    guests[0].post(req_type::OUT, 0, Some(&data0));
+    guests[1].post(req_type::OUT, 8, Some(&data1));
     guests[0].kick();
     assert_eq!(guests[0].wait_used(&log, req_type::OUT), status::OK);
     assert_eq!(guests[1].wait_used(&log, req_type::OUT), status::OK);
@@ -562,6 +563,8 @@ fn a_round_submits_each_queues_requests_before_it_fetches_the_next_queues() {
         queue.stop();
     }
     thread.shut_down();
+    assert_eq!(&std::fs::read(&images[0]).unwrap()[..4096], &data0[..]);
+    assert_eq!(&std::fs::read(&images[1]).unwrap()[4096..8192], &data1[..]);
 
     let log = log.lock().unwrap().clone();
     let steps: Vec<&str> = log
