@@ -40,7 +40,7 @@ struct RingState {
     ring: IoUring,
     /// Entries pushed since the last submit.
     unsubmitted: u32,
-    /// Bytes the queues may still copy inline before the round's submit.
+    /// Bytes the queues may still copy inline in this round of the I/O thread.
     inline_left: u64,
     /// Completions reaped but not yet taken, per queue number: (tag, result). Each list has
     /// room for its queue's size (a tag has one operation in flight at a time), so sorting
@@ -87,12 +87,16 @@ impl SharedRing {
         self.state.borrow().done.iter().flatten().any(|list| !list.is_empty())
     }
 
+    /// A round of the I/O thread begins: its queues may copy [`INLINE_ROUND_BYTES`] inline
+    /// between them. (Not renewed by a submit: the loop submits queue by queue.)
+    pub fn begin_round(&self) {
+        self.state.borrow_mut().inline_left = INLINE_ROUND_BYTES;
+    }
+
     /// Submits everything pushed since the last call, [`SUBMIT_CHUNK`] entries per system
-    /// call (none if nothing was pushed). Ends the round's inline budget.
+    /// call (none if nothing was pushed).
     pub fn submit(&self) -> io::Result<()> {
-        let mut state = self.state.borrow_mut();
-        state.inline_left = INLINE_ROUND_BYTES;
-        state.submit()
+        self.state.borrow_mut().submit()
     }
 
     /// Takes every completion off the ring into its queue's list.
@@ -353,5 +357,54 @@ impl Engine for UringEngine {
     fn completion_fd(&self) -> Option<RawFd> {
         // The ring's own fd polls readable while completions wait in the CQ.
         Some(self.ring.fd())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtq::testing::guest_ram;
+
+    /// The inline budget is the round's, for all the thread's queues together: a queue's
+    /// submit in the middle of the round (the loop submits queue by queue) does not renew it.
+    #[test]
+    fn a_rounds_queues_share_one_inline_budget() {
+        let file = tempfile::tempfile_in("/dev/shm").unwrap();
+        file.set_len(1 << 20).unwrap();
+        let (_ram, mem) = guest_ram(1 << 20);
+        let mut iovs = Vec::new();
+        assert!(mem.translate(0, INLINE_MAX_BYTES as u32, |iov| {
+            iovs.push(iov);
+            true
+        }));
+        let read = IoOp::Read { offset: 0, iov: &iovs };
+        let ring = SharedRing::new(64).unwrap();
+        let fd = file.as_raw_fd();
+        let mut a = UringEngine::on(&ring, fd, 16, true);
+        let mut b = UringEngine::on(&ring, fd, 16, true);
+        let on_ring = || ring.state.borrow().unsubmitted;
+
+        ring.begin_round();
+        for tag in 0..(INLINE_ROUND_BYTES / INLINE_MAX_BYTES) as u16 {
+            // SAFETY: `iovs` and the guest RAM outlive the engines; b's read is reaped below.
+            unsafe { a.queue(tag, read) }.unwrap();
+        }
+        assert_eq!(on_ring(), 0, "the round's first 256 KiB are copied inline");
+        a.submit().unwrap();
+        // SAFETY: as above.
+        unsafe { b.queue(0, read) }.unwrap();
+        assert_eq!(on_ring(), 1, "another queue's read past the budget goes to the ring");
+        b.submit().unwrap();
+        let mut done = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while done.is_empty() && std::time::Instant::now() < deadline {
+            b.reap(|tag, result| done.push((tag, result)));
+        }
+        assert_eq!(done, [(0, INLINE_MAX_BYTES as i32)]);
+
+        ring.begin_round();
+        // SAFETY: as above.
+        unsafe { b.queue(1, read) }.unwrap();
+        assert_eq!(on_ring(), 0, "a new round copies inline again");
     }
 }

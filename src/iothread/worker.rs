@@ -220,6 +220,7 @@ impl EventLoop {
     /// tenants on tmpfs had 2.5 times the IOPS of the slowest.
     fn round(&mut self) -> usize {
         self.first = if self.first + 1 >= self.queues.len() { 0 } else { self.first + 1 };
+        self.ring.begin_round();
         for e in in_turn(&mut self.queues, self.first) {
             e.progress = e.queue.fetch(FAIR_BATCH);
             e.queue.submit();
