@@ -389,7 +389,7 @@ fn prometheus_metrics_parse() {
     let dir = tmpdir();
     let d = dir.path();
     let sock = d.join("m.sock");
-    let port = 20000 + (common::rand_u16() % 20000);
+    let port = common::free_port();
     let addr = format!("127.0.0.1:{port}");
     let _daemon = Daemon::start_with(
         d,

@@ -131,8 +131,7 @@ fn an_export_over_tcp() {
     let image = dir.path().join("disk.raw");
     let sock = dir.path().join("blk.sock");
     make_image(&image, 16 << 20, 24);
-    // A free port: bound by us, then released for qemu-nbd.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = common::free_port();
     let _qnbd = KillOnDrop(
         Command::new("qemu-nbd")
             .args([

@@ -306,7 +306,7 @@ fn a_live_change_takes_effect_within_a_second() {
 fn a_held_queue_sleeps_and_shows_in_the_stats() {
     let dir = tmpdir();
     let d = dir.path();
-    let port = 20000 + (common::rand_u16() % 20000);
+    let port = common::free_port();
     let addr = format!("127.0.0.1:{port}");
     let (daemon, control) =
         daemon(d, &[null_export(d, "h", ",iops-total=20")], &["--metrics", &addr]);

@@ -633,9 +633,33 @@ pub fn shell_words(text: &str) -> Vec<String> {
         .collect()
 }
 
-/// A port free on the loopback now (a test's daemon or Prometheus binds it next).
+/// A port free on the loopback now, for a test's daemon, server or Prometheus to bind next.
+///
+/// It is taken below the kernel's ephemeral range: a port the kernel handed out (`bind` to port
+/// 0) is free only until the next outgoing connection, which may be given it as its own local
+/// port before the daemon binds it ("Address already in use"). Below that range only an explicit
+/// bind can take it, and each call in this process gets a different one.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    const LOWEST: u16 = 10_000;
+    static CALLS: AtomicU16 = AtomicU16::new(0);
+    let range = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+    let ephemeral_low: u16 = range.split_whitespace().next().unwrap().parse().unwrap();
+    assert!(ephemeral_low > LOWEST + 1000, "ephemeral ports start at {ephemeral_low}");
+    let span = ephemeral_low - LOWEST;
+    // Test binaries run one at a time; a start drawn once at random keeps a rerun off the
+    // last run's ports, which may still be in TIME_WAIT.
+    static START: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(rand_u16) % span;
+    for _ in 0..span {
+        let offset =
+            (u32::from(start) + u32::from(CALLS.fetch_add(1, Ordering::Relaxed))) % u32::from(span);
+        let port = LOWEST + offset as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port below the ephemeral range {range:?}");
 }
 
 /// `GET path` over HTTP/1.0 with `headers` (each ending in CRLF): the response head and body.
