@@ -102,14 +102,12 @@ impl SharedRing {
     /// Takes every completion off the ring into its queue's list.
     fn sort_completions(state: &mut RingState) {
         let RingState { ring, done, .. } = state;
-        if ring.submission().cq_overflow() {
-            // Completions the kernel held back for a full CQ (IORING_FEAT_NODROP) come only
-            // with GETEVENTS; a submit would pass it, but a thread with nothing to submit
-            // would otherwise wake for them forever.
+        let flush = held_back_flags(ring);
+        if flush != 0 {
+            // A submit would flush them too, but a thread with nothing to submit would
+            // otherwise wake for them forever.
             // SAFETY: no argument is passed (None).
-            let _ = unsafe {
-                ring.submitter().enter::<libc::sigset_t>(0, 0, IORING_ENTER_GETEVENTS, None)
-            };
+            let _ = unsafe { ring.submitter().enter::<libc::sigset_t>(0, 0, flush, None) };
         }
         for cqe in ring.completion() {
             let data = cqe.user_data();
@@ -148,14 +146,22 @@ pub const SUBMIT_CHUNK: u32 = 4;
 /// `io_uring_enter`'s flag to flush completions the kernel holds because the CQ was full.
 const IORING_ENTER_GETEVENTS: u32 = 1;
 
+/// The `io_uring_enter` flags that bring back the completions the kernel holds because the CQ
+/// was full (IORING_FEAT_NODROP): they come only with GETEVENTS. None when nothing is held.
+fn held_back_flags(ring: &mut IoUring) -> u32 {
+    if ring.submission().cq_overflow() {
+        IORING_ENTER_GETEVENTS
+    } else {
+        0
+    }
+}
+
 impl RingState {
     /// Hands every pushed entry to the kernel, [`SUBMIT_CHUNK`] per system call.
     fn submit(&mut self) -> io::Result<()> {
         while self.unsubmitted > 0 {
             let chunk = self.unsubmitted.min(SUBMIT_CHUNK);
-            // Completions held back by a full CQ (IORING_FEAT_NODROP) wait for GETEVENTS.
-            let flags =
-                if self.ring.submission().cq_overflow() { IORING_ENTER_GETEVENTS } else { 0 };
+            let flags = held_back_flags(&mut self.ring);
             // SAFETY: no argument is passed (None); the entries being submitted were pushed
             // under the contract of Engine::queue, which keeps what they point to valid.
             let entered =
@@ -406,5 +412,36 @@ mod tests {
         // SAFETY: as above.
         unsafe { b.queue(1, read) }.unwrap();
         assert_eq!(on_ring(), 0, "a new round copies inline again");
+    }
+
+    /// More completions than the CQ holds are kept by the kernel and reaped later, none lost,
+    /// by a thread that has nothing more to submit.
+    #[test]
+    fn completions_past_a_full_cq_are_all_reaped() {
+        let file = tempfile::tempfile_in("/var/tmp").unwrap();
+        file.set_len(1 << 20).unwrap();
+        let (_ram, mem) = guest_ram(1 << 20);
+        let mut iovs = Vec::new();
+        assert!(mem.translate(0, 4096, |iov| {
+            iovs.push(iov);
+            true
+        }));
+        let read = IoOp::Read { offset: 0, iov: &iovs };
+        // 4 SQ entries and 16 CQ entries, for 64 reads in flight.
+        let ring = SharedRing::new(4).unwrap();
+        let mut engine = UringEngine::on(&ring, file.as_raw_fd(), 64, false);
+        for tag in 0..64 {
+            // SAFETY: `iovs` and the guest RAM outlive the engine; every read is reaped below.
+            unsafe { engine.queue(tag, read) }.unwrap();
+        }
+        engine.submit().unwrap();
+        let mut done = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while done.len() < 64 && std::time::Instant::now() < deadline {
+            engine.reap(|tag, result| done.push((tag, result)));
+        }
+        done.sort_unstable();
+        let all: Vec<(u16, i32)> = (0..64).map(|tag| (tag, 4096)).collect();
+        assert_eq!(done, all);
     }
 }
