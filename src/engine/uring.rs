@@ -370,19 +370,26 @@ impl Engine for UringEngine {
 mod tests {
     use super::*;
     use crate::virtq::testing::guest_ram;
+    use crate::virtq::GuestMemory;
+
+    /// A 1 MiB image in `dir`, 1 MiB of guest RAM, and the iovecs of its first `bytes`.
+    fn image_and_buffer(dir: &str, bytes: u32) -> (std::fs::File, GuestMemory, Vec<GuestIov>) {
+        let image = tempfile::tempfile_in(dir).unwrap();
+        image.set_len(1 << 20).unwrap();
+        let (_ram_fd, mem) = guest_ram(1 << 20);
+        let mut iovs = Vec::new();
+        assert!(mem.translate(0, bytes, |iov| {
+            iovs.push(iov);
+            true
+        }));
+        (image, mem, iovs)
+    }
 
     /// The inline budget is the round's, for all the thread's queues together: a queue's
     /// submit in the middle of the round (the loop submits queue by queue) does not renew it.
     #[test]
     fn a_rounds_queues_share_one_inline_budget() {
-        let file = tempfile::tempfile_in("/dev/shm").unwrap();
-        file.set_len(1 << 20).unwrap();
-        let (_ram, mem) = guest_ram(1 << 20);
-        let mut iovs = Vec::new();
-        assert!(mem.translate(0, INLINE_MAX_BYTES as u32, |iov| {
-            iovs.push(iov);
-            true
-        }));
+        let (file, _ram, iovs) = image_and_buffer("/dev/shm", INLINE_MAX_BYTES as u32);
         let read = IoOp::Read { offset: 0, iov: &iovs };
         let ring = SharedRing::new(64).unwrap();
         let fd = file.as_raw_fd();
@@ -418,14 +425,7 @@ mod tests {
     /// by a thread that has nothing more to submit.
     #[test]
     fn completions_past_a_full_cq_are_all_reaped() {
-        let file = tempfile::tempfile_in("/var/tmp").unwrap();
-        file.set_len(1 << 20).unwrap();
-        let (_ram, mem) = guest_ram(1 << 20);
-        let mut iovs = Vec::new();
-        assert!(mem.translate(0, 4096, |iov| {
-            iovs.push(iov);
-            true
-        }));
+        let (file, _ram, iovs) = image_and_buffer("/var/tmp", 4096);
         let read = IoOp::Read { offset: 0, iov: &iovs };
         // 4 SQ entries and 16 CQ entries, for 64 reads in flight.
         let ring = SharedRing::new(4).unwrap();
