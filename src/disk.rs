@@ -413,7 +413,8 @@ impl Options for DiskOptions {
                    writeback: host page cache, write cache on, FLUSH = fdatasync.\n\
                    writethrough: host page cache with O_DSYNC, write cache off.\n\
                    unsafe: host page cache, FLUSH ignored: a host crash or power loss\n\
-                   may lose data the guest was told is on disk. For scratch disks only.",
+                   may lose data the guest was told is on disk. For scratch disks only.\n\
+                   NBD: without a write cache every write carries FUA (or a flush).",
             set: |d, v| {
                 d.cache = v.text("cache")?.parse().map_err(SpecError)?;
                 Ok(())
@@ -1232,6 +1233,7 @@ fn open_nbd(
         spec.clone(),
         n,
         config.readonly,
+        config.cache.dsync(),
         std::time::Duration::from_secs(u64::from(reconnect_delay_s)),
         span.clone(),
         config.queues.unwrap_or(if multi_conn { MAX_QUEUES } else { 1 }),

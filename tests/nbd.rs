@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use blkio::ReqFlags;
 use common::frontend::{TestFrontend, S_IOERR, S_OK, T_IN};
-use common::nbd::{NbdServer, Server};
+use common::nbd::{nbdkit, NbdServer, Server};
 use common::{
     assert_usage_error, fd_count, make_image, pattern, serve_refused, thread_count, tmpdir,
     wait_until, Client, Daemon, KillOnDrop,
@@ -168,6 +168,135 @@ fn an_export_over_tcp() {
     assert!(daemon.stop().success());
     let img = fs::read(&image).unwrap();
     assert_eq!(img[3 << 20..4 << 20], pattern(25, 3 << 20, 1 << 20)[..]);
+}
+
+/// A server whose largest payload (96 KiB here) is smaller than the guest's requests: each
+/// read and write goes out in parts the server takes, the parts crossing the guest's buffer
+/// segments, two such requests in flight at once, and every byte lands where it belongs.
+/// (Before, such requests failed: IOERR, "beyond the NBD server's maximum".)
+#[test]
+fn requests_past_the_servers_largest_payload_go_in_parts() {
+    let dir = tmpdir();
+    let image = dir.path().join("disk.raw");
+    let sock = dir.path().join("blk.sock");
+    let nbd_sock = dir.path().join("nbd.sock");
+    make_image(&image, 16 << 20, 26);
+    // The policy filter advertises the block sizes and answers a longer request with EINVAL.
+    let policy = ["blocksize-minimum=512", "blocksize-preferred=4096", "blocksize-maximum=98304"];
+    let mut args =
+        vec!["--filter=blocksize-policy".into(), "file".into(), image.display().to_string()];
+    args.extend(policy.map(String::from));
+    args.push("blocksize-error-policy=error".into());
+    let _nbdkit = nbdkit(&nbd_sock, &args);
+    let uri = format!("nbd+unix:///?socket={}", nbd_sock.display());
+    let mut daemon = Daemon::start(dir.path(), &[nbd_export(&sock, &uri, "")]);
+    let (a_at, b_at, len) = ((1 << 20) + 4096, 9 << 20, 3 << 20);
+    {
+        let mut c = Client::connect(&sock, 1);
+        for (i, (offset, seed)) in [(a_at, 601), (b_at, 602)].into_iter().enumerate() {
+            let at = i * len;
+            c.buf_slice(at, len).copy_from_slice(&pattern(seed, offset, len));
+            let iovs = c.segments(at, len);
+            let n = iovs.len() as u32;
+            c.queues[0].writev(offset, iovs.as_ptr(), n, i, ReqFlags::empty());
+        }
+        let mut done = c.completions(0, 2, Duration::from_secs(20));
+        done.sort_unstable();
+        assert_eq!(done, [(0, 0), (1, 0)], "{}", daemon.log());
+        let back = c.read_at(0, a_at, len, 0).unwrap();
+        assert!(back == pattern(601, a_at, len), "the first write, read back");
+        let back = c.read_at(0, b_at - 4096, len + 8192, 0).unwrap();
+        assert!(back[..4096] == pattern(26, b_at - 4096, 4096), "before the second write");
+        assert!(back[4096..4096 + len] == pattern(602, b_at, len), "the second write");
+        assert!(back[4096 + len..] == pattern(26, b_at + len as u64, 4096), "after it");
+    }
+    assert!(daemon.stop().success());
+    let img = fs::read(&image).unwrap();
+    let (a, b) = (a_at as usize, b_at as usize);
+    assert!(img[a..a + len] == pattern(601, a_at, len), "the first write in the image");
+    assert!(img[b..b + len] == pattern(602, b_at, len), "the second write in the image");
+    assert!(img[a - 4096..a] == pattern(26, a_at - 4096, 4096), "before the first write");
+}
+
+/// A cache mode without a write cache (`writethrough`, `directsync`) tells the guest its
+/// writes are on disk when they complete, so they must not wait in the NBD server's cache:
+/// each carries FUA, and a mode with a write cache (`none`) sends none. (Before, the writes
+/// went plain and the guest, seeing no write cache, never flushed.)
+#[test]
+fn writes_without_a_write_cache_carry_fua() {
+    let dir = tmpdir();
+    let image = dir.path().join("disk.raw");
+    let log = dir.path().join("nbdkit.log");
+    let nbd_sock = dir.path().join("nbd.sock");
+    make_image(&image, 16 << 20, 28);
+    let args = [
+        "--filter=log",
+        "file",
+        &image.display().to_string(),
+        &format!("logfile={}", log.display()),
+    ];
+    let _nbdkit = nbdkit(&nbd_sock, &args.map(String::from));
+    let uri = format!("nbd+unix:///?socket={}", nbd_sock.display());
+    for (i, cache, fua) in [(0u64, "writethrough", 1), (1, "directsync", 1), (2, "none", 0)] {
+        let sock = dir.path().join(format!("{cache}.sock"));
+        let mut daemon =
+            Daemon::start(dir.path(), &[nbd_export(&sock, &uri, &format!(",cache={cache}"))]);
+        let offset = i << 20;
+        {
+            let mut c = Client::connect(&sock, 1);
+            assert_eq!(c.write_at(0, offset, &pattern(800 + i, offset, 65536), 0), 0, "{cache}");
+        }
+        assert!(daemon.stop().success());
+        let text = fs::read_to_string(&log).unwrap();
+        let write = format!("Write id=1 offset={offset:#x} count=0x10000 fua={fua}");
+        assert!(text.contains(&write), "cache={cache}: no '{write}' in\n{text}");
+    }
+}
+
+/// A server without FUA: a durable write is followed by a flush under its cookie, sent as
+/// soon as the write is answered, also by a thread that sleeps between requests
+/// (`poll=never`), and the write completes only after the flush.
+#[test]
+fn a_durable_write_to_a_server_without_fua_is_flushed_at_once() {
+    let dir = tmpdir();
+    let image = dir.path().join("disk.raw");
+    let flushes = dir.path().join("flushes");
+    let sock = dir.path().join("blk.sock");
+    let nbd_sock = dir.path().join("nbd.sock");
+    make_image(&image, 16 << 20, 27);
+    // nbdkit's eval plugin, as a file server that has FLUSH but not FUA; each flush leaves a
+    // line in `flushes`.
+    let img = image.display();
+    let args = [
+        "eval".into(),
+        format!("get_size=echo {}", 16 << 20),
+        format!("pread=dd if={img} skip=$4 count=$3 iflag=count_bytes,skip_bytes"),
+        format!("pwrite=dd of={img} seek=$4 conv=notrunc oflag=seek_bytes status=none"),
+        format!("flush=echo flush >> {}", flushes.display()),
+        "can_write=exit 0".into(),
+        "can_flush=exit 0".into(),
+        "can_fua=echo none".into(),
+    ];
+    let _nbdkit = nbdkit(&nbd_sock, &args);
+    let uri = format!("nbd+unix:///?socket={}", nbd_sock.display());
+    let export = nbd_export(&sock, &uri, ",cache=writethrough,poll=never");
+    let mut daemon = Daemon::start(dir.path(), &[export]);
+    {
+        let mut c = Client::connect(&sock, 1);
+        for (i, offset) in [0u64, 5 << 20].into_iter().enumerate() {
+            let started = Instant::now();
+            assert_eq!(c.write_at(0, offset, &pattern(700 + i as u64, offset, 65536), 0), 0);
+            // The request timeout would answer a flush never sent only after 30 s.
+            let took = started.elapsed();
+            assert!(took < Duration::from_secs(10), "write {i} took {took:?}\n{}", daemon.log());
+            let lines = fs::read_to_string(&flushes).unwrap_or_default();
+            assert_eq!(lines.lines().count(), i + 1, "flushes after write {i}");
+        }
+    }
+    assert!(daemon.stop().success());
+    let img = fs::read(&image).unwrap();
+    assert!(img[..65536] == pattern(700, 0, 65536), "the first write in the image");
+    assert!(img[5 << 20..(5 << 20) + 65536] == pattern(701, 5 << 20, 65536), "the second");
 }
 
 /// What cannot be served is refused at start, in one line, with nothing left behind.

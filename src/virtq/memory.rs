@@ -708,47 +708,56 @@ unsafe fn write_guest(dst: *mut u8, src: &[u8]) {
     }
 }
 
-/// Copies bytes out of a list of guest ranges, skipping the first `skip` bytes. Returns how
-/// many bytes were copied (less than `dst.len()` if the ranges were too short).
-pub fn copy_from_guest(iovs: &[GuestIov], mut skip: usize, dst: &mut [u8]) -> usize {
+/// Calls `each` with the parts of a list of guest ranges that hold `len` bytes from byte
+/// `skip` on, in order, as (start, length). Returns the bytes passed (less than `len` if the
+/// ranges were too short). Each part lies inside one range. The one walk over a request's
+/// buffers from an offset: copies in and out, zero fills, and the NBD engine's writes sent
+/// part by part.
+pub fn guest_parts(
+    iovs: &[GuestIov],
+    mut skip: usize,
+    len: usize,
+    mut each: impl FnMut(*mut u8, usize),
+) -> usize {
     let mut done = 0;
     for iov in iovs {
-        if done == dst.len() {
+        if done == len {
             break;
         }
         if skip >= iov.len() {
             skip -= iov.len();
             continue;
         }
-        let n = (iov.len() - skip).min(dst.len() - done);
-        // SAFETY: skip + n <= iov.len(): inside a live guest mapping (type invariant).
-        unsafe { read_guest(iov.0.iov_base.cast::<u8>().add(skip), &mut dst[done..done + n]) };
+        let n = (iov.len() - skip).min(len - done);
+        // SAFETY: skip < iov.len(): the pointer stays inside the range's mapping.
+        each(unsafe { iov.0.iov_base.cast::<u8>().add(skip) }, n);
         done += n;
         skip = 0;
     }
     done
 }
 
+/// Copies bytes out of a list of guest ranges, skipping the first `skip` bytes. Returns how
+/// many bytes were copied (less than `dst.len()` if the ranges were too short).
+pub fn copy_from_guest(iovs: &[GuestIov], skip: usize, dst: &mut [u8]) -> usize {
+    let mut done = 0;
+    guest_parts(iovs, skip, dst.len(), |part, n| {
+        // SAFETY: part..part + n lies inside one of `iovs`, so inside a live guest mapping
+        // (GuestIov's invariant).
+        unsafe { read_guest(part, &mut dst[done..done + n]) };
+        done += n;
+    })
+}
+
 /// Copies `src` into a list of guest ranges, skipping their first `skip` bytes. Returns the
 /// bytes written (less than `src.len()` if the ranges were too short).
-pub fn copy_to_guest(iovs: &[GuestIov], mut skip: usize, src: &[u8]) -> usize {
+pub fn copy_to_guest(iovs: &[GuestIov], skip: usize, src: &[u8]) -> usize {
     let mut done = 0;
-    for iov in iovs {
-        if done == src.len() {
-            break;
-        }
-        if skip >= iov.len() {
-            skip -= iov.len();
-            continue;
-        }
-        let n = (iov.len() - skip).min(src.len() - done);
-        // SAFETY: skip + n <= iov.len(): inside a live guest mapping (type invariant); src is
-        // ours and cannot overlap guest memory.
-        unsafe { write_guest(iov.0.iov_base.cast::<u8>().add(skip), &src[done..done + n]) };
+    guest_parts(iovs, skip, src.len(), |part, n| {
+        // SAFETY: as in copy_from_guest; src is ours and cannot overlap guest memory.
+        unsafe { write_guest(part, &src[done..done + n]) };
         done += n;
-        skip = 0;
-    }
-    done
+    })
 }
 
 /// Fills a list of guest ranges with zero bytes (reads from a disk with no backing).
@@ -761,23 +770,11 @@ pub fn zero_guest(iovs: &[GuestIov]) {
 
 /// Zeroes `len` bytes of a list of guest ranges, after their first `skip` bytes (a hole in
 /// a read's reply). Returns the bytes zeroed.
-pub fn zero_guest_range(iovs: &[GuestIov], mut skip: usize, len: usize) -> usize {
-    let mut done = 0;
-    for iov in iovs {
-        if done == len {
-            break;
-        }
-        if skip >= iov.len() {
-            skip -= iov.len();
-            continue;
-        }
-        let n = (iov.len() - skip).min(len - done);
-        // SAFETY: skip + n <= iov.len(): inside a live guest mapping (type invariant).
-        unsafe { ptr::write_bytes(iov.0.iov_base.cast::<u8>().add(skip), 0, n) }
-        done += n;
-        skip = 0;
-    }
-    done
+pub fn zero_guest_range(iovs: &[GuestIov], skip: usize, len: usize) -> usize {
+    guest_parts(iovs, skip, len, |part, n| {
+        // SAFETY: as in copy_from_guest.
+        unsafe { ptr::write_bytes(part, 0, n) }
+    })
 }
 
 /// Whether every range starts and ends on an `align`-byte boundary (a power of two), which

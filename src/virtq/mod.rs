@@ -13,8 +13,8 @@ pub(crate) mod testing;
 
 pub use inflight::{InflightError, InflightQueue, InflightRegion, Tracker};
 pub use memory::{
-    copy_from_guest, copy_to_guest, iov_tables, iovs_aligned, zero_guest, zero_guest_range,
-    BounceBuffer, GuestIov, GuestMemory, IovTable, MappedRegion, MemoryError,
+    copy_from_guest, copy_to_guest, guest_parts, iov_tables, iovs_aligned, zero_guest,
+    zero_guest_range, BounceBuffer, GuestIov, GuestMemory, IovTable, MappedRegion, MemoryError,
 };
 pub use ring::{Ring, RingFormat, RingSetup};
 pub use split::{ChainOutcome, ChainSink, RingAddrs, SplitQueue};

@@ -97,3 +97,22 @@ impl Drop for NbdServer {
         self.kill();
     }
 }
+
+/// nbdkit serving on `socket` with `args` (filters, the plugin and its parameters), stopped
+/// when dropped; returns once it answers.
+pub fn nbdkit(socket: &Path, args: &[String]) -> super::KillOnDrop {
+    let child = Command::new("nbdkit")
+        .args(["--foreground", "--exit-with-parent", "--unix"])
+        .arg(socket)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start nbdkit: {e}"));
+    let server = super::KillOnDrop(child);
+    super::wait_until("nbdkit listens", Duration::from_secs(20), || {
+        UnixStream::connect(socket).is_ok()
+    });
+    server
+}

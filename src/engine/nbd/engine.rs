@@ -37,7 +37,7 @@ use super::wire::*;
 use super::NbdSpec;
 use crate::engine::{Engine, IoOp};
 use crate::ratelimit::RateLimiter;
-use crate::virtq::{copy_to_guest, zero_guest_range, GuestIov};
+use crate::virtq::{copy_to_guest, guest_parts, zero_guest_range, GuestIov};
 use crate::{info_limited, warn_limited};
 
 /// Receive buffer: replies of a round are read with one `recv` into it.
@@ -71,6 +71,10 @@ pub struct NbdTarget {
     /// The negotiation at open: every later connection must agree on the size.
     pub negotiated: Negotiated,
     pub readonly: bool,
+    /// The cache mode gives the guest no write cache (writethrough, directsync): every write
+    /// is made durable before it completes, with FUA or a flush after it, as the server's
+    /// own cache would otherwise hold writes the guest was told are on disk.
+    pub write_through: bool,
     pub reconnect_delay: Duration,
     /// The export's log span.
     pub span: tracing::Span,
@@ -90,6 +94,7 @@ impl NbdTarget {
         spec: NbdSpec,
         negotiated: Negotiated,
         readonly: bool,
+        write_through: bool,
         reconnect_delay: Duration,
         span: tracing::Span,
         queues: u16,
@@ -98,6 +103,7 @@ impl NbdTarget {
             spec,
             negotiated,
             readonly,
+            write_through,
             reconnect_delay,
             span,
             connectors: Slots::new(queues),
@@ -182,6 +188,10 @@ impl Cover {
 }
 
 /// One request as the engine keeps it until its reply: enough to send it again.
+///
+/// A read or write longer than the server's maximum payload goes out in parts, one after
+/// the other under the tag's cookie: `offset` and `len` are the part on the wire, at byte
+/// `part_at` of the request's `whole_len`.
 #[derive(Clone, Copy)]
 struct Op {
     busy: bool,
@@ -189,6 +199,8 @@ struct Op {
     flags: u16,
     offset: u64,
     len: u32,
+    whole_len: u32,
+    part_at: u32,
     iov: *const GuestIov,
     iovcnt: usize,
     /// A write that must be made durable and the server has no FUA: a FLUSH follows it.
@@ -226,6 +238,8 @@ const IDLE_OP: Op = Op {
     flags: 0,
     offset: 0,
     len: 0,
+    whole_len: 0,
+    part_at: 0,
     iov: std::ptr::null(),
     iovcnt: 0,
     then_flush: false,
@@ -517,12 +531,10 @@ impl NbdEngine {
             iov_len: REQUEST_HEADER_BYTES,
         });
         if op.command == CMD_WRITE {
-            for iov in op.iovs() {
-                self.out.push_back(libc::iovec {
-                    iov_base: iov.addr() as *mut libc::c_void,
-                    iov_len: iov.len(),
-                });
-            }
+            let out = &mut self.out;
+            guest_parts(op.iovs(), op.part_at as usize, op.len as usize, |part, n| {
+                out.push_back(libc::iovec { iov_base: part.cast(), iov_len: n })
+            });
         }
     }
 
@@ -691,6 +703,11 @@ impl NbdEngine {
                     op.flags &= !CMD_FLAG_FUA;
                     op.then_flush = true;
                 }
+                if matches!(op.command, CMD_READ | CMD_WRITE) {
+                    // A restarted server may take less at once: the part shrinks, the
+                    // parts after it follow on.
+                    op.len = op.len.min(negotiated.part_max_bytes());
+                }
                 self.set_header(tag as u16);
                 self.push_out(tag as u16);
             }
@@ -787,7 +804,7 @@ impl NbdEngine {
                         let op = self.ops[usize::from(tag)];
                         copy_to_guest(
                             op.iovs(),
-                            at as usize,
+                            (u64::from(op.part_at) + at) as usize,
                             &self.inbuf[self.in_start..self.in_start + n],
                         );
                     }
@@ -918,7 +935,7 @@ impl NbdEngine {
                 match within(op, offset, hole) {
                     Some((a, e)) => {
                         if self.cover(tag, a, e, offset, hole) {
-                            zero_guest_range(op.iovs(), a as usize, hole as usize);
+                            zero_guest_range(op.iovs(), (op.part_at + a) as usize, hole as usize);
                         }
                     }
                     None => self.refuse_chunk(
@@ -995,12 +1012,45 @@ impl NbdEngine {
             warn_limited!(self.target.log(), parent: &self.target.span, server = %self.target.spec,
                 "NBD server answered a read of {} bytes with {covered}", op.len);
             -libc::EIO
+        } else if matches!(op.command, CMD_READ | CMD_WRITE) && op.part_at + op.len < op.whole_len {
+            self.next_part(tag);
+            return;
         } else if op.command == CMD_READ || op.command == CMD_WRITE {
-            op.len as i32
+            op.whole_len as i32
         } else {
             0
         };
         self.finish(tag, result);
+    }
+}
+
+impl NbdEngine {
+    /// The negotiation the requests go out under: the connection's, or the export's at open
+    /// while there is none.
+    fn negotiated(&self) -> Negotiated {
+        self.conn.as_ref().map_or(self.target.negotiated, |c| c.negotiated)
+    }
+
+    /// Sends what waits in the output, unless the socket is full (then its writability
+    /// sends it).
+    fn send_waiting(&mut self) {
+        if !self.out.is_empty() && !self.wants_out {
+            self.flush_out();
+        }
+    }
+
+    /// Sends the part of request `tag` after the one just answered.
+    fn next_part(&mut self, tag: u16) {
+        let part_max = self.negotiated().part_max_bytes();
+        let op = &mut self.ops[usize::from(tag)];
+        op.part_at += op.len;
+        op.offset += u64::from(op.len);
+        op.len = (op.whole_len - op.part_at).min(part_max);
+        op.cover = Cover::NONE;
+        self.set_header(tag);
+        if self.conn.is_some() {
+            self.push_out(tag);
+        }
     }
 }
 
@@ -1036,7 +1086,7 @@ impl Drop for NbdEngine {
 
 impl Engine for NbdEngine {
     unsafe fn queue(&mut self, tag: u16, op: IoOp<'_>) -> io::Result<()> {
-        let n = self.conn.as_ref().map_or(self.target.negotiated, |c| c.negotiated);
+        let n = self.negotiated();
         let (command, flags, offset, len, iov, then_flush): (
             u16,
             u16,
@@ -1049,6 +1099,7 @@ impl Engine for NbdEngine {
                 (CMD_READ, 0, offset, GuestIov::total_len(iov), iov, false)
             }
             IoOp::Write { offset, iov, dsync } => {
+                let dsync = dsync || self.target.write_through;
                 let fua = dsync && n.has(TFLAG_SEND_FUA);
                 let flags = if fua { CMD_FLAG_FUA } else { 0 };
                 (
@@ -1083,15 +1134,13 @@ impl Engine for NbdEngine {
                 false,
             ),
         };
-        let payload = command == CMD_READ || command == CMD_WRITE;
-        let len = match u32::try_from(len) {
-            Ok(l) if !payload || l <= n.max_payload => l,
-            _ => {
-                warn_limited!(self.target.log(), parent: &self.target.span,
-                    "a request of {len} bytes is beyond the NBD server's {} maximum", n.max_payload);
-                return Err(io::Error::from_raw_os_error(libc::EINVAL));
-            }
+        // Never so: seg_max and size_max keep a request's data far below 4 GiB, and discards
+        // to 1 GiB.
+        let Ok(whole_len) = u32::try_from(len) else {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
         };
+        let payload = command == CMD_READ || command == CMD_WRITE;
+        let len = if payload { whole_len.min(n.part_max_bytes()) } else { whole_len };
         let index = usize::from(tag);
         if index >= self.ops.len() || self.ops[index].busy {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
@@ -1106,6 +1155,8 @@ impl Engine for NbdEngine {
             flags,
             offset,
             len,
+            whole_len,
+            part_at: 0,
             iov: iov.as_ptr(),
             iovcnt: iov.len(),
             then_flush,
@@ -1128,9 +1179,7 @@ impl Engine for NbdEngine {
     }
 
     fn submit(&mut self) -> io::Result<()> {
-        if !self.out.is_empty() && !self.wants_out {
-            self.flush_out();
-        }
+        self.send_waiting();
         Ok(())
     }
 
@@ -1143,6 +1192,10 @@ impl Engine for NbdEngine {
             if self.in_flight > 0 {
                 self.receive();
             }
+            // A reply can call for more to send under its cookie (the next part, the flush
+            // after a write): sent now, as a round that completes nothing may be followed by
+            // sleep, not by another submit.
+            self.send_waiting();
         }
         for (tag, result) in self.done.drain(..) {
             on_complete(tag, result);
@@ -1215,7 +1268,8 @@ mod tests {
     fn connected() -> (NbdEngine, UnixStream) {
         let spec = NbdSpec::parse("nbd+unix:///?socket=/nonexistent").unwrap();
         let span = tracing::Span::none();
-        let target = NbdTarget::new(spec, negotiated(), false, Duration::from_secs(10), span, 1);
+        let target =
+            NbdTarget::new(spec, negotiated(), false, false, Duration::from_secs(10), span, 1);
         let mut engine = NbdEngine::unconnected(Arc::new(target), 0, 8).unwrap();
         let (ours, theirs) = UnixStream::pair().unwrap();
         ours.set_nonblocking(true).unwrap();

@@ -46,6 +46,13 @@ impl Negotiated {
     pub fn has(&self, flag: u16) -> bool {
         self.flags & flag != 0
     }
+
+    /// The most bytes one read or write sends: the server's maximum payload, in whole
+    /// minimum blocks (the maximum need not be a multiple of the minimum). A longer request
+    /// goes out in parts of this size.
+    pub fn part_max_bytes(&self) -> u32 {
+        (self.max_payload / self.min_block * self.min_block).max(self.min_block)
+    }
 }
 
 /// A socket, non-blocking, connected and negotiated, ready for the transmission phase.
