@@ -255,8 +255,9 @@ const IDLE_OP: Op = Op {
 enum Parse {
     /// At the start of a reply (a simple reply or a structured chunk).
     Header,
-    /// In a read's payload: `remaining` bytes, to go to the request's buffers at `at`
-    /// (`deliver` false: to be skipped, the chunk was refused). `done`: the reply ends with it.
+    /// In a read's payload: `remaining` bytes, to go to the request's buffers at `at` bytes
+    /// into the part on the wire (`deliver` false: to be skipped, the chunk was refused).
+    /// `done`: the reply ends with it.
     Data { tag: u16, at: u64, remaining: u64, deliver: bool, done: bool },
 }
 
@@ -1047,6 +1048,8 @@ impl NbdEngine {
         op.offset += u64::from(op.len);
         op.len = (op.whole_len - op.part_at).min(part_max);
         op.cover = Cover::NONE;
+        // Each part has its own retry: an earlier part's timeout does not count against it.
+        op.timed_out = false;
         self.set_header(tag);
         if self.conn.is_some() {
             self.push_out(tag);
@@ -1054,8 +1057,8 @@ impl NbdEngine {
     }
 }
 
-/// Where a chunk of `bytes` at the wire's `offset` falls in read `op`: (start, end) in the
-/// read, if it lies wholly inside (overflow-safe: a server's numbers may be anything).
+/// Where a chunk of `bytes` at the wire's `offset` falls in read `op`'s part on the wire:
+/// (start, end) in the part, if it lies wholly inside (overflow-safe: a server's numbers may be anything).
 fn within(op: Op, offset: u64, bytes: u64) -> Option<(u32, u32)> {
     if op.command != CMD_READ {
         return None;
@@ -1239,7 +1242,7 @@ mod tests {
     use super::*;
     use crate::virtq::testing::{guest_ram, read, write};
     use proptest::prelude::*;
-    use std::io::Write as _;
+    use std::io::{Read as _, Write as _};
     use std::os::unix::net::UnixStream;
 
     const DATA_GPA: u64 = 0x1000;
@@ -1266,15 +1269,131 @@ mod tests {
 
     /// An engine of one queue connected to the returned socket (the server's end).
     fn connected() -> (NbdEngine, UnixStream) {
+        connected_to(negotiated())
+    }
+
+    fn connected_to(n: Negotiated) -> (NbdEngine, UnixStream) {
         let spec = NbdSpec::parse("nbd+unix:///?socket=/nonexistent").unwrap();
         let span = tracing::Span::none();
-        let target =
-            NbdTarget::new(spec, negotiated(), false, false, Duration::from_secs(10), span, 1);
+        let target = NbdTarget::new(spec, n, false, false, Duration::from_secs(10), span, 1);
         let mut engine = NbdEngine::unconnected(Arc::new(target), 0, 8).unwrap();
         let (ours, theirs) = UnixStream::pair().unwrap();
         ours.set_nonblocking(true).unwrap();
-        engine.conn = Some(Conn { fd: ours.into(), negotiated: negotiated() });
+        // What the engine sends must already be in the socket when the server looks.
+        theirs.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        engine.conn = Some(Conn { fd: ours.into(), negotiated: n });
         (engine, theirs)
+    }
+
+    /// The next request the engine sent: (flags, command, offset, length), and a write's data.
+    fn next_request(server: &mut UnixStream) -> (u16, u16, u64, u32, Vec<u8>) {
+        let mut h = [0u8; REQUEST_HEADER_BYTES];
+        server.read_exact(&mut h).expect("a request sent without another submit");
+        assert_eq!(u32::from_be_bytes(h[0..4].try_into().unwrap()), REQUEST_MAGIC);
+        let flags = u16::from_be_bytes([h[4], h[5]]);
+        let command = u16::from_be_bytes([h[6], h[7]]);
+        assert_eq!(u64::from_be_bytes(h[8..16].try_into().unwrap()), 0, "tag 0's cookie");
+        let offset = u64::from_be_bytes(h[16..24].try_into().unwrap());
+        let len = u32::from_be_bytes(h[24..28].try_into().unwrap());
+        let mut data = vec![0u8; if command == CMD_WRITE { len as usize } else { 0 }];
+        server.read_exact(&mut data).unwrap();
+        (flags, command, offset, len, data)
+    }
+
+    /// A simple reply to tag 0 without error, then `data`.
+    fn simple_ok(server: &mut UnixStream, data: &[u8]) {
+        let mut m = SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
+        m.extend_from_slice(&[0; 12]);
+        m.extend_from_slice(data);
+        server.write_all(&m).unwrap();
+    }
+
+    /// A server of 4 KiB requests at most.
+    fn small_payloads(flags: u16) -> Negotiated {
+        Negotiated { flags: TFLAG_HAS_FLAGS | flags, max_payload: 4096, ..negotiated() }
+    }
+
+    /// A read past the server's largest payload goes in parts, each sent by the reap that
+    /// took the part before it, and each part's reply (data chunks out of order, a hole, a
+    /// simple reply) lands at its own place in the guest's buffer.
+    #[test]
+    fn a_read_in_parts_lands_each_part_in_its_place() {
+        let (_file, mem) = guest_ram(1 << 20);
+        let len = 10000u32;
+        write(&mem, DATA_GPA, &vec![0xEE; len as usize]);
+        let mut iovs = Vec::new();
+        assert!(mem.translate(DATA_GPA, len, |iov| {
+            iovs.push(iov);
+            true
+        }));
+        let (mut engine, mut server) = connected_to(small_payloads(0));
+        // SAFETY: `iovs` and the guest RAM outlive the engine, which is reaped below.
+        unsafe { engine.queue(0, IoOp::Read { offset: 8192, iov: &iovs }) }.unwrap();
+        engine.submit().unwrap();
+        let mut results = Vec::new();
+        assert_eq!(next_request(&mut server), (0, CMD_READ, 8192, 4096, vec![]));
+        let second_half_first =
+            [Chunk { at: 2048, len: 2048, hole: false }, Chunk { at: 0, len: 2048, hole: false }];
+        send(&mut server, 8192, &second_half_first);
+        engine.reap(|tag, r| results.push((tag, r)));
+        assert_eq!(next_request(&mut server), (0, CMD_READ, 12288, 4096, vec![]));
+        send(
+            &mut server,
+            12288,
+            &[Chunk { at: 0, len: 1024, hole: true }, Chunk { at: 1024, len: 3072, hole: false }],
+        );
+        engine.reap(|tag, r| results.push((tag, r)));
+        assert_eq!(next_request(&mut server), (0, CMD_READ, 16384, 1808, vec![]));
+        assert!(results.is_empty(), "no completion before the last part: {results:?}");
+        simple_ok(&mut server, &(0..1808).map(byte).collect::<Vec<_>>());
+        engine.reap(|tag, r| results.push((tag, r)));
+        assert_eq!(results, [(0, len as i32)]);
+        let got = read(&mem, DATA_GPA, len as usize);
+        let want: Vec<u8> = (0..u64::from(len))
+            .map(|i| match i {
+                4096..5120 => 0,
+                0..4096 => byte(i),
+                4096..8192 => byte(i - 4096),
+                _ => byte(i - 8192),
+            })
+            .collect();
+        assert!(got == want, "the guest's buffer after the three parts");
+    }
+
+    /// A write that must be durable, to a server without FUA and of 4 KiB requests at most:
+    /// its parts go out one after the other, each from the reap that took the one before,
+    /// then the flush (also from the reap: a thread that sleeps after a round that completed
+    /// nothing would otherwise leave it unsent until its next wake-up), and only the flush's
+    /// reply completes it, with the whole length.
+    #[test]
+    fn a_durable_write_in_parts_ends_with_a_flush_sent_by_the_reap() {
+        let (_file, mem) = guest_ram(1 << 20);
+        let len = 10000u32;
+        let data: Vec<u8> = (0..u64::from(len)).map(byte).collect();
+        write(&mem, DATA_GPA, &data);
+        let mut iovs = Vec::new();
+        assert!(mem.translate(DATA_GPA, len, |iov| {
+            iovs.push(iov);
+            true
+        }));
+        let (mut engine, mut server) = connected_to(small_payloads(TFLAG_SEND_FLUSH));
+        let write = IoOp::Write { offset: 4096, iov: &iovs, dsync: true };
+        // SAFETY: `iovs` and the guest RAM outlive the engine, which is reaped below.
+        unsafe { engine.queue(0, write) }.unwrap();
+        engine.submit().unwrap();
+        let mut results = Vec::new();
+        for (at, part) in [(0usize, 4096u32), (4096, 4096), (8192, 1808)] {
+            let want =
+                (0, CMD_WRITE, 4096 + at as u64, part, data[at..at + part as usize].to_vec());
+            assert_eq!(next_request(&mut server), want, "the part at {at}");
+            simple_ok(&mut server, &[]);
+            engine.reap(|tag, r| results.push((tag, r)));
+        }
+        assert_eq!(next_request(&mut server), (0, CMD_FLUSH, 0, 0, vec![]));
+        assert!(results.is_empty(), "no completion before the flush: {results:?}");
+        simple_ok(&mut server, &[]);
+        engine.reap(|tag, r| results.push((tag, r)));
+        assert_eq!(results, [(0, len as i32)]);
     }
 
     /// The byte the server sends at read offset `i` (never 0xEE, the stale filler).

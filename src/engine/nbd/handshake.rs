@@ -47,11 +47,12 @@ impl Negotiated {
         self.flags & flag != 0
     }
 
-    /// The most bytes one read or write sends: the server's maximum payload, in whole
-    /// minimum blocks (the maximum need not be a multiple of the minimum). A longer request
-    /// goes out in parts of this size.
+    /// The most bytes one read or write sends: the server's maximum payload in whole
+    /// preferred blocks (the maximum need not be a multiple of them; the handshake made sure
+    /// it is at least one), so every part after the first starts where the server likes. A
+    /// longer request goes out in parts of this size.
     pub fn part_max_bytes(&self) -> u32 {
-        (self.max_payload / self.min_block * self.min_block).max(self.min_block)
+        (self.max_payload / self.preferred_block * self.preferred_block).max(self.min_block)
     }
 }
 
