@@ -1351,9 +1351,9 @@ mod tests {
         let got = read(&mem, DATA_GPA, len as usize);
         let want: Vec<u8> = (0..u64::from(len))
             .map(|i| match i {
-                4096..5120 => 0,
                 0..4096 => byte(i),
-                4096..8192 => byte(i - 4096),
+                4096..5120 => 0, // the hole
+                5120..8192 => byte(i - 4096),
                 _ => byte(i - 8192),
             })
             .collect();
