@@ -12,7 +12,9 @@ use crate::config_file::DaemonSettings;
 use crate::disk::{BackendSpec, Disk};
 use crate::export::ExportConfig;
 use crate::iothread::poll::{PollMode, PollPolicy};
-use crate::iothread::registry::{IoThreadConfig, IoThreadInfo, IoThreads, ThreadChoice};
+use crate::iothread::registry::{
+    dedicated_info, IoThreadConfig, IoThreadInfo, IoThreads, ThreadChoice,
+};
 use crate::iothread::Placement;
 use crate::jobs::{JobError, Jobs};
 use crate::mirror::JobInfo;
@@ -819,8 +821,15 @@ impl Daemon {
         Ok(mirror.info())
     }
 
+    /// The shared threads, then each export's dedicated ones (while their queues run).
     pub fn list_iothreads(&self) -> Vec<IoThreadInfo> {
-        self.iothreads.list()
+        let mut all = self.iothreads.list();
+        for e in self.exports().iter() {
+            if let Placement::Dedicated { started, .. } = &e.placement {
+                all.extend(started.running().iter().map(|t| dedicated_info(&e.id, t)));
+            }
+        }
+        all
     }
 
     /// Stops every export: no new connections, clients hung up after in-flight I/O.

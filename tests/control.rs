@@ -655,3 +655,61 @@ fn dump_config_keeps_runtime_changes() {
     let c = Client::connect(&sock_n, 1);
     assert_eq!(c.capacity(), 2 << 20);
 }
+
+/// An export's own threads (`iothread=dedicated`) are in `list-iothreads` while its queues
+/// run, as `EXPORT/qN` of kind `dedicated`, each the real thread of that name, pinned as
+/// `cpus` says, with its CPU time, also in the metrics; they leave the list with their
+/// queues, and the shared threads stay as they were.
+#[test]
+fn list_iothreads_shows_an_exports_dedicated_threads_while_its_queues_run() {
+    let dir = tmpdir();
+    let d = dir.path();
+    let (ctl_path, sock) = (d.join("ctl.sock"), d.join("ded.sock"));
+    let metrics = format!("127.0.0.1:{}", common::free_port());
+    let daemon = Daemon::start_with(
+        d,
+        &[
+            "--control".into(),
+            ctl_path.display().to_string(),
+            "--metrics".into(),
+            metrics.clone(),
+            "--export".into(),
+            format!(
+                "id=ded,socket={},engine=null,size=8M,queues=2,iothread=dedicated,cpus=0",
+                sock.display()
+            ),
+        ],
+        &[ctl_path.clone(), sock.clone()],
+    );
+    let mut ctl = Ctl::connect(&ctl_path);
+    let kinds = |threads: &Value| -> Vec<(String, String)> {
+        let all = threads.as_array().unwrap().iter();
+        all.map(|t| (t["id"].as_str().unwrap().into(), t["kind"].as_str().unwrap().into()))
+            .collect()
+    };
+    let shared = kinds(&ctl.ok("list-iothreads", json!({})));
+    assert!(shared.iter().all(|(_, kind)| kind == "pool"), "{shared:?}");
+    {
+        let mut c = Client::connect(&sock, 2);
+        assert_eq!(c.read_at(1, 0, 4096, 0).unwrap(), vec![0u8; 4096]);
+        let threads = ctl.ok("list-iothreads", json!({}));
+        let mut expected = shared.clone();
+        expected.extend(["ded/q0", "ded/q1"].map(|id| (id.to_string(), "dedicated".to_string())));
+        assert_eq!(kinds(&threads), expected);
+        for t in threads.as_array().unwrap().iter().filter(|t| t["kind"] == "dedicated") {
+            let comm = format!("/proc/{}/task/{}/comm", daemon.pid(), t["tid"]);
+            let queue = t["id"].as_str().unwrap().trim_start_matches("ded/");
+            assert_eq!(std::fs::read_to_string(&comm).unwrap(), format!("blkplane-{queue}\n"));
+            assert_eq!(t["cpus"], "0", "{t}");
+            assert_eq!(t["queues"], 1, "{t}");
+        }
+        let q1 = threads.as_array().unwrap().iter().find(|t| t["id"] == "ded/q1").unwrap();
+        assert!(q1["cpu_ns"].as_u64().unwrap() > 0, "the thread that served the read: {q1}");
+        let (_, body) = common::http_get(&metrics, "/metrics", "");
+        let body = String::from_utf8(body).unwrap();
+        assert!(body.contains("blkplane_iothread_queues{iothread=\"ded/q1\"} 1"), "{body}");
+    }
+    common::wait_until("the dedicated threads leave the list", Duration::from_secs(10), || {
+        kinds(&ctl.ok("list-iothreads", json!({}))) == shared
+    });
+}

@@ -140,8 +140,29 @@ pub enum Placement {
     Threads(Vec<Arc<IoThread>>),
     /// Each queue on a thread of its own, started and ended with it, polling by the export's
     /// settings (changeable with set-polling) and pinned by its `cpus` (queue i on
-    /// cpus[i % len]).
-    Dedicated { poll: Arc<PollSettings>, cpus: Vec<usize> },
+    /// cpus[i % len]); `started` finds them for `list-iothreads`.
+    Dedicated { poll: Arc<PollSettings>, cpus: Vec<usize>, started: Arc<DedicatedThreads> },
+}
+
+/// The threads an export's queues started for themselves (`iothread=dedicated`), while they
+/// run: weak, so a queue that ends ends its thread. Touched when a queue starts and when the
+/// threads are listed, never by the data path.
+#[derive(Default)]
+pub struct DedicatedThreads(Mutex<Vec<std::sync::Weak<IoThread>>>);
+
+impl DedicatedThreads {
+    fn add(&self, thread: &Arc<IoThread>) {
+        let mut threads = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        // Ended ones go first: at most one entry per running queue, plus this one.
+        threads.retain(|t| t.strong_count() > 0);
+        threads.push(Arc::downgrade(thread));
+    }
+
+    /// The threads still running, in the order their queues started.
+    pub fn running(&self) -> Vec<Arc<IoThread>> {
+        let threads = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        threads.iter().filter_map(std::sync::Weak::upgrade).collect()
+    }
 }
 
 /// A running I/O thread.
@@ -297,10 +318,13 @@ pub fn start_queue(
             (Arc::clone(&threads[index % threads.len()]), false)
         }
         Placement::Threads(_) => return Err(io::Error::other("no I/O threads")),
-        Placement::Dedicated { poll, cpus } => {
+        Placement::Dedicated { poll, cpus, started } => {
             let cpus = cpus.get(index % cpus.len().max(1)).into_iter().copied().collect();
             let name = format!("q{index}");
-            (IoThread::spawn(&name, cpus, Arc::clone(poll), u32::from(setup.ring.size))?, true)
+            let thread =
+                IoThread::spawn(&name, cpus, Arc::clone(poll), u32::from(setup.ring.size))?;
+            started.add(&thread);
+            (thread, true)
         }
     };
     let running = RunningQueue::new(disk);

@@ -243,7 +243,8 @@ impl Options for ThreadOptions {
 #[derive(Serialize, Debug, Clone)]
 pub struct IoThreadInfo {
     pub id: String,
-    /// "pool" or "named".
+    /// "pool", "named", or "dedicated": a thread of export EXPORT's queue N alone
+    /// (`iothread=dedicated`), listed as `EXPORT/qN` while the queue runs.
     pub kind: &'static str,
     pub cpus: String,
     pub poll: String,
@@ -277,6 +278,11 @@ impl WallAndCpu {
     fn from_ns((wall, cpu): (u64, u64)) -> WallAndCpu {
         WallAndCpu { wall: wall as f64 / 1e3, cpu: cpu as f64 / 1e3 }
     }
+}
+
+/// What `list-iothreads` says of the thread of export `export`'s queue alone.
+pub fn dedicated_info(export: &str, thread: &IoThread) -> IoThreadInfo {
+    IoThreadInfo { id: format!("{export}/{}", thread.id), ..info_of(thread, "dedicated") }
 }
 
 fn info_of(thread: &IoThread, kind: &'static str) -> IoThreadInfo {
@@ -425,7 +431,6 @@ impl IoThreads {
             .collect()
     }
 
-    /// Where an export's queues go. Errors name the unknown thread.
     /// Where an export's queues run: on the threads `options` name, or (dedicated) on
     /// threads of their own, polling and pinned as `options` say.
     pub fn placement(&self, options: &ThreadOptions) -> Result<Placement, String> {
@@ -434,6 +439,7 @@ impl IoThreads {
             ThreadChoice::Dedicated => Ok(Placement::Dedicated {
                 poll: Arc::new(PollSettings::new(options.poll)),
                 cpus: options.cpus.clone(),
+                started: Arc::default(),
             }),
             ThreadChoice::Named(names) => {
                 let named = self.named();
