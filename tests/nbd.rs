@@ -11,7 +11,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -405,6 +405,9 @@ struct Hostile {
     socket: PathBuf,
 
     size: Arc<AtomicU64>,
+    /// The minimum block the server sends in NBD_INFO_BLOCK_SIZE (0: it sends none), for
+    /// the connections it takes from now on.
+    min_block: Arc<AtomicU32>,
     stop: Arc<AtomicBool>,
     connections: Arc<AtomicU64>,
     /// Cleared: the server takes no new connection (see `stop_accepting`).
@@ -425,6 +428,7 @@ impl Hostile {
         let listener = UnixListener::bind(&socket).unwrap();
         listener.set_nonblocking(true).unwrap();
         let size = Arc::new(AtomicU64::new(size));
+        let min_block = Arc::new(AtomicU32::new(min_block.unwrap_or(0)));
         let stop = Arc::new(AtomicBool::new(false));
         let connections = Arc::new(AtomicU64::new(0));
         let accepting = Arc::new(AtomicBool::new(true));
@@ -432,6 +436,7 @@ impl Hostile {
         let data = Arc::new(Mutex::new(pattern(40, 0, 16 << 20)));
         let (s, st, n) = (Arc::clone(&size), Arc::clone(&stop), Arc::clone(&connections));
         let acc = Arc::clone(&accepting);
+        let min = Arc::clone(&min_block);
         std::thread::spawn(move || {
             while !st.load(Ordering::Relaxed) {
                 if !acc.load(Ordering::Relaxed) {
@@ -443,6 +448,7 @@ impl Hostile {
                         conn.set_nonblocking(false).unwrap();
                         n.fetch_add(1, Ordering::Relaxed);
                         let size = s.load(Ordering::Relaxed);
+                        let min_block = Some(min.load(Ordering::Relaxed)).filter(|&m| m > 0);
                         let data = Arc::clone(&data);
                         std::thread::spawn(move || {
                             let _ = serve_hostile(conn, size, min_block, &data);
@@ -455,6 +461,7 @@ impl Hostile {
         Hostile {
             socket,
             size,
+            min_block,
             stop,
             connections,
             accepting,
@@ -711,6 +718,31 @@ fn a_hostile_server_costs_only_its_requests() {
         assert!(log.contains(want), "log lacks {want:?}:\n{log}");
     }
     assert!(daemon.alive());
+    assert!(daemon.stop().success());
+}
+
+/// A server that comes back with a larger minimum block than the export was opened with is
+/// not taken back: the guest's requests (and the parts of long ones) are sized for the old
+/// one. Back with the old one, it serves again.
+#[test]
+fn a_server_back_with_a_larger_minimum_block_is_refused() {
+    let dir = tmpdir();
+    let sock = dir.path().join("blk.sock");
+    let hostile = Hostile::start_with_min_block(dir.path(), 16 << 20, Some(512));
+    let export = nbd_export(&sock, &hostile.uri(), ",reconnect-delay=1");
+    let mut daemon = Daemon::start(dir.path(), &[export]);
+    let mut c = Client::connect(&sock, 1);
+    assert!(c.read_at(0, 0, 8192, 0).unwrap() == pattern(40, 0, 8192), "an honest read");
+    hostile.min_block.store(4096, Ordering::Relaxed);
+    // A reply with an unknown cookie breaks the connection; the next ones meet the new block.
+    assert_eq!(c.read_at(0, UNKNOWN_COOKIE_AT, 8192, 0), Err(EIO));
+    let refused = "the export's minimum block is now 4096 bytes, was 512";
+    wait_until("the refusal is logged", Duration::from_secs(10), || daemon.log().contains(refused));
+    assert_eq!(c.read_at(0, 0, 8192, 0), Err(EIO), "a server of another block size is refused");
+    hostile.min_block.store(512, Ordering::Relaxed);
+    wait_until("the export serves again", Duration::from_secs(10), || {
+        c.read_at(0, 0, 8192, 0).is_ok_and(|b| b == pattern(40, 0, 8192))
+    });
     assert!(daemon.stop().success());
 }
 

@@ -175,6 +175,14 @@ fn attempt(target: &NbdTarget, wish: &Wish) -> Result<Connection, String> {
             target.spec, n.size_bytes, target.negotiated.size_bytes
         ));
     }
+    // The guest's logical block and the parts of long requests are sized for the first
+    // server's minimum block; a smaller one takes them as well, a larger one may refuse them.
+    if n.min_block > target.negotiated.min_block {
+        return Err(format!(
+            "NBD server {}: the export's minimum block is now {} bytes, was {}",
+            target.spec, n.min_block, target.negotiated.min_block
+        ));
+    }
     if !target.readonly && n.has(TFLAG_READ_ONLY) {
         return Err(format!("NBD server {}: the export is now read-only", target.spec));
     }
