@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use blkio::ReqFlags;
-use common::nbd::{NbdServer, Server};
+use common::nbd::{nbdkit, NbdServer, Server};
 use common::{ctl, pattern, tmpdir, wait_until, Client, Daemon};
 use serde_json::Value;
 
@@ -397,6 +397,28 @@ fn mirror_to_qemu_nbd_and_a_target_that_dies() {
     assert_eq!(w.failures, 0, "no guest request failed\n{}", s.daemon.log());
     assert!(fs::read(&s.image).unwrap() == w.model, "the source holds every write");
     assert!(s.daemon.log().contains("failed"), "{}", s.daemon.log());
+}
+
+/// A target whose largest request (64 KiB) is below the mirror's 1 MiB pieces: each piece
+/// goes in parts it takes (the server answers a longer one EINVAL), and the copy converges
+/// as to any other target.
+#[test]
+fn mirror_to_a_server_of_small_requests() {
+    let s = setup(tmpdir());
+    let target = s._dir.path().join("nbd-target.raw");
+    blank_image(&target);
+    let sock = s._dir.path().join("nbd.sock");
+    let args = [
+        "--filter=blocksize-policy",
+        "file",
+        &target.display().to_string(),
+        "blocksize-maximum=65536",
+        "blocksize-error-policy=error",
+    ]
+    .map(String::from);
+    let _nbdkit = nbdkit(&sock, &args);
+    mirror_under_writes(&s, &format!("nbd+unix:///?socket={}", sock.display()), &target);
+    assert_eq!(ctl_ok(&s.control, &["job-cancel", "id=vm1"])["state"], "cancelled");
 }
 
 /// Whether process `pid` has `path` open.
