@@ -704,7 +704,7 @@ impl NbdEngine {
                     op.flags &= !CMD_FLAG_FUA;
                     op.then_flush = true;
                 }
-                if matches!(op.command, CMD_READ | CMD_WRITE) {
+                if carries_data(op.command) {
                     // A restarted server may take less at once: the part shrinks, the
                     // parts after it follow on.
                     op.len = op.len.min(negotiated.part_max_bytes());
@@ -1013,10 +1013,10 @@ impl NbdEngine {
             warn_limited!(self.target.log(), parent: &self.target.span, server = %self.target.spec,
                 "NBD server answered a read of {} bytes with {covered}", op.len);
             -libc::EIO
-        } else if matches!(op.command, CMD_READ | CMD_WRITE) && op.part_at + op.len < op.whole_len {
+        } else if carries_data(op.command) && op.part_at + op.len < op.whole_len {
             self.next_part(tag);
             return;
-        } else if op.command == CMD_READ || op.command == CMD_WRITE {
+        } else if carries_data(op.command) {
             op.whole_len as i32
         } else {
             0
@@ -1057,8 +1057,15 @@ impl NbdEngine {
     }
 }
 
+/// Whether `command`'s payload is data (a read's reply, a write's request): its length is
+/// bounded by the server's largest payload, so a longer one goes in parts.
+fn carries_data(command: u16) -> bool {
+    command == CMD_READ || command == CMD_WRITE
+}
+
 /// Where a chunk of `bytes` at the wire's `offset` falls in read `op`'s part on the wire:
-/// (start, end) in the part, if it lies wholly inside (overflow-safe: a server's numbers may be anything).
+/// (start, end) in the part, if it lies wholly inside (overflow-safe: a server's numbers may
+/// be anything).
 fn within(op: Op, offset: u64, bytes: u64) -> Option<(u32, u32)> {
     if op.command != CMD_READ {
         return None;
@@ -1142,8 +1149,7 @@ impl Engine for NbdEngine {
         let Ok(whole_len) = u32::try_from(len) else {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         };
-        let payload = command == CMD_READ || command == CMD_WRITE;
-        let len = if payload { whole_len.min(n.part_max_bytes()) } else { whole_len };
+        let len = if carries_data(command) { whole_len.min(n.part_max_bytes()) } else { whole_len };
         let index = usize::from(tag);
         if index >= self.ops.len() || self.ops[index].busy {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
