@@ -528,7 +528,11 @@ fn doctor_reports_what_the_exports_and_io_threads_do_against_the_advice() {
         ],
         &[ctl.clone(), sock, slow_sock.clone()],
     );
-    // The threads' scheduler statistics: io0 waited a quarter of its runnable time.
+    // A client on the dedicated export: its queue's own thread is listed (slow/q0).
+    let mut slow_client = common::Client::connect(&slow_sock, 1);
+    assert_eq!(slow_client.read_at(0, 0, 4096, 0).unwrap(), vec![0u8; 4096]);
+    // The threads' scheduler statistics: io0 and slow/q0 waited a quarter of their runnable
+    // time.
     let threads: serde_json::Value = {
         let out = common::ctl(&ctl, &["list-iothreads"]);
         serde_json::from_slice(&out.stdout).unwrap()
@@ -536,7 +540,8 @@ fn doctor_reports_what_the_exports_and_io_threads_do_against_the_advice() {
     for t in threads.as_array().unwrap() {
         let tid = t["tid"].as_u64().unwrap();
         assert!(tid > 0, "{t}");
-        let wait = if t["id"] == "io0" { "300000000" } else { "1000" };
+        let congested = t["id"] == "io0" || t["id"] == "slow/q0";
+        let wait = if congested { "300000000" } else { "1000" };
         put(&root, &format!("proc/{tid}/schedstat"), &format!("900000000 {wait} 10"));
         put(
             &root,
@@ -561,6 +566,7 @@ fn doctor_reports_what_the_exports_and_io_threads_do_against_the_advice() {
         [
             ("critical", "device-write-cache", "export vm"),
             ("warning", "congestion", "iothread io0"),
+            ("warning", "congestion", "iothread slow/q0"),
             ("warning", "polling", "iothread spin"),
             ("warning", "export-cache", "export vm"),
             ("warning", "export-aio", "export vm"),
@@ -590,6 +596,16 @@ fn doctor_reports_what_the_exports_and_io_threads_do_against_the_advice() {
     let f = find(&findings, "congestion", "iothread io0");
     assert_eq!(f["found"], "waited for a CPU 25.0 % of its runnable time (0.300 s waiting, 0.900 s on a CPU since it started)");
     assert_eq!(find(&findings, "congestion", "iothread pool.0")["severity"], "ok");
+    // A dedicated thread's fix is its export's key; its polling is the export's finding
+    // alone (set-polling takes the export's id, not the thread's).
+    assert_eq!(
+        find(&findings, "congestion", "iothread slow/q0")["fix"],
+        "pin the export's threads to CPUs the vCPUs do not use (its cpus=LIST key; blkplane vm-config pins the VMs around them), or run fewer vCPUs on this host"
+    );
+    assert!(!findings
+        .iter()
+        .any(|f| f["subject"] == "iothread slow/q0" && f["check"] == "polling"));
+    drop(slow_client);
     assert_eq!(
         find(&findings, "device-scheduler", "export vm")["fix"],
         "echo none > /sys/block/vdz/queue/scheduler (a udev rule keeps it across reboots)"

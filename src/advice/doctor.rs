@@ -116,6 +116,9 @@ pub struct ThreadFacts {
     /// chose by: per way, per request, µs of wall time and of CPU (`None`: no work seen).
     pub chosen: Option<String>,
     pub trials_us: Vec<(String, Option<(f64, f64)>)>,
+    /// A thread of one export's queue alone (`iothread=dedicated`, listed as `EXPORT/qN`):
+    /// its polling and pinning are the export's keys.
+    pub dedicated: bool,
 }
 
 impl ThreadFacts {
@@ -132,6 +135,7 @@ impl ThreadFacts {
                 .iter()
                 .map(|w| (w.to_string(), figures(&t["trials_us"][w])))
                 .collect(),
+            dedicated: t["kind"] == "dedicated",
         })
     }
 }
@@ -151,7 +155,8 @@ pub fn examine(host: &Host, exports: &[ExportFacts], threads: &[ThreadFacts]) ->
         guest_halt_polling(host),
     ];
     all.extend(threads.iter().map(|t| congestion(host, t)));
-    all.extend(threads.iter().map(thread_polling));
+    // A dedicated thread's polling is its export's, checked once per export below.
+    all.extend(threads.iter().filter(|t| !t.dedicated).map(thread_polling));
     for e in exports {
         all.extend(export_checks(host, e));
         if let Some(mode) = &e.dedicated_poll {
@@ -448,7 +453,12 @@ fn congestion(host: &Host, t: &ThreadFacts) -> Finding {
             &subject,
             found,
             "an I/O thread that waits for a CPU delays every request it serves by that long; CPU load figures do not show it, the run-queue wait does",
-            "give the I/O threads CPUs the vCPUs do not use (--iothread id=io0,cpus=LIST and iothread=io0; blkplane vm-config pins the VMs around them), or run fewer vCPUs on this host".into(),
+            if t.dedicated {
+                "pin the export's threads to CPUs the vCPUs do not use (its cpus=LIST key; blkplane vm-config pins the VMs around them), or run fewer vCPUs on this host"
+            } else {
+                "give the I/O threads CPUs the vCPUs do not use (--iothread id=io0,cpus=LIST and iothread=io0; blkplane vm-config pins the VMs around them), or run fewer vCPUs on this host"
+            }
+            .into(),
         );
     }
     ok("congestion", &subject, found)
