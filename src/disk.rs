@@ -1182,7 +1182,7 @@ impl Disk {
 /// requests off it would be refused. Its preferred block is what the guest should align to.
 fn nbd_backend(target: NbdTarget) -> (Backend, u64, u32, u32) {
     let n = target.negotiated;
-    let logical = n.min_block.max(512);
+    let logical = target.guest_block_bytes;
     let physical = n.preferred_block.clamp(logical, 4096);
     (Backend::Nbd(Arc::new(target)), n.size_bytes, logical, physical)
 }
@@ -1229,7 +1229,7 @@ fn open_nbd(
              (no multi-conn; qemu-nbd allows it with --shared=N); use queues=1"
         ));
     }
-    Ok(NbdTarget::new(
+    let mut target = NbdTarget::new(
         spec.clone(),
         n,
         config.readonly,
@@ -1237,5 +1237,8 @@ fn open_nbd(
         std::time::Duration::from_secs(u64::from(reconnect_delay_s)),
         span.clone(),
         config.queues.unwrap_or(if multi_conn { MAX_QUEUES } else { 1 }),
-    ))
+    );
+    // The guest's block as the disk will give it (one below the server's is refused there).
+    target.guest_block_bytes = config.logical_block_bytes.unwrap_or(target.guest_block_bytes);
+    Ok(target)
 }

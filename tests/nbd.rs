@@ -721,28 +721,39 @@ fn a_hostile_server_costs_only_its_requests() {
     assert!(daemon.stop().success());
 }
 
-/// A server that comes back with a larger minimum block than the export was opened with is
-/// not taken back: the guest's requests (and the parts of long ones) are sized for the old
-/// one. Back with the old one, it serves again.
+/// A server that comes back with a minimum block larger than the guest's blocks is not taken
+/// back: the guest's requests (and the parts of long ones) are made of them. One that comes
+/// back with a minimum the guest's blocks still meet is (first none, so 1 and the guest's
+/// 512; then 512), and so is the refused one once it is back as it was.
 #[test]
-fn a_server_back_with_a_larger_minimum_block_is_refused() {
+fn a_server_back_with_a_minimum_block_above_the_guests_is_refused() {
     let dir = tmpdir();
     let sock = dir.path().join("blk.sock");
-    let hostile = Hostile::start_with_min_block(dir.path(), 16 << 20, Some(512));
+    let hostile = Hostile::start(dir.path(), 16 << 20);
     let export = nbd_export(&sock, &hostile.uri(), ",reconnect-delay=1");
     let mut daemon = Daemon::start(dir.path(), &[export]);
     let mut c = Client::connect(&sock, 1);
+    assert_eq!(c.blkio.get_i32("request-alignment").unwrap(), 512);
     assert!(c.read_at(0, 0, 8192, 0).unwrap() == pattern(40, 0, 8192), "an honest read");
-    hostile.min_block.store(4096, Ordering::Relaxed);
     // A reply with an unknown cookie breaks the connection; the next ones meet the new block.
-    assert_eq!(c.read_at(0, UNKNOWN_COOKIE_AT, 8192, 0), Err(EIO));
-    let refused = "the export's minimum block is now 4096 bytes, was 512";
-    wait_until("the refusal is logged", Duration::from_secs(10), || daemon.log().contains(refused));
-    assert_eq!(c.read_at(0, 0, 8192, 0), Err(EIO), "a server of another block size is refused");
     hostile.min_block.store(512, Ordering::Relaxed);
+    let connections = hostile.connections.load(Ordering::Relaxed);
+    assert_eq!(c.read_at(0, UNKNOWN_COOKIE_AT, 8192, 0), Err(EIO));
     wait_until("the export serves again", Duration::from_secs(10), || {
         c.read_at(0, 0, 8192, 0).is_ok_and(|b| b == pattern(40, 0, 8192))
     });
+    assert!(hostile.connections.load(Ordering::Relaxed) > connections, "it reconnected");
+    std::thread::sleep(Duration::from_secs(5)); // a new window of the connection lines
+    hostile.min_block.store(4096, Ordering::Relaxed);
+    assert_eq!(c.read_at(0, UNKNOWN_COOKIE_AT, 8192, 0), Err(EIO));
+    let refused = "the export's minimum block is now 4096 bytes, above the guest's 512-byte blocks";
+    wait_until("the refusal is logged", Duration::from_secs(10), || daemon.log().contains(refused));
+    assert_eq!(c.read_at(0, 0, 8192, 0), Err(EIO), "a server of another block size is refused");
+    hostile.min_block.store(0, Ordering::Relaxed);
+    wait_until("the export serves again", Duration::from_secs(10), || {
+        c.read_at(0, 0, 8192, 0).is_ok_and(|b| b == pattern(40, 0, 8192))
+    });
+    assert!(!daemon.log().contains("minimum block is now 512"), "{}", daemon.log());
     assert!(daemon.stop().success());
 }
 

@@ -96,7 +96,7 @@ impl BlockingNbd {
 
     /// Writes `data` at `offset`, in requests of at most the server's largest payload.
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), String> {
-        let part_max = self.negotiated.part_max_bytes() as usize;
+        let part_max = self.negotiated.part_max_bytes(1) as usize;
         for (at, part) in (offset..).step_by(part_max).zip(data.chunks(part_max)) {
             self.request(wire::CMD_WRITE, 0, at, part.len() as u32, part, None, None)?;
         }
@@ -106,7 +106,7 @@ impl BlockingNbd {
     /// Reads `into.len()` bytes at `offset`, in requests of at most the server's largest
     /// payload. Hole chunks of a structured reply read as zeroes.
     pub fn read_at(&self, offset: u64, into: &mut [u8]) -> Result<(), String> {
-        let part_max = self.negotiated.part_max_bytes() as usize;
+        let part_max = self.negotiated.part_max_bytes(1) as usize;
         for (at, part) in (offset..).step_by(part_max).zip(into.chunks_mut(part_max)) {
             let len = part.len() as u32;
             self.request(wire::CMD_READ, 0, at, len, &[], Some(part), None)?;

@@ -175,12 +175,12 @@ fn attempt(target: &NbdTarget, wish: &Wish) -> Result<Connection, String> {
             target.spec, n.size_bytes, target.negotiated.size_bytes
         ));
     }
-    // The guest's logical block and the parts of long requests are sized for the first
-    // server's minimum block; a smaller one takes them as well, a larger one may refuse them.
-    if n.min_block > target.negotiated.min_block {
+    // The guest's requests, and the parts of long ones, are made of its logical blocks: a
+    // server whose minimum block is larger may refuse them.
+    if n.min_block > target.guest_block_bytes {
         return Err(format!(
-            "NBD server {}: the export's minimum block is now {} bytes, was {}",
-            target.spec, n.min_block, target.negotiated.min_block
+            "NBD server {}: the export's minimum block is now {} bytes, above the guest's {}-byte blocks",
+            target.spec, n.min_block, target.guest_block_bytes
         ));
     }
     if !target.readonly && n.has(TFLAG_READ_ONLY) {

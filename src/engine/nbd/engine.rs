@@ -75,6 +75,10 @@ pub struct NbdTarget {
     /// is made durable before it completes, with FUA or a flush after it, as the server's
     /// own cache would otherwise hold writes the guest was told are on disk.
     pub write_through: bool,
+    /// The guest's logical block: every request's offset and length are whole ones of it, and
+    /// so is every part but a request's last. The server's minimum block at open (at least
+    /// 512), or the export's `logical-block-size`; a server that reconnects must take it.
+    pub guest_block_bytes: u32,
     pub reconnect_delay: Duration,
     /// The export's log span.
     pub span: tracing::Span,
@@ -104,6 +108,7 @@ impl NbdTarget {
             negotiated,
             readonly,
             write_through,
+            guest_block_bytes: negotiated.min_block.max(512),
             reconnect_delay,
             span,
             connectors: Slots::new(queues),
@@ -707,7 +712,7 @@ impl NbdEngine {
                 if carries_data(op.command) {
                     // A restarted server may take less at once: the part shrinks, the
                     // parts after it follow on.
-                    op.len = op.len.min(negotiated.part_max_bytes());
+                    op.len = op.len.min(negotiated.part_max_bytes(self.target.guest_block_bytes));
                 }
                 self.set_header(tag as u16);
                 self.push_out(tag as u16);
@@ -1042,7 +1047,7 @@ impl NbdEngine {
 
     /// Sends the part of request `tag` after the one just answered.
     fn next_part(&mut self, tag: u16) {
-        let part_max = self.negotiated().part_max_bytes();
+        let part_max = self.negotiated().part_max_bytes(self.target.guest_block_bytes);
         let op = &mut self.ops[usize::from(tag)];
         op.part_at += op.len;
         op.offset += u64::from(op.len);
@@ -1149,7 +1154,8 @@ impl Engine for NbdEngine {
         let Ok(whole_len) = u32::try_from(len) else {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         };
-        let len = if carries_data(command) { whole_len.min(n.part_max_bytes()) } else { whole_len };
+        let part_max = n.part_max_bytes(self.target.guest_block_bytes);
+        let len = if carries_data(command) { whole_len.min(part_max) } else { whole_len };
         let index = usize::from(tag);
         if index >= self.ops.len() || self.ops[index].busy {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));

@@ -47,12 +47,17 @@ impl Negotiated {
         self.flags & flag != 0
     }
 
-    /// The most bytes one read or write sends: the server's maximum payload in whole
-    /// preferred blocks (the maximum need not be a multiple of them; the handshake made sure
-    /// it is at least one), so every part after the first starts where the server likes. A
-    /// longer request goes out in parts of this size.
-    pub fn part_max_bytes(&self) -> u32 {
-        (self.max_payload / self.preferred_block * self.preferred_block).max(self.min_block)
+    /// The most bytes one read or write sends: the server's maximum payload in whole units of
+    /// its preferred block and of `align` (a power of two: the guest's block, which every
+    /// request's offset and length are made of), so every part starts where the server likes
+    /// and on a guest block. A maximum below such a unit gives whole preferred blocks (the
+    /// handshake made sure it holds one). A longer request goes out in parts of this size.
+    pub fn part_max_bytes(&self, align: u32) -> u32 {
+        let unit = self.preferred_block.max(align);
+        match self.max_payload / unit * unit {
+            0 => self.max_payload / self.preferred_block * self.preferred_block,
+            whole_units => whole_units,
+        }
     }
 }
 
