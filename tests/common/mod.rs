@@ -635,18 +635,21 @@ pub fn shell_words(text: &str) -> Vec<String> {
 
 /// A port free on the loopback now, for a test's daemon, server or Prometheus to bind next.
 ///
-/// It is taken below the kernel's ephemeral range: a port the kernel handed out (`bind` to port
-/// 0) is free only until the next outgoing connection, which may be given it as its own local
-/// port before the daemon binds it ("Address already in use"). Below that range only an explicit
-/// bind can take it, and each call in this process gets a different one.
+/// It is taken outside the kernel's ephemeral range (below it, or above it where it starts
+/// low): a port the kernel handed out (`bind` to port 0) is free only until the next outgoing
+/// connection, which may be given it as its own local port before the daemon binds it
+/// ("Address already in use"). Outside that range only an explicit bind can take it, and
+/// each call in this process gets a different one.
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU16, Ordering};
-    const LOWEST: u16 = 10_000;
     static CALLS: AtomicU16 = AtomicU16::new(0);
     let range = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
-    let ephemeral_low: u16 = range.split_whitespace().next().unwrap().parse().unwrap();
-    assert!(ephemeral_low > LOWEST + 1000, "ephemeral ports start at {ephemeral_low}");
-    let span = ephemeral_low - LOWEST;
+    let ends: Vec<u16> = range.split_whitespace().map(|p| p.parse().unwrap()).collect();
+    let (lowest, span) = match (ends[0], ends[1]) {
+        (low, _) if low > 11_000 => (10_000, low - 10_000),
+        (_, high) if high < 64_535 => (high + 1, u16::MAX - high),
+        _ => panic!("no room for test ports outside the ephemeral range {range:?}"),
+    };
     // Test binaries run one at a time; a start drawn once at random keeps a rerun off the
     // last run's ports, which may still be in TIME_WAIT.
     static START: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
@@ -654,12 +657,12 @@ pub fn free_port() -> u16 {
     for _ in 0..span {
         let offset =
             (u32::from(start) + u32::from(CALLS.fetch_add(1, Ordering::Relaxed))) % u32::from(span);
-        let port = LOWEST + offset as u16;
+        let port = lowest + offset as u16;
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
-    panic!("no free port below the ephemeral range {range:?}");
+    panic!("no free port outside the ephemeral range {range:?}");
 }
 
 /// `GET path` over HTTP/1.0 with `headers` (each ending in CRLF): the response head and body.
