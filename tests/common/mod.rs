@@ -245,13 +245,25 @@ impl Drop for KillOnDrop {
 }
 
 /// `blkplane serve --export E...` run to its end: for exports that must be refused at start.
+/// A daemon that serves instead is killed after 30 s and fails the test (rather than hang it).
 pub fn serve_refused(exports: &[String]) -> std::process::Output {
     let mut cmd = Command::new(daemon_bin());
     cmd.arg("serve");
     for e in exports {
         cmd.arg("--export").arg(e);
     }
-    cmd.output().expect("run blkplane serve")
+    let mut child =
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("run blkplane serve");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("blkplane serve was not refused: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
 }
 
 /// Exit status 2 and exactly one line on stderr, which says `want`.
