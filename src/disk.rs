@@ -1182,9 +1182,8 @@ impl Disk {
 /// requests off it would be refused. Its preferred block is what the guest should align to.
 fn nbd_backend(target: NbdTarget) -> (Backend, u64, u32, u32) {
     let n = target.negotiated;
-    // The server's smallest block, which `logical-block-size` may not go below (the check
-    // is the disk's); the guest's block is that or the key's.
-    let logical = n.min_block.max(512);
+    // `logical-block-size` may not go below it (the check is the disk's).
+    let logical = n.smallest_block_bytes();
     let physical = n.preferred_block.clamp(logical, 4096);
     (Backend::Nbd(Arc::new(target)), n.size_bytes, logical, physical)
 }

@@ -108,7 +108,7 @@ impl NbdTarget {
             negotiated,
             readonly,
             write_through,
-            guest_block_bytes: negotiated.min_block.max(512),
+            guest_block_bytes: negotiated.smallest_block_bytes(),
             reconnect_delay,
             span,
             connectors: Slots::new(queues),

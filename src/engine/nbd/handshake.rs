@@ -47,6 +47,12 @@ impl Negotiated {
         self.flags & flag != 0
     }
 
+    /// The smallest block the export can be served in: the server's minimum, and at least a
+    /// sector. The guest's logical block is this unless `logical-block-size` says more.
+    pub fn smallest_block_bytes(&self) -> u32 {
+        self.min_block.max(512)
+    }
+
     /// The most bytes one read or write sends: the server's maximum payload in whole units of
     /// its preferred block and of `align` (a power of two: the guest's block, which every
     /// request's offset and length are made of), so every part starts where the server likes
