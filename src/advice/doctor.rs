@@ -447,18 +447,21 @@ fn congestion(host: &Host, t: &ThreadFacts) -> Finding {
         cpu_ns as f64 / 1e9
     );
     if runnable >= 100_000_000 && percent > CONGESTED_WAIT_PERCENT {
+        // A dedicated thread is pinned by its export's key, a shared one by being named.
+        let (give, key) = if t.dedicated {
+            ("pin the export's threads to", "its cpus=LIST key")
+        } else {
+            ("give the I/O threads", "--iothread id=io0,cpus=LIST and iothread=io0")
+        };
         return finding(
             "congestion",
             Severity::Warning,
             &subject,
             found,
             "an I/O thread that waits for a CPU delays every request it serves by that long; CPU load figures do not show it, the run-queue wait does",
-            if t.dedicated {
-                "pin the export's threads to CPUs the vCPUs do not use (its cpus=LIST key; blkplane vm-config pins the VMs around them), or run fewer vCPUs on this host"
-            } else {
-                "give the I/O threads CPUs the vCPUs do not use (--iothread id=io0,cpus=LIST and iothread=io0; blkplane vm-config pins the VMs around them), or run fewer vCPUs on this host"
-            }
-            .into(),
+            format!(
+                "{give} CPUs the vCPUs do not use ({key}; blkplane vm-config pins the VMs around them), or run fewer vCPUs on this host"
+            ),
         );
     }
     ok("congestion", &subject, found)
